@@ -1,0 +1,45 @@
+"""SparseFormer: sparse visual recognition via limited latent tokens.
+
+An implementation of Gao, Tong, Wang, Shou, "SparseFormer: Sparse Visual Recognition via
+Limited Latent Tokens", ICLR 2024 (arXiv 2304.03768), that loads the authors' released weights.
+
+Public API::
+
+    import sparseformer
+    model = sparseformer.create_model("sparseformer_v1_tiny", checkpoint_path="...pth")
+    sparseformer.list_models("sparseformer_v1_*")
+    sparseformer.count_flops(model, (3, 224, 224)).table()
+"""
+
+from sparseformer import timm_models as _timm_models  # noqa: F401  (registers with timm)
+from sparseformer.config import SparseFormerConfig, StageConfig
+from sparseformer.convert import CheckpointError, NotASparseFormerCheckpoint
+from sparseformer.counting import FlopCount, count_flops, count_params
+from sparseformer.factory import (
+    UnknownModelError,
+    create_model,
+    get_model_spec,
+    list_models,
+    load_checkpoint,
+)
+from sparseformer.models import SparseFormer, SparseFormerOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "FlopCount",
+    "NotASparseFormerCheckpoint",
+    "SparseFormer",
+    "SparseFormerConfig",
+    "SparseFormerOutput",
+    "StageConfig",
+    "UnknownModelError",
+    "__version__",
+    "count_flops",
+    "count_params",
+    "create_model",
+    "get_model_spec",
+    "list_models",
+    "load_checkpoint",
+]

@@ -1,0 +1,58 @@
+"""``sparseformer convert IN OUT``: an official checkpoint to this library's safetensors format."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert an official checkpoint to this library's format (safetensors)",
+        description=__doc__ + " Accepts the ImageNet release and the authors' library v2 "
+        "formats, bare or wrapped in model/state_dict/model_ema. With --model the result is "
+        "also checked by loading it strictly into that model.",
+    )
+    p.add_argument("input", help="official .pth/.safetensors checkpoint")
+    p.add_argument("output", help="output .safetensors path")
+    p.add_argument("--model", default=None, help="verify by loading into this model")
+    p.add_argument("--ema", action="store_true", help="take model_ema when present")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from sparseformer.convert import convert_state_dict, unwrap_checkpoint
+    from sparseformer.factory import create_model, load_checkpoint, read_checkpoint
+
+    state, wrapper = unwrap_checkpoint(read_checkpoint(args.input), prefer_ema=args.ema)
+    converted, report = convert_state_dict(state)
+    report.wrapper = wrapper
+    if args.model:
+        num_classes = converted["head.weight"].shape[0] if "head.weight" in converted else 0
+        load_checkpoint(
+            create_model(args.model, num_classes=num_classes),
+            converted,
+            allow_classifier_mismatch=False,
+        )
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tensors = {k: v.contiguous() for k, v in converted.items()}
+    save_file(
+        tensors,
+        str(tmp),
+        metadata={"source_format": report.source_format, "renamed": json.dumps(report.renamed)},
+    )
+    tmp.replace(out)
+    print(f"wrote {out}: {report.summary()}")
+    for old, new in report.renamed.items():
+        if old != new:
+            print(f"  {old} -> {new}")
+    for key in report.dropped:
+        print(f"  dropped {key}")
+    return 0

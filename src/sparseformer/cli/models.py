@@ -1,0 +1,21 @@
+"""``sparseformer models``: list the registered models."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list registered models", description=__doc__)
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter (default: all)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparseformer.factory import get_model_spec, list_models
+
+    for name in list_models(args.pattern):
+        spec = get_model_spec(name)
+        weights = "weights released" if spec.weights else "no released weights"
+        print(f"{name:<28} {spec.description} [{weights}]")
+    return 0

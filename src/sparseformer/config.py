@@ -1,0 +1,152 @@
+"""Typed, frozen configuration of the SparseFormer architecture.
+
+SparseFormer: Sparse Visual Recognition via Limited Latent Tokens (Gao et al., ICLR 2024,
+arXiv 2304.03768). The config describes the architecture only; preprocessing (mean, std, crop)
+belongs to the weights record in :mod:`sparseformer.registry`.
+
+This module imports no torch, so configs can be built, validated and printed cheaply.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["OPS", "FOCUS_OPS", "CORTEX_OPS", "StageConfig", "SparseFormerConfig"]
+
+# The op vocabulary. Every op is a pre-norm residual with the same signature
+# (tokens, rois, feats) -> (tokens, rois); see models/blocks.py.
+OPS = ("attn", "roi_adjust", "sample_mix", "mlp")
+# A focusing unit reads the image; a cortex unit only mixes tokens (paper, Sec. 3).
+FOCUS_OPS = ("attn", "roi_adjust", "sample_mix", "mlp")
+CORTEX_OPS = ("attn", "mlp")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage: a width transition (for every stage but the first) followed by units.
+
+    Args:
+        width: token width D of the stage.
+        depth: number of units with their own weights.
+        repeats: applications of the first unit, sharing its weights (the paper's recurrent
+            focusing stage repeats its single unit 4 times).
+        first_ops: ops of the first unit, in order.
+        other_ops: ops of units 2..depth, in order.
+    """
+
+    width: int
+    depth: int = 1
+    repeats: int = 1
+    first_ops: tuple[str, ...] = FOCUS_OPS
+    other_ops: tuple[str, ...] = CORTEX_OPS
+
+    def __post_init__(self) -> None:
+        if self.width <= 0 or self.depth <= 0 or self.repeats <= 0:
+            raise ValueError(f"stage width, depth and repeats must be positive, got {self}")
+        for ops in (self.first_ops, self.other_ops):
+            unknown = [op for op in ops if op not in OPS]
+            if unknown:
+                raise ValueError(f"unknown op(s) {unknown}; known ops are {OPS}")
+            if len(set(ops)) != len(ops):
+                raise ValueError(f"each op may appear at most once per unit, got {ops}")
+
+    def unit_ops(self, index: int) -> tuple[str, ...]:
+        """Ops of unit ``index`` of this stage."""
+        return self.first_ops if index == 0 else self.other_ops
+
+    def unit_repeats(self, index: int) -> int:
+        """How many times unit ``index`` is applied (with shared weights)."""
+        return self.repeats if index == 0 else 1
+
+
+@dataclass(frozen=True)
+class SparseFormerConfig:
+    """The SparseFormer v1 architecture (image models).
+
+    Args:
+        stages: the stages, in order.
+        num_tokens: latent tokens N (a perfect square for the grid RoI init).
+        num_points: sampling points P per token and sampling step.
+        stem_channels: early-convolution channels C.
+        num_heads: attention heads at widths of at least ``num_heads``; narrower stages use
+            head width 1 (see :meth:`heads_at`), as the official code does.
+        mlp_ratio: hidden width of the feed-forward ops, as a multiple of D.
+        mixing_reduction: the adaptive-mixing parameter generator's bottleneck is D / this.
+        num_classes: classifier outputs; 0 gives a model without classifier.
+        in_chans: input image channels.
+        drop_path_rate: largest stochastic-depth rate; rates rise linearly over applications.
+        ln_eps: epsilon of every LayerNorm.
+        stem_eps: epsilon of the stem's parameter-free channel normalisation.
+        offset_eps: epsilon added to the std when standardising sampling offsets.
+        padding_mode: ``grid_sample`` padding outside the feature map.
+        activation: activation of the feed-forward and mixing ops.
+    """
+
+    stages: tuple[StageConfig, ...] = field(
+        default_factory=lambda: (StageConfig(256, 1, 4), StageConfig(512, 8, 1))
+    )
+    num_tokens: int = 49
+    num_points: int = 36
+    stem_channels: int = 96
+    num_heads: int = 64
+    mlp_ratio: float = 4.0
+    mixing_reduction: int = 4
+    num_classes: int = 1000
+    in_chans: int = 3
+    drop_path_rate: float = 0.0
+    ln_eps: float = 1e-6
+    stem_eps: float = 1e-7
+    offset_eps: float = 1e-7
+    padding_mode: Literal["zeros", "border"] = "zeros"
+    activation: Literal["gelu", "quick_gelu"] = "gelu"
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("a SparseFormer needs at least one stage")
+        if not isinstance(self.stages, tuple):
+            object.__setattr__(self, "stages", tuple(self.stages))
+        if math.isqrt(self.num_tokens) ** 2 != self.num_tokens:
+            raise ValueError(
+                f"num_tokens must be a perfect square for the grid RoI init, got {self.num_tokens}"
+            )
+        if math.isqrt(self.num_points) ** 2 != self.num_points:
+            raise ValueError(
+                f"num_points must be a perfect square for the grid offset init, "
+                f"got {self.num_points}"
+            )
+        for stage in self.stages:
+            head_dim = max(stage.width // self.num_heads, 1)
+            if stage.width % head_dim:
+                raise ValueError(
+                    f"stage width {stage.width} does not split into heads of width {head_dim} "
+                    f"(num_heads={self.num_heads}); pick a width divisible by num_heads"
+                )
+            if stage.width % self.mixing_reduction:
+                raise ValueError(
+                    f"stage width {stage.width} is not divisible by "
+                    f"mixing_reduction={self.mixing_reduction}"
+                )
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+
+    def heads_at(self, width: int) -> int:
+        """Attention heads for tokens of ``width``: head width ``max(width // num_heads, 1)``.
+
+        The official code fixes the head width this way, so a width-32 stage of a 64-head
+        model runs 32 heads of width 1; the released models (widths >= 256) all use 64 heads.
+        """
+        return width // max(width // self.num_heads, 1)
+
+    @property
+    def num_applications(self) -> int:
+        """Unit applications in one forward pass (the drop-path schedule's length)."""
+        return sum(s.unit_repeats(i) for s in self.stages for i in range(s.depth))
+
+    @property
+    def width(self) -> int:
+        """Width of the final tokens (the head's input)."""
+        return self.stages[-1].width

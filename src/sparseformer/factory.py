@@ -1,0 +1,245 @@
+"""Build named SparseFormers and load weights into them, strictly and loudly.
+
+SparseFormer (Gao et al., ICLR 2024). ``create_model`` is the one entry point: a name from
+:mod:`sparseformer.registry`, config overrides, and weights from the authors' release or any
+local checkpoint in a supported format (see :mod:`sparseformer.convert`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sparseformer.config import SparseFormerConfig
+from sparseformer.convert import (
+    CheckpointError,
+    ConversionReport,
+    convert_state_dict,
+    unwrap_checkpoint,
+)
+from sparseformer.hub import download_weights
+from sparseformer.models import SparseFormer
+from sparseformer.registry import MODELS, ModelSpec
+
+__all__ = [
+    "UnknownModelError",
+    "list_models",
+    "get_model_spec",
+    "create_model",
+    "read_checkpoint",
+    "load_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+# Config class -> model class; video configs join this table when they exist.
+_MODEL_CLASSES: dict[type, type[nn.Module]] = {SparseFormerConfig: SparseFormer}
+
+
+class UnknownModelError(ValueError):
+    """A model name that is not registered; the message lists close names."""
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style ``pattern``, sorted."""
+    return sorted(name for name in MODELS if fnmatch.fnmatch(name, pattern))
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The registry entry for ``name``; unknown names raise with close suggestions."""
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, list(MODELS), n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownModelError(
+            f"unknown model {name!r}{hint} (all models: sparseformer list-models)"
+        )
+    return MODELS[name]
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint file without executing code (safetensors or ``weights_only``).
+
+    Raises:
+        CheckpointError: a missing, truncated or non-checkpoint file, with what to do.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty")
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"{str(path)!r} is not a readable safetensors file ({exc}); "
+                "was the download or copy cut short?"
+            ) from exc
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip or pickle protocol 2+
+        kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "binary data"
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable checkpoint: it holds {kind} "
+            f"({head[:24]!r}...), not a PyTorch (.pth) or safetensors file"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable PyTorch checkpoint "
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
+            "it may be truncated (download or copy again) or not a checkpoint at all"
+        ) from exc
+    except Exception as exc:  # the unpickler raises UnpicklingError for text, code, junk
+        raise CheckpointError(
+            f"{str(path)!r} could not be loaded safely ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); only tensors and plain containers are "
+            "accepted (weights_only=True)"
+        ) from exc
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte header length followed by JSON ``{``."""
+    with open(path, "rb") as f:
+        header = f.read(9)
+    if len(header) < 9:
+        return False
+    size = int.from_bytes(header[:8], "little")
+    return header[8:9] == b"{" and 0 < size < path.stat().st_size
+
+
+def load_checkpoint(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | dict[str, Any],
+    *,
+    allow_classifier_mismatch: bool = True,
+    prefer_ema: bool = False,
+) -> ConversionReport:
+    """Load weights of any supported format into ``model``, strictly.
+
+    Args:
+        model: the model to fill.
+        checkpoint: a path, or an already-loaded checkpoint object.
+        allow_classifier_mismatch: when the checkpoint's classifier has another number of
+            classes than the model's, keep the model's fresh classifier (logged) instead of
+            raising.
+        prefer_ema: take ``model_ema`` over ``model`` when a checkpoint holds both.
+
+    Returns:
+        The conversion report (source format, renamed and dropped keys).
+
+    Raises:
+        CheckpointError: unreadable file, not a SparseFormer checkpoint, or keys/shapes that do
+            not fit the model (listed).
+    """
+    source = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
+    state, wrapper = unwrap_checkpoint(source, prefer_ema=prefer_ema)
+    converted, report = convert_state_dict(state)
+    report.wrapper = wrapper
+    own = model.state_dict()
+    head_keys = {k for k in own if k.startswith("head.")}
+    if allow_classifier_mismatch:
+        mismatched = [k for k in head_keys if k in converted and converted[k].shape != own[k].shape]
+        missing_head = [k for k in head_keys if k not in converted]
+        if mismatched or (missing_head and len(missing_head) == len(head_keys)):
+            for k in head_keys:
+                converted.pop(k, None)
+            converted.update({k: own[k] for k in head_keys})
+            logger.info(
+                "checkpoint classifier does not fit %d classes: keeping a freshly initialised "
+                "classifier (fine-tuning)",
+                getattr(model, "num_classes", -1),
+            )
+        extra_head = [k for k in converted if k.startswith("head.") and k not in own]
+        for k in extra_head:  # a model built without classifier drops the checkpoint's
+            converted.pop(k)
+            report.dropped.append(k)
+    _check_keys(own, converted, report)
+    model.load_state_dict(converted, strict=True)
+    logger.info("loaded checkpoint: %s", report.summary())
+    return report
+
+
+def _check_keys(own: dict[str, Tensor], new: dict[str, Tensor], report: ConversionReport) -> None:
+    missing = sorted(set(own) - set(new))
+    unexpected = sorted(set(new) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(new[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(new))
+        if new[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+        parts = []
+        if shapes:
+            parts.append(f"shape mismatches: {show(shapes)}")
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        raise CheckpointError(
+            f"checkpoint ({report.source_format} format) does not fit this model: "
+            + "; ".join(parts)
+            + ". Is it a checkpoint of another model size? Pass the matching --model / name."
+        )
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a registered SparseFormer, optionally with weights.
+
+    Args:
+        name: a name from :func:`list_models`.
+        pretrained: download (once, into torch's hub cache) and load the authors' weights.
+        checkpoint_path: load weights from this local file instead (either official format,
+            or ours; bare or wrapped in ``model`` / ``state_dict`` / ``model_ema``).
+        num_classes: classifier size; when it differs from the weights' the classifier is
+            re-initialised (logged).
+        **overrides: fields of the model's config (e.g. ``drop_path_rate=0.1``).
+
+    Returns:
+        The model, in training mode.
+    """
+    spec = get_model_spec(name)
+    config = spec.config
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's extras
+        overrides.pop(key, None)
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    valid = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise TypeError(
+            f"{name} has no config field(s) {unknown}; valid overrides: {sorted(valid)}"
+        )
+    config = dataclasses.replace(config, **overrides)
+    model = _MODEL_CLASSES[type(config)](config)
+    if checkpoint_path is None and pretrained:
+        if spec.weights is None:
+            raise ValueError(f"no released weights for {name}; train it or pass checkpoint_path")
+        checkpoint_path = download_weights(spec.weights.url, spec.weights.sha256)
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    return model

@@ -1,0 +1,96 @@
+"""Adaptive feature decoding ("adaptive mixing") of sampled points.
+
+SparseFormer (Gao et al., ICLR 2024), Sec. 3.3, following AdaMixer (Gao et al., CVPR 2022):
+each token generates, from its own embedding, a channel-mixing matrix ``Mc`` (C x C) and a
+point-mixing matrix ``Mp`` (P x P), and decodes its P x C sampled values with them. Ported from
+the official code (github.com/showlab/sparseformer).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["AdaptiveMixing"]
+
+
+class AdaptiveMixing(nn.Module):
+    """Decode sampled features with token-generated channel and point mixing.
+
+    ``F = act(F @ Mc + bc)``, then ``F = act(Mp @ F + bp)``, then ``out_proj(flatten(F))``.
+
+    Args:
+        dim: token width D.
+        in_channels: channels C of the sampled features.
+        num_points: sampling points P.
+        reduction: the parameter generator's bottleneck is ``D / reduction``.
+        ln_eps: LayerNorm epsilon.
+        activation: ``"gelu"`` or ``"quick_gelu"``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        in_channels: int,
+        num_points: int,
+        reduction: int = 4,
+        ln_eps: float = 1e-6,
+        activation: str = "gelu",
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.num_points = num_points
+        self.activation = activation
+        self.norm = nn.LayerNorm(dim, eps=ln_eps)
+        self.reduce = nn.Linear(dim, dim // reduction)
+        # No activation between reduce and generator: a low-rank linear generator.
+        self.generator = nn.Linear(dim // reduction, in_channels**2 + num_points**2)
+        self.channel_bias = nn.Parameter(torch.zeros(in_channels))
+        self.point_bias = nn.Parameter(torch.zeros(num_points))
+        self.out_proj = nn.Linear(num_points * in_channels, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Start as a static learned mixing: zero generator weight, Xavier ``Mc``/``Mp`` bias.
+
+        The norm starts at ``D^-0.5`` so that the generated matrices change slowly at first.
+        """
+        dim = self.norm.normalized_shape[0]
+        nn.init.constant_(self.norm.weight, dim**-0.5)
+        nn.init.zeros_(self.norm.bias)
+        nn.init.zeros_(self.generator.weight)
+        C, P = self.in_channels, self.num_points
+        with torch.no_grad():
+            mc, mp = self.generator.bias.split([C * C, P * P])
+            mc.uniform_(-math.sqrt(3.0 / C), math.sqrt(3.0 / C))  # xavier_uniform of (C, C)
+            mp.uniform_(-math.sqrt(3.0 / P), math.sqrt(3.0 / P))  # xavier_uniform of (P, P)
+        nn.init.zeros_(self.channel_bias)
+        nn.init.zeros_(self.point_bias)
+
+    def _act(self, x: Tensor) -> Tensor:
+        return F.gelu(x) if self.activation == "gelu" else x * torch.sigmoid(1.702 * x)
+
+    def forward(self, tokens: Tensor, sampled: Tensor) -> Tensor:
+        """Decode.
+
+        Args:
+            tokens: ``(B, N, D)``.
+            sampled: ``(B, N, P, C)`` features at each token's sampling points.
+
+        Returns:
+            ``(B, N, D)`` the update for each token.
+        """
+        B, N, D = tokens.shape
+        C, P = self.in_channels, self.num_points
+        params = self.generator(self.reduce(self.norm(tokens)))  # (B, N, C*C + P*P)
+        channel_mix, point_mix = params.split([C * C, P * P], dim=-1)
+        channel_mix = channel_mix.reshape(B * N, C, C)  # (B, N, C*C) -> (B*N, C_in, C_out)
+        point_mix = point_mix.reshape(B * N, P, P)  # (B, N, P*P) -> (B*N, P_out, P_in)
+        x = sampled.to(params.dtype).reshape(B * N, P, C)  # (B, N, P, C) -> (B*N, P, C)
+        x = self._act(torch.baddbmm(self.channel_bias.to(x.dtype), x, channel_mix))
+        point_bias = self.point_bias.to(x.dtype).unsqueeze(-1)  # (P,) -> (P, 1), per out point
+        x = self._act(torch.baddbmm(point_bias, point_mix, x))  # (B*N, P, C)
+        return self.out_proj(x.reshape(B, N, P * C))  # (B*N, P, C) -> (B, N, P*C)

@@ -1,0 +1,166 @@
+"""Sampling points from RoIs and offsets, and bilinear (2-D) / trilinear (3-D) sampling.
+
+SparseFormer (Gao et al., ICLR 2024), Sec. 3.2; ported from the official code
+(github.com/showlab/sparseformer). All geometry here runs in float32, whatever autocast says:
+coordinates are fractions of the image, and bf16's 8-bit mantissa would quantise a point on a
+224-pixel image to ~1 pixel and a RoI update to nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "grid_offsets",
+    "standardize_offsets",
+    "sampling_points",
+    "clamp_coordinate_grad",
+    "sample_features",
+    "sample_features_reference",
+    "fp32_geometry",
+]
+
+
+def fp32_geometry(device_type: str) -> torch.autocast:
+    """A context that disables autocast, so the geometry inside runs in float32."""
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def grid_offsets(num_points: int, dims: int = 2) -> Tensor:
+    """The initial offsets: a regular ``k x k`` grid centred on the RoI, ``k = sqrt(P)``.
+
+    Offsets are ``(i + 0.5) / k - 0.5`` per axis, x varying fastest; the time axis (D=3) starts
+    at 0. Returns ``(P, D)``.
+    """
+    k = math.isqrt(num_points)
+    if k * k != num_points:
+        raise ValueError(f"grid offsets need a square number of points, got {num_points}")
+    ticks = (torch.arange(k, dtype=torch.float32) + 0.5) / k - 0.5
+    y, x = torch.meshgrid(ticks, ticks, indexing="ij")  # (k, k) each, x fastest
+    xy = torch.stack([x, y], dim=-1).reshape(num_points, 2)  # (k, k, 2) -> (P, 2)
+    if dims == 3:
+        xy = torch.cat([xy, xy.new_zeros(num_points, 1)], dim=-1)  # (P, 2) -> (P, 3)
+    return xy
+
+
+def standardize_offsets(offsets: Tensor, eps: float = 1e-7) -> Tensor:
+    """Standardise each token's offsets per axis over its points, scaled to 1/3 sigma.
+
+    Dividing by three standard deviations keeps ~99.7% of points inside ``[-1/2, 1/2]`` of the
+    RoI when offsets are roughly normal, whatever scale the projection outputs; the mean is
+    removed so that the RoI centre, not the offsets, decides where a token looks.
+
+    Args:
+        offsets: ``(B, N, P, D)``.
+
+    Returns:
+        ``(B, N, P, D)`` with zero mean and std ``1/3`` (unbiased) along P.
+    """
+    mean = offsets.mean(dim=2, keepdim=True)
+    std = offsets.std(dim=2, keepdim=True)  # unbiased, as in the official code
+    return (offsets - mean) / (3 * (std + eps))
+
+
+def sampling_points(rois: Tensor, offsets: Tensor) -> Tensor:
+    """Absolute sampling points ``c + o * (p2 - p1)`` in normalised image coordinates.
+
+    The size is signed (not ``abs``), as in the official code.
+
+    Args:
+        rois: ``(B, N, 2D)`` corners.
+        offsets: ``(B, N, P, D)`` standardised offsets.
+
+    Returns:
+        ``(B, N, P, D)`` points, possibly outside ``[0, 1]``.
+    """
+    p1, p2 = rois.unsqueeze(2).chunk(2, dim=-1)  # (B, N, 2D) -> 2 x (B, N, 1, D)
+    return (p1 + p2) / 2 + offsets * (p2 - p1)
+
+
+class _ClampGrad(torch.autograd.Function):
+    """Identity forward; backward clamps the incoming gradient to ``[-bound, bound]``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bound: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(bound)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (bound,) = ctx.saved_tensors
+        return torch.minimum(torch.maximum(grad, -bound), bound), None
+
+
+def clamp_coordinate_grad(points: Tensor, bound: float | Tensor) -> Tensor:
+    """Clamp the gradient reaching sampling coordinates to ``[-bound, bound]`` elementwise.
+
+    Bilinear interpolation gives a coordinate a gradient from only the 4 (8 in 3-D) nearest
+    feature cells, scaled by the feature difference across a cell: a large, noisy signal that
+    can fling a point far away in one step. The official code bounds it by ``1/H`` (about one
+    feature cell) times the fp16 loss scale; the caller passes that product explicitly.
+
+    Args:
+        points: any shape.
+        bound: a positive float or scalar tensor (a GradScaler's scale may be a tensor).
+    """
+    if not torch.is_tensor(bound):
+        bound = torch.tensor(float(bound), device=points.device, dtype=points.dtype)
+    return _ClampGrad.apply(points, bound.to(device=points.device, dtype=points.dtype))
+
+
+def sample_features(feats: Tensor, points: Tensor, padding_mode: str = "zeros") -> Tensor:
+    """Read ``feats`` at ``points`` by bilinear (2-D) or trilinear (3-D) interpolation.
+
+    A point ``p`` in ``[0, 1]`` maps to ``grid_sample``'s ``2p - 1`` with
+    ``align_corners=False``: 0 and 1 are the outer edges of the first and last pixels.
+
+    Args:
+        feats: ``(B, C, H, W)`` or ``(B, C, T, H, W)``.
+        points: ``(B, N, P, 2)`` as ``(x, y)`` or ``(B, N, P, 3)`` as ``(x, y, t)``.
+        padding_mode: ``"zeros"`` (v1) or ``"border"``.
+
+    Returns:
+        ``(B, N, P, C)`` sampled values.
+    """
+    grid = 2 * points - 1
+    if feats.dim() == 4:
+        out = F.grid_sample(feats, grid, "bilinear", padding_mode, align_corners=False)
+        return out.permute(0, 2, 3, 1)  # (B, C, N, P) -> (B, N, P, C)
+    grid = grid.unsqueeze(3)  # (B, N, P, 3) -> (B, N, P, 1, 3)
+    out = F.grid_sample(feats, grid, "bilinear", padding_mode, align_corners=False)
+    return out.squeeze(4).permute(0, 2, 3, 1)  # (B, C, N, P, 1) -> (B, N, P, C)
+
+
+def sample_features_reference(feats: Tensor, points: Tensor) -> Tensor:
+    """Slow, obviously correct zero-padded bilinear/trilinear sampling, for tests.
+
+    Same contract as :func:`sample_features` with ``padding_mode="zeros"``: pixel ``i`` covers
+    ``[i/W, (i+1)/W]`` so its centre is at ``(i + 0.5) / W``.
+    """
+    spatial = feats.shape[2:]  # (H, W) or (T, H, W)
+    dims = len(spatial)
+    B, N, P, _ = points.shape
+    out = feats.new_zeros(B, N, P, feats.shape[1])
+    sizes = list(reversed(spatial))  # axis order of the point coordinates: W, H[, T]
+    for b in range(B):
+        for n in range(N):
+            for p in range(P):
+                # continuous pixel coordinate, centre of pixel i at i
+                pos = [points[b, n, p, a] * sizes[a] - 0.5 for a in range(dims)]
+                lo = [int(math.floor(float(v))) for v in pos]
+                value = feats.new_zeros(feats.shape[1])
+                for corner in range(2**dims):
+                    idx, weight = [], 1.0
+                    for a in range(dims):
+                        i = lo[a] + ((corner >> a) & 1)
+                        frac = pos[a] - lo[a]
+                        weight = weight * (frac if (corner >> a) & 1 else 1 - frac)
+                        idx.append(i)
+                    if all(0 <= idx[a] < sizes[a] for a in range(dims)):
+                        value = value + weight * feats[(b, slice(None), *reversed(idx))]
+                out[b, n, p] = value
+    return out

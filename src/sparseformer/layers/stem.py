@@ -1,0 +1,53 @@
+"""The early-convolution stem: the only part of SparseFormer that sees every pixel.
+
+SparseFormer (Gao et al., ICLR 2024), Sec. 3.1: a 7x7/2 convolution, ReLU and a 3x3/2 max-pool
+give a stride-4 feature map, normalised per pixel over channels without learned affine.
+The 3-D variant applies the same per frame (1x7x7 convolution, 1x3x3 pooling).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["EarlyConvolution", "channel_normalize"]
+
+
+def channel_normalize(x: Tensor, eps: float = 1e-7) -> Tensor:
+    """Normalise each pixel over channels: ``(x - mean) / sqrt(unbiased var + eps)``.
+
+    Args:
+        x: ``(B, C, ...)``.
+    """
+    var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=1)
+    return (x - mean) / (var + eps).sqrt()
+
+
+class EarlyConvolution(nn.Module):
+    """Conv(7, stride 2) -> ReLU -> MaxPool(3, stride 2) -> channel normalisation.
+
+    Args:
+        in_chans: input channels.
+        channels: output channels C.
+        eps: epsilon of the channel normalisation.
+        video: build the per-frame 3-D variant (input ``(B, 3, T, H, W)``).
+    """
+
+    def __init__(self, in_chans: int, channels: int, eps: float = 1e-7, video: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.video = video
+        if video:
+            self.conv = nn.Conv3d(in_chans, channels, (1, 7, 7), (1, 2, 2), (0, 3, 3))
+        else:
+            self.conv = nn.Conv2d(in_chans, channels, 7, 2, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W) -> (B, C, H/4, W/4)`` (or the same per frame for video)."""
+        x = F.relu(self.conv(x))
+        if self.video:
+            x = F.max_pool3d(x, (1, 3, 3), (1, 2, 2), (0, 1, 1))
+        else:
+            x = F.max_pool2d(x, 3, 2, 1)
+        return channel_normalize(x, self.eps)

@@ -1,0 +1,187 @@
+"""SparseFormer's ops and units: every op is ``(tokens, rois, feats) -> (tokens, rois)``.
+
+SparseFormer (Gao et al., ICLR 2024), Sec. 3; ported from the official code
+(github.com/showlab/sparseformer). A unit is an ordered ModuleDict of ops, each a pre-norm
+residual ``x + drop_path(op(norm(x)))``. The same classes serve images (D=2) and videos (D=3):
+only the number of RoI coordinates differs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from sparseformer.layers import (
+    AdaptiveMixing,
+    Attention,
+    Mlp,
+    adjust_rois,
+    clamp_coordinate_grad,
+    drop_path,
+    fp32_geometry,
+    grid_offsets,
+    sample_features,
+    sampling_points,
+    standardize_offsets,
+)
+
+__all__ = ["OpContext", "AttnOp", "MlpOp", "RoiAdjustOp", "SampleMixOp", "Unit", "Transition"]
+
+
+class OpContext(NamedTuple):
+    """Per-application arguments shared by every op of a unit.
+
+    Attributes:
+        drop_rate: stochastic-depth rate of this application.
+        coord_grad_bound: bound of the gradient reaching sampling coordinates (``1/H`` times
+            the fp16 loss scale), a float or scalar tensor.
+        points_out: if a list, sampling ops append their points ``(B, N, P, D)`` to it.
+    """
+
+    drop_rate: float
+    coord_grad_bound: float | Tensor
+    points_out: list[Tensor] | None = None
+
+
+class AttnOp(Attention):
+    """``tokens + drop_path(attn(norm(tokens)))``; parameters ``norm``, ``qkv``, ``proj``."""
+
+    def __init__(self, dim: int, num_heads: int, ln_eps: float) -> None:
+        super().__init__(dim, num_heads)
+        self.norm = nn.LayerNorm(dim, eps=ln_eps)
+
+    def forward(self, tokens: Tensor, rois: Tensor, feats: Tensor, ctx: OpContext):
+        update = super().forward(self.norm(tokens))
+        return tokens + drop_path(update, ctx.drop_rate, self.training), rois
+
+
+class MlpOp(Mlp):
+    """``tokens + drop_path(mlp(norm(tokens)))``; parameters ``norm``, ``fc1``, ``fc2``."""
+
+    def __init__(self, dim: int, mlp_ratio: float, ln_eps: float, activation: str) -> None:
+        super().__init__(dim, int(dim * mlp_ratio), activation)
+        self.norm = nn.LayerNorm(dim, eps=ln_eps)
+
+    def forward(self, tokens: Tensor, rois: Tensor, feats: Tensor, ctx: OpContext):
+        update = super().forward(self.norm(tokens))
+        return tokens + drop_path(update, ctx.drop_rate, self.training), rois
+
+
+class RoiAdjustOp(nn.Module):
+    """Move and rescale each token's RoI from its embedding (tokens unchanged).
+
+    Args:
+        dim: token width D.
+        roi_dims: 2 for images, 3 for video; the projection outputs ``2 * roi_dims`` numbers.
+    """
+
+    def __init__(self, dim: int, ln_eps: float, roi_dims: int = 2) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=ln_eps)
+        self.proj = nn.Linear(dim, 2 * roi_dims, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Zero projection: RoIs stay where initialised until training moves them."""
+        nn.init.constant_(self.norm.weight, self.norm.normalized_shape[0] ** -0.5)
+        nn.init.zeros_(self.norm.bias)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, tokens: Tensor, rois: Tensor, feats: Tensor, ctx: OpContext):
+        delta = drop_path(self.proj(self.norm(tokens)), ctx.drop_rate, self.training)
+        with fp32_geometry(rois.device.type):
+            rois = adjust_rois(rois.float(), delta.float())
+        return tokens, rois
+
+
+class SampleMixOp(nn.Module):
+    """Sample the feature map around each RoI and decode the points into the token.
+
+    Args:
+        dim: token width D.
+        in_channels: feature channels C.
+        num_points: points P per token.
+        roi_dims: 2 for images, 3 for video.
+        mixing_reduction, ln_eps, activation: see :class:`AdaptiveMixing`.
+        offset_eps: epsilon of the offset standardisation.
+        padding_mode: ``grid_sample`` padding.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        in_channels: int,
+        num_points: int,
+        roi_dims: int = 2,
+        mixing_reduction: int = 4,
+        ln_eps: float = 1e-6,
+        offset_eps: float = 1e-7,
+        activation: str = "gelu",
+        padding_mode: str = "zeros",
+    ) -> None:
+        super().__init__()
+        self.num_points = num_points
+        self.roi_dims = roi_dims
+        self.offset_eps = offset_eps
+        self.padding_mode = padding_mode
+        self.offset_norm = nn.LayerNorm(dim, eps=ln_eps)
+        self.offset_proj = nn.Linear(dim, num_points * roi_dims, bias=False)
+        self.offset_bias = nn.Parameter(torch.zeros(num_points * roi_dims))
+        self.mixing = AdaptiveMixing(
+            dim, in_channels, num_points, mixing_reduction, ln_eps, activation
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Points start on a regular grid over the RoI (zero weight, grid bias)."""
+        nn.init.constant_(self.offset_norm.weight, self.offset_norm.normalized_shape[0] ** -0.5)
+        nn.init.zeros_(self.offset_norm.bias)
+        nn.init.zeros_(self.offset_proj.weight)
+        with torch.no_grad():
+            self.offset_bias.copy_(grid_offsets(self.num_points, self.roi_dims).flatten())
+        self.mixing.reset_parameters()
+
+    def forward(self, tokens: Tensor, rois: Tensor, feats: Tensor, ctx: OpContext):
+        B, N, _ = tokens.shape
+        offsets = self.offset_proj(self.offset_norm(tokens))  # (B, N, P*D)
+        with fp32_geometry(tokens.device.type):
+            offsets = offsets.float() + self.offset_bias.float()
+            offsets = offsets.reshape(B, N, self.num_points, self.roi_dims)  # -> (B, N, P, D)
+            offsets = standardize_offsets(offsets, self.offset_eps)
+            points = sampling_points(rois.float(), offsets)
+            if ctx.points_out is not None:
+                ctx.points_out.append(points)
+            points = clamp_coordinate_grad(points, ctx.coord_grad_bound)
+            sampled = sample_features(feats.float(), points, self.padding_mode)  # (B, N, P, C)
+        update = self.mixing(tokens, sampled)
+        return tokens + drop_path(update, ctx.drop_rate, self.training), rois
+
+
+class Unit(nn.ModuleDict):
+    """Ops keyed by name, applied in ``op_order``; each op appears at most once."""
+
+    def __init__(self, ops: dict[str, nn.Module], op_order: tuple[str, ...]) -> None:
+        super().__init__(ops)
+        if tuple(ops) != op_order:
+            raise ValueError(f"ops {tuple(ops)} do not match op_order {op_order}")
+        self.op_order = op_order
+
+    def forward(self, tokens: Tensor, rois: Tensor, feats: Tensor, ctx: OpContext):
+        for name in self.op_order:
+            tokens, rois = self[name](tokens, rois, feats, ctx)
+        return tokens, rois
+
+
+class Transition(nn.Module):
+    """Width change between stages: ``norm(proj(tokens))``, no residual."""
+
+    def __init__(self, in_dim: int, out_dim: int, ln_eps: float) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+        self.norm = nn.LayerNorm(out_dim, eps=ln_eps)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """``(B, N, D_in) -> (B, N, D_out)``."""
+        return self.norm(self.proj(tokens))

@@ -1,0 +1,228 @@
+"""SparseFormer v1 for images.
+
+SparseFormer: Sparse Visual Recognition via Limited Latent Tokens (Gao, Tong, Wang, Shou,
+ICLR 2024, arXiv 2304.03768); official code at github.com/showlab/sparseformer.
+
+A cheap stem gives a feature map; N latent tokens, each with a RoI, read it at a few points
+(focusing units), then a transformer over the tokens (cortex units) classifies. The model
+follows timm's API: ``forward_features``, ``forward_head(pre_logits=)``, ``forward``,
+``no_weight_decay``, ``get_classifier``, ``reset_classifier``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from sparseformer.config import SparseFormerConfig, StageConfig
+from sparseformer.layers import EarlyConvolution, drop_path_rates, grid_rois
+from sparseformer.models.blocks import (
+    AttnOp,
+    MlpOp,
+    OpContext,
+    RoiAdjustOp,
+    SampleMixOp,
+    Transition,
+    Unit,
+)
+from sparseformer.models.outputs import SparseFormerOutput
+
+__all__ = ["SparseFormer", "Stage", "build_unit"]
+
+
+def build_unit(config: SparseFormerConfig, width: int, ops: tuple[str, ...], roi_dims: int) -> Unit:
+    """Build one unit's ops, in order, for tokens of ``width`` and ``roi_dims``-D RoIs."""
+    c = config
+    makers = {
+        "attn": lambda: AttnOp(width, c.heads_at(width), c.ln_eps),
+        "roi_adjust": lambda: RoiAdjustOp(width, c.ln_eps, roi_dims),
+        "sample_mix": lambda: SampleMixOp(
+            width,
+            c.stem_channels,
+            c.num_points,
+            roi_dims,
+            c.mixing_reduction,
+            c.ln_eps,
+            c.offset_eps,
+            c.activation,
+            c.padding_mode,
+        ),
+        "mlp": lambda: MlpOp(width, c.mlp_ratio, c.ln_eps, c.activation),
+    }
+    return Unit({name: makers[name]() for name in ops}, ops)
+
+
+class Stage(nn.Module):
+    """A width transition (identity for the first stage) and units, the first one repeated."""
+
+    def __init__(
+        self, config: SparseFormerConfig, stage: StageConfig, in_width: int | None, roi_dims: int
+    ) -> None:
+        super().__init__()
+        self.transition = (
+            Transition(in_width, stage.width, config.ln_eps) if in_width else nn.Identity()
+        )
+        self.units = nn.ModuleList(
+            build_unit(config, stage.width, stage.unit_ops(i), roi_dims) for i in range(stage.depth)
+        )
+        self.repeats = tuple(stage.unit_repeats(i) for i in range(stage.depth))
+
+    def applications(self) -> Iterator[Unit]:
+        """Units in the order they run, repeated units once per application."""
+        for unit, repeats in zip(self.units, self.repeats):
+            for _ in range(repeats):
+                yield unit
+
+
+class SparseFormer(nn.Module):
+    """SparseFormer v1 image classifier.
+
+    Args:
+        config: the architecture.
+    """
+
+    roi_dims = 2
+
+    def __init__(self, config: SparseFormerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_classes = config.num_classes
+        self.num_features = config.width
+        first_width = config.stages[0].width
+        self.stem = EarlyConvolution(config.in_chans, config.stem_channels, config.stem_eps)
+        self.initial_rois = nn.Parameter(torch.zeros(config.num_tokens, 2 * self.roi_dims))
+        self.initial_tokens = nn.Parameter(torch.zeros(config.num_tokens, first_width))
+        widths = [None] + [s.width for s in config.stages[:-1]]  # no transition into stage 0
+        self.stages = nn.ModuleList(
+            Stage(config, stage, in_width, self.roi_dims)
+            for stage, in_width in zip(config.stages, widths)
+        )
+        self.fc_norm = nn.LayerNorm(config.width, eps=config.ln_eps)
+        self.head = self._make_head(config.num_classes)
+        self.drop_path_rates = drop_path_rates(config.num_applications, config.drop_path_rate)
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------- init
+    def _make_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Generic init (trunc-normal Linear, unit LayerNorm), then each module's own priors.
+
+        Order: every Linear/LayerNorm, then ops with ``reset_parameters`` (zeroed RoI-adjust
+        and offset projections, grid offsets, static initial mixing), then the token table
+        (trunc-normal std 1) and the RoI grid.
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, (RoiAdjustOp, SampleMixOp)):
+                m.reset_parameters()
+        nn.init.trunc_normal_(self.initial_tokens, std=1.0)
+        self.initial_rois.copy_(self._initial_roi_prior())
+
+    def _initial_roi_prior(self) -> Tensor:
+        return grid_rois(self.config.num_tokens)
+
+    # ----------------------------------------------------------------------------- timm API
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay (besides biases and norms)."""
+        return {"initial_rois"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a fresh one of ``num_classes`` (0 removes it)."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"SparseFormer pools by averaging tokens, got {global_pool!r}")
+        self.num_classes = num_classes
+        head = self._make_head(num_classes)
+        if isinstance(head, nn.Linear):
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+        self.head = head.to(self.fc_norm.weight.device)
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Stem features and the initial tokens and RoIs expanded over the batch."""
+        if x.dim() != 2 + self.roi_dims:
+            raise ValueError(
+                f"{type(self).__name__} expects a {2 + self.roi_dims}-D input batch, "
+                f"got shape {tuple(x.shape)}"
+            )
+        feats = self.stem(x)
+        B = x.shape[0]
+        tokens = self.initial_tokens.unsqueeze(0).expand(B, -1, -1)  # (N, D) -> (B, N, D)
+        rois = self.initial_rois.float().unsqueeze(0).expand(B, -1, -1)  # (N, 2D) -> (B, N, 2D)
+        return feats, tokens, rois
+
+    def _run(
+        self,
+        x: Tensor,
+        coord_grad_scale: float | Tensor,
+        rois_out: list[Tensor] | None,
+        points_out: list[Tensor] | None,
+    ) -> tuple[Tensor, Tensor]:
+        feats, tokens, rois = self._embed(x)
+        # The clamp bound is one feature cell (1/H), times the fp16 loss scale if any.
+        bound = coord_grad_scale / feats.shape[-2]
+        rates = iter(self.drop_path_rates)
+        for stage in self.stages:
+            tokens = stage.transition(tokens)
+            for unit in stage.applications():
+                ctx = OpContext(next(rates), bound, points_out)
+                tokens, rois = unit(tokens, rois, feats, ctx)
+                if rois_out is not None:
+                    rois_out.append(rois)
+        return tokens, rois
+
+    def forward_features(self, x: Tensor, *, coord_grad_scale: float | Tensor = 1.0) -> Tensor:
+        """Final latent tokens.
+
+        Args:
+            x: ``(B, 3, H, W)`` normalised images, any size (at least 1 x 1 after the stem).
+            coord_grad_scale: the loss scale of fp16 training (GradScaler), so that the
+                coordinate-gradient clamp bounds the *unscaled* gradient by ``1/H``.
+
+        Returns:
+            ``(B, N, D)`` tokens.
+        """
+        return self._run(x, coord_grad_scale, None, None)[0]
+
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
+        """Average tokens, normalise, classify. ``(B, N, D) -> (B, classes)`` or ``(B, D)``."""
+        x = self.fc_norm(tokens.mean(dim=1))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor, *, coord_grad_scale: float | Tensor = 1.0) -> Tensor:
+        """Logits ``(B, num_classes)`` for images ``(B, 3, H, W)``."""
+        return self.forward_head(self.forward_features(x, coord_grad_scale=coord_grad_scale))
+
+    def forward_with_details(
+        self, x: Tensor, *, coord_grad_scale: float | Tensor = 1.0
+    ) -> SparseFormerOutput:
+        """Logits with the RoIs after every unit application and every step's sampling points.
+
+        Returns:
+            :class:`SparseFormerOutput`; coordinates are normalised to the input image.
+        """
+        rois_out: list[Tensor] = []
+        points_out: list[Tensor] = []
+        tokens, _ = self._run(x, coord_grad_scale, rois_out, points_out)
+        B = x.shape[0]
+        return SparseFormerOutput(
+            logits=self.forward_head(tokens),
+            tokens=tokens,
+            rois=rois_out,
+            sampling_points=points_out,
+            initial_rois=self.initial_rois.float().unsqueeze(0).expand(B, -1, -1),
+        )

@@ -1,0 +1,31 @@
+"""Registration of SparseFormer names with timm, so ``timm.create_model`` finds them.
+
+Runs once when ``sparseformer`` is imported: timm's registry is timm's own global, and this is
+the only place that writes to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.models import register_model
+
+from sparseformer.factory import create_model
+from sparseformer.registry import MODELS
+
+__all__: list[str] = []  # timm's register_model appends every registered name
+
+
+def _entrypoint(name: str):
+    def entrypoint(pretrained: bool = False, **kwargs: Any):
+        return create_model(name, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = name
+    entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"{name}: {MODELS[name].description}"
+    return entrypoint
+
+
+for _name in MODELS:
+    globals()[_name] = register_model(_entrypoint(_name))

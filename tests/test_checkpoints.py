@@ -1,0 +1,152 @@
+"""Loading weights: both official layouts, wrappers, conversion, and clear errors."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import urllib.error
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sparseformer import CheckpointError, create_model, load_checkpoint
+from sparseformer.convert import detect_format
+
+from .conftest import DATA
+
+FIXTURE = DATA / "official-v1-small-config.safetensors"
+
+
+def official(prefix: str) -> dict[str, torch.Tensor]:
+    fx = load_file(str(FIXTURE))
+    return {k[len(prefix) + 1 :]: v for k, v in fx.items() if k.startswith(prefix + ".")}
+
+
+def fixture_model(**kw):
+    import dataclasses
+
+    from sparseformer import SparseFormer
+
+    from .test_conformance import fixture_config
+
+    return SparseFormer(dataclasses.replace(fixture_config(), **kw))
+
+
+@pytest.mark.parametrize("wrapper", [None, "model", "state_dict", "model_ema"])
+@pytest.mark.parametrize("fmt", ["imagenet", "v2"])
+def test_official_layouts_load_from_pth_in_any_wrapper(tmp_path, fmt, wrapper):
+    state = official(fmt)
+    path = tmp_path / "ckpt.pth"
+    torch.save(state if wrapper is None else {wrapper: state, "epoch": 299}, path)
+    model = fixture_model()
+    report = load_checkpoint(model, path)
+    assert report.source_format == fmt
+    assert report.wrapper == wrapper
+    key = "token_roi.weight" if fmt == "imagenet" else "initial_roi.weight"
+    torch.testing.assert_close(model.initial_rois.detach(), state[key])
+
+
+def test_convert_then_load_roundtrip(tmp_path):
+    src = tmp_path / "official.pth"
+    torch.save({"model": official("imagenet")}, src)
+    out = tmp_path / "ours.safetensors"
+    subprocess.run(
+        [sys.executable, "-m", "sparseformer", "convert", str(src), str(out)], check=True
+    )
+    converted = load_file(str(out))
+    assert detect_format(list(converted)) == "sparseformer"
+    assert not any("tuo_proj" in k or "m_beta" in k for k in converted)
+    model = fixture_model()
+    report = load_checkpoint(model, out)
+    assert report.source_format == "sparseformer" and not report.dropped
+    assert set(model.state_dict()) == set(converted)
+
+
+def test_num_classes_change_drops_classifier_with_a_note(tmp_path, caplog):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": official("v2")}, path)
+    model = fixture_model(num_classes=10)
+    with caplog.at_level(logging.INFO, logger="sparseformer"):
+        load_checkpoint(model, path)
+    assert "classifier" in caplog.text
+    assert model.head.weight.shape == (10, 64)
+    torch.testing.assert_close(model.fc_norm.weight.detach(), official("v2")["norm.weight"])
+
+
+def write_deit(path):
+    import timm
+
+    torch.save({"model": timm.create_model("deit_tiny_patch16_224").state_dict()}, path)
+
+
+BAD_FILES = {
+    "deit": (write_deit, "looks like a ViT/DeiT"),
+    "truncated": (None, "truncated"),
+    "text": (lambda p: p.write_text("hello, I am not a checkpoint\n"), "not a readable"),
+    "empty": (lambda p: p.write_bytes(b""), "is empty"),
+    "missing": (lambda p: None, "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_wrong_files_give_one_clear_error(tmp_path, case):
+    path = tmp_path / f"{case}.pth"
+    writer, message = BAD_FILES[case]
+    if case == "truncated":
+        torch.save({"model": official("imagenet")}, path)
+        path.write_bytes(path.read_bytes()[:5000])
+    else:
+        writer(path)
+    with pytest.raises(CheckpointError, match=message):
+        create_model("sparseformer_v1_nano", checkpoint_path=path)
+
+
+def test_truncated_safetensors(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file(official("v2"), str(path))
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(CheckpointError, match="safetensors"):
+        create_model("sparseformer_v1_nano", checkpoint_path=path)
+
+
+def test_checkpoint_of_another_size_lists_shapes(tmp_path):
+    path = tmp_path / "small_cfg.pth"
+    torch.save(official("imagenet"), path)
+    with pytest.raises(CheckpointError, match="shape mismatches.*another model size"):
+        create_model("sparseformer_v1_nano", checkpoint_path=path)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": official("v2"), "fn": print}, path)  # a callable needs full unpickling
+    with pytest.raises(CheckpointError, match="safely"):
+        create_model("sparseformer_v1_nano", checkpoint_path=path)
+
+
+def test_cli_reports_bad_checkpoint_in_one_line(tmp_path):
+    path = tmp_path / "junk.pth"
+    path.write_text("junk")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparseformer", "convert", str(path), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "error" in proc.stderr
+
+
+def test_pretrained_offline_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    from sparseformer.hub import DownloadError
+
+    with pytest.raises(DownloadError, match="checkpoint_path"):
+        create_model("sparseformer_v1_tiny", pretrained=True)

@@ -1,0 +1,48 @@
+"""FLOP counting in both conventions, pinned on the paper's figures and a tiny config."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from sparseformer import count_flops, create_model
+
+
+def test_tiny_flops_match_the_paper():
+    model = create_model("sparseformer_v1_tiny")
+    flops = count_flops(model, (3, 224, 224))
+    assert flops.gflops_paper == pytest.approx(2.07, rel=0.01)
+    assert flops.gflops_complete == pytest.approx(2.18, rel=0.01)
+    assert flops.by_op["baddbmm"] == flops.complete - flops.paper
+    assert flops.by_op["grid_sampler_2d"] > 0  # the explicit rule is applied
+    # attention through SDPA is counted (2 * N^2 * D MACs per application)
+    attn = sum(v for k, v in flops.by_op.items() if "scaled_dot_product" in k or k == "bmm")
+    assert attn == 4 * 2 * 49 * 49 * 256 + 8 * 2 * 49 * 49 * 512
+
+
+def test_nano_flops_pinned():
+    model = create_model("sparseformer_v1_nano")
+    flops = count_flops(model, (3, 32, 32))
+    c = model.config
+    # the stem conv alone: C_out * C_in * 7 * 7 per output pixel of a 16 x 16 map
+    assert flops.by_op["convolution"] == 16 * 3 * 49 * 16 * 16
+    # baddbmm: per sampling step, N * P * C * (C + P)
+    steps = 2 + 1
+    assert flops.by_op["baddbmm"] == steps * c.num_tokens * 4 * 16 * (16 + 4)
+    assert flops.by_op["grid_sampler_2d"] == steps * c.num_tokens * 4 * 16 * 4
+
+
+def test_flops_grow_only_with_the_stem():
+    model = create_model("sparseformer_v1_tiny")
+    small = count_flops(model, (3, 224, 224))
+    big = count_flops(model, (3, 448, 448))
+    assert big.by_op["convolution"] == 4 * small.by_op["convolution"]
+    assert big.complete - big.by_op["convolution"] == small.complete - small.by_op["convolution"]
+
+
+def test_counts_timm_models_too():
+    with torch.device("cpu"):
+        model = timm.create_model("deit_tiny_patch16_224")
+    flops = count_flops(model, (3, 224, 224))
+    assert flops.gflops_complete == pytest.approx(1.26, rel=0.05)

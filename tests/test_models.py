@@ -1,0 +1,139 @@
+"""Every registered model builds with the right size; tiny models run, train and behave."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import sparseformer
+from sparseformer import count_params, create_model, list_models
+
+EXACT_PARAMS = {
+    "sparseformer_v1_tiny": 31_522_212,
+    "sparseformer_v1_small": 47_575_056,
+    "sparseformer_v1_base": 81_076_996,
+}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_constructs_with_its_parameter_count(name):
+    with torch.device("meta"):
+        model = create_model(name)
+    n = count_params(model)
+    assert n > 0
+    if name in EXACT_PARAMS:
+        assert n == EXACT_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", ["sparseformer_v1_nano", "sparseformer_v1_micro"])
+def test_forward_backward_reaches_every_parameter(name):
+    model = create_model(name, num_classes=7, drop_path_rate=0.1)
+    x = torch.randn(2, 3, 64, 64)
+    logits = model(x)
+    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+    logits.logsumexp(-1).sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, pname
+        assert torch.isfinite(p.grad).all(), pname
+    # Zero-initialised projections get a non-zero gradient, so RoIs and points can move.
+    for pname, p in model.named_parameters():
+        if pname.endswith(("roi_adjust.proj.weight", "offset_proj.weight")):
+            assert p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("size", [(32, 32), (48, 96), (123, 57)])
+def test_any_input_size_and_aspect_ratio(size):
+    model = create_model("sparseformer_v1_nano").eval()
+    out = model.forward_with_details(torch.randn(1, 3, *size))
+    assert out.logits.shape == (1, 1000)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_forward_with_details_shapes_and_consistency():
+    model = create_model("sparseformer_v1_nano").eval()
+    config = model.config
+    x = torch.randn(3, 3, 40, 56)
+    out = model.forward_with_details(x)
+    torch.testing.assert_close(out.logits, model(x))
+    assert len(out.rois) == config.num_applications
+    sampling_steps = sum(
+        s.unit_repeats(i)
+        for s in config.stages
+        for i in range(s.depth)
+        if "sample_mix" in s.unit_ops(i)
+    )
+    assert len(out.sampling_points) == sampling_steps
+    for rois in out.rois:
+        assert rois.shape == (3, config.num_tokens, 4) and rois.dtype == torch.float32
+    for pts in out.sampling_points:
+        assert pts.shape == (3, config.num_tokens, config.num_points, 2)
+    # freshly initialised: RoIs do not move and the first points form a grid in the first RoI
+    torch.testing.assert_close(out.rois[-1][0], model.initial_rois.detach())
+    first = out.sampling_points[0][0, 0]
+    assert first[:, 0].min() > 0 and first[:, 0].max() < 0.5
+
+
+def test_timm_api():
+    model = timm.create_model("sparseformer_v1_nano", num_classes=5)
+    assert isinstance(model, sparseformer.SparseFormer)
+    x = torch.randn(2, 3, 32, 32)
+    tokens = model.forward_features(x)
+    assert tokens.shape == (2, model.config.num_tokens, model.num_features)
+    assert model.forward_head(tokens, pre_logits=True).shape == (2, model.num_features)
+    assert model.get_classifier().out_features == 5
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.num_features)
+    assert "initial_rois" in model.no_weight_decay()
+
+
+def test_list_models_and_unknown_name():
+    assert "sparseformer_v1_tiny" in list_models("*tiny*")
+    with pytest.raises(sparseformer.UnknownModelError, match="sparseformer_v1_tiny"):
+        create_model("sparseformer_v1_tiy")
+    with pytest.raises(TypeError, match="no config field"):
+        create_model("sparseformer_v1_nano", not_a_field=1)
+
+
+def test_bf16_autocast_on_cpu_keeps_geometry_in_fp32():
+    model = create_model("sparseformer_v1_nano")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_with_details(x)
+    assert out.logits.dtype == torch.bfloat16
+    assert all(r.dtype == torch.float32 for r in out.rois)
+    assert all(p.dtype == torch.float32 for p in out.sampling_points)
+    out.logits.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_two_models_run_independently():
+    a = create_model("sparseformer_v1_nano").eval()
+    b = create_model("sparseformer_v1_nano").eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(a(x), b(x, coord_grad_scale=1024.0))
+
+
+def test_config_validation():
+    from sparseformer import SparseFormerConfig, StageConfig
+
+    with pytest.raises(ValueError, match="perfect square"):
+        SparseFormerConfig(num_tokens=50)
+    with pytest.raises(ValueError, match="unknown op"):
+        StageConfig(64, first_ops=("attn", "teleport"))
+    with pytest.raises(ValueError, match="at most once"):
+        StageConfig(64, first_ops=("attn", "attn"))
+
+
+@pytest.mark.cuda
+def test_fp16_autocast_with_loss_scale_on_cuda():
+    model = create_model("sparseformer_v1_nano").cuda()
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        logits = model(x, coord_grad_scale=scaler.get_scale())
+    scaler.scale(logits.float().logsumexp(-1).mean()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
