@@ -12,7 +12,7 @@ Public API::
 """
 
 from sparseformer import timm_models as _timm_models  # noqa: F401  (registers with timm)
-from sparseformer.config import SparseFormerConfig, StageConfig
+from sparseformer.config import SparseFormerConfig, StageConfig, VideoSparseFormerConfig
 from sparseformer.convert import CheckpointError, NotASparseFormerCheckpoint
 from sparseformer.counting import FlopCount, count_flops, count_params
 from sparseformer.factory import (
@@ -22,7 +22,8 @@ from sparseformer.factory import (
     list_models,
     load_checkpoint,
 )
-from sparseformer.models import SparseFormer, SparseFormerOutput
+from sparseformer.inflate import inflate_image_state_dict
+from sparseformer.models import SparseFormer, SparseFormerOutput, VideoSparseFormer
 
 __version__ = "0.1.0"
 
@@ -35,11 +36,14 @@ __all__ = [
     "SparseFormerOutput",
     "StageConfig",
     "UnknownModelError",
+    "VideoSparseFormer",
+    "VideoSparseFormerConfig",
     "__version__",
     "count_flops",
     "count_params",
     "create_model",
     "get_model_spec",
+    "inflate_image_state_dict",
     "list_models",
     "load_checkpoint",
 ]

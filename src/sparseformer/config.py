@@ -13,7 +13,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["OPS", "FOCUS_OPS", "CORTEX_OPS", "StageConfig", "SparseFormerConfig"]
+__all__ = [
+    "OPS",
+    "FOCUS_OPS",
+    "CORTEX_OPS",
+    "StageConfig",
+    "SparseFormerConfig",
+    "VideoSparseFormerConfig",
+]
 
 # The op vocabulary. Every op is a pre-norm residual with the same signature
 # (tokens, rois, feats) -> (tokens, rois); see models/blocks.py.
@@ -150,3 +157,34 @@ class SparseFormerConfig:
     def width(self) -> int:
         """Width of the final tokens (the head's input)."""
         return self.stages[-1].width
+
+
+@dataclass(frozen=True)
+class VideoSparseFormerConfig(SparseFormerConfig):
+    """The video SparseFormer: the image architecture with spatio-temporal RoIs.
+
+    Every field of :class:`SparseFormerConfig` keeps its meaning; ``num_tokens`` is the number
+    of tokens *per replicate* (the image model's N), so the model runs ``num_tokens *
+    replicates`` latent tokens.
+
+    Args:
+        num_frames: frames T of the clips the model is meant for (data pipeline and FLOP
+            counts); the model itself accepts any T.
+        replicates: token inflation R: replicate ``i`` of every image token covers the time
+            slice ``[i/R, (i+1)/R]``.
+    """
+
+    num_frames: int = 8
+    replicates: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_frames <= 0:
+            raise ValueError(f"num_frames must be positive, got {self.num_frames}")
+        if self.replicates <= 0:
+            raise ValueError(f"replicates must be positive, got {self.replicates}")
+
+    @property
+    def num_latent_tokens(self) -> int:
+        """Latent tokens the model runs: ``num_tokens * replicates``."""
+        return self.num_tokens * self.replicates

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparseformer.config import SparseFormerConfig
+from sparseformer.config import SparseFormerConfig, VideoSparseFormerConfig
 from sparseformer.convert import (
     CheckpointError,
     ConversionReport,
@@ -27,7 +27,8 @@ from sparseformer.convert import (
     unwrap_checkpoint,
 )
 from sparseformer.hub import download_weights
-from sparseformer.models import SparseFormer
+from sparseformer.inflate import inflate_image_state_dict, is_image_state_dict
+from sparseformer.models import SparseFormer, VideoSparseFormer
 from sparseformer.registry import MODELS, ModelSpec
 
 __all__ = [
@@ -42,7 +43,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Config class -> model class; video configs join this table when they exist.
-_MODEL_CLASSES: dict[type, type[nn.Module]] = {SparseFormerConfig: SparseFormer}
+_MODEL_CLASSES: dict[type, type[nn.Module]] = {
+    SparseFormerConfig: SparseFormer,
+    VideoSparseFormerConfig: VideoSparseFormer,
+}
 
 
 class UnknownModelError(ValueError):
@@ -149,6 +153,9 @@ def load_checkpoint(
     state, wrapper = unwrap_checkpoint(source, prefer_ema=prefer_ema)
     converted, report = convert_state_dict(state)
     report.wrapper = wrapper
+    if getattr(model, "roi_dims", 2) == 3 and is_image_state_dict(converted):
+        # An image checkpoint for a video model: inflate it (logged by inflate_image_state_dict).
+        converted = inflate_image_state_dict(converted, model.config)
     own = model.state_dict()
     head_keys = {k for k in own if k.startswith("head.")}
     if allow_classifier_mismatch:

@@ -6,10 +6,10 @@ github.com/showlab/sparseformer. The registry is an immutable mapping built at i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import MappingProxyType
 
-from sparseformer.config import SparseFormerConfig, StageConfig
+from sparseformer.config import SparseFormerConfig, StageConfig, VideoSparseFormerConfig
 
 __all__ = ["WeightsSpec", "ModelSpec", "MODELS", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -60,6 +60,23 @@ def _v1(width: int, cortex_blocks: int, tokens: int, drop_path: float) -> Sparse
     )
 
 
+def _video(
+    image: SparseFormerConfig, frames: int = 8, replicates: int = 4
+) -> VideoSparseFormerConfig:
+    """The video model of an image architecture (token inflation R over T frames)."""
+    same = {f.name: getattr(image, f.name) for f in fields(SparseFormerConfig)}
+    return VideoSparseFormerConfig(**same, num_frames=frames, replicates=replicates)
+
+
+_MICRO = SparseFormerConfig(
+    stages=(StageConfig(64, 1, 2), StageConfig(128, 3, 1)),
+    num_tokens=16,
+    num_points=16,
+    stem_channels=32,
+    num_heads=16,
+    drop_path_rate=0.05,
+)
+
 MODELS = MappingProxyType(
     {
         "sparseformer_v1_tiny": ModelSpec(
@@ -79,14 +96,7 @@ MODELS = MappingProxyType(
         ),
         # Small members of the family for CPU work: same ops, fewer and narrower everything.
         "sparseformer_v1_micro": ModelSpec(
-            SparseFormerConfig(
-                stages=(StageConfig(64, 1, 2), StageConfig(128, 3, 1)),
-                num_tokens=16,
-                num_points=16,
-                stem_channels=32,
-                num_heads=16,
-                drop_path_rate=0.05,
-            ),
+            _MICRO,
             description="CPU-sized SparseFormer (16 tokens, 16 points) for demos and small data",
         ),
         "sparseformer_v1_nano": ModelSpec(
@@ -98,6 +108,25 @@ MODELS = MappingProxyType(
                 num_heads=8,
             ),
             description="the smallest SparseFormer, for unit tests",
+        ),
+        # Video models (Sec. 5 of the paper): no released weights; start from the image
+        # release with create_model(name, checkpoint_path=IMAGE_CHECKPOINT), which inflates it.
+        # GFLOPs: paper convention, 8 x 224 x 224 clips, from `python scripts/video_flops.py`.
+        "video_sparseformer_v1_tiny": ModelSpec(
+            _video(_v1(256, 8, 49, 0.2)),
+            description="video SparseFormer-T, 49 tokens x 4 replicates, 8 frames",
+        ),
+        "video_sparseformer_v1_small": ModelSpec(
+            _video(_v1(320, 8, 64, 0.3)),
+            description="video SparseFormer-S, 64 tokens x 4 replicates, 8 frames",
+        ),
+        "video_sparseformer_v1_base": ModelSpec(
+            _video(_v1(384, 10, 81, 0.4)),
+            description="video SparseFormer-B, 81 tokens x 4 replicates, 8 frames",
+        ),
+        "video_sparseformer_v1_micro": ModelSpec(
+            _video(_MICRO),
+            description="CPU-sized video SparseFormer (16 tokens x 4 replicates, 16 points)",
         ),
     }
 )

@@ -2,5 +2,6 @@
 
 from sparseformer.models.outputs import SparseFormerOutput
 from sparseformer.models.sparseformer import SparseFormer
+from sparseformer.models.video import VideoSparseFormer
 
-__all__ = ["SparseFormer", "SparseFormerOutput"]
+__all__ = ["SparseFormer", "SparseFormerOutput", "VideoSparseFormer"]

@@ -91,9 +91,13 @@ class SparseFormer(nn.Module):
         self.num_classes = config.num_classes
         self.num_features = config.width
         first_width = config.stages[0].width
-        self.stem = EarlyConvolution(config.in_chans, config.stem_channels, config.stem_eps)
-        self.initial_rois = nn.Parameter(torch.zeros(config.num_tokens, 2 * self.roi_dims))
-        self.initial_tokens = nn.Parameter(torch.zeros(config.num_tokens, first_width))
+        # Video subclasses (roi_dims = 3) get the per-frame stem and their own token count.
+        self.stem = EarlyConvolution(
+            config.in_chans, config.stem_channels, config.stem_eps, video=self.roi_dims == 3
+        )
+        num_latent = self._num_latent_tokens()
+        self.initial_rois = nn.Parameter(torch.zeros(num_latent, 2 * self.roi_dims))
+        self.initial_tokens = nn.Parameter(torch.zeros(num_latent, first_width))
         widths = [None] + [s.width for s in config.stages[:-1]]  # no transition into stage 0
         self.stages = nn.ModuleList(
             Stage(config, stage, in_width, self.roi_dims)
@@ -129,6 +133,9 @@ class SparseFormer(nn.Module):
                 m.reset_parameters()
         nn.init.trunc_normal_(self.initial_tokens, std=1.0)
         self.initial_rois.copy_(self._initial_roi_prior())
+
+    def _num_latent_tokens(self) -> int:
+        return self.config.num_tokens
 
     def _initial_roi_prior(self) -> Tensor:
         return grid_rois(self.config.num_tokens)
