@@ -1,0 +1,263 @@
+"""Inputs of the RoI pictures: images from disk, their preprocessing, a model with its labels.
+
+SparseFormer (Gao et al., ICLR 2024). Any image PIL can read is accepted: grayscale, palette,
+RGBA (composited over white), CMYK and 16-bit images are converted to 8-bit RGB, and EXIF
+orientation is applied. The model sees the whole image squashed to ``size x size`` (no crop), so
+normalised RoI coordinates map onto the whole picture, whatever its aspect ratio.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sparseformer.registry import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "ModelInfo",
+    "load_image",
+    "preprocess",
+    "display_image",
+    "checkpoint_metadata",
+    "imagenet_class_names",
+    "load_model_for_viz",
+]
+
+logger = logging.getLogger(__name__)
+
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+@dataclass
+class ModelInfo:
+    """What a picture needs besides the model: preprocessing and label names.
+
+    Attributes:
+        input_size: square side the model is run at.
+        mean, std: per-channel normalisation of ``[0, 1]`` RGB.
+        class_names: names of the classifier's outputs, or ``None`` (indices are shown).
+    """
+
+    input_size: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    class_names: list[str] | None = field(default=None)
+
+
+def load_image(path: str | os.PathLike, *, max_side: int | None = None):
+    """Read an image file as an 8-bit RGB PIL image.
+
+    Args:
+        path: any format PIL reads.
+        max_side: when set, large images are decoded (JPEG draft mode) and downscaled so that
+            neither side exceeds it much; saves time and memory on huge photos.
+
+    Returns:
+        A ``PIL.Image.Image`` in mode ``"RGB"``.
+
+    Raises:
+        FileNotFoundError: the path does not exist or is a directory.
+        ValueError: the file is not an image PIL can decode (the message says which file).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image {str(path)!r} does not exist")
+    if path.is_dir():
+        raise FileNotFoundError(f"{str(path)!r} is a directory, not an image file")
+    try:
+        with Image.open(path) as img:
+            if max_side is not None and img.format == "JPEG":
+                img.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except UnidentifiedImageError as exc:
+        raise ValueError(
+            f"{str(path)!r} is not a readable image (PIL cannot identify its format); "
+            "pass a JPEG, PNG, BMP, TIFF, WebP or GIF file"
+        ) from exc
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{str(path)!r} is too large to decode safely ({exc})") from exc
+    except (OSError, SyntaxError) as exc:  # truncated or corrupt data
+        raise ValueError(f"{str(path)!r} could not be decoded ({exc}); is it complete?") from exc
+
+
+def to_rgb(img):
+    """Convert a PIL image of any mode to 8-bit RGB.
+
+    Transparent pixels are composited over white; 16-bit and float images are scaled to 8
+    bits by their range (16-bit by 65535, others by their maximum) rather than clipped.
+    """
+    from PIL import Image
+
+    if img.mode in _HIGH_BIT_MODES:
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        if img.mode in ("I", "F") and top <= 255.0:
+            top = 255.0  # already 8-bit values stored wide
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr)  # (H, W) uint8 -> mode "L"
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def preprocess(
+    img,
+    size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Tensor:
+    """Resize an RGB PIL image to ``size x size`` (bicubic, whole image) and normalise.
+
+    Returns:
+        ``(1, 3, size, size)`` float32 batch.
+    """
+    from PIL import Image
+
+    resized = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)  # (H, W, 3)
+    x = x.permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return ((x - mean_t) / std_t).unsqueeze(0)  # (3, H, W) -> (1, 3, H, W)
+
+
+def display_image(img, max_side: int = 448, min_side: int = 112) -> np.ndarray:
+    """The picture to draw on: aspect kept, long side at most ``max_side`` pixels.
+
+    Tiny images are enlarged (nearest) so the short side is at least ``min_side``. Returns
+    ``(H, W, 3)`` uint8.
+    """
+    from PIL import Image
+
+    w, h = img.size
+    scale = min(max_side / max(w, h), 1.0)
+    if min(w, h) * scale < min_side:
+        scale = min(min_side / min(w, h), max_side / max(w, h)) if max(w, h) > 0 else 1.0
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size != (w, h):
+        method = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST
+        img = img.resize(size, method)
+    return np.asarray(img.convert("RGB"))
+
+
+def imagenet_class_names() -> list[str]:
+    """Short names of the 1000 ImageNet-1K classes (timm's bundled list, no download)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
+
+
+_META_CONTAINERS = ("meta", "metadata", "data", "data_config", "config", "train_config", "args")
+
+
+def checkpoint_metadata(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """Class names, mean/std and input size stored beside the weights, where present.
+
+    Looks at the checkpoint's top level and in nested dicts such as ``meta``, ``data`` or
+    ``config``, for ``class_names``/``classes``, ``mean``, ``std`` and
+    ``input_size``/``img_size``/``image_size``.
+
+    Returns:
+        A dict with any of the keys ``class_names``, ``mean``, ``std``, ``input_size``.
+    """
+    scopes = [checkpoint] + [
+        checkpoint[k] for k in _META_CONTAINERS if isinstance(checkpoint.get(k), Mapping)
+    ]
+    found: dict[str, Any] = {}
+    for scope in scopes:
+        for key in ("class_names", "classes"):
+            names = scope.get(key)
+            if "class_names" not in found and _is_str_list(names):
+                found["class_names"] = [str(n) for n in names]
+        for key in ("mean", "std"):
+            value = scope.get(key)
+            if key not in found and _is_float_seq(value, 3):
+                found[key] = tuple(float(v) for v in value)
+        for key in ("input_size", "img_size", "image_size"):
+            value = scope.get(key)
+            if "input_size" in found or value is None:
+                continue
+            if isinstance(value, int):
+                found["input_size"] = value
+            elif _is_float_seq(value, None) and len(value) in (1, 2, 3):
+                found["input_size"] = int(value[-1])  # (3, H, W), (H, W) or (S,): square side
+    return found
+
+
+def _is_str_list(value: object) -> bool:
+    return (
+        isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) for v in value)
+    )
+
+
+def _is_float_seq(value: object, length: int | None) -> bool:
+    if torch.is_tensor(value):
+        value = value.tolist()
+    return (
+        isinstance(value, (list, tuple))
+        and (length is None or len(value) == length)
+        and all(isinstance(v, (int, float)) for v in value)
+    )
+
+
+def load_model_for_viz(
+    name: str, checkpoint: str | os.PathLike | None = None
+) -> tuple[nn.Module, ModelInfo]:
+    """Build ``name`` (with weights from ``checkpoint`` when given) in eval mode, with its info.
+
+    The classifier size is taken from the checkpoint, so a model fine-tuned on 10 classes keeps
+    its own classifier instead of a fresh one. Label names: the checkpoint's stored class names,
+    else ImageNet's for 1000 classes, else none.
+    """
+    from sparseformer.convert import convert_state_dict, unwrap_checkpoint
+    from sparseformer.factory import create_model, get_model_spec, load_checkpoint, read_checkpoint
+
+    spec = get_model_spec(name)
+    info = ModelInfo()
+    if spec.weights is not None:
+        info = ModelInfo(spec.weights.input_size[-1], spec.weights.mean, spec.weights.std)
+    if checkpoint is None:
+        model = create_model(name)
+    else:
+        ckpt = read_checkpoint(checkpoint)
+        state, _ = unwrap_checkpoint(ckpt)
+        converted, _ = convert_state_dict(state)
+        head = converted.get("head.weight")
+        num_classes = int(head.shape[0]) if head is not None else 0
+        model = create_model(name, num_classes=num_classes)
+        load_checkpoint(model, ckpt, allow_classifier_mismatch=False)
+        meta = checkpoint_metadata(ckpt)
+        info = ModelInfo(
+            meta.get("input_size", info.input_size),
+            meta.get("mean", info.mean),
+            meta.get("std", info.std),
+            meta.get("class_names"),
+        )
+    num_classes = getattr(model, "num_classes", 0)
+    if info.class_names is not None and len(info.class_names) != num_classes:
+        logger.warning(
+            "checkpoint stores %d class names for %d outputs; showing indices",
+            len(info.class_names),
+            num_classes,
+        )
+        info.class_names = None
+    if info.class_names is None and num_classes == 1000:
+        info.class_names = imagenet_class_names()
+    return model.eval(), info
