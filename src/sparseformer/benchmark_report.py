@@ -1,0 +1,156 @@
+"""Tables, CSV and plots of a :class:`~sparseformer.benchmark.BenchResult`."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from sparseformer.benchmark import BenchResult, BenchRow
+from sparseformer.published import published_top1
+
+__all__ = ["markdown_table", "write_csv", "plot_result", "summary_lines"]
+
+_CSV_FIELDS = (
+    "model",
+    "img_size",
+    "batch_size",
+    "params",
+    "gflops_paper",
+    "gflops_complete",
+    "img_per_s",
+    "img_per_s_min",
+    "img_per_s_max",
+    "throughput_ratio",
+    "latency_ms",
+    "latency_ms_min",
+    "latency_ms_max",
+    "latency_ratio",
+    "train_img_per_s",
+    "train_ratio",
+    "peak_memory_mb",
+    "peak_fraction",
+    "published_top1",
+)
+
+
+def _flat(row: BenchRow) -> dict:
+    top1 = published_top1(row.model)
+    train = row.train_throughput
+    return {
+        "model": row.model,
+        "img_size": row.img_size,
+        "batch_size": row.batch_size,
+        "params": row.params,
+        "gflops_paper": row.gflops_paper,
+        "gflops_complete": row.gflops_complete,
+        "img_per_s": row.throughput.median,
+        "img_per_s_min": row.throughput.min,
+        "img_per_s_max": row.throughput.max,
+        "throughput_ratio": row.ratios.get("throughput"),
+        "latency_ms": row.latency_ms.median,
+        "latency_ms_min": row.latency_ms.min,
+        "latency_ms_max": row.latency_ms.max,
+        "latency_ratio": row.ratios.get("latency"),
+        "train_img_per_s": train.median if train else None,
+        "train_ratio": row.ratios.get("train"),
+        "peak_memory_mb": row.peak_memory_mb,
+        "peak_fraction": row.peak_fraction,
+        "published_top1": top1.top1 if top1 else None,
+    }
+
+
+def write_csv(result: BenchResult, path: str | Path) -> None:
+    """One line per model and size, with the columns of ``_CSV_FIELDS``."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
+        writer.writeheader()
+        for row in result.rows:
+            writer.writerow(_flat(row))
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or math.isnan(value) else format(value, spec)
+
+
+def markdown_table(result: BenchResult) -> str:
+    """A Markdown table; ratios are against the run's baseline, medians of per-round ratios."""
+    base = result.settings["baseline"]
+    head = (
+        "| model | size | params (M) | GFLOPs paper / complete | img/s (min-max) "
+        f"| x {base} | batch-1 ms | train img/s | train x | peak mem (MB) | % of matmul peak "
+        "| published top-1 |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for row in result.rows:
+        r = _flat(row)
+        lines.append(
+            f"| {r['model']} | {r['img_size']} | {r['params'] / 1e6:.1f} "
+            f"| {r['gflops_paper']:.3g} / {r['gflops_complete']:.3g} "
+            f"| {r['img_per_s']:.3g} ({r['img_per_s_min']:.3g}-{r['img_per_s_max']:.3g}) "
+            f"| {_fmt(r['throughput_ratio'], '.2f')} | {r['latency_ms']:.1f} "
+            f"| {_fmt(r['train_img_per_s'], '.3g')} | {_fmt(r['train_ratio'], '.2f')} "
+            f"| {_fmt(r['peak_memory_mb'], '.0f')} | {100 * r['peak_fraction']:.0f}% "
+            f"| {_fmt(r['published_top1'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def summary_lines(result: BenchResult) -> list[str]:
+    """The run's conditions, one fact per line."""
+    env, s = result.environment, result.settings
+    peak = result.matmul_peak_gflops
+    return [
+        f"device: {env['device_name']} ({env['device']}), {env['threads']} threads, "
+        f"torch {env['torch']}, {env['dtype']}",
+        f"batch {s['batch_size']}, {s['repeats']} interleaved rounds, warm-up {s['warmup']}, "
+        f"at least {s['min_time']} s per measurement",
+        f"matmul peak ({s['precision']}, 2048^3): {peak.median:.1f} GFLOP/s "
+        f"(min {peak.min:.1f}, max {peak.max:.1f})",
+        f"load average at start {env['load_average_start']}, at end {env['load_average_end']}",
+    ]
+
+
+def plot_result(result: BenchResult, path: str | Path) -> None:
+    """Published top-1 against measured throughput; with several sizes, cost against size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({row.img_size for row in result.rows})
+    panels = 3 if len(sizes) > 1 else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
+    ax = axes[0][0]
+    first = [row for row in result.rows if row.img_size == sizes[0]]
+    for row in first:
+        top1 = published_top1(row.model)
+        if top1 is None:
+            continue
+        marker = "*" if row.model.startswith("sparseformer") else "o"
+        ax.scatter(row.throughput.median, top1.top1, marker=marker, s=120 if marker == "*" else 50)
+        ax.annotate(row.model, (row.throughput.median, top1.top1), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")  # fmt: skip
+    env = result.environment
+    ax.set_xlabel(f"measured img/s ({sizes[0]}px, batch {result.settings['batch_size']})")
+    ax.set_ylabel("published ImageNet-1K top-1 (%)")
+    ax.set_title(f"{env['device_name'][:40]}, {env['threads']} threads, {env['dtype']}", fontsize=8)
+    ax.grid(alpha=0.3)
+    if panels > 1:
+        models = list(dict.fromkeys(row.model for row in result.rows))
+        for name in models:
+            own = sorted((r for r in result.rows if r.model == name), key=lambda r: r.img_size)
+            x = [r.img_size for r in own]
+            axes[0][1].plot(x, [r.gflops_complete for r in own], "o-", label=name)
+            axes[0][2].plot(x, [r.throughput.median for r in own], "o-", label=name)
+        for a, label in ((axes[0][1], "GFLOPs per image (complete)"), (axes[0][2], "img/s")):
+            a.set_xscale("log", base=2)
+            a.set_yscale("log")
+            a.set_xticks(sizes, [str(s) for s in sizes])
+            a.set_xlabel("input size (px)")
+            a.set_ylabel(label)
+            a.grid(alpha=0.3)
+        axes[0][2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

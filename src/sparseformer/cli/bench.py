@@ -1,0 +1,92 @@
+"""``sparseformer bench``: throughput, latency, memory, FLOPs and share of the machine's peak.
+
+All models are built first and timed in turns, round after round; medians over the rounds are
+reported, with ratios against a baseline taken round by round.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from sparseformer.benchmark import DEFAULT_MODELS
+
+    p = sub.add_parser(
+        "bench",
+        help="measure speed and cost of SparseFormer and timm baselines",
+        description=__doc__,
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list(DEFAULT_MODELS),
+        metavar="NAME",
+        help=f"SparseFormer or timm names (default: {' '.join(DEFAULT_MODELS)})",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="throughput batch (default 32)")
+    p.add_argument(
+        "--img-size", type=int, nargs="+", default=[224], metavar="S", help="input sizes"
+    )
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes per model")
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement, at least")
+    p.add_argument("--baseline", default=None, help="model for the ratio columns (default DeiT-S)")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
+    p.add_argument("--train-batch-size", type=int, default=32)
+    p.add_argument("--json", default=None, metavar="PATH", help="write all results as JSON")
+    p.add_argument("--csv", default=None, metavar="PATH", help="write one CSV line per row")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write the trade-off plot")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from sparseformer.benchmark import BenchError, BenchSettings, run_benchmark
+    from sparseformer.benchmark_report import (
+        markdown_table,
+        plot_result,
+        summary_lines,
+        write_csv,
+    )
+    from sparseformer.cli import CliError
+
+    try:
+        settings = BenchSettings(
+            models=tuple(args.models),
+            img_sizes=tuple(args.img_size),
+            batch_size=args.batch_size,
+            precision=args.precision,
+            device=args.device,
+            threads=args.threads,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            min_time=args.min_time,
+            train=not args.no_train,
+            train_batch_size=args.train_batch_size,
+            baseline=args.baseline,
+        )
+        result = run_benchmark(settings)
+    except BenchError as exc:
+        raise CliError(str(exc)) from None
+    for line in summary_lines(result):
+        print(line)
+    print(markdown_table(result))
+    for option, write in (
+        (args.json, lambda p: p.write_text(json.dumps(result.to_dict(), indent=2) + "\n")),
+        (args.csv, lambda p: write_csv(result, p)),
+        (args.plot, lambda p: plot_result(result, p)),
+    ):
+        if option:
+            path = Path(option)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+            write(tmp)
+            tmp.replace(path)
+            print(f"wrote {path}")
+    return 0

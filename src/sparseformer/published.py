@@ -1,0 +1,50 @@
+"""Published ImageNet-1K top-1 accuracies, each with its source: data only.
+
+Used by ``sparseformer bench`` to draw the accuracy-throughput trade-off on the user's own
+machine: accuracy from the papers (we do not re-train on ImageNet), throughput measured.
+All figures are single-crop 224 x 224 top-1 on the ImageNet-1K validation set, trained on
+ImageNet-1K only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+
+__all__ = ["PublishedAccuracy", "PUBLISHED_TOP1", "published_top1"]
+
+
+@dataclass(frozen=True)
+class PublishedAccuracy:
+    """A top-1 figure and where it was published."""
+
+    top1: float
+    source: str
+
+
+_SPARSEFORMER = "Gao et al., SparseFormer, ICLR 2024 (arXiv 2304.03768), Table 1"
+_DEIT = "Touvron et al., DeiT, ICML 2021 (arXiv 2012.12877), Table 1 (no distillation)"
+_SWIN = "Liu et al., Swin Transformer, ICCV 2021 (arXiv 2103.14030), Table 1a"
+_RESNET = (
+    "torchvision ResNet50_Weights.IMAGENET1K_V1 (acc@1 76.130), the original recipe of "
+    "He et al., CVPR 2016"
+)
+
+PUBLISHED_TOP1 = MappingProxyType(
+    {
+        "sparseformer_v1_tiny": PublishedAccuracy(81.0, _SPARSEFORMER),
+        "sparseformer_v1_small": PublishedAccuracy(82.0, _SPARSEFORMER),
+        "sparseformer_v1_base": PublishedAccuracy(82.6, _SPARSEFORMER),
+        "deit_tiny_patch16_224": PublishedAccuracy(72.2, _DEIT),
+        "deit_small_patch16_224": PublishedAccuracy(79.8, _DEIT),
+        "deit_base_patch16_224": PublishedAccuracy(81.8, _DEIT),
+        "swin_tiny_patch4_window7_224": PublishedAccuracy(81.3, _SWIN),
+        "swin_small_patch4_window7_224": PublishedAccuracy(83.0, _SWIN),
+        "resnet50": PublishedAccuracy(76.1, _RESNET),
+    }
+)
+
+
+def published_top1(name: str) -> PublishedAccuracy | None:
+    """The published figure for a model name, or ``None`` if we cite none."""
+    return PUBLISHED_TOP1.get(name)

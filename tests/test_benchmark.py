@@ -1,0 +1,95 @@
+"""`sparseformer bench` runs on small models and writes well-formed results (no timing checks)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from sparseformer.benchmark import BenchError, BenchSettings, build_model, run_benchmark
+from sparseformer.benchmark_report import markdown_table
+from sparseformer.cli import main
+from sparseformer.counting import count_flops
+
+SMALL = ("sparseformer_v1_nano", "sparseformer_v1_micro")
+
+
+def small_settings(**overrides) -> BenchSettings:
+    kwargs = dict(
+        models=SMALL,
+        img_sizes=(32, 64),
+        batch_size=2,
+        train_batch_size=2,
+        repeats=2,
+        warmup=1,
+        min_time=0.0,
+        num_classes=10,
+    )
+    return BenchSettings(**(kwargs | overrides))
+
+
+def test_run_benchmark_reports_every_model_and_size():
+    result = run_benchmark(small_settings(baseline="sparseformer_v1_micro"))
+    assert [(r.model, r.img_size) for r in result.rows] == [(m, s) for s in (32, 64) for m in SMALL]
+    assert result.matmul_peak_gflops.median > 0
+    assert len(result.matmul_peak_gflops.runs) == 4  # one per round per size
+    for row in result.rows:
+        assert row.params > 0
+        assert 0 < row.gflops_paper <= row.gflops_complete
+        assert len(row.throughput.runs) == 2
+        assert row.throughput.min <= row.throughput.median <= row.throughput.max
+        assert row.latency_ms.median > 0
+        assert row.train_throughput is not None and row.train_throughput.median > 0
+        assert row.peak_memory_mb is not None and row.peak_memory_mb >= 0
+        expected = 2 * row.gflops_complete * row.throughput.median
+        assert row.peak_fraction == pytest.approx(expected / result.matmul_peak_gflops.median)
+        if row.model == "sparseformer_v1_micro":  # the baseline is 1 by construction
+            assert row.ratios == {"throughput": 1.0, "latency": 1.0, "train": 1.0}
+    # Only the stem sees pixels: 4x the pixels costs SparseFormer far less than 4x the FLOPs.
+    nano = {r.img_size: r.gflops_complete for r in result.rows if r.model == SMALL[0]}
+    assert nano[64] < 4 * nano[32]
+    table = markdown_table(result)
+    assert table.count("\n") == 1 + len(result.rows)
+
+
+def test_cli_writes_json_csv_and_plot(tmp_path, capsys):
+    paths = {ext: tmp_path / f"out.{ext}" for ext in ("json", "csv", "png")}
+    argv = ["bench", "--models", *SMALL, "--batch-size", "2", "--img-size", "32"]
+    argv += ["--repeats", "1", "--min-time", "0", "--no-train", "--train-batch-size", "2"]
+    argv += ["--json", str(paths["json"]), "--csv", str(paths["csv"]), "--plot", str(paths["png"])]
+    assert main(argv) == 0
+    data = json.loads(paths["json"].read_text())
+    assert data["environment"]["threads"] >= 1 and data["environment"]["torch"]
+    assert data["settings"]["baseline"] == SMALL[0]
+    keys = {"params", "gflops_paper", "gflops_complete", "throughput", "latency_ms"}
+    keys |= {"peak_memory_mb", "peak_fraction", "img_size", "model"}
+    for row in data["rows"]:
+        assert keys <= set(row)
+        assert math.isfinite(row["peak_fraction"]) and row["train_throughput"] is None
+    with open(paths["csv"]) as f:
+        assert [r["model"] for r in csv.DictReader(f)] == list(SMALL)
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    assert "sparseformer_v1_micro" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_model_in_one_line(capsys):
+    assert main(["bench", "--models", "no_such_model_xyz", "--no-train"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "no_such_model_xyz" in err and len(err.splitlines()) == 1
+
+
+def test_settings_validate_baseline_and_precision():
+    with pytest.raises(BenchError, match="baseline"):
+        small_settings(baseline="resnet50")
+    with pytest.raises(BenchError, match="precision"):
+        small_settings(precision="int8")
+
+
+def test_timm_baseline_attention_is_counted():
+    """DeiT-Ti runs fused attention; the count must include it (paper: 1.3 GFLOPs)."""
+    count = count_flops(build_model("deit_tiny_patch16_224", 224), (3, 224, 224))
+    attention = sum(v for k, v in count.by_op.items() if "scaled_dot_product" in k)
+    assert attention > 0
+    assert count.gflops_complete == pytest.approx(1.26, abs=0.02)
