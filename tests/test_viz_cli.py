@@ -1,0 +1,162 @@
+"""`sparseformer viz` and its image inputs: any PIL mode, huge and tiny images, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sparseformer import create_model
+from sparseformer.cli import main
+from sparseformer.viz_inputs import (
+    checkpoint_metadata,
+    display_image,
+    load_image,
+    load_model_for_viz,
+    preprocess,
+)
+
+from .conftest import DATA
+
+TENCH = DATA / "tench.jpeg"
+
+
+def _gradient(h: int, w: int) -> np.ndarray:
+    return np.tile(np.linspace(0, 1, w), (h, 1))
+
+
+@pytest.mark.parametrize(
+    "mode, make",
+    [
+        ("L", lambda: Image.fromarray((_gradient(20, 30) * 255).astype(np.uint8))),
+        ("1", lambda: Image.fromarray(_gradient(20, 30) > 0.5)),
+        ("P", lambda: Image.open(DATA / "tench.jpeg").convert("P")),
+        ("RGBA", lambda: Image.open(DATA / "tench.jpeg").convert("RGBA")),
+        ("LA", lambda: Image.fromarray((_gradient(20, 30) * 255).astype(np.uint8)).convert("LA")),
+        ("CMYK", lambda: Image.open(DATA / "tench.jpeg").convert("CMYK")),
+        ("I;16", lambda: Image.fromarray((_gradient(20, 30) * 65535).astype(np.uint16))),
+        ("F", lambda: Image.fromarray((_gradient(20, 30) * 1000).astype(np.float32))),
+    ],
+)
+def test_any_pil_mode_becomes_8bit_rgb(tmp_path, mode, make):
+    img = make()
+    assert img.mode == mode
+    path = tmp_path / ("x.tiff" if mode in ("CMYK", "F") else "x.png")
+    img.save(path)
+    rgb = load_image(path)
+    assert rgb.mode == "RGB" and rgb.size == img.size
+    arr = np.asarray(rgb)
+    if mode in ("L", "I;16", "F", "LA"):
+        # a full-range gradient stays full range (16-bit is scaled, not clipped to white)
+        assert arr.min() <= 1 and arr.max() >= 254
+        assert 100 < arr[:, 15].mean() < 155
+    x = preprocess(rgb, 32)
+    assert x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()
+
+
+def test_transparent_pixels_are_composited_over_white(tmp_path):
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)  # black, fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    assert np.asarray(load_image(tmp_path / "t.png")).min() == 255
+
+
+def test_huge_and_tiny_images(tmp_path):
+    huge = tmp_path / "huge.jpg"
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((6000, 4000)).save(huge, quality=70)
+    img = load_image(huge, max_side=256)  # JPEG draft decoding: no 24-megapixel buffer
+    assert img.size[0] * 2 <= 6000 and abs(img.size[0] / img.size[1] - 1.5) < 0.01
+    shown = display_image(img)
+    assert max(shown.shape[:2]) == 448
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(small[:16, :16]).save(tiny)
+    shown = display_image(load_image(tiny))
+    assert shown.shape == (112, 112, 3)  # enlarged for display, nearest neighbour
+    out = tmp_path / "out"
+    assert main(["viz", "--model", "sparseformer_v1_nano", str(huge), str(tiny), "--out", str(out),
+                 "--img-size", "64"]) == 0  # fmt: skip
+    for stem in ("huge", "tiny"):
+        assert (out / f"{stem}_rois.png").stat().st_size > 1000
+        with Image.open(out / f"{stem}_stages.gif") as gif:
+            assert gif.n_frames == 3  # the nano model samples 3 times
+        stats = json.loads((out / f"{stem}_roi_stats.json").read_text())
+        assert stats["roi/area_final"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "not found"),
+        (b"hello, I am text", "not a readable image"),
+        ("truncated", "could not be decoded"),
+    ],
+)
+def test_bad_images_give_one_line_errors(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.jpg"
+    if content == "truncated":
+        Image.open(TENCH).save(path)
+        path.write_bytes(path.read_bytes()[:2000])
+    elif content is not None:
+        path.write_bytes(content)
+    code = main(["viz", "--model", "sparseformer_v1_nano", str(path), "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert message in err and str(path) in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_options_give_one_line_errors(tmp_path, capsys):
+    args = ["viz", "--model", "sparseformer_v1_nano", str(TENCH), "--out", str(tmp_path)]
+    assert main(args + ["--stages", "7"]) == 1
+    assert "sampling stages 1..3" in capsys.readouterr().err
+    assert main(args[:2] + ["sparseformer_v1_nan"] + args[3:]) == 1
+    assert "did you mean" in capsys.readouterr().err
+    assert main(args + ["--checkpoint", str(tmp_path / "none.pth")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_checkpoint_labels_and_preprocessing_are_used(tmp_path, capsys):
+    model = create_model("sparseformer_v1_nano", num_classes=3).eval()
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([0.0, 0.0, 50.0]))  # always predicts class 2
+    names = ["ankle boot", "bag", "sneaker"]
+    ckpt = {
+        "model": model.state_dict(),
+        "epoch": 3,
+        "meta": {"class_names": names, "mean": [0.5] * 3, "std": [0.25] * 3, "img_size": 40},
+    }
+    path = tmp_path / "ckpt.pth"
+    torch.save(ckpt, path)
+    assert checkpoint_metadata(torch.load(path, weights_only=True)) == {
+        "class_names": names,
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.25, 0.25, 0.25),
+        "input_size": 40,
+    }
+    loaded, info = load_model_for_viz("sparseformer_v1_nano", path)
+    assert loaded.num_classes == 3 and not loaded.training
+    assert info.class_names == names and info.input_size == 40
+    out = tmp_path / "out"
+    argv = ["viz", "--model", "sparseformer_v1_nano", "--checkpoint", str(path), str(TENCH)]
+    assert main(argv + ["--out", str(out), "--tokens", "2", "--stages", "1", "3", "--no-gif"]) == 0
+    printed = capsys.readouterr().out
+    assert "sneaker (100.0%)" in printed and "mean RoI area per stage" in printed
+    assert (out / "tench_rois.png").exists() and not (out / "tench_stages.gif").exists()
+
+
+def test_imagenet_models_show_imagenet_names():
+    model, info = load_model_for_viz("sparseformer_v1_nano")
+    assert model.num_classes == 1000
+    assert info.class_names[0] == "tench" and len(info.class_names) == 1000
+
+
+def test_importing_visualize_does_not_import_matplotlib():
+    code = "import sys, sparseformer.visualize; print('matplotlib' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
