@@ -1,0 +1,54 @@
+"""``sparseformer export``: a model as ONNX with a dynamic batch, checked with onnxruntime.
+
+The graph takes normalised images (batch, 3, S, S) and returns logits. After writing, the
+file is run by onnxruntime at two batch sizes and the largest difference from PyTorch is
+printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a model to ONNX (dynamic batch)", description=__doc__)
+    p.add_argument("--model", required=True, help="SparseFormer name (see `sparseformer models`)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help="weights to load")
+    p.add_argument("--out", required=True, metavar="PATH", help="output .onnx file")
+    p.add_argument("--img-size", type=int, default=224, metavar="S", help="input size (224)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier width")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 16; default 18)")
+    p.add_argument(
+        "--check-batch-sizes",
+        type=int,
+        nargs="+",
+        default=[1, 3],
+        metavar="B",
+        help="batch sizes to compare PyTorch and onnxruntime at (default 1 3)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparseformer.cli import CliError
+    from sparseformer.export import ExportError, export_onnx, onnx_max_difference
+    from sparseformer.factory import create_model
+
+    if args.img_size < 4:
+        raise CliError(f"--img-size {args.img_size} is too small; use at least 4 pixels")
+    model = create_model(
+        args.model, checkpoint_path=args.checkpoint, num_classes=args.num_classes
+    ).eval()
+    try:
+        path = export_onnx(model, args.out, img_size=args.img_size, opset=args.opset)
+        generator = torch.Generator().manual_seed(0)
+        for batch in args.check_batch_sizes:
+            images = torch.randn(batch, 3, args.img_size, args.img_size, generator=generator)
+            diff = onnx_max_difference(path, model, images)
+            print(f"batch {batch}: max |onnxruntime - pytorch| = {diff:.2e}")
+    except ExportError as exc:
+        raise CliError(str(exc)) from None
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,122 @@
+"""ONNX export of image classifiers, checked against onnxruntime.
+
+The graph takes normalised images ``(batch, 3, S, S)`` (batch dynamic, S fixed at export) and
+returns logits ``(batch, classes)``. SparseFormer's bilinear sampling exports as ONNX
+``GridSample`` (opset >= 16); the coordinate-gradient clamp is an identity in inference and
+leaves no node. Uses the torch.export-based exporter (``onnxscript``) and ``onnxruntime``,
+installed by the ``export`` extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ExportError", "export_onnx", "onnx_max_difference"]
+
+log = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """Export not possible here (a missing package), said in one line."""
+
+
+def _require(module: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        raise ExportError(
+            f"ONNX export needs the {module!r} package: pip install 'sparseformer[export]'"
+        ) from None
+
+
+@contextmanager
+def _quiet_exporter():
+    """The exporter's graph passes log every rewrite at INFO; keep warnings only."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+class _Logits(nn.Module):
+    """``images -> logits`` with positional input only, as exporters expect."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    img_size: int = 224,
+    in_chans: int = 3,
+    opset: int = 18,
+) -> Path:
+    """Write ``model`` (eval mode, CPU, float32) as ONNX with a dynamic batch dimension.
+
+    Args:
+        model: takes ``(B, in_chans, img_size, img_size)`` and returns ``(B, classes)``.
+        path: output file; written to a temporary name, then renamed.
+        img_size: the fixed spatial size of the graph's input.
+        opset: ONNX opset (at least 16, for ``GridSample``).
+
+    Returns:
+        The written path.
+    """
+    for module in ("onnx", "onnxscript"):
+        _require(module)
+    if opset < 16:
+        raise ExportError(f"opset {opset} has no GridSample; use 16 or later")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.onnx")
+    wrapper = _Logits(model).eval().float().cpu()
+    # Batch 2 as the example, so that the exporter does not specialise a batch of 1.
+    example = torch.zeros(2, in_chans, img_size, img_size)
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad(), _quiet_exporter():
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamic_shapes={"images": {0: batch}},
+            input_names=["images"],
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+    program.save(str(tmp))
+    tmp.replace(path)
+    log.info(
+        "wrote %s (opset %d, input (batch, %d, %d, %d))", path, opset, in_chans, *[img_size] * 2
+    )
+    return path
+
+
+def onnx_max_difference(path: str | os.PathLike, model: nn.Module, images: Tensor) -> float:
+    """Largest absolute difference between onnxruntime's and PyTorch's logits on ``images``."""
+    _require("onnxruntime")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    onnx_logits = torch.from_numpy(session.run(None, {name: images.float().numpy()})[0])
+    model = model.eval().float().cpu()
+    with torch.inference_mode():
+        torch_logits = model(images.float())
+    return (onnx_logits - torch_logits).abs().max().item()

@@ -1,0 +1,80 @@
+"""ONNX export: onnxruntime matches PyTorch on real images at two batch sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from sparseformer import create_model
+from sparseformer.cli import main
+from sparseformer.registry import IMAGENET_MEAN, IMAGENET_STD
+
+from .conftest import DATA
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from sparseformer.export import export_onnx, onnx_max_difference  # noqa: E402
+
+SIZE = 64
+
+
+def tench_batch() -> torch.Tensor:
+    """Three real views of the shipped photo: whole, a corner crop, mirrored; normalised."""
+    image = Image.open(DATA / "tench.jpeg").convert("RGB")
+    w, h = image.size
+    views = [image, image.crop((0, 0, w // 2, h // 2)), TF.hflip(image)]
+    tensors = [
+        TF.normalize(
+            TF.to_tensor(TF.resize(v, [SIZE, SIZE], antialias=True)), IMAGENET_MEAN, IMAGENET_STD
+        )  # fmt: skip
+        for v in views
+    ]
+    return torch.stack(tensors)  # 3 x (3, S, S) -> (3, 3, S, S)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("sparseformer_v1_micro").eval()
+    with torch.no_grad():  # random, but not the zero-initialised offsets and RoI adjustments
+        for name, p in model.named_parameters():
+            if name.endswith(("offset_proj.weight", "roi_adjust.proj.weight")):
+                p.normal_(std=0.05)
+    path = export_onnx(model, tmp_path_factory.mktemp("onnx") / "micro.onnx", img_size=SIZE)
+    return model, path
+
+
+def test_onnx_matches_pytorch_on_real_images_at_two_batch_sizes(exported):
+    model, path = exported
+    images = tench_batch()
+    for batch in (images[:1], images):
+        assert onnx_max_difference(path, model, batch) <= 1e-4
+
+
+def test_onnx_graph_has_dynamic_batch_and_grid_sample(exported):
+    _, path = exported
+    graph = onnx.load(str(path)).graph
+    (images,) = graph.input
+    batch_dim = images.type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.HasField("dim_value")
+    assert "GridSample" in {node.op_type for node in graph.node}
+
+
+def test_export_cli_prints_differences(tmp_path, capsys):
+    out = tmp_path / "nano.onnx"
+    argv = ["export", "--model", "sparseformer_v1_nano", "--out", str(out), "--img-size", "32"]
+    assert main(argv + ["--check-batch-sizes", "1", "2"]) == 0
+    printed = capsys.readouterr().out
+    diffs = [float(line.rsplit("=", 1)[1]) for line in printed.splitlines() if "max |" in line]
+    assert len(diffs) == 2 and max(diffs) <= 1e-4
+    assert out.is_file()
+
+
+def test_export_cli_missing_checkpoint_is_one_line(tmp_path, capsys):
+    argv = ["export", "--model", "sparseformer_v1_nano", "--out", str(tmp_path / "x.onnx")]
+    assert main(argv + ["--checkpoint", str(tmp_path / "missing.pth")]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
