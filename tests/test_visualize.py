@@ -21,6 +21,7 @@ from sparseformer.visualize import (
     save_gif,
     stage_frames,
     top_tokens,
+    video_frame_images,
     visualize,
 )
 from sparseformer.viz_inputs import display_image, load_image, preprocess
@@ -225,3 +226,25 @@ def _synthetic_image_output() -> SparseFormerOutput:
         sampling_points=[points, points],
         initial_rois=rois,
     )
+
+
+def test_a_video_model_shows_each_replicate_on_its_frames(tmp_path):
+    """Replicate i of a fresh video model covers time [i/R, (i+1)/R]: frames 2i, 2i+1 of 8."""
+    model = create_model("video_sparseformer_v1_micro").eval()  # 16 tokens x 4 replicates
+    with torch.no_grad():
+        out = model.forward_with_details(torch.randn(1, 3, 8, 32, 32))
+    frames = torch.randint(0, 255, (8, 24, 40, 3), dtype=torch.uint8)
+    fig = plot_video_rois(frames, out, stage=1)
+    axes = [ax for ax in fig.axes if ax.get_images()]
+    assert len(axes) == 8
+    points = out.sampling_points[0][0]  # (64, 16, 3)
+    for f, ax in enumerate(axes):
+        replicate = f // 2
+        assert sorted(_rois_of(ax)) == list(range(16 * replicate, 16 * replicate + 16))
+        drawn = np.isfinite(_points_of(ax)[:, 0]).reshape(64, 16)
+        in_frame = (points[..., 2] * 8).floor() == f
+        assert drawn.tolist() == in_frame.tolist() and drawn.any()
+    images = video_frame_images(frames, out)
+    assert len(images) == 8
+    with Image.open(save_gif(images, tmp_path / "v.gif")) as gif:
+        assert gif.n_frames == 8

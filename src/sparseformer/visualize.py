@@ -39,7 +39,7 @@ from sparseformer.viz_draw import (
     top_tokens,
 )
 from sparseformer.viz_inputs import display_image, load_image, preprocess
-from sparseformer.viz_video import plot_video_rois
+from sparseformer.viz_video import plot_video_rois, video_frame_images
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -56,6 +56,7 @@ __all__ = [
     "plot_rois",
     "stage_frames",
     "plot_video_rois",
+    "video_frame_images",
     "save_figure",
     "save_gif",
     "visualize",

@@ -26,7 +26,7 @@ from sparseformer.viz_draw import (
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_video_rois"]
+__all__ = ["plot_video_rois", "video_frame_images", "frame_geometry"]
 
 
 def plot_video_rois(
@@ -64,35 +64,95 @@ def plot_video_rois(
     highlight_set = resolve_highlight(output, highlight, index)
     cols = min(len(shown), 4)
     rows = math.ceil(len(shown) / cols)
-    fig = Figure(figsize=(panel_inches * cols, rows * panel_inches * h / w + 0.6))
+    fig = Figure(figsize=(panel_inches * cols, rows * (panel_inches * h / w + 0.35) + 0.5))
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    lo, hi = np.minimum(rois6[:, :3], rois6[:, 3:]), np.maximum(rois6[:, :3], rois6[:, 3:])
     for ax, f in zip(axes, shown):
-        centre = (f + 0.5) / T
-        live = (lo[:, 2] <= centre) & (centre <= hi[:, 2])  # (N,) tokens whose span covers f
-        rois = np.concatenate([lo[:, :2], hi[:, :2]], axis=1)  # (N, 6) -> (N, 4) x1 y1 x2 y2
-        rois[~live] = np.nan  # keeps token indices; draw_panel skips nan boxes
-        pts = None
-        if points3 is not None:
-            in_frame = np.floor(points3[..., 2] * T) == f  # (N, P)
-            pts = np.where(in_frame[..., None], points3[..., :2], np.nan)  # (N, P, 2)
+        rois, pts = frame_geometry(rois6, points3, f, T)
         draw_panel(ax, video[f], rois, pts, colors, highlight_set, f"frame {f + 1}/{T}")
     for ax in axes[len(shown) :]:
         ax.set_axis_off()
-    name = {0: "initial RoIs", -1: "final RoIs"}.get(stage, f"stage {stage}")
     label = prediction_text(output.logits[index], class_names)
-    fig.suptitle(f"prediction: {label}; {name}", fontsize=10)
+    fig.suptitle(f"prediction: {label}; {_stage_name(stage)}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
+
+
+def frame_geometry(
+    rois6: np.ndarray, points3: np.ndarray | None, frame: int, num_frames: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The 2-D geometry to draw on one frame.
+
+    Args:
+        rois6: ``(N, 6)`` RoIs ``x1, y1, t1, x2, y2, t2``.
+        points3: ``(N, P, 3)`` points ``x, y, t``, or ``None``.
+        frame: frame index ``f`` in ``0..T-1``, covering time ``[f/T, (f+1)/T)``.
+
+    Returns:
+        ``(rois (N, 4), points (N, P, 2) or None)``; RoIs whose time span misses the frame's
+        centre and points outside its span are NaN (not drawn), so token indices are kept.
+    """
+    lo, hi = np.minimum(rois6[:, :3], rois6[:, 3:]), np.maximum(rois6[:, :3], rois6[:, 3:])
+    centre = (frame + 0.5) / num_frames
+    live = (lo[:, 2] <= centre) & (centre <= hi[:, 2])  # (N,) tokens whose span covers it
+    rois = np.concatenate([lo[:, :2], hi[:, :2]], axis=1)  # (N, 6) -> (N, 4) x1 y1 x2 y2
+    rois[~live] = np.nan
+    if points3 is None:
+        return rois, None
+    in_frame = np.floor(points3[..., 2] * num_frames) == frame  # (N, P)
+    return rois, np.where(in_frame[..., None], points3[..., :2], np.nan)  # (N, P, 2)
+
+
+def video_frame_images(
+    frames,
+    output: SparseFormerOutput,
+    *,
+    index: int = 0,
+    stage: int | None = None,
+    highlight: int | Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+    inches: float = 4.0,
+    dpi: int = 100,
+) -> list:
+    """One rendered PIL image per frame (for an animated GIF), as in :func:`plot_video_rois`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    video = _as_video(frames)
+    T, h, w = video.shape[:3]
+    if stage is None:
+        stage = len(output.sampling_points) or -1
+    rois6, points3 = _video_geometry(output, stage, index)
+    colors = token_colors(rois6.shape[0])
+    highlight_set = resolve_highlight(output, highlight, index)
+    label = prediction_text(output.logits[index], class_names)
+    images = []
+    for f in range(T):
+        fig = Figure(figsize=(inches, inches * h / w + 0.5), dpi=dpi)
+        canvas = FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        rois, pts = frame_geometry(rois6, points3, f, T)
+        draw_panel(ax, video[f], rois, pts, colors, highlight_set, f"frame {f + 1}/{T}")
+        fig.suptitle(f"prediction: {label}; {_stage_name(stage)}", fontsize=9)
+        fig.tight_layout()
+        canvas.draw()
+        images.append(Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy()))
+    return images
+
+
+def _stage_name(stage: int) -> str:
+    return {0: "initial RoIs", -1: "final RoIs"}.get(stage, f"stage {stage}")
 
 
 def _as_video(frames) -> np.ndarray:
     """``(T, H, W, 3)`` numpy from a tensor ``(3, T, H, W)`` / ``(T, H, W, 3)`` or an array."""
     if torch.is_tensor(frames):
-        frames = frames.detach().cpu().float()
+        frames = frames.detach().cpu()
         if frames.dim() == 4 and frames.shape[0] == 3 and frames.shape[-1] != 3:
             frames = frames.permute(1, 2, 3, 0)  # (3, T, H, W) -> (T, H, W, 3)
-        frames = frames.clamp(0, 1).numpy()
+        frames = (
+            frames.numpy() if frames.dtype == torch.uint8 else frames.float().clamp(0, 1).numpy()
+        )
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected video frames (T, H, W, 3), got shape {frames.shape}")
