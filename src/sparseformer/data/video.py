@@ -1,0 +1,365 @@
+"""Video data: decoding with PyAV, clip sampling, frame-consistent transforms, video folders.
+
+For the video SparseFormer (Gao et al., ICLR 2024, Sec. 5). A clip is a ``(3, T, H, W)`` float
+tensor, normalised like the image models' inputs. Sampling follows the common recipes:
+
+- ``dense``: T consecutive frames ``stride`` apart (SlowFast / Kinetics style); train takes a
+  random start, test ``num_clips`` evenly spaced starts;
+- ``uniform``: one frame from each of T equal segments (TSN style); train picks randomly in
+  each segment, test at segment centres (shifted per clip for several clips).
+
+Training crops and flips are drawn once per clip and applied to every frame. Testing takes
+``num_clips x num_crops`` views per video, whose scores the caller averages
+(:func:`sparseformer.engine.video.evaluate_views`). Unreadable or too-short videos are skipped
+when the folder is scanned and counted in :attr:`VideoFolder.skipped`; a video that fails to
+decode later is replaced by the next good one and counted, never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "VIDEO_EXTENSIONS",
+    "VideoReadError",
+    "VideoDataError",
+    "ClipSpec",
+    "probe_video",
+    "read_video",
+    "clip_indices",
+    "resize_frames",
+    "VideoFolder",
+]
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class VideoReadError(OSError):
+    """A video file that cannot be opened or decoded."""
+
+
+class VideoDataError(ValueError):
+    """A video data set that cannot be used as given; the message says what to do."""
+
+
+def _av():
+    try:
+        import av
+    except ImportError as exc:  # pragma: no cover - av is a dependency of the video extra
+        raise VideoDataError(
+            "video decoding needs PyAV: pip install 'sparseformer[video]' (or pip install av)"
+        ) from exc
+    return av
+
+
+def probe_video(path: str | Path) -> int:
+    """Number of frames of a video, from its header when it has one, else by decoding.
+
+    Raises:
+        VideoReadError: not a readable video (missing, empty, corrupt, no video stream).
+    """
+    av = _av()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            if stream.frames > 0:
+                return int(stream.frames)
+            return sum(1 for _ in container.decode(video=0))
+    except VideoReadError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
+        raise VideoReadError(f"{path}: {exc.__class__.__name__}: {str(exc)[:120]}") from exc
+
+
+def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor:
+    """Decode a video's frames as RGB.
+
+    Args:
+        path: a video file PyAV (FFmpeg) can read.
+        indices: frame numbers to return, in this order (repeats allowed); ``None`` for all.
+            Decoding stops after the largest index.
+
+    Returns:
+        ``(T, H, W, 3)`` uint8 frames.
+
+    Raises:
+        VideoReadError: unreadable file, or fewer frames than ``indices`` asks for.
+    """
+    av = _av()
+    wanted = None if indices is None else sorted(set(int(i) for i in indices))
+    last = None if wanted is None else wanted[-1]
+    frames: dict[int, np.ndarray] = {}
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"{path}: no video stream")
+            container.streams.video[0].thread_type = "AUTO"
+            for i, frame in enumerate(container.decode(video=0)):
+                if wanted is None or i in wanted:
+                    frames[i] = frame.to_ndarray(format="rgb24")
+                if last is not None and i >= last:
+                    break
+    except VideoReadError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
+        raise VideoReadError(f"{path}: {exc.__class__.__name__}: {str(exc)[:120]}") from exc
+    if not frames:
+        raise VideoReadError(f"{path}: no decodable frames")
+    order = range(len(frames)) if indices is None else [int(i) for i in indices]
+    missing = [i for i in order if i not in frames]
+    if missing:
+        raise VideoReadError(f"{path}: has {len(frames)} frames, frame {missing[0]} requested")
+    return torch.from_numpy(np.stack([frames[i] for i in order]))
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """How clips are taken from a video and preprocessed.
+
+    Attributes:
+        num_frames: frames T per clip.
+        sampling: ``"dense"`` (consecutive, ``stride`` apart) or ``"uniform"`` (one per segment).
+        stride: frame step of dense sampling.
+        size: output height and width S (square crops).
+        crop_pct: test resizes the short side to ``size / crop_pct`` before cropping.
+        scale: train random-resized-crop area range.
+        hflip: train horizontal-flip probability (0 for direction-sensitive tasks).
+        num_clips, num_crops: test views per video (crops along the long side: 1 or 3).
+        mean, std: normalisation.
+    """
+
+    num_frames: int = 8
+    sampling: Literal["dense", "uniform"] = "dense"
+    stride: int = 4
+    size: int = 224
+    crop_pct: float = 224 / 256
+    scale: tuple[float, float] = (0.25, 1.0)
+    hflip: float = 0.5
+    num_clips: int = 1
+    num_crops: int = 1
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.sampling not in ("dense", "uniform"):
+            raise VideoDataError(f"sampling must be 'dense' or 'uniform', got {self.sampling!r}")
+        if min(self.num_frames, self.stride, self.size, self.num_clips) <= 0:
+            raise VideoDataError(f"clip settings must be positive: {self}")
+        if self.num_crops not in (1, 3):
+            raise VideoDataError(f"num_crops must be 1 or 3, got {self.num_crops}")
+
+    @property
+    def min_frames(self) -> int:
+        """Shortest usable video: one dense clip's span, or T frames for uniform sampling."""
+        if self.sampling == "dense":
+            return (self.num_frames - 1) * self.stride + 1
+        return self.num_frames
+
+    @property
+    def num_views(self) -> int:
+        return self.num_clips * self.num_crops
+
+
+def clip_indices(
+    num_video_frames: int, spec: ClipSpec, *, train: bool, clip: int = 0, rng: random.Random
+) -> list[int]:
+    """Frame numbers of one clip.
+
+    Args:
+        num_video_frames: frames in the video (at least ``spec.min_frames``).
+        spec: the sampling settings.
+        train: random position (train) or the deterministic test position of view ``clip``.
+        clip: which of ``spec.num_clips`` test clips (ignored in training).
+        rng: source of randomness for training.
+
+    Returns:
+        ``T`` frame numbers, in temporal order.
+    """
+    n, T = num_video_frames, spec.num_frames
+    if n < spec.min_frames:
+        raise VideoDataError(f"a {n}-frame video is shorter than a clip ({spec.min_frames})")
+    if spec.sampling == "dense":
+        span = spec.min_frames
+        free = n - span
+        if train:
+            start = rng.randint(0, free)
+        else:  # evenly spaced, centred when there is one clip
+            start = round(free * (clip + 0.5) / spec.num_clips)
+        return [start + k * spec.stride for k in range(T)]
+    segment = n / T
+    if train:
+        return [min(int(segment * k + rng.random() * segment), n - 1) for k in range(T)]
+    offset = (clip + 0.5) / spec.num_clips
+    return [min(int(segment * (k + offset)), n - 1) for k in range(T)]
+
+
+def resize_frames(frames: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Resize ``(T, H, W, 3)`` uint8 frames: short side to ``size`` (int) or to ``(h, w)``.
+
+    Returns:
+        ``(T, 3, h, w)`` float frames in [0, 1] (bilinear, antialiased).
+    """
+    x = frames.permute(0, 3, 1, 2).float() / 255  # (T, H, W, 3) -> (T, 3, H, W)
+    H, W = x.shape[-2:]
+    if isinstance(size, int):
+        scale = size / min(H, W)
+        size = (max(size, round(H * scale)), max(size, round(W * scale)))
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def _normalize(x: Tensor, spec: ClipSpec) -> Tensor:
+    """``(T, 3, S, S)`` in [0, 1] -> normalised ``(3, T, S, S)``."""
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()  # (T, 3, S, S) -> (3, T, S, S)
+
+
+def train_transform(frames: Tensor, spec: ClipSpec, rng: random.Random) -> Tensor:
+    """One random resized crop and flip, the same for every frame. ``(T, H, W, 3)`` uint8 ->
+    ``(3, T, S, S)``."""
+    T, H, W, _ = frames.shape
+    area = H * W * rng.uniform(*spec.scale)
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    h = min(H, max(1, round(math.sqrt(area / ratio))))
+    w = min(W, max(1, round(math.sqrt(area * ratio))))
+    top, left = rng.randint(0, H - h), rng.randint(0, W - w)
+    x = resize_frames(frames[:, top : top + h, left : left + w], (spec.size, spec.size))
+    if rng.random() < spec.hflip:
+        x = x.flip(-1)
+    return _normalize(x, spec)
+
+
+def test_views(frames: Tensor, spec: ClipSpec) -> list[Tensor]:
+    """Resize the short side to ``size / crop_pct`` and take ``num_crops`` square crops
+    (centre, or start/centre/end of the long side). ``(T, H, W, 3)`` -> list of ``(3, T, S, S)``.
+    """
+    x = resize_frames(frames, round(spec.size / spec.crop_pct))
+    H, W = x.shape[-2:]
+    S = spec.size
+    if spec.num_crops == 1:
+        positions = [0.5]
+    else:
+        positions = [0.0, 0.5, 1.0]
+    views = []
+    for p in positions:
+        top = round((H - S) * (p if H > W else 0.5))
+        left = round((W - S) * (p if W >= H else 0.5))
+        views.append(_normalize(x[:, :, top : top + S, left : left + S], spec))
+    return views
+
+
+class VideoFolder(Dataset):
+    """Videos under ``root/CLASS/``, labelled by the sorted class-folder index.
+
+    Args:
+        root: the split folder (for example ``DIR/train``).
+        spec: clip sampling and preprocessing.
+        train: one random clip per item ``(3, T, S, S)``; else all test views stacked
+            ``(V, 3, T, S, S)`` with ``V = num_clips * num_crops``.
+        classes: class names to use (so that val follows train's order).
+        seed: base seed of the training randomness (per item and epoch-independent draws come
+            from Python's ``random`` seeded by the DataLoader worker).
+
+    Attributes:
+        samples: ``(path, label, num_frames)`` of the usable videos.
+        skipped: ``(path, reason)`` of unreadable and too-short videos.
+        failed_loads: videos that failed to decode after the scan (replaced by the next one).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        spec: ClipSpec,
+        *,
+        train: bool,
+        classes: list[str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.spec = spec
+        self.train = train
+        if not self.root.is_dir():
+            raise VideoDataError(
+                f"{str(self.root)!r} does not exist; a video folder has the layout "
+                "DIR/train/CLASS/*.mp4 and DIR/val/CLASS/*.mp4"
+            )
+        found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name[0] != ".")
+        if not found:
+            raise VideoDataError(
+                f"{str(self.root)!r} has no class folders; put each class's videos in its own "
+                f"sub-folder, e.g. {self.root / 'jumping'}/001.mp4"
+            )
+        if classes is not None and found != list(classes):
+            raise VideoDataError(
+                f"class folders of {str(self.root)!r} ({found}) differ from the training "
+                f"classes ({list(classes)}); train and val need the same class folders"
+            )
+        self.classes = found
+        self.samples: list[tuple[Path, int, int]] = []
+        self.skipped: list[tuple[str, str]] = []
+        self.failed_loads = 0
+        for label, name in enumerate(found):
+            files = sorted(
+                p for p in (self.root / name).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
+            )
+            for path in files:
+                try:
+                    n = probe_video(path)
+                except VideoReadError as exc:
+                    self.skipped.append((str(path), str(exc)))
+                    continue
+                if n < spec.min_frames:
+                    reason = f"too short: {n} frames, a clip needs {spec.min_frames}"
+                    self.skipped.append((str(path), reason))
+                    continue
+                self.samples.append((path, label, n))
+        for path, reason in self.skipped:
+            logger.warning("skipping video %s (%s)", path, reason)
+        if not self.samples:
+            raise VideoDataError(
+                f"no usable videos under {str(self.root)!r} ({len(self.skipped)} skipped; "
+                f"extensions {', '.join(VIDEO_EXTENSIONS)}; at least {spec.min_frames} frames)"
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> Tensor:
+        path, _, n = self.samples[index]
+        spec, rng = self.spec, random.Random(random.getrandbits(64))
+        if self.train:
+            frames = read_video(path, clip_indices(n, spec, train=True, rng=rng))
+            return train_transform(frames, spec, rng)
+        clips = [clip_indices(n, spec, train=False, clip=c, rng=rng) for c in range(spec.num_clips)]
+        frames = read_video(path, [i for c in clips for i in c])  # (num_clips*T, H, W, 3)
+        views = []
+        for c in range(spec.num_clips):
+            views += test_views(frames[c * spec.num_frames : (c + 1) * spec.num_frames], spec)
+        return torch.stack(views)  # V x (3, T, S, S) -> (V, 3, T, S, S)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            try:
+                return self._load(i), self.samples[i][1]
+            except VideoReadError as exc:
+                self.failed_loads += 1
+                logger.warning("could not decode %s (%s); using the next video", i, exc)
+        raise VideoDataError(f"no video under {str(self.root)!r} could be decoded")

@@ -1,0 +1,191 @@
+"""Video data: real-clip decoding, clip sampling, consistent augmentation, bad videos, views."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from sparseformer.data.arrow_of_time import ArrowOfTimeClips, ArrowOfTimeSpec, split_windows
+from sparseformer.data.video import (
+    ClipSpec,
+    VideoDataError,
+    VideoFolder,
+    VideoReadError,
+    clip_indices,
+    probe_video,
+    read_video,
+    train_transform,
+)
+from sparseformer.engine.video import evaluate_views, view_scores
+
+from .conftest import DATA
+
+av = pytest.importorskip("av")
+REAL_CLIP = DATA / "carphone-16f.mp4"
+
+
+def write_clip(path, frames: np.ndarray, codec: str = "mpeg4") -> None:
+    """Encode ``(T, H, W, 3)`` uint8 frames with PyAV."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for a in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def moving_square(T: int, size: int = 32) -> np.ndarray:
+    """A white 8x8 square moving 2 pixels right per frame on black."""
+    frames = np.zeros((T, size, size, 3), np.uint8)
+    for t in range(T):
+        frames[t, 12:20, 2 * t : 2 * t + 8] = 255
+    return frames
+
+
+def test_decodes_a_real_h264_clip():
+    assert probe_video(REAL_CLIP) == 16
+    frames = read_video(REAL_CLIP)
+    assert frames.shape == (16, 144, 176, 3) and frames.dtype == torch.uint8
+    # real footage: frames differ, and are not flat
+    assert frames.float().std() > 20
+    assert (frames[15].float() - frames[0].float()).abs().mean() > 1
+    picked = read_video(REAL_CLIP, [6, 2, 2])
+    assert torch.equal(picked[0], frames[6]) and torch.equal(picked[1], frames[2])
+    with pytest.raises(VideoReadError, match="frame 40"):
+        read_video(REAL_CLIP, [0, 40])
+
+
+def test_decoded_frames_follow_the_motion(tmp_path):
+    path = tmp_path / "square.mp4"
+    write_clip(path, moving_square(8))
+    frames = read_video(path).float().mean(-1)  # (T, H, W)
+    column_mass = frames[:, 12:20].mean(1)  # (T, W)
+    centre = (column_mass * torch.arange(32)).sum(-1) / column_mass.sum(-1)
+    torch.testing.assert_close(centre, 3.5 + 2 * torch.arange(8.0), atol=0.5, rtol=0)
+
+
+@pytest.mark.parametrize("sampling", ["dense", "uniform"])
+def test_clip_indices(sampling):
+    spec = ClipSpec(num_frames=4, sampling=sampling, stride=3, num_clips=3)
+    rng = random.Random(0)
+    for _ in range(20):
+        idx = clip_indices(30, spec, train=True, rng=rng)
+        assert len(idx) == 4 and idx == sorted(idx) and 0 <= idx[0] and idx[-1] < 30
+        if sampling == "dense":
+            assert np.diff(idx).tolist() == [3, 3, 3]
+    tests = [clip_indices(30, spec, train=False, clip=c, rng=rng) for c in range(3)]
+    assert tests[0][0] < tests[1][0] < tests[2][0]  # evenly spread test clips
+    assert tests == [clip_indices(30, spec, train=False, clip=c, rng=rng) for c in range(3)]
+    with pytest.raises(VideoDataError, match="shorter"):
+        clip_indices(spec.min_frames - 1, spec, train=True, rng=rng)
+
+
+def test_train_augmentation_is_the_same_for_every_frame():
+    frame = torch.randint(0, 255, (1, 40, 56, 3), dtype=torch.uint8)
+    clip = train_transform(frame.expand(6, -1, -1, -1), ClipSpec(size=24), random.Random(3))
+    assert clip.shape == (3, 6, 24, 24)
+    for t in range(1, 6):
+        torch.testing.assert_close(clip[:, t], clip[:, 0])
+    # and it is random across clips
+    other = train_transform(frame.expand(6, -1, -1, -1), ClipSpec(size=24), random.Random(4))
+    assert not torch.allclose(other, clip)
+
+
+def make_folder(root, bad: bool = True):
+    for split in ("train", "val"):
+        for label, shift in (("left", -1), ("right", 1)):
+            d = root / split / label
+            d.mkdir(parents=True)
+            for k in range(2):
+                frames = moving_square(10)
+                write_clip(d / f"{k}.mp4", frames if shift > 0 else frames[::-1].copy())
+    if bad:
+        d = root / "train" / "left"
+        (d / "empty.mp4").write_bytes(b"")
+        (d / "notes.mp4").write_text("not a video at all\n")
+        good = (d / "0.mp4").read_bytes()
+        (d / "truncated.mp4").write_bytes(good[: len(good) // 3])
+        write_clip(d / "short.mp4", moving_square(3))
+        (d / "readme.txt").write_text("ignored: not a video extension")
+
+
+def test_video_folder_skips_and_counts_bad_videos(tmp_path, caplog):
+    make_folder(tmp_path)
+    spec = ClipSpec(num_frames=4, stride=2, size=16, crop_pct=1.0)
+    with caplog.at_level("WARNING"):
+        train = VideoFolder(tmp_path / "train", spec, train=True)
+    assert train.classes == ["left", "right"] and len(train) == 4
+    skipped = {p.rsplit("/", 1)[-1]: reason for p, reason in train.skipped}
+    assert set(skipped) == {"empty.mp4", "notes.mp4", "truncated.mp4", "short.mp4"}
+    assert "too short: 3 frames" in skipped["short.mp4"]
+    clip, label = train[0]
+    assert clip.shape == (3, 4, 16, 16) and label == 0 and torch.isfinite(clip).all()
+
+
+def test_a_video_that_breaks_after_the_scan_is_replaced_and_counted(tmp_path):
+    make_folder(tmp_path, bad=False)
+    train = VideoFolder(tmp_path / "train", ClipSpec(num_frames=4, stride=2, size=16), train=True)
+    train.samples[0][0].write_bytes(b"gone")
+    clip, label = train[0]
+    assert train.failed_loads == 1 and clip.shape == (3, 4, 16, 16)
+    assert label == train.samples[1][1]
+
+
+def test_video_folder_errors_are_one_line_and_helpful(tmp_path):
+    with pytest.raises(VideoDataError, match="does not exist"):
+        VideoFolder(tmp_path / "nope", ClipSpec(), train=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VideoDataError, match="no class folders"):
+        VideoFolder(tmp_path / "empty", ClipSpec(), train=True)
+    (tmp_path / "bad" / "a").mkdir(parents=True)
+    (tmp_path / "bad" / "a" / "x.mp4").write_text("junk")
+    with pytest.raises(VideoDataError, match="no usable videos"):
+        VideoFolder(tmp_path / "bad", ClipSpec(), train=True)
+
+
+def test_multi_view_testing_averages_scores(tmp_path):
+    make_folder(tmp_path, bad=False)
+    spec = ClipSpec(num_frames=4, stride=2, size=16, num_clips=2, num_crops=3)
+    val = VideoFolder(tmp_path / "val", spec, train=False, classes=["left", "right"])
+    views, label = val[0]
+    assert views.shape == (6, 3, 4, 16, 16)
+
+    class Direction(torch.nn.Module):
+        """Scores 'right' by where the bright mass moves from the first to the last frame."""
+
+        def forward(self, x):
+            mass = x.mean(dim=(1, 3))  # (B, 3, T, H, W) -> (B, T, W)
+            pos = (mass.softmax(-1) * torch.arange(x.shape[-1])).sum(-1)  # (B, T)
+            shift = pos[:, -1] - pos[:, 0]
+            return torch.stack([-shift, shift], dim=-1)
+
+    probs = view_scores(Direction(), views.unsqueeze(0))
+    assert probs.shape == (1, 2) and torch.allclose(probs.sum(-1), torch.ones(1))
+    loader = torch.utils.data.DataLoader(val, batch_size=2)
+    assert evaluate_views(Direction(), loader)["acc1"] == 100.0
+
+
+def test_arrow_of_time_split_is_disjoint_and_labels_are_directions():
+    spec = ArrowOfTimeSpec(num_frames=4, stride=2, frame_size=12, size=8, segment=10)
+    train, test = split_windows([45, 33], spec)
+
+    def frames(windows):
+        return {(v, s + k) for v, s in windows for k in range(spec.span)}
+
+    assert train and test and not frames(train) & frames(test)
+    ramp = torch.arange(45.0).view(45, 1, 1, 1).expand(45, 3, 12, 12) / 45
+    footage = [ramp, ramp[:33]]
+    ds = ArrowOfTimeClips(footage, test, spec, train=False)
+    fwd, y0 = ds[0]
+    bwd, y1 = ds[1]
+    assert (y0, y1) == (0, 1) and fwd.shape == (3, 4, 8, 8)
+    torch.testing.assert_close(bwd, fwd.flip(1))
+    shuffled = ArrowOfTimeClips(footage, test, spec, train=False, order="shuffled")
+    s0, label = shuffled[0]
+    assert label == 0 and not torch.equal(s0, fwd)
+    torch.testing.assert_close(s0[0, :, 0, 0].sort().values, fwd[0, :, 0, 0])
