@@ -13,17 +13,20 @@ statistics in :mod:`sparseformer.roi_stats`; this module re-exports their public
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from sparseformer.models.outputs import SparseFormerOutput
+from sparseformer.registry import IMAGENET_MEAN, IMAGENET_STD
 from sparseformer.roi_stats import roi_iou_matrix, roi_statistics, sampling_roi_indices
 from sparseformer.viz_draw import (
     as_image,
@@ -38,7 +41,7 @@ from sparseformer.viz_draw import (
     token_colors,
     top_tokens,
 )
-from sparseformer.viz_inputs import display_image, load_image, preprocess
+from sparseformer.viz_inputs import ModelInfo, display_image, load_image, preprocess
 from sparseformer.viz_video import plot_video_rois, video_frame_images
 
 if TYPE_CHECKING:
@@ -60,6 +63,10 @@ __all__ = [
     "save_figure",
     "save_gif",
     "visualize",
+    "run_details",
+    "Pictures",
+    "write_pictures",
+    "write_video_pictures",
 ]
 
 logger = logging.getLogger(__name__)
@@ -183,6 +190,23 @@ def save_gif(frames: Sequence, path: str | os.PathLike, duration_ms: int = 800) 
     return path
 
 
+def run_details(model: nn.Module, x: Tensor) -> SparseFormerOutput:
+    """``model.forward_with_details(x)`` in eval mode and inference mode, on the model's device.
+
+    The model's training flag is restored afterwards.
+    """
+    param = next(model.parameters(), None)
+    if param is not None:
+        x = x.to(param.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return model.forward_with_details(x)
+    finally:
+        model.train(was_training)
+
+
 def visualize(
     model: nn.Module,
     image: str | os.PathLike,
@@ -203,20 +227,123 @@ def visualize(
         mean, std: normalisation (default ImageNet's).
         **plot_kwargs: passed to :func:`plot_rois` (``stages``, ``highlight``, ...).
     """
-    from sparseformer.registry import IMAGENET_MEAN, IMAGENET_STD
-
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = img_size or int(cfg.get("input_size", (3, 224, 224))[-1])
     img = load_image(image, max_side=4 * size)
     x = preprocess(img, size, mean or IMAGENET_MEAN, std or IMAGENET_STD)
-    param = next(model.parameters(), None)
-    if param is not None:
-        x = x.to(param.device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            output = model.forward_with_details(x)
-    finally:
-        model.train(was_training)
+    output = run_details(model, x)
     return plot_rois(display_image(img), output, class_names=class_names, **plot_kwargs)
+
+
+@dataclass
+class Pictures:
+    """What :func:`write_pictures` produced for one input.
+
+    Attributes:
+        label: the predicted label with its probability.
+        stats: :func:`roi_statistics` of the input.
+        files: the files written (PNG, GIF, JSON statistics).
+    """
+
+    label: str
+    stats: dict[str, float]
+    files: list[Path] = field(default_factory=list)
+
+
+def write_pictures(
+    model: nn.Module,
+    image,
+    out_dir: str | os.PathLike,
+    stem: str,
+    *,
+    info: ModelInfo | None = None,
+    stages: Sequence[int] | None = None,
+    highlight: int | Sequence[int] | None = None,
+    gif: bool = True,
+) -> Pictures:
+    """Run an image model on one RGB image and write its pictures and statistics.
+
+    Writes ``{stem}_rois.png`` (stages side by side), ``{stem}_stages.gif`` (unless
+    ``gif=False``) and ``{stem}_roi_stats.json`` into ``out_dir``.
+
+    Args:
+        model: an image SparseFormer.
+        image: an RGB PIL image (see :func:`~sparseformer.viz_inputs.load_image`).
+        info: input size, mean/std and class names (default: 224, ImageNet, indices).
+        stages, highlight: as for :func:`plot_rois`.
+
+    Raises:
+        ValueError: a stage the model does not have.
+    """
+    info = info or ModelInfo()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = run_details(model, preprocess(image, info.input_size, info.mean, info.std))
+    shown = display_image(image)
+    kwargs = {"stages": stages, "highlight": highlight, "class_names": info.class_names}
+    fig = plot_rois(shown, output, **kwargs)
+    result = Pictures(prediction_text(output.logits[0], info.class_names), roi_statistics(output))
+    result.files.append(save_figure(fig, out_dir / f"{stem}_rois.png"))
+    if gif:
+        frames = stage_frames(shown, output, **kwargs)
+        result.files.append(save_gif(frames, out_dir / f"{stem}_stages.gif"))
+    result.files.append(_save_json(result.stats, out_dir / f"{stem}_roi_stats.json"))
+    return result
+
+
+def write_video_pictures(
+    model: nn.Module,
+    frames: Tensor,
+    out_dir: str | os.PathLike,
+    stem: str,
+    *,
+    info: ModelInfo | None = None,
+    stages: Sequence[int] | None = None,
+    highlight: int | Sequence[int] | None = None,
+    gif: bool = True,
+) -> Pictures:
+    """Run a video model on one clip and write its RoIs on every frame.
+
+    Writes ``{stem}_frames.png`` for the last sampling stage (``{stem}_stage{k}_frames.png``
+    for each of ``stages`` when given), ``{stem}_frames.gif`` (one GIF frame per clip frame)
+    and ``{stem}_roi_stats.json``.
+
+    Args:
+        frames: ``(T, H, W, 3)`` uint8 frames, the clip the model sees.
+    """
+    import torch.nn.functional as F
+
+    info = info or ModelInfo()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clip = frames.permute(0, 3, 1, 2).float() / 255  # (T, H, W, 3) -> (T, 3, H, W)
+    size = (info.input_size, info.input_size)
+    x = F.interpolate(clip, size=size, mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(info.mean).view(1, 3, 1, 1)
+    std = torch.tensor(info.std).view(1, 3, 1, 1)
+    x = ((x - mean) / std).permute(1, 0, 2, 3).unsqueeze(0)  # (T, 3, S, S) -> (1, 3, T, S, S)
+    output = run_details(model, x)
+    H, W = clip.shape[-2:]
+    scale = min(1.0, 320 / max(H, W))
+    shown = F.interpolate(
+        clip, size=(max(1, round(H * scale)), max(1, round(W * scale))), mode="area"
+    ).permute(0, 2, 3, 1)  # (T, 3, h, w) -> (T, h, w, 3)
+    result = Pictures(prediction_text(output.logits[0], info.class_names), roi_statistics(output))
+    kwargs = {"highlight": highlight, "class_names": info.class_names}
+    for stage in stages or [None]:
+        name = f"{stem}_frames.png" if stage is None else f"{stem}_stage{stage}_frames.png"
+        fig = plot_video_rois(shown, output, stage=stage, **kwargs)
+        result.files.append(save_figure(fig, out_dir / name))
+    if gif:
+        last = stages[-1] if stages else None
+        images = video_frame_images(shown, output, stage=last, **kwargs)
+        result.files.append(save_gif(images, out_dir / f"{stem}_frames.gif", duration_ms=400))
+    result.files.append(_save_json(result.stats, out_dir / f"{stem}_roi_stats.json"))
+    return result
+
+
+def _save_json(obj: dict, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path

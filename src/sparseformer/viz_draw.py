@@ -72,7 +72,10 @@ def stage_geometry(
     if stage == -1:
         return _np(output.rois[-1][index]), None
     if not 1 <= stage <= num_steps:
-        raise ValueError(f"stage {stage} does not exist: the model samples {num_steps} times")
+        raise ValueError(
+            f"stage {stage} does not exist: this model has sampling stages 1..{num_steps} "
+            "(0: initial RoIs, -1: final RoIs)"
+        )
     j = sampling_roi_indices(output)[stage - 1]
     return _np(output.rois[j][index]), _np(output.sampling_points[stage - 1][index])
 

@@ -1,14 +1,14 @@
-"""``sparseformer viz``: draw where a model's tokens look on your images.
+"""``sparseformer viz``: draw where a model's tokens look on your images (or videos).
 
 For each image: ``NAME_rois.png`` (RoIs and sampling points after each sampling stage, side by
 side, with the predicted label and the RoI statistics), ``NAME_stages.gif`` (the same stages as
-an animation) and ``NAME_roi_stats.json``.
+an animation) and ``NAME_roi_stats.json``. With a video model, each input is a video file:
+``NAME_frames.png`` shows the RoIs on each frame of the clip and ``NAME_frames.gif`` plays them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -16,7 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "viz", help="draw RoIs and sampling points of a model on images", description=__doc__
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format)")
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files (any PIL format); video files for a video model",
+    )
     p.add_argument("--model", required=True, help="model name (see `sparseformer models`)")
     p.add_argument("--checkpoint", default=None, help="weights file (official or ours)")
     p.add_argument("--out", required=True, help="output directory (created if needed)")
@@ -53,74 +58,55 @@ def run(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.images]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise CliError(f"image(s) not found: {', '.join(missing)}")
+        raise CliError(f"file(s) not found: {', '.join(missing)}")
     if args.tokens is not None and args.tokens < 1:
         raise CliError("--tokens must be a positive number of tokens to highlight")
     if args.img_size is not None and args.img_size < 8:
         raise CliError("--img-size must be at least 8 pixels")
 
+    import dataclasses
+
     import torch
 
-    from sparseformer.visualize import (
-        format_statistics,
-        plot_rois,
-        prediction_text,
-        roi_statistics,
-        save_figure,
-        save_gif,
-        stage_frames,
-    )
-    from sparseformer.viz_inputs import display_image, load_image, load_model_for_viz, preprocess
+    from sparseformer.visualize import format_statistics, write_pictures, write_video_pictures
+    from sparseformer.viz_inputs import load_image, load_model_for_viz
 
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
         raise CliError(f"unknown --device {args.device!r} ({exc})") from exc
     model, info = load_model_for_viz(args.model, args.checkpoint)
-    if getattr(model, "roi_dims", 2) != 2:
-        raise CliError(f"{args.model} is a video model; `sparseformer viz` draws image models")
     model.to(device)
-    size = args.img_size or info.input_size
-
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.img_size:
+        info = dataclasses.replace(info, input_size=args.img_size)
+    video = getattr(model, "roi_dims", 2) == 3
+    options = {"stages": args.stages, "highlight": args.tokens, "gif": not args.no_gif}
     used: set[str] = set()
     for path in paths:
-        try:
-            img = load_image(path, max_side=4 * size)
-        except ValueError as exc:
-            raise CliError(str(exc)) from exc
-        x = preprocess(img, size, info.mean, info.std).to(device)
-        with torch.inference_mode():
-            output = model.forward_with_details(x)
-        num_steps = len(output.sampling_points)
-        for stage in args.stages or []:
-            if stage not in (0, -1) and not 1 <= stage <= num_steps:
-                raise CliError(f"--stages {stage}: {args.model} has sampling stages 1..{num_steps}")
         stem = _unique_stem(path, used)
-        shown = display_image(img)
-        fig = plot_rois(
-            shown,
-            output,
-            stages=args.stages,
-            highlight=args.tokens,
-            class_names=info.class_names,
-        )
-        png = save_figure(fig, out_dir / f"{stem}_rois.png")
-        stats = roi_statistics(output)
-        (out_dir / f"{stem}_roi_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
-        print(f"{path}: {prediction_text(output.logits[0], info.class_names)} -> {png}")
-        if not args.no_gif:
-            frames = stage_frames(
-                shown,
-                output,
-                stages=args.stages,
-                highlight=args.tokens,
-                class_names=info.class_names,
-            )
-            print(f"  {save_gif(frames, out_dir / f'{stem}_stages.gif')}")
-        print("  " + format_statistics(stats).replace("\n", "\n  "))
+        try:
+            if video:
+                frames = _read_clip(path, model.config.num_frames)
+                result = write_video_pictures(model, frames, args.out, stem, info=info, **options)
+            else:
+                img = load_image(path, max_side=4 * info.input_size)
+                result = write_pictures(model, img, args.out, stem, info=info, **options)
+        except (ValueError, OSError) as exc:  # unreadable input, a stage the model lacks
+            raise CliError(str(exc)) from exc
+        print(f"{path}: {result.label}")
+        for file in result.files:
+            print(f"  wrote {file}")
+        print("  " + format_statistics(result.stats).replace("\n", "\n  "))
     return 0
+
+
+def _read_clip(path: Path, num_frames: int):
+    """``num_frames`` frames at the centres of equal segments of the video: ``(T, H, W, 3)``."""
+    from sparseformer.data.video import probe_video, read_video
+
+    total = probe_video(path)
+    indices = [min(total - 1, int((i + 0.5) * total / num_frames)) for i in range(num_frames)]
+    return read_video(path, indices)
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:
