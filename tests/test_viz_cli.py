@@ -160,3 +160,22 @@ def test_importing_visualize_does_not_import_matplotlib():
     code = "import sys, sparseformer.visualize; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_video_model_draws_rois_on_the_frames_of_a_real_clip(tmp_path, capsys):
+    pytest.importorskip("av")
+    clip = DATA / "carphone-16f.mp4"
+    out = tmp_path / "out"
+    argv = ["viz", "--model", "video_sparseformer_v1_micro", str(clip), "--out", str(out)]
+    assert main(argv + ["--img-size", "32", "--tokens", "3"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    with Image.open(out / "carphone-16f_frames.gif") as gif:
+        assert gif.n_frames == 8  # the model's clip length
+    stats = json.loads((out / "carphone-16f_roi_stats.json").read_text())
+    assert stats["roi/area_final"] == pytest.approx(0.25 * 0.25)  # half boxes x quarter clips
+    assert (out / "carphone-16f_frames.png").stat().st_size > 1000
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("not a video")
+    assert main(["viz", "--model", "video_sparseformer_v1_micro", str(bad), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and len(err.splitlines()) == 1
