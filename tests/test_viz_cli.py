@@ -179,3 +179,32 @@ def test_video_model_draws_rois_on_the_frames_of_a_real_clip(tmp_path, capsys):
     assert main(["viz", "--model", "video_sparseformer_v1_micro", str(bad), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert str(bad) in err and len(err.splitlines()) == 1
+
+
+def test_a_training_checkpoint_names_its_model_classes_and_preprocessing(tmp_path, capsys):
+    """The layout `sparseformer train` writes: model_name, class_names, preprocessing at the top."""
+    model = create_model("sparseformer_v1_nano", num_classes=2).eval()
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([30.0, 0.0]))
+    ckpt = {
+        "model_name": "sparseformer_v1_nano",
+        "num_classes": 2,
+        "class_names": ["T-shirt/top", "trouser"],
+        "preprocessing": {"img_size": 36, "mean": [0.3] * 3, "std": [0.3] * 3, "crop_pct": 1.0},
+        "model": model.state_dict(),
+        "model_ema": None,
+        "step": 10,
+    }
+    path = tmp_path / "last.pt"
+    torch.save(ckpt, path)
+    loaded, info = load_model_for_viz(None, path)
+    assert loaded.num_classes == 2 and info.input_size == 36 and info.mean == (0.3, 0.3, 0.3)
+    out = tmp_path / "out"
+    assert main(["viz", "--checkpoint", str(path), str(TENCH), "--out", str(out), "--no-gif"]) == 0
+    assert "T-shirt/top (100.0%)" in capsys.readouterr().out
+    argv = ["viz", "--model", "sparseformer_v1_micro", "--checkpoint", str(path), str(TENCH)]
+    assert main(argv + ["--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint of 'sparseformer_v1_nano'" in err and "--model sparseformer_v1_nano" in err
+    assert main(["viz", str(TENCH), "--out", str(out)]) == 1
+    assert "pass --model NAME" in capsys.readouterr().err

@@ -164,7 +164,16 @@ def imagenet_class_names() -> list[str]:
     return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
 
 
-_META_CONTAINERS = ("meta", "metadata", "data", "data_config", "config", "train_config", "args")
+_META_CONTAINERS = (
+    "preprocessing",  # sparseformer train's checkpoints
+    "meta",
+    "metadata",
+    "data",
+    "data_config",
+    "config",
+    "train_config",
+    "args",
+)
 
 
 def checkpoint_metadata(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
@@ -218,25 +227,43 @@ def _is_float_seq(value: object, length: int | None) -> bool:
 
 
 def load_model_for_viz(
-    name: str, checkpoint: str | os.PathLike | None = None
+    name: str | None, checkpoint: str | os.PathLike | None = None
 ) -> tuple[nn.Module, ModelInfo]:
-    """Build ``name`` (with weights from ``checkpoint`` when given) in eval mode, with its info.
+    """Build a model (with weights from ``checkpoint`` when given) in eval mode, with its info.
 
     The classifier size is taken from the checkpoint, so a model fine-tuned on 10 classes keeps
     its own classifier instead of a fresh one. Label names: the checkpoint's stored class names,
     else ImageNet's for 1000 classes, else none.
+
+    Args:
+        name: a registered model name; ``None`` takes the name a ``sparseformer train``
+            checkpoint stores (``model_name``).
+        checkpoint: a weights file (ours or either official layout).
+
+    Raises:
+        ValueError: no name given and none stored, or a checkpoint trained as another model.
     """
     from sparseformer.convert import convert_state_dict, unwrap_checkpoint
     from sparseformer.factory import create_model, get_model_spec, load_checkpoint, read_checkpoint
 
+    ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
+    trained_as = ckpt.get("model_name") if isinstance(ckpt, Mapping) else None
+    if name is None:
+        if not isinstance(trained_as, str):
+            raise ValueError("which model? pass --model NAME (see `sparseformer models`)")
+        name = trained_as
+    elif isinstance(trained_as, str) and trained_as != name:
+        raise ValueError(
+            f"{str(checkpoint)!r} is a checkpoint of {trained_as!r}, not {name!r}; "
+            f"pass --model {trained_as}"
+        )
     spec = get_model_spec(name)
     info = ModelInfo()
     if spec.weights is not None:
         info = ModelInfo(spec.weights.input_size[-1], spec.weights.mean, spec.weights.std)
-    if checkpoint is None:
+    if ckpt is None:
         model = create_model(name)
     else:
-        ckpt = read_checkpoint(checkpoint)
         state, _ = unwrap_checkpoint(ckpt)
         converted, _ = convert_state_dict(state)
         head = converted.get("head.weight")

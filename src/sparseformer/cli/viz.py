@@ -22,7 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="IMAGE",
         help="image files (any PIL format); video files for a video model",
     )
-    p.add_argument("--model", required=True, help="model name (see `sparseformer models`)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model name (see `sparseformer models`); default: the one a checkpoint of "
+        "`sparseformer train` names",
+    )
     p.add_argument("--checkpoint", default=None, help="weights file (official or ours)")
     p.add_argument("--out", required=True, help="output directory (created if needed)")
     p.add_argument(
@@ -75,7 +80,14 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device(args.device)
     except RuntimeError as exc:
         raise CliError(f"unknown --device {args.device!r} ({exc})") from exc
-    model, info = load_model_for_viz(args.model, args.checkpoint)
+    if args.model is None and args.checkpoint is None:
+        raise CliError("pass --model NAME (and --checkpoint PATH for trained weights)")
+    try:
+        model, info = load_model_for_viz(args.model, args.checkpoint)
+    except ValueError as exc:  # CheckpointError and UnknownModelError print as they are
+        if type(exc) is not ValueError:
+            raise
+        raise CliError(str(exc)) from exc
     model.to(device)
     if args.img_size:
         info = dataclasses.replace(info, input_size=args.img_size)
