@@ -1,9 +1,9 @@
-"""``sparseformer viz``: draw where a model's tokens look on your images (or videos).
+"""sparseformer viz: draw where a model's tokens look on your images (or videos).
 
-For each image: ``NAME_rois.png`` (RoIs and sampling points after each sampling stage, side by
-side, with the predicted label and the RoI statistics), ``NAME_stages.gif`` (the same stages as
-an animation) and ``NAME_roi_stats.json``. With a video model, each input is a video file:
-``NAME_frames.png`` shows the RoIs on each frame of the clip and ``NAME_frames.gif`` plays them.
+For each image: NAME_rois.png (RoIs and sampling points after each sampling stage, side by side,
+with the predicted label and the RoI statistics), NAME_stages.gif (the same stages as an
+animation) and NAME_roi_stats.json. With a video model, each input is a video file:
+NAME_frames.png shows the RoIs on each frame of the clip and NAME_frames.gif plays them.
 """
 
 from __future__ import annotations
