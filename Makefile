@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup data demo test lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,10 +15,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-demo: setup
+# Fashion-MNIST for the demo and the training tests: the Debian package where apt exists (CI and
+# this machine run as root); elsewhere torchvision downloads it on first use when online.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+data:
+	@test -d $(FASHION_MNIST) || ! command -v apt-get >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; } || \
+		echo "could not install dataset-fashion-mnist; it will be downloaded when online"
+
+demo: setup data
 	$(BIN)/sparseformer demo
 
-test: setup
+test: setup data
 	$(BIN)/python -m pytest -q
 
 lint: setup

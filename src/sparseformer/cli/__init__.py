@@ -14,7 +14,10 @@ import sys
 __all__ = ["main", "COMMANDS"]
 
 # module name under sparseformer.cli, in the order --help lists them
-COMMANDS = ("models", "info", "convert", "demo", "bench", "viz", "export")
+COMMANDS = (
+    *("models", "info", "convert", "train", "eval", "predict"),
+    *("demo", "bench", "viz", "export"),
+)
 
 
 class CliError(Exception):

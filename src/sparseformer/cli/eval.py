@@ -1,0 +1,117 @@
+"""``sparseformer eval``: top-1 / top-5 accuracy and loss of a checkpoint on a validation set.
+
+The checkpoint may be one of ours (``last.pt`` / ``best.pt``; its preprocessing is reused) or
+an official SparseFormer release in either layout (ImageNet release or library v2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from sparseformer.cli.train import add_data_arguments
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint: top-1/top-5 and loss",
+        description=__doc__,
+        epilog="example:\n  sparseformer eval --model sparseformer_v1_micro --checkpoint "
+        "runs/demo/best.pt --dataset fashion-mnist",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="the model the checkpoint belongs to")
+    p.add_argument("--checkpoint", type=Path, required=True, help="ours or an official release")
+    add_data_arguments(p)
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
+    p.add_argument("--img-size", type=int, help="input size (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparseformer.cli import CliError
+    from sparseformer.cli.train import data_source
+    from sparseformer.data import DataError, Preprocessing, build_datasets, dataset_defaults
+    from sparseformer.data.loader import build_eval_loader
+    from sparseformer.engine import session
+    from sparseformer.engine.distributed import DistInfo
+    from sparseformer.engine.loop import BatchPrep, evaluate
+    from sparseformer.engine.modeling import build_model
+    from sparseformer.engine.trainer import TrainingError, amp_dtype_for
+
+    try:
+        device = session.pick_device(args.device)
+        source = data_source(args)
+        amp = amp_dtype_for(args.precision, device)
+    except (DataError, ValueError, TrainingError) as exc:
+        raise CliError(str(exc)) from exc
+    build_model(args.model, 1)  # an unknown name fails before any data is read
+    session.set_threads(None, DistInfo())
+    # preprocessing: the checkpoint's own, else the data set's, else the released weights'
+    from sparseformer.factory import read_checkpoint
+
+    saved = read_checkpoint(args.checkpoint)
+    if isinstance(saved, dict) and isinstance(saved.get("preprocessing"), dict):
+        pre = Preprocessing.from_dict(saved["preprocessing"])
+    else:
+        pre = dataset_defaults(source) or session.weights_preprocessing(args.model)
+    del saved
+    pre = session.resolve_preprocessing(pre, args.img_size, None, None)
+    try:
+        bundle = build_datasets(source, pre, None, need_train=False)
+    except DataError as exc:
+        raise CliError(str(exc)) from exc
+    model, info = session.model_from_checkpoint(
+        args.model, args.checkpoint, bundle.num_classes, prefer_ema=args.ema
+    )
+    saved_names = info.get("class_names")
+    if saved_names is not None and list(saved_names) != list(bundle.class_names):
+        print(
+            "warning: the checkpoint's class names differ from the data's class folders; "
+            "labels are matched by position",
+            file=sys.stderr,
+        )
+    model.to(device)
+    loader = build_eval_loader(bundle.val, args.batch_size, args.workers)
+    prep = BatchPrep(pre.mean, pre.std, torch.device(device))
+    progress = not args.quiet and sys.stderr.isatty()
+    metrics = evaluate(model, loader, prep, DistInfo(), amp, progress)
+    result = {
+        "model": args.model,
+        "checkpoint": str(args.checkpoint),
+        "data": source.describe(),
+        "images": metrics["images"],
+        "acc1": metrics["acc1"],
+        "acc5": metrics["acc5"],
+        "loss": metrics["loss"],
+        "img_size": pre.img_size,
+        "ema": bool(args.ema),
+        "skipped_files": len(bundle.skipped_files),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        skipped = (
+            f" ({len(bundle.skipped_files)} unreadable file(s) skipped)"
+            if bundle.skipped_files
+            else ""
+        )
+        print(
+            f"{args.model} on {source.describe()}: {metrics['images']:,} images{skipped}, "
+            f"top-1 {metrics['acc1']:.2f}%, top-5 {metrics['acc5']:.2f}%, "
+            f"loss {metrics['loss']:.4f}"
+        )
+    return 0

@@ -1,0 +1,98 @@
+"""``sparseformer predict``: the top classes and probabilities of a model for each image.
+
+Class names come from the checkpoint (ours store them), or ImageNet's for 1000-class weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="classify images with a checkpoint",
+        description=__doc__,
+        epilog="example:\n  sparseformer predict --model sparseformer_v1_tiny --checkpoint "
+        "sparseformer_t_imagenet1k.pth photo.jpg --topk 5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="the model the checkpoint belongs to")
+    p.add_argument("--checkpoint", type=Path, required=True, help="ours or an official release")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--topk", type=int, default=5, help="classes to show per image")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.set_defaults(func=run)
+
+
+def class_names(info: dict, num_classes: int) -> list[str]:
+    """The checkpoint's class names, ImageNet's for 1000 classes, else ``class N``."""
+    names = info.get("class_names")
+    if names and len(names) == num_classes:
+        return list(names)
+    if num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        imagenet = ImageNetInfo()
+        return [imagenet.index_to_description(i) for i in range(1000)]
+    return [f"class {i}" for i in range(num_classes)]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparseformer.cli import CliError
+    from sparseformer.data import Preprocessing, build_transform
+    from sparseformer.data.images import READ_ERRORS, open_rgb
+    from sparseformer.engine import session
+    from sparseformer.engine.distributed import DistInfo
+    from sparseformer.engine.loop import BatchPrep
+    from sparseformer.engine.modeling import build_model
+
+    if args.topk < 1:
+        raise CliError("--topk must be at least 1")
+    device = session.pick_device(args.device)
+    build_model(args.model, 1)  # an unknown name fails before anything is read
+    session.set_threads(None, DistInfo())
+    model, info = session.model_from_checkpoint(args.model, args.checkpoint, prefer_ema=args.ema)
+    model.to(device)
+    pre = (
+        Preprocessing.from_dict(info["preprocessing"])
+        if "preprocessing" in info
+        else session.weights_preprocessing(args.model)
+    )
+    names = class_names(info, info["num_classes"])
+    transform = build_transform(pre, None)
+    prep = BatchPrep(pre.mean, pre.std, torch.device(device))
+    k = min(args.topk, len(names))
+    failed = 0
+    for path in args.images:
+        try:
+            img = open_rgb(path)
+        except FileNotFoundError:
+            raise CliError(f"image {str(path)!r} does not exist") from None
+        except READ_ERRORS as exc:
+            print(f"{path}: cannot read this image ({exc.__class__.__name__}: {exc}); skipped")
+            failed += 1
+            continue
+        x, _ = prep(torch.as_tensor(transform(img))[None], torch.zeros(1, dtype=torch.long), False)
+        with torch.inference_mode():
+            probs = model(x).float().softmax(dim=-1)[0]
+        top = probs.topk(k)
+        preds = [
+            {"label": names[i], "index": int(i), "probability": float(p)}
+            for p, i in zip(top.values.tolist(), top.indices.tolist())
+        ]
+        if args.json:
+            print(json.dumps({"image": str(path), "predictions": preds}))
+        else:
+            print(f"{path}:")
+            for pred in preds:
+                print(f"  {100 * pred['probability']:6.2f}%  {pred['label']}")
+    return 1 if failed == len(args.images) else 0

@@ -1,0 +1,221 @@
+"""``sparseformer train``: train a SparseFormer (or any timm model) on an image folder or on
+Fashion-MNIST, on one CPU/GPU or many (``torchrun --nproc_per_node=N -m sparseformer train``).
+
+Writes to --output: last.pt and best.pt (checkpoints), metrics.jsonl (one line per epoch),
+metrics.png (curves) and summary.json. Resume a stopped run with --resume auto.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+__all__ = ["register", "add_data_arguments", "data_source"]
+
+EXAMPLES = """examples:
+  sparseformer train --model sparseformer_v1_micro --dataset fashion-mnist --output runs/fm
+  sparseformer train --model sparseformer_v1_tiny --data-dir /data/imagenet --output runs/t \\
+      --recipe imagenet1k --precision bf16
+  torchrun --nproc_per_node=8 -m sparseformer train --model sparseformer_v1_tiny \\
+      --data-dir /data/imagenet --output runs/t --recipe imagenet1k
+  sparseformer train ... --resume auto        # continue from runs/.../last.pt
+"""
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (one of --data-dir and --dataset)")
+    g.add_argument(
+        "--data-dir", type=Path, help="ImageFolder root: DIR/train/CLASS/*, DIR/val/CLASS/*"
+    )
+    g.add_argument("--dataset", help="built-in data set: fashion-mnist")
+    g.add_argument("--data-root", type=Path, help="cache folder for built-in data sets")
+    g.add_argument(
+        "--limit-train", type=int, metavar="N", help="use only the first N training images"
+    )
+    g.add_argument("--limit-val", type=int, metavar="N", help="use only the first N val images")
+
+
+def data_source(args: argparse.Namespace):
+    from sparseformer.data import DataSource
+
+    return DataSource(args.data_dir, args.dataset, args.data_root, args.limit_train, args.limit_val)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (one machine or many, resumable)",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", required=True, help="sparseformer name (sparseformer models) or timm name"
+    )
+    add_data_arguments(p)
+    p.add_argument("--output", type=Path, required=True, help="run folder")
+    g = p.add_argument_group("recipe (defaults come from --recipe)")
+    g.add_argument(
+        "--recipe",
+        help="shipped recipe name (imagenet1k, fashion-mnist-cpu) or a JSON file; default: "
+        "fashion-mnist-cpu for --dataset fashion-mnist, imagenet1k otherwise",
+    )
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int, help="images per process and step")
+    g.add_argument("--img-size", type=int, help="input resolution")
+    g.add_argument("--lr", type=float, help="peak learning rate for a total batch of 512")
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--drop-path", type=float, help="stochastic depth rate")
+    g.add_argument("--workers", type=int, help="data-loading processes per training process")
+    g.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE",
+        help="any recipe field, value in JSON (e.g. --set mixup=0 ema_decay=null)",
+    )  # fmt: skip
+    g = p.add_argument_group("run")
+    g.add_argument(
+        "--resume", help="training checkpoint to continue, or 'auto' (OUTPUT/last.pt if any)"
+    )
+    g.add_argument("--checkpoint", type=Path, help="initial weights (fine-tuning; any format)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: the recipe's")
+    g.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    g.add_argument(
+        "--threads", type=int, help="CPU threads per process (default: cores / processes)"
+    )
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def build_recipe(args: argparse.Namespace):
+    from sparseformer.cli import CliError
+    from sparseformer.engine.recipe import load_recipe
+
+    name = args.recipe or ("fashion-mnist-cpu" if args.dataset == "fashion-mnist" else "imagenet1k")
+    recipe = load_recipe(name)
+    changes = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "img_size": args.img_size,
+        "lr": args.lr,
+        "warmup_epochs": args.warmup_epochs,
+        "weight_decay": args.weight_decay,
+        "drop_path": args.drop_path,
+        "num_workers": args.workers,
+        "precision": args.precision,
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            changes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key] = value  # a bare string such as rand-m9-mstd0.5
+    return recipe.replace(**changes) if changes else recipe
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparseformer.cli import CliError
+    from sparseformer.data import DataError, Preprocessing, build_datasets, dataset_defaults
+    from sparseformer.engine import checkpoint as ckpt_io
+    from sparseformer.engine import session
+    from sparseformer.engine.distributed import cleanup_distributed, setup_distributed
+    from sparseformer.engine.modeling import build_model, load_weights, model_input_size
+    from sparseformer.engine.recipe import Recipe, RecipeError
+    from sparseformer.engine.trainer import RunOptions, TrainingError, fit, seed_everything
+
+    try:
+        device = session.pick_device(args.device)
+        source = data_source(args)
+        recipe = build_recipe(args)
+        resume = None
+        if args.resume == "auto":
+            last = args.output / ckpt_io.LAST
+            resume = last if last.is_file() else None
+        elif args.resume:
+            resume = Path(args.resume)
+        if resume is not None:  # continue exactly: the run's own recipe, epochs may grow
+            saved = ckpt_io.read_training_checkpoint(resume)
+            recipe = Recipe().replace(**saved["recipe"])
+            if args.epochs is not None:
+                recipe = recipe.replace(epochs=args.epochs)
+    except (DataError, RecipeError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    session.output_dir_ok(args.output)
+
+    dist = setup_distributed(device)
+    try:
+        if not dist.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        threads = session.set_threads(args.threads, dist)
+        seed_everything(args.seed)  # the same initial weights on every rank
+        base = dataset_defaults(source) or Preprocessing(
+            model_input_size(args.model) or 224, interpolation=recipe.interpolation
+        )
+        if resume is not None:
+            pre = Preprocessing.from_dict(saved["preprocessing"])
+        else:
+            pre = session.resolve_preprocessing(
+                base, recipe.img_size, recipe.crop_pct, recipe.interpolation
+            )
+        try:
+            bundle = build_datasets(source, pre, recipe.augmentation)
+        except DataError as exc:
+            raise CliError(str(exc)) from exc
+        model = build_model(args.model, bundle.num_classes, pre.img_size, recipe.drop_path)
+        if args.checkpoint is not None and resume is None:
+            load_weights(model, args.checkpoint)
+        if dist.is_main:
+            n = sum(p.numel() for p in model.parameters())
+            print(
+                f"training {args.model} ({n:,} params) on {source.describe()}: "
+                f"{len(bundle.train):,} train / {len(bundle.val):,} val images, "
+                f"{bundle.num_classes} classes, {pre.img_size}px, recipe {recipe.name}, "
+                f"{recipe.epochs} epochs x {recipe.batch_size} x {dist.world_size} process(es), "
+                f"{device}, {args.precision or recipe.precision}, {threads} thread(s)"
+            )
+        options = RunOptions(
+            output=args.output,
+            model_name=args.model,
+            device=device,
+            precision=args.precision or recipe.precision,
+            seed=args.seed,
+            resume=resume,
+            progress=not args.quiet,
+            extra={"data": source.describe(), "torch": str(torch.__version__)},
+        )
+        try:
+            summary = fit(model, bundle, recipe, pre, options, dist)
+        except TrainingError as exc:
+            raise CliError(str(exc)) from exc
+        if dist.is_main:
+            _print_summary(summary, bundle)
+    finally:
+        cleanup_distributed()
+    return 0
+
+
+def _print_summary(summary: dict, bundle) -> None:
+    final = summary["final"]
+    if bundle.skipped_files:
+        print(f"skipped {len(bundle.skipped_files)} unreadable image file(s) (see the log)")
+    if not final:
+        print(
+            f"nothing to do: the run in {summary['output']} already has {summary['epochs']} epochs"
+        )
+        return
+    minutes = summary["train_seconds"] / 60
+    ema = f", EMA top-1 {final['ema_val_acc1']:.2f}%" if "ema_val_acc1" in final else ""
+    print(
+        f"done: {summary['epochs']} epochs in {minutes:.1f} min of training; last epoch: "
+        f"val top-1 {final['val_acc1']:.2f}%, top-5 {final['val_acc5']:.2f}%{ema}; best top-1 "
+        f"{summary['best_val_acc1']:.2f}% (epoch {summary['best_epoch']})"
+    )
+    print(f"checkpoints: {summary['last_checkpoint']}, {summary['best_checkpoint']}")
+    print(f"metrics: {summary['metrics']}, curves: {summary['plot']}")

@@ -1,0 +1,146 @@
+"""One entry point from "where is the data" to train/val datasets: :func:`build_datasets`.
+
+Sources: an ImageFolder directory (``DIR/train/CLASS/*``, ``DIR/val/CLASS/*``) or a built-in
+data set by name (``fashion-mnist``). New sources (video folders) plug in here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.utils.data import Dataset, Subset
+
+from sparseformer.data.fashion_mnist import CLASS_NAMES as FASHION_CLASSES
+from sparseformer.data.fashion_mnist import fashion_mnist
+from sparseformer.data.folder import CheckedImageFolder, DataError
+from sparseformer.data.transforms import Augmentation, Preprocessing, build_transform
+
+__all__ = ["BUILTIN_DATASETS", "DataSource", "DatasetBundle", "build_datasets", "dataset_defaults"]
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_DATASETS = ("fashion-mnist",)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the images are: exactly one of ``data_dir`` and ``dataset``.
+
+    Attributes:
+        data_dir: an ImageFolder root with ``train/`` and ``val/``.
+        dataset: a built-in data set name (see ``BUILTIN_DATASETS``).
+        data_root: cache folder for built-in data sets (default: the user cache).
+        limit_train, limit_val: use only the first N images of each split (quick runs, tests).
+    """
+
+    data_dir: Path | None = None
+    dataset: str | None = None
+    data_root: Path | None = None
+    limit_train: int | None = None
+    limit_val: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.data_dir is None) == (self.dataset is None):
+            raise DataError("give exactly one of --data-dir DIR and --dataset NAME")
+        if self.dataset is not None and self.dataset not in BUILTIN_DATASETS:
+            raise DataError(
+                f"unknown dataset {self.dataset!r}; built-in: {', '.join(BUILTIN_DATASETS)} "
+                "(or pass --data-dir DIR with DIR/train/CLASS/* and DIR/val/CLASS/*)"
+            )
+
+    def describe(self) -> str:
+        return str(self.data_dir) if self.data_dir is not None else str(self.dataset)
+
+
+@dataclass
+class DatasetBundle:
+    """Train/val datasets yielding ``(tensor (3, S, S), label)`` and their class names."""
+
+    train: Dataset | None
+    val: Dataset
+    class_names: list[str]
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def dataset_defaults(source: DataSource) -> Preprocessing | None:
+    """Preprocessing suited to a built-in data set (its own mean/std, no crop), else ``None``."""
+    if source.dataset == "fashion-mnist":
+        return Preprocessing(28, (0.2860,) * 3, (0.3530,) * 3, 1.0, "bilinear")
+    return None
+
+
+def _limit(ds: Dataset, n: int | None) -> Dataset:
+    return ds if n is None or n >= len(ds) else Subset(ds, range(n))
+
+
+def _check_data_dir(data_dir: Path, need_train: bool) -> None:
+    if not data_dir.exists():
+        raise DataError(f"data directory {str(data_dir)!r} does not exist")
+    if not data_dir.is_dir():
+        raise DataError(f"--data-dir {str(data_dir)!r} is a file, not a directory")
+    if not any(data_dir.iterdir()):
+        raise DataError(
+            f"data directory {str(data_dir)!r} is empty; it needs train/CLASS/*.jpg and "
+            "val/CLASS/*.jpg sub-folders (the DeiT/Swin ImageFolder layout)"
+        )
+    splits = ("train", "val") if need_train else ("val",)
+    missing = [s for s in splits if not (data_dir / s).is_dir()]
+    if missing:
+        raise DataError(
+            f"data directory {str(data_dir)!r} has no {' or '.join(missing)}/ folder; expected "
+            "DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg (the DeiT/Swin ImageFolder layout)"
+        )
+
+
+def build_datasets(
+    source: DataSource,
+    preprocessing: Preprocessing,
+    augmentation: Augmentation | None,
+    need_train: bool = True,
+) -> DatasetBundle:
+    """Build the train (augmented) and val (eval transform) datasets of ``source``.
+
+    Args:
+        source: where the images are.
+        preprocessing: input size and normalisation shared by train and val.
+        augmentation: training augmentation; ``None`` trains on eval-transformed images.
+        need_train: ``False`` builds only the val split (eval).
+
+    Raises:
+        DataError: missing/empty folders, class folders without images, unknown data set.
+    """
+    train_tf = build_transform(preprocessing, augmentation)
+    val_tf = build_transform(preprocessing, None)
+    if source.dataset == "fashion-mnist":
+        train = fashion_mnist(True, source.data_root) if need_train else None
+        val = fashion_mnist(False, source.data_root)
+        if train is not None:
+            train.transform = train_tf
+        val.transform = val_tf
+        bundle = DatasetBundle(train, val, list(FASHION_CLASSES))
+    else:
+        data_dir = Path(source.data_dir)
+        _check_data_dir(data_dir, need_train)
+        train = CheckedImageFolder(data_dir / "train", train_tf) if need_train else None
+        classes = train.classes if train is not None else None
+        val = CheckedImageFolder(data_dir / "val", val_tf, classes=classes)
+        skipped = (train.skipped if train is not None else []) + val.skipped
+        bundle = DatasetBundle(train, val, list(val.classes), skipped)
+    if bundle.train is not None:
+        bundle.train = _limit(bundle.train, source.limit_train)
+    bundle.val = _limit(bundle.val, source.limit_val)
+    logger.info(
+        "data %s: %s train / %d val images, %d classes%s",
+        source.describe(),
+        len(bundle.train) if bundle.train is not None else "no",
+        len(bundle.val),
+        bundle.num_classes,
+        f", {len(bundle.skipped_files)} unreadable file(s) skipped" if bundle.skipped_files else "",
+    )
+    return bundle

@@ -1,0 +1,76 @@
+"""Reading user images robustly: any PIL mode becomes 8-bit RGB, unreadable files are reported.
+
+Real folders hold grayscale scans, RGBA screenshots, CMYK JPEGs, 16-bit PNGs, and now and then
+a truncated download. Models want 8-bit RGB; these helpers get there without surprises.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["IMAGE_EXTENSIONS", "READ_ERRORS", "to_rgb", "open_rgb", "check_image_header"]
+
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif",
+)  # fmt: skip
+# What PIL raises for files that are not images, are cut short or are malformed.
+READ_ERRORS = (
+    OSError,
+    UnidentifiedImageError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+)
+
+# 16-bit and 32-bit integer modes: PIL's convert("RGB") would clip them to 255, not rescale.
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB.
+
+    Grayscale is replicated to three channels, CMYK and palette images are converted, alpha is
+    composited onto white (what a viewer shows), and 16/32-bit images are rescaled by their
+    bit depth (not clipped).
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in _WIDE_INT_MODES or img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            top = max(float(arr.max()), 1.0)
+        else:
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max() <= 65535 else arr.max()
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")  # uint8 (H, W) -> mode L -> RGB
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file as 8-bit RGB (raises one of ``READ_ERRORS``)."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def check_image_header(path: str | Path) -> str | None:
+    """Cheap validity check of one file: ``None`` when PIL recognises it, else the reason.
+
+    Reads the header only (and PIL's structural ``verify``), so it is fast enough to run over
+    every file of a large folder; truncated pixel data is caught later, when the image loads.
+    """
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except READ_ERRORS as exc:
+        return f"{exc.__class__.__name__}: {str(exc)[:120]}" if str(exc) else exc.__class__.__name__
+    return None

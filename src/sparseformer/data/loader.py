@@ -1,0 +1,93 @@
+"""Data loaders whose order is a pure function of (seed, epoch, rank): resumable and sharded.
+
+Training uses torch's ``DistributedSampler`` (a world of one without torchrun), re-seeded each
+epoch with ``set_epoch``; with repeated augmentation across ranks, timm's ``RepeatAugSampler``.
+Evaluation shards the validation set without padding, so every image counts exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.loader import fast_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+
+__all__ = ["ShardSampler", "collate", "build_train_loader", "build_eval_loader"]
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...`` of a dataset of ``size``: no padding, no overlap."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = range(rank, size, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 arrays/tensors -> one uint8 batch (timm's ``fast_collate``); floats -> stacked."""
+    first = batch[0][0]
+    if isinstance(first, np.ndarray) or (
+        isinstance(first, torch.Tensor) and first.dtype == torch.uint8
+    ):
+        return fast_collate(batch)
+    return default_collate(batch)
+
+
+def build_train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    repeated_aug: int = 0,
+) -> DataLoader:
+    """Shuffled, sharded training loader (drops the last incomplete batch, for Mixup).
+
+    Call ``loader.sampler.set_epoch(epoch)`` before each epoch.
+    """
+    if repeated_aug > 1 and world_size > 1:
+        # shuffles with the epoch as seed (set_epoch), like DeiT's sampler
+        sampler: Sampler = RepeatAugSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, num_repeats=repeated_aug
+        )
+    else:
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+        )
+    if len(sampler) < batch_size:
+        raise ValueError(
+            f"{len(sampler)} training images per process is fewer than one batch of "
+            f"{batch_size}; lower --batch-size"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def build_eval_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """Ordered evaluation loader over this rank's shard."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,89 @@
+"""Train and eval transforms, built by timm's ``create_transform`` from plain settings.
+
+Training: random-resized crop, flip, RandAugment / color jitter, random erasing (DeiT recipe).
+Evaluation: resize the short side to ``size / crop_pct``, center-crop ``size``, normalise.
+Every image is made 8-bit RGB first (see :func:`sparseformer.data.images.to_rgb`).
+
+Transforms end in uint8 ``(3, S, S)`` arrays (timm's ``use_prefetcher`` path): normalisation
+and random erasing run once per batch in the engine (``engine.loop.BatchPrep``), which is much
+cheaper than per image on a small CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from timm.data import create_transform
+from torchvision import transforms as T
+
+from sparseformer.data.images import to_rgb
+from sparseformer.registry import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["Preprocessing", "Augmentation", "build_transform"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects as input; stored in checkpoints so eval/predict match training."""
+
+    img_size: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        return cls(
+            int(d["img_size"]),
+            tuple(d["mean"]),
+            tuple(d["std"]),
+            float(d["crop_pct"]),
+            str(d["interpolation"]),
+        )
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training-time augmentation (timm names; ``None``/0 switches a part off)."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: float | None = 0.4
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25
+    re_mode: str = "pixel"
+    re_count: int = 1
+
+
+def build_transform(pre: Preprocessing, aug: Augmentation | None) -> Callable:
+    """PIL image of any mode -> uint8 array (3, S, S), not normalised; ``aug=None`` gives eval.
+
+    Random erasing (``aug.re_prob``) is not part of it: it runs on the normalised batch.
+    """
+    if aug is None:
+        tf = create_transform(
+            pre.img_size,
+            is_training=False,
+            crop_pct=pre.crop_pct,
+            interpolation=pre.interpolation,
+            use_prefetcher=True,
+        )
+    else:
+        tf = create_transform(
+            pre.img_size,
+            is_training=True,
+            scale=tuple(aug.scale),
+            ratio=tuple(aug.ratio),
+            hflip=aug.hflip,
+            color_jitter=aug.color_jitter or None,
+            auto_augment=aug.auto_augment,
+            interpolation=pre.interpolation,
+            use_prefetcher=True,
+        )
+    return T.Compose([to_rgb, tf])

@@ -1,0 +1,98 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+
+A checkpoint is a plain dict saved with ``torch.save`` and read back with
+``weights_only=True`` (no code execution). Its ``"model"`` entry is the model's state dict, so
+``create_model(name, checkpoint_path=...)`` and ``sparseformer eval`` read it like any other
+checkpoint; the other entries (EMA weights, optimizer, scaler, step, RNG states, recipe, class
+names, preprocessing) let ``--resume`` continue the same trajectory.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparseformer.factory import read_checkpoint
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "LAST",
+    "BEST",
+    "save_atomic",
+    "read_training_checkpoint",
+    "capture_rng",
+    "restore_rng",
+]
+
+CHECKPOINT_VERSION = 1
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``obj`` to ``path`` through a temporary file and an atomic rename.
+
+    A kill at any moment leaves either the previous file or the new one, never half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read one of our training checkpoints (safely); other files raise ``CheckpointError``."""
+    from sparseformer.convert import CheckpointError
+
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
+        raise CheckpointError(
+            f"{str(path)!r} is not a sparseformer training checkpoint (no model/step entries); "
+            "to start from weights, pass it with --checkpoint instead of --resume"
+        )
+    return ckpt
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) generator states, in a ``weights_only`` form."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+         n["cached_gaussian"])
+    )  # fmt: skip
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

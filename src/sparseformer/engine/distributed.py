@@ -1,0 +1,116 @@
+"""Data-parallel set-up and rank bookkeeping: the only place that reads rank and world size.
+
+``torchrun --nproc_per_node=N -m sparseformer train ...`` sets ``RANK``, ``LOCAL_RANK`` and
+``WORLD_SIZE``; we start a process group on them (nccl on CUDA, gloo on CPU). A plain
+``sparseformer train`` is a world of one and runs the same code without a process group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "DistInfo",
+    "setup_distributed",
+    "cleanup_distributed",
+    "all_reduce_sum",
+    "broadcast_object",
+    "weights_in_sync",
+    "gather_objects",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str) -> DistInfo:
+    """Join the process group that ``torchrun`` describes, if any.
+
+    Args:
+        device: ``"cpu"`` or ``"cuda"``; picks the backend (gloo / nccl) and, on CUDA, binds
+            this process to GPU ``LOCAL_RANK``.
+    """
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistInfo()
+    info = DistInfo(
+        int(os.environ["RANK"]),
+        int(os.environ["WORLD_SIZE"]),
+        int(os.environ["LOCAL_RANK"]),
+        int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])),
+    )
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    logger.info("rank %d of %d (%s)", info.rank, info.world_size, backend)
+    return info
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: Tensor, info: DistInfo) -> Tensor:
+    """Sum a tensor over ranks (a no-op for a world of one)."""
+    if info.enabled:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's value of ``obj`` on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def weights_in_sync(model: nn.Module, info: DistInfo) -> bool:
+    """Whether every rank holds the same parameters (compares per-tensor sums and norms)."""
+    if not info.enabled:
+        return True
+    with torch.no_grad():
+        stats = torch.stack(
+            [torch.stack([p.double().sum(), p.double().norm()]) for p in model.parameters()]
+        )
+        low, high = stats.clone(), stats.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj``, in rank order (a one-item list for a world of one)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,215 @@
+"""One training epoch and one evaluation pass: explicit collaborators in, metric dicts out.
+
+In the manner of DeiT's ``engine.py``: the caller hands over the model, the optimizer, the
+schedule, the loss, Mixup, the EMA and the GradScaler; nothing here reads options or ranks on
+its own. The engine owns precision (autocast, GradScaler, gradient clipping); a SparseFormer
+receives the scaler's scale only as ``coord_grad_scale`` for its coordinate-gradient clamp.
+Inputs may be images ``(B, C, H, W)`` or clips ``(B, C, T, H, W)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from sparseformer.engine.distributed import DistInfo, all_reduce_sum
+from sparseformer.engine.modeling import is_sparseformer
+from sparseformer.engine.optim import LRSchedule, set_lr
+
+__all__ = ["NonFiniteLossError", "BatchPrep", "StepTools", "train_one_epoch", "evaluate"]
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class BatchPrep:
+    """Moves a batch to the device and normalises it.
+
+    uint8 images (the fast loader path: decoding and augmentation produce bytes, normalisation
+    runs once per batch) become ``(x - mean) / std`` in float32; float inputs pass unchanged.
+    Random erasing, when given, runs on the normalised training batch (as timm's prefetcher).
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: torch.device
+    random_erasing: Callable[[Tensor], Tensor] | None = None
+
+    def __call__(self, x: Tensor, y: Tensor, train: bool) -> tuple[Tensor, Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcast over (B, C, [T,] H, W)
+            mean = torch.tensor(self.mean, device=self.device).view(shape) * 255
+            std = torch.tensor(self.std, device=self.device).view(shape) * 255
+            x = (x.float() - mean) / std
+        if train and self.random_erasing is not None and x.ndim == 4:
+            x = self.random_erasing(x)
+        return x, y
+
+
+@dataclass
+class StepTools:
+    """What a training step needs besides model, data and optimizer.
+
+    Attributes:
+        criterion: loss on (logits, targets); soft targets when Mixup is on.
+        schedule: learning rate as a pure function of the global step.
+        prep: device transfer and normalisation.
+        amp_dtype: autocast dtype (``None`` = fp32, no autocast).
+        scaler: fp16 GradScaler, or ``None``.
+        clip_grad: gradient-norm clip, or ``None``.
+        mixup: timm ``Mixup`` (batch -> mixed batch, soft targets), or ``None``.
+        ema: timm ``ModelEmaV3``, or ``None``.
+    """
+
+    criterion: nn.Module
+    schedule: LRSchedule
+    prep: BatchPrep
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    clip_grad: float | None = None
+    mixup: Callable | None = None
+    ema: nn.Module | None = None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    tools: StepTools,
+    step: int,
+    dist: DistInfo,
+    progress: bool = False,
+    check_every: int = 10,
+) -> dict[str, float]:
+    """Train for one pass over ``loader``, starting at global step ``step``.
+
+    Returns:
+        ``train_loss`` (mean over ranks and steps), ``lr`` (at the last step), ``steps`` (the
+        new global step), ``images_per_second`` (all ranks), ``epoch_seconds``.
+
+    Raises:
+        NonFiniteLossError: the loss is NaN/inf (checked every ``check_every`` steps).
+    """
+    model.train()
+    device = tools.prep.device
+    sparse = is_sparseformer(model)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    seen = 0
+    lr = tools.schedule(step)
+    start = time.perf_counter()
+    bar = tqdm(loader, desc="train", leave=False, disable=not progress, dynamic_ncols=True)
+    for i, (x, y) in enumerate(bar):
+        x, y = tools.prep(x, y, train=True)
+        if tools.mixup is not None:
+            x, y = tools.mixup(x, y)
+        lr = tools.schedule(step)
+        set_lr(optimizer, lr)
+        with _autocast(device, tools.amp_dtype):
+            if sparse and tools.scaler is not None:
+                # the clamp keeps the coordinate gradient's size independent of fp16 loss scale
+                logits = model(x, coord_grad_scale=tools.scaler.get_scale())
+            else:
+                logits = model(x)
+            loss = tools.criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        if tools.scaler is not None:
+            tools.scaler.scale(loss).backward()
+            if tools.clip_grad is not None:
+                tools.scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), tools.clip_grad)
+            tools.scaler.step(optimizer)
+            tools.scaler.update()
+        else:
+            loss.backward()
+            if tools.clip_grad is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), tools.clip_grad)
+            optimizer.step()
+        step += 1
+        if tools.ema is not None:
+            tools.ema.update(getattr(model, "module", model), step=step)
+        loss_sum += loss.detach().double() * len(y)
+        seen += len(y)
+        if (i + 1) % check_every == 0:
+            value = loss_sum.item() / seen  # one sync per check_every steps
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"loss is {value} at step {step}")
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+    seconds = time.perf_counter() - start
+    totals = all_reduce_sum(
+        torch.stack([loss_sum, torch.tensor(float(seen), **_like(loss_sum))]), dist
+    )
+    mean_loss = (totals[0] / totals[1].clamp(min=1)).item()
+    if not math.isfinite(mean_loss):
+        raise NonFiniteLossError(f"loss is {mean_loss} at step {step}")
+    return {
+        "train_loss": mean_loss,
+        "lr": lr,
+        "steps": step,
+        "images_per_second": totals[1].item() / max(seconds, 1e-9),
+        "epoch_seconds": seconds,
+    }
+
+
+def _like(t: Tensor) -> dict:
+    return {"device": t.device, "dtype": t.dtype}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    prep: BatchPrep,
+    dist: DistInfo,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent) and cross-entropy over ``loader``, summed over ranks.
+
+    Returns:
+        ``loss``, ``acc1``, ``acc5``, ``images``.
+    """
+    model.eval()
+    device = prep.device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
+        x, y = prep(x, y, train=False)
+        with _autocast(device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices  # (B, k)
+        hit = top == y[:, None]  # (B, k)
+        sums += torch.stack(
+            [
+                nn.functional.cross_entropy(logits, y, reduction="sum").double(),
+                hit[:, 0].sum().double(),
+                hit.any(dim=-1).sum().double(),
+                torch.tensor(float(len(y)), dtype=torch.float64, device=device),
+            ]
+        )
+    sums = all_reduce_sum(sums, dist)
+    n = max(sums[3].item(), 1.0)
+    return {
+        "loss": sums[0].item() / n,
+        "acc1": 100.0 * sums[1].item() / n,
+        "acc5": 100.0 * sums[2].item() / n,
+        "images": int(sums[3].item()),
+    }

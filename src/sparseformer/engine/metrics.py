@@ -1,0 +1,69 @@
+"""Per-epoch metrics: one JSON object per line in ``metrics.jsonl`` and a plot beside it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsLog", "plot_metrics"]
+
+
+class MetricsLog:
+    """Appends epoch records to ``path``; on resume keeps only the epochs before ``start``."""
+
+    def __init__(self, path: str | os.PathLike, resume_from_epoch: int = 0) -> None:
+        self.path = Path(path)
+        self.records: list[dict[str, Any]] = []
+        if resume_from_epoch > 0 and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    if rec.get("epoch", 0) <= resume_from_epoch:
+                        self.records.append(rec)
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(tmp, self.path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Loss and accuracy curves per epoch, saved as an image (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    epochs = [r["epoch"] for r in records]
+
+    def series(key: str) -> list[float]:
+        return [r.get(key, math.nan) for r in records]
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, series("train_loss"), "o-", label="train")
+    ax_loss.plot(epochs, series("val_loss"), "o-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.plot(epochs, series("val_acc1"), "o-", label="top-1")
+    ax_acc.plot(epochs, series("val_acc5"), "o-", label="top-5")
+    if any("ema_val_acc1" in r for r in records):
+        ax_acc.plot(epochs, series("ema_val_acc1"), "o--", label="EMA top-1")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

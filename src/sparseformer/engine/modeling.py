@@ -1,0 +1,127 @@
+"""Models for training and evaluation: our registered SparseFormers or any timm model.
+
+Dense timm baselines (``resnet18``, ``vit_tiny_patch16_224``, ...) train through the same
+engine, so comparisons use one recipe and one data pipeline.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from typing import Any
+
+from torch import nn
+
+from sparseformer.convert import CheckpointError, unwrap_checkpoint
+from sparseformer.factory import (
+    UnknownModelError,
+    create_model,
+    list_models,
+    load_checkpoint,
+    read_checkpoint,
+)
+
+__all__ = ["build_model", "is_sparseformer", "load_weights", "model_input_size"]
+
+logger = logging.getLogger(__name__)
+
+
+def is_sparseformer(model: nn.Module) -> bool:
+    """Whether ``model`` (or the module DDP wraps) is a SparseFormer-family model, i.e. takes
+    ``coord_grad_scale`` and has ``forward_with_details``."""
+    model = getattr(model, "module", model)
+    return hasattr(model, "forward_with_details")
+
+
+def _check_name(name: str) -> str:
+    import timm
+
+    if name in list_models():
+        return "sparseformer"
+    if timm.is_model(name):
+        return "timm"
+    pool = list_models() + timm.list_models()
+    close = difflib.get_close_matches(name, pool, n=4, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise UnknownModelError(
+        f"unknown model {name!r}{hint} (SparseFormers: sparseformer models; any timm model "
+        "name also works)"
+    )
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    img_size: int | None = None,
+    drop_path: float | None = None,
+) -> nn.Module:
+    """A fresh model ``name`` with ``num_classes`` outputs.
+
+    Args:
+        name: a registered SparseFormer or any timm model name.
+        num_classes: classifier outputs.
+        img_size: input size, passed to timm models that take one (SparseFormers take any
+            size).
+        drop_path: stochastic-depth rate; ``None`` keeps the model's default.
+    """
+    kind = _check_name(name)
+    if kind == "sparseformer":
+        overrides: dict[str, Any] = {}
+        if drop_path is not None:
+            overrides["drop_path_rate"] = drop_path
+        return create_model(name, num_classes=num_classes, **overrides)
+    import timm
+
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if drop_path is not None:
+        kwargs["drop_path_rate"] = drop_path
+    if img_size is not None:
+        try:
+            return timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
+        except TypeError:  # convolutional nets take any size and no img_size argument
+            pass
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def model_input_size(name: str) -> int | None:
+    """The input size a timm model was designed for (``None`` for SparseFormers and unknown)."""
+    if _check_name(name) == "sparseformer":
+        return None
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    return int(cfg.input_size[-1]) if cfg is not None else None
+
+
+def load_weights(
+    model: nn.Module, checkpoint: str | os.PathLike | dict, prefer_ema: bool = False
+) -> None:
+    """Load a checkpoint into ``model`` strictly (SparseFormers: any supported format).
+
+    A classifier of another size is replaced by a fresh one (fine-tuning), logged.
+    """
+    if is_sparseformer(model):
+        load_checkpoint(model, checkpoint, prefer_ema=prefer_ema)
+        return
+    source = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
+    state, _ = unwrap_checkpoint(source, prefer_ema=prefer_ema)
+    own = model.state_dict()
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_keys = {f"{n}.{k}" for n, m in model.named_modules() if m is head for k in m.state_dict()}
+    for k in head_keys:
+        if k in state and state[k].shape != own[k].shape:
+            logger.info("checkpoint classifier does not fit: keeping a fresh one (fine-tuning)")
+            state = {**{k: v for k, v in state.items() if k not in head_keys}}
+            state.update({k: own[k] for k in head_keys})
+            break
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"checkpoint does not fit {model.__class__.__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}; is it a checkpoint "
+            "of another model? Pass the matching --model"
+        )
+    model.load_state_dict(state, strict=True)

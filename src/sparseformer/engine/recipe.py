@@ -1,0 +1,163 @@
+"""Training recipes: every hyper-parameter of a run in one frozen dataclass, read from JSON.
+
+Named recipes ship in ``sparseformer/recipes/*.json``: ``imagenet1k`` reproduces the paper's
+ImageNet-1K settings (SparseFormer, Gao et al., ICLR 2024, Sec. 4 and its DeiT-style recipe);
+``fashion-mnist-cpu`` is tuned for a short CPU run on Fashion-MNIST. A recipe file of your own
+can hold any subset of the fields; the rest keep the defaults below (the paper's values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sparseformer.data.transforms import Augmentation
+
+__all__ = ["Recipe", "RecipeError", "list_recipes", "load_recipe"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be read; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train. Learning rates are given for a total batch of ``lr_base_batch`` images
+    and scaled linearly with the real total batch (``per-process batch x processes``).
+
+    Attributes:
+        name: recipe name (for logs and checkpoints).
+        epochs: training epochs.
+        batch_size: images per process and step.
+        img_size: input resolution; ``None`` = the data set's or model's default.
+        lr, warmup_lr, min_lr: peak, warm-up start and cosine floor, at ``lr_base_batch``.
+        warmup_epochs: linear warm-up length (fractions allowed); the schedule runs by step.
+        weight_decay: AdamW decay (not applied to norms, biases and the model's
+            ``no_weight_decay()`` parameters such as the initial RoIs).
+        betas, eps: AdamW moments and epsilon.
+        clip_grad: gradient-norm clip; ``None`` switches it off.
+        label_smoothing: label smoothing (also used inside Mixup's soft targets).
+        mixup, cutmix: Beta-distribution alphas; both 0 switches Mixup/CutMix off.
+        mixup_prob, mixup_switch_prob, mixup_mode: timm ``Mixup`` settings.
+        augmentation: training augmentation (timm ``create_transform`` settings).
+        repeated_aug: repeats per image and epoch across ranks (0 or 1 = off).
+        ema_decay: EMA of weights; ``None`` = off.
+        ema_warmup: ramp the EMA decay up from 0 (timm ``ModelEmaV3(use_warmup=True)``); for
+            short runs, where the initial weights would otherwise linger in the average.
+        drop_path: stochastic depth; ``None`` = the model's registered rate.
+        crop_pct, interpolation: eval resize ratio and interpolation; ``None`` crop_pct = the
+            data set's default.
+        precision: default precision (``--precision`` overrides).
+        num_workers: data-loading processes per training process.
+    """
+
+    name: str = "imagenet1k"
+    epochs: int = 300
+    batch_size: int = 128
+    img_size: int | None = 224
+    lr: float = 5e-4
+    warmup_lr: float = 5e-7
+    min_lr: float = 5e-6
+    lr_base_batch: int = 512
+    warmup_epochs: float = 20.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float | None = 5.0
+    label_smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    augmentation: Augmentation = Augmentation()
+    repeated_aug: int = 3
+    ema_decay: float | None = 0.9999
+    ema_warmup: bool = False
+    drop_path: float | None = None
+    crop_pct: float | None = 224 / 256
+    interpolation: str = "bicubic"
+    precision: str = "bf16"
+    num_workers: int = 8
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or self.batch_size <= 0:
+            raise RecipeError(f"epochs and batch_size must be positive (recipe {self.name!r})")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise RecipeError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+
+    def scaled_lr(self, total_batch: int) -> tuple[float, float, float]:
+        """(peak, warm-up start, floor) scaled linearly to ``total_batch``."""
+        k = total_batch / self.lr_base_batch
+        return self.lr * k, self.warmup_lr * k, self.min_lr * k
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with fields changed (``augmentation`` may be a dict of its fields)."""
+        return _from_dict({**self.to_dict(), **changes}, self.name)
+
+
+def _from_dict(data: dict[str, Any], origin: str) -> Recipe:
+    valid = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise RecipeError(f"{origin}: unknown recipe field(s) {unknown}; valid: {sorted(valid)}")
+    data = dict(data)
+    aug = data.get("augmentation", {})
+    if isinstance(aug, dict):
+        aug_valid = {f.name for f in dataclasses.fields(Augmentation)}
+        bad = sorted(set(aug) - aug_valid)
+        if bad:
+            raise RecipeError(f"{origin}: unknown augmentation field(s) {bad}; valid: {aug_valid}")
+        for key in ("scale", "ratio"):
+            if key in aug:
+                aug[key] = tuple(aug[key])
+        data["augmentation"] = Augmentation(**aug)
+    if "betas" in data:
+        data["betas"] = tuple(data["betas"])
+    try:
+        return Recipe(**data)
+    except TypeError as exc:
+        raise RecipeError(f"{origin}: {exc}") from exc
+
+
+def _builtin_dir():
+    return resources.files("sparseformer") / "recipes"
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped with the package."""
+    return sorted(p.name[:-5] for p in _builtin_dir().iterdir() if p.name.endswith(".json"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A shipped recipe by name (``imagenet1k``, ``fashion-mnist-cpu``) or a JSON file."""
+    text = str(name_or_path)
+    path = Path(text)
+    if text.endswith(".json") or path.is_file():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {text!r} does not exist")
+        source, origin = path.read_text(), text
+    else:
+        builtin = _builtin_dir() / f"{text}.json"
+        if not builtin.is_file():
+            raise RecipeError(
+                f"unknown recipe {text!r}; shipped recipes: {', '.join(list_recipes())} "
+                "(or pass a .json file)"
+            )
+        source, origin = builtin.read_text(), f"recipe {text}"
+    try:
+        data = json.loads(source)
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{origin} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin} must hold a JSON object of recipe fields")
+    data.pop("description", None)  # free text for readers of the file
+    data.setdefault("name", path.stem if path.suffix == ".json" else text)
+    return _from_dict(data, origin)

@@ -1,0 +1,140 @@
+"""Shared set-up of the train / eval / predict commands: device, threads, preprocessing, and
+models rebuilt from checkpoints with what those checkpoints say about themselves."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparseformer.convert import CheckpointError, unwrap_checkpoint
+from sparseformer.data.transforms import Preprocessing
+from sparseformer.engine.distributed import DistInfo
+from sparseformer.engine.modeling import build_model, is_sparseformer, load_weights
+from sparseformer.factory import read_checkpoint
+from sparseformer.registry import MODELS
+
+__all__ = [
+    "pick_device",
+    "set_threads",
+    "weights_preprocessing",
+    "checkpoint_info",
+    "model_from_checkpoint",
+    "resolve_preprocessing",
+    "output_dir_ok",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(requested: str | None) -> str:
+    """``"cuda"`` when asked for or available (``None``/``"auto"``), else ``"cpu"``."""
+    if requested in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+    return "cuda" if requested.startswith("cuda") else requested
+
+
+def set_threads(requested: int | None, dist: DistInfo) -> int:
+    """Intra-op CPU threads: the cores this process may use, shared among local ranks."""
+    if requested is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        requested = max(1, (cores or 1) // max(dist.local_world_size, 1))
+    torch.set_num_threads(requested)
+    return requested
+
+
+def weights_preprocessing(model_name: str) -> Preprocessing:
+    """The eval preprocessing of a registered model's released weights (ImageNet default)."""
+    spec = MODELS.get(model_name)
+    if spec is not None and spec.weights is not None:
+        w = spec.weights
+        return Preprocessing(w.input_size[-1], w.mean, w.std, w.crop_pct, w.interpolation)
+    return Preprocessing()
+
+
+def checkpoint_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What one of our checkpoints says about itself (empty for official/bare ones)."""
+    keys = ("model_name", "num_classes", "class_names", "preprocessing", "recipe", "epoch")
+    return {k: checkpoint[k] for k in keys if k in checkpoint}
+
+
+def _head_classes(state: dict[str, Any]) -> int | None:
+    for key in ("head.weight", "head.classifier.weight", "proj.weight", "fc.weight"):
+        if key in state and hasattr(state[key], "shape"):
+            return int(state[key].shape[0])
+    return None
+
+
+def model_from_checkpoint(
+    model_name: str,
+    checkpoint_path: str | os.PathLike,
+    num_classes: int | None = None,
+    prefer_ema: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build ``model_name`` and load ``checkpoint_path`` (ours or either official layout).
+
+    Args:
+        num_classes: the classes the caller needs (eval: the data set's); ``None`` takes the
+            checkpoint's.
+        prefer_ema: load the EMA weights when the checkpoint has them.
+
+    Returns:
+        The model in eval mode, and :func:`checkpoint_info` (with ``num_classes`` filled in).
+
+    Raises:
+        CheckpointError: a checkpoint of another model, or of another number of classes.
+    """
+    ckpt = read_checkpoint(checkpoint_path)
+    info = checkpoint_info(ckpt)
+    trained_as = info.get("model_name")
+    if trained_as is not None and trained_as != model_name:
+        raise CheckpointError(
+            f"{str(checkpoint_path)!r} is a checkpoint of {trained_as!r}, not {model_name!r}; "
+            f"pass --model {trained_as}"
+        )
+    if prefer_ema and ckpt.get("model_ema") is None:
+        logger.warning("the checkpoint has no EMA weights; using the model weights")
+    state, _ = unwrap_checkpoint(ckpt, prefer_ema=prefer_ema and ckpt.get("model_ema") is not None)
+    classes = info.get("num_classes") or _head_classes(state) or 1000
+    if num_classes is not None and num_classes != classes:
+        raise CheckpointError(
+            f"{str(checkpoint_path)!r} classifies {classes} classes but the data has "
+            f"{num_classes}; evaluate on data with the same classes, or fine-tune first "
+            "(sparseformer train --checkpoint ...)"
+        )
+    info["num_classes"] = classes
+    model = build_model(model_name, classes)
+    if is_sparseformer(model):
+        from sparseformer.factory import load_checkpoint
+
+        load_checkpoint(model, {"model": state}, allow_classifier_mismatch=False)
+    else:
+        load_weights(model, {"model": state})
+    return model.eval(), info
+
+
+def resolve_preprocessing(
+    base: Preprocessing, img_size: int | None, crop_pct: float | None, interpolation: str | None
+) -> Preprocessing:
+    """``base`` with the given fields replaced (``None`` keeps them)."""
+    changes: dict[str, Any] = {}
+    if img_size is not None:
+        changes["img_size"] = int(img_size)
+    if crop_pct is not None:
+        changes["crop_pct"] = float(crop_pct)
+    if interpolation is not None:
+        changes["interpolation"] = interpolation
+    return dataclasses.replace(base, **changes)
+
+
+def output_dir_ok(path: Path) -> None:
+    """Refuse an output path that exists as a file."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output {str(path)!r} is a file; give a directory")

@@ -1,0 +1,156 @@
+"""Data: image modes made RGB, checked ImageFolder errors, unreadable files, Fashion-MNIST."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sparseformer.data import (
+    Augmentation,
+    CheckedImageFolder,
+    DataError,
+    DataSource,
+    Preprocessing,
+    build_datasets,
+    build_transform,
+    to_rgb,
+)
+
+
+def test_every_image_mode_becomes_8bit_rgb():
+    gray = Image.fromarray(np.full((8, 8), 100, np.uint8))
+    assert to_rgb(gray).mode == "RGB" and to_rgb(gray).getpixel((0, 0)) == (100, 100, 100)
+    # 16-bit: rescaled by the bit depth, not clipped at 255
+    wide = Image.fromarray(np.full((8, 8), 32768, np.uint16))
+    assert wide.mode.startswith("I;16")
+    assert to_rgb(wide).getpixel((0, 0)) == (128, 128, 128)
+    # alpha composited onto white: a fully transparent pixel is white
+    rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    opaque = Image.new("RGBA", (8, 8), (10, 20, 30, 255))
+    assert to_rgb(opaque).getpixel((0, 0)) == (10, 20, 30)
+    cmyk = Image.new("CMYK", (8, 8), (0, 0, 0, 0))  # no ink: white
+    assert to_rgb(cmyk).getpixel((0, 0)) == (255, 255, 255)
+    palette = Image.new("P", (8, 8), 3)
+    assert to_rgb(palette).mode == "RGB"
+    la = Image.new("LA", (8, 8), (50, 255))
+    assert to_rgb(la).getpixel((0, 0)) == (50, 50, 50)
+
+
+def _write(path, mode="RGB", size=(20, 16), fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":
+        ramp = (np.arange(size[0] * size[1]) * 100).astype(np.uint16)
+        img = Image.fromarray(ramp.reshape(size[1], size[0]))  # 16-bit grayscale
+    else:
+        img = Image.new(mode, size, {"L": 90, "CMYK": (10, 20, 30, 0)}.get(mode, (40, 80, 120)))
+        if mode == "RGBA":
+            img = Image.new("RGBA", size, (40, 80, 120, 128))
+    img.save(path, format=fmt)
+    return path
+
+
+def make_folder(root, classes=("cat", "dog"), per_class=3, splits=("train", "val")):
+    """An ImageFolder tree of small images in assorted modes."""
+    modes = [("RGB", ".jpg", "JPEG"), ("L", ".png", "PNG"), ("RGBA", ".png", "PNG"),
+             ("CMYK", ".jpg", "JPEG"), ("I;16", ".png", "PNG")]  # fmt: skip
+    for split in splits:
+        for c in classes:
+            for i in range(per_class):
+                mode, ext, fmt = modes[i % len(modes)]
+                _write(root / split / c / f"{i}{ext}", mode, fmt=fmt)
+    return root
+
+
+def test_mixed_modes_load_as_uint8_rgb_batches(tmp_path):
+    root = make_folder(tmp_path / "d", per_class=5)
+    pre = Preprocessing(img_size=24)
+    bundle = build_datasets(DataSource(data_dir=root), pre, Augmentation())
+    assert bundle.class_names == ["cat", "dog"]
+    for ds in (bundle.train, bundle.val):
+        for i in range(len(ds)):
+            x, y = ds[i]
+            assert tuple(x.shape) == (3, 24, 24) and str(x.dtype) == "torch.uint8"
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", "does not exist"),
+        ("empty", "is empty; it needs train/CLASS"),
+        ("no_val", "has no val/ folder"),
+        ("no_classes", "has no class folders"),
+        ("empty_class", "have no images"),
+        ("class_mismatch", "differ from the training classes"),
+        ("is_file", "is a file, not a directory"),
+    ],
+)
+def test_bad_data_dirs_say_what_to_do(tmp_path, case, expected):
+    root = tmp_path / "data"
+    if case == "empty":
+        root.mkdir()
+    elif case == "no_val":
+        make_folder(root, splits=("train",))
+    elif case == "no_classes":
+        (root / "train").mkdir(parents=True)
+        (root / "val").mkdir()
+    elif case == "empty_class":
+        make_folder(root)
+        (root / "train" / "bird").mkdir()
+        (root / "train" / "bird" / "notes.txt").write_text("no images here")
+    elif case == "class_mismatch":
+        make_folder(root)
+        make_folder(root, classes=("emu",), splits=("train",))
+    elif case == "is_file":
+        root.write_text("x")
+    with pytest.raises(DataError, match=expected) as info:
+        build_datasets(DataSource(data_dir=root), Preprocessing(img_size=16), None)
+    assert "\n" not in str(info.value)
+    if case == "empty_class":
+        assert "bird" in str(info.value)
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path, caplog):
+    root = make_folder(tmp_path / "d")
+    (root / "train" / "cat" / "junk.jpg").write_text("this is not a picture")
+    (root / "train" / "cat" / "empty.png").write_bytes(b"")
+    good = (root / "train" / "dog" / "0.jpg").read_bytes()
+    (root / "train" / "dog" / "cut.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "train" / "dog" / "big.jpg", quality=95)
+    data = (root / "train" / "dog" / "big.jpg").read_bytes()
+    (root / "train" / "dog" / "tail_cut.jpg").write_bytes(data[: int(len(data) * 0.8)])
+    with caplog.at_level(logging.WARNING):
+        ds = CheckedImageFolder(root / "train", build_transform(Preprocessing(img_size=16), None))
+        # a whole pass never crashes: files the header check let through but that fail to
+        # decode are replaced by the next image, and counted
+        for i in range(len(ds)):
+            x, label = ds[i]
+            assert tuple(x.shape) == (3, 16, 16)
+    assert {p.rsplit("/", 1)[1] for p, _ in ds.skipped} >= {"junk.jpg", "empty.png"}
+    assert len(ds.skipped) + ds.failed_loads == 4  # junk, empty, cut, tail_cut
+    assert f"skipped {len(ds.skipped)} unreadable file(s)" in caplog.text
+    if ds.failed_loads:
+        assert "could not decode" in caplog.text
+
+
+def test_fashion_mnist_missing_and_offline_says_how_to_install(tmp_path, monkeypatch):
+    import sparseformer.data.fashion_mnist as fm
+
+    class Offline:
+        def __init__(self, root, train=True, download=False):
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
+
+    monkeypatch.setattr(fm, "FashionMNIST", Offline)
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        fm.fashion_mnist(True, root=tmp_path / "cache", system_dir=tmp_path / "none")
+
+
+def test_unknown_dataset_and_both_sources_are_refused(tmp_path):
+    with pytest.raises(DataError, match="built-in: fashion-mnist"):
+        DataSource(dataset="cifar-7")
+    with pytest.raises(DataError, match="exactly one of --data-dir"):
+        DataSource(data_dir=tmp_path, dataset="fashion-mnist")
