@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparseformer.layers.linear import linear
+
 __all__ = ["Attention", "Mlp"]
 
 
@@ -32,10 +34,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, N, D) -> (B, N, D)``."""
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        qkv = linear(x, self.qkv).reshape(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, 3, h, d) -> 3 x (B, h, N, d)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, h, N, d) -> (B, N, D)
+        return linear(x.transpose(1, 2).reshape(B, N, D), self.proj)  # (B, h, N, d) -> (B, N, D)
 
 
 class Mlp(nn.Module):
@@ -49,6 +51,9 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, N, D) -> (B, N, D)``."""
-        x = self.fc1(x)
-        x = F.gelu(x) if self.activation == "gelu" else x * (1.702 * x).sigmoid()
-        return self.fc2(x)
+        if self.activation == "gelu":
+            x = linear(x, self.fc1, gelu=True)
+        else:
+            x = linear(x, self.fc1)
+            x = x * (1.702 * x).sigmoid()
+        return linear(x, self.fc2)
