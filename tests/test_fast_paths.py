@@ -1,0 +1,75 @@
+"""CPU fast paths (fused linear, channels-last stem) keep the authors' numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from sparseformer import SparseFormer, count_flops, create_model, load_checkpoint
+from sparseformer.layers import AdaptiveMixing, EarlyConvolution, channel_normalize
+from sparseformer.layers.linear import fused_linear_available, linear
+
+from .test_conformance import fixture, fixture_config, layout  # noqa: F401  (fixture)
+
+
+@pytest.mark.parametrize("batch", ["a", "b"])
+def test_inference_mode_matches_official_outputs(fixture, batch):  # noqa: F811
+    """Inference takes the fused kernels; logits and RoIs still match the authors' code."""
+    model = SparseFormer(fixture_config()).eval()
+    load_checkpoint(model, {"model": layout(fixture, "imagenet")})
+    x = fixture[f"input_{batch}"]
+    with torch.inference_mode():
+        assert fused_linear_available(x, model.head.weight) or not torch.backends.mkldnn.enabled
+        out = model.forward_with_details(x)
+    torch.testing.assert_close(out.logits, fixture[f"logits_{batch}"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.rois[-1], fixture[f"rois_{batch}"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_linear_matches_module_with_and_without_grad(gelu):
+    layer = nn.Linear(48, 80)
+    x = torch.randn(2, 7, 48)
+    expected = F.gelu(layer(x)) if gelu else layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, layer, gelu), expected, rtol=0, atol=1e-5)
+    y = linear(x, layer, gelu)  # with grad: the plain path, gradients flow
+    assert not fused_linear_available(x, layer.weight)
+    y.sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_flop_counter_sees_the_linear_without_grad():
+    """The fused kernel must not hide matrix products from the FLOP counter."""
+    layer = nn.Linear(48, 80)
+    x = torch.randn(14, 48)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        linear(x, layer, gelu=True)
+    assert counter.get_total_flops() == 2 * 14 * 48 * 80
+    assert count_flops(create_model("sparseformer_v1_nano"), (3, 32, 32)).by_op["addmm"] > 0
+
+
+def test_stem_equals_relu_then_pool_in_contiguous_layout():
+    stem = EarlyConvolution(3, 16)
+    x = torch.randn(2, 3, 40, 40)
+    expected = channel_normalize(F.max_pool2d(F.relu(stem.conv(x)), 3, 2, 1), stem.eps)
+    torch.testing.assert_close(stem(x), expected, rtol=0, atol=1e-6)
+
+
+def test_chunked_mixing_equals_one_pass_with_gradients():
+    """The CPU chunking over the batch computes every token exactly as one pass does."""
+    mixing = AdaptiveMixing(dim=32, in_channels=8, num_points=4)
+    nn.init.normal_(mixing.generator.weight, std=0.1)
+    B, N = 30, 16  # 192 // 16 = 12 images per chunk: three chunks
+    tokens = torch.randn(B, N, 32, requires_grad=True)
+    sampled = torch.randn(B, 8, N, 4).permute(0, 2, 3, 1)  # grid_sample's layout, permuted
+    chunked = mixing(tokens, sampled)
+    (grad_chunked,) = torch.autograd.grad(chunked.square().sum(), tokens)
+    whole = mixing._decode(tokens, sampled)
+    (grad_whole,) = torch.autograd.grad(whole.square().sum(), tokens)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad_chunked, grad_whole, rtol=0, atol=1e-6)
+    with torch.inference_mode():
+        torch.testing.assert_close(mixing(tokens, sampled), whole.detach(), rtol=0, atol=1e-5)
