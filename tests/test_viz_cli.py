@@ -190,7 +190,13 @@ def test_a_training_checkpoint_names_its_model_classes_and_preprocessing(tmp_pat
         "model_name": "sparseformer_v1_nano",
         "num_classes": 2,
         "class_names": ["T-shirt/top", "trouser"],
-        "preprocessing": {"img_size": 36, "mean": [0.3] * 3, "std": [0.3] * 3, "crop_pct": 1.0},
+        "preprocessing": {
+            "img_size": 36,
+            "mean": (0.3, 0.3, 0.3),
+            "std": (0.3, 0.3, 0.3),
+            "crop_pct": 1.0,
+            "interpolation": "bilinear",
+        },
         "model": model.state_dict(),
         "model_ema": None,
         "step": 10,
@@ -199,6 +205,7 @@ def test_a_training_checkpoint_names_its_model_classes_and_preprocessing(tmp_pat
     torch.save(ckpt, path)
     loaded, info = load_model_for_viz(None, path)
     assert loaded.num_classes == 2 and info.input_size == 36 and info.mean == (0.3, 0.3, 0.3)
+    assert info.interpolation == "bilinear"
     out = tmp_path / "out"
     assert main(["viz", "--checkpoint", str(path), str(TENCH), "--out", str(out), "--no-gif"]) == 0
     assert "T-shirt/top (100.0%)" in capsys.readouterr().out

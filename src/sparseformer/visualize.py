@@ -278,7 +278,8 @@ def write_pictures(
     info = info or ModelInfo()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    output = run_details(model, preprocess(image, info.input_size, info.mean, info.std))
+    x = preprocess(image, info.input_size, info.mean, info.std, info.interpolation)
+    output = run_details(model, x)
     shown = display_image(image)
     kwargs = {"stages": stages, "highlight": highlight, "class_names": info.class_names}
     fig = plot_rois(shown, output, **kwargs)

@@ -44,12 +44,14 @@ class ModelInfo:
         input_size: square side the model is run at.
         mean, std: per-channel normalisation of ``[0, 1]`` RGB.
         class_names: names of the classifier's outputs, or ``None`` (indices are shown).
+        interpolation: resampling of the resize to ``input_size`` (as in training's eval).
     """
 
     input_size: int = 224
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     class_names: list[str] | None = field(default=None)
+    interpolation: str = "bicubic"
 
 
 def load_image(path: str | os.PathLike, *, max_side: int | None = None):
@@ -121,15 +123,25 @@ def preprocess(
     size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = "bicubic",
 ) -> Tensor:
-    """Resize an RGB PIL image to ``size x size`` (bicubic, whole image) and normalise.
+    """Resize an RGB PIL image to ``size x size`` (whole image, no crop) and normalise.
+
+    Args:
+        interpolation: ``"bicubic"``, ``"bilinear"``, ``"nearest"``, ``"lanczos"``, ...
 
     Returns:
         ``(1, 3, size, size)`` float32 batch.
     """
     from PIL import Image
 
-    resized = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    try:
+        method = Image.Resampling[interpolation.upper()]
+    except KeyError:
+        raise ValueError(
+            f"unknown interpolation {interpolation!r}; use bicubic or bilinear"
+        ) from None
+    resized = img.resize((size, size), method, reducing_gap=3.0)
     x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)  # (H, W, 3)
     x = x.permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
@@ -179,12 +191,13 @@ _META_CONTAINERS = (
 def checkpoint_metadata(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """Class names, mean/std and input size stored beside the weights, where present.
 
-    Looks at the checkpoint's top level and in nested dicts such as ``meta``, ``data`` or
-    ``config``, for ``class_names``/``classes``, ``mean``, ``std`` and
-    ``input_size``/``img_size``/``image_size``.
+    Looks at the checkpoint's top level and in nested dicts such as ``preprocessing``,
+    ``meta`` or ``config``, for ``class_names``/``classes``, ``mean``, ``std``,
+    ``input_size``/``img_size``/``image_size`` and ``interpolation``.
 
     Returns:
-        A dict with any of the keys ``class_names``, ``mean``, ``std``, ``input_size``.
+        A dict with any of the keys ``class_names``, ``mean``, ``std``, ``input_size``,
+        ``interpolation``.
     """
     scopes = [checkpoint] + [
         checkpoint[k] for k in _META_CONTAINERS if isinstance(checkpoint.get(k), Mapping)
@@ -199,6 +212,9 @@ def checkpoint_metadata(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
             value = scope.get(key)
             if key not in found and _is_float_seq(value, 3):
                 found[key] = tuple(float(v) for v in value)
+        value = scope.get("interpolation")
+        if "interpolation" not in found and isinstance(value, str):
+            found["interpolation"] = value
         for key in ("input_size", "img_size", "image_size"):
             value = scope.get(key)
             if "input_size" in found or value is None:
@@ -260,7 +276,8 @@ def load_model_for_viz(
     spec = get_model_spec(name)
     info = ModelInfo()
     if spec.weights is not None:
-        info = ModelInfo(spec.weights.input_size[-1], spec.weights.mean, spec.weights.std)
+        w = spec.weights
+        info = ModelInfo(w.input_size[-1], w.mean, w.std, None, w.interpolation)
     if ckpt is None:
         model = create_model(name)
     else:
@@ -276,6 +293,7 @@ def load_model_for_viz(
             meta.get("mean", info.mean),
             meta.get("std", info.std),
             meta.get("class_names"),
+            meta.get("interpolation", info.interpolation),
         )
     num_classes = getattr(model, "num_classes", 0)
     if info.class_names is not None and len(info.class_names) != num_classes:

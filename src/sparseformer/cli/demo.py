@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         train += ["--threads", str(args.threads)]
     if args.quiet:
         train.append("--quiet")
-    print(f"== 1/2 train {MODEL} on Fashion-MNIST: sparseformer {' '.join(train[1:])}")
+    print(f"== 1/3 train {MODEL} on Fashion-MNIST: sparseformer {' '.join(train[1:])}")
     start = time.perf_counter()
     train_args = parser.parse_args(train)
     status = train_args.func(train_args)
@@ -57,9 +57,14 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - start
     best = args.output / "best.pt"
     evaluation = ["eval", "--model", MODEL, "--checkpoint", str(best), *common, "--quiet"]
-    print(f"== 2/2 evaluate: sparseformer {' '.join(evaluation[1:])}")
+    print(f"== 2/3 evaluate: sparseformer {' '.join(evaluation[1:])}")
     eval_args = parser.parse_args(evaluation)
     status = eval_args.func(eval_args)
+    if status == 0:
+        from sparseformer.cli.viz import demo_pictures
+
+        print("== 3/3 pictures: where the tokens look on a few test images (sparseformer viz)")
+        demo_pictures(MODEL, best, args.output / "pictures")
     summary = json.loads((args.output / "summary.json").read_text())
     print(
         f"\ntrained for {summary['train_seconds'] / 60:.1f} min ({wall / 60:.1f} min wall time "
@@ -67,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         f"  best.pt, last.pt   checkpoints (sparseformer eval/predict --checkpoint ...)\n"
         f"  metrics.jsonl      one line per epoch; metrics.png: training curves\n"
         f"  summary.json       the run's summary\n"
+        f"  pictures/          RoIs and sampling points on test images, per stage (PNG, GIF)\n"
         f"try: sparseformer predict --model {MODEL} --checkpoint {best} IMAGE.png"
     )
     return status
