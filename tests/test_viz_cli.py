@@ -215,3 +215,20 @@ def test_a_training_checkpoint_names_its_model_classes_and_preprocessing(tmp_pat
     assert "checkpoint of 'sparseformer_v1_nano'" in err and "--model sparseformer_v1_nano" in err
     assert main(["viz", str(TENCH), "--out", str(out)]) == 1
     assert "pass --model NAME" in capsys.readouterr().err
+
+
+def test_demo_pictures_of_fashion_mnist_test_images(tmp_path, capsys):
+    from sparseformer.cli.viz import demo_pictures
+    from sparseformer.data.folder import DataError
+
+    model = create_model("sparseformer_v1_nano", num_classes=10).eval()
+    path = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "class_names": [f"c{i}" for i in range(10)]}, path)
+    try:
+        assert demo_pictures("sparseformer_v1_nano", path, tmp_path / "pictures", count=2) == 0
+    except DataError as exc:  # Fashion-MNIST is installed by `make test`'s data step
+        pytest.skip(str(exc))
+    printed = capsys.readouterr().out
+    assert "(T-shirt/top): predicted c" in printed and "(Trouser): predicted c" in printed
+    pngs = sorted(p.name for p in (tmp_path / "pictures").glob("*_rois.png"))
+    assert len(pngs) == 2 and len(list((tmp_path / "pictures").glob("*_stages.gif"))) == 2
