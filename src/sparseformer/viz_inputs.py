@@ -2,8 +2,10 @@
 
 SparseFormer (Gao et al., ICLR 2024). Any image PIL can read is accepted: grayscale, palette,
 RGBA (composited over white), CMYK and 16-bit images are converted to 8-bit RGB, and EXIF
-orientation is applied. The model sees the whole image squashed to ``size x size`` (no crop), so
-normalised RoI coordinates map onto the whole picture, whatever its aspect ratio.
+orientation is applied (the same conversion as training's,
+:func:`sparseformer.data.images.to_rgb`). The model sees the whole image squashed to
+``size x size`` (no crop), so normalised RoI coordinates map onto the whole picture, whatever
+its aspect ratio.
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 @dataclass
@@ -71,6 +71,8 @@ def load_image(path: str | os.PathLike, *, max_side: int | None = None):
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    from sparseformer.data.images import to_rgb  # the same conversion as training's
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
@@ -92,30 +94,6 @@ def load_image(path: str | os.PathLike, *, max_side: int | None = None):
         raise ValueError(f"{str(path)!r} is too large to decode safely ({exc})") from exc
     except (OSError, SyntaxError) as exc:  # truncated or corrupt data
         raise ValueError(f"{str(path)!r} could not be decoded ({exc}); is it complete?") from exc
-
-
-def to_rgb(img):
-    """Convert a PIL image of any mode to 8-bit RGB.
-
-    Transparent pixels are composited over white; 16-bit and float images are scaled to 8
-    bits by their range (16-bit by 65535, others by their maximum) rather than clipped.
-    """
-    from PIL import Image
-
-    if img.mode in _HIGH_BIT_MODES:
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        if img.mode in ("I", "F") and top <= 255.0:
-            top = 255.0  # already 8-bit values stored wide
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr)  # (H, W) uint8 -> mode "L"
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
 
 
 def preprocess(

@@ -138,8 +138,9 @@ def demo_pictures(model_name: str, checkpoint: Path, out_dir: Path, count: int =
     import torch
 
     from sparseformer.data.fashion_mnist import fashion_mnist
+    from sparseformer.data.images import to_rgb
     from sparseformer.visualize import format_statistics, write_pictures
-    from sparseformer.viz_inputs import load_model_for_viz, to_rgb
+    from sparseformer.viz_inputs import load_model_for_viz
 
     model, info = load_model_for_viz(model_name, checkpoint)
     test = fashion_mnist(train=False)
