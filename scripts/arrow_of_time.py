@@ -12,6 +12,7 @@ import json
 import logging
 
 from sparseformer.arrow_of_time import ArrowOfTimeRun, run_arrow_of_time
+from sparseformer.data.arrow_of_time import ArrowOfTimeSpec
 
 
 def main() -> None:
@@ -24,6 +25,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--threads", type=int, default=defaults.threads)
+    p.add_argument("--size", type=int, default=defaults.spec.size, help="crop size S")
+    p.add_argument("--frame-size", type=int, default=defaults.spec.frame_size)
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=INT", help="model config overrides"
+    )
     p.add_argument("--checkpoint", default=None, help="save the trained model here")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -35,6 +41,8 @@ def main() -> None:
         lr=args.lr,
         seed=args.seed,
         threads=args.threads,
+        spec=ArrowOfTimeSpec(size=args.size, frame_size=args.frame_size),
+        model_overrides={k: int(v) for k, v in (item.split("=") for item in args.set)},
     )
     result = run_arrow_of_time(run, args.checkpoint)
     print(json.dumps({k: v for k, v in result.items() if k != "run"}, indent=2))

