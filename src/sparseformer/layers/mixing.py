@@ -87,16 +87,15 @@ class AdaptiveMixing(nn.Module):
         """
         B, N, _ = tokens.shape
         step = max(1, _CHUNK_TOKENS // N)
-        if step >= B or tokens.device.type != "cpu" or _tracing():
+        if step >= B or tokens.device.type != "cpu" or _tracing() or _needs_grad(tokens, sampled):
             return self._decode(tokens, sampled)
-        # On CPU, decode a few images at a time: each token's generated C x C and P x P
+        # CPU inference decodes a few images at a time: each token's generated C x C and P x P
         # matrices are used once, right away, so a chunk's stay in cache instead of a round
         # trip through memory (the mixing takes ~40% less time on a 2-core CPU). Every token
-        # is computed exactly as in one pass.
-        chunks = [
-            self._decode(tokens[i : i + step], sampled[i : i + step]) for i in range(0, B, step)
-        ]
-        return torch.cat(chunks)
+        # is computed exactly as in one pass. Training keeps one pass: autograd stores the
+        # matrices anyway, and chunking measured 3-8% slower there.
+        chunks = zip(tokens.split(step), sampled.split(step))
+        return torch.cat([self._decode(t, s) for t, s in chunks])
 
     def _decode(self, tokens: Tensor, sampled: Tensor) -> Tensor:
         """:meth:`forward` for one chunk of the batch, ``(B, N, D), (B, N, P, C) -> (B, N, D)``."""
@@ -115,6 +114,10 @@ class AdaptiveMixing(nn.Module):
 
 # Tokens decoded together on CPU: ~150 tokens' generated matrices (4-8 MB) stay in cache.
 _CHUNK_TOKENS = 192
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _tracing() -> bool:
