@@ -248,3 +248,15 @@ def test_a_video_model_shows_each_replicate_on_its_frames(tmp_path):
     assert len(images) == 8
     with Image.open(save_gif(images, tmp_path / "v.gif")) as gif:
         assert gif.n_frames == 8
+
+
+def test_images_to_draw_on_come_in_any_layout():
+    from sparseformer.viz_draw import as_image
+
+    hwc = np.random.default_rng(0).integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    as_float = torch.from_numpy(hwc).permute(2, 0, 1).float() / 255  # (3, H, W) in [0, 1]
+    np.testing.assert_allclose(as_image(as_float), hwc / 255, atol=1e-6)
+    assert np.array_equal(as_image(torch.from_numpy(hwc)), hwc)  # uint8 (H, W, 3) tensor
+    assert np.array_equal(as_image(Image.fromarray(hwc)), hwc)
+    assert as_image(hwc[..., 0]).shape == (5, 7, 3)  # grayscale array
+    assert as_image(as_float[:1]).shape == (5, 7, 3)  # (1, H, W) tensor

@@ -105,7 +105,7 @@ def format_statistics(stats: dict[str, float]) -> str:
     stages = sorted(
         (int(k[len("roi/area_stage") :]), v) for k, v in stats.items() if "area_stage" in k
     )
-    areas = " > ".join(f"{v:.3f}" for _, v in stages)
+    areas = " -> ".join(f"{v:.3f}" for _, v in stages)
     line1 = f"mean RoI area per stage: {areas}" + (
         f" (initial {stats['roi/area_init']:.3f})" if "roi/area_init" in stats else ""
     )
@@ -133,12 +133,19 @@ def token_colors(num_tokens: int) -> np.ndarray:
 
 
 def as_image(image) -> np.ndarray:
-    """PIL image, ``(H, W, 3)`` array or ``(3, H, W)`` tensor in [0, 1] -> ``(H, W, 3)``."""
+    """PIL image, ``(H, W, 3)`` array or ``(3, H, W)`` tensor -> ``(H, W, 3)`` array.
+
+    Float tensors are taken as [0, 1] (clipped); uint8 tensors as 0..255.
+    """
     if torch.is_tensor(image):
-        image = image.detach().cpu().float()
-        if image.dim() == 3 and image.shape[0] in (1, 3):
+        image = image.detach().cpu()
+        if image.dim() == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
             image = image.permute(1, 2, 0)  # (3, H, W) -> (H, W, 3)
-        image = image.clamp(0, 1).numpy()
+        if image.dtype != torch.uint8:
+            image = image.float().clamp(0, 1)
+        image = image.numpy()
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]  # (H, W, 1) -> (H, W)
     elif not isinstance(image, np.ndarray):
         image = np.asarray(image.convert("RGB"))
     if image.ndim == 2:
