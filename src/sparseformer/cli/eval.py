@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.engine import session
     from sparseformer.engine.distributed import DistInfo
     from sparseformer.engine.loop import BatchPrep, evaluate
-    from sparseformer.engine.modeling import build_model
+    from sparseformer.engine.modeling import check_model_name
     from sparseformer.engine.trainer import TrainingError, amp_dtype_for
 
     try:
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         amp = amp_dtype_for(args.precision, device)
     except (DataError, ValueError, TrainingError) as exc:
         raise CliError(str(exc)) from exc
-    build_model(args.model, 1)  # an unknown name fails before any data is read
+    check_model_name(args.model)  # an unknown name fails before any data is read
     session.set_threads(None, DistInfo())
     # preprocessing: the checkpoint's own, else the data set's, else the released weights'
     from sparseformer.factory import read_checkpoint

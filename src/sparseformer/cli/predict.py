@@ -53,12 +53,12 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.engine import session
     from sparseformer.engine.distributed import DistInfo
     from sparseformer.engine.loop import BatchPrep
-    from sparseformer.engine.modeling import build_model
+    from sparseformer.engine.modeling import check_model_name
 
     if args.topk < 1:
         raise CliError("--topk must be at least 1")
     device = session.pick_device(args.device)
-    build_model(args.model, 1)  # an unknown name fails before anything is read
+    check_model_name(args.model)  # an unknown name fails before anything is read
     session.set_threads(None, DistInfo())
     model, info = session.model_from_checkpoint(args.model, args.checkpoint, prefer_ema=args.ema)
     model.to(device)

@@ -126,10 +126,16 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.engine import checkpoint as ckpt_io
     from sparseformer.engine import session
     from sparseformer.engine.distributed import cleanup_distributed, setup_distributed
-    from sparseformer.engine.modeling import build_model, load_weights, model_input_size
+    from sparseformer.engine.modeling import (
+        build_model,
+        check_model_name,
+        load_weights,
+        model_input_size,
+    )
     from sparseformer.engine.recipe import Recipe, RecipeError
     from sparseformer.engine.trainer import RunOptions, TrainingError, fit, seed_everything
 
+    check_model_name(args.model)  # before any data is read
     try:
         device = session.pick_device(args.device)
         source = data_source(args)

@@ -22,7 +22,7 @@ from sparseformer.factory import (
     read_checkpoint,
 )
 
-__all__ = ["build_model", "is_sparseformer", "load_weights", "model_input_size"]
+__all__ = ["build_model", "check_model_name", "is_sparseformer", "load_weights", "model_input_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ def is_sparseformer(model: nn.Module) -> bool:
     return hasattr(model, "forward_with_details")
 
 
-def _check_name(name: str) -> str:
+def check_model_name(name: str) -> str:
+    """``"sparseformer"`` or ``"timm"``; an unknown name raises, listing close names."""
     import timm
 
     if name in list_models():
@@ -65,7 +66,7 @@ def build_model(
             size).
         drop_path: stochastic-depth rate; ``None`` keeps the model's default.
     """
-    kind = _check_name(name)
+    kind = check_model_name(name)
     if kind == "sparseformer":
         overrides: dict[str, Any] = {}
         if drop_path is not None:
@@ -86,7 +87,7 @@ def build_model(
 
 def model_input_size(name: str) -> int | None:
     """The input size a timm model was designed for (``None`` for SparseFormers and unknown)."""
-    if _check_name(name) == "sparseformer":
+    if check_model_name(name) == "sparseformer":
         return None
     import timm
 

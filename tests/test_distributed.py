@@ -1,0 +1,76 @@
+"""``torchrun --nproc_per_node=2 -m sparseformer train`` on CPU (gloo): ranks stay identical,
+one set of files is written, the learning rate follows the total batch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparseformer.data import DataError
+from sparseformer.data.fashion_mnist import fashion_mnist
+from sparseformer.engine.recipe import load_recipe
+
+# Runs the real CLI under torchrun; afterwards every rank saves the weights it ended with.
+SCRIPT = """
+import os, sys, torch
+import sparseformer.engine.trainer as trainer
+from sparseformer.cli import main
+
+dump = sys.argv[1]
+original_fit = trainer.fit
+
+def fit_and_dump(model, *args, **kwargs):
+    summary = original_fit(model, *args, **kwargs)
+    torch.save(model.state_dict(), os.path.join(dump, f"rank{os.environ['RANK']}.pt"))
+    return summary
+
+trainer.fit = fit_and_dump
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_two_cpu_processes_train_as_one(tmp_path):
+    root = tmp_path / "datasets"
+    try:
+        fashion_mnist(False, root=root, download=False)
+    except DataError:
+        pytest.skip("Fashion-MNIST is not installed (make data installs dataset-fashion-mnist)")
+    script = tmp_path / "ddp_run.py"
+    script.write_text(SCRIPT)
+    dump, out = tmp_path / "weights", tmp_path / "run"
+    dump.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(dump), "train", "--model", "sparseformer_v1_nano", "--dataset",
+           "fashion-mnist", "--data-root", str(root), "--limit-train", "256", "--limit-val", "64",
+           "--epochs", "1", "--batch-size", "32", "--img-size", "28", "--quiet", "--device", "cpu",
+           "--set", "warmup_epochs=100", "--output", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    ranks = [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+
+    # one set of files, written by rank 0 only
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best.pt", "last.pt", "metrics.jsonl", "metrics.png", "summary.json",
+    ]  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 4  # 256 images / (2 ranks x 32) per step
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert len(state["rng"]) == 2  # each rank's generators, to resume every rank exactly
+    for key in ranks[0]:
+        assert torch.equal(state["model"][key], ranks[0][key])
+    # the LR is scaled by the total batch of 64: warm-up step 3 of 400 towards lr * 64 / 512
+    recipe = load_recipe("fashion-mnist-cpu")
+    peak, start, _ = recipe.scaled_lr(64)
+    assert record["lr"] == pytest.approx(start + (peak - start) * 3 / 400)
+    assert record["images_per_second"] > 0 and Path(summary["metrics"]).exists()

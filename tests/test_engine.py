@@ -1,0 +1,175 @@
+"""Engine pieces: LR schedule, weight-decay groups, recipes, checkpoints, RNG, failure modes."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from sparseformer import create_model
+from sparseformer.data import DatasetBundle, Preprocessing
+from sparseformer.engine import checkpoint as ckpt_io
+from sparseformer.engine.optim import LRSchedule, build_optimizer
+from sparseformer.engine.recipe import RecipeError, list_recipes, load_recipe
+from sparseformer.engine.trainer import RunOptions, TrainingError, fit
+
+
+def test_schedule_is_a_pure_function_of_step():
+    s = LRSchedule(peak_lr=1e-3, warmup_lr=1e-6, min_lr=1e-5, warmup_steps=10, total_steps=110)
+    assert s(0) == pytest.approx(1e-6)
+    assert s(10) == pytest.approx(1e-3)
+    assert s(60) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)
+    assert s(110) == pytest.approx(1e-5) and s(500) == pytest.approx(1e-5)
+    warm = [s(i) for i in range(11)]
+    decay = [s(i) for i in range(10, 111)]
+    assert warm == sorted(warm) and decay == sorted(decay, reverse=True)
+    assert [s(i) for i in range(110)] == [s(i) for i in range(110)]  # no hidden state
+
+
+def test_no_weight_decay_on_norms_biases_and_initial_rois():
+    model = create_model("sparseformer_v1_nano", num_classes=10)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert len(decay_of) == len(names)  # every parameter is optimised
+    for name, p in names.items():
+        expected = 0.0 if (p.ndim <= 1 or name in model.no_weight_decay()) else 0.05
+        assert decay_of[id(p)] == expected, name
+    assert decay_of[id(model.initial_rois)] == 0.0
+    assert decay_of[id(model.head.weight)] == 0.05
+
+
+def test_imagenet_recipe_is_the_papers():
+    r = load_recipe("imagenet1k")
+    assert (r.epochs, r.batch_size, r.img_size, r.lr, r.lr_base_batch) == (300, 128, 224, 5e-4, 512)
+    assert (r.warmup_lr, r.min_lr, r.warmup_epochs, r.weight_decay) == (5e-7, 5e-6, 20, 0.05)
+    assert (r.betas, r.eps, r.clip_grad, r.label_smoothing) == ((0.9, 0.999), 1e-8, 5.0, 0.1)
+    assert (r.mixup, r.cutmix, r.mixup_prob, r.mixup_switch_prob) == (0.8, 1.0, 1.0, 0.5)
+    a = r.augmentation
+    assert (a.auto_augment, a.color_jitter, a.re_prob, a.re_mode) == (
+        "rand-m9-mstd0.5-inc1", 0.4, 0.25, "pixel",
+    )  # fmt: skip
+    assert (r.repeated_aug, r.ema_decay, r.interpolation) == (3, 0.9999, "bicubic")
+    assert r.crop_pct == pytest.approx(224 / 256) and r.drop_path is None  # per model
+    # linear scaling with the total batch: 8 GPUs x 128 = 1024 images -> twice the base
+    assert r.scaled_lr(1024) == pytest.approx((1e-3, 1e-6, 1e-5))
+    assert {"imagenet1k", "fashion-mnist-cpu"} <= set(list_recipes())
+
+
+def test_recipe_errors_are_one_line(tmp_path):
+    with pytest.raises(RecipeError, match="shipped recipes: .*imagenet1k"):
+        load_recipe("imagenet22k")
+    bad = tmp_path / "r.json"
+    bad.write_text(json.dumps({"epochs": 3, "learning_rate": 1.0}))
+    with pytest.raises(RecipeError, match="unknown recipe field.*learning_rate"):
+        load_recipe(bad)
+    bad.write_text("{not json")
+    with pytest.raises(RecipeError, match="not valid JSON"):
+        load_recipe(bad)
+    good = tmp_path / "mine.json"
+    good.write_text(json.dumps({"epochs": 3, "augmentation": {"re_prob": 0.0}}))
+    r = load_recipe(good)
+    assert (r.name, r.epochs, r.augmentation.re_prob, r.lr) == ("mine", 3, 0.0, 5e-4)
+
+
+def test_atomic_save_and_rng_round_trip(tmp_path):
+    path = tmp_path / "ck.pt"
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    state = ckpt_io.capture_rng()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt_io.save_atomic({"model": {}, "step": 0, "rng": state}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary left behind
+    loaded = ckpt_io.read_training_checkpoint(path)  # weights_only=True
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    ckpt_io.restore_rng(loaded["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0])
+    assert np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+class Pixels(Dataset):
+    """Random uint8 images whose label is their bright quadrant (learnable, tiny)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.randint(0, 4, (n,), generator=g)
+        noise = torch.randint(0, 40, (n, 3, 16, 16), generator=g)
+        for i, label in enumerate(self.y.tolist()):
+            r, c = divmod(label, 2)
+            noise[i, :, 8 * r : 8 * r + 8, 8 * c : 8 * c + 8] += 150  # (3, 16, 16) quadrant
+        self.x = noise.to(torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+class BreaksLater(nn.Module):
+    """A classifier whose output turns NaN after ``good_calls`` training calls."""
+
+    def __init__(self, good_calls: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4))
+        self.good_calls = good_calls
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > self.good_calls:
+                out = out * float("nan")
+        return out
+
+
+def tiny_run(tmp_path, model, n_train=64, **recipe_changes):
+    recipe = load_recipe("fashion-mnist-cpu").replace(
+        epochs=3, batch_size=16, warmup_epochs=0, **recipe_changes
+    )
+    bundle = DatasetBundle(Pixels(n_train, 0), Pixels(32, 1), ["a", "b", "c", "d"])
+    pre = Preprocessing(16, (0.5,) * 3, (0.25,) * 3, 1.0, "bilinear")
+    options = RunOptions(
+        output=tmp_path / "run", model_name="test", precision=recipe.precision, progress=False
+    )
+    return fit(model, bundle, recipe, pre, options)
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+    model = BreaksLater(good_calls=4 + 2)  # 4 steps per epoch: breaks in epoch 2
+    with pytest.raises(TrainingError, match=r"epoch 2: loss is nan.*last good checkpoint") as e:
+        tiny_run(tmp_path, model)
+    assert "\n" not in str(e.value) and "--lr" in str(e.value)
+    kept = ckpt_io.read_training_checkpoint(tmp_path / "run" / "last.pt")
+    assert kept["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]
+
+
+def test_tiny_run_learns_and_writes_everything(tmp_path):
+    summary = tiny_run(tmp_path, BreaksLater(good_calls=10**9), n_train=320, lr=0.2)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.pt", "last.pt", "metrics.jsonl", "metrics.png", "summary.json",
+    ]  # fmt: skip
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = {"epoch", "train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "images_per_second"}
+    assert all(keys <= set(r) for r in records)
+    assert records[-1]["val_acc1"] > 60  # 4 classes: chance is 25%
+    assert summary["best_val_acc1"] == max(r["val_acc1"] for r in records)
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    with pytest.raises(TrainingError, match="fp16 needs a CUDA GPU; use bf16 or fp32"):
+        tiny_run(tmp_path, BreaksLater(10**9), precision="fp16")

@@ -1,0 +1,160 @@
+"""Every bad input to train / eval / predict gets one line that says what to do, and official
+checkpoints in either layout evaluate through --checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from sparseformer import create_model
+from sparseformer.cli import main
+from sparseformer.convert import TOP_LEVEL, TRANSITION, UNIT, convert_state_dict
+
+from .test_data import make_folder
+
+NANO = "sparseformer_v1_nano"
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1 and err.count("\n") == 0, err
+    assert err.startswith(f"sparseformer {argv[0]}: error: ")
+    return err
+
+
+def to_official(state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """Our state dict in an official layout: the converter's tables read backwards."""
+    top = {ours: theirs for theirs, ours in TOP_LEVEL[fmt].items()}
+    unit = {ours: theirs for theirs, ours in UNIT[fmt].items()}
+    transition = {ours: theirs for theirs, ours in TRANSITION.items()}
+    index: dict[str, int] = {}  # "stages.S.units.U." or "stages.S." (transition) -> flat K
+    for key in state:  # state-dict order is module order: stage by stage, transition first
+        if key.startswith("stages."):
+            parts = key.split(".")
+            prefix = ".".join(parts[:4]) + "." if parts[2] == "units" else ".".join(parts[:2]) + "."
+            index.setdefault(prefix, len(index))
+    out = {}
+    for key, value in state.items():
+        if key in top:
+            out[top[key]] = value
+            continue
+        prefix = next(p for p in sorted(index, key=len, reverse=True) if key.startswith(p))
+        rest = key[len(prefix) :]
+        table = unit if ".units." in prefix else transition
+        ours = max((o for o in table if rest.startswith(o) or rest == o), key=len)
+        out[f"layers.{index[prefix]}.{table[ours]}{rest[len(ours) :]}"] = value
+    return out
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_folder(tmp_path / "data", classes=("cat", "dog", "emu"), per_class=4)
+
+
+@pytest.mark.parametrize("fmt", ["imagenet", "v2"])
+def test_eval_accepts_official_checkpoints(tmp_path, folder, capsys, fmt):
+    model = create_model(NANO, num_classes=3).eval()
+    ours = model.state_dict()
+    official = to_official(ours, fmt)
+    converted, report = convert_state_dict(official)
+    assert report.source_format == fmt and converted.keys() == ours.keys()  # inverse is exact
+    torch.save(ours, tmp_path / "ours.pth")
+    torch.save({"model": official, "epoch": 299}, tmp_path / f"{fmt}.pth")
+    results = []
+    for name in ("ours.pth", f"{fmt}.pth"):
+        code, out, err = run_cli(capsys, "eval", "--model", NANO, "--checkpoint",
+                                 str(tmp_path / name), "--data-dir", str(folder), "--img-size",
+                                 "32", "--json", "--quiet")  # fmt: skip
+        assert code == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert results[0]["images"] == 12
+    for key in ("acc1", "acc5", "loss"):
+        assert results[1][key] == pytest.approx(results[0][key], rel=1e-6)
+
+
+def test_official_checkpoint_of_another_size_is_one_line(tmp_path, folder, capsys):
+    micro = create_model("sparseformer_v1_micro", num_classes=3)
+    torch.save({"model": to_official(micro.state_dict(), "imagenet")}, tmp_path / "m.pth")
+    err = one_line_error(capsys, "eval", "--model", NANO, "--checkpoint", str(tmp_path / "m.pth"),
+                         "--data-dir", str(folder))  # fmt: skip
+    assert "does not fit this model" in err and "another model size" in err
+
+
+def test_checkpoint_with_other_classes_is_one_line(tmp_path, folder, capsys):
+    torch.save({"model": create_model(NANO, num_classes=7).state_dict()}, tmp_path / "c.pth")
+    err = one_line_error(capsys, "eval", "--model", NANO, "--checkpoint", str(tmp_path / "c.pth"),
+                         "--data-dir", str(folder))  # fmt: skip
+    assert "classifies 7 classes but the data has 3" in err
+
+
+def test_unknown_model_lists_close_names(tmp_path, folder, capsys):
+    for command in ("train", "eval"):
+        extra = ["--output", str(tmp_path / "o")] if command == "train" else ["--checkpoint", "x"]
+        err = one_line_error(capsys, command, "--model", "sparseformer_v1_mikro", "--data-dir",
+                             str(folder), *extra)  # fmt: skip
+        assert "unknown model 'sparseformer_v1_mikro'" in err
+        assert "did you mean sparseformer_v1_micro" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "layout, expected",
+    [("missing", "does not exist"), ("empty", "is empty"), ("empty_class", "have no images")],
+)
+def test_bad_data_dir_is_one_line(tmp_path, capsys, layout, expected):
+    root = tmp_path / "d"
+    if layout == "empty":
+        root.mkdir()
+    elif layout == "empty_class":
+        make_folder(root)
+        (root / "val" / "dog" / "0.jpg").unlink()
+        for p in (root / "val" / "dog").iterdir():
+            p.unlink()
+    err = one_line_error(capsys, "train", "--model", NANO, "--data-dir", str(root), "--output",
+                         str(tmp_path / "o"))  # fmt: skip
+    assert expected in err
+
+
+def test_unreadable_images_are_skipped_and_reported(tmp_path, folder, capsys):
+    (folder / "val" / "cat" / "broken.jpg").write_text("not an image")
+    (folder / "train" / "dog" / "empty.png").write_bytes(b"")
+    torch.save({"model": create_model(NANO, num_classes=3).state_dict()}, tmp_path / "c.pth")
+    ckpt = str(tmp_path / "c.pth")
+    code, out, err = run_cli(capsys, "eval", "--model", NANO, "--checkpoint", ckpt,
+                             "--data-dir", str(folder), "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert "12 images (1 unreadable file(s) skipped)" in out
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "--model", NANO, "--data-dir", str(folder),
+                             "--output", str(out_dir), "--epochs", "1", "--batch-size", "4",
+                             "--img-size", "32", "--quiet", "--recipe",
+                             "fashion-mnist-cpu")  # fmt: skip
+    assert code == 0, err
+    assert "skipped 2 unreadable image file(s)" in out
+    assert (out_dir / "last.pt").exists()
+
+
+def test_predict_names_imagenet_classes_and_rejects_bad_files(tmp_path, capsys):
+    torch.save(create_model(NANO).state_dict(), tmp_path / "in1k.pth")  # 1000 classes, bare
+    img = tmp_path / "x.png"
+    Image.new("RGBA", (40, 30), (200, 10, 10, 255)).save(img)
+    code, out, err = run_cli(capsys, "predict", "--model", NANO, "--checkpoint",
+                             str(tmp_path / "in1k.pth"), str(img), "--json")  # fmt: skip
+    assert code == 0, err
+    from timm.data import ImageNetInfo
+
+    names = {ImageNetInfo().index_to_description(i) for i in range(1000)}
+    preds = json.loads(out.strip())["predictions"]
+    assert len(preds) == 5 and all(p["label"] in names for p in preds)
+    err = one_line_error(capsys, "predict", "--model", NANO, "--checkpoint",
+                         str(tmp_path / "in1k.pth"), str(tmp_path / "nope.png"))  # fmt: skip
+    assert "does not exist" in err
