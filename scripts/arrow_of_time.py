@@ -27,6 +27,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=defaults.threads)
     p.add_argument("--size", type=int, default=defaults.spec.size, help="crop size S")
     p.add_argument("--frame-size", type=int, default=defaults.spec.frame_size)
+    p.add_argument("--stride", type=int, default=defaults.spec.stride, help="frame step")
+    p.add_argument("--segment", type=int, default=defaults.spec.segment, help="split segment")
+    p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     p.add_argument(
         "--set", nargs="*", default=[], metavar="FIELD=INT", help="model config overrides"
     )
@@ -41,8 +45,14 @@ def main() -> None:
         lr=args.lr,
         seed=args.seed,
         threads=args.threads,
-        spec=ArrowOfTimeSpec(size=args.size, frame_size=args.frame_size),
-        model_overrides={k: int(v) for k, v in (item.split("=") for item in args.set)},
+        weight_decay=args.weight_decay,
+        spec=ArrowOfTimeSpec(
+            size=args.size, frame_size=args.frame_size, stride=args.stride, segment=args.segment
+        ),
+        model_overrides={
+            "drop_path_rate": args.drop_path,
+            **{k: int(v) for k, v in (item.split("=") for item in args.set)},
+        },
     )
     result = run_arrow_of_time(run, args.checkpoint)
     print(json.dumps({k: v for k, v in result.items() if k != "run"}, indent=2))

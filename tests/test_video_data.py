@@ -19,7 +19,7 @@ from sparseformer.data.video import (
     read_video,
     train_transform,
 )
-from sparseformer.engine.video import evaluate_views, view_scores
+from sparseformer.engine.video import ViewAveraging, evaluate_views, view_scores
 
 from .conftest import DATA
 
@@ -168,6 +168,12 @@ def test_multi_view_testing_averages_scores(tmp_path):
     assert probs.shape == (1, 2) and torch.allclose(probs.sum(-1), torch.ones(1))
     loader = torch.utils.data.DataLoader(val, batch_size=2)
     assert evaluate_views(Direction(), loader)["acc1"] == 100.0
+    # the wrapper the CLI uses: log of the averaged scores, so softmax gives them back
+    wrapped = ViewAveraging(Direction())(views.unsqueeze(0))
+    torch.testing.assert_close(wrapped.softmax(-1), probs)
+    # one view per video: plain clips, as the training loop's validation expects
+    single = VideoFolder(tmp_path / "val", ClipSpec(num_frames=4, stride=2, size=16), train=False)
+    assert single[0][0].shape == (3, 4, 16, 16)
 
 
 def test_arrow_of_time_split_is_disjoint_and_labels_are_directions():

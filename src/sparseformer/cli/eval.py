@@ -85,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     model.to(device)
+    if getattr(model, "roi_dims", 2) == 3:  # video: one prediction per video, views averaged
+        from sparseformer.engine.video import ViewAveraging
+
+        model = ViewAveraging(model)
     loader = build_eval_loader(bundle.val, args.batch_size, args.workers)
     prep = BatchPrep(pre.mean, pre.std, torch.device(device))
     progress = not args.quiet and sys.stderr.isatty()

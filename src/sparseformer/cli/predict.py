@@ -23,7 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="the model the checkpoint belongs to")
     p.add_argument("--checkpoint", type=Path, required=True, help="ours or an official release")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument(
+        "images",
+        nargs="+",
+        type=Path,
+        metavar="IMAGE",
+        help="images, or video files for a video model",
+    )
     p.add_argument("--topk", type=int, default=5, help="classes to show per image")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -42,6 +48,28 @@ def class_names(info: dict, num_classes: int) -> list[str]:
         imagenet = ImageNetInfo()
         return [imagenet.index_to_description(i) for i in range(1000)]
     return [f"class {i}" for i in range(num_classes)]
+
+
+def _video_spec(model, info: dict, pre):
+    """Clip sampling for a video model: the training run's, sized by its preprocessing;
+    ``None`` for image models."""
+    if getattr(model, "roi_dims", 2) != 3:
+        return None
+    import dataclasses
+
+    from sparseformer.data.video import ClipSpec
+
+    saved = dict(info.get("video") or {"num_frames": model.config.num_frames})
+    for key in ("scale", "mean", "std"):
+        if key in saved:
+            saved[key] = tuple(saved[key])
+    return dataclasses.replace(
+        ClipSpec(**saved),
+        size=pre.img_size,
+        crop_pct=pre.crop_pct,
+        mean=tuple(pre.mean),
+        std=tuple(pre.std),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,18 +100,34 @@ def run(args: argparse.Namespace) -> int:
     prep = BatchPrep(pre.mean, pre.std, torch.device(device))
     k = min(args.topk, len(names))
     failed = 0
+    video = _video_spec(model, info, pre)
     for path in args.images:
-        try:
-            img = open_rgb(path)
-        except FileNotFoundError:
-            raise CliError(f"image {str(path)!r} does not exist") from None
-        except READ_ERRORS as exc:
-            print(f"{path}: cannot read this image ({exc.__class__.__name__}: {exc}); skipped")
-            failed += 1
-            continue
-        x, _ = prep(torch.as_tensor(transform(img))[None], torch.zeros(1, dtype=torch.long), False)
-        with torch.inference_mode():
-            probs = model(x).float().softmax(dim=-1)[0]
+        if video is not None:  # a video model reads video files (views averaged)
+            from sparseformer.data.video import VideoDataError, VideoReadError
+            from sparseformer.engine.video import predict_video_file
+
+            if not path.exists():
+                raise CliError(f"video {str(path)!r} does not exist")
+            try:
+                probs = predict_video_file(model, str(path), video, device)
+            except (VideoReadError, VideoDataError) as exc:
+                print(f"{path}: cannot use this video ({exc}); skipped")
+                failed += 1
+                continue
+        else:
+            try:
+                img = open_rgb(path)
+            except FileNotFoundError:
+                raise CliError(f"image {str(path)!r} does not exist") from None
+            except READ_ERRORS as exc:
+                print(f"{path}: cannot read this image ({exc.__class__.__name__}: {exc}); skipped")
+                failed += 1
+                continue
+            x, _ = prep(
+                torch.as_tensor(transform(img))[None], torch.zeros(1, dtype=torch.long), False
+            )
+            with torch.inference_mode():
+                probs = model(x).float().softmax(dim=-1)[0]
         top = probs.topk(k)
         preds = [
             {"label": names[i], "index": int(i), "probability": float(p)}

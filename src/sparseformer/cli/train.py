@@ -8,6 +8,7 @@ metrics.png (curves) and summary.json. Resume a stopped run with --resume auto.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -35,12 +36,42 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         "--limit-train", type=int, metavar="N", help="use only the first N training images"
     )
     g.add_argument("--limit-val", type=int, metavar="N", help="use only the first N val images")
+    g = p.add_argument_group("video folders (DIR/train/CLASS/*.mp4; video models)")
+    g.add_argument("--frames", type=int, help="frames per clip (default: the model's)")
+    g.add_argument("--frame-stride", type=int, default=4, help="dense sampling step")
+    g.add_argument("--sampling", choices=("dense", "uniform"), default="dense")
+    g.add_argument("--clips", type=int, default=1, help="test clips per video (eval)")
+    g.add_argument("--crops", type=int, choices=(1, 3), default=1, help="test crops per clip")
 
 
-def data_source(args: argparse.Namespace):
+def video_clip_spec(args: argparse.Namespace, views: bool = True):
+    """Clip sampling from the video flags; ``views=False`` keeps one test view (training)."""
+    from sparseformer.data.video import ClipSpec
+    from sparseformer.registry import MODELS
+
+    frames = args.frames or getattr(
+        getattr(MODELS.get(getattr(args, "model", None) or ""), "config", None), "num_frames", 8
+    )
+    return ClipSpec(
+        num_frames=frames,
+        sampling=args.sampling,
+        stride=args.frame_stride,
+        num_clips=args.clips if views else 1,
+        num_crops=args.crops if views else 1,
+    )
+
+
+def data_source(args: argparse.Namespace, views: bool = True):
     from sparseformer.data import DataSource
 
-    return DataSource(args.data_dir, args.dataset, args.data_root, args.limit_train, args.limit_val)
+    return DataSource(
+        args.data_dir,
+        args.dataset,
+        args.data_root,
+        args.limit_train,
+        args.limit_val,
+        video=video_clip_spec(args, views),
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -123,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sparseformer.cli import CliError
     from sparseformer.data import DataError, Preprocessing, build_datasets, dataset_defaults
+    from sparseformer.data.video import is_video_folder
     from sparseformer.engine import checkpoint as ckpt_io
     from sparseformer.engine import session
     from sparseformer.engine.distributed import cleanup_distributed, setup_distributed
@@ -138,8 +170,12 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)  # before any data is read
     try:
         device = session.pick_device(args.device)
-        source = data_source(args)
+        source = data_source(args, views=False)  # per-epoch validation: one view per video
         recipe = build_recipe(args)
+        video = args.data_dir is not None and is_video_folder(args.data_dir)
+        if video and recipe.cutmix > 0:  # timm's CutMix cuts the last two axes: T x H on clips
+            logging.getLogger(__name__).info("video clips: CutMix is turned off")
+            recipe = recipe.replace(cutmix=0.0)
         resume = None
         if args.resume == "auto":
             last = args.output / ckpt_io.LAST
@@ -194,7 +230,11 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             resume=resume,
             progress=not args.quiet,
-            extra={"data": source.describe(), "torch": str(torch.__version__)},
+            extra={
+                "data": source.describe(),
+                "torch": str(torch.__version__),
+                **({"video": dataclasses.asdict(source.video)} if video else {}),
+            },
         )
         try:
             summary = fit(model, bundle, recipe, pre, options, dist)

@@ -15,12 +15,14 @@ their held-out footage is the same time span. Label 0 = forwards, 1 = backwards.
 from __future__ import annotations
 
 import importlib.util
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -74,6 +76,8 @@ class ArrowOfTimeSpec:
         segment: frames per time segment of the split.
         test_every: every ``test_every``-th segment (the last of each group) is held out.
         test_step: test clips start every ``test_step`` frames inside held-out segments.
+        scale: training crops cover this range of the frame's area (one box for all frames),
+            resized to ``size``; no flips (they would mirror the motion).
     """
 
     num_frames: int = 8
@@ -83,6 +87,7 @@ class ArrowOfTimeSpec:
     segment: int = 30
     test_every: int = 4
     test_step: int = 2
+    scale: tuple[float, float] = (0.35, 1.0)
 
     @property
     def span(self) -> int:
@@ -157,12 +162,18 @@ class ArrowOfTimeClips(Dataset):
         if self.order == "shuffled":
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
             frames = frames[torch.randperm(spec.num_frames, generator=g)]
-        free = spec.frame_size - spec.size
-        if self.train:
-            top, left = random.randint(0, free), random.randint(0, free)
+        if self.train:  # one random box for every frame, resized to the clip size
+            side = spec.frame_size * math.sqrt(random.uniform(*spec.scale))
+            ratio = math.exp(random.uniform(-0.2, 0.2))
+            h = min(spec.frame_size, round(side * ratio))
+            w = min(spec.frame_size, round(side / ratio))
+            top = random.randint(0, spec.frame_size - h)
+            left = random.randint(0, spec.frame_size - w)
+            x = frames[:, :, top : top + h, left : left + w]
+            x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", antialias=True)
         else:
-            top = left = free // 2
-        x = frames[:, :, top : top + spec.size, left : left + spec.size]
+            top = (spec.frame_size - spec.size) // 2
+            x = frames[:, :, top : top + spec.size, top : top + spec.size]
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         x = ((x - mean) / std).permute(1, 0, 2, 3)  # (T, 3, S, S) -> (3, T, S, S)

@@ -6,6 +6,7 @@ data set by name (``fashion-mnist``). New sources (video folders) plug in here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from sparseformer.data.fashion_mnist import CLASS_NAMES as FASHION_CLASSES
 from sparseformer.data.fashion_mnist import fashion_mnist
 from sparseformer.data.folder import CheckedImageFolder, DataError
 from sparseformer.data.transforms import Augmentation, Preprocessing, build_transform
+from sparseformer.data.video import ClipSpec, VideoDataError, is_video_folder, video_datasets
 
 __all__ = ["BUILTIN_DATASETS", "DataSource", "DatasetBundle", "build_datasets", "dataset_defaults"]
 
@@ -33,6 +35,8 @@ class DataSource:
         dataset: a built-in data set name (see ``BUILTIN_DATASETS``).
         data_root: cache folder for built-in data sets (default: the user cache).
         limit_train, limit_val: use only the first N images of each split (quick runs, tests).
+        video: clip sampling for a folder of videos (``DIR/train/CLASS/*.mp4``); its size,
+            crop_pct, mean and std are replaced by the preprocessing's. ``None``: defaults.
     """
 
     data_dir: Path | None = None
@@ -40,6 +44,7 @@ class DataSource:
     data_root: Path | None = None
     limit_train: int | None = None
     limit_val: int | None = None
+    video: ClipSpec | None = None
 
     def __post_init__(self) -> None:
         if (self.data_dir is None) == (self.dataset is None):
@@ -124,6 +129,22 @@ def build_datasets(
             train.transform = train_tf
         val.transform = val_tf
         bundle = DatasetBundle(train, val, list(FASHION_CLASSES))
+    elif source.data_dir is not None and is_video_folder(source.data_dir):
+        # video folder: train clips (3, T, S, S), val views (V, 3, T, S, S) or (3, T, S, S)
+        _check_data_dir(Path(source.data_dir), need_train)
+        spec = dataclasses.replace(
+            source.video or ClipSpec(),
+            size=preprocessing.img_size,
+            crop_pct=preprocessing.crop_pct,
+            mean=tuple(preprocessing.mean),
+            std=tuple(preprocessing.std),
+        )
+        try:
+            train, val = video_datasets(source.data_dir, spec, need_train)
+        except VideoDataError as exc:
+            raise DataError(str(exc)) from exc
+        skipped = (train.skipped if train is not None else []) + val.skipped
+        bundle = DatasetBundle(train, val, list(val.classes), skipped)
     else:
         data_dir = Path(source.data_dir)
         _check_data_dir(data_dir, need_train)

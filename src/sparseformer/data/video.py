@@ -41,6 +41,9 @@ __all__ = [
     "clip_indices",
     "resize_frames",
     "VideoFolder",
+    "is_video_folder",
+    "video_datasets",
+    "video_file_views",
 ]
 
 logger = logging.getLogger(__name__)
@@ -273,7 +276,8 @@ class VideoFolder(Dataset):
         root: the split folder (for example ``DIR/train``).
         spec: clip sampling and preprocessing.
         train: one random clip per item ``(3, T, S, S)``; else all test views stacked
-            ``(V, 3, T, S, S)`` with ``V = num_clips * num_crops``.
+            ``(V, 3, T, S, S)`` with ``V = num_clips * num_crops`` (``(3, T, S, S)`` when
+            ``V = 1``).
         classes: class names to use (so that val follows train's order).
         seed: base seed of the training randomness (per item and epoch-independent draws come
             from Python's ``random`` seeded by the DataLoader worker).
@@ -352,6 +356,8 @@ class VideoFolder(Dataset):
         views = []
         for c in range(spec.num_clips):
             views += test_views(frames[c * spec.num_frames : (c + 1) * spec.num_frames], spec)
+        if len(views) == 1:  # one view: a plain clip, as the image pipeline's loaders expect
+            return views[0]
         return torch.stack(views)  # V x (3, T, S, S) -> (V, 3, T, S, S)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
@@ -363,3 +369,50 @@ class VideoFolder(Dataset):
                 self.failed_loads += 1
                 logger.warning("could not decode %s (%s); using the next video", i, exc)
         raise VideoDataError(f"no video under {str(self.root)!r} could be decoded")
+
+
+def is_video_folder(data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` (with ``train/`` and/or ``val/`` class folders) holds videos: the
+    first file found under a class folder has a video extension."""
+    for split in ("train", "val"):
+        root = Path(data_dir) / split
+        if not root.is_dir():
+            continue
+        for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            for f in sorted(class_dir.iterdir()):
+                if f.is_file() and not f.name.startswith("."):
+                    return f.suffix.lower() in VIDEO_EXTENSIONS
+    return False
+
+
+def video_datasets(
+    data_dir: str | Path, spec: ClipSpec, need_train: bool = True
+) -> tuple[VideoFolder | None, VideoFolder]:
+    """Train (one random clip per video and epoch) and val (test views) video folders.
+
+    Raises:
+        VideoDataError: missing split folders, no class folders, no usable video.
+    """
+    data_dir = Path(data_dir)
+    train = VideoFolder(data_dir / "train", spec, train=True) if need_train else None
+    classes = train.classes if train is not None else None
+    val = VideoFolder(data_dir / "val", spec, train=False, classes=classes)
+    return train, val
+
+
+def video_file_views(path: str | Path, spec: ClipSpec) -> Tensor:
+    """All test views of one video file: ``(V, 3, T, S, S)``, for prediction.
+
+    Raises:
+        VideoReadError: unreadable file; VideoDataError: too short for one clip.
+    """
+    n = probe_video(path)
+    if n < spec.min_frames:
+        raise VideoDataError(f"{path}: {n} frames, a clip needs at least {spec.min_frames}")
+    rng = random.Random(0)
+    clips = [clip_indices(n, spec, train=False, clip=c, rng=rng) for c in range(spec.num_clips)]
+    frames = read_video(path, [i for c in clips for i in c])  # (num_clips*T, H, W, 3)
+    views = []
+    for c in range(spec.num_clips):
+        views += test_views(frames[c * spec.num_frames : (c + 1) * spec.num_frames], spec)
+    return torch.stack(views)  # V x (3, T, S, S) -> (V, 3, T, S, S)

@@ -61,7 +61,7 @@ def weights_preprocessing(model_name: str) -> Preprocessing:
 
 def checkpoint_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """What one of our checkpoints says about itself (empty for official/bare ones)."""
-    keys = ("model_name", "num_classes", "class_names", "preprocessing", "recipe", "epoch")
+    keys = ("model_name", "num_classes", "class_names", "preprocessing", "recipe", "epoch", "video")
     return {k: checkpoint[k] for k in keys if k in checkpoint}
 
 

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-__all__ = ["view_scores", "evaluate_views"]
+from sparseformer.data.video import ClipSpec, video_file_views
+
+__all__ = ["ViewAveraging", "view_scores", "evaluate_views", "predict_video_file"]
 
 
 @torch.no_grad()
@@ -52,3 +54,37 @@ def evaluate_views(
         n += labels.numel()
     model.train(was_training)
     return {"acc1": 100.0 * correct / max(n, 1), "loss": nll / max(n, 1), "num_samples": n}
+
+
+class ViewAveraging(nn.Module):
+    """Wrap a video classifier so that ``(B, V, 3, T, H, W)`` batches give one prediction per
+    video: the log of the views' mean softmax scores (valid logits: their softmax is the mean
+    score, and cross-entropy on them is the NLL of the averaged prediction). Plain
+    ``(B, 3, T, H, W)`` clips pass straight to the model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 6:
+            return self.model(x)
+        B, V = x.shape[:2]
+        logits = self.model(x.flatten(0, 1))  # (B, V, 3, T, H, W) -> (B*V, 3, T, H, W)
+        probs = logits.float().softmax(-1).reshape(B, V, -1).mean(1)  # (B*V, K) -> (B, K)
+        return probs.clamp_min(1e-12).log()
+
+
+@torch.no_grad()
+def predict_video_file(
+    model: nn.Module, path: str, spec: ClipSpec, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Class probabilities ``(classes,)`` of one video file, averaged over ``spec``'s views.
+
+    Raises:
+        VideoReadError: unreadable file; VideoDataError: too short for one clip.
+    """
+    views = video_file_views(path, spec).to(device)  # (V, 3, T, S, S)
+    model.eval()
+    return view_scores(model, views.unsqueeze(0))[0]
