@@ -50,6 +50,14 @@ __all__ = ["TrainingError", "RunOptions", "seed_everything", "amp_dtype_for", "f
 
 logger = logging.getLogger(__name__)
 
+_TEMPORARIES = (
+    ".last.pt.tmp-*",
+    ".best.pt.tmp-*",
+    ".metrics.jsonl.tmp",
+    ".metrics.tmp.png",
+    ".summary.json.tmp",
+)
+
 
 class TrainingError(RuntimeError):
     """A run that cannot go on; the message says what to do."""
@@ -132,6 +140,9 @@ def fit(
     out = Path(options.output)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        for pattern in _TEMPORARIES:  # left by a run killed while writing
+            for stale in out.glob(pattern):
+                stale.unlink()
     model.to(device)
     total_batch = recipe.batch_size * dist.world_size
     peak_lr, warmup_lr, min_lr = recipe.scaled_lr(total_batch)
@@ -273,9 +284,9 @@ def fit(
                 "rng": rng,
                 "metrics": record,
             }
-            ckpt_io.save_atomic(state, out / ckpt_io.LAST)
-            if is_best:
+            if is_best:  # before last.pt: a last.pt naming a best epoch implies its best.pt
                 ckpt_io.save_atomic(state, out / ckpt_io.BEST)
+            ckpt_io.save_atomic(state, out / ckpt_io.LAST)
             plot_metrics(log.records, out / "metrics.png")
             logger.info(
                 "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%, "
