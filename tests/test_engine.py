@@ -173,3 +173,24 @@ def test_tiny_run_learns_and_writes_everything(tmp_path):
 def test_fp16_on_cpu_is_refused(tmp_path):
     with pytest.raises(TrainingError, match="fp16 needs a CUDA GPU; use bf16 or fp32"):
         tiny_run(tmp_path, BreaksLater(10**9), precision="fp16")
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    import os
+
+    from sparseformer.engine.distributed import DistInfo
+    from sparseformer.engine.session import set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    try:
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+        assert set_threads(None, DistInfo()) == 4 == torch.get_num_threads()
+        assert set_threads(None, DistInfo(0, 2, 0, 2)) == 2  # two local ranks share the cores
+        monkeypatch.setattr(os, "getloadavg", lambda: (2.8, 0.0, 0.0))
+        assert set_threads(None, DistInfo()) == 1
+        monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+        assert set_threads(None, DistInfo()) == 1
+        assert set_threads(3, DistInfo()) == 3  # --threads wins
+    finally:
+        torch.set_num_threads(before)
