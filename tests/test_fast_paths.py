@@ -72,3 +72,11 @@ def test_chunked_mixing_equals_one_pass():
     torch.testing.assert_close(grad, grad_whole, rtol=0, atol=1e-6)
     with torch.inference_mode():
         torch.testing.assert_close(mixing(tokens, sampled), whole.detach(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_channel_normalize_matches_unbiased_definition(layout):
+    x = (3 * torch.randn(2, 24, 9, 7) + 1).contiguous(memory_format=layout)
+    var, mean = torch.var_mean(x.double(), dim=1, keepdim=True, correction=1)
+    expected = ((x.double() - mean) / (var + 1e-7).sqrt()).float()
+    torch.testing.assert_close(channel_normalize(x), expected, rtol=0, atol=1e-5)
