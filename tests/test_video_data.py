@@ -184,6 +184,10 @@ def test_arrow_of_time_split_is_disjoint_and_labels_are_directions():
         return {(v, s + k) for v, s in windows for k in range(spec.span)}
 
     assert train and test and not frames(train) & frames(test)
+    guarded = ArrowOfTimeSpec(num_frames=4, stride=2, segment=20, gap=3, test_every=2)
+    train_g, test_g = split_windows([80], guarded)
+    nearest = min(abs(a - b) for _, a in frames(train_g) for _, b in frames(test_g))
+    assert nearest > guarded.gap  # held-out frames keep their distance from training frames
     ramp = torch.arange(45.0).view(45, 1, 1, 1).expand(45, 3, 12, 12) / 45
     footage = [ramp, ramp[:33]]
     ds = ArrowOfTimeClips(footage, test, spec, train=False)

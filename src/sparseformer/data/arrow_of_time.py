@@ -76,6 +76,10 @@ class ArrowOfTimeSpec:
         segment: frames per time segment of the split.
         test_every: every ``test_every``-th segment (the last of each group) is held out.
         test_step: test clips start every ``test_step`` frames inside held-out segments.
+        gap: held-out clips keep ``gap`` frames away from both ends of their segment. Without a
+            gap, frames just inside a held-out segment look like the training frames next door,
+            which training only ever shows at the end (or start) of a forward clip; a model
+            that memorises "this look comes last" then answers held-out clips backwards.
         scale: training crops cover this range of the frame's area (one box for all frames),
             resized to ``size``; no flips (they would mirror the motion).
     """
@@ -84,9 +88,10 @@ class ArrowOfTimeSpec:
     stride: int = 2
     frame_size: int = 72
     size: int = 64
-    segment: int = 30
-    test_every: int = 4
-    test_step: int = 2
+    segment: int = 40
+    test_every: int = 3
+    test_step: int = 1
+    gap: int = 10
     scale: tuple[float, float] = (0.35, 1.0)
 
     @property
@@ -112,9 +117,11 @@ def split_windows(
     for v, n in enumerate(lengths):
         for seg_start in range(0, n - spec.span + 1, spec.segment):
             held_out = (seg_start // spec.segment) % spec.test_every == spec.test_every - 1
-            last = min(seg_start + spec.segment, n) - spec.span
+            first, last = seg_start, min(seg_start + spec.segment, n) - spec.span
+            if held_out:
+                first, last = first + spec.gap, last - spec.gap
             step = spec.test_step if held_out else 1
-            for start in range(seg_start, last + 1, step):
+            for start in range(first, last + 1, step):
                 (test if held_out else train).append((v, start))
     return train, test
 
