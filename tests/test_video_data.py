@@ -177,7 +177,9 @@ def test_multi_view_testing_averages_scores(tmp_path):
 
 
 def test_arrow_of_time_split_is_disjoint_and_labels_are_directions():
-    spec = ArrowOfTimeSpec(num_frames=4, stride=2, frame_size=12, size=8, segment=10)
+    spec = ArrowOfTimeSpec(
+        num_frames=4, stride=2, frame_size=12, size=8, segment=10, gap=0, test_every=4, test_step=2
+    )
     train, test = split_windows([45, 33], spec)
 
     def frames(windows):
