@@ -28,8 +28,11 @@ def run(args: argparse.Namespace) -> int:
     h, w = (args.img_size * 2)[:2]
     with torch.device("cpu"):
         model = create_model(args.model, num_classes=args.num_classes)
-    flops = count_flops(model, (3, h, w))
-    print(f"{args.model}: {count_params(model):,} parameters, input 3x{h}x{w}")
+    # video models take (3, T, H, W) clips of their configured number of frames
+    frames = (getattr(model.config, "num_frames", None),) if model.roi_dims == 3 else ()
+    flops = count_flops(model, (3, *frames, h, w))
+    shape = "x".join(str(d) for d in (3, *frames, h, w))
+    print(f"{args.model}: {count_params(model):,} parameters, input {shape}")
     print(
         f"GFLOPs (multiply-adds): {flops.gflops_paper:.3f} paper convention (fvcore-style), "
         f"{flops.gflops_complete:.3f} complete"
