@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
 
 __all__ = ["register", "add_data_arguments", "data_source"]
@@ -229,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
             precision=args.precision or recipe.precision,
             seed=args.seed,
             resume=resume,
-            progress=not args.quiet,
+            progress=not args.quiet and sys.stderr.isatty(),
             extra={
                 "data": source.describe(),
                 "torch": str(torch.__version__),
