@@ -244,3 +244,25 @@ def test_flops_grow_with_tokens_and_frames_only_in_the_stem():
         small.complete - small.by_op["convolution"]
     )
     assert more_tokens.by_op["grid_sampler_3d"] == 2 * small.by_op["grid_sampler_3d"]
+
+
+def test_3d_sampling_path_gradcheck_and_reference():
+    """RoIs and offsets -> points -> trilinear sampling, in float64: gradients and values."""
+    from torch.autograd import gradcheck
+
+    from sparseformer.layers import sample_features, sample_features_reference
+
+    feats = torch.randn(1, 2, 3, 5, 6, dtype=torch.float64)
+    rois = torch.tensor([[[0.1, 0.2, 0.1, 0.7, 0.8, 0.9]]], dtype=torch.float64)
+    offsets = torch.randn(1, 1, 4, 3, dtype=torch.float64)
+
+    def run(feats, rois, offsets):
+        points = sampling_points(rois, standardize_offsets(offsets))
+        return sample_features(feats, points)
+
+    args = (feats.requires_grad_(), rois.requires_grad_(), offsets.requires_grad_())
+    assert gradcheck(run, args, eps=1e-6, atol=1e-5)
+    points = sampling_points(rois, standardize_offsets(offsets)).detach()
+    torch.testing.assert_close(
+        sample_features(feats.detach(), points), sample_features_reference(feats.detach(), points)
+    )
