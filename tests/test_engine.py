@@ -133,14 +133,18 @@ class BreaksLater(nn.Module):
         return out
 
 
-def tiny_run(tmp_path, model, n_train=64, **recipe_changes):
+def tiny_run(tmp_path, model, n_train=64, device="cpu", **recipe_changes):
     recipe = load_recipe("fashion-mnist-cpu").replace(
         epochs=3, batch_size=16, warmup_epochs=0, **recipe_changes
     )
     bundle = DatasetBundle(Pixels(n_train, 0), Pixels(32, 1), ["a", "b", "c", "d"])
     pre = Preprocessing(16, (0.5,) * 3, (0.25,) * 3, 1.0, "bilinear")
     options = RunOptions(
-        output=tmp_path / "run", model_name="test", precision=recipe.precision, progress=False
+        output=tmp_path / "run",
+        model_name="test",
+        device=device,
+        precision=recipe.precision,
+        progress=False,
     )
     return fit(model, bundle, recipe, pre, options)
 
@@ -194,3 +198,14 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
         assert set_threads(3, DistInfo()) == 3  # --threads wins
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_training_on_cuda(tmp_path, precision):
+    model = create_model("sparseformer_v1_nano", num_classes=4)
+    summary = tiny_run(tmp_path, model, n_train=320, device="cuda", precision=precision, lr=0.2)
+    state = ckpt_io.read_training_checkpoint(tmp_path / "run" / "last.pt")
+    assert (state["scaler"] is not None) == (precision == "fp16")  # GradScaler only for fp16
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert summary["final"]["val_acc1"] > 40  # 4 classes: chance is 25%

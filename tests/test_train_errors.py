@@ -158,3 +158,20 @@ def test_predict_names_imagenet_classes_and_rejects_bad_files(tmp_path, capsys):
     err = one_line_error(capsys, "predict", "--model", NANO, "--checkpoint",
                          str(tmp_path / "in1k.pth"), str(tmp_path / "nope.png"))  # fmt: skip
     assert "does not exist" in err
+
+
+def test_fine_tuning_starts_from_official_weights(tmp_path, folder, capsys):
+    source = create_model(NANO)  # 1000 classes, as released weights
+    torch.save({"model": to_official(source.state_dict(), "imagenet")}, tmp_path / "in1k.pth")
+    out = tmp_path / "ft"
+    code, _, err = run_cli(capsys, "train", "--model", NANO, "--data-dir", str(folder),
+                           "--checkpoint", str(tmp_path / "in1k.pth"), "--output", str(out),
+                           "--epochs", "1", "--batch-size", "4", "--img-size", "32", "--quiet",
+                           "--recipe", "fashion-mnist-cpu", "--set", "lr=0", "warmup_lr=0",
+                           "min_lr=0")  # fmt: skip
+    assert code == 0, err
+    trained = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert trained["head.weight"].shape == (3, source.head.weight.shape[1])  # a new classifier
+    for key, value in source.state_dict().items():
+        if not key.startswith("head."):  # with lr 0 the loaded weights are kept as they are
+            assert torch.equal(trained[key], value), key
