@@ -62,7 +62,7 @@ def test_chunked_mixing_equals_one_pass():
     """The CPU inference chunking over the batch computes every token as one pass does."""
     mixing = AdaptiveMixing(dim=32, in_channels=8, num_points=4)
     nn.init.normal_(mixing.generator.weight, std=0.1)
-    B, N = 30, 16  # 192 // 16 = 12 images per chunk: three chunks
+    B, N = 60, 16  # 384 // 16 = 24 images per chunk: three chunks
     tokens = torch.randn(B, N, 32, requires_grad=True)
     sampled = torch.randn(B, 8, N, 4).permute(0, 2, 3, 1)  # grid_sample's layout, permuted
     whole = mixing._decode(tokens, sampled)

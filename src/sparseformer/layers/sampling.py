@@ -107,6 +107,8 @@ def clamp_coordinate_grad(points: Tensor, bound: float | Tensor) -> Tensor:
         points: any shape.
         bound: a positive float or scalar tensor (a GradScaler's scale may be a tensor).
     """
+    if not (torch.is_grad_enabled() and points.requires_grad):
+        return points  # no backward, nothing to clamp (and no node in an exported graph)
     if not torch.is_tensor(bound):
         bound = torch.tensor(float(bound), device=points.device, dtype=points.dtype)
     return _ClampGrad.apply(points, bound.to(device=points.device, dtype=points.dtype))
