@@ -252,10 +252,11 @@ def _print_summary(summary: dict, bundle) -> None:
     final = summary["final"]
     if bundle.skipped_files:
         print(f"skipped {len(bundle.skipped_files)} unreadable image file(s) (see the log)")
-    if not final:
+    if summary["epochs_run"] == 0:
         print(
             f"nothing to do: the run in {summary['output']} already has {summary['epochs']} epochs"
         )
+    if not final:
         return
     minutes = summary["train_seconds"] / 60
     ema = f", EMA top-1 {final['ema_val_acc1']:.2f}%" if "ema_val_acc1" in final else ""

@@ -232,7 +232,7 @@ def fit(
         "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
         **options.extra,
     }
-    record: dict[str, Any] = {}
+    record: dict[str, Any] = state.get("metrics", {}) if options.resume is not None else {}
     for epoch in range(start_epoch, recipe.epochs):
         train_loader.sampler.set_epoch(epoch)
         try:
@@ -298,6 +298,7 @@ def fit(
     summary = {
         "model": options.model_name,
         "epochs": recipe.epochs,
+        "epochs_run": max(recipe.epochs - start_epoch, 0),
         "best_val_acc1": best,
         "best_epoch": best_epoch,
         "final": record,
