@@ -152,7 +152,8 @@ def test_predict_names_imagenet_classes_and_rejects_bad_files(tmp_path, capsys):
     assert code == 0, err
     from timm.data import ImageNetInfo
 
-    names = {ImageNetInfo().index_to_description(i) for i in range(1000)}
+    info = ImageNetInfo()
+    names = {info.index_to_description(i) for i in range(1000)}
     preds = json.loads(out.strip())["predictions"]
     assert len(preds) == 5 and all(p["label"] in names for p in preds)
     err = one_line_error(capsys, "predict", "--model", NANO, "--checkpoint",
