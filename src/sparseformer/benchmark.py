@@ -13,14 +13,11 @@ matrix product timed in the same run, in the same dtype: ``2 * MACs * img/s / (m
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import platform
 import statistics
-import threading
 import time
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -31,6 +28,7 @@ from tqdm import tqdm
 
 from sparseformer.counting import count_flops, count_params
 from sparseformer.registry import MODELS
+from sparseformer.timing import matmul_peak, peak_memory_mb, timed
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -200,83 +198,6 @@ def build_model(name: str, img_size: int = 224, num_classes: int = 1000) -> nn.M
     return timm.create_model(name, num_classes=num_classes)
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn: Callable[[], object], device: str, min_time: float) -> list[float]:
-    """Seconds of each call of ``fn``, calling it until ``min_time`` seconds have passed."""
-    times: list[float] = []
-    start = time.perf_counter()
-    while not times or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def matmul_peak(
-    device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 2048, min_time: float = 0.5
-) -> float:
-    """GFLOP/s of a ``size`` x ``size`` matrix product (2 FLOPs per multiply-add), best pass."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    torch.mm(a, b)  # warm-up
-    _sync(device)
-    times = _timed(lambda: torch.mm(a, b), device, min_time)
-    return 2 * size**3 / min(times) / 1e9
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _release_free_heap() -> None:
-    """Give freed heap pages back to the OS (glibc), so RSS growth reflects new allocations."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
-    """Extra memory while ``fn`` runs: CUDA allocator peak, or polled CPU resident set."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    _release_free_heap()
-    base = _rss_bytes()
-    if base is None:
-        return None
-    peak = base
-    done = threading.Event()
-
-    def poll() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss_bytes() or 0)
-            time.sleep(0.0005)
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    return max(peak - base, 0) / 2**20
-
-
 def _autocast(settings: BenchSettings) -> AbstractContextManager:
     if settings.precision == "fp32":
         return nullcontext()
@@ -362,14 +283,14 @@ def _run_size(settings: BenchSettings, img_size: int, peaks: list[float]) -> lis
                     model(inputs["batch"])
                     model(inputs["single"])
                     bar.update()
-                memory[name] = _peak_memory_mb(lambda m=model: m(inputs["batch"]), device)
+                memory[name] = peak_memory_mb(lambda m=model: m(inputs["batch"]), device)
             for _ in range(s.repeats):
                 peaks.append(matmul_peak(device, s.dtype, min_time=min(s.min_time, 0.5)))
                 bar.update()
                 for name, model in models.items():
-                    times = _timed(lambda m=model: m(inputs["batch"]), device, s.min_time)
+                    times = timed(lambda m=model: m(inputs["batch"]), device, s.min_time)
                     throughput[name].append(s.batch_size * len(times) / sum(times))
-                    times = _timed(lambda m=model: m(inputs["single"]), device, s.min_time)
+                    times = timed(lambda m=model: m(inputs["single"]), device, s.min_time)
                     latency[name] += [1e3 * t for t in times]
                     bar.update()
     train = _train_rounds(settings, models, img_size) if s.train else None
@@ -436,7 +357,7 @@ def _train_rounds(
                 bar.update()
         for _ in range(s.repeats):
             for name in models:
-                times = _timed(steps[name], device, s.min_time)
+                times = timed(steps[name], device, s.min_time)
                 result[name].append(s.train_batch_size * len(times) / sum(times))
                 bar.update()
         for model in models.values():

@@ -1,0 +1,95 @@
+"""Timing and memory primitives of :mod:`sparseformer.benchmark`.
+
+Clocks are read after CUDA work has finished (``synchronize``); CPU memory is the process's
+resident set, polled while the measured call runs, since PyTorch's CPU allocator keeps no
+statistics.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["sync", "timed", "matmul_peak", "peak_memory_mb"]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str, min_time: float) -> list[float]:
+    """Seconds of each call of ``fn``, calling it until ``min_time`` seconds have passed."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while not times or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def matmul_peak(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 2048, min_time: float = 0.5
+) -> float:
+    """GFLOP/s of a ``size`` x ``size`` matrix product (2 FLOPs per multiply-add), best pass."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.mm(a, b)  # warm-up
+    sync(device)
+    times = timed(lambda: torch.mm(a, b), device, min_time)
+    return 2 * size**3 / min(times) / 1e9
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _release_free_heap() -> None:
+    """Give freed heap pages back to the OS (glibc), so RSS growth reflects new allocations."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Extra memory while ``fn`` runs: CUDA allocator peak, or polled CPU resident set."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    _release_free_heap()
+    base = _rss_bytes()
+    if base is None:
+        return None
+    peak = base
+    done = threading.Event()
+
+    def poll() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes() or 0)
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak - base, 0) / 2**20
