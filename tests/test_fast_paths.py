@@ -80,3 +80,12 @@ def test_channel_normalize_matches_unbiased_definition(layout):
     var, mean = torch.var_mean(x.double(), dim=1, keepdim=True, correction=1)
     expected = ((x.double() - mean) / (var + 1e-7).sqrt()).float()
     torch.testing.assert_close(channel_normalize(x), expected, rtol=0, atol=1e-5)
+
+
+def test_linear_forward_hooks_still_fire_in_inference():
+    layer = nn.Linear(8, 4)
+    seen = []
+    layer.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.inference_mode():
+        linear(torch.randn(3, 8), layer, gelu=True)
+    assert seen == [torch.Size([3, 4])]

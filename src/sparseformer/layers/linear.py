@@ -6,8 +6,9 @@ accumulates the product onto it, and ``gelu`` reads and writes the output once m
 activation in the matrix product's epilogue: on a 2-core AVX2 CPU a ``(1568, 512) x (512, 2048)``
 linear with GELU takes ~20 ms instead of ~32. It has no autograd formula, so it is used only
 when no gradient is wanted, and never under tracing, export, a dispatch mode (FLOP counting),
-autocast or for non-float32 tensors; everywhere else this is exactly ``F.linear``. The results
-differ from ``F.linear`` by float32 rounding only (a different summation order, ~1e-6).
+autocast, with forward hooks, or for non-float32 tensors; everywhere else this is exactly
+``layer(x)``. The results differ from ``F.linear`` by float32 rounding only (a different
+summation order, ~1e-6).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def fused_linear_available(x: Tensor, weight: Tensor) -> bool:
 
 def linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
     """``layer(x)``, followed by exact (erf) GELU if ``gelu``; ``(..., in) -> (..., out)``."""
-    if fused_linear_available(x, layer.weight):
+    if fused_linear_available(x, layer.weight) and not _has_hooks(layer):
         if gelu:
             return torch.ops.mkldnn._linear_pointwise(
                 x, layer.weight, layer.bias, "gelu", [], "none"
@@ -50,3 +51,15 @@ def linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
     y = layer(x)
     return F.gelu(y) if gelu else y
+
+
+def _has_hooks(layer: nn.Module) -> bool:
+    """Forward hooks (feature extraction, pruning tools) need the module to be called."""
+    from torch.nn.modules import module as M
+
+    return bool(
+        layer._forward_hooks
+        or layer._forward_pre_hooks
+        or M._global_forward_hooks
+        or M._global_forward_pre_hooks
+    )
