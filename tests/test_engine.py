@@ -191,8 +191,10 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
         monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
         assert set_threads(None, DistInfo()) == 4 == torch.get_num_threads()
         assert set_threads(None, DistInfo(0, 2, 0, 2)) == 2  # two local ranks share the cores
-        monkeypatch.setattr(os, "getloadavg", lambda: (2.8, 0.0, 0.0))
-        assert set_threads(None, DistInfo()) == 1
+        monkeypatch.setattr(os, "getloadavg", lambda: (3.9, 0.0, 0.0))
+        assert set_threads(None, DistInfo()) == 4  # busy, but not over-subscribed yet
+        monkeypatch.setattr(os, "getloadavg", lambda: (4.6, 0.0, 0.0))
+        assert set_threads(None, DistInfo()) == 3
         monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
         assert set_threads(None, DistInfo()) == 1
         assert set_threads(3, DistInfo()) == 3  # --threads wins
