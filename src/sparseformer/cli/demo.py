@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         train += ["--threads", str(args.threads)]
     if args.quiet:
         train.append("--quiet")
-    print(f"== 1/3 train {MODEL} on Fashion-MNIST: sparseformer {' '.join(train[1:])}")
+    print(f"== 1/3 train {MODEL} on Fashion-MNIST: sparseformer {' '.join(train)}")
     start = time.perf_counter()
     train_args = parser.parse_args(train)
     status = train_args.func(train_args)
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     # on the test images and its score would flatter the model
     last = args.output / "last.pt"
     evaluation = ["eval", "--model", MODEL, "--checkpoint", str(last), *common, "--quiet"]
-    print(f"== 2/3 evaluate: sparseformer {' '.join(evaluation[1:])}")
+    print(f"== 2/3 evaluate: sparseformer {' '.join(evaluation)}")
     eval_args = parser.parse_args(evaluation)
     status = eval_args.func(eval_args)
     if status == 0:
