@@ -42,7 +42,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Config class -> model class; video configs join this table when they exist.
+# Config class -> model class.
 _MODEL_CLASSES: dict[type, type[nn.Module]] = {
     SparseFormerConfig: SparseFormer,
     VideoSparseFormerConfig: VideoSparseFormer,

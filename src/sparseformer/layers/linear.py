@@ -18,11 +18,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["linear", "fused_linear_available"]
+__all__ = ["linear", "fused_linear_available", "is_tracing"]
 
 _HAS_KERNEL = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_linear_pointwise"
 )
+
+
+def is_tracing() -> bool:
+    """Under tracing, compilation or ONNX export: shapes are symbolic, use plain ops only."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
 def fused_linear_available(x: Tensor, weight: Tensor) -> bool:
@@ -34,9 +39,7 @@ def fused_linear_available(x: Tensor, weight: Tensor) -> bool:
         and weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-        and not torch.onnx.is_in_onnx_export()
+        and not is_tracing()
         and _get_current_dispatch_mode() is None
     )
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparseformer.layers.linear import linear
+from sparseformer.layers.linear import is_tracing, linear
 
 __all__ = ["AdaptiveMixing"]
 
@@ -87,7 +87,7 @@ class AdaptiveMixing(nn.Module):
         """
         B, N, _ = tokens.shape
         step = max(1, _CHUNK_TOKENS // N)
-        if step >= B or tokens.device.type != "cpu" or _tracing() or _needs_grad(tokens, sampled):
+        if step >= B or tokens.device.type != "cpu" or is_tracing() or _needs_grad(tokens, sampled):
             return self._decode(tokens, sampled)
         # CPU inference decodes a few images at a time: each token's generated C x C and P x P
         # matrices are used once, right away, so a chunk's stay in cache instead of a round
@@ -121,8 +121,3 @@ _CHUNK_TOKENS = 384
 
 def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _tracing() -> bool:
-    """Under export or compilation the batch is symbolic: no Python loop over it."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
