@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=defaults.threads)
     p.add_argument("--size", type=int, default=defaults.spec.size, help="crop size S")
     p.add_argument("--frame-size", type=int, default=defaults.spec.frame_size)
+    p.add_argument("--num-frames", type=int, default=defaults.spec.num_frames, help="T")
     p.add_argument("--stride", type=int, default=defaults.spec.stride, help="frame step")
     p.add_argument("--segment", type=int, default=defaults.spec.segment, help="split segment")
     p.add_argument("--gap", type=int, default=defaults.spec.gap, help="held-out guard frames")
@@ -65,6 +66,7 @@ def main() -> None:
         videos=tuple(_footage(args.videos)),
         weight_decay=args.weight_decay,
         spec=ArrowOfTimeSpec(
+            num_frames=args.num_frames,
             size=args.size,
             frame_size=args.frame_size,
             stride=args.stride,

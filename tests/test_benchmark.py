@@ -93,3 +93,14 @@ def test_timm_baseline_attention_is_counted():
     attention = sum(v for k, v in count.by_op.items() if "scaled_dot_product" in k)
     assert attention > 0
     assert count.gflops_complete == pytest.approx(1.26, abs=0.02)
+
+
+def test_video_models_are_timed_on_clips():
+    video = "video_sparseformer_v1_micro"
+    settings = small_settings(models=(SMALL[0], video), img_sizes=(32,), num_frames=2)
+    rows = {r.model: r for r in run_benchmark(settings).rows}
+    assert rows[SMALL[0]].num_frames is None and rows[video].num_frames == 2
+    assert rows[video].throughput.median > 0 and rows[video].train_throughput.median > 0
+    model = build_model(video, 32, 10, num_frames=2)
+    assert rows[video].gflops_complete == count_flops(model, (3, 2, 32, 32)).gflops_complete
+    assert "| 2x32 |" in markdown_table(run_benchmark(settings))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from sparseformer.config import VideoSparseFormerConfig
 from sparseformer.counting import count_flops, count_params
 from sparseformer.registry import MODELS
 from sparseformer.timing import matmul_peak, peak_memory_mb, timed
@@ -40,6 +41,7 @@ __all__ = [
     "build_model",
     "matmul_peak",
     "run_benchmark",
+    "sample_shape",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,8 @@ class BenchSettings:
         train: also time a training step (forward, backward, AdamW) at ``train_batch_size``.
         baseline: model the ratio columns compare against (default: DeiT-S if present).
         num_classes: classifier width of every model.
+        num_frames: clip length of video models (``None``: their config's default, 8); each
+            row of a video model counts clips, not images, per second.
     """
 
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -90,6 +94,7 @@ class BenchSettings:
     train_batch_size: int = 32
     baseline: str | None = None
     num_classes: int = 1000
+    num_frames: int | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in _DTYPES:
@@ -100,8 +105,9 @@ class BenchSettings:
             raise BenchError("--device cuda asked for, but torch sees no CUDA device")
         if not self.models:
             raise BenchError("no models to benchmark")
-        if min(self.batch_size, self.repeats, self.train_batch_size, *self.img_sizes) < 1:
-            raise BenchError("batch sizes, repeats and image sizes must be positive")
+        sizes = (self.batch_size, self.repeats, self.train_batch_size, *self.img_sizes)
+        if min(sizes) < 1 or (self.num_frames is not None and self.num_frames < 1):
+            raise BenchError("batch sizes, repeats, image sizes and frames must be positive")
         if self.baseline is not None and self.baseline not in self.models:
             raise BenchError(f"baseline {self.baseline!r} is not among the models {self.models}")
 
@@ -146,6 +152,8 @@ class BenchRow:
         train_throughput: images per second of a training step, one value per round.
         ratios: per-round ratios against the baseline, medians: ``throughput`` and ``train``
             (higher is faster), ``latency`` (baseline latency / this latency).
+        num_frames: clip length T of a video model, whose "images" are clips of T frames
+            (FLOPs per clip, clips per second); ``None`` for image models.
     """
 
     model: str
@@ -160,6 +168,7 @@ class BenchRow:
     peak_fraction: float
     train_throughput: Spread | None = None
     ratios: dict[str, float] = field(default_factory=dict)
+    num_frames: int | None = None
 
 
 @dataclass
@@ -176,14 +185,21 @@ class BenchResult:
 
 
 # ----------------------------------------------------------------------------- building blocks
-def build_model(name: str, img_size: int = 224, num_classes: int = 1000) -> nn.Module:
-    """A randomly initialised model by SparseFormer or timm name, for ``img_size`` inputs."""
+def build_model(
+    name: str, img_size: int = 224, num_classes: int = 1000, num_frames: int | None = None
+) -> nn.Module:
+    """A randomly initialised model by SparseFormer or timm name, for ``img_size`` inputs.
+
+    ``num_frames`` sets the clip length of a video SparseFormer; image models ignore it.
+    """
     import timm
 
     from sparseformer.factory import create_model
 
     if name in MODELS:
-        return create_model(name, num_classes=num_classes)
+        video = isinstance(MODELS[name].config, VideoSparseFormerConfig)
+        extra = {"num_frames": num_frames} if video and num_frames is not None else {}
+        return create_model(name, num_classes=num_classes, **extra)
     if not timm.is_model(name):
         raise BenchError(
             f"unknown model {name!r}: neither a SparseFormer name (see `sparseformer models`) "
@@ -196,6 +212,14 @@ def build_model(name: str, img_size: int = 224, num_classes: int = 1000) -> nn.M
         except TypeError:  # convolutional networks take any size
             pass
     return timm.create_model(name, num_classes=num_classes)
+
+
+def sample_shape(model: nn.Module, img_size: int) -> tuple[int, ...]:
+    """One input sample: ``(3, T, S, S)`` for a video SparseFormer, else ``(3, S, S)``."""
+    num_frames = getattr(getattr(model, "config", None), "num_frames", None)
+    if num_frames is None:
+        return (3, img_size, img_size)
+    return (3, num_frames, img_size, img_size)
 
 
 def _autocast(settings: BenchSettings) -> AbstractContextManager:
@@ -262,16 +286,16 @@ def run_benchmark(settings: BenchSettings) -> BenchResult:
 
 def _run_size(settings: BenchSettings, img_size: int, peaks: list[float]) -> list[BenchRow]:
     s, device = settings, settings.device
-    models, inputs = {}, {}
-    flops = {}
+    models, inputs, flops, frames = {}, {}, {}, {}
     for name in s.models:
-        model = build_model(name, img_size, s.num_classes).to(device).eval()
+        model = build_model(name, img_size, s.num_classes, s.num_frames).to(device).eval()
         models[name] = model
-        count = count_flops(model, (3, img_size, img_size))
+        shape = sample_shape(model, img_size)
+        frames[name] = shape[1] if len(shape) == 4 else None
+        count = count_flops(model, shape)
         flops[name] = (count_params(model), count.gflops_paper, count.gflops_complete)
-    x = torch.randn(s.batch_size, 3, img_size, img_size, device=device)
-    x1 = x[:1].clone()
-    inputs = {"batch": x, "single": x1}
+        x = torch.randn(s.batch_size, *shape, device=device)
+        inputs[name] = {"batch": x, "single": x[:1].clone()}
     throughput: dict[str, list[float]] = {n: [] for n in s.models}
     latency: dict[str, list[float]] = {n: [] for n in s.models}
     memory: dict[str, float | None] = {}
@@ -279,18 +303,20 @@ def _run_size(settings: BenchSettings, img_size: int, peaks: list[float]) -> lis
     with tqdm(total=steps, desc=f"inference {img_size}px", disable=None) as bar:
         with torch.inference_mode(), _autocast(s):
             for name, model in models.items():
+                x = inputs[name]
                 for _ in range(s.warmup):
-                    model(inputs["batch"])
-                    model(inputs["single"])
+                    model(x["batch"])
+                    model(x["single"])
                     bar.update()
-                memory[name] = peak_memory_mb(lambda m=model: m(inputs["batch"]), device)
+                memory[name] = peak_memory_mb(lambda m=model, x=x: m(x["batch"]), device)
             for _ in range(s.repeats):
                 peaks.append(matmul_peak(device, s.dtype, min_time=min(s.min_time, 0.5)))
                 bar.update()
                 for name, model in models.items():
-                    times = timed(lambda m=model: m(inputs["batch"]), device, s.min_time)
+                    x = inputs[name]
+                    times = timed(lambda m=model, x=x: m(x["batch"]), device, s.min_time)
                     throughput[name].append(s.batch_size * len(times) / sum(times))
-                    times = timed(lambda m=model: m(inputs["single"]), device, s.min_time)
+                    times = timed(lambda m=model, x=x: m(x["single"]), device, s.min_time)
                     latency[name] += [1e3 * t for t in times]
                     bar.update()
     train = _train_rounds(settings, models, img_size) if s.train else None
@@ -318,6 +344,7 @@ def _run_size(settings: BenchSettings, img_size: int, peaks: list[float]) -> lis
                 peak_fraction=float("nan"),  # set once the run's matmul peak is known
                 train_throughput=Spread.of(train[name]) if train is not None else None,
                 ratios=ratios,
+                num_frames=frames[name],
             )
         )
     return rows
@@ -332,13 +359,15 @@ def _train_rounds(
 ) -> dict[str, list[float]]:
     """Images per second of a full training step per model, interleaved over the rounds."""
     s, device = settings, settings.device
-    x = torch.randn(s.train_batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, s.num_classes, (s.train_batch_size,), device=device)
     steps = {}
     for name, model in models.items():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        x = torch.randn(s.train_batch_size, *sample_shape(model, img_size), device=device)
 
-        def step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
+        def step(
+            model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer, x=x
+        ) -> None:
             optimizer.zero_grad(set_to_none=True)
             with _autocast(s):
                 loss = F.cross_entropy(model(x), y)

@@ -14,6 +14,7 @@ __all__ = ["markdown_table", "write_csv", "plot_result", "summary_lines"]
 _CSV_FIELDS = (
     "model",
     "img_size",
+    "num_frames",
     "batch_size",
     "params",
     "gflops_paper",
@@ -40,6 +41,7 @@ def _flat(row: BenchRow) -> dict:
     return {
         "model": row.model,
         "img_size": row.img_size,
+        "num_frames": row.num_frames,
         "batch_size": row.batch_size,
         "params": row.params,
         "gflops_paper": row.gflops_paper,
@@ -85,7 +87,7 @@ def markdown_table(result: BenchResult) -> str:
     for row in result.rows:
         r = _flat(row)
         lines.append(
-            f"| {r['model']} | {r['img_size']} | {r['params'] / 1e6:.1f} "
+            f"| {r['model']} | {_size(r)} | {r['params'] / 1e6:.1f} "
             f"| {r['gflops_paper']:.3g} / {r['gflops_complete']:.3g} "
             f"| {r['img_per_s']:.3g} ({r['img_per_s_min']:.3g}-{r['img_per_s_max']:.3g}) "
             f"| {_fmt(r['throughput_ratio'], '.2f')} | {r['latency_ms']:.1f} "
@@ -94,6 +96,12 @@ def markdown_table(result: BenchResult) -> str:
             f"| {_fmt(r['published_top1'], '.1f')} |"
         )
     return "\n".join(lines)
+
+
+def _size(r: dict) -> str:
+    """``224``, or ``8x224`` for a video model's clips (its rows count clips per second)."""
+    frames = r["num_frames"]
+    return str(r["img_size"]) if frames is None else f"{frames}x{r['img_size']}"
 
 
 def summary_lines(result: BenchResult) -> list[str]:

@@ -28,6 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--img-size", type=int, nargs="+", default=[224], metavar="S", help="input sizes"
     )
+    p.add_argument(
+        "--num-frames",
+        type=int,
+        default=None,
+        metavar="T",
+        help="clip length of video models (default: theirs, 8); their rows count clips/s",
+    )
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -70,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             train=not args.no_train,
             train_batch_size=args.train_batch_size,
             baseline=args.baseline,
+            num_frames=args.num_frames,
         )
         result = run_benchmark(settings)
     except BenchError as exc:
