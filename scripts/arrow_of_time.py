@@ -55,6 +55,19 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="save the trained model here")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        spec = ArrowOfTimeSpec(
+            num_frames=args.num_frames,
+            size=args.size,
+            frame_size=args.frame_size,
+            stride=args.stride,
+            segment=args.segment,
+            gap=args.gap,
+            test_every=args.test_every,
+            test_step=args.test_step,
+        )
+    except ValueError as exc:
+        p.error(str(exc))
     run = ArrowOfTimeRun(
         model=args.model,
         steps=args.steps,
@@ -65,16 +78,7 @@ def main() -> None:
         threads=args.threads,
         videos=tuple(_footage(args.videos)),
         weight_decay=args.weight_decay,
-        spec=ArrowOfTimeSpec(
-            num_frames=args.num_frames,
-            size=args.size,
-            frame_size=args.frame_size,
-            stride=args.stride,
-            segment=args.segment,
-            gap=args.gap,
-            test_every=args.test_every,
-            test_step=args.test_step,
-        ),
+        spec=spec,
         model_overrides={
             **defaults.model_overrides,
             "drop_path_rate": args.drop_path,

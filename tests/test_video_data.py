@@ -201,3 +201,8 @@ def test_arrow_of_time_split_is_disjoint_and_labels_are_directions():
     s0, label = shuffled[0]
     assert label == 0 and not torch.equal(s0, fwd)
     torch.testing.assert_close(s0[0, :, 0, 0].sort().values, fwd[0, :, 0, 0])
+
+
+def test_arrow_of_time_spec_rejects_segments_shorter_than_a_clip():
+    with pytest.raises(ValueError, match="segments of 5 frames cannot hold a clip of 7"):
+        ArrowOfTimeSpec(num_frames=4, stride=2, segment=5)

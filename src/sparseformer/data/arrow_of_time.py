@@ -94,6 +94,13 @@ class ArrowOfTimeSpec:
     gap: int = 10
     scale: tuple[float, float] = (0.35, 1.0)
 
+    def __post_init__(self) -> None:
+        if self.segment < self.span:
+            raise ValueError(
+                f"segments of {self.segment} frames cannot hold a clip of {self.span} frames "
+                "((num_frames - 1) x stride + 1); use longer segments or shorter clips"
+            )
+
     @property
     def span(self) -> int:
         return (self.num_frames - 1) * self.stride + 1
