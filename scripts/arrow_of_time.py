@@ -35,6 +35,12 @@ def main() -> None:
     p.add_argument("--size", type=int, default=defaults.spec.size, help="crop size S")
     p.add_argument("--frame-size", type=int, default=defaults.spec.frame_size)
     p.add_argument("--num-frames", type=int, default=defaults.spec.num_frames, help="T")
+    p.add_argument(
+        "--input",
+        choices=("frames", "differences"),
+        default=defaults.spec.input,
+        help="clips of frames, or of differences of consecutive frames",
+    )
     p.add_argument("--stride", type=int, default=defaults.spec.stride, help="frame step")
     p.add_argument("--segment", type=int, default=defaults.spec.segment, help="split segment")
     p.add_argument("--gap", type=int, default=defaults.spec.gap, help="held-out guard frames")
@@ -58,6 +64,7 @@ def main() -> None:
     try:
         spec = ArrowOfTimeSpec(
             num_frames=args.num_frames,
+            input=args.input,
             size=args.size,
             frame_size=args.frame_size,
             stride=args.stride,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -20,6 +21,7 @@ from sparseformer.data.video import (
     train_transform,
 )
 from sparseformer.engine.video import ViewAveraging, evaluate_views, view_scores
+from sparseformer.factory import create_model
 
 from .conftest import DATA
 
@@ -206,3 +208,48 @@ def test_arrow_of_time_split_is_disjoint_and_labels_are_directions():
 def test_arrow_of_time_spec_rejects_segments_shorter_than_a_clip():
     with pytest.raises(ValueError, match="segments of 5 frames cannot hold a clip of 7"):
         ArrowOfTimeSpec(num_frames=4, stride=2, segment=5)
+
+
+def test_arrow_of_time_differences_are_motion_and_flip_sign_backwards():
+    spec = ArrowOfTimeSpec(
+        num_frames=4, stride=1, frame_size=12, size=8, segment=10, gap=0, input="differences"
+    )
+    train, test = split_windows([40], spec)
+    ramp = torch.arange(40.0).view(40, 1, 1, 1).expand(40, 3, 12, 12) / 40
+    ds = ArrowOfTimeClips([ramp], test, spec, train=False)
+    (fwd, y0), (bwd, y1) = ds[0], ds[1]
+    assert (y0, y1) == (0, 1) and fwd.shape == (3, spec.model_frames, 8, 8) == (3, 3, 8, 8)
+    torch.testing.assert_close(fwd, torch.full_like(fwd, 10 / 40))  # brightening by 1/40
+    torch.testing.assert_close(bwd, -fwd)
+    shuffled = ArrowOfTimeClips([ramp], test, spec, train=False, order="shuffled")
+    s0, _ = shuffled[0]  # differences of the shuffled frames: no longer all the same sign
+    assert not torch.equal(s0, fwd) and s0.sum().abs() < fwd.sum().abs()
+    with pytest.raises(ValueError, match="no order to see"):
+        ArrowOfTimeSpec(num_frames=2, input="differences")
+
+
+def test_arrow_of_time_run_trains_tests_and_saves(tmp_path):
+    from sparseformer.arrow_of_time import ArrowOfTimeRun, run_arrow_of_time
+
+    frames = np.zeros((30, 32, 32, 3), np.uint8)
+    for t in range(30):  # a square sweeping right and wrapping around: motion everywhere
+        frames[t, 12:20, (t % 12) * 2 : (t % 12) * 2 + 8] = 255
+    write_clip(tmp_path / "sweep.mp4", frames)
+    spec = ArrowOfTimeSpec(
+        num_frames=4, stride=1, frame_size=24, size=16, segment=10, gap=0, test_every=2,
+        input="differences",
+    )  # fmt: skip
+    run = ArrowOfTimeRun(steps=6, warmup=2, batch_size=4, videos=(str(tmp_path / "sweep.mp4"),))
+    run = dataclasses.replace(run, spec=spec)
+    result = run_arrow_of_time(run, tmp_path / "aot.pt")
+    assert (
+        result["steps_done"] == 6 and result["test_clips"] == 2 * 7
+    )  # segment [10, 20): 7 windows, both ways
+    assert set(result["acc_true_per_video"]) == {"sweep.mp4"}
+    for key in ("acc_true", "acc_shuffled", "acc_train_segments"):
+        assert 0 <= result[key] <= 100
+    saved = torch.load(tmp_path / "aot.pt", weights_only=True)
+    model = create_model(
+        "video_sparseformer_v1_micro", num_classes=2, num_frames=3, replicates=1, stem_channels=16
+    )
+    model.load_state_dict(saved["model"])  # clips of 4 frames -> a model of 3 differences

