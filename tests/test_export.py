@@ -78,3 +78,18 @@ def test_export_cli_missing_checkpoint_is_one_line(tmp_path, capsys):
     argv = ["export", "--model", "sparseformer_v1_nano", "--out", str(tmp_path / "x.onnx")]
     assert main(argv + ["--checkpoint", str(tmp_path / "missing.pth")]) == 1
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_export_cli_video_model_takes_clips(tmp_path, capsys):
+    out = tmp_path / "video.onnx"
+    argv = ["export", "--model", "video_sparseformer_v1_micro", "--num-frames", "4"]
+    argv += ["--out", str(out), "--img-size", "32", "--check-batch-sizes", "1", "2"]
+    assert main(argv) == 0  # opset 20 chosen for the 5-D GridSample
+    printed = capsys.readouterr().out
+    diffs = [float(line.rsplit("=", 1)[1]) for line in printed.splitlines() if "max |" in line]
+    assert len(diffs) == 2 and max(diffs) <= 1e-4
+    (clips,) = onnx.load(str(out)).graph.input
+    dims = clips.type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, 4, 32, 32] and dims[0].dim_param
+    assert main(argv[:2] + ["sparseformer_v1_nano", "--num-frames", "4", "--out", str(out)]) == 1
+    assert "video models" in capsys.readouterr().err

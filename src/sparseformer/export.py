@@ -1,10 +1,12 @@
-"""ONNX export of image classifiers, checked against onnxruntime.
+"""ONNX export of image and video classifiers, checked against onnxruntime.
 
-The graph takes normalised images ``(batch, 3, S, S)`` (batch dynamic, S fixed at export) and
-returns logits ``(batch, classes)``. SparseFormer's bilinear sampling exports as ONNX
-``GridSample`` (opset >= 16); the coordinate-gradient clamp is an identity in inference and
-leaves no node. Uses the torch.export-based exporter (``onnxscript``) and ``onnxruntime``,
-installed by the ``export`` extra.
+The graph takes normalised images ``(batch, 3, S, S)``, or clips ``(batch, 3, T, S, S)`` for a
+video SparseFormer (batch dynamic, T and S fixed at export), and returns logits
+``(batch, classes)``. SparseFormer's bilinear sampling exports as ONNX ``GridSample``: opset
+>= 16 for images, >= 20 for the trilinear sampling of clips (5-D ``GridSample``). The
+coordinate-gradient clamp is an identity in inference and leaves no node. Uses the
+torch.export-based exporter (``onnxscript``) and ``onnxruntime``, installed by the ``export``
+extra.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ExportError", "export_onnx", "onnx_max_difference"]
+__all__ = ["ExportError", "export_onnx", "onnx_max_difference", "VIDEO_MIN_OPSET"]
 
 log = logging.getLogger(__name__)
+
+VIDEO_MIN_OPSET = 20  # GridSample on 5-D volumes
 
 
 class ExportError(RuntimeError):
@@ -66,14 +70,17 @@ def export_onnx(
     img_size: int = 224,
     in_chans: int = 3,
     opset: int = 18,
+    num_frames: int | None = None,
 ) -> Path:
     """Write ``model`` (eval mode, CPU, float32) as ONNX with a dynamic batch dimension.
 
     Args:
-        model: takes ``(B, in_chans, img_size, img_size)`` and returns ``(B, classes)``.
+        model: takes ``(B, in_chans, img_size, img_size)`` (or ``(B, in_chans, num_frames,
+            img_size, img_size)``) and returns ``(B, classes)``.
         path: output file; written to a temporary name, then renamed.
         img_size: the fixed spatial size of the graph's input.
-        opset: ONNX opset (at least 16, for ``GridSample``).
+        opset: ONNX opset (at least 16, for ``GridSample``; 20 for clips).
+        num_frames: the fixed clip length of a video model; ``None`` for images.
 
     Returns:
         The written path.
@@ -82,12 +89,17 @@ def export_onnx(
         _require(module)
     if opset < 16:
         raise ExportError(f"opset {opset} has no GridSample; use 16 or later")
+    if num_frames is not None and opset < VIDEO_MIN_OPSET:
+        raise ExportError(
+            f"opset {opset} has no 5-D GridSample for video clips; use {VIDEO_MIN_OPSET} or later"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.onnx")
     wrapper = _Logits(model).eval().float().cpu()
     # Batch 2 as the example, so that the exporter does not specialise a batch of 1.
-    example = torch.zeros(2, in_chans, img_size, img_size)
+    frames = () if num_frames is None else (num_frames,)
+    example = torch.zeros(2, in_chans, *frames, img_size, img_size)
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
@@ -102,9 +114,7 @@ def export_onnx(
         )
     program.save(str(tmp))
     tmp.replace(path)
-    log.info(
-        "wrote %s (opset %d, input (batch, %d, %d, %d))", path, opset, in_chans, *[img_size] * 2
-    )
+    log.info("wrote %s (opset %d, input %s)", path, opset, ("batch", *example.shape[1:]))
     return path
 
 

@@ -1,8 +1,8 @@
 """``sparseformer export``: a model as ONNX with a dynamic batch, checked with onnxruntime.
 
-The graph takes normalised images (batch, 3, S, S) and returns logits. After writing, the
-file is run by onnxruntime at two batch sizes and the largest difference from PyTorch is
-printed.
+The graph takes normalised images (batch, 3, S, S), or clips (batch, 3, T, S, S) for a video
+model, and returns logits. After writing, the file is run by onnxruntime at two batch sizes and
+the largest difference from PyTorch is printed.
 """
 
 from __future__ import annotations
@@ -16,8 +16,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="weights to load")
     p.add_argument("--out", required=True, metavar="PATH", help="output .onnx file")
     p.add_argument("--img-size", type=int, default=224, metavar="S", help="input size (224)")
+    p.add_argument(
+        "--num-frames",
+        type=int,
+        default=None,
+        metavar="T",
+        help="clip length of a video model (default: the model's, 8)",
+    )
     p.add_argument("--num-classes", type=int, default=None, help="classifier width")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 16; default 18)")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=None,
+        help="ONNX opset (>= 16; default 18 for images, 20 for video models)",
+    )
     p.add_argument(
         "--check-batch-sizes",
         type=int,
@@ -33,19 +45,31 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparseformer.cli import CliError
-    from sparseformer.export import ExportError, export_onnx, onnx_max_difference
-    from sparseformer.factory import create_model
+    from sparseformer.config import VideoSparseFormerConfig
+    from sparseformer.export import VIDEO_MIN_OPSET, ExportError, export_onnx, onnx_max_difference
+    from sparseformer.factory import create_model, get_model_spec
 
     if args.img_size < 4:
         raise CliError(f"--img-size {args.img_size} is too small; use at least 4 pixels")
+    video = isinstance(get_model_spec(args.model).config, VideoSparseFormerConfig)
+    if args.num_frames is not None and not video:
+        raise CliError(f"--num-frames is for video models; {args.model} takes images")
+    if args.num_frames is not None and args.num_frames < 1:
+        raise CliError(f"--num-frames {args.num_frames}: a clip needs at least 1 frame")
+    extra = {"num_frames": args.num_frames} if args.num_frames is not None else {}
     model = create_model(
-        args.model, checkpoint_path=args.checkpoint, num_classes=args.num_classes
+        args.model, checkpoint_path=args.checkpoint, num_classes=args.num_classes, **extra
     ).eval()
+    frames = (model.config.num_frames,) if video else ()
+    opset = args.opset if args.opset is not None else (VIDEO_MIN_OPSET if video else 18)
     try:
-        path = export_onnx(model, args.out, img_size=args.img_size, opset=args.opset)
+        path = export_onnx(
+            model, args.out, img_size=args.img_size, opset=opset, num_frames=(frames or [None])[0]
+        )
         generator = torch.Generator().manual_seed(0)
         for batch in args.check_batch_sizes:
-            images = torch.randn(batch, 3, args.img_size, args.img_size, generator=generator)
+            shape = (batch, 3, *frames, args.img_size, args.img_size)
+            images = torch.randn(shape, generator=generator)
             diff = onnx_max_difference(path, model, images)
             print(f"batch {batch}: max |onnxruntime - pytorch| = {diff:.2e}")
     except ExportError as exc:
