@@ -89,3 +89,20 @@ def test_linear_forward_hooks_still_fire_in_inference():
     with torch.inference_mode():
         linear(torch.randn(3, 8), layer, gelu=True)
     assert seen == [torch.Size([3, 4])]
+
+
+def test_video_stem_per_frame_matches_3d_convolution_and_pooling():
+    """The video stem folds frames into the batch; same values and gradients as 1x7x7 conv3d."""
+    torch.manual_seed(0)
+    stem = EarlyConvolution(3, 8, video=True).double()
+    x = torch.randn(2, 3, 3, 21, 26, dtype=torch.float64, requires_grad=True)
+    y = stem(x)
+    pooled = F.max_pool3d(stem.conv(x), (1, 3, 3), (1, 2, 2), (0, 1, 1))
+    reference = channel_normalize(F.relu(pooled), stem.eps)
+    assert y.shape == reference.shape == (2, 8, 3, 6, 7)
+    torch.testing.assert_close(y, reference, rtol=0, atol=1e-12)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, stem.conv.weight), g)
+    expected = torch.autograd.grad(reference, (x, stem.conv.weight), g)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
