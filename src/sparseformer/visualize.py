@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -33,6 +32,7 @@ from sparseformer.viz_draw import (
     draw_panel,
     format_statistics,
     prediction_text,
+    render_panel,
     resolve_highlight,
     resolve_stages,
     select_sample,
@@ -145,26 +145,19 @@ def stage_frames(
     dpi: int = 100,
 ) -> list:
     """One rendered PIL image per stage (for an animated GIF), same layout as :func:`plot_rois`."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from PIL import Image
-
     img = as_image(image)
     highlight_set = resolve_highlight(output, highlight, index)
     colors = token_colors(output.tokens.shape[1])
-    label = prediction_text(output.logits[index], class_names)
-    h, w = img.shape[:2]
+    label = f"prediction: {prediction_text(output.logits[index], class_names)}"
     frames = []
     for stage in resolve_stages(output, stages):
-        fig = Figure(figsize=(inches, inches * h / w + 0.5), dpi=dpi)
-        canvas = FigureCanvasAgg(fig)
-        ax = fig.subplots()
         rois, points = stage_geometry(output, stage, index)
-        draw_panel(ax, img, rois, points, colors, highlight_set, stage_title(output, stage, rois))
-        fig.suptitle(f"prediction: {label}", fontsize=10)
-        fig.tight_layout()
-        canvas.draw()
-        frames.append(Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy()))
+        title = stage_title(output, stage, rois)
+        frames.append(
+            render_panel(
+                img, rois, points, colors, highlight_set, title, label, inches=inches, dpi=dpi
+            )
+        )
     return frames
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "token_colors",
     "as_image",
     "draw_panel",
+    "render_panel",
     "resolve_stages",
     "resolve_highlight",
     "stage_title",
@@ -204,6 +205,34 @@ def draw_panel(
         size = max(1.0, min(9.0, 1500.0 / (N * P) ** 0.75))
         sc = ax.scatter(xy[:, 0], xy[:, 1], s=size, c=point_colors, linewidths=0, zorder=4)
         sc.set_gid("points")
+
+
+def render_panel(
+    image: np.ndarray,
+    rois: np.ndarray,
+    points: np.ndarray | None,
+    colors: np.ndarray,
+    highlight: set[int] | None,
+    title: str,
+    suptitle: str,
+    *,
+    inches: float,
+    dpi: int,
+    fontsize: float = 10,
+):
+    """One :func:`draw_panel` rendered off-screen to a PIL image (a frame of an animated GIF)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    fig = Figure(figsize=(inches, inches * h / w + 0.5), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    draw_panel(fig.subplots(), image, rois, points, colors, highlight, title)
+    fig.suptitle(suptitle, fontsize=fontsize)
+    fig.tight_layout()
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
 
 
 def resolve_stages(output: SparseFormerOutput, stages: Sequence[int] | None) -> list[int]:

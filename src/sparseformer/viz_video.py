@@ -18,6 +18,7 @@ from sparseformer.models.outputs import SparseFormerOutput
 from sparseformer.viz_draw import (
     draw_panel,
     prediction_text,
+    render_panel,
     resolve_highlight,
     stage_geometry,
     token_colors,
@@ -114,29 +115,33 @@ def video_frame_images(
     dpi: int = 100,
 ) -> list:
     """One rendered PIL image per frame (for an animated GIF), as in :func:`plot_video_rois`."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from PIL import Image
-
     video = _as_video(frames)
-    T, h, w = video.shape[:3]
+    T = video.shape[0]
     if stage is None:
         stage = len(output.sampling_points) or -1
     rois6, points3 = _video_geometry(output, stage, index)
     colors = token_colors(rois6.shape[0])
     highlight_set = resolve_highlight(output, highlight, index)
     label = prediction_text(output.logits[index], class_names)
+    suptitle = f"prediction: {label}; {_stage_name(stage)}"
     images = []
     for f in range(T):
-        fig = Figure(figsize=(inches, inches * h / w + 0.5), dpi=dpi)
-        canvas = FigureCanvasAgg(fig)
-        ax = fig.subplots()
         rois, pts = frame_geometry(rois6, points3, f, T)
-        draw_panel(ax, video[f], rois, pts, colors, highlight_set, f"frame {f + 1}/{T}")
-        fig.suptitle(f"prediction: {label}; {_stage_name(stage)}", fontsize=9)
-        fig.tight_layout()
-        canvas.draw()
-        images.append(Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy()))
+        title = f"frame {f + 1}/{T}"
+        images.append(
+            render_panel(
+                video[f],
+                rois,
+                pts,
+                colors,
+                highlight_set,
+                title,
+                suptitle,
+                inches=inches,
+                dpi=dpi,
+                fontsize=9,
+            )  # fmt: skip
+        )
     return images
 
 
