@@ -56,35 +56,32 @@ class EarlyConvolution(nn.Module):
             self.conv = nn.Conv2d(in_chans, channels, 7, 2, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, 3, H, W) -> (B, C, H/4, W/4)`` (or the same per frame for video)."""
-        # ReLU commutes with max-pooling (both monotone), so it runs on the 4x smaller pooled
-        # map: same values, same gradients.
-        if self.video:
-            return self._per_frame(x)
-        else:
-            # Channels-last: oneDNN's convolution and the pooling vectorise over channels
-            # (2x faster stem on CPU, identical numbers); the output stays channels-last,
-            # which grid sampling reads as fast, and the channel statistics read contiguously.
-            x = self.conv(x.contiguous(memory_format=torch.channels_last))
-            x = F.max_pool2d(x, 3, 2, 1)
-        return channel_normalize(F.relu(x), self.eps)
+        """``(B, 3, H, W) -> (B, C, H/4, W/4)``, or ``(B, 3, T, H, W) -> (B, C, T, H/4, W/4)``.
 
-    def _per_frame(self, x: Tensor) -> Tensor:
-        """``(B, 3, T, H, W) -> (B, C, T, H/4, W/4)``: the 2-D stem on every frame.
-
-        The same numbers as a 1x7x7 ``conv3d`` and 1x3x3 ``max_pool3d`` (the weight is kept
-        3-D, as checkpoints store it), but with frames folded into the batch the channels-last
-        2-D kernels run: CPU ``max_pool3d`` always computes indices and was as slow as the
-        whole convolution. The output is ``(B, C, T, h, w)`` in channels-last-3d memory.
+        A video runs the 2-D stem on every frame, folded into the batch: the same numbers as a
+        1x7x7 ``conv3d`` and 1x3x3 ``max_pool3d`` (the weight is kept 3-D, as checkpoints store
+        it), but the channels-last 2-D kernels run, where CPU ``max_pool3d`` always computes
+        indices and was as slow as the whole convolution. Its output is ``(B, C, T, h, w)`` in
+        channels-last-3d memory.
         """
+        if not self.video:
+            return self._stem_2d(x, self.conv.weight)
         B, _, T, H, W = x.shape
         frames = x.transpose(1, 2).reshape(B * T, -1, H, W)  # (B, 3, T, H, W) -> (B*T, 3, H, W)
-        frames = frames.contiguous(memory_format=torch.channels_last)
         weight = self.conv.weight.squeeze(2)  # (C, 3, 1, 7, 7) -> (C, 3, 7, 7)
-        y = F.conv2d(frames, weight, self.conv.bias, (2, 2), (3, 3))
-        y = channel_normalize(F.relu(F.max_pool2d(y, 3, 2, 1)), self.eps)  # (B*T, C, h, w)
+        y = self._stem_2d(frames, weight)  # (B*T, C, h, w), channels-last
         _, C, h, w = y.shape
         # channels-last (B*T, C, h, w) is (B, T, h, w, C) in memory: a view, no copy, as long
         # as the layout held; reshape copies otherwise.
         y = y.permute(0, 2, 3, 1).reshape(B, T, h, w, C)  # (B*T, C, h, w) -> (B, T, h, w, C)
         return y.permute(0, 4, 1, 2, 3)  # (B, T, h, w, C) -> (B, C, T, h, w)
+
+    def _stem_2d(self, x: Tensor, weight: Tensor) -> Tensor:
+        """Convolution, pooling, ReLU and channel normalisation of ``(B, 3, H, W)`` images."""
+        # Channels-last: oneDNN's convolution and the pooling vectorise over channels (2x
+        # faster stem on CPU, identical numbers); the output stays channels-last, which grid
+        # sampling reads as fast, and the channel statistics read contiguously.
+        x = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, self.conv.bias, 2, 3)
+        # ReLU commutes with max-pooling (both monotone), so it runs on the 4x smaller pooled
+        # map: same values, same gradients.
+        return channel_normalize(F.relu(F.max_pool2d(x, 3, 2, 1)), self.eps)
