@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from sparseformer.benchmark import sample_shape
     from sparseformer.cli import CliError
     from sparseformer.config import VideoSparseFormerConfig
     from sparseformer.export import VIDEO_MIN_OPSET, ExportError, export_onnx, onnx_max_difference
@@ -60,16 +61,16 @@ def run(args: argparse.Namespace) -> int:
     model = create_model(
         args.model, checkpoint_path=args.checkpoint, num_classes=args.num_classes, **extra
     ).eval()
-    frames = (model.config.num_frames,) if video else ()
+    shape = sample_shape(model, args.img_size)  # (3, S, S) or (3, T, S, S)
+    num_frames = shape[1] if video else None
     opset = args.opset if args.opset is not None else (VIDEO_MIN_OPSET if video else 18)
     try:
         path = export_onnx(
-            model, args.out, img_size=args.img_size, opset=opset, num_frames=(frames or [None])[0]
+            model, args.out, img_size=args.img_size, opset=opset, num_frames=num_frames
         )
         generator = torch.Generator().manual_seed(0)
         for batch in args.check_batch_sizes:
-            shape = (batch, 3, *frames, args.img_size, args.img_size)
-            images = torch.randn(shape, generator=generator)
+            images = torch.randn(batch, *shape, generator=generator)
             diff = onnx_max_difference(path, model, images)
             print(f"batch {batch}: max |onnxruntime - pytorch| = {diff:.2e}")
     except ExportError as exc:

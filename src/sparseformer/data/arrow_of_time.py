@@ -108,10 +108,10 @@ class ArrowOfTimeSpec:
     def __post_init__(self) -> None:
         if self.input not in ("frames", "differences"):
             raise ValueError(f"input must be 'frames' or 'differences', got {self.input!r}")
-        if self.num_frames < (3 if self.input == "differences" else 2):
+        least = 3 if self.input == "differences" else 2
+        if self.num_frames < least:
             raise ValueError(
-                f"num_frames={self.num_frames} leaves no order to see; use at least "
-                f"{3 if self.input == 'differences' else 2} frames"
+                f"num_frames={self.num_frames} leaves no order to see; use at least {least} frames"
             )
         if self.segment < self.span:
             raise ValueError(

@@ -41,7 +41,8 @@ def evaluate_views(
     """Top-1 accuracy and NLL of view-averaged scores over a loader of ``(clips, labels)``.
 
     Returns:
-        ``{"acc1": percent, "loss": mean NLL of the averaged scores, "num_samples": n}``.
+        ``{"acc1": percent, "loss": mean NLL of the averaged scores, "num_samples": n,
+        "num_correct": top-1 hits}``.
     """
     was_training = model.training
     model.eval()
@@ -53,7 +54,12 @@ def evaluate_views(
         nll += float(F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
         n += labels.numel()
     model.train(was_training)
-    return {"acc1": 100.0 * correct / max(n, 1), "loss": nll / max(n, 1), "num_samples": n}
+    return {
+        "acc1": 100.0 * correct / max(n, 1),
+        "loss": nll / max(n, 1),
+        "num_samples": n,
+        "num_correct": correct,
+    }
 
 
 class ViewAveraging(nn.Module):
