@@ -38,7 +38,12 @@ def main() -> None:
     p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     p.add_argument(
-        "--set", nargs="*", default=[], metavar="FIELD=INT", help="model config overrides"
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="FIELD=INT",
+        help="model config overrides",
     )
     p.add_argument(
         "--videos",

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from sparseformer.cli import main
 
@@ -14,10 +15,11 @@ from .test_video_data import make_folder
 pytest.importorskip("av")
 
 MODEL = "video_sparseformer_v1_micro"
-FAST = [
+RECIPE = [
     "--recipe", "fashion-mnist-cpu", "--epochs", "2", "--batch-size", "2", "--img-size", "32",
-    "--frames", "4", "--frame-stride", "2", "--quiet", "--set", "label_smoothing=0",
+    "--quiet", "--set", "label_smoothing=0",
 ]  # fmt: skip
+FAST = [*RECIPE, "--frames", "4", "--frame-stride", "2"]
 
 
 def test_train_eval_predict_a_video_model_on_a_video_folder(tmp_path, capsys):
@@ -30,13 +32,18 @@ def test_train_eval_predict_a_video_model_on_a_video_folder(tmp_path, capsys):
     assert torch.isfinite(torch.tensor([r["train_loss"] for r in records])).all()
     saved = torch.load(out / "last.pt", weights_only=True, map_location="cpu")
     assert saved["video"]["num_frames"] == 4 and saved["class_names"] == ["left", "right"]
-    assert "skipped 4 unreadable" in capsys.readouterr().out
+    assert "skipped 4 unreadable or too-short video(s)" in capsys.readouterr().out
+    # resuming takes frames and stride from the run (8 frames 4 apart would not fit the videos)
+    resume = ["--output", str(out), *RECIPE, "--resume", "auto", "--epochs", "3"]
+    assert main(["train", "--model", MODEL, "--data-dir", str(data), *resume]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    capsys.readouterr()
 
-    # eval with 2 clips x 3 crops per video: scores averaged per video
+    # eval with 2 clips x 3 crops per video: scores averaged per video. Frames and stride come
+    # from the checkpoint (the defaults, 8 frames 4 apart, need longer videos than these)
     code = main(
         ["eval", "--model", MODEL, "--checkpoint", str(out / "last.pt"), "--data-dir", str(data),
-         "--frames", "4", "--frame-stride", "2", "--clips", "2", "--crops", "3", "--json",
-         "--quiet"]
+         "--clips", "2", "--crops", "3", "--json", "--quiet"]
     )  # fmt: skip
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -53,3 +60,42 @@ def test_train_eval_predict_a_video_model_on_a_video_folder(tmp_path, capsys):
     bad = data / "train" / "left" / "notes.mp4"
     code = main(["predict", "--model", MODEL, "--checkpoint", str(out / "last.pt"), str(bad)])
     assert code == 1 and "cannot use this video" in capsys.readouterr().out
+
+
+def test_model_and_data_of_different_kinds_fail_with_a_clear_message(tmp_path, capsys):
+    data = tmp_path / "videos"
+    make_folder(data, bad=False)
+    image_run = ["--output", str(tmp_path / "run"), *FAST]
+    code = main(["train", "--model", "sparseformer_v1_micro", "--data-dir", str(data), *image_run])
+    err = capsys.readouterr().err
+    assert code == 1 and "is an image model but the data folder holds videos" in err
+    assert "Traceback" not in err
+    images = tmp_path / "images"
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (images / split / name).mkdir(parents=True)
+            Image.new("RGB", (40, 40), name == "a" and "red" or "blue").save(
+                images / split / name / "0.png"
+            )
+    code = main(["train", "--model", MODEL, "--data-dir", str(images), *image_run])
+    assert code == 1 and "is a video model but the data are images" in capsys.readouterr().err
+
+
+def test_video_training_takes_the_recipes_flip_and_crop_scale(tmp_path):
+    from sparseformer.cli import build_parser
+    from sparseformer.cli.train import build_recipe, data_source
+    from sparseformer.data import Preprocessing, build_datasets
+
+    data = tmp_path / "videos"
+    make_folder(data, bad=False)
+    args = build_parser().parse_args(
+        ["train", "--model", MODEL, "--data-dir", str(data), "--output", str(tmp_path / "r"),
+         *FAST, "--set", "hflip=0", "augmentation.scale=[0.5,1.0]"]
+    )  # fmt: skip
+    recipe = build_recipe(args)
+    assert recipe.augmentation.hflip == 0 and recipe.augmentation.scale == (0.5, 1.0)
+    # the other augmentation fields keep the recipe's values, not the dataclass defaults
+    assert recipe.augmentation.auto_augment is None and recipe.label_smoothing == 0
+    bundle = build_datasets(data_source(args, views=False), Preprocessing(32), recipe.augmentation)
+    assert bundle.train.spec.hflip == 0 and bundle.train.spec.scale == (0.5, 1.0)
+    assert bundle.val.spec.num_frames == 4 and bundle.val.spec.stride == 2

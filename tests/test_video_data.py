@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sparseformer.data.arrow_of_time import ArrowOfTimeClips, ArrowOfTimeSpec, split_windows
 from sparseformer.data.video import (
@@ -16,6 +17,7 @@ from sparseformer.data.video import (
     VideoFolder,
     VideoReadError,
     clip_indices,
+    is_video_folder,
     probe_video,
     read_video,
     train_transform,
@@ -114,6 +116,30 @@ def make_folder(root, bad: bool = True):
         (d / "truncated.mp4").write_bytes(good[: len(good) // 3])
         write_clip(d / "short.mp4", moving_square(3))
         (d / "readme.txt").write_text("ignored: not a video extension")
+
+
+def test_video_folder_is_recognised_by_its_first_media_file(tmp_path):
+    make_folder(tmp_path / "v", bad=False)
+    (tmp_path / "v" / "train" / "left" / "0_labels.csv").write_text("stray file sorting first")
+    assert is_video_folder(tmp_path / "v")
+    nested = tmp_path / "n" / "train" / "jump" / "day1"
+    nested.mkdir(parents=True)
+    write_clip(nested / "a.mp4", moving_square(4))
+    assert is_video_folder(tmp_path / "n")
+    images = tmp_path / "i" / "train" / "cat"
+    images.mkdir(parents=True)
+    (images / "0.txt").write_text("notes")
+    Image.new("RGB", (8, 8)).save(images / "1.png")
+    assert not is_video_folder(tmp_path / "i")
+
+
+def test_a_class_without_usable_videos_is_a_clear_error(tmp_path):
+    make_folder(tmp_path, bad=False)
+    (tmp_path / "train" / "jump").mkdir()
+    write_clip(tmp_path / "train" / "jump" / "short.mp4", moving_square(2))
+    spec = ClipSpec(num_frames=4, stride=2, size=16)
+    with pytest.raises(VideoDataError, match=r"class folder\(s\) .*jump.* have no usable video"):
+        VideoFolder(tmp_path / "train", spec, train=True)
 
 
 def test_video_folder_skips_and_counts_bad_videos(tmp_path, caplog):

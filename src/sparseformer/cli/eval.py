@@ -43,28 +43,32 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparseformer.cli import CliError
-    from sparseformer.cli.train import data_source
+    from sparseformer.cli.train import check_model_fits_data, data_source
     from sparseformer.data import DataError, Preprocessing, build_datasets, dataset_defaults
     from sparseformer.data.loader import build_eval_loader
+    from sparseformer.data.video import is_video_folder
     from sparseformer.engine import session
     from sparseformer.engine.distributed import DistInfo
     from sparseformer.engine.loop import BatchPrep, evaluate
     from sparseformer.engine.modeling import check_model_name
     from sparseformer.engine.trainer import TrainingError, amp_dtype_for
+    from sparseformer.factory import read_checkpoint
 
+    check_model_name(args.model)  # an unknown name fails before any data is read
+    saved = read_checkpoint(args.checkpoint)
+    if not isinstance(saved, dict):
+        saved = {}
     try:
         device = session.pick_device(args.device)
-        source = data_source(args)
+        # clips as the checkpoint was trained with, unless the flags say otherwise
+        video_record = saved.get("video") if isinstance(saved.get("video"), dict) else None
+        source = data_source(args, saved=video_record)
         amp = amp_dtype_for(args.precision, device)
     except (DataError, ValueError, TrainingError) as exc:
         raise CliError(str(exc)) from exc
-    check_model_name(args.model)  # an unknown name fails before any data is read
     session.set_threads(None, DistInfo())
     # preprocessing: the checkpoint's own, else the data set's, else the released weights'
-    from sparseformer.factory import read_checkpoint
-
-    saved = read_checkpoint(args.checkpoint)
-    if isinstance(saved, dict) and isinstance(saved.get("preprocessing"), dict):
+    if isinstance(saved.get("preprocessing"), dict):
         pre = Preprocessing.from_dict(saved["preprocessing"])
     else:
         pre = dataset_defaults(source) or session.weights_preprocessing(args.model)
@@ -76,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     model, info = session.model_from_checkpoint(
         args.model, args.checkpoint, bundle.num_classes, prefer_ema=args.ema
+    )
+    check_model_fits_data(
+        model, args.model, args.data_dir is not None and is_video_folder(args.data_dir)
     )
     saved_names = info.get("class_names")
     if saved_names is not None and list(saved_names) != list(bundle.class_names):

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-__all__ = ["register", "add_data_arguments", "data_source"]
+__all__ = ["register", "add_data_arguments", "data_source", "check_model_fits_data"]
 
 EXAMPLES = """examples:
   sparseformer train --model sparseformer_v1_micro --dataset fashion-mnist --output runs/fm
@@ -38,31 +38,49 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--limit-val", type=int, metavar="N", help="use only the first N val images")
     g = p.add_argument_group("video folders (DIR/train/CLASS/*.mp4; video models)")
-    g.add_argument("--frames", type=int, help="frames per clip (default: the model's)")
-    g.add_argument("--frame-stride", type=int, default=4, help="dense sampling step")
-    g.add_argument("--sampling", choices=("dense", "uniform"), default="dense")
+    g.add_argument(
+        "--frames", type=int, help="frames per clip (default: the checkpoint's, else the model's)"
+    )
+    g.add_argument(
+        "--frame-stride", type=int, help="dense sampling step (default: the checkpoint's, else 4)"
+    )
+    g.add_argument(
+        "--sampling",
+        choices=("dense", "uniform"),
+        help="clip sampling (default: the checkpoint's, else dense)",
+    )
     g.add_argument("--clips", type=int, default=1, help="test clips per video (eval)")
     g.add_argument("--crops", type=int, choices=(1, 3), default=1, help="test crops per clip")
 
 
-def video_clip_spec(args: argparse.Namespace, views: bool = True):
-    """Clip sampling from the video flags; ``views=False`` keeps one test view (training)."""
+def video_clip_spec(args: argparse.Namespace, views: bool = True, saved: dict | None = None):
+    """Clip sampling: the video flags, else the clip settings a checkpoint was trained with
+    (``saved``, its ``video`` record), else the model's frames, stride 4 and dense sampling.
+    ``views=False`` keeps one test view (training)."""
     from sparseformer.data.video import ClipSpec
     from sparseformer.registry import MODELS
 
-    frames = args.frames or getattr(
-        getattr(MODELS.get(getattr(args, "model", None) or ""), "config", None), "num_frames", 8
+    saved = saved or {}
+    frames = (
+        args.frames
+        or saved.get("num_frames")
+        or getattr(
+            getattr(MODELS.get(getattr(args, "model", None) or ""), "config", None),
+            "num_frames",
+            8,
+        )
     )
     return ClipSpec(
         num_frames=frames,
-        sampling=args.sampling,
-        stride=args.frame_stride,
+        sampling=args.sampling or saved.get("sampling", "dense"),
+        stride=args.frame_stride or saved.get("stride", 4),
         num_clips=args.clips if views else 1,
         num_crops=args.crops if views else 1,
     )
 
 
-def data_source(args: argparse.Namespace, views: bool = True):
+def data_source(args: argparse.Namespace, views: bool = True, saved: dict | None = None):
+    """The data the flags name; ``saved``: a checkpoint's ``video`` record (clip defaults)."""
     from sparseformer.data import DataSource
 
     return DataSource(
@@ -71,8 +89,29 @@ def data_source(args: argparse.Namespace, views: bool = True):
         args.data_root,
         args.limit_train,
         args.limit_val,
-        video=video_clip_spec(args, views),
+        video=video_clip_spec(args, views, saved),
     )
+
+
+def check_model_fits_data(model, model_name: str, video_data: bool) -> None:
+    """A clear error when an image model meets video clips or a video model meets images.
+
+    Raises:
+        CliError: the model's kind and the data's differ.
+    """
+    from sparseformer.cli import CliError
+
+    video_model = getattr(model, "roi_dims", 2) == 3
+    if video_model and not video_data:
+        raise CliError(
+            f"{model_name} is a video model but the data are images; use an image model "
+            "(e.g. sparseformer_v1_tiny) or a video folder (DIR/train/CLASS/*.mp4)"
+        )
+    if video_data and not video_model:
+        raise CliError(
+            f"{model_name} is an image model but the data folder holds videos; use a video "
+            "model (e.g. video_sparseformer_v1_tiny; `sparseformer models` lists them)"
+        )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -103,8 +142,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--drop-path", type=float, help="stochastic depth rate")
     g.add_argument("--workers", type=int, help="data-loading processes per training process")
     g.add_argument(
-        "--set", nargs="+", default=[], metavar="KEY=VALUE",
-        help="any recipe field, value in JSON (e.g. --set mixup=0 ema_decay=null)",
+        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="any recipe field, value in JSON (e.g. --set mixup=0 ema_decay=null); "
+        "augmentation fields by name or dotted (hflip=0, augmentation.scale=[0.5,1]); "
+        "may be repeated",
     )  # fmt: skip
     g = p.add_argument_group("run")
     g.add_argument(
@@ -123,6 +164,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def build_recipe(args: argparse.Namespace):
     from sparseformer.cli import CliError
+    from sparseformer.data.transforms import Augmentation
     from sparseformer.engine.recipe import load_recipe
 
     name = args.recipe or ("fashion-mnist-cpu" if args.dataset == "fashion-mnist" else "imagenet1k")
@@ -139,14 +181,24 @@ def build_recipe(args: argparse.Namespace):
         "precision": args.precision,
     }
     changes = {k: v for k, v in changes.items() if v is not None}
+    augmentation: dict = {}
+    aug_fields = {f.name for f in dataclasses.fields(Augmentation)}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise CliError(f"--set expects KEY=VALUE, got {item!r}")
         try:
-            changes[key] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            changes[key] = value  # a bare string such as rand-m9-mstd0.5
+            parsed = value  # a bare string such as rand-m9-mstd0.5
+        # augmentation fields by name (hflip=0) or dotted (augmentation.hflip=0)
+        name = key.removeprefix("augmentation.")
+        if name in aug_fields and (name != key or not hasattr(recipe, key)):
+            augmentation[name] = parsed
+        else:
+            changes[key] = parsed
+    if augmentation:
+        changes["augmentation"] = {**changes.get("augmentation", {}), **augmentation}
     return recipe.replace(**changes) if changes else recipe
 
 
@@ -171,23 +223,24 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)  # before any data is read
     try:
         device = session.pick_device(args.device)
-        source = data_source(args, views=False)  # per-epoch validation: one view per video
         recipe = build_recipe(args)
-        video = args.data_dir is not None and is_video_folder(args.data_dir)
-        if video and recipe.cutmix > 0:  # timm's CutMix cuts the last two axes: T x H on clips
-            logging.getLogger(__name__).info("video clips: CutMix is turned off")
-            recipe = recipe.replace(cutmix=0.0)
-        resume = None
+        resume, saved = None, {}
         if args.resume == "auto":
             last = args.output / ckpt_io.LAST
             resume = last if last.is_file() else None
         elif args.resume:
             resume = Path(args.resume)
-        if resume is not None:  # continue exactly: the run's own recipe, epochs may grow
+        if resume is not None:  # continue exactly: the run's own recipe and clips, epochs may grow
             saved = ckpt_io.read_training_checkpoint(resume)
             recipe = Recipe().replace(**saved["recipe"])
             if args.epochs is not None:
                 recipe = recipe.replace(epochs=args.epochs)
+        # per-epoch validation: one view per video
+        source = data_source(args, views=False, saved=saved.get("video"))
+        video = args.data_dir is not None and is_video_folder(args.data_dir)
+        if video and recipe.cutmix > 0:  # timm's CutMix cuts the last two axes: T x H on clips
+            logging.getLogger(__name__).info("video clips: CutMix is turned off")
+            recipe = recipe.replace(cutmix=0.0)
     except (DataError, RecipeError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     session.output_dir_ok(args.output)
@@ -212,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
         except DataError as exc:
             raise CliError(str(exc)) from exc
         model = build_model(args.model, bundle.num_classes, pre.img_size, recipe.drop_path)
+        check_model_fits_data(model, args.model, video)
         if args.checkpoint is not None and resume is None:
             load_weights(model, args.checkpoint)
         if dist.is_main:
@@ -242,16 +296,17 @@ def run(args: argparse.Namespace) -> int:
         except TrainingError as exc:
             raise CliError(str(exc)) from exc
         if dist.is_main:
-            _print_summary(summary, bundle)
+            _print_summary(summary, bundle, video)
     finally:
         cleanup_distributed()
     return 0
 
 
-def _print_summary(summary: dict, bundle) -> None:
+def _print_summary(summary: dict, bundle, video: bool) -> None:
     final = summary["final"]
     if bundle.skipped_files:
-        print(f"skipped {len(bundle.skipped_files)} unreadable image file(s) (see the log)")
+        what = "unreadable or too-short video(s)" if video else "unreadable image file(s)"
+        print(f"skipped {len(bundle.skipped_files)} {what} (see the log)")
     if summary["epochs_run"] == 0:
         print(
             f"nothing to do: the run in {summary['output']} already has {summary['epochs']} epochs"

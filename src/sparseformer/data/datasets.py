@@ -139,6 +139,10 @@ def build_datasets(
             mean=tuple(preprocessing.mean),
             std=tuple(preprocessing.std),
         )
+        if augmentation is not None:  # the recipe's crop scale and flip, shared by all frames
+            spec = dataclasses.replace(
+                spec, scale=tuple(augmentation.scale), hflip=float(augmentation.hflip)
+            )
         try:
             train, val = video_datasets(source.data_dir, spec, need_train)
         except VideoDataError as exc:

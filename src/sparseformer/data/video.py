@@ -341,6 +341,14 @@ class VideoFolder(Dataset):
                 f"no usable videos under {str(self.root)!r} ({len(self.skipped)} skipped; "
                 f"extensions {', '.join(VIDEO_EXTENSIONS)}; at least {spec.min_frames} frames)"
             )
+        used = {label for _, label, _ in self.samples}
+        empty = [name for label, name in enumerate(found) if label not in used]
+        if empty:
+            raise VideoDataError(
+                f"class folder(s) {[str(self.root / n) for n in empty]} have no usable video "
+                f"(extensions {', '.join(VIDEO_EXTENSIONS)}; at least {spec.min_frames} frames; "
+                "unreadable ones are logged); add videos or remove the folder"
+            )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -373,15 +381,23 @@ class VideoFolder(Dataset):
 
 def is_video_folder(data_dir: str | Path) -> bool:
     """Whether ``data_dir`` (with ``train/`` and/or ``val/`` class folders) holds videos: the
-    first file found under a class folder has a video extension."""
+    first image or video file found under a class folder (sub-folders included) is a video.
+    Other files (labels, notes) do not decide; the search stops at the first media file."""
+    from sparseformer.data.images import IMAGE_EXTENSIONS
+
     for split in ("train", "val"):
         root = Path(data_dir) / split
         if not root.is_dir():
             continue
         for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            for f in sorted(class_dir.iterdir()):
-                if f.is_file() and not f.name.startswith("."):
-                    return f.suffix.lower() in VIDEO_EXTENSIONS
+            for f in class_dir.rglob("*"):
+                suffix = f.suffix.lower()
+                if f.name.startswith(".") or not f.is_file():
+                    continue
+                if suffix in VIDEO_EXTENSIONS:
+                    return True
+                if suffix in IMAGE_EXTENSIONS:
+                    return False
     return False
 
 

@@ -99,8 +99,15 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> Recipe:
-        """A copy with fields changed (``augmentation`` may be a dict of its fields)."""
-        return _from_dict({**self.to_dict(), **changes}, self.name)
+        """A copy with fields changed. ``augmentation`` may be a dict of some of its fields
+        (the others keep this recipe's values)."""
+        data = self.to_dict()
+        aug = changes.pop("augmentation", None)
+        if isinstance(aug, dict):
+            data["augmentation"] = {**data["augmentation"], **aug}
+        elif aug is not None:
+            data["augmentation"] = aug
+        return _from_dict({**data, **changes}, self.name)
 
 
 def _from_dict(data: dict[str, Any], origin: str) -> Recipe:

@@ -29,9 +29,9 @@ def view_scores(model: nn.Module, clips: Tensor) -> Tensor:
     """
     if clips.dim() == 5:
         clips = clips.unsqueeze(1)  # (B, 3, T, H, W) -> (B, 1, 3, T, H, W)
-    B, V = clips.shape[:2]
-    logits = model(clips.flatten(0, 1))  # (B, V, 3, T, H, W) -> (B*V, 3, T, H, W)
-    return logits.float().softmax(-1).reshape(B, V, -1).mean(1)  # (B*V, K) -> (B, K)
+    # one view at a time: the memory of a (B, 3, T, H, W) batch, not of B x V clips
+    probs = sum(model(clips[:, v]).float().softmax(-1) for v in range(clips.shape[1]))
+    return probs / clips.shape[1]
 
 
 @torch.no_grad()
@@ -76,10 +76,7 @@ class ViewAveraging(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 6:
             return self.model(x)
-        B, V = x.shape[:2]
-        logits = self.model(x.flatten(0, 1))  # (B, V, 3, T, H, W) -> (B*V, 3, T, H, W)
-        probs = logits.float().softmax(-1).reshape(B, V, -1).mean(1)  # (B*V, K) -> (B, K)
-        return probs.clamp_min(1e-12).log()
+        return view_scores(self.model, x).clamp_min(1e-12).log()  # (B, K)
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ bound is, if anything, conservative in time; the official code uses the same bou
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -38,6 +39,8 @@ from sparseformer.config import VideoSparseFormerConfig
 from sparseformer.layers import grid_rois
 from sparseformer.models.blocks import SampleMixOp
 from sparseformer.models.sparseformer import SparseFormer
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["VideoSparseFormer", "time_grid_offsets", "time_tiled_rois"]
 
@@ -97,6 +100,13 @@ class VideoSparseFormer(SparseFormer):
                 f"VideoSparseFormer needs a VideoSparseFormerConfig, got {type(config).__name__}"
             )
         super().__init__(config)
+        if config.num_frames < config.replicates:
+            logger.warning(
+                "%d frames for %d token replicates: some replicates' time slices fall between "
+                "frame centres and read zero padding; use replicates <= num_frames",
+                config.num_frames,
+                config.replicates,
+            )
 
     def _num_latent_tokens(self) -> int:
         return self.config.num_tokens * self.config.replicates
