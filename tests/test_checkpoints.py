@@ -150,3 +150,10 @@ def test_pretrained_offline_says_how_to_pass_a_local_file(tmp_path, monkeypatch)
 
     with pytest.raises(DownloadError, match="checkpoint_path"):
         create_model("sparseformer_v1_tiny", pretrained=True)
+
+
+@pytest.mark.parametrize("fmt", ["imagenet", "v2"])
+def test_official_checkpoint_with_an_unknown_key_is_refused(fmt):
+    state = {**official(fmt), "layers.3.extra_gate.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match=r"no conversion maps: layers\.3\.extra_gate\.weight"):
+        load_checkpoint(fixture_model(), state)

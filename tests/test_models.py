@@ -126,6 +126,49 @@ def test_config_validation():
         StageConfig(64, first_ops=("attn", "teleport"))
     with pytest.raises(ValueError, match="at most once"):
         StageConfig(64, first_ops=("attn", "attn"))
+    for bad, message in (
+        ({"num_tokens": 0}, "num_tokens must be an integer >= 1"),
+        ({"stem_channels": 0}, "stem_channels must be an integer >= 1"),
+        ({"num_heads": 0}, "num_heads must be an integer >= 1"),
+        ({"num_classes": 2.5}, "num_classes must be an integer >= 0"),
+        ({"activation": "relu"}, "activation must be one of"),
+        ({"padding_mode": "reflection"}, "padding_mode must be one of"),
+        ({"ln_eps": -1}, "ln_eps must be a positive number"),
+        ({"stages": ["wide"]}, "a stage is a StageConfig"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            create_model("sparseformer_v1_nano", **bad)
+    # stages as plain tuples (e.g. from JSON) become StageConfigs
+    model = create_model("sparseformer_v1_nano", stages=[(32, 1, 2), [64, 1]])
+    assert [s.width for s in model.config.stages] == [32, 64]
+
+
+def test_float64_model_keeps_its_geometry_in_float64():
+    model = create_model("sparseformer_v1_nano").double().eval()
+    out = model.forward_with_details(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    assert out.logits.dtype == torch.float64
+    assert all(r.dtype == torch.float64 for r in out.rois)
+    assert all(p.dtype == torch.float64 for p in out.sampling_points)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_trace_export_and_meta_device():
+    import io
+
+    model = create_model("sparseformer_v1_nano").eval()
+    x = torch.randn(2, 3, 32, 32)
+    traced = torch.jit.trace(model, x)  # with grad enabled, as by default
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.jit.load(buffer)(x), model(x))
+    # a dynamic batch well above the CPU inference chunk (384 // N images)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
+    big = torch.randn(400, 3, 32, 32)
+    torch.testing.assert_close(program.module()(big), model(big), atol=1e-5, rtol=1e-4)
+    meta = create_model("sparseformer_v1_nano").to("meta")
+    assert meta(torch.randn(2, 3, 32, 32, device="meta")).shape == (2, 1000)
 
 
 @pytest.mark.cuda
@@ -137,3 +180,19 @@ def test_fp16_autocast_with_loss_scale_on_cuda():
         logits = model(x, coord_grad_scale=scaler.get_scale())
     scaler.scale(logits.float().logsumexp(-1).mean()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_timm_training_script_arguments():
+    # timm's train.py passes drop_rate and global_pool to every model
+    model = timm.create_model(
+        "sparseformer_v1_nano", num_classes=3, drop_rate=0.5, drop_path_rate=0.1, global_pool="avg"
+    )
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    assert not torch.equal(model(x), model(x))  # dropout before the classifier
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+    with pytest.raises(ValueError, match="global_pool must be 'avg'"):
+        create_model("sparseformer_v1_nano", global_pool="token")
+    with pytest.raises(NotImplementedError, match="features_only"):
+        timm.create_model("sparseformer_v1_nano", features_only=True)

@@ -50,8 +50,10 @@ class StageConfig:
     other_ops: tuple[str, ...] = CORTEX_OPS
 
     def __post_init__(self) -> None:
-        if self.width <= 0 or self.depth <= 0 or self.repeats <= 0:
-            raise ValueError(f"stage width, depth and repeats must be positive, got {self}")
+        for name in ("width", "depth", "repeats"):
+            _check_int(self, name, least=1)
+        for name in ("first_ops", "other_ops"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         for ops in (self.first_ops, self.other_ops):
             unknown = [op for op in ops if op not in OPS]
             if unknown:
@@ -66,6 +68,25 @@ class StageConfig:
     def unit_repeats(self, index: int) -> int:
         """How many times unit ``index`` is applied (with shared weights)."""
         return self.repeats if index == 0 else 1
+
+
+def _check_int(config: object, name: str, least: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def _stage(stage: StageConfig | tuple | list | dict) -> StageConfig:
+    """A stage given as a StageConfig, a ``(width, depth, repeats, ...)`` tuple or a dict."""
+    if isinstance(stage, StageConfig):
+        return stage
+    if isinstance(stage, dict):
+        return StageConfig(**stage)
+    if isinstance(stage, (tuple, list)):
+        return StageConfig(*stage)
+    raise ValueError(
+        f"a stage is a StageConfig, a (width, depth, repeats) tuple or a dict, got {stage!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -84,6 +105,7 @@ class SparseFormerConfig:
         num_classes: classifier outputs; 0 gives a model without classifier.
         in_chans: input image channels.
         drop_path_rate: largest stochastic-depth rate; rates rise linearly over applications.
+        drop_rate: dropout before the classifier (timm's ``drop_rate``).
         ln_eps: epsilon of every LayerNorm.
         stem_eps: epsilon of the stem's parameter-free channel normalisation.
         offset_eps: epsilon added to the std when standardising sampling offsets.
@@ -103,6 +125,7 @@ class SparseFormerConfig:
     num_classes: int = 1000
     in_chans: int = 3
     drop_path_rate: float = 0.0
+    drop_rate: float = 0.0
     ln_eps: float = 1e-6
     stem_eps: float = 1e-7
     offset_eps: float = 1e-7
@@ -112,8 +135,23 @@ class SparseFormerConfig:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("a SparseFormer needs at least one stage")
-        if not isinstance(self.stages, tuple):
-            object.__setattr__(self, "stages", tuple(self.stages))
+        object.__setattr__(self, "stages", tuple(_stage(s) for s in self.stages))
+        for name in (
+            "num_tokens", "num_points", "stem_channels", "num_heads", "mixing_reduction",
+            "in_chans",
+        ):  # fmt: skip
+            _check_int(self, name, least=1)
+        _check_int(self, "num_classes", least=0)
+        for name in ("mlp_ratio", "ln_eps", "stem_eps", "offset_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name, allowed in (
+            ("padding_mode", ("zeros", "border")),
+            ("activation", ("gelu", "quick_gelu")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if math.isqrt(self.num_tokens) ** 2 != self.num_tokens:
             raise ValueError(
                 f"num_tokens must be a perfect square for the grid RoI init, got {self.num_tokens}"
@@ -135,10 +173,9 @@ class SparseFormerConfig:
                     f"stage width {stage.width} is not divisible by "
                     f"mixing_reduction={self.mixing_reduction}"
                 )
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        for name in ("drop_path_rate", "drop_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
     def heads_at(self, width: int) -> int:
         """Attention heads for tokens of ``width``: head width ``max(width // num_heads, 1)``.
@@ -179,10 +216,8 @@ class VideoSparseFormerConfig(SparseFormerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_frames <= 0:
-            raise ValueError(f"num_frames must be positive, got {self.num_frames}")
-        if self.replicates <= 0:
-            raise ValueError(f"replicates must be positive, got {self.replicates}")
+        _check_int(self, "num_frames", least=1)
+        _check_int(self, "replicates", least=1)
 
     @property
     def num_latent_tokens(self) -> int:

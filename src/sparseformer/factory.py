@@ -63,9 +63,7 @@ def get_model_spec(name: str) -> ModelSpec:
     if name not in MODELS:
         close = difflib.get_close_matches(name, list(MODELS), n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UnknownModelError(
-            f"unknown model {name!r}{hint} (all models: sparseformer list-models)"
-        )
+        raise UnknownModelError(f"unknown model {name!r}{hint} (all models: sparseformer models)")
     return MODELS[name]
 
 
@@ -153,6 +151,14 @@ def load_checkpoint(
     state, wrapper = unwrap_checkpoint(source, prefer_ema=prefer_ema)
     converted, report = convert_state_dict(state)
     report.wrapper = wrapper
+    if report.dropped:  # every key of both official layouts is mapped: these are unknown
+        shown = ", ".join(report.dropped[:8])
+        more = f" (+{len(report.dropped) - 8} more)" if len(report.dropped) > 8 else ""
+        raise CheckpointError(
+            f"the {report.source_format} checkpoint holds keys that this model does not have "
+            f"and no conversion maps: {shown}{more}; is it a checkpoint of another "
+            "architecture or a modified model?"
+        )
     if getattr(model, "roi_dims", 2) == 3 and is_image_state_dict(converted):
         # An image checkpoint for a video model: inflate it (logged by inflate_image_state_dict).
         converted = inflate_image_state_dict(converted, model.config)
@@ -233,6 +239,14 @@ def create_model(
     config = spec.config
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's extras
         overrides.pop(key, None)
+    if overrides.pop("global_pool", None) not in (None, "", "avg"):
+        raise ValueError("SparseFormer pools by averaging its tokens: global_pool must be 'avg'")
+    if overrides.pop("features_only", False):
+        raise NotImplementedError(
+            "features_only is not supported: SparseFormer has no feature-map pyramid; "
+            "forward_features gives the (B, N, D) latent tokens, and "
+            "forward_with_details their RoIs and sampling points"
+        )
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     valid = {f.name for f in dataclasses.fields(config)}

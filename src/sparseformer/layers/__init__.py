@@ -15,6 +15,7 @@ from sparseformer.layers.drop import drop_path, drop_path_rates
 from sparseformer.layers.mixing import AdaptiveMixing
 from sparseformer.layers.roi import adjust_rois, center_size_to_roi, grid_rois, roi_center_size
 from sparseformer.layers.sampling import (
+    at_least_fp32,
     clamp_coordinate_grad,
     fp32_geometry,
     grid_offsets,
@@ -31,6 +32,7 @@ __all__ = [
     "EarlyConvolution",
     "Mlp",
     "adjust_rois",
+    "at_least_fp32",
     "center_size_to_roi",
     "channel_normalize",
     "clamp_coordinate_grad",

@@ -87,7 +87,8 @@ class AdaptiveMixing(nn.Module):
         """
         B, N, _ = tokens.shape
         step = max(1, _CHUNK_TOKENS // N)
-        if step >= B or tokens.device.type != "cpu" or is_tracing() or _needs_grad(tokens, sampled):
+        # tracing first: a size test would put a guard on the batch into an exported graph
+        if is_tracing() or tokens.device.type != "cpu" or step >= B or _needs_grad(tokens, sampled):
             return self._decode(tokens, sampled)
         # CPU inference decodes a few images at a time: each token's generated C x C and P x P
         # matrices are used once, right away, so a chunk's stay in cache instead of a round

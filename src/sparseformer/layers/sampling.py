@@ -9,6 +9,7 @@ coordinates are fractions of the image, and bf16's 8-bit mantissa would quantise
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +23,20 @@ __all__ = [
     "sample_features",
     "sample_features_reference",
     "fp32_geometry",
+    "at_least_fp32",
 ]
 
 
-def fp32_geometry(device_type: str) -> torch.autocast:
-    """A context that disables autocast, so the geometry inside runs in float32."""
+def at_least_fp32(t: Tensor) -> Tensor:
+    """``t`` in float32, or kept in float64: half types are raised, nothing is lowered."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def fp32_geometry(device_type: str) -> AbstractContextManager:
+    """A context that disables autocast, so the geometry inside runs in float32 (nothing to
+    disable on devices without autocast, such as ``meta``)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)
 
 
@@ -107,7 +117,7 @@ def clamp_coordinate_grad(points: Tensor, bound: float | Tensor) -> Tensor:
         points: any shape.
         bound: a positive float or scalar tensor (a GradScaler's scale may be a tensor).
     """
-    if not (torch.is_grad_enabled() and points.requires_grad):
+    if not (torch.is_grad_enabled() and points.requires_grad) or torch.jit.is_tracing():
         return points  # no backward, nothing to clamp (and no node in an exported graph)
     if not torch.is_tensor(bound):
         bound = torch.tensor(float(bound), device=points.device, dtype=points.dtype)

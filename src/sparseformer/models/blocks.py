@@ -18,6 +18,7 @@ from sparseformer.layers import (
     Attention,
     Mlp,
     adjust_rois,
+    at_least_fp32,
     clamp_coordinate_grad,
     drop_path,
     fp32_geometry,
@@ -92,7 +93,7 @@ class RoiAdjustOp(nn.Module):
     def forward(self, tokens: Tensor, rois: Tensor, feats: Tensor, ctx: OpContext):
         delta = drop_path(self.proj(self.norm(tokens)), ctx.drop_rate, self.training)
         with fp32_geometry(rois.device.type):
-            rois = adjust_rois(rois.float(), delta.float())
+            rois = adjust_rois(at_least_fp32(rois), at_least_fp32(delta))
         return tokens, rois
 
 
@@ -147,14 +148,16 @@ class SampleMixOp(nn.Module):
         B, N, _ = tokens.shape
         offsets = self.offset_proj(self.offset_norm(tokens))  # (B, N, P*D)
         with fp32_geometry(tokens.device.type):
-            offsets = offsets.float() + self.offset_bias.float()
+            offsets = at_least_fp32(offsets) + at_least_fp32(self.offset_bias)
             offsets = offsets.reshape(B, N, self.num_points, self.roi_dims)  # -> (B, N, P, D)
             offsets = standardize_offsets(offsets, self.offset_eps)
-            points = sampling_points(rois.float(), offsets)
+            points = sampling_points(at_least_fp32(rois), offsets)
             if ctx.points_out is not None:
                 ctx.points_out.append(points)
             points = clamp_coordinate_grad(points, ctx.coord_grad_bound)
-            sampled = sample_features(feats.float(), points, self.padding_mode)  # (B, N, P, C)
+            sampled = sample_features(
+                at_least_fp32(feats), points, self.padding_mode
+            )  # (B, N, P, C)
         update = self.mixing(tokens, sampled)
         return tokens + drop_path(update, ctx.drop_rate, self.training), rois
 

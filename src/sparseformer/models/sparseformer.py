@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from sparseformer.config import SparseFormerConfig, StageConfig
-from sparseformer.layers import EarlyConvolution, drop_path_rates, grid_rois
+from sparseformer.layers import EarlyConvolution, at_least_fp32, drop_path_rates, grid_rois
 from sparseformer.models.blocks import (
     AttnOp,
     MlpOp,
@@ -104,6 +104,7 @@ class SparseFormer(nn.Module):
             for stage, in_width in zip(config.stages, widths)
         )
         self.fc_norm = nn.LayerNorm(config.width, eps=config.ln_eps)
+        self.head_drop = nn.Dropout(config.drop_rate)
         self.head = self._make_head(config.num_classes)
         self.drop_path_rates = drop_path_rates(config.num_applications, config.drop_path_rate)
         self.init_weights()
@@ -169,7 +170,9 @@ class SparseFormer(nn.Module):
         feats = self.stem(x)
         B = x.shape[0]
         tokens = self.initial_tokens.unsqueeze(0).expand(B, -1, -1)  # (N, D) -> (B, N, D)
-        rois = self.initial_rois.float().unsqueeze(0).expand(B, -1, -1)  # (N, 2D) -> (B, N, 2D)
+        rois = (
+            at_least_fp32(self.initial_rois).unsqueeze(0).expand(B, -1, -1)
+        )  # (N, 2D) -> (B, N, 2D)
         return feats, tokens, rois
 
     def _run(
@@ -206,9 +209,10 @@ class SparseFormer(nn.Module):
         return self._run(x, coord_grad_scale, None, None)[0]
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
-        """Average tokens, normalise, classify. ``(B, N, D) -> (B, classes)`` or ``(B, D)``."""
+        """Average tokens, normalise, (dropout,) classify: ``(B, N, D) -> (B, classes)``, or
+        ``(B, D)`` features with ``pre_logits``."""
         x = self.fc_norm(tokens.mean(dim=1))
-        return x if pre_logits else self.head(x)
+        return x if pre_logits else self.head(self.head_drop(x))
 
     def forward(self, x: Tensor, *, coord_grad_scale: float | Tensor = 1.0) -> Tensor:
         """Logits ``(B, num_classes)`` for images ``(B, 3, H, W)``."""
@@ -231,5 +235,5 @@ class SparseFormer(nn.Module):
             tokens=tokens,
             rois=rois_out,
             sampling_points=points_out,
-            initial_rois=self.initial_rois.float().unsqueeze(0).expand(B, -1, -1),
+            initial_rois=at_least_fp32(self.initial_rois).unsqueeze(0).expand(B, -1, -1),
         )
