@@ -176,3 +176,51 @@ def test_fine_tuning_starts_from_official_weights(tmp_path, folder, capsys):
     for key, value in source.state_dict().items():
         if not key.startswith("head."):  # with lr 0 the loaded weights are kept as they are
             assert torch.equal(trained[key], value), key
+
+
+def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, folder, capsys):
+    out = tmp_path / "run"
+    fast = [
+        "--model", NANO, "--data-dir", str(folder), "--output", str(out), "--epochs", "1",
+        "--batch-size", "4", "--img-size", "32", "--quiet", "--recipe", "fashion-mnist-cpu",
+    ]  # fmt: skip
+    assert run_cli(capsys, "train", *fast)[0] == 0
+    before = (out / "last.pt").read_bytes()
+    err = one_line_error(capsys, "train", *fast)
+    assert "already holds a run" in err and "--resume auto" in err and "--overwrite" in err
+    assert (out / "last.pt").read_bytes() == before
+    # a kill between the metrics line and the checkpoint leaves a torn line: resume skips it
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "tra')
+    code, _, err = run_cli(capsys, "train", *fast, "--resume", "auto", "--epochs", "2")
+    assert code == 0, err
+    epochs = [
+        json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert epochs == [1, 2]
+    # resuming on data with other classes says so instead of failing in load_state_dict
+    other = make_folder(tmp_path / "other", classes=("ant", "bee"), per_class=4)
+    resume_other = [a if a != str(folder) else str(other) for a in fast]
+    err = one_line_error(capsys, "train", *resume_other, "--resume", "auto", "--epochs", "3")
+    assert "was trained on classes" in err
+    assert run_cli(capsys, "train", *resume_other, "--overwrite")[0] == 0
+
+
+def test_bad_numbers_and_predict_paths_are_one_line(tmp_path, folder, capsys):
+    for flag, value in (("--batch-size", "0"), ("--workers", "-1"), ("--limit-val", "0")):
+        with pytest.raises(SystemExit):  # argparse: usage and the reason, exit code 2
+            main(["train", "--model", NANO, "--data-dir", str(folder), "--output",
+                  str(tmp_path / "o"), flag, value])  # fmt: skip
+        assert "must be at least" in capsys.readouterr().err
+    torch.save(create_model(NANO, num_classes=3).state_dict(), tmp_path / "c.pth")
+    ckpt = str(tmp_path / "c.pth")
+    good = folder / "val" / "cat" / "0.jpg"
+    err = one_line_error(capsys, "predict", "--model", NANO, "--checkpoint", ckpt, str(good),
+                         str(tmp_path / "nope.png"))  # fmt: skip
+    assert "nope.png' does not exist" in err  # before any image is classified
+    (folder / "val" / "cat" / "broken.jpg").write_text("not an image")
+    code, out, err = run_cli(capsys, "predict", "--model", NANO, "--checkpoint", ckpt,
+                             str(folder / "val" / "cat"), "--json")  # fmt: skip
+    assert code == 0 and "broken.jpg: cannot read this image" in err
+    lines = [json.loads(line) for line in out.splitlines()]  # stdout stays JSON lines
+    assert len(lines) == 4 and all(len(r["predictions"]) == 3 for r in lines)

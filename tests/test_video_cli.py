@@ -59,7 +59,7 @@ def test_train_eval_predict_a_video_model_on_a_video_folder(tmp_path, capsys):
 
     bad = data / "train" / "left" / "notes.mp4"
     code = main(["predict", "--model", MODEL, "--checkpoint", str(out / "last.pt"), str(bad)])
-    assert code == 1 and "cannot use this video" in capsys.readouterr().out
+    assert code == 1 and "cannot use this video" in capsys.readouterr().err
 
 
 def test_model_and_data_of_different_kinds_fail_with_a_clear_message(tmp_path, capsys):

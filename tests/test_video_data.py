@@ -129,7 +129,9 @@ def test_video_folder_is_recognised_by_its_first_media_file(tmp_path):
     images = tmp_path / "i" / "train" / "cat"
     images.mkdir(parents=True)
     (images / "0.txt").write_text("notes")
-    Image.new("RGB", (8, 8)).save(images / "1.png")
+    (images / "0000.MOV").write_bytes(b"xx")  # a stray clip sorting first: still images
+    for k in range(1, 4):
+        Image.new("RGB", (8, 8)).save(images / f"{k}.png")
     assert not is_video_folder(tmp_path / "i")
 
 

@@ -57,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (CliError, CheckpointError, UnknownModelError, DownloadError, FileNotFoundError) as exc:
+    except (CliError, CheckpointError, UnknownModelError, DownloadError, OSError) as exc:
+        print(f"sparseformer {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError) as exc:  # bad values met late: one line; -v for the trace
+        logging.getLogger(__name__).debug("traceback", exc_info=True)
         print(f"sparseformer {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ __all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sparseformer.cli.train import add_data_arguments
+    from sparseformer.cli.train import add_data_arguments, count, positive_int
 
     p = sub.add_parser(
         "eval",
@@ -30,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_arguments(p)
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
     p.add_argument("--img-size", type=int, help="input size (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--workers", type=count, default=0, help="data-loading processes")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 __all__ = ["register"]
@@ -72,6 +73,31 @@ def _video_spec(model, info: dict, pre):
     )
 
 
+def _expand(paths: list[Path]) -> list[Path]:
+    """Files as given, folders as the image and video files under them (sorted).
+
+    Raises:
+        CliError: a path that does not exist, or a folder without images or videos.
+    """
+    from sparseformer.cli import CliError
+    from sparseformer.data.images import IMAGE_EXTENSIONS
+    from sparseformer.data.video import VIDEO_EXTENSIONS
+
+    media = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in media)
+            if not found:
+                raise CliError(f"folder {str(path)!r} holds no image or video files")
+            files += found
+        elif path.exists():
+            files.append(path)
+        else:
+            raise CliError(f"{str(path)!r} does not exist")
+    return files
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -85,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.topk < 1:
         raise CliError("--topk must be at least 1")
+    args.images = _expand(args.images)  # every path checked before the model is read
     device = session.pick_device(args.device)
     check_model_name(args.model)  # an unknown name fails before anything is read
     session.set_threads(None, DistInfo())
@@ -111,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 probs = predict_video_file(model, str(path), video, device)
             except (VideoReadError, VideoDataError) as exc:
-                print(f"{path}: cannot use this video ({exc}); skipped")
+                print(f"{path}: cannot use this video ({exc}); skipped", file=sys.stderr)
                 failed += 1
                 continue
         else:
@@ -120,7 +147,10 @@ def run(args: argparse.Namespace) -> int:
             except FileNotFoundError:
                 raise CliError(f"image {str(path)!r} does not exist") from None
             except READ_ERRORS as exc:
-                print(f"{path}: cannot read this image ({exc.__class__.__name__}: {exc}); skipped")
+                print(
+                    f"{path}: cannot read this image ({exc.__class__.__name__}: {exc}); skipped",
+                    file=sys.stderr,
+                )
                 failed += 1
                 continue
             x, _ = prep(

@@ -26,6 +26,22 @@ EXAMPLES = """examples:
 """
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def count(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (one of --data-dir and --dataset)")
     g.add_argument(
@@ -34,9 +50,11 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", help="built-in data set: fashion-mnist")
     g.add_argument("--data-root", type=Path, help="cache folder for built-in data sets")
     g.add_argument(
-        "--limit-train", type=int, metavar="N", help="use only the first N training images"
+        "--limit-train", type=positive_int, metavar="N", help="use only the first N training images"
     )
-    g.add_argument("--limit-val", type=int, metavar="N", help="use only the first N val images")
+    g.add_argument(
+        "--limit-val", type=positive_int, metavar="N", help="use only the first N val images"
+    )
     g = p.add_argument_group("video folders (DIR/train/CLASS/*.mp4; video models)")
     g.add_argument(
         "--frames", type=int, help="frames per clip (default: the checkpoint's, else the model's)"
@@ -133,14 +151,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="shipped recipe name (imagenet1k, fashion-mnist-cpu) or a JSON file; default: "
         "fashion-mnist-cpu for --dataset fashion-mnist, imagenet1k otherwise",
     )
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int, help="images per process and step")
-    g.add_argument("--img-size", type=int, help="input resolution")
+    g.add_argument("--epochs", type=positive_int)
+    g.add_argument("--batch-size", type=positive_int, help="images per process and step")
+    g.add_argument("--img-size", type=positive_int, help="input resolution")
     g.add_argument("--lr", type=float, help="peak learning rate for a total batch of 512")
     g.add_argument("--warmup-epochs", type=float)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--drop-path", type=float, help="stochastic depth rate")
-    g.add_argument("--workers", type=int, help="data-loading processes per training process")
+    g.add_argument("--workers", type=count, help="data-loading processes per training process")
     g.add_argument(
         "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
         help="any recipe field, value in JSON (e.g. --set mixup=0 ema_decay=null); "
@@ -151,11 +169,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--resume", help="training checkpoint to continue, or 'auto' (OUTPUT/last.pt if any)"
     )
+    g.add_argument(
+        "--overwrite", action="store_true", help="start over in an --output that holds a run"
+    )
     g.add_argument("--checkpoint", type=Path, help="initial weights (fine-tuning; any format)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: the recipe's")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     g.add_argument(
-        "--threads", type=int, help="CPU threads per process (default: cores / processes)"
+        "--threads", type=positive_int, help="CPU threads per process (default: cores / processes)"
     )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -241,9 +262,9 @@ def run(args: argparse.Namespace) -> int:
         if video and recipe.cutmix > 0:  # timm's CutMix cuts the last two axes: T x H on clips
             logging.getLogger(__name__).info("video clips: CutMix is turned off")
             recipe = recipe.replace(cutmix=0.0)
+        session.output_dir_ok(args.output, resume=resume is not None, overwrite=args.overwrite)
     except (DataError, RecipeError, ValueError) as exc:
         raise CliError(str(exc)) from exc
-    session.output_dir_ok(args.output)
 
     dist = setup_distributed(device)
     try:
@@ -264,6 +285,13 @@ def run(args: argparse.Namespace) -> int:
             bundle = build_datasets(source, pre, recipe.augmentation)
         except DataError as exc:
             raise CliError(str(exc)) from exc
+        trained_on = saved.get("class_names")
+        if trained_on is not None and list(trained_on) != list(bundle.class_names):
+            raise CliError(
+                f"the run in {resume} was trained on classes {list(trained_on)[:6]}..., "
+                f"the data has {list(bundle.class_names)[:6]}...; resume on the same data, or "
+                "start a new run with --checkpoint to fine-tune"
+            )
         model = build_model(args.model, bundle.num_classes, pre.img_size, recipe.drop_path)
         check_model_fits_data(model, args.model, video)
         if args.checkpoint is not None and resume is None:

@@ -379,26 +379,32 @@ class VideoFolder(Dataset):
         raise VideoDataError(f"no video under {str(self.root)!r} could be decoded")
 
 
-def is_video_folder(data_dir: str | Path) -> bool:
-    """Whether ``data_dir`` (with ``train/`` and/or ``val/`` class folders) holds videos: the
-    first image or video file found under a class folder (sub-folders included) is a video.
-    Other files (labels, notes) do not decide; the search stops at the first media file."""
+def is_video_folder(data_dir: str | Path, sample: int = 8) -> bool:
+    """Whether ``data_dir`` (with ``train/`` and/or ``val/`` class folders) holds videos: most
+    of the first ``sample`` image or video files of each class folder (sub-folders included)
+    are videos. Other files (labels, notes) do not count, and one stray clip among images
+    (or image among clips) does not decide; a folder is read only as far as the sample."""
     from sparseformer.data.images import IMAGE_EXTENSIONS
 
+    videos = images = 0
     for split in ("train", "val"):
         root = Path(data_dir) / split
         if not root.is_dir():
             continue
         for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            seen = 0
             for f in class_dir.rglob("*"):
                 suffix = f.suffix.lower()
-                if f.name.startswith(".") or not f.is_file():
+                if f.name.startswith(".") or suffix not in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS:
                     continue
-                if suffix in VIDEO_EXTENSIONS:
-                    return True
-                if suffix in IMAGE_EXTENSIONS:
-                    return False
-    return False
+                videos += suffix in VIDEO_EXTENSIONS
+                images += suffix in IMAGE_EXTENSIONS
+                seen += 1
+                if seen == sample:
+                    break
+        if videos or images:
+            break  # train decides; val only when there is no train
+    return videos > images
 
 
 def video_datasets(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 __all__ = ["MetricsLog", "plot_metrics"]
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -19,10 +22,13 @@ class MetricsLog:
         self.records: list[dict[str, Any]] = []
         if resume_from_epoch > 0 and self.path.is_file():
             for line in self.path.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    if rec.get("epoch", 0) <= resume_from_epoch:
-                        self.records.append(rec)
+                try:
+                    rec = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:  # a line cut short by a kill: that epoch reruns
+                    logger.warning("%s: ignoring a torn line %r", self.path, line[:60])
+                    continue
+                if isinstance(rec, dict) and rec.get("epoch", 0) <= resume_from_epoch:
+                    self.records.append(rec)
         self._rewrite()
 
     def _rewrite(self) -> None:

@@ -124,7 +124,9 @@ def model_from_checkpoint(
             "(sparseformer train --checkpoint ...)"
         )
     info["num_classes"] = classes
-    model = build_model(model_name, classes)
+    pre = info.get("preprocessing")
+    size = pre.get("img_size") if isinstance(pre, dict) else None  # timm models fix their size
+    model = build_model(model_name, classes, size if isinstance(size, int) else None)
     if is_sparseformer(model):
         from sparseformer.factory import load_checkpoint
 
@@ -148,7 +150,13 @@ def resolve_preprocessing(
     return dataclasses.replace(base, **changes)
 
 
-def output_dir_ok(path: Path) -> None:
-    """Refuse an output path that exists as a file."""
+def output_dir_ok(path: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse an output path that exists as a file, or that holds a run this one would
+    overwrite (unless resuming it or told to overwrite)."""
     if path.exists() and not path.is_dir():
         raise ValueError(f"--output {str(path)!r} is a file; give a directory")
+    if not (resume or overwrite) and (path / "last.pt").is_file():
+        raise ValueError(
+            f"--output {str(path)!r} already holds a run (last.pt); continue it with --resume "
+            "auto, start it over with --overwrite, or choose another folder"
+        )
