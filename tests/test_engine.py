@@ -75,6 +75,17 @@ def test_recipe_errors_are_one_line(tmp_path):
     good.write_text(json.dumps({"epochs": 3, "augmentation": {"re_prob": 0.0}}))
     r = load_recipe(good)
     assert (r.name, r.epochs, r.augmentation.re_prob, r.lr) == ("mine", 3, 0.0, 5e-4)
+    # values of the wrong type are named at once, not met as a TypeError mid-run
+    for change, message in (
+        ({"lr": "abc"}, "lr must be float"),
+        ({"epochs": 2.5}, "epochs must be int"),
+        ({"betas": 0.9}, "betas must be a pair"),
+        ({"augmentation": {"scale": 0.5}}, "scale must be a pair"),
+        ({"augmentation": {"hflip": "x"}}, "hflip must be float"),
+    ):
+        with pytest.raises(RecipeError, match=message):
+            r.replace(**change)
+    assert r.replace(ema_decay=None, lr=1).lr == 1  # None where allowed, ints for floats
 
 
 def test_atomic_save_and_rng_round_trip(tmp_path):

@@ -85,6 +85,8 @@ class Recipe:
     num_workers: int = 8
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        _check_types(self.augmentation)
         if self.epochs <= 0 or self.batch_size <= 0:
             raise RecipeError(f"epochs and batch_size must be positive (recipe {self.name!r})")
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -110,6 +112,44 @@ class Recipe:
         return _from_dict({**data, **changes}, self.name)
 
 
+def _fits(value: Any, annotation: str) -> bool:
+    """Whether ``value`` fits a simple annotation such as ``float | None`` or ``tuple[...]``."""
+    for part in (p.strip() for p in annotation.split("|")):
+        if part == "None" and value is None:
+            return True
+        if part == "bool" and isinstance(value, bool):
+            return True
+        if isinstance(value, bool):
+            continue
+        if (part == "int" and isinstance(value, int)) or (
+            part == "float" and isinstance(value, (int, float))
+        ):
+            return True
+        if part == "str" and isinstance(value, str):
+            return True
+        if part.startswith("tuple[") and isinstance(value, tuple):
+            return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if part not in ("None", "bool", "int", "float", "str") and not part.startswith("tuple["):
+            return True  # a nested dataclass: checked on its own
+    return False
+
+
+def _check_types(obj: Any) -> None:
+    """Raise a RecipeError naming the first field whose value does not fit its type."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _fits(value, str(f.type)):
+            raise RecipeError(f"recipe field {f.name} must be {f.type}, got {value!r}")
+
+
+def _pair(value: Any, name: str, origin: str) -> tuple:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise RecipeError(
+            f"{origin}: {name} must be a pair of numbers, e.g. [0.5, 1.0], got {value!r}"
+        )
+    return tuple(value)
+
+
 def _from_dict(data: dict[str, Any], origin: str) -> Recipe:
     valid = {f.name for f in dataclasses.fields(Recipe)}
     unknown = sorted(set(data) - valid)
@@ -124,10 +164,10 @@ def _from_dict(data: dict[str, Any], origin: str) -> Recipe:
             raise RecipeError(f"{origin}: unknown augmentation field(s) {bad}; valid: {aug_valid}")
         for key in ("scale", "ratio"):
             if key in aug:
-                aug[key] = tuple(aug[key])
+                aug[key] = _pair(aug[key], key, origin)
         data["augmentation"] = Augmentation(**aug)
     if "betas" in data:
-        data["betas"] = tuple(data["betas"])
+        data["betas"] = _pair(data["betas"], "betas", origin)
     try:
         return Recipe(**data)
     except TypeError as exc:
