@@ -157,3 +157,28 @@ def test_official_checkpoint_with_an_unknown_key_is_refused(fmt):
     state = {**official(fmt), "layers.3.extra_gate.weight": torch.zeros(1)}
     with pytest.raises(CheckpointError, match=r"no conversion maps: layers\.3\.extra_gate\.weight"):
         load_checkpoint(fixture_model(), state)
+
+
+@pytest.mark.parametrize("fmt", ["imagenet", "v2"])
+def test_plain_load_state_dict_and_timm_accept_official_layouts(tmp_path, fmt):
+    import timm
+
+    reference = fixture_model().eval()
+    load_checkpoint(reference, official(fmt))
+    model = fixture_model().eval()
+    model.load_state_dict(official(fmt))  # strict, through the renaming pre-hook
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    wrapped = torch.nn.Sequential(fixture_model().eval())  # prefixed keys ("0.") too
+    wrapped.load_state_dict({f"0.{k}": v for k, v in official(fmt).items()})
+    torch.testing.assert_close(wrapped(x), reference(x), rtol=0, atol=0)
+    # timm's own loader (checkpoint_path) goes through load_state_dict as well
+    nano = create_model("sparseformer_v1_nano").eval()
+    from .test_train_errors import to_official
+
+    torch.save({"model": to_official(nano.state_dict(), fmt)}, tmp_path / "official.pth")
+    loaded = timm.create_model(
+        "sparseformer_v1_nano", checkpoint_path=str(tmp_path / "official.pth")
+    )
+    y = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(y), nano(y), rtol=0, atol=0)

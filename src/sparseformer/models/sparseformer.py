@@ -11,6 +11,7 @@ follows timm's API: ``forward_features``, ``forward_head(pre_logits=)``, ``forwa
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -28,6 +29,8 @@ from sparseformer.models.blocks import (
     Unit,
 )
 from sparseformer.models.outputs import SparseFormerOutput
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SparseFormer", "Stage", "build_unit"]
 
@@ -108,6 +111,7 @@ class SparseFormer(nn.Module):
         self.head = self._make_head(config.num_classes)
         self.drop_path_rates = drop_path_rates(config.num_applications, config.drop_path_rate)
         self.init_weights()
+        self.register_load_state_dict_pre_hook(_accept_official_layouts)
 
     # ----------------------------------------------------------------------------- init
     def _make_head(self, num_classes: int) -> nn.Module:
@@ -237,3 +241,31 @@ class SparseFormer(nn.Module):
             sampling_points=points_out,
             initial_rois=at_least_fp32(self.initial_rois).unsqueeze(0).expand(B, -1, -1),
         )
+
+
+def _accept_official_layouts(
+    module: nn.Module, state_dict: dict, prefix: str, *args: object
+) -> None:
+    """``load_state_dict`` pre-hook: rename the authors' layouts (ImageNet release, library v2)
+    to ours in place, so ``model.load_state_dict(official)`` and timm's ``checkpoint_path``
+    work. Keys no table maps stay as they are, for strict loading to report."""
+    from sparseformer.convert import (
+        NotASparseFormerCheckpoint,
+        convert_state_dict,
+        detect_format,
+    )
+
+    keys = [k[len(prefix) :] for k in state_dict if k.startswith(prefix)]
+    if not keys or "initial_rois" in keys:
+        return
+    try:
+        fmt = detect_format(keys)
+    except NotASparseFormerCheckpoint:
+        return  # strict loading names the keys
+    if fmt == "sparseformer":
+        return
+    theirs = {k: state_dict.pop(prefix + k) for k in keys}
+    converted, report = convert_state_dict(theirs, fmt)
+    state_dict.update({prefix + k: v for k, v in converted.items()})
+    state_dict.update({prefix + k: theirs[k] for k in report.dropped})
+    logger.info("load_state_dict: renamed %d keys of the official %s layout", len(converted), fmt)
