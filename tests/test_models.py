@@ -196,3 +196,17 @@ def test_timm_training_script_arguments():
         create_model("sparseformer_v1_nano", global_pool="token")
     with pytest.raises(NotImplementedError, match="features_only"):
         timm.create_model("sparseformer_v1_nano", features_only=True)
+
+
+def test_pretrained_cfg_for_timm_data_config():
+    assert timm.list_models("sparseformer*", pretrained=True) == [
+        "sparseformer_v1_base", "sparseformer_v1_small", "sparseformer_v1_tiny",
+    ]  # fmt: skip
+    assert timm.models.get_pretrained_cfg("sparseformer_v1_tiny").input_size == (3, 224, 224)
+    model = timm.create_model(
+        "sparseformer_v1_nano", num_classes=7, pretrained_cfg_overlay={"input_size": (3, 96, 96)}
+    )
+    config = timm.data.resolve_model_data_config(model)
+    assert config["input_size"] == (3, 96, 96) and config["interpolation"] == "bicubic"
+    assert model.pretrained_cfg["num_classes"] == 7
+    assert create_model("sparseformer_v1_tiny").pretrained_cfg["url"].startswith("https://")

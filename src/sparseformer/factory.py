@@ -29,7 +29,7 @@ from sparseformer.convert import (
 from sparseformer.hub import download_weights
 from sparseformer.inflate import inflate_image_state_dict, is_image_state_dict
 from sparseformer.models import SparseFormer, VideoSparseFormer
-from sparseformer.registry import MODELS, ModelSpec
+from sparseformer.registry import MODELS, ModelSpec, WeightsSpec
 
 __all__ = [
     "UnknownModelError",
@@ -213,6 +213,28 @@ def _check_keys(own: dict[str, Tensor], new: dict[str, Tensor], report: Conversi
         )
 
 
+def pretrained_cfg(name: str) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` of a registered model: eval preprocessing of its released
+    weights (ImageNet defaults where none were released), classifier and first conv names.
+    ``timm.data.resolve_data_config`` reads it."""
+    spec = get_model_spec(name)
+    w = spec.weights or WeightsSpec(url="")
+    config = spec.config
+    return {
+        "url": w.url,
+        "num_classes": config.num_classes,
+        "input_size": (config.in_chans, *w.input_size[1:]),
+        "crop_pct": w.crop_pct,
+        "interpolation": w.interpolation,
+        "mean": tuple(w.mean),
+        "std": tuple(w.std),
+        "first_conv": "stem.conv",
+        "classifier": "head",
+        "paper_ids": "arXiv:2304.03768",
+        "architecture": name,
+    }
+
+
 def create_model(
     name: str,
     *,
@@ -237,8 +259,9 @@ def create_model(
     """
     spec = get_model_spec(name)
     config = spec.config
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's extras
-        overrides.pop(key, None)
+    given_cfg = overrides.pop("pretrained_cfg", None)  # timm's extras
+    overlay = overrides.pop("pretrained_cfg_overlay", None) or {}
+    overrides.pop("cache_dir", None)
     if overrides.pop("global_pool", None) not in (None, "", "avg"):
         raise ValueError("SparseFormer pools by averaging its tokens: global_pool must be 'avg'")
     if overrides.pop("features_only", False):
@@ -257,6 +280,13 @@ def create_model(
         )
     config = dataclasses.replace(config, **overrides)
     model = _MODEL_CLASSES[type(config)](config)
+    cfg = pretrained_cfg(name)
+    if given_cfg is not None:  # timm passes its resolved PretrainedCfg (or a dict)
+        given = given_cfg.to_dict() if hasattr(given_cfg, "to_dict") else dict(given_cfg)
+        cfg.update({k: v for k, v in given.items() if v is not None})
+    cfg.update(overlay)
+    cfg["num_classes"] = config.num_classes
+    model.pretrained_cfg = model.default_cfg = cfg
     if checkpoint_path is None and pretrained:
         if spec.weights is None:
             raise ValueError(f"no released weights for {name}; train it or pass checkpoint_path")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 
-from sparseformer.factory import create_model
+from sparseformer.factory import create_model, pretrained_cfg
 from sparseformer.registry import MODELS
 
 __all__: list[str] = []  # timm's register_model appends every registered name
@@ -26,6 +26,9 @@ def _entrypoint(name: str):
     entrypoint.__doc__ = f"{name}: {MODELS[name].description}"
     return entrypoint
 
+
+# read by register_model: timm.models.get_pretrained_cfg and list_models(pretrained=True)
+default_cfgs = generate_default_cfgs({name: pretrained_cfg(name) for name in MODELS})
 
 for _name in MODELS:
     globals()[_name] = register_model(_entrypoint(_name))
