@@ -133,6 +133,16 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path, folder, capsys):
                              "--data-dir", str(folder), "--quiet")  # fmt: skip
     assert code == 0, err
     assert "12 images (1 unreadable file(s) skipped)" in out
+    # a truncated JPEG passes the header check and fails to decode: left out, not replaced
+    noise = Image.fromarray(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy())
+    truncated = folder / "val" / "dog" / "truncated.jpg"
+    noise.save(truncated, "JPEG")
+    truncated.write_bytes(truncated.read_bytes()[:-400])
+    code, out, err = run_cli(capsys, "eval", "--model", NANO, "--checkpoint", ckpt,
+                             "--data-dir", str(folder), "--quiet", "--json")  # fmt: skip
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and (result["images"], result["skipped_files"]) == (12, 2), err
+    truncated.unlink()
     out_dir = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", "--model", NANO, "--data-dir", str(folder),
                              "--output", str(out_dir), "--epochs", "1", "--batch-size", "4",

@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     prep = BatchPrep(pre.mean, pre.std, torch.device(device))
     progress = not args.quiet and sys.stderr.isatty()
     metrics = evaluate(model, loader, prep, DistInfo(), amp, progress)
+    # header-checked files skipped at the scan, and (in this process) files left out at decode
+    val = getattr(bundle.val, "dataset", bundle.val)
+    num_skipped = len(bundle.skipped_files) + getattr(val, "failed_loads", 0)
     result = {
         "model": args.model,
         "checkpoint": str(args.checkpoint),
@@ -110,16 +113,12 @@ def run(args: argparse.Namespace) -> int:
         "loss": metrics["loss"],
         "img_size": pre.img_size,
         "ema": bool(args.ema),
-        "skipped_files": len(bundle.skipped_files),
+        "skipped_files": num_skipped,
     }
     if args.json:
         print(json.dumps(result))
     else:
-        skipped = (
-            f" ({len(bundle.skipped_files)} unreadable file(s) skipped)"
-            if bundle.skipped_files
-            else ""
-        )
+        skipped = f" ({num_skipped} unreadable file(s) skipped)" if num_skipped else ""
         print(
             f"{args.model} on {source.describe()}: {metrics['images']:,} images{skipped}, "
             f"top-1 {metrics['acc1']:.2f}%, top-5 {metrics['acc5']:.2f}%, "

@@ -154,7 +154,7 @@ def build_datasets(
         _check_data_dir(data_dir, need_train)
         train = CheckedImageFolder(data_dir / "train", train_tf) if need_train else None
         classes = train.classes if train is not None else None
-        val = CheckedImageFolder(data_dir / "val", val_tf, classes=classes)
+        val = CheckedImageFolder(data_dir / "val", val_tf, classes=classes, substitute=False)
         skipped = (train.skipped if train is not None else []) + val.skipped
         bundle = DatasetBundle(train, val, list(val.classes), skipped)
     if bundle.train is not None:

@@ -53,10 +53,14 @@ class CheckedImageFolder(Dataset):
         classes: class names to use (so that val follows train's order); default: the folders.
         check_files: read every file's header once and skip the unreadable ones (counted in
             :attr:`skipped`).
+        substitute: what happens to a file that passes the header check but fails to decode
+            (a truncated download): replaced by the next readable image (training: a long run
+            never stops on one bad file), or, with ``False`` (evaluation), returned as
+            ``(None, label)``, which :func:`~sparseformer.data.loader.collate` leaves out, so
+            no image is scored twice. Logged either way; :attr:`failed_loads` counts them in
+            this process.
 
-    Items are ``(image, label)``. A file that passes the header check but fails to decode
-    (a truncated download) is replaced by the next readable image and logged, so a long run
-    never stops on one bad file; :attr:`failed_loads` counts them in this process.
+    Items are ``(image, label)``.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class CheckedImageFolder(Dataset):
         transform: Callable | None = None,
         classes: list[str] | None = None,
         check_files: bool = True,
+        substitute: bool = True,
     ) -> None:
         self.root = Path(root)
         self.transform = transform
@@ -114,6 +119,7 @@ class CheckedImageFolder(Dataset):
         self.samples = samples
         self.targets = [label for _, label in samples]
         self.failed_loads = 0
+        self.substitute = substitute
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -125,6 +131,9 @@ class CheckedImageFolder(Dataset):
                 img = open_rgb(path)
             except READ_ERRORS as exc:
                 self.failed_loads += 1
+                if not self.substitute:  # evaluation: leave it out (see loader.collate)
+                    logger.warning("could not decode %s (%s); left out", path, exc)
+                    return None, label
                 logger.warning("could not decode %s (%s); using the next image instead", path, exc)
                 continue
             return (self.transform(img) if self.transform else img), label

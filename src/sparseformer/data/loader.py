@@ -32,7 +32,14 @@ class ShardSampler(Sampler[int]):
 
 
 def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 arrays/tensors -> one uint8 batch (timm's ``fast_collate``); floats -> stacked."""
+    """uint8 arrays/tensors -> one uint8 batch (timm's ``fast_collate``); floats -> stacked.
+
+    Items whose input is ``None`` (an evaluation image that failed to decode) are left out;
+    a batch of none gives empty tensors.
+    """
+    batch = [item for item in batch if item[0] is not None]
+    if not batch:
+        return torch.zeros((0, 3, 1, 1), dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
     first = batch[0][0]
     if isinstance(first, np.ndarray) or (
         isinstance(first, torch.Tensor) and first.dtype == torch.uint8

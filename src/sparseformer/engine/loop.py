@@ -190,6 +190,8 @@ def evaluate(
     device = prep.device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
+        if len(y) == 0:  # every image of the batch failed to decode (logged by the data set)
+            continue
         x, y = prep(x, y, train=False)
         with _autocast(device, amp_dtype):
             logits = model(x)

@@ -210,7 +210,7 @@ def fit(
     if options.roi_stats_images > 0 and is_sparseformer(model) and dist.is_main:
         idx = range(min(options.roi_stats_images, len(data.val)))
         x, y = val_loader.collate_fn([data.val[i] for i in idx])
-        roi_batch, _ = prep(x, y, train=False)
+        roi_batch = prep(x, y, train=False)[0] if len(y) else None
     if rng_states is not None:  # after every RNG use of the set-up, as in the first run
         ckpt_io.restore_rng(rng_states[min(dist.rank, len(rng_states) - 1)])
     else:  # ranks share the model's initialisation but not their augmentation
