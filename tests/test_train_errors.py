@@ -188,7 +188,7 @@ def test_fine_tuning_starts_from_official_weights(tmp_path, folder, capsys):
             assert torch.equal(trained[key], value), key
 
 
-def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, folder, capsys):
+def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, folder, capsys, caplog):
     out = tmp_path / "run"
     fast = [
         "--model", NANO, "--data-dir", str(folder), "--output", str(out), "--epochs", "1",
@@ -202,8 +202,16 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, folder, capsy
     # a kill between the metrics line and the checkpoint leaves a torn line: resume skips it
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 2, "tra')
-    code, _, err = run_cli(capsys, "train", *fast, "--resume", "auto", "--epochs", "2")
+    with caplog.at_level("WARNING"):
+        code, _, err = run_cli(
+            capsys, "train", *fast, "--resume", "auto", "--epochs", "2", "--lr", "0.5"
+        )
     assert code == 0, err
+    assert "--lr" in caplog.text and "asked for a change that is ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the run's own settings again: nothing to warn about
+        assert run_cli(capsys, "train", *fast, "--resume", "auto", "--epochs", "2")[0] == 0
+    assert "ignored" not in caplog.text
     epochs = [
         json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
     ]

@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=count, default=0, help="data-loading processes")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: the free cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         amp = amp_dtype_for(args.precision, device)
     except (DataError, ValueError, TrainingError) as exc:
         raise CliError(str(exc)) from exc
-    session.set_threads(None, DistInfo())
+    session.set_threads(args.threads, DistInfo())
     # preprocessing: the checkpoint's own, else the data set's, else the released weights'
     if isinstance(saved.get("preprocessing"), dict):
         pre = Preprocessing.from_dict(saved["preprocessing"])

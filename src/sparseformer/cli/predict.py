@@ -14,6 +14,8 @@ __all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from sparseformer.cli.train import positive_int
+
     p = sub.add_parser(
         "predict",
         help="classify images with a checkpoint",
@@ -34,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=int, default=5, help="classes to show per image")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: the free cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.set_defaults(func=run)
 
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     args.images = _expand(args.images)  # every path checked before the model is read
     device = session.pick_device(args.device)
     check_model_name(args.model)  # an unknown name fails before anything is read
-    session.set_threads(None, DistInfo())
+    session.set_threads(args.threads, DistInfo())
     model, info = session.model_from_checkpoint(args.model, args.checkpoint, prefer_ema=args.ema)
     model.to(device)
     pre = (

@@ -223,6 +223,25 @@ def build_recipe(args: argparse.Namespace):
     return recipe.replace(**changes) if changes else recipe
 
 
+def _warn_ignored_on_resume(args: argparse.Namespace, asked, recipe) -> None:
+    """Resuming keeps the run's recipe: name the flags that asked for something else."""
+    flags = {
+        "batch_size": "--batch-size", "img_size": "--img-size", "lr": "--lr",
+        "warmup_epochs": "--warmup-epochs", "weight_decay": "--weight-decay",
+        "drop_path": "--drop-path",
+    }  # fmt: skip
+    ignored = [flag for key, flag in flags.items() if getattr(args, key) is not None]
+    ignored += [f"--set {item}" for item in args.set]
+    ignored += ["--recipe"] if args.recipe else []
+    differs = asked.replace(epochs=recipe.epochs, num_workers=recipe.num_workers) != recipe
+    if ignored and differs:
+        logging.getLogger(__name__).warning(
+            "resuming continues the run's own recipe, so %s asked for a change that is "
+            "ignored; start a new run (--checkpoint to start from these weights) to change it",
+            ", ".join(ignored),
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -253,9 +272,12 @@ def run(args: argparse.Namespace) -> int:
             resume = Path(args.resume)
         if resume is not None:  # continue exactly: the run's own recipe and clips, epochs may grow
             saved = ckpt_io.read_training_checkpoint(resume)
-            recipe = Recipe().replace(**saved["recipe"])
+            asked, recipe = recipe, Recipe().replace(**saved["recipe"])
             if args.epochs is not None:
                 recipe = recipe.replace(epochs=args.epochs)
+            if args.workers is not None:  # does not change the results
+                recipe = recipe.replace(num_workers=args.workers)
+            _warn_ignored_on_resume(args, asked, recipe)
         # per-epoch validation: one view per video
         source = data_source(args, views=False, saved=saved.get("video"))
         video = args.data_dir is not None and is_video_folder(args.data_dir)
