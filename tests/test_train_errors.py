@@ -242,3 +242,41 @@ def test_bad_numbers_and_predict_paths_are_one_line(tmp_path, folder, capsys):
     assert code == 0 and "broken.jpg: cannot read this image" in err
     lines = [json.loads(line) for line in out.splitlines()]  # stdout stays JSON lines
     assert len(lines) == 4 and all(len(r["predictions"]) == 3 for r in lines)
+
+
+def test_eval_matches_class_folders_by_name(tmp_path, folder, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--model", NANO, "--data-dir", str(folder),
+                           "--output", str(out), "--epochs", "1", "--batch-size", "4",
+                           "--img-size", "32", "--quiet",
+                           "--recipe", "fashion-mnist-cpu")  # fmt: skip
+    assert code == 0, err
+    ckpt = str(out / "last.pt")
+
+    def eval_json(data) -> dict:
+        code, stdout, err = run_cli(capsys, "eval", "--model", NANO, "--checkpoint", ckpt,
+                                    "--data-dir", str(data), "--json", "--quiet")  # fmt: skip
+        assert code == 0, err
+        return json.loads(stdout.strip().splitlines()[-1])
+
+    full = eval_json(folder)
+    # class names the checkpoint does not know are refused, not matched by position
+    mirrored = tmp_path / "renamed"
+    for name, new in (("cat", "z_cat"), ("dog", "y_dog"), ("emu", "x_emu")):
+        shutil.copytree(folder / "val" / name, mirrored / "val" / new)
+    code, _, err = run_cli(capsys, "eval", "--model", NANO, "--checkpoint", ckpt,
+                           "--data-dir", str(mirrored), "--quiet")  # fmt: skip
+    assert code == 1 and "not among the checkpoint's classes" in err
+    # a subset of the classes in another order is scored by name: the same hits as in full
+    subset = tmp_path / "subset"
+    shutil.copytree(folder / "val" / "emu", subset / "val" / "emu")
+    shutil.copytree(folder / "val" / "dog", subset / "val" / "dog")
+    only_dog_emu = eval_json(subset)
+    without_cat = tmp_path / "without_cat"
+    shutil.copytree(folder / "val" / "cat", without_cat / "val" / "cat")
+    only_cat = eval_json(without_cat)
+    hits = lambda r: round(r["acc1"] * r["images"] / 100)  # noqa: E731
+    assert (only_dog_emu["images"], only_cat["images"]) == (8, 4)
+    assert hits(only_dog_emu) + hits(only_cat) == hits(full)

@@ -40,6 +40,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+class RelabelledDataset:
+    """A data set whose label ``i`` becomes ``mapping[i]`` (the checkpoint's index)."""
+
+    def __init__(self, dataset, mapping: list[int]) -> None:
+        self.dataset, self.mapping = dataset, mapping
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        x, label = self.dataset[index]
+        return x, self.mapping[label]
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -73,25 +87,32 @@ def run(args: argparse.Namespace) -> int:
         pre = Preprocessing.from_dict(saved["preprocessing"])
     else:
         pre = dataset_defaults(source) or session.weights_preprocessing(args.model)
+    saved_names = saved.get("class_names")
     del saved
     pre = session.resolve_preprocessing(pre, args.img_size, None, None)
     try:
         bundle = build_datasets(source, pre, None, need_train=False)
     except DataError as exc:
         raise CliError(str(exc)) from exc
+    # our checkpoints name their classes: match the data's class folders by name (any subset,
+    # any order); official ones do not, and are matched by position (ImageNet's sorted wnids)
+    by_name = saved_names is not None and list(saved_names) != list(bundle.class_names)
+    if by_name:
+        unknown = [c for c in bundle.class_names if c not in saved_names]
+        if unknown:
+            raise CliError(
+                f"class folder(s) {unknown[:5]} are not among the checkpoint's classes "
+                f"({list(saved_names)[:8]}...); evaluate on data of the classes it was trained on"
+            )
+        bundle.val = RelabelledDataset(
+            bundle.val, [list(saved_names).index(c) for c in bundle.class_names]
+        )
     model, info = session.model_from_checkpoint(
-        args.model, args.checkpoint, bundle.num_classes, prefer_ema=args.ema
+        args.model, args.checkpoint, None if by_name else bundle.num_classes, prefer_ema=args.ema
     )
     check_model_fits_data(
         model, args.model, args.data_dir is not None and is_video_folder(args.data_dir)
     )
-    saved_names = info.get("class_names")
-    if saved_names is not None and list(saved_names) != list(bundle.class_names):
-        print(
-            "warning: the checkpoint's class names differ from the data's class folders; "
-            "labels are matched by position",
-            file=sys.stderr,
-        )
     model.to(device)
     if getattr(model, "roi_dims", 2) == 3:  # video: one prediction per video, views averaged
         from sparseformer.engine.video import ViewAveraging
@@ -102,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     metrics = evaluate(model, loader, prep, DistInfo(), amp, progress)
     # header-checked files skipped at the scan, and (in this process) files left out at decode
-    val = getattr(bundle.val, "dataset", bundle.val)
+    val = bundle.val
+    while hasattr(val, "dataset"):  # under a relabelling or a --limit-val subset
+        val = val.dataset
     num_skipped = len(bundle.skipped_files) + getattr(val, "failed_loads", 0)
     result = {
         "model": args.model,
