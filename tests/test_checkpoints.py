@@ -34,7 +34,7 @@ def fixture_model(**kw):
     return SparseFormer(dataclasses.replace(fixture_config(), **kw))
 
 
-@pytest.mark.parametrize("wrapper", [None, "model", "state_dict", "model_ema"])
+@pytest.mark.parametrize("wrapper", [None, "model", "state_dict", "model_ema", "state_dict_ema"])
 @pytest.mark.parametrize("fmt", ["imagenet", "v2"])
 def test_official_layouts_load_from_pth_in_any_wrapper(tmp_path, fmt, wrapper):
     state = official(fmt)

@@ -106,7 +106,8 @@ _FOREIGN_HINTS = {
     "conv1.weight": "a ResNet checkpoint",
     "layers.0.blocks.0.attn.relative_position_bias_table": "a Swin checkpoint",
 }
-_WRAPPERS = ("model_ema", "model", "state_dict", "module")
+# timm's train.py writes "state_dict" and "state_dict_ema"; DeiT/Swin write "model" (+ "model_ema")
+_WRAPPERS = ("model_ema", "state_dict_ema", "model", "state_dict", "module")
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
@@ -143,7 +144,8 @@ class ConversionReport:
 def unwrap_checkpoint(
     obj: object, prefer_ema: bool = False
 ) -> tuple[dict[str, Tensor], str | None]:
-    """Find the state dict in a checkpoint: bare, or under ``model``/``state_dict``/``model_ema``.
+    """Find the state dict in a checkpoint: bare, or under ``model``/``state_dict``/``model_ema``
+    (or timm's ``state_dict_ema``).
 
     Args:
         obj: what ``torch.load`` or safetensors returned.
@@ -156,7 +158,11 @@ def unwrap_checkpoint(
         raise NotASparseFormerCheckpoint(
             f"expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
         )
-    order = _WRAPPERS if prefer_ema else ("model", "state_dict", "model_ema", "module")
+    order = (
+        _WRAPPERS
+        if prefer_ema
+        else ("model", "state_dict", "model_ema", "state_dict_ema", "module")
+    )
     wrapper = None
     for key in order:
         if key in obj and isinstance(obj[key], Mapping):

@@ -113,9 +113,10 @@ def model_from_checkpoint(
             f"{str(checkpoint_path)!r} is a checkpoint of {trained_as!r}, not {model_name!r}; "
             f"pass --model {trained_as}"
         )
-    if prefer_ema and ckpt.get("model_ema") is None:
+    has_ema = any(ckpt.get(k) is not None for k in ("model_ema", "state_dict_ema"))
+    if prefer_ema and not has_ema:
         logger.warning("the checkpoint has no EMA weights; using the model weights")
-    state, _ = unwrap_checkpoint(ckpt, prefer_ema=prefer_ema and ckpt.get("model_ema") is not None)
+    state, _ = unwrap_checkpoint(ckpt, prefer_ema=prefer_ema and has_ema)
     classes = info.get("num_classes") or _head_classes(state) or 1000
     if num_classes is not None and num_classes != classes:
         raise CheckpointError(
