@@ -182,3 +182,14 @@ def test_plain_load_state_dict_and_timm_accept_official_layouts(tmp_path, fmt):
     )
     y = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded.eval()(y), nano(y), rtol=0, atol=0)
+
+
+def test_rgb_weights_adapt_to_other_input_channels():
+    rgb = create_model("sparseformer_v1_nano").eval()
+    gray = create_model("sparseformer_v1_nano", in_chans=1).eval()
+    load_checkpoint(gray, {"model": rgb.state_dict()})  # timm's rule: the kernel summed
+    x = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(gray(x), rgb(x.expand(2, 3, 32, 32)), atol=1e-5, rtol=1e-4)
+    four = create_model("sparseformer_v1_nano", in_chans=4)
+    load_checkpoint(four, {"model": rgb.state_dict()})
+    assert four(torch.rand(1, 4, 32, 32)).shape == (1, 1000)

@@ -163,6 +163,22 @@ def load_checkpoint(
         # An image checkpoint for a video model: inflate it (logged by inflate_image_state_dict).
         converted = inflate_image_state_dict(converted, model.config)
     own = model.state_dict()
+    stem = converted.get("stem.conv.weight")
+    if (
+        stem is not None
+        and "stem.conv.weight" in own
+        and stem.shape[1] != own["stem.conv.weight"].shape[1]
+    ):
+        # RGB weights for a model of other input channels: timm's rule (sum to 1 channel,
+        # repeat and rescale to more)
+        from timm.models import adapt_input_conv
+
+        in_chans = own["stem.conv.weight"].shape[1]
+        if stem.dim() == 5:  # a video stem's (C, 3, 1, 7, 7) kernel: adapt its one time slice
+            converted["stem.conv.weight"] = adapt_input_conv(in_chans, stem[:, :, 0]).unsqueeze(2)
+        else:
+            converted["stem.conv.weight"] = adapt_input_conv(in_chans, stem)
+        logger.info("stem adapted from %d to %d input channels", stem.shape[1], in_chans)
     head_keys = {k for k in own if k.startswith("head.")}
     if allow_classifier_mismatch:
         mismatched = [k for k in head_keys if k in converted and converted[k].shape != own[k].shape]
