@@ -115,22 +115,26 @@ class Recipe:
 def _fits(value: Any, annotation: str) -> bool:
     """Whether ``value`` fits a simple annotation such as ``float | None`` or ``tuple[...]``."""
     for part in (p.strip() for p in annotation.split("|")):
-        if part == "None" and value is None:
+        if part == "None":
+            fits = value is None
+        elif part == "bool":
+            fits = isinstance(value, bool)
+        elif isinstance(value, bool):  # a bool is an int to Python, not to a recipe
+            fits = False
+        elif part == "int":
+            fits = isinstance(value, int)
+        elif part == "float":
+            fits = isinstance(value, (int, float))
+        elif part == "str":
+            fits = isinstance(value, str)
+        elif part.startswith("tuple["):
+            fits = isinstance(value, tuple) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            )
+        else:
+            fits = True  # a nested dataclass: checked on its own
+        if fits:
             return True
-        if part == "bool" and isinstance(value, bool):
-            return True
-        if isinstance(value, bool):
-            continue
-        if (part == "int" and isinstance(value, int)) or (
-            part == "float" and isinstance(value, (int, float))
-        ):
-            return True
-        if part == "str" and isinstance(value, str):
-            return True
-        if part.startswith("tuple[") and isinstance(value, tuple):
-            return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-        if part not in ("None", "bool", "int", "float", "str") and not part.startswith("tuple["):
-            return True  # a nested dataclass: checked on its own
     return False
 
 
