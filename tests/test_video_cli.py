@@ -99,3 +99,15 @@ def test_video_training_takes_the_recipes_flip_and_crop_scale(tmp_path):
     bundle = build_datasets(data_source(args, views=False), Preprocessing(32), recipe.augmentation)
     assert bundle.train.spec.hflip == 0 and bundle.train.spec.scale == (0.5, 1.0)
     assert bundle.val.spec.num_frames == 4 and bundle.val.spec.stride == 2
+
+
+def test_resuming_a_video_run_with_its_own_flags_warns_of_nothing(tmp_path, caplog):
+    data = tmp_path / "videos"
+    make_folder(data, bad=False)
+    # CutMix is turned off for clips: the recipe the flags ask for must compare after that too
+    argv = ["train", "--model", MODEL, "--data-dir", str(data), "--output", str(tmp_path / "r"),
+            *FAST, "--set", "cutmix=1.0"]  # fmt: skip
+    assert main(argv) == 0
+    with caplog.at_level("WARNING"):
+        assert main([*argv, "--resume", "auto", "--epochs", "3"]) == 0
+    assert "ignored" not in caplog.text

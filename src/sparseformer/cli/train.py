@@ -263,7 +263,11 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)  # before any data is read
     try:
         device = session.pick_device(args.device)
+        video = args.data_dir is not None and is_video_folder(args.data_dir)
         recipe = build_recipe(args)
+        if video and recipe.cutmix > 0:  # timm's CutMix cuts the last two axes: T x H on clips
+            logging.getLogger(__name__).info("video clips: CutMix is turned off")
+            recipe = recipe.replace(cutmix=0.0)
         resume, saved = None, {}
         if args.resume == "auto":
             last = args.output / ckpt_io.LAST
@@ -280,10 +284,6 @@ def run(args: argparse.Namespace) -> int:
             _warn_ignored_on_resume(args, asked, recipe)
         # per-epoch validation: one view per video
         source = data_source(args, views=False, saved=saved.get("video"))
-        video = args.data_dir is not None and is_video_folder(args.data_dir)
-        if video and recipe.cutmix > 0:  # timm's CutMix cuts the last two axes: T x H on clips
-            logging.getLogger(__name__).info("video clips: CutMix is turned off")
-            recipe = recipe.replace(cutmix=0.0)
         session.output_dir_ok(args.output, resume=resume is not None, overwrite=args.overwrite)
     except (DataError, RecipeError, ValueError) as exc:
         raise CliError(str(exc)) from exc
