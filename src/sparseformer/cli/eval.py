@@ -61,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.cli.train import check_model_fits_data, data_source
     from sparseformer.data import DataError, Preprocessing, build_datasets, dataset_defaults
     from sparseformer.data.loader import build_eval_loader
-    from sparseformer.data.video import is_video_folder
     from sparseformer.engine import session
     from sparseformer.engine.distributed import DistInfo
     from sparseformer.engine.loop import BatchPrep, evaluate
@@ -110,9 +109,7 @@ def run(args: argparse.Namespace) -> int:
     model, info = session.model_from_checkpoint(
         args.model, args.checkpoint, None if by_name else bundle.num_classes, prefer_ema=args.ema
     )
-    check_model_fits_data(
-        model, args.model, args.data_dir is not None and is_video_folder(args.data_dir)
-    )
+    check_model_fits_data(model, args.model, bundle.video)
     model.to(device)
     if getattr(model, "roi_dims", 2) == 3:  # video: one prediction per video, views averaged
         from sparseformer.engine.video import ViewAveraging

@@ -61,12 +61,14 @@ class DataSource:
 
 @dataclass
 class DatasetBundle:
-    """Train/val datasets yielding ``(tensor (3, S, S), label)`` and their class names."""
+    """Train/val datasets yielding ``(tensor (3, S, S), label)`` (clips ``(3, T, S, S)`` when
+    ``video``) and their class names."""
 
     train: Dataset | None
     val: Dataset
     class_names: list[str]
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    video: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -148,7 +150,7 @@ def build_datasets(
         except VideoDataError as exc:
             raise DataError(str(exc)) from exc
         skipped = (train.skipped if train is not None else []) + val.skipped
-        bundle = DatasetBundle(train, val, list(val.classes), skipped)
+        bundle = DatasetBundle(train, val, list(val.classes), skipped, video=True)
     else:
         data_dir = Path(source.data_dir)
         _check_data_dir(data_dir, need_train)
