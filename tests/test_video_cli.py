@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from sparseformer.cli import main
+from sparseformer.data.video import probe_video
 
 from .test_video_data import make_folder
 
-pytest.importorskip("av")
+av = pytest.importorskip("av")
 
 MODEL = "video_sparseformer_v1_micro"
 RECIPE = [
@@ -32,6 +34,8 @@ def test_train_eval_predict_a_video_model_on_a_video_folder(tmp_path, capsys):
     assert torch.isfinite(torch.tensor([r["train_loss"] for r in records])).all()
     saved = torch.load(out / "last.pt", weights_only=True, map_location="cpu")
     assert saved["video"]["num_frames"] == 4 and saved["class_names"] == ["left", "right"]
+    # the clip record holds what was used (32 px, the recipe's crop), not ClipSpec's defaults
+    assert saved["video"]["size"] == 32 and saved["video"]["crop_pct"] == 1.0
     assert "skipped 4 unreadable or too-short video(s)" in capsys.readouterr().out
     # resuming takes frames and stride from the run (8 frames 4 apart would not fit the videos)
     resume = ["--output", str(out), *RECIPE, "--resume", "auto", "--epochs", "3"]
@@ -60,6 +64,37 @@ def test_train_eval_predict_a_video_model_on_a_video_folder(tmp_path, capsys):
     bad = data / "train" / "left" / "notes.mp4"
     code = main(["predict", "--model", MODEL, "--checkpoint", str(out / "last.pt"), str(bad)])
     assert code == 1 and "cannot use this video" in capsys.readouterr().err
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (40, 40), "red").save(photo)
+    code = main(["predict", "--model", MODEL, "--checkpoint", str(out / "last.pt"), str(photo)])
+    err = capsys.readouterr().err
+    assert code == 1 and "an image, but video_sparseformer_v1_micro is a video model" in err
+
+
+def test_a_broken_val_video_is_left_out_of_eval_not_scored_as_another(tmp_path, capsys):
+    data, out = tmp_path / "videos", tmp_path / "run"
+    make_folder(data, bad=False)
+    assert main(["train", "--model", MODEL, "--data-dir", str(data), "--output", str(out),
+                 *FAST, "--epochs", "1"]) == 0  # fmt: skip
+    # passes the folder scan (a readable header, 10 frames), fails when its clip is decoded
+    broken = data / "val" / "right" / "0.mp4"
+    with av.open(str(broken), "w", options={"movflags": "faststart"}) as f:
+        stream = f.add_stream("mpeg4", rate=25)
+        stream.width = stream.height = 32
+        for a in np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                f.mux(packet)
+        for packet in stream.encode():
+            f.mux(packet)
+    raw = broken.read_bytes()
+    broken.write_bytes(raw[: raw.index(b"mdat") + (len(raw) - raw.index(b"mdat")) // 3])
+    assert probe_video(broken) == 10  # the scan keeps it
+    capsys.readouterr()
+    argv = ["eval", "--model", MODEL, "--checkpoint", str(out / "last.pt"), "--data-dir",
+            str(data), "--json", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images"] == 3 and result["skipped_files"] == 1
 
 
 def test_model_and_data_of_different_kinds_fail_with_a_clear_message(tmp_path, capsys):
@@ -70,6 +105,13 @@ def test_model_and_data_of_different_kinds_fail_with_a_clear_message(tmp_path, c
     err = capsys.readouterr().err
     assert code == 1 and "is an image model but the data folder holds videos" in err
     assert "Traceback" not in err
+    # decided before the folder is scanned: without --frames these 10-frame clips are too
+    # short for the default 8 frames 4 apart, which must not hide the real mistake
+    image_model = ["--model", "sparseformer_v1_micro", "--data-dir", str(data)]
+    code = main(["train", *image_model, "--output", str(tmp_path / "r2"), *RECIPE])
+    assert code == 1 and "is an image model" in capsys.readouterr().err
+    code = main(["eval", *image_model, "--checkpoint", str(tmp_path / "any.pt")])
+    assert code == 1 and "is an image model" in capsys.readouterr().err
     images = tmp_path / "images"
     for split in ("train", "val"):
         for name in ("a", "b"):

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from sparseformer.data.arrow_of_time import ArrowOfTimeClips, ArrowOfTimeSpec, split_windows
+from sparseformer.data.loader import collate
 from sparseformer.data.video import (
     ClipSpec,
     VideoDataError,
@@ -164,6 +165,39 @@ def test_a_video_that_breaks_after_the_scan_is_replaced_and_counted(tmp_path):
     clip, label = train[0]
     assert train.failed_loads == 1 and clip.shape == (3, 4, 16, 16)
     assert label == train.samples[1][1]
+
+
+def test_a_val_video_that_breaks_after_the_scan_is_left_out_not_replaced(tmp_path):
+    # evaluation must not score the next video (of another class) in a broken one's place
+    make_folder(tmp_path, bad=False)
+    val = VideoFolder(tmp_path / "val", ClipSpec(num_frames=4, stride=2, size=16), train=False)
+    val.samples[0][0].write_bytes(b"gone")
+    clip, label = val[0]
+    assert clip is None and label == val.samples[0][1] and val.failed_loads == 1
+    loader = torch.utils.data.DataLoader(val, batch_size=4, collate_fn=collate)
+    clips, labels = next(iter(loader))
+    assert clips.shape == (3, 3, 4, 16, 16)
+    assert labels.tolist() == [label for _, label, _ in val.samples[1:]]
+
+
+def test_a_header_that_claims_more_frames_than_decode_is_named(tmp_path):
+    path = tmp_path / "faststart.mp4"  # header first: it survives a cut that loses frames
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        noise = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+        for a in noise:  # frames that do not compress away: the data is mostly frames
+            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    data = path.read_bytes()
+    frames_start = data.index(b"mdat")
+    path.write_bytes(data[: frames_start + (len(data) - frames_start) // 2])
+    assert probe_video(path) == 12
+    with pytest.raises(VideoReadError, match=r"only \d+ frame\(s\) decode, frame 11 requested"):
+        read_video(path, [0, 11])
 
 
 def test_video_folder_errors_are_one_line_and_helpful(tmp_path):

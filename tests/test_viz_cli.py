@@ -179,6 +179,13 @@ def test_video_model_draws_rois_on_the_frames_of_a_real_clip(tmp_path, capsys):
     assert main(["viz", "--model", "video_sparseformer_v1_micro", str(bad), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert str(bad) in err and len(err.splitlines()) == 1
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (40, 40), "red").save(photo)  # not drawn as an 8-frame still "clip"
+    video_model = ["viz", "--model", "video_sparseformer_v1_micro", "--out", str(out)]
+    assert main([*video_model, str(photo)]) == 1
+    assert "an image, but the model is a video model" in capsys.readouterr().err
+    assert main(["viz", "--model", "sparseformer_v1_micro", str(clip), "--out", str(out)]) == 1
+    assert "a video, but the model is an image model" in capsys.readouterr().err
 
 
 def test_a_training_checkpoint_names_its_model_classes_and_preprocessing(tmp_path, capsys):

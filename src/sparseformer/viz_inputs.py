@@ -45,6 +45,8 @@ class ModelInfo:
         mean, std: per-channel normalisation of ``[0, 1]`` RGB.
         class_names: names of the classifier's outputs, or ``None`` (indices are shown).
         interpolation: resampling of the resize to ``input_size`` (as in training's eval).
+        clip: a video model's clip sampling from its training checkpoint (``num_frames``,
+            ``stride``, ``sampling``), or ``None`` (the model's frames, uniform).
     """
 
     input_size: int = 224
@@ -52,6 +54,7 @@ class ModelInfo:
     std: tuple[float, ...] = IMAGENET_STD
     class_names: list[str] | None = field(default=None)
     interpolation: str = "bicubic"
+    clip: dict[str, Any] | None = None
 
 
 def load_image(path: str | os.PathLike, *, max_side: int | None = None):
@@ -273,6 +276,9 @@ def load_model_for_viz(
             meta.get("class_names"),
             meta.get("interpolation", info.interpolation),
         )
+        video = ckpt.get("video") if isinstance(ckpt, Mapping) else None
+        if isinstance(video, Mapping):
+            info.clip = {k: video[k] for k in ("num_frames", "stride", "sampling") if k in video}
     num_classes = getattr(model, "num_classes", 0)
     if info.class_names is not None and len(info.class_names) != num_classes:
         logger.warning(

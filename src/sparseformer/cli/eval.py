@@ -30,7 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_arguments(p)
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
     p.add_argument("--img-size", type=int, help="input size (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=256,
+        help="images, or clips, per batch: a video with V test views counts V (default 256)",
+    )
     p.add_argument("--workers", type=count, default=0, help="data-loading processes")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparseformer.cli import CliError
-    from sparseformer.cli.train import check_model_fits_data, data_source
+    from sparseformer.cli.train import check_model_fits_data, data_source, is_video_model
     from sparseformer.data import DataError, Preprocessing, build_datasets, dataset_defaults
     from sparseformer.data.loader import build_eval_loader
     from sparseformer.engine import session
@@ -69,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.factory import read_checkpoint
 
     check_model_name(args.model)  # an unknown name fails before any data is read
+    check_model_fits_data(args.model, args)  # before the data folder is scanned
     saved = read_checkpoint(args.checkpoint)
     if not isinstance(saved, dict):
         saved = {}
@@ -109,13 +115,16 @@ def run(args: argparse.Namespace) -> int:
     model, info = session.model_from_checkpoint(
         args.model, args.checkpoint, None if by_name else bundle.num_classes, prefer_ema=args.ema
     )
-    check_model_fits_data(model, args.model, bundle.video)
     model.to(device)
-    if getattr(model, "roi_dims", 2) == 3:  # video: one prediction per video, views averaged
+    batch_size = args.batch_size
+    if is_video_model(args.model):  # one prediction per video, its views' scores averaged
         from sparseformer.engine.video import ViewAveraging
 
         model = ViewAveraging(model)
-    loader = build_eval_loader(bundle.val, args.batch_size, args.workers)
+        # a batch of B videos holds B x V clips (the model sees one view at a time, but the
+        # loader builds them all): keep the clips per batch at --batch-size
+        batch_size = max(1, batch_size // source.video.num_views)
+    loader = build_eval_loader(bundle.val, batch_size, args.workers)
     prep = BatchPrep(pre.mean, pre.std, torch.device(device))
     progress = not args.quiet and sys.stderr.isatty()
     metrics = evaluate(model, loader, prep, DistInfo(), amp, progress)
@@ -140,8 +149,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         skipped = f" ({num_skipped} unreadable file(s) skipped)" if num_skipped else ""
+        what = "videos" if bundle.video else "images"
         print(
-            f"{args.model} on {source.describe()}: {metrics['images']:,} images{skipped}, "
+            f"{args.model} on {source.describe()}: {metrics['images']:,} {what}{skipped}, "
             f"top-1 {metrics['acc1']:.2f}%, top-5 {metrics['acc5']:.2f}%, "
             f"loss {metrics['loss']:.4f}"
         )

@@ -33,11 +33,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="IMAGE",
         help="images, or video files for a video model",
     )
-    p.add_argument("--topk", type=int, default=5, help="classes to show per image")
+    p.add_argument("--topk", type=positive_int, default=5, help="classes to show per image")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the free cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument(
+        "--clips", type=positive_int, default=1, help="video models: clips per video (averaged)"
+    )
+    p.add_argument(
+        "--crops", type=int, choices=(1, 3), default=1, help="video models: crops per clip"
+    )
     p.set_defaults(func=run)
 
 
@@ -54,9 +60,9 @@ def class_names(info: dict, num_classes: int) -> list[str]:
     return [f"class {i}" for i in range(num_classes)]
 
 
-def _video_spec(model, info: dict, pre):
-    """Clip sampling for a video model: the training run's, sized by its preprocessing;
-    ``None`` for image models."""
+def _video_spec(model, info: dict, pre, clips: int = 1, crops: int = 1):
+    """Clip sampling for a video model: the training run's, sized by its preprocessing, with
+    ``clips x crops`` test views; ``None`` for image models."""
     if getattr(model, "roi_dims", 2) != 3:
         return None
     import dataclasses
@@ -73,26 +79,32 @@ def _video_spec(model, info: dict, pre):
         crop_pct=pre.crop_pct,
         mean=tuple(pre.mean),
         std=tuple(pre.std),
+        num_clips=clips,
+        num_crops=crops,
     )
 
 
-def _expand(paths: list[Path]) -> list[Path]:
-    """Files as given, folders as the image and video files under them (sorted).
+def _expand(paths: list[Path], video: bool) -> list[Path]:
+    """Files as given, folders as the video files (``video``) or image files under them
+    (sorted).
 
     Raises:
-        CliError: a path that does not exist, or a folder without images or videos.
+        CliError: a path that does not exist, or a folder without files of the kind.
     """
     from sparseformer.cli import CliError
     from sparseformer.data.images import IMAGE_EXTENSIONS
     from sparseformer.data.video import VIDEO_EXTENSIONS
 
-    media = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
+    media = VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
             found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in media)
             if not found:
-                raise CliError(f"folder {str(path)!r} holds no image or video files")
+                kind = "video" if video else "image"
+                raise CliError(
+                    f"folder {str(path)!r} holds no {kind} files (extensions {', '.join(media)})"
+                )
             files += found
         elif path.exists():
             files.append(path)
@@ -105,18 +117,19 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparseformer.cli import CliError
+    from sparseformer.cli.train import is_video_model
     from sparseformer.data import Preprocessing, build_transform
-    from sparseformer.data.images import READ_ERRORS, open_rgb
+    from sparseformer.data.images import IMAGE_EXTENSIONS, READ_ERRORS, open_rgb
+    from sparseformer.data.video import VIDEO_EXTENSIONS
     from sparseformer.engine import session
     from sparseformer.engine.distributed import DistInfo
     from sparseformer.engine.loop import BatchPrep
     from sparseformer.engine.modeling import check_model_name
 
-    if args.topk < 1:
-        raise CliError("--topk must be at least 1")
-    args.images = _expand(args.images)  # every path checked before the model is read
-    device = session.pick_device(args.device)
     check_model_name(args.model)  # an unknown name fails before anything is read
+    video_model = is_video_model(args.model)
+    args.images = _expand(args.images, video_model)  # every path checked before the model
+    device = session.pick_device(args.device)
     session.set_threads(args.threads, DistInfo())
     model, info = session.model_from_checkpoint(args.model, args.checkpoint, prefer_ema=args.ema)
     model.to(device)
@@ -130,8 +143,16 @@ def run(args: argparse.Namespace) -> int:
     prep = BatchPrep(pre.mean, pre.std, torch.device(device))
     k = min(args.topk, len(names))
     failed = 0
-    video = _video_spec(model, info, pre)
+    video = _video_spec(model, info, pre, args.clips, args.crops)
     for path in args.images:
+        if path.suffix.lower() in (IMAGE_EXTENSIONS if video_model else VIDEO_EXTENSIONS):
+            if video_model:
+                why = f"an image, but {args.model} is a video model; use an image model"
+            else:
+                why = f"a video, but {args.model} is an image model; use a video model"
+            print(f"{path}: {why} (`sparseformer models` lists them); skipped", file=sys.stderr)
+            failed += 1
+            continue
         if video is not None:  # a video model reads video files (views averaged)
             from sparseformer.data.video import VideoDataError, VideoReadError
             from sparseformer.engine.video import predict_video_file

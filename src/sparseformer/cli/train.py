@@ -14,7 +14,13 @@ import logging
 import sys
 from pathlib import Path
 
-__all__ = ["register", "add_data_arguments", "data_source", "check_model_fits_data"]
+__all__ = [
+    "register",
+    "add_data_arguments",
+    "data_source",
+    "is_video_model",
+    "check_model_fits_data",
+]
 
 EXAMPLES = """examples:
   sparseformer train --model sparseformer_v1_micro --dataset fashion-mnist --output runs/fm
@@ -57,18 +63,24 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("video folders (DIR/train/CLASS/*.mp4; video models)")
     g.add_argument(
-        "--frames", type=int, help="frames per clip (default: the checkpoint's, else the model's)"
+        "--frames",
+        type=positive_int,
+        help="frames per clip (default: the checkpoint's, else the model's)",
     )
     g.add_argument(
-        "--frame-stride", type=int, help="dense sampling step (default: the checkpoint's, else 4)"
+        "--frame-stride",
+        type=positive_int,
+        help="dense sampling step (default: the checkpoint's, else 4)",
     )
     g.add_argument(
         "--sampling",
         choices=("dense", "uniform"),
         help="clip sampling (default: the checkpoint's, else dense)",
     )
-    g.add_argument("--clips", type=int, default=1, help="test clips per video (eval)")
-    g.add_argument("--crops", type=int, choices=(1, 3), default=1, help="test crops per clip")
+    g.add_argument("--clips", type=positive_int, default=1, help="test clips per video (eval)")
+    g.add_argument(
+        "--crops", type=int, choices=(1, 3), default=1, help="test crops per clip (eval)"
+    )
 
 
 def video_clip_spec(args: argparse.Namespace, views: bool = True, saved: dict | None = None):
@@ -111,15 +123,37 @@ def data_source(args: argparse.Namespace, views: bool = True, saved: dict | None
     )
 
 
-def check_model_fits_data(model, model_name: str, video_data: bool) -> None:
-    """A clear error when an image model meets video clips or a video model meets images.
+def is_video_model(model_name: str) -> bool:
+    """Whether a model name is a registered video SparseFormer (timm names are image models)."""
+    from sparseformer.config import VideoSparseFormerConfig
+    from sparseformer.registry import MODELS
+
+    spec = MODELS.get(model_name)
+    return spec is not None and isinstance(spec.config, VideoSparseFormerConfig)
+
+
+def check_model_fits_data(model_name: str, args: argparse.Namespace) -> bool:
+    """A clear error when an image model meets video clips or a video model meets images,
+    decided from the model's name and a small sample of the data folder, before the folder is
+    scanned. A folder with neither images nor videos is left to the data checks' own errors.
+
+    Returns:
+        Whether the data are videos.
 
     Raises:
         CliError: the model's kind and the data's differ.
     """
     from sparseformer.cli import CliError
+    from sparseformer.data.video import sample_media
 
-    video_model = getattr(model, "roi_dims", 2) == 3
+    if args.data_dir is None:  # a built-in image data set
+        video_data = False
+    else:
+        videos, images = sample_media(args.data_dir)
+        video_data = videos > images
+        if not videos and not images:
+            return False
+    video_model = is_video_model(model_name)
     if video_model and not video_data:
         raise CliError(
             f"{model_name} is a video model but the data are images; use an image model "
@@ -130,6 +164,7 @@ def check_model_fits_data(model, model_name: str, video_data: bool) -> None:
             f"{model_name} is an image model but the data folder holds videos; use a video "
             "model (e.g. video_sparseformer_v1_tiny; `sparseformer models` lists them)"
         )
+    return video_data
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -247,7 +282,6 @@ def run(args: argparse.Namespace) -> int:
 
     from sparseformer.cli import CliError
     from sparseformer.data import DataError, Preprocessing, build_datasets, dataset_defaults
-    from sparseformer.data.video import is_video_folder
     from sparseformer.engine import checkpoint as ckpt_io
     from sparseformer.engine import session
     from sparseformer.engine.distributed import cleanup_distributed, setup_distributed
@@ -263,7 +297,14 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)  # before any data is read
     try:
         device = session.pick_device(args.device)
-        video = args.data_dir is not None and is_video_folder(args.data_dir)
+        video = check_model_fits_data(args.model, args)  # before the folder is scanned
+        if not video and (args.frames or args.frame_stride or args.sampling):
+            raise CliError("--frames, --frame-stride and --sampling apply to video folders only")
+        if args.clips != 1 or args.crops != 1:
+            logging.getLogger(__name__).warning(
+                "--clips and --crops set the test views of `sparseformer eval`; per-epoch "
+                "validation uses one centre clip per video"
+            )
         recipe = build_recipe(args)
         if video and recipe.cutmix > 0:  # timm's CutMix cuts the last two axes: T x H on clips
             logging.getLogger(__name__).info("video clips: CutMix is turned off")
@@ -315,7 +356,6 @@ def run(args: argparse.Namespace) -> int:
                 "start a new run with --checkpoint to fine-tune"
             )
         model = build_model(args.model, bundle.num_classes, pre.img_size, recipe.drop_path)
-        check_model_fits_data(model, args.model, video)
         if args.checkpoint is not None and resume is None:
             load_weights(model, args.checkpoint)
         if dist.is_main:
@@ -338,7 +378,8 @@ def run(args: argparse.Namespace) -> int:
             extra={
                 "data": source.describe(),
                 "torch": str(torch.__version__),
-                **({"video": dataclasses.asdict(source.video)} if video else {}),
+                # the clip settings used (size, crop and normalisation included)
+                **({"video": dataclasses.asdict(bundle.clip_spec)} if video else {}),
             },
         )
         try:

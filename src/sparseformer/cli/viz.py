@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from sparseformer.data.video import VIDEO_EXTENSIONS
     from sparseformer.visualize import format_statistics, write_pictures, write_video_pictures
     from sparseformer.viz_inputs import load_image, load_model_for_viz
 
@@ -98,9 +99,11 @@ def run(args: argparse.Namespace) -> int:
         stem = _unique_stem(path, used)
         try:
             if video:
-                frames = _read_clip(path, model.config.num_frames)
+                frames = _read_clip(path, info.clip or {"num_frames": model.config.num_frames})
                 result = write_video_pictures(model, frames, args.out, stem, info=info, **options)
             else:
+                if path.suffix.lower() in VIDEO_EXTENSIONS:
+                    raise ValueError(f"{path}: a video, but the model is an image model")
                 img = load_image(path, max_side=4 * info.input_size)
                 result = write_pictures(model, img, args.out, stem, info=info, **options)
         except (ValueError, OSError) as exc:  # unreadable input, a stage the model lacks
@@ -112,13 +115,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_clip(path: Path, num_frames: int):
-    """``num_frames`` frames at the centres of equal segments of the video: ``(T, H, W, 3)``."""
-    from sparseformer.data.video import probe_video, read_video
+def _read_clip(path: Path, sampling: dict):
+    """The centre test clip of a video, sampled as in training (``sampling``: ``num_frames``
+    and optionally ``stride`` and ``sampling``; default uniform): ``(T, H, W, 3)``.
 
+    Raises:
+        ValueError: an image file, or a video shorter than one clip; OSError: unreadable.
+    """
+    import random
+
+    from sparseformer.data.images import IMAGE_EXTENSIONS
+    from sparseformer.data.video import ClipSpec, clip_indices, probe_video, read_video
+
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        raise ValueError(f"{path}: an image, but the model is a video model; give video files")
+    spec = ClipSpec(**{"sampling": "uniform", **sampling})
     total = probe_video(path)
-    indices = [min(total - 1, int((i + 0.5) * total / num_frames)) for i in range(num_frames)]
-    return read_video(path, indices)
+    if total < spec.min_frames:
+        raise ValueError(f"{path}: {total} frame(s), a clip needs at least {spec.min_frames}")
+    return read_video(path, clip_indices(total, spec, train=False, rng=random.Random(0)))
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:

@@ -69,6 +69,7 @@ class DatasetBundle:
     class_names: list[str]
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
     video: bool = False
+    clip_spec: ClipSpec | None = None  # video: the clip settings actually used
 
     @property
     def num_classes(self) -> int:
@@ -150,7 +151,7 @@ def build_datasets(
         except VideoDataError as exc:
             raise DataError(str(exc)) from exc
         skipped = (train.skipped if train is not None else []) + val.skipped
-        bundle = DatasetBundle(train, val, list(val.classes), skipped, video=True)
+        bundle = DatasetBundle(train, val, list(val.classes), skipped, video=True, clip_spec=spec)
     else:
         data_dir = Path(source.data_dir)
         _check_data_dir(data_dir, need_train)

@@ -12,7 +12,8 @@ Training crops and flips are drawn once per clip and applied to every frame. Tes
 ``num_clips x num_crops`` views per video, whose scores the caller averages
 (:func:`sparseformer.engine.video.evaluate_views`). Unreadable or too-short videos are skipped
 when the folder is scanned and counted in :attr:`VideoFolder.skipped`; a video that fails to
-decode later is replaced by the next good one and counted, never a crash.
+decode later is counted and, in training, replaced by the next good one, or, in evaluation, left
+out (so that no video is scored twice and none in another's place); never a crash.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "clip_indices",
     "resize_frames",
     "VideoFolder",
+    "sample_media",
     "is_video_folder",
     "video_datasets",
     "video_file_views",
@@ -110,12 +112,14 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
     wanted = None if indices is None else sorted(set(int(i) for i in indices))
     last = None if wanted is None else wanted[-1]
     frames: dict[int, np.ndarray] = {}
+    decoded = 0
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoReadError(f"{path}: no video stream")
             container.streams.video[0].thread_type = "AUTO"
             for i, frame in enumerate(container.decode(video=0)):
+                decoded = i + 1
                 if wanted is None or i in wanted:
                     frames[i] = frame.to_ndarray(format="rgb24")
                 if last is not None and i >= last:
@@ -129,7 +133,10 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
     order = range(len(frames)) if indices is None else [int(i) for i in indices]
     missing = [i for i in order if i not in frames]
     if missing:
-        raise VideoReadError(f"{path}: has {len(frames)} frames, frame {missing[0]} requested")
+        raise VideoReadError(
+            f"{path}: only {decoded} frame(s) decode, frame {missing[0]} requested (a truncated "
+            "file, or a header that claims more frames than the stream holds)"
+        )
     return torch.from_numpy(np.stack([frames[i] for i in order]))
 
 
@@ -164,8 +171,9 @@ class ClipSpec:
     def __post_init__(self) -> None:
         if self.sampling not in ("dense", "uniform"):
             raise VideoDataError(f"sampling must be 'dense' or 'uniform', got {self.sampling!r}")
-        if min(self.num_frames, self.stride, self.size, self.num_clips) <= 0:
-            raise VideoDataError(f"clip settings must be positive: {self}")
+        for name in ("num_frames", "stride", "size", "num_clips"):
+            if getattr(self, name) <= 0:
+                raise VideoDataError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_crops not in (1, 3):
             raise VideoDataError(f"num_crops must be 1 or 3, got {self.num_crops}")
 
@@ -285,7 +293,9 @@ class VideoFolder(Dataset):
     Attributes:
         samples: ``(path, label, num_frames)`` of the usable videos.
         skipped: ``(path, reason)`` of unreadable and too-short videos.
-        failed_loads: videos that failed to decode after the scan (replaced by the next one).
+        failed_loads: videos that failed to decode after the scan, in this process. Training
+            replaces such a video by the next good one; evaluation returns ``(None, label)``,
+            which :func:`~sparseformer.data.loader.collate` leaves out.
     """
 
     def __init__(
@@ -368,22 +378,25 @@ class VideoFolder(Dataset):
             return views[0]
         return torch.stack(views)  # V x (3, T, S, S) -> (V, 3, T, S, S)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int]:
         for attempt in range(len(self.samples)):
             i = (index + attempt) % len(self.samples)
             try:
                 return self._load(i), self.samples[i][1]
             except VideoReadError as exc:
                 self.failed_loads += 1
-                logger.warning("could not decode %s (%s); using the next video", i, exc)
+                if not self.train:  # evaluation: leave it out, never score another in its place
+                    logger.warning("could not decode a video (%s); left out", exc)
+                    return None, self.samples[i][1]
+                logger.warning("could not decode a video (%s); using the next video instead", exc)
         raise VideoDataError(f"no video under {str(self.root)!r} could be decoded")
 
 
-def is_video_folder(data_dir: str | Path, sample: int = 8) -> bool:
-    """Whether ``data_dir`` (with ``train/`` and/or ``val/`` class folders) holds videos: most
-    of the first ``sample`` image or video files of each class folder (sub-folders included)
-    are videos. Other files (labels, notes) do not count, and one stray clip among images
-    (or image among clips) does not decide; a folder is read only as far as the sample."""
+def sample_media(data_dir: str | Path, sample: int = 8) -> tuple[int, int]:
+    """``(videos, images)`` among the first ``sample`` image or video files of each class
+    folder of ``data_dir/train`` (of ``data_dir/val`` when train has none; sub-folders
+    included). Other files (labels, notes) do not count; a folder is read only as far as the
+    sample, so this is cheap on Kinetics- or ImageNet-sized folders."""
     from sparseformer.data.images import IMAGE_EXTENSIONS
 
     videos = images = 0
@@ -404,6 +417,14 @@ def is_video_folder(data_dir: str | Path, sample: int = 8) -> bool:
                     break
         if videos or images:
             break  # train decides; val only when there is no train
+    return videos, images
+
+
+def is_video_folder(data_dir: str | Path, sample: int = 8) -> bool:
+    """Whether ``data_dir`` (with ``train/`` and/or ``val/`` class folders) holds videos: most
+    of the sampled files (:func:`sample_media`) are videos, so one stray clip among images (or
+    image among clips) does not decide."""
+    videos, images = sample_media(data_dir, sample)
     return videos > images
 
 
