@@ -128,11 +128,9 @@ def run(args: argparse.Namespace) -> int:
     prep = BatchPrep(pre.mean, pre.std, torch.device(device))
     progress = not args.quiet and sys.stderr.isatty()
     metrics = evaluate(model, loader, prep, DistInfo(), amp, progress)
-    # header-checked files skipped at the scan, and (in this process) files left out at decode
-    val = bundle.val
-    while hasattr(val, "dataset"):  # under a relabelling or a --limit-val subset
-        val = val.dataset
-    num_skipped = len(bundle.skipped_files) + getattr(val, "failed_loads", 0)
+    # files skipped at the scan, and files left out when they failed to decode: the items the
+    # loader had minus those scored (counted here, so data-loading processes count too)
+    num_skipped = len(bundle.skipped_files) + len(bundle.val) - metrics["images"]
     result = {
         "model": args.model,
         "checkpoint": str(args.checkpoint),
