@@ -86,6 +86,21 @@ def test_recipe_errors_are_one_line(tmp_path):
         with pytest.raises(RecipeError, match=message):
             r.replace(**change)
     assert r.replace(ema_decay=None, lr=1).lr == 1  # None where allowed, ints for floats
+    # values of the right type that make no sense are named too, before a run is wasted
+    for change, message in (
+        ({"ema_decay": 1.5}, r"ema_decay must be in \[0, 1\)"),
+        ({"label_smoothing": 1.5}, "label_smoothing must be in"),
+        ({"mixup": -1}, "mixup must be at least 0"),
+        ({"mixup_mode": "foo"}, "mixup_mode must be one of batch, pair, elem"),
+        ({"warmup_epochs": -3}, "warmup_epochs must be at least 0"),
+        ({"crop_pct": 0}, r"crop_pct must be in \(0, 1\]"),
+        ({"interpolation": "nearest2"}, "interpolation must be one of"),
+        ({"augmentation": {"scale": [1, 0.5]}}, r"augmentation.scale must be a range"),
+        ({"augmentation": {"re_prob": 2}}, "re_prob must be a probability"),
+        ({"augmentation": {"auto_augment": "foo"}}, "auto_augment 'foo' is not a timm policy"),
+    ):
+        with pytest.raises(RecipeError, match=message):
+            r.replace(**change)
 
 
 def test_atomic_save_and_rng_round_trip(tmp_path):
