@@ -4,6 +4,7 @@ checkpoints in either layout evaluate through --checkpoint."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,7 +208,8 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, folder, capsy
             capsys, "train", *fast, "--resume", "auto", "--epochs", "2", "--lr", "0.5"
         )
     assert code == 0, err
-    assert "--lr" in caplog.text and "asked for a change that is ignored" in caplog.text
+    assert "these changes are ignored: lr (asked 0.5, the run's " in caplog.text
+    assert "batch_size" not in caplog.text  # given again, unchanged: not named
     caplog.clear()
     with caplog.at_level("WARNING"):  # the run's own settings again: nothing to warn about
         assert run_cli(capsys, "train", *fast, "--resume", "auto", "--epochs", "2")[0] == 0
@@ -221,6 +223,32 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, folder, capsy
     resume_other = [a if a != str(folder) else str(other) for a in fast]
     err = one_line_error(capsys, "train", *resume_other, "--resume", "auto", "--epochs", "3")
     assert "was trained on classes" in err
+    # --epochs is the total: fewer than the run has is refused; as many touches nothing
+    err = one_line_error(capsys, "train", *fast, "--resume", "auto", "--epochs", "1")
+    assert "already has 2 epochs" in err
+    listing = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    code, printed, _ = run_cli(capsys, "train", *fast, "--resume", "auto", "--epochs", "2")
+    assert code == 0 and "nothing to do" in printed
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == listing
+    err = one_line_error(capsys, "train", *fast, "--resume", "auto", "--overwrite")
+    assert "give one of them" in err
+    # resumed into another folder: the summary names only the files that folder holds
+    moved = tmp_path / "moved"
+    elsewhere = [a if a != str(out) else str(moved) for a in fast]
+    code, printed, err = run_cli(
+        capsys, "train", *elsewhere, "--resume", str(out / "last.pt"), "--epochs", "3"
+    )
+    assert code == 0, err
+    named = printed.split("checkpoints: ")[1].splitlines()[0].split(", ")
+    assert named and all(Path(p).is_file() for p in named)
+    summary = json.loads((moved / "summary.json").read_text())
+    assert summary["best_checkpoint"] is None or Path(summary["best_checkpoint"]).is_file()
+    # starting over: a stop in the first epoch leaves nothing of the old run to pass as its own
+    code, _, err = run_cli(
+        capsys, "train", *fast, "--overwrite", "--lr", "1e30", "--set", "clip_grad=null"
+    )
+    assert code == 1 and "no checkpoint" in err
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
     assert run_cli(capsys, "train", *resume_other, "--overwrite")[0] == 0
 
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -258,22 +259,43 @@ def build_recipe(args: argparse.Namespace):
     return recipe.replace(**changes) if changes else recipe
 
 
+_FLAG_FIELDS = {
+    "batch_size": "batch_size",
+    "img_size": "img_size",
+    "lr": "lr",
+    "warmup_epochs": "warmup_epochs",
+    "weight_decay": "weight_decay",
+    "drop_path": "drop_path",
+}  # fmt: skip (--precision, --epochs and --workers do apply on resume)
+
+
 def _warn_ignored_on_resume(args: argparse.Namespace, asked, recipe) -> None:
-    """Resuming keeps the run's recipe: name the flags that asked for something else."""
-    flags = {
-        "batch_size": "--batch-size", "img_size": "--img-size", "lr": "--lr",
-        "warmup_epochs": "--warmup-epochs", "weight_decay": "--weight-decay",
-        "drop_path": "--drop-path",
-    }  # fmt: skip
-    ignored = [flag for key, flag in flags.items() if getattr(args, key) is not None]
-    ignored += [f"--set {item}" for item in args.set]
-    ignored += ["--recipe"] if args.recipe else []
-    differs = asked.replace(epochs=recipe.epochs, num_workers=recipe.num_workers) != recipe
-    if ignored and differs:
+    """Resuming keeps the run's recipe: name each field the flags (or ``--recipe`` and
+    ``--set``) asked to change, with both values. ``--epochs`` and ``--workers`` do apply."""
+
+    def flat(r) -> dict:
+        d = r.to_dict()
+        d.update({f"augmentation.{k}": v for k, v in d.pop("augmentation").items()})
+        return d
+
+    wanted, kept = flat(asked), flat(recipe)
+    if args.recipe:  # a whole recipe asked for: every field of it
+        keys = [k for k in wanted if k not in ("epochs", "num_workers", "name")]
+    else:  # only what the flags named
+        keys = [f for a, f in _FLAG_FIELDS.items() if getattr(args, a, None) is not None]
+        for item in args.set:
+            key = item.partition("=")[0]
+            keys.append(key if key in wanted else f"augmentation.{key}")
+    changed = [
+        f"{k} (asked {wanted[k]!r}, the run's {kept[k]!r})"
+        for k in dict.fromkeys(keys)
+        if k in wanted and wanted[k] != kept[k]
+    ]
+    if changed:
         logging.getLogger(__name__).warning(
-            "resuming continues the run's own recipe, so %s asked for a change that is "
-            "ignored; start a new run (--checkpoint to start from these weights) to change it",
-            ", ".join(ignored),
+            "resuming continues the run's own recipe, so these changes are ignored: %s; start "
+            "a new run (--checkpoint to start from these weights) to change them",
+            "; ".join(changed),
         )
 
 
@@ -310,6 +332,10 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger(__name__).info("video clips: CutMix is turned off")
             recipe = recipe.replace(cutmix=0.0)
         resume, saved = None, {}
+        if args.resume and args.overwrite:
+            raise CliError(
+                "--overwrite starts the run over and --resume continues it; give one of them"
+            )
         if args.resume == "auto":
             last = args.output / ckpt_io.LAST
             resume = last if last.is_file() else None
@@ -317,12 +343,25 @@ def run(args: argparse.Namespace) -> int:
             resume = Path(args.resume)
         if resume is not None:  # continue exactly: the run's own recipe and clips, epochs may grow
             saved = ckpt_io.read_training_checkpoint(resume)
+            done = int(saved.get("epoch", 0))
+            if args.epochs is not None and args.epochs < done:
+                raise CliError(
+                    f"the run in {resume} already has {done} epochs; --epochs is the total, so "
+                    f"give at least {done} (or leave it out to finish the run's own schedule)"
+                )
             asked, recipe = recipe, Recipe().replace(**saved["recipe"])
             if args.epochs is not None:
                 recipe = recipe.replace(epochs=args.epochs)
             if args.workers is not None:  # does not change the results
                 recipe = recipe.replace(num_workers=args.workers)
             _warn_ignored_on_resume(args, asked, recipe)
+            if recipe.epochs <= done:  # touch nothing: not the data, not the folder
+                if os.environ.get("RANK", "0") == "0":
+                    print(
+                        f"nothing to do: the run in {resume} already has {done} epochs (give a "
+                        "larger --epochs to train it further)"
+                    )
+                return 0
         # per-epoch validation: one view per video
         source = data_source(args, views=False, saved=saved.get("video"))
         session.output_dir_ok(args.output, resume=resume is not None, overwrite=args.overwrite)
@@ -400,8 +439,10 @@ def _print_summary(summary: dict, bundle, video: bool) -> None:
         print(f"skipped {len(bundle.skipped_files)} {what} (see the log)")
     if summary["epochs_run"] == 0:
         print(
-            f"nothing to do: the run in {summary['output']} already has {summary['epochs']} epochs"
+            f"nothing to do: the run already has {summary['epochs']} epochs (give a larger "
+            "--epochs to train it further)"
         )
+        return
     if not final:
         return
     minutes = summary["train_seconds"] / 60
@@ -411,5 +452,6 @@ def _print_summary(summary: dict, bundle, video: bool) -> None:
         f"val top-1 {final['val_acc1']:.2f}%, top-5 {final['val_acc5']:.2f}%{ema}; best top-1 "
         f"{summary['best_val_acc1']:.2f}% (epoch {summary['best_epoch']})"
     )
-    print(f"checkpoints: {summary['last_checkpoint']}, {summary['best_checkpoint']}")
+    kept = [summary["last_checkpoint"], summary["best_checkpoint"]]
+    print(f"checkpoints: {', '.join(p for p in kept if p is not None)}")
     print(f"metrics: {summary['metrics']}, curves: {summary['plot']}")

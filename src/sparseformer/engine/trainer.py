@@ -59,6 +59,9 @@ _TEMPORARIES = (
 )
 
 
+_RUN_FILES = (ckpt_io.LAST, ckpt_io.BEST, "metrics.jsonl", "metrics.png", "summary.json")
+
+
 class TrainingError(RuntimeError):
     """A run that cannot go on; the message says what to do."""
 
@@ -130,6 +133,13 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``model`` on ``data`` with ``recipe``; returns the run summary.
 
+    A new run (no ``options.resume``) starts ``options.output`` afresh: the checkpoints,
+    metrics and summary of an earlier run there are removed first (the CLI asks for
+    ``--overwrite`` before it gets here), so that a stop in the first epoch cannot leave the
+    old run's ``last.pt`` beside the new run's metrics. A run resumed from a checkpoint in
+    another folder continues in ``options.output``; its earlier epochs' metrics and ``best.pt``
+    stay where they were.
+
     Raises:
         TrainingError: non-finite loss (the last good checkpoint is kept), or a resume
             checkpoint of another model.
@@ -143,6 +153,9 @@ def fit(
         for pattern in _TEMPORARIES:  # left by a run killed while writing
             for stale in out.glob(pattern):
                 stale.unlink()
+        if options.resume is None:  # a new run: nothing of an earlier one may pass as ours
+            for name in _RUN_FILES:
+                (out / name).unlink(missing_ok=True)
     model.to(device)
     total_batch = recipe.batch_size * dist.world_size
     peak_lr, warmup_lr, min_lr = recipe.scaled_lr(total_batch)
@@ -306,8 +319,10 @@ def fit(
         "world_size": dist.world_size,
         "ranks_in_sync": weights_in_sync(model, dist),
         "output": str(out),
-        "last_checkpoint": str(out / ckpt_io.LAST),
-        "best_checkpoint": str(out / ckpt_io.BEST),
+        "last_checkpoint": str(out / ckpt_io.LAST) if (out / ckpt_io.LAST).exists() else None,
+        # None when this folder holds no best.pt (a run resumed from another folder, whose
+        # best epoch came before the move)
+        "best_checkpoint": str(out / ckpt_io.BEST) if (out / ckpt_io.BEST).exists() else None,
         "metrics": str(out / "metrics.jsonl"),
         "plot": str(out / "metrics.png"),
     }
