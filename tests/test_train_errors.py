@@ -152,6 +152,19 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path, folder, capsys):
     assert code == 0, err
     assert "skipped 2 unreadable image file(s)" in out
     assert (out_dir / "last.pt").exists()
+    # macOS resource forks (._name.jpg) are hidden files, not unreadable images
+    (folder / "train" / "dog" / "._photo.jpg").write_bytes(b"\x00\x05\x16\x07")
+    code, out, err = run_cli(capsys, "train", "--model", NANO, "--data-dir", str(folder),
+                             "--output", str(out_dir), "--epochs", "1", "--batch-size", "4",
+                             "--img-size", "32", "--quiet", "--recipe", "fashion-mnist-cpu",
+                             "--overwrite")  # fmt: skip
+    assert code == 0 and "skipped 2 unreadable image file(s)" in out, err
+    # a class whose every file is unreadable is an error, as an empty class folder is
+    for image in (folder / "val" / "emu").iterdir():
+        image.write_text("junk")
+    err = one_line_error(capsys, "eval", "--model", NANO, "--checkpoint", ckpt,
+                         "--data-dir", str(folder))  # fmt: skip
+    assert "emu" in err and "have no readable images" in err
 
 
 def test_predict_names_imagenet_classes_and_rejects_bad_files(tmp_path, capsys):

@@ -160,6 +160,12 @@ def build_datasets(
         val = CheckedImageFolder(data_dir / "val", val_tf, classes=classes, substitute=False)
         skipped = (train.skipped if train is not None else []) + val.skipped
         bundle = DatasetBundle(train, val, list(val.classes), skipped)
+    if bundle.train is not None and bundle.num_classes < 2:
+        logger.warning(
+            "the data has one class (%s): a model trained on it always answers that class and "
+            "scores 100%%; add a class folder for anything else it should tell apart",
+            bundle.class_names[0],
+        )
     if bundle.train is not None:
         bundle.train = _limit(bundle.train, source.limit_train)
     bundle.val = _limit(bundle.val, source.limit_val)

@@ -24,6 +24,11 @@ __all__ = ["DataError", "CheckedImageFolder", "find_classes"]
 logger = logging.getLogger(__name__)
 
 
+def _is_image_file(path: str) -> bool:
+    """An image extension, and not a hidden file (macOS's ``._photo.jpg`` resource forks)."""
+    return path.lower().endswith(IMAGE_EXTENSIONS) and not Path(path).name.startswith(".")
+
+
 class DataError(ValueError):
     """A data set that cannot be used as given; the message says what to do."""
 
@@ -85,7 +90,7 @@ class CheckedImageFolder(Dataset):
         self.classes = found
         self.class_to_idx = {c: i for i, c in enumerate(found)}
         samples = make_dataset(
-            str(self.root), self.class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=True
+            str(self.root), self.class_to_idx, is_valid_file=_is_image_file, allow_empty=True
         )
         counts = Counter(label for _, label in samples)
         empty = [c for c in found if counts[self.class_to_idx[c]] == 0]
@@ -107,6 +112,14 @@ class CheckedImageFolder(Dataset):
             samples = kept
         if not samples:
             raise DataError(f"no readable images under {str(self.root)!r}")
+        readable = Counter(label for _, label in samples)
+        unreadable = [c for c in found if readable[self.class_to_idx[c]] == 0]
+        if unreadable:  # a class the model would be asked to learn, or be scored on, blind
+            raise DataError(
+                f"class folder(s) {', '.join(repr(str(self.root / c)) for c in unreadable[:5])} "
+                f"have no readable images (every file failed its check, e.g. "
+                f"{self.skipped[0][0]}: {self.skipped[0][1]}); replace them or remove the folder"
+            )
         if self.skipped:
             first, why = self.skipped[0]
             logger.warning(
