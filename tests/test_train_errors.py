@@ -321,3 +321,17 @@ def test_eval_matches_class_folders_by_name(tmp_path, folder, capsys):
     hits = lambda r: round(r["acc1"] * r["images"] / 100)  # noqa: E731
     assert (only_dog_emu["images"], only_cat["images"]) == (8, 4)
     assert hits(only_dog_emu) + hits(only_cat) == hits(full)
+
+
+def test_a_warm_up_longer_than_the_run_and_too_many_workers_are_named(
+    tmp_path, folder, capsys, caplog
+):
+    argv = ["train", "--model", NANO, "--data-dir", str(folder), "--output", str(tmp_path / "r"),
+            "--epochs", "1", "--batch-size", "4", "--img-size", "32", "--quiet",
+            "--recipe", "fashion-mnist-cpu", "--warmup-epochs", "3",
+            "--workers", "512"]  # fmt: skip
+    with caplog.at_level("INFO"):
+        code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "the warm-up (3 epochs) is as long as the run (1 epochs)" in caplog.text
+    assert "512 data-loading processes asked" in caplog.text

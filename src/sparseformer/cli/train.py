@@ -352,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
             asked, recipe = recipe, Recipe().replace(**saved["recipe"])
             if args.epochs is not None:
                 recipe = recipe.replace(epochs=args.epochs)
-            if args.workers is not None:  # does not change the results
+            if args.workers is not None:  # the data order stays; a machine's own setting
                 recipe = recipe.replace(num_workers=args.workers)
             _warn_ignored_on_resume(args, asked, recipe)
             if recipe.epochs <= done:  # touch nothing: not the data, not the folder

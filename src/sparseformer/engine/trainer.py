@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,22 @@ def amp_dtype_for(precision: str, device: str) -> torch.dtype | None:
     raise TrainingError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
 
 
+def _workers(asked: int, dist: DistInfo) -> int:
+    """Data-loading processes per training process: the recipe's, but no more than this
+    process's share of the cores (more only queue for them). The data order does not depend
+    on the count; which random augmentation an image draws does, as with any DataLoader."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    share = max(1, cores // max(dist.local_world_size, 1))
+    if asked > share:
+        logger.info("%d data-loading processes asked, %d cores for this process: using %d",
+                    asked, share, share)  # fmt: skip
+        return share
+    return asked
+
+
 def _roi_stats(model: nn.Module, batch: torch.Tensor | None, amp) -> dict[str, float]:
     if batch is None:
         return {}
@@ -165,13 +182,21 @@ def fit(
         ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=recipe.ema_warmup)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
+    workers = _workers(recipe.num_workers, dist)
     train_loader = build_train_loader(
-        data.train, recipe.batch_size, recipe.num_workers, options.seed,
+        data.train, recipe.batch_size, workers, options.seed,
         dist.rank, dist.world_size, recipe.repeated_aug,
     )  # fmt: skip
     val_loader = build_eval_loader(
-        data.val, 2 * recipe.batch_size, recipe.num_workers, dist.rank, dist.world_size
+        data.val, 2 * recipe.batch_size, workers, dist.rank, dist.world_size
     )
+    if recipe.warmup_epochs >= recipe.epochs and dist.is_main:
+        logger.warning(
+            "the warm-up (%g epochs) is as long as the run (%d epochs): the learning rate "
+            "never reaches its peak; set --warmup-epochs below --epochs",
+            recipe.warmup_epochs,
+            recipe.epochs,
+        )
     steps_per_epoch = len(train_loader)
     schedule = LRSchedule(
         peak_lr, warmup_lr, min_lr,
