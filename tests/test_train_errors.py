@@ -282,7 +282,9 @@ def test_bad_numbers_and_predict_paths_are_one_line(tmp_path, folder, capsys):
                              str(folder / "val" / "cat"), "--json")  # fmt: skip
     assert code == 0 and "broken.jpg: cannot read this image" in err
     lines = [json.loads(line) for line in out.splitlines()]  # stdout stays JSON lines
-    assert len(lines) == 4 and all(len(r["predictions"]) == 3 for r in lines)
+    assert len(lines) == 5 and sum(len(r.get("predictions", [])) == 3 for r in lines) == 4
+    failed = [r for r in lines if "error" in r]  # every input has its record
+    assert len(failed) == 1 and failed[0]["image"].endswith("broken.jpg")
 
 
 def test_eval_matches_class_folders_by_name(tmp_path, folder, capsys):
@@ -335,3 +337,17 @@ def test_a_warm_up_longer_than_the_run_and_too_many_workers_are_named(
     assert code == 0, err
     assert "the warm-up (3 epochs) is as long as the run (1 epochs)" in caplog.text
     assert "512 data-loading processes asked" in caplog.text
+
+
+def test_eval_of_a_fixed_size_timm_model_at_another_size_is_one_line(tmp_path, folder, capsys):
+    out = tmp_path / "vit"
+    code, _, err = run_cli(capsys, "train", "--model", "vit_tiny_patch16_224", "--data-dir",
+                           str(folder), "--output", str(out), "--epochs", "1", "--batch-size",
+                           "4", "--img-size", "32", "--quiet", "--recipe",
+                           "fashion-mnist-cpu")  # fmt: skip
+    assert code == 0, err
+    evaluate = ["eval", "--model", "vit_tiny_patch16_224", "--checkpoint", str(out / "last.pt"),
+                "--data-dir", str(folder), "--quiet"]  # fmt: skip
+    assert run_cli(capsys, *evaluate)[0] == 0
+    err = one_line_error(capsys, *evaluate, "--img-size", "64")
+    assert "was trained at 32px and cannot take 64px inputs" in err

@@ -59,6 +59,26 @@ class RelabelledDataset:
         return x, self.mapping[label]
 
 
+def _check_input_size(model, name: str, size: int, trained_size: int | None) -> None:
+    """A model built for one input size (a timm ViT) given another fails in one line: tried on
+    one blank image before the evaluation starts."""
+    import torch
+
+    from sparseformer.cli import CliError
+    from sparseformer.engine.modeling import is_sparseformer
+
+    if is_sparseformer(model) or trained_size is None or size == trained_size:
+        return
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, size, size))
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        raise CliError(
+            f"{name} was trained at {trained_size}px and cannot take {size}px inputs "
+            f"({str(exc).splitlines()[0]}); leave out --img-size"
+        ) from exc
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -93,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         pre = dataset_defaults(source) or session.weights_preprocessing(args.model)
     saved_names = saved.get("class_names")
+    saved_pre = saved.get("preprocessing")
+    saved_size = saved_pre.get("img_size") if isinstance(saved_pre, dict) else None
     del saved
     pre = session.resolve_preprocessing(pre, args.img_size, None, None)
     try:
@@ -115,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     model, info = session.model_from_checkpoint(
         args.model, args.checkpoint, None if by_name else bundle.num_classes, prefer_ema=args.ema
     )
+    _check_input_size(model, args.model, pre.img_size, saved_size)
     model.to(device)
     batch_size = args.batch_size
     if is_video_model(args.model):  # one prediction per video, its views' scores averaged
@@ -140,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         "acc5": metrics["acc5"],
         "loss": metrics["loss"],
         "img_size": pre.img_size,
-        "ema": bool(args.ema),
+        "ema": bool(info.get("ema")),  # False when --ema found no EMA weights (warned)
         "skipped_files": num_skipped,
     }
     if args.json:

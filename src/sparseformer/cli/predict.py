@@ -113,6 +113,15 @@ def _expand(paths: list[Path], video: bool) -> list[Path]:
     return files
 
 
+def _skip(path: Path, why: str, as_json: bool) -> int:
+    """Report a file that gets no prediction: on stderr, and with ``--json`` also as a record
+    on stdout (``{"image": ..., "error": ...}``) so that a script sees every input. Returns 1."""
+    print(f"{path}: {why}; skipped", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"image": str(path), "error": why}))
+    return 1
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -150,8 +159,7 @@ def run(args: argparse.Namespace) -> int:
                 why = f"an image, but {args.model} is a video model; use an image model"
             else:
                 why = f"a video, but {args.model} is an image model; use a video model"
-            print(f"{path}: {why} (`sparseformer models` lists them); skipped", file=sys.stderr)
-            failed += 1
+            failed += _skip(path, f"{why} (`sparseformer models` lists them)", args.json)
             continue
         if video is not None:  # a video model reads video files (views averaged)
             from sparseformer.data.video import VideoDataError, VideoReadError
@@ -162,8 +170,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 probs = predict_video_file(model, str(path), video, device)
             except (VideoReadError, VideoDataError) as exc:
-                print(f"{path}: cannot use this video ({exc}); skipped", file=sys.stderr)
-                failed += 1
+                failed += _skip(path, f"cannot use this video ({exc})", args.json)
                 continue
         else:
             try:
@@ -171,11 +178,8 @@ def run(args: argparse.Namespace) -> int:
             except FileNotFoundError:
                 raise CliError(f"image {str(path)!r} does not exist") from None
             except READ_ERRORS as exc:
-                print(
-                    f"{path}: cannot read this image ({exc.__class__.__name__}: {exc}); skipped",
-                    file=sys.stderr,
-                )
-                failed += 1
+                why = f"cannot read this image ({exc.__class__.__name__}: {exc})"
+                failed += _skip(path, why, args.json)
                 continue
             x, _ = prep(
                 torch.as_tensor(transform(img))[None], torch.zeros(1, dtype=torch.long), False

@@ -100,7 +100,8 @@ def model_from_checkpoint(
         prefer_ema: load the EMA weights when the checkpoint has them.
 
     Returns:
-        The model in eval mode, and :func:`checkpoint_info` (with ``num_classes`` filled in).
+        The model in eval mode, and :func:`checkpoint_info` with ``num_classes`` filled in and
+        ``ema``: whether the EMA weights were loaded.
 
     Raises:
         CheckpointError: a checkpoint of another model, or of another number of classes.
@@ -125,6 +126,7 @@ def model_from_checkpoint(
             "(sparseformer train --checkpoint ...)"
         )
     info["num_classes"] = classes
+    info["ema"] = prefer_ema and has_ema  # which weights were loaded
     pre = info.get("preprocessing")
     size = pre.get("img_size") if isinstance(pre, dict) else None  # timm models fix their size
     model = build_model(model_name, classes, size if isinstance(size, int) else None)
