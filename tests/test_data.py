@@ -76,6 +76,15 @@ def test_mixed_modes_load_as_uint8_rgb_batches(tmp_path):
             assert tuple(x.shape) == (3, 24, 24) and str(x.dtype) == "torch.uint8"
 
 
+def test_limits_on_a_folder_keep_every_class(tmp_path):
+    # a folder lists its images class by class: the first 3 would all be cats
+    root = make_folder(tmp_path / "d", classes=("cat", "dog", "emu"), per_class=4)
+    source = DataSource(data_dir=root, limit_train=3, limit_val=6)
+    bundle = build_datasets(source, Preprocessing(img_size=16), None)
+    assert sorted(bundle.train[i][1] for i in range(3)) == [0, 1, 2]
+    assert sorted(bundle.val[i][1] for i in range(6)) == [0, 0, 1, 1, 2, 2]
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [

@@ -57,10 +57,18 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", help="built-in data set: fashion-mnist")
     g.add_argument("--data-root", type=Path, help="cache folder for built-in data sets")
     g.add_argument(
-        "--limit-train", type=positive_int, metavar="N", help="use only the first N training images"
+        "--limit-train",
+        type=positive_int,
+        metavar="N",
+        help="use only N training images (spread over a folder's classes; a built-in data "
+        "set's first N)",
     )
     g.add_argument(
-        "--limit-val", type=positive_int, metavar="N", help="use only the first N val images"
+        "--limit-val",
+        type=positive_int,
+        metavar="N",
+        help="use only N val images (spread over a folder's classes; a built-in data set's "
+        "first N)",
     )
     g = p.add_argument_group("video folders (DIR/train/CLASS/*.mp4; video models)")
     g.add_argument(

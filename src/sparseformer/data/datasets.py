@@ -34,7 +34,9 @@ class DataSource:
         data_dir: an ImageFolder root with ``train/`` and ``val/``.
         dataset: a built-in data set name (see ``BUILTIN_DATASETS``).
         data_root: cache folder for built-in data sets (default: the user cache).
-        limit_train, limit_val: use only the first N images of each split (quick runs, tests).
+        limit_train, limit_val: use only N images of each split (quick runs, tests): evenly
+            spaced over a folder (so every class keeps its share), the first N of a built-in
+            data set (which comes shuffled).
         video: clip sampling for a folder of videos (``DIR/train/CLASS/*.mp4``); its size,
             crop_pct, mean and std are replaced by the preprocessing's. ``None``: defaults.
     """
@@ -83,8 +85,12 @@ def dataset_defaults(source: DataSource) -> Preprocessing | None:
     return None
 
 
-def _limit(ds: Dataset, n: int | None) -> Dataset:
-    return ds if n is None or n >= len(ds) else Subset(ds, range(n))
+def _limit(ds: Dataset, n: int | None, spread: bool) -> Dataset:
+    """The first ``n`` items, or with ``spread`` ``n`` items evenly spaced over the data set:
+    a folder lists its images class by class, and its first ``n`` could all be cats."""
+    if n is None or n >= len(ds):
+        return ds
+    return Subset(ds, [i * len(ds) // n for i in range(n)] if spread else range(n))
 
 
 def _check_data_dir(data_dir: Path, need_train: bool) -> None:
@@ -166,9 +172,10 @@ def build_datasets(
             "scores 100%%; add a class folder for anything else it should tell apart",
             bundle.class_names[0],
         )
+    spread = source.data_dir is not None  # built-in data sets come shuffled already
     if bundle.train is not None:
-        bundle.train = _limit(bundle.train, source.limit_train)
-    bundle.val = _limit(bundle.val, source.limit_val)
+        bundle.train = _limit(bundle.train, source.limit_train, spread)
+    bundle.val = _limit(bundle.val, source.limit_val, spread)
     logger.info(
         "data %s: %s train / %d val images, %d classes%s",
         source.describe(),
