@@ -351,6 +351,11 @@ def run(args: argparse.Namespace) -> int:
             resume = Path(args.resume)
         if resume is not None:  # continue exactly: the run's own recipe and clips, epochs may grow
             saved = ckpt_io.read_training_checkpoint(resume)
+            if saved.get("model_name") != args.model:
+                raise CliError(
+                    f"{str(resume)!r} is a checkpoint of {saved.get('model_name')!r}, not "
+                    f"{args.model!r}; pass --model {saved.get('model_name')} to resume it"
+                )
             done = int(saved.get("epoch", 0))
             if args.epochs is not None and args.epochs < done:
                 raise CliError(
