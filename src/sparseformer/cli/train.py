@@ -412,10 +412,15 @@ def run(args: argparse.Namespace) -> int:
             load_weights(model, args.checkpoint)
         if dist.is_main:
             n = sum(p.numel() for p in model.parameters())
+            what, size = "images", f"{pre.img_size}px"
+            if bundle.clip_spec is not None:
+                clip = bundle.clip_spec
+                step = f" {clip.stride} apart" if clip.sampling == "dense" else ", uniform"
+                what, size = "videos", f"clips of {clip.num_frames} frames{step} at {size}"
             print(
                 f"training {args.model} ({n:,} params) on {source.describe()}: "
-                f"{len(bundle.train):,} train / {len(bundle.val):,} val images, "
-                f"{bundle.num_classes} classes, {pre.img_size}px, recipe {recipe.name}, "
+                f"{len(bundle.train):,} train / {len(bundle.val):,} val {what}, "
+                f"{bundle.num_classes} classes, {size}, recipe {recipe.name}, "
                 f"{recipe.epochs} epochs x {recipe.batch_size} x {dist.world_size} process(es), "
                 f"{device}, {args.precision or recipe.precision}, {threads} thread(s)"
             )

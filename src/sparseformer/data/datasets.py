@@ -177,10 +177,11 @@ def build_datasets(
         bundle.train = _limit(bundle.train, source.limit_train, spread)
     bundle.val = _limit(bundle.val, source.limit_val, spread)
     logger.info(
-        "data %s: %s train / %d val images, %d classes%s",
+        "data %s: %s train / %d val %s, %d classes%s",
         source.describe(),
         len(bundle.train) if bundle.train is not None else "no",
         len(bundle.val),
+        "videos" if bundle.video else "images",
         bundle.num_classes,
         f", {len(bundle.skipped_files)} unreadable file(s) skipped" if bundle.skipped_files else "",
     )

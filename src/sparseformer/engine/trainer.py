@@ -328,9 +328,10 @@ def fit(
             plot_metrics(log.records, out / "metrics.png")
             logger.info(
                 "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%, "
-                "%.0f img/s%s",
+                "%.0f %s/s%s",
                 epoch + 1, recipe.epochs, record["train_loss"], record["val_loss"],
                 record["val_acc1"], record["val_acc5"], record["images_per_second"],
+                "clips" if data.video else "img",
                 f", EMA top-1 {record['ema_val_acc1']:.2f}%" if ema is not None else "",
             )  # fmt: skip
     summary = {
