@@ -138,6 +138,32 @@ def test_cli_reports_bad_checkpoint_in_one_line(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "error" in proc.stderr
 
 
+def test_convert_refuses_what_would_lose_weights(tmp_path, capsys):
+    from sparseformer.cli import main
+
+    src = tmp_path / "official.pth"  # a key no conversion maps: refused, nothing written
+    torch.save({"model": {**official("imagenet"), "extra_proj.weight": torch.zeros(2)}}, src)
+    assert main(["convert", str(src), str(tmp_path / "x.safetensors")]) == 1
+    assert "no conversion maps: extra_proj.weight" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x.safetensors*"))
+    torch.save({"model": official("imagenet")}, src)
+    before = src.read_bytes()
+    assert main(["convert", str(src), str(src)]) == 1  # would overwrite its own input
+    assert "is the input file" in capsys.readouterr().err and src.read_bytes() == before
+    assert main(["convert", str(src), str(tmp_path)]) == 1
+    assert "is a folder" in capsys.readouterr().err and not list(tmp_path.glob("*.tmp"))
+
+
+def test_compiled_and_ddp_state_dicts_load():
+    model = fixture_model()
+    state = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}  # torch.compile
+    other = fixture_model()
+    load_checkpoint(other, state)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 other.state_dict().values()))  # fmt: skip
+    load_checkpoint(other, {f"module.{k}": v for k, v in state.items()})  # DDP around compile
+
+
 def test_pretrained_offline_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
     import torch.hub
 

@@ -74,6 +74,18 @@ def test_export_cli_prints_differences(tmp_path, capsys):
     assert out.is_file()
 
 
+def test_export_cli_keeps_a_trained_classifier(tmp_path, capsys):
+    # a 10-class checkpoint exports 10 logits, not a fresh 1000-class head
+    model = create_model("sparseformer_v1_nano", num_classes=10)
+    torch.save({"model": model.state_dict()}, tmp_path / "ten.pth")
+    out = tmp_path / "ten.onnx"
+    argv = ["export", "--model", "sparseformer_v1_nano", "--checkpoint", str(tmp_path / "ten.pth"),
+            "--out", str(out), "--img-size", "32", "--check-batch-sizes", "1"]  # fmt: skip
+    assert main(argv) == 0
+    (logits,) = onnx.load(str(out)).graph.output
+    assert logits.type.tensor_type.shape.dim[1].dim_value == 10
+
+
 def test_export_cli_missing_checkpoint_is_one_line(tmp_path, capsys):
     argv = ["export", "--model", "sparseformer_v1_nano", "--out", str(tmp_path / "x.onnx")]
     assert main(argv + ["--checkpoint", str(tmp_path / "missing.pth")]) == 1

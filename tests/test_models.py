@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import timm
 import torch
@@ -210,3 +212,12 @@ def test_pretrained_cfg_for_timm_data_config():
     assert config["input_size"] == (3, 96, 96) and config["interpolation"] == "bicubic"
     assert model.pretrained_cfg["num_classes"] == 7
     assert create_model("sparseformer_v1_tiny").pretrained_cfg["url"].startswith("https://")
+
+
+def test_an_unknown_timm_tag_and_an_empty_video_batch():
+    with pytest.raises(ValueError, match="has no pretrained tag 'in1k'"):
+        timm.create_model("sparseformer_v1_nano.in1k")
+    video = create_model("video_sparseformer_v1_micro", num_classes=5).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "statistics of nothing" notes
+        assert video(torch.randn(0, 3, 4, 32, 32)).shape == (0, 5)

@@ -171,8 +171,10 @@ def unwrap_checkpoint(
     state = {k: v for k, v in obj.items() if hasattr(v, "shape")}
     if not state:
         raise NotASparseFormerCheckpoint("the checkpoint holds no tensors")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
+    # DDP's "module." and torch.compile's "_orig_mod." wrappers, in either order
+    for prefix in ("module.", "_orig_mod.", "module."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state, wrapper
 
 

@@ -38,6 +38,8 @@ __all__ = [
     "create_model",
     "read_checkpoint",
     "load_checkpoint",
+    "check_all_keys_mapped",
+    "checkpoint_num_classes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -151,14 +153,7 @@ def load_checkpoint(
     state, wrapper = unwrap_checkpoint(source, prefer_ema=prefer_ema)
     converted, report = convert_state_dict(state)
     report.wrapper = wrapper
-    if report.dropped:  # every key of both official layouts is mapped: these are unknown
-        shown = ", ".join(report.dropped[:8])
-        more = f" (+{len(report.dropped) - 8} more)" if len(report.dropped) > 8 else ""
-        raise CheckpointError(
-            f"the {report.source_format} checkpoint holds keys that this model does not have "
-            f"and no conversion maps: {shown}{more}; is it a checkpoint of another "
-            "architecture or a modified model?"
-        )
+    check_all_keys_mapped(report)
     if getattr(model, "roi_dims", 2) == 3 and is_image_state_dict(converted):
         # An image checkpoint for a video model: inflate it (logged by inflate_image_state_dict).
         converted = inflate_image_state_dict(converted, model.config)
@@ -200,6 +195,32 @@ def load_checkpoint(
     model.load_state_dict(converted, strict=True)
     logger.info("loaded checkpoint: %s", report.summary())
     return report
+
+
+def check_all_keys_mapped(report: ConversionReport) -> None:
+    """Every key of both official layouts has a mapping: a dropped key means a checkpoint of
+    another architecture or a modified model.
+
+    Raises:
+        CheckpointError: the report dropped keys (listed).
+    """
+    if report.dropped:
+        shown = ", ".join(report.dropped[:8])
+        more = f" (+{len(report.dropped) - 8} more)" if len(report.dropped) > 8 else ""
+        raise CheckpointError(
+            f"the {report.source_format} checkpoint holds keys that this model does not have "
+            f"and no conversion maps: {shown}{more}; is it a checkpoint of another "
+            "architecture or a modified model?"
+        )
+
+
+def checkpoint_num_classes(checkpoint: str | Path | dict) -> int:
+    """Classes of a checkpoint's classifier, in any supported layout (0: saved without one)."""
+    source = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
+    state, _ = unwrap_checkpoint(source)
+    converted, _ = convert_state_dict(state)
+    head = converted.get("head.weight")
+    return int(head.shape[0]) if head is not None else 0
 
 
 def _check_keys(own: dict[str, Tensor], new: dict[str, Tensor], report: ConversionReport) -> None:
@@ -276,6 +297,11 @@ def create_model(
     spec = get_model_spec(name)
     config = spec.config
     given_cfg = overrides.pop("pretrained_cfg", None)  # timm's extras
+    if isinstance(given_cfg, str):  # timm passes a model-name tag (name.tag) it does not know
+        raise ValueError(
+            f"{name} has no pretrained tag {given_cfg!r}: each SparseFormer has one set of "
+            f"released weights; use {name!r}"
+        )
     overlay = overrides.pop("pretrained_cfg_overlay", None) or {}
     overrides.pop("cache_dir", None)
     if overrides.pop("global_pool", None) not in (None, "", "avg"):

@@ -11,6 +11,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     from sparseformer.benchmark import DEFAULT_MODELS
+    from sparseformer.cli.train import count, positive_int
 
     p = sub.add_parser(
         "bench",
@@ -24,22 +25,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help=f"SparseFormer or timm names (default: {' '.join(DEFAULT_MODELS)})",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="throughput batch (default 32)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=32, help="throughput batch (default 32)"
+    )
     p.add_argument(
         "--img-size", type=int, nargs="+", default=[224], metavar="S", help="input sizes"
     )
     p.add_argument(
         "--num-frames",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="T",
         help="clip length of video models (default: theirs, 8); their rows count clips/s",
     )
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed passes per model")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU threads (default: torch's)"
+    )
+    p.add_argument("--repeats", type=positive_int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--warmup", type=count, default=1, help="untimed passes per model")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement, at least")
     p.add_argument("--baseline", default=None, help="model for the ratio columns (default DeiT-S)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")

@@ -24,14 +24,29 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    from sparseformer.cli import CliError
     from sparseformer.convert import convert_state_dict, unwrap_checkpoint
-    from sparseformer.factory import create_model, load_checkpoint, read_checkpoint
+    from sparseformer.factory import (
+        check_all_keys_mapped,
+        create_model,
+        load_checkpoint,
+        read_checkpoint,
+    )
 
+    out = Path(args.output)
+    if out.exists() and out.resolve() == Path(args.input).resolve():
+        raise CliError(f"OUT {str(out)!r} is the input file; give another path")
+    if out.is_dir():
+        raise CliError(
+            f"OUT {str(out)!r} is a folder; give a file path, e.g. {out / 'model.safetensors'}"
+        )
     state, wrapper = unwrap_checkpoint(read_checkpoint(args.input), prefer_ema=args.ema)
     converted, report = convert_state_dict(state)
     report.wrapper = wrapper
+    check_all_keys_mapped(report)  # nothing of the authors' weights may be left behind
     if args.model:
         num_classes = converted["head.weight"].shape[0] if "head.weight" in converted else 0
         load_checkpoint(
@@ -39,16 +54,22 @@ def run(args: argparse.Namespace) -> int:
             converted,
             allow_classifier_mismatch=False,
         )
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tensors = {k: v.contiguous() for k, v in converted.items()}
-    save_file(
-        tensors,
-        str(tmp),
-        metadata={"source_format": report.source_format, "renamed": json.dumps(report.renamed)},
-    )
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(
+            tensors,
+            str(tmp),
+            metadata={
+                "source_format": report.source_format,
+                "renamed": json.dumps(report.renamed),
+            },
+        )
+        tmp.replace(out)
+    except (OSError, SafetensorError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise CliError(f"cannot write {str(out)!r}: {exc}") from exc
     print(f"wrote {out}: {report.summary()}")
     for old, new in report.renamed.items():
         if old != new:

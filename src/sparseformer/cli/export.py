@@ -11,11 +11,15 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from sparseformer.cli.train import count, positive_int
+
     p = sub.add_parser("export", help="export a model to ONNX (dynamic batch)", description=__doc__)
     p.add_argument("--model", required=True, help="SparseFormer name (see `sparseformer models`)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="weights to load")
     p.add_argument("--out", required=True, metavar="PATH", help="output .onnx file")
-    p.add_argument("--img-size", type=int, default=224, metavar="S", help="input size (224)")
+    p.add_argument(
+        "--img-size", type=positive_int, default=224, metavar="S", help="input size (224)"
+    )
     p.add_argument(
         "--num-frames",
         type=int,
@@ -23,7 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="T",
         help="clip length of a video model (default: the model's, 8)",
     )
-    p.add_argument("--num-classes", type=int, default=None, help="classifier width")
+    p.add_argument(
+        "--num-classes",
+        type=count,
+        default=None,
+        help="classifier width (default: the checkpoint's, else 1000)",
+    )
     p.add_argument(
         "--opset",
         type=int,
@@ -32,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--check-batch-sizes",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[1, 3],
         metavar="B",
@@ -48,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.cli import CliError
     from sparseformer.config import VideoSparseFormerConfig
     from sparseformer.export import VIDEO_MIN_OPSET, ExportError, export_onnx, onnx_max_difference
-    from sparseformer.factory import create_model, get_model_spec
+    from sparseformer.factory import checkpoint_num_classes, create_model, get_model_spec
 
     if args.img_size < 4:
         raise CliError(f"--img-size {args.img_size} is too small; use at least 4 pixels")
@@ -58,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if args.num_frames is not None and args.num_frames < 1:
         raise CliError(f"--num-frames {args.num_frames}: a clip needs at least 1 frame")
     extra = {"num_frames": args.num_frames} if args.num_frames is not None else {}
+    if args.num_classes is None and args.checkpoint is not None:  # the trained classifier
+        args.num_classes = checkpoint_num_classes(args.checkpoint)
     model = create_model(
         args.model, checkpoint_path=args.checkpoint, num_classes=args.num_classes, **extra
     ).eval()

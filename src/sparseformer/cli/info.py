@@ -6,17 +6,26 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from sparseformer.cli.train import count, positive_int
+
     p = sub.add_parser("info", help="parameter and FLOP summary of a model", description=__doc__)
     p.add_argument("model", help="model name (see `sparseformer models`)")
     p.add_argument(
         "--img-size",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[224],
         metavar="S",
         help="input size: S or H W (default 224)",
     )
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-classes", type=count, default=None)
+    p.add_argument(
+        "--num-frames",
+        type=positive_int,
+        default=None,
+        metavar="T",
+        help="clip length of a video model (default: the model's)",
+    )
     p.set_defaults(func=run)
 
 
@@ -24,10 +33,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparseformer import count_flops, count_params, create_model
+    from sparseformer.cli import CliError
+    from sparseformer.cli.train import is_video_model
 
+    if len(args.img_size) > 2:
+        raise CliError(f"--img-size takes S or H W, got {len(args.img_size)} numbers")
+    if args.num_frames is not None and not is_video_model(args.model):
+        raise CliError(f"--num-frames is for video models; {args.model} takes images")
     h, w = (args.img_size * 2)[:2]
+    extra = {"num_frames": args.num_frames} if args.num_frames is not None else {}
     with torch.device("cpu"):
-        model = create_model(args.model, num_classes=args.num_classes)
+        model = create_model(args.model, num_classes=args.num_classes, **extra)
     # video models take (3, T, H, W) clips of their configured number of frames
     frames = (getattr(model.config, "num_frames", None),) if model.roi_dims == 3 else ()
     flops = count_flops(model, (3, *frames, h, w))

@@ -67,7 +67,8 @@ class EarlyConvolution(nn.Module):
         if not self.video:
             return self._stem_2d(x, self.conv.weight)
         B, _, T, H, W = x.shape
-        frames = x.transpose(1, 2).reshape(B * T, -1, H, W)  # (B, 3, T, H, W) -> (B*T, 3, H, W)
+        # (B, 3, T, H, W) -> (B*T, 3, H, W); channels by name, so that an empty batch works
+        frames = x.transpose(1, 2).reshape(B * T, x.shape[1], H, W)
         weight = self.conv.weight.squeeze(2)  # (C, 3, 1, 7, 7) -> (C, 3, 7, 7)
         y = self._stem_2d(frames, weight)  # (B*T, C, h, w), channels-last
         _, C, h, w = y.shape
