@@ -78,6 +78,12 @@ def test_cli_rejects_unknown_model_in_one_line(capsys):
     assert main(["bench", "--models", "no_such_model_xyz", "--no-train"]) == 1
     err = capsys.readouterr().err.strip()
     assert "no_such_model_xyz" in err and len(err.splitlines()) == 1
+    assert main(["bench", "--models", "sparsformer_v1_nano", "--no-train"]) == 1
+    assert "did you mean sparseformer_v1_nano" in capsys.readouterr().err
+    assert main(["bench", "--models", "sparseformer_v1_nano", "--plot", "p.xyz"]) == 1
+    assert "give a .png" in capsys.readouterr().err
+    assert main(["models", "no_such_model_xyz"]) == 1
+    assert "no registered model matches" in capsys.readouterr().err
 
 
 def test_settings_validate_baseline_and_precision():
@@ -85,6 +91,8 @@ def test_settings_validate_baseline_and_precision():
         small_settings(baseline="resnet50")
     with pytest.raises(BenchError, match="precision"):
         small_settings(precision="int8")
+    with pytest.raises(BenchError, match="fp16 on the CPU is emulated"):
+        small_settings(precision="fp16")
 
 
 def test_timm_baseline_attention_is_counted():

@@ -103,6 +103,11 @@ class BenchSettings:
             raise BenchError(f"unknown device {self.device!r}; use cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise BenchError("--device cuda asked for, but torch sees no CUDA device")
+        if self.device == "cpu" and self.precision == "fp16":
+            raise BenchError(
+                "fp16 on the CPU is emulated and far slower than fp32 (a 2048^3 product takes "
+                "seconds): measure bf16 or fp32 on the CPU, fp16 with --device cuda"
+            )
         if not self.models:
             raise BenchError("no models to benchmark")
         sizes = (self.batch_size, self.repeats, self.train_batch_size, *self.img_sizes)
@@ -201,9 +206,14 @@ def build_model(
         extra = {"num_frames": num_frames} if video and num_frames is not None else {}
         return create_model(name, num_classes=num_classes, **extra)
     if not timm.is_model(name):
+        import difflib
+
+        pool = sorted({*MODELS, *timm.list_models()})  # ours are registered with timm too
+        close = difflib.get_close_matches(name, pool, n=4, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise BenchError(
-            f"unknown model {name!r}: neither a SparseFormer name (see `sparseformer models`) "
-            "nor a timm model name"
+            f"unknown model {name!r}{hint} (neither a SparseFormer name, see `sparseformer "
+            "models`, nor a timm model name)"
         )
     default_size = timm.get_pretrained_cfg_value(name, "input_size") or (3, 224, 224)
     if img_size != default_size[-1]:

@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     )
     from sparseformer.cli import CliError
 
+    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg", ".jpg"):
+        raise CliError(f"--plot {args.plot!r}: give a .png, .pdf, .svg or .jpg file")
     try:
         settings = BenchSettings(
             models=tuple(args.models),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from sparseformer.factory import get_model_spec, list_models
 
-    for name in list_models(args.pattern):
+    names = list_models(args.pattern)
+    if not names:
+        print(
+            f"no registered model matches {args.pattern!r} (try `sparseformer models`)",
+            file=sys.stderr,
+        )
+        return 1
+    for name in names:
         spec = get_model_spec(name)
         weights = "weights released" if spec.weights else "no released weights"
         print(f"{name:<28} {spec.description} [{weights}]")
