@@ -34,25 +34,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
     Grayscale is replicated to three channels, CMYK and palette images are converted, alpha is
     composited onto white (what a viewer shows), and 16/32-bit images are rescaled by their
-    bit depth (not clipped). Modes that do not state a depth ("I", 32-bit integers, and "F",
-    floats) are read by their values: up to 1 (floats) is [0, 1], up to 255 is 8-bit, up to
-    65535 (integers) is 16-bit, and anything larger is scaled by its maximum.
+    bit depth (not clipped).
     """
     if img.mode == "RGB":
         return img
     if img.mode in _WIDE_INT_MODES or img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
-        high = float(arr.max()) if arr.size else 0.0
-        if img.mode.startswith("I;16"):
-            top = 65535.0
-        elif img.mode == "F" and high <= 1.0:
-            top = 1.0
-        elif high <= 255:
-            top = 255.0
-        elif img.mode == "I" and high <= 65535:
-            top = 65535.0
+        if img.mode == "F":
+            top = max(float(arr.max()), 1.0)
         else:
-            top = high
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max() <= 65535 else arr.max()
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr).convert("RGB")  # uint8 (H, W) -> mode L -> RGB
     if img.mode == "P" and "transparency" in img.info:
