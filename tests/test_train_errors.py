@@ -262,6 +262,14 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, folder, capsy
     )
     assert code == 1 and "no checkpoint" in err
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+    # without --overwrite nothing is removed: a folder holding only a best.pt is a run too
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "best.pt").write_bytes(b"the user's weights")
+    elsewhere = [a if a != str(out) else str(keep) for a in fast]
+    err = one_line_error(capsys, "train", *elsewhere)
+    assert "already holds a run (best.pt)" in err
+    assert (keep / "best.pt").read_bytes() == b"the user's weights"
     assert run_cli(capsys, "train", *resume_other, "--overwrite")[0] == 0
 
 
@@ -351,3 +359,21 @@ def test_eval_of_a_fixed_size_timm_model_at_another_size_is_one_line(tmp_path, f
     assert run_cli(capsys, *evaluate)[0] == 0
     err = one_line_error(capsys, *evaluate, "--img-size", "64")
     assert "was trained at 32px and cannot take 64px inputs" in err
+
+
+def test_resume_auto_falls_back_to_best_and_repairs_a_missing_summary(tmp_path, folder, capsys):
+    out = tmp_path / "run"
+    fast = ["train", "--model", NANO, "--data-dir", str(folder), "--output", str(out),
+            "--epochs", "1", "--batch-size", "4", "--img-size", "32", "--quiet",
+            "--recipe", "fashion-mnist-cpu"]  # fmt: skip
+    assert run_cli(capsys, *fast)[0] == 0
+    # a kill between best.pt and last.pt (written in that order), then one before the summary
+    (out / "last.pt").unlink()
+    (out / "summary.json").unlink()
+    code, printed, err = run_cli(capsys, *fast, "--resume", "auto")
+    assert code == 0 and "nothing to do" in printed, err
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+    # clip flags on image data are a mistake in eval as in train
+    err = one_line_error(capsys, "eval", "--model", NANO, "--checkpoint", str(out / "best.pt"),
+                         "--data-dir", str(folder), "--clips", "3")  # fmt: skip
+    assert "--clips apply to video folders only" in err

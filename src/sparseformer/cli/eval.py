@@ -75,7 +75,7 @@ def _check_input_size(model, name: str, size: int, trained_size: int | None) -> 
     except (AssertionError, RuntimeError, ValueError) as exc:
         raise CliError(
             f"{name} was trained at {trained_size}px and cannot take {size}px inputs "
-            f"({str(exc).splitlines()[0]}); leave out --img-size"
+            f"({(str(exc) or type(exc).__name__).splitlines()[0]}); leave out --img-size"
         ) from exc
 
 
@@ -83,7 +83,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparseformer.cli import CliError
-    from sparseformer.cli.train import check_model_fits_data, data_source, is_video_model
+    from sparseformer.cli.train import (
+        check_model_fits_data,
+        data_source,
+        is_video_model,
+        refuse_video_flags_on_images,
+    )
     from sparseformer.data import DataError, Preprocessing, build_datasets, dataset_defaults
     from sparseformer.data.loader import build_eval_loader
     from sparseformer.engine import session
@@ -94,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.factory import read_checkpoint
 
     check_model_name(args.model)  # an unknown name fails before any data is read
-    check_model_fits_data(args.model, args)  # before the data folder is scanned
+    # before the data folder is scanned
+    refuse_video_flags_on_images(args, check_model_fits_data(args.model, args))
     saved = read_checkpoint(args.checkpoint)
     if not isinstance(saved, dict):
         saved = {}

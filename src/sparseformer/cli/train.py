@@ -141,13 +141,14 @@ def is_video_model(model_name: str) -> bool:
     return spec is not None and isinstance(spec.config, VideoSparseFormerConfig)
 
 
-def check_model_fits_data(model_name: str, args: argparse.Namespace) -> bool:
+def check_model_fits_data(model_name: str, args: argparse.Namespace) -> bool | None:
     """A clear error when an image model meets video clips or a video model meets images,
     decided from the model's name and a small sample of the data folder, before the folder is
     scanned. A folder with neither images nor videos is left to the data checks' own errors.
 
     Returns:
-        Whether the data are videos.
+        Whether the data are videos; ``None`` when the folder holds neither (missing, empty):
+        the data checks then say what is wrong.
 
     Raises:
         CliError: the model's kind and the data's differ.
@@ -161,7 +162,7 @@ def check_model_fits_data(model_name: str, args: argparse.Namespace) -> bool:
         videos, images = sample_media(args.data_dir)
         video_data = videos > images
         if not videos and not images:
-            return False
+            return None
     video_model = is_video_model(model_name)
     if video_model and not video_data:
         raise CliError(
@@ -174,6 +175,23 @@ def check_model_fits_data(model_name: str, args: argparse.Namespace) -> bool:
             "model (e.g. video_sparseformer_v1_tiny; `sparseformer models` lists them)"
         )
     return video_data
+
+
+def refuse_video_flags_on_images(args: argparse.Namespace, video_data: bool | None) -> None:
+    """Clip flags given with image data are a mistake worth naming (``None``: unknown yet)."""
+    from sparseformer.cli import CliError
+
+    given = [
+        flag
+        for flag, value in (
+            ("--frames", args.frames), ("--frame-stride", args.frame_stride),
+            ("--sampling", args.sampling), ("--clips", args.clips != 1 or None),
+            ("--crops", args.crops != 1 or None),
+        )
+        if value
+    ]  # fmt: skip
+    if video_data is False and given:
+        raise CliError(f"{', '.join(given)} apply to video folders only; the data are images")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -211,7 +229,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     g = p.add_argument_group("run")
     g.add_argument(
-        "--resume", help="training checkpoint to continue, or 'auto' (OUTPUT/last.pt if any)"
+        "--resume",
+        help="training checkpoint to continue, or 'auto' (OUTPUT/last.pt, else best.pt, if any)",
     )
     g.add_argument(
         "--overwrite", action="store_true", help="start over in an --output that holds a run"
@@ -288,7 +307,7 @@ def _warn_ignored_on_resume(args: argparse.Namespace, asked, recipe) -> None:
 
     wanted, kept = flat(asked), flat(recipe)
     if args.recipe:  # a whole recipe asked for: every field of it
-        keys = [k for k in wanted if k not in ("epochs", "num_workers", "name")]
+        keys = [k for k in wanted if k not in ("epochs", "num_workers", "name", "precision")]
     else:  # only what the flags named
         keys = [f for a, f in _FLAG_FIELDS.items() if getattr(args, a, None) is not None]
         for item in args.set:
@@ -327,9 +346,9 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)  # before any data is read
     try:
         device = session.pick_device(args.device)
-        video = check_model_fits_data(args.model, args)  # before the folder is scanned
-        if not video and (args.frames or args.frame_stride or args.sampling):
-            raise CliError("--frames, --frame-stride and --sampling apply to video folders only")
+        kind = check_model_fits_data(args.model, args)  # before the folder is scanned
+        refuse_video_flags_on_images(args, kind)
+        video = bool(kind)
         if args.clips != 1 or args.crops != 1:
             logging.getLogger(__name__).warning(
                 "--clips and --crops set the test views of `sparseformer eval`; per-epoch "
@@ -344,9 +363,9 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(
                 "--overwrite starts the run over and --resume continues it; give one of them"
             )
-        if args.resume == "auto":
-            last = args.output / ckpt_io.LAST
-            resume = last if last.is_file() else None
+        if args.resume == "auto":  # last.pt, else best.pt (a kill between the two saves)
+            found = [args.output / n for n in (ckpt_io.LAST, ckpt_io.BEST)]
+            resume = next((p for p in found if p.is_file()), None)
         elif args.resume:
             resume = Path(args.resume)
         if resume is not None:  # continue exactly: the run's own recipe and clips, epochs may grow
@@ -368,7 +387,8 @@ def run(args: argparse.Namespace) -> int:
             if args.workers is not None:  # the data order stays; a machine's own setting
                 recipe = recipe.replace(num_workers=args.workers)
             _warn_ignored_on_resume(args, asked, recipe)
-            if recipe.epochs <= done:  # touch nothing: not the data, not the folder
+            finished = (args.output / "summary.json").is_file()
+            if recipe.epochs <= done and finished:  # touch nothing: not the data, the folder
                 if os.environ.get("RANK", "0") == "0":
                     print(
                         f"nothing to do: the run in {resume} already has {done} epochs (give a "
@@ -431,6 +451,7 @@ def run(args: argparse.Namespace) -> int:
             precision=args.precision or recipe.precision,
             seed=args.seed,
             resume=resume,
+            overwrite=args.overwrite,
             progress=not args.quiet and sys.stderr.isatty(),
             extra={
                 "data": source.describe(),

@@ -115,10 +115,14 @@ class CheckedImageFolder(Dataset):
         readable = Counter(label for _, label in samples)
         unreadable = [c for c in found if readable[self.class_to_idx[c]] == 0]
         if unreadable:  # a class the model would be asked to learn, or be scored on, blind
+            folder = self.root / unreadable[0]
+            path, why = next(
+                (p, w) for p, w in self.skipped if Path(p).is_relative_to(folder)
+            )  # an example from the class named first
             raise DataError(
                 f"class folder(s) {', '.join(repr(str(self.root / c)) for c in unreadable[:5])} "
-                f"have no readable images (every file failed its check, e.g. "
-                f"{self.skipped[0][0]}: {self.skipped[0][1]}); replace them or remove the folder"
+                f"have no readable images (every file failed its check, e.g. {path}: {why}); "
+                "replace them or remove the folder"
             )
         if self.skipped:
             first, why = self.skipped[0]

@@ -158,8 +158,9 @@ def output_dir_ok(path: Path, *, resume: bool = False, overwrite: bool = False) 
     overwrite (unless resuming it or told to overwrite)."""
     if path.exists() and not path.is_dir():
         raise ValueError(f"--output {str(path)!r} is a file; give a directory")
-    if not (resume or overwrite) and (path / "last.pt").is_file():
+    held = [name for name in ("last.pt", "best.pt") if (path / name).is_file()]
+    if not (resume or overwrite) and held:
         raise ValueError(
-            f"--output {str(path)!r} already holds a run (last.pt); continue it with --resume "
-            "auto, start it over with --overwrite, or choose another folder"
+            f"--output {str(path)!r} already holds a run ({', '.join(held)}); continue it "
+            "with --resume auto, start it over with --overwrite, or choose another folder"
         )

@@ -79,6 +79,7 @@ class RunOptions:
         precision: ``fp32``, ``bf16`` or ``fp16`` (fp16 needs CUDA).
         seed: base seed; rank ``r`` uses ``seed + r`` for augmentation.
         resume: a training checkpoint to continue from.
+        overwrite: start over in a folder that holds a run: its files are removed first.
         progress: show progress bars (rank 0).
         roi_stats_images: validation images for the per-epoch RoI statistics (0 = off).
         extra: JSON-able facts stored in checkpoints (command line, data source).
@@ -90,6 +91,7 @@ class RunOptions:
     precision: str = "fp32"
     seed: int = 0
     resume: Path | None = None
+    overwrite: bool = False
     progress: bool = True
     roi_stats_images: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
@@ -118,14 +120,16 @@ def _workers(asked: int, dist: DistInfo) -> int:
     """Data-loading processes per training process: the recipe's, but no more than this
     process's share of the cores (more only queue for them). The data order does not depend
     on the count; which random augmentation an image draws does, as with any DataLoader."""
+    total = os.cpu_count() or 1
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    share = max(1, cores // max(dist.local_world_size, 1))
+        cores = total
+    # a process bound to its own cores (SLURM, numactl) already has its share
+    share = cores if cores < total else max(1, cores // max(dist.local_world_size, 1))
     if asked > share:
-        logger.info("%d data-loading processes asked, %d cores for this process: using %d",
-                    asked, share, share)  # fmt: skip
+        logger.warning("%d data-loading processes asked, %d cores for this process: using %d",
+                       asked, share, share)  # fmt: skip
         return share
     return asked
 
@@ -150,12 +154,11 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``model`` on ``data`` with ``recipe``; returns the run summary.
 
-    A new run (no ``options.resume``) starts ``options.output`` afresh: the checkpoints,
-    metrics and summary of an earlier run there are removed first (the CLI asks for
-    ``--overwrite`` before it gets here), so that a stop in the first epoch cannot leave the
-    old run's ``last.pt`` beside the new run's metrics. A run resumed from a checkpoint in
-    another folder continues in ``options.output``; its earlier epochs' metrics and ``best.pt``
-    stay where they were.
+    With ``options.overwrite`` (and no ``options.resume``) the checkpoints, metrics and
+    summary of an earlier run in ``options.output`` are removed first, so that a stop in the
+    first epoch cannot leave the old run's ``last.pt`` beside the new run's metrics; nothing
+    is removed otherwise. A run resumed from a checkpoint in another folder continues in
+    ``options.output``; its earlier epochs' metrics and ``best.pt`` stay where they were.
 
     Raises:
         TrainingError: non-finite loss (the last good checkpoint is kept), or a resume
@@ -170,7 +173,7 @@ def fit(
         for pattern in _TEMPORARIES:  # left by a run killed while writing
             for stale in out.glob(pattern):
                 stale.unlink()
-        if options.resume is None:  # a new run: nothing of an earlier one may pass as ours
+        if options.overwrite and options.resume is None:  # asked to start over: clear the old
             for name in _RUN_FILES:
                 (out / name).unlink(missing_ok=True)
     model.to(device)
