@@ -357,3 +357,54 @@ def test_arrow_of_time_run_trains_tests_and_saves(tmp_path):
         "video_sparseformer_v1_micro", num_classes=2, num_frames=3, replicates=1, stem_channels=16
     )
     model.load_state_dict(saved["model"])  # clips of 4 frames -> a model of 3 differences
+
+
+def _numbered_video(path, n: int, codec: str, gop: int, pts=None) -> None:
+    """``n`` frames, each a different pattern; key frames every ``gop``; ``pts``: timestamps in
+    milliseconds (a variable frame rate), else 25 fps."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.gop_size = gop
+        if pts is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for t in range(n):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, 3 * t, axis=1), format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[t], Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@pytest.mark.parametrize(
+    "name, codec, pts",
+    [
+        ("gop.mp4", "mpeg4", None),
+        ("bframes.mp4", "libx264", None),  # B-frames: decoded out of order
+        ("vfr.mkv", "mpeg4", "variable"),  # a variable frame rate: seeking must not guess
+    ],
+)
+def test_seeking_gives_the_frames_decoding_from_the_start_gives(tmp_path, monkeypatch, name,
+                                                                codec, pts):  # fmt: skip
+    import sparseformer.data.video as video
+
+    n = 150
+    times = None
+    if pts == "variable":
+        times = np.cumsum(np.random.default_rng(1).integers(20, 60, n)).tolist()
+    path = tmp_path / name
+    _numbered_video(path, n, codec, gop=10, pts=times)
+    every = read_video(path)
+    assert len(every) == probe_video(path) == n
+    for indices in ([120, 124, 128, 132], [140, 141, 149], [60, 55, 149], [48]):
+        seeking = read_video(path, indices)
+        monkeypatch.setattr(video, "SEEK_FROM_FRAME", 10**9)  # from the start only
+        assert torch.equal(seeking, read_video(path, indices)), indices
+        assert torch.equal(seeking, every[indices]), indices
+        monkeypatch.undo()
