@@ -102,8 +102,17 @@ def _expand(paths: list[Path], video: bool) -> list[Path]:
             found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in media)
             if not found:
                 kind = "video" if video else "image"
+                others = IMAGE_EXTENSIONS if video else VIDEO_EXTENSIONS
+                hint = ""
+                if any(f.suffix.lower() in others for f in path.rglob("*")):
+                    hint = (
+                        "; it holds images: use an image model"
+                        if video
+                        else ("; it holds videos: use a video model")
+                    )
                 raise CliError(
-                    f"folder {str(path)!r} holds no {kind} files (extensions {', '.join(media)})"
+                    f"folder {str(path)!r} holds no {kind} files (extensions "
+                    f"{', '.join(media)}){hint}"
                 )
             files += found
         elif path.exists():

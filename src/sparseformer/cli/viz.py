@@ -103,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
                 result = write_video_pictures(model, frames, args.out, stem, info=info, **options)
             else:
                 if path.suffix.lower() in VIDEO_EXTENSIONS:
-                    raise ValueError(f"{path}: a video, but the model is an image model")
+                    raise ValueError(
+                        f"{path}: a video, but the model is an image model; use a video model"
+                    )
                 img = load_image(path, max_side=4 * info.input_size)
                 result = write_pictures(model, img, args.out, stem, info=info, **options)
         except (ValueError, OSError) as exc:  # unreadable input, a stage the model lacks
@@ -128,7 +130,10 @@ def _read_clip(path: Path, sampling: dict):
     from sparseformer.data.video import ClipSpec, clip_indices, probe_video, read_video
 
     if path.suffix.lower() in IMAGE_EXTENSIONS:
-        raise ValueError(f"{path}: an image, but the model is a video model; give video files")
+        raise ValueError(
+            f"{path}: an image, but the model is a video model; give video files or use an "
+            "image model"
+        )
     spec = ClipSpec(**{"sampling": "uniform", **sampling})
     total = probe_video(path)
     if total < spec.min_frames:

@@ -1,7 +1,7 @@
 """Optimizer and learning-rate schedule of the recipe.
 
 AdamW with weight decay on weight matrices only: norms, biases and the parameters a model
-names in ``no_weight_decay()`` (SparseFormer's initial RoIs and tokens) are not decayed; timm's
+names in ``no_weight_decay()`` (SparseFormer's initial RoIs) are not decayed; timm's
 ``create_optimizer_v2`` builds exactly these groups. The schedule is a pure function of the
 optimizer step (linear warm-up, then cosine to the floor), so resuming needs only the step.
 """
