@@ -75,6 +75,17 @@ def test_num_classes_change_drops_classifier_with_a_note(tmp_path, caplog):
     torch.testing.assert_close(model.fc_norm.weight.detach(), official("v2")["norm.weight"])
 
 
+def test_create_model_keeps_a_trained_classifier_unless_told_otherwise(tmp_path):
+    trained = create_model("sparseformer_v1_nano", num_classes=10)
+    torch.save({"model": trained.state_dict()}, tmp_path / "best.pt")
+    model = create_model("sparseformer_v1_nano", checkpoint_path=tmp_path / "best.pt")
+    assert model.num_classes == 10 and torch.equal(model.head.weight, trained.head.weight)
+    fresh = create_model(
+        "sparseformer_v1_nano", checkpoint_path=tmp_path / "best.pt", num_classes=3
+    )  # fmt: skip  (fine-tuning: a new classifier)
+    assert fresh.head.weight.shape[0] == 3
+
+
 def write_deit(path):
     import timm
 

@@ -287,8 +287,9 @@ def create_model(
         pretrained: download (once, into torch's hub cache) and load the authors' weights.
         checkpoint_path: load weights from this local file instead (either official format,
             or ours; bare or wrapped in ``model`` / ``state_dict`` / ``model_ema``).
-        num_classes: classifier size; when it differs from the weights' the classifier is
-            re-initialised (logged).
+        num_classes: classifier size; ``None``: the checkpoint's (so a trained 10-class run
+            loads as it was trained), else the config's 1000. When it differs from the
+            weights' the classifier is re-initialised (logged), for fine-tuning.
         **overrides: fields of the model's config (e.g. ``drop_path_rate=0.1``).
 
     Returns:
@@ -296,6 +297,13 @@ def create_model(
     """
     spec = get_model_spec(name)
     config = spec.config
+    if checkpoint_path is None and pretrained:
+        if spec.weights is None:
+            raise ValueError(f"no released weights for {name}; train it or pass checkpoint_path")
+        checkpoint_path = download_weights(spec.weights.url, spec.weights.sha256)
+    checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    if checkpoint is not None and num_classes is None:  # the trained classifier, as it is
+        num_classes = checkpoint_num_classes(checkpoint)
     given_cfg = overrides.pop("pretrained_cfg", None)  # timm's extras
     if isinstance(given_cfg, str):  # timm passes a model-name tag (name.tag) it does not know
         raise ValueError(
@@ -329,10 +337,6 @@ def create_model(
     cfg.update(overlay)
     cfg["num_classes"] = config.num_classes
     model.pretrained_cfg = model.default_cfg = cfg
-    if checkpoint_path is None and pretrained:
-        if spec.weights is None:
-            raise ValueError(f"no released weights for {name}; train it or pass checkpoint_path")
-        checkpoint_path = download_weights(spec.weights.url, spec.weights.sha256)
-    if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
     return model

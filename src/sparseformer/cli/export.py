@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.cli import CliError
     from sparseformer.config import VideoSparseFormerConfig
     from sparseformer.export import VIDEO_MIN_OPSET, ExportError, export_onnx, onnx_max_difference
-    from sparseformer.factory import checkpoint_num_classes, create_model, get_model_spec
+    from sparseformer.factory import create_model, get_model_spec
 
     if args.img_size < 4:
         raise CliError(f"--img-size {args.img_size} is too small; use at least 4 pixels")
@@ -67,8 +67,6 @@ def run(args: argparse.Namespace) -> int:
     if args.num_frames is not None and args.num_frames < 1:
         raise CliError(f"--num-frames {args.num_frames}: a clip needs at least 1 frame")
     extra = {"num_frames": args.num_frames} if args.num_frames is not None else {}
-    if args.num_classes is None and args.checkpoint is not None:  # the trained classifier
-        args.num_classes = checkpoint_num_classes(args.checkpoint)
     model = create_model(
         args.model, checkpoint_path=args.checkpoint, num_classes=args.num_classes, **extra
     ).eval()
