@@ -94,19 +94,8 @@ def probe_video(path: str | Path) -> int:
         raise VideoReadError(f"{path}: {exc.__class__.__name__}: {str(exc)[:120]}") from exc
 
 
-# From this frame on, a clip is reached by seeking to the key frame before it instead of
-# decoding every frame from the start (clips late in long videos: Kinetics, bikes.mp4).
-SEEK_FROM_FRAME = 48
-
-
 def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor:
     """Decode a video's frames as RGB.
-
-    Frames are numbered in presentation order from 0. Frames far into a video are reached by
-    seeking to the key frame before the first one asked for, where the stream's timestamps
-    show a constant frame rate (then timestamp and frame number agree); otherwise, or if
-    anything about the seek looks off, the video is decoded from its start. Both give the
-    same frames (tested).
 
     Args:
         path: a video file PyAV (FFmpeg) can read.
@@ -121,18 +110,20 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
     """
     av = _av()
     wanted = None if indices is None else sorted(set(int(i) for i in indices))
-    frames: dict[int, np.ndarray] | None = None
+    last = None if wanted is None else wanted[-1]
+    frames: dict[int, np.ndarray] = {}
     decoded = 0
     try:
-        if wanted is not None and wanted[0] >= SEEK_FROM_FRAME:
-            with av.open(str(path)) as container:
-                if container.streams.video:
-                    frames = _decode_after_seek(av, container.streams.video[0], container, wanted)
-        if frames is None:
-            with av.open(str(path)) as container:
-                if not container.streams.video:
-                    raise VideoReadError(f"{path}: no video stream")
-                frames, decoded = _decode_from_start(container, wanted)
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"{path}: no video stream")
+            container.streams.video[0].thread_type = "AUTO"
+            for i, frame in enumerate(container.decode(video=0)):
+                decoded = i + 1
+                if wanted is None or i in wanted:
+                    frames[i] = frame.to_ndarray(format="rgb24")
+                if last is not None and i >= last:
+                    break
     except VideoReadError:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
@@ -147,56 +138,6 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
             "file, or a header that claims more frames than the stream holds)"
         )
     return torch.from_numpy(np.stack([frames[i] for i in order]))
-
-
-def _decode_from_start(container, wanted: list[int] | None) -> tuple[dict[int, np.ndarray], int]:
-    """Frames ``wanted`` (all for ``None``), decoding from the first; and how many decoded."""
-    container.streams.video[0].thread_type = "AUTO"
-    wanted_set = None if wanted is None else set(wanted)
-    frames: dict[int, np.ndarray] = {}
-    decoded = 0
-    for i, frame in enumerate(container.decode(video=0)):
-        decoded = i + 1
-        if wanted_set is None or i in wanted_set:
-            frames[i] = frame.to_ndarray(format="rgb24")
-        if wanted is not None and i >= wanted[-1]:
-            break
-    return frames, decoded
-
-
-def _decode_after_seek(av, stream, container, wanted: list[int]) -> dict[int, np.ndarray] | None:
-    """Frames ``wanted`` after a seek to the key frame before the first, or ``None`` where a
-    seek cannot be trusted to number frames as decoding from the start does: no constant
-    frame rate in the header, a timestamp missing or off the frame grid, a gap, or a seek
-    that landed after the first frame wanted."""
-    rate, base = stream.average_rate, stream.time_base
-    if not (rate and base and stream.frames > 0 and stream.duration):
-        return None
-    if abs(float(stream.duration * base * rate) - stream.frames) > 1:  # not constant-rate
-        return None
-    start = stream.start_time or 0
-    frame_ticks = 1 / (rate * base)  # timestamp units per frame
-    stream.thread_type = "AUTO"
-    wanted_set, frames, previous = set(wanted), {}, None
-    try:
-        container.seek(start + int(wanted[0] * frame_ticks), stream=stream, backward=True)
-        for frame in container.decode(stream):
-            if frame.pts is None:
-                return None
-            position = (frame.pts - start) / frame_ticks
-            i = round(position)
-            if abs(position - i) > 0.01 or (previous is None and i > wanted[0]):
-                return None  # off the grid, or the seek went past the first frame wanted
-            if previous is not None and i != previous + 1:
-                return None  # a gap or a repeat: frame numbers would not match
-            previous = i
-            if i in wanted_set:
-                frames[i] = frame.to_ndarray(format="rgb24")
-            if i >= wanted[-1]:
-                break
-    except av.FFmpegError:
-        return None
-    return frames if wanted_set <= frames.keys() else None
 
 
 @dataclass(frozen=True)
