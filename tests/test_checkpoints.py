@@ -84,6 +84,9 @@ def test_create_model_keeps_a_trained_classifier_unless_told_otherwise(tmp_path)
         "sparseformer_v1_nano", checkpoint_path=tmp_path / "best.pt", num_classes=3
     )  # fmt: skip  (fine-tuning: a new classifier)
     assert fresh.head.weight.shape[0] == 3
+    # arguments are checked before any weights are read (or downloaded)
+    with pytest.raises(TypeError, match="no config field"):
+        create_model("sparseformer_v1_nano", checkpoint_path=tmp_path / "missing.pt", nope=1)
 
 
 def write_deit(path):

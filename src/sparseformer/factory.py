@@ -288,7 +288,8 @@ def create_model(
         checkpoint_path: load weights from this local file instead (either official format,
             or ours; bare or wrapped in ``model`` / ``state_dict`` / ``model_ema``).
         num_classes: classifier size; ``None``: the checkpoint's (so a trained 10-class run
-            loads as it was trained), else the config's 1000. When it differs from the
+            loads as it was trained; 0, no classifier, for a checkpoint saved without one),
+            else the config's 1000. When it differs from the
             weights' the classifier is re-initialised (logged), for fine-tuning.
         **overrides: fields of the model's config (e.g. ``drop_path_rate=0.1``).
 
@@ -297,13 +298,6 @@ def create_model(
     """
     spec = get_model_spec(name)
     config = spec.config
-    if checkpoint_path is None and pretrained:
-        if spec.weights is None:
-            raise ValueError(f"no released weights for {name}; train it or pass checkpoint_path")
-        checkpoint_path = download_weights(spec.weights.url, spec.weights.sha256)
-    checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
-    if checkpoint is not None and num_classes is None:  # the trained classifier, as it is
-        num_classes = checkpoint_num_classes(checkpoint)
     given_cfg = overrides.pop("pretrained_cfg", None)  # timm's extras
     if isinstance(given_cfg, str):  # timm passes a model-name tag (name.tag) it does not know
         raise ValueError(
@@ -320,14 +314,22 @@ def create_model(
             "forward_features gives the (B, N, D) latent tokens, and "
             "forward_with_details their RoIs and sampling points"
         )
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
     valid = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise TypeError(
             f"{name} has no config field(s) {unknown}; valid overrides: {sorted(valid)}"
         )
+    # every argument checked: only now download or read weights
+    if checkpoint_path is None and pretrained:
+        if spec.weights is None:
+            raise ValueError(f"no released weights for {name}; train it or pass checkpoint_path")
+        checkpoint_path = download_weights(spec.weights.url, spec.weights.sha256)
+    checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    if checkpoint is not None and num_classes is None:  # the trained classifier, as it is
+        num_classes = checkpoint_num_classes(checkpoint)
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
     config = dataclasses.replace(config, **overrides)
     model = _MODEL_CLASSES[type(config)](config)
     cfg = pretrained_cfg(name)

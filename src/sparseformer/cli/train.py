@@ -387,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
             if args.workers is not None:  # the data order stays; a machine's own setting
                 recipe = recipe.replace(num_workers=args.workers)
             _warn_ignored_on_resume(args, asked, recipe)
-            finished = (args.output / "summary.json").is_file()
+            finished = _summary_epochs(args.output) == done
             if recipe.epochs <= done and finished:  # touch nothing: not the data, the folder
                 if os.environ.get("RANK", "0") == "0":
                     print(
@@ -469,6 +469,14 @@ def run(args: argparse.Namespace) -> int:
     finally:
         cleanup_distributed()
     return 0
+
+
+def _summary_epochs(output: Path) -> int | None:
+    """The epochs ``OUTPUT/summary.json`` reports, ``None`` when it is missing or unreadable."""
+    try:
+        return int(json.loads((output / "summary.json").read_text())["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _print_summary(summary: dict, bundle, video: bool) -> None:

@@ -120,13 +120,12 @@ def _workers(asked: int, dist: DistInfo) -> int:
     """Data-loading processes per training process: the recipe's, but no more than this
     process's share of the cores (more only queue for them). The data order does not depend
     on the count; which random augmentation an image draws does, as with any DataLoader."""
-    total = os.cpu_count() or 1
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cores = total
-    # a process bound to its own cores (SLURM, numactl) already has its share
-    share = cores if cores < total else max(1, cores // max(dist.local_world_size, 1))
+        cores = os.cpu_count() or 1
+    # the same share as the threads get (session.set_threads): cores / processes on this node
+    share = max(1, cores // max(dist.local_world_size, 1))
     if asked > share:
         logger.warning("%d data-loading processes asked, %d cores for this process: using %d",
                        asked, share, share)  # fmt: skip
