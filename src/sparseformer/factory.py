@@ -289,8 +289,8 @@ def create_model(
             or ours; bare or wrapped in ``model`` / ``state_dict`` / ``model_ema``).
         num_classes: classifier size; ``None``: the checkpoint's (so a trained 10-class run
             loads as it was trained; 0, no classifier, for a checkpoint saved without one),
-            else the config's 1000. When it differs from the
-            weights' the classifier is re-initialised (logged), for fine-tuning.
+            else the config's 1000. When it differs from the weights' the classifier is
+            re-initialised (logged), for fine-tuning.
         **overrides: fields of the model's config (e.g. ``drop_path_rate=0.1``).
 
     Returns:

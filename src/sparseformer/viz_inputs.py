@@ -240,8 +240,13 @@ def load_model_for_viz(
     Raises:
         ValueError: no name given and none stored, or a checkpoint trained as another model.
     """
-    from sparseformer.convert import convert_state_dict, unwrap_checkpoint
-    from sparseformer.factory import create_model, get_model_spec, load_checkpoint, read_checkpoint
+    from sparseformer.factory import (
+        checkpoint_num_classes,
+        create_model,
+        get_model_spec,
+        load_checkpoint,
+        read_checkpoint,
+    )
 
     ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
     trained_as = ckpt.get("model_name") if isinstance(ckpt, Mapping) else None
@@ -262,11 +267,7 @@ def load_model_for_viz(
     if ckpt is None:
         model = create_model(name)
     else:
-        state, _ = unwrap_checkpoint(ckpt)
-        converted, _ = convert_state_dict(state)
-        head = converted.get("head.weight")
-        num_classes = int(head.shape[0]) if head is not None else 0
-        model = create_model(name, num_classes=num_classes)
+        model = create_model(name, num_classes=checkpoint_num_classes(ckpt))
         load_checkpoint(model, ckpt, allow_classifier_mismatch=False)
         meta = checkpoint_metadata(ckpt)
         info = ModelInfo(

@@ -62,9 +62,7 @@ def class_names(info: dict, num_classes: int) -> list[str]:
 
 def _video_spec(model, info: dict, pre, clips: int = 1, crops: int = 1):
     """Clip sampling for a video model: the training run's, sized by its preprocessing, with
-    ``clips x crops`` test views; ``None`` for image models."""
-    if getattr(model, "roi_dims", 2) != 3:
-        return None
+    ``clips x crops`` test views."""
     import dataclasses
 
     from sparseformer.data.video import ClipSpec
@@ -105,11 +103,8 @@ def _expand(paths: list[Path], video: bool) -> list[Path]:
                 others = IMAGE_EXTENSIONS if video else VIDEO_EXTENSIONS
                 hint = ""
                 if any(f.suffix.lower() in others for f in path.rglob("*")):
-                    hint = (
-                        "; it holds images: use an image model"
-                        if video
-                        else ("; it holds videos: use a video model")
-                    )
+                    found_kind, use = ("images", "an image") if video else ("videos", "a video")
+                    hint = f"; it holds {found_kind}: use {use} model"
                 raise CliError(
                     f"folder {str(path)!r} holds no {kind} files (extensions "
                     f"{', '.join(media)}){hint}"
@@ -161,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     prep = BatchPrep(pre.mean, pre.std, torch.device(device))
     k = min(args.topk, len(names))
     failed = 0
-    video = _video_spec(model, info, pre, args.clips, args.crops)
+    video = _video_spec(model, info, pre, args.clips, args.crops) if video_model else None
     for path in args.images:
         if path.suffix.lower() in (IMAGE_EXTENSIONS if video_model else VIDEO_EXTENSIONS):
             if video_model:

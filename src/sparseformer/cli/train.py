@@ -286,14 +286,8 @@ def build_recipe(args: argparse.Namespace):
     return recipe.replace(**changes) if changes else recipe
 
 
-_FLAG_FIELDS = {
-    "batch_size": "batch_size",
-    "img_size": "img_size",
-    "lr": "lr",
-    "warmup_epochs": "warmup_epochs",
-    "weight_decay": "weight_decay",
-    "drop_path": "drop_path",
-}  # fmt: skip (--precision, --epochs and --workers do apply on resume)
+# recipe fields with a flag of their own (--precision, --epochs and --workers apply on resume)
+_FLAG_FIELDS = ("batch_size", "img_size", "lr", "warmup_epochs", "weight_decay", "drop_path")
 
 
 def _warn_ignored_on_resume(args: argparse.Namespace, asked, recipe) -> None:
@@ -309,7 +303,7 @@ def _warn_ignored_on_resume(args: argparse.Namespace, asked, recipe) -> None:
     if args.recipe:  # a whole recipe asked for: every field of it
         keys = [k for k in wanted if k not in ("epochs", "num_workers", "name", "precision")]
     else:  # only what the flags named
-        keys = [f for a, f in _FLAG_FIELDS.items() if getattr(args, a, None) is not None]
+        keys = [f for f in _FLAG_FIELDS if getattr(args, f, None) is not None]
         for item in args.set:
             key = item.partition("=")[0]
             keys.append(key if key in wanted else f"augmentation.{key}")

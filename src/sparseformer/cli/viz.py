@@ -124,21 +124,15 @@ def _read_clip(path: Path, sampling: dict):
     Raises:
         ValueError: an image file, or a video shorter than one clip; OSError: unreadable.
     """
-    import random
-
     from sparseformer.data.images import IMAGE_EXTENSIONS
-    from sparseformer.data.video import ClipSpec, clip_indices, probe_video, read_video
+    from sparseformer.data.video import ClipSpec, read_test_clips
 
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         raise ValueError(
             f"{path}: an image, but the model is a video model; give video files or use an "
             "image model"
         )
-    spec = ClipSpec(**{"sampling": "uniform", **sampling})
-    total = probe_video(path)
-    if total < spec.min_frames:
-        raise ValueError(f"{path}: {total} frame(s), a clip needs at least {spec.min_frames}")
-    return read_video(path, clip_indices(total, spec, train=False, rng=random.Random(0)))
+    return read_test_clips(path, ClipSpec(**{"sampling": "uniform", **sampling}))
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:

@@ -45,6 +45,7 @@ __all__ = [
     "sample_media",
     "is_video_folder",
     "video_datasets",
+    "read_test_clips",
     "video_file_views",
 ]
 
@@ -443,8 +444,9 @@ def video_datasets(
     return train, val
 
 
-def video_file_views(path: str | Path, spec: ClipSpec) -> Tensor:
-    """All test views of one video file: ``(V, 3, T, S, S)``, for prediction.
+def read_test_clips(path: str | Path, spec: ClipSpec) -> Tensor:
+    """The frames of the ``spec.num_clips`` test clips of one video file, clip after clip:
+    ``(num_clips * T, H, W, 3)`` uint8.
 
     Raises:
         VideoReadError: unreadable file; VideoDataError: too short for one clip.
@@ -454,7 +456,16 @@ def video_file_views(path: str | Path, spec: ClipSpec) -> Tensor:
         raise VideoDataError(f"{path}: {n} frames, a clip needs at least {spec.min_frames}")
     rng = random.Random(0)
     clips = [clip_indices(n, spec, train=False, clip=c, rng=rng) for c in range(spec.num_clips)]
-    frames = read_video(path, [i for c in clips for i in c])  # (num_clips*T, H, W, 3)
+    return read_video(path, [i for c in clips for i in c])
+
+
+def video_file_views(path: str | Path, spec: ClipSpec) -> Tensor:
+    """All test views of one video file: ``(V, 3, T, S, S)``, for prediction.
+
+    Raises:
+        VideoReadError: unreadable file; VideoDataError: too short for one clip.
+    """
+    frames = read_test_clips(path, spec)  # (num_clips*T, H, W, 3)
     views = []
     for c in range(spec.num_clips):
         views += test_views(frames[c * spec.num_frames : (c + 1) * spec.num_frames], spec)
