@@ -115,3 +115,14 @@ def test_random_model_matches_the_initial_grid():
 def test_empty_output_is_a_clear_error():
     with pytest.raises(ValueError, match="forward_with_details"):
         roi_statistics(SparseFormerOutput(logits=torch.zeros(1, 2), tokens=torch.zeros(1, 1, 2)))
+
+
+def test_rois_on_the_image_edge_are_inside_despite_float_noise():
+    # the initial grid's edge RoIs lie on 0 and 1; the first updates move them by ~1e-7
+    initial = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])
+    noisy = initial + torch.tensor([[[-1e-6, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1e-6]]])
+    stats = roi_statistics(_output([initial, noisy], sample_at=[0, 1], initial=initial))
+    assert stats["roi/outside_final"] == 0.0 and stats["roi/points_outside"] == 0.0
+    past = initial + torch.tensor([[[-0.01, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    stats = roi_statistics(_output([initial, past], sample_at=[0, 1], initial=initial))
+    assert stats["roi/outside_final"] == 0.5  # a hundredth of the side past the edge counts

@@ -159,6 +159,21 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path, folder, capsys):
                              "--img-size", "32", "--quiet", "--recipe", "fashion-mnist-cpu",
                              "--overwrite")  # fmt: skip
     assert code == 0 and "skipped 2 unreadable image file(s)" in out, err
+    # files that pass the scan but fail to decode: replaced in training, left out of the
+    # validation scores, and both counted at the end (with data-loading workers too)
+    for split in ("train", "val"):
+        noise.save(folder / split / "dog" / "cut.jpg", "JPEG")
+        cut = folder / split / "dog" / "cut.jpg"
+        cut.write_bytes(cut.read_bytes()[:-400])
+    code, out, err = run_cli(capsys, "train", "--model", NANO, "--data-dir", str(folder),
+                             "--output", str(out_dir), "--epochs", "1", "--batch-size", "4",
+                             "--img-size", "32", "--quiet", "--recipe", "fashion-mnist-cpu",
+                             "--overwrite", "--workers", "1")  # fmt: skip
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert code == 0 and summary["val_left_out"] == 1 and summary["skipped_files"] == 2, err
+    assert summary["train_loads_replaced"] == 1 and summary["final"]["val_images"] == 12
+    assert "1 training image load(s) failed to decode and were replaced" in out
+    assert "1 validation image(s) failed to decode and were left out" in out
     # a class whose every file is unreadable is an error, as an empty class folder is
     for image in (folder / "val" / "emu").iterdir():
         image.write_text("junk")
@@ -344,7 +359,7 @@ def test_a_warm_up_longer_than_the_run_and_too_many_workers_are_named(
         code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
     assert "the warm-up (3 epochs) is as long as the run (1 epochs)" in caplog.text
-    assert "512 data-loading processes asked" in caplog.text
+    assert "512 data-loading processes (the recipe's num_workers, or --workers)" in caplog.text
 
 
 def test_eval_of_a_fixed_size_timm_model_at_another_size_is_one_line(tmp_path, folder, capsys):

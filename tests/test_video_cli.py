@@ -154,3 +154,10 @@ def test_resuming_a_video_run_with_its_own_flags_warns_of_nothing(tmp_path, capl
     with caplog.at_level("WARNING"):
         assert main([*argv, "--resume", "auto", "--epochs", "3"]) == 0
     assert "ignored" not in caplog.text
+    # other clip flags on resume: named and ignored, as recipe changes are
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main([*argv, "--resume", "auto", "--epochs", "4", "--frames", "2"]) == 0
+    assert "--frames (asked 2, the run's 4)" in caplog.text and "ignored" in caplog.text
+    saved = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 4 and saved["video"]["num_frames"] == 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import json
 import logging
 import os
 import zipfile
@@ -69,8 +70,16 @@ def get_model_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
+# safetensors metadata key under which `sparseformer convert` keeps a training checkpoint's
+# model name, class names, preprocessing and clip settings (JSON)
+RUN_INFO_KEY = "sparseformer_run"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint file without executing code (safetensors or ``weights_only``).
+
+    A safetensors file written by ``sparseformer convert`` from a training checkpoint comes
+    back in the training checkpoint's shape: ``{"model": tensors, "class_names": ..., ...}``.
 
     Raises:
         CheckpointError: a missing, truncated or non-checkpoint file, with what to do.
@@ -81,16 +90,23 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {str(path)!r} is empty")
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(
                 f"{str(path)!r} is not a readable safetensors file ({exc}); "
                 "was the download or copy cut short?"
             ) from exc
+        try:  # a converted training checkpoint: its classes, preprocessing, ... (convert)
+            info = json.loads(metadata.get(RUN_INFO_KEY, "{}"))
+        except ValueError:
+            info = {}
+        return {**info, "model": tensors} if isinstance(info, dict) and info else tensors
     with open(path, "rb") as f:
         head = f.read(64)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip or pickle protocol 2+

@@ -72,9 +72,9 @@ def load_image(path: str | os.PathLike, *, max_side: int | None = None):
         FileNotFoundError: the path does not exist or is a directory.
         ValueError: the file is not an image PIL can decode (the message says which file).
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
-    from sparseformer.data.images import to_rgb  # the same conversion as training's
+    from sparseformer.data.images import to_rgb, upright  # the same as training's
 
     path = Path(path)
     if not path.exists():
@@ -86,8 +86,7 @@ def load_image(path: str | os.PathLike, *, max_side: int | None = None):
             if max_side is not None and img.format == "JPEG":
                 img.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            return to_rgb(upright(img))
     except UnidentifiedImageError as exc:
         raise ValueError(
             f"{str(path)!r} is not a readable image (PIL cannot identify its format); "
@@ -258,6 +257,13 @@ def load_model_for_viz(
         raise ValueError(
             f"{str(checkpoint)!r} is a checkpoint of {trained_as!r}, not {name!r}; "
             f"pass --model {trained_as}"
+        )
+    from sparseformer.registry import MODELS
+
+    if isinstance(trained_as, str) and trained_as not in MODELS:
+        raise ValueError(
+            f"{str(checkpoint)!r} is a checkpoint of {trained_as!r}, which has no RoIs to draw; "
+            "viz draws SparseFormer models (see `sparseformer models`)"
         )
     spec = get_model_spec(name)
     info = ModelInfo()

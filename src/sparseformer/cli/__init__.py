@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "CliError", "check_output"]
 
 # module name under sparseformer.cli, in the order --help lists them
 COMMANDS = (
@@ -22,6 +23,32 @@ COMMANDS = (
 
 class CliError(Exception):
     """An error to show the user as one line (no traceback)."""
+
+
+def check_output(path: str | os.PathLike, flag: str, *, folder: bool = False) -> None:
+    """Refuse, before any work, an output path that could not be written at the end: a
+    file where a folder is wanted (or the other way round), a parent that is a file, or a
+    folder this process may not write in.
+
+    Raises:
+        CliError: naming ``flag``, the path and the problem.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise CliError(f"{flag} {str(path)!r} is a file; give a folder")
+    if not folder and path.is_dir():
+        raise CliError(f"{flag} {str(path)!r} is a folder; give a file path")
+    if not folder and path.exists() and not os.access(path, os.W_OK):
+        raise CliError(f"{flag} {str(path)!r} exists and is not writable")
+    for parent in (path, *path.parents) if folder else path.parents:
+        if parent.exists():  # the nearest existing folder: the rest will be created in it
+            if not parent.is_dir():
+                raise CliError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise CliError(f"{flag} {str(path)!r}: no permission to write in {str(parent)!r}")
+            return
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `sparseformer info ... | head`: the reader left, say nothing
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush cannot fail again
+        return 1
     except (CliError, CheckpointError, UnknownModelError, DownloadError, OSError) as exc:
         print(f"sparseformer {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -66,8 +66,11 @@ def run(args: argparse.Namespace) -> int:
         summary_lines,
         write_csv,
     )
-    from sparseformer.cli import CliError
+    from sparseformer.cli import CliError, check_output
 
+    for flag, option in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        if option:
+            check_output(option, flag)
     if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg", ".jpg"):
         raise CliError(f"--plot {args.plot!r}: give a .png, .pdf, .svg or .jpg file")
     try:

@@ -1,4 +1,8 @@
-"""``sparseformer convert IN OUT``: an official checkpoint to this library's safetensors format."""
+"""``sparseformer convert IN OUT``: an official checkpoint to this library's safetensors format.
+
+A ``sparseformer train`` checkpoint converts too; what it says about itself (model name,
+class names, preprocessing, clip settings) travels in the safetensors metadata, and
+:func:`sparseformer.factory.read_checkpoint` reads it back."""
 
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(
             f"OUT {str(out)!r} is a folder; give a file path, e.g. {out / 'model.safetensors'}"
         )
-    state, wrapper = unwrap_checkpoint(read_checkpoint(args.input), prefer_ema=args.ema)
+    raw = read_checkpoint(args.input)
+    state, wrapper = unwrap_checkpoint(raw, prefer_ema=args.ema)
     converted, report = convert_state_dict(state)
     report.wrapper = wrapper
     check_all_keys_mapped(report)  # nothing of the authors' weights may be left behind
@@ -64,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             metadata={
                 "source_format": report.source_format,
                 "renamed": json.dumps(report.renamed),
+                **_run_metadata(raw),
             },
         )
         tmp.replace(out)
@@ -77,3 +83,21 @@ def run(args: argparse.Namespace) -> int:
     for key in report.dropped:
         print(f"  dropped {key}")
     return 0
+
+
+def _run_metadata(checkpoint) -> dict[str, str]:
+    """The ``RUN_INFO_KEY`` metadata entry of a ``sparseformer train`` checkpoint (JSON of
+    its model name, classes, preprocessing and clips); empty for an official checkpoint."""
+    import json
+
+    from sparseformer.engine.session import checkpoint_info
+    from sparseformer.factory import RUN_INFO_KEY
+
+    if not isinstance(checkpoint, dict):
+        return {}
+    info = checkpoint_info(checkpoint)
+    info = {k: v for k, v in info.items() if k in RUN_INFO_FIELDS}
+    return {RUN_INFO_KEY: json.dumps(info)} if info else {}
+
+
+RUN_INFO_FIELDS = ("model_name", "num_classes", "class_names", "preprocessing", "video")

@@ -18,14 +18,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="weights to load")
     p.add_argument("--out", required=True, metavar="PATH", help="output .onnx file")
     p.add_argument(
-        "--img-size", type=positive_int, default=224, metavar="S", help="input size (224)"
+        "--img-size",
+        type=positive_int,
+        default=None,
+        metavar="S",
+        help="input size (default: the one a `sparseformer train` checkpoint stores, else 224)",
     )
     p.add_argument(
         "--num-frames",
         type=int,
         default=None,
         metavar="T",
-        help="clip length of a video model (default: the model's, 8)",
+        help="clip length of a video model (default: the checkpoint's clips, else the model's, 8)",
     )
     p.add_argument(
         "--num-classes",
@@ -54,14 +58,20 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparseformer.benchmark import sample_shape
-    from sparseformer.cli import CliError
+    from sparseformer.cli import CliError, check_output
     from sparseformer.config import VideoSparseFormerConfig
     from sparseformer.export import VIDEO_MIN_OPSET, ExportError, export_onnx, onnx_max_difference
     from sparseformer.factory import create_model, get_model_spec
 
-    if args.img_size < 4:
+    check_output(args.out, "--out")
+    if args.img_size is not None and args.img_size < 4:
         raise CliError(f"--img-size {args.img_size} is too small; use at least 4 pixels")
     video = isinstance(get_model_spec(args.model).config, VideoSparseFormerConfig)
+    stored = _stored_input(args.checkpoint)  # what a run of ours trained on, if it says
+    if args.img_size is None:
+        args.img_size = stored.get("img_size", 224)
+    if args.num_frames is None and video and "num_frames" in stored:
+        args.num_frames = stored["num_frames"]
     if args.num_frames is not None and not video:
         raise CliError(f"--num-frames is for video models; {args.model} takes images")
     if args.num_frames is not None and args.num_frames < 1:
@@ -86,3 +96,20 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     print(f"wrote {path}")
     return 0
+
+
+def _stored_input(checkpoint: str | None) -> dict[str, int]:
+    """``img_size`` and ``num_frames`` a ``sparseformer train`` checkpoint records; empty for
+    none, an official file or a bare state dict."""
+    from sparseformer.engine.session import checkpoint_info
+    from sparseformer.factory import read_checkpoint
+
+    if checkpoint is None:
+        return {}
+    info = checkpoint_info(read_checkpoint(checkpoint))
+    stored = {}
+    if isinstance(info.get("preprocessing"), dict) and "img_size" in info["preprocessing"]:
+        stored["img_size"] = int(info["preprocessing"]["img_size"])
+    if isinstance(info.get("video"), dict) and "num_frames" in info["video"]:
+        stored["num_frames"] = int(info["video"]["num_frames"])
+    return stored

@@ -320,10 +320,32 @@ def _warn_ignored_on_resume(args: argparse.Namespace, asked, recipe) -> None:
         )
 
 
+_CLIP_FLAGS = (("frames", "num_frames"), ("frame_stride", "stride"), ("sampling", "sampling"))
+
+
+def _keep_run_clips(args: argparse.Namespace, clips: dict) -> argparse.Namespace:
+    """``args`` without the clip flags, so that a resumed video run samples its clips as it
+    did (``clips``: its checkpoint's ``video`` record); a flag that asked otherwise is named
+    in a warning, as recipe changes are."""
+    asked = {flag: getattr(args, flag, None) for flag, _ in _CLIP_FLAGS}
+    changed = [
+        f"--{flag.replace('_', '-')} (asked {asked[flag]!r}, the run's {clips[key]!r})"
+        for flag, key in _CLIP_FLAGS
+        if asked[flag] is not None and key in clips and asked[flag] != clips[key]
+    ]
+    if changed:
+        logging.getLogger(__name__).warning(
+            "resuming continues the run's own clip sampling, so these changes are ignored: %s; "
+            "start a new run (--checkpoint to start from these weights) to change them",
+            "; ".join(changed),
+        )
+    return argparse.Namespace(**{**vars(args), **{flag: None for flag, _ in _CLIP_FLAGS}})
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from sparseformer.cli import CliError
+    from sparseformer.cli import CliError, check_output
     from sparseformer.data import DataError, Preprocessing, build_datasets, dataset_defaults
     from sparseformer.engine import checkpoint as ckpt_io
     from sparseformer.engine import session
@@ -340,6 +362,11 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)  # before any data is read
     try:
         device = session.pick_device(args.device)
+        if ":" in device and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(
+                f"--device {device} under torchrun: each process takes GPU LOCAL_RANK; use "
+                "--device cuda and choose the GPUs with CUDA_VISIBLE_DEVICES"
+            )
         kind = check_model_fits_data(args.model, args)  # before the folder is scanned
         refuse_video_flags_on_images(args, kind)
         video = bool(kind)
@@ -389,8 +416,12 @@ def run(args: argparse.Namespace) -> int:
                         "larger --epochs to train it further)"
                     )
                 return 0
+        clips = saved.get("video") if isinstance(saved.get("video"), dict) else None
+        if clips is not None:  # a resumed video run keeps its own clips, like its recipe
+            args = _keep_run_clips(args, clips)
         # per-epoch validation: one view per video
-        source = data_source(args, views=False, saved=saved.get("video"))
+        source = data_source(args, views=False, saved=clips)
+        check_output(args.output, "--output", folder=True)
         session.output_dir_ok(args.output, resume=resume is not None, overwrite=args.overwrite)
     except (DataError, RecipeError, ValueError) as exc:
         raise CliError(str(exc)) from exc
@@ -475,9 +506,16 @@ def _summary_epochs(output: Path) -> int | None:
 
 def _print_summary(summary: dict, bundle, video: bool) -> None:
     final = summary["final"]
+    kind = "video" if video else "image"
     if bundle.skipped_files:
         what = "unreadable or too-short video(s)" if video else "unreadable image file(s)"
         print(f"skipped {len(bundle.skipped_files)} {what} (see the log)")
+    if summary.get("train_loads_replaced"):
+        print(f"{summary['train_loads_replaced']} training {kind} load(s) failed to decode and "
+              f"were replaced by the next {kind} (see the log)")  # fmt: skip
+    if summary.get("val_left_out"):
+        print(f"{summary['val_left_out']} validation {kind}(s) failed to decode and were left "
+              "out of the scores (see the log)")  # fmt: skip
     if summary["epochs_run"] == 0:
         print(
             f"nothing to do: the run already has {summary['epochs']} epochs (give a larger "

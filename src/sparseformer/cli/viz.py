@@ -58,12 +58,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparseformer.cli import CliError
+    from sparseformer.cli import CliError, check_output
 
     paths = [Path(p) for p in args.images]
+    folders = [str(p) for p in paths if p.is_dir()]
+    if folders:
+        raise CliError(f"viz draws single files, not folders: {', '.join(folders)}; "
+                       "pass the images or videos themselves (e.g. DIR/*.jpg)")  # fmt: skip
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise CliError(f"file(s) not found: {', '.join(missing)}")
+    check_output(args.out, "--out", folder=True)
     if args.tokens is not None and args.tokens < 1:
         raise CliError("--tokens must be a positive number of tokens to highlight")
     if args.img_size is not None and args.img_size < 8:
@@ -74,13 +79,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparseformer.data.video import VIDEO_EXTENSIONS
+    from sparseformer.engine import session
     from sparseformer.visualize import format_statistics, write_pictures, write_video_pictures
     from sparseformer.viz_inputs import load_image, load_model_for_viz
 
     try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        raise CliError(f"unknown --device {args.device!r} ({exc})") from exc
+        device = torch.device(session.pick_device(args.device))
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
     if args.model is None and args.checkpoint is None:
         raise CliError("pass --model NAME (and --checkpoint PATH for trained weights)")
     try:

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import make_dataset
 
 from sparseformer.data.images import IMAGE_EXTENSIONS, READ_ERRORS, check_image_header, open_rgb
+from sparseformer.data.loader import SharedCount
 
 __all__ = ["DataError", "CheckedImageFolder", "find_classes"]
 
@@ -62,8 +63,8 @@ class CheckedImageFolder(Dataset):
             (a truncated download): replaced by the next readable image (training: a long run
             never stops on one bad file), or, with ``False`` (evaluation), returned as
             ``(None, label)``, which :func:`~sparseformer.data.loader.collate` leaves out, so
-            no image is scored twice. Logged either way; :attr:`failed_loads` counts them in
-            this process.
+            no image is scored twice. Logged either way; :attr:`failed_loads` counts them, over
+            this process and its DataLoader workers.
 
     Items are ``(image, label)``.
     """
@@ -135,8 +136,12 @@ class CheckedImageFolder(Dataset):
             )
         self.samples = samples
         self.targets = [label for _, label in samples]
-        self.failed_loads = 0
+        self._failed = SharedCount()
         self.substitute = substitute
+
+    @property
+    def failed_loads(self) -> int:
+        return int(self._failed)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -147,7 +152,7 @@ class CheckedImageFolder(Dataset):
             try:
                 img = open_rgb(path)
             except READ_ERRORS as exc:
-                self.failed_loads += 1
+                self._failed.add()
                 if not self.substitute:  # evaluation: leave it out (see loader.collate)
                     logger.warning("could not decode %s (%s); left out", path, exc)
                     return None, label

@@ -9,9 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "READ_ERRORS", "to_rgb", "open_rgb", "check_image_header"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "READ_ERRORS",
+    "to_rgb",
+    "open_rgb",
+    "upright",
+    "check_image_header",
+]
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif",
@@ -56,10 +63,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file as 8-bit RGB (raises one of ``READ_ERRORS``)."""
+    """Open and fully decode an image file as 8-bit RGB, turned upright as its EXIF
+    orientation says (raises one of ``READ_ERRORS``)."""
     with Image.open(path) as img:
         img.load()
-        return to_rgb(img)
+        return to_rgb(upright(img))
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation tag says (a phone photo shot sideways is stored
+    sideways with a tag), as every image viewer shows it; untagged images pass unchanged. A
+    tag that cannot be parsed is ignored, not an unreadable image."""
+    try:
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # noqa: BLE001 - malformed EXIF: keep the pixels as stored
+        return img
+    return img if orientation in (None, 1) else ImageOps.exif_transpose(img)
 
 
 def check_image_header(path: str | Path) -> str | None:

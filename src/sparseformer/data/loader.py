@@ -13,9 +13,46 @@ import numpy as np
 import torch
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.loader import fast_collate
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    Subset,
+    default_collate,
+)
 
-__all__ = ["ShardSampler", "collate", "build_train_loader", "build_eval_loader"]
+__all__ = [
+    "ShardSampler",
+    "SharedCount",
+    "collate",
+    "build_train_loader",
+    "build_eval_loader",
+    "failed_loads",
+]
+
+
+class SharedCount:
+    """A count that DataLoader worker processes add to and the main process reads: a
+    shared-memory tensor, which worker processes share whether forked or spawned. Additions
+    from two workers at the same instant may lose one (no lock); it counts rare events."""
+
+    def __init__(self) -> None:
+        self._value = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def add(self, n: int = 1) -> None:
+        self._value += n
+
+    def __int__(self) -> int:
+        return int(self._value)
+
+
+def failed_loads(dataset: Dataset | None) -> int:
+    """Files of ``dataset`` (through any ``Subset``) that failed to decode after the folder
+    scan, counted over every process that loaded from it; 0 for data sets that do not count."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return int(getattr(dataset, "failed_loads", 0))
 
 
 class ShardSampler(Sampler[int]):

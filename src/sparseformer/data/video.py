@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from sparseformer.data.loader import SharedCount
+
 __all__ = [
     "VIDEO_EXTENSIONS",
     "VideoReadError",
@@ -294,7 +296,8 @@ class VideoFolder(Dataset):
     Attributes:
         samples: ``(path, label, num_frames)`` of the usable videos.
         skipped: ``(path, reason)`` of unreadable and too-short videos.
-        failed_loads: videos that failed to decode after the scan, in this process. Training
+        failed_loads: videos that failed to decode after the scan, in this process and its
+            DataLoader workers. Training
             replaces such a video by the next good one; evaluation returns ``(None, label)``,
             which :func:`~sparseformer.data.loader.collate` leaves out.
     """
@@ -329,7 +332,7 @@ class VideoFolder(Dataset):
         self.classes = found
         self.samples: list[tuple[Path, int, int]] = []
         self.skipped: list[tuple[str, str]] = []
-        self.failed_loads = 0
+        self._failed = SharedCount()
         for label, name in enumerate(found):
             files = sorted(
                 p for p in (self.root / name).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
@@ -361,6 +364,10 @@ class VideoFolder(Dataset):
                 "unreadable ones are logged); add videos or remove the folder"
             )
 
+    @property
+    def failed_loads(self) -> int:
+        return int(self._failed)
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -385,7 +392,7 @@ class VideoFolder(Dataset):
             try:
                 return self._load(i), self.samples[i][1]
             except VideoReadError as exc:
-                self.failed_loads += 1
+                self._failed.add()
                 if not self.train:  # evaluation: leave it out, never score another in its place
                     logger.warning("could not decode a video (%s); left out", exc)
                     return None, self.samples[i][1]

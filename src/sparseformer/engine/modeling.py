@@ -42,7 +42,7 @@ def check_model_name(name: str) -> str:
         return "sparseformer"
     if timm.is_model(name):
         return "timm"
-    pool = list_models() + timm.list_models()
+    pool = list(dict.fromkeys(list_models() + timm.list_models()))  # timm lists ours too
     close = difflib.get_close_matches(name, pool, n=4, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise UnknownModelError(

@@ -159,6 +159,15 @@ def _check_ranges(r: Recipe) -> None:
     if aug.auto_augment:  # timm parses the policy string: let it say whether it can
         from timm.data import create_transform
 
+        policy, *sections = aug.auto_augment.split("-")
+        # timm skips a section without a number ("rand-zz": plain RandAugment, no error)
+        odd = [c for c in sections if not any(ch.isdigit() for ch in c)
+               and not (policy == "rand" and c.startswith("t") and len(c) > 1)]  # fmt: skip
+        if odd:
+            raise RecipeError(
+                f"recipe {r.name!r}: augmentation.auto_augment {aug.auto_augment!r}: section "
+                f"{odd[0]!r} has no value, and timm would ignore it; e.g. rand-m9-mstd0.5-inc1"
+            )
         try:
             create_transform(32, is_training=True, auto_augment=aug.auto_augment)
         except (AssertionError, ValueError, KeyError, IndexError) as exc:

@@ -34,12 +34,32 @@ logger = logging.getLogger(__name__)
 
 
 def pick_device(requested: str | None) -> str:
-    """``"cuda"`` when asked for or available (``None``/``"auto"``), else ``"cpu"``."""
+    """The device a ``--device`` value names, checked before any work: ``"cpu"``, ``"cuda"`` or
+    ``"cuda:N"``; ``None`` or ``"auto"`` is ``"cuda"`` when a GPU is visible, else ``"cpu"``.
+
+    Raises:
+        ValueError: a name torch does not know (``"gpu"``), a CUDA device that is not there,
+            or a device type these commands do not run on (``"mps"``: their metric sums are
+            float64, which MPS lacks).
+    """
     if requested in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
-    return "cuda" if requested.startswith("cuda") else requested
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown --device {requested!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        raise ValueError(f"--device {requested} is not supported; use auto, cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"--device {requested} asked for, but no CUDA GPU is visible; "
+                         "use --device cpu")  # fmt: skip
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {requested}: {count} CUDA GPU(s) visible, "
+                         f"cuda:0 to cuda:{count - 1}")  # fmt: skip
+    return str(device)
 
 
 def set_threads(requested: int | None, dist: DistInfo) -> int:

@@ -26,11 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sparseformer.convert import CheckpointError
 from sparseformer.data.datasets import DatasetBundle
-from sparseformer.data.loader import build_eval_loader, build_train_loader
+from sparseformer.data.loader import build_eval_loader, build_train_loader, failed_loads
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine import checkpoint as ckpt_io
 from sparseformer.engine.distributed import (
     DistInfo,
+    all_reduce_sum,
     gather_objects,
     setup_distributed,
     weights_in_sync,
@@ -127,8 +128,8 @@ def _workers(asked: int, dist: DistInfo) -> int:
     # the same share as the threads get (session.set_threads): cores / processes on this node
     share = max(1, cores // max(dist.local_world_size, 1))
     if asked > share:
-        logger.warning("%d data-loading processes asked, %d cores for this process: using %d",
-                       asked, share, share)  # fmt: skip
+        logger.warning("%d data-loading processes (the recipe's num_workers, or --workers) on "
+                       "%d core(s) for this process: using %d", asked, share, share)  # fmt: skip
         return share
     return asked
 
@@ -294,6 +295,7 @@ def fit(
             "val_loss": val["loss"],
             "val_acc1": val["acc1"],
             "val_acc5": val["acc5"],
+            "val_images": val["images"],  # scored: files that failed to decode are left out
             "lr": stats["lr"],
             "images_per_second": stats["images_per_second"],
             "epoch_seconds": stats["epoch_seconds"],
@@ -336,6 +338,8 @@ def fit(
                 "clips" if data.video else "img",
                 f", EMA top-1 {record['ema_val_acc1']:.2f}%" if ema is not None else "",
             )  # fmt: skip
+    # files that passed the folder scan but failed to decode in this run (logged each time)
+    replaced = all_reduce_sum(torch.tensor([float(failed_loads(data.train))], device=device), dist)
     summary = {
         "model": options.model_name,
         "epochs": recipe.epochs,
@@ -344,6 +348,9 @@ def fit(
         "best_epoch": best_epoch,
         "final": record,
         "train_seconds": train_seconds,
+        "skipped_files": len(data.skipped_files),  # unreadable (or too short) at the scan
+        "train_loads_replaced": int(replaced.item()),  # decode failures, each replaced
+        "val_left_out": len(data.val) - record["val_images"] if "val_images" in record else 0,
         "world_size": dist.world_size,
         "ranks_in_sync": weights_in_sync(model, dist),
         "output": str(out),

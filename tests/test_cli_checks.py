@@ -1,0 +1,180 @@
+"""Options that would fail late or silently are checked up front: devices, output paths,
+augmentation policies, viz inputs; and what a checkpoint says about itself survives `convert`
+and `export`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sparseformer import create_model
+from sparseformer.engine.session import pick_device
+from sparseformer.factory import read_checkpoint
+
+from .test_data import make_folder
+from .test_train_errors import NANO, one_line_error, run_cli
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_folder(tmp_path / "data", classes=("cat", "dog", "emu"), per_class=4)
+
+
+def test_device_names_are_checked_before_any_work():
+    assert pick_device("cpu") == "cpu"
+    assert pick_device("cpu:0") == "cpu"  # torch refuses "cpu:0" with an explicit index later
+    assert pick_device("auto") in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="unknown --device 'gpu'; use auto, cpu, cuda or cuda:N"):
+        pick_device("gpu")
+    with pytest.raises(ValueError, match="--device mps is not supported"):
+        pick_device("mps")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        with pytest.raises(ValueError, match="no CUDA GPU is visible; use --device cpu"):
+            pick_device("cuda:0")
+    else:  # the index is kept, not dropped to GPU 0
+        assert pick_device(f"cuda:{count - 1}") == f"cuda:{count - 1}"
+        with pytest.raises(ValueError, match=f"{count} CUDA GPU"):
+            pick_device(f"cuda:{count}")
+
+
+def test_a_bad_device_is_one_line_in_every_command(tmp_path, folder, capsys):
+    image = next((folder / "val" / "cat").iterdir())
+    ckpt = str(_training_checkpoint(tmp_path / "best.pt"))
+    for argv in (
+        ["train", "--model", NANO, "--data-dir", str(folder), "--output", str(tmp_path / "r")],
+        ["eval", "--model", NANO, "--checkpoint", ckpt, "--data-dir", str(folder)],
+        ["predict", "--model", NANO, "--checkpoint", ckpt, str(image)],
+        ["viz", "--model", NANO, "--out", str(tmp_path / "v"), str(image)],
+    ):
+        err = one_line_error(capsys, *argv, "--device", "gpu")
+        assert "unknown --device 'gpu'" in err, argv
+    assert not (tmp_path / "r").exists()  # refused before the run folder was made
+
+
+def test_output_paths_that_cannot_be_written_fail_before_the_work(tmp_path, folder, capsys):
+    blocker = tmp_path / "file.jpg"
+    blocker.write_text("a file where a folder would have to be")
+    image = next((folder / "val" / "cat").iterdir())
+    err = one_line_error(capsys, "bench", "--models", NANO, "--img-size", "32",
+                         "--json", str(blocker / "o.json"))  # fmt: skip
+    assert "--json" in err and "is a file, not a folder" in err
+    err = one_line_error(capsys, "viz", "--model", NANO, "--out", str(blocker), str(image))
+    assert "--out" in err and "is a file; give a folder" in err
+    err = one_line_error(capsys, "export", "--model", NANO, "--out", str(tmp_path))
+    assert "is a folder; give a file path" in err
+    err = one_line_error(capsys, "train", "--model", NANO, "--data-dir", str(folder),
+                         "--output", str(blocker / "run"))  # fmt: skip
+    assert "--output" in err and "is a file, not a folder" in err
+
+
+def test_viz_names_folders_and_models_without_rois(tmp_path, folder, capsys):
+    err = one_line_error(capsys, "viz", "--model", NANO, "--out", str(tmp_path / "v"),
+                         str(folder / "val" / "cat"))  # fmt: skip
+    assert "not folders" in err and "not found" not in err
+    ckpt = tmp_path / "resnet.pt"
+    torch.save({"model": {}, "model_name": "resnet18", "num_classes": 3}, ckpt)
+    image = next((folder / "val" / "cat").iterdir())
+    err = one_line_error(capsys, "viz", "--checkpoint", str(ckpt), "--out", str(tmp_path / "v"),
+                         str(image))  # fmt: skip
+    assert "'resnet18', which has no RoIs to draw" in err
+
+
+def test_a_policy_section_timm_would_skip_is_refused(tmp_path, folder, capsys):
+    err = one_line_error(capsys, "train", "--model", NANO, "--data-dir", str(folder),
+                         "--output", str(tmp_path / "r"), "--set",
+                         "auto_augment=rand-zz-m9")  # fmt: skip
+    assert "section 'zz' has no value" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_model_suggestions_are_not_repeated(capsys):
+    err = one_line_error(capsys, "train", "--model", "sparseformer_v1_mirco", "--dataset",
+                         "fashion-mnist", "--output", "unused")  # fmt: skip
+    names = err.split("did you mean ")[1].split("?")[0].split(", ")
+    assert "sparseformer_v1_micro" in names and len(names) == len(set(names))
+
+
+def _training_checkpoint(path, img_size=40):
+    """What `sparseformer train` writes, reduced to what describes the run."""
+    torch.manual_seed(0)
+    torch.save(
+        {
+            "model": create_model(NANO, num_classes=3).state_dict(),
+            "model_name": NANO,
+            "num_classes": 3,
+            "class_names": ["cat", "dog", "emu"],
+            "preprocessing": {
+                "img_size": img_size,
+                "mean": [0.5] * 3,
+                "std": [0.25] * 3,
+                "crop_pct": 1.0,
+                "interpolation": "bilinear",
+            },  # fmt: skip
+            "epoch": 2,
+        },
+        path,
+    )
+    return path
+
+
+def test_convert_keeps_what_a_training_checkpoint_says_about_itself(tmp_path, folder, capsys):
+    pt = _training_checkpoint(tmp_path / "best.pt")
+    out = tmp_path / "model.safetensors"
+    code, _, err = run_cli(capsys, "convert", str(pt), str(out))
+    assert code == 0, err
+    back = read_checkpoint(out)
+    assert back["class_names"] == ["cat", "dog", "emu"] and back["model_name"] == NANO
+    assert back["preprocessing"]["img_size"] == 40
+    original = torch.load(pt, weights_only=True)["model"]
+    assert back["model"].keys() == original.keys()
+    assert all(torch.equal(back["model"][k], v) for k, v in original.items())
+    image = str(next((folder / "val" / "dog").iterdir()))
+    results = []
+    for ckpt in (pt, out):  # the same names and preprocessing, so the same answer
+        code, printed, err = run_cli(capsys, "predict", "--model", NANO, "--checkpoint",
+                                     str(ckpt), "--json", image)  # fmt: skip
+        assert code == 0, err
+        results.append(json.loads(printed.strip().splitlines()[-1]))
+    assert results[0] == {**results[1], "image": results[0]["image"]}
+    assert results[0]["predictions"][0]["label"] in ("cat", "dog", "emu")
+
+
+def test_export_takes_the_input_size_a_checkpoint_stores(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    pt = _training_checkpoint(tmp_path / "best.pt", img_size=40)
+    out = tmp_path / "m.onnx"
+    code, _, err = run_cli(capsys, "export", "--model", NANO, "--checkpoint", str(pt),
+                           "--out", str(out), "--check-batch-sizes", "1")  # fmt: skip
+    assert code == 0, err
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims][1:] == [3, 40, 40]
+
+
+def test_exif_orientation_is_applied_wherever_images_are_read(tmp_path):
+    from sparseformer.data.images import open_rgb
+    from sparseformer.viz_inputs import load_image
+
+    pixels = torch.zeros(20, 60, 3, dtype=torch.uint8)
+    pixels[:, :10] = 255  # a white band on the left of a wide, upright picture
+    upright = Image.fromarray(pixels.numpy())
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a sideways camera stores
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    path = tmp_path / "phone.jpg"
+    stored.save(path, "JPEG", exif=exif, quality=95)
+    for img in (open_rgb(path), load_image(path)):
+        assert img.size == (60, 20)
+        band = np.asarray(img)[:, :, 0].mean(axis=0)  # column means: white on the left only
+        assert band[:8].min() > 200 and band[12:].max() < 50
+    plain = tmp_path / "plain.png"
+    stored.save(plain)  # no tag: as stored
+    assert open_rgb(plain).size == (20, 60)
