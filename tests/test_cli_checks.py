@@ -178,3 +178,37 @@ def test_exif_orientation_is_applied_wherever_images_are_read(tmp_path):
     plain = tmp_path / "plain.png"
     stored.save(plain)  # no tag: as stored
     assert open_rgb(plain).size == (20, 60)
+
+
+def test_train_runs_on_an_indexed_device(tmp_path, folder, capsys, monkeypatch):
+    # "cuda:N" must reach the trainer with its index; on a machine without GPUs the same code
+    # path is taken by the one indexed device it has, spelled as torch spells CUDA's
+    from sparseformer.engine import session
+
+    monkeypatch.setattr(session, "pick_device", lambda requested, **_: "cpu:0")
+    code, _, err = run_cli(capsys, "train", "--model", NANO, "--data-dir", str(folder),
+                           "--output", str(tmp_path / "r"), "--epochs", "1", "--batch-size",
+                           "4", "--img-size", "32", "--quiet", "--recipe", "fashion-mnist-cpu",
+                           "--device", "cuda:0")  # fmt: skip
+    assert code == 0, err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(session, "pick_device", lambda requested, **_: "cuda:1")
+    err = one_line_error(capsys, "train", "--model", NANO, "--data-dir", str(folder),
+                         "--output", str(tmp_path / "r2"), "--device", "cuda:1")  # fmt: skip
+    assert "under torchrun" in err and "CUDA_VISIBLE_DEVICES" in err
+
+
+def test_a_closed_stdout_pipe_ends_quietly_but_other_broken_pipes_are_errors(capsys, monkeypatch):
+    import sparseformer.cli as cli
+    import sparseformer.cli.models as models_cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(models_cli, "run", broken)  # registered afresh by main()
+    monkeypatch.setattr(cli, "_stdout_closed", lambda: False)
+    assert cli.main(["models"]) == 1
+    assert "error: [Errno 32] Broken pipe" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_stdout_closed", lambda: True)
+    assert cli.main(["models"]) == 1
+    assert capsys.readouterr().err == ""

@@ -246,9 +246,15 @@ def load_model_for_viz(
         load_checkpoint,
         read_checkpoint,
     )
+    from sparseformer.registry import MODELS
 
     ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
     trained_as = ckpt.get("model_name") if isinstance(ckpt, Mapping) else None
+    if isinstance(trained_as, str) and trained_as not in MODELS:
+        raise ValueError(
+            f"{str(checkpoint)!r} is a checkpoint of {trained_as!r}, which has no RoIs to draw; "
+            "viz draws SparseFormer models (see `sparseformer models`)"
+        )
     if name is None:
         if not isinstance(trained_as, str):
             raise ValueError("which model? pass --model NAME (see `sparseformer models`)")
@@ -257,13 +263,6 @@ def load_model_for_viz(
         raise ValueError(
             f"{str(checkpoint)!r} is a checkpoint of {trained_as!r}, not {name!r}; "
             f"pass --model {trained_as}"
-        )
-    from sparseformer.registry import MODELS
-
-    if isinstance(trained_as, str) and trained_as not in MODELS:
-        raise ValueError(
-            f"{str(checkpoint)!r} is a checkpoint of {trained_as!r}, which has no RoIs to draw; "
-            "viz draws SparseFormer models (see `sparseformer models`)"
         )
     spec = get_model_spec(name)
     info = ModelInfo()

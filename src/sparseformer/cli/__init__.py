@@ -40,8 +40,6 @@ def check_output(path: str | os.PathLike, flag: str, *, folder: bool = False) ->
         raise CliError(f"{flag} {str(path)!r} is a file; give a folder")
     if not folder and path.is_dir():
         raise CliError(f"{flag} {str(path)!r} is a folder; give a file path")
-    if not folder and path.exists() and not os.access(path, os.W_OK):
-        raise CliError(f"{flag} {str(path)!r} exists and is not writable")
     for parent in (path, *path.parents) if folder else path.parents:
         if parent.exists():  # the nearest existing folder: the rest will be created in it
             if not parent.is_dir():
@@ -49,6 +47,20 @@ def check_output(path: str | os.PathLike, flag: str, *, folder: bool = False) ->
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise CliError(f"{flag} {str(path)!r}: no permission to write in {str(parent)!r}")
             return
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone; if so, point it at /dev/null
+    so that the interpreter's last flush cannot fail again."""
+    try:
+        sys.stdout.flush()
+        return False
+    except BrokenPipeError:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a replaced stdout (a notebook) has no descriptor
+            pass
+        return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except BrokenPipeError:  # `sparseformer info ... | head`: the reader left, say nothing
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush cannot fail again
-        return 1
+    except BrokenPipeError as exc:
+        if not _stdout_closed():  # another pipe (a worker's, a socket): an error as any other
+            print(f"sparseformer {args.command}: error: {exc}", file=sys.stderr)
+        return 1  # `sparseformer info ... | head`: the reader left; nothing to say to it
     except (CliError, CheckpointError, UnknownModelError, DownloadError, OSError) as exc:
         print(f"sparseformer {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--topk", type=positive_int, default=5, help="classes to show per image")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the free cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument(

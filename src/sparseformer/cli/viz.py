@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="input side (default: stored in the checkpoint, else the model's, else 224)",
     )
     p.add_argument("--no-gif", action="store_true", help="write only the PNG")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.set_defaults(func=run)
 
 
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.viz_inputs import load_image, load_model_for_viz
 
     try:
-        device = torch.device(session.pick_device(args.device))
+        device = torch.device(session.pick_device(args.device, allow_mps=True))
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     if args.model is None and args.checkpoint is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -78,7 +78,20 @@ def upright(img: Image.Image) -> Image.Image:
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception:  # noqa: BLE001 - malformed EXIF: keep the pixels as stored
         return img
-    return img if orientation in (None, 1) else ImageOps.exif_transpose(img)
+    method = _EXIF_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    return img if method is None else img.transpose(method)  # pixels only: no EXIF rewrite
+
+
+# EXIF orientation -> the turn that shows the image upright (as PIL's ImageOps.exif_transpose)
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def check_image_header(path: str | Path) -> str | None:

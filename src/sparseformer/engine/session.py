@@ -33,32 +33,42 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def pick_device(requested: str | None) -> str:
+def pick_device(requested: str | None, *, allow_mps: bool = False) -> str:
     """The device a ``--device`` value names, checked before any work: ``"cpu"``, ``"cuda"`` or
-    ``"cuda:N"``; ``None`` or ``"auto"`` is ``"cuda"`` when a GPU is visible, else ``"cpu"``.
+    ``"cuda:N"`` (then also made the current CUDA device, so that pinned memory and CUDA's
+    context go to GPU N, not GPU 0); ``None`` or ``"auto"`` is ``"cuda"`` when a GPU is
+    visible, else ``"cpu"``. ``allow_mps``: also ``"mps"`` (Apple GPUs), for callers that keep
+    float64 work on the CPU.
 
     Raises:
         ValueError: a name torch does not know (``"gpu"``), a CUDA device that is not there,
-            or a device type these commands do not run on (``"mps"``: their metric sums are
-            float64, which MPS lacks).
+            or a device type these commands do not run on (``"mps"`` for train / eval /
+            predict: their metric sums are float64, which MPS lacks).
     """
     if requested in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    known = "auto, cpu, cuda, cuda:N or mps" if allow_mps else "auto, cpu, cuda or cuda:N"
     try:
         device = torch.device(requested)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown --device {requested!r}; use auto, cpu, cuda or cuda:N") from None
+        raise ValueError(f"unknown --device {requested!r}; use {known}") from None
     if device.type == "cpu":
         return "cpu"
+    if device.type == "mps" and allow_mps:
+        if not torch.backends.mps.is_available():
+            raise ValueError("--device mps asked for, but MPS is not available; use --device cpu")
+        return "mps"
     if device.type != "cuda":
-        raise ValueError(f"--device {requested} is not supported; use auto, cpu, cuda or cuda:N")
+        raise ValueError(f"--device {requested} is not supported; use {known}")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         raise ValueError(f"--device {requested} asked for, but no CUDA GPU is visible; "
                          "use --device cpu")  # fmt: skip
-    if device.index is not None and device.index >= count:
-        raise ValueError(f"--device {requested}: {count} CUDA GPU(s) visible, "
-                         f"cuda:0 to cuda:{count - 1}")  # fmt: skip
+    if device.index is not None:
+        if device.index >= count:
+            raise ValueError(f"--device {requested}: {count} CUDA GPU(s) visible, "
+                             f"cuda:0 to cuda:{count - 1}")  # fmt: skip
+        torch.cuda.set_device(device.index)
     return str(device)
 
 

@@ -165,7 +165,9 @@ def fit(
             checkpoint of another model.
     """
     dist = dist or setup_distributed(options.device)
-    device = torch.device(options.device, dist.local_rank if options.device == "cuda" else None)
+    device = torch.device(options.device)  # "cuda:N" keeps its GPU; torchrun's is LOCAL_RANK
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank)
     amp = amp_dtype_for(options.precision, options.device)
     out = Path(options.output)
     if dist.is_main:
