@@ -161,3 +161,13 @@ def test_resuming_a_video_run_with_its_own_flags_warns_of_nothing(tmp_path, capl
     assert "--frames (asked 2, the run's 4)" in caplog.text and "ignored" in caplog.text
     saved = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
     assert saved["epoch"] == 4 and saved["video"]["num_frames"] == 4
+    # fine-tuning from the run takes its clips too (the default 8 x 4 would need 29 frames)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(["train", "--model", MODEL, "--data-dir", str(data), "--output",
+                     str(tmp_path / "ft"), *RECIPE, "--checkpoint",
+                     str(tmp_path / "r" / "best.pt"), "--set",
+                     "auto_augment=rand-m9-mstd0.5-inc1"]) == 0  # fmt: skip
+    tuned = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)
+    assert (tuned["video"]["num_frames"], tuned["video"]["stride"]) == (4, 2)
+    assert "video clips: the recipe's RandAugment: not applied" in caplog.text

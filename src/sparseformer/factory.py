@@ -239,6 +239,18 @@ def checkpoint_num_classes(checkpoint: str | Path | dict) -> int:
     return int(head.shape[0]) if head is not None else 0
 
 
+def checkpoint_replicates(checkpoint: str | Path | dict, num_tokens: int) -> int | None:
+    """Token replicates R of a video checkpoint (its ``(N x R, 6)`` initial RoIs); ``None``
+    for an image checkpoint (``(N, 4)`` RoIs, inflated on loading) or a count that is not a
+    multiple of ``num_tokens`` (the shape check on loading then names it)."""
+    source = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
+    state, _ = unwrap_checkpoint(source)
+    rois = convert_state_dict(state)[0].get("initial_rois")
+    if rois is None or rois.dim() != 2 or rois.shape[-1] != 6 or rois.shape[0] % num_tokens:
+        return None
+    return int(rois.shape[0]) // num_tokens
+
+
 def _check_keys(own: dict[str, Tensor], new: dict[str, Tensor], report: ConversionReport) -> None:
     missing = sorted(set(own) - set(new))
     unexpected = sorted(set(new) - set(own))
@@ -344,6 +356,18 @@ def create_model(
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint is not None and num_classes is None:  # the trained classifier, as it is
         num_classes = checkpoint_num_classes(checkpoint)
+    if (
+        checkpoint is not None
+        and isinstance(config, VideoSparseFormerConfig)
+        and "replicates" not in overrides
+    ):  # a video model built with other replicates: the checkpoint's count of token copies
+        replicates = checkpoint_replicates(
+            checkpoint, overrides.get("num_tokens", config.num_tokens)
+        )
+        if replicates is not None and replicates != config.replicates:
+            logger.info("%s: the checkpoint holds %d token replicates (the default is %d)",
+                        name, replicates, config.replicates)  # fmt: skip
+            overrides["replicates"] = replicates
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     config = dataclasses.replace(config, **overrides)

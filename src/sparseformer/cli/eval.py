@@ -175,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        skipped = f" ({num_skipped} unreadable file(s) skipped)" if num_skipped else ""
+        bad = "unreadable, too short or undecodable" if bundle.video else "unreadable"
+        skipped = f" ({num_skipped} {bad} file(s) skipped)" if num_skipped else ""
         what = "videos" if bundle.video else "images"
         print(
             f"{args.model} on {source.describe()}: {metrics['images']:,} {what}{skipped}, "

@@ -44,6 +44,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--crops", type=int, choices=(1, 3), default=1, help="video models: crops per clip"
     )
+    p.add_argument(
+        "--frames",
+        type=positive_int,
+        help="video models: frames per clip (default: the checkpoint's, else the model's)",
+    )
+    p.add_argument(
+        "--frame-stride",
+        type=positive_int,
+        help="video models: dense sampling step (default: the checkpoint's, else 4)",
+    )
+    p.add_argument(
+        "--sampling",
+        choices=("dense", "uniform"),
+        help="video models: clip sampling (default: the checkpoint's, else dense)",
+    )
     p.set_defaults(func=run)
 
 
@@ -60,9 +75,9 @@ def class_names(info: dict, num_classes: int) -> list[str]:
     return [f"class {i}" for i in range(num_classes)]
 
 
-def _video_spec(model, info: dict, pre, clips: int = 1, crops: int = 1):
-    """Clip sampling for a video model: the training run's, sized by its preprocessing, with
-    ``clips x crops`` test views."""
+def _video_spec(model, info: dict, pre, args: argparse.Namespace):
+    """Clip sampling for a video model: the flags, else the training run's, sized by its
+    preprocessing, with ``--clips x --crops`` test views."""
     import dataclasses
 
     from sparseformer.data.video import ClipSpec
@@ -71,14 +86,16 @@ def _video_spec(model, info: dict, pre, clips: int = 1, crops: int = 1):
     for key in ("scale", "mean", "std"):
         if key in saved:
             saved[key] = tuple(saved[key])
+    asked = {"num_frames": args.frames, "stride": args.frame_stride, "sampling": args.sampling}
     return dataclasses.replace(
         ClipSpec(**saved),
+        **{k: v for k, v in asked.items() if v is not None},
         size=pre.img_size,
         crop_pct=pre.crop_pct,
         mean=tuple(pre.mean),
         std=tuple(pre.std),
-        num_clips=clips,
-        num_crops=crops,
+        num_clips=args.clips,
+        num_crops=args.crops,
     )
 
 
@@ -130,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparseformer.cli import CliError
-    from sparseformer.cli.train import is_video_model
+    from sparseformer.cli.train import is_video_model, refuse_video_flags_on_images
     from sparseformer.data import Preprocessing, build_transform
     from sparseformer.data.images import IMAGE_EXTENSIONS, READ_ERRORS, open_rgb
     from sparseformer.data.video import VIDEO_EXTENSIONS
@@ -141,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_model_name(args.model)  # an unknown name fails before anything is read
     video_model = is_video_model(args.model)
+    refuse_video_flags_on_images(args, video_model, why=f"{args.model} takes images")
     args.images = _expand(args.images, video_model)  # every path checked before the model
     device = session.pick_device(args.device)
     session.set_threads(args.threads, DistInfo())
@@ -156,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     prep = BatchPrep(pre.mean, pre.std, torch.device(device))
     k = min(args.topk, len(names))
     failed = 0
-    video = _video_spec(model, info, pre, args.clips, args.crops) if video_model else None
+    video = _video_spec(model, info, pre, args) if video_model else None
     for path in args.images:
         if path.suffix.lower() in (IMAGE_EXTENSIONS if video_model else VIDEO_EXTENSIONS):
             if video_model:
@@ -174,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
             try:
                 probs = predict_video_file(model, str(path), video, device)
             except (VideoReadError, VideoDataError) as exc:
-                failed += _skip(path, f"cannot use this video ({exc})", args.json)
+                hint = "; lower --frames or --frame-stride" if "a clip needs" in str(exc) else ""
+                failed += _skip(path, f"cannot use this video ({exc}){hint}", args.json)
                 continue
         else:
             try:

@@ -177,8 +177,11 @@ def check_model_fits_data(model_name: str, args: argparse.Namespace) -> bool | N
     return video_data
 
 
-def refuse_video_flags_on_images(args: argparse.Namespace, video_data: bool | None) -> None:
-    """Clip flags given with image data are a mistake worth naming (``None``: unknown yet)."""
+def refuse_video_flags_on_images(
+    args: argparse.Namespace, video_data: bool | None, why: str = "the data are images"
+) -> None:
+    """Clip flags given with image data (or an image model: ``why``) are a mistake worth
+    naming (``None``: unknown yet)."""
     from sparseformer.cli import CliError
 
     given = [
@@ -191,7 +194,7 @@ def refuse_video_flags_on_images(args: argparse.Namespace, video_data: bool | No
         if value
     ]  # fmt: skip
     if video_data is False and given:
-        raise CliError(f"{', '.join(given)} apply to video folders only; the data are images")
+        raise CliError(f"{', '.join(given)} apply to videos only; {why}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -358,6 +361,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from sparseformer.engine.recipe import Recipe, RecipeError
     from sparseformer.engine.trainer import RunOptions, TrainingError, fit, seed_everything
+    from sparseformer.factory import read_checkpoint
 
     check_model_name(args.model)  # before any data is read
     try:
@@ -379,6 +383,16 @@ def run(args: argparse.Namespace) -> int:
         if video and recipe.cutmix > 0:  # timm's CutMix cuts the last two axes: T x H on clips
             logging.getLogger(__name__).info("video clips: CutMix is turned off")
             recipe = recipe.replace(cutmix=0.0)
+        aug = recipe.augmentation
+        unused = [name for name, on in (("RandAugment", aug.auto_augment),
+                  ("colour jitter", aug.color_jitter), ("random erasing", aug.re_prob))
+                  if on]  # fmt: skip
+        if video and unused:  # clips take one crop and flip for all frames, nothing else
+            logging.getLogger(__name__).info(
+                "video clips: the recipe's %s: not applied (clips take its crop scale and flip "
+                "only)",
+                ", ".join(unused),
+            )
         resume, saved = None, {}
         if args.resume and args.overwrite:
             raise CliError(
@@ -419,6 +433,9 @@ def run(args: argparse.Namespace) -> int:
         clips = saved.get("video") if isinstance(saved.get("video"), dict) else None
         if clips is not None:  # a resumed video run keeps its own clips, like its recipe
             args = _keep_run_clips(args, clips)
+        elif video and args.checkpoint is not None:  # fine-tuning: its clips, unless flagged
+            start = read_checkpoint(args.checkpoint)
+            clips = start.get("video") if isinstance(start.get("video"), dict) else None
         # per-epoch validation: one view per video
         source = data_source(args, views=False, saved=clips)
         check_output(args.output, "--output", folder=True)
@@ -452,7 +469,12 @@ def run(args: argparse.Namespace) -> int:
                 f"the data has {list(bundle.class_names)[:6]}...; resume on the same data, or "
                 "start a new run with --checkpoint to fine-tune"
             )
-        model = build_model(args.model, bundle.num_classes, pre.img_size, recipe.drop_path)
+        frames = bundle.clip_spec.num_frames if video and bundle.clip_spec else None
+        start_from = saved if resume is not None else args.checkpoint  # read once already
+        model = build_model(
+            args.model, bundle.num_classes, pre.img_size, recipe.drop_path, num_frames=frames,
+            replicates=session.video_replicates(args.model, start_from) if start_from else None,
+        )  # fmt: skip
         if args.checkpoint is not None and resume is None:
             load_weights(model, args.checkpoint)
         if dist.is_main:

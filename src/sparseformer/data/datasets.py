@@ -78,6 +78,13 @@ class DatasetBundle:
         return len(self.class_names)
 
 
+def _skipped_note(bundle: DatasetBundle) -> str:
+    if not bundle.skipped_files:
+        return ""
+    bad = "unreadable or too-short" if bundle.video else "unreadable"
+    return f", {len(bundle.skipped_files)} {bad} file(s) skipped"
+
+
 def dataset_defaults(source: DataSource) -> Preprocessing | None:
     """Preprocessing suited to a built-in data set (its own mean/std, no crop), else ``None``."""
     if source.dataset == "fashion-mnist":
@@ -183,6 +190,6 @@ def build_datasets(
         len(bundle.val),
         "videos" if bundle.video else "images",
         bundle.num_classes,
-        f", {len(bundle.skipped_files)} unreadable file(s) skipped" if bundle.skipped_files else "",
+        _skipped_note(bundle),
     )
     return bundle

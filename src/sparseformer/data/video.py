@@ -53,7 +53,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
+VIDEO_EXTENSIONS = (
+    *(".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"),
+    *(".ts", ".mts", ".m2ts", ".3gp", ".flv", ".wmv", ".ogv"),
+)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -121,10 +124,12 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
             if not container.streams.video:
                 raise VideoReadError(f"{path}: no video stream")
             container.streams.video[0].thread_type = "AUTO"
+            size = None  # the first frame's (width, height): every frame is returned at it
             for i, frame in enumerate(container.decode(video=0)):
                 decoded = i + 1
+                size = size or (frame.width, frame.height)
                 if wanted is None or i in wanted:
-                    frames[i] = frame.to_ndarray(format="rgb24")
+                    frames[i] = _upright_rgb(frame, size)
                 if last is not None and i >= last:
                     break
     except VideoReadError:
@@ -141,6 +146,20 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
             "file, or a header that claims more frames than the stream holds)"
         )
     return torch.from_numpy(np.stack([frames[i] for i in order]))
+
+
+def _upright_rgb(frame, size: tuple[int, int]) -> np.ndarray:
+    """A decoded frame as ``(H, W, 3)`` uint8 RGB at ``size`` (a stream that changes
+    resolution midway, as a joined recording can, is scaled to its first frame's), turned as
+    the stream's display matrix says (a phone's portrait video is stored landscape with a
+    rotation), as players show it."""
+    if (frame.width, frame.height) == size:
+        rgb = frame.to_ndarray(format="rgb24")
+    else:
+        rgb = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+    # PyAV's rotation: degrees the display turns the frame counterclockwise (0 before av 13)
+    turns = round(getattr(frame, "rotation", 0) / 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
 
 
 @dataclass(frozen=True)
@@ -351,9 +370,18 @@ class VideoFolder(Dataset):
         for path, reason in self.skipped:
             logger.warning("skipping video %s (%s)", path, reason)
         if not self.samples:
+            short = sum(r.startswith("too short") for _, r in self.skipped)
+            hint = (
+                f"; {short} are too short for clips of {spec.num_frames} frames"
+                + (f" {spec.stride} apart" if spec.sampling == "dense" else "")
+                + ": lower --frames or --frame-stride"
+                if short
+                else ""
+            )
             raise VideoDataError(
                 f"no usable videos under {str(self.root)!r} ({len(self.skipped)} skipped; "
-                f"extensions {', '.join(VIDEO_EXTENSIONS)}; at least {spec.min_frames} frames)"
+                f"extensions {', '.join(VIDEO_EXTENSIONS)}; at least {spec.min_frames} frames"
+                f"{hint})"
             )
         used = {label for _, label, _ in self.samples}
         empty = [name for label, name in enumerate(found) if label not in used]

@@ -56,6 +56,8 @@ def build_model(
     num_classes: int,
     img_size: int | None = None,
     drop_path: float | None = None,
+    num_frames: int | None = None,
+    replicates: int | None = None,
 ) -> nn.Module:
     """A fresh model ``name`` with ``num_classes`` outputs.
 
@@ -65,12 +67,20 @@ def build_model(
         img_size: input size, passed to timm models that take one (SparseFormers take any
             size).
         drop_path: stochastic-depth rate; ``None`` keeps the model's default.
+        num_frames: a video model's clip length (its config records it; it warns when
+            fewer than its token replicates); ``None`` keeps the model's default.
+        replicates: a video model's token replicates (a checkpoint's, from
+            :func:`~sparseformer.factory.checkpoint_replicates`); ``None``: the default.
     """
     kind = check_model_name(name)
     if kind == "sparseformer":
         overrides: dict[str, Any] = {}
         if drop_path is not None:
             overrides["drop_path_rate"] = drop_path
+        if num_frames is not None:
+            overrides["num_frames"] = num_frames
+        if replicates is not None:
+            overrides["replicates"] = replicates
         return create_model(name, num_classes=num_classes, **overrides)
     import timm
 

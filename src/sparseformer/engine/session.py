@@ -26,6 +26,7 @@ __all__ = [
     "weights_preprocessing",
     "checkpoint_info",
     "model_from_checkpoint",
+    "video_replicates",
     "resolve_preprocessing",
     "output_dir_ok",
 ]
@@ -116,6 +117,18 @@ def _head_classes(state: dict[str, Any]) -> int | None:
     return None
 
 
+def video_replicates(model_name: str, checkpoint: dict | str | os.PathLike) -> int | None:
+    """The token replicates of a video checkpoint for a video model ``model_name`` (one built
+    with other replicates than the default); ``None`` for anything else."""
+    from sparseformer.config import VideoSparseFormerConfig
+    from sparseformer.factory import checkpoint_replicates
+
+    spec = MODELS.get(model_name)
+    if spec is None or not isinstance(spec.config, VideoSparseFormerConfig):
+        return None
+    return checkpoint_replicates(checkpoint, spec.config.num_tokens)
+
+
 def model_from_checkpoint(
     model_name: str,
     checkpoint_path: str | os.PathLike,
@@ -159,7 +172,12 @@ def model_from_checkpoint(
     info["ema"] = prefer_ema and has_ema  # which weights were loaded
     pre = info.get("preprocessing")
     size = pre.get("img_size") if isinstance(pre, dict) else None  # timm models fix their size
-    model = build_model(model_name, classes, size if isinstance(size, int) else None)
+    model = build_model(
+        model_name,
+        classes,
+        size if isinstance(size, int) else None,
+        replicates=video_replicates(model_name, ckpt),
+    )
     if is_sparseformer(model):
         from sparseformer.factory import load_checkpoint
 

@@ -1,0 +1,108 @@
+"""Videos as users bring them: phone rotation, a resolution change midway, other containers,
+clips too long for the footage, models built with other token replicates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sparseformer import create_model
+from sparseformer.cli import main
+from sparseformer.data.video import VIDEO_EXTENSIONS, VideoDataError, VideoFolder, read_video
+
+from .test_video_data import make_folder, moving_square, write_clip
+
+av = pytest.importorskip("av")
+MODEL = "video_sparseformer_v1_micro"
+
+
+def test_a_rotated_phone_video_is_read_upright(tmp_path):
+    if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        pytest.skip("this PyAV cannot write a display matrix")
+    stored = np.zeros((6, 48, 64, 3), np.uint8)
+    stored[:, :, :16] = 255  # landscape as stored, white band on the left
+    path = tmp_path / "portrait.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(-90)  # a phone held upright: shown turned clockwise
+        for a in stored:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    frames = read_video(path)
+    assert frames.shape == (6, 64, 48, 3)  # portrait, as a player shows it
+    rows = frames[0, :, :, 0].float().mean(dim=1)  # the band turned clockwise: now on top
+    assert rows[:12].min() > 200 and rows[20:].max() < 50
+
+
+def test_a_video_that_changes_resolution_midway_is_read_at_its_first_size(tmp_path):
+    first, second = tmp_path / "a.ts", tmp_path / "b.ts"
+    write_clip(first, moving_square(6, size=32), codec="mpeg2video")
+    write_clip(second, np.full((6, 48, 48, 3), 255, np.uint8), codec="mpeg2video")
+    joined = tmp_path / "joined.ts"  # MPEG-TS files join by concatenation, as recorders do
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    frames = read_video(joined)
+    assert frames.shape[1:] == (32, 32, 3) and len(frames) >= 10  # a frame may go at the join
+    assert frames[-1].float().mean() > 200  # the second part, scaled, not dropped
+
+
+def test_common_camera_and_broadcast_containers_are_scanned(tmp_path):
+    assert {".ts", ".mts", ".3gp", ".flv", ".wmv", ".ogv"} <= set(VIDEO_EXTENSIONS)
+    make_folder(tmp_path / "v", bad=False)
+    extra = tmp_path / "v" / "val" / "left" / "camera.ts"
+    write_clip(extra, moving_square(10)[::-1].copy(), codec="mpeg2video")
+    folder = VideoFolder(tmp_path / "v" / "val", _spec(4, 2), train=False)
+    assert extra in [p for p, _, _ in folder.samples]
+
+
+def _spec(frames, stride):
+    from sparseformer.data.video import ClipSpec
+
+    return ClipSpec(num_frames=frames, stride=stride, size=16)
+
+
+def test_too_short_footage_says_which_flags_to_lower(tmp_path):
+    make_folder(tmp_path / "v", bad=False)  # 10-frame videos
+    with pytest.raises(VideoDataError, match="lower --frames or --frame-stride"):
+        VideoFolder(tmp_path / "v" / "train", _spec(8, 4), train=True)
+
+
+def test_predict_takes_clip_flags_and_refuses_them_for_image_models(tmp_path, capsys):
+    make_folder(tmp_path / "v", bad=False)
+    video = tmp_path / "v" / "val" / "left" / "0.mp4"  # 10 frames
+    torch.save(create_model(MODEL, num_classes=2).state_dict(), tmp_path / "m.pth")
+    argv = ["predict", "--model", MODEL, "--checkpoint", str(tmp_path / "m.pth"), str(video),
+            "--json"]  # fmt: skip
+    assert main(argv) == 1  # the model's 8 frames, 4 apart, need 29 frames: nothing to score
+    error = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]
+    assert "a clip needs at least 29" in error and "lower --frames" in error
+    assert main([*argv, "--frames", "4", "--frame-stride", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "predictions" in result, result
+    image_argv = ["predict", "--model", "sparseformer_v1_nano", "--checkpoint",
+                  str(tmp_path / "m.pth"), str(video), "--frames", "4"]  # fmt: skip
+    assert main(image_argv) == 1
+    assert "--frames apply to videos only; sparseformer_v1_nano takes images" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_model_built_with_other_replicates_loads_by_name(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = create_model(MODEL, num_classes=2, replicates=2).eval()
+    torch.save(model.state_dict(), tmp_path / "r2.pth")
+    again = create_model(MODEL, checkpoint_path=tmp_path / "r2.pth").eval()
+    assert again.config.replicates == 2
+    clip = torch.randn(1, 3, 4, 32, 32)
+    assert torch.equal(model(clip), again(clip))
+    make_folder(tmp_path / "v", bad=False)
+    code = main(["eval", "--model", MODEL, "--checkpoint", str(tmp_path / "r2.pth"),
+                 "--data-dir", str(tmp_path / "v"), "--frames", "4", "--frame-stride", "2",
+                 "--img-size", "32", "--json", "--quiet"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 4
