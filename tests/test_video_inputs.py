@@ -106,3 +106,41 @@ def test_a_model_built_with_other_replicates_loads_by_name(tmp_path, capsys):
                  "--img-size", "32", "--json", "--quiet"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 4
+    video = tmp_path / "v" / "val" / "left" / "0.mp4"
+    code = main(["viz", "--model", MODEL, "--checkpoint", str(tmp_path / "r2.pth"),
+                 "--out", str(tmp_path / "pictures"), "--img-size", "32", "--no-gif",
+                 str(video)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+
+
+class _Frame:
+    """What read_video uses of a PyAV frame: size, display rotation, RGB conversion."""
+
+    def __init__(self, width, height, rotation):
+        self.width, self.height, self.rotation = width, height, rotation
+
+    def to_ndarray(self, format, width=None, height=None):  # noqa: A002 - PyAV's name
+        w, h = width or self.width, height or self.height
+        rgb = np.zeros((h, w, 3), np.uint8)
+        rgb[:, : w // 4] = 255  # a band on the stored frame's left
+        return rgb
+
+
+def test_rotation_or_size_changing_midway_keeps_every_frame_at_the_first_shown_size():
+    from sparseformer.data.video import _quarter_turns, _upright_rgb
+
+    first = _Frame(64, 48, -90)  # a phone's portrait frame: shown 48 wide, 64 tall
+    turns = _quarter_turns(first)
+    shown = (first.height, first.width) if turns % 2 else (first.width, first.height)
+    for frame in (first, _Frame(48, 64, 0), _Frame(96, 72, -90), _Frame(30, 20, 180)):
+        assert _upright_rgb(frame, shown).shape == (64, 48, 3)
+    upright = _upright_rgb(first, shown)
+    assert upright[:16, :, 0].min() == 255 and upright[20:, :, 0].max() == 0  # band on top
+
+
+def test_too_few_frames_for_the_token_replicates_warn(caplog):
+    from sparseformer.engine.modeling import build_model
+
+    with caplog.at_level("WARNING"):
+        model = build_model(MODEL, 2, num_frames=2)  # 4 replicates: 2 time slices read padding
+    assert model.config.num_frames == 2 and "2 frames for 4 token replicates" in caplog.text

@@ -272,7 +272,11 @@ def load_model_for_viz(
     if ckpt is None:
         model = create_model(name)
     else:
-        model = create_model(name, num_classes=checkpoint_num_classes(ckpt))
+        from sparseformer.engine.session import video_replicates
+
+        replicates = video_replicates(name, ckpt)
+        extra = {"replicates": replicates} if replicates is not None else {}
+        model = create_model(name, num_classes=checkpoint_num_classes(ckpt), **extra)
         load_checkpoint(model, ckpt, allow_classifier_mismatch=False)
         meta = checkpoint_metadata(ckpt)
         info = ModelInfo(

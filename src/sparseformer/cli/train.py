@@ -393,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
                 "only)",
                 ", ".join(unused),
             )
-        resume, saved = None, {}
+        resume, saved, start = None, {}, None  # start: the --checkpoint dict, when read
         if args.resume and args.overwrite:
             raise CliError(
                 "--overwrite starts the run over and --resume continues it; give one of them"
@@ -470,13 +470,15 @@ def run(args: argparse.Namespace) -> int:
                 "start a new run with --checkpoint to fine-tune"
             )
         frames = bundle.clip_spec.num_frames if video and bundle.clip_spec else None
-        start_from = saved if resume is not None else args.checkpoint  # read once already
+        if start is None and resume is None:
+            start = args.checkpoint  # a path; read by whichever of the two needs it
+        start_from = saved if resume is not None else start
         model = build_model(
             args.model, bundle.num_classes, pre.img_size, recipe.drop_path, num_frames=frames,
             replicates=session.video_replicates(args.model, start_from) if start_from else None,
         )  # fmt: skip
         if args.checkpoint is not None and resume is None:
-            load_weights(model, args.checkpoint)
+            load_weights(model, start)
         if dist.is_main:
             n = sum(p.numel() for p in model.parameters())
             what, size = "images", f"{pre.img_size}px"

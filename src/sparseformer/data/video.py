@@ -124,12 +124,14 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
             if not container.streams.video:
                 raise VideoReadError(f"{path}: no video stream")
             container.streams.video[0].thread_type = "AUTO"
-            size = None  # the first frame's (width, height): every frame is returned at it
+            shown = None  # the first frame's (width, height) as shown: every frame's size
             for i, frame in enumerate(container.decode(video=0)):
                 decoded = i + 1
-                size = size or (frame.width, frame.height)
+                if shown is None:
+                    w, h = frame.width, frame.height
+                    shown = (h, w) if _quarter_turns(frame) % 2 else (w, h)
                 if wanted is None or i in wanted:
-                    frames[i] = _upright_rgb(frame, size)
+                    frames[i] = _upright_rgb(frame, shown)
                 if last is not None and i >= last:
                     break
     except VideoReadError:
@@ -148,17 +150,34 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
     return torch.from_numpy(np.stack([frames[i] for i in order]))
 
 
-def _upright_rgb(frame, size: tuple[int, int]) -> np.ndarray:
-    """A decoded frame as ``(H, W, 3)`` uint8 RGB at ``size`` (a stream that changes
-    resolution midway, as a joined recording can, is scaled to its first frame's), turned as
-    the stream's display matrix says (a phone's portrait video is stored landscape with a
-    rotation), as players show it."""
-    if (frame.width, frame.height) == size:
+def _quarter_turns(frame) -> int:
+    """Counterclockwise quarter turns that show ``frame`` as players do: PyAV's
+    ``VideoFrame.rotation``, the display matrix's angle (a phone's portrait video is stored
+    landscape with -90)."""
+    if not hasattr(frame, "rotation"):  # PyAV releases before the attribute
+        global _WARNED_NO_ROTATION
+        if not _WARNED_NO_ROTATION:
+            _WARNED_NO_ROTATION = True
+            logger.warning("this PyAV (%s) does not report a video's display rotation, so "
+                           "rotated (phone) videos stay as stored; pip install -U av",
+                           getattr(_av(), "__version__", "?"))  # fmt: skip
+        return 0
+    return round((frame.rotation or 0) / 90) % 4
+
+
+_WARNED_NO_ROTATION = False
+
+
+def _upright_rgb(frame, shown: tuple[int, int]) -> np.ndarray:
+    """A decoded frame as ``(H, W, 3)`` uint8 RGB, turned as the stream's display matrix says
+    and at ``shown`` = (width, height) after turning: a stream that changes resolution or
+    rotation midway (a joined recording) comes out at its first frame's size."""
+    turns = _quarter_turns(frame)
+    width, height = (shown[1], shown[0]) if turns % 2 else shown  # the size before turning
+    if (frame.width, frame.height) == (width, height):
         rgb = frame.to_ndarray(format="rgb24")
     else:
-        rgb = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
-    # PyAV's rotation: degrees the display turns the frame counterclockwise (0 before av 13)
-    turns = round(getattr(frame, "rotation", 0) / 90) % 4
+        rgb = frame.to_ndarray(format="rgb24", width=width, height=height)
     return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
 
 
