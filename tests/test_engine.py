@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from sparseformer import create_model
 from sparseformer.data import DatasetBundle, Preprocessing
 from sparseformer.engine import checkpoint as ckpt_io
+from sparseformer.engine.loop import BatchPrep
 from sparseformer.engine.optim import LRSchedule, build_optimizer
 from sparseformer.engine.recipe import RecipeError, list_recipes, load_recipe
 from sparseformer.engine.trainer import RunOptions, TrainingError, fit
@@ -120,6 +121,35 @@ def test_atomic_save_and_rng_round_trip(tmp_path):
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0])
     assert np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_a_resume_restores_this_gpus_generator_whatever_was_saved(monkeypatch):
+    # no GPU here: the CUDA calls are recorded, the choice of state is what is tested
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: calls.append(int(s[0])))
+    base = ckpt_io.capture_rng()  # CPU only: CUDA was never initialised
+    assert "cuda" not in base
+    states = [torch.full((4,), i, dtype=torch.uint8) for i in range(3)]
+    ckpt_io.restore_rng({**base, "cuda": states[2]})  # this format: this process's GPU
+    ckpt_io.restore_rng({**base, "cuda": states})  # older: every GPU; GPU 1 takes its own
+    ckpt_io.restore_rng({**base, "cuda": states[:1]})  # saved with fewer GPUs: none to take
+    assert calls == [2, 1]
+
+
+def test_batch_normalisation_is_made_once_per_shape():
+    prep = BatchPrep((0.5, 0.25, 0.0), (0.5, 0.5, 1.0), torch.device("cpu"))
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    first, _ = prep(x, torch.zeros(2), train=False)
+    again, _ = prep(x, torch.zeros(2), train=False)
+    expected = (x.float() / 255 - torch.tensor([0.5, 0.25, 0.0]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.5, 0.5, 1.0]
+    ).view(1, 3, 1, 1)
+    assert torch.allclose(first, expected, atol=1e-6) and torch.equal(first, again)
+    clip, _ = prep(x.unsqueeze(2), torch.zeros(2), train=False)  # (B, C, T, H, W)
+    assert torch.allclose(clip.squeeze(2), expected, atol=1e-6)
+    assert prep._scaled(4) is prep._scaled(4)
 
 
 class Pixels(Dataset):

@@ -153,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
         # a batch of B videos holds B x V clips (the model sees one view at a time, but the
         # loader builds them all): keep the clips per batch at --batch-size
         batch_size = max(1, batch_size // source.video.num_views)
-    loader = build_eval_loader(bundle.val, batch_size, args.workers)
+    loader = build_eval_loader(
+        bundle.val, batch_size, args.workers, pin_memory=device.startswith("cuda")
+    )
     prep = BatchPrep(pre.mean, pre.std, torch.device(device))
     progress = not args.quiet and sys.stderr.isatty()
     metrics = evaluate(model, loader, prep, DistInfo(), amp, progress)

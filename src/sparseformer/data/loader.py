@@ -93,10 +93,13 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
     repeated_aug: int = 0,
+    pin_memory: bool | None = None,
 ) -> DataLoader:
     """Shuffled, sharded training loader (drops the last incomplete batch, for Mixup).
 
-    Call ``loader.sampler.set_epoch(epoch)`` before each epoch.
+    Call ``loader.sampler.set_epoch(epoch)`` before each epoch. ``pin_memory``: page-locked
+    batches for a CUDA device (``None``: when CUDA is available); pinning starts a CUDA
+    context, so a CPU run on a GPU host passes ``False``.
     """
     if repeated_aug > 1 and world_size > 1:
         # shuffles with the epoch as seed (set_epoch), like DeiT's sampler
@@ -119,19 +122,24 @@ def build_train_loader(
         num_workers=num_workers,
         collate_fn=collate,
         drop_last=True,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
     )
 
 
 def build_eval_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool | None = None,
 ) -> DataLoader:
-    """Ordered evaluation loader over this rank's shard."""
+    """Ordered evaluation loader over this rank's shard (``pin_memory`` as for training)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=ShardSampler(len(dataset), rank, world_size),
         num_workers=num_workers,
         collate_fn=collate,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
     )

@@ -38,7 +38,10 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``obj`` to ``path`` through a temporary file and an atomic rename.
 
     A kill at any moment leaves either the previous file or the new one, never half a file.
+    Tensors are written as CPU tensors, so a plain ``torch.load(path, weights_only=True)``
+    reads a GPU run's checkpoint on a machine without one.
     """
+    obj = _on_cpu(obj)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -51,6 +54,17 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _on_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor inside dicts, lists and tuples moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
 
 
 def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -80,8 +94,8 @@ def capture_rng() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's GPU only: a resume may see
+    return state  # fewer GPUs than this run (another node, CUDA_VISIBLE_DEVICES)
 
 
 def restore_rng(state: dict[str, Any]) -> None:
@@ -94,5 +108,10 @@ def restore_rng(state: dict[str, Any]) -> None:
          n["cached_gaussian"])
     )  # fmt: skip
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's state
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)

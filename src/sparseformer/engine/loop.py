@@ -51,13 +51,22 @@ class BatchPrep:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if x.dtype == torch.uint8:
-            shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcast over (B, C, [T,] H, W)
-            mean = torch.tensor(self.mean, device=self.device).view(shape) * 255
-            std = torch.tensor(self.std, device=self.device).view(shape) * 255
+            mean, std = self._scaled(x.ndim)
             x = (x.float() - mean) / std
         if train and self.random_erasing is not None and x.ndim == 4:
             x = self.random_erasing(x)
         return x, y
+
+    def _scaled(self, ndim: int) -> tuple[Tensor, Tensor]:
+        """``255 x`` mean and std on the device, shaped to broadcast over ``ndim``-D batches;
+        made once per shape (a host-to-device copy per batch would stall a GPU each step)."""
+        cache = self.__dict__.setdefault("_cache", {})
+        if ndim not in cache:
+            shape = (1, -1) + (1,) * (ndim - 2)  # broadcast over (B, C, [T,] H, W)
+            cache[ndim] = tuple(
+                torch.tensor(v, device=self.device).view(shape) * 255 for v in (self.mean, self.std)
+            )
+        return cache[ndim]
 
 
 @dataclass
@@ -148,7 +157,13 @@ def train_one_epoch(
         loss_sum += loss.detach().double() * len(y)
         seen += len(y)
         if (i + 1) % check_every == 0:
-            value = loss_sum.item() / seen  # one sync per check_every steps
+            # one sync per check_every steps, summed over ranks (every rank runs the same
+            # number of steps), so that all stop together instead of one leaving the others
+            # waiting in DDP's gradient all-reduce
+            sums = all_reduce_sum(
+                torch.stack([loss_sum, torch.tensor(float(seen), **_like(loss_sum))]), dist
+            )
+            value = (sums[0] / sums[1]).item()
             if not math.isfinite(value):
                 raise NonFiniteLossError(f"loss is {value} at step {step}")
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")

@@ -188,12 +188,13 @@ def fit(
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
     workers = _workers(recipe.num_workers, dist)
+    pin = device.type == "cuda"
     train_loader = build_train_loader(
         data.train, recipe.batch_size, workers, options.seed,
-        dist.rank, dist.world_size, recipe.repeated_aug,
+        dist.rank, dist.world_size, recipe.repeated_aug, pin_memory=pin,
     )  # fmt: skip
     val_loader = build_eval_loader(
-        data.val, 2 * recipe.batch_size, workers, dist.rank, dist.world_size
+        data.val, 2 * recipe.batch_size, workers, dist.rank, dist.world_size, pin_memory=pin
     )
     if recipe.warmup_epochs >= recipe.epochs and dist.is_main:
         logger.warning(
@@ -289,7 +290,9 @@ def fit(
             ) from exc
         step = int(stats["steps"])
         train_seconds += stats["epoch_seconds"]
-        val = evaluate(net, val_loader, prep, dist, amp, progress)
+        # the module itself: DDP adds nothing to evaluation, and its first no-grad forward
+        # broadcasts buffers, a collective a rank with no validation batch would never join
+        val = evaluate(model, val_loader, prep, dist, amp, progress)
         record = {
             "epoch": epoch + 1,
             "step": step,

@@ -92,15 +92,20 @@ def sampling_points(rois: Tensor, offsets: Tensor) -> Tensor:
 
 
 class _ClampGrad(torch.autograd.Function):
-    """Identity forward; backward clamps the incoming gradient to ``[-bound, bound]``."""
+    """Identity forward; backward clamps the incoming gradient to ``[-bound, bound]``
+    (``bound`` a Python float, or a scalar tensor on the gradient's device)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, bound: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(bound)
+    def forward(ctx, x: Tensor, bound: float | Tensor) -> Tensor:  # type: ignore[override]
+        if torch.is_tensor(bound):
+            ctx.save_for_backward(bound)
+        ctx.bound = None if torch.is_tensor(bound) else bound
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        if ctx.bound is not None:  # a float: no tensor, no host-to-device copy (a GPU sync)
+            return grad.clamp(-ctx.bound, ctx.bound), None
         (bound,) = ctx.saved_tensors
         return torch.minimum(torch.maximum(grad, -bound), bound), None
 
@@ -120,7 +125,7 @@ def clamp_coordinate_grad(points: Tensor, bound: float | Tensor) -> Tensor:
     if not (torch.is_grad_enabled() and points.requires_grad) or torch.jit.is_tracing():
         return points  # no backward, nothing to clamp (and no node in an exported graph)
     if not torch.is_tensor(bound):
-        bound = torch.tensor(float(bound), device=points.device, dtype=points.dtype)
+        return _ClampGrad.apply(points, float(bound))
     return _ClampGrad.apply(points, bound.to(device=points.device, dtype=points.dtype))
 
 
