@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
 
 import numpy as np
@@ -113,6 +114,11 @@ def test_atomic_save_and_rng_round_trip(tmp_path):
     expected = (torch.rand(3), np.random.rand(3), random.random())
     ckpt_io.save_atomic({"model": {}, "step": 0, "rng": state}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary left behind
+    weights = torch.nn.BatchNorm1d(2).state_dict()  # an OrderedDict with version _metadata
+    ckpt_io.save_atomic({"model": weights}, tmp_path / "bn.pt")
+    again = torch.load(tmp_path / "bn.pt", weights_only=True)["model"]
+    assert again._metadata == weights._metadata and again.keys() == weights.keys()
+    (tmp_path / "bn.pt").unlink()
     loaded = ckpt_io.read_training_checkpoint(path)  # weights_only=True
     torch.manual_seed(99)
     np.random.seed(99)
@@ -128,14 +134,17 @@ def test_a_resume_restores_this_gpus_generator_whatever_was_saved(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: calls.append(int(s[0])))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: calls.append((int(s[0]), str(d))))
     base = ckpt_io.capture_rng()  # CPU only: CUDA was never initialised
     assert "cuda" not in base
     states = [torch.full((4,), i, dtype=torch.uint8) for i in range(3)]
     ckpt_io.restore_rng({**base, "cuda": states[2]})  # this format: this process's GPU
     ckpt_io.restore_rng({**base, "cuda": states})  # older: every GPU; GPU 1 takes its own
     ckpt_io.restore_rng({**base, "cuda": states[:1]})  # saved with fewer GPUs: none to take
-    assert calls == [2, 1]
+    ckpt_io.restore_rng({**base, "cuda": states}, torch.device("cuda", 0))  # a given device
+    ckpt_io.restore_rng({**base, "cuda": states[2]}, "cpu")  # a CPU run: no GPU state
+    assert calls == [(2, "cuda:1"), (1, "cuda:1"), (0, "cuda:0")]
 
 
 def test_batch_normalisation_is_made_once_per_shape():
@@ -150,6 +159,10 @@ def test_batch_normalisation_is_made_once_per_shape():
     clip, _ = prep(x.unsqueeze(2), torch.zeros(2), train=False)  # (B, C, T, H, W)
     assert torch.allclose(clip.squeeze(2), expected, atol=1e-6)
     assert prep._scaled(4) is prep._scaled(4)
+    prep.mean = (0.0, 0.0, 0.0)  # a changed mean is not served from the cache
+    assert torch.allclose(prep(x, torch.zeros(2), train=False)[0], x.float() / 255 / torch.tensor(
+        [0.5, 0.5, 1.0]).view(1, 3, 1, 1), atol=1e-6)  # fmt: skip
+    assert "_cache" not in pickle.loads(pickle.dumps(prep)).__dict__
 
 
 class Pixels(Dataset):

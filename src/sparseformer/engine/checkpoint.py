@@ -9,6 +9,7 @@ names, preprocessing) let ``--resume`` continue the same trajectory.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -28,6 +29,8 @@ __all__ = [
     "capture_rng",
     "restore_rng",
 ]
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 LAST = "last.pt"
@@ -57,13 +60,23 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def _on_cpu(obj: Any) -> Any:
-    """``obj`` with every tensor inside dicts, lists and tuples moved to the CPU."""
+    """``obj`` with every tensor that is not on the CPU moved there. Containers without such
+    tensors come back as they are (an ``OrderedDict`` state dict keeps its ``_metadata``)."""
     if isinstance(obj, torch.Tensor):
-        return obj.cpu()
+        return obj if obj.device.type == "cpu" else obj.cpu()
     if isinstance(obj, dict):
-        return {k: _on_cpu(v) for k, v in obj.items()}
+        moved = {k: _on_cpu(v) for k, v in obj.items()}
+        if all(moved[k] is v for k, v in obj.items()):
+            return obj
+        new = type(obj)(moved) if type(obj) is not dict else moved
+        if hasattr(obj, "_metadata"):
+            new._metadata = obj._metadata
+        return new
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_on_cpu(v) for v in obj)
+        moved = [_on_cpu(v) for v in obj]
+        if all(m is v for m, v in zip(moved, obj)):
+            return obj
+        return obj._make(moved) if hasattr(obj, "_make") else type(obj)(moved)
     return obj
 
 
@@ -80,8 +93,9 @@ def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def capture_rng() -> dict[str, Any]:
-    """Python, NumPy and torch (CPU and CUDA) generator states, in a ``weights_only`` form."""
+def capture_rng(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Python, NumPy and torch generator states, in a ``weights_only`` form, with the CUDA
+    generator of ``device`` (``None``: the current CUDA device) when CUDA is in use."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -93,13 +107,26 @@ def capture_rng() -> dict[str, Any]:
         },
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # this process's GPU only: a resume may see
-    return state  # fewer GPUs than this run (another node, CUDA_VISIBLE_DEVICES)
+    gpu = _cuda_device(device)
+    if gpu is not None and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state(gpu)  # this process's GPU only: a resume may
+    return state  # see fewer GPUs than this run (another node, CUDA_VISIBLE_DEVICES)
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng`."""
+def _cuda_device(device: torch.device | str | None) -> torch.device | None:
+    """The CUDA device whose generator a process uses: ``device``, or the current one."""
+    if not torch.cuda.is_available():
+        return None
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type != "cuda":
+        return None
+    if device is None or device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def restore_rng(state: dict[str, Any], device: torch.device | str | None = None) -> None:
+    """Inverse of :func:`capture_rng` (``device`` as there)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
@@ -108,10 +135,13 @@ def restore_rng(state: dict[str, Any]) -> None:
          n["cached_gaussian"])
     )  # fmt: skip
     torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's state
-            index = torch.cuda.current_device()
-            cuda = cuda[index] if index < len(cuda) else None
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
+    cuda, gpu = state.get("cuda"), _cuda_device(device)
+    if cuda is None or gpu is None:
+        return
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's state
+        if gpu.index >= len(cuda):
+            logger.warning("the checkpoint holds no CUDA generator state for %s; its random "
+                           "draws start afresh, so the resumed run differs", gpu)  # fmt: skip
+            return
+        cuda = cuda[gpu.index]
+    torch.cuda.set_rng_state(cuda, gpu)

@@ -21,6 +21,7 @@ __all__ = [
     "cleanup_distributed",
     "all_reduce_sum",
     "broadcast_object",
+    "broadcast_buffers",
     "weights_in_sync",
     "gather_objects",
 ]
@@ -82,6 +83,15 @@ def all_reduce_sum(values: Tensor, info: DistInfo) -> Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def broadcast_buffers(module: nn.Module, info: DistInfo) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), as DDP does before a
+    forward, so that evaluating the bare module scores the weights rank 0 saves."""
+    if info.enabled:
+        with torch.no_grad():
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
 
 
 def broadcast_object(obj, info: DistInfo):

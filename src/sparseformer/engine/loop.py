@@ -59,14 +59,19 @@ class BatchPrep:
 
     def _scaled(self, ndim: int) -> tuple[Tensor, Tensor]:
         """``255 x`` mean and std on the device, shaped to broadcast over ``ndim``-D batches;
-        made once per shape (a host-to-device copy per batch would stall a GPU each step)."""
+        made once (a host-to-device copy per batch would stall a GPU each step), and made
+        again when the device, mean or std change."""
+        key = (ndim, str(self.device), tuple(self.mean), tuple(self.std))
         cache = self.__dict__.setdefault("_cache", {})
-        if ndim not in cache:
+        if key not in cache:
             shape = (1, -1) + (1,) * (ndim - 2)  # broadcast over (B, C, [T,] H, W)
-            cache[ndim] = tuple(
+            cache[key] = tuple(
                 torch.tensor(v, device=self.device).view(shape) * 255 for v in (self.mean, self.std)
             )
-        return cache[ndim]
+        return cache[key]
+
+    def __getstate__(self) -> dict:  # pickled without the cache (it may hold GPU tensors)
+        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
 
 
 @dataclass
@@ -92,6 +97,14 @@ class StepTools:
     clip_grad: float | None = None
     mixup: Callable | None = None
     ema: nn.Module | None = None
+
+
+def _scale_tensor(scaler) -> Tensor | float:
+    """A GradScaler's scale without a device-to-host read: its scale tensor where this torch
+    exposes it (``_get_scale_async``), else the float ``get_scale()`` (one sync a step)."""
+    scale = getattr(scaler, "_get_scale_async", None)
+    value = scale() if scale is not None else None
+    return value if torch.is_tensor(value) else scaler.get_scale()
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -134,7 +147,7 @@ def train_one_epoch(
         with _autocast(device, tools.amp_dtype):
             if sparse and tools.scaler is not None:
                 # the clamp keeps the coordinate gradient's size independent of fp16 loss scale
-                logits = model(x, coord_grad_scale=tools.scaler.get_scale())
+                logits = model(x, coord_grad_scale=_scale_tensor(tools.scaler))
             else:
                 logits = model(x)
             loss = tools.criterion(logits, y)

@@ -32,6 +32,7 @@ from sparseformer.engine import checkpoint as ckpt_io
 from sparseformer.engine.distributed import (
     DistInfo,
     all_reduce_sum,
+    broadcast_buffers,
     gather_objects,
     setup_distributed,
     weights_in_sync,
@@ -256,7 +257,7 @@ def fit(
         x, y = val_loader.collate_fn([data.val[i] for i in idx])
         roi_batch = prep(x, y, train=False)[0] if len(y) else None
     if rng_states is not None:  # after every RNG use of the set-up, as in the first run
-        ckpt_io.restore_rng(rng_states[min(dist.rank, len(rng_states) - 1)])
+        ckpt_io.restore_rng(rng_states[min(dist.rank, len(rng_states) - 1)], device)
     else:  # ranks share the model's initialisation but not their augmentation
         seed_everything(options.seed + dist.rank)
 
@@ -292,6 +293,7 @@ def fit(
         train_seconds += stats["epoch_seconds"]
         # the module itself: DDP adds nothing to evaluation, and its first no-grad forward
         # broadcasts buffers, a collective a rank with no validation batch would never join
+        broadcast_buffers(model, dist)  # rank 0's BatchNorm statistics, which it saves
         val = evaluate(model, val_loader, prep, dist, amp, progress)
         record = {
             "epoch": epoch + 1,
@@ -307,6 +309,7 @@ def fit(
             "train_seconds": train_seconds,
         }
         if ema is not None:
+            broadcast_buffers(ema.module, dist)
             ema_val = evaluate(ema.module, val_loader, prep, dist, amp, progress)
             record.update(ema_val_loss=ema_val["loss"], ema_val_acc1=ema_val["acc1"])
             record.update(ema_val_acc5=ema_val["acc5"])
@@ -314,7 +317,7 @@ def fit(
         is_best = record["val_acc1"] > best
         if is_best:
             best, best_epoch = record["val_acc1"], epoch + 1
-        rng = gather_objects(ckpt_io.capture_rng(), dist)  # every rank's generators
+        rng = gather_objects(ckpt_io.capture_rng(device), dist)  # every rank's generators
         if dist.is_main:
             log.append(record)
             state = {
