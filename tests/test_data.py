@@ -163,3 +163,18 @@ def test_unknown_dataset_and_both_sources_are_refused(tmp_path):
         DataSource(dataset="cifar-7")
     with pytest.raises(DataError, match="exactly one of --data-dir"):
         DataSource(data_dir=tmp_path, dataset="fashion-mnist")
+
+
+def test_randaugment_strongest_posterize_does_not_stop_training():
+    # rand-m9-mstd0.5-inc1 (the ImageNet recipe) reaches magnitude 10 in about 2% of draws:
+    # PosterizeIncreasing then keeps 0 bits, which Pillow 13 refuses with a ValueError
+    import timm.data.auto_augment as aa
+
+    from sparseformer.data.transforms import build_transform
+
+    build_transform(Preprocessing(img_size=16), Augmentation(auto_augment="rand-m9-mstd0.5-inc1"))
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    for name in ("PosterizeIncreasing", "Posterize"):
+        strongest = aa.AugmentOp(name, prob=1.0, magnitude=10 if "Inc" in name else 0)
+        assert strongest(image).getpixel((0, 0)) == (0, 0, 0)  # every bit dropped
+    assert aa.AugmentOp("PosterizeOriginal", prob=1.0, magnitude=10)(image) is image
