@@ -74,3 +74,30 @@ def test_two_cpu_processes_train_as_one(tmp_path):
     peak, start, _ = recipe.scaled_lr(64)
     assert record["lr"] == pytest.approx(start + (peak - start) * 3 / 400)
     assert record["images_per_second"] > 0 and Path(summary["metrics"]).exists()
+
+
+BUFFERS = """
+import sys, torch, torch.distributed as dist
+from sparseformer.engine.distributed import broadcast_buffers, setup_distributed
+
+info = setup_distributed("cpu")
+norm = torch.nn.BatchNorm1d(3)
+norm.running_mean.fill_(float(info.rank + 1))  # each rank's own statistics
+broadcast_buffers(norm, info)
+torch.save(norm.state_dict(), sys.argv[1] + f"/rank{info.rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_every_rank_evaluates_with_rank_0s_buffers(tmp_path):
+    # evaluation runs the bare module (DDP's own broadcast hangs a rank with no batch), so
+    # BatchNorm statistics must come from rank 0, whose weights are the ones saved
+    script = tmp_path / "buffers.py"
+    script.write_text(BUFFERS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(state["running_mean"], torch.ones(3)), rank
