@@ -206,14 +206,11 @@ def build_model(
         extra = {"num_frames": num_frames} if video and num_frames is not None else {}
         return create_model(name, num_classes=num_classes, **extra)
     if not timm.is_model(name):
-        import difflib
+        from sparseformer.engine.modeling import close_model_names
 
-        pool = sorted({*MODELS, *timm.list_models()})  # ours are registered with timm too
-        close = difflib.get_close_matches(name, pool, n=4, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise BenchError(
-            f"unknown model {name!r}{hint} (neither a SparseFormer name, see `sparseformer "
-            "models`, nor a timm model name)"
+            f"unknown model {name!r}{close_model_names(name)} (neither a SparseFormer name, "
+            "see `sparseformer models`, nor a timm model name)"
         )
     default_size = timm.get_pretrained_cfg_value(name, "input_size") or (3, 224, 224)
     if img_size != default_size[-1]:

@@ -41,6 +41,7 @@ __all__ = [
     "load_checkpoint",
     "check_all_keys_mapped",
     "checkpoint_num_classes",
+    "checkpoint_replicates",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,12 +92,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {str(path)!r} is empty")
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
 
         try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), "pt") as f:
+            with safe_open(str(path), "pt") as f:  # the tensors and the metadata in one read
                 metadata = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(
                 f"{str(path)!r} is not a readable safetensors file ({exc}); "
@@ -239,10 +239,17 @@ def checkpoint_num_classes(checkpoint: str | Path | dict) -> int:
     return int(head.shape[0]) if head is not None else 0
 
 
-def checkpoint_replicates(checkpoint: str | Path | dict, num_tokens: int) -> int | None:
-    """Token replicates R of a video checkpoint (its ``(N x R, 6)`` initial RoIs); ``None``
-    for an image checkpoint (``(N, 4)`` RoIs, inflated on loading) or a count that is not a
-    multiple of ``num_tokens`` (the shape check on loading then names it)."""
+def checkpoint_replicates(
+    checkpoint: str | Path | dict, model: str | SparseFormerConfig
+) -> int | None:
+    """Token replicates R of a video checkpoint (its ``(N x R, 6)`` initial RoIs) for
+    ``model``, a registered name or a config. ``None`` (and nothing read) when the model is
+    not a video SparseFormer; ``None`` too for an image checkpoint (``(N, 4)`` RoIs, inflated
+    on loading) or a count that is not a multiple of N (the shape check on loading names it)."""
+    config = getattr(MODELS.get(model), "config", None) if isinstance(model, str) else model
+    if not isinstance(config, VideoSparseFormerConfig):
+        return None
+    num_tokens = config.num_tokens
     source = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     state, _ = unwrap_checkpoint(source)
     rois = convert_state_dict(state)[0].get("initial_rois")
@@ -356,14 +363,9 @@ def create_model(
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint is not None and num_classes is None:  # the trained classifier, as it is
         num_classes = checkpoint_num_classes(checkpoint)
-    if (
-        checkpoint is not None
-        and isinstance(config, VideoSparseFormerConfig)
-        and "replicates" not in overrides
-    ):  # a video model built with other replicates: the checkpoint's count of token copies
-        replicates = checkpoint_replicates(
-            checkpoint, overrides.get("num_tokens", config.num_tokens)
-        )
+    if checkpoint is not None and "replicates" not in overrides:
+        # a video model built with other replicates: the checkpoint's count of token copies
+        replicates = checkpoint_replicates(checkpoint, dataclasses.replace(config, **overrides))
         if replicates is not None and replicates != config.replicates:
             logger.info("%s: the checkpoint holds %d token replicates (the default is %d)",
                         name, replicates, config.replicates)  # fmt: skip

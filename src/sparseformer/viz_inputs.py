@@ -241,6 +241,7 @@ def load_model_for_viz(
     """
     from sparseformer.factory import (
         checkpoint_num_classes,
+        checkpoint_replicates,
         create_model,
         get_model_spec,
         load_checkpoint,
@@ -272,9 +273,7 @@ def load_model_for_viz(
     if ckpt is None:
         model = create_model(name)
     else:
-        from sparseformer.engine.session import video_replicates
-
-        replicates = video_replicates(name, ckpt)
+        replicates = checkpoint_replicates(ckpt, name)
         extra = {"replicates": replicates} if replicates is not None else {}
         model = create_model(name, num_classes=checkpoint_num_classes(ckpt), **extra)
         load_checkpoint(model, ckpt, allow_classifier_mismatch=False)

@@ -119,8 +119,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         pre = dataset_defaults(source) or session.weights_preprocessing(args.model)
     saved_names = saved.get("class_names")
-    saved_pre = saved.get("preprocessing")
-    saved_size = saved_pre.get("img_size") if isinstance(saved_pre, dict) else None
+    saved_size = session.stored_img_size(saved)
     del saved
     pre = session.resolve_preprocessing(pre, args.img_size, None, None)
     try:

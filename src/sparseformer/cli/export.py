@@ -101,15 +101,15 @@ def run(args: argparse.Namespace) -> int:
 def _stored_input(checkpoint: str | None) -> dict[str, int]:
     """``img_size`` and ``num_frames`` a ``sparseformer train`` checkpoint records; empty for
     none, an official file or a bare state dict."""
-    from sparseformer.engine.session import checkpoint_info
+    from sparseformer.engine.session import stored_img_size
     from sparseformer.factory import read_checkpoint
 
     if checkpoint is None:
         return {}
-    info = checkpoint_info(read_checkpoint(checkpoint))
+    saved = read_checkpoint(checkpoint)
     stored = {}
-    if isinstance(info.get("preprocessing"), dict) and "img_size" in info["preprocessing"]:
-        stored["img_size"] = int(info["preprocessing"]["img_size"])
-    if isinstance(info.get("video"), dict) and "num_frames" in info["video"]:
-        stored["num_frames"] = int(info["video"]["num_frames"])
+    if (size := stored_img_size(saved)) is not None:
+        stored["img_size"] = size
+    if isinstance(saved.get("video"), dict) and "num_frames" in saved["video"]:
+        stored["num_frames"] = int(saved["video"]["num_frames"])
     return stored

@@ -14,7 +14,7 @@ __all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sparseformer.cli.train import positive_int
+    from sparseformer.cli.train import add_clip_arguments, positive_int
 
     p = sub.add_parser(
         "predict",
@@ -44,21 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--crops", type=int, choices=(1, 3), default=1, help="video models: crops per clip"
     )
-    p.add_argument(
-        "--frames",
-        type=positive_int,
-        help="video models: frames per clip (default: the checkpoint's, else the model's)",
-    )
-    p.add_argument(
-        "--frame-stride",
-        type=positive_int,
-        help="video models: dense sampling step (default: the checkpoint's, else 4)",
-    )
-    p.add_argument(
-        "--sampling",
-        choices=("dense", "uniform"),
-        help="video models: clip sampling (default: the checkpoint's, else dense)",
-    )
+    add_clip_arguments(p, prefix="video models: ")
     p.set_defaults(func=run)
 
 
@@ -184,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             failed += _skip(path, f"{why} (`sparseformer models` lists them)", args.json)
             continue
         if video is not None:  # a video model reads video files (views averaged)
-            from sparseformer.data.video import VideoDataError, VideoReadError
+            from sparseformer.data.video import VideoDataError, VideoReadError, VideoTooShortError
             from sparseformer.engine.video import predict_video_file
 
             if not path.exists():
@@ -192,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
             try:
                 probs = predict_video_file(model, str(path), video, device)
             except (VideoReadError, VideoDataError) as exc:
-                hint = "; lower --frames or --frame-stride" if "a clip needs" in str(exc) else ""
+                short = isinstance(exc, VideoTooShortError)
+                hint = "; lower --frames or --frame-stride" if short else ""
                 failed += _skip(path, f"cannot use this video ({exc}){hint}", args.json)
                 continue
         else:

@@ -18,6 +18,7 @@ from pathlib import Path
 __all__ = [
     "register",
     "add_data_arguments",
+    "add_clip_arguments",
     "data_source",
     "is_video_model",
     "check_model_fits_data",
@@ -49,6 +50,26 @@ def count(text: str) -> int:
     return value
 
 
+def add_clip_arguments(p, prefix: str = "") -> None:
+    """``--frames``, ``--frame-stride`` and ``--sampling`` (help text after ``prefix``), which
+    default to what a checkpoint records: train, eval and predict take them alike."""
+    p.add_argument(
+        "--frames",
+        type=positive_int,
+        help=f"{prefix}frames per clip (default: the checkpoint's, else the model's)",
+    )
+    p.add_argument(
+        "--frame-stride",
+        type=positive_int,
+        help=f"{prefix}dense sampling step (default: the checkpoint's, else 4)",
+    )
+    p.add_argument(
+        "--sampling",
+        choices=("dense", "uniform"),
+        help=f"{prefix}clip sampling (default: the checkpoint's, else dense)",
+    )
+
+
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (one of --data-dir and --dataset)")
     g.add_argument(
@@ -71,21 +92,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         "first N)",
     )
     g = p.add_argument_group("video folders (DIR/train/CLASS/*.mp4; video models)")
-    g.add_argument(
-        "--frames",
-        type=positive_int,
-        help="frames per clip (default: the checkpoint's, else the model's)",
-    )
-    g.add_argument(
-        "--frame-stride",
-        type=positive_int,
-        help="dense sampling step (default: the checkpoint's, else 4)",
-    )
-    g.add_argument(
-        "--sampling",
-        choices=("dense", "uniform"),
-        help="clip sampling (default: the checkpoint's, else dense)",
-    )
+    add_clip_arguments(g)
     g.add_argument("--clips", type=positive_int, default=1, help="test clips per video (eval)")
     g.add_argument(
         "--crops", type=int, choices=(1, 3), default=1, help="test crops per clip (eval)"
@@ -361,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from sparseformer.engine.recipe import Recipe, RecipeError
     from sparseformer.engine.trainer import RunOptions, TrainingError, fit, seed_everything
-    from sparseformer.factory import read_checkpoint
+    from sparseformer.factory import checkpoint_replicates, read_checkpoint
 
     check_model_name(args.model)  # before any data is read
     try:
@@ -475,7 +482,7 @@ def run(args: argparse.Namespace) -> int:
         start_from = saved if resume is not None else start
         model = build_model(
             args.model, bundle.num_classes, pre.img_size, recipe.drop_path, num_frames=frames,
-            replicates=session.video_replicates(args.model, start_from) if start_from else None,
+            replicates=checkpoint_replicates(start_from, args.model) if start_from else None,
         )  # fmt: skip
         if args.checkpoint is not None and resume is None:
             load_weights(model, start)

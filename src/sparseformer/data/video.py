@@ -38,6 +38,7 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "VideoReadError",
     "VideoDataError",
+    "VideoTooShortError",
     "ClipSpec",
     "probe_video",
     "read_video",
@@ -67,6 +68,10 @@ class VideoReadError(OSError):
 
 class VideoDataError(ValueError):
     """A video data set that cannot be used as given; the message says what to do."""
+
+
+class VideoTooShortError(VideoDataError):
+    """A video with fewer frames than one clip takes."""
 
 
 def _av():
@@ -503,11 +508,11 @@ def read_test_clips(path: str | Path, spec: ClipSpec) -> Tensor:
     ``(num_clips * T, H, W, 3)`` uint8.
 
     Raises:
-        VideoReadError: unreadable file; VideoDataError: too short for one clip.
+        VideoReadError: unreadable file; VideoTooShortError: too short for one clip.
     """
     n = probe_video(path)
     if n < spec.min_frames:
-        raise VideoDataError(f"{path}: {n} frames, a clip needs at least {spec.min_frames}")
+        raise VideoTooShortError(f"{path}: {n} frames, a clip needs at least {spec.min_frames}")
     rng = random.Random(0)
     clips = [clip_indices(n, spec, train=False, clip=c, rng=rng) for c in range(spec.num_clips)]
     return read_video(path, [i for c in clips for i in c])
@@ -517,7 +522,7 @@ def video_file_views(path: str | Path, spec: ClipSpec) -> Tensor:
     """All test views of one video file: ``(V, 3, T, S, S)``, for prediction.
 
     Raises:
-        VideoReadError: unreadable file; VideoDataError: too short for one clip.
+        VideoReadError: unreadable file; VideoTooShortError: too short for one clip.
     """
     frames = read_test_clips(path, spec)  # (num_clips*T, H, W, 3)
     views = []

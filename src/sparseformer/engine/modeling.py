@@ -34,6 +34,16 @@ def is_sparseformer(model: nn.Module) -> bool:
     return hasattr(model, "forward_with_details")
 
 
+def close_model_names(name: str) -> str:
+    """``"; did you mean a, b?"`` with the registered SparseFormer or timm names closest to
+    ``name``, or ``""`` when none is close."""
+    import timm
+
+    pool = list(dict.fromkeys(list_models() + timm.list_models()))  # timm lists ours too
+    close = difflib.get_close_matches(name, pool, n=4, cutoff=0.5)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
 def check_model_name(name: str) -> str:
     """``"sparseformer"`` or ``"timm"``; an unknown name raises, listing close names."""
     import timm
@@ -42,12 +52,9 @@ def check_model_name(name: str) -> str:
         return "sparseformer"
     if timm.is_model(name):
         return "timm"
-    pool = list(dict.fromkeys(list_models() + timm.list_models()))  # timm lists ours too
-    close = difflib.get_close_matches(name, pool, n=4, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise UnknownModelError(
-        f"unknown model {name!r}{hint} (SparseFormers: sparseformer models; any timm model "
-        "name also works)"
+        f"unknown model {name!r}{close_model_names(name)} (SparseFormers: sparseformer models; "
+        "any timm model name also works)"
     )
 
 

@@ -17,7 +17,7 @@ from sparseformer.convert import CheckpointError, unwrap_checkpoint
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine.distributed import DistInfo
 from sparseformer.engine.modeling import build_model, is_sparseformer, load_weights
-from sparseformer.factory import read_checkpoint
+from sparseformer.factory import checkpoint_replicates, read_checkpoint
 from sparseformer.registry import MODELS
 
 __all__ = [
@@ -25,8 +25,8 @@ __all__ = [
     "set_threads",
     "weights_preprocessing",
     "checkpoint_info",
+    "stored_img_size",
     "model_from_checkpoint",
-    "video_replicates",
     "resolve_preprocessing",
     "output_dir_ok",
 ]
@@ -117,16 +117,12 @@ def _head_classes(state: dict[str, Any]) -> int | None:
     return None
 
 
-def video_replicates(model_name: str, checkpoint: dict | str | os.PathLike) -> int | None:
-    """The token replicates of a video checkpoint for a video model ``model_name`` (one built
-    with other replicates than the default); ``None`` for anything else."""
-    from sparseformer.config import VideoSparseFormerConfig
-    from sparseformer.factory import checkpoint_replicates
-
-    spec = MODELS.get(model_name)
-    if spec is None or not isinstance(spec.config, VideoSparseFormerConfig):
-        return None
-    return checkpoint_replicates(checkpoint, spec.config.num_tokens)
+def stored_img_size(checkpoint: dict[str, Any]) -> int | None:
+    """The input size a ``sparseformer train`` checkpoint (or its :func:`checkpoint_info`)
+    records in its preprocessing; ``None`` for official and bare checkpoints."""
+    pre = checkpoint.get("preprocessing") if isinstance(checkpoint, dict) else None
+    size = pre.get("img_size") if isinstance(pre, dict) else None
+    return size if isinstance(size, int) else None
 
 
 def model_from_checkpoint(
@@ -170,13 +166,11 @@ def model_from_checkpoint(
         )
     info["num_classes"] = classes
     info["ema"] = prefer_ema and has_ema  # which weights were loaded
-    pre = info.get("preprocessing")
-    size = pre.get("img_size") if isinstance(pre, dict) else None  # timm models fix their size
     model = build_model(
         model_name,
         classes,
-        size if isinstance(size, int) else None,
-        replicates=video_replicates(model_name, ckpt),
+        stored_img_size(info),  # timm models fix their size
+        replicates=checkpoint_replicates(ckpt, model_name),
     )
     if is_sparseformer(model):
         from sparseformer.factory import load_checkpoint
