@@ -112,3 +112,28 @@ def test_video_models_are_timed_on_clips():
     model = build_model(video, 32, 10, num_frames=2)
     assert rows[video].gflops_complete == count_flops(model, (3, 2, 32, 32)).gflops_complete
     assert "| 2x32 |" in markdown_table(run_benchmark(settings))
+
+
+def test_training_memory_and_grad_checkpointing_are_reported(monkeypatch):
+    from sparseformer import benchmark
+    from sparseformer.benchmark_report import summary_lines
+
+    built = []
+    build = benchmark.build_model
+    monkeypatch.setattr(
+        benchmark, "build_model", lambda *a, **k: built.append(build(*a, **k)) or built[-1]
+    )
+    measure = benchmark.peak_memory_mb
+    during = []  # the checkpointing flags of the models in training mode, at each measurement
+
+    def spy(fn, device):
+        during.append([m.grad_checkpointing for m in built if m.training])
+        return measure(fn, device)
+
+    monkeypatch.setattr(benchmark, "peak_memory_mb", spy)
+    result = run_benchmark(small_settings(img_sizes=(32,), grad_checkpointing=True))
+    assert all(r.train_peak_memory_mb is not None for r in result.rows)
+    assert during[-1] == [True, True]  # the training steps were measured with it on
+    assert not any(m.grad_checkpointing for m in built)  # and it is off again afterwards
+    assert "gradient checkpointing on" in "\n".join(summary_lines(result))
+    assert "train mem (MB)" in markdown_table(result)

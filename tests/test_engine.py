@@ -96,6 +96,8 @@ def test_recipe_errors_are_one_line(tmp_path):
         ({"mixup_mode": "foo"}, "mixup_mode must be one of batch, pair, elem"),
         ({"warmup_epochs": -3}, "warmup_epochs must be at least 0"),
         ({"crop_pct": 0}, r"crop_pct must be in \(0, 1\]"),
+        ({"layer_decay": 0}, r"layer_decay must be in \(0, 1\] or null"),
+        ({"layer_decay": 1.5}, r"layer_decay must be in \(0, 1\] or null"),
         ({"interpolation": "nearest2"}, "interpolation must be one of"),
         ({"augmentation": {"scale": [1, 0.5]}}, r"augmentation.scale must be a range"),
         ({"augmentation": {"re_prob": 2}}, "re_prob must be a probability"),
@@ -241,6 +243,18 @@ def test_tiny_run_learns_and_writes_everything(tmp_path):
     assert all(keys <= set(r) for r in records)
     assert records[-1]["val_acc1"] > 60  # 4 classes: chance is 25%
     assert summary["best_val_acc1"] == max(r["val_acc1"] for r in records)
+
+
+def test_layer_decay_scales_each_depth_and_resumes(tmp_path):
+    model = create_model("sparseformer_v1_nano", num_classes=4)
+    tiny_run(tmp_path, model, layer_decay=0.5)
+    saved = ckpt_io.read_training_checkpoint(tmp_path / "run" / "last.pt")
+    groups = saved["optimizer"]["param_groups"]
+    # nano: stem, unit 0.0, transition 1, units 1.0 and 1.1, head
+    assert sorted({g["lr_scale"] for g in groups}) == [0.5**k for k in range(5, -1, -1)]
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    for g in groups:  # the schedule's rate (logged: the head's) times each group's scale
+        assert g["lr"] == pytest.approx(last["lr"] * g["lr_scale"])
 
 
 def test_fp16_on_cpu_is_refused(tmp_path):

@@ -221,3 +221,61 @@ def test_an_unknown_timm_tag_and_an_empty_video_batch():
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's "statistics of nothing" notes
         assert video(torch.randn(0, 3, 4, 32, 32)).shape == (0, 5)
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [("sparseformer_v1_nano", (2, 3, 32, 48)), ("video_sparseformer_v1_micro", (2, 3, 4, 32, 32))],
+)
+def test_grad_checkpointing_gives_the_same_gradients(name, shape):
+    model = create_model(name, num_classes=3, drop_path_rate=0.3).train()
+    x = torch.randn(*shape)
+    grads = []
+    for enabled in (False, True):
+        model.set_grad_checkpointing(enabled)
+        model.zero_grad()
+        torch.manual_seed(1)  # the same stochastic-depth draws; recomputation must replay them
+        model(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0, msg=n)
+    # the unit outputs are not kept: the backward graph holds fewer saved tensors
+    saved = {False: [], True: []}
+    for enabled, kept in saved.items():
+        model.set_grad_checkpointing(enabled)
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t, k=kept: k.append(t) or t, lambda t: t
+        ):
+            model(x)
+    assert len(saved[True]) < len(saved[False]) / 3
+    # details need every sampling step once: forward_with_details does not recompute
+    out = model.forward_with_details(x)
+    assert len(out.sampling_points) == sum(
+        s.unit_repeats(i) for s in model.config.stages for i in range(s.depth)
+        if "sample_mix" in s.unit_ops(i)
+    )  # fmt: skip
+
+
+def test_group_matcher_orders_layer_decay_by_depth():
+    from timm.optim import create_optimizer_v2
+
+    model = create_model("sparseformer_v1_nano", num_classes=3)
+    opt = create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(scale) == len(named)
+
+    def of(prefix):
+        values = {scale[id(p)] for n, p in named.items() if n.startswith(prefix)}
+        assert len(values) == 1, prefix  # a unit, a transition, the stem: one group each
+        return values.pop()
+
+    order = ["stem", "stages.0.units.0", "stages.1.transition", "stages.1.units.0"]
+    order += ["stages.1.units.1", "head"]
+    scales = [of(p) for p in order]
+    assert scales == [0.5 ** (len(order) - 1 - i) for i in range(len(order))]
+    assert of("initial_rois") == of("initial_tokens") == of("stem")  # the deepest
+    assert of("fc_norm") == of("stages.1.units.1")  # with the last unit, as timm's ViT norm
+    coarse = model.group_matcher(coarse=True)
+    groups = timm.models.group_parameters(model, coarse)
+    assert len(groups) == 4  # stem, stage 0, stage 1 (with fc_norm), head

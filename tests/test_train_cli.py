@@ -79,8 +79,9 @@ def test_killed_run_resumes_on_the_same_trajectory(trained, fm_root, tmp_path):
     proc.wait()
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["epoch"] == 1, "the run finished before it could be killed"
-    subprocess.run(train_cmd(fm_root, out, "--resume", "auto"), check=True,
-                   capture_output=True, timeout=600)  # fmt: skip
+    # resumed with gradient checkpointing, which must not change a single figure
+    subprocess.run(train_cmd(fm_root, out, "--resume", "auto", "--grad-checkpointing"),
+                   check=True, capture_output=True, timeout=600)  # fmt: skip
     alone, resumed = records(trained), records(out)
     assert [r["epoch"] for r in resumed] == [1, 2]
     for a, b in zip(alone, resumed):
@@ -135,3 +136,11 @@ def test_checkpoint_of_another_model_is_one_line(trained, capsys):
                  "--output", str(trained), "--resume", str(trained / "last.pt")])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 1 and "\n" not in err and "sparseformer_v1_micro" in err
+
+
+def test_grad_checkpointing_of_a_model_without_it_is_one_line():
+    from sparseformer.cli import CliError
+    from sparseformer.cli.train import enable_grad_checkpointing
+
+    with pytest.raises(CliError, match="mine does not support gradient checkpointing"):
+        enable_grad_checkpointing(torch.nn.Linear(2, 2), "mine")

@@ -75,6 +75,8 @@ class BenchSettings:
         warmup: untimed passes per model before the first round.
         min_time: seconds each timed measurement runs at least (more passes if fast).
         train: also time a training step (forward, backward, AdamW) at ``train_batch_size``.
+        grad_checkpointing: train with ``model.set_grad_checkpointing()`` (recompute
+            activations in the backward pass: less memory, more time).
         baseline: model the ratio columns compare against (default: DeiT-S if present).
         num_classes: classifier width of every model.
         num_frames: clip length of video models (``None``: their config's default, 8); each
@@ -92,6 +94,7 @@ class BenchSettings:
     min_time: float = 1.0
     train: bool = True
     train_batch_size: int = 32
+    grad_checkpointing: bool = False
     baseline: str | None = None
     num_classes: int = 1000
     num_frames: int | None = None
@@ -155,6 +158,9 @@ class BenchRow:
             growth (sampled every 0.5 ms) or CUDA's ``max_memory_allocated``.
         peak_fraction: ``2 * gflops_complete * img/s / matmul GFLOP/s``.
         train_throughput: images per second of a training step, one value per round.
+        train_peak_memory_mb: extra memory of one training step at ``train_batch_size``
+            (activations and gradients; the weights and AdamW state are held before it),
+            measured as ``peak_memory_mb``.
         ratios: per-round ratios against the baseline, medians: ``throughput`` and ``train``
             (higher is faster), ``latency`` (baseline latency / this latency).
         num_frames: clip length T of a video model, whose "images" are clips of T frames
@@ -172,6 +178,7 @@ class BenchRow:
     peak_memory_mb: float | None
     peak_fraction: float
     train_throughput: Spread | None = None
+    train_peak_memory_mb: float | None = None
     ratios: dict[str, float] = field(default_factory=dict)
     num_frames: int | None = None
 
@@ -296,6 +303,8 @@ def _run_size(settings: BenchSettings, img_size: int, peaks: list[float]) -> lis
     models, inputs, flops, frames = {}, {}, {}, {}
     for name in s.models:
         model = build_model(name, img_size, s.num_classes, s.num_frames).to(device).eval()
+        if s.train and s.grad_checkpointing:
+            _check_grad_checkpointing(name, model)
         models[name] = model
         shape = sample_shape(model, img_size)
         frames[name] = shape[1] if len(shape) == 4 else None
@@ -326,7 +335,7 @@ def _run_size(settings: BenchSettings, img_size: int, peaks: list[float]) -> lis
                     times = timed(lambda m=model, x=x: m(x["single"]), device, s.min_time)
                     latency[name] += [1e3 * t for t in times]
                     bar.update()
-    train = _train_rounds(settings, models, img_size) if s.train else None
+    train, train_memory = _train_rounds(settings, models, img_size) if s.train else (None, {})
     base = s.baseline_model()
     rows = []
     for name in s.models:
@@ -350,11 +359,24 @@ def _run_size(settings: BenchSettings, img_size: int, peaks: list[float]) -> lis
                 peak_memory_mb=memory[name],
                 peak_fraction=float("nan"),  # set once the run's matmul peak is known
                 train_throughput=Spread.of(train[name]) if train is not None else None,
+                train_peak_memory_mb=train_memory.get(name),
                 ratios=ratios,
                 num_frames=frames[name],
             )
         )
     return rows
+
+
+def _check_grad_checkpointing(name: str, model: nn.Module) -> None:
+    """Fail before any timing if ``model`` cannot checkpoint (timm asserts in some models)."""
+    try:
+        model.set_grad_checkpointing(True)
+        model.set_grad_checkpointing(False)
+    except (AttributeError, AssertionError, NotImplementedError) as exc:
+        raise BenchError(
+            f"{name} does not support gradient checkpointing ({exc or type(exc).__name__}); "
+            "drop --grad-checkpointing or that model"
+        ) from None
 
 
 def _median_ratio(values: list[float], baseline: list[float]) -> float:
@@ -363,9 +385,13 @@ def _median_ratio(values: list[float], baseline: list[float]) -> float:
 
 def _train_rounds(
     settings: BenchSettings, models: dict[str, nn.Module], img_size: int
-) -> dict[str, list[float]]:
-    """Images per second of a full training step per model, interleaved over the rounds."""
+) -> tuple[dict[str, list[float]], dict[str, float | None]]:
+    """Images per second of a full training step per model, interleaved over the rounds, and
+    each model's extra memory in one step."""
     s, device = settings, settings.device
+    if s.grad_checkpointing:
+        for model in models.values():
+            model.set_grad_checkpointing(True)
     y = torch.randint(0, s.num_classes, (s.train_batch_size,), device=device)
     steps = {}
     for name, model in models.items():
@@ -383,6 +409,7 @@ def _train_rounds(
 
         steps[name] = step
     result: dict[str, list[float]] = {n: [] for n in models}
+    memory: dict[str, float | None] = {}
     total = len(models) * (s.warmup + s.repeats)
     with tqdm(total=total, desc=f"training {img_size}px", disable=None) as bar:
         for model in models.values():
@@ -391,6 +418,8 @@ def _train_rounds(
             for _ in range(s.warmup):
                 steps[name]()
                 bar.update()
+            # after the warm-up, AdamW's state exists: what remains is the step's own memory
+            memory[name] = peak_memory_mb(steps[name], device)
         for _ in range(s.repeats):
             for name in models:
                 times = timed(steps[name], device, s.min_time)
@@ -398,4 +427,6 @@ def _train_rounds(
                 bar.update()
         for model in models.values():
             model.eval()
-    return result
+            if s.grad_checkpointing:
+                model.set_grad_checkpointing(False)
+    return result, memory

@@ -30,6 +30,7 @@ _CSV_FIELDS = (
     "train_img_per_s",
     "train_ratio",
     "peak_memory_mb",
+    "train_peak_memory_mb",
     "peak_fraction",
     "published_top1",
 )
@@ -57,6 +58,7 @@ def _flat(row: BenchRow) -> dict:
         "train_img_per_s": train.median if train else None,
         "train_ratio": row.ratios.get("train"),
         "peak_memory_mb": row.peak_memory_mb,
+        "train_peak_memory_mb": row.train_peak_memory_mb,
         "peak_fraction": row.peak_fraction,
         "published_top1": top1.top1 if top1 else None,
     }
@@ -80,10 +82,10 @@ def markdown_table(result: BenchResult) -> str:
     base = result.settings["baseline"]
     head = (
         "| model | size | params (M) | GFLOPs paper / complete | img/s (min-max) "
-        f"| x {base} | batch-1 ms | train img/s | train x | peak mem (MB) | % of matmul peak "
-        "| published top-1 |"
+        f"| x {base} | batch-1 ms | train img/s | train x | peak mem (MB) | train mem (MB) "
+        "| % of matmul peak | published top-1 |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for row in result.rows:
         r = _flat(row)
         lines.append(
@@ -92,7 +94,8 @@ def markdown_table(result: BenchResult) -> str:
             f"| {r['img_per_s']:.3g} ({r['img_per_s_min']:.3g}-{r['img_per_s_max']:.3g}) "
             f"| {_fmt(r['throughput_ratio'], '.2f')} | {r['latency_ms']:.1f} "
             f"| {_fmt(r['train_img_per_s'], '.3g')} | {_fmt(r['train_ratio'], '.2f')} "
-            f"| {_fmt(r['peak_memory_mb'], '.0f')} | {100 * r['peak_fraction']:.0f}% "
+            f"| {_fmt(r['peak_memory_mb'], '.0f')} | {_fmt(r['train_peak_memory_mb'], '.0f')} "
+            f"| {100 * r['peak_fraction']:.0f}% "
             f"| {_fmt(r['published_top1'], '.1f')} |"
         )
     return "\n".join(lines)
@@ -113,6 +116,14 @@ def summary_lines(result: BenchResult) -> list[str]:
         f"torch {env['torch']}, {env['dtype']}",
         f"batch {s['batch_size']}, {s['repeats']} interleaved rounds, warm-up {s['warmup']}, "
         f"at least {s['min_time']} s per measurement",
+        *(
+            [
+                f"training step: batch {s['train_batch_size']}, AdamW, gradient checkpointing "
+                f"{'on' if s.get('grad_checkpointing') else 'off'}"
+            ]
+            if s.get("train", True)
+            else []
+        ),
         f"matmul peak ({s['precision']}, 2048^3): {peak.median:.1f} GFLOP/s "
         f"(min {peak.min:.1f}, max {peak.max:.1f})",
         f"load average at start {env['load_average_start']}, at end {env['load_average_end']}",

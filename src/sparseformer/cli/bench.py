@@ -49,6 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", default=None, help="model for the ratio columns (default DeiT-S)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     p.add_argument("--train-batch-size", type=int, default=32)
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="train with model.set_grad_checkpointing(): less memory, more time",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="write all results as JSON")
     p.add_argument("--csv", default=None, metavar="PATH", help="write one CSV line per row")
     p.add_argument("--plot", default=None, metavar="PATH", help="write the trade-off plot")
@@ -86,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             min_time=args.min_time,
             train=not args.no_train,
             train_batch_size=args.train_batch_size,
+            grad_checkpointing=args.grad_checkpointing,
             baseline=args.baseline,
             num_frames=args.num_frames,
         )

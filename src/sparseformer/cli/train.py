@@ -251,6 +251,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--threads", type=positive_int, help="CPU threads per process (default: cores / processes)"
     )
+    g.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass: less memory, more time, same results "
+        "(also when resuming)",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -486,6 +492,8 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         if args.checkpoint is not None and resume is None:
             load_weights(model, start)
+        if args.grad_checkpointing:
+            enable_grad_checkpointing(model, args.model)
         if dist.is_main:
             n = sum(p.numel() for p in model.parameters())
             what, size = "images", f"{pre.img_size}px"
@@ -525,6 +533,20 @@ def run(args: argparse.Namespace) -> int:
     finally:
         cleanup_distributed()
     return 0
+
+
+def enable_grad_checkpointing(model, name: str) -> None:
+    """``model.set_grad_checkpointing()``, or a CliError for a model that has none."""
+    from sparseformer.cli import CliError
+
+    try:
+        model.set_grad_checkpointing(True)
+        logging.getLogger(__name__).info("gradient checkpointing: on")
+    except (AttributeError, AssertionError, NotImplementedError) as exc:
+        raise CliError(
+            f"{name} does not support gradient checkpointing ({exc or type(exc).__name__}); "
+            "train without --grad-checkpointing"
+        ) from None
 
 
 def _summary_epochs(output: Path) -> int | None:

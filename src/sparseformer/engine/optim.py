@@ -2,8 +2,10 @@
 
 AdamW with weight decay on weight matrices only: norms, biases and the parameters a model
 names in ``no_weight_decay()`` (SparseFormer's initial RoIs) are not decayed; timm's
-``create_optimizer_v2`` builds exactly these groups. The schedule is a pure function of the
-optimizer step (linear warm-up, then cosine to the floor), so resuming needs only the step.
+``create_optimizer_v2`` builds exactly these groups, and with ``layer_decay`` scales each
+group's learning rate by depth (``lr_scale``, from the model's ``group_matcher()``). The
+schedule is a pure function of the optimizer step (linear warm-up, then cosine to the floor),
+so resuming needs only the step.
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    layer_decay: float | None = None,
 ) -> Optimizer:
     """AdamW over ``model``'s parameters, without decay on norms, biases and
-    ``model.no_weight_decay()``."""
+    ``model.no_weight_decay()``; with ``layer_decay``, each parameter group's ``lr_scale``
+    is ``layer_decay ** (groups above it)``, which :func:`set_lr` applies."""
     return create_optimizer_v2(
         model,
         "adamw",
@@ -54,6 +58,7 @@ def build_optimizer(
         betas=tuple(betas),
         eps=eps,
         filter_bias_and_bn=True,
+        layer_decay=layer_decay,
     )
 
 

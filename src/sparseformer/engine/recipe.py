@@ -39,6 +39,10 @@ class Recipe:
         weight_decay: AdamW decay (not applied to norms, biases and the model's
             ``no_weight_decay()`` parameters such as the initial RoIs).
         betas, eps: AdamW moments and epsilon.
+        layer_decay: layer-wise learning-rate decay (BEiT; timm ``layer_decay``), for
+            fine-tuning: the head keeps the learning rate and each group below it takes this
+            factor once more (SparseFormer: per unit, the stem and initial tokens deepest);
+            ``None`` = off.
         clip_grad: gradient-norm clip; ``None`` switches it off.
         label_smoothing: label smoothing (also used inside Mixup's soft targets).
         mixup, cutmix: Beta-distribution alphas; both 0 switches Mixup/CutMix off.
@@ -67,6 +71,7 @@ class Recipe:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    layer_decay: float | None = None
     clip_grad: float | None = 5.0
     label_smoothing: float = 0.1
     mixup: float = 0.8
@@ -130,6 +135,8 @@ def _check_ranges(r: Recipe) -> None:
     need(r.lr_base_batch > 0, "lr_base_batch", r.lr_base_batch, "positive")
     need(all(0 <= b < 1 for b in r.betas), "betas", r.betas, "two numbers in [0, 1)")
     need(r.eps > 0, "eps", r.eps, "positive")
+    decay = r.layer_decay
+    need(decay is None or 0 < decay <= 1, "layer_decay", decay, "in (0, 1] or null (off)")
     need(r.clip_grad is None or r.clip_grad > 0, "clip_grad", r.clip_grad, "positive or null")
     need(0 <= r.label_smoothing < 1, "label_smoothing", r.label_smoothing, "in [0, 1)")
     for name in ("mixup_prob", "mixup_switch_prob"):

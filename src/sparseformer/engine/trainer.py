@@ -182,7 +182,15 @@ def fit(
     model.to(device)
     total_batch = recipe.batch_size * dist.world_size
     peak_lr, warmup_lr, min_lr = recipe.scaled_lr(total_batch)
-    optimizer = build_optimizer(model, peak_lr, recipe.weight_decay, recipe.betas, recipe.eps)
+    optimizer = build_optimizer(
+        model, peak_lr, recipe.weight_decay, recipe.betas, recipe.eps, recipe.layer_decay
+    )
+    if recipe.layer_decay is not None and dist.is_main:
+        scales = sorted({g.get("lr_scale", 1.0) for g in optimizer.param_groups})
+        logger.info(
+            "layer decay %g: %d depths, learning rate x %.3g (deepest) to x %g (head)",
+            recipe.layer_decay, len(scales), scales[0], scales[-1],
+        )  # fmt: skip
     ema = None
     if recipe.ema_decay:
         ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=recipe.ema_warmup)

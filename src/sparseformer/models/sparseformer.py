@@ -6,7 +6,8 @@ ICLR 2024, arXiv 2304.03768); official code at github.com/showlab/sparseformer.
 A cheap stem gives a feature map; N latent tokens, each with a RoI, read it at a few points
 (focusing units), then a transformer over the tokens (cortex units) classifies. The model
 follows timm's API: ``forward_features``, ``forward_head(pre_logits=)``, ``forward``,
-``no_weight_decay``, ``get_classifier``, ``reset_classifier``.
+``no_weight_decay``, ``get_classifier``, ``reset_classifier``, ``group_matcher`` (layer-wise
+learning-rate decay) and ``set_grad_checkpointing``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from sparseformer.config import SparseFormerConfig, StageConfig
 from sparseformer.layers import EarlyConvolution, at_least_fp32, drop_path_rates, grid_rois
@@ -110,6 +112,7 @@ class SparseFormer(nn.Module):
         self.head_drop = nn.Dropout(config.drop_rate)
         self.head = self._make_head(config.num_classes)
         self.drop_path_rates = drop_path_rates(config.num_applications, config.drop_path_rate)
+        self.grad_checkpointing = False
         self.init_weights()
         self.register_load_state_dict_pre_hook(_accept_official_layouts)
 
@@ -149,6 +152,32 @@ class SparseFormer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay (besides biases and norms)."""
         return {"initial_rois"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, str | list]:
+        """Parameter groups in depth order, for timm's layer-wise learning-rate decay
+        (``create_optimizer_v2(model, layer_decay=...)``).
+
+        The stem, initial RoIs and token embeddings come first; then one group per stage
+        (``coarse``) or per unit, a stage's width transition before its units; the final
+        norm and the head last.
+        """
+        if coarse:
+            blocks = [(r"^stages\.(\d+)", None), (r"^fc_norm", (99999,))]
+        else:
+            blocks = [
+                (r"^stages\.(\d+)\.transition", None),
+                (r"^stages\.(\d+)\.units\.(\d+)", None),
+                (r"^fc_norm", (99999,)),
+            ]
+        return {"stem": r"^stem|^initial_rois|^initial_tokens", "blocks": blocks}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each unit application in the backward pass instead of keeping its
+        activations (sampled points, mixing weights, attention): less memory for about a
+        third more compute. Results are unchanged; stochastic depth draws the same masks."""
+        self.grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -190,11 +219,16 @@ class SparseFormer(nn.Module):
         # The clamp bound is one feature cell (1/H), times the fp16 loss scale if any.
         bound = coord_grad_scale / feats.shape[-2]
         rates = iter(self.drop_path_rates)
+        # Recomputation would append the sampling points twice, so details turn it off.
+        recompute = self.grad_checkpointing and torch.is_grad_enabled() and points_out is None
         for stage in self.stages:
             tokens = stage.transition(tokens)
             for unit in stage.applications():
                 ctx = OpContext(next(rates), bound, points_out)
-                tokens, rois = unit(tokens, rois, feats, ctx)
+                if recompute and not torch.jit.is_tracing():
+                    tokens, rois = checkpoint(unit, tokens, rois, feats, ctx, use_reentrant=False)
+                else:
+                    tokens, rois = unit(tokens, rois, feats, ctx)
                 if rois_out is not None:
                     rois_out.append(rois)
         return tokens, rois
