@@ -18,6 +18,7 @@ from sparseformer.data import (
     build_transform,
     to_rgb,
 )
+from sparseformer.data.images import check_image_header
 
 
 def test_every_image_mode_becomes_8bit_rgb():
@@ -83,6 +84,43 @@ def test_limits_on_a_folder_keep_every_class(tmp_path):
     bundle = build_datasets(source, Preprocessing(img_size=16), None)
     assert sorted(bundle.train[i][1] for i in range(3)) == [0, 1, 2]
     assert sorted(bundle.val[i][1] for i in range(6)) == [0, 0, 1, 1, 2, 2]
+
+
+def test_a_limit_is_applied_before_the_check(tmp_path, monkeypatch):
+    import sparseformer.data.folder as folder
+
+    # a quick run on a huge folder must not pay for checking every file of it
+    root = make_folder(tmp_path / "d", classes=("cat", "dog", "emu"), per_class=20)
+    (root / "train" / "emu" / "zz_broken.jpg").write_text("not chosen by a limit of 3")
+    checked = []
+    monkeypatch.setattr(
+        folder, "check_image_header", lambda p: checked.append(p) or check_image_header(p)
+    )
+    ds = CheckedImageFolder(root / "train", limit=3)
+    assert len(checked) == 3 and len(ds) == 3 and ds.targets == [0, 1, 2]
+    assert ds.skipped == []
+    # a limit that takes a broken file: one fewer, and a class left without files is no error
+    ds = CheckedImageFolder(root / "train", limit=61)
+    assert len(ds) == 60 and len(ds.skipped) == 1
+    assert CheckedImageFolder(root / "train", limit=2).targets == [0, 1]
+
+
+def test_a_large_folder_is_held_without_a_python_object_per_image(tmp_path):
+    import pickle
+
+    # what a DataLoader worker copies as it touches the list (PyTorch issue #13246)
+    root = tmp_path / "train"
+    for c in range(4):
+        (root / f"c{c}").mkdir(parents=True)
+        for k in range(500):
+            (root / f"c{c}" / f"{k:04d}.png").write_bytes(b"")
+    ds = CheckedImageFolder(root, check_files=False)
+    assert len(ds) == 2000 and ds.samples[501] == (str(root / "c1" / "0001.png"), 1)
+    assert ds.targets[1999] == 3
+    containers = [o for o in vars(ds).values() if isinstance(o, (list, tuple, dict, set))]
+    assert max(map(len, containers), default=0) < 10  # paths and labels live in NumPy buffers
+    copy = pickle.loads(pickle.dumps(ds))  # as a spawned worker receives it
+    assert copy.samples == ds.samples
 
 
 @pytest.mark.parametrize(
@@ -178,3 +216,19 @@ def test_randaugment_strongest_posterize_does_not_stop_training():
         strongest = aa.AugmentOp(name, prob=1.0, magnitude=10 if "Inc" in name else 0)
         assert strongest(image).getpixel((0, 0)) == (0, 0, 0)  # every bit dropped
     assert aa.AugmentOp("PosterizeOriginal", prob=1.0, magnitude=10)(image) is image
+
+
+def test_the_data_order_follows_the_seed_with_repeated_augmentation_too():
+    from sparseformer.data.loader import build_train_loader
+
+    data = list(range(64))
+
+    def order(seed: int, rank: int, epoch: int, repeats: int) -> list[int]:
+        loader = build_train_loader(data, 4, 0, seed, rank, 2, repeated_aug=repeats)
+        loader.sampler.set_epoch(epoch)
+        return list(loader.sampler)
+
+    for repeats in (0, 3):  # DistributedSampler, and timm's RepeatAugSampler (8+ GPU recipe)
+        assert order(0, 0, 1, repeats) == order(0, 0, 1, repeats)  # resumable
+        assert order(0, 0, 1, repeats) != order(1, 0, 1, repeats)  # --seed matters
+        assert order(0, 0, 1, repeats) != order(0, 0, 2, repeats)  # a new order each epoch

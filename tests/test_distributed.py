@@ -101,3 +101,54 @@ def test_every_rank_evaluates_with_rank_0s_buffers(tmp_path):
     for rank in (0, 1):
         state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.equal(state["running_mean"], torch.ones(3)), rank
+
+
+# Builds an image folder under torchrun, recording which files this rank checked.
+SCAN_SCRIPT = """
+import json, os, sys
+import sparseformer.data.folder as folder
+from sparseformer.engine.distributed import cleanup_distributed, setup_distributed
+
+checked = []
+real = folder.check_image_header
+
+def spy(path):
+    checked.append(path)
+    return real(path)
+
+folder.check_image_header = spy
+setup_distributed("cpu")
+ds = folder.CheckedImageFolder(sys.argv[1])
+out = {"checked": checked, "samples": ds.samples, "skipped": ds.skipped}
+with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump(out, f)
+cleanup_distributed()
+"""
+
+
+def test_two_processes_share_the_folder_check_and_agree(tmp_path):
+    from PIL import Image
+
+    from sparseformer.data import CheckedImageFolder
+
+    root = tmp_path / "train"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for k in range(5):
+            Image.new("RGB", (8, 8), (40 * k, 0, 0)).save(root / c / f"{k}.png")
+    (root / "cat" / "2.png").write_bytes(b"not an image")
+    (root / "dog" / "9.jpg").write_bytes(b"")
+    script = tmp_path / "scan.py"
+    script.write_text(SCAN_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(root), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    alone = CheckedImageFolder(root)
+    # each file checked once, by one of the two processes; both end with the whole result
+    assert not set(ranks[0]["checked"]) & set(ranks[1]["checked"])
+    assert len(ranks[0]["checked"]) + len(ranks[1]["checked"]) == 11
+    for r in ranks:
+        assert [tuple(s) for s in r["samples"]] == alone.samples and len(alone) == 9
+        assert [tuple(s) for s in r["skipped"]] == alone.skipped and len(alone.skipped) == 2

@@ -65,6 +65,47 @@ def test_decodes_a_real_h264_clip():
         read_video(REAL_CLIP, [0, 40])
 
 
+def test_a_container_without_a_frame_count_is_probed_by_its_packets(tmp_path, monkeypatch):
+    path = tmp_path / "square.mkv"  # Matroska (like WebM) stores no frame count
+    write_clip(path, moving_square(11))
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0
+    monkeypatch.setattr(av.container.InputContainer, "decode", None)  # no decoding allowed
+    assert probe_video(path) == 11
+    monkeypatch.undo()
+    assert len(read_video(path)) == 11
+
+
+def test_decoding_threads_are_shared_out_in_loader_workers(monkeypatch):
+    from sparseformer.data import video
+
+    assert video._decoder_threads() == 0  # the main process: FFmpeg's own choice
+    worker = type("WorkerInfo", (), {"num_workers": 4})()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: worker)
+    monkeypatch.setattr(video.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert video._decoder_threads() == 2  # 16 cores / (2 processes x 4 workers)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert video._decoder_threads() == 1
+
+
+def test_a_video_limit_is_applied_before_the_probe(tmp_path, monkeypatch):
+    from sparseformer.data import video
+
+    make_folder(tmp_path)  # train/left: 0, 1, empty, notes, short, truncated; right: 0, 1
+    probed = []
+    monkeypatch.setattr(video, "probe_video", lambda p: probed.append(p) or probe_video(p))
+    spec = ClipSpec(num_frames=4, stride=2, size=16)
+    train = VideoFolder(tmp_path / "train", spec, train=True, limit=4)
+    assert len(probed) == 4  # 0, empty, short and right/0 of the 8
+    assert [label for _, label, _ in train.samples] == [0, 1] and len(train.skipped) == 2
+    # a limit that leaves a class without chosen videos is no error
+    assert len(VideoFolder(tmp_path / "train", spec, train=True, limit=1)) == 1
+    (tmp_path / "train" / "jump").mkdir()  # a class without a single video file still is
+    with pytest.raises(VideoDataError, match=r"jump'\] have no usable video"):
+        VideoFolder(tmp_path / "train", spec, train=True, limit=4)
+
+
 def test_decoded_frames_follow_the_motion(tmp_path):
     path = tmp_path / "square.mp4"
     write_clip(path, moving_square(8))

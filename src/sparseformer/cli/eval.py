@@ -36,7 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=256,
         help="images, or clips, per batch: a video with V test views counts V (default 256)",
     )
-    p.add_argument("--workers", type=count, default=0, help="data-loading processes")
+    p.add_argument(
+        "--workers",
+        type=count,
+        help="data-loading processes (default: 8, at most the cores, on a GPU; 0 on the CPU, "
+        "where the model needs the cores)",
+    )
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the free cores)")
@@ -152,8 +157,11 @@ def run(args: argparse.Namespace) -> int:
         # a batch of B videos holds B x V clips (the model sees one view at a time, but the
         # loader builds them all): keep the clips per batch at --batch-size
         batch_size = max(1, batch_size // source.video.num_views)
+    workers = args.workers
+    if workers is None:  # a GPU waits for images decoded one by one in this process
+        workers = min(8, session.available_cores()) if device.startswith("cuda") else 0
     loader = build_eval_loader(
-        bundle.val, batch_size, args.workers, pin_memory=device.startswith("cuda")
+        bundle.val, batch_size, workers, pin_memory=device.startswith("cuda")
     )
     prep = BatchPrep(pre.mean, pre.std, torch.device(device))
     progress = not args.quiet and sys.stderr.isatty()

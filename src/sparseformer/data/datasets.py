@@ -34,9 +34,10 @@ class DataSource:
         data_dir: an ImageFolder root with ``train/`` and ``val/``.
         dataset: a built-in data set name (see ``BUILTIN_DATASETS``).
         data_root: cache folder for built-in data sets (default: the user cache).
-        limit_train, limit_val: use only N images of each split (quick runs, tests): evenly
-            spaced over a folder (so every class keeps its share), the first N of a built-in
-            data set (which comes shuffled).
+        limit_train, limit_val: use only N images of each split (quick runs, tests): N files
+            evenly spaced over a folder (so every class keeps its share), chosen before the
+            folder's check, so fewer if some of them are unreadable; the first N of a
+            built-in data set (which comes shuffled).
         video: clip sampling for a folder of videos (``DIR/train/CLASS/*.mp4``); its size,
             crop_pct, mean and std are replaced by the preprocessing's. ``None``: defaults.
     """
@@ -92,12 +93,12 @@ def dataset_defaults(source: DataSource) -> Preprocessing | None:
     return None
 
 
-def _limit(ds: Dataset, n: int | None, spread: bool) -> Dataset:
-    """The first ``n`` items, or with ``spread`` ``n`` items evenly spaced over the data set:
-    a folder lists its images class by class, and its first ``n`` could all be cats."""
+def _limit(ds: Dataset, n: int | None) -> Dataset:
+    """The first ``n`` items. (Folders take ``n`` files spread over their classes before
+    their scan: :func:`~sparseformer.data.scan.spread_indices`.)"""
     if n is None or n >= len(ds):
         return ds
-    return Subset(ds, [i * len(ds) // n for i in range(n)] if spread else range(n))
+    return Subset(ds, range(n))
 
 
 def _check_data_dir(data_dir: Path, need_train: bool) -> None:
@@ -160,7 +161,9 @@ def build_datasets(
                 spec, scale=tuple(augmentation.scale), hflip=float(augmentation.hflip)
             )
         try:
-            train, val = video_datasets(source.data_dir, spec, need_train)
+            train, val = video_datasets(
+                source.data_dir, spec, need_train, source.limit_train, source.limit_val
+            )
         except VideoDataError as exc:
             raise DataError(str(exc)) from exc
         skipped = (train.skipped if train is not None else []) + val.skipped
@@ -168,9 +171,13 @@ def build_datasets(
     else:
         data_dir = Path(source.data_dir)
         _check_data_dir(data_dir, need_train)
-        train = CheckedImageFolder(data_dir / "train", train_tf) if need_train else None
+        train = None
+        if need_train:
+            train = CheckedImageFolder(data_dir / "train", train_tf, limit=source.limit_train)
         classes = train.classes if train is not None else None
-        val = CheckedImageFolder(data_dir / "val", val_tf, classes=classes, substitute=False)
+        val = CheckedImageFolder(
+            data_dir / "val", val_tf, classes=classes, substitute=False, limit=source.limit_val
+        )
         skipped = (train.skipped if train is not None else []) + val.skipped
         bundle = DatasetBundle(train, val, list(val.classes), skipped)
     if bundle.train is not None and bundle.num_classes < 2:
@@ -179,10 +186,10 @@ def build_datasets(
             "scores 100%%; add a class folder for anything else it should tell apart",
             bundle.class_names[0],
         )
-    spread = source.data_dir is not None  # built-in data sets come shuffled already
-    if bundle.train is not None:
-        bundle.train = _limit(bundle.train, source.limit_train, spread)
-    bundle.val = _limit(bundle.val, source.limit_val, spread)
+    if source.data_dir is None:  # a built-in data set (shuffled already): its first N
+        if bundle.train is not None:
+            bundle.train = _limit(bundle.train, source.limit_train)
+        bundle.val = _limit(bundle.val, source.limit_val)
     logger.info(
         "data %s: %s train / %d val %s, %d classes%s",
         source.describe(),

@@ -3,7 +3,8 @@
 Built on torchvision's ``DatasetFolder`` machinery; what we add is the checking a user needs:
 clear errors for a missing or empty folder and for a class folder without images, unreadable
 files skipped and counted (never a crash in the middle of an epoch), and every image converted
-to 8-bit RGB whatever its mode.
+to 8-bit RGB whatever its mode. The header check is shared out over the processes of a
+distributed run, and the sample list is stored compactly (:mod:`sparseformer.data.scan`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torchvision.datasets.folder import make_dataset
 
 from sparseformer.data.images import IMAGE_EXTENSIONS, READ_ERRORS, check_image_header, open_rgb
 from sparseformer.data.loader import SharedCount
+from sparseformer.data.scan import SampleTable, check_over_ranks, is_first_rank, spread_indices
 
 __all__ = ["DataError", "CheckedImageFolder", "find_classes"]
 
@@ -58,7 +60,9 @@ class CheckedImageFolder(Dataset):
         transform: applied to the RGB PIL image.
         classes: class names to use (so that val follows train's order); default: the folders.
         check_files: read every file's header once and skip the unreadable ones (counted in
-            :attr:`skipped`).
+            :attr:`skipped`); under ``torch.distributed`` each process checks its share.
+        limit: use only this many files, evenly spread over the folder (so every class keeps
+            its share), chosen before the check: fewer when some of them are unreadable.
         substitute: what happens to a file that passes the header check but fails to decode
             (a truncated download): replaced by the next readable image (training: a long run
             never stops on one bad file), or, with ``False`` (evaluation), returned as
@@ -76,6 +80,7 @@ class CheckedImageFolder(Dataset):
         classes: list[str] | None = None,
         check_files: bool = True,
         substitute: bool = True,
+        limit: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.transform = transform
@@ -101,20 +106,23 @@ class CheckedImageFolder(Dataset):
                 f"have no images (looked for {', '.join(IMAGE_EXTENSIONS)}); add images or "
                 "remove the folder"
             )
+        chosen = [samples[i] for i in spread_indices(len(samples), limit)]
+        samples = chosen
         self.skipped: list[tuple[str, str]] = []
         if check_files:
-            kept = []
-            for path, label in samples:
-                reason = check_image_header(path)
-                if reason is None:
-                    kept.append((path, label))
-                else:
-                    self.skipped.append((path, reason))
-            samples = kept
+            reasons = check_over_ranks(
+                [path for path, _ in chosen],
+                check_image_header,
+                f"{self.root.name}: images checked",
+            )
+            self.skipped = [(path, why) for (path, _), why in zip(chosen, reasons) if why]
+            samples = [sample for sample, why in zip(chosen, reasons) if why is None]
         if not samples:
             raise DataError(f"no readable images under {str(self.root)!r}")
-        readable = Counter(label for _, label in samples)
-        unreadable = [c for c in found if readable[self.class_to_idx[c]] == 0]
+        tried, readable = (Counter(label for _, label in x) for x in (chosen, samples))
+        unreadable = [
+            c for c in found if tried[self.class_to_idx[c]] and not readable[self.class_to_idx[c]]
+        ]
         if unreadable:  # a class the model would be asked to learn, or be scored on, blind
             folder = self.root / unreadable[0]
             path, why = next(
@@ -125,7 +133,7 @@ class CheckedImageFolder(Dataset):
                 f"have no readable images (every file failed its check, e.g. {path}: {why}); "
                 "replace them or remove the folder"
             )
-        if self.skipped:
+        if self.skipped and is_first_rank():
             first, why = self.skipped[0]
             logger.warning(
                 "%s: skipped %d unreadable file(s) (first: %s: %s)",
@@ -134,21 +142,34 @@ class CheckedImageFolder(Dataset):
                 first,
                 why,
             )
-        self.samples = samples
-        self.targets = [label for _, label in samples]
+        self._table = SampleTable(
+            [path for path, _ in samples], label=[label for _, label in samples]
+        )
         self._failed = SharedCount()
         self.substitute = substitute
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        """``(path, label)`` of every usable image, as torchvision's ``ImageFolder`` has it
+        (built on each access from the compact table)."""
+        return [(self._table.path(i), self._table.value("label", i)) for i in range(len(self))]
+
+    @property
+    def targets(self) -> list[int]:
+        """The label of every usable image."""
+        return self._table.column("label").tolist()
 
     @property
     def failed_loads(self) -> int:
         return int(self._failed)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._table)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        for attempt in range(len(self.samples)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
+        for attempt in range(len(self)):
+            row = (index + attempt) % len(self)
+            path, label = self._table.path(row), self._table.value("label", row)
             try:
                 img = open_rgb(path)
             except READ_ERRORS as exc:

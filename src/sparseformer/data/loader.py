@@ -85,6 +85,23 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     return default_collate(batch)
 
 
+class SeededRepeatAugSampler(RepeatAugSampler):
+    """timm's (DeiT's) repeated-augmentation sampler, shuffled by ``seed + epoch`` as torch's
+    ``DistributedSampler`` is; timm's shuffles by the epoch alone, whatever ``--seed`` says."""
+
+    def __init__(
+        self, dataset: Dataset, num_replicas: int, rank: int, num_repeats: int, seed: int = 0
+    ) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, num_repeats=num_repeats
+        )
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(self.seed + epoch)
+
+
 def build_train_loader(
     dataset: Dataset,
     batch_size: int,
@@ -102,9 +119,8 @@ def build_train_loader(
     context, so a CPU run on a GPU host passes ``False``.
     """
     if repeated_aug > 1 and world_size > 1:
-        # shuffles with the epoch as seed (set_epoch), like DeiT's sampler
-        sampler: Sampler = RepeatAugSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, num_repeats=repeated_aug
+        sampler: Sampler = SeededRepeatAugSampler(
+            dataset, world_size, rank, num_repeats=repeated_aug, seed=seed
         )
     else:
         sampler = DistributedSampler(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from sparseformer.data.loader import SharedCount
+from sparseformer.data.scan import SampleTable, check_over_ranks, is_first_rank, spread_indices
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -85,7 +87,9 @@ def _av():
 
 
 def probe_video(path: str | Path) -> int:
-    """Number of frames of a video, from its header when it has one, else by decoding.
+    """Number of frames of a video, from its header when it has one, else by counting its
+    packets, one per frame (WebM, Matroska and fragmented MP4 headers carry no count; reading
+    packets without decoding them takes a few milliseconds where decoding takes tens).
 
     Raises:
         VideoReadError: not a readable video (missing, empty, corrupt, no video stream).
@@ -98,7 +102,7 @@ def probe_video(path: str | Path) -> int:
             stream = container.streams.video[0]
             if stream.frames > 0:
                 return int(stream.frames)
-            return sum(1 for _ in container.decode(video=0))
+            return sum(1 for packet in container.demux(stream) if packet.size)
     except VideoReadError:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
@@ -128,7 +132,9 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoReadError(f"{path}: no video stream")
-            container.streams.video[0].thread_type = "AUTO"
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            stream.thread_count = _decoder_threads()
             shown = None  # the first frame's (width, height) as shown: every frame's size
             for i, frame in enumerate(container.decode(video=0)):
                 decoded = i + 1
@@ -153,6 +159,21 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
             "file, or a header that claims more frames than the stream holds)"
         )
     return torch.from_numpy(np.stack([frames[i] for i in order]))
+
+
+def _decoder_threads() -> int:
+    """FFmpeg decoding threads: its own choice (0, about one per core) in the main process;
+    in a DataLoader worker, the worker's share of the cores, so that 8 processes x 8 workers
+    do not each start a thread per core."""
+    info = torch.utils.data.get_worker_info()
+    if info is None:
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * info.num_workers
+    return max(1, cores // processes)
 
 
 def _quarter_turns(frame) -> int:
@@ -323,6 +344,17 @@ def test_views(frames: Tensor, spec: ClipSpec) -> list[Tensor]:
     return views
 
 
+_NAMED_SKIPS = 10  # unusable videos named one per line; the rest are counted
+
+
+def _frames_or_reason(path: str) -> int | str:
+    """A video's frame count, or why it cannot be used."""
+    try:
+        return probe_video(path)
+    except VideoReadError as exc:
+        return str(exc)
+
+
 class VideoFolder(Dataset):
     """Videos under ``root/CLASS/``, labelled by the sorted class-folder index.
 
@@ -333,8 +365,11 @@ class VideoFolder(Dataset):
             ``(V, 3, T, S, S)`` with ``V = num_clips * num_crops`` (``(3, T, S, S)`` when
             ``V = 1``).
         classes: class names to use (so that val follows train's order).
-        seed: base seed of the training randomness (per item and epoch-independent draws come
-            from Python's ``random`` seeded by the DataLoader worker).
+        limit: use only this many videos, evenly spread over the folder, chosen before the
+            scan (fewer when some are unusable).
+
+    Training draws (clip position, crop, flip) come from Python's ``random``, which the
+    loaders seed per worker and epoch.
 
     Attributes:
         samples: ``(path, label, num_frames)`` of the usable videos.
@@ -352,6 +387,7 @@ class VideoFolder(Dataset):
         *,
         train: bool,
         classes: list[str] | None = None,
+        limit: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.spec = spec
@@ -373,27 +409,42 @@ class VideoFolder(Dataset):
                 f"classes ({list(classes)}); train and val need the same class folders"
             )
         self.classes = found
-        self.samples: list[tuple[Path, int, int]] = []
         self.skipped: list[tuple[str, str]] = []
         self._failed = SharedCount()
-        for label, name in enumerate(found):
-            files = sorted(
+        listed = [
+            (path, label)
+            for label, name in enumerate(found)
+            for path in sorted(
                 p for p in (self.root / name).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
             )
-            for path in files:
-                try:
-                    n = probe_video(path)
-                except VideoReadError as exc:
-                    self.skipped.append((str(path), str(exc)))
-                    continue
-                if n < spec.min_frames:
-                    reason = f"too short: {n} frames, a clip needs {spec.min_frames}"
-                    self.skipped.append((str(path), reason))
-                    continue
-                self.samples.append((path, label, n))
-        for path, reason in self.skipped:
-            logger.warning("skipping video %s (%s)", path, reason)
-        if not self.samples:
+        ]
+        present = {label for _, label in listed}  # classes with any video file at all
+        listed = [listed[i] for i in spread_indices(len(listed), limit)]
+        counts = check_over_ranks(
+            [str(path) for path, _ in listed], _frames_or_reason, f"{self.root.name}: videos probed"
+        )
+        kept = []
+        for (path, label), n in zip(listed, counts):
+            if isinstance(n, str):
+                self.skipped.append((str(path), n))
+            elif n < spec.min_frames:
+                reason = f"too short: {n} frames, a clip needs {spec.min_frames}"
+                self.skipped.append((str(path), reason))
+            else:
+                kept.append((str(path), label, n))
+        if self.skipped and is_first_rank():
+            for path, reason in self.skipped[:_NAMED_SKIPS]:
+                logger.warning("skipping video %s (%s)", path, reason)
+            if len(self.skipped) > _NAMED_SKIPS:
+                logger.warning(
+                    "%s: skipped %d more unusable video(s)",
+                    self.root,
+                    len(self.skipped) - _NAMED_SKIPS,
+                )
+        self._table = SampleTable(
+            [p for p, _, _ in kept], label=[y for _, y, _ in kept], frames=[n for _, _, n in kept]
+        )
+        if not kept:
             short = sum(r.startswith("too short") for _, r in self.skipped)
             hint = (
                 f"; {short} are too short for clips of {spec.num_frames} frames"
@@ -407,8 +458,11 @@ class VideoFolder(Dataset):
                 f"extensions {', '.join(VIDEO_EXTENSIONS)}; at least {spec.min_frames} frames"
                 f"{hint})"
             )
-        used = {label for _, label, _ in self.samples}
-        empty = [name for label, name in enumerate(found) if label not in used]
+        # a class without files, or whose chosen files are all unusable (a limit may choose none)
+        tried, used = {label for _, label in listed}, {label for _, label, _ in kept}
+        empty = [
+            n for label, n in enumerate(found) if label not in present or label in tried - used
+        ]
         if empty:
             raise VideoDataError(
                 f"class folder(s) {[str(self.root / n) for n in empty]} have no usable video "
@@ -420,11 +474,21 @@ class VideoFolder(Dataset):
     def failed_loads(self) -> int:
         return int(self._failed)
 
+    @property
+    def samples(self) -> list[tuple[Path, int, int]]:
+        """``(path, label, num_frames)`` of every usable video (built on each access from the
+        compact table)."""
+        return [self._row(i) for i in range(len(self))]
+
+    def _row(self, i: int) -> tuple[Path, int, int]:
+        table = self._table
+        return Path(table.path(i)), table.value("label", i), table.value("frames", i)
+
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._table)
 
     def _load(self, index: int) -> Tensor:
-        path, _, n = self.samples[index]
+        path, _, n = self._row(index)
         spec, rng = self.spec, random.Random(random.getrandbits(64))
         if self.train:
             frames = read_video(path, clip_indices(n, spec, train=True, rng=rng))
@@ -439,15 +503,16 @@ class VideoFolder(Dataset):
         return torch.stack(views)  # V x (3, T, S, S) -> (V, 3, T, S, S)
 
     def __getitem__(self, index: int) -> tuple[Tensor | None, int]:
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            label = self._table.value("label", i)
             try:
-                return self._load(i), self.samples[i][1]
+                return self._load(i), label
             except VideoReadError as exc:
                 self._failed.add()
                 if not self.train:  # evaluation: leave it out, never score another in its place
                     logger.warning("could not decode a video (%s); left out", exc)
-                    return None, self.samples[i][1]
+                    return None, label
                 logger.warning("could not decode a video (%s); using the next video instead", exc)
         raise VideoDataError(f"no video under {str(self.root)!r} could be decoded")
 
@@ -489,17 +554,24 @@ def is_video_folder(data_dir: str | Path, sample: int = 8) -> bool:
 
 
 def video_datasets(
-    data_dir: str | Path, spec: ClipSpec, need_train: bool = True
+    data_dir: str | Path,
+    spec: ClipSpec,
+    need_train: bool = True,
+    limit_train: int | None = None,
+    limit_val: int | None = None,
 ) -> tuple[VideoFolder | None, VideoFolder]:
-    """Train (one random clip per video and epoch) and val (test views) video folders.
+    """Train (one random clip per video and epoch) and val (test views) video folders, each
+    limited to that many videos spread over its classes if a limit is given.
 
     Raises:
         VideoDataError: missing split folders, no class folders, no usable video.
     """
     data_dir = Path(data_dir)
-    train = VideoFolder(data_dir / "train", spec, train=True) if need_train else None
+    train = None
+    if need_train:
+        train = VideoFolder(data_dir / "train", spec, train=True, limit=limit_train)
     classes = train.classes if train is not None else None
-    val = VideoFolder(data_dir / "val", spec, train=False, classes=classes)
+    val = VideoFolder(data_dir / "val", spec, train=False, classes=classes, limit=limit_val)
     return train, val
 
 

@@ -73,6 +73,13 @@ def pick_device(requested: str | None, *, allow_mps: bool = False) -> str:
     return str(device)
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def set_threads(requested: int | None, dist: DistInfo) -> int:
     """Intra-op CPU threads: the cores this process may use, shared among local ranks.
 
@@ -83,8 +90,7 @@ def set_threads(requested: int | None, dist: DistInfo) -> int:
     ``--threads`` sets the number.
     """
     if requested is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        cores = cores or 1
+        cores = available_cores()
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         usable = cores if load <= cores else max(1, cores - math.ceil(load - cores))
         requested = max(1, usable // max(dist.local_world_size, 1))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ from sparseformer.engine.metrics import MetricsLog, plot_metrics
 from sparseformer.engine.modeling import is_sparseformer
 from sparseformer.engine.optim import LRSchedule, build_optimizer
 from sparseformer.engine.recipe import Recipe
+from sparseformer.engine.session import available_cores
 
 __all__ = ["TrainingError", "RunOptions", "seed_everything", "amp_dtype_for", "fit"]
 
@@ -122,10 +122,7 @@ def _workers(asked: int, dist: DistInfo) -> int:
     """Data-loading processes per training process: the recipe's, but no more than this
     process's share of the cores (more only queue for them). The data order does not depend
     on the count; which random augmentation an image draws does, as with any DataLoader."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = available_cores()
     # the same share as the threads get (session.set_threads): cores / processes on this node
     share = max(1, cores // max(dist.local_world_size, 1))
     if asked > share:
