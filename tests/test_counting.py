@@ -46,3 +46,14 @@ def test_counts_timm_models_too():
         model = timm.create_model("deit_tiny_patch16_224")
     flops = count_flops(model, (3, 224, 224))
     assert flops.gflops_complete == pytest.approx(1.26, rel=0.05)
+
+
+def test_the_default_input_follows_the_model():
+    nano = create_model("sparseformer_v1_nano")
+    gray = create_model("sparseformer_v1_nano", in_chans=1)
+    assert count_flops(nano).complete == count_flops(nano, (3, 224, 224)).complete
+    assert count_flops(gray).complete < count_flops(nano).complete  # a 1-channel stem
+    video = create_model("video_sparseformer_v1_micro", num_frames=4)
+    assert count_flops(video).complete == count_flops(video, (3, 4, 224, 224)).complete
+    half = count_flops(nano.to(torch.bfloat16))  # the input takes the weights' dtype
+    assert half.complete == count_flops(nano.float()).complete

@@ -55,6 +55,13 @@ def test_onnx_matches_pytorch_on_real_images_at_two_batch_sizes(exported):
         assert onnx_max_difference(path, model, batch) <= 1e-4
 
 
+def test_export_leaves_the_callers_model_as_it_was(tmp_path):
+    model = create_model("sparseformer_v1_nano").train().to(torch.float64)
+    export_onnx(model, tmp_path / "nano.onnx", img_size=32)
+    onnx_max_difference(tmp_path / "nano.onnx", model, torch.randn(1, 3, 32, 32))
+    assert model.training and model.head.weight.dtype == torch.float64
+
+
 def test_onnx_graph_has_dynamic_batch_and_grid_sample(exported):
     _, path = exported
     graph = onnx.load(str(path)).graph

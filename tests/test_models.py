@@ -279,3 +279,74 @@ def test_group_matcher_orders_layer_decay_by_depth():
     coarse = model.group_matcher(coarse=True)
     groups = timm.models.group_parameters(model, coarse)
     assert len(groups) == 4  # stem, stage 0, stage 1 (with fc_norm), head
+
+
+def test_timm_pooling_device_and_dtype_arguments():
+    x = torch.randn(2, 3, 32, 32)
+    # global_pool="" with num_classes=0: per-token features, as timm's ViTs give
+    model = timm.create_model("sparseformer_v1_nano", num_classes=0, global_pool="")
+    assert model(x).shape == (2, model.config.num_tokens, model.num_features)
+    assert model.head_hidden_size == model.num_features
+    model.reset_classifier(4, "")
+    assert model(x).shape == (2, model.config.num_tokens, 4)
+    model.reset_classifier(4, "avg")
+    assert model(x).shape == (2, 4)
+    with pytest.raises(ValueError, match="global_pool must be 'avg'.* or ''"):
+        model.reset_classifier(4, "max")
+    # a new classifier takes the model's dtype, not only its device
+    model = timm.create_model("sparseformer_v1_nano").double()
+    model.reset_classifier(3)
+    assert model(x.double()).dtype == torch.float64
+    assert timm.create_model("sparseformer_v1_nano", device="meta").head.weight.is_meta
+    model = timm.create_model("sparseformer_v1_nano", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_pretrained_follows_the_pretrained_cfg_file_and_url(tmp_path):
+    source = create_model("sparseformer_v1_nano", num_classes=5)
+    path = tmp_path / "mine.pth"
+    torch.save(source.state_dict(), path)
+    # timm's train.py --pretrained-path: pretrained=True with the file in the overlay
+    model = timm.create_model(
+        "sparseformer_v1_nano", pretrained=True, pretrained_cfg_overlay={"file": str(path)}
+    )
+    assert model.num_classes == 5 and torch.equal(model.head.weight, source.head.weight)
+    # another url (here a local one) is fetched into cache_dir, with no published hash to check
+    model = create_model(
+        "sparseformer_v1_nano",
+        pretrained=True,
+        pretrained_cfg_overlay={"url": path.as_uri()},
+        cache_dir=tmp_path / "cache",
+    )
+    assert (tmp_path / "cache" / "mine.pth").is_file()
+    assert torch.equal(model.initial_tokens, source.initial_tokens)
+
+
+def test_image_weights_load_into_a_video_model_by_every_route(tmp_path):
+    image = create_model("sparseformer_v1_micro", num_classes=5)
+    path = tmp_path / "image.pth"
+    torch.save(image.state_dict(), path)
+    ours = create_model("video_sparseformer_v1_micro", checkpoint_path=path)
+    by_timm = timm.create_model("video_sparseformer_v1_micro", num_classes=5, checkpoint_path=path)
+    by_hook = create_model("video_sparseformer_v1_micro", num_classes=5)
+    by_hook.load_state_dict(image.state_dict())  # inflated by the load hook
+    for other in (by_timm, by_hook):
+        for (name, a), b in zip(ours.state_dict().items(), other.state_dict().values()):
+            assert torch.equal(a, b), name
+    two = create_model("video_sparseformer_v1_micro", num_classes=5, replicates=2)
+    with pytest.raises(ValueError, match="build it with replicates=2"):
+        by_hook.load_state_dict(two.state_dict())
+
+
+def test_torch_compile_captures_one_graph_and_matches_eager():
+    model = create_model("sparseformer_v1_nano", num_classes=3, drop_path_rate=0.3).train()
+    x = torch.randn(2, 3, 32, 48)
+    explained = torch._dynamo.explain(model)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    compiled = torch.compile(model, backend="aot_eager")  # the autograd graph, no C++ compiler
+    torch.manual_seed(0)
+    eager = model(x, coord_grad_scale=2.0)  # drop path and the clamp bound, traced as well
+    torch.manual_seed(0)
+    torch.testing.assert_close(compiled(x, coord_grad_scale=2.0), eager)
+    compiled(torch.randn(2, 3, 40, 40)).sum().backward()  # another size, and a backward
+    assert model.head.weight.grad is not None

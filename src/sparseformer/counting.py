@@ -92,25 +92,30 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def count_flops(
-    model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224), batch_size: int = 1
+    model: nn.Module, input_size: tuple[int, ...] | None = None, batch_size: int = 1
 ) -> FlopCount:
     """Count one forward pass's multiply-adds.
 
     Args:
         model: any ``nn.Module`` taking one tensor (SparseFormer or a timm model).
-        input_size: ``(C, H, W)``, ``(C, T, H, W)``, or a full shape including the batch.
+        input_size: ``(C, H, W)``, ``(C, T, H, W)``, or a full shape including the batch;
+            default: the model's own (its channels, clip length and ``pretrained_cfg`` input
+            size; 224 x 224 when it has none).
         batch_size: used when ``input_size`` has no batch dimension.
 
     Returns:
         :class:`FlopCount` for the whole batch.
     """
+    if input_size is None:
+        input_size = default_input_size(model)
     if len(input_size) in (3, 4) and not _has_batch(model, input_size):
         shape = (batch_size, *input_size)
     else:
         shape = tuple(input_size)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    x = torch.zeros(shape, device=device)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.zeros(shape, device=device, dtype=dtype)
     mapping = {op: _grid_sampler_flops(c) for op, c in _CORNERS.items()}
     if hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[_aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
@@ -128,6 +133,18 @@ def count_flops(
     complete = sum(by_op.values())
     paper = sum(v for k, v in by_op.items() if _in_paper(k))
     return FlopCount(complete, paper, dict(by_op), shape)
+
+
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
+    """``(C, H, W)``, or ``(C, T, H, W)`` for a video SparseFormer: the model's channels and
+    clip length, and the spatial size of its ``pretrained_cfg`` (224 x 224 without one)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    _, H, W = cfg.get("input_size") or (3, 224, 224)
+    config = getattr(model, "config", None)
+    chans = getattr(config, "in_chans", None) or getattr(model, "in_chans", None) or 3
+    if getattr(model, "roi_dims", 2) == 3:
+        return (chans, config.num_frames, H, W)
+    return (chans, H, W)
 
 
 def _has_batch(model: nn.Module, input_size: tuple[int, ...]) -> bool:

@@ -11,6 +11,7 @@ extra.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from contextlib import contextmanager
@@ -72,7 +73,8 @@ def export_onnx(
     opset: int = 18,
     num_frames: int | None = None,
 ) -> Path:
-    """Write ``model`` (eval mode, CPU, float32) as ONNX with a dynamic batch dimension.
+    """Write ``model`` (a copy in eval mode, CPU, float32) as ONNX with a dynamic batch
+    dimension; ``model`` itself is left as it was.
 
     Args:
         model: takes ``(B, in_chans, img_size, img_size)`` (or ``(B, in_chans, num_frames,
@@ -96,7 +98,7 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.onnx")
-    wrapper = _Logits(model).eval().float().cpu()
+    wrapper = _Logits(copy.deepcopy(model)).eval().float().cpu()  # the caller's model stays
     # Batch 2 as the example, so that the exporter does not specialise a batch of 1.
     frames = () if num_frames is None else (num_frames,)
     example = torch.zeros(2, in_chans, *frames, img_size, img_size)
@@ -126,7 +128,7 @@ def onnx_max_difference(path: str | os.PathLike, model: nn.Module, images: Tenso
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (name,) = [i.name for i in session.get_inputs()]
     onnx_logits = torch.from_numpy(session.run(None, {name: images.float().numpy()})[0])
-    model = model.eval().float().cpu()
+    model = copy.deepcopy(model).eval().float().cpu()  # the caller's model stays as it was
     with torch.inference_mode():
         torch_logits = model(images.float())
     return (onnx_logits - torch_logits).abs().max().item()

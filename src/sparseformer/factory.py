@@ -7,6 +7,7 @@ local checkpoint in a supported format (see :mod:`sparseformer.convert`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import fnmatch
@@ -326,7 +327,11 @@ def create_model(
             loads as it was trained; 0, no classifier, for a checkpoint saved without one),
             else the config's 1000. When it differs from the weights' the classifier is
             re-initialised (logged), for fine-tuning.
-        **overrides: fields of the model's config (e.g. ``drop_path_rate=0.1``).
+        **overrides: fields of the model's config (e.g. ``drop_path_rate=0.1``), and timm's
+            arguments: ``global_pool`` (``"avg"``, or ``""`` for per-token outputs),
+            ``device`` and ``dtype`` (build there, then cast), ``pretrained_cfg`` and
+            ``pretrained_cfg_overlay`` (a ``file`` or ``url`` there is what ``pretrained``
+            loads), ``cache_dir`` (where ``pretrained`` downloads to).
 
     Returns:
         The model, in training mode.
@@ -340,9 +345,14 @@ def create_model(
             f"released weights; use {name!r}"
         )
     overlay = overrides.pop("pretrained_cfg_overlay", None) or {}
-    overrides.pop("cache_dir", None)
-    if overrides.pop("global_pool", None) not in (None, "", "avg"):
-        raise ValueError("SparseFormer pools by averaging its tokens: global_pool must be 'avg'")
+    download_dir = overrides.pop("cache_dir", None)
+    device, dtype = overrides.pop("device", None), overrides.pop("dtype", None)
+    global_pool = overrides.pop("global_pool", None)
+    if global_pool not in (None, "", "avg"):
+        raise ValueError(
+            f"global_pool must be 'avg' (SparseFormer averages its tokens) or '' (one output "
+            f"per token), got {global_pool!r}"
+        )
     if overrides.pop("features_only", False):
         raise NotImplementedError(
             "features_only is not supported: SparseFormer has no feature-map pyramid; "
@@ -355,11 +365,14 @@ def create_model(
         raise TypeError(
             f"{name} has no config field(s) {unknown}; valid overrides: {sorted(valid)}"
         )
+    cfg = pretrained_cfg(name)
+    if given_cfg is not None:  # timm passes its resolved PretrainedCfg (or a dict)
+        given = given_cfg.to_dict() if hasattr(given_cfg, "to_dict") else dict(given_cfg)
+        cfg.update({k: v for k, v in given.items() if v is not None})
+    cfg.update(overlay)
     # every argument checked: only now download or read weights
     if checkpoint_path is None and pretrained:
-        if spec.weights is None:
-            raise ValueError(f"no released weights for {name}; train it or pass checkpoint_path")
-        checkpoint_path = download_weights(spec.weights.url, spec.weights.sha256)
+        checkpoint_path = _pretrained_file(name, spec, cfg, download_dir)
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint is not None and num_classes is None:  # the trained classifier, as it is
         num_classes = checkpoint_num_classes(checkpoint)
@@ -373,14 +386,27 @@ def create_model(
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     config = dataclasses.replace(config, **overrides)
-    model = _MODEL_CLASSES[type(config)](config)
-    cfg = pretrained_cfg(name)
-    if given_cfg is not None:  # timm passes its resolved PretrainedCfg (or a dict)
-        given = given_cfg.to_dict() if hasattr(given_cfg, "to_dict") else dict(given_cfg)
-        cfg.update({k: v for k, v in given.items() if v is not None})
-    cfg.update(overlay)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = _MODEL_CLASSES[type(config)](config)
+    if global_pool == "":
+        model.reset_classifier(config.num_classes, "")
     cfg["num_classes"] = config.num_classes
     model.pretrained_cfg = model.default_cfg = cfg
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
+    if dtype is not None:
+        model.to(dtype=dtype)
     return model
+
+
+def _pretrained_file(name: str, spec, cfg: dict, directory) -> str | os.PathLike:
+    """What ``pretrained=True`` loads: the pretrained config's ``file`` (timm's
+    ``--pretrained-path``), else its ``url`` (the released one, hash-checked, unless changed)."""
+    if cfg.get("file"):
+        return cfg["file"]
+    released = spec.weights
+    url = cfg.get("url") or (released.url if released is not None else None)
+    if not url:
+        raise ValueError(f"no released weights for {name}; train it or pass checkpoint_path")
+    sha256 = released.sha256 if released is not None and url == released.url else None
+    return download_weights(url, sha256, directory=directory)

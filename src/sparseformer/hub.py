@@ -31,8 +31,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_weights(url: str, sha256: str | None = None, progress: bool = True) -> Path:
-    """Return the local path of ``url``'s file, downloading it into the cache if needed.
+def download_weights(
+    url: str,
+    sha256: str | None = None,
+    progress: bool = True,
+    directory: str | os.PathLike | None = None,
+) -> Path:
+    """Return the local path of ``url``'s file, downloading it into ``directory`` (default:
+    torch's hub cache) if needed.
 
     Raises:
         DownloadError: offline, or the file's sha256 differs from ``sha256``; the message says
@@ -40,7 +46,7 @@ def download_weights(url: str, sha256: str | None = None, progress: bool = True)
     """
     from torch.hub import download_url_to_file
 
-    target = cache_dir() / os.path.basename(url)
+    target = Path(directory or cache_dir()) / os.path.basename(url)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         logger.info("downloading %s to %s", url, target)

@@ -94,7 +94,8 @@ class SparseFormer(nn.Module):
         super().__init__()
         self.config = config
         self.num_classes = config.num_classes
-        self.num_features = config.width
+        self.num_features = self.head_hidden_size = config.width
+        self.global_pool = "avg"  # or "": one output per token (timm's convention)
         first_width = config.stages[0].width
         # Video subclasses (roi_dims = 3) get the per-frame stem and their own token count.
         self.stem = EarlyConvolution(
@@ -183,15 +184,23 @@ class SparseFormer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with a fresh one of ``num_classes`` (0 removes it)."""
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"SparseFormer pools by averaging tokens, got {global_pool!r}")
+        """Replace the classifier with a fresh one of ``num_classes`` (0 removes it), on the
+        model's device and in its dtype. ``global_pool``: ``"avg"`` (average the tokens) or
+        ``""`` (no pooling: ``forward_head`` normalises and classifies every token)."""
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(
+                    f"global_pool must be 'avg' (average the tokens) or '' (one output per "
+                    f"token), got {global_pool!r}"
+                )
+            self.global_pool = global_pool
         self.num_classes = num_classes
         head = self._make_head(num_classes)
         if isinstance(head, nn.Linear):
             nn.init.trunc_normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
-        self.head = head.to(self.fc_norm.weight.device)
+        like = self.fc_norm.weight
+        self.head = head.to(device=like.device, dtype=like.dtype)
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Stem features and the initial tokens and RoIs expanded over the batch."""
@@ -248,8 +257,9 @@ class SparseFormer(nn.Module):
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
         """Average tokens, normalise, (dropout,) classify: ``(B, N, D) -> (B, classes)``, or
-        ``(B, D)`` features with ``pre_logits``."""
-        x = self.fc_norm(tokens.mean(dim=1))
+        ``(B, D)`` features with ``pre_logits``. With ``global_pool=""`` the tokens are not
+        averaged: ``(B, N, classes)`` or ``(B, N, D)``."""
+        x = self.fc_norm(tokens.mean(dim=1) if self.global_pool == "avg" else tokens)
         return x if pre_logits else self.head(self.head_drop(x))
 
     def forward(self, x: Tensor, *, coord_grad_scale: float | Tensor = 1.0) -> Tensor:
@@ -281,25 +291,47 @@ def _accept_official_layouts(
     module: nn.Module, state_dict: dict, prefix: str, *args: object
 ) -> None:
     """``load_state_dict`` pre-hook: rename the authors' layouts (ImageNet release, library v2)
-    to ours in place, so ``model.load_state_dict(official)`` and timm's ``checkpoint_path``
-    work. Keys no table maps stay as they are, for strict loading to report."""
+    to ours in place, and inflate image weights given to a video model, so that
+    ``model.load_state_dict(official)`` and timm's ``checkpoint_path`` work. Keys no table maps
+    stay as they are, for strict loading to report."""
     from sparseformer.convert import (
         NotASparseFormerCheckpoint,
         convert_state_dict,
         detect_format,
     )
+    from sparseformer.inflate import inflate_image_state_dict, is_image_state_dict
 
     keys = [k[len(prefix) :] for k in state_dict if k.startswith(prefix)]
-    if not keys or "initial_rois" in keys:
+    if not keys:
         return
-    try:
-        fmt = detect_format(keys)
-    except NotASparseFormerCheckpoint:
-        return  # strict loading names the keys
-    if fmt == "sparseformer":
+    theirs = {k: state_dict[prefix + k] for k in keys}
+    if "initial_rois" not in keys:
+        try:
+            fmt = detect_format(keys)
+        except NotASparseFormerCheckpoint:
+            return  # strict loading names the keys
+        if fmt == "sparseformer":
+            return
+        converted, report = convert_state_dict(theirs, fmt)
+        converted.update({k: theirs[k] for k in report.dropped})
+        logger.info(
+            "load_state_dict: renamed %d keys of the official %s layout", len(converted), fmt
+        )
+    else:
+        converted = theirs
+    if module.roi_dims == 3:
+        if is_image_state_dict(converted):  # image weights for a video model: inflate them
+            converted = inflate_image_state_dict(converted, module.config)
+        rois = converted.get("initial_rois")
+        if rois is not None and rois.shape[0] != module.initial_rois.shape[0]:
+            n = module.config.num_tokens
+            raise ValueError(
+                f"these weights hold {rois.shape[0]} latent tokens, {rois.shape[0] / n:g} "
+                f"replicates of {n}; the model has {module.config.replicates}: build it with "
+                f"replicates={rois.shape[0] // n}"
+            )
+    if converted is theirs:
         return
-    theirs = {k: state_dict.pop(prefix + k) for k in keys}
-    converted, report = convert_state_dict(theirs, fmt)
+    for k in keys:
+        del state_dict[prefix + k]
     state_dict.update({prefix + k: v for k, v in converted.items()})
-    state_dict.update({prefix + k: theirs[k] for k in report.dropped})
-    logger.info("load_state_dict: renamed %d keys of the official %s layout", len(converted), fmt)
