@@ -127,11 +127,16 @@ def test_training_memory_and_grad_checkpointing_are_reported(monkeypatch):
     during = []  # the checkpointing flags of the models in training mode, at each measurement
 
     def spy(fn, device):
-        during.append([m.grad_checkpointing for m in built if m.training])
+        training = [m for m in built if m.training]
+        during.append([m.grad_checkpointing for m in training])
+        if training:  # the models' steps are measured in turn: the measured one holds no
+            measured = training[sum(map(bool, during)) - 1]  # gradients yet, they count too
+            assert all(p.grad is None for p in measured.parameters())
         return measure(fn, device)
 
     monkeypatch.setattr(benchmark, "peak_memory_mb", spy)
-    result = run_benchmark(small_settings(img_sizes=(32,), grad_checkpointing=True))
+    settings = small_settings(img_sizes=(32,), grad_checkpointing=True, warmup=0)
+    result = run_benchmark(settings)
     assert all(r.train_peak_memory_mb is not None for r in result.rows)
     assert during[-1] == [True, True]  # the training steps were measured with it on
     assert not any(m.grad_checkpointing for m in built)  # and it is off again afterwards

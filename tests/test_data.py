@@ -121,6 +121,8 @@ def test_a_large_folder_is_held_without_a_python_object_per_image(tmp_path):
     assert max(map(len, containers), default=0) < 10  # paths and labels live in NumPy buffers
     copy = pickle.loads(pickle.dumps(ds))  # as a spawned worker receives it
     assert copy.samples == ds.samples
+    ds.samples = ds.samples[498:503]  # a subset, the torchvision way
+    assert len(ds) == 5 and ds.targets == [0, 0, 1, 1, 1] and ds.samples[-1][0].endswith("0002.png")
 
 
 @pytest.mark.parametrize(
@@ -232,3 +234,19 @@ def test_the_data_order_follows_the_seed_with_repeated_augmentation_too():
         assert order(0, 0, 1, repeats) == order(0, 0, 1, repeats)  # resumable
         assert order(0, 0, 1, repeats) != order(1, 0, 1, repeats)  # --seed matters
         assert order(0, 0, 1, repeats) != order(0, 0, 2, repeats)  # a new order each epoch
+
+
+def test_a_run_saved_before_the_seeded_sampler_resumes_in_its_own_order():
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    from sparseformer.data.loader import build_train_loader
+    from sparseformer.engine.trainer import DATA_ORDER, keep_saved_data_order
+
+    data = list(range(64))
+    old = RepeatAugSampler(data, num_replicas=2, rank=1, num_repeats=3)
+    for state, follows_seed in (({}, False), ({"data_order": DATA_ORDER}, True)):
+        loader = build_train_loader(data, 4, 0, 7, 1, 2, repeated_aug=3)
+        keep_saved_data_order(loader.sampler, state)
+        loader.sampler.set_epoch(2)
+        old.set_epoch(2)
+        assert (list(loader.sampler) != list(old)) == follows_seed

@@ -118,15 +118,22 @@ def spy(path):
 
 folder.check_image_header = spy
 setup_distributed("cpu")
-ds = folder.CheckedImageFolder(sys.argv[1])
-out = {"checked": checked, "samples": ds.samples, "skipped": ds.skipped}
-with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w") as f:
+rank = int(os.environ["RANK"])
+root = sys.argv[1] if rank == 0 or len(sys.argv) < 4 else sys.argv[3]
+if rank == 0:  # built by one process only: no collective, so no wait for the other
+    folder.CheckedImageFolder(root)
+    checked.clear()
+ds = folder.CheckedImageFolder(root, share_check=True)
+out = {"checked": checked, "samples": list(ds.samples), "skipped": ds.skipped}
+with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
     json.dump(out, f)
 cleanup_distributed()
 """
 
 
 def test_two_processes_share_the_folder_check_and_agree(tmp_path):
+    import shutil
+
     from PIL import Image
 
     from sparseformer.data import CheckedImageFolder
@@ -140,11 +147,16 @@ def test_two_processes_share_the_folder_check_and_agree(tmp_path):
     (root / "dog" / "9.jpg").write_bytes(b"")
     script = tmp_path / "scan.py"
     script.write_text(SCAN_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), str(root), str(tmp_path)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    def run(*roots):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(script), str(roots[0]), str(tmp_path),
+               *map(str, roots[1:])]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)], done
+
+    ranks, _ = run(root)
     alone = CheckedImageFolder(root)
     # each file checked once, by one of the two processes; both end with the whole result
     assert not set(ranks[0]["checked"]) & set(ranks[1]["checked"])
@@ -152,3 +164,12 @@ def test_two_processes_share_the_folder_check_and_agree(tmp_path):
     for r in ranks:
         assert [tuple(s) for s in r["samples"]] == alone.samples and len(alone) == 9
         assert [tuple(s) for s in r["skipped"]] == alone.skipped and len(alone.skipped) == 2
+    # processes that list different files (node-local copies) each check all of their own
+    other = tmp_path / "other"
+    shutil.copytree(root, other)
+    Image.new("RGB", (8, 8)).save(other / "dog" / "5.png")
+    ranks, done = run(root, other)
+    assert "list different files" in done.stderr
+    assert len(ranks[0]["checked"]) == 11 and len(ranks[1]["checked"]) == 12
+    assert len(ranks[0]["samples"]) == 9 and len(ranks[1]["samples"]) == 10
+    assert len(ranks[0]["skipped"]) == len(ranks[1]["skipped"]) == 2

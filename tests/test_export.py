@@ -60,6 +60,12 @@ def test_export_leaves_the_callers_model_as_it_was(tmp_path):
     export_onnx(model, tmp_path / "nano.onnx", img_size=32)
     onnx_max_difference(tmp_path / "nano.onnx", model, torch.randn(1, 3, 32, 32))
     assert model.training and model.head.weight.dtype == torch.float64
+    from sparseformer.export import _cpu_float_copy
+
+    fp32 = create_model("sparseformer_v1_nano")
+    copy = _cpu_float_copy(fp32)
+    assert copy.head.weight.data_ptr() != fp32.head.weight.data_ptr()  # not shared
+    torch.testing.assert_close(copy.head.weight, fp32.head.weight)
 
 
 def test_onnx_graph_has_dynamic_batch_and_grid_sample(exported):

@@ -76,6 +76,30 @@ def test_a_container_without_a_frame_count_is_probed_by_its_packets(tmp_path, mo
     assert len(read_video(path)) == 11
 
 
+def test_a_stream_cut_mid_gop_is_counted_from_its_first_key_frame(tmp_path):
+    if "libx264" not in av.codecs_available:
+        pytest.skip("this PyAV has no H.264 encoder")
+    whole, cut = tmp_path / "whole.mkv", tmp_path / "cut.mkv"
+    with av.open(str(whole), "w") as out:  # a key frame every 10 frames
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.options = {"g": "10", "keyint_min": "10", "sc_threshold": "0", "bf": "0"}
+        for a in moving_square(40):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    with av.open(str(whole)) as src, av.open(str(cut), "w") as out:  # `-c copy` from frame 3
+        stream = out.add_stream_from_template(src.streams.video[0])
+        for k, packet in enumerate(src.demux(src.streams.video[0])):
+            if packet.dts is not None and k >= 3:
+                packet.stream = stream
+                out.mux(packet)
+    decoded = len(read_video(cut))
+    assert decoded == 30  # the 7 frames before the first key frame do not decode
+    assert probe_video(cut) == decoded
+
+
 def test_decoding_threads_are_shared_out_in_loader_workers(monkeypatch):
     from sparseformer.data import video
 

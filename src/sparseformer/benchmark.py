@@ -393,7 +393,7 @@ def _train_rounds(
         for model in models.values():
             model.set_grad_checkpointing(True)
     y = torch.randint(0, s.num_classes, (s.train_batch_size,), device=device)
-    steps = {}
+    steps, optimizers = {}, {}
     for name, model in models.items():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         x = torch.randn(s.train_batch_size, *sample_shape(model, img_size), device=device)
@@ -407,7 +407,7 @@ def _train_rounds(
             loss.backward()
             optimizer.step()
 
-        steps[name] = step
+        steps[name], optimizers[name] = step, optimizer
     result: dict[str, list[float]] = {n: [] for n in models}
     memory: dict[str, float | None] = {}
     total = len(models) * (s.warmup + s.repeats)
@@ -418,7 +418,10 @@ def _train_rounds(
             for _ in range(s.warmup):
                 steps[name]()
                 bar.update()
-            # after the warm-up, AdamW's state exists: what remains is the step's own memory
+            if not s.warmup:  # one step first all the same: AdamW's state is not the step's
+                steps[name]()
+            # the weights and AdamW's state are held; the step's activations and gradients
+            optimizers[name].zero_grad(set_to_none=True)
             memory[name] = peak_memory_mb(steps[name], device)
         for _ in range(s.repeats):
             for name in models:

@@ -12,6 +12,7 @@ extra.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 from contextlib import contextmanager
@@ -65,6 +66,17 @@ class _Logits(nn.Module):
         return self.model(images)
 
 
+def _cpu_float_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode float32 copy of ``model`` on the CPU; ``model`` stays as it was. Its
+    tensors are copied to the CPU one by one, never duplicated on a GPU."""
+    memo: dict[int, Tensor] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        c = t.detach().to("cpu", copy=True)
+        c = c.float() if c.is_floating_point() else c
+        memo[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(t, nn.Parameter) else c
+    return copy.deepcopy(model, memo).eval()
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -98,7 +110,7 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.onnx")
-    wrapper = _Logits(copy.deepcopy(model)).eval().float().cpu()  # the caller's model stays
+    wrapper = _Logits(_cpu_float_copy(model)).eval()
     # Batch 2 as the example, so that the exporter does not specialise a batch of 1.
     frames = () if num_frames is None else (num_frames,)
     example = torch.zeros(2, in_chans, *frames, img_size, img_size)
@@ -128,7 +140,7 @@ def onnx_max_difference(path: str | os.PathLike, model: nn.Module, images: Tenso
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (name,) = [i.name for i in session.get_inputs()]
     onnx_logits = torch.from_numpy(session.run(None, {name: images.float().numpy()})[0])
-    model = copy.deepcopy(model).eval().float().cpu()  # the caller's model stays as it was
+    model = _cpu_float_copy(model)
     with torch.inference_mode():
         torch_logits = model(images.float())
     return (onnx_logits - torch_logits).abs().max().item()

@@ -472,7 +472,8 @@ def run(args: argparse.Namespace) -> int:
                 base, recipe.img_size, recipe.crop_pct, recipe.interpolation
             )
         try:
-            bundle = build_datasets(source, pre, recipe.augmentation)
+            # every process builds the data: they share the file check out
+            bundle = build_datasets(source, pre, recipe.augmentation, share_check=True)
         except DataError as exc:
             raise CliError(str(exc)) from exc
         trained_on = saved.get("class_names")

@@ -125,6 +125,7 @@ def build_datasets(
     preprocessing: Preprocessing,
     augmentation: Augmentation | None,
     need_train: bool = True,
+    share_check: bool = False,
 ) -> DatasetBundle:
     """Build the train (augmented) and val (eval transform) datasets of ``source``.
 
@@ -133,6 +134,8 @@ def build_datasets(
         preprocessing: input size and normalisation shared by train and val.
         augmentation: training augmentation; ``None`` trains on eval-transformed images.
         need_train: ``False`` builds only the val split (eval).
+        share_check: split a folder's file check over the processes of a running
+            ``torch.distributed`` group; every process must then call this (a collective).
 
     Raises:
         DataError: missing/empty folders, class folders without images, unknown data set.
@@ -162,8 +165,9 @@ def build_datasets(
             )
         try:
             train, val = video_datasets(
-                source.data_dir, spec, need_train, source.limit_train, source.limit_val
-            )
+                source.data_dir, spec, need_train, source.limit_train, source.limit_val,
+                share_check,
+            )  # fmt: skip
         except VideoDataError as exc:
             raise DataError(str(exc)) from exc
         skipped = (train.skipped if train is not None else []) + val.skipped
@@ -173,11 +177,14 @@ def build_datasets(
         _check_data_dir(data_dir, need_train)
         train = None
         if need_train:
-            train = CheckedImageFolder(data_dir / "train", train_tf, limit=source.limit_train)
+            train = CheckedImageFolder(
+                data_dir / "train", train_tf, limit=source.limit_train, share_check=share_check
+            )
         classes = train.classes if train is not None else None
         val = CheckedImageFolder(
-            data_dir / "val", val_tf, classes=classes, substitute=False, limit=source.limit_val
-        )
+            data_dir / "val", val_tf, classes=classes, substitute=False, limit=source.limit_val,
+            share_check=share_check,
+        )  # fmt: skip
         skipped = (train.skipped if train is not None else []) + val.skipped
         bundle = DatasetBundle(train, val, list(val.classes), skipped)
     if bundle.train is not None and bundle.num_classes < 2:

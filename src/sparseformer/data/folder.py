@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,13 @@ from torchvision.datasets.folder import make_dataset
 
 from sparseformer.data.images import IMAGE_EXTENSIONS, READ_ERRORS, check_image_header, open_rgb
 from sparseformer.data.loader import SharedCount
-from sparseformer.data.scan import SampleTable, check_over_ranks, is_first_rank, spread_indices
+from sparseformer.data.scan import (
+    RowView,
+    SampleTable,
+    check_over_ranks,
+    is_first_rank,
+    spread_indices,
+)
 
 __all__ = ["DataError", "CheckedImageFolder", "find_classes"]
 
@@ -60,7 +66,10 @@ class CheckedImageFolder(Dataset):
         transform: applied to the RGB PIL image.
         classes: class names to use (so that val follows train's order); default: the folders.
         check_files: read every file's header once and skip the unreadable ones (counted in
-            :attr:`skipped`); under ``torch.distributed`` each process checks its share.
+            :attr:`skipped`).
+        share_check: split that check over the processes of a running ``torch.distributed``
+            group, each checking its share; a collective: every process must build the data
+            set (the training CLI does).
         limit: use only this many files, evenly spread over the folder (so every class keeps
             its share), chosen before the check: fewer when some of them are unreadable.
         substitute: what happens to a file that passes the header check but fails to decode
@@ -81,6 +90,7 @@ class CheckedImageFolder(Dataset):
         check_files: bool = True,
         substitute: bool = True,
         limit: int | None = None,
+        share_check: bool = False,
     ) -> None:
         self.root = Path(root)
         self.transform = transform
@@ -114,6 +124,7 @@ class CheckedImageFolder(Dataset):
                 [path for path, _ in chosen],
                 check_image_header,
                 f"{self.root.name}: images checked",
+                share=share_check,
             )
             self.skipped = [(path, why) for (path, _), why in zip(chosen, reasons) if why]
             samples = [sample for sample, why in zip(chosen, reasons) if why is None]
@@ -149,10 +160,15 @@ class CheckedImageFolder(Dataset):
         self.substitute = substitute
 
     @property
-    def samples(self) -> list[tuple[str, int]]:
-        """``(path, label)`` of every usable image, as torchvision's ``ImageFolder`` has it
-        (built on each access from the compact table)."""
-        return [(self._table.path(i), self._table.value("label", i)) for i in range(len(self))]
+    def samples(self) -> RowView:
+        """``(path, label)`` of every usable image, as torchvision's ``ImageFolder`` has it: a
+        read-only sequence over the compact table. Assign a list to take a subset."""
+        return RowView(len(self), lambda i: (self._table.path(i), self._table.value("label", i)))
+
+    @samples.setter
+    def samples(self, rows: Sequence[tuple[str, int]]) -> None:
+        rows = list(rows)
+        self._table = SampleTable([str(p) for p, _ in rows], label=[int(y) for _, y in rows])
 
     @property
     def targets(self) -> list[int]:

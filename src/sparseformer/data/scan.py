@@ -6,23 +6,24 @@ kept as Python tuples, is copied page by page into every DataLoader worker as th
 its reference counts (PyTorch issue #13246: about 200 bytes per sample and worker). Here:
 
 - :func:`check_over_ranks` splits the per-file work over the processes of a running
-  ``torch.distributed`` group (each checks every W-th file) and gathers the results, with a
-  progress bar on the first process;
+  ``torch.distributed`` group when asked (each checks every W-th file) and gathers the
+  results, with a progress bar on the first process;
 - :class:`SampleTable` keeps paths in one byte buffer with offsets and the integer columns
   (label, frame count) in NumPy arrays: no per-sample Python object, nothing to copy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
-__all__ = ["SampleTable", "check_over_ranks", "is_first_rank", "spread_indices"]
+__all__ = ["RowView", "SampleTable", "check_over_ranks", "is_first_rank", "spread_indices"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,19 +47,34 @@ def is_first_rank() -> bool:
     return _rank_and_world()[0] == 0
 
 
-def check_over_ranks(items: Sequence[T], check: Callable[[T], R], what: str) -> list[R]:
-    """``[check(item) for item in items]``, the work split over the processes of a running
-    ``torch.distributed`` group and the results gathered, so that every process gets the full
-    list for about ``1 / world_size`` of the time.
+def check_over_ranks(
+    items: Sequence[T], check: Callable[[T], R], what: str, share: bool = False
+) -> list[R]:
+    """``[check(item) for item in items]``, with ``share`` split over the processes of a
+    running ``torch.distributed`` group and the results gathered, so that every process gets
+    the full list for about ``1 / world_size`` of the time.
+
+    Sharing is a collective: every process of the group must call this with ``share=True``
+    (the training CLI does, as all its processes build the same data set). Processes that
+    list different items (node-local copies that differ) each check their own, with a warning.
 
     Args:
-        items: the files (or anything) to check; the same sequence on every process.
+        items: the files (or anything with a ``str``) to check.
         check: a function of one item whose result pickles (a reason, a frame count).
         what: what the progress bar counts, e.g. ``"images checked"``.
+        share: split the work over the process group, if there is one.
     """
-    rank, world = _rank_and_world()
+    rank, world = _rank_and_world() if share else (0, 1)
+    if world > 1 and not _same_items_everywhere(items, world):
+        if rank == 0:
+            logger.warning(
+                "%s: the processes list different files (node-local copies that differ?): "
+                "each checks all of its own",
+                what,
+            )
+        rank, world = 0, 1
     mine = range(rank, len(items), world)
-    show = rank == 0 and len(items) >= _QUIET_BELOW
+    show = rank == 0 and len(items) >= _QUIET_BELOW and is_first_rank()
     start = time.perf_counter()
     found: dict[int, R] = {}
     with tqdm(total=len(mine), desc=what, unit="file", disable=None if show else True) as bar:
@@ -82,6 +98,19 @@ def check_over_ranks(items: Sequence[T], check: Callable[[T], R], what: str) -> 
     return [found[i] for i in range(len(items))]
 
 
+def _same_items_everywhere(items: Sequence, world: int) -> bool:
+    """Whether every process holds the same items, in the same order (a digest compared)."""
+    import torch.distributed as dist
+
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(str(item).encode("utf-8", "surrogatepass") + b"\0")
+    mine = (len(items), digest.hexdigest())
+    everyone: list[tuple[int, str] | None] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return all(other == mine for other in everyone)
+
+
 def spread_indices(total: int, limit: int | None) -> range | list[int]:
     """``limit`` indices evenly spaced over ``range(total)`` (all of them without a limit): a
     folder lists its files class by class, and its first ``limit`` could all be cats."""
@@ -101,7 +130,7 @@ class SampleTable:
     """
 
     def __init__(self, paths: Sequence[str], **columns: Sequence[int]) -> None:
-        encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
+        encoded = [p.encode("utf-8", "surrogatepass") for p in paths]
         lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
         self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum(lengths, out=self._offsets[1:])
@@ -118,10 +147,37 @@ class SampleTable:
 
     def path(self, i: int) -> str:
         start, end = self._offsets[i], self._offsets[i + 1]
-        return self._bytes[start:end].tobytes().decode("utf-8", "surrogateescape")
+        return self._bytes[start:end].tobytes().decode("utf-8", "surrogatepass")
 
     def column(self, name: str) -> np.ndarray:
         return self._columns[name]
 
     def value(self, name: str, i: int) -> int:
         return int(self._columns[name][i])
+
+
+class RowView(Sequence):
+    """A read-only list of a table's rows, each made when asked for: ``view[i]`` costs one
+    row, not the whole list. Compares equal to a list of the same rows."""
+
+    def __init__(self, length: int, row: Callable[[int], tuple]) -> None:
+        self._length, self._row = length, row
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._row(j) for j in range(*i.indices(self._length))]
+        if not -self._length <= i < self._length:
+            raise IndexError(f"row {i} of {self._length}")
+        return self._row(i % self._length)
+
+    def __iter__(self) -> Iterator[tuple]:
+        return (self._row(i) for i in range(self._length))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"RowView({self._length} rows)"

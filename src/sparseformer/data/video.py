@@ -34,7 +34,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from sparseformer.data.loader import SharedCount
-from sparseformer.data.scan import SampleTable, check_over_ranks, is_first_rank, spread_indices
+from sparseformer.data.scan import (
+    RowView,
+    SampleTable,
+    check_over_ranks,
+    is_first_rank,
+    spread_indices,
+)
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -88,8 +94,9 @@ def _av():
 
 def probe_video(path: str | Path) -> int:
     """Number of frames of a video, from its header when it has one, else by counting its
-    packets, one per frame (WebM, Matroska and fragmented MP4 headers carry no count; reading
-    packets without decoding them takes a few milliseconds where decoding takes tens).
+    packets, one per frame, from the first key frame on (WebM, Matroska and fragmented MP4
+    headers carry no count; reading packets without decoding them takes a few milliseconds
+    where decoding takes tens).
 
     Raises:
         VideoReadError: not a readable video (missing, empty, corrupt, no video stream).
@@ -102,11 +109,24 @@ def probe_video(path: str | Path) -> int:
             stream = container.streams.video[0]
             if stream.frames > 0:
                 return int(stream.frames)
-            return sum(1 for packet in container.demux(stream) if packet.size)
+            return _count_frame_packets(container.demux(stream))
     except VideoReadError:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
         raise VideoReadError(f"{path}: {exc.__class__.__name__}: {str(exc)[:120]}") from exc
+
+
+def _count_frame_packets(packets) -> int:
+    """Packets from the first key frame on (a stream cut mid-GOP starts with packets that do
+    not decode); all of them when none is marked as a key frame."""
+    total = from_key = 0
+    for packet in packets:
+        if not packet.size:  # the demuxer's end-of-stream flush packet
+            continue
+        total += 1
+        if from_key or packet.is_keyframe:
+            from_key += 1
+    return from_key or total
 
 
 def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor:
@@ -367,6 +387,8 @@ class VideoFolder(Dataset):
         classes: class names to use (so that val follows train's order).
         limit: use only this many videos, evenly spread over the folder, chosen before the
             scan (fewer when some are unusable).
+        share_check: split the scan over the processes of a running ``torch.distributed``
+            group; a collective: every process must build the data set (the training CLI does).
 
     Training draws (clip position, crop, flip) come from Python's ``random``, which the
     loaders seed per worker and epoch.
@@ -388,6 +410,7 @@ class VideoFolder(Dataset):
         train: bool,
         classes: list[str] | None = None,
         limit: int | None = None,
+        share_check: bool = False,
     ) -> None:
         self.root = Path(root)
         self.spec = spec
@@ -421,7 +444,10 @@ class VideoFolder(Dataset):
         present = {label for _, label in listed}  # classes with any video file at all
         listed = [listed[i] for i in spread_indices(len(listed), limit)]
         counts = check_over_ranks(
-            [str(path) for path, _ in listed], _frames_or_reason, f"{self.root.name}: videos probed"
+            [str(path) for path, _ in listed],
+            _frames_or_reason,
+            f"{self.root.name}: videos probed",
+            share=share_check,
         )
         kept = []
         for (path, label), n in zip(listed, counts):
@@ -475,10 +501,19 @@ class VideoFolder(Dataset):
         return int(self._failed)
 
     @property
-    def samples(self) -> list[tuple[Path, int, int]]:
-        """``(path, label, num_frames)`` of every usable video (built on each access from the
-        compact table)."""
-        return [self._row(i) for i in range(len(self))]
+    def samples(self) -> RowView:
+        """``(path, label, num_frames)`` of every usable video: a read-only sequence over the
+        compact table. Assign a list to take a subset."""
+        return RowView(len(self), self._row)
+
+    @samples.setter
+    def samples(self, rows: Sequence[tuple[Path, int, int]]) -> None:
+        rows = list(rows)
+        self._table = SampleTable(
+            [str(p) for p, _, _ in rows],
+            label=[int(y) for _, y, _ in rows],
+            frames=[int(n) for _, _, n in rows],
+        )
 
     def _row(self, i: int) -> tuple[Path, int, int]:
         table = self._table
@@ -559,9 +594,11 @@ def video_datasets(
     need_train: bool = True,
     limit_train: int | None = None,
     limit_val: int | None = None,
+    share_check: bool = False,
 ) -> tuple[VideoFolder | None, VideoFolder]:
     """Train (one random clip per video and epoch) and val (test views) video folders, each
-    limited to that many videos spread over its classes if a limit is given.
+    limited to that many videos spread over its classes if a limit is given (``share_check``:
+    see :class:`VideoFolder`).
 
     Raises:
         VideoDataError: missing split folders, no class folders, no usable video.
@@ -569,9 +606,14 @@ def video_datasets(
     data_dir = Path(data_dir)
     train = None
     if need_train:
-        train = VideoFolder(data_dir / "train", spec, train=True, limit=limit_train)
+        train = VideoFolder(
+            data_dir / "train", spec, train=True, limit=limit_train, share_check=share_check
+        )
     classes = train.classes if train is not None else None
-    val = VideoFolder(data_dir / "val", spec, train=False, classes=classes, limit=limit_val)
+    val = VideoFolder(
+        data_dir / "val", spec, train=False, classes=classes, limit=limit_val,
+        share_check=share_check,
+    )  # fmt: skip
     return train, val
 
 

@@ -25,7 +25,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sparseformer.convert import CheckpointError
 from sparseformer.data.datasets import DatasetBundle
-from sparseformer.data.loader import build_eval_loader, build_train_loader, failed_loads
+from sparseformer.data.loader import (
+    SeededRepeatAugSampler,
+    build_eval_loader,
+    build_train_loader,
+    failed_loads,
+)
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine import checkpoint as ckpt_io
 from sparseformer.engine.distributed import (
@@ -52,6 +57,10 @@ from sparseformer.engine.session import available_cores
 __all__ = ["TrainingError", "RunOptions", "seed_everything", "amp_dtype_for", "fit"]
 
 logger = logging.getLogger(__name__)
+
+# How the training order is drawn, saved in checkpoints: "seed+epoch" since the repeated-
+# augmentation sampler took --seed; checkpoints without it resume with its old, epoch-only order.
+DATA_ORDER = "seed+epoch"
 
 _TEMPORARIES = (
     ".last.pt.tmp-*",
@@ -116,6 +125,13 @@ def amp_dtype_for(precision: str, device: str) -> torch.dtype | None:
             raise TrainingError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
         return torch.float16
     raise TrainingError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+
+
+def keep_saved_data_order(sampler, state: dict) -> None:
+    """A run saved before the repeated-augmentation sampler took ``--seed`` (its checkpoints
+    lack ``data_order``) resumes with that sampler's old order, shuffled by the epoch alone."""
+    if state.get("data_order") is None and isinstance(sampler, SeededRepeatAugSampler):
+        sampler.seed = 0
 
 
 def _workers(asked: int, dist: DistInfo) -> int:
@@ -253,6 +269,7 @@ def fit(
         best, best_epoch = float(state["best_acc1"]), int(state["best_epoch"])
         train_seconds = float(state.get("train_seconds", 0.0))
         rng_states = state.get("rng")
+        keep_saved_data_order(train_loader.sampler, state)
         logger.info("resuming %s from epoch %d (step %d)", options.resume, start_epoch, step)
     log = MetricsLog(out / "metrics.jsonl", start_epoch) if dist.is_main else None
 
@@ -338,6 +355,7 @@ def fit(
                 "train_seconds": train_seconds,
                 "rng": rng,
                 "metrics": record,
+                "data_order": DATA_ORDER,
             }
             if is_best:  # before last.pt: a last.pt naming a best epoch implies its best.pt
                 ckpt_io.save_atomic(state, out / ckpt_io.BEST)
