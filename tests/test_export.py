@@ -53,6 +53,10 @@ def test_onnx_matches_pytorch_on_real_images_at_two_batch_sizes(exported):
     images = tench_batch()
     for batch in (images[:1], images):
         assert onnx_max_difference(path, model, batch) <= 1e-4
+    # any height and width, as the model takes them
+    for size in ((SIZE + 32, SIZE), (37, 90)):
+        resized = torch.nn.functional.interpolate(images, size=size, mode="bilinear")
+        assert onnx_max_difference(path, model, resized) <= 1e-4
 
 
 def test_export_leaves_the_callers_model_as_it_was(tmp_path):
@@ -68,12 +72,14 @@ def test_export_leaves_the_callers_model_as_it_was(tmp_path):
     torch.testing.assert_close(copy.head.weight, fp32.head.weight)
 
 
-def test_onnx_graph_has_dynamic_batch_and_grid_sample(exported):
+def test_onnx_graph_has_dynamic_batch_and_size_and_grid_sample(exported):
     _, path = exported
     graph = onnx.load(str(path)).graph
     (images,) = graph.input
-    batch_dim = images.type.tensor_type.shape.dim[0]
-    assert batch_dim.dim_param and not batch_dim.HasField("dim_value")
+    dims = images.type.tensor_type.shape.dim
+    for d in (dims[0], dims[2], dims[3]):  # batch, height, width
+        assert d.dim_param and not d.HasField("dim_value")
+    assert dims[1].dim_value == 3
     assert "GridSample" in {node.op_type for node in graph.node}
 
 
@@ -83,7 +89,7 @@ def test_export_cli_prints_differences(tmp_path, capsys):
     assert main(argv + ["--check-batch-sizes", "1", "2"]) == 0
     printed = capsys.readouterr().out
     diffs = [float(line.rsplit("=", 1)[1]) for line in printed.splitlines() if "max |" in line]
-    assert len(diffs) == 2 and max(diffs) <= 1e-4
+    assert len(diffs) == 3 and max(diffs) <= 1e-4  # two batch sizes and a second size
     assert out.is_file()
 
 
@@ -112,9 +118,10 @@ def test_export_cli_video_model_takes_clips(tmp_path, capsys):
     assert main(argv) == 0  # opset 20 chosen for the 5-D GridSample
     printed = capsys.readouterr().out
     diffs = [float(line.rsplit("=", 1)[1]) for line in printed.splitlines() if "max |" in line]
-    assert len(diffs) == 2 and max(diffs) <= 1e-4
+    assert len(diffs) == 3 and max(diffs) <= 1e-4  # and at a second size
     (clips,) = onnx.load(str(out)).graph.input
     dims = clips.type.tensor_type.shape.dim
-    assert [d.dim_value for d in dims[1:]] == [3, 4, 32, 32] and dims[0].dim_param
+    assert [d.dim_value for d in dims[1:3]] == [3, 4]  # the clip length is fixed
+    assert dims[0].dim_param and dims[3].dim_param and dims[4].dim_param  # batch, H, W are not
     assert main(argv[:2] + ["sparseformer_v1_nano", "--num-frames", "4", "--out", str(out)]) == 1
     assert "video models" in capsys.readouterr().err

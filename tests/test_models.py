@@ -350,3 +350,17 @@ def test_torch_compile_captures_one_graph_and_matches_eager():
     torch.testing.assert_close(compiled(x, coord_grad_scale=2.0), eager)
     compiled(torch.randn(2, 3, 40, 40)).sum().backward()  # another size, and a backward
     assert model.head.weight.grad is not None
+
+
+def test_torch_export_with_a_dynamic_height_and_width():
+    model = create_model("sparseformer_v1_nano", num_classes=3).eval()
+    dims = {
+        0: torch.export.Dim("batch", min=1),
+        2: torch.export.Dim("height", min=8, max=1024),
+        3: torch.export.Dim("width", min=8, max=1024),
+    }
+    # gradients on: the coordinate-gradient clamp stays symbolic in the feature height
+    program = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes={"x": dims})
+    for shape in ((1, 3, 48, 80), (3, 3, 100, 60)):
+        x = torch.randn(*shape)
+        torch.testing.assert_close(program.module()(x), model(x))

@@ -84,17 +84,20 @@ def export_onnx(
     in_chans: int = 3,
     opset: int = 18,
     num_frames: int | None = None,
+    dynamic_size: bool = True,
 ) -> Path:
     """Write ``model`` (a copy in eval mode, CPU, float32) as ONNX with a dynamic batch
-    dimension; ``model`` itself is left as it was.
+    dimension and, by default, a dynamic height and width; ``model`` itself is left as it was.
 
     Args:
         model: takes ``(B, in_chans, img_size, img_size)`` (or ``(B, in_chans, num_frames,
             img_size, img_size)``) and returns ``(B, classes)``.
         path: output file; written to a temporary name, then renamed.
-        img_size: the fixed spatial size of the graph's input.
+        img_size: the example input's size (the graph's fixed size without ``dynamic_size``).
         opset: ONNX opset (at least 16, for ``GridSample``; 20 for clips).
         num_frames: the fixed clip length of a video model; ``None`` for images.
+        dynamic_size: any height and width (at least 4 pixels), as the model takes; else
+            only ``img_size``.
 
     Returns:
         The written path.
@@ -114,12 +117,15 @@ def export_onnx(
     # Batch 2 as the example, so that the exporter does not specialise a batch of 1.
     frames = () if num_frames is None else (num_frames,)
     example = torch.zeros(2, in_chans, *frames, img_size, img_size)
-    batch = torch.export.Dim("batch", min=1)
+    dims = {0: torch.export.Dim("batch", min=1)}
+    if dynamic_size:  # the last two axes: height and width, of images and of clips
+        dims[example.dim() - 2] = torch.export.Dim("height", min=4, max=16384)
+        dims[example.dim() - 1] = torch.export.Dim("width", min=4, max=16384)
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             wrapper,
             (example,),
-            dynamic_shapes={"images": {0: batch}},
+            dynamic_shapes={"images": dims},
             input_names=["images"],
             output_names=["logits"],
             opset_version=opset,
@@ -128,7 +134,10 @@ def export_onnx(
         )
     program.save(str(tmp))
     tmp.replace(path)
-    log.info("wrote %s (opset %d, input %s)", path, opset, ("batch", *example.shape[1:]))
+    shape = ["batch", *example.shape[1:]]
+    if dynamic_size:
+        shape[-2:] = ["height", "width"]
+    log.info("wrote %s (opset %d, input %s)", path, opset, tuple(shape))
     return path
 
 
