@@ -121,8 +121,14 @@ def test_a_large_folder_is_held_without_a_python_object_per_image(tmp_path):
     assert max(map(len, containers), default=0) < 10  # paths and labels live in NumPy buffers
     copy = pickle.loads(pickle.dumps(ds))  # as a spawned worker receives it
     assert copy.samples == ds.samples
+    before = ds.samples
     ds.samples = ds.samples[498:503]  # a subset, the torchvision way
-    assert len(ds) == 5 and ds.targets == [0, 0, 1, 1, 1] and ds.samples[-1][0].endswith("0002.png")
+    ds.targets = [1, 1, 0, 0, 0]
+    assert len(ds) == 5 and ds.targets == [1, 1, 0, 0, 0] and ds.samples[-1][0].endswith("0002.png")
+    assert len(before) == 2000 and before[1999][1] == 3  # a view keeps reading its own table
+    assert pickle.loads(pickle.dumps(ds.samples)) == list(ds.samples)  # pickles as a list
+    with pytest.raises(ValueError, match="2 targets for 5 samples"):
+        ds.targets = [0, 1]
 
 
 @pytest.mark.parametrize(

@@ -257,6 +257,24 @@ def test_layer_decay_scales_each_depth_and_resumes(tmp_path):
         assert g["lr"] == pytest.approx(last["lr"] * g["lr_scale"])
 
 
+def test_a_run_saved_before_data_order_keeps_its_old_order_in_every_resume(tmp_path):
+    from sparseformer.engine.trainer import DATA_ORDER
+
+    tiny_run(tmp_path, BreaksLater(10**9))
+    last = tmp_path / "run" / "last.pt"
+    assert ckpt_io.read_training_checkpoint(last)["data_order"] == DATA_ORDER
+    old = ckpt_io.read_training_checkpoint(last)
+    del old["data_order"]  # as a checkpoint written before the key existed
+    ckpt_io.save_atomic(old, last)
+    recipe = load_recipe("fashion-mnist-cpu").replace(epochs=4, batch_size=16, warmup_epochs=0)
+    bundle = DatasetBundle(Pixels(64, 0), Pixels(32, 1), ["a", "b", "c", "d"])
+    pre = Preprocessing(16, (0.5,) * 3, (0.25,) * 3, 1.0, "bilinear")
+    options = RunOptions(output=tmp_path / "run", model_name="test", device="cpu",
+                         precision="fp32", progress=False, resume=last)  # fmt: skip
+    fit(BreaksLater(10**9), bundle, recipe, pre, options)
+    assert ckpt_io.read_training_checkpoint(last)["data_order"] is None  # still the old order
+
+
 def test_fp16_on_cpu_is_refused(tmp_path):
     with pytest.raises(TrainingError, match="fp16 needs a CUDA GPU; use bf16 or fp32"):
         tiny_run(tmp_path, BreaksLater(10**9), precision="fp16")

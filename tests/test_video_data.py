@@ -20,6 +20,7 @@ from sparseformer.data.video import (
     clip_indices,
     is_video_folder,
     probe_video,
+    read_test_clips,
     read_video,
     train_transform,
 )
@@ -76,28 +77,60 @@ def test_a_container_without_a_frame_count_is_probed_by_its_packets(tmp_path, mo
     assert len(read_video(path)) == 11
 
 
-def test_a_stream_cut_mid_gop_is_counted_from_its_first_key_frame(tmp_path):
-    if "libx264" not in av.codecs_available:
-        pytest.skip("this PyAV has no H.264 encoder")
-    whole, cut = tmp_path / "whole.mkv", tmp_path / "cut.mkv"
-    with av.open(str(whole), "w") as out:  # a key frame every 10 frames
-        stream = out.add_stream("libx264", rate=25)
+def encode_and_cut(tmp_path, codec, ext, options, cut, frames=40):
+    """``frames`` frames encoded with a key frame every 10, then copied from packet ``cut``
+    on, as ``ffmpeg -ss ... -c copy`` cuts a file."""
+    if codec not in av.codecs_available:
+        pytest.skip(f"this PyAV has no {codec} encoder")
+    whole, part = tmp_path / f"whole.{ext}", tmp_path / f"cut.{ext}"
+    with av.open(str(whole), "w") as out:
+        stream = out.add_stream(codec, rate=25)
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        stream.options = {"g": "10", "keyint_min": "10", "sc_threshold": "0", "bf": "0"}
-        for a in moving_square(40):
+        stream.options = options
+        for a in moving_square(frames):
             for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-    with av.open(str(whole)) as src, av.open(str(cut), "w") as out:  # `-c copy` from frame 3
+    with av.open(str(whole)) as src, av.open(str(part), "w") as out:
         stream = out.add_stream_from_template(src.streams.video[0])
         for k, packet in enumerate(src.demux(src.streams.video[0])):
-            if packet.dts is not None and k >= 3:
+            if packet.dts is not None and k >= cut:
                 packet.stream = stream
                 out.mux(packet)
-    decoded = len(read_video(cut))
-    assert decoded == 30  # the 7 frames before the first key frame do not decode
+    return part
+
+
+GOP10 = {"g": "10", "keyint_min": "10", "sc_threshold": "0"}
+
+
+@pytest.mark.parametrize(
+    "codec, ext, options",
+    [("libx264", "mkv", {**GOP10, "bf": "0"}), ("libvpx-vp9", "webm", {"g": "10"})],
+)
+def test_a_stream_cut_mid_gop_is_counted_and_read_from_its_first_key_frame(
+    tmp_path, codec, ext, options
+):
+    cut = encode_and_cut(tmp_path, codec, ext, options, cut=3)
+    decoded = len(read_video(cut))  # libvpx refuses the packets before the first key frame
+    assert decoded == 30  # the 7 frames before it are not shown
     assert probe_video(cut) == decoded
+
+
+def test_clips_come_from_the_frames_that_decode_when_fewer_than_probed(tmp_path):
+    # an open GOP cut at a key frame: its first B-frames refer to frames that were cut away
+    options = {**GOP10, "bf": "3", "x264-params": "open-gop=1"}
+    cut = encode_and_cut(tmp_path, "libx264", "mkv", options, cut=11)
+    probed, decoded = probe_video(cut), len(read_video(cut))
+    assert decoded < probed  # the packets promise more frames than decode
+    spec = ClipSpec(num_frames=4, stride=2, size=16, num_clips=3, crop_pct=1.0)
+    assert len(read_test_clips(cut, spec)) == 12  # the last clip ends at the last decoded frame
+    for label in ("a", "b"):
+        (tmp_path / "v" / label).mkdir(parents=True)
+        (tmp_path / "v" / label / cut.name).write_bytes(cut.read_bytes())
+    val = VideoFolder(tmp_path / "v", spec, train=False)
+    views, _ = val[0]
+    assert views.shape == (3, 3, 4, 16, 16) and val.failed_loads == 0
 
 
 def test_decoding_threads_are_shared_out_in_loader_workers(monkeypatch):

@@ -158,9 +158,9 @@ class BenchRow:
             growth (sampled every 0.5 ms) or CUDA's ``max_memory_allocated``.
         peak_fraction: ``2 * gflops_complete * img/s / matmul GFLOP/s``.
         train_throughput: images per second of a training step, one value per round.
-        train_peak_memory_mb: extra memory of one training step at ``train_batch_size``
-            (activations and gradients; the weights and AdamW state are held before it),
-            measured as ``peak_memory_mb``.
+        train_peak_memory_mb: extra memory of one training step at ``train_batch_size``:
+            activations, gradients and AdamW's temporaries of its update (the weights and
+            AdamW's state are held before it), measured as ``peak_memory_mb``.
         ratios: per-round ratios against the baseline, medians: ``throughput`` and ``train``
             (higher is faster), ``latency`` (baseline latency / this latency).
         num_frames: clip length T of a video model, whose "images" are clips of T frames
@@ -420,7 +420,8 @@ def _train_rounds(
                 bar.update()
             if not s.warmup:  # one step first all the same: AdamW's state is not the step's
                 steps[name]()
-            # the weights and AdamW's state are held; the step's activations and gradients
+            # the weights and AdamW's state are held; the step's activations, gradients and
+            # update temporaries are what it measures
             optimizers[name].zero_grad(set_to_none=True)
             memory[name] = peak_memory_mb(steps[name], device)
         for _ in range(s.repeats):

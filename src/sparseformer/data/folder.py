@@ -21,6 +21,7 @@ from torchvision.datasets.folder import make_dataset
 from sparseformer.data.images import IMAGE_EXTENSIONS, READ_ERRORS, check_image_header, open_rgb
 from sparseformer.data.loader import SharedCount
 from sparseformer.data.scan import (
+    DifferentItemsError,
     RowView,
     SampleTable,
     check_over_ranks,
@@ -36,6 +37,10 @@ logger = logging.getLogger(__name__)
 def _is_image_file(path: str) -> bool:
     """An image extension, and not a hidden file (macOS's ``._photo.jpg`` resource forks)."""
     return path.lower().endswith(IMAGE_EXTENSIONS) and not Path(path).name.startswith(".")
+
+
+def _image_row(table: SampleTable, i: int) -> tuple[str, int]:
+    return table.path(i), table.value("label", i)
 
 
 class DataError(ValueError):
@@ -120,12 +125,15 @@ class CheckedImageFolder(Dataset):
         samples = chosen
         self.skipped: list[tuple[str, str]] = []
         if check_files:
-            reasons = check_over_ranks(
-                [path for path, _ in chosen],
-                check_image_header,
-                f"{self.root.name}: images checked",
-                share=share_check,
-            )
+            try:
+                reasons = check_over_ranks(
+                    [path for path, _ in chosen],
+                    check_image_header,
+                    f"{self.root}: images checked",
+                    share=share_check,
+                )
+            except DifferentItemsError as exc:
+                raise DataError(str(exc)) from None
             self.skipped = [(path, why) for (path, _), why in zip(chosen, reasons) if why]
             samples = [sample for sample, why in zip(chosen, reasons) if why is None]
         if not samples:
@@ -163,7 +171,7 @@ class CheckedImageFolder(Dataset):
     def samples(self) -> RowView:
         """``(path, label)`` of every usable image, as torchvision's ``ImageFolder`` has it: a
         read-only sequence over the compact table. Assign a list to take a subset."""
-        return RowView(len(self), lambda i: (self._table.path(i), self._table.value("label", i)))
+        return RowView(self._table, _image_row)
 
     @samples.setter
     def samples(self, rows: Sequence[tuple[str, int]]) -> None:
@@ -172,8 +180,15 @@ class CheckedImageFolder(Dataset):
 
     @property
     def targets(self) -> list[int]:
-        """The label of every usable image."""
+        """The label of every usable image. Assign a list of as many to relabel them."""
         return self._table.column("label").tolist()
+
+    @targets.setter
+    def targets(self, labels: Sequence[int]) -> None:
+        labels = [int(y) for y in labels]
+        if len(labels) != len(self):
+            raise ValueError(f"{len(labels)} targets for {len(self)} samples; set samples first")
+        self._table = SampleTable([self._table.path(i) for i in range(len(self))], label=labels)
 
     @property
     def failed_loads(self) -> int:

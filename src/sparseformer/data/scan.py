@@ -14,6 +14,7 @@ its reference counts (PyTorch issue #13246: about 200 bytes per sample and worke
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -23,7 +24,14 @@ from typing import TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
-__all__ = ["RowView", "SampleTable", "check_over_ranks", "is_first_rank", "spread_indices"]
+__all__ = [
+    "DifferentItemsError",
+    "RowView",
+    "SampleTable",
+    "check_over_ranks",
+    "is_first_rank",
+    "spread_indices",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +64,7 @@ def check_over_ranks(
 
     Sharing is a collective: every process of the group must call this with ``share=True``
     (the training CLI does, as all its processes build the same data set). Processes that
-    list different items (node-local copies that differ) each check their own, with a warning.
+    list different items (node-local copies that differ) all raise :class:`DifferentItemsError`.
 
     Args:
         items: the files (or anything with a ``str``) to check.
@@ -65,14 +73,8 @@ def check_over_ranks(
         share: split the work over the process group, if there is one.
     """
     rank, world = _rank_and_world() if share else (0, 1)
-    if world > 1 and not _same_items_everywhere(items, world):
-        if rank == 0:
-            logger.warning(
-                "%s: the processes list different files (node-local copies that differ?): "
-                "each checks all of its own",
-                what,
-            )
-        rank, world = 0, 1
+    if world > 1:
+        _require_same_items(items, world, what)
     mine = range(rank, len(items), world)
     show = rank == 0 and len(items) >= _QUIET_BELOW and is_first_rank()
     start = time.perf_counter()
@@ -98,8 +100,14 @@ def check_over_ranks(
     return [found[i] for i in range(len(items))]
 
 
-def _same_items_everywhere(items: Sequence, world: int) -> bool:
-    """Whether every process holds the same items, in the same order (a digest compared)."""
+class DifferentItemsError(ValueError):
+    """The processes of a distributed run list different files."""
+
+
+def _require_same_items(items: Sequence, world: int, what: str) -> None:
+    """Raise :class:`DifferentItemsError` on every process unless all hold the same items in
+    the same order (a count and digest compared): processes that train on different lists
+    would pair their samples wrongly, and hang when their epochs differ in length."""
     import torch.distributed as dist
 
     digest = hashlib.sha256()
@@ -108,7 +116,12 @@ def _same_items_everywhere(items: Sequence, world: int) -> bool:
     mine = (len(items), digest.hexdigest())
     everyone: list[tuple[int, str] | None] = [None] * world
     dist.all_gather_object(everyone, mine)
-    return all(other == mine for other in everyone)
+    if any(other != mine for other in everyone):
+        counts = ", ".join(f"{n} on rank {r}" for r, (n, _) in enumerate(everyone))
+        raise DifferentItemsError(
+            f"{what}: the processes see different files ({counts}); every machine needs the "
+            "same data at the same path"
+        )
 
 
 def spread_indices(total: int, limit: int | None) -> range | list[int]:
@@ -158,10 +171,19 @@ class SampleTable:
 
 class RowView(Sequence):
     """A read-only list of a table's rows, each made when asked for: ``view[i]`` costs one
-    row, not the whole list. Compares equal to a list of the same rows."""
+    row, not the whole list. Compares equal to a list of the same rows, and pickles as one.
 
-    def __init__(self, length: int, row: Callable[[int], tuple]) -> None:
-        self._length, self._row = length, row
+    Args:
+        table: the rows' table; the view keeps reading this one, whatever its owner holds later.
+        row: ``row(table, i)`` makes row ``i``.
+    """
+
+    def __init__(self, table: SampleTable, row: Callable[[SampleTable, int], tuple]) -> None:
+        self._length = len(table)
+        self._row = functools.partial(row, table)
+
+    def __reduce__(self):
+        return list, (list(self),)
 
     def __len__(self) -> int:
         return self._length

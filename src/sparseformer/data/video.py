@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 
 from sparseformer.data.loader import SharedCount
 from sparseformer.data.scan import (
+    DifferentItemsError,
     RowView,
     SampleTable,
     check_over_ranks,
@@ -47,6 +48,7 @@ __all__ = [
     "VideoReadError",
     "VideoDataError",
     "VideoTooShortError",
+    "VideoShortReadError",
     "ClipSpec",
     "probe_video",
     "read_video",
@@ -80,6 +82,15 @@ class VideoDataError(ValueError):
 
 class VideoTooShortError(VideoDataError):
     """A video with fewer frames than one clip takes."""
+
+
+class VideoShortReadError(VideoReadError):
+    """Fewer frames decode than were asked for (a cut-off file, or a stream whose header or
+    packet count promises more frames than decode: an open GOP's leading B-frames)."""
+
+    def __init__(self, message: str, decoded: int) -> None:
+        super().__init__(message)
+        self.decoded = decoded
 
 
 def _av():
@@ -129,6 +140,27 @@ def _count_frame_packets(packets) -> int:
     return from_key or total
 
 
+def _frames_from_first_key(container, stream):
+    """Decoded frames, fed from the first key frame's packet on: a stream cut mid-GOP starts
+    with packets that cannot decode (libvpx refuses them) and that the probe does not count.
+    A stream that marks no packet as a key frame is decoded whole."""
+    held: list | None = []  # packets before the first key frame; None once one is seen
+    for packet in container.demux(stream):
+        if held is not None:
+            if packet.size and not packet.is_keyframe:
+                held.append(packet)
+                continue
+            if not packet.size:  # the end, and no key frame flagged: decode what was held
+                for early in held:
+                    yield from early.decode()
+            held = None
+        yield from packet.decode()
+    if held:  # the demuxer gave no end-of-stream packet: decode what was held, then flush
+        for early in held:
+            yield from early.decode()
+        yield from stream.decode(None)
+
+
 def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor:
     """Decode a video's frames as RGB.
 
@@ -156,7 +188,7 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
             stream.thread_type = "AUTO"
             stream.thread_count = _decoder_threads()
             shown = None  # the first frame's (width, height) as shown: every frame's size
-            for i, frame in enumerate(container.decode(video=0)):
+            for i, frame in enumerate(_frames_from_first_key(container, stream)):
                 decoded = i + 1
                 if shown is None:
                     w, h = frame.width, frame.height
@@ -174,9 +206,10 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
     order = range(len(frames)) if indices is None else [int(i) for i in indices]
     missing = [i for i in order if i not in frames]
     if missing:
-        raise VideoReadError(
+        raise VideoShortReadError(
             f"{path}: only {decoded} frame(s) decode, frame {missing[0]} requested (a truncated "
-            "file, or a header that claims more frames than the stream holds)"
+            "file, or a header that claims more frames than the stream holds)",
+            decoded,
         )
     return torch.from_numpy(np.stack([frames[i] for i in order]))
 
@@ -364,6 +397,10 @@ def test_views(frames: Tensor, spec: ClipSpec) -> list[Tensor]:
     return views
 
 
+def _video_row(table: SampleTable, i: int) -> tuple[Path, int, int]:
+    return Path(table.path(i)), table.value("label", i), table.value("frames", i)
+
+
 _NAMED_SKIPS = 10  # unusable videos named one per line; the rest are counted
 
 
@@ -443,12 +480,15 @@ class VideoFolder(Dataset):
         ]
         present = {label for _, label in listed}  # classes with any video file at all
         listed = [listed[i] for i in spread_indices(len(listed), limit)]
-        counts = check_over_ranks(
-            [str(path) for path, _ in listed],
-            _frames_or_reason,
-            f"{self.root.name}: videos probed",
-            share=share_check,
-        )
+        try:
+            counts = check_over_ranks(
+                [str(path) for path, _ in listed],
+                _frames_or_reason,
+                f"{self.root}: videos probed",
+                share=share_check,
+            )
+        except DifferentItemsError as exc:
+            raise VideoDataError(str(exc)) from None
         kept = []
         for (path, label), n in zip(listed, counts):
             if isinstance(n, str):
@@ -504,7 +544,7 @@ class VideoFolder(Dataset):
     def samples(self) -> RowView:
         """``(path, label, num_frames)`` of every usable video: a read-only sequence over the
         compact table. Assign a list to take a subset."""
-        return RowView(len(self), self._row)
+        return RowView(self._table, _video_row)
 
     @samples.setter
     def samples(self, rows: Sequence[tuple[Path, int, int]]) -> None:
@@ -516,14 +556,21 @@ class VideoFolder(Dataset):
         )
 
     def _row(self, i: int) -> tuple[Path, int, int]:
-        table = self._table
-        return Path(table.path(i)), table.value("label", i), table.value("frames", i)
+        return _video_row(self._table, i)
 
     def __len__(self) -> int:
         return len(self._table)
 
     def _load(self, index: int) -> Tensor:
         path, _, n = self._row(index)
+        try:
+            return self._load_clips(path, n)
+        except VideoShortReadError as exc:  # fewer frames than probed: draw within those
+            if exc.decoded < self.spec.min_frames or exc.decoded >= n:
+                raise
+            return self._load_clips(path, exc.decoded)
+
+    def _load_clips(self, path: Path, n: int) -> Tensor:
         spec, rng = self.spec, random.Random(random.getrandbits(64))
         if self.train:
             frames = read_video(path, clip_indices(n, spec, train=True, rng=rng))
@@ -627,9 +674,18 @@ def read_test_clips(path: str | Path, spec: ClipSpec) -> Tensor:
     n = probe_video(path)
     if n < spec.min_frames:
         raise VideoTooShortError(f"{path}: {n} frames, a clip needs at least {spec.min_frames}")
-    rng = random.Random(0)
-    clips = [clip_indices(n, spec, train=False, clip=c, rng=rng) for c in range(spec.num_clips)]
-    return read_video(path, [i for c in clips for i in c])
+
+    def frames_of_clips(n: int) -> list[int]:
+        rng = random.Random(0)
+        clips = [clip_indices(n, spec, train=False, clip=c, rng=rng) for c in range(spec.num_clips)]
+        return [i for c in clips for i in c]
+
+    try:
+        return read_video(path, frames_of_clips(n))
+    except VideoShortReadError as exc:  # fewer frames than probed: the clips within those
+        if exc.decoded < spec.min_frames or exc.decoded >= n:
+            raise
+        return read_video(path, frames_of_clips(exc.decoded))
 
 
 def video_file_views(path: str | Path, spec: ClipSpec) -> Tensor:

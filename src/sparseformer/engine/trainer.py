@@ -251,7 +251,7 @@ def fit(
     prep = BatchPrep(preprocessing.mean, preprocessing.std, device, erasing)
 
     start_epoch, step, best, best_epoch, train_seconds = 0, 0, -1.0, 0, 0.0
-    rng_states = None
+    rng_states, data_order = None, DATA_ORDER
     if options.resume is not None:
         state = ckpt_io.read_training_checkpoint(options.resume)
         if state.get("model_name") != options.model_name:
@@ -270,6 +270,7 @@ def fit(
         train_seconds = float(state.get("train_seconds", 0.0))
         rng_states = state.get("rng")
         keep_saved_data_order(train_loader.sampler, state)
+        data_order = state.get("data_order")  # an old run keeps its old order in every resume
         logger.info("resuming %s from epoch %d (step %d)", options.resume, start_epoch, step)
     log = MetricsLog(out / "metrics.jsonl", start_epoch) if dist.is_main else None
 
@@ -355,7 +356,7 @@ def fit(
                 "train_seconds": train_seconds,
                 "rng": rng,
                 "metrics": record,
-                "data_order": DATA_ORDER,
+                "data_order": data_order,
             }
             if is_best:  # before last.pt: a last.pt naming a best epoch implies its best.pt
                 ckpt_io.save_atomic(state, out / ckpt_io.BEST)
