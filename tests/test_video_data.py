@@ -17,6 +17,7 @@ from sparseformer.data.video import (
     VideoDataError,
     VideoFolder,
     VideoReadError,
+    VideoShortReadError,
     clip_indices,
     is_video_folder,
     probe_video,
@@ -125,6 +126,9 @@ def test_clips_come_from_the_frames_that_decode_when_fewer_than_probed(tmp_path)
     assert decoded < probed  # the packets promise more frames than decode
     spec = ClipSpec(num_frames=4, stride=2, size=16, num_clips=3, crop_pct=1.0)
     assert len(read_test_clips(cut, spec)) == 12  # the last clip ends at the last decoded frame
+    with pytest.raises(VideoShortReadError) as short:  # none of the asked frames decode
+        read_video(cut, [probed - 1])
+    assert short.value.decoded == decoded
     for label in ("a", "b"):
         (tmp_path / "v" / label).mkdir(parents=True)
         (tmp_path / "v" / label / cut.name).write_bytes(cut.read_bytes())

@@ -106,6 +106,8 @@ def export_onnx(
         _require(module)
     if opset < 16:
         raise ExportError(f"opset {opset} has no GridSample; use 16 or later")
+    if img_size < 4:
+        raise ExportError(f"img_size {img_size} is too small; use at least 4 pixels")
     if num_frames is not None and opset < VIDEO_MIN_OPSET:
         raise ExportError(
             f"opset {opset} has no 5-D GridSample for video clips; use {VIDEO_MIN_OPSET} or later"

@@ -201,7 +201,7 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
         raise VideoReadError(f"{path}: {exc.__class__.__name__}: {str(exc)[:120]}") from exc
-    if not frames:
+    if not decoded:
         raise VideoReadError(f"{path}: no decodable frames")
     order = range(len(frames)) if indices is None else [int(i) for i in indices]
     missing = [i for i in order if i not in frames]

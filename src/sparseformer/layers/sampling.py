@@ -124,8 +124,8 @@ def clamp_coordinate_grad(points: Tensor, bound: float | Tensor) -> Tensor:
     """
     if not (torch.is_grad_enabled() and points.requires_grad) or torch.jit.is_tracing():
         return points  # no backward, nothing to clamp (and no node in an exported graph)
-    if isinstance(bound, torch.SymFloat):  # torch.export with a symbolic height: keep it so
-        return _ClampGrad.apply(points, bound)
+    if isinstance(bound, torch.SymFloat):  # torch.export with a symbolic height: do not
+        return _ClampGrad.apply(points, bound)  # specialise the graph on it (export keeps no clamp)
     if not torch.is_tensor(bound):
         return _ClampGrad.apply(points, float(bound))
     return _ClampGrad.apply(points, bound.to(device=points.device, dtype=points.dtype))
