@@ -266,3 +266,25 @@ def test_3d_sampling_path_gradcheck_and_reference():
     torch.testing.assert_close(
         sample_features(feats.detach(), points), sample_features_reference(feats.detach(), points)
     )
+
+
+def test_pretrained_video_models_inflate_their_image_release(tmp_path, monkeypatch):
+    import sparseformer.factory as factory
+    from sparseformer.registry import ModelSpec, WeightsSpec
+
+    with pytest.raises(ValueError, match="no released weights for video_sparseformer_v1_micro"):
+        create_model("video_sparseformer_v1_micro", pretrained=True)  # micro has no release
+    image = create_model("sparseformer_v1_micro", num_classes=7)
+    release = tmp_path / "micro_release.pth"
+    torch.save(image.state_dict(), release)
+    url = "https://example.invalid/micro_release.pth"  # as if the micro model had one
+    config = factory.MODELS["sparseformer_v1_micro"].config
+    released = {**factory.MODELS, "sparseformer_v1_micro": ModelSpec(config, WeightsSpec(url))}
+    monkeypatch.setattr(factory, "MODELS", released)
+    fetched = []
+    monkeypatch.setattr(
+        factory, "download_weights", lambda u, sha256, directory=None: fetched.append(u) or release
+    )
+    video = create_model("video_sparseformer_v1_micro", pretrained=True)
+    assert fetched == [url]
+    assert video.num_classes == 7 and video.initial_rois.shape == (64, 6)  # inflated, R = 4

@@ -401,10 +401,16 @@ def create_model(
 
 def _pretrained_file(name: str, spec, cfg: dict, directory) -> str | os.PathLike:
     """What ``pretrained=True`` loads: the pretrained config's ``file`` (timm's
-    ``--pretrained-path``), else its ``url`` (the released one, hash-checked, unless changed)."""
+    ``--pretrained-path``), else its ``url`` (the released one, hash-checked, unless changed).
+    A video model without a release of its own takes its image model's, inflated on loading
+    (the paper's start: ``video_sparseformer_v1_tiny`` from SparseFormer-T's ImageNet weights)."""
     if cfg.get("file"):
         return cfg["file"]
     released = spec.weights
+    image = MODELS.get(name.removeprefix("video_")) if name.startswith("video_") else None
+    if released is None and image is not None and image.weights is not None:
+        released = image.weights
+        logger.info("%s: no video release; inflating the image release %s", name, released.url)
     url = cfg.get("url") or (released.url if released is not None else None)
     if not url:
         raise ValueError(f"no released weights for {name}; train it or pass checkpoint_path")
