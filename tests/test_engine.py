@@ -131,6 +131,28 @@ def test_atomic_save_and_rng_round_trip(tmp_path):
     assert np.array_equal(expected[1], again[1]) and expected[2] == again[2]
 
 
+def test_a_best_epoch_is_serialised_once_for_best_and_last(tmp_path, monkeypatch):
+    import os
+
+    saved, linked = [], []
+    save, link = ckpt_io.save_atomic, ckpt_io.link_atomic
+    monkeypatch.setattr(ckpt_io, "save_atomic", lambda obj, p: saved.append(p) or save(obj, p))
+    monkeypatch.setattr(ckpt_io, "link_atomic", lambda a, b: linked.append(b) or link(a, b))
+    tiny_run(tmp_path, BreaksLater(good_calls=10**9), n_train=320, lr=0.2)
+    assert len(saved) == 3 and linked  # one serialisation per epoch; a best one linked to last
+    run = tmp_path / "run"
+    best, last = run / "best.pt", run / "last.pt"
+    assert ckpt_io.read_training_checkpoint(last)["epoch"] == 3
+    link(last, run / "same.pt")
+    assert os.stat(run / "same.pt").st_ino == os.stat(last).st_ino  # one file, two names
+    # where the file system has no hard links: a copy, as atomic
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("no links")))
+    link(best, run / "copy.pt")
+    assert (run / "copy.pt").read_bytes() == best.read_bytes()
+    assert os.stat(run / "copy.pt").st_ino != os.stat(best).st_ino
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporaries
+
+
 def test_a_resume_restores_this_gpus_generator_whatever_was_saved(monkeypatch):
     # no GPU here: the CUDA calls are recorded, the choice of state is what is tested
     calls = []

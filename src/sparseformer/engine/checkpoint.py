@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,25 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make ``path`` hold what ``source`` holds, atomically: a hard link to the same file
+    (instant, no second copy on disk), or a copy where the file system has no hard links.
+    Safe because checkpoints are only ever replaced by renames, never written in place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:  # no hard links here (some network or FAT file systems)
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -360,7 +360,9 @@ def fit(
             }
             if is_best:  # before last.pt: a last.pt naming a best epoch implies its best.pt
                 ckpt_io.save_atomic(state, out / ckpt_io.BEST)
-            ckpt_io.save_atomic(state, out / ckpt_io.LAST)
+                ckpt_io.link_atomic(out / ckpt_io.BEST, out / ckpt_io.LAST)  # written once
+            else:
+                ckpt_io.save_atomic(state, out / ckpt_io.LAST)
             plot_metrics(log.records, out / "metrics.png")
             logger.info(
                 "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%, "
