@@ -55,7 +55,9 @@ def test_stem_equals_relu_then_pool_in_contiguous_layout():
     stem = EarlyConvolution(3, 16)
     x = torch.randn(2, 3, 40, 40)
     expected = channel_normalize(F.max_pool2d(F.relu(stem.conv(x)), 3, 2, 1), stem.eps)
-    torch.testing.assert_close(stem(x), expected, rtol=0, atol=1e-6)
+    # the channels-last convolution sums in another order than the contiguous one: float32
+    # rounding (1.5e-6 measured on an AMD EPYC), where a wrong layout or order of ops is O(1)
+    torch.testing.assert_close(stem(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_mixing_equals_one_pass():
