@@ -137,6 +137,47 @@ def test_clips_come_from_the_frames_that_decode_when_fewer_than_probed(tmp_path)
     assert views.shape == (3, 3, 4, 16, 16) and val.failed_loads == 0
 
 
+def test_a_decoding_error_mid_stream_ends_the_video_there(tmp_path, caplog):
+    # an MJPEG AVI cut inside a frame: its header promises 30 frames, and FFmpeg raises on
+    # the cut packet instead of ending the stream; the frames before are the video's frames
+    if "mjpeg" not in av.codecs_available:
+        pytest.skip("this PyAV has no mjpeg encoder")
+    whole = tmp_path / "whole.avi"
+    with av.open(str(whole), "w") as out:
+        stream = out.add_stream("mjpeg", rate=25)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuvj420p"
+        noise = np.random.default_rng(0).integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+        for a in noise:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    with av.open(str(whole)) as src:
+        packets = [(p.pos, p.size) for p in src.demux(video=0) if p.size]
+    pos, size = packets[15]
+    cut = tmp_path / "a" / "half.avi"
+    cut.parent.mkdir()
+    cut.write_bytes(whole.read_bytes()[: pos + size // 2])  # frame 15 cut in the middle
+    assert probe_video(cut) == 30
+    with caplog.at_level("WARNING"):
+        decoded = len(read_video(cut))
+    assert decoded == 15 and "decoding failed after frame 14" in caplog.text
+    with pytest.raises(VideoShortReadError, match="decoding failed after frame") as short:
+        read_video(cut, [0, 29])
+    assert short.value.decoded == decoded
+    spec = ClipSpec(num_frames=4, stride=1, size=16, num_clips=2, crop_pct=1.0)
+    assert len(read_test_clips(cut, spec)) == 8  # clips within the frames that decode
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "half.avi").write_bytes(cut.read_bytes())
+    for train in (True, False):
+        folder = VideoFolder(tmp_path, spec, train=train)
+        for i in range(len(folder)):
+            clip, _ = folder[i]
+            assert clip is not None
+        assert folder.failed_loads == 0
+
+
 def test_decoding_threads_are_shared_out_in_loader_workers(monkeypatch):
     from sparseformer.data import video
 

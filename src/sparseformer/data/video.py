@@ -172,14 +172,21 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
     Returns:
         ``(T, H, W, 3)`` uint8 frames.
 
+    A decoding error after the first frames ends the video there, as the end of a cut-off
+    file does: the frames before it are the video's frames (``indices=None`` returns them,
+    with a warning), and asking for a later one raises :class:`VideoShortReadError`, which
+    says how many decode.
+
     Raises:
-        VideoReadError: unreadable file, or fewer frames than ``indices`` asks for.
+        VideoReadError: unreadable file, or fewer frames than ``indices`` asks for
+            (:class:`VideoShortReadError`).
     """
     av = _av()
     wanted = None if indices is None else sorted(set(int(i) for i in indices))
     last = None if wanted is None else wanted[-1]
     frames: dict[int, np.ndarray] = {}
     decoded = 0
+    broken = None  # the decoding error that ended the stream early, if any
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -188,8 +195,18 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
             stream.thread_type = "AUTO"
             stream.thread_count = _decoder_threads()
             shown = None  # the first frame's (width, height) as shown: every frame's size
-            for i, frame in enumerate(_frames_from_first_key(container, stream)):
-                decoded = i + 1
+            decoding = _frames_from_first_key(container, stream)
+            while True:
+                try:
+                    frame = next(decoding, None)
+                except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
+                    if not decoded:
+                        raise
+                    broken = f"{exc.__class__.__name__}: {str(exc)[:120]}"
+                    break  # a corrupt packet or a cut-off file: the frames so far are the video
+                if frame is None:
+                    break
+                i, decoded = decoded, decoded + 1
                 if shown is None:
                     w, h = frame.width, frame.height
                     shown = (h, w) if _quarter_turns(frame) % 2 else (w, h)
@@ -206,10 +223,21 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
     order = range(len(frames)) if indices is None else [int(i) for i in indices]
     missing = [i for i in order if i not in frames]
     if missing:
+        why = (
+            f"decoding failed after frame {decoded - 1} ({broken})"
+            if broken
+            else "a truncated file, or a header that claims more frames than the stream holds"
+        )
         raise VideoShortReadError(
-            f"{path}: only {decoded} frame(s) decode, frame {missing[0]} requested (a truncated "
-            "file, or a header that claims more frames than the stream holds)",
+            f"{path}: only {decoded} frame(s) decode, frame {missing[0]} requested ({why})",
             decoded,
+        )
+    if broken:
+        logger.warning(
+            "%s: decoding failed after frame %d (%s); using the frames before",
+            path,
+            decoded - 1,
+            broken,
         )
     return torch.from_numpy(np.stack([frames[i] for i in order]))
 
