@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,6 +278,28 @@ def test_video_folder_is_recognised_by_its_first_media_file(tmp_path):
     for k in range(1, 4):
         Image.new("RGB", (8, 8)).save(images / f"{k}.png")
     assert not is_video_folder(tmp_path / "i")
+
+
+def test_class_folders_follow_symlinked_sub_folders_and_leave_out_hidden_files(tmp_path):
+    from sparseformer.cli.predict import _expand
+
+    make_folder(tmp_path / "v", bad=False)
+    store = tmp_path / "store"
+    store.mkdir()
+    for k in range(2):
+        write_clip(store / f"more{k}.mp4", moving_square(10))
+    left = tmp_path / "v" / "train" / "left"
+    (left / "linked").symlink_to(store, target_is_directory=True)
+    (store / "loop").symlink_to(left, target_is_directory=True)  # a link back up: no loop
+    (left / "._0.mp4").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource fork
+    (left / ".cache").mkdir()
+    write_clip(left / ".cache" / "hidden.mp4", moving_square(10))
+    folder = VideoFolder(
+        tmp_path / "v" / "train", ClipSpec(num_frames=4, stride=2, size=16), train=True
+    )
+    names = sorted(Path(p).name for p, label, _ in folder.samples if label == 0)
+    assert names == ["0.mp4", "1.mp4", "more0.mp4", "more1.mp4"] and not folder.skipped
+    assert sorted(p.name for p in _expand([left], video=True)) == names
 
 
 def test_a_class_without_usable_videos_is_a_clear_error(tmp_path):

@@ -94,18 +94,19 @@ def _expand(paths: list[Path], video: bool) -> list[Path]:
     """
     from sparseformer.cli import CliError
     from sparseformer.data.images import IMAGE_EXTENSIONS
+    from sparseformer.data.scan import walk_files
     from sparseformer.data.video import VIDEO_EXTENSIONS
 
     media = VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in media)
+            found = sorted(f for f in walk_files(path, media) if f.is_file())
             if not found:
                 kind = "video" if video else "image"
                 others = IMAGE_EXTENSIONS if video else VIDEO_EXTENSIONS
                 hint = ""
-                if any(f.suffix.lower() in others for f in path.rglob("*")):
+                if next(walk_files(path, others), None) is not None:
                     found_kind, use = ("images", "an image") if video else ("videos", "a video")
                     hint = f"; it holds {found_kind}: use {use} model"
                 raise CliError(

@@ -8,6 +8,8 @@ its reference counts (PyTorch issue #13246: about 200 bytes per sample and worke
 - :func:`check_over_ranks` splits the per-file work over the processes of a running
   ``torch.distributed`` group when asked (each checks every W-th file) and gathers the
   results, with a progress bar on the first process;
+- :func:`walk_files` lists a class folder as torchvision's image folders do (sub-folders,
+  symlinked ones too), without hidden files (macOS's ``._clip.mp4``);
 - :class:`SampleTable` keeps paths in one byte buffer with offsets and the integer columns
   (label, frame count) in NumPy arrays: no per-sample Python object, nothing to copy.
 """
@@ -17,8 +19,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -31,6 +35,7 @@ __all__ = [
     "check_over_ranks",
     "is_first_rank",
     "spread_indices",
+    "walk_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -122,6 +127,25 @@ def _require_same_items(items: Sequence, world: int, what: str) -> None:
             f"{what}: the processes see different files ({counts}); every machine needs the "
             "same data at the same path"
         )
+
+
+def walk_files(folder: str | Path, extensions: Sequence[str]) -> Iterator[Path]:
+    """Files under ``folder`` whose suffix (any case) is one of ``extensions``, folder by
+    folder in name order, sub-folders included and followed through symlinks (each real
+    folder once, so a link back up does not loop); hidden files and folders (``.name``, such
+    as macOS's ``._clip.mp4`` resource forks) are left out. Lazy: stop early for a sample."""
+    suffixes = tuple(e.lower() for e in extensions)
+    seen: set[str] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and name.lower().endswith(suffixes):
+                yield Path(top, name)
 
 
 def spread_indices(total: int, limit: int | None) -> range | list[int]:

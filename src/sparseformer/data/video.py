@@ -41,6 +41,7 @@ from sparseformer.data.scan import (
     check_over_ranks,
     is_first_rank,
     spread_indices,
+    walk_files,
 )
 
 __all__ = [
@@ -502,9 +503,7 @@ class VideoFolder(Dataset):
         listed = [
             (path, label)
             for label, name in enumerate(found)
-            for path in sorted(
-                p for p in (self.root / name).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
-            )
+            for path in sorted(walk_files(self.root / name, VIDEO_EXTENSIONS))
         ]
         present = {label for _, label in listed}  # classes with any video file at all
         listed = [listed[i] for i in spread_indices(len(listed), limit)]
@@ -641,10 +640,8 @@ def sample_media(data_dir: str | Path, sample: int = 8) -> tuple[int, int]:
             continue
         for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
             seen = 0
-            for f in class_dir.rglob("*"):
+            for f in walk_files(class_dir, VIDEO_EXTENSIONS + IMAGE_EXTENSIONS):
                 suffix = f.suffix.lower()
-                if f.name.startswith(".") or suffix not in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS:
-                    continue
                 videos += suffix in VIDEO_EXTENSIONS
                 images += suffix in IMAGE_EXTENSIONS
                 seen += 1
