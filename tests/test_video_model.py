@@ -120,6 +120,27 @@ def test_video_model_rejects_images_with_a_clear_error():
         VideoSparseFormer(NANO)
 
 
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (torch.randn(2, 1, 4, 32, 32), r"3 channels in dimension 1, got shape \(2, 1, 4"),
+        (torch.randn(2, 4, 3, 32, 32), r"for \(B, T, 3, H, W\) clips use x.transpose\(1, 2\)"),
+        (torch.zeros(2, 3, 4, 32, 32, dtype=torch.uint8), "floating-point input, got torch.uint8"),
+        (torch.randn(2, 3, 4, 32, 32, dtype=torch.float64), r"x.to\(torch.float32\)"),
+        (torch.randn(2, 3, 0, 32, 32), "T, H and W of at least 1"),
+    ],
+)
+def test_input_mistakes_are_named_before_the_stem(x, message):
+    model = VideoSparseFormer(video_config(NANO, num_frames=4))
+    with pytest.raises(ValueError, match=message):
+        model(x)
+    image = SparseFormer(NANO)
+    with pytest.raises(ValueError, match=r"channels-last arrays use x.movedim\(-1, 1\)"):
+        image(torch.randn(1, 32, 32, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the input: no error
+        assert model(torch.randn(1, 3, 4, 32, 32)).dtype == torch.bfloat16
+
+
 def image_and_inflated(image_config: SparseFormerConfig, image_state, replicates: int = 1):
     image = SparseFormer(image_config).eval()
     load_checkpoint(image, image_state)

@@ -202,13 +202,46 @@ class SparseFormer(nn.Module):
         like = self.fc_norm.weight
         self.head = head.to(device=like.device, dtype=like.dtype)
 
-    def _embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Stem features and the initial tokens and RoIs expanded over the batch."""
+    def _check_input(self, x: Tensor) -> None:
+        """One clear line for the input mistakes that torch reports deep inside the stem."""
+        name, video = type(self).__name__, self.roi_dims == 3
+        layout = "(B, 3, T, H, W) clips" if video else "(B, 3, H, W) images"
         if x.dim() != 2 + self.roi_dims:
             raise ValueError(
-                f"{type(self).__name__} expects a {2 + self.roi_dims}-D input batch, "
+                f"{name} expects a {2 + self.roi_dims}-D input batch of {layout}, "
                 f"got shape {tuple(x.shape)}"
             )
+        weight = self.stem.conv.weight
+        channels = weight.shape[1]
+        if x.shape[1] != channels:
+            hint = ""
+            if video and x.shape[2] == channels:
+                hint = "; for (B, T, 3, H, W) clips use x.transpose(1, 2)"
+            elif x.shape[-1] == channels:
+                hint = "; for channels-last arrays use x.movedim(-1, 1)"
+            raise ValueError(
+                f"{name} expects {layout} with {channels} channels in dimension 1, got shape "
+                f"{tuple(x.shape)}{hint}"
+            )
+        if 0 in x.shape[2:]:
+            raise ValueError(
+                f"{name} got an empty input of shape {tuple(x.shape)}: {layout} need "
+                f"{'T, H and W' if video else 'H and W'} of at least 1"
+            )
+        if not x.is_floating_point():
+            raise ValueError(
+                f"{name} expects normalised floating-point input, got {x.dtype}: convert it to "
+                "float and normalise it with the mean and std of model.pretrained_cfg"
+            )
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"the input is {x.dtype} and {name}'s weights are {weight.dtype}: convert the "
+                f"input (x.to({weight.dtype})) or run under torch.autocast"
+            )
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Stem features and the initial tokens and RoIs expanded over the batch."""
+        self._check_input(x)
         feats = self.stem(x)
         B = x.shape[0]
         tokens = self.initial_tokens.unsqueeze(0).expand(B, -1, -1)  # (N, D) -> (B, N, D)
