@@ -242,6 +242,15 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, folder, capsy
     with caplog.at_level("WARNING"):  # the run's own settings again: nothing to warn about
         assert run_cli(capsys, "train", *fast, "--resume", "auto", "--epochs", "2")[0] == 0
     assert "ignored" not in caplog.text
+    # the recipe typed again without the flags that changed it asks for nothing either
+    typed_again = [a for a in fast if a not in ("--batch-size", "4", "--img-size", "32")]
+    with caplog.at_level("WARNING"):
+        assert run_cli(capsys, "train", *typed_again, "--resume", "auto", "--epochs", "2")[0] == 0
+    assert "ignored" not in caplog.text
+    with caplog.at_level("WARNING"):  # another recipe asks for all of its fields
+        another = [a if a != "fashion-mnist-cpu" else "imagenet1k" for a in typed_again]
+        assert run_cli(capsys, "train", *another, "--resume", "auto", "--epochs", "2")[0] == 0
+    assert "these changes are ignored: " in caplog.text and "batch_size (asked" in caplog.text
     epochs = [
         json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
     ]
