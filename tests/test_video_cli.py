@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -122,6 +123,10 @@ def test_model_and_data_of_different_kinds_fail_with_a_clear_message(tmp_path, c
             )
     code = main(["train", "--model", MODEL, "--data-dir", str(images), *image_run])
     assert code == 1 and "is a video model but the data are images" in capsys.readouterr().err
+    shutil.rmtree(data / "val")  # a video folder's layout is told in videos
+    code = main(["train", "--model", MODEL, "--data-dir", str(data), *image_run])
+    err = capsys.readouterr().err
+    assert code == 1 and "has no val/ folder; expected DIR/train/CLASS/*.mp4" in err
 
 
 def test_video_training_takes_the_recipes_flip_and_crop_scale(tmp_path):

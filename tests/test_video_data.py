@@ -319,7 +319,10 @@ def test_video_folder_skips_and_counts_bad_videos(tmp_path, caplog):
     assert train.classes == ["left", "right"] and len(train) == 4
     skipped = {p.rsplit("/", 1)[-1]: reason for p, reason in train.skipped}
     assert set(skipped) == {"empty.mp4", "notes.mp4", "truncated.mp4", "short.mp4"}
-    assert "too short: 3 frames" in skipped["short.mp4"]
+    assert "too short: 3 frame(s), a clip needs 7" in skipped["short.mp4"]
+    assert skipped["empty.mp4"] == "an empty file (0 bytes)"
+    assert skipped["notes.mp4"].startswith("not readable as video (Invalid data")
+    assert not any("Errno" in r or "notes.mp4" in r for r in skipped.values())
     clip, label = train[0]
     assert clip.shape == (3, 4, 16, 16) and label == 0 and torch.isfinite(clip).all()
 
@@ -376,6 +379,11 @@ def test_video_folder_errors_are_one_line_and_helpful(tmp_path):
     (tmp_path / "bad" / "a" / "x.mp4").write_text("junk")
     with pytest.raises(VideoDataError, match="no usable videos"):
         VideoFolder(tmp_path / "bad", ClipSpec(), train=True)
+    write_clip(tmp_path / "bad" / "a" / "short.mp4", moving_square(3))
+    with pytest.raises(VideoDataError, match="lower --frames or --frame-stride"):
+        VideoFolder(tmp_path / "bad", ClipSpec(num_frames=4, stride=2), train=True)
+    with pytest.raises(VideoDataError, match=r"clips of 4 frames: lower --frames\)"):
+        VideoFolder(tmp_path / "bad", ClipSpec(num_frames=4, sampling="uniform"), train=True)
 
 
 def test_multi_view_testing_averages_scores(tmp_path):

@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
                 probs = predict_video_file(model, str(path), video, device)
             except (VideoReadError, VideoDataError) as exc:
                 short = isinstance(exc, VideoTooShortError)
-                hint = "; lower --frames or --frame-stride" if short else ""
+                hint = f"; {video.shorter_clips_hint}" if short else ""
                 failed += _skip(path, f"cannot use this video ({exc}){hint}", args.json)
                 continue
         else:

@@ -101,7 +101,7 @@ def _limit(ds: Dataset, n: int | None) -> Dataset:
     return Subset(ds, range(n))
 
 
-def _check_data_dir(data_dir: Path, need_train: bool) -> None:
+def _check_data_dir(data_dir: Path, need_train: bool, files: str = "*.jpg") -> None:
     if not data_dir.exists():
         raise DataError(f"data directory {str(data_dir)!r} does not exist")
     if not data_dir.is_dir():
@@ -116,7 +116,8 @@ def _check_data_dir(data_dir: Path, need_train: bool) -> None:
     if missing:
         raise DataError(
             f"data directory {str(data_dir)!r} has no {' or '.join(missing)}/ folder; expected "
-            "DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg (the DeiT/Swin ImageFolder layout)"
+            f"DIR/train/CLASS/{files} and DIR/val/CLASS/{files}"
+            + (" (the DeiT/Swin ImageFolder layout)" if files == "*.jpg" else "")
         )
 
 
@@ -151,7 +152,7 @@ def build_datasets(
         bundle = DatasetBundle(train, val, list(FASHION_CLASSES))
     elif source.data_dir is not None and is_video_folder(source.data_dir):
         # video folder: train clips (3, T, S, S), val views (V, 3, T, S, S) or (3, T, S, S)
-        _check_data_dir(Path(source.data_dir), need_train)
+        _check_data_dir(Path(source.data_dir), need_train, files="*.mp4")
         spec = dataclasses.replace(
             source.video or ClipSpec(),
             size=preprocessing.img_size,

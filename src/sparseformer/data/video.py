@@ -104,6 +104,18 @@ def _av():
     return av
 
 
+def _ffmpeg_reason(exc: Exception) -> str:
+    """FFmpeg's reason without the errno and the path PyAV adds: ``InvalidDataError: [Errno
+    1094995529] Invalid data found when processing input: 'x.mp4'`` reads ``not readable as
+    video (Invalid data found when processing input)``."""
+    reason = getattr(exc, "strerror", None)
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if reason and type(exc).__module__.startswith("av."):
+        return f"not readable as video ({reason})"
+    return f"{exc.__class__.__name__}: {str(exc)[:120]}"
+
+
 def probe_video(path: str | Path) -> int:
     """Number of frames of a video, from its header when it has one, else by counting its
     packets, one per frame, from the first key frame on (WebM, Matroska and fragmented MP4
@@ -115,6 +127,8 @@ def probe_video(path: str | Path) -> int:
     """
     av = _av()
     try:
+        if os.path.getsize(path) == 0:
+            raise VideoReadError(f"{path}: an empty file (0 bytes)")
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoReadError(f"{path}: no video stream")
@@ -125,7 +139,7 @@ def probe_video(path: str | Path) -> int:
     except VideoReadError:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
-        raise VideoReadError(f"{path}: {exc.__class__.__name__}: {str(exc)[:120]}") from exc
+        raise VideoReadError(f"{path}: {_ffmpeg_reason(exc)}") from exc
 
 
 def _count_frame_packets(packets) -> int:
@@ -203,7 +217,7 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
                 except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
                     if not decoded:
                         raise
-                    broken = f"{exc.__class__.__name__}: {str(exc)[:120]}"
+                    broken = _ffmpeg_reason(exc)
                     break  # a corrupt packet or a cut-off file: the frames so far are the video
                 if frame is None:
                     break
@@ -218,7 +232,7 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
     except VideoReadError:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
-        raise VideoReadError(f"{path}: {exc.__class__.__name__}: {str(exc)[:120]}") from exc
+        raise VideoReadError(f"{path}: {_ffmpeg_reason(exc)}") from exc
     if not decoded:
         raise VideoReadError(f"{path}: no decodable frames")
     order = range(len(frames)) if indices is None else [int(i) for i in indices]
@@ -325,6 +339,11 @@ class ClipSpec:
                 raise VideoDataError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_crops not in (1, 3):
             raise VideoDataError(f"num_crops must be 1 or 3, got {self.num_crops}")
+
+    @property
+    def shorter_clips_hint(self) -> str:
+        """The flags that shorten a clip's span, for messages about too-short videos."""
+        return "lower --frames or --frame-stride" if self.sampling == "dense" else "lower --frames"
 
     @property
     def min_frames(self) -> int:
@@ -434,11 +453,11 @@ _NAMED_SKIPS = 10  # unusable videos named one per line; the rest are counted
 
 
 def _frames_or_reason(path: str) -> int | str:
-    """A video's frame count, or why it cannot be used."""
+    """A video's frame count, or why it cannot be used (the message without the path)."""
     try:
         return probe_video(path)
     except VideoReadError as exc:
-        return str(exc)
+        return str(exc).removeprefix(f"{path}: ")
 
 
 class VideoFolder(Dataset):
@@ -521,7 +540,7 @@ class VideoFolder(Dataset):
             if isinstance(n, str):
                 self.skipped.append((str(path), n))
             elif n < spec.min_frames:
-                reason = f"too short: {n} frames, a clip needs {spec.min_frames}"
+                reason = f"too short: {n} frame(s), a clip needs {spec.min_frames}"
                 self.skipped.append((str(path), reason))
             else:
                 kept.append((str(path), label, n))
@@ -542,7 +561,7 @@ class VideoFolder(Dataset):
             hint = (
                 f"; {short} are too short for clips of {spec.num_frames} frames"
                 + (f" {spec.stride} apart" if spec.sampling == "dense" else "")
-                + ": lower --frames or --frame-stride"
+                + f": {spec.shorter_clips_hint}"
                 if short
                 else ""
             )
@@ -698,7 +717,7 @@ def read_test_clips(path: str | Path, spec: ClipSpec) -> Tensor:
     """
     n = probe_video(path)
     if n < spec.min_frames:
-        raise VideoTooShortError(f"{path}: {n} frames, a clip needs at least {spec.min_frames}")
+        raise VideoTooShortError(f"{path}: {n} frame(s), a clip needs at least {spec.min_frames}")
 
     def frames_of_clips(n: int) -> list[int]:
         rng = random.Random(0)
