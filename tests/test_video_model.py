@@ -141,6 +141,17 @@ def test_input_mistakes_are_named_before_the_stem(x, message):
         assert model(torch.randn(1, 3, 4, 32, 32)).dtype == torch.bfloat16
 
 
+def test_clips_with_fewer_frames_than_replicates_are_warned_of_once(caplog):
+    model = VideoSparseFormer(video_config(NANO, num_frames=8, replicates=4))
+    with caplog.at_level("WARNING"):
+        model(torch.randn(1, 3, 8, 32, 32))
+        assert not caplog.records
+        model(torch.randn(1, 3, 2, 32, 32))
+        model(torch.randn(1, 3, 2, 32, 32))
+    assert len(caplog.records) == 1
+    assert "clips of 2 frame(s) for 4 token replicates" in caplog.text
+
+
 def image_and_inflated(image_config: SparseFormerConfig, image_state, replicates: int = 1):
     image = SparseFormer(image_config).eval()
     load_checkpoint(image, image_state)

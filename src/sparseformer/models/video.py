@@ -108,6 +108,22 @@ class VideoSparseFormer(SparseFormer):
                 config.replicates,
             )
 
+    def _check_input(self, x: Tensor) -> None:
+        super()._check_input(x)
+        T, R = x.shape[2], self.config.replicates
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if T < R and not tracing and not getattr(self, "_warned_few_frames", False):
+            self._warned_few_frames = True  # once per model: a loop of clips says it once
+            logger.warning(
+                "clips of %d frame(s) for %d token replicates: some replicates' time slices "
+                "fall between frame centres and read zero padding; give clips of at least %d "
+                "frames (the model was built for %d)",
+                T,
+                R,
+                R,
+                self.config.num_frames,
+            )
+
     def _num_latent_tokens(self) -> int:
         return self.config.num_tokens * self.config.replicates
 
