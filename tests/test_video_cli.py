@@ -72,6 +72,34 @@ def test_train_eval_predict_a_video_model_on_a_video_folder(tmp_path, capsys):
     assert code == 1 and "an image, but video_sparseformer_v1_micro is a video model" in err
 
 
+def test_predict_and_eval_inflate_a_checkpoint_of_the_image_model(tmp_path, capsys):
+    from sparseformer import create_model
+
+    data = tmp_path / "videos"
+    make_folder(data, bad=False)
+    image = create_model("sparseformer_v1_micro", num_classes=2)
+    ckpt = tmp_path / "image.pt"
+    torch.save(
+        {"model": image.state_dict(), "model_name": "sparseformer_v1_micro",
+         "class_names": ["left", "right"]},
+        ckpt,
+    )  # fmt: skip
+    video = data / "val" / "right" / "0.mp4"
+    common = ["--checkpoint", str(ckpt), "--frames", "4", "--frame-stride", "2", "--json"]
+    assert main(["predict", "--model", MODEL, str(video), *common]) == 0
+    preds = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["predictions"]
+    assert {p["label"] for p in preds} == {"left", "right"}
+    code = main(["eval", "--model", MODEL, "--data-dir", str(data), "--quiet", *common])
+    assert code == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 4
+    assert main(["models", "video_sparseformer_v1_*"]) == 0
+    listed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert "pretrained=True inflates sparseformer_v1_tiny's" in listed["video_sparseformer_v1_tiny"]
+    assert "[no released weights]" in listed["video_sparseformer_v1_micro"]
+    other = "video_sparseformer_v1_tiny"  # another image model's video twin: refused
+    code = main(["predict", "--model", other, str(video), *common])
+    assert code == 1 and "is a checkpoint of 'sparseformer_v1_micro'" in capsys.readouterr().err
+
+
 def test_a_broken_val_video_is_left_out_of_eval_not_scored_as_another(tmp_path, capsys):
     data, out = tmp_path / "videos", tmp_path / "run"
     make_folder(data, bad=False)

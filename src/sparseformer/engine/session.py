@@ -148,13 +148,20 @@ def model_from_checkpoint(
         The model in eval mode, and :func:`checkpoint_info` with ``num_classes`` filled in and
         ``ema``: whether the EMA weights were loaded.
 
+    A video model also takes a checkpoint of its image model (``video_sparseformer_v1_tiny``
+    one of ``sparseformer_v1_tiny``): the weights are inflated on loading.
+
     Raises:
         CheckpointError: a checkpoint of another model, or of another number of classes.
     """
     ckpt = read_checkpoint(checkpoint_path)
     info = checkpoint_info(ckpt)
     trained_as = info.get("model_name")
-    if trained_as is not None and trained_as != model_name:
+    # a video model takes its image model's checkpoint, inflated on loading (as train does)
+    inflates = model_name.startswith("video_") and trained_as == model_name.removeprefix("video_")
+    if inflates:
+        logger.info("%s: inflating the image checkpoint %s", model_name, checkpoint_path)
+    elif trained_as is not None and trained_as != model_name:
         raise CheckpointError(
             f"{str(checkpoint_path)!r} is a checkpoint of {trained_as!r}, not {model_name!r}; "
             f"pass --model {trained_as}"
