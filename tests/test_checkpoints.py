@@ -57,6 +57,7 @@ def test_convert_then_load_roundtrip(tmp_path):
     )
     converted = load_file(str(out))
     assert detect_format(list(converted)) == "sparseformer"
+    assert out.stat().st_mode & 0o777 == src.stat().st_mode & 0o777  # as any new file
     assert not any("tuo_proj" in k or "m_beta" in k for k in converted)
     model = fixture_model()
     report = load_checkpoint(model, out)

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
                 **_run_metadata(raw),
             },
         )
+        _default_permissions(tmp)
         tmp.replace(out)
     except (OSError, SafetensorError) as exc:
         tmp.unlink(missing_ok=True)
@@ -83,6 +84,17 @@ def run(args: argparse.Namespace) -> int:
     for key in report.dropped:
         print(f"  dropped {key}")
     return 0
+
+
+def _default_permissions(path) -> None:
+    """Give ``path`` the permissions a new file gets (0666 less the umask): safetensors
+    creates its files readable by their owner only (0600), which hides a converted model
+    from the group that shares it."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _run_metadata(checkpoint) -> dict[str, str]:
