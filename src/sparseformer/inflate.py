@@ -112,9 +112,9 @@ def inflate_image_state_dict(
             value = _insert_time(value, 2, 2)  # (4, D) dx,dy,dw,dh -> (6, D) dx,dy,0,dw,dh,0
         out[key] = value
     logger.info(
-        "inflated a %s-format image checkpoint to video: %d tokens x %d replicates, "
-        "zero time offsets and RoI-time updates",
-        report.source_format,
+        "inflated an image checkpoint%s to video: %d tokens x %d replicates, zero time "
+        "offsets and RoI-time updates",
+        "" if report.source_format == "sparseformer" else f" ({report.source_format} layout)",
         N,
         R,
     )

@@ -26,7 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N images only")
     p.add_argument("--limit-val", type=int, metavar="N", help="evaluate on the first N images only")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads (default: the cores, fewer when the machine is busy)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
