@@ -280,6 +280,12 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, folder, capsy
     assert named and all(Path(p).is_file() for p in named)
     summary = json.loads((moved / "summary.json").read_text())
     assert summary["best_checkpoint"] is None or Path(summary["best_checkpoint"]).is_file()
+    # starting over with a setting that does not fit the data keeps the old run
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    big = [a if a != "4" else "4096" for a in fast]  # --batch-size 4096: more than the data
+    err = one_line_error(capsys, "train", *big, "--overwrite")
+    assert "fewer than one batch" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # starting over: a stop in the first epoch leaves nothing of the old run to pass as its own
     code, _, err = run_cli(
         capsys, "train", *fast, "--overwrite", "--lr", "1e30", "--set", "clip_grad=null"

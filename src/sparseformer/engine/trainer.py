@@ -169,9 +169,10 @@ def fit(
     """Train ``model`` on ``data`` with ``recipe``; returns the run summary.
 
     With ``options.overwrite`` (and no ``options.resume``) the checkpoints, metrics and
-    summary of an earlier run in ``options.output`` are removed first, so that a stop in the
-    first epoch cannot leave the old run's ``last.pt`` beside the new run's metrics; nothing
-    is removed otherwise. A run resumed from a checkpoint in another folder continues in
+    summary of an earlier run in ``options.output`` are removed once the set-up has passed
+    (a setting that does not fit the data keeps the old run), before the first epoch, so
+    that a stop in it cannot leave the old run's ``last.pt`` beside the new run's metrics;
+    nothing is removed otherwise. A run resumed from a checkpoint in another folder continues in
     ``options.output``; its earlier epochs' metrics and ``best.pt`` stay where they were.
 
     Raises:
@@ -189,9 +190,6 @@ def fit(
         for pattern in _TEMPORARIES:  # left by a run killed while writing
             for stale in out.glob(pattern):
                 stale.unlink()
-        if options.overwrite and options.resume is None:  # asked to start over: clear the old
-            for name in _RUN_FILES:
-                (out / name).unlink(missing_ok=True)
     model.to(device)
     total_batch = recipe.batch_size * dist.world_size
     peak_lr, warmup_lr, min_lr = recipe.scaled_lr(total_batch)
@@ -272,6 +270,11 @@ def fit(
         keep_saved_data_order(train_loader.sampler, state)
         data_order = state.get("data_order")  # an old run keeps its old order in every resume
         logger.info("resuming %s from epoch %d (step %d)", options.resume, start_epoch, step)
+    if dist.is_main and options.overwrite and options.resume is None:
+        # asked to start over: clear the old run, only now that every setting has been
+        # checked against the data (batch size, optimizer, loaders), so a mistake keeps it
+        for name in _RUN_FILES:
+            (out / name).unlink(missing_ok=True)
     log = MetricsLog(out / "metrics.jsonl", start_epoch) if dist.is_main else None
 
     roi_batch = None
