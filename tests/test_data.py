@@ -168,6 +168,25 @@ def test_bad_data_dirs_say_what_to_do(tmp_path, case, expected):
         assert "bird" in str(info.value)
 
 
+def test_image_folders_list_files_as_torchvision_does_without_hidden_or_looped_ones(tmp_path):
+    from torchvision.datasets.folder import make_dataset
+
+    root = make_folder(tmp_path / "d", per_class=3, splits=("train",))
+    cat = root / "train" / "cat"
+    for sub in ("b", "b-x", "b/c", "a"):  # name orders where "/" and "-" compete
+        _write(cat / sub / "1.jpg", "RGB", fmt="JPEG")
+    before = CheckedImageFolder(root / "train", None)
+    expected = make_dataset(str(root / "train"), before.class_to_idx, extensions=(".jpg", ".png"))
+    assert [tuple(s) for s in before.samples] == [tuple(s) for s in expected]
+    _write(cat / ".thumbnails" / "t.png", "RGB", fmt="PNG")  # a hidden folder: not a class image
+    (cat / "up").symlink_to(root / "train", target_is_directory=True)  # a link back up
+    (root / "train" / "dog" / "more").symlink_to(cat / "a", target_is_directory=True)
+    after = CheckedImageFolder(root / "train", None)
+    paths = [p for p, _ in after.samples]
+    assert len(paths) == len(expected) + 1 and paths[-1].endswith("dog/more/1.jpg")
+    assert not any(".thumbnails" in p or "/up/" in p for p in paths)
+
+
 def test_unreadable_files_are_skipped_and_counted(tmp_path, caplog):
     root = make_folder(tmp_path / "d")
     (root / "train" / "cat" / "junk.jpg").write_text("this is not a picture")

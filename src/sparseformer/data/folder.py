@@ -1,7 +1,8 @@
 """The DeiT/Swin ImageFolder layout (``DIR/train/CLASS/*``, ``DIR/val/CLASS/*``), checked.
 
-Built on torchvision's ``DatasetFolder`` machinery; what we add is the checking a user needs:
-clear errors for a missing or empty folder and for a class folder without images, unreadable
+torchvision's ``ImageFolder`` classes and sample order (sub-folders followed through symlinks,
+each real folder once; hidden files and folders left out); what we add is the checking a user
+needs: clear errors for a missing or empty folder and for a class folder without images, unreadable
 files skipped and counted (never a crash in the middle of an epoch), and every image converted
 to 8-bit RGB whatever its mode. The header check is shared out over the processes of a
 distributed run, and the sample list is stored compactly (:mod:`sparseformer.data.scan`).
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import make_dataset
 
 from sparseformer.data.images import IMAGE_EXTENSIONS, READ_ERRORS, check_image_header, open_rgb
 from sparseformer.data.loader import SharedCount
@@ -27,16 +27,12 @@ from sparseformer.data.scan import (
     check_over_ranks,
     is_first_rank,
     spread_indices,
+    walk_files,
 )
 
 __all__ = ["DataError", "CheckedImageFolder", "find_classes"]
 
 logger = logging.getLogger(__name__)
-
-
-def _is_image_file(path: str) -> bool:
-    """An image extension, and not a hidden file (macOS's ``._photo.jpg`` resource forks)."""
-    return path.lower().endswith(IMAGE_EXTENSIONS) and not Path(path).name.startswith(".")
 
 
 def _image_row(table: SampleTable, i: int) -> tuple[str, int]:
@@ -110,9 +106,16 @@ class CheckedImageFolder(Dataset):
             )
         self.classes = found
         self.class_to_idx = {c: i for i, c in enumerate(found)}
-        samples = make_dataset(
-            str(self.root), self.class_to_idx, is_valid_file=_is_image_file, allow_empty=True
-        )
+        # torchvision's make_dataset order (folder by folder, then file name), without its
+        # hidden folders and without a symlink loop's endless copies of other classes' images
+        samples = [
+            (str(path), self.class_to_idx[name])
+            for name in found
+            for path in sorted(
+                walk_files(self.root / name, IMAGE_EXTENSIONS),
+                key=lambda p: (str(p.parent), p.name),
+            )
+        ]
         counts = Counter(label for _, label in samples)
         empty = [c for c in found if counts[self.class_to_idx[c]] == 0]
         if empty:

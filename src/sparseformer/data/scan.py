@@ -132,14 +132,16 @@ def _require_same_items(items: Sequence, world: int, what: str) -> None:
 def walk_files(folder: str | Path, extensions: Sequence[str]) -> Iterator[Path]:
     """Files under ``folder`` whose suffix (any case) is one of ``extensions``, folder by
     folder in name order, sub-folders included and followed through symlinks (each real
-    folder once, so a link back up does not loop); hidden files and folders (``.name``, such
+    folder once; a link back up to a folder that holds ``folder`` is not followed, as it
+    would list other folders' files as this one's); hidden files and folders (``.name``, such
     as macOS's ``._clip.mp4`` resource forks) are left out. Lazy: stop early for a sample."""
     suffixes = tuple(e.lower() for e in extensions)
+    start = os.path.join(os.path.realpath(folder), "")
     seen: set[str] = set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
-        if real in seen:
-            dirs[:] = []
+        if real in seen or start.startswith(os.path.join(real, "")) and real != start[:-1]:
+            dirs[:] = []  # seen already, or a link back up to a folder holding ``folder``
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
