@@ -37,7 +37,11 @@ def test_train_eval_predict_a_video_model_on_a_video_folder(tmp_path, capsys):
     assert saved["video"]["num_frames"] == 4 and saved["class_names"] == ["left", "right"]
     # the clip record holds what was used (32 px, the recipe's crop), not ClipSpec's defaults
     assert saved["video"]["size"] == 32 and saved["video"]["crop_pct"] == 1.0
-    assert "skipped 4 unreadable or too-short video(s)" in capsys.readouterr().out
+    assert "skipped 4 unreadable or too-short video(s) (listed in " in capsys.readouterr().out
+    listed = (out / "skipped_files.tsv").read_text().splitlines()
+    assert listed[0] == "file\treason" and len(listed) == 5
+    reasons = dict(line.split("\t") for line in listed[1:])
+    assert reasons[str(data / "train" / "left" / "empty.mp4")] == "an empty file (0 bytes)"
     # resuming takes frames and stride from the run (8 frames 4 apart would not fit the videos)
     resume = ["--output", str(out), *RECIPE, "--resume", "auto", "--epochs", "3"]
     assert main(["train", "--model", MODEL, "--data-dir", str(data), *resume]) == 0

@@ -565,7 +565,9 @@ def _print_summary(summary: dict, bundle, video: bool) -> None:
     kind = "video" if video else "image"
     if bundle.skipped_files:
         what = "unreadable or too-short video(s)" if video else "unreadable image file(s)"
-        print(f"skipped {len(bundle.skipped_files)} {what} (see the log)")
+        listed = summary.get("skipped_list")
+        where = f"listed in {listed}" if listed else "see the log"
+        print(f"skipped {len(bundle.skipped_files)} {what} ({where})")
     if summary.get("train_loads_replaced"):
         print(f"{summary['train_loads_replaced']} training {kind} load(s) failed to decode and "
               f"were replaced by the next {kind} (see the log)")  # fmt: skip

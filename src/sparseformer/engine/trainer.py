@@ -68,10 +68,28 @@ _TEMPORARIES = (
     ".metrics.jsonl.tmp",
     ".metrics.tmp.png",
     ".summary.json.tmp",
+    ".skipped_files.tsv.tmp",
 )
 
 
-_RUN_FILES = (ckpt_io.LAST, ckpt_io.BEST, "metrics.jsonl", "metrics.png", "summary.json")
+SKIPPED_LIST = "skipped_files.tsv"  # every file the scan left out, with the reason
+_RUN_FILES = (
+    ckpt_io.LAST, ckpt_io.BEST, "metrics.jsonl", "metrics.png", "summary.json", SKIPPED_LIST
+)  # fmt: skip
+
+
+def _write_skipped_list(path: Path, skipped: list[tuple[str, str]]) -> None:
+    """``path``: one ``file<TAB>reason`` line per file the folder scan left out (atomically);
+    removed when nothing was skipped, so that it never describes another scan."""
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return
+    lines = ["file\treason"]
+    for file, reason in skipped:
+        lines.append(f"{file}\t{' '.join(str(reason).split())}")  # one line, no tabs
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
+    tmp.replace(path)
 
 
 class TrainingError(RuntimeError):
@@ -275,6 +293,8 @@ def fit(
         # checked against the data (batch size, optimizer, loaders), so a mistake keeps it
         for name in _RUN_FILES:
             (out / name).unlink(missing_ok=True)
+    if dist.is_main:
+        _write_skipped_list(out / SKIPPED_LIST, data.skipped_files)
     log = MetricsLog(out / "metrics.jsonl", start_epoch) if dist.is_main else None
 
     roi_batch = None
@@ -386,6 +406,7 @@ def fit(
         "final": record,
         "train_seconds": train_seconds,
         "skipped_files": len(data.skipped_files),  # unreadable (or too short) at the scan
+        "skipped_list": str(out / SKIPPED_LIST) if data.skipped_files else None,
         "train_loads_replaced": int(replaced.item()),  # decode failures, each replaced
         "val_left_out": len(data.val) - record["val_images"] if "val_images" in record else 0,
         "world_size": dist.world_size,
