@@ -167,6 +167,8 @@ def test_convert_refuses_what_would_lose_weights(tmp_path, capsys):
     assert "is the input file" in capsys.readouterr().err and src.read_bytes() == before
     assert main(["convert", str(src), str(tmp_path)]) == 1
     assert "is a folder" in capsys.readouterr().err and not list(tmp_path.glob("*.tmp"))
+    assert main(["convert", str(src), str(src / "x.safetensors")]) == 1  # under a file
+    assert f"{str(src)!r} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_compiled_and_ddp_state_dicts_load():

@@ -316,13 +316,15 @@ def test_bad_numbers_and_predict_paths_are_one_line(tmp_path, folder, capsys):
                          str(tmp_path / "nope.png"))  # fmt: skip
     assert "nope.png' does not exist" in err  # before any image is classified
     (folder / "val" / "cat" / "broken.jpg").write_text("not an image")
+    (folder / "val" / "cat" / "gone.jpg").symlink_to(tmp_path / "moved-away.jpg")
     code, out, err = run_cli(capsys, "predict", "--model", NANO, "--checkpoint", ckpt,
                              str(folder / "val" / "cat"), "--json")  # fmt: skip
-    assert code == 0 and "broken.jpg: cannot read this image" in err
+    assert code == 1 and "broken.jpg: cannot read this image" in err  # 1: not all were used
+    assert "gone.jpg: a broken symbolic link" in err
     lines = [json.loads(line) for line in out.splitlines()]  # stdout stays JSON lines
-    assert len(lines) == 5 and sum(len(r.get("predictions", [])) == 3 for r in lines) == 4
+    assert len(lines) == 6 and sum(len(r.get("predictions", [])) == 3 for r in lines) == 4
     failed = [r for r in lines if "error" in r]  # every input has its record
-    assert len(failed) == 1 and failed[0]["image"].endswith("broken.jpg")
+    assert sorted(Path(r["image"]).name for r in failed) == ["broken.jpg", "gone.jpg"]
 
 
 def test_eval_matches_class_folders_by_name(tmp_path, folder, capsys):

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=positive_int, default=32, help="throughput batch (default 32)"
     )
     p.add_argument(
-        "--img-size", type=int, nargs="+", default=[224], metavar="S", help="input sizes"
+        "--img-size", type=positive_int, nargs="+", default=[224], metavar="S", help="input sizes"
     )
     p.add_argument(
         "--num-frames",

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from sparseformer.cli import CliError
+    from sparseformer.cli import CliError, check_output
     from sparseformer.convert import convert_state_dict, unwrap_checkpoint
     from sparseformer.factory import (
         check_all_keys_mapped,
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(
             f"OUT {str(out)!r} is a folder; give a file path, e.g. {out / 'model.safetensors'}"
         )
+    check_output(out, "OUT")  # a parent that is a file, a folder we may not write in
     raw = read_checkpoint(args.input)
     state, wrapper = unwrap_checkpoint(raw, prefer_ema=args.ema)
     converted, report = convert_state_dict(state)
@@ -75,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
         _default_permissions(tmp)
         tmp.replace(out)
     except (OSError, SafetensorError) as exc:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # nothing was written where the path cannot be
         raise CliError(f"cannot write {str(out)!r}: {exc}") from exc
     print(f"wrote {out}: {report.summary()}")
     for old, new in report.renamed.items():

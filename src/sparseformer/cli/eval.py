@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="ours or an official release")
     add_data_arguments(p)
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
-    p.add_argument("--img-size", type=int, help="input size (default: the checkpoint's)")
+    p.add_argument("--img-size", type=positive_int, help="input size (default: the checkpoint's)")
     p.add_argument(
         "--batch-size",
         type=positive_int,

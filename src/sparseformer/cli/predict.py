@@ -1,6 +1,7 @@
 """``sparseformer predict``: the top classes and probabilities of a model for each image.
 
 Class names come from the checkpoint (ours store them), or ImageNet's for 1000-class weights.
+A file that cannot be used is reported and the others are classified; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def _expand(paths: list[Path], video: bool) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(f for f in walk_files(path, media) if f.is_file())
+            found = sorted(walk_files(path, media))  # broken links too: reported, not lost
             if not found:
                 kind = "video" if video else "image"
                 others = IMAGE_EXTENSIONS if video else VIDEO_EXTENSIONS
@@ -175,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
             from sparseformer.engine.video import predict_video_file
 
             if not path.exists():
+                if path.is_symlink():
+                    failed += _skip(path, "a broken symbolic link", args.json)
+                    continue
                 raise CliError(f"video {str(path)!r} does not exist")
             try:
                 probs = predict_video_file(model, str(path), video, device)
@@ -187,6 +191,9 @@ def run(args: argparse.Namespace) -> int:
             try:
                 img = open_rgb(path)
             except FileNotFoundError:
+                if path.is_symlink():
+                    failed += _skip(path, "a broken symbolic link", args.json)
+                    continue
                 raise CliError(f"image {str(path)!r} does not exist") from None
             except READ_ERRORS as exc:
                 why = f"cannot read this image ({exc.__class__.__name__}: {exc})"
@@ -208,4 +215,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"{path}:")
             for pred in preds:
                 print(f"  {100 * pred['probability']:6.2f}%  {pred['label']}")
-    return 1 if failed == len(args.images) else 0
+    return 1 if failed else 0  # the others are classified all the same
