@@ -111,6 +111,28 @@ def test_export_cli_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+def test_export_and_info_name_what_they_cannot_take(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "x.onnx")]
+    assert main(["export", "--model", "resnet18", *out]) == 1
+    assert "export handles SparseFormer models only" in capsys.readouterr().err
+    assert main(["info", "resnet18"]) == 1
+    assert "'resnet18' is a timm model" in capsys.readouterr().err
+    assert main(["info", "sparseformer_v1_nanno"]) == 1
+    assert "did you mean sparseformer_v1_nano" in capsys.readouterr().err
+    nano = create_model("sparseformer_v1_nano", num_classes=2)
+    ckpt = tmp_path / "nano.pt"
+    torch.save({"model": nano.state_dict(), "model_name": "sparseformer_v1_nano"}, ckpt)
+    assert (
+        main(["export", "--model", "sparseformer_v1_micro", "--checkpoint", str(ckpt), *out]) == 1
+    )
+    err = capsys.readouterr().err
+    assert "is a checkpoint of 'sparseformer_v1_nano'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.onnx").exists()
+    to = str(tmp_path / "x.safetensors")
+    assert main(["convert", str(ckpt), to, "--model", "sparseformer_v1_micro"]) == 1
+    assert "is a checkpoint of 'sparseformer_v1_nano'" in capsys.readouterr().err
+
+
 def test_export_cli_video_model_takes_clips(tmp_path, capsys):
     out = tmp_path / "video.onnx"
     argv = ["export", "--model", "video_sparseformer_v1_micro", "--num-frames", "4"]

@@ -53,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
     converted, report = convert_state_dict(state)
     report.wrapper = wrapper
     check_all_keys_mapped(report)  # nothing of the authors' weights may be left behind
+    trained_as = raw.get("model_name") if isinstance(raw, dict) else None
+    if args.model and isinstance(trained_as, str) and trained_as != args.model:
+        raise CliError(
+            f"{str(args.input)!r} is a checkpoint of {trained_as!r}, not {args.model!r}; "
+            f"pass --model {trained_as}"
+        )
     if args.model:
         num_classes = converted["head.weight"].shape[0] if "head.weight" in converted else 0
         load_checkpoint(

@@ -64,14 +64,23 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.benchmark import sample_shape
     from sparseformer.cli import CliError, check_output
     from sparseformer.config import VideoSparseFormerConfig
+    from sparseformer.engine.modeling import require_sparseformer
     from sparseformer.export import VIDEO_MIN_OPSET, ExportError, export_onnx, onnx_max_difference
     from sparseformer.factory import create_model, get_model_spec
 
+    require_sparseformer(args.model, "export")
     check_output(args.out, "--out")
     if args.img_size is not None and args.img_size < 4:
         raise CliError(f"--img-size {args.img_size} is too small; use at least 4 pixels")
     video = isinstance(get_model_spec(args.model).config, VideoSparseFormerConfig)
     stored = _stored_input(args.checkpoint)  # what a run of ours trained on, if it says
+    trained_as = stored.pop("model_name", None)
+    twin = args.model.startswith("video_") and trained_as == args.model.removeprefix("video_")
+    if trained_as not in (None, args.model) and not twin:  # an image model's: inflated
+        raise CliError(
+            f"{str(args.checkpoint)!r} is a checkpoint of {trained_as!r}, not {args.model!r}; "
+            f"pass --model {trained_as}"
+        )
     if args.img_size is None:
         args.img_size = stored.get("img_size", 224)
     if args.num_frames is None and video and "num_frames" in stored:
@@ -106,9 +115,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stored_input(checkpoint: str | None) -> dict[str, int]:
-    """``img_size`` and ``num_frames`` a ``sparseformer train`` checkpoint records; empty for
-    none, an official file or a bare state dict."""
+def _stored_input(checkpoint: str | None) -> dict:
+    """``img_size``, ``num_frames`` and ``model_name`` a ``sparseformer train`` checkpoint
+    records (or a file ``convert`` wrote from one); empty for none, an official file or a bare
+    state dict."""
     from sparseformer.engine.session import stored_img_size
     from sparseformer.factory import read_checkpoint
 
@@ -120,4 +130,6 @@ def _stored_input(checkpoint: str | None) -> dict[str, int]:
         stored["img_size"] = size
     if isinstance(saved.get("video"), dict) and "num_frames" in saved["video"]:
         stored["num_frames"] = int(saved["video"]["num_frames"])
+    if isinstance(saved.get("model_name"), str):
+        stored["model_name"] = saved["model_name"]
     return stored

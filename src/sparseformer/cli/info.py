@@ -35,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer import count_flops, count_params, create_model
     from sparseformer.cli import CliError
     from sparseformer.cli.train import is_video_model
+    from sparseformer.engine.modeling import require_sparseformer
 
+    require_sparseformer(args.model, "info")
     if len(args.img_size) > 2:
         raise CliError(f"--img-size takes S or H W, got {len(args.img_size)} numbers")
     if args.num_frames is not None and not is_video_model(args.model):

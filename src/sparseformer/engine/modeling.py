@@ -58,6 +58,30 @@ def check_model_name(name: str) -> str:
     )
 
 
+def require_sparseformer(name: str, command: str) -> None:
+    """Refuse a timm model in a command that handles SparseFormers only, saying so, and an
+    unknown name with the closest SparseFormer names.
+
+    Raises:
+        UnknownModelError: not a registered SparseFormer.
+    """
+    import timm
+
+    if name in list_models():
+        return
+    if timm.is_model(name):
+        raise UnknownModelError(
+            f"{command} handles SparseFormer models only (sparseformer models lists them); "
+            f"{name!r} is a timm model: use timm's own tools for it"
+        )
+    close = difflib.get_close_matches(name, list_models(), n=4, cutoff=0.5)
+    raise UnknownModelError(
+        f"unknown model {name!r}"
+        + (f"; did you mean {', '.join(close)}?" if close else "")
+        + f" ({command} takes the SparseFormers that sparseformer models lists)"
+    )
+
+
 def build_model(
     name: str,
     num_classes: int,
