@@ -214,6 +214,24 @@ def test_pretrained_cfg_for_timm_data_config():
     assert create_model("sparseformer_v1_tiny").pretrained_cfg["url"].startswith("https://")
 
 
+def test_a_runs_checkpoint_sets_the_pretrained_cfg_to_its_preprocessing(tmp_path):
+    # timm users prepare images from pretrained_cfg: it must be the run's, as predict's is
+    nano = create_model("sparseformer_v1_nano", num_classes=2)
+    pre = {"img_size": 32, "crop_pct": 1.0, "interpolation": "bilinear",
+           "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}  # fmt: skip
+    path = tmp_path / "best.pt"
+    torch.save({"model": nano.state_dict(), "preprocessing": pre, "class_names": ["a", "b"]}, path)
+    model = create_model("sparseformer_v1_nano", checkpoint_path=path)
+    config = timm.data.resolve_model_data_config(model)
+    assert config["input_size"] == (3, 32, 32) and config["crop_pct"] == 1.0
+    assert config["interpolation"] == "bilinear" and config["mean"] == (0.5, 0.5, 0.5)
+    assert model.pretrained_cfg["label_names"] == ("a", "b")
+    overlaid = create_model(
+        "sparseformer_v1_nano", checkpoint_path=path, pretrained_cfg_overlay={"crop_pct": 0.9}
+    )
+    assert overlaid.pretrained_cfg["crop_pct"] == 0.9  # the caller's overlay still wins
+
+
 def test_an_unknown_timm_tag_and_an_empty_video_batch():
     with pytest.raises(ValueError, match="has no pretrained tag 'in1k'"):
         timm.create_model("sparseformer_v1_nano.in1k")

@@ -308,6 +308,28 @@ def pretrained_cfg(name: str) -> dict[str, Any]:
     }
 
 
+def _run_cfg(checkpoint: dict, in_chans: int) -> dict[str, Any]:
+    """The ``pretrained_cfg`` entries a ``sparseformer train`` checkpoint (or a file
+    ``convert`` wrote from one) records: its eval preprocessing, so that timm's
+    ``resolve_model_data_config`` prepares images as ``sparseformer predict`` does, and its
+    class names (timm's ``label_names``). Empty for official and bare checkpoints."""
+    cfg: dict[str, Any] = {}
+    pre = checkpoint.get("preprocessing")
+    if isinstance(pre, dict):
+        if isinstance(pre.get("img_size"), int):
+            cfg["input_size"] = (in_chans, pre["img_size"], pre["img_size"])
+        for key in ("crop_pct", "interpolation"):
+            if pre.get(key) is not None:
+                cfg[key] = pre[key]
+        for key in ("mean", "std"):
+            if isinstance(pre.get(key), (list, tuple)):
+                cfg[key] = tuple(pre[key])
+    names = checkpoint.get("class_names")
+    if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+        cfg["label_names"] = tuple(names)
+    return cfg
+
+
 def create_model(
     name: str,
     *,
@@ -322,7 +344,9 @@ def create_model(
         name: a name from :func:`list_models`.
         pretrained: download (once, into torch's hub cache) and load the authors' weights.
         checkpoint_path: load weights from this local file instead (either official format,
-            or ours; bare or wrapped in ``model`` / ``state_dict`` / ``model_ema``).
+            or ours; bare or wrapped in ``model`` / ``state_dict`` / ``model_ema``). A
+            checkpoint of ``sparseformer train`` also sets ``pretrained_cfg``'s preprocessing
+            (input size, crop, interpolation, mean, std) and ``label_names`` to the run's.
         num_classes: classifier size; ``None``: the checkpoint's (so a trained 10-class run
             loads as it was trained; 0, no classifier, for a checkpoint saved without one),
             else the config's 1000. When it differs from the weights' the classifier is
@@ -374,6 +398,9 @@ def create_model(
     if checkpoint_path is None and pretrained:
         checkpoint_path = _pretrained_file(name, spec, cfg, download_dir)
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    if isinstance(checkpoint, dict):  # a run of ours: its own preprocessing and classes
+        cfg.update(_run_cfg(checkpoint, cfg["input_size"][0]))
+        cfg.update(overlay)
     if checkpoint is not None and num_classes is None:  # the trained classifier, as it is
         num_classes = checkpoint_num_classes(checkpoint)
     if checkpoint is not None and "replicates" not in overrides:
