@@ -131,6 +131,18 @@ def test_a_large_folder_is_held_without_a_python_object_per_image(tmp_path):
         ds.targets = [0, 1]
 
 
+def test_val_may_hold_some_of_the_training_classes(tmp_path, caplog):
+    root = make_folder(tmp_path / "d", classes=("ant", "bee", "cat"), splits=("train",))
+    make_folder(root, classes=("bee",), splits=("val",))
+    (root / "val" / "cat").mkdir(parents=True)  # an empty class folder: not scored either
+    with caplog.at_level(logging.WARNING):
+        bundle = build_datasets(DataSource(data_dir=root), Preprocessing(img_size=16), None)
+    assert bundle.class_names == ["ant", "bee", "cat"] and bundle.num_classes == 3
+    assert {label for _, label in bundle.val.samples} == {1}  # bee keeps its training label
+    assert "no folder for 1 training class(es) (ant)" in caplog.text
+    assert "class folder(s) cat hold no images" in caplog.text
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -139,7 +151,7 @@ def test_a_large_folder_is_held_without_a_python_object_per_image(tmp_path):
         ("no_val", "has no val/ folder"),
         ("no_classes", "has no class folders"),
         ("empty_class", "have no images"),
-        ("class_mismatch", "differ from the training classes"),
+        ("class_mismatch", r"include \['emu'\], which are not among the training classes"),
         ("is_file", "is a file, not a directory"),
     ],
 )
@@ -158,7 +170,7 @@ def test_bad_data_dirs_say_what_to_do(tmp_path, case, expected):
         (root / "train" / "bird" / "notes.txt").write_text("no images here")
     elif case == "class_mismatch":
         make_folder(root)
-        make_folder(root, classes=("emu",), splits=("train",))
+        make_folder(root, classes=("emu",), splits=("val",))
     elif case == "is_file":
         root.write_text("x")
     with pytest.raises(DataError, match=expected) as info:

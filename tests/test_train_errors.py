@@ -117,8 +117,7 @@ def test_bad_data_dir_is_one_line(tmp_path, capsys, layout, expected):
         root.mkdir()
     elif layout == "empty_class":
         make_folder(root)
-        (root / "val" / "dog" / "0.jpg").unlink()
-        for p in (root / "val" / "dog").iterdir():
+        for p in (root / "train" / "dog").iterdir():
             p.unlink()
     err = one_line_error(capsys, "train", "--model", NANO, "--data-dir", str(root), "--output",
                          str(tmp_path / "o"))  # fmt: skip

@@ -302,6 +302,21 @@ def test_class_folders_follow_symlinked_sub_folders_and_leave_out_hidden_files(t
     assert sorted(p.name for p in _expand([left], video=True)) == names
 
 
+def test_val_videos_may_hold_some_of_the_training_classes(tmp_path, caplog):
+    make_folder(tmp_path, bad=False)
+    spec = ClipSpec(num_frames=4, stride=2, size=16)
+    for p in (tmp_path / "val" / "left").iterdir():
+        p.unlink()  # an empty class folder in val: that class is not scored
+    with caplog.at_level("WARNING"):
+        val = VideoFolder(tmp_path / "val", spec, train=False, classes=["left", "right"])
+    assert val.classes == ["left", "right"] and {y for _, y, _ in val.samples} == {1}
+    assert "class folder(s) left have no usable video" in caplog.text
+    (tmp_path / "val" / "left").rmdir()
+    assert len(VideoFolder(tmp_path / "val", spec, train=False, classes=["left", "right"])) == 2
+    with pytest.raises(VideoDataError, match=r"include \['right'\], which are not among"):
+        VideoFolder(tmp_path / "val", spec, train=False, classes=["left", "up"])
+
+
 def test_a_class_without_usable_videos_is_a_clear_error(tmp_path):
     make_folder(tmp_path, bad=False)
     (tmp_path / "train" / "jump").mkdir()

@@ -65,7 +65,9 @@ class CheckedImageFolder(Dataset):
     Args:
         root: the split folder (for example ``DIR/train``).
         transform: applied to the RGB PIL image.
-        classes: class names to use (so that val follows train's order); default: the folders.
+        classes: class names to use (so that val follows train's order and labels); default:
+            the folders. The folder may hold a subset of them (a class without a folder, or
+            with an empty one, is logged and not scored); a folder not among them is an error.
         check_files: read every file's header once and skip the unreadable ones (counted in
             :attr:`skipped`).
         share_check: split that check over the processes of a running ``torch.distributed``
@@ -96,16 +98,23 @@ class CheckedImageFolder(Dataset):
         self.root = Path(root)
         self.transform = transform
         found = find_classes(self.root)
-        if classes is not None and found != list(classes):
-            missing = sorted(set(classes) - set(found))
+        if classes is not None:  # val: the training classes, or some of them
             extra = sorted(set(found) - set(classes))
-            raise DataError(
-                f"class folders of {str(self.root)!r} differ from the training classes "
-                f"(missing: {missing or 'none'}, extra: {extra or 'none'}); train and val "
-                "need the same class folders"
-            )
-        self.classes = found
-        self.class_to_idx = {c: i for i, c in enumerate(found)}
+            if extra:
+                raise DataError(
+                    f"class folders of {str(self.root)!r} include {extra[:5]}, which are not "
+                    f"among the training classes ({list(classes)[:10]}); every validation class "
+                    "needs training images"
+                )
+            missing = sorted(set(classes) - set(found))
+            if missing:
+                logger.warning(
+                    "%s has no folder for %d training class(es) (%s); they are not scored",
+                    self.root, len(missing), ", ".join(missing[:5]),
+                )  # fmt: skip
+            found = [c for c in classes if c in found]
+        self.classes = list(classes) if classes is not None else found
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         # torchvision's make_dataset order (folder by folder, then file name), without its
         # hidden folders and without a symlink loop's endless copies of other classes' images
         samples = [
@@ -118,7 +127,12 @@ class CheckedImageFolder(Dataset):
         ]
         counts = Counter(label for _, label in samples)
         empty = [c for c in found if counts[self.class_to_idx[c]] == 0]
-        if empty:
+        if empty and classes is not None:  # val: an empty folder is a class not scored
+            logger.warning(
+                "%s: class folder(s) %s hold no images; those classes are not scored",
+                self.root, ", ".join(empty[:5]),
+            )  # fmt: skip
+        elif empty:
             raise DataError(
                 f"class folder(s) {', '.join(repr(str(self.root / c)) for c in empty[:5])} "
                 f"have no images (looked for {', '.join(IMAGE_EXTENSIONS)}); add images or "

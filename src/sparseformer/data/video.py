@@ -469,7 +469,9 @@ class VideoFolder(Dataset):
         train: one random clip per item ``(3, T, S, S)``; else all test views stacked
             ``(V, 3, T, S, S)`` with ``V = num_clips * num_crops`` (``(3, T, S, S)`` when
             ``V = 1``).
-        classes: class names to use (so that val follows train's order).
+        classes: class names to use (so that val follows train's order and labels). The
+            folder may hold a subset of them (a class without a folder or usable video is
+            logged and not scored); a folder not among them is an error.
         limit: use only this many videos, evenly spread over the folder, chosen before the
             scan (fewer when some are unusable).
         share_check: split the scan over the processes of a running ``torch.distributed``
@@ -511,17 +513,27 @@ class VideoFolder(Dataset):
                 f"{str(self.root)!r} has no class folders; put each class's videos in its own "
                 f"sub-folder, e.g. {self.root / 'jumping'}/001.mp4"
             )
-        if classes is not None and found != list(classes):
-            raise VideoDataError(
-                f"class folders of {str(self.root)!r} ({found}) differ from the training "
-                f"classes ({list(classes)}); train and val need the same class folders"
-            )
-        self.classes = found
+        if classes is not None:  # val: the training classes, or some of them
+            extra = sorted(set(found) - set(classes))
+            if extra:
+                raise VideoDataError(
+                    f"class folders of {str(self.root)!r} include {extra[:5]}, which are not "
+                    f"among the training classes ({list(classes)[:10]}); every validation "
+                    "class needs training videos"
+                )
+            missing = sorted(set(classes) - set(found))
+            if missing:
+                logger.warning(
+                    "%s has no folder for %d training class(es) (%s); they are not scored",
+                    self.root, len(missing), ", ".join(missing[:5]),
+                )  # fmt: skip
+        self.classes = list(classes) if classes is not None else found
         self.skipped: list[tuple[str, str]] = []
         self._failed = SharedCount()
         listed = [
             (path, label)
-            for label, name in enumerate(found)
+            for label, name in enumerate(self.classes)
+            if name in found
             for path in sorted(walk_files(self.root / name, VIDEO_EXTENSIONS))
         ]
         present = {label for _, label in listed}  # classes with any video file at all
@@ -573,9 +585,16 @@ class VideoFolder(Dataset):
         # a class without files, or whose chosen files are all unusable (a limit may choose none)
         tried, used = {label for _, label in listed}, {label for _, label, _ in kept}
         empty = [
-            n for label, n in enumerate(found) if label not in present or label in tried - used
+            n
+            for label, n in enumerate(self.classes)
+            if n in found and (label not in present or label in tried - used)
         ]
-        if empty:
+        if empty and classes is not None:  # val: a class without usable videos is not scored
+            logger.warning(
+                "%s: class folder(s) %s have no usable video; those classes are not scored",
+                self.root, ", ".join(empty[:5]),
+            )  # fmt: skip
+        elif empty:
             raise VideoDataError(
                 f"class folder(s) {[str(self.root / n) for n in empty]} have no usable video "
                 f"(extensions {', '.join(VIDEO_EXTENSIONS)}; at least {spec.min_frames} frames; "
