@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -96,13 +98,23 @@ def test_export_cli_prints_differences(tmp_path, capsys):
 def test_export_cli_keeps_a_trained_classifier(tmp_path, capsys):
     # a 10-class checkpoint exports 10 logits, not a fresh 1000-class head
     model = create_model("sparseformer_v1_nano", num_classes=10)
-    torch.save({"model": model.state_dict()}, tmp_path / "ten.pth")
+    pre = {"img_size": 32, "crop_pct": 1.0, "interpolation": "bilinear",
+           "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}  # fmt: skip
+    names = [f"class {i}" for i in range(10)]
+    saved = {"model": model.state_dict(), "preprocessing": pre, "class_names": names}
+    torch.save(saved, tmp_path / "ten.pth")
     out = tmp_path / "ten.onnx"
     argv = ["export", "--model", "sparseformer_v1_nano", "--checkpoint", str(tmp_path / "ten.pth"),
-            "--out", str(out), "--img-size", "32", "--check-batch-sizes", "1"]  # fmt: skip
+            "--out", str(out), "--check-batch-sizes", "1"]  # fmt: skip
     assert main(argv) == 0
-    (logits,) = onnx.load(str(out)).graph.output
+    graph = onnx.load(str(out))
+    (logits,) = graph.graph.output
     assert logits.type.tensor_type.shape.dim[1].dim_value == 10
+    # the file says how to prepare its input and what its outputs are: the run's own
+    meta = {p.key: json.loads(p.value) for p in graph.metadata_props}
+    assert meta["input_size"] == [3, 32, 32] and meta["mean"] == [0.5, 0.5, 0.5]
+    assert meta["interpolation"] == "bilinear" and meta["class_names"] == names
+    assert meta["architecture"] == "sparseformer_v1_nano"
 
 
 def test_export_cli_missing_checkpoint_is_one_line(tmp_path, capsys):

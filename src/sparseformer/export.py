@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -77,6 +78,35 @@ def _cpu_float_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo).eval()
 
 
+def _preprocessing_metadata(model: nn.Module) -> dict[str, str]:
+    """What a consumer of the graph needs to prepare its input and read its output, from the
+    model's ``pretrained_cfg`` (a run's own after ``create_model(checkpoint_path=...)``):
+    the architecture, input size, mean and std (the graph takes normalised input), crop and
+    interpolation, and the class names when known; values are JSON."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    keys = ("architecture", "input_size", "mean", "std", "crop_pct", "interpolation")
+    meta = {
+        k: json.dumps(list(v) if isinstance(v, tuple) else v)
+        for k in keys
+        if (v := cfg.get(k)) is not None
+    }
+    if cfg.get("label_names"):
+        meta["class_names"] = json.dumps(list(cfg["label_names"]))
+    return meta
+
+
+def _add_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    if not metadata:
+        return
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -88,6 +118,8 @@ def export_onnx(
 ) -> Path:
     """Write ``model`` (a copy in eval mode, CPU, float32) as ONNX with a dynamic batch
     dimension and, by default, a dynamic height and width; ``model`` itself is left as it was.
+    The file's metadata (``metadata_props``, JSON values) records the preprocessing and class
+    names of ``model.pretrained_cfg``.
 
     Args:
         model: takes ``(B, in_chans, img_size, img_size)`` (or ``(B, in_chans, num_frames,
@@ -135,6 +167,7 @@ def export_onnx(
             verbose=False,
         )
     program.save(str(tmp))
+    _add_metadata(tmp, _preprocessing_metadata(model))
     tmp.replace(path)
     shape = ["batch", *example.shape[1:]]
     if dynamic_size:
