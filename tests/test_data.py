@@ -149,6 +149,7 @@ def test_val_may_hold_some_of_the_training_classes(tmp_path, caplog):
         ("missing", "does not exist"),
         ("empty", "is empty; it needs train/CLASS"),
         ("no_val", "has no val/ folder"),
+        ("split_folder", "is a split folder; give the folder that holds train/ and val/"),
         ("no_classes", "has no class folders"),
         ("empty_class", "have no images"),
         ("class_mismatch", r"include \['emu'\], which are not among the training classes"),
@@ -161,6 +162,9 @@ def test_bad_data_dirs_say_what_to_do(tmp_path, case, expected):
         root.mkdir()
     elif case == "no_val":
         make_folder(root, splits=("train",))
+    elif case == "split_folder":
+        make_folder(root.parent / "whole")
+        root = root.parent / "whole" / "train"
     elif case == "no_classes":
         (root / "train").mkdir(parents=True)
         (root / "val").mkdir()

@@ -124,6 +124,18 @@ def test_bad_data_dir_is_one_line(tmp_path, capsys, layout, expected):
     assert expected in err
 
 
+def test_an_interrupted_run_says_how_to_continue(tmp_path, folder, capsys, monkeypatch):
+    import sparseformer.engine.trainer as trainer
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "fit", interrupt)
+    argv = ["--model", NANO, "--data-dir", str(folder), "--output", str(tmp_path / "o")]
+    code, _, err = run_cli(capsys, "train", *argv, "--recipe", "fashion-mnist-cpu")
+    assert code == 130 and "interrupted; to continue" in err and "--resume auto" in err
+
+
 def test_unreadable_images_are_skipped_and_reported(tmp_path, folder, capsys):
     (folder / "val" / "cat" / "broken.jpg").write_text("not an image")
     (folder / "train" / "dog" / "empty.png").write_bytes(b"")

@@ -108,5 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparseformer {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"sparseformer {args.command}: interrupted", file=sys.stderr)
+        hint = ""
+        if args.command == "train" and getattr(args, "output", None):
+            hint = (
+                "; to continue from the last saved epoch, run the same command with --resume auto"
+            )
+        print(f"sparseformer {args.command}: interrupted{hint}", file=sys.stderr)
         return 130

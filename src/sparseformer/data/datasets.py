@@ -113,6 +113,11 @@ def _check_data_dir(data_dir: Path, need_train: bool, files: str = "*.jpg") -> N
         )
     splits = ("train", "val") if need_train else ("val",)
     missing = [s for s in splits if not (data_dir / s).is_dir()]
+    if missing and data_dir.name in ("train", "val") and (data_dir.parent / "val").is_dir():
+        raise DataError(
+            f"--data-dir {str(data_dir)!r} is a split folder; give the folder that holds "
+            f"train/ and val/: --data-dir {str(data_dir.parent)!r}"
+        )
     if missing:
         raise DataError(
             f"data directory {str(data_dir)!r} has no {' or '.join(missing)}/ folder; expected "
