@@ -22,10 +22,12 @@ from sparseformer.data.images import IMAGE_EXTENSIONS, READ_ERRORS, check_image_
 from sparseformer.data.loader import SharedCount
 from sparseformer.data.scan import (
     DifferentItemsError,
+    ExtraClassesError,
     RowView,
     SampleTable,
     check_over_ranks,
     is_first_rank,
+    match_val_classes,
     spread_indices,
     walk_files,
 )
@@ -99,19 +101,10 @@ class CheckedImageFolder(Dataset):
         self.transform = transform
         found = find_classes(self.root)
         if classes is not None:  # val: the training classes, or some of them
-            extra = sorted(set(found) - set(classes))
-            if extra:
-                raise DataError(
-                    f"class folders of {str(self.root)!r} include {extra[:5]}, which are not "
-                    f"among the training classes ({list(classes)[:10]}); every validation class "
-                    "needs training images"
-                )
-            missing = sorted(set(classes) - set(found))
-            if missing:
-                logger.warning(
-                    "%s has no folder for %d training class(es) (%s); they are not scored",
-                    self.root, len(missing), ", ".join(missing[:5]),
-                )  # fmt: skip
+            try:
+                match_val_classes(self.root, found, classes, "images")
+            except ExtraClassesError as exc:
+                raise DataError(str(exc)) from None
             found = [c for c in classes if c in found]
         self.classes = list(classes) if classes is not None else found
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}

@@ -30,10 +30,12 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "DifferentItemsError",
+    "ExtraClassesError",
     "RowView",
     "SampleTable",
     "check_over_ranks",
     "is_first_rank",
+    "match_val_classes",
     "spread_indices",
     "walk_files",
 ]
@@ -148,6 +150,30 @@ def walk_files(folder: str | Path, extensions: Sequence[str]) -> Iterator[Path]:
         for name in sorted(files):
             if not name.startswith(".") and name.lower().endswith(suffixes):
                 yield Path(top, name)
+
+
+class ExtraClassesError(ValueError):
+    """Validation class folders that training lacks."""
+
+
+def match_val_classes(root: Path, found: list[str], classes: Sequence[str], kind: str) -> None:
+    """Check a validation folder's class folders ``found`` against the training ``classes``:
+    a subset is fine (the missing classes are logged, and not scored); a folder training
+    lacks raises :class:`ExtraClassesError` (``kind``: "images" or "videos", for its message).
+    """
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise ExtraClassesError(
+            f"class folders of {str(root)!r} include {extra[:5]}, which are not among the "
+            f"training classes ({list(classes)[:10]}); every validation class needs training "
+            f"{kind}"
+        )
+    missing = sorted(set(classes) - set(found))
+    if missing:
+        logger.warning(
+            "%s has no folder for %d training class(es) (%s); they are not scored",
+            root, len(missing), ", ".join(missing[:5]),
+        )  # fmt: skip
 
 
 def spread_indices(total: int, limit: int | None) -> range | list[int]:

@@ -36,10 +36,12 @@ from torch.utils.data import Dataset
 from sparseformer.data.loader import SharedCount
 from sparseformer.data.scan import (
     DifferentItemsError,
+    ExtraClassesError,
     RowView,
     SampleTable,
     check_over_ranks,
     is_first_rank,
+    match_val_classes,
     spread_indices,
     walk_files,
 )
@@ -514,19 +516,10 @@ class VideoFolder(Dataset):
                 f"sub-folder, e.g. {self.root / 'jumping'}/001.mp4"
             )
         if classes is not None:  # val: the training classes, or some of them
-            extra = sorted(set(found) - set(classes))
-            if extra:
-                raise VideoDataError(
-                    f"class folders of {str(self.root)!r} include {extra[:5]}, which are not "
-                    f"among the training classes ({list(classes)[:10]}); every validation "
-                    "class needs training videos"
-                )
-            missing = sorted(set(classes) - set(found))
-            if missing:
-                logger.warning(
-                    "%s has no folder for %d training class(es) (%s); they are not scored",
-                    self.root, len(missing), ", ".join(missing[:5]),
-                )  # fmt: skip
+            try:
+                match_val_classes(self.root, found, classes, "videos")
+            except ExtraClassesError as exc:
+                raise VideoDataError(str(exc)) from None
         self.classes = list(classes) if classes is not None else found
         self.skipped: list[tuple[str, str]] = []
         self._failed = SharedCount()
