@@ -382,3 +382,15 @@ def test_torch_export_with_a_dynamic_height_and_width():
     for shape in ((1, 3, 48, 80), (3, 3, 100, 60)):
         x = torch.randn(*shape)
         torch.testing.assert_close(program.module()(x), model(x))
+
+
+def test_torch_export_of_a_video_model_with_a_dynamic_frame_count():
+    # fewer frames than replicates is allowed (with a warning in eager mode): the range holds
+    model = create_model("video_sparseformer_v1_micro", num_classes=3, replicates=4).eval()
+    dims = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("frames", min=2, max=16)}
+    program = torch.export.export(
+        model, (torch.randn(2, 3, 4, 32, 32),), dynamic_shapes={"x": dims}
+    )
+    for frames in (2, 8):
+        x = torch.randn(1, 3, frames, 32, 32)
+        torch.testing.assert_close(program.module()(x), model(x))

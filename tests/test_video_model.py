@@ -137,8 +137,19 @@ def test_input_mistakes_are_named_before_the_stem(x, message):
     image = SparseFormer(NANO)
     with pytest.raises(ValueError, match=r"channels-last arrays use x.movedim\(-1, 1\)"):
         image(torch.randn(1, 32, 32, 3))
+    half = VideoSparseFormer(video_config(NANO, num_frames=4)).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the input: no error
-        assert model(torch.randn(1, 3, 4, 32, 32)).dtype == torch.bfloat16
+        assert half(torch.randn(1, 3, 4, 32, 32)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"x.to\(torch.bfloat16\)\) or run under torch.autocast"):
+        half(torch.randn(1, 3, 4, 32, 32))
+    wide = SparseFormer(dataclasses.replace(NANO, in_chans=1)).to(torch.float64)
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\) images with 1 channels"):
+        wide(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x.to\(torch.float64\)\)$"):  # autocast cannot help
+        wide(torch.randn(1, 1, 32, 32))
+    meta = SparseFormer(NANO).to("meta")  # a device autocast does not know: still our error
+    with pytest.raises(ValueError, match="weights are torch.float32"):
+        meta(torch.randn(1, 3, 32, 32, device="meta", dtype=torch.float64))
 
 
 def test_clips_with_fewer_frames_than_replicates_are_warned_of_once(caplog):

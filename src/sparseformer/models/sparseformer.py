@@ -205,18 +205,18 @@ class SparseFormer(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         """One clear line for the input mistakes that torch reports deep inside the stem."""
         name, video = type(self).__name__, self.roi_dims == 3
-        layout = "(B, 3, T, H, W) clips" if video else "(B, 3, H, W) images"
+        weight = self.stem.conv.weight
+        channels = weight.shape[1]
+        layout = f"(B, {channels}, T, H, W) clips" if video else f"(B, {channels}, H, W) images"
         if x.dim() != 2 + self.roi_dims:
             raise ValueError(
                 f"{name} expects a {2 + self.roi_dims}-D input batch of {layout}, "
                 f"got shape {tuple(x.shape)}"
             )
-        weight = self.stem.conv.weight
-        channels = weight.shape[1]
         if x.shape[1] != channels:
             hint = ""
             if video and x.shape[2] == channels:
-                hint = "; for (B, T, 3, H, W) clips use x.transpose(1, 2)"
+                hint = f"; for (B, T, {channels}, H, W) clips use x.transpose(1, 2)"
             elif x.shape[-1] == channels:
                 hint = "; for channels-last arrays use x.movedim(-1, 1)"
             raise ValueError(
@@ -233,10 +233,12 @@ class SparseFormer(nn.Module):
                 f"{name} expects normalised floating-point input, got {x.dtype}: convert it to "
                 "float and normalise it with the mean and std of model.pretrained_cfg"
             )
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weight.dtype and not _autocasting(x.device.type):
+            autocast = weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
             raise ValueError(
                 f"the input is {x.dtype} and {name}'s weights are {weight.dtype}: convert the "
-                f"input (x.to({weight.dtype})) or run under torch.autocast"
+                f"input (x.to({weight.dtype}))"
+                + (" or run under torch.autocast" if autocast else "")
             )
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -318,6 +320,12 @@ class SparseFormer(nn.Module):
             sampling_points=points_out,
             initial_rois=at_least_fp32(self.initial_rois).unsqueeze(0).expand(B, -1, -1),
         )
+
+
+def _autocasting(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (never on a device autocast does not know,
+    such as ``meta``)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _accept_official_layouts(

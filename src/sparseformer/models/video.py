@@ -110,9 +110,10 @@ class VideoSparseFormer(SparseFormer):
 
     def _check_input(self, x: Tensor) -> None:
         super()._check_input(x)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return  # a symbolic T compared with R would narrow an exported graph's range
         T, R = x.shape[2], self.config.replicates
-        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-        if T < R and not tracing and not getattr(self, "_warned_few_frames", False):
+        if T < R and not getattr(self, "_warned_few_frames", False):
             self._warned_few_frames = True  # once per model: a loop of clips says it once
             logger.warning(
                 "clips of %d frame(s) for %d token replicates: some replicates' time slices "
