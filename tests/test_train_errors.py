@@ -124,16 +124,39 @@ def test_bad_data_dir_is_one_line(tmp_path, capsys, layout, expected):
     assert expected in err
 
 
+def test_resuming_with_an_edited_recipe_file_names_its_changes(tmp_path, folder, capsys, caplog):
+    from sparseformer.engine.recipe import load_recipe
+
+    recipe = load_recipe("fashion-mnist-cpu").to_dict()
+    del recipe["name"]  # named after its file, as a user's recipe usually is
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(recipe))
+    argv = ["--model", NANO, "--data-dir", str(folder), "--output", str(tmp_path / "o"),
+            "--recipe", str(path), "--batch-size", "4", "--img-size", "32", "--quiet"]  # fmt: skip
+    assert run_cli(capsys, "train", *argv, "--epochs", "1")[0] == 0
+    path.write_text(json.dumps({**recipe, "weight_decay": 0.5}))
+    with caplog.at_level("WARNING"):
+        assert run_cli(capsys, "train", *argv, "--epochs", "2", "--resume", "auto")[0] == 0
+    assert "weight_decay (asked 0.5, the run's " in caplog.text
+
+
 def test_an_interrupted_run_says_how_to_continue(tmp_path, folder, capsys, monkeypatch):
     import sparseformer.engine.trainer as trainer
 
-    def interrupt(*args, **kwargs):
+    out = tmp_path / "o"
+
+    def interrupt(*args, **kwargs):  # a stop during the second epoch: the first is saved
+        out.mkdir(exist_ok=True)
+        (out / "last.pt").write_bytes(b"epoch 1")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "fit", interrupt)
-    argv = ["--model", NANO, "--data-dir", str(folder), "--output", str(tmp_path / "o")]
+    argv = ["--model", NANO, "--data-dir", str(folder), "--output", str(out)]
     code, _, err = run_cli(capsys, "train", *argv, "--recipe", "fashion-mnist-cpu")
     assert code == 130 and "interrupted; to continue" in err and "--resume auto" in err
+    # starting over: --resume auto would continue the run that was to be replaced
+    code, _, err = run_cli(capsys, "train", *argv, "--recipe", "fashion-mnist-cpu", "--overwrite")
+    assert code == 130 and err.strip().endswith("interrupted")
 
 
 def test_unreadable_images_are_skipped_and_reported(tmp_path, folder, capsys):

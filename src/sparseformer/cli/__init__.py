@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 __all__ = ["main", "COMMANDS", "CliError", "check_output"]
 
@@ -109,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         hint = ""
-        if args.command == "train" and getattr(args, "output", None):
+        output = getattr(args, "output", None) if args.command == "train" else None
+        if (
+            output
+            and not getattr(args, "overwrite", False)
+            and (Path(output) / "last.pt").is_file()
+        ):
             hint = (
                 "; to continue from the last saved epoch, run the same command with --resume auto"
             )

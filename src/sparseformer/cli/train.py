@@ -309,8 +309,8 @@ _FLAG_FIELDS = ("batch_size", "img_size", "lr", "warmup_epochs", "weight_decay",
 def _warn_ignored_on_resume(args: argparse.Namespace, asked, recipe) -> None:
     """Resuming keeps the run's recipe: name each field the flags (or ``--recipe`` and
     ``--set``) asked to change, with both values. ``--epochs`` and ``--workers`` do apply.
-    ``--recipe`` naming the run's own recipe (the training command typed again) asks for no
-    more than its other flags do."""
+    ``--recipe`` naming the run's own shipped recipe (the training command typed again) asks
+    for no more than its other flags do."""
 
     def flat(r) -> dict:
         d = r.to_dict()
@@ -318,7 +318,12 @@ def _warn_ignored_on_resume(args: argparse.Namespace, asked, recipe) -> None:
         return d
 
     wanted, kept = flat(asked), flat(recipe)
-    if args.recipe and wanted["name"] != kept["name"]:  # another recipe: every field of it
+    from sparseformer.engine.recipe import list_recipes
+
+    # the run's own shipped recipe typed again asks only what the flags ask; another recipe,
+    # or a recipe file (which may have been edited since), every field of it
+    same_shipped = args.recipe in list_recipes() and wanted["name"] == kept["name"]
+    if args.recipe and not same_shipped:
         keys = [k for k in wanted if k not in ("epochs", "num_workers", "name", "precision")]
     else:  # only what the flags named
         keys = [f for f in _FLAG_FIELDS if getattr(args, f, None) is not None]
