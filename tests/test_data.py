@@ -141,6 +141,15 @@ def test_val_may_hold_some_of_the_training_classes(tmp_path, caplog):
     assert {label for _, label in bundle.val.samples} == {1}  # bee keeps its training label
     assert "no folder for 1 training class(es) (ant)" in caplog.text
     assert "class folder(s) cat hold no images" in caplog.text
+    make_folder(root, classes=("ant",), splits=("val",))
+    for p in (root / "val" / "ant").iterdir():
+        p.write_bytes(b"not an image")  # every file unreadable: not scored either
+    with caplog.at_level(logging.WARNING):
+        bundle = build_datasets(DataSource(data_dir=root), Preprocessing(img_size=16), None)
+    assert {label for _, label in bundle.val.samples} == {1}
+    assert "class folder(s) ant have no readable images; those classes are not scored" in (
+        caplog.text
+    )
 
 
 @pytest.mark.parametrize(

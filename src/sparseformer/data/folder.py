@@ -121,10 +121,11 @@ class CheckedImageFolder(Dataset):
         counts = Counter(label for _, label in samples)
         empty = [c for c in found if counts[self.class_to_idx[c]] == 0]
         if empty and classes is not None:  # val: an empty folder is a class not scored
-            logger.warning(
-                "%s: class folder(s) %s hold no images; those classes are not scored",
-                self.root, ", ".join(empty[:5]),
-            )  # fmt: skip
+            if is_first_rank():
+                logger.warning(
+                    "%s: class folder(s) %s hold no images; those classes are not scored",
+                    self.root, ", ".join(empty[:5]),
+                )  # fmt: skip
         elif empty:
             raise DataError(
                 f"class folder(s) {', '.join(repr(str(self.root / c)) for c in empty[:5])} "
@@ -152,7 +153,13 @@ class CheckedImageFolder(Dataset):
         unreadable = [
             c for c in found if tried[self.class_to_idx[c]] and not readable[self.class_to_idx[c]]
         ]
-        if unreadable:  # a class the model would be asked to learn, or be scored on, blind
+        if unreadable and classes is not None:  # val: a class not scored, as an empty one
+            if is_first_rank():
+                logger.warning(
+                    "%s: class folder(s) %s have no readable images; those classes are not "
+                    "scored", self.root, ", ".join(unreadable[:5]),
+                )  # fmt: skip
+        elif unreadable:  # a class the model would be asked to learn blind
             folder = self.root / unreadable[0]
             path, why = next(
                 (p, w) for p, w in self.skipped if Path(p).is_relative_to(folder)

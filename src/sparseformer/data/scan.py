@@ -169,7 +169,7 @@ def match_val_classes(root: Path, found: list[str], classes: Sequence[str], kind
             f"{kind}"
         )
     missing = sorted(set(classes) - set(found))
-    if missing:
+    if missing and is_first_rank():
         logger.warning(
             "%s has no folder for %d training class(es) (%s); they are not scored",
             root, len(missing), ", ".join(missing[:5]),

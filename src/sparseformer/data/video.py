@@ -583,10 +583,11 @@ class VideoFolder(Dataset):
             if n in found and (label not in present or label in tried - used)
         ]
         if empty and classes is not None:  # val: a class without usable videos is not scored
-            logger.warning(
-                "%s: class folder(s) %s have no usable video; those classes are not scored",
-                self.root, ", ".join(empty[:5]),
-            )  # fmt: skip
+            if is_first_rank():
+                logger.warning(
+                    "%s: class folder(s) %s have no usable video; those classes are not scored",
+                    self.root, ", ".join(empty[:5]),
+                )  # fmt: skip
         elif empty:
             raise VideoDataError(
                 f"class folder(s) {[str(self.root / n) for n in empty]} have no usable video "
