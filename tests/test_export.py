@@ -147,9 +147,20 @@ def test_export_and_info_name_what_they_cannot_take(tmp_path, capsys):
 
 def test_export_cli_video_model_takes_clips(tmp_path, capsys):
     out = tmp_path / "video.onnx"
-    argv = ["export", "--model", "video_sparseformer_v1_micro", "--num-frames", "4"]
+    model = create_model("video_sparseformer_v1_micro", num_classes=3)
+    clip = {"num_frames": 4, "stride": 2, "sampling": "dense"}
+    torch.save({"model": model.state_dict(), "video": clip}, tmp_path / "v.pt")
+    argv = [
+        "export",
+        "--model",
+        "video_sparseformer_v1_micro",
+        "--checkpoint",
+        str(tmp_path / "v.pt"),
+    ]
     argv += ["--out", str(out), "--img-size", "32", "--check-batch-sizes", "1", "2"]
-    assert main(argv) == 0  # opset 20 chosen for the 5-D GridSample
+    assert main(argv) == 0  # opset 20 chosen for the 5-D GridSample; 4 frames from the run
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
+    assert meta["clip"] == clip
     printed = capsys.readouterr().out
     diffs = [float(line.rsplit("=", 1)[1]) for line in printed.splitlines() if "max |" in line]
     assert len(diffs) == 3 and max(diffs) <= 1e-4  # and at a second size

@@ -230,6 +230,13 @@ def test_a_runs_checkpoint_sets_the_pretrained_cfg_to_its_preprocessing(tmp_path
         "sparseformer_v1_nano", checkpoint_path=path, pretrained_cfg_overlay={"crop_pct": 0.9}
     )
     assert overlaid.pretrained_cfg["crop_pct"] == 0.9  # the caller's overlay still wins
+    # a new classifier (fine-tuning): the run's class names do not name its outputs
+    assert (
+        "label_names"
+        not in create_model(
+            "sparseformer_v1_nano", checkpoint_path=path, num_classes=5
+        ).pretrained_cfg
+    )
 
 
 def test_an_unknown_timm_tag_and_an_empty_video_batch():

@@ -92,6 +92,8 @@ def _preprocessing_metadata(model: nn.Module) -> dict[str, str]:
     }
     if cfg.get("label_names"):
         meta["class_names"] = json.dumps(list(cfg["label_names"]))
+    if isinstance(cfg.get("clip"), dict):
+        meta["clip"] = json.dumps(cfg["clip"])
     return meta
 
 

@@ -312,7 +312,8 @@ def _run_cfg(checkpoint: dict, in_chans: int) -> dict[str, Any]:
     """The ``pretrained_cfg`` entries a ``sparseformer train`` checkpoint (or a file
     ``convert`` wrote from one) records: its eval preprocessing, so that timm's
     ``resolve_model_data_config`` prepares images as ``sparseformer predict`` does, and its
-    class names (timm's ``label_names``). Empty for official and bare checkpoints."""
+    class names (timm's ``label_names``; dropped when the model gets another classifier), and
+    a video run's clip sampling (``clip``). Empty for official and bare checkpoints."""
     cfg: dict[str, Any] = {}
     pre = checkpoint.get("preprocessing")
     if isinstance(pre, dict):
@@ -327,6 +328,9 @@ def _run_cfg(checkpoint: dict, in_chans: int) -> dict[str, Any]:
     names = checkpoint.get("class_names")
     if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
         cfg["label_names"] = tuple(names)
+    clip = checkpoint.get("video")
+    if isinstance(clip, dict):  # a video run's clip sampling: frames, stride, sampling
+        cfg["clip"] = {k: clip[k] for k in ("num_frames", "stride", "sampling") if k in clip}
     return cfg
 
 
@@ -418,6 +422,8 @@ def create_model(
     if global_pool == "":
         model.reset_classifier(config.num_classes, "")
     cfg["num_classes"] = config.num_classes
+    if len(cfg.get("label_names") or ()) not in (0, config.num_classes):
+        del cfg["label_names"]  # a new classifier (fine-tuning): the run's names no longer fit
     model.pretrained_cfg = model.default_cfg = cfg
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
