@@ -334,3 +334,19 @@ def test_mixed_precision_training_on_cuda(tmp_path, precision):
     assert (state["scaler"] is not None) == (precision == "fp16")  # GradScaler only for fp16
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert summary["final"]["val_acc1"] > 40  # 4 classes: chance is 25%
+
+
+def test_the_skipped_list_reads_back_whatever_the_file_names(tmp_path):
+    import csv
+
+    from sparseformer.engine.trainer import _write_skipped_list
+
+    skipped = [("a/tab\tname.jpg", "cannot\tread"), ('b/new\nline "q".png', "empty  file\n")]
+    path = tmp_path / "skipped_files.tsv"
+    _write_skipped_list(path, skipped)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    assert rows == [["file", "reason"], ["a/tab\tname.jpg", "cannot read"],
+                    ['b/new\nline "q".png', "empty file"]]  # fmt: skip
+    _write_skipped_list(path, [])  # nothing skipped this time: no stale list
+    assert not path.exists()

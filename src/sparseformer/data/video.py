@@ -219,7 +219,7 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
                 except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
                     if not decoded:
                         raise
-                    broken = _ffmpeg_reason(exc)
+                    broken = getattr(exc, "strerror", None) or _ffmpeg_reason(exc)
                     break  # a corrupt packet or a cut-off file: the frames so far are the video
                 if frame is None:
                     break
@@ -241,7 +241,7 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
     missing = [i for i in order if i not in frames]
     if missing:
         why = (
-            f"decoding failed after frame {decoded - 1} ({broken})"
+            f"decoding failed after frame {decoded - 1}: {broken}"
             if broken
             else "a truncated file, or a header that claims more frames than the stream holds"
         )

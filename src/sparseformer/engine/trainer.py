@@ -79,16 +79,19 @@ _RUN_FILES = (
 
 
 def _write_skipped_list(path: Path, skipped: list[tuple[str, str]]) -> None:
-    """``path``: one ``file<TAB>reason`` line per file the folder scan left out (atomically);
-    removed when nothing was skipped, so that it never describes another scan."""
+    """``path``: one ``file<TAB>reason`` row per file the folder scan left out (atomically;
+    tab-separated CSV, quoted where a name holds a tab, a newline or a quote); removed when
+    nothing was skipped, so that it never describes another scan."""
     if not skipped:
         path.unlink(missing_ok=True)
         return
-    lines = ["file\treason"]
-    for file, reason in skipped:
-        lines.append(f"{file}\t{' '.join(str(reason).split())}")  # one line, no tabs
+    import csv
+
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
+    with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        out = csv.writer(f, delimiter="\t", lineterminator="\n")  # quotes a tab in a name
+        out.writerow(["file", "reason"])
+        out.writerows((file, " ".join(str(reason).split())) for file, reason in skipped)
     tmp.replace(path)
 
 
