@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     report.wrapper = wrapper
     check_all_keys_mapped(report)  # nothing of the authors' weights may be left behind
     trained_as = raw.get("model_name") if isinstance(raw, dict) else None
-    if args.model and isinstance(trained_as, str) and trained_as != args.model:
+    twin = trained_as == args.model.removeprefix("video_") if args.model else False
+    if args.model and isinstance(trained_as, str) and trained_as != args.model and not twin:
         raise CliError(
             f"{str(args.input)!r} is a checkpoint of {trained_as!r}, not {args.model!r}; "
             f"pass --model {trained_as}"
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                 **_run_metadata(raw),
             },
         )
-        _default_permissions(tmp)
+        _default_permissions(tmp, out)
         tmp.replace(out)
     except (OSError, SafetensorError) as exc:
         try:
@@ -96,12 +97,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_permissions(path) -> None:
-    """Give ``path`` the permissions a new file gets (0666 less the umask): safetensors
-    creates its files readable by their owner only (0600), which hides a converted model
-    from the group that shares it."""
+def _default_permissions(path, replaces) -> None:
+    """Give ``path`` the permissions of the file it ``replaces``, else those a new file gets
+    (0666 less the umask): safetensors creates its files readable by their owner only
+    (0600), which hides a converted model from the group that shares it."""
     import os
 
+    if replaces.exists():
+        os.chmod(path, replaces.stat().st_mode & 0o777)
+        return
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
