@@ -31,7 +31,7 @@ from sparseformer.convert import (
 from sparseformer.hub import download_weights
 from sparseformer.inflate import inflate_image_state_dict, is_image_state_dict
 from sparseformer.models import SparseFormer, VideoSparseFormer
-from sparseformer.registry import MODELS, ModelSpec, WeightsSpec
+from sparseformer.registry import MODELS, ModelSpec, WeightsSpec, image_model_of
 
 __all__ = [
     "UnknownModelError",
@@ -440,7 +440,7 @@ def _pretrained_file(name: str, spec, cfg: dict, directory) -> str | os.PathLike
     if cfg.get("file"):
         return cfg["file"]
     released = spec.weights
-    image = MODELS.get(name.removeprefix("video_")) if name.startswith("video_") else None
+    image = MODELS.get(image_model_of(name))
     if released is None and image is not None and image.weights is not None:
         released = image.weights
         logger.info("%s: no video release; inflating the image release %s", name, released.url)

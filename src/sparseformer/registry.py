@@ -11,7 +11,7 @@ from types import MappingProxyType
 
 from sparseformer.config import SparseFormerConfig, StageConfig, VideoSparseFormerConfig
 
-__all__ = ["WeightsSpec", "ModelSpec", "MODELS", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["WeightsSpec", "ModelSpec", "MODELS", "IMAGENET_MEAN", "IMAGENET_STD", "image_model_of"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -130,3 +130,10 @@ MODELS = MappingProxyType(
         ),
     }
 )
+
+
+def image_model_of(name: str) -> str | None:
+    """The registered image model whose weights a video model inflates
+    (``video_sparseformer_v1_tiny`` -> ``sparseformer_v1_tiny``); ``None`` for other names."""
+    image = name.removeprefix("video_")
+    return image if image != name and image in MODELS else None

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         load_checkpoint,
         read_checkpoint,
     )
+    from sparseformer.registry import image_model_of
 
     out = Path(args.output)
     if out.exists() and out.resolve() == Path(args.input).resolve():
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     report.wrapper = wrapper
     check_all_keys_mapped(report)  # nothing of the authors' weights may be left behind
     trained_as = raw.get("model_name") if isinstance(raw, dict) else None
-    twin = trained_as == args.model.removeprefix("video_") if args.model else False
+    twin = bool(args.model) and trained_as == image_model_of(args.model)
     if args.model and isinstance(trained_as, str) and trained_as != args.model and not twin:
         raise CliError(
             f"{str(args.input)!r} is a checkpoint of {trained_as!r}, not {args.model!r}; "

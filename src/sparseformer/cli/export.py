@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.engine.modeling import require_sparseformer
     from sparseformer.export import VIDEO_MIN_OPSET, ExportError, export_onnx, onnx_max_difference
     from sparseformer.factory import create_model, get_model_spec
+    from sparseformer.registry import image_model_of
 
     require_sparseformer(args.model, "export")
     check_output(args.out, "--out")
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     video = isinstance(get_model_spec(args.model).config, VideoSparseFormerConfig)
     stored = _stored_input(args.checkpoint)  # what a run of ours trained on, if it says
     trained_as = stored.pop("model_name", None)
-    twin = args.model.startswith("video_") and trained_as == args.model.removeprefix("video_")
+    twin = trained_as is not None and trained_as == image_model_of(args.model)
     if trained_as not in (None, args.model) and not twin:  # an image model's: inflated
         raise CliError(
             f"{str(args.checkpoint)!r} is a checkpoint of {trained_as!r}, not {args.model!r}; "

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sparseformer.factory import get_model_spec, list_models
-    from sparseformer.registry import MODELS
+    from sparseformer.registry import MODELS, image_model_of
 
     names = list_models(args.pattern)
     if not names:
@@ -26,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         spec = get_model_spec(name)
         weights = "weights released" if spec.weights else "no released weights"
-        image = MODELS.get(name.removeprefix("video_")) if name.startswith("video_") else None
-        if not spec.weights and image is not None and image.weights:  # pretrained=True inflates
-            weights = f"no video release; pretrained=True inflates {name.removeprefix('video_')}'s"
+        image = image_model_of(name)
+        if not spec.weights and image is not None and MODELS[image].weights:  # inflated
+            weights = f"no video release; pretrained=True inflates {image}'s"
         print(f"{name:<28} {spec.description} [{weights}]")
     return 0

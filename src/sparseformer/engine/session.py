@@ -18,7 +18,7 @@ from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine.distributed import DistInfo
 from sparseformer.engine.modeling import build_model, is_sparseformer, load_weights
 from sparseformer.factory import checkpoint_replicates, read_checkpoint
-from sparseformer.registry import MODELS
+from sparseformer.registry import MODELS, image_model_of
 
 __all__ = [
     "pick_device",
@@ -158,7 +158,7 @@ def model_from_checkpoint(
     info = checkpoint_info(ckpt)
     trained_as = info.get("model_name")
     # a video model takes its image model's checkpoint, inflated on loading (as train does)
-    inflates = model_name.startswith("video_") and trained_as == model_name.removeprefix("video_")
+    inflates = trained_as is not None and trained_as == image_model_of(model_name)
     if inflates:
         logger.info("%s: inflating the image checkpoint %s", model_name, checkpoint_path)
     elif trained_as is not None and trained_as != model_name:
