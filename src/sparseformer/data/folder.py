@@ -30,6 +30,7 @@ from sparseformer.data.scan import (
     match_val_classes,
     spread_indices,
     walk_files,
+    warn_unscored,
 )
 
 __all__ = ["DataError", "CheckedImageFolder", "find_classes"]
@@ -121,11 +122,7 @@ class CheckedImageFolder(Dataset):
         counts = Counter(label for _, label in samples)
         empty = [c for c in found if counts[self.class_to_idx[c]] == 0]
         if empty and classes is not None:  # val: an empty folder is a class not scored
-            if is_first_rank():
-                logger.warning(
-                    "%s: class folder(s) %s hold no images; those classes are not scored",
-                    self.root, ", ".join(empty[:5]),
-                )  # fmt: skip
+            warn_unscored(self.root, empty, "hold no images")
         elif empty:
             raise DataError(
                 f"class folder(s) {', '.join(repr(str(self.root / c)) for c in empty[:5])} "
@@ -154,11 +151,7 @@ class CheckedImageFolder(Dataset):
             c for c in found if tried[self.class_to_idx[c]] and not readable[self.class_to_idx[c]]
         ]
         if unreadable and classes is not None:  # val: a class not scored, as an empty one
-            if is_first_rank():
-                logger.warning(
-                    "%s: class folder(s) %s have no readable images; those classes are not "
-                    "scored", self.root, ", ".join(unreadable[:5]),
-                )  # fmt: skip
+            warn_unscored(self.root, unreadable, "have no readable images")
         elif unreadable:  # a class the model would be asked to learn blind
             folder = self.root / unreadable[0]
             path, why = next(

@@ -38,6 +38,7 @@ __all__ = [
     "match_val_classes",
     "spread_indices",
     "walk_files",
+    "warn_unscored",
 ]
 
 logger = logging.getLogger(__name__)
@@ -173,6 +174,16 @@ def match_val_classes(root: Path, found: list[str], classes: Sequence[str], kind
         logger.warning(
             "%s has no folder for %d training class(es) (%s); they are not scored",
             root, len(missing), ", ".join(missing[:5]),
+        )  # fmt: skip
+
+
+def warn_unscored(root: Path, folders: Sequence[str], why: str) -> None:
+    """Log, on the first process, validation class folders whose classes are not scored
+    (``why``: "hold no images", ...)."""
+    if folders and is_first_rank():
+        logger.warning(
+            "%s: class folder(s) %s %s; those classes are not scored",
+            root, ", ".join(folders[:5]), why,
         )  # fmt: skip
 
 

@@ -44,6 +44,7 @@ from sparseformer.data.scan import (
     match_val_classes,
     spread_indices,
     walk_files,
+    warn_unscored,
 )
 
 __all__ = [
@@ -583,11 +584,7 @@ class VideoFolder(Dataset):
             if n in found and (label not in present or label in tried - used)
         ]
         if empty and classes is not None:  # val: a class without usable videos is not scored
-            if is_first_rank():
-                logger.warning(
-                    "%s: class folder(s) %s have no usable video; those classes are not scored",
-                    self.root, ", ".join(empty[:5]),
-                )  # fmt: skip
+            warn_unscored(self.root, empty, "have no usable video")
         elif empty:
             raise VideoDataError(
                 f"class folder(s) {[str(self.root / n) for n in empty]} have no usable video "
