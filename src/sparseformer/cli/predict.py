@@ -171,14 +171,14 @@ def run(args: argparse.Namespace) -> int:
                 why = f"a video, but {args.model} is an image model; use a video model"
             failed += _skip(path, f"{why} (`sparseformer models` lists them)", args.json)
             continue
+        if path.is_symlink() and not path.exists():  # listed in a folder, its target gone
+            failed += _skip(path, "a broken symbolic link", args.json)
+            continue
         if video is not None:  # a video model reads video files (views averaged)
             from sparseformer.data.video import VideoDataError, VideoReadError, VideoTooShortError
             from sparseformer.engine.video import predict_video_file
 
             if not path.exists():
-                if path.is_symlink():
-                    failed += _skip(path, "a broken symbolic link", args.json)
-                    continue
                 raise CliError(f"video {str(path)!r} does not exist")
             try:
                 probs = predict_video_file(model, str(path), video, device)
@@ -191,9 +191,6 @@ def run(args: argparse.Namespace) -> int:
             try:
                 img = open_rgb(path)
             except FileNotFoundError:
-                if path.is_symlink():
-                    failed += _skip(path, "a broken symbolic link", args.json)
-                    continue
                 raise CliError(f"image {str(path)!r} does not exist") from None
             except READ_ERRORS as exc:
                 why = f"cannot read this image ({exc.__class__.__name__}: {exc})"
