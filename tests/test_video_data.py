@@ -456,6 +456,16 @@ def test_arrow_of_time_split_is_disjoint_and_labels_are_directions():
     torch.testing.assert_close(s0[0, :, 0, 0].sort().values, fwd[0, :, 0, 0])
 
 
+def test_arrow_of_time_split_of_the_readme_holds_out_whole_4_frame_segments():
+    # the README's setting: 4-frame segments, every second held out, clips of 4 consecutive
+    # frames; a held-out clip is its whole segment, and training clips are the ones around it
+    spec = ArrowOfTimeSpec(num_frames=4, stride=1, segment=4, gap=0, test_every=2)
+    train, test = split_windows([20, 10], spec)
+    assert train == [(0, 0), (0, 8), (0, 16), (1, 0)] and test == [(0, 4), (0, 12), (1, 4)]
+    fit, val = split_windows([20, 10], spec, validation=True)
+    assert val == [(0, 8)] and set(fit) <= set(train)
+
+
 def test_arrow_of_time_validation_split_never_touches_the_test_segments():
     spec = ArrowOfTimeSpec(num_frames=4, stride=2, segment=8, gap=0, test_every=2)
     train, test = split_windows([64, 40], spec)
