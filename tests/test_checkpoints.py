@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from sparseformer import CheckpointError, create_model, load_checkpoint
 from sparseformer.convert import detect_format
+from sparseformer.factory import read_checkpoint
 
 from .conftest import DATA
 
@@ -138,10 +139,66 @@ def test_checkpoint_of_another_size_lists_shapes(tmp_path):
         create_model("sparseformer_v1_nano", checkpoint_path=path)
 
 
-def test_pickled_code_is_refused(tmp_path):
+class _RunsOnLoad:
+    """Unpickling calls exec on a command that leaves a file behind, unless it is refused."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+class _TrainingConfig(dict):  # a yacs-style config: a dict subclass with attributes
+    def __setstate__(self, state):
+        raise AssertionError("the checkpoint's own class must not run")
+
+
+def test_pickled_code_never_runs_and_the_weights_still_load(tmp_path):
+    marker = tmp_path / "ran.txt"
     path = tmp_path / "evil.pth"
-    torch.save({"model": official("v2"), "fn": print}, path)  # a callable needs full unpickling
-    with pytest.raises(CheckpointError, match="safely"):
+    torch.save({"model": official("v2"), "fn": print, "payload": _RunsOnLoad(marker)}, path)
+    model = fixture_model()
+    load_checkpoint(model, path)
+    assert not marker.exists()  # exec was named by the file but never called
+    torch.testing.assert_close(model.initial_rois.detach(), official("v2")["initial_roi.weight"])
+    assert "exec" in repr(read_checkpoint(path)["payload"])  # kept as inert data
+
+
+def test_release_saved_with_its_training_args_loads(tmp_path, caplog):
+    import argparse
+
+    import numpy as np
+
+    cfg = _TrainingConfig(MODEL={"NAME": "sparseformer"}, LR=1e-3)
+    cfg.__dict__["frozen"] = True
+    path = tmp_path / "release.pth"
+    extras = {"args": argparse.Namespace(lr=1e-3, model="sf"), "config": cfg}
+    extras |= {"max_accuracy": np.float64(81.0), "arr": np.arange(3), "epoch": 299}
+    torch.save({"model": official("imagenet"), **extras}, path)
+    model = fixture_model()
+    with caplog.at_level(logging.INFO, logger="sparseformer.factory"):
+        load_checkpoint(model, path)
+    assert "argparse.Namespace" in caplog.text and "inert data" in caplog.text
+    torch.testing.assert_close(
+        model.initial_rois.detach(), official("imagenet")["token_roi.weight"]
+    )
+    loaded = read_checkpoint(path)
+    assert loaded["args"].lr == 1e-3 and loaded["config"]["LR"] == 1e-3 and loaded["epoch"] == 299
+
+
+@pytest.mark.parametrize("case", ["module", "blocked"])
+def test_what_cannot_be_read_safely_is_refused(tmp_path, case):
+    import os
+
+    path = tmp_path / "bad.pth"
+    if case == "module":  # a whole pickled model: no state dict to take the weights from
+        torch.save(torch.nn.Linear(2, 2), path)
+        match = "model.state_dict"
+    else:  # os is on torch's block list, stand-in or not
+        torch.save({"model": official("v2"), "fn": os.getcwd}, path)
+        match = "safely"
+    with pytest.raises(CheckpointError, match=match):
         create_model("sparseformer_v1_nano", checkpoint_path=path)
 
 

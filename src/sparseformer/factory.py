@@ -7,6 +7,7 @@ local checkpoint in a supported format (see :mod:`sparseformer.convert`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import difflib
@@ -125,11 +126,79 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "it may be truncated (download or copy again) or not a checkpoint at all"
         ) from exc
     except Exception as exc:  # the unpickler raises UnpicklingError for text, code, junk
+        loaded = _load_with_stand_ins(path)
+        if loaded is not None:
+            return loaded
         raise CheckpointError(
             f"{str(path)!r} could not be loaded safely ({exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0][:200]}); only tensors and plain containers are "
-            "accepted (weights_only=True)"
+            f"{str(exc).splitlines()[0][:200]}); only a state dict of tensors, with plain "
+            "data beside it, is accepted (weights_only=True): a pickled model object must be "
+            "saved again as torch.save(model.state_dict(), path)"
         ) from exc
+
+
+class NotLoaded:
+    """What :func:`read_checkpoint` leaves in place of an object that a checkpoint pickles
+    next to its tensors (a NumPy scalar, an instance of the training code's classes): its
+    pickled name, arguments and state as inert data. The file's classes never run."""
+
+    def __init__(self, name: str, args: tuple = ()) -> None:
+        self.name, self.args, self.state = name, args, None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.name}: not loaded>"
+
+
+class _StandIn:
+    """Takes the place of one global the safe unpickler refuses. Called (pickle's REDUCE) it
+    gives a :class:`NotLoaded`; instantiated (NEWOBJ: ``cls.__new__(cls, *args)``, an object
+    or a dict subclass such as ``argparse.Namespace`` or a yacs ``CfgNode``) a plain
+    ``OrderedDict``, which takes the object's items and, as attributes, its ``__dict__``."""
+
+    def __new__(cls, *args: Any) -> Any:
+        if isinstance(cls, _StandIn):  # NEWOBJ, with this stand-in as the class
+            return collections.OrderedDict()
+        return object.__new__(cls)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> NotLoaded:
+        return NotLoaded(self.name, args)
+
+
+def _load_with_stand_ins(path: Path) -> Any | None:
+    """Load a checkpoint that pickles objects besides tensors and plain containers (a release
+    saved with its training ``args`` or config, NumPy metrics), with inert stand-ins for them:
+    no code named by the file runs. ``None`` when that does not work either."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: the caller's error applies
+        return None
+    if not names:
+        return None
+    stand_ins = [(_StandIn(name), name) for name in names]
+    stand_ins.append((NotLoaded, f"{NotLoaded.__module__}.{NotLoaded.__qualname__}"))
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a structure the stand-ins cannot take (the caller says so)
+        return None
+    try:  # only for a state dict beside other things, not for a pickled model object
+        unwrap_checkpoint(loaded)
+    except CheckpointError:
+        return None
+    logger.info(
+        "%s: read %d kind(s) of object besides the tensors as inert data (%s); the weights "
+        "do not need them",
+        path,
+        len(names),
+        ", ".join(sorted(names)[:6]) + (", ..." if len(names) > 6 else ""),
+    )
+    return loaded
 
 
 def _looks_like_safetensors(path: Path) -> bool:
