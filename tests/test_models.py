@@ -111,6 +111,27 @@ def test_bf16_autocast_on_cpu_keeps_geometry_in_fp32():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_geometry_projections_run_in_fp32_under_autocast_and_in_a_bf16_model():
+    # the spec's "geometry (steps 3-RoI, 4, 5) runs in float32" includes the RoI-adjust and
+    # offset projections that start it
+    from sparseformer.models.blocks import RoiAdjustOp, SampleMixOp
+
+    model = create_model("sparseformer_v1_nano")
+    seen = []
+    for op in model.modules():
+        proj = getattr(op, "proj", None) if isinstance(op, RoiAdjustOp) else None
+        proj = op.offset_proj if isinstance(op, SampleMixOp) else proj
+        if proj is not None:
+            proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(1, 3, 32, 32))
+    assert seen and set(seen) == {torch.float32}
+    seen.clear()
+    out = model.to(torch.bfloat16).forward_with_details(torch.randn(1, 3, 32, 32).bfloat16())
+    assert set(seen) == {torch.bfloat16}  # a half model projects in its own precision
+    assert all(r.dtype == torch.float32 for r in out.rois)
+
+
 def test_two_models_run_independently():
     a = create_model("sparseformer_v1_nano").eval()
     b = create_model("sparseformer_v1_nano").eval()

@@ -70,6 +70,17 @@ class MlpOp(Mlp):
         return tokens + drop_path(update, ctx.drop_rate, self.training), rois
 
 
+def project_fp32(norm: nn.LayerNorm, proj: nn.Linear, tokens: Tensor) -> Tensor:
+    """``proj(norm(tokens))`` for the geometry, in float32 (float64 kept): the projections
+    that start it (RoI adjustment, sampling offsets) are part of it. Call inside
+    :func:`fp32_geometry`, where autocast is off. A model cast to a half type as a whole
+    projects in its own precision, then raises the result."""
+    weight = proj.weight.dtype
+    if weight.is_floating_point and torch.finfo(weight).bits >= 32:
+        tokens = tokens.to(weight)  # tokens that autocast computed in a half type
+    return at_least_fp32(proj(norm(tokens)))
+
+
 class RoiAdjustOp(nn.Module):
     """Move and rescale each token's RoI from its embedding (tokens unchanged).
 
@@ -91,9 +102,10 @@ class RoiAdjustOp(nn.Module):
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, tokens: Tensor, rois: Tensor, feats: Tensor, ctx: OpContext):
-        delta = drop_path(self.proj(self.norm(tokens)), ctx.drop_rate, self.training)
         with fp32_geometry(rois.device.type):
-            rois = adjust_rois(at_least_fp32(rois), at_least_fp32(delta))
+            delta = project_fp32(self.norm, self.proj, tokens)
+            delta = drop_path(delta, ctx.drop_rate, self.training)
+            rois = adjust_rois(at_least_fp32(rois), delta)
         return tokens, rois
 
 
@@ -146,9 +158,9 @@ class SampleMixOp(nn.Module):
 
     def forward(self, tokens: Tensor, rois: Tensor, feats: Tensor, ctx: OpContext):
         B, N, _ = tokens.shape
-        offsets = self.offset_proj(self.offset_norm(tokens))  # (B, N, P*D)
         with fp32_geometry(tokens.device.type):
-            offsets = at_least_fp32(offsets) + at_least_fp32(self.offset_bias)
+            offsets = project_fp32(self.offset_norm, self.offset_proj, tokens)  # (B, N, P*D)
+            offsets = offsets + at_least_fp32(self.offset_bias)
             offsets = offsets.reshape(B, N, self.num_points, self.roi_dims)  # -> (B, N, P, D)
             offsets = standardize_offsets(offsets, self.offset_eps)
             points = sampling_points(at_least_fp32(rois), offsets)
