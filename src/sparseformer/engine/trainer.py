@@ -285,6 +285,20 @@ def fit(
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
+        saved_world = int(state.get("world_size", dist.world_size))
+        if step != start_epoch * steps_per_epoch or saved_world != dist.world_size:
+            # other processes or other data: the schedule goes on from the same epoch, over
+            # this run's steps per epoch (and learning rate scaled to its total batch)
+            if dist.is_main:
+                logger.warning(
+                    "the run was saved with %d process(es) and %d steps per epoch, resumed with "
+                    "%d and %d (other data or another process count): the learning-rate "
+                    "schedule continues from epoch %d on the new steps, with the peak scaled "
+                    "to a total batch of %d, so the run will not match an uninterrupted one",
+                    saved_world, step // max(start_epoch, 1), dist.world_size, steps_per_epoch,
+                    start_epoch, total_batch,
+                )  # fmt: skip
+            step = start_epoch * steps_per_epoch
         best, best_epoch = float(state["best_acc1"]), int(state["best_epoch"])
         train_seconds = float(state.get("train_seconds", 0.0))
         rng_states = state.get("rng")
@@ -305,8 +319,10 @@ def fit(
         idx = range(min(options.roi_stats_images, len(data.val)))
         x, y = val_loader.collate_fn([data.val[i] for i in idx])
         roi_batch = prep(x, y, train=False)[0] if len(y) else None
-    if rng_states is not None:  # after every RNG use of the set-up, as in the first run
-        ckpt_io.restore_rng(rng_states[min(dist.rank, len(rng_states) - 1)], device)
+    if rng_states is not None and dist.rank < len(rng_states):  # after the set-up's RNG use
+        ckpt_io.restore_rng(rng_states[dist.rank], device)
+    elif rng_states is not None:  # a rank the saved run did not have: its own fresh stream
+        seed_everything(options.seed + dist.rank + 1000 * int(step))
     else:  # ranks share the model's initialisation but not their augmentation
         seed_everything(options.seed + dist.rank)
 
