@@ -144,6 +144,10 @@ def _check_ranges(r: Recipe) -> None:
     modes = ("batch", "pair", "elem")
     need(r.mixup_mode in modes, "mixup_mode", r.mixup_mode, f"one of {', '.join(modes)}")
     need(r.repeated_aug >= 0, "repeated_aug", r.repeated_aug, "at least 0")
+    if r.mixup > 0 or r.cutmix > 0:  # timm's Mixup mixes each sample with another of the batch
+        need(r.batch_size % 2 == 0, "batch_size", r.batch_size,
+             f"even with Mixup or CutMix on (e.g. --batch-size {r.batch_size + 1}), or turn "
+             "them off with --set mixup=0 cutmix=0")  # fmt: skip
     ema = r.ema_decay
     need(ema is None or 0 <= ema < 1, "ema_decay", ema, "in [0, 1) or null (no EMA)")
     need(r.drop_path is None or 0 <= r.drop_path < 1, "drop_path", r.drop_path, "in [0, 1)")
