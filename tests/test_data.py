@@ -300,3 +300,17 @@ def test_a_run_saved_before_the_seeded_sampler_resumes_in_its_own_order():
         loader.sampler.set_epoch(2)
         old.set_epoch(2)
         assert (list(loader.sampler) != list(old)) == follows_seed
+
+
+def test_files_of_other_extensions_are_said_not_silently_dropped(tmp_path, caplog):
+    root = make_folder(tmp_path / "d", per_class=2)
+    _write(root / "train" / "cat" / "saved_by_a_browser.jfif", fmt="JPEG")  # read: a JPEG
+    _write(root / "train" / "dog" / "photo.tga", fmt="TGA")  # Pillow reads it, not listed
+    (root / "train" / "dog" / "labels.txt").write_text("dog\n")
+    pre = Preprocessing(img_size=24)
+    with caplog.at_level(logging.WARNING):
+        bundle = build_datasets(DataSource(data_dir=root), pre, Augmentation())
+    assert any(path.endswith(".jfif") for path, _ in bundle.train.samples)
+    assert len(bundle.train.samples) == 5
+    assert "2 file(s) left out as not image files" in caplog.text
+    assert ".tga 1" in caplog.text and ".txt 1" in caplog.text

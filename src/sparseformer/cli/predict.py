@@ -95,14 +95,17 @@ def _expand(paths: list[Path], video: bool) -> list[Path]:
     """
     from sparseformer.cli import CliError
     from sparseformer.data.images import IMAGE_EXTENSIONS
-    from sparseformer.data.scan import walk_files
+    from sparseformer.data.scan import walk_files, warn_other_extensions
     from sparseformer.data.video import VIDEO_EXTENSIONS
 
     media = VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(walk_files(path, media))  # broken links too: reported, not lost
+            ignored: list[Path] = []
+            found = sorted(walk_files(path, media, ignored))  # broken links: reported, not lost
+            if found:
+                warn_other_extensions(ignored, "video" if video else "image", media)
             if not found:
                 kind = "video" if video else "image"
                 others = IMAGE_EXTENSIONS if video else VIDEO_EXTENSIONS

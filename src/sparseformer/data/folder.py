@@ -30,6 +30,7 @@ from sparseformer.data.scan import (
     match_val_classes,
     spread_indices,
     walk_files,
+    warn_other_extensions,
     warn_unscored,
 )
 
@@ -111,14 +112,16 @@ class CheckedImageFolder(Dataset):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         # torchvision's make_dataset order (folder by folder, then file name), without its
         # hidden folders and without a symlink loop's endless copies of other classes' images
+        ignored: list[Path] = []  # other extensions: said, not silently lost
         samples = [
             (str(path), self.class_to_idx[name])
             for name in found
             for path in sorted(
-                walk_files(self.root / name, IMAGE_EXTENSIONS),
+                walk_files(self.root / name, IMAGE_EXTENSIONS, ignored),
                 key=lambda p: (str(p.parent), p.name),
             )
         ]
+        warn_other_extensions(ignored, "image", IMAGE_EXTENSIONS)
         counts = Counter(label for _, label in samples)
         empty = [c for c in found if counts[self.class_to_idx[c]] == 0]
         if empty and classes is not None:  # val: an empty folder is a class not scored

@@ -22,6 +22,7 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif",
+    ".jfif", ".avif",
 )  # fmt: skip
 # What PIL raises for files that are not images, are cut short or are malformed.
 READ_ERRORS = (

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -132,12 +133,16 @@ def _require_same_items(items: Sequence, world: int, what: str) -> None:
         )
 
 
-def walk_files(folder: str | Path, extensions: Sequence[str]) -> Iterator[Path]:
+def walk_files(
+    folder: str | Path, extensions: Sequence[str], ignored: list[Path] | None = None
+) -> Iterator[Path]:
     """Files under ``folder`` whose suffix (any case) is one of ``extensions``, folder by
     folder in name order, sub-folders included and followed through symlinks (each real
     folder once; a link back up to a folder that holds ``folder`` is not followed, as it
     would list other folders' files as this one's); hidden files and folders (``.name``, such
-    as macOS's ``._clip.mp4`` resource forks) are left out. Lazy: stop early for a sample."""
+    as macOS's ``._clip.mp4`` resource forks) are left out. Lazy: stop early for a sample.
+    Files with other suffixes are appended to ``ignored`` when it is given (see
+    :func:`warn_other_extensions`)."""
     suffixes = tuple(e.lower() for e in extensions)
     start = os.path.join(os.path.realpath(folder), "")
     seen: set[str] = set()
@@ -151,6 +156,25 @@ def walk_files(folder: str | Path, extensions: Sequence[str]) -> Iterator[Path]:
         for name in sorted(files):
             if not name.startswith(".") and name.lower().endswith(suffixes):
                 yield Path(top, name)
+            elif ignored is not None and not name.startswith("."):
+                ignored.append(Path(top, name))
+
+
+def other_extensions_message(ignored: Sequence[Path], kind: str, extensions: Sequence[str]) -> str:
+    """One line on files left out for their extension: how many, of which suffixes, which are
+    read (``kind``: "image" or "video")."""
+    by_suffix = Counter(p.suffix.lower() or "(none)" for p in ignored)
+    shown = ", ".join(f"{suffix} {n}" for suffix, n in by_suffix.most_common(6))
+    return (
+        f"{len(ignored)} file(s) left out as not {kind} files by their extension ({shown}; "
+        f"e.g. {ignored[0]}); {kind} files are read by extension: {', '.join(extensions)}"
+    )
+
+
+def warn_other_extensions(ignored: Sequence[Path], kind: str, extensions: Sequence[str]) -> None:
+    """Log :func:`other_extensions_message` (first rank only), when files were left out."""
+    if ignored and is_first_rank():
+        logger.warning(other_extensions_message(ignored, kind, extensions))
 
 
 class ExtraClassesError(ValueError):

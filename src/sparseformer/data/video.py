@@ -44,6 +44,7 @@ from sparseformer.data.scan import (
     match_val_classes,
     spread_indices,
     walk_files,
+    warn_other_extensions,
     warn_unscored,
 )
 
@@ -524,12 +525,14 @@ class VideoFolder(Dataset):
         self.classes = list(classes) if classes is not None else found
         self.skipped: list[tuple[str, str]] = []
         self._failed = SharedCount()
+        ignored: list[Path] = []  # other extensions: said, not silently lost
         listed = [
             (path, label)
             for label, name in enumerate(self.classes)
             if name in found
-            for path in sorted(walk_files(self.root / name, VIDEO_EXTENSIONS))
+            for path in sorted(walk_files(self.root / name, VIDEO_EXTENSIONS, ignored))
         ]
+        warn_other_extensions(ignored, "video", VIDEO_EXTENSIONS)
         present = {label for _, label in listed}  # classes with any video file at all
         listed = [listed[i] for i in spread_indices(len(listed), limit)]
         try:
