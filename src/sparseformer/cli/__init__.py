@@ -109,15 +109,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparseformer {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        hint = ""
-        output = getattr(args, "output", None) if args.command == "train" else None
-        if (
-            output
-            and not getattr(args, "overwrite", False)
-            and (Path(output) / "last.pt").is_file()
-        ):
-            hint = (
-                "; to continue from the last saved epoch, run the same command with --resume auto"
-            )
-        print(f"sparseformer {args.command}: interrupted{hint}", file=sys.stderr)
+        print(f"sparseformer {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if not first.startswith("DataLoader worker"):  # torch's own message: a bug, traced
+            raise
+        # a worker killed from outside (most often the out-of-memory killer)
+        logging.getLogger(__name__).debug("traceback", exc_info=True)
+        print(
+            f"sparseformer {args.command}: error: a data-loading worker died ({first}); the "
+            "most common cause is memory: lower --workers or --batch-size"
+            f"{_resume_hint(args)}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to continue a stopped ``train`` run, when it has a checkpoint to continue from."""
+    output = getattr(args, "output", None) if args.command == "train" else None
+    if output and not getattr(args, "overwrite", False) and (Path(output) / "last.pt").is_file():
+        return "; to continue from the last saved epoch, run the same command with --resume auto"
+    return ""

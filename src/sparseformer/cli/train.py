@@ -421,6 +421,10 @@ def run(args: argparse.Namespace) -> int:
         if args.resume == "auto":  # last.pt, else best.pt (a kill between the two saves)
             found = [args.output / n for n in (ckpt_io.LAST, ckpt_io.BEST)]
             resume = next((p for p in found if p.is_file()), None)
+            if resume is None:
+                logging.getLogger(__name__).info(
+                    "--resume auto: no checkpoint in %s yet; starting the run", args.output
+                )
         elif args.resume:
             resume = Path(args.resume)
         if resume is not None:  # continue exactly: the run's own recipe and clips, epochs may grow
