@@ -298,3 +298,11 @@ def test_rgb_weights_adapt_to_other_input_channels():
     four = create_model("sparseformer_v1_nano", in_chans=4)
     load_checkpoint(four, {"model": rgb.state_dict()})
     assert four(torch.rand(1, 4, 32, 32)).shape == (1, 1000)
+
+
+def test_a_run_of_another_size_is_named_in_the_mismatch(tmp_path):
+    path = tmp_path / "best.pt"
+    nano = create_model("sparseformer_v1_nano")
+    torch.save({"model": nano.state_dict(), "model_name": "sparseformer_v1_nano"}, path)
+    with pytest.raises(CheckpointError, match=r"\(the checkpoint is a sparseformer_v1_nano run\)"):
+        create_model("sparseformer_v1_micro", checkpoint_path=path)

@@ -443,3 +443,51 @@ def test_resume_auto_falls_back_to_best_and_repairs_a_missing_summary(tmp_path, 
     err = one_line_error(capsys, "eval", "--model", NANO, "--checkpoint", str(out / "best.pt"),
                          "--data-dir", str(folder), "--clips", "3")  # fmt: skip
     assert "--clips apply to videos only" in err
+
+
+def test_resume_on_other_data_keeps_the_schedule_in_epochs(tmp_path, folder, capsys, caplog):
+    out = tmp_path / "run"
+    fast = ["train", "--model", NANO, "--data-dir", str(folder), "--output", str(out),
+            "--batch-size", "4", "--img-size", "32", "--quiet",
+            "--recipe", "fashion-mnist-cpu"]  # fmt: skip
+    assert run_cli(capsys, *fast, "--epochs", "1", "--limit-train", "8")[0] == 0
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    # all 12 images now: more steps per epoch (as with fewer processes under torchrun)
+    with caplog.at_level("WARNING"):
+        code, _, err = run_cli(capsys, *fast, "--epochs", "2", "--resume", "auto")
+    assert code == 0, err
+    second = json.loads((out / "metrics.jsonl").read_text().splitlines()[1])
+    # 8 then 12 images in batches of 4: epoch 2 ends at step 2 x 3 of the new schedule (it
+    # ended at 2 + 3, and the cosine never reached its end, before the schedule kept epochs)
+    assert (first["step"], second["step"]) == (2, 6)
+    assert "steps per epoch" in caplog.text + err and "will not match" in caplog.text + err
+
+
+def test_odd_batch_with_mixup_is_named_before_the_data_is_read(tmp_path, capsys):
+    err = one_line_error(capsys, "train", "--model", NANO, "--data-dir", str(tmp_path / "none"),
+                         "--batch-size", "3", "--recipe", "imagenet1k",
+                         "--output", str(tmp_path / "r"))  # fmt: skip
+    assert "batch_size must be even with Mixup or CutMix on" in err and "mixup=0" in err
+
+
+def test_a_killed_loader_worker_is_one_line_with_what_to_do(tmp_path, capsys, monkeypatch):
+    import sparseformer.cli.train as train_cli
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"")  # a run with a checkpoint to continue
+
+    def worker_killed(args):  # what the DataLoader raises when the OOM killer takes a worker
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+    monkeypatch.setattr(train_cli, "run", worker_killed)
+    err = one_line_error(capsys, "train", "--model", NANO, "--data-dir", str(tmp_path),
+                         "--output", str(tmp_path / "run"))  # fmt: skip
+    assert "a data-loading worker died (DataLoader worker (pid 4242)" in err
+    assert "lower --workers or --batch-size" in err and "--resume auto" in err
+
+    def a_bug(args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(train_cli, "run", a_bug)  # any other RuntimeError keeps its traceback
+    with pytest.raises(RuntimeError, match="mat1"):
+        main(["train", "--model", NANO, "--data-dir", str(tmp_path), "--output", str(tmp_path)])

@@ -277,7 +277,13 @@ def load_checkpoint(
         for k in extra_head:  # a model built without classifier drops the checkpoint's
             converted.pop(k)
             report.dropped.append(k)
-    _check_keys(own, converted, report)
+    try:
+        _check_keys(own, converted, report)
+    except CheckpointError as exc:
+        saved_name = source.get("model_name") if isinstance(source, dict) else None
+        if isinstance(saved_name, str) and saved_name:  # a training checkpoint names its model
+            raise CheckpointError(f"{exc} (the checkpoint is a {saved_name} run)") from None
+        raise
     model.load_state_dict(converted, strict=True)
     logger.info("loaded checkpoint: %s", report.summary())
     return report
