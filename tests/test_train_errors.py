@@ -491,3 +491,23 @@ def test_a_killed_loader_worker_is_one_line_with_what_to_do(tmp_path, capsys, mo
     monkeypatch.setattr(train_cli, "run", a_bug)  # any other RuntimeError keeps its traceback
     with pytest.raises(RuntimeError, match="mat1"):
         main(["train", "--model", NANO, "--data-dir", str(tmp_path), "--output", str(tmp_path)])
+
+
+def test_predict_on_a_folder_names_what_it_leaves_out(tmp_path, capsys, caplog):
+    ckpt = tmp_path / "in1k.pth"
+    torch.save(create_model(NANO).state_dict(), ckpt)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "clip.mp4").write_bytes(b"not decoded: the extension decides")
+    err = one_line_error(capsys, "predict", "--model", NANO, "--checkpoint", str(ckpt),
+                         str(videos))  # fmt: skip
+    assert "holds no image files" in err and "it holds videos: use a video model" in err
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(mixed / "x.png")
+    (mixed / "notes.txt").write_text("a note")
+    with caplog.at_level("WARNING"):
+        code, out, err = run_cli(capsys, "predict", "--model", NANO, "--checkpoint", str(ckpt),
+                                 str(mixed))  # fmt: skip
+    assert code == 0 and "x.png" in out, err
+    assert "1 file(s) left out as not image files by their extension (.txt 1" in caplog.text

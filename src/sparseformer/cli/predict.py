@@ -102,21 +102,20 @@ def _expand(paths: list[Path], video: bool) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            ignored: list[Path] = []
+            ignored: list[Path] = []  # the folder's other files, walked once
             found = sorted(walk_files(path, media, ignored))  # broken links: reported, not lost
-            if found:
-                warn_other_extensions(ignored, "video" if video else "image", media)
+            kind = "video" if video else "image"
             if not found:
-                kind = "video" if video else "image"
-                others = IMAGE_EXTENSIONS if video else VIDEO_EXTENSIONS
+                others = tuple(e.lower() for e in (IMAGE_EXTENSIONS if video else VIDEO_EXTENSIONS))
                 hint = ""
-                if next(walk_files(path, others), None) is not None:
+                if any(p.name.lower().endswith(others) for p in ignored):
                     found_kind, use = ("images", "an image") if video else ("videos", "a video")
                     hint = f"; it holds {found_kind}: use {use} model"
                 raise CliError(
                     f"folder {str(path)!r} holds no {kind} files (extensions "
                     f"{', '.join(media)}){hint}"
                 )
+            warn_other_extensions(ignored, kind, media)
             files += found
         elif path.exists():
             files.append(path)

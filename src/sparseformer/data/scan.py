@@ -39,6 +39,7 @@ __all__ = [
     "match_val_classes",
     "spread_indices",
     "walk_files",
+    "warn_other_extensions",
     "warn_unscored",
 ]
 
@@ -160,21 +161,19 @@ def walk_files(
                 ignored.append(Path(top, name))
 
 
-def other_extensions_message(ignored: Sequence[Path], kind: str, extensions: Sequence[str]) -> str:
-    """One line on files left out for their extension: how many, of which suffixes, which are
-    read (``kind``: "image" or "video")."""
+def warn_other_extensions(ignored: Sequence[Path], kind: str, extensions: Sequence[str]) -> None:
+    """Log one line (first rank only) on the files :func:`walk_files` left out for their
+    extension, when there are any: how many, of which suffixes, which are read (``kind``:
+    "image" or "video")."""
+    if not ignored or not is_first_rank():
+        return
     by_suffix = Counter(p.suffix.lower() or "(none)" for p in ignored)
     shown = ", ".join(f"{suffix} {n}" for suffix, n in by_suffix.most_common(6))
-    return (
-        f"{len(ignored)} file(s) left out as not {kind} files by their extension ({shown}; "
-        f"e.g. {ignored[0]}); {kind} files are read by extension: {', '.join(extensions)}"
-    )
-
-
-def warn_other_extensions(ignored: Sequence[Path], kind: str, extensions: Sequence[str]) -> None:
-    """Log :func:`other_extensions_message` (first rank only), when files were left out."""
-    if ignored and is_first_rank():
-        logger.warning(other_extensions_message(ignored, kind, extensions))
+    logger.warning(
+        "%d file(s) left out as not %s files by their extension (%s; e.g. %s); %s files are "
+        "read by extension: %s",
+        len(ignored), kind, shown, ignored[0], kind, ", ".join(extensions),
+    )  # fmt: skip
 
 
 class ExtraClassesError(ValueError):
