@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sparseformer.benchmark import BenchSettings, run_benchmark
+from sparseformer.bench.throughput import BenchSettings, run_benchmark
 from sparseformer.cli import main as cli
 
 IMG_SIZE = 48  # the fashion-mnist-cpu recipe's input size

@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from sparseformer.benchmark import BenchError, BenchSettings, build_model, run_benchmark
-from sparseformer.benchmark_report import markdown_table
+from sparseformer.bench.counting import count_flops
+from sparseformer.bench.report import markdown_table
+from sparseformer.bench.throughput import BenchError, BenchSettings, build_model, run_benchmark
 from sparseformer.cli import main
-from sparseformer.counting import count_flops
 
 SMALL = ("sparseformer_v1_nano", "sparseformer_v1_micro")
 
@@ -115,8 +115,8 @@ def test_video_models_are_timed_on_clips():
 
 
 def test_training_memory_and_grad_checkpointing_are_reported(monkeypatch):
-    from sparseformer import benchmark
-    from sparseformer.benchmark_report import summary_lines
+    from sparseformer.bench import throughput as benchmark
+    from sparseformer.bench.report import summary_lines
 
     built = []
     build = benchmark.build_model

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sparseformer import CheckpointError, create_model, load_checkpoint
-from sparseformer.convert import detect_format
-from sparseformer.factory import read_checkpoint
+from sparseformer.weights.convert import detect_format
+from sparseformer.weights.factory import read_checkpoint
 
 from .conftest import DATA
 
@@ -177,7 +177,7 @@ def test_release_saved_with_its_training_args_loads(tmp_path, caplog):
     extras |= {"max_accuracy": np.float64(81.0), "arr": np.arange(3), "epoch": 299}
     torch.save({"model": official("imagenet"), **extras}, path)
     model = fixture_model()
-    with caplog.at_level(logging.INFO, logger="sparseformer.factory"):
+    with caplog.at_level(logging.INFO, logger="sparseformer.weights.factory"):
         load_checkpoint(model, path)
     assert "argparse.Namespace" in caplog.text and "inert data" in caplog.text
     torch.testing.assert_close(
@@ -251,7 +251,7 @@ def test_pretrained_offline_says_how_to_pass_a_local_file(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    from sparseformer.hub import DownloadError
+    from sparseformer.weights.hub import DownloadError
 
     with pytest.raises(DownloadError, match="checkpoint_path"):
         create_model("sparseformer_v1_tiny", pretrained=True)

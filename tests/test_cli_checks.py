@@ -13,7 +13,7 @@ from PIL import Image
 
 from sparseformer import create_model
 from sparseformer.engine.session import pick_device
-from sparseformer.factory import read_checkpoint
+from sparseformer.weights.factory import read_checkpoint
 
 from .test_data import make_folder
 from .test_train_errors import NANO, one_line_error, run_cli
@@ -162,7 +162,7 @@ def test_export_takes_the_input_size_a_checkpoint_stores(tmp_path, capsys):
 
 def test_exif_orientation_is_applied_wherever_images_are_read(tmp_path):
     from sparseformer.data.images import open_rgb
-    from sparseformer.viz_inputs import load_image
+    from sparseformer.viz.inputs import load_image
 
     pixels = torch.zeros(20, 60, 3, dtype=torch.uint8)
     pixels[:, :10] = 255  # a white band on the left of a wide, upright picture

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sparseformer import SparseFormer, SparseFormerConfig, StageConfig, load_checkpoint
-from sparseformer.convert import convert_state_dict
+from sparseformer.weights.convert import convert_state_dict
 
 from .conftest import DATA
 

@@ -11,7 +11,7 @@ from torchvision.transforms import functional as TF
 
 from sparseformer import create_model
 from sparseformer.cli import main
-from sparseformer.registry import IMAGENET_MEAN, IMAGENET_STD
+from sparseformer.weights.registry import IMAGENET_MEAN, IMAGENET_STD
 
 from .conftest import DATA
 

@@ -11,7 +11,7 @@ from sparseformer import create_model
 from sparseformer.layers import grid_offsets, grid_rois
 from sparseformer.layers.sampling import sampling_points, standardize_offsets
 from sparseformer.models.outputs import SparseFormerOutput
-from sparseformer.visualize import roi_iou_matrix, roi_statistics, sampling_roi_indices
+from sparseformer.viz.figures import roi_iou_matrix, roi_statistics, sampling_roi_indices
 
 
 def _points(rois: torch.Tensor, num_points: int) -> torch.Tensor:

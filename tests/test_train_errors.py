@@ -12,7 +12,7 @@ from PIL import Image
 
 from sparseformer import create_model
 from sparseformer.cli import main
-from sparseformer.convert import TOP_LEVEL, TRANSITION, UNIT, convert_state_dict
+from sparseformer.weights.convert import TOP_LEVEL, TRANSITION, UNIT, convert_state_dict
 
 from .test_data import make_folder
 

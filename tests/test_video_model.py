@@ -20,7 +20,6 @@ from sparseformer import (
     inflate_image_state_dict,
     load_checkpoint,
 )
-from sparseformer.inflate import _time_tiled_rois
 from sparseformer.layers import (
     adjust_rois,
     grid_offsets,
@@ -29,6 +28,7 @@ from sparseformer.layers import (
     standardize_offsets,
 )
 from sparseformer.models.video import time_grid_offsets, time_tiled_rois
+from sparseformer.weights.inflate import _time_tiled_rois
 
 from .test_conformance import FIXTURE, fixture_config, layout
 
@@ -312,8 +312,8 @@ def test_3d_sampling_path_gradcheck_and_reference():
 
 
 def test_pretrained_video_models_inflate_their_image_release(tmp_path, monkeypatch):
-    import sparseformer.factory as factory
-    from sparseformer.registry import ModelSpec, WeightsSpec
+    import sparseformer.weights.factory as factory
+    from sparseformer.weights.registry import ModelSpec, WeightsSpec
 
     with pytest.raises(ValueError, match="no released weights for video_sparseformer_v1_micro"):
         create_model("video_sparseformer_v1_micro", pretrained=True)  # micro has no release

@@ -13,7 +13,7 @@ from PIL import Image
 
 from sparseformer import create_model
 from sparseformer.models.outputs import SparseFormerOutput
-from sparseformer.visualize import (
+from sparseformer.viz.figures import (
     plot_rois,
     plot_video_rois,
     roi_statistics,
@@ -24,7 +24,7 @@ from sparseformer.visualize import (
     video_frame_images,
     visualize,
 )
-from sparseformer.viz_inputs import display_image, load_image, preprocess
+from sparseformer.viz.inputs import display_image, load_image, preprocess
 
 from .conftest import DATA
 
@@ -251,7 +251,7 @@ def test_a_video_model_shows_each_replicate_on_its_frames(tmp_path):
 
 
 def test_images_to_draw_on_come_in_any_layout():
-    from sparseformer.viz_draw import as_image
+    from sparseformer.viz.draw import as_image
 
     hwc = np.random.default_rng(0).integers(0, 255, (5, 7, 3), dtype=np.uint8)
     as_float = torch.from_numpy(hwc).permute(2, 0, 1).float() / 255  # (3, H, W) in [0, 1]

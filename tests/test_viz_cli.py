@@ -13,7 +13,7 @@ from PIL import Image
 
 from sparseformer import create_model
 from sparseformer.cli import main
-from sparseformer.viz_inputs import (
+from sparseformer.viz.inputs import (
     checkpoint_metadata,
     display_image,
     load_image,
@@ -157,7 +157,7 @@ def test_imagenet_models_show_imagenet_names():
 
 
 def test_importing_visualize_does_not_import_matplotlib():
-    code = "import sys, sparseformer.visualize; print('matplotlib' in sys.modules)"
+    code = "import sys, sparseformer.viz.figures; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
 

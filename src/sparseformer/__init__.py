@@ -11,19 +11,19 @@ Public API::
     sparseformer.count_flops(model, (3, 224, 224)).table()
 """
 
-from sparseformer import timm_models as _timm_models  # noqa: F401  (registers with timm)
+from sparseformer.bench.counting import FlopCount, count_flops, count_params
 from sparseformer.config import SparseFormerConfig, StageConfig, VideoSparseFormerConfig
-from sparseformer.convert import CheckpointError, NotASparseFormerCheckpoint
-from sparseformer.counting import FlopCount, count_flops, count_params
-from sparseformer.factory import (
+from sparseformer.models import SparseFormer, SparseFormerOutput, VideoSparseFormer
+from sparseformer.weights import timm_models as _timm_models  # noqa: F401  (registers with timm)
+from sparseformer.weights.convert import CheckpointError, NotASparseFormerCheckpoint
+from sparseformer.weights.factory import (
     UnknownModelError,
     create_model,
     get_model_spec,
     list_models,
     load_checkpoint,
 )
-from sparseformer.inflate import inflate_image_state_dict
-from sparseformer.models import SparseFormer, SparseFormerOutput, VideoSparseFormer
+from sparseformer.weights.inflate import inflate_image_state_dict
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,7 @@
 
 SparseFormer: Sparse Visual Recognition via Limited Latent Tokens (Gao et al., ICLR 2024,
 arXiv 2304.03768). The config describes the architecture only; preprocessing (mean, std, crop)
-belongs to the weights record in :mod:`sparseformer.registry`.
+belongs to the weights record in :mod:`sparseformer.weights.registry`.
 
 This module imports no torch, so configs can be built, validated and printed cheaply.
 """

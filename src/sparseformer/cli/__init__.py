@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose)
-    from sparseformer.convert import CheckpointError
-    from sparseformer.factory import UnknownModelError
-    from sparseformer.hub import DownloadError
+    from sparseformer.weights.convert import CheckpointError
+    from sparseformer.weights.factory import UnknownModelError
+    from sparseformer.weights.hub import DownloadError
 
     try:
         return int(args.func(args) or 0)

@@ -10,7 +10,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sparseformer.benchmark import DEFAULT_MODELS
+    from sparseformer.bench.throughput import DEFAULT_MODELS
     from sparseformer.cli.train import count, positive_int
 
     p = sub.add_parser(
@@ -64,13 +64,13 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from sparseformer.benchmark import BenchError, BenchSettings, run_benchmark
-    from sparseformer.benchmark_report import (
+    from sparseformer.bench.report import (
         markdown_table,
         plot_result,
         summary_lines,
         write_csv,
     )
+    from sparseformer.bench.throughput import BenchError, BenchSettings, run_benchmark
     from sparseformer.cli import CliError, check_output
 
     for flag, option in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):

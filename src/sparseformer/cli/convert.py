@@ -2,7 +2,7 @@
 
 A ``sparseformer train`` checkpoint converts too; what it says about itself (model name,
 class names, preprocessing, clip settings) travels in the safetensors metadata, and
-:func:`sparseformer.factory.read_checkpoint` reads it back."""
+:func:`sparseformer.weights.factory.read_checkpoint` reads it back."""
 
 from __future__ import annotations
 
@@ -32,14 +32,14 @@ def run(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from sparseformer.cli import CliError, check_output
-    from sparseformer.convert import convert_state_dict, unwrap_checkpoint
-    from sparseformer.factory import (
+    from sparseformer.weights.convert import convert_state_dict, unwrap_checkpoint
+    from sparseformer.weights.factory import (
         check_all_keys_mapped,
         create_model,
         load_checkpoint,
         read_checkpoint,
     )
-    from sparseformer.registry import image_model_of
+    from sparseformer.weights.registry import image_model_of
 
     out = Path(args.output)
     if out.exists() and out.resolve() == Path(args.input).resolve():
@@ -118,7 +118,7 @@ def _run_metadata(checkpoint) -> dict[str, str]:
     import json
 
     from sparseformer.engine.session import checkpoint_info
-    from sparseformer.factory import RUN_INFO_KEY
+    from sparseformer.weights.factory import RUN_INFO_KEY
 
     if not isinstance(checkpoint, dict):
         return {}

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.engine.loop import BatchPrep, evaluate
     from sparseformer.engine.modeling import check_model_name
     from sparseformer.engine.trainer import TrainingError, amp_dtype_for
-    from sparseformer.factory import read_checkpoint
+    from sparseformer.weights.factory import read_checkpoint
 
     check_model_name(args.model)  # an unknown name fails before any data is read
     # before the data folder is scanned

@@ -61,13 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from sparseformer.benchmark import sample_shape
+    from sparseformer.bench.throughput import sample_shape
     from sparseformer.cli import CliError, check_output
     from sparseformer.config import VideoSparseFormerConfig
     from sparseformer.engine.modeling import require_sparseformer
     from sparseformer.export import VIDEO_MIN_OPSET, ExportError, export_onnx, onnx_max_difference
-    from sparseformer.factory import create_model, get_model_spec
-    from sparseformer.registry import image_model_of
+    from sparseformer.weights.factory import create_model, get_model_spec
+    from sparseformer.weights.registry import image_model_of
 
     require_sparseformer(args.model, "export")
     check_output(args.out, "--out")
@@ -121,7 +121,7 @@ def _stored_input(checkpoint: str | None) -> dict:
     records (or a file ``convert`` wrote from one); empty for none, an official file or a bare
     state dict."""
     from sparseformer.engine.session import stored_img_size
-    from sparseformer.factory import read_checkpoint
+    from sparseformer.weights.factory import read_checkpoint
 
     if checkpoint is None:
         return {}

@@ -13,8 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparseformer.factory import get_model_spec, list_models
-    from sparseformer.registry import MODELS, image_model_of
+    from sparseformer.weights.factory import get_model_spec, list_models
+    from sparseformer.weights.registry import MODELS, image_model_of
 
     names = list_models(args.pattern)
     if not names:

@@ -104,7 +104,7 @@ def video_clip_spec(args: argparse.Namespace, views: bool = True, saved: dict | 
     (``saved``, its ``video`` record), else the model's frames, stride 4 and dense sampling.
     ``views=False`` keeps one test view (training)."""
     from sparseformer.data.video import ClipSpec
-    from sparseformer.registry import MODELS
+    from sparseformer.weights.registry import MODELS
 
     saved = saved or {}
     frames = (
@@ -142,7 +142,7 @@ def data_source(args: argparse.Namespace, views: bool = True, saved: dict | None
 def is_video_model(model_name: str) -> bool:
     """Whether a model name is a registered video SparseFormer (timm names are image models)."""
     from sparseformer.config import VideoSparseFormerConfig
-    from sparseformer.registry import MODELS
+    from sparseformer.weights.registry import MODELS
 
     spec = MODELS.get(model_name)
     return spec is not None and isinstance(spec.config, VideoSparseFormerConfig)
@@ -381,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from sparseformer.engine.recipe import Recipe, RecipeError
     from sparseformer.engine.trainer import RunOptions, TrainingError, fit, seed_everything
-    from sparseformer.factory import checkpoint_replicates, read_checkpoint
+    from sparseformer.weights.factory import checkpoint_replicates, read_checkpoint
 
     check_model_name(args.model)  # before any data is read
     try:

@@ -80,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
     from sparseformer.data.video import VIDEO_EXTENSIONS
     from sparseformer.engine import session
-    from sparseformer.visualize import format_statistics, write_pictures, write_video_pictures
-    from sparseformer.viz_inputs import load_image, load_model_for_viz
+    from sparseformer.viz.figures import format_statistics, write_pictures, write_video_pictures
+    from sparseformer.viz.inputs import load_image, load_model_for_viz
 
     try:
         device = torch.device(session.pick_device(args.device, allow_mps=True))
@@ -159,8 +159,8 @@ def demo_pictures(model_name: str, checkpoint: Path, out_dir: Path, count: int =
 
     from sparseformer.data.fashion_mnist import fashion_mnist
     from sparseformer.data.images import to_rgb
-    from sparseformer.visualize import format_statistics, write_pictures
-    from sparseformer.viz_inputs import load_model_for_viz
+    from sparseformer.viz.figures import format_statistics, write_pictures
+    from sparseformer.viz.inputs import load_model_for_viz
 
     model, info = load_model_for_viz(model_name, checkpoint)
     test = fashion_mnist(train=False)

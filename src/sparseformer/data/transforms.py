@@ -19,7 +19,7 @@ from timm.data import create_transform
 from torchvision import transforms as T
 
 from sparseformer.data.images import to_rgb
-from sparseformer.registry import IMAGENET_MEAN, IMAGENET_STD
+from sparseformer.weights.registry import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["Preprocessing", "Augmentation", "build_transform"]
 

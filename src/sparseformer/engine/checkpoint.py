@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparseformer.factory import read_checkpoint
+from sparseformer.weights.factory import read_checkpoint
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -102,7 +102,7 @@ def _on_cpu(obj: Any) -> Any:
 
 def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read one of our training checkpoints (safely); other files raise ``CheckpointError``."""
-    from sparseformer.convert import CheckpointError
+    from sparseformer.weights.convert import CheckpointError
 
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:

@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from sparseformer.convert import CheckpointError, unwrap_checkpoint
-from sparseformer.factory import (
+from sparseformer.weights.convert import CheckpointError, unwrap_checkpoint
+from sparseformer.weights.factory import (
     UnknownModelError,
     create_model,
     list_models,
@@ -101,7 +101,7 @@ def build_model(
         num_frames: a video model's clip length (its config records it; it warns when
             fewer than its token replicates); ``None`` keeps the model's default.
         replicates: a video model's token replicates (a checkpoint's, from
-            :func:`~sparseformer.factory.checkpoint_replicates`); ``None``: the default.
+            :func:`~sparseformer.weights.factory.checkpoint_replicates`); ``None``: the default.
     """
     kind = check_model_name(name)
     if kind == "sparseformer":

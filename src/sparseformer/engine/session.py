@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseformer.convert import CheckpointError, unwrap_checkpoint
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine.distributed import DistInfo
 from sparseformer.engine.modeling import build_model, is_sparseformer, load_weights
-from sparseformer.factory import checkpoint_replicates, read_checkpoint
-from sparseformer.registry import MODELS, image_model_of
+from sparseformer.weights.convert import CheckpointError, unwrap_checkpoint
+from sparseformer.weights.factory import checkpoint_replicates, read_checkpoint
+from sparseformer.weights.registry import MODELS, image_model_of
 
 __all__ = [
     "pick_device",
@@ -186,7 +186,7 @@ def model_from_checkpoint(
         replicates=checkpoint_replicates(ckpt, model_name),
     )
     if is_sparseformer(model):
-        from sparseformer.factory import load_checkpoint
+        from sparseformer.weights.factory import load_checkpoint
 
         load_checkpoint(model, {"model": state}, allow_classifier_mismatch=False)
     else:

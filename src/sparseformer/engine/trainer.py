@@ -23,7 +23,6 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sparseformer.convert import CheckpointError
 from sparseformer.data.datasets import DatasetBundle
 from sparseformer.data.loader import (
     SeededRepeatAugSampler,
@@ -53,6 +52,7 @@ from sparseformer.engine.modeling import is_sparseformer
 from sparseformer.engine.optim import LRSchedule, build_optimizer
 from sparseformer.engine.recipe import Recipe
 from sparseformer.engine.session import available_cores
+from sparseformer.weights.convert import CheckpointError
 
 __all__ = ["TrainingError", "RunOptions", "seed_everything", "amp_dtype_for", "fit"]
 
@@ -172,7 +172,7 @@ def _workers(asked: int, dist: DistInfo) -> int:
 def _roi_stats(model: nn.Module, batch: torch.Tensor | None, amp) -> dict[str, float]:
     if batch is None:
         return {}
-    from sparseformer.roi_stats import roi_statistics
+    from sparseformer.models.roi_stats import roi_statistics
 
     model.eval()
     with torch.no_grad(), torch.autocast(batch.device.type, dtype=amp, enabled=amp is not None):

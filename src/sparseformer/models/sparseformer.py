@@ -335,12 +335,12 @@ def _accept_official_layouts(
     to ours in place, and inflate image weights given to a video model, so that
     ``model.load_state_dict(official)`` and timm's ``checkpoint_path`` work. Keys no table maps
     stay as they are, for strict loading to report."""
-    from sparseformer.convert import (
+    from sparseformer.weights.convert import (
         NotASparseFormerCheckpoint,
         convert_state_dict,
         detect_format,
     )
-    from sparseformer.inflate import inflate_image_state_dict, is_image_state_dict
+    from sparseformer.weights.inflate import inflate_image_state_dict, is_image_state_dict
 
     keys = [k[len(prefix) :] for k in state_dict if k.startswith(prefix)]
     if not keys:

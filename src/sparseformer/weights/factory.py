@@ -1,8 +1,8 @@
 """Build named SparseFormers and load weights into them, strictly and loudly.
 
 SparseFormer (Gao et al., ICLR 2024). ``create_model`` is the one entry point: a name from
-:mod:`sparseformer.registry`, config overrides, and weights from the authors' release or any
-local checkpoint in a supported format (see :mod:`sparseformer.convert`).
+:mod:`sparseformer.weights.registry`, config overrides, and weights from the authors' release or any
+local checkpoint in a supported format (see :mod:`sparseformer.weights.convert`).
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ import torch
 from torch import Tensor, nn
 
 from sparseformer.config import SparseFormerConfig, VideoSparseFormerConfig
-from sparseformer.convert import (
+from sparseformer.models import SparseFormer, VideoSparseFormer
+from sparseformer.weights.convert import (
     CheckpointError,
     ConversionReport,
     convert_state_dict,
     unwrap_checkpoint,
 )
-from sparseformer.hub import download_weights
-from sparseformer.inflate import inflate_image_state_dict, is_image_state_dict
-from sparseformer.models import SparseFormer, VideoSparseFormer
-from sparseformer.registry import MODELS, ModelSpec, WeightsSpec, image_model_of
+from sparseformer.weights.hub import download_weights
+from sparseformer.weights.inflate import inflate_image_state_dict, is_image_state_dict
+from sparseformer.weights.registry import MODELS, ModelSpec, WeightsSpec, image_model_of
 
 __all__ = [
     "UnknownModelError",

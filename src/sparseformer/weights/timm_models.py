@@ -10,8 +10,8 @@ from typing import Any
 
 from timm.models import generate_default_cfgs, register_model
 
-from sparseformer.factory import create_model, pretrained_cfg
-from sparseformer.registry import MODELS
+from sparseformer.weights.factory import create_model, pretrained_cfg
+from sparseformer.weights.registry import MODELS
 
 __all__: list[str] = []  # timm's register_model appends every registered name
 

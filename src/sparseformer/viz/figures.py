@@ -6,9 +6,9 @@ functions draw that from :meth:`SparseFormer.forward_with_details`, one panel pe
 (and, for video, one panel per frame). They return matplotlib figures, so they work in
 notebooks; matplotlib is imported inside them, so importing this module stays cheap.
 
-The drawing primitives live in :mod:`sparseformer.viz_draw`, video frames in
-:mod:`sparseformer.viz_video`, image loading in :mod:`sparseformer.viz_inputs` and the RoI
-statistics in :mod:`sparseformer.roi_stats`; this module re-exports their public names.
+The drawing primitives live in :mod:`sparseformer.viz.draw`, video frames in
+:mod:`sparseformer.viz.video`, image loading in :mod:`sparseformer.viz.inputs` and the RoI
+statistics in :mod:`sparseformer.models.roi_stats`; this module re-exports their public names.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from sparseformer.models.outputs import SparseFormerOutput
-from sparseformer.registry import IMAGENET_MEAN, IMAGENET_STD
-from sparseformer.roi_stats import roi_iou_matrix, roi_statistics, sampling_roi_indices
-from sparseformer.viz_draw import (
+from sparseformer.models.roi_stats import roi_iou_matrix, roi_statistics, sampling_roi_indices
+from sparseformer.viz.draw import (
     as_image,
     draw_panel,
     format_statistics,
@@ -41,8 +40,9 @@ from sparseformer.viz_draw import (
     token_colors,
     top_tokens,
 )
-from sparseformer.viz_inputs import ModelInfo, display_image, load_image, preprocess
-from sparseformer.viz_video import plot_video_rois, video_frame_images
+from sparseformer.viz.inputs import ModelInfo, display_image, load_image, preprocess
+from sparseformer.viz.video import plot_video_rois, video_frame_images
+from sparseformer.weights.registry import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -261,7 +261,7 @@ def write_pictures(
 
     Args:
         model: an image SparseFormer.
-        image: an RGB PIL image (see :func:`~sparseformer.viz_inputs.load_image`).
+        image: an RGB PIL image (see :func:`~sparseformer.viz.inputs.load_image`).
         info: input size, mean/std and class names (default: 224, ImageNet, indices).
         stages, highlight: as for :func:`plot_rois`.
 

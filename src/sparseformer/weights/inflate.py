@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from sparseformer.config import VideoSparseFormerConfig
-from sparseformer.convert import CheckpointError, convert_state_dict, unwrap_checkpoint
+from sparseformer.weights.convert import CheckpointError, convert_state_dict, unwrap_checkpoint
 
 __all__ = ["is_image_state_dict", "inflate_image_state_dict"]
 

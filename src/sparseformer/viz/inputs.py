@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sparseformer.registry import IMAGENET_MEAN, IMAGENET_STD
+from sparseformer.weights.registry import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "ModelInfo",
@@ -239,7 +239,7 @@ def load_model_for_viz(
     Raises:
         ValueError: no name given and none stored, or a checkpoint trained as another model.
     """
-    from sparseformer.factory import (
+    from sparseformer.weights.factory import (
         checkpoint_num_classes,
         checkpoint_replicates,
         create_model,
@@ -247,7 +247,7 @@ def load_model_for_viz(
         load_checkpoint,
         read_checkpoint,
     )
-    from sparseformer.registry import MODELS
+    from sparseformer.weights.registry import MODELS
 
     ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
     trained_as = ckpt.get("model_name") if isinstance(ckpt, Mapping) else None
