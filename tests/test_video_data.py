@@ -177,7 +177,7 @@ def test_a_decoding_error_mid_stream_ends_the_video_there(tmp_path, caplog):
 
 
 def test_decoding_threads_are_shared_out_in_loader_workers(monkeypatch):
-    from sparseformer.data import video
+    from sparseformer.data import video_decode as video
 
     assert video._decoder_threads() == 0  # the main process: FFmpeg's own choice
     worker = type("WorkerInfo", (), {"num_workers": 4})()

@@ -127,7 +127,7 @@ class _Frame:
 
 
 def test_rotation_or_size_changing_midway_keeps_every_frame_at_the_first_shown_size():
-    from sparseformer.data.video import _quarter_turns, _upright_rgb
+    from sparseformer.data.video_decode import _quarter_turns, _upright_rgb
 
     first = _Frame(64, 48, -90)  # a phone's portrait frame: shown 48 wide, 64 tall
     turns = _quarter_turns(first)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from sparseformer.bench.published import published_top1
-from sparseformer.bench.throughput import BenchResult, BenchRow
+from sparseformer.bench.results import BenchResult, BenchRow
 
 __all__ = ["markdown_table", "write_csv", "plot_result", "summary_lines"]
 

@@ -19,7 +19,7 @@ import platform
 import statistics
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,14 @@ from torch import nn
 from tqdm import tqdm
 
 from sparseformer.bench.counting import count_flops, count_params
+from sparseformer.bench.results import (
+    DEFAULT_MODELS,
+    BenchError,
+    BenchResult,
+    BenchRow,
+    BenchSettings,
+    Spread,
+)
 from sparseformer.bench.timing import matmul_peak, peak_memory_mb, timed
 from sparseformer.config import VideoSparseFormerConfig
 from sparseformer.weights.registry import MODELS
@@ -45,155 +53,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODELS = (
-    "sparseformer_v1_tiny",
-    "deit_tiny_patch16_224",
-    "deit_small_patch16_224",
-    "swin_tiny_patch4_window7_224",
-    "resnet50",
-)
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class BenchError(ValueError):
-    """A benchmark request that cannot run (unknown model, device, precision)."""
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """What to measure and how.
-
-    Attributes:
-        models: SparseFormer or timm model names, timed in this order.
-        img_sizes: square input sizes; every model is measured at each.
-        batch_size: batch of the throughput measurement.
-        precision: ``fp32``, or ``bf16``/``fp16`` through autocast.
-        device: ``cpu`` or ``cuda``.
-        threads: CPU threads (``None``: torch's default).
-        repeats: interleaved rounds; medians and spreads are over these.
-        warmup: untimed passes per model before the first round.
-        min_time: seconds each timed measurement runs at least (more passes if fast).
-        train: also time a training step (forward, backward, AdamW) at ``train_batch_size``.
-        grad_checkpointing: train with ``model.set_grad_checkpointing()`` (recompute
-            activations in the backward pass: less memory, more time).
-        baseline: model the ratio columns compare against (default: DeiT-S if present).
-        num_classes: classifier width of every model.
-        num_frames: clip length of video models (``None``: their config's default, 8); each
-            row of a video model counts clips, not images, per second.
-    """
-
-    models: tuple[str, ...] = DEFAULT_MODELS
-    img_sizes: tuple[int, ...] = (224,)
-    batch_size: int = 32
-    precision: str = "fp32"
-    device: str = "cpu"
-    threads: int | None = None
-    repeats: int = 3
-    warmup: int = 1
-    min_time: float = 1.0
-    train: bool = True
-    train_batch_size: int = 32
-    grad_checkpointing: bool = False
-    baseline: str | None = None
-    num_classes: int = 1000
-    num_frames: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.precision not in _DTYPES:
-            raise BenchError(f"unknown precision {self.precision!r}; use one of {list(_DTYPES)}")
-        if self.device not in ("cpu", "cuda"):
-            raise BenchError(f"unknown device {self.device!r}; use cpu or cuda")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise BenchError("--device cuda asked for, but torch sees no CUDA device")
-        if self.device == "cpu" and self.precision == "fp16":
-            raise BenchError(
-                "fp16 on the CPU is emulated and far slower than fp32 (a 2048^3 product takes "
-                "seconds): measure bf16 or fp32 on the CPU, fp16 with --device cuda"
-            )
-        if not self.models:
-            raise BenchError("no models to benchmark")
-        sizes = (self.batch_size, self.repeats, self.train_batch_size, *self.img_sizes)
-        if min(sizes) < 1 or (self.num_frames is not None and self.num_frames < 1):
-            raise BenchError("batch sizes, repeats, image sizes and frames must be positive")
-        if self.baseline is not None and self.baseline not in self.models:
-            raise BenchError(f"baseline {self.baseline!r} is not among the models {self.models}")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return _DTYPES[self.precision]
-
-    def baseline_model(self) -> str:
-        if self.baseline is not None:
-            return self.baseline
-        return (
-            "deit_small_patch16_224" if "deit_small_patch16_224" in self.models else self.models[0]
-        )
-
-
-@dataclass
-class Spread:
-    """Median and range of repeated measurements."""
-
-    median: float
-    min: float
-    max: float
-    runs: list[float] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, values: list[float]) -> Spread:
-        return cls(statistics.median(values), min(values), max(values), list(values))
-
-
-@dataclass
-class BenchRow:
-    """One model at one input size.
-
-    Attributes:
-        gflops_paper, gflops_complete: multiply-adds per image (the paper's "FLOPs"), in the
-            paper's fvcore-style convention and complete; see :mod:`sparseformer.bench.counting`.
-        throughput: images per second at ``batch_size``, one value per round.
-        latency_ms: milliseconds per batch-1 forward pass, one value per pass.
-        peak_memory_mb: extra memory while running one batch: the CPU process's resident-set
-            growth (sampled every 0.5 ms) or CUDA's ``max_memory_allocated``.
-        peak_fraction: ``2 * gflops_complete * img/s / matmul GFLOP/s``.
-        train_throughput: images per second of a training step, one value per round.
-        train_peak_memory_mb: extra memory of one training step at ``train_batch_size``:
-            activations, gradients and AdamW's temporaries of its update (the weights and
-            AdamW's state are held before it), measured as ``peak_memory_mb``.
-        ratios: per-round ratios against the baseline, medians: ``throughput`` and ``train``
-            (higher is faster), ``latency`` (baseline latency / this latency).
-        num_frames: clip length T of a video model, whose "images" are clips of T frames
-            (FLOPs per clip, clips per second); ``None`` for image models.
-    """
-
-    model: str
-    img_size: int
-    batch_size: int
-    params: int
-    gflops_paper: float
-    gflops_complete: float
-    throughput: Spread
-    latency_ms: Spread
-    peak_memory_mb: float | None
-    peak_fraction: float
-    train_throughput: Spread | None = None
-    train_peak_memory_mb: float | None = None
-    ratios: dict[str, float] = field(default_factory=dict)
-    num_frames: int | None = None
-
-
-@dataclass
-class BenchResult:
-    """A whole run: the conditions, the machine's matmul peak, and one row per model and size."""
-
-    environment: dict
-    settings: dict
-    matmul_peak_gflops: Spread
-    rows: list[BenchRow]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------- building blocks

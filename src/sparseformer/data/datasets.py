@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +127,68 @@ def _check_data_dir(data_dir: Path, need_train: bool, files: str = "*.jpg") -> N
         )
 
 
+def _fashion_mnist_bundle(
+    source: DataSource, train_tf: Callable, val_tf: Callable, need_train: bool
+) -> DatasetBundle:
+    train = fashion_mnist(True, source.data_root) if need_train else None
+    val = fashion_mnist(False, source.data_root)
+    if train is not None:
+        train.transform = train_tf
+    val.transform = val_tf
+    return DatasetBundle(train, val, list(FASHION_CLASSES))
+
+
+def _video_bundle(
+    source: DataSource,
+    preprocessing: Preprocessing,
+    augmentation: Augmentation | None,
+    need_train: bool,
+    share_check: bool,
+) -> DatasetBundle:
+    """A video folder: train clips (3, T, S, S), val views (V, 3, T, S, S) or (3, T, S, S)."""
+    _check_data_dir(Path(source.data_dir), need_train, files="*.mp4")
+    spec = dataclasses.replace(
+        source.video or ClipSpec(),
+        size=preprocessing.img_size,
+        crop_pct=preprocessing.crop_pct,
+        mean=tuple(preprocessing.mean),
+        std=tuple(preprocessing.std),
+    )
+    if augmentation is not None:  # the recipe's crop scale and flip, shared by all frames
+        spec = dataclasses.replace(
+            spec, scale=tuple(augmentation.scale), hflip=float(augmentation.hflip)
+        )
+    try:
+        train, val = video_datasets(
+            source.data_dir, spec, need_train, source.limit_train, source.limit_val,
+            share_check,
+        )  # fmt: skip
+    except VideoDataError as exc:
+        raise DataError(str(exc)) from exc
+    skipped = (train.skipped if train is not None else []) + val.skipped
+    return DatasetBundle(train, val, list(val.classes), skipped, video=True, clip_spec=spec)
+
+
+def _image_bundle(
+    source: DataSource, train_tf: Callable, val_tf: Callable, need_train: bool, share_check: bool
+) -> DatasetBundle:
+    """An ImageFolder: train (augmented) and val (eval transform) checked folders."""
+    data_dir = Path(source.data_dir)
+    _check_data_dir(data_dir, need_train)
+    train = None
+    if need_train:
+        train = CheckedImageFolder(
+            data_dir / "train", train_tf, limit=source.limit_train, share_check=share_check
+        )
+    classes = train.classes if train is not None else None
+    val = CheckedImageFolder(
+        data_dir / "val", val_tf, classes=classes, substitute=False, limit=source.limit_val,
+        share_check=share_check,
+    )  # fmt: skip
+    skipped = (train.skipped if train is not None else []) + val.skipped
+    return DatasetBundle(train, val, list(val.classes), skipped)
+
+
 def build_datasets(
     source: DataSource,
     preprocessing: Preprocessing,
@@ -149,50 +212,11 @@ def build_datasets(
     train_tf = build_transform(preprocessing, augmentation)
     val_tf = build_transform(preprocessing, None)
     if source.dataset == "fashion-mnist":
-        train = fashion_mnist(True, source.data_root) if need_train else None
-        val = fashion_mnist(False, source.data_root)
-        if train is not None:
-            train.transform = train_tf
-        val.transform = val_tf
-        bundle = DatasetBundle(train, val, list(FASHION_CLASSES))
+        bundle = _fashion_mnist_bundle(source, train_tf, val_tf, need_train)
     elif source.data_dir is not None and is_video_folder(source.data_dir):
-        # video folder: train clips (3, T, S, S), val views (V, 3, T, S, S) or (3, T, S, S)
-        _check_data_dir(Path(source.data_dir), need_train, files="*.mp4")
-        spec = dataclasses.replace(
-            source.video or ClipSpec(),
-            size=preprocessing.img_size,
-            crop_pct=preprocessing.crop_pct,
-            mean=tuple(preprocessing.mean),
-            std=tuple(preprocessing.std),
-        )
-        if augmentation is not None:  # the recipe's crop scale and flip, shared by all frames
-            spec = dataclasses.replace(
-                spec, scale=tuple(augmentation.scale), hflip=float(augmentation.hflip)
-            )
-        try:
-            train, val = video_datasets(
-                source.data_dir, spec, need_train, source.limit_train, source.limit_val,
-                share_check,
-            )  # fmt: skip
-        except VideoDataError as exc:
-            raise DataError(str(exc)) from exc
-        skipped = (train.skipped if train is not None else []) + val.skipped
-        bundle = DatasetBundle(train, val, list(val.classes), skipped, video=True, clip_spec=spec)
+        bundle = _video_bundle(source, preprocessing, augmentation, need_train, share_check)
     else:
-        data_dir = Path(source.data_dir)
-        _check_data_dir(data_dir, need_train)
-        train = None
-        if need_train:
-            train = CheckedImageFolder(
-                data_dir / "train", train_tf, limit=source.limit_train, share_check=share_check
-            )
-        classes = train.classes if train is not None else None
-        val = CheckedImageFolder(
-            data_dir / "val", val_tf, classes=classes, substitute=False, limit=source.limit_val,
-            share_check=share_check,
-        )  # fmt: skip
-        skipped = (train.skipped if train is not None else []) + val.skipped
-        bundle = DatasetBundle(train, val, list(val.classes), skipped)
+        bundle = _image_bundle(source, train_tf, val_tf, need_train, share_check)
     if bundle.train is not None and bundle.num_classes < 2:
         logger.warning(
             "the data has one class (%s): a model trained on it always answers that class and "

@@ -133,38 +133,11 @@ class CheckedImageFolder(Dataset):
                 "remove the folder"
             )
         chosen = [samples[i] for i in spread_indices(len(samples), limit)]
-        samples = chosen
         self.skipped: list[tuple[str, str]] = []
-        if check_files:
-            try:
-                reasons = check_over_ranks(
-                    [path for path, _ in chosen],
-                    check_image_header,
-                    f"{self.root}: images checked",
-                    share=share_check,
-                )
-            except DifferentItemsError as exc:
-                raise DataError(str(exc)) from None
-            self.skipped = [(path, why) for (path, _), why in zip(chosen, reasons) if why]
-            samples = [sample for sample, why in zip(chosen, reasons) if why is None]
+        samples = self._check(chosen, share_check) if check_files else chosen
         if not samples:
             raise DataError(f"no readable images under {str(self.root)!r}")
-        tried, readable = (Counter(label for _, label in x) for x in (chosen, samples))
-        unreadable = [
-            c for c in found if tried[self.class_to_idx[c]] and not readable[self.class_to_idx[c]]
-        ]
-        if unreadable and classes is not None:  # val: a class not scored, as an empty one
-            warn_unscored(self.root, unreadable, "have no readable images")
-        elif unreadable:  # a class the model would be asked to learn blind
-            folder = self.root / unreadable[0]
-            path, why = next(
-                (p, w) for p, w in self.skipped if Path(p).is_relative_to(folder)
-            )  # an example from the class named first
-            raise DataError(
-                f"class folder(s) {', '.join(repr(str(self.root / c)) for c in unreadable[:5])} "
-                f"have no readable images (every file failed its check, e.g. {path}: {why}); "
-                "replace them or remove the folder"
-            )
+        self._check_readable_classes(found, chosen, samples, val=classes is not None)
         if self.skipped and is_first_rank():
             first, why = self.skipped[0]
             logger.warning(
@@ -179,6 +152,42 @@ class CheckedImageFolder(Dataset):
         )
         self._failed = SharedCount()
         self.substitute = substitute
+
+    def _check(self, chosen: list[tuple[str, int]], share_check: bool) -> list[tuple[str, int]]:
+        """The chosen files whose header reads; the others go to :attr:`skipped`."""
+        try:
+            reasons = check_over_ranks(
+                [path for path, _ in chosen],
+                check_image_header,
+                f"{self.root}: images checked",
+                share=share_check,
+            )
+        except DifferentItemsError as exc:
+            raise DataError(str(exc)) from None
+        self.skipped = [(path, why) for (path, _), why in zip(chosen, reasons) if why]
+        return [sample for sample, why in zip(chosen, reasons) if why is None]
+
+    def _check_readable_classes(
+        self, found: list[str], chosen: list, samples: list, *, val: bool
+    ) -> None:
+        """A class whose chosen files all failed their check: not scored (``val``), else an
+        error naming an example."""
+        tried, readable = (Counter(label for _, label in x) for x in (chosen, samples))
+        unreadable = [
+            c for c in found if tried[self.class_to_idx[c]] and not readable[self.class_to_idx[c]]
+        ]
+        if unreadable and val:  # val: a class not scored, as an empty one
+            warn_unscored(self.root, unreadable, "have no readable images")
+        elif unreadable:  # a class the model would be asked to learn blind
+            folder = self.root / unreadable[0]
+            path, why = next(
+                (p, w) for p, w in self.skipped if Path(p).is_relative_to(folder)
+            )  # an example from the class named first
+            raise DataError(
+                f"class folder(s) {', '.join(repr(str(self.root / c)) for c in unreadable[:5])} "
+                f"have no readable images (every file failed its check, e.g. {path}: {why}); "
+                "replace them or remove the folder"
+            )
 
     @property
     def samples(self) -> RowView:
