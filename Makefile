@@ -1,11 +1,12 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test`.
 # Each creates the virtual environment on first use and reinstalls when pyproject.toml changes.
+# `make docs` builds the documentation site into site/ (MkDocs, --strict: a broken link fails).
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data demo test lint clean
+.PHONY: setup data demo test lint docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,5 +33,14 @@ test: setup data
 lint: setup
 	$(BIN)/ruff check src tests
 
+# The docs tools live in the same venv but install only here, so `make test` stays as fast.
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	@touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build site *.egg-info src/*.egg-info
