@@ -11,6 +11,8 @@ Public API::
     sparseformer.count_flops(model, (3, 224, 224)).table()
 """
 
+import importlib.metadata as _metadata
+
 from sparseformer.bench.counting import FlopCount, count_flops, count_params
 from sparseformer.config import SparseFormerConfig, StageConfig, VideoSparseFormerConfig
 from sparseformer.models import SparseFormer, SparseFormerOutput, VideoSparseFormer
@@ -25,7 +27,10 @@ from sparseformer.weights.factory import (
 )
 from sparseformer.weights.inflate import inflate_image_state_dict
 
-__version__ = "0.1.0"
+try:  # the installed distribution's version: pyproject.toml is the one place it is written
+    __version__ = _metadata.version("sparseformer")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "CheckpointError",

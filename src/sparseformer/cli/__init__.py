@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="SparseFormer (ICLR 2024): models, weights, training and tools.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from sparseformer import __version__  # the installed package's metadata
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"sparseformer.cli.{name}").register(sub)
