@@ -1,7 +1,9 @@
 """Typed, frozen configuration of the SparseFormer architecture.
 
 SparseFormer: Sparse Visual Recognition via Limited Latent Tokens (Gao et al., ICLR 2024,
-arXiv 2304.03768). The config describes the architecture only; preprocessing (mean, std, crop)
+arXiv 2304.03768), and the SparseFormers bootstrapped from vision foundation models (Gao et al.,
+CVPR 2024, arXiv 2312.01987), which are the same building blocks configured differently. The
+config describes the architecture only; preprocessing (mean, std, crop)
 belongs to the weights record in :mod:`sparseformer.weights.registry`.
 
 This module imports no torch, so configs can be built, validated and printed cheaply.
@@ -16,6 +18,7 @@ from typing import Literal
 __all__ = [
     "OPS",
     "FOCUS_OPS",
+    "ROI_OPS",
     "CORTEX_OPS",
     "StageConfig",
     "SparseFormerConfig",
@@ -24,7 +27,9 @@ __all__ = [
 
 # The op vocabulary. Every op is a pre-norm residual with the same signature
 # (tokens, rois, feats) -> (tokens, rois); see models/blocks.py.
-OPS = ("attn", "roi_adjust", "sample_mix", "mlp")
+OPS = ("attn", "roi_adjust", "sample_mix", "mlp", "pos_embed")
+# Ops that read or move RoIs: they run only on the latent tokens, before a CLS token joins.
+ROI_OPS = ("roi_adjust", "sample_mix", "pos_embed")
 # A focusing unit reads the image; a cortex unit only mixes tokens (paper, Sec. 3).
 FOCUS_OPS = ("attn", "roi_adjust", "sample_mix", "mlp")
 CORTEX_OPS = ("attn", "mlp")
@@ -41,6 +46,10 @@ class StageConfig:
             focusing stage repeats its single unit 4 times).
         first_ops: ops of the first unit, in order.
         other_ops: ops of units 2..depth, in order.
+        stage_embedding: learn a ``(repeats, width)`` table whose row ``i`` is added to the
+            tokens before application ``i`` of the first unit (bootstrapped models).
+        mlp_activation: activation of this stage's feed-forward ops; ``None``: the model's
+            ``activation`` (CLIP-bootstrapped models use QuickGELU in the inherited cortex).
     """
 
     width: int
@@ -48,6 +57,8 @@ class StageConfig:
     repeats: int = 1
     first_ops: tuple[str, ...] = FOCUS_OPS
     other_ops: tuple[str, ...] = CORTEX_OPS
+    stage_embedding: bool = False
+    mlp_activation: Literal["gelu", "quick_gelu"] | None = None
 
     def __post_init__(self) -> None:
         for name in ("width", "depth", "repeats"):
@@ -60,6 +71,10 @@ class StageConfig:
                 raise ValueError(f"unknown op(s) {unknown}; known ops are {OPS}")
             if len(set(ops)) != len(ops):
                 raise ValueError(f"each op may appear at most once per unit, got {ops}")
+        if self.mlp_activation not in (None, "gelu", "quick_gelu"):
+            raise ValueError(
+                f"mlp_activation must be None, 'gelu' or 'quick_gelu', got {self.mlp_activation!r}"
+            )
 
     def unit_ops(self, index: int) -> tuple[str, ...]:
         """Ops of unit ``index`` of this stage."""
@@ -91,11 +106,11 @@ def _stage(stage: StageConfig | tuple | list | dict) -> StageConfig:
 
 @dataclass(frozen=True)
 class SparseFormerConfig:
-    """The SparseFormer v1 architecture (image models).
+    """A SparseFormer image architecture: v1 by default, the bootstrapped family by its fields.
 
     Args:
         stages: the stages, in order.
-        num_tokens: latent tokens N (a perfect square for the grid RoI init).
+        num_tokens: latent tokens N (a perfect square for ``roi_init="grid"``).
         num_points: sampling points P per token and sampling step.
         stem_channels: early-convolution channels C.
         num_heads: attention heads at widths of at least ``num_heads``; narrower stages use
@@ -111,6 +126,29 @@ class SparseFormerConfig:
         offset_eps: epsilon added to the std when standardising sampling offsets.
         padding_mode: ``grid_sample`` padding outside the feature map.
         activation: activation of the feed-forward and mixing ops.
+
+    The bootstrapped SparseFormers (Gao et al., CVPR 2024) differ from v1 (the defaults) in:
+
+    Args:
+        attn_head_dim: fixed head width (heads = width / this) instead of ``num_heads``.
+        stem_unbiased: the stem normalises with the unbiased (v1) or biased variance.
+        coord_grad_clamp: clamp the gradient reaching sampling coordinates to ``1/H`` (v1).
+        roi_init: ``"grid"`` (v1, N square) or ``"grid_and_whole"``: the first
+            ``floor(sqrt N)^2`` tokens on the grid, the others on the whole image.
+        shared_initial_token: one initial embedding ``(1, D)`` shared by all tokens.
+        transition_norm: width transitions are ``norm(proj(x))`` (v1) or ``proj(x)``.
+        roi_adjust_mlp: the RoI adjustment is ``LN -> Linear(D, D) -> GELU -> Linear(D, 2D)``
+            instead of ``LN -> Linear(D, 2D)``.
+        roi_adjust_drop_path: stochastic depth on the RoI adjustment (v1).
+        mixing_hidden_dim: the parameter generator's bottleneck as a width (instead of
+            ``D / mixing_reduction``).
+        mixing_out_points: output points of the point mixing (``None``: P).
+        mixing_bias: learned biases in the channel and point mixing (v1).
+        mixing_inner_activation: activation between channel and point mixing (v1).
+        cls_token_unit: insert a learned CLS token before this unit (counted over all stages'
+            units, from 0, transitions not counted); no RoI op may run from there on.
+        global_pool: ``"avg"`` averages the final tokens, ``"token"`` takes the CLS token.
+        head_bias: the classifier (or projection) has a bias.
     """
 
     stages: tuple[StageConfig, ...] = field(
@@ -131,6 +169,21 @@ class SparseFormerConfig:
     offset_eps: float = 1e-7
     padding_mode: Literal["zeros", "border"] = "zeros"
     activation: Literal["gelu", "quick_gelu"] = "gelu"
+    attn_head_dim: int | None = None
+    stem_unbiased: bool = True
+    coord_grad_clamp: bool = True
+    roi_init: Literal["grid", "grid_and_whole"] = "grid"
+    shared_initial_token: bool = False
+    transition_norm: bool = True
+    roi_adjust_mlp: bool = False
+    roi_adjust_drop_path: bool = True
+    mixing_hidden_dim: int | None = None
+    mixing_out_points: int | None = None
+    mixing_bias: bool = True
+    mixing_inner_activation: bool = True
+    cls_token_unit: int | None = None
+    global_pool: Literal["avg", "token"] = "avg"
+    head_bias: bool = True
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -142,6 +195,9 @@ class SparseFormerConfig:
         ):  # fmt: skip
             _check_int(self, name, least=1)
         _check_int(self, "num_classes", least=0)
+        for name in ("attn_head_dim", "mixing_hidden_dim", "mixing_out_points"):
+            if getattr(self, name) is not None:
+                _check_int(self, name, least=1)
         for name in ("mlp_ratio", "ln_eps", "stem_eps", "offset_eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -149,41 +205,80 @@ class SparseFormerConfig:
         for name, allowed in (
             ("padding_mode", ("zeros", "border")),
             ("activation", ("gelu", "quick_gelu")),
+            ("roi_init", ("grid", "grid_and_whole")),
+            ("global_pool", ("avg", "token")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if math.isqrt(self.num_tokens) ** 2 != self.num_tokens:
+        if self.roi_init == "grid" and math.isqrt(self.num_tokens) ** 2 != self.num_tokens:
             raise ValueError(
-                f"num_tokens must be a perfect square for the grid RoI init, got {self.num_tokens}"
+                f"num_tokens must be a perfect square for the grid RoI init, got "
+                f"{self.num_tokens} (roi_init='grid_and_whole' takes any number)"
             )
         if math.isqrt(self.num_points) ** 2 != self.num_points:
             raise ValueError(
                 f"num_points must be a perfect square for the grid offset init, "
                 f"got {self.num_points}"
             )
+        self._check_widths()
+        self._check_cls_token()
+        for name in ("drop_path_rate", "drop_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def _check_widths(self) -> None:
         for stage in self.stages:
-            head_dim = max(stage.width // self.num_heads, 1)
+            head_dim = stage.width // self.heads_at(stage.width)
+            if self.attn_head_dim is None:
+                head_dim = max(stage.width // self.num_heads, 1)
             if stage.width % head_dim:
                 raise ValueError(
                     f"stage width {stage.width} does not split into heads of width {head_dim} "
                     f"(num_heads={self.num_heads}); pick a width divisible by num_heads"
                 )
-            if stage.width % self.mixing_reduction:
+            if self.mixing_hidden_dim is None and stage.width % self.mixing_reduction:
                 raise ValueError(
                     f"stage width {stage.width} is not divisible by "
                     f"mixing_reduction={self.mixing_reduction}"
                 )
-        for name in ("drop_path_rate", "drop_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def _check_cls_token(self) -> None:
+        units = [s.unit_ops(i) for s in self.stages for i in range(s.depth)]
+        if self.global_pool == "token" and self.cls_token_unit is None:
+            raise ValueError("global_pool='token' needs a CLS token: set cls_token_unit")
+        if self.cls_token_unit is None:
+            return
+        if not 0 <= self.cls_token_unit < len(units):
+            raise ValueError(
+                f"cls_token_unit must index one of the {len(units)} units, "
+                f"got {self.cls_token_unit}"
+            )
+        late = [op for ops in units[self.cls_token_unit :] for op in ops if op in ROI_OPS]
+        if late:
+            raise ValueError(
+                f"the CLS token has no RoI, so no RoI op ({', '.join(sorted(set(late)))}) may "
+                f"run from unit {self.cls_token_unit} on, where it joins the tokens"
+            )
 
     def heads_at(self, width: int) -> int:
-        """Attention heads for tokens of ``width``: head width ``max(width // num_heads, 1)``.
+        """Attention heads for tokens of ``width``.
 
-        The official code fixes the head width this way, so a width-32 stage of a 64-head
-        model runs 32 heads of width 1; the released models (widths >= 256) all use 64 heads.
+        With ``attn_head_dim`` (bootstrapped models, like ViTs): ``width // attn_head_dim``,
+        at least 1. Otherwise head width ``max(width // num_heads, 1)``: the official v1 code
+        fixes the head width this way, so a width-32 stage of a 64-head model runs 32 heads of
+        width 1; the released v1 models (widths >= 256) all use 64 heads.
         """
+        if self.attn_head_dim is not None:
+            return max(width // self.attn_head_dim, 1)
         return width // max(width // self.num_heads, 1)
+
+    def stage_of_unit(self, index: int) -> tuple[int, int]:
+        """``(stage, unit within stage)`` of unit ``index`` counted over all stages."""
+        for s, stage in enumerate(self.stages):
+            if index < stage.depth:
+                return s, index
+            index -= stage.depth
+        raise IndexError(f"the model has no unit {index}")
 
     @property
     def num_applications(self) -> int:

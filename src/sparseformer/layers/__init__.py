@@ -13,7 +13,14 @@ Layers take plain values, never a config object.
 from sparseformer.layers.attention import Attention, Mlp
 from sparseformer.layers.drop import drop_path, drop_path_rates
 from sparseformer.layers.mixing import AdaptiveMixing
-from sparseformer.layers.roi import adjust_rois, center_size_to_roi, grid_rois, roi_center_size
+from sparseformer.layers.position import roi_sine_embedding
+from sparseformer.layers.roi import (
+    adjust_rois,
+    center_size_to_roi,
+    grid_and_whole_rois,
+    grid_rois,
+    roi_center_size,
+)
 from sparseformer.layers.sampling import (
     at_least_fp32,
     clamp_coordinate_grad,
@@ -39,9 +46,11 @@ __all__ = [
     "drop_path",
     "drop_path_rates",
     "fp32_geometry",
+    "grid_and_whole_rois",
     "grid_offsets",
     "grid_rois",
     "roi_center_size",
+    "roi_sine_embedding",
     "sample_features",
     "sample_features_reference",
     "sampling_points",

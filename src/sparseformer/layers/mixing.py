@@ -23,14 +23,20 @@ class AdaptiveMixing(nn.Module):
     """Decode sampled features with token-generated channel and point mixing.
 
     ``F = act(F @ Mc + bc)``, then ``F = act(Mp @ F + bp)``, then ``out_proj(flatten(F))``.
+    The bootstrapped SparseFormers (Gao et al., CVPR 2024) drop the biases and the first
+    activation (``act(Mp @ (F @ Mc))``) and mix the P points into more output points.
 
     Args:
         dim: token width D.
         in_channels: channels C of the sampled features.
         num_points: sampling points P.
-        reduction: the parameter generator's bottleneck is ``D / reduction``.
+        reduction: the parameter generator's bottleneck is ``D / reduction``...
         ln_eps: LayerNorm epsilon.
         activation: ``"gelu"`` or ``"quick_gelu"``.
+        hidden_dim: ...unless given here as a width.
+        out_points: rows of the point-mixing matrix ``Mp`` (``out_points x P``); ``None``: P.
+        bias: learn the biases ``bc`` (C) and ``bp`` (one per output point).
+        inner_activation: apply ``act`` after the channel mixing too.
     """
 
     def __init__(
@@ -41,18 +47,26 @@ class AdaptiveMixing(nn.Module):
         reduction: int = 4,
         ln_eps: float = 1e-6,
         activation: str = "gelu",
+        hidden_dim: int | None = None,
+        out_points: int | None = None,
+        bias: bool = True,
+        inner_activation: bool = True,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.num_points = num_points
+        self.out_points = out_points or num_points
         self.activation = activation
+        self.inner_activation = inner_activation
+        hidden_dim = hidden_dim or dim // reduction
+        C, P, Q = in_channels, num_points, self.out_points
         self.norm = nn.LayerNorm(dim, eps=ln_eps)
-        self.reduce = nn.Linear(dim, dim // reduction)
+        self.reduce = nn.Linear(dim, hidden_dim)
         # No activation between reduce and generator: a low-rank linear generator.
-        self.generator = nn.Linear(dim // reduction, in_channels**2 + num_points**2)
-        self.channel_bias = nn.Parameter(torch.zeros(in_channels))
-        self.point_bias = nn.Parameter(torch.zeros(num_points))
-        self.out_proj = nn.Linear(num_points * in_channels, dim)
+        self.generator = nn.Linear(hidden_dim, C * C + Q * P)
+        self.channel_bias = nn.Parameter(torch.zeros(C)) if bias else None
+        self.point_bias = nn.Parameter(torch.zeros(Q)) if bias else None
+        self.out_proj = nn.Linear(Q * C, dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -64,13 +78,16 @@ class AdaptiveMixing(nn.Module):
         nn.init.constant_(self.norm.weight, dim**-0.5)
         nn.init.zeros_(self.norm.bias)
         nn.init.zeros_(self.generator.weight)
-        C, P = self.in_channels, self.num_points
+        C, P, Q = self.in_channels, self.num_points, self.out_points
+        # xavier_uniform of (Q, P): sqrt(6 / (P + Q)), written as v1 wrote it when Q == P
+        mp_bound = math.sqrt(3.0 / P) if Q == P else math.sqrt(6.0 / (P + Q))
         with torch.no_grad():
-            mc, mp = self.generator.bias.split([C * C, P * P])
+            mc, mp = self.generator.bias.split([C * C, Q * P])
             mc.uniform_(-math.sqrt(3.0 / C), math.sqrt(3.0 / C))  # xavier_uniform of (C, C)
-            mp.uniform_(-math.sqrt(3.0 / P), math.sqrt(3.0 / P))  # xavier_uniform of (P, P)
-        nn.init.zeros_(self.channel_bias)
-        nn.init.zeros_(self.point_bias)
+            mp.uniform_(-mp_bound, mp_bound)
+        if self.channel_bias is not None:
+            nn.init.zeros_(self.channel_bias)
+            nn.init.zeros_(self.point_bias)
 
     def _act(self, x: Tensor) -> Tensor:
         return F.gelu(x) if self.activation == "gelu" else x * torch.sigmoid(1.702 * x)
@@ -101,16 +118,22 @@ class AdaptiveMixing(nn.Module):
     def _decode(self, tokens: Tensor, sampled: Tensor) -> Tensor:
         """:meth:`forward` for one chunk of the batch, ``(B, N, D), (B, N, P, C) -> (B, N, D)``."""
         B, N, D = tokens.shape
-        C, P = self.in_channels, self.num_points
-        params = linear(linear(self.norm(tokens), self.reduce), self.generator)  # (B, N, C*C + P*P)
-        channel_mix, point_mix = params.split([C * C, P * P], dim=-1)
+        C, P, Q = self.in_channels, self.num_points, self.out_points
+        params = linear(linear(self.norm(tokens), self.reduce), self.generator)  # (B, N, C*C + Q*P)
+        channel_mix, point_mix = params.split([C * C, Q * P], dim=-1)
         channel_mix = channel_mix.reshape(B * N, C, C)  # (B, N, C*C) -> (B*N, C_in, C_out)
-        point_mix = point_mix.reshape(B * N, P, P)  # (B, N, P*P) -> (B*N, P_out, P_in)
+        point_mix = point_mix.reshape(B * N, Q, P)  # (B, N, Q*P) -> (B*N, Q_out, P_in)
         x = sampled.to(params.dtype).reshape(B * N, P, C)  # (B, N, P, C) -> (B*N, P, C)
-        x = self._act(torch.baddbmm(self.channel_bias.to(x.dtype), x, channel_mix))
-        point_bias = self.point_bias.to(x.dtype).unsqueeze(-1)  # (P,) -> (P, 1), per out point
-        x = self._act(torch.baddbmm(point_bias, point_mix, x))  # (B*N, P, C)
-        return linear(x.reshape(B, N, P * C), self.out_proj)  # (B*N, P, C) -> (B, N, P*C)
+        if self.channel_bias is None:
+            x = torch.bmm(x, channel_mix)
+            x = self._act(x) if self.inner_activation else x
+            x = self._act(torch.bmm(point_mix, x))  # (B*N, Q, C)
+        else:
+            x = torch.baddbmm(self.channel_bias.to(x.dtype), x, channel_mix)
+            x = self._act(x) if self.inner_activation else x
+            point_bias = self.point_bias.to(x.dtype).unsqueeze(-1)  # (Q,) -> (Q, 1), per out point
+            x = self._act(torch.baddbmm(point_bias, point_mix, x))  # (B*N, Q, C)
+        return linear(x.reshape(B, N, Q * C), self.out_proj)  # (B*N, Q, C) -> (B, N, Q*C)
 
 
 # Tokens decoded together on CPU (SparseFormer-T: 7 images of 49 tokens, 14 MB of generated

@@ -13,7 +13,13 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["roi_center_size", "center_size_to_roi", "adjust_rois", "grid_rois"]
+__all__ = [
+    "roi_center_size",
+    "center_size_to_roi",
+    "adjust_rois",
+    "grid_rois",
+    "grid_and_whole_rois",
+]
 
 
 def roi_center_size(rois: Tensor) -> tuple[Tensor, Tensor]:
@@ -69,3 +75,17 @@ def grid_rois(num_tokens: int) -> Tensor:
     x1, y1 = torch.meshgrid(start, start, indexing="ij")  # (r, r) each, x slow, y fast
     p1 = torch.stack([x1, y1], dim=-1).reshape(num_tokens, 2)  # (r, r, 2) -> (N, 2)
     return torch.cat([p1, p1 + 0.5], dim=-1)
+
+
+def grid_and_whole_rois(num_tokens: int) -> Tensor:
+    """Initial RoIs for any token count, as the bootstrapped SparseFormers start.
+
+    The first ``floor(sqrt(N))^2`` tokens get :func:`grid_rois`; the rest cover the whole image
+    ``(0, 0, 1, 1)`` (63 tokens: a 7 x 7 grid and 14 whole-image tokens).
+
+    Returns:
+        ``(N, 4)`` corners ``x1, y1, x2, y2``.
+    """
+    r = math.isqrt(num_tokens)
+    rest = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(num_tokens - r * r, 4)
+    return torch.cat([grid_rois(r * r), rest])

@@ -16,11 +16,14 @@ from torch import Tensor, nn
 __all__ = ["EarlyConvolution", "channel_normalize"]
 
 
-def channel_normalize(x: Tensor, eps: float = 1e-7) -> Tensor:
-    """Normalise each pixel over channels: ``(x - mean) / sqrt(unbiased var + eps)``.
+def channel_normalize(x: Tensor, eps: float = 1e-7, unbiased: bool = True) -> Tensor:
+    """Normalise each pixel over channels: ``(x - mean) / sqrt(var + eps)``.
 
     Args:
         x: ``(B, C, ...)``.
+        eps: added to the variance.
+        unbiased: divide the squared deviations by ``C - 1`` (SparseFormer v1) or by ``C``
+            (the bootstrapped SparseFormers, a LayerNorm without affine).
     """
     C = x.shape[1]
     if x.dim() == 4 and C > 1 and x.is_contiguous(memory_format=torch.channels_last):
@@ -28,11 +31,11 @@ def channel_normalize(x: Tensor, eps: float = 1e-7) -> Tensor:
         # last axis: one fused pass instead of five (5x faster on CPU). LayerNorm divides by
         # the biased variance, var_b = var * (C-1)/C, hence the rescaled eps and the constant
         # weight: (x - m) / sqrt(var + eps) = sqrt((C-1)/C) (x - m) / sqrt(var_b + eps (C-1)/C).
-        shrink = (C - 1) / C
+        shrink = (C - 1) / C if unbiased else 1.0
         weight = x.new_full((C,), math.sqrt(shrink))
         y = F.layer_norm(x.permute(0, 2, 3, 1), (C,), weight, None, eps * shrink)  # (B, H, W, C)
         return y.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W), channels-last
-    var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=1)
+    var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=int(unbiased))
     return (x - mean) / (var + eps).sqrt()
 
 
@@ -43,12 +46,21 @@ class EarlyConvolution(nn.Module):
         in_chans: input channels.
         channels: output channels C.
         eps: epsilon of the channel normalisation.
+        unbiased: the channel normalisation's variance (see :func:`channel_normalize`).
         video: build the per-frame 3-D variant (input ``(B, 3, T, H, W)``).
     """
 
-    def __init__(self, in_chans: int, channels: int, eps: float = 1e-7, video: bool = False):
+    def __init__(
+        self,
+        in_chans: int,
+        channels: int,
+        eps: float = 1e-7,
+        video: bool = False,
+        unbiased: bool = True,
+    ) -> None:
         super().__init__()
         self.eps = eps
+        self.unbiased = unbiased
         self.video = video
         if video:
             self.conv = nn.Conv3d(in_chans, channels, (1, 7, 7), (1, 2, 2), (0, 3, 3))
@@ -85,4 +97,4 @@ class EarlyConvolution(nn.Module):
         x = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, self.conv.bias, 2, 3)
         # ReLU commutes with max-pooling (both monotone), so it runs on the 4x smaller pooled
         # map: same values, same gradients.
-        return channel_normalize(F.relu(F.max_pool2d(x, 3, 2, 1)), self.eps)
+        return channel_normalize(F.relu(F.max_pool2d(x, 3, 2, 1)), self.eps, self.unbiased)

@@ -3,7 +3,8 @@
 SparseFormer (Gao et al., ICLR 2024), Sec. 3; ported from the official code
 (github.com/showlab/sparseformer). A unit is an ordered ModuleDict of ops, each a pre-norm
 residual ``x + drop_path(op(norm(x)))``. The same classes serve images (D=2) and videos (D=3):
-only the number of RoI coordinates differs.
+only the number of RoI coordinates differs. The bootstrapped SparseFormers (Gao et al., CVPR
+2024, arXiv 2312.01987) add one op, position injection, and variants chosen by arguments.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparseformer.layers import (
@@ -23,12 +25,22 @@ from sparseformer.layers import (
     drop_path,
     fp32_geometry,
     grid_offsets,
+    roi_sine_embedding,
     sample_features,
     sampling_points,
     standardize_offsets,
 )
 
-__all__ = ["OpContext", "AttnOp", "MlpOp", "RoiAdjustOp", "SampleMixOp", "Unit", "Transition"]
+__all__ = [
+    "OpContext",
+    "AttnOp",
+    "MlpOp",
+    "PosEmbedOp",
+    "RoiAdjustOp",
+    "SampleMixOp",
+    "Unit",
+    "Transition",
+]
 
 
 class OpContext(NamedTuple):
@@ -37,12 +49,12 @@ class OpContext(NamedTuple):
     Attributes:
         drop_rate: stochastic-depth rate of this application.
         coord_grad_bound: bound of the gradient reaching sampling coordinates (``1/H`` times
-            the fp16 loss scale), a float or scalar tensor.
+            the fp16 loss scale), a float or scalar tensor; ``None``: no clamp.
         points_out: if a list, sampling ops append their points ``(B, N, P, D)`` to it.
     """
 
     drop_rate: float
-    coord_grad_bound: float | Tensor
+    coord_grad_bound: float | Tensor | None
     points_out: list[Tensor] | None = None
 
 
@@ -70,15 +82,21 @@ class MlpOp(Mlp):
         return tokens + drop_path(update, ctx.drop_rate, self.training), rois
 
 
-def project_fp32(norm: nn.LayerNorm, proj: nn.Linear, tokens: Tensor) -> Tensor:
-    """``proj(norm(tokens))`` for the geometry, in float32 (float64 kept): the projections
-    that start it (RoI adjustment, sampling offsets) are part of it. Call inside
-    :func:`fp32_geometry`, where autocast is off. A model cast to a half type as a whole
-    projects in its own precision, then raises the result."""
+def project_fp32(
+    norm: nn.LayerNorm, proj: nn.Linear, tokens: Tensor, hidden: nn.Linear | None = None
+) -> Tensor:
+    """``proj(norm(tokens))`` (``proj(gelu(hidden(norm(tokens))))`` with ``hidden``) for the
+    geometry, in float32 (float64 kept): the projections that start it (RoI adjustment,
+    sampling offsets) are part of it. Call inside :func:`fp32_geometry`, where autocast is off.
+    A model cast to a half type as a whole projects in its own precision, then raises the
+    result."""
     weight = proj.weight.dtype
     if weight.is_floating_point and torch.finfo(weight).bits >= 32:
         tokens = tokens.to(weight)  # tokens that autocast computed in a half type
-    return at_least_fp32(proj(norm(tokens)))
+    x = norm(tokens)
+    if hidden is not None:
+        x = F.gelu(hidden(x))
+    return at_least_fp32(proj(x))
 
 
 class RoiAdjustOp(nn.Module):
@@ -87,11 +105,22 @@ class RoiAdjustOp(nn.Module):
     Args:
         dim: token width D.
         roi_dims: 2 for images, 3 for video; the projection outputs ``2 * roi_dims`` numbers.
+        mlp: predict through a hidden ``Linear(D, D)`` and GELU (bootstrapped models).
+        use_drop_path: stochastic depth on the predicted delta (v1).
     """
 
-    def __init__(self, dim: int, ln_eps: float, roi_dims: int = 2) -> None:
+    def __init__(
+        self,
+        dim: int,
+        ln_eps: float,
+        roi_dims: int = 2,
+        mlp: bool = False,
+        use_drop_path: bool = True,
+    ) -> None:
         super().__init__()
+        self.use_drop_path = use_drop_path
         self.norm = nn.LayerNorm(dim, eps=ln_eps)
+        self.hidden = nn.Linear(dim, dim) if mlp else None
         self.proj = nn.Linear(dim, 2 * roi_dims, bias=False)
         self.reset_parameters()
 
@@ -103,10 +132,34 @@ class RoiAdjustOp(nn.Module):
 
     def forward(self, tokens: Tensor, rois: Tensor, feats: Tensor, ctx: OpContext):
         with fp32_geometry(rois.device.type):
-            delta = project_fp32(self.norm, self.proj, tokens)
-            delta = drop_path(delta, ctx.drop_rate, self.training)
+            delta = project_fp32(self.norm, self.proj, tokens, self.hidden)
+            if self.use_drop_path:
+                delta = drop_path(delta, ctx.drop_rate, self.training)
             rois = adjust_rois(at_least_fp32(rois), delta)
         return tokens, rois
+
+
+class PosEmbedOp(nn.Module):
+    """Inject the RoI's position: ``tokens + drop_path(proj(norm(pe(rois))))``.
+
+    ``pe`` is the fixed sine code of :func:`roi_sine_embedding`, computed without gradient:
+    the RoIs learn from what the tokens read, not from where the code says they are.
+
+    Args:
+        dim: token width D, a multiple of ``4 * roi_dims``.
+    """
+
+    def __init__(self, dim: int, ln_eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=ln_eps)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, tokens: Tensor, rois: Tensor, feats: Tensor, ctx: OpContext):
+        B, N, D = tokens.shape
+        with torch.no_grad(), fp32_geometry(rois.device.type):
+            code = roi_sine_embedding(at_least_fp32(rois), D)  # (B, N, 2D) -> (B, N, D)
+        update = self.proj(self.norm(code.to(self.norm.weight.dtype)))
+        return tokens + drop_path(update, ctx.drop_rate, self.training), rois
 
 
 class SampleMixOp(nn.Module):
@@ -120,6 +173,9 @@ class SampleMixOp(nn.Module):
         mixing_reduction, ln_eps, activation: see :class:`AdaptiveMixing`.
         offset_eps: epsilon of the offset standardisation.
         padding_mode: ``grid_sample`` padding.
+        mixing_hidden_dim, mixing_out_points, mixing_bias, mixing_inner_activation: the
+            variant options ``hidden_dim``, ``out_points``, ``bias``, ``inner_activation`` of
+            :class:`AdaptiveMixing`.
     """
 
     def __init__(
@@ -133,6 +189,11 @@ class SampleMixOp(nn.Module):
         offset_eps: float = 1e-7,
         activation: str = "gelu",
         padding_mode: str = "zeros",
+        *,
+        mixing_hidden_dim: int | None = None,
+        mixing_out_points: int | None = None,
+        mixing_bias: bool = True,
+        mixing_inner_activation: bool = True,
     ) -> None:
         super().__init__()
         self.num_points = num_points
@@ -143,7 +204,16 @@ class SampleMixOp(nn.Module):
         self.offset_proj = nn.Linear(dim, num_points * roi_dims, bias=False)
         self.offset_bias = nn.Parameter(torch.zeros(num_points * roi_dims))
         self.mixing = AdaptiveMixing(
-            dim, in_channels, num_points, mixing_reduction, ln_eps, activation
+            dim,
+            in_channels,
+            num_points,
+            mixing_reduction,
+            ln_eps,
+            activation,
+            hidden_dim=mixing_hidden_dim,
+            out_points=mixing_out_points,
+            bias=mixing_bias,
+            inner_activation=mixing_inner_activation,
         )
         self.reset_parameters()
 
@@ -166,7 +236,8 @@ class SampleMixOp(nn.Module):
             points = sampling_points(at_least_fp32(rois), offsets)
             if ctx.points_out is not None:
                 ctx.points_out.append(points)
-            points = clamp_coordinate_grad(points, ctx.coord_grad_bound)
+            if ctx.coord_grad_bound is not None:
+                points = clamp_coordinate_grad(points, ctx.coord_grad_bound)
             sampled = sample_features(
                 at_least_fp32(feats), points, self.padding_mode
             )  # (B, N, P, C)
@@ -190,12 +261,13 @@ class Unit(nn.ModuleDict):
 
 
 class Transition(nn.Module):
-    """Width change between stages: ``norm(proj(tokens))``, no residual."""
+    """Width change between stages: ``norm(proj(tokens))`` (``proj(tokens)`` without
+    ``norm``), no residual."""
 
-    def __init__(self, in_dim: int, out_dim: int, ln_eps: float) -> None:
+    def __init__(self, in_dim: int, out_dim: int, ln_eps: float, norm: bool = True) -> None:
         super().__init__()
         self.proj = nn.Linear(in_dim, out_dim)
-        self.norm = nn.LayerNorm(out_dim, eps=ln_eps)
+        self.norm = nn.LayerNorm(out_dim, eps=ln_eps) if norm else nn.Identity()
 
     def forward(self, tokens: Tensor) -> Tensor:
         """``(B, N, D_in) -> (B, N, D_out)``."""

@@ -13,76 +13,30 @@ learning-rate decay) and ``set_grad_checkpointing``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sparseformer.config import SparseFormerConfig, StageConfig
-from sparseformer.layers import EarlyConvolution, at_least_fp32, drop_path_rates, grid_rois
-from sparseformer.models.blocks import (
-    AttnOp,
-    MlpOp,
-    OpContext,
-    RoiAdjustOp,
-    SampleMixOp,
-    Transition,
-    Unit,
+from sparseformer.config import SparseFormerConfig
+from sparseformer.layers import (
+    EarlyConvolution,
+    at_least_fp32,
+    drop_path_rates,
+    grid_and_whole_rois,
+    grid_rois,
 )
+from sparseformer.models.blocks import OpContext, RoiAdjustOp, SampleMixOp
 from sparseformer.models.outputs import SparseFormerOutput
+from sparseformer.models.stage import Stage, build_unit
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SparseFormer", "Stage", "build_unit"]
 
 
-def build_unit(config: SparseFormerConfig, width: int, ops: tuple[str, ...], roi_dims: int) -> Unit:
-    """Build one unit's ops, in order, for tokens of ``width`` and ``roi_dims``-D RoIs."""
-    c = config
-    makers = {
-        "attn": lambda: AttnOp(width, c.heads_at(width), c.ln_eps),
-        "roi_adjust": lambda: RoiAdjustOp(width, c.ln_eps, roi_dims),
-        "sample_mix": lambda: SampleMixOp(
-            width,
-            c.stem_channels,
-            c.num_points,
-            roi_dims,
-            c.mixing_reduction,
-            c.ln_eps,
-            c.offset_eps,
-            c.activation,
-            c.padding_mode,
-        ),
-        "mlp": lambda: MlpOp(width, c.mlp_ratio, c.ln_eps, c.activation),
-    }
-    return Unit({name: makers[name]() for name in ops}, ops)
-
-
-class Stage(nn.Module):
-    """A width transition (identity for the first stage) and units, the first one repeated."""
-
-    def __init__(
-        self, config: SparseFormerConfig, stage: StageConfig, in_width: int | None, roi_dims: int
-    ) -> None:
-        super().__init__()
-        self.transition = (
-            Transition(in_width, stage.width, config.ln_eps) if in_width else nn.Identity()
-        )
-        self.units = nn.ModuleList(
-            build_unit(config, stage.width, stage.unit_ops(i), roi_dims) for i in range(stage.depth)
-        )
-        self.repeats = tuple(stage.unit_repeats(i) for i in range(stage.depth))
-
-    def applications(self) -> Iterator[Unit]:
-        """Units in the order they run, repeated units once per application."""
-        for unit, repeats in zip(self.units, self.repeats):
-            for _ in range(repeats):
-                yield unit
-
-
 class SparseFormer(nn.Module):
-    """SparseFormer v1 image classifier.
+    """SparseFormer image classifier: v1 and the bootstrapped family, by configuration.
 
     Args:
         config: the architecture.
@@ -95,15 +49,28 @@ class SparseFormer(nn.Module):
         self.config = config
         self.num_classes = config.num_classes
         self.num_features = self.head_hidden_size = config.width
-        self.global_pool = "avg"  # or "": one output per token (timm's convention)
+        # "avg", "token" (the CLS token) or "": one output per token (timm's convention)
+        self.global_pool = config.global_pool
         first_width = config.stages[0].width
         # Video subclasses (roi_dims = 3) get the per-frame stem and their own token count.
         self.stem = EarlyConvolution(
-            config.in_chans, config.stem_channels, config.stem_eps, video=self.roi_dims == 3
+            config.in_chans,
+            config.stem_channels,
+            config.stem_eps,
+            video=self.roi_dims == 3,
+            unbiased=config.stem_unbiased,
         )
         num_latent = self._num_latent_tokens()
         self.initial_rois = nn.Parameter(torch.zeros(num_latent, 2 * self.roi_dims))
-        self.initial_tokens = nn.Parameter(torch.zeros(num_latent, first_width))
+        # one embedding per token, or one shared by all (bootstrapped models): (N or 1, D)
+        num_embeddings = 1 if config.shared_initial_token else num_latent
+        self.initial_tokens = nn.Parameter(torch.zeros(num_embeddings, first_width))
+        self.cls_token = None
+        self.cls_token_at = None  # (stage, unit within the stage) before which it joins
+        if config.cls_token_unit is not None:
+            self.cls_token_at = config.stage_of_unit(config.cls_token_unit)
+            width = config.stages[self.cls_token_at[0]].width
+            self.cls_token = nn.Parameter(torch.zeros(1, width))
         widths = [None] + [s.width for s in config.stages[:-1]]  # no transition into stage 0
         self.stages = nn.ModuleList(
             Stage(config, stage, in_width, self.roi_dims)
@@ -119,7 +86,9 @@ class SparseFormer(nn.Module):
 
     # ----------------------------------------------------------------------------- init
     def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes <= 0:
+            return nn.Identity()
+        return nn.Linear(self.num_features, num_classes, bias=self.config.head_bias)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -127,7 +96,8 @@ class SparseFormer(nn.Module):
 
         Order: every Linear/LayerNorm, then ops with ``reset_parameters`` (zeroed RoI-adjust
         and offset projections, grid offsets, static initial mixing), then the token table
-        (trunc-normal std 1) and the RoI grid.
+        (trunc-normal std 1), the CLS token (trunc-normal std 0.02) and the RoI grid; stage
+        embeddings stay zero.
         """
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -141,18 +111,27 @@ class SparseFormer(nn.Module):
             if isinstance(m, (RoiAdjustOp, SampleMixOp)):
                 m.reset_parameters()
         nn.init.trunc_normal_(self.initial_tokens, std=1.0)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.initial_rois.copy_(self._initial_roi_prior())
 
     def _num_latent_tokens(self) -> int:
         return self.config.num_tokens
 
     def _initial_roi_prior(self) -> Tensor:
+        if self.config.roi_init == "grid_and_whole":
+            return grid_and_whole_rois(self.config.num_tokens)
         return grid_rois(self.config.num_tokens)
 
     # ----------------------------------------------------------------------------- timm API
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay (besides biases and norms)."""
-        return {"initial_rois"}
+        names = {"initial_rois", "cls_token"} if self.cls_token is not None else {"initial_rois"}
+        return names | {
+            f"stages.{i}.stage_embedding"
+            for i, stage in enumerate(self.stages)
+            if stage.stage_embedding is not None
+        }
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, str | list]:
@@ -168,10 +147,11 @@ class SparseFormer(nn.Module):
         else:
             blocks = [
                 (r"^stages\.(\d+)\.transition", None),
+                (r"^stages\.(\d+)\.stage_embedding", None),
                 (r"^stages\.(\d+)\.units\.(\d+)", None),
                 (r"^fc_norm", (99999,)),
             ]
-        return {"stem": r"^stem|^initial_rois|^initial_tokens", "blocks": blocks}
+        return {"stem": r"^stem|^initial_rois|^initial_tokens|^cls_token", "blocks": blocks}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -185,20 +165,24 @@ class SparseFormer(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier with a fresh one of ``num_classes`` (0 removes it), on the
-        model's device and in its dtype. ``global_pool``: ``"avg"`` (average the tokens) or
-        ``""`` (no pooling: ``forward_head`` normalises and classifies every token)."""
+        model's device and in its dtype. ``global_pool``: ``"avg"`` (average the tokens),
+        ``"token"`` (the CLS token, for models with one) or ``""`` (no pooling:
+        ``forward_head`` normalises and classifies every token)."""
         if global_pool is not None:
-            if global_pool not in ("avg", ""):
+            allowed = ("avg", "", "token") if self.cls_token is not None else ("avg", "")
+            if global_pool not in allowed:
                 raise ValueError(
-                    f"global_pool must be 'avg' (average the tokens) or '' (one output per "
-                    f"token), got {global_pool!r}"
+                    "global_pool must be 'avg' (average the tokens)"
+                    + (", 'token' (the CLS token)" if self.cls_token is not None else "")
+                    + f" or '' (one output per token), got {global_pool!r}"
                 )
             self.global_pool = global_pool
         self.num_classes = num_classes
         head = self._make_head(num_classes)
         if isinstance(head, nn.Linear):
             nn.init.trunc_normal_(head.weight, std=0.02)
-            nn.init.zeros_(head.bias)
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)
         like = self.fc_norm.weight
         self.head = head.to(device=like.device, dtype=like.dtype)
 
@@ -246,7 +230,9 @@ class SparseFormer(nn.Module):
         self._check_input(x)
         feats = self.stem(x)
         B = x.shape[0]
-        tokens = self.initial_tokens.unsqueeze(0).expand(B, -1, -1)  # (N, D) -> (B, N, D)
+        N = self.initial_rois.shape[0]
+        # (N, D), or one shared (1, D), -> (B, N, D)
+        tokens = self.initial_tokens.unsqueeze(0).expand(B, N, -1)
         rois = (
             at_least_fp32(self.initial_rois).unsqueeze(0).expand(B, -1, -1)
         )  # (N, 2D) -> (B, N, 2D)
@@ -261,13 +247,16 @@ class SparseFormer(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         feats, tokens, rois = self._embed(x)
         # The clamp bound is one feature cell (1/H), times the fp16 loss scale if any.
-        bound = coord_grad_scale / feats.shape[-2]
+        bound = coord_grad_scale / feats.shape[-2] if self.config.coord_grad_clamp else None
         rates = iter(self.drop_path_rates)
         # Recomputation would append the sampling points twice, so details turn it off.
         recompute = self.grad_checkpointing and torch.is_grad_enabled() and points_out is None
-        for stage in self.stages:
+        for s, stage in enumerate(self.stages):
             tokens = stage.transition(tokens)
-            for unit in stage.applications():
+            for u, repetition, unit in stage.applications():
+                if (s, u) == self.cls_token_at and repetition == 0:
+                    tokens = self._prepend_cls_token(tokens)
+                tokens = stage.embed(tokens, u, repetition)
                 ctx = OpContext(next(rates), bound, points_out)
                 if recompute and not torch.jit.is_tracing():
                     tokens, rois = checkpoint(unit, tokens, rois, feats, ctx, use_reentrant=False)
@@ -277,8 +266,15 @@ class SparseFormer(nn.Module):
                     rois_out.append(rois)
         return tokens, rois
 
+    def _prepend_cls_token(self, tokens: Tensor) -> Tensor:
+        """``(B, N, D) -> (B, 1 + N, D)``: the CLS token first, as in ViTs. It has no RoI: the
+        RoIs stay ``(B, N, 2D)`` for the N latent tokens (the config puts no RoI op after)."""
+        B, _, D = tokens.shape
+        cls = self.cls_token.to(tokens.dtype).unsqueeze(0).expand(B, -1, -1)  # (1, D) -> (B, 1, D)
+        return torch.cat([cls, tokens], dim=1)
+
     def forward_features(self, x: Tensor, *, coord_grad_scale: float | Tensor = 1.0) -> Tensor:
-        """Final latent tokens.
+        """Final tokens: the latent tokens, after the CLS token if the model has one.
 
         Args:
             x: ``(B, 3, H, W)`` normalised images, any size (at least 1 x 1 after the stem).
@@ -286,15 +282,20 @@ class SparseFormer(nn.Module):
                 coordinate-gradient clamp bounds the *unscaled* gradient by ``1/H``.
 
         Returns:
-            ``(B, N, D)`` tokens.
+            ``(B, N, D)`` tokens, ``(B, 1 + N, D)`` with a CLS token (first).
         """
         return self._run(x, coord_grad_scale, None, None)[0]
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
-        """Average tokens, normalise, (dropout,) classify: ``(B, N, D) -> (B, classes)``, or
-        ``(B, D)`` features with ``pre_logits``. With ``global_pool=""`` the tokens are not
-        averaged: ``(B, N, classes)`` or ``(B, N, D)``."""
-        x = self.fc_norm(tokens.mean(dim=1) if self.global_pool == "avg" else tokens)
+        """Pool tokens, normalise, (dropout,) classify: ``(B, N, D) -> (B, classes)``, or
+        ``(B, D)`` features with ``pre_logits``. ``global_pool="avg"`` averages the tokens,
+        ``"token"`` takes the CLS token (the first); with ``""`` the tokens are not pooled:
+        ``(B, N, classes)`` or ``(B, N, D)``."""
+        if self.global_pool == "avg":
+            tokens = tokens.mean(dim=1)
+        elif self.global_pool == "token":
+            tokens = tokens[:, 0]  # (B, 1 + N, D) -> (B, D)
+        x = self.fc_norm(tokens)
         return x if pre_logits else self.head(self.head_drop(x))
 
     def forward(self, x: Tensor, *, coord_grad_scale: float | Tensor = 1.0) -> Tensor:

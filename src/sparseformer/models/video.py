@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 from sparseformer.config import VideoSparseFormerConfig
-from sparseformer.layers import grid_rois
 from sparseformer.models.blocks import SampleMixOp
 from sparseformer.models.sparseformer import SparseFormer
 
@@ -129,7 +128,7 @@ class VideoSparseFormer(SparseFormer):
         return self.config.num_tokens * self.config.replicates
 
     def _initial_roi_prior(self) -> Tensor:
-        return time_tiled_rois(grid_rois(self.config.num_tokens), self.config.replicates)
+        return time_tiled_rois(super()._initial_roi_prior(), self.config.replicates)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -137,7 +136,8 @@ class VideoSparseFormer(SparseFormer):
         time offsets spread over each token's time slice (:func:`time_grid_offsets`)."""
         super().init_weights()
         N, R = self.config.num_tokens, self.config.replicates
-        self.initial_tokens.copy_(self.initial_tokens[:N].repeat(R, 1))  # (N, D) -> (R*N, D)
+        if not self.config.shared_initial_token:  # one (1, D) embedding is shared anyway
+            self.initial_tokens.copy_(self.initial_tokens[:N].repeat(R, 1))  # (N, D) -> (R*N, D)
         for m in self.modules():
             if isinstance(m, SampleMixOp):
                 bias = m.offset_bias.view(m.num_points, 3)  # (P*3,) -> (P, 3) as (x, y, t)
