@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from sparseformer.weights.convert_btsp import (
+    BTSP_FORMAT,
+    convert_btsp_state_dict,
+    is_btsp_layout,
+)
+
 __all__ = [
     "FORMATS",
     "CheckpointError",
@@ -92,7 +98,7 @@ UNIT: dict[str, dict[str, str]] = {
 }
 TRANSITION = {"0.": "transition.proj.", "1.": "transition.norm."}
 
-FORMATS = ("sparseformer", "imagenet", "v2")
+FORMATS = ("sparseformer", "imagenet", "v2", BTSP_FORMAT)
 # A key that only the given format has; "sparseformer" is this library's own.
 _SIGNATURES = {
     "sparseformer": "initial_rois",
@@ -179,12 +185,15 @@ def unwrap_checkpoint(
 
 
 def detect_format(keys: list[str] | set[str]) -> str:
-    """Name the checkpoint format from its keys: ``sparseformer``, ``imagenet`` or ``v2``.
+    """Name the checkpoint format from its keys: ``sparseformer``, ``imagenet``, ``v2`` or
+    ``btsp`` (the bootstrapped SparseFormers in the authors' library layout).
 
     Raises:
         NotASparseFormerCheckpoint: with a hint when the keys look like another model.
     """
     keys = set(keys)
+    if is_btsp_layout(keys):  # the bootstrapped family, in the authors' library layout
+        return BTSP_FORMAT
     for name, signature in _SIGNATURES.items():
         if signature in keys:
             return name
@@ -223,6 +232,9 @@ def convert_state_dict(
     report = ConversionReport(fmt)
     if fmt == "sparseformer":
         return dict(state), report
+    if fmt == BTSP_FORMAT:  # tables in convert_btsp.py
+        converted, report.renamed, report.dropped = convert_btsp_state_dict(state)
+        return converted, report
     # Which flat layer indices are transitions, and so where stages begin.
     transition_ids = {
         int(m.group(1))
