@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sparseformer import CheckpointError, create_model, load_checkpoint
+from sparseformer.weights.checkpoint import read_checkpoint
 from sparseformer.weights.convert import detect_format
-from sparseformer.weights.factory import read_checkpoint
 
 from .conftest import DATA
 
@@ -162,7 +162,7 @@ def test_pickled_code_never_runs_and_the_weights_still_load(tmp_path):
     load_checkpoint(model, path)
     assert not marker.exists()  # exec was named by the file but never called
     torch.testing.assert_close(model.initial_rois.detach(), official("v2")["initial_roi.weight"])
-    assert "exec" in repr(read_checkpoint(path)["payload"])  # kept as inert data
+    assert "exec" in repr(read_checkpoint(path).extras["payload"])  # kept as inert data
 
 
 def test_release_saved_with_its_training_args_loads(tmp_path, caplog):
@@ -177,13 +177,13 @@ def test_release_saved_with_its_training_args_loads(tmp_path, caplog):
     extras |= {"max_accuracy": np.float64(81.0), "arr": np.arange(3), "epoch": 299}
     torch.save({"model": official("imagenet"), **extras}, path)
     model = fixture_model()
-    with caplog.at_level(logging.INFO, logger="sparseformer.weights.factory"):
+    with caplog.at_level(logging.INFO, logger="sparseformer.weights.reading"):
         load_checkpoint(model, path)
     assert "argparse.Namespace" in caplog.text and "inert data" in caplog.text
     torch.testing.assert_close(
         model.initial_rois.detach(), official("imagenet")["token_roi.weight"]
     )
-    loaded = read_checkpoint(path)
+    loaded = read_checkpoint(path).extras
     assert loaded["args"].lr == 1e-3 and loaded["config"]["LR"] == 1e-3 and loaded["epoch"] == 299
 
 

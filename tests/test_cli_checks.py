@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from sparseformer import create_model
-from sparseformer.engine.session import pick_device
-from sparseformer.weights.factory import read_checkpoint
+from sparseformer.engine.device import pick_device
+from sparseformer.weights.checkpoint import read_checkpoint
 
 from .test_data import make_folder
 from .test_train_errors import NANO, one_line_error, run_cli
@@ -128,11 +128,11 @@ def test_convert_keeps_what_a_training_checkpoint_says_about_itself(tmp_path, fo
     code, _, err = run_cli(capsys, "convert", str(pt), str(out))
     assert code == 0, err
     back = read_checkpoint(out)
-    assert back["class_names"] == ["cat", "dog", "emu"] and back["model_name"] == NANO
-    assert back["preprocessing"]["img_size"] == 40
+    assert back.class_names == ("cat", "dog", "emu") and back.model_name == NANO
+    assert back.img_size == 40
     original = torch.load(pt, weights_only=True)["model"]
-    assert back["model"].keys() == original.keys()
-    assert all(torch.equal(back["model"][k], v) for k, v in original.items())
+    assert back.state_dict.keys() == original.keys()
+    assert all(torch.equal(back.state_dict[k], v) for k, v in original.items())
     image = str(next((folder / "val" / "dog").iterdir()))
     results = []
     for ckpt in (pt, out):  # the same names and preprocessing, so the same answer
@@ -184,7 +184,7 @@ def test_exif_orientation_is_applied_wherever_images_are_read(tmp_path):
 def test_train_runs_on_an_indexed_device(tmp_path, folder, capsys, monkeypatch):
     # "cuda:N" must reach the trainer with its index; on a machine without GPUs the same code
     # path is taken by the one indexed device it has, spelled as torch spells CUDA's
-    from sparseformer.engine import session
+    from sparseformer.engine import device as session
 
     monkeypatch.setattr(session, "pick_device", lambda requested, **_: "cpu:0")
     code, _, err = run_cli(capsys, "train", "--model", NANO, "--data-dir", str(folder),

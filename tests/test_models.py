@@ -222,8 +222,9 @@ def test_timm_training_script_arguments():
 
 
 def test_pretrained_cfg_for_timm_data_config():
-    assert timm.list_models("sparseformer*", pretrained=True) == [
-        "sparseformer_v1_base", "sparseformer_v1_small", "sparseformer_v1_tiny",
+    assert timm.list_models("sparseformer_v1*", pretrained=True) == [
+        f"sparseformer_v1_{size}.{tag}" for size in ("base", "small", "tiny")
+        for tag in ("in1k", "in1k_v2")
     ]  # fmt: skip
     assert timm.models.get_pretrained_cfg("sparseformer_v1_tiny").input_size == (3, 224, 224)
     model = timm.create_model(

@@ -139,7 +139,7 @@ def test_rotation_or_size_changing_midway_keeps_every_frame_at_the_first_shown_s
 
 
 def test_too_few_frames_for_the_token_replicates_warn(caplog):
-    from sparseformer.engine.modeling import build_model
+    from sparseformer.weights.build import build_model
 
     with caplog.at_level("WARNING"):
         model = build_model(MODEL, 2, num_frames=2)  # 4 replicates: 2 time slices read padding

@@ -72,7 +72,7 @@ def build_model(
         extra = {"num_frames": num_frames} if video and num_frames is not None else {}
         return create_model(name, num_classes=num_classes, **extra)
     if not timm.is_model(name):
-        from sparseformer.engine.modeling import close_model_names
+        from sparseformer.weights.build import close_model_names
 
         raise BenchError(
             f"unknown model {name!r}{close_model_names(name)} (neither a SparseFormer name, "

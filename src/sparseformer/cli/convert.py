@@ -2,7 +2,7 @@
 
 A ``sparseformer train`` checkpoint converts too; what it says about itself (model name,
 class names, preprocessing, clip settings) travels in the safetensors metadata, and
-:func:`sparseformer.weights.factory.read_checkpoint` reads it back."""
+:func:`sparseformer.weights.checkpoint.read_checkpoint` reads it back."""
 
 from __future__ import annotations
 
@@ -32,14 +32,9 @@ def run(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from sparseformer.cli import CliError, check_output
-    from sparseformer.weights.convert import convert_state_dict, unwrap_checkpoint
-    from sparseformer.weights.factory import (
-        check_all_keys_mapped,
-        create_model,
-        load_checkpoint,
-        read_checkpoint,
-    )
-    from sparseformer.weights.registry import image_model_of
+    from sparseformer.weights.checkpoint import check_model, read_checkpoint
+    from sparseformer.weights.factory import create_model
+    from sparseformer.weights.loading import load_checkpoint, require_sparseformer_layout
 
     out = Path(args.output)
     if out.exists() and out.resolve() == Path(args.input).resolve():
@@ -49,27 +44,17 @@ def run(args: argparse.Namespace) -> int:
             f"OUT {str(out)!r} is a folder; give a file path, e.g. {out / 'model.safetensors'}"
         )
     check_output(out, "OUT")  # a parent that is a file, a folder we may not write in
-    raw = read_checkpoint(args.input)
-    state, wrapper = unwrap_checkpoint(raw, prefer_ema=args.ema)
-    converted, report = convert_state_dict(state)
-    report.wrapper = wrapper
-    check_all_keys_mapped(report)  # nothing of the authors' weights may be left behind
-    trained_as = raw.get("model_name") if isinstance(raw, dict) else None
-    twin = bool(args.model) and trained_as == image_model_of(args.model)
-    if args.model and isinstance(trained_as, str) and trained_as != args.model and not twin:
-        raise CliError(
-            f"{str(args.input)!r} is a checkpoint of {trained_as!r}, not {args.model!r}; "
-            f"pass --model {trained_as}"
-        )
+    ckpt = read_checkpoint(args.input, prefer_ema=args.ema)
+    report = require_sparseformer_layout(ckpt)  # nothing of the authors' weights left behind
     if args.model:
-        num_classes = converted["head.weight"].shape[0] if "head.weight" in converted else 0
+        check_model(ckpt, args.model)  # a video model takes its image model's, inflated
         load_checkpoint(
-            create_model(args.model, num_classes=num_classes),
-            converted,
+            create_model(args.model, num_classes=ckpt.num_classes),
+            ckpt,
             allow_classifier_mismatch=False,
         )
     tmp = out.with_name(out.name + ".tmp")
-    tensors = {k: v.contiguous() for k, v in converted.items()}
+    tensors = {k: v.contiguous() for k, v in ckpt.state_dict.items()}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_file(
@@ -78,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             metadata={
                 "source_format": report.source_format,
                 "renamed": json.dumps(report.renamed),
-                **_run_metadata(raw),
+                **_run_metadata(ckpt),
             },
         )
         _default_permissions(tmp, out)
@@ -117,14 +102,10 @@ def _run_metadata(checkpoint) -> dict[str, str]:
     its model name, classes, preprocessing and clips); empty for an official checkpoint."""
     import json
 
-    from sparseformer.engine.session import checkpoint_info
-    from sparseformer.weights.factory import RUN_INFO_KEY
+    from sparseformer.weights.checkpoint import RUN_FIELDS
+    from sparseformer.weights.reading import RUN_INFO_KEY
 
-    if not isinstance(checkpoint, dict):
+    info = {k: v for k, v in checkpoint.run_info().items() if k in RUN_FIELDS}
+    if set(info) <= {"num_classes"}:  # records nothing: the weights say it all
         return {}
-    info = checkpoint_info(checkpoint)
-    info = {k: v for k, v in info.items() if k in RUN_INFO_FIELDS}
-    return {RUN_INFO_KEY: json.dumps(info)} if info else {}
-
-
-RUN_INFO_FIELDS = ("model_name", "num_classes", "class_names", "preprocessing", "video")
+    return {RUN_INFO_KEY: json.dumps(info)}

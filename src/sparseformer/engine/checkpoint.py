@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparseformer.weights.factory import read_checkpoint
+from sparseformer.weights.checkpoint import check_model, read_checkpoint
+from sparseformer.weights.convert import CheckpointError
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -100,17 +101,28 @@ def _on_cpu(obj: Any) -> Any:
     return obj
 
 
-def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read one of our training checkpoints (safely); other files raise ``CheckpointError``."""
-    from sparseformer.weights.convert import CheckpointError
+def read_training_checkpoint(
+    path: str | os.PathLike, model_name: str | None = None
+) -> dict[str, Any]:
+    """Read one of our training checkpoints (safely, through
+    :func:`~sparseformer.weights.checkpoint.read_checkpoint`) to resume it: its top-level
+    entries (weights, optimizer, scaler, step, RNG states, recipe, ...).
 
+    Args:
+        model_name: the model resuming it; a run of another model is refused.
+
+    Raises:
+        CheckpointError: not a training checkpoint, or a run of another model.
+    """
     ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
+    if "model" not in ckpt.extras or "step" not in ckpt.extras:
         raise CheckpointError(
             f"{str(path)!r} is not a sparseformer training checkpoint (no model/step entries); "
             "to start from weights, pass it with --checkpoint instead of --resume"
         )
-    return ckpt
+    if model_name is not None:
+        check_model(ckpt, model_name, resume=True)
+    return dict(ckpt.extras)
 
 
 def capture_rng(device: torch.device | str | None = None) -> dict[str, Any]:

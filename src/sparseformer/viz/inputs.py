@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,6 @@ __all__ = [
     "load_image",
     "preprocess",
     "display_image",
-    "checkpoint_metadata",
     "imagenet_class_names",
     "load_model_for_viz",
 ]
@@ -156,80 +155,15 @@ def imagenet_class_names() -> list[str]:
     return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
 
 
-_META_CONTAINERS = (
-    "preprocessing",  # sparseformer train's checkpoints
-    "meta",
-    "metadata",
-    "data",
-    "data_config",
-    "config",
-    "train_config",
-    "args",
-)
-
-
-def checkpoint_metadata(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """Class names, mean/std and input size stored beside the weights, where present.
-
-    Looks at the checkpoint's top level and in nested dicts such as ``preprocessing``,
-    ``meta`` or ``config``, for ``class_names``/``classes``, ``mean``, ``std``,
-    ``input_size``/``img_size``/``image_size`` and ``interpolation``.
-
-    Returns:
-        A dict with any of the keys ``class_names``, ``mean``, ``std``, ``input_size``,
-        ``interpolation``.
-    """
-    scopes = [checkpoint] + [
-        checkpoint[k] for k in _META_CONTAINERS if isinstance(checkpoint.get(k), Mapping)
-    ]
-    found: dict[str, Any] = {}
-    for scope in scopes:
-        for key in ("class_names", "classes"):
-            names = scope.get(key)
-            if "class_names" not in found and _is_str_list(names):
-                found["class_names"] = [str(n) for n in names]
-        for key in ("mean", "std"):
-            value = scope.get(key)
-            if key not in found and _is_float_seq(value, 3):
-                found[key] = tuple(float(v) for v in value)
-        value = scope.get("interpolation")
-        if "interpolation" not in found and isinstance(value, str):
-            found["interpolation"] = value
-        for key in ("input_size", "img_size", "image_size"):
-            value = scope.get(key)
-            if "input_size" in found or value is None:
-                continue
-            if isinstance(value, int):
-                found["input_size"] = value
-            elif _is_float_seq(value, None) and len(value) in (1, 2, 3):
-                found["input_size"] = int(value[-1])  # (3, H, W), (H, W) or (S,): square side
-    return found
-
-
-def _is_str_list(value: object) -> bool:
-    return (
-        isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) for v in value)
-    )
-
-
-def _is_float_seq(value: object, length: int | None) -> bool:
-    if torch.is_tensor(value):
-        value = value.tolist()
-    return (
-        isinstance(value, (list, tuple))
-        and (length is None or len(value) == length)
-        and all(isinstance(v, (int, float)) for v in value)
-    )
-
-
 def load_model_for_viz(
     name: str | None, checkpoint: str | os.PathLike | None = None
 ) -> tuple[nn.Module, ModelInfo]:
     """Build a model (with weights from ``checkpoint`` when given) in eval mode, with its info.
 
-    The classifier size is taken from the checkpoint, so a model fine-tuned on 10 classes keeps
-    its own classifier instead of a fresh one. Label names: the checkpoint's stored class names,
-    else ImageNet's for 1000 classes, else none.
+    The model is built as the checkpoint was trained (see
+    :func:`sparseformer.weights.build.model_from_checkpoint`), so a model fine-tuned on 10
+    classes keeps its own classifier. Preprocessing and label names: the checkpoint's where it
+    records them, else the released weights'; ImageNet's names for 1000 classes, else none.
 
     Args:
         name: a registered model name; ``None`` takes the name a ``sparseformer train``
@@ -239,55 +173,35 @@ def load_model_for_viz(
     Raises:
         ValueError: no name given and none stored, or a checkpoint trained as another model.
     """
-    from sparseformer.weights.factory import (
-        checkpoint_num_classes,
-        checkpoint_replicates,
-        create_model,
-        get_model_spec,
-        load_checkpoint,
-        read_checkpoint,
-    )
-    from sparseformer.weights.registry import MODELS
+    from sparseformer.weights.build import model_from_checkpoint
+    from sparseformer.weights.checkpoint import check_model, read_checkpoint
+    from sparseformer.weights.factory import create_model, released_weights
 
-    ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
-    trained_as = ckpt.get("model_name") if isinstance(ckpt, Mapping) else None
-    if isinstance(trained_as, str) and trained_as not in MODELS:
-        raise ValueError(
-            f"{str(checkpoint)!r} is a checkpoint of {trained_as!r}, which has no RoIs to draw; "
-            "viz draws SparseFormer models (see `sparseformer models`)"
-        )
-    if name is None:
-        if not isinstance(trained_as, str):
+    if checkpoint is None:
+        if name is None:
             raise ValueError("which model? pass --model NAME (see `sparseformer models`)")
-        name = trained_as
-    elif isinstance(trained_as, str) and trained_as != name:
-        raise ValueError(
-            f"{str(checkpoint)!r} is a checkpoint of {trained_as!r}, not {name!r}; "
-            f"pass --model {trained_as}"
-        )
-    spec = get_model_spec(name)
-    info = ModelInfo()
-    if spec.weights is not None:
-        w = spec.weights
-        info = ModelInfo(w.input_size[-1], w.mean, w.std, None, w.interpolation)
-    if ckpt is None:
-        model = create_model(name)
+        model, ckpt = create_model(name).eval(), None
     else:
-        replicates = checkpoint_replicates(ckpt, name)
-        extra = {"replicates": replicates} if replicates is not None else {}
-        model = create_model(name, num_classes=checkpoint_num_classes(ckpt), **extra)
-        load_checkpoint(model, ckpt, allow_classifier_mismatch=False)
-        meta = checkpoint_metadata(ckpt)
-        info = ModelInfo(
-            meta.get("input_size", info.input_size),
-            meta.get("mean", info.mean),
-            meta.get("std", info.std),
-            meta.get("class_names"),
-            meta.get("interpolation", info.interpolation),
+        ckpt = read_checkpoint(checkpoint)
+        reason = (
+            "which has no RoIs to draw; viz draws SparseFormer models (see `sparseformer models`)"
         )
-        video = ckpt.get("video") if isinstance(ckpt, Mapping) else None
-        if isinstance(video, Mapping):
-            info.clip = {k: video[k] for k in ("num_frames", "stride", "sampling") if k in video}
+        name = check_model(ckpt, name, sparseformers_only=reason)
+        model, ckpt = model_from_checkpoint(name, ckpt)
+    w = released_weights(name)
+    info = ModelInfo(w.input_size[-1], w.mean, w.std, None, w.interpolation) if w else ModelInfo()
+    if ckpt is not None:
+        pre = ckpt.preprocessing
+        info = ModelInfo(
+            pre.get("img_size", info.input_size),
+            pre.get("mean", info.mean),
+            pre.get("std", info.std),
+            list(ckpt.class_names) if ckpt.class_names is not None else None,
+            pre.get("interpolation", info.interpolation),
+        )
+        if ckpt.video is not None:
+            keys = ("num_frames", "stride", "sampling")
+            info.clip = {k: ckpt.video[k] for k in keys if k in ckpt.video}
     num_classes = getattr(model, "num_classes", 0)
     if info.class_names is not None and len(info.class_names) != num_classes:
         logger.warning(
@@ -298,4 +212,4 @@ def load_model_for_viz(
         info.class_names = None
     if info.class_names is None and num_classes == 1000:
         info.class_names = imagenet_class_names()
-    return model.eval(), info
+    return model, info

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from sparseformer.config import VideoSparseFormerConfig
-from sparseformer.weights.convert import CheckpointError, convert_state_dict, unwrap_checkpoint
+from sparseformer.weights.checkpoint import FOREIGN, read_checkpoint
+from sparseformer.weights.convert import CheckpointError, detect_format
 
 __all__ = ["is_image_state_dict", "inflate_image_state_dict"]
 
@@ -79,8 +80,10 @@ def inflate_image_state_dict(
         CheckpointError: not an image SparseFormer checkpoint, or one whose token or point
             count differs from ``config``.
     """
-    state, _ = unwrap_checkpoint(dict(image_state))
-    state, report = convert_state_dict(state)
+    checkpoint = read_checkpoint(image_state)  # any layout: converted to ours
+    if checkpoint.source_format == FOREIGN:
+        detect_format(list(checkpoint.state_dict))  # raises, naming what the keys look like
+    state, source_format = checkpoint.state_dict, checkpoint.source_format
     if not is_image_state_dict(state):
         shape = tuple(state["initial_rois"].shape) if "initial_rois" in state else None
         raise CheckpointError(
@@ -114,7 +117,7 @@ def inflate_image_state_dict(
     logger.info(
         "inflated an image checkpoint%s to video: %d tokens x %d replicates, zero time "
         "offsets and RoI-time updates",
-        "" if report.source_format == "sparseformer" else f" ({report.source_format} layout)",
+        "" if source_format == "sparseformer" else f" ({source_format} layout)",
         N,
         R,
     )

@@ -10,12 +10,26 @@ from dataclasses import dataclass, fields
 from types import MappingProxyType
 
 from sparseformer.config import SparseFormerConfig, StageConfig, VideoSparseFormerConfig
+from sparseformer.weights.convert_btsp import btsp_config
 
-__all__ = ["WeightsSpec", "ModelSpec", "MODELS", "IMAGENET_MEAN", "IMAGENET_STD", "image_model_of"]
+__all__ = [
+    "WeightsSpec",
+    "ModelSpec",
+    "MODELS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "image_model_of",
+    "split_tag",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_RELEASE = "https://github.com/showlab/sparseformer/releases/download/v1.0/"
+# The authors' two releases of the same ImageNet-1K weights: the ImageNet release's layout
+# (``sparseformer_{t,s,b}_imagenet1k.pth``) and their refactored library's
+# (``sparseformer_v1_{tiny,small,base}_converted.pth``); see weights/convert.py.
+_RELEASE = "https://github.com/showlab/sparseformer/releases/download/"
+_IMAGENET_RELEASE = _RELEASE + "v1.0.0-imagenet/"
+_LIBRARY_RELEASE = _RELEASE + "v2.0.0-refactor/"
 
 
 @dataclass(frozen=True)
@@ -24,6 +38,7 @@ class WeightsSpec:
 
     Attributes:
         url: download address (used only when ``pretrained=True`` is asked for).
+        tag: the pretrained tag, timm-style ``name.tag`` (``sparseformer_v1_tiny.in1k``).
         source_format: checkpoint layout (see :mod:`sparseformer.weights.convert`).
         sha256: expected hash of the file, or ``None`` where the authors published none.
         mean, std, crop_pct, input_size, interpolation: the eval preprocessing.
@@ -31,6 +46,7 @@ class WeightsSpec:
     """
 
     url: str
+    tag: str = "in1k"
     source_format: str = "imagenet"
     sha256: str | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -43,11 +59,55 @@ class WeightsSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A named model: its architecture and, when released, its weights."""
+    """A named model: its architecture and, when released, its weights.
+
+    Attributes:
+        weights: the default released weights (what ``pretrained=True`` loads).
+        other_weights: further releases, each chosen by its tag (``name.tag``).
+    """
 
     config: SparseFormerConfig
     weights: WeightsSpec | None = None
     description: str = ""
+    other_weights: tuple[WeightsSpec, ...] = ()
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """The pretrained tags, the default first; empty without released weights."""
+        released = (self.weights, *self.other_weights) if self.weights is not None else ()
+        return tuple(w.tag for w in released)
+
+    def weights_for(self, tag: str | None = None) -> WeightsSpec | None:
+        """The released weights of ``tag`` (``None``: the default).
+
+        Raises:
+            ValueError: a tag this model has no weights under (the message lists its tags).
+        """
+        if tag is None:
+            return self.weights
+        for weights in (self.weights, *self.other_weights):
+            if weights is not None and weights.tag == tag:
+                return weights
+        known = ", ".join(self.tags) or "none: this model has no released weights"
+        raise ValueError(f"no pretrained tag {tag!r}; tags: {known}")
+
+
+def _released(letter: str, size: str, top1: float) -> dict:
+    """The ModelSpec fields of one released size: the ImageNet release's file (default,
+    tag ``in1k``) and the authors' library's (tag ``in1k_v2``), the same weights."""
+    return {
+        "weights": WeightsSpec(
+            _IMAGENET_RELEASE + f"sparseformer_{letter}_imagenet1k.pth", top1=top1
+        ),
+        "other_weights": (
+            WeightsSpec(
+                _LIBRARY_RELEASE + f"sparseformer_v1_{size}_converted.pth",
+                tag="in1k_v2",
+                source_format="v2",
+                top1=top1,
+            ),
+        ),
+    }
 
 
 def _v1(width: int, cortex_blocks: int, tokens: int, drop_path: float) -> SparseFormerConfig:
@@ -77,22 +137,86 @@ _MICRO = SparseFormerConfig(
     drop_path_rate=0.05,
 )
 
+# The bootstrapped SparseFormers (Gao et al., CVPR 2024, arXiv 2312.01987): a focusing part
+# in front of most of a pretrained ViT. Eval preprocessing of the authors' library: resize 256
+# (bilinear), centre crop 224, the teacher's mean/std.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _btsp(
+    focus_width: int, cortex_width: int, cortex_blocks: int, tokens: int, outputs: int, clip: bool
+) -> SparseFormerConfig:
+    """A bootstrapped SparseFormer from the authors' constructor arguments: the focusing unit
+    (sample+mix, PE injection, attention, MLP, RoI adjust) applied 4 times at
+    ``focus_width``, a transition, a sample+mix+PE unit at ``cortex_width``, then
+    ``cortex_blocks`` ViT blocks; a CLS token joins before the third unit. ``outputs``: the
+    classes (AugReg, classifier with bias) or the CLIP embedding width (projection without
+    bias, QuickGELU in the cortex)."""
+    cortex = [["ATTN", "MLP"]] * cortex_blocks
+    return btsp_config(
+        {
+            "conv_dim": 64,
+            "num_latent_tokens": tokens,
+            "num_sampling_points": 36,
+            "same_token_embedding": True,
+            "cls_token_insert_layer": 2,
+            "width_configs": [focus_width] + [cortex_width] * (1 + cortex_blocks),
+            "repeats": [4] + [1] * (1 + cortex_blocks),
+            "head_op": "cls",
+            "proj_dim": outputs,
+            "proj_bias": not clip,
+            "ops_list": [
+                ["SAMPLING_M", "PE_INJECT", "ATTN", "MLP", "ROI_ADJ"],
+                ["SAMPLING_M", "PE_INJECT"],
+                *cortex,
+            ],
+            "compatible_config": {
+                "pg_inner_dim": 128,
+                "grid_sample_config": {"padding_mode": "border"},
+                "type_num_attn_heads": 2,
+                "type_op_adjust": 2,
+                "restrict_grad_norm": False,
+                "transition_ln": False,
+                "mixing_bias": False,
+                "ln_eps": 1e-5,
+                "use_stage_embedding": True,
+                "clip_quick_gelu": clip,
+            },
+        }
+    )
+
+
+def _btsp_weights(name: str, clip: bool, top1: float | None = None) -> WeightsSpec:
+    """The authors' library release of ``name`` (their ``*_converted.pth`` layout)."""
+    return WeightsSpec(
+        _LIBRARY_RELEASE + f"{name}_converted.pth",
+        tag="openai" if clip else "augreg_in21k_ft_in1k",
+        source_format="btsp",
+        mean=OPENAI_CLIP_MEAN if clip else (0.5, 0.5, 0.5),
+        std=OPENAI_CLIP_STD if clip else (0.5, 0.5, 0.5),
+        crop_pct=224 / 256,
+        interpolation="bilinear",
+        top1=top1,
+    )
+
+
 MODELS = MappingProxyType(
     {
         "sparseformer_v1_tiny": ModelSpec(
             _v1(256, 8, 49, 0.2),
-            WeightsSpec(_RELEASE + "sparseformer_t_imagenet1k.pth", top1=81.0),
-            "SparseFormer-T, 49 tokens, 2.0 GFLOPs (paper)",
+            description="SparseFormer-T, 49 tokens, 2.0 GFLOPs (paper)",
+            **_released("t", "tiny", 81.0),
         ),
         "sparseformer_v1_small": ModelSpec(
             _v1(320, 8, 64, 0.3),
-            WeightsSpec(_RELEASE + "sparseformer_s_imagenet1k.pth", top1=82.0),
-            "SparseFormer-S, 64 tokens, 3.8 GFLOPs (paper)",
+            description="SparseFormer-S, 64 tokens, 3.8 GFLOPs (paper)",
+            **_released("s", "small", 82.0),
         ),
         "sparseformer_v1_base": ModelSpec(
             _v1(384, 10, 81, 0.4),
-            WeightsSpec(_RELEASE + "sparseformer_b_imagenet1k.pth", top1=82.6),
-            "SparseFormer-B, 81 tokens, 7.8 GFLOPs (paper)",
+            description="SparseFormer-B, 81 tokens, 7.8 GFLOPs (paper)",
+            **_released("b", "base", 82.6),
         ),
         # Small members of the family for CPU work: same ops, fewer and narrower everything.
         "sparseformer_v1_micro": ModelSpec(
@@ -128,8 +252,38 @@ MODELS = MappingProxyType(
             _video(_MICRO),
             description="CPU-sized video SparseFormer (16 tokens x 4 replicates, 16 points)",
         ),
+        # Bootstrapped SparseFormers (CVPR 2024): AugReg ViT and OpenAI CLIP teachers.
+        "sparseformer_btsp_augreg_base": ModelSpec(
+            _btsp(384, 768, 8, 48, 1000, clip=False),
+            _btsp_weights("sparseformer_btsp_augreg_base", clip=False),
+            "SparseFormer bootstrapped from an AugReg ViT-B, 48 tokens + CLS",
+        ),
+        "sparseformer_btsp_augreg_large": ModelSpec(
+            _btsp(512, 1024, 16, 48, 1000, clip=False),
+            _btsp_weights("sparseformer_btsp_augreg_large", clip=False, top1=84.9),
+            "SparseFormer bootstrapped from an AugReg ViT-L, 48 tokens + CLS",
+        ),
+        "sparseformer_btsp_openai_clip_base": ModelSpec(
+            _btsp(384, 768, 8, 48, 512, clip=True),
+            _btsp_weights("sparseformer_btsp_openai_clip_base", clip=True),
+            "CLIP image tower bootstrapped from OpenAI CLIP ViT-B, 48 tokens + CLS, "
+            "512-d embedding",
+        ),
+        "sparseformer_btsp_openai_clip_large": ModelSpec(
+            _btsp(512, 1024, 16, 63, 768, clip=True),
+            _btsp_weights("sparseformer_btsp_openai_clip_large", clip=True),
+            "CLIP image tower bootstrapped from OpenAI CLIP ViT-L, 63 tokens + CLS, "
+            "768-d embedding",
+        ),
     }
 )
+
+
+def split_tag(name: str) -> tuple[str, str | None]:
+    """``"sparseformer_v1_tiny.in1k_v2"`` -> ``("sparseformer_v1_tiny", "in1k_v2")``; a name
+    without a tag comes back with ``None``."""
+    base, _, tag = name.partition(".")
+    return base, tag or None
 
 
 def image_model_of(name: str) -> str | None:

@@ -27,8 +27,18 @@ def _entrypoint(name: str):
     return entrypoint
 
 
+def _cfgs() -> dict[str, dict[str, Any]]:
+    """One pretrained config per released weights (``name.tag``, the default tag first), and
+    one untagged for a model without released weights."""
+    cfgs = {}
+    for name, spec in MODELS.items():
+        for tag in spec.tags or (None,):
+            cfgs[f"{name}.{tag}" if tag else name] = pretrained_cfg(name, tag)
+    return cfgs
+
+
 # read by register_model: timm.models.get_pretrained_cfg and list_models(pretrained=True)
-default_cfgs = generate_default_cfgs({name: pretrained_cfg(name) for name in MODELS})
+default_cfgs = generate_default_cfgs(_cfgs())
 
 for _name in MODELS:
     globals()[_name] = register_model(_entrypoint(_name))

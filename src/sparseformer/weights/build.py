@@ -1,7 +1,10 @@
-"""Models for training and evaluation: our registered SparseFormers or any timm model.
+"""Models by name for training and evaluation: our registered SparseFormers or any timm model,
+built fresh or from a checkpoint.
 
-Dense timm baselines (``resnet18``, ``vit_tiny_patch16_224``, ...) train through the same
-engine, so comparisons use one recipe and one data pipeline.
+SparseFormer (Gao et al., ICLR 2024). Dense timm baselines (``resnet18``,
+``vit_tiny_patch16_224``, ...) train through the same engine, so comparisons use one recipe and
+one data pipeline. :func:`model_from_checkpoint` is the one way the commands (eval, predict,
+viz) build a model from a checkpoint.
 """
 
 from __future__ import annotations
@@ -9,29 +12,26 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
-from sparseformer.weights.convert import CheckpointError, unwrap_checkpoint
-from sparseformer.weights.factory import (
-    UnknownModelError,
-    create_model,
-    list_models,
-    load_checkpoint,
-    read_checkpoint,
-)
+from sparseformer.weights.checkpoint import Checkpoint, check_model, read_checkpoint
+from sparseformer.weights.convert import CheckpointError
+from sparseformer.weights.factory import UnknownModelError, create_model, list_models
+from sparseformer.weights.loading import load_weights
 
-__all__ = ["build_model", "check_model_name", "is_sparseformer", "load_weights", "model_input_size"]
+__all__ = [
+    "build_model",
+    "check_model_name",
+    "close_model_names",
+    "model_from_checkpoint",
+    "model_input_size",
+    "require_sparseformer",
+]
 
 logger = logging.getLogger(__name__)
-
-
-def is_sparseformer(model: nn.Module) -> bool:
-    """Whether ``model`` (or the module DDP wraps) is a SparseFormer-family model, i.e. takes
-    ``coord_grad_scale`` and has ``forward_with_details``."""
-    model = getattr(model, "module", model)
-    return hasattr(model, "forward_with_details")
 
 
 def close_model_names(name: str) -> str:
@@ -101,7 +101,7 @@ def build_model(
         num_frames: a video model's clip length (its config records it; it warns when
             fewer than its token replicates); ``None`` keeps the model's default.
         replicates: a video model's token replicates (a checkpoint's, from
-            :func:`~sparseformer.weights.factory.checkpoint_replicates`); ``None``: the default.
+            :func:`~sparseformer.weights.checkpoint.checkpoint_replicates`); ``None``: the default.
     """
     kind = check_model_name(name)
     if kind == "sparseformer":
@@ -136,34 +136,45 @@ def model_input_size(name: str) -> int | None:
     return int(cfg.input_size[-1]) if cfg is not None else None
 
 
-def load_weights(
-    model: nn.Module, checkpoint: str | os.PathLike | dict, prefer_ema: bool = False
-) -> None:
-    """Load a checkpoint into ``model`` strictly (SparseFormers: any supported format).
+def model_from_checkpoint(
+    model_name: str | None,
+    checkpoint: str | os.PathLike | Mapping[str, Any] | Checkpoint,
+    num_classes: int | None = None,
+    prefer_ema: bool = False,
+) -> tuple[nn.Module, Checkpoint]:
+    """Build a model with a checkpoint's weights (ours or either official layout), as it was
+    trained: its classes, its token replicates, its preprocessing in ``pretrained_cfg``.
 
-    A classifier of another size is replaced by a fresh one (fine-tuning), logged.
+    Args:
+        model_name: a registered SparseFormer or a timm name; ``None`` takes the model the
+            checkpoint records. A video model also takes its image model's checkpoint
+            (inflated on loading); a checkpoint of any other model is refused.
+        checkpoint: a path, a loaded mapping or a :class:`Checkpoint`.
+        num_classes: the classes the caller needs (eval: the data set's); ``None`` takes the
+            checkpoint's.
+        prefer_ema: load the EMA weights when the checkpoint has them.
+
+    Returns:
+        The model in eval mode, and the :class:`Checkpoint` it was loaded from (``ema``:
+        whether the EMA weights were loaded).
+
+    Raises:
+        CheckpointError: a checkpoint of another model, or of another number of classes.
     """
-    if is_sparseformer(model):
-        load_checkpoint(model, checkpoint, prefer_ema=prefer_ema)
-        return
-    source = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
-    state, _ = unwrap_checkpoint(source, prefer_ema=prefer_ema)
-    own = model.state_dict()
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    head_keys = {f"{n}.{k}" for n, m in model.named_modules() if m is head for k in m.state_dict()}
-    for k in head_keys:
-        if k in state and state[k].shape != own[k].shape:
-            logger.info("checkpoint classifier does not fit: keeping a fresh one (fine-tuning)")
-            state = {**{k: v for k, v in state.items() if k not in head_keys}}
-            state.update({k: own[k] for k in head_keys})
-            break
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
+    ckpt = read_checkpoint(checkpoint, prefer_ema=prefer_ema)
+    model_name = check_model(ckpt, model_name)
+    sparseformer = check_model_name(model_name) == "sparseformer"
+    classes = ckpt.num_classes if sparseformer else ckpt.num_classes or 1000
+    if num_classes is not None and num_classes != classes:
+        where = repr(ckpt.path) if ckpt.path is not None else "the checkpoint"
         raise CheckpointError(
-            f"checkpoint does not fit {model.__class__.__name__}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}; is it a checkpoint "
-            "of another model? Pass the matching --model"
+            f"{where} classifies {classes} classes but the data has {num_classes}; evaluate "
+            "on data with the same classes, or fine-tune first (sparseformer train "
+            "--checkpoint ...)"
         )
-    model.load_state_dict(state, strict=True)
+    if sparseformer:
+        model = create_model(model_name, checkpoint_path=ckpt, num_classes=classes)
+    else:
+        model = build_model(model_name, classes, ckpt.img_size)  # timm models fix their size
+        load_weights(model, ckpt)
+    return model.eval(), ckpt

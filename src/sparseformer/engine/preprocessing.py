@@ -1,0 +1,37 @@
+"""The preprocessing a command runs with: the released weights', with flags on top.
+
+A checkpoint's own preprocessing is read by :func:`sparseformer.weights.checkpoint.read_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from sparseformer.data.transforms import Preprocessing
+from sparseformer.weights.registry import MODELS
+
+__all__ = ["weights_preprocessing", "resolve_preprocessing"]
+
+
+def weights_preprocessing(model_name: str) -> Preprocessing:
+    """The eval preprocessing of a registered model's released weights (ImageNet default)."""
+    spec = MODELS.get(model_name)
+    if spec is not None and spec.weights is not None:
+        w = spec.weights
+        return Preprocessing(w.input_size[-1], w.mean, w.std, w.crop_pct, w.interpolation)
+    return Preprocessing()
+
+
+def resolve_preprocessing(
+    base: Preprocessing, img_size: int | None, crop_pct: float | None, interpolation: str | None
+) -> Preprocessing:
+    """``base`` with the given fields replaced (``None`` keeps them)."""
+    changes: dict[str, Any] = {}
+    if img_size is not None:
+        changes["img_size"] = int(img_size)
+    if crop_pct is not None:
+        changes["crop_pct"] = float(crop_pct)
+    if interpolation is not None:
+        changes["interpolation"] = interpolation
+    return dataclasses.replace(base, **changes)

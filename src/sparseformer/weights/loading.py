@@ -1,0 +1,230 @@
+"""Loading a checkpoint into a model, strictly and loudly.
+
+SparseFormer (Gao et al., ICLR 2024). Whatever the layout (ours, the ImageNet release, the
+authors' library v2), the weights arrive through
+:func:`sparseformer.weights.checkpoint.read_checkpoint`; this module fits them to a built
+model: image weights inflated for a video model, an RGB stem adapted to other input channels,
+a classifier of another size replaced (fine-tuning, on an explicit allow-list), and every
+missing, unexpected or misshapen key listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from sparseformer.weights.checkpoint import FOREIGN, Checkpoint, read_checkpoint
+from sparseformer.weights.convert import CheckpointError, ConversionReport, detect_format
+from sparseformer.weights.convert_btsp import BTSP_FORMAT, fill_missing_stage_embeddings
+from sparseformer.weights.inflate import inflate_image_state_dict, is_image_state_dict
+
+__all__ = [
+    "load_checkpoint",
+    "load_weights",
+    "is_sparseformer",
+    "check_all_keys_mapped",
+    "require_sparseformer_layout",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def is_sparseformer(model: nn.Module) -> bool:
+    """Whether ``model`` (or the module DDP wraps) is a SparseFormer-family model, i.e. takes
+    ``coord_grad_scale`` and has ``forward_with_details``."""
+    model = getattr(model, "module", model)
+    return hasattr(model, "forward_with_details")
+
+
+def load_checkpoint(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | Mapping[str, Any] | Checkpoint,
+    *,
+    allow_classifier_mismatch: bool = True,
+    prefer_ema: bool = False,
+) -> ConversionReport:
+    """Load weights of any supported format into ``model``, strictly.
+
+    Args:
+        model: the model to fill.
+        checkpoint: a path, an already-loaded checkpoint object, or a :class:`Checkpoint`
+            (see :func:`~sparseformer.weights.checkpoint.read_checkpoint`).
+        allow_classifier_mismatch: when the checkpoint's classifier has another number of
+            classes than the model's, keep the model's fresh classifier (logged) instead of
+            raising.
+        prefer_ema: take ``model_ema`` over ``model`` when a checkpoint holds both.
+
+    Returns:
+        The conversion report (source format, renamed and dropped keys).
+
+    Raises:
+        CheckpointError: unreadable file, not a SparseFormer checkpoint, or keys/shapes that do
+            not fit the model (listed).
+    """
+    ckpt = read_checkpoint(checkpoint, prefer_ema=prefer_ema)
+    report = require_sparseformer_layout(ckpt)
+    converted = dict(ckpt.state_dict)
+    if getattr(model, "roi_dims", 2) == 3 and is_image_state_dict(converted):
+        # An image checkpoint for a video model: inflate it (logged by inflate_image_state_dict).
+        converted = inflate_image_state_dict(converted, model.config)
+    own = model.state_dict()
+    if report.source_format == BTSP_FORMAT:  # released files may lack stage embeddings
+        fill_missing_stage_embeddings(converted, own)
+    _adapt_stem(converted, own)
+    if allow_classifier_mismatch:
+        _fit_classifier(converted, own, report, getattr(model, "num_classes", -1))
+    try:
+        _check_keys(own, converted, report)
+    except CheckpointError as exc:
+        if ckpt.model_name is not None:  # a training checkpoint names its model
+            raise CheckpointError(f"{exc} (the checkpoint is a {ckpt.model_name} run)") from None
+        raise
+    model.load_state_dict(converted, strict=True)
+    logger.info("loaded checkpoint: %s", report.summary())
+    return report
+
+
+def require_sparseformer_layout(checkpoint: Checkpoint) -> ConversionReport:
+    """A copy of ``checkpoint``'s conversion report, once sure that its weights are a
+    SparseFormer's and that conversion left nothing behind.
+
+    Raises:
+        NotASparseFormerCheckpoint: weights in no SparseFormer layout, with what they look
+            like; CheckpointError: keys that no conversion maps (see
+            :func:`check_all_keys_mapped`).
+    """
+    if checkpoint.source_format == FOREIGN:
+        detect_format(list(checkpoint.state_dict))  # raises, naming what the keys look like
+    report = dataclasses.replace(
+        checkpoint.report,
+        renamed=dict(checkpoint.report.renamed),
+        dropped=list(checkpoint.report.dropped),
+    )
+    check_all_keys_mapped(report)
+    return report
+
+
+def _adapt_stem(converted: dict[str, Tensor], own: Mapping[str, Tensor]) -> None:
+    """RGB weights for a model of other input channels: timm's rule (sum to 1 channel,
+    repeat and rescale to more), in place."""
+    stem = converted.get("stem.conv.weight")
+    if stem is None or "stem.conv.weight" not in own:
+        return
+    in_chans = own["stem.conv.weight"].shape[1]
+    if stem.shape[1] == in_chans:
+        return
+    from timm.models import adapt_input_conv
+
+    if stem.dim() == 5:  # a video stem's (C, 3, 1, 7, 7) kernel: adapt its one time slice
+        converted["stem.conv.weight"] = adapt_input_conv(in_chans, stem[:, :, 0]).unsqueeze(2)
+    else:
+        converted["stem.conv.weight"] = adapt_input_conv(in_chans, stem)
+    logger.info("stem adapted from %d to %d input channels", stem.shape[1], in_chans)
+
+
+def _fit_classifier(
+    converted: dict[str, Tensor],
+    own: Mapping[str, Tensor],
+    report: ConversionReport,
+    num_classes: int,
+) -> None:
+    """The allow-list of strict loading, in place: a checkpoint classifier of another size
+    (or none) gives way to the model's fresh one (fine-tuning), and a model built without a
+    classifier drops the checkpoint's (listed in ``report.dropped``)."""
+    head_keys = {k for k in own if k.startswith("head.")}
+    mismatched = [k for k in head_keys if k in converted and converted[k].shape != own[k].shape]
+    missing_head = [k for k in head_keys if k not in converted]
+    if mismatched or (missing_head and len(missing_head) == len(head_keys)):
+        for k in head_keys:
+            converted.pop(k, None)
+        converted.update({k: own[k] for k in head_keys})
+        logger.info(
+            "checkpoint classifier does not fit %d classes: keeping a freshly initialised "
+            "classifier (fine-tuning)",
+            num_classes,
+        )
+    for k in [k for k in converted if k.startswith("head.") and k not in own]:
+        converted.pop(k)
+        report.dropped.append(k)
+
+
+def load_weights(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | Mapping[str, Any] | Checkpoint,
+    prefer_ema: bool = False,
+) -> None:
+    """Load a checkpoint into ``model`` strictly: a SparseFormer in any supported layout
+    (:func:`load_checkpoint`), any other model (a timm baseline) as the file has it.
+
+    A classifier of another size is replaced by a fresh one (fine-tuning), logged.
+    """
+    if is_sparseformer(model):
+        load_checkpoint(model, checkpoint, prefer_ema=prefer_ema)
+        return
+    state = dict(read_checkpoint(checkpoint, prefer_ema=prefer_ema).state_dict)
+    own = model.state_dict()
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_keys = {f"{n}.{k}" for n, m in model.named_modules() if m is head for k in m.state_dict()}
+    if any(k in state and state[k].shape != own[k].shape for k in head_keys):
+        logger.info("checkpoint classifier does not fit: keeping a fresh one (fine-tuning)")
+        state = {k: v for k, v in state.items() if k not in head_keys}
+        state.update({k: own[k] for k in head_keys})
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"checkpoint does not fit {model.__class__.__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}; is it a checkpoint "
+            "of another model? Pass the matching --model"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def check_all_keys_mapped(report: ConversionReport) -> None:
+    """Every key of both official layouts has a mapping: a dropped key means a checkpoint of
+    another architecture or a modified model.
+
+    Raises:
+        CheckpointError: the report dropped keys (listed).
+    """
+    if report.dropped:
+        shown = ", ".join(report.dropped[:8])
+        more = f" (+{len(report.dropped) - 8} more)" if len(report.dropped) > 8 else ""
+        raise CheckpointError(
+            f"the {report.source_format} checkpoint holds keys that this model does not have "
+            f"and no conversion maps: {shown}{more}; is it a checkpoint of another "
+            "architecture or a modified model?"
+        )
+
+
+def _check_keys(own: dict[str, Tensor], new: dict[str, Tensor], report: ConversionReport) -> None:
+    missing = sorted(set(own) - set(new))
+    unexpected = sorted(set(new) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(new[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(new))
+        if new[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+        parts = []
+        if shapes:
+            parts.append(f"shape mismatches: {show(shapes)}")
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        raise CheckpointError(
+            f"checkpoint ({report.source_format} format) does not fit this model: "
+            + "; ".join(parts)
+            + ". Is it a checkpoint of another model size? Pass the matching --model / name."
+        )

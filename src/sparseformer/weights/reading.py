@@ -1,0 +1,162 @@
+"""Reading a checkpoint file safely: safetensors, or ``torch.load(weights_only=True)`` with inert
+stand-ins for the objects a release pickles beside its tensors. No code named by a file runs.
+
+SparseFormer (Gao et al., ICLR 2024). Only :mod:`sparseformer.weights.checkpoint` calls this
+module; everything else reads checkpoints through
+:func:`sparseformer.weights.checkpoint.read_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparseformer.weights.convert import CheckpointError, unwrap_checkpoint
+
+__all__ = ["RUN_INFO_KEY", "NotLoaded", "read_file"]
+
+logger = logging.getLogger(__name__)
+
+# safetensors metadata key under which `sparseformer convert` keeps a training checkpoint's
+# model name, class names, preprocessing and clip settings (JSON)
+RUN_INFO_KEY = "sparseformer_run"
+
+
+def read_file(path: str | os.PathLike) -> Any:
+    """Read a checkpoint file without executing code (safetensors or ``weights_only``).
+
+    A safetensors file written by ``sparseformer convert`` from a training checkpoint comes
+    back in the training checkpoint's shape: ``{"model": tensors, "class_names": ..., ...}``.
+
+    Raises:
+        CheckpointError: a missing, truncated or non-checkpoint file, with what to do.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty")
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:  # the tensors and the metadata in one read
+                metadata = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"{str(path)!r} is not a readable safetensors file ({exc}); "
+                "was the download or copy cut short?"
+            ) from exc
+        try:  # a converted training checkpoint: its classes, preprocessing, ... (convert)
+            info = json.loads(metadata.get(RUN_INFO_KEY, "{}"))
+        except ValueError:
+            info = {}
+        return {**info, "model": tensors} if isinstance(info, dict) and info else tensors
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip or pickle protocol 2+
+        kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "binary data"
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable checkpoint: it holds {kind} "
+            f"({head[:24]!r}...), not a PyTorch (.pth) or safetensors file"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable PyTorch checkpoint "
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
+            "it may be truncated (download or copy again) or not a checkpoint at all"
+        ) from exc
+    except Exception as exc:  # the unpickler raises UnpicklingError for text, code, junk
+        loaded = _load_with_stand_ins(path)
+        if loaded is not None:
+            return loaded
+        raise CheckpointError(
+            f"{str(path)!r} could not be loaded safely ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); only a state dict of tensors, with plain "
+            "data beside it, is accepted (weights_only=True): a pickled model object must be "
+            "saved again as torch.save(model.state_dict(), path)"
+        ) from exc
+
+
+class NotLoaded:
+    """What :func:`read_file` leaves in place of an object that a checkpoint pickles
+    next to its tensors (a NumPy scalar, an instance of the training code's classes): its
+    pickled name, arguments and state as inert data. The file's classes never run."""
+
+    def __init__(self, name: str, args: tuple = ()) -> None:
+        self.name, self.args, self.state = name, args, None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.name}: not loaded>"
+
+
+class _StandIn:
+    """Takes the place of one global the safe unpickler refuses. Called (pickle's REDUCE) it
+    gives a :class:`NotLoaded`; instantiated (NEWOBJ: ``cls.__new__(cls, *args)``, an object
+    or a dict subclass such as ``argparse.Namespace`` or a yacs ``CfgNode``) a plain
+    ``OrderedDict``, which takes the object's items and, as attributes, its ``__dict__``."""
+
+    def __new__(cls, *args: Any) -> Any:
+        if isinstance(cls, _StandIn):  # NEWOBJ, with this stand-in as the class
+            return collections.OrderedDict()
+        return object.__new__(cls)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> NotLoaded:
+        return NotLoaded(self.name, args)
+
+
+def _load_with_stand_ins(path: Path) -> Any | None:
+    """Load a checkpoint that pickles objects besides tensors and plain containers (a release
+    saved with its training ``args`` or config, NumPy metrics), with inert stand-ins for them:
+    no code named by the file runs. ``None`` when that does not work either."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: the caller's error applies
+        return None
+    if not names:
+        return None
+    stand_ins = [(_StandIn(name), name) for name in names]
+    stand_ins.append((NotLoaded, f"{NotLoaded.__module__}.{NotLoaded.__qualname__}"))
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a structure the stand-ins cannot take (the caller says so)
+        return None
+    try:  # only for a state dict beside other things, not for a pickled model object
+        unwrap_checkpoint(loaded)
+    except CheckpointError:
+        return None
+    logger.info(
+        "%s: read %d kind(s) of object besides the tensors as inert data (%s); the weights "
+        "do not need them",
+        path,
+        len(names),
+        ", ".join(sorted(names)[:6]) + (", ..." if len(names) > 6 else ""),
+    )
+    return loaded
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte header length followed by JSON ``{``."""
+    with open(path, "rb") as f:
+        header = f.read(9)
+    if len(header) < 9:
+        return False
+    size = int.from_bytes(header[:8], "little")
+    return header[8:9] == b"{" and 0 < size < path.stat().st_size

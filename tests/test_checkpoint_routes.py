@@ -1,0 +1,222 @@
+"""Every way in for weights reads both official layouts and our own training checkpoints, through
+the one checkpoint module (:mod:`sparseformer.weights.checkpoint`); and the release addresses
+are the authors'."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sparseformer import create_model, inflate_image_state_dict
+from sparseformer.cli import main
+from sparseformer.weights.checkpoint import check_model, read_checkpoint
+from sparseformer.weights.convert import CheckpointError
+from sparseformer.weights.registry import MODELS
+
+from .test_data import make_folder
+from .test_train_errors import NANO, to_official
+
+SOURCES = ["imagenet", "v2", "ours"]
+CLASSES = ("cat", "dog", "emu")
+MICRO = "sparseformer_v1_micro"
+
+
+def write_checkpoint(path, source: str, model_name: str = NANO):
+    """A 3-class ``model_name`` in the ImageNet release's layout (wrapped, with the release's
+    extras), the authors' library's (bare), or as `sparseformer train` writes it."""
+    torch.manual_seed(0)
+    state = create_model(model_name, num_classes=3).state_dict()
+    if source == "ours":
+        pre = {"img_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "crop_pct": 1.0,
+               "interpolation": "bilinear"}  # fmt: skip
+        saved = {"model": state, "model_name": model_name, "num_classes": 3, "epoch": 1,
+                 "step": 3, "class_names": list(CLASSES), "preprocessing": pre}  # fmt: skip
+    elif source == "imagenet":
+        saved = {"model": to_official(state, "imagenet"), "epoch": 299}
+    else:
+        saved = to_official(state, "v2")
+    torch.save(saved, path)
+    return path, state
+
+
+def same_weights(model, state) -> bool:
+    own = model.state_dict()
+    return own.keys() == state.keys() and all(torch.equal(own[k], v) for k, v in state.items())
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("routes")
+    return make_folder(root / "data", classes=CLASSES, per_class=1)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_read_checkpoint_says_what_the_file_says(tmp_path, source):
+    path, state = write_checkpoint(tmp_path / "w.pth", source)
+    ckpt = read_checkpoint(path)
+    assert ckpt.source_format == ("sparseformer" if source == "ours" else source)
+    assert ckpt.state_dict.keys() == state.keys() and ckpt.num_classes == 3
+    assert ckpt.model_name == (NANO if source == "ours" else None)
+    assert ckpt.class_names == (CLASSES if source == "ours" else None)
+    assert ckpt.img_size == (32 if source == "ours" else None)
+    assert read_checkpoint(ckpt) is ckpt  # read once, passed on
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_create_model_and_timm_and_load_state_dict(tmp_path, source):
+    import timm
+
+    path, state = write_checkpoint(tmp_path / "w.pth", source)
+    assert same_weights(create_model(NANO, checkpoint_path=path), state)
+    # timm's checkpoint_path goes through load_state_dict, whose pre-hook converts
+    assert same_weights(timm.create_model(NANO, num_classes=3, checkpoint_path=str(path)), state)
+    raw = torch.load(path, weights_only=True)
+    model = create_model(NANO, num_classes=3)
+    model.load_state_dict(raw.get("model", raw))
+    assert same_weights(model, state)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_video_inflation(tmp_path, source):
+    path, state = write_checkpoint(tmp_path / "w.pth", source, MICRO)
+    video = create_model(f"video_{MICRO}", checkpoint_path=path)
+    config = video.config
+    inflated = inflate_image_state_dict(torch.load(path, weights_only=True), config)
+    assert same_weights(video, inflated) and video.num_classes == 3
+    assert torch.equal(inflated["initial_tokens"], state["initial_tokens"].repeat(4, 1))
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_convert_and_info(tmp_path, source, capsys):
+    path, state = write_checkpoint(tmp_path / "w.pth", source)
+    out = tmp_path / "w.safetensors"
+    assert main(["convert", str(path), str(out), "--model", NANO]) == 0
+    back = read_checkpoint(out)
+    assert back.source_format == "sparseformer" and back.state_dict.keys() == state.keys()
+    assert back.class_names == (CLASSES if source == "ours" else None)
+    capsys.readouterr()
+    assert main(["info", NANO, "--checkpoint", str(path), "--img-size", "32"]) == 0
+    printed = capsys.readouterr().out
+    fmt = "sparseformer" if source == "ours" else source
+    assert f"format {fmt!r}" in printed and "3 classes" in printed
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_eval_predict_and_viz(tmp_path, source, folder, capsys):
+    from sparseformer.viz.inputs import load_model_for_viz
+
+    path, state = write_checkpoint(tmp_path / "w.pth", source)
+    argv = ["--model", NANO, "--checkpoint", str(path), "--device", "cpu", "--threads", "1"]
+    assert main(["eval", *argv, "--data-dir", str(folder), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 3
+    image = next((folder / "val" / "dog").iterdir())
+    assert main(["predict", *argv, "--json", str(image)]) == 0
+    labels = {p["label"] for p in json.loads(capsys.readouterr().out)["predictions"]}
+    assert labels <= (set(CLASSES) if source == "ours" else {f"class {i}" for i in range(3)})
+    model, info = load_model_for_viz(NANO if source != "ours" else None, path)
+    assert same_weights(model, state) and info.input_size == (32 if source == "ours" else 224)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_train_starts_from_any_layout(tmp_path, source, folder, capsys):
+    path, state = write_checkpoint(tmp_path / "w.pth", source)
+    run = tmp_path / "run"
+    code = main(["train", "--model", NANO, "--data-dir", str(folder), "--output", str(run),
+                 "--checkpoint", str(path), "--epochs", "1", "--batch-size", "3", "--img-size",
+                 "32", "--recipe", "fashion-mnist-cpu", "--set", "lr=0", "warmup_lr=0",
+                 "min_lr=0", "--quiet", "--threads", "1"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    trained = torch.load(run / "last.pt", weights_only=True)["model"]  # lr 0: as it started
+    model = create_model(NANO, num_classes=3)
+    model.load_state_dict(trained)
+    assert same_weights(model, state)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_export(tmp_path, source, capsys, monkeypatch):
+    import sparseformer.export as export
+
+    path, state = write_checkpoint(tmp_path / "w.pth", source)
+    exported = []  # the ONNX export itself is tested in test_export.py: only its model here
+    monkeypatch.setattr(export, "export_onnx", lambda model, out, **kw: exported.append(kw) or out)
+    monkeypatch.setattr(
+        export, "onnx_max_difference", lambda path, model, x: exported.append(model) or 0.0
+    )
+    argv = ["export", "--model", NANO, "--checkpoint", str(path), "--out", str(tmp_path / "x")]
+    assert main([*argv, "--check-batch-sizes", "1"]) == 0, capsys.readouterr().err
+    assert exported[0]["img_size"] == (32 if source == "ours" else 224)  # the run's own size
+    assert same_weights(exported[1], state)
+
+
+def test_resume_takes_only_a_run_of_the_same_model(tmp_path):
+    from sparseformer.engine.checkpoint import read_training_checkpoint
+
+    path, _ = write_checkpoint(tmp_path / "last.pt", "ours")
+    assert read_training_checkpoint(path, NANO)["step"] == 3
+    with pytest.raises(CheckpointError, match="is a checkpoint of 'sparseformer_v1_nano', not"):
+        read_training_checkpoint(path, MICRO)
+    official, _ = write_checkpoint(tmp_path / "official.pth", "imagenet")
+    with pytest.raises(CheckpointError, match="not a sparseformer training checkpoint"):
+        read_training_checkpoint(official, NANO)
+
+
+def test_one_check_of_model_against_checkpoint(tmp_path):
+    path, _ = write_checkpoint(tmp_path / "w.pth", "ours", MICRO)
+    ckpt = read_checkpoint(path)
+    assert check_model(ckpt, None) == MICRO
+    assert check_model(ckpt, f"video_{MICRO}") == f"video_{MICRO}"  # inflated on loading
+    with pytest.raises(CheckpointError, match=f"is a checkpoint of '{MICRO}', not '{NANO}'; "
+                       f"pass --model {MICRO}$"):  # fmt: skip
+        check_model(ckpt, NANO)
+    with pytest.raises(CheckpointError, match="to resume it"):
+        check_model(ckpt, f"video_{MICRO}", resume=True)
+
+
+RELEASES = {
+    "sparseformer_v1_tiny": ("t", "tiny"),
+    "sparseformer_v1_small": ("s", "small"),
+    "sparseformer_v1_base": ("b", "base"),
+}
+
+
+def test_every_release_address_is_the_authors():
+    import timm
+
+    base = "https://github.com/showlab/sparseformer/releases/download/"
+    for name, (letter, size) in RELEASES.items():
+        spec = MODELS[name]
+        assert spec.tags == ("in1k", "in1k_v2")
+        default, library = spec.weights_for("in1k"), spec.weights_for("in1k_v2")
+        assert default is spec.weights
+        assert default.url == f"{base}v1.0.0-imagenet/sparseformer_{letter}_imagenet1k.pth"
+        assert library.url == f"{base}v2.0.0-refactor/sparseformer_v1_{size}_converted.pth"
+        assert (default.source_format, library.source_format) == ("imagenet", "v2")
+        assert default.sha256 is None and library.sha256 is None  # none published
+        for tag, weights in (("in1k", default), ("in1k_v2", library)):
+            assert timm.models.get_pretrained_cfg(f"{name}.{tag}").url == weights.url
+    released = {name for name, spec in MODELS.items() if spec.weights is not None}
+    assert {n for n in released if n.startswith("sparseformer_v1")} == set(RELEASES)
+
+
+@pytest.mark.parametrize("tag", ["in1k", "in1k_v2"])
+def test_a_tag_picks_its_release_by_both_create_models(tmp_path, monkeypatch, tag):
+    import timm
+
+    import sparseformer.weights.factory as factory
+
+    path, state = write_checkpoint(tmp_path / "w.pth", "imagenet" if tag == "in1k" else "v2")
+    tiny = MODELS["sparseformer_v1_tiny"]
+    monkeypatch.setattr(factory, "MODELS", {**MODELS, "sparseformer_v1_tiny": type(tiny)(
+        MODELS[NANO].config, tiny.weights, other_weights=tiny.other_weights)})  # fmt: skip
+    fetched = []
+    monkeypatch.setattr(
+        factory, "download_weights", lambda url, sha256, directory=None: fetched.append(url) or path
+    )
+    name = f"sparseformer_v1_tiny.{tag}"
+    for build in (create_model, timm.create_model):
+        assert same_weights(build(name, pretrained=True), state)
+    assert fetched == [MODELS["sparseformer_v1_tiny"].weights_for(tag).url] * 2
+    with pytest.raises(ValueError, match="no pretrained tag 'in22k'.*in1k, in1k_v2"):
+        create_model("sparseformer_v1_tiny.in22k")
