@@ -156,10 +156,11 @@ def fill_missing_stage_embeddings(
     """Fill the stage embeddings that a bootstrapped checkpoint lacks with zeros, in place.
 
     The authors' converter deletes ``stage_embedding`` keys, so their released files may lack
-    them, and their library then runs on whatever the embedding was initialised to. We never
-    run on values that were not loaded: a missing stage embedding becomes zeros, which add
-    nothing, so the model computes exactly what a model without stage embedding computes (as
-    the released weights were used), and one log line says so.
+    them, and their library then runs silently on whatever the embedding was initialised to.
+    We never run on values that were not loaded: a missing stage embedding becomes zeros,
+    which add nothing, so the model computes exactly what the same model without stage
+    embedding computes, and one log line says so. (A file of our own layout has no such
+    allowance: strict loading reports the key.)
 
     Args:
         converted: the checkpoint in our layout.
@@ -173,8 +174,8 @@ def fill_missing_stage_embeddings(
         converted[k] = torch.zeros_like(own[k], device="cpu")
     if filled:
         logger.info(
-            "the checkpoint has no %s: filled with zeros (no stage embedding, as the authors' "
-            "released weights run)",
+            "the checkpoint has no %s (the authors' converter deletes them): filled with zeros, "
+            "so the model runs as one without stage embedding",
             ", ".join(filled),
         )
     return filled
