@@ -305,8 +305,8 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 def test_default_threads_leave_busy_cores_alone(monkeypatch):
     import os
 
+    from sparseformer.engine.device import set_threads
     from sparseformer.engine.distributed import DistInfo
-    from sparseformer.engine.session import set_threads
 
     before = torch.get_num_threads()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
@@ -339,7 +339,7 @@ def test_mixed_precision_training_on_cuda(tmp_path, precision):
 def test_the_skipped_list_reads_back_whatever_the_file_names(tmp_path):
     import csv
 
-    from sparseformer.engine.trainer import _write_skipped_list
+    from sparseformer.engine.run_folder import write_skipped_list as _write_skipped_list
 
     skipped = [("a/tab\tname.jpg", "cannot\tread"), ('b/new\nline "q".png', "empty  file\n")]
     path = tmp_path / "skipped_files.tsv"

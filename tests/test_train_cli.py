@@ -139,8 +139,7 @@ def test_checkpoint_of_another_model_is_one_line(trained, capsys):
 
 
 def test_grad_checkpointing_of_a_model_without_it_is_one_line():
-    from sparseformer.cli import CliError
-    from sparseformer.cli.train import enable_grad_checkpointing
+    from sparseformer.engine.collaborators import enable_grad_checkpointing
 
-    with pytest.raises(CliError, match="mine does not support gradient checkpointing"):
+    with pytest.raises(ValueError, match="mine does not support gradient checkpointing"):
         enable_grad_checkpointing(torch.nn.Linear(2, 2), "mine")

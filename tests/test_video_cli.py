@@ -163,8 +163,9 @@ def test_model_and_data_of_different_kinds_fail_with_a_clear_message(tmp_path, c
 
 def test_video_training_takes_the_recipes_flip_and_crop_scale(tmp_path):
     from sparseformer.cli import build_parser
-    from sparseformer.cli.train import build_recipe, data_source
+    from sparseformer.cli.common import data_source, recipe_flags
     from sparseformer.data import Preprocessing, build_datasets
+    from sparseformer.engine.recipe import recipe_from_flags
 
     data = tmp_path / "videos"
     make_folder(data, bad=False)
@@ -172,7 +173,7 @@ def test_video_training_takes_the_recipes_flip_and_crop_scale(tmp_path):
         ["train", "--model", MODEL, "--data-dir", str(data), "--output", str(tmp_path / "r"),
          *FAST, "--set", "hflip=0", "augmentation.scale=[0.5,1.0]"]
     )  # fmt: skip
-    recipe = build_recipe(args)
+    recipe = recipe_from_flags(recipe_flags(args), args.dataset)
     assert recipe.augmentation.hflip == 0 and recipe.augmentation.scale == (0.5, 1.0)
     # the other augmentation fields keep the recipe's values, not the dataclass defaults
     assert recipe.augmentation.auto_augment is None and recipe.label_smoothing == 0

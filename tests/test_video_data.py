@@ -278,7 +278,7 @@ def test_video_folder_is_recognised_by_its_first_media_file(tmp_path):
 
 
 def test_class_folders_follow_symlinked_sub_folders_and_leave_out_hidden_files(tmp_path):
-    from sparseformer.cli.predict import _expand
+    from sparseformer.data.media import expand_media_paths as _expand
 
     make_folder(tmp_path / "v", bad=False)
     store = tmp_path / "store"

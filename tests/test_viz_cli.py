@@ -14,12 +14,12 @@ from PIL import Image
 from sparseformer import create_model
 from sparseformer.cli import main
 from sparseformer.viz.inputs import (
-    checkpoint_metadata,
     display_image,
     load_image,
     load_model_for_viz,
     preprocess,
 )
+from sparseformer.weights.checkpoint import read_checkpoint
 
 from .conftest import DATA
 
@@ -133,12 +133,9 @@ def test_checkpoint_labels_and_preprocessing_are_used(tmp_path, capsys):
     }
     path = tmp_path / "ckpt.pth"
     torch.save(ckpt, path)
-    assert checkpoint_metadata(torch.load(path, weights_only=True)) == {
-        "class_names": names,
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.25, 0.25, 0.25),
-        "input_size": 40,
-    }
+    meta = read_checkpoint(path)
+    assert meta.class_names == tuple(names) and meta.img_size == 40
+    assert meta.preprocessing == {"mean": (0.5,) * 3, "std": (0.25,) * 3, "img_size": 40}
     loaded, info = load_model_for_viz("sparseformer_v1_nano", path)
     assert loaded.num_classes == 3 and not loaded.training
     assert info.class_names == names and info.input_size == 40
@@ -225,7 +222,7 @@ def test_a_training_checkpoint_names_its_model_classes_and_preprocessing(tmp_pat
 
 
 def test_demo_pictures_of_fashion_mnist_test_images(tmp_path, capsys):
-    from sparseformer.cli.viz import demo_pictures
+    from sparseformer.cli.demo import demo_pictures
     from sparseformer.data.folder import DataError
 
     model = create_model("sparseformer_v1_nano", num_classes=10).eval()

@@ -27,27 +27,17 @@ class CliError(Exception):
 
 
 def check_output(path: str | os.PathLike, flag: str, *, folder: bool = False) -> None:
-    """Refuse, before any work, an output path that could not be written at the end: a
-    file where a folder is wanted (or the other way round), a parent that is a file, or a
-    folder this process may not write in.
+    """:func:`sparseformer.engine.run_folder.check_output_path`, before any work.
 
     Raises:
         CliError: naming ``flag``, the path and the problem.
     """
-    from pathlib import Path
+    from sparseformer.engine.run_folder import check_output_path
 
-    path = Path(path)
-    if folder and path.exists() and not path.is_dir():
-        raise CliError(f"{flag} {str(path)!r} is a file; give a folder")
-    if not folder and path.is_dir():
-        raise CliError(f"{flag} {str(path)!r} is a folder; give a file path")
-    for parent in (path, *path.parents) if folder else path.parents:
-        if parent.exists():  # the nearest existing folder: the rest will be created in it
-            if not parent.is_dir():
-                raise CliError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise CliError(f"{flag} {str(path)!r}: no permission to write in {str(parent)!r}")
-            return
+    try:
+        check_output_path(path, flag, folder=folder)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _stdout_closed() -> bool:

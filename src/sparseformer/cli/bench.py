@@ -11,7 +11,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     from sparseformer.bench.throughput import DEFAULT_MODELS
-    from sparseformer.cli.train import count, positive_int
+    from sparseformer.cli.common import count, positive_int
 
     p = sub.add_parser(
         "bench",

@@ -67,8 +67,6 @@ def run(args: argparse.Namespace) -> int:
     eval_args = parser.parse_args(evaluation)
     status = eval_args.func(eval_args)
     if status == 0:
-        from sparseformer.cli.viz import demo_pictures
-
         print("== 3/3 pictures: where the tokens look on a few test images (sparseformer viz)")
         demo_pictures(MODEL, last, args.output / "pictures")
     summary = json.loads((args.output / "summary.json").read_text())
@@ -82,3 +80,18 @@ def run(args: argparse.Namespace) -> int:
         f"try: sparseformer predict --model {MODEL} --checkpoint {last} IMAGE.png"
     )
     return status
+
+
+def demo_pictures(model_name: str, checkpoint: Path, out_dir: Path, count: int = 4) -> int:
+    """Pictures of a trained Fashion-MNIST model on the first test image of ``count`` classes.
+
+    The last step of ``sparseformer demo``; prints what it wrote. Returns 0.
+    """
+    from sparseformer.viz.demo import fashion_mnist_pictures
+    from sparseformer.viz.figures import format_statistics
+
+    for index, class_name, result in fashion_mnist_pictures(model_name, checkpoint, out_dir, count):
+        print(f"test image {index} ({class_name}): predicted {result.label}")
+        print("  " + format_statistics(result.stats).replace("\n", "\n  "))
+    print(f"pictures of where the tokens look: {out_dir}/*_rois.png, *_stages.gif")
+    return 0

@@ -11,12 +11,17 @@ import json
 import sys
 from pathlib import Path
 
+from sparseformer.cli.common import (
+    add_clip_arguments,
+    clip_flags,
+    positive_int,
+    refuse_video_flags_on_images,
+)
+
 __all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sparseformer.cli.train import add_clip_arguments, positive_int
-
     p = sub.add_parser(
         "predict",
         help="classify images with a checkpoint",
@@ -49,81 +54,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def class_names(info: dict, num_classes: int) -> list[str]:
-    """The checkpoint's class names, ImageNet's for 1000 classes, else ``class N``."""
-    names = info.get("class_names")
-    if names and len(names) == num_classes:
-        return list(names)
-    if num_classes == 1000:
-        from timm.data import ImageNetInfo
-
-        imagenet = ImageNetInfo()
-        return [imagenet.index_to_description(i) for i in range(1000)]
-    return [f"class {i}" for i in range(num_classes)]
-
-
-def _video_spec(model, info: dict, pre, args: argparse.Namespace):
-    """Clip sampling for a video model: the flags, else the training run's, sized by its
-    preprocessing, with ``--clips x --crops`` test views."""
-    import dataclasses
-
-    from sparseformer.data.video import ClipSpec
-
-    saved = dict(info.get("video") or {"num_frames": model.config.num_frames})
-    for key in ("scale", "mean", "std"):
-        if key in saved:
-            saved[key] = tuple(saved[key])
-    asked = {"num_frames": args.frames, "stride": args.frame_stride, "sampling": args.sampling}
-    return dataclasses.replace(
-        ClipSpec(**saved),
-        **{k: v for k, v in asked.items() if v is not None},
-        size=pre.img_size,
-        crop_pct=pre.crop_pct,
-        mean=tuple(pre.mean),
-        std=tuple(pre.std),
-        num_clips=args.clips,
-        num_crops=args.crops,
-    )
-
-
-def _expand(paths: list[Path], video: bool) -> list[Path]:
-    """Files as given, folders as the video files (``video``) or image files under them
-    (sorted).
-
-    Raises:
-        CliError: a path that does not exist, or a folder without files of the kind.
-    """
-    from sparseformer.cli import CliError
-    from sparseformer.data.images import IMAGE_EXTENSIONS
-    from sparseformer.data.scan import walk_files, warn_other_extensions
-    from sparseformer.data.video import VIDEO_EXTENSIONS
-
-    media = VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            ignored: list[Path] = []  # the folder's other files, walked once
-            found = sorted(walk_files(path, media, ignored))  # broken links: reported, not lost
-            kind = "video" if video else "image"
-            if not found:
-                others = tuple(e.lower() for e in (IMAGE_EXTENSIONS if video else VIDEO_EXTENSIONS))
-                hint = ""
-                if any(p.name.lower().endswith(others) for p in ignored):
-                    found_kind, use = ("images", "an image") if video else ("videos", "a video")
-                    hint = f"; it holds {found_kind}: use {use} model"
-                raise CliError(
-                    f"folder {str(path)!r} holds no {kind} files (extensions "
-                    f"{', '.join(media)}){hint}"
-                )
-            warn_other_extensions(ignored, kind, media)
-            files += found
-        elif path.exists():
-            files.append(path)
-        else:
-            raise CliError(f"{str(path)!r} does not exist")
-    return files
-
-
 def _skip(path: Path, why: str, as_json: bool) -> int:
     """Report a file that gets no prediction: on stderr, and with ``--json`` also as a record
     on stdout (``{"image": ..., "error": ...}``) so that a script sees every input. Returns 1."""
@@ -137,81 +67,106 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparseformer.cli import CliError
-    from sparseformer.cli.train import is_video_model, refuse_video_flags_on_images
-    from sparseformer.data import Preprocessing, build_transform
-    from sparseformer.data.images import IMAGE_EXTENSIONS, READ_ERRORS, open_rgb
-    from sparseformer.data.video import VIDEO_EXTENSIONS
-    from sparseformer.engine import session
+    from sparseformer.data import DataError, build_transform
+    from sparseformer.data.media import expand_media_paths
+    from sparseformer.engine.device import pick_device, set_threads
     from sparseformer.engine.distributed import DistInfo
+    from sparseformer.engine.inputs import checkpoint_preprocessing, class_names
     from sparseformer.engine.loop import BatchPrep
-    from sparseformer.engine.modeling import check_model_name
+    from sparseformer.engine.video import is_video_model, prediction_clip_spec
+    from sparseformer.weights.build import check_model_name, model_from_checkpoint
 
     check_model_name(args.model)  # an unknown name fails before anything is read
     video_model = is_video_model(args.model)
     refuse_video_flags_on_images(args, video_model, why=f"{args.model} takes images")
-    args.images = _expand(args.images, video_model)  # every path checked before the model
-    device = session.pick_device(args.device)
-    session.set_threads(args.threads, DistInfo())
-    model, info = session.model_from_checkpoint(args.model, args.checkpoint, prefer_ema=args.ema)
+    try:  # every path checked before the model
+        args.images = expand_media_paths(args.images, video_model)
+    except DataError as exc:
+        raise CliError(str(exc)) from None
+    device = pick_device(args.device)
+    set_threads(args.threads, DistInfo())
+    model, ckpt = model_from_checkpoint(args.model, args.checkpoint, prefer_ema=args.ema)
+    info = ckpt.run_info()  # what the checkpoint says about itself
     model.to(device)
-    pre = (
-        Preprocessing.from_dict(info["preprocessing"])
-        if "preprocessing" in info
-        else session.weights_preprocessing(args.model)
-    )
+    pre = checkpoint_preprocessing(info, args.model)
     names = class_names(info, info["num_classes"])
     transform = build_transform(pre, None)
     prep = BatchPrep(pre.mean, pre.std, torch.device(device))
-    k = min(args.topk, len(names))
+    video = None
+    if video_model:
+        video = prediction_clip_spec(model, info, pre, clip_flags(args), args.clips, args.crops)
     failed = 0
-    video = _video_spec(model, info, pre, args) if video_model else None
     for path in args.images:
-        if path.suffix.lower() in (IMAGE_EXTENSIONS if video_model else VIDEO_EXTENSIONS):
-            if video_model:
-                why = f"an image, but {args.model} is a video model; use an image model"
-            else:
-                why = f"a video, but {args.model} is an image model; use a video model"
-            failed += _skip(path, f"{why} (`sparseformer models` lists them)", args.json)
+        why = _wrong_kind(path, args.model, video_model)
+        if why is None:
+            probs, why = _probabilities(model, path, video, transform, prep, device)
+        if why is not None:
+            failed += _skip(path, why, args.json)
             continue
-        if path.is_symlink() and not path.exists():  # listed in a folder, its target gone
-            failed += _skip(path, "a broken symbolic link", args.json)
-            continue
-        if video is not None:  # a video model reads video files (views averaged)
-            from sparseformer.data.video import VideoDataError, VideoReadError, VideoTooShortError
-            from sparseformer.engine.video import predict_video_file
-
-            if not path.exists():
-                raise CliError(f"video {str(path)!r} does not exist")
-            try:
-                probs = predict_video_file(model, str(path), video, device)
-            except (VideoReadError, VideoDataError) as exc:
-                short = isinstance(exc, VideoTooShortError)
-                hint = f"; {video.shorter_clips_hint}" if short else ""
-                failed += _skip(path, f"cannot use this video ({exc}){hint}", args.json)
-                continue
-        else:
-            try:
-                img = open_rgb(path)
-            except FileNotFoundError:
-                raise CliError(f"image {str(path)!r} does not exist") from None
-            except READ_ERRORS as exc:
-                why = f"cannot read this image ({exc.__class__.__name__}: {exc})"
-                failed += _skip(path, why, args.json)
-                continue
-            x, _ = prep(
-                torch.as_tensor(transform(img))[None], torch.zeros(1, dtype=torch.long), False
-            )
-            with torch.inference_mode():
-                probs = model(x).float().softmax(dim=-1)[0]
-        top = probs.topk(k)
-        preds = [
-            {"label": names[i], "index": int(i), "probability": float(p)}
-            for p, i in zip(top.values.tolist(), top.indices.tolist())
-        ]
-        if args.json:
-            print(json.dumps({"image": str(path), "predictions": preds}))
-        else:
-            print(f"{path}:")
-            for pred in preds:
-                print(f"  {100 * pred['probability']:6.2f}%  {pred['label']}")
+        _print_top(path, probs, names, min(args.topk, len(names)), args.json)
     return 1 if failed else 0  # the others are classified all the same
+
+
+def _wrong_kind(path: Path, model_name: str, video_model: bool) -> str | None:
+    """Why ``path`` cannot go to the model (an image for a video model, the other way round,
+    a broken link), or ``None``."""
+    from sparseformer.data.images import IMAGE_EXTENSIONS
+    from sparseformer.data.video import VIDEO_EXTENSIONS
+
+    if path.suffix.lower() in (IMAGE_EXTENSIONS if video_model else VIDEO_EXTENSIONS):
+        if video_model:
+            why = f"an image, but {model_name} is a video model; use an image model"
+        else:
+            why = f"a video, but {model_name} is an image model; use a video model"
+        return f"{why} (`sparseformer models` lists them)"
+    if path.is_symlink() and not path.exists():  # listed in a folder, its target gone
+        return "a broken symbolic link"
+    return None
+
+
+def _probabilities(model, path: Path, video, transform, prep, device: str):
+    """``(class probabilities, None)``, or ``(None, why)`` for a file that cannot be used.
+
+    Raises:
+        CliError: a file that does not exist.
+    """
+    import torch
+
+    from sparseformer.cli import CliError
+    from sparseformer.data.images import READ_ERRORS, open_rgb
+
+    if video is not None:  # a video model reads video files (views averaged)
+        from sparseformer.data.video import VideoDataError, VideoReadError, VideoTooShortError
+        from sparseformer.engine.video import predict_video_file
+
+        if not path.exists():
+            raise CliError(f"video {str(path)!r} does not exist")
+        try:
+            return predict_video_file(model, str(path), video, device), None
+        except (VideoReadError, VideoDataError) as exc:
+            short = isinstance(exc, VideoTooShortError)
+            hint = f"; {video.shorter_clips_hint}" if short else ""
+            return None, f"cannot use this video ({exc}){hint}"
+    try:
+        img = open_rgb(path)
+    except FileNotFoundError:
+        raise CliError(f"image {str(path)!r} does not exist") from None
+    except READ_ERRORS as exc:
+        return None, f"cannot read this image ({exc.__class__.__name__}: {exc})"
+    x, _ = prep(torch.as_tensor(transform(img))[None], torch.zeros(1, dtype=torch.long), False)
+    with torch.inference_mode():
+        return model(x).float().softmax(dim=-1)[0], None
+
+
+def _print_top(path: Path, probs, names: list[str], k: int, as_json: bool) -> None:
+    top = probs.topk(k)
+    preds = [
+        {"label": names[i], "index": int(i), "probability": float(p)}
+        for p, i in zip(top.values.tolist(), top.indices.tolist())
+    ]
+    if as_json:
+        print(json.dumps({"image": str(path), "predictions": preds}))
+    else:
+        print(f"{path}:")
+        for pred in preds:
+            print(f"  {100 * pred['probability']:6.2f}%  {pred['label']}")

@@ -79,12 +79,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparseformer.data.video import VIDEO_EXTENSIONS
-    from sparseformer.engine import session
+    from sparseformer.engine.device import pick_device
     from sparseformer.viz.figures import format_statistics, write_pictures, write_video_pictures
     from sparseformer.viz.inputs import load_image, load_model_for_viz
 
     try:
-        device = torch.device(session.pick_device(args.device, allow_mps=True))
+        device = torch.device(pick_device(args.device, allow_mps=True))
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     if args.model is None and args.checkpoint is None:
@@ -148,30 +148,3 @@ def _unique_stem(path: Path, used: set[str]) -> str:
         stem = f"{path.stem}_{k}"
     used.add(stem)
     return stem
-
-
-def demo_pictures(model_name: str, checkpoint: Path, out_dir: Path, count: int = 4) -> int:
-    """Pictures of a trained Fashion-MNIST model on the first test image of ``count`` classes.
-
-    The last step of ``sparseformer demo``; prints what it wrote. Returns 0.
-    """
-    import torch
-
-    from sparseformer.data.fashion_mnist import fashion_mnist
-    from sparseformer.data.images import to_rgb
-    from sparseformer.viz.figures import format_statistics, write_pictures
-    from sparseformer.viz.inputs import load_model_for_viz
-
-    model, info = load_model_for_viz(model_name, checkpoint)
-    test = fashion_mnist(train=False)
-    targets = torch.as_tensor(test.targets)
-    for label in range(min(count, int(targets.max()) + 1)):
-        index = int((targets == label).nonzero()[0])
-        img, _ = test[index]
-        name = test.classes[label].split("/")[0].lower().replace(" ", "_")
-        stem = f"test{index}_{name}"
-        result = write_pictures(model, to_rgb(img), out_dir, stem, info=info, highlight=4)
-        print(f"test image {index} ({test.classes[label]}): predicted {result.label}")
-        print("  " + format_statistics(result.stats).replace("\n", "\n  "))
-    print(f"pictures of where the tokens look: {out_dir}/*_rois.png, *_stages.gif")
-    return 0

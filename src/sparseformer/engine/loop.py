@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from sparseformer.engine.distributed import DistInfo, all_reduce_sum
-from sparseformer.engine.modeling import is_sparseformer
 from sparseformer.engine.optim import LRSchedule, set_lr
+from sparseformer.weights.loading import is_sparseformer
 
 __all__ = ["NonFiniteLossError", "BatchPrep", "StepTools", "train_one_epoch", "evaluate"]
 
@@ -111,6 +111,26 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def _backward_and_step(
+    model: nn.Module, loss: Tensor, optimizer: torch.optim.Optimizer, tools: StepTools
+) -> None:
+    """Gradients of ``loss`` (scaled by the fp16 GradScaler, when there is one), clipped to
+    ``tools.clip_grad`` (after unscaling), then one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    if tools.scaler is not None:
+        tools.scaler.scale(loss).backward()
+        if tools.clip_grad is not None:
+            tools.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), tools.clip_grad)
+        tools.scaler.step(optimizer)
+        tools.scaler.update()
+    else:
+        loss.backward()
+        if tools.clip_grad is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), tools.clip_grad)
+        optimizer.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -151,19 +171,7 @@ def train_one_epoch(
             else:
                 logits = model(x)
             loss = tools.criterion(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        if tools.scaler is not None:
-            tools.scaler.scale(loss).backward()
-            if tools.clip_grad is not None:
-                tools.scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), tools.clip_grad)
-            tools.scaler.step(optimizer)
-            tools.scaler.update()
-        else:
-            loss.backward()
-            if tools.clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), tools.clip_grad)
-            optimizer.step()
+        _backward_and_step(model, loss, optimizer, tools)
         step += 1
         if tools.ema is not None:
             tools.ema.update(getattr(model, "module", model), step=step)

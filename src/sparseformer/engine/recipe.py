@@ -10,14 +10,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from sparseformer.data.transforms import Augmentation
 
-__all__ = ["Recipe", "RecipeError", "list_recipes", "load_recipe"]
+__all__ = [
+    "Recipe",
+    "RecipeError",
+    "RecipeFlags",
+    "list_recipes",
+    "load_recipe",
+    "recipe_from_flags",
+    "recipe_for_clips",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class RecipeError(ValueError):
@@ -290,3 +301,69 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     data.pop("description", None)  # free text for readers of the file
     data.setdefault("name", path.stem if path.suffix == ".json" else text)
     return _from_dict(data, origin)
+
+
+@dataclass(frozen=True)
+class RecipeFlags:
+    """What a command asks of the recipe, before it is read.
+
+    Attributes:
+        name: a shipped recipe name or a JSON file (``None``: the default for the data).
+        fields: recipe fields given by flags of their own (``{"epochs": 3, "lr": 1e-3}``).
+        settings: ``KEY=VALUE`` items (``--set``), values in JSON; augmentation fields by name
+            (``hflip=0``) or dotted (``augmentation.scale=[0.5,1]``).
+    """
+
+    name: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    settings: tuple[str, ...] = ()
+
+
+def recipe_from_flags(flags: RecipeFlags, dataset: str | None = None) -> Recipe:
+    """The recipe ``flags.name`` names (default: ``fashion-mnist-cpu`` for that built-in data
+    set, ``imagenet1k`` otherwise) with the fields and settings of ``flags`` applied.
+
+    Raises:
+        RecipeError: an unknown recipe, a setting that is not ``KEY=VALUE``, a bad value.
+    """
+    name = flags.name or ("fashion-mnist-cpu" if dataset == "fashion-mnist" else "imagenet1k")
+    recipe = load_recipe(name)
+    changes = dict(flags.fields)
+    augmentation: dict = {}
+    aug_fields = {f.name for f in dataclasses.fields(Augmentation)}
+    for item in flags.settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RecipeError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value  # a bare string such as rand-m9-mstd0.5
+        # augmentation fields by name (hflip=0) or dotted (augmentation.hflip=0)
+        name = key.removeprefix("augmentation.")
+        if name in aug_fields and (name != key or not hasattr(recipe, key)):
+            augmentation[name] = parsed
+        else:
+            changes[key] = parsed
+    if augmentation:
+        changes["augmentation"] = {**changes.get("augmentation", {}), **augmentation}
+    return recipe.replace(**changes) if changes else recipe
+
+
+def recipe_for_clips(recipe: Recipe) -> Recipe:
+    """The recipe as video clips take it: CutMix off (timm's cuts the last two axes, T x H on
+    clips); RandAugment, colour jitter and random erasing are not applied (clips take one crop
+    and flip for all frames, nothing else), which is logged."""
+    if recipe.cutmix > 0:
+        logger.info("video clips: CutMix is turned off")
+        recipe = recipe.replace(cutmix=0.0)
+    aug = recipe.augmentation
+    unused = [name for name, on in (("RandAugment", aug.auto_augment),
+              ("colour jitter", aug.color_jitter), ("random erasing", aug.re_prob))
+              if on]  # fmt: skip
+    if unused:
+        logger.info(
+            "video clips: the recipe's %s: not applied (clips take its crop scale and flip only)",
+            ", ".join(unused),
+        )
+    return recipe

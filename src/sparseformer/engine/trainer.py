@@ -7,7 +7,6 @@ top-1) atomically, with everything needed to resume the same trajectory. Only ra
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -16,22 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from timm.data import Mixup
-from timm.data.random_erasing import RandomErasing
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sparseformer.data.datasets import DatasetBundle
-from sparseformer.data.loader import (
-    SeededRepeatAugSampler,
-    build_eval_loader,
-    build_train_loader,
-    failed_loads,
-)
+from sparseformer.data.loader import failed_loads
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine import checkpoint as ckpt_io
+from sparseformer.engine.collaborators import TrainingParts, build_training_parts
 from sparseformer.engine.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -40,59 +31,30 @@ from sparseformer.engine.distributed import (
     setup_distributed,
     weights_in_sync,
 )
-from sparseformer.engine.loop import (
-    BatchPrep,
-    NonFiniteLossError,
-    StepTools,
-    evaluate,
-    train_one_epoch,
-)
+from sparseformer.engine.loop import NonFiniteLossError, evaluate, train_one_epoch
 from sparseformer.engine.metrics import MetricsLog, plot_metrics
-from sparseformer.engine.modeling import is_sparseformer
-from sparseformer.engine.optim import LRSchedule, build_optimizer
 from sparseformer.engine.recipe import Recipe
-from sparseformer.engine.session import available_cores
-from sparseformer.weights.convert import CheckpointError
+from sparseformer.engine.resume import DATA_ORDER, RunState, keep_saved_data_order, restore_run
+from sparseformer.engine.run_folder import (
+    SKIPPED_LIST,
+    clear_old_run,
+    prepare_output,
+    write_skipped_list,
+    write_summary,
+)
+from sparseformer.weights.loading import is_sparseformer
 
-__all__ = ["TrainingError", "RunOptions", "seed_everything", "amp_dtype_for", "fit"]
+__all__ = [
+    "DATA_ORDER",
+    "TrainingError",
+    "RunOptions",
+    "seed_everything",
+    "amp_dtype_for",
+    "keep_saved_data_order",
+    "fit",
+]
 
 logger = logging.getLogger(__name__)
-
-# How the training order is drawn, saved in checkpoints: "seed+epoch" since the repeated-
-# augmentation sampler took --seed; checkpoints without it resume with its old, epoch-only order.
-DATA_ORDER = "seed+epoch"
-
-_TEMPORARIES = (
-    ".last.pt.tmp-*",
-    ".best.pt.tmp-*",
-    ".metrics.jsonl.tmp",
-    ".metrics.tmp.png",
-    ".summary.json.tmp",
-    ".skipped_files.tsv.tmp",
-)
-
-
-SKIPPED_LIST = "skipped_files.tsv"  # every file the scan left out, with the reason
-_RUN_FILES = (
-    ckpt_io.LAST, ckpt_io.BEST, "metrics.jsonl", "metrics.png", "summary.json", SKIPPED_LIST
-)  # fmt: skip
-
-
-def _write_skipped_list(path: Path, skipped: list[tuple[str, str]]) -> None:
-    """``path``: one ``file<TAB>reason`` row per file the folder scan left out (atomically;
-    tab-separated CSV, quoted where a name holds a tab, a newline or a quote); removed when
-    nothing was skipped, so that it never describes another scan."""
-    if not skipped:
-        path.unlink(missing_ok=True)
-        return
-    import csv
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-        out = csv.writer(f, delimiter="\t", lineterminator="\n")  # quotes a tab in a name
-        out.writerow(["file", "reason"])
-        out.writerows((file, " ".join(str(reason).split())) for file, reason in skipped)
-    tmp.replace(path)
 
 
 class TrainingError(RuntimeError):
@@ -148,27 +110,6 @@ def amp_dtype_for(precision: str, device: str) -> torch.dtype | None:
     raise TrainingError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
 
 
-def keep_saved_data_order(sampler, state: dict) -> None:
-    """A run saved before the repeated-augmentation sampler took ``--seed`` (its checkpoints
-    lack ``data_order``) resumes with that sampler's old order, shuffled by the epoch alone."""
-    if state.get("data_order") is None and isinstance(sampler, SeededRepeatAugSampler):
-        sampler.seed = 0
-
-
-def _workers(asked: int, dist: DistInfo) -> int:
-    """Data-loading processes per training process: the recipe's, but no more than this
-    process's share of the cores (more only queue for them). The data order does not depend
-    on the count; which random augmentation an image draws does, as with any DataLoader."""
-    cores = available_cores()
-    # the same share as the threads get (session.set_threads): cores / processes on this node
-    share = max(1, cores // max(dist.local_world_size, 1))
-    if asked > share:
-        logger.warning("%d data-loading processes (the recipe's num_workers, or --workers) on "
-                       "%d core(s) for this process: using %d", asked, share, share)  # fmt: skip
-        return share
-    return asked
-
-
 def _roi_stats(model: nn.Module, batch: torch.Tensor | None, amp) -> dict[str, float]:
     if batch is None:
         return {}
@@ -189,6 +130,11 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``model`` on ``data`` with ``recipe``; returns the run summary.
 
+    The steps: build the collaborators (:func:`~sparseformer.engine.collaborators.
+    build_training_parts`), restore a resumed run (:func:`~sparseformer.engine.resume.
+    restore_run`), run the epochs (:func:`_run_epoch`: train, evaluate, save) and write the
+    summary (:func:`_summary`).
+
     With ``options.overwrite`` (and no ``options.resume``) the checkpoints, metrics and
     summary of an earlier run in ``options.output`` are removed once the set-up has passed
     (a setting that does not fit the data keeps the old run), before the first epoch, so
@@ -207,132 +153,63 @@ def fit(
     amp = amp_dtype_for(options.precision, options.device)
     out = Path(options.output)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for pattern in _TEMPORARIES:  # left by a run killed while writing
-            for stale in out.glob(pattern):
-                stale.unlink()
+        prepare_output(out)
     model.to(device)
-    total_batch = recipe.batch_size * dist.world_size
-    peak_lr, warmup_lr, min_lr = recipe.scaled_lr(total_batch)
-    optimizer = build_optimizer(
-        model, peak_lr, recipe.weight_decay, recipe.betas, recipe.eps, recipe.layer_decay
-    )
-    if recipe.layer_decay is not None and dist.is_main:
-        scales = sorted({g.get("lr_scale", 1.0) for g in optimizer.param_groups})
-        logger.info(
-            "layer decay %g: %d depths, learning rate x %.3g (deepest) to x %g (head)",
-            recipe.layer_decay, len(scales), scales[0], scales[-1],
-        )  # fmt: skip
-    ema = None
-    if recipe.ema_decay:
-        ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=recipe.ema_warmup)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-
-    workers = _workers(recipe.num_workers, dist)
-    pin = device.type == "cuda"
-    train_loader = build_train_loader(
-        data.train, recipe.batch_size, workers, options.seed,
-        dist.rank, dist.world_size, recipe.repeated_aug, pin_memory=pin,
-    )  # fmt: skip
-    val_loader = build_eval_loader(
-        data.val, 2 * recipe.batch_size, workers, dist.rank, dist.world_size, pin_memory=pin
-    )
-    if recipe.warmup_epochs >= recipe.epochs and dist.is_main:
-        logger.warning(
-            "the warm-up (%g epochs) is as long as the run (%d epochs): the learning rate "
-            "never reaches its peak; set --warmup-epochs below --epochs",
-            recipe.warmup_epochs,
-            recipe.epochs,
-        )
-    steps_per_epoch = len(train_loader)
-    schedule = LRSchedule(
-        peak_lr, warmup_lr, min_lr,
-        round(recipe.warmup_epochs * steps_per_epoch), recipe.epochs * steps_per_epoch,
-    )  # fmt: skip
-    mixup = None
-    if recipe.mixup > 0 or recipe.cutmix > 0:
-        mixup = Mixup(
-            mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mixup_prob,
-            switch_prob=recipe.mixup_switch_prob, mode=recipe.mixup_mode,
-            label_smoothing=recipe.label_smoothing, num_classes=data.num_classes,
-        )  # fmt: skip
-        criterion: nn.Module = SoftTargetCrossEntropy()
-    elif recipe.label_smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(recipe.label_smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
-    erasing = None
-    if recipe.augmentation.re_prob > 0:
-        erasing = RandomErasing(
-            recipe.augmentation.re_prob, mode=recipe.augmentation.re_mode,
-            max_count=recipe.augmentation.re_count, device=str(device),
-        )  # fmt: skip
-    prep = BatchPrep(preprocessing.mean, preprocessing.std, device, erasing)
-
-    start_epoch, step, best, best_epoch, train_seconds = 0, 0, -1.0, 0, 0.0
-    rng_states, data_order = None, DATA_ORDER
+    seed = options.seed
+    parts = build_training_parts(model, data, recipe, preprocessing, seed, dist, device, amp)
+    state = RunState()
     if options.resume is not None:
-        state = ckpt_io.read_training_checkpoint(options.resume)
-        if state.get("model_name") != options.model_name:
-            raise CheckpointError(
-                f"{str(options.resume)!r} is a checkpoint of {state.get('model_name')!r}, not "
-                f"{options.model_name!r}; pass --model {state.get('model_name')} to resume it"
-            )
-        model.load_state_dict(state["model"], strict=True)
-        if ema is not None and state.get("model_ema") is not None:
-            ema.module.load_state_dict(state["model_ema"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        saved_world = int(state.get("world_size", dist.world_size))
-        if step != start_epoch * steps_per_epoch or saved_world != dist.world_size:
-            # other processes or other data: the schedule goes on from the same epoch, over
-            # this run's steps per epoch (and learning rate scaled to its total batch)
-            if dist.is_main:
-                logger.warning(
-                    "the run was saved with %d process(es) and %d steps per epoch, resumed with "
-                    "%d and %d (other data or another process count): the learning-rate "
-                    "schedule continues from epoch %d on the new steps, with the peak scaled "
-                    "to a total batch of %d, so the run will not match an uninterrupted one",
-                    saved_world, step // max(start_epoch, 1), dist.world_size, steps_per_epoch,
-                    start_epoch, total_batch,
-                )  # fmt: skip
-            step = start_epoch * steps_per_epoch
-        best, best_epoch = float(state["best_acc1"]), int(state["best_epoch"])
-        train_seconds = float(state.get("train_seconds", 0.0))
-        rng_states = state.get("rng")
-        keep_saved_data_order(train_loader.sampler, state)
-        data_order = state.get("data_order")  # an old run keeps its old order in every resume
-        logger.info("resuming %s from epoch %d (step %d)", options.resume, start_epoch, step)
+        state = restore_run(options.resume, options.model_name, model, parts, dist)
     if dist.is_main and options.overwrite and options.resume is None:
         # asked to start over: clear the old run, only now that every setting has been
         # checked against the data (batch size, optimizer, loaders), so a mistake keeps it
-        for name in _RUN_FILES:
-            (out / name).unlink(missing_ok=True)
+        clear_old_run(out)
     if dist.is_main:
-        _write_skipped_list(out / SKIPPED_LIST, data.skipped_files)
-    log = MetricsLog(out / "metrics.jsonl", start_epoch) if dist.is_main else None
-
-    roi_batch = None
-    if options.roi_stats_images > 0 and is_sparseformer(model) and dist.is_main:
-        idx = range(min(options.roi_stats_images, len(data.val)))
-        x, y = val_loader.collate_fn([data.val[i] for i in idx])
-        roi_batch = prep(x, y, train=False)[0] if len(y) else None
-    if rng_states is not None and dist.rank < len(rng_states):  # after the set-up's RNG use
-        ckpt_io.restore_rng(rng_states[dist.rank], device)
-    elif rng_states is not None:  # a rank the saved run did not have: its own fresh stream
-        seed_everything(options.seed + dist.rank + 1000 * int(step))
-    else:  # ranks share the model's initialisation but not their augmentation
-        seed_everything(options.seed + dist.rank)
-
+        write_skipped_list(out / SKIPPED_LIST, data.skipped_files)
+    log = MetricsLog(out / "metrics.jsonl", state.start_epoch) if dist.is_main else None
+    roi_batch = _roi_batch(model, data, parts, options.roi_stats_images, dist)
+    _seed_ranks(state, options.seed, dist, device)  # after the set-up's RNG use
     net = model
     if dist.enabled:
         ids = [device.index] if device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=ids)
-    tools = StepTools(criterion, schedule, prep, amp, scaler, recipe.clip_grad, mixup, ema)
+    facts = _checkpoint_facts(data, recipe, preprocessing, options, dist)
     progress = options.progress and dist.is_main
-    common = {
+    loop = _Loop(net, model, parts, data, recipe, dist, out, progress, log, roi_batch, facts)
+    for epoch in range(state.start_epoch, recipe.epochs):
+        _run_epoch(loop, state, epoch)
+    summary = _summary(loop, state, options.model_name)
+    if dist.is_main:
+        write_summary(out, summary)
+    return summary
+
+
+@dataclass
+class _Loop:
+    """What every epoch of a run works with."""
+
+    net: nn.Module  # the model, wrapped in DDP when distributed
+    model: nn.Module
+    parts: TrainingParts
+    data: DatasetBundle
+    recipe: Recipe
+    dist: DistInfo
+    out: Path
+    progress: bool
+    log: MetricsLog | None  # rank 0's metrics.jsonl
+    roi_batch: torch.Tensor | None  # validation images for the RoI statistics
+    facts: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint
+
+
+def _checkpoint_facts(
+    data: DatasetBundle,
+    recipe: Recipe,
+    preprocessing: Preprocessing,
+    options: RunOptions,
+    dist: DistInfo,
+) -> dict[str, Any]:
+    """What every checkpoint of the run says about it (read back by eval, predict, resume)."""
+    return {
         "model_name": options.model_name,
         "num_classes": data.num_classes,
         "class_names": list(data.class_names),
@@ -342,94 +219,147 @@ def fit(
         "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
         **options.extra,
     }
-    record: dict[str, Any] = state.get("metrics", {}) if options.resume is not None else {}
-    for epoch in range(start_epoch, recipe.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        try:
-            stats = train_one_epoch(net, train_loader, optimizer, tools, step, dist, progress)
-        except NonFiniteLossError as exc:
-            last = out / ckpt_io.LAST
-            kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint"
-            raise TrainingError(
-                f"training stopped in epoch {epoch + 1}: {exc}; {kept}. Lower the learning rate "
-                "(--lr), keep gradient clipping on, or use --precision bf16/fp32"
-            ) from exc
-        step = int(stats["steps"])
-        train_seconds += stats["epoch_seconds"]
-        # the module itself: DDP adds nothing to evaluation, and its first no-grad forward
-        # broadcasts buffers, a collective a rank with no validation batch would never join
-        broadcast_buffers(model, dist)  # rank 0's BatchNorm statistics, which it saves
-        val = evaluate(model, val_loader, prep, dist, amp, progress)
-        record = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": stats["train_loss"],
-            "val_loss": val["loss"],
-            "val_acc1": val["acc1"],
-            "val_acc5": val["acc5"],
-            "val_images": val["images"],  # scored: files that failed to decode are left out
-            "lr": stats["lr"],
-            "images_per_second": stats["images_per_second"],
-            "epoch_seconds": stats["epoch_seconds"],
-            "train_seconds": train_seconds,
-        }
-        if ema is not None:
-            broadcast_buffers(ema.module, dist)
-            ema_val = evaluate(ema.module, val_loader, prep, dist, amp, progress)
-            record.update(ema_val_loss=ema_val["loss"], ema_val_acc1=ema_val["acc1"])
-            record.update(ema_val_acc5=ema_val["acc5"])
-        record.update(_roi_stats(model, roi_batch, amp))
-        is_best = record["val_acc1"] > best
-        if is_best:
-            best, best_epoch = record["val_acc1"], epoch + 1
-        rng = gather_objects(ckpt_io.capture_rng(device), dist)  # every rank's generators
-        if dist.is_main:
-            log.append(record)
-            state = {
-                **common,
-                "model": model.state_dict(),
-                "model_ema": ema.module.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch + 1,
-                "step": step,
-                "best_acc1": best,
-                "best_epoch": best_epoch,
-                "train_seconds": train_seconds,
-                "rng": rng,
-                "metrics": record,
-                "data_order": data_order,
-            }
-            if is_best:  # before last.pt: a last.pt naming a best epoch implies its best.pt
-                ckpt_io.save_atomic(state, out / ckpt_io.BEST)
-                ckpt_io.link_atomic(out / ckpt_io.BEST, out / ckpt_io.LAST)  # written once
-            else:
-                ckpt_io.save_atomic(state, out / ckpt_io.LAST)
-            plot_metrics(log.records, out / "metrics.png")
-            logger.info(
-                "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%, "
-                "%.0f %s/s%s",
-                epoch + 1, recipe.epochs, record["train_loss"], record["val_loss"],
-                record["val_acc1"], record["val_acc5"], record["images_per_second"],
-                "clips" if data.video else "img",
-                f", EMA top-1 {record['ema_val_acc1']:.2f}%" if ema is not None else "",
-            )  # fmt: skip
+
+
+def _roi_batch(
+    model: nn.Module, data: DatasetBundle, parts: TrainingParts, images: int, dist: DistInfo
+) -> torch.Tensor | None:
+    """The first ``images`` validation images, prepared, for the per-epoch RoI statistics
+    (rank 0, SparseFormers only)."""
+    if images > 0 and is_sparseformer(model) and dist.is_main:
+        idx = range(min(images, len(data.val)))
+        x, y = parts.val_loader.collate_fn([data.val[i] for i in idx])
+        return parts.tools.prep(x, y, train=False)[0] if len(y) else None
+    return None
+
+
+def _seed_ranks(state: RunState, seed: int, dist: DistInfo, device: torch.device) -> None:
+    """A resumed run's saved random streams; a fresh run's per-rank seeds."""
+    rng_states = state.rng_states
+    if rng_states is not None and dist.rank < len(rng_states):
+        ckpt_io.restore_rng(rng_states[dist.rank], device)
+    elif rng_states is not None:  # a rank the saved run did not have: its own fresh stream
+        seed_everything(seed + dist.rank + 1000 * int(state.step))
+    else:  # ranks share the model's initialisation but not their augmentation
+        seed_everything(seed + dist.rank)
+
+
+def _run_epoch(loop: _Loop, state: RunState, epoch: int) -> None:
+    """Train one epoch, evaluate, and (rank 0) log, save the checkpoints and plot."""
+    parts, dist = loop.parts, loop.dist
+    parts.train_loader.sampler.set_epoch(epoch)
+    try:
+        stats = train_one_epoch(
+            loop.net, parts.train_loader, parts.optimizer, parts.tools, state.step, dist,
+            loop.progress,
+        )  # fmt: skip
+    except NonFiniteLossError as exc:
+        last = loop.out / ckpt_io.LAST
+        kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint"
+        raise TrainingError(
+            f"training stopped in epoch {epoch + 1}: {exc}; {kept}. Lower the learning rate "
+            "(--lr), keep gradient clipping on, or use --precision bf16/fp32"
+        ) from exc
+    state.step = int(stats["steps"])
+    state.train_seconds += stats["epoch_seconds"]
+    record = _validate(loop, stats, state, epoch)
+    is_best = record["val_acc1"] > state.best
+    if is_best:
+        state.best, state.best_epoch = record["val_acc1"], epoch + 1
+    state.record = record
+    rng = gather_objects(ckpt_io.capture_rng(parts.tools.prep.device), dist)  # every rank's
+    if dist.is_main:
+        loop.log.append(record)
+        _save_checkpoints(loop, state, epoch, rng, is_best)
+        plot_metrics(loop.log.records, loop.out / "metrics.png")
+        ema = parts.tools.ema
+        logger.info(
+            "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%, "
+            "%.0f %s/s%s",
+            epoch + 1, loop.recipe.epochs, record["train_loss"], record["val_loss"],
+            record["val_acc1"], record["val_acc5"], record["images_per_second"],
+            "clips" if loop.data.video else "img",
+            f", EMA top-1 {record['ema_val_acc1']:.2f}%" if ema is not None else "",
+        )  # fmt: skip
+
+
+def _validate(loop: _Loop, stats: dict, state: RunState, epoch: int) -> dict[str, Any]:
+    """The epoch's metrics record: training statistics, validation of the model and its EMA,
+    and the RoI statistics."""
+    parts, dist, tools = loop.parts, loop.dist, loop.parts.tools
+    # the module itself: DDP adds nothing to evaluation, and its first no-grad forward
+    # broadcasts buffers, a collective a rank with no validation batch would never join
+    broadcast_buffers(loop.model, dist)  # rank 0's BatchNorm statistics, which it saves
+    val = evaluate(loop.model, parts.val_loader, tools.prep, dist, tools.amp_dtype, loop.progress)
+    record = {
+        "epoch": epoch + 1,
+        "step": state.step,
+        "train_loss": stats["train_loss"],
+        "val_loss": val["loss"],
+        "val_acc1": val["acc1"],
+        "val_acc5": val["acc5"],
+        "val_images": val["images"],  # scored: files that failed to decode are left out
+        "lr": stats["lr"],
+        "images_per_second": stats["images_per_second"],
+        "epoch_seconds": stats["epoch_seconds"],
+        "train_seconds": state.train_seconds,
+    }
+    if tools.ema is not None:
+        broadcast_buffers(tools.ema.module, dist)
+        ema_val = evaluate(
+            tools.ema.module, parts.val_loader, tools.prep, dist, tools.amp_dtype, loop.progress
+        )
+        record.update(ema_val_loss=ema_val["loss"], ema_val_acc1=ema_val["acc1"])
+        record.update(ema_val_acc5=ema_val["acc5"])
+    record.update(_roi_stats(loop.model, loop.roi_batch, tools.amp_dtype))
+    return record
+
+
+def _save_checkpoints(loop: _Loop, state: RunState, epoch: int, rng, is_best: bool) -> None:
+    """``last.pt`` (and ``best.pt`` on a new best top-1), atomically, with all a resume needs."""
+    tools, out = loop.parts.tools, loop.out
+    saved = {
+        **loop.facts,
+        "model": loop.model.state_dict(),
+        "model_ema": tools.ema.module.state_dict() if tools.ema is not None else None,
+        "optimizer": loop.parts.optimizer.state_dict(),
+        "scaler": tools.scaler.state_dict() if tools.scaler is not None else None,
+        "epoch": epoch + 1,
+        "step": state.step,
+        "best_acc1": state.best,
+        "best_epoch": state.best_epoch,
+        "train_seconds": state.train_seconds,
+        "rng": rng,
+        "metrics": state.record,
+        "data_order": state.data_order,
+    }
+    if is_best:  # before last.pt: a last.pt naming a best epoch implies its best.pt
+        ckpt_io.save_atomic(saved, out / ckpt_io.BEST)
+        ckpt_io.link_atomic(out / ckpt_io.BEST, out / ckpt_io.LAST)  # written once
+    else:
+        ckpt_io.save_atomic(saved, out / ckpt_io.LAST)
+
+
+def _summary(loop: _Loop, state: RunState, model_name: str) -> dict[str, Any]:
+    """The run's summary (``summary.json``): scores, time, skipped files, where the files are."""
+    data, out, dist, record = loop.data, loop.out, loop.dist, state.record
     # files that passed the folder scan but failed to decode in this run (logged each time)
+    device = loop.parts.tools.prep.device
     replaced = all_reduce_sum(torch.tensor([float(failed_loads(data.train))], device=device), dist)
-    summary = {
-        "model": options.model_name,
-        "epochs": recipe.epochs,
-        "epochs_run": max(recipe.epochs - start_epoch, 0),
-        "best_val_acc1": best,
-        "best_epoch": best_epoch,
+    return {
+        "model": model_name,
+        "epochs": loop.recipe.epochs,
+        "epochs_run": max(loop.recipe.epochs - state.start_epoch, 0),
+        "best_val_acc1": state.best,
+        "best_epoch": state.best_epoch,
         "final": record,
-        "train_seconds": train_seconds,
+        "train_seconds": state.train_seconds,
         "skipped_files": len(data.skipped_files),  # unreadable (or too short) at the scan
         "skipped_list": str(out / SKIPPED_LIST) if data.skipped_files else None,
         "train_loads_replaced": int(replaced.item()),  # decode failures, each replaced
         "val_left_out": len(data.val) - record["val_images"] if "val_images" in record else 0,
         "world_size": dist.world_size,
-        "ranks_in_sync": weights_in_sync(model, dist),
+        "ranks_in_sync": weights_in_sync(loop.model, dist),
         "output": str(out),
         "last_checkpoint": str(out / ckpt_io.LAST) if (out / ckpt_io.LAST).exists() else None,
         # None when this folder holds no best.pt (a run resumed from another folder, whose
@@ -438,8 +368,3 @@ def fit(
         "metrics": str(out / "metrics.jsonl"),
         "plot": str(out / "metrics.png"),
     }
-    if dist.is_main:
-        tmp = out / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(out / "summary.json")
-    return summary

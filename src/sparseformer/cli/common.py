@@ -1,0 +1,164 @@
+"""What the commands share: argparse types, the data and clip flags, and the flags turned into
+library values (data source, clip sampling, recipe request). Heavy modules are imported inside
+the functions, so that ``sparseformer --help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = [
+    "positive_int",
+    "count",
+    "add_clip_arguments",
+    "add_data_arguments",
+    "data_source",
+    "check_model_fits_data",
+    "refuse_video_flags_on_images",
+    "recipe_flags",
+]
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def count(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def add_clip_arguments(p, prefix: str = "") -> None:
+    """``--frames``, ``--frame-stride`` and ``--sampling`` (help text after ``prefix``), which
+    default to what a checkpoint records: train, eval and predict take them alike."""
+    p.add_argument(
+        "--frames",
+        type=positive_int,
+        help=f"{prefix}frames per clip (default: the checkpoint's, else the model's)",
+    )
+    p.add_argument(
+        "--frame-stride",
+        type=positive_int,
+        help=f"{prefix}dense sampling step (default: the checkpoint's, else 4)",
+    )
+    p.add_argument(
+        "--sampling",
+        choices=("dense", "uniform"),
+        help=f"{prefix}clip sampling (default: the checkpoint's, else dense)",
+    )
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (one of --data-dir and --dataset)")
+    g.add_argument(
+        "--data-dir", type=Path, help="ImageFolder root: DIR/train/CLASS/*, DIR/val/CLASS/*"
+    )
+    g.add_argument("--dataset", help="built-in data set: fashion-mnist")
+    g.add_argument("--data-root", type=Path, help="cache folder for built-in data sets")
+    g.add_argument(
+        "--limit-train",
+        type=positive_int,
+        metavar="N",
+        help="use only N training images (spread over a folder's classes; a built-in data "
+        "set's first N)",
+    )
+    g.add_argument(
+        "--limit-val",
+        type=positive_int,
+        metavar="N",
+        help="use only N val images (spread over a folder's classes; a built-in data set's "
+        "first N)",
+    )
+    g = p.add_argument_group("video folders (DIR/train/CLASS/*.mp4; video models)")
+    add_clip_arguments(g)
+    g.add_argument("--clips", type=positive_int, default=1, help="test clips per video (eval)")
+    g.add_argument(
+        "--crops", type=int, choices=(1, 3), default=1, help="test crops per clip (eval)"
+    )
+
+
+def clip_flags(args: argparse.Namespace) -> dict:
+    """The clip flags as :class:`~sparseformer.data.clips.ClipSpec` fields (``None``: not given)."""
+    return {"num_frames": args.frames, "stride": args.frame_stride, "sampling": args.sampling}
+
+
+def data_source(args: argparse.Namespace, views: bool = True, saved: dict | None = None):
+    """The data the flags name; ``saved``: a checkpoint's ``video`` record (clip defaults).
+    ``views=False`` keeps one test view (training)."""
+    from sparseformer.data import DataSource
+    from sparseformer.engine.video import choose_clip_spec
+
+    clips, crops = (args.clips, args.crops) if views else (1, 1)
+    model = getattr(args, "model", None)
+    return DataSource(
+        args.data_dir,
+        args.dataset,
+        args.data_root,
+        args.limit_train,
+        args.limit_val,
+        video=choose_clip_spec(model, clip_flags(args), saved, clips, crops),
+    )
+
+
+def check_model_fits_data(model_name: str, args: argparse.Namespace) -> bool | None:
+    """:func:`sparseformer.engine.video.check_model_fits_data` on ``--data-dir``.
+
+    Raises:
+        CliError: the model's kind and the data's differ.
+    """
+    from sparseformer.cli import CliError
+    from sparseformer.data import DataError
+    from sparseformer.engine.video import check_model_fits_data as fits
+
+    try:
+        return fits(model_name, args.data_dir)
+    except DataError as exc:
+        raise CliError(str(exc)) from None
+
+
+def refuse_video_flags_on_images(
+    args: argparse.Namespace, video_data: bool | None, why: str = "the data are images"
+) -> None:
+    """Clip flags given with image data (or an image model: ``why``) are a mistake worth
+    naming (``None``: unknown yet)."""
+    from sparseformer.cli import CliError
+
+    given = [
+        flag
+        for flag, value in (
+            ("--frames", args.frames), ("--frame-stride", args.frame_stride),
+            ("--sampling", args.sampling), ("--clips", args.clips != 1 or None),
+            ("--crops", args.crops != 1 or None),
+        )
+        if value
+    ]  # fmt: skip
+    if video_data is False and given:
+        raise CliError(f"{', '.join(given)} apply to videos only; {why}")
+
+
+def recipe_flags(args: argparse.Namespace):
+    """What ``train``'s flags ask of the recipe: a
+    :class:`~sparseformer.engine.recipe.RecipeFlags`."""
+    from sparseformer.engine.recipe import RecipeFlags
+
+    fields = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "img_size": args.img_size,
+        "lr": args.lr,
+        "warmup_epochs": args.warmup_epochs,
+        "weight_decay": args.weight_decay,
+        "drop_path": args.drop_path,
+        "num_workers": args.workers,
+        "precision": args.precision,
+    }
+    return RecipeFlags(
+        args.recipe, {k: v for k, v in fields.items() if v is not None}, tuple(args.set)
+    )

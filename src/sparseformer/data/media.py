@@ -1,0 +1,45 @@
+"""Files to classify: paths as given, folders expanded to the image or video files under them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sparseformer.data.folder import DataError
+from sparseformer.data.images import IMAGE_EXTENSIONS
+from sparseformer.data.scan import walk_files, warn_other_extensions
+from sparseformer.data.video_decode import VIDEO_EXTENSIONS
+
+__all__ = ["expand_media_paths"]
+
+
+def expand_media_paths(paths: list[Path], video: bool) -> list[Path]:
+    """Files as given, folders as the video files (``video``) or image files under them
+    (sorted).
+
+    Raises:
+        DataError: a path that does not exist, or a folder without files of the kind.
+    """
+    media = VIDEO_EXTENSIONS if video else IMAGE_EXTENSIONS
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            ignored: list[Path] = []  # the folder's other files, walked once
+            found = sorted(walk_files(path, media, ignored))  # broken links: reported, not lost
+            kind = "video" if video else "image"
+            if not found:
+                others = tuple(e.lower() for e in (IMAGE_EXTENSIONS if video else VIDEO_EXTENSIONS))
+                hint = ""
+                if any(p.name.lower().endswith(others) for p in ignored):
+                    found_kind, use = ("images", "an image") if video else ("videos", "a video")
+                    hint = f"; it holds {found_kind}: use {use} model"
+                raise DataError(
+                    f"folder {str(path)!r} holds no {kind} files (extensions "
+                    f"{', '.join(media)}){hint}"
+                )
+            warn_other_extensions(ignored, kind, media)
+            files += found
+        elif path.exists():
+            files.append(path)
+        else:
+            raise DataError(f"{str(path)!r} does not exist")
+    return files

@@ -1,0 +1,247 @@
+"""Continuing a run: which checkpoint ``--resume`` names, what a resumed run keeps of its own
+(recipe, clips, classes) whatever the flags ask, and the state a training checkpoint restores.
+
+A resumed run continues exactly: its own recipe (only ``--epochs``, which may grow, and
+``--workers``, a machine's own setting, apply), its own clip sampling, its classes; what the
+flags asked otherwise is named in a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from sparseformer.data.loader import SeededRepeatAugSampler
+from sparseformer.engine import checkpoint as ckpt_io
+from sparseformer.engine.collaborators import TrainingParts
+from sparseformer.engine.distributed import DistInfo
+from sparseformer.engine.recipe import Recipe, RecipeFlags, list_recipes
+from sparseformer.engine.run_folder import find_resume_checkpoint, summary_epochs
+from sparseformer.weights.convert import CheckpointError
+
+__all__ = [
+    "DATA_ORDER",
+    "ResumeError",
+    "RunState",
+    "resolve_resume",
+    "read_resume_checkpoint",
+    "resumed_recipe",
+    "run_is_finished",
+    "keep_run_clips",
+    "check_same_classes",
+    "keep_saved_data_order",
+    "restore_run",
+]
+
+logger = logging.getLogger(__name__)
+
+# How the training order is drawn, saved in checkpoints: "seed+epoch" since the repeated-
+# augmentation sampler took --seed; checkpoints without it resume with its old, epoch-only order.
+DATA_ORDER = "seed+epoch"
+
+# recipe fields that apply on resume: --epochs (the total may grow), --workers (a machine's own
+# setting) and --precision (a run option)
+_APPLY_ON_RESUME = ("epochs", "num_workers", "precision")
+
+
+class ResumeError(ValueError):
+    """A run that cannot be resumed as asked; the message says what to do."""
+
+
+def resolve_resume(resume: str | None, output: Path, *, overwrite: bool = False) -> Path | None:
+    """The checkpoint ``--resume`` names: a path, or with ``"auto"`` the run folder's own
+    (``None`` when it has none yet: the run starts).
+
+    Raises:
+        ResumeError: both resuming and starting over were asked for.
+    """
+    if resume and overwrite:
+        raise ResumeError(
+            "--overwrite starts the run over and --resume continues it; give one of them"
+        )
+    if resume == "auto":  # last.pt, else best.pt (a kill between the two saves)
+        return find_resume_checkpoint(output)
+    return Path(resume) if resume else None
+
+
+def read_resume_checkpoint(resume: Path, model_name: str) -> dict[str, Any]:
+    """The training checkpoint ``resume``, checked to be one of ``model_name``."""
+    try:
+        return ckpt_io.read_training_checkpoint(resume, model_name)
+    except CheckpointError as exc:
+        raise ResumeError(str(exc)) from None
+
+
+def resumed_recipe(
+    saved: dict[str, Any], resume: Path, asked: Recipe, flags: RecipeFlags
+) -> Recipe:
+    """The run's own recipe (``saved``: its checkpoint), with the ``--epochs`` and
+    ``--workers`` of ``flags``; every other change ``asked`` holds is named in a warning.
+
+    Raises:
+        ResumeError: ``--epochs`` below the epochs the run already has.
+    """
+    done = int(saved.get("epoch", 0))
+    epochs, workers = flags.fields.get("epochs"), flags.fields.get("num_workers")
+    if epochs is not None and epochs < done:
+        raise ResumeError(
+            f"the run in {resume} already has {done} epochs; --epochs is the total, so "
+            f"give at least {done} (or leave it out to finish the run's own schedule)"
+        )
+    recipe = Recipe().replace(**saved["recipe"])
+    if epochs is not None:
+        recipe = recipe.replace(epochs=epochs)
+    if workers is not None:  # the data order stays; a machine's own setting
+        recipe = recipe.replace(num_workers=workers)
+    warn_ignored_on_resume(flags, asked, recipe)
+    return recipe
+
+
+def warn_ignored_on_resume(flags: RecipeFlags, asked: Recipe, recipe: Recipe) -> None:
+    """Resuming keeps the run's recipe: name each field the flags (or ``--recipe`` and
+    ``--set``) asked to change, with both values. ``--epochs`` and ``--workers`` do apply.
+    ``--recipe`` naming the run's own shipped recipe (the training command typed again) asks
+    for no more than its other flags do."""
+
+    def flat(r) -> dict:
+        d = r.to_dict()
+        d.update({f"augmentation.{k}": v for k, v in d.pop("augmentation").items()})
+        return d
+
+    wanted, kept = flat(asked), flat(recipe)
+    # the run's own shipped recipe typed again asks only what the flags ask; another recipe,
+    # or a recipe file (which may have been edited since), every field of it
+    same_shipped = flags.name in list_recipes() and wanted["name"] == kept["name"]
+    if flags.name and not same_shipped:
+        keys = [k for k in wanted if k not in ("epochs", "num_workers", "name", "precision")]
+    else:  # only what the flags named
+        keys = [f for f in flags.fields if f not in _APPLY_ON_RESUME]
+        for item in flags.settings:
+            key = item.partition("=")[0]
+            keys.append(key if key in wanted else f"augmentation.{key}")
+    changed = [
+        f"{k} (asked {wanted[k]!r}, the run's {kept[k]!r})"
+        for k in dict.fromkeys(keys)
+        if k in wanted and wanted[k] != kept[k]
+    ]
+    if changed:
+        logger.warning(
+            "resuming continues the run's own recipe, so these changes are ignored: %s; start "
+            "a new run (--checkpoint to start from these weights) to change them",
+            "; ".join(changed),
+        )
+
+
+def run_is_finished(saved: dict[str, Any], recipe: Recipe, output: Path) -> bool:
+    """Whether the resumed run has nothing left to do: its checkpoint holds every epoch of
+    ``recipe`` and ``output``'s summary says the run ended there."""
+    done = int(saved.get("epoch", 0))
+    return recipe.epochs <= done and summary_epochs(output) == done
+
+
+# clip flag (argparse name) -> the checkpoint's video record key
+CLIP_FLAGS = (("frames", "num_frames"), ("frame_stride", "stride"), ("sampling", "sampling"))
+
+
+def keep_run_clips(asked: dict[str, Any], clips: dict[str, Any]) -> None:
+    """A resumed video run samples its clips as it did (``clips``: its checkpoint's ``video``
+    record); a clip flag in ``asked`` (``frames``, ``frame_stride``, ``sampling``; ``None``:
+    not given) that asked otherwise is named in a warning, as recipe changes are."""
+    changed = [
+        f"--{flag.replace('_', '-')} (asked {asked[flag]!r}, the run's {clips[key]!r})"
+        for flag, key in CLIP_FLAGS
+        if asked.get(flag) is not None and key in clips and asked[flag] != clips[key]
+    ]
+    if changed:
+        logger.warning(
+            "resuming continues the run's own clip sampling, so these changes are ignored: %s; "
+            "start a new run (--checkpoint to start from these weights) to change them",
+            "; ".join(changed),
+        )
+
+
+def check_same_classes(trained_on: list[str] | None, class_names: list[str], resume) -> None:
+    """A run resumes on the classes it was trained on (``None``: not recorded, not checked).
+
+    Raises:
+        ResumeError: the data's classes differ.
+    """
+    if trained_on is not None and list(trained_on) != list(class_names):
+        raise ResumeError(
+            f"the run in {resume} was trained on classes {list(trained_on)[:6]}..., "
+            f"the data has {list(class_names)[:6]}...; resume on the same data, or "
+            "start a new run with --checkpoint to fine-tune"
+        )
+
+
+def keep_saved_data_order(sampler, state: dict) -> None:
+    """A run saved before the repeated-augmentation sampler took ``--seed`` (its checkpoints
+    lack ``data_order``) resumes with that sampler's old order, shuffled by the epoch alone."""
+    if state.get("data_order") is None and isinstance(sampler, SeededRepeatAugSampler):
+        sampler.seed = 0
+
+
+@dataclass
+class RunState:
+    """Where a run stands: epochs and steps done, the best top-1 so far, training time, and
+    what a resumed run carries on (RNG states, data order, the last epoch's metrics)."""
+
+    start_epoch: int = 0
+    step: int = 0
+    best: float = -1.0
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+    rng_states: list | None = None
+    data_order: str | None = DATA_ORDER
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def restore_run(
+    resume: Path, model_name: str, model: nn.Module, parts: TrainingParts, dist: DistInfo
+) -> RunState:
+    """Load a training checkpoint into the model, EMA, optimizer and scaler of a run, and
+    return where it stood. The schedule goes on from the same epoch over this run's steps.
+
+    Raises:
+        CheckpointError: a checkpoint of another model.
+    """
+    state = ckpt_io.read_training_checkpoint(resume, model_name)
+    ema, scaler = parts.tools.ema, parts.tools.scaler
+    model.load_state_dict(state["model"], strict=True)
+    if ema is not None and state.get("model_ema") is not None:
+        ema.module.load_state_dict(state["model_ema"], strict=True)
+    parts.optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    start_epoch, step = int(state["epoch"]), int(state["step"])
+    saved_world = int(state.get("world_size", dist.world_size))
+    steps_per_epoch = parts.steps_per_epoch
+    if step != start_epoch * steps_per_epoch or saved_world != dist.world_size:
+        # other processes or other data: the schedule goes on from the same epoch, over
+        # this run's steps per epoch (and learning rate scaled to its total batch)
+        if dist.is_main:
+            logger.warning(
+                "the run was saved with %d process(es) and %d steps per epoch, resumed with "
+                "%d and %d (other data or another process count): the learning-rate "
+                "schedule continues from epoch %d on the new steps, with the peak scaled "
+                "to a total batch of %d, so the run will not match an uninterrupted one",
+                saved_world, step // max(start_epoch, 1), dist.world_size, steps_per_epoch,
+                start_epoch, parts.total_batch,
+            )  # fmt: skip
+        step = start_epoch * steps_per_epoch
+    keep_saved_data_order(parts.train_loader.sampler, state)
+    logger.info("resuming %s from epoch %d (step %d)", resume, start_epoch, step)
+    return RunState(
+        start_epoch=start_epoch,
+        step=step,
+        best=float(state["best_acc1"]),
+        best_epoch=int(state["best_epoch"]),
+        train_seconds=float(state.get("train_seconds", 0.0)),
+        rng_states=state.get("rng"),
+        data_order=state.get("data_order"),  # an old run keeps its old order in every resume
+        record=state.get("metrics", {}),
+    )

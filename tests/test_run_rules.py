@@ -1,0 +1,180 @@
+"""The rules the commands apply, called directly (no argparse): resuming, recipes from flags,
+clip sampling, class matching, run folders. The commands' own tests cover their messages."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparseformer.data import DataError
+from sparseformer.data.media import expand_media_paths
+from sparseformer.data.relabel import RelabelledDataset, checkpoint_label_map
+from sparseformer.engine.inputs import class_names
+from sparseformer.engine.recipe import (
+    RecipeError,
+    RecipeFlags,
+    load_recipe,
+    recipe_for_clips,
+    recipe_from_flags,
+)
+from sparseformer.engine.resume import (
+    ResumeError,
+    check_same_classes,
+    keep_run_clips,
+    read_resume_checkpoint,
+    resolve_resume,
+    resumed_recipe,
+    run_is_finished,
+)
+from sparseformer.engine.run_folder import (
+    RUN_FILES,
+    check_output_path,
+    clear_old_run,
+    prepare_output,
+    summary_epochs,
+)
+from sparseformer.engine.video import check_model_fits_data, choose_clip_spec, is_video_model
+
+VIDEO = "video_sparseformer_v1_tiny"
+
+
+def test_resume_auto_takes_last_then_best_else_starts(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        assert resolve_resume("auto", tmp_path) is None
+    assert "no checkpoint in" in caplog.text
+    (tmp_path / "best.pt").write_bytes(b"")
+    assert resolve_resume("auto", tmp_path) == tmp_path / "best.pt"  # killed between saves
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert resolve_resume("auto", tmp_path) == tmp_path / "last.pt"
+    assert resolve_resume("elsewhere/last.pt", tmp_path) == Path("elsewhere/last.pt")
+    assert resolve_resume(None, tmp_path) is None
+    with pytest.raises(ResumeError, match="give one of them"):
+        resolve_resume("auto", tmp_path, overwrite=True)
+
+
+def _saved(tmp_path, **extra) -> Path:
+    recipe = load_recipe("fashion-mnist-cpu").replace(epochs=4)
+    state = {"model_name": "sparseformer_v1_nano", "epoch": 2, "step": 4, "model": {}}
+    state["recipe"] = recipe.to_dict()
+    path = tmp_path / "last.pt"
+    torch.save({**state, **extra}, path)
+    return path
+
+
+def test_a_resume_checkpoint_of_another_model_names_it(tmp_path):
+    path = _saved(tmp_path)
+    assert read_resume_checkpoint(path, "sparseformer_v1_nano")["epoch"] == 2
+    with pytest.raises(ResumeError, match="is a checkpoint of 'sparseformer_v1_nano', not"):
+        read_resume_checkpoint(path, "sparseformer_v1_tiny")
+
+
+def test_a_resumed_run_keeps_its_recipe_but_takes_epochs_and_workers(tmp_path, caplog):
+    path = _saved(tmp_path)
+    saved = torch.load(path, weights_only=True)
+    flags = RecipeFlags(None, {"epochs": 6, "num_workers": 0, "lr": 1.0})
+    asked = recipe_from_flags(flags, "fashion-mnist")
+    with caplog.at_level(logging.WARNING):
+        recipe = resumed_recipe(saved, path, asked, flags)
+    assert recipe.epochs == 6 and recipe.num_workers == 0
+    assert recipe.lr == load_recipe("fashion-mnist-cpu").lr
+    assert "lr (asked 1.0" in caplog.text and "epochs" not in caplog.text.split("ignored")[1]
+    with pytest.raises(ResumeError, match="already has 2 epochs"):
+        resumed_recipe(saved, path, asked, RecipeFlags(None, {"epochs": 1}))
+
+
+def test_a_run_is_finished_when_its_summary_says_so(tmp_path):
+    saved = {"epoch": 3}
+    recipe = load_recipe("fashion-mnist-cpu").replace(epochs=3)
+    assert not run_is_finished(saved, recipe, tmp_path)  # no summary: stopped after saving
+    (tmp_path / "summary.json").write_text(json.dumps({"epochs": 3}))
+    assert summary_epochs(tmp_path) == 3 and run_is_finished(saved, recipe, tmp_path)
+    assert not run_is_finished(saved, recipe.replace(epochs=5), tmp_path)
+
+
+def test_resumed_clips_and_classes(caplog):
+    clips = {"num_frames": 4, "stride": 2, "sampling": "dense"}
+    with caplog.at_level(logging.WARNING):
+        keep_run_clips({"frames": 4, "frame_stride": None, "sampling": None}, clips)
+    assert not caplog.text
+    with caplog.at_level(logging.WARNING):
+        keep_run_clips({"frames": 8, "frame_stride": None, "sampling": None}, clips)
+    assert "--frames (asked 8, the run's 4)" in caplog.text
+    check_same_classes(None, ["a"], "r")  # not recorded: not checked
+    check_same_classes(["a", "b"], ["a", "b"], "r")
+    with pytest.raises(ResumeError, match="was trained on classes"):
+        check_same_classes(["a", "b"], ["b", "a"], "r")
+
+
+def test_recipes_from_flags_and_for_clips():
+    recipe = recipe_from_flags(RecipeFlags(settings=("hflip=0", "augmentation.scale=[0.5,1]")))
+    assert recipe.name == "imagenet1k"
+    assert recipe.augmentation.hflip == 0 and recipe.augmentation.scale == (0.5, 1.0)
+    recipe = recipe_from_flags(
+        RecipeFlags(fields={"lr": 0.5}, settings=("mixup=0",)), "fashion-mnist"
+    )
+    assert recipe.name == "fashion-mnist-cpu" and recipe.lr == 0.5 and recipe.mixup == 0
+    with pytest.raises(RecipeError, match="--set expects KEY=VALUE"):
+        recipe_from_flags(RecipeFlags(settings=("mixup",)))
+    clips = recipe_for_clips(load_recipe("imagenet1k").replace(cutmix=1.0))
+    assert clips.cutmix == 0 and clips.mixup == load_recipe("imagenet1k").mixup
+
+
+def test_clip_sampling_takes_flags_then_the_checkpoint_then_the_model():
+    spec = choose_clip_spec(VIDEO, {"num_frames": None, "stride": None, "sampling": None})
+    assert (spec.num_frames, spec.stride, spec.sampling) == (8, 4, "dense")
+    saved = {"num_frames": 4, "stride": 2, "sampling": "uniform"}
+    spec = choose_clip_spec(VIDEO, {"num_frames": 6}, saved, num_clips=2, num_crops=3)
+    assert (spec.num_frames, spec.stride, spec.sampling, spec.num_views) == (6, 2, "uniform", 6)
+
+
+def test_models_meet_data_of_their_kind():
+    assert is_video_model(VIDEO) and not is_video_model("sparseformer_v1_tiny")
+    assert not is_video_model("resnet50")
+    assert check_model_fits_data("sparseformer_v1_tiny", None) is False  # built-in images
+    with pytest.raises(DataError, match="is a video model but the data are images"):
+        check_model_fits_data(VIDEO, None)
+
+
+def test_checkpoint_classes_are_matched_by_name():
+    assert checkpoint_label_map(None, ["a", "b"]) is None  # official: by position
+    assert checkpoint_label_map(["a", "b"], ["a", "b"]) is None
+    mapping = checkpoint_label_map(["a", "b", "c"], ["c", "a"])
+    assert mapping == [2, 0]
+    relabelled = RelabelledDataset([("x", 0), ("y", 1)], mapping)
+    assert [relabelled[i][1] for i in range(len(relabelled))] == [2, 0]
+    with pytest.raises(DataError, match=r"\['d'\] are not among the checkpoint's classes"):
+        checkpoint_label_map(["a", "b"], ["a", "d"])
+    assert class_names({"class_names": ["x", "y"]}, 2) == ["x", "y"]
+    assert class_names({}, 3) == ["class 0", "class 1", "class 2"]
+
+
+def test_media_paths_and_run_folders(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        expand_media_paths([tmp_path / "none.jpg"], video=False)
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(DataError, match="holds no image files"):
+        expand_media_paths([tmp_path], video=False)
+    run = tmp_path / "run"
+    prepare_output(run)
+    (run / ".last.pt.tmp-1").write_bytes(b"")  # a run killed while writing
+    for name in RUN_FILES:
+        (run / name).write_text("")
+    prepare_output(run)
+    assert not (run / ".last.pt.tmp-1").exists() and (run / "last.pt").exists()
+    clear_old_run(run)
+    assert not any(run.iterdir())
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("")
+    check_output_path(tmp_path / "new" / "run", "--output", folder=True)
+    with pytest.raises(ValueError, match="is a file; give a folder"):
+        check_output_path(tmp_path / "file", "--output", folder=True)
+    with pytest.raises(ValueError, match="is a folder; give a file path"):
+        check_output_path(tmp_path, "--out")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_output_path(tmp_path / "file" / "x.onnx", "--out")
