@@ -64,35 +64,30 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.bench.throughput import sample_shape
     from sparseformer.cli import CliError, check_output
     from sparseformer.config import VideoSparseFormerConfig
-    from sparseformer.engine.modeling import require_sparseformer
     from sparseformer.export import VIDEO_MIN_OPSET, ExportError, export_onnx, onnx_max_difference
+    from sparseformer.weights.build import require_sparseformer
+    from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.factory import create_model, get_model_spec
-    from sparseformer.weights.registry import image_model_of
 
     require_sparseformer(args.model, "export")
     check_output(args.out, "--out")
     if args.img_size is not None and args.img_size < 4:
         raise CliError(f"--img-size {args.img_size} is too small; use at least 4 pixels")
     video = isinstance(get_model_spec(args.model).config, VideoSparseFormerConfig)
-    stored = _stored_input(args.checkpoint)  # what a run of ours trained on, if it says
-    trained_as = stored.pop("model_name", None)
-    twin = trained_as is not None and trained_as == image_model_of(args.model)
-    if trained_as not in (None, args.model) and not twin:  # an image model's: inflated
-        raise CliError(
-            f"{str(args.checkpoint)!r} is a checkpoint of {trained_as!r}, not {args.model!r}; "
-            f"pass --model {trained_as}"
-        )
-    if args.img_size is None:
-        args.img_size = stored.get("img_size", 224)
-    if args.num_frames is None and video and "num_frames" in stored:
-        args.num_frames = stored["num_frames"]
+    ckpt = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
+    if ckpt is not None:  # a video model takes its image model's checkpoint, inflated
+        check_model(ckpt, args.model)
+    if args.img_size is None:  # what a run of ours trained on, if it says
+        args.img_size = (ckpt and ckpt.img_size) or 224
+    if args.num_frames is None and video and ckpt is not None:
+        args.num_frames = ckpt.num_frames
     if args.num_frames is not None and not video:
         raise CliError(f"--num-frames is for video models; {args.model} takes images")
     if args.num_frames is not None and args.num_frames < 1:
         raise CliError(f"--num-frames {args.num_frames}: a clip needs at least 1 frame")
     extra = {"num_frames": args.num_frames} if args.num_frames is not None else {}
     model = create_model(
-        args.model, checkpoint_path=args.checkpoint, num_classes=args.num_classes, **extra
+        args.model, checkpoint_path=ckpt, num_classes=args.num_classes, **extra
     ).eval()
     shape = sample_shape(model, args.img_size)  # (3, S, S) or (3, T, S, S)
     num_frames = shape[1] if video else None
@@ -114,23 +109,3 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     print(f"wrote {path}")
     return 0
-
-
-def _stored_input(checkpoint: str | None) -> dict:
-    """``img_size``, ``num_frames`` and ``model_name`` a ``sparseformer train`` checkpoint
-    records (or a file ``convert`` wrote from one); empty for none, an official file or a bare
-    state dict."""
-    from sparseformer.engine.session import stored_img_size
-    from sparseformer.weights.factory import read_checkpoint
-
-    if checkpoint is None:
-        return {}
-    saved = read_checkpoint(checkpoint)
-    stored = {}
-    if (size := stored_img_size(saved)) is not None:
-        stored["img_size"] = size
-    if isinstance(saved.get("video"), dict) and "num_frames" in saved["video"]:
-        stored["num_frames"] = int(saved["video"]["num_frames"])
-    if isinstance(saved.get("model_name"), str):
-        stored["model_name"] = saved["model_name"]
-    return stored

@@ -24,7 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=None,
         metavar="T",
-        help="clip length of a video model (default: the model's)",
+        help="clip length of a video model (default: the checkpoint's clips, else the model's)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="PATH",
+        help="count the model as this checkpoint builds it (its classes and token replicates)",
     )
     p.set_defaults(func=run)
 
@@ -35,22 +41,32 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer import count_flops, count_params, create_model
     from sparseformer.cli import CliError
     from sparseformer.engine.video import is_video_model
-    from sparseformer.engine.modeling import require_sparseformer
+    from sparseformer.weights.build import require_sparseformer
+    from sparseformer.weights.checkpoint import check_model, read_checkpoint
 
     require_sparseformer(args.model, "info")
+    ckpt = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
+    if ckpt is not None:  # a video model takes its image model's checkpoint, inflated
+        check_model(ckpt, args.model)
     if len(args.img_size) > 2:
         raise CliError(f"--img-size takes S or H W, got {len(args.img_size)} numbers")
     if args.num_frames is not None and not is_video_model(args.model):
         raise CliError(f"--num-frames is for video models; {args.model} takes images")
     h, w = (args.img_size * 2)[:2]
+    if args.num_frames is None and ckpt is not None and is_video_model(args.model):
+        args.num_frames = ckpt.num_frames
     extra = {"num_frames": args.num_frames} if args.num_frames is not None else {}
     with torch.device("cpu"):
-        model = create_model(args.model, num_classes=args.num_classes, **extra)
+        model = create_model(
+            args.model, checkpoint_path=ckpt, num_classes=args.num_classes, **extra
+        )
     # video models take (3, T, H, W) clips of their configured number of frames
     frames = (getattr(model.config, "num_frames", None),) if model.roi_dims == 3 else ()
     flops = count_flops(model, (3, *frames, h, w))
     shape = "x".join(str(d) for d in (3, *frames, h, w))
     print(f"{args.model}: {count_params(model):,} parameters, input {shape}")
+    if ckpt is not None:
+        print(f"checkpoint: {ckpt.report.summary()}, {model.num_classes} classes")
     print(
         f"GFLOPs (multiply-adds): {flops.gflops_paper:.3f} paper convention (fvcore-style), "
         f"{flops.gflops_complete:.3f} complete"
