@@ -176,7 +176,10 @@ def read_checkpoint(
     try:
         state, wrapper = unwrap_checkpoint(raw, prefer_ema=prefer_ema and has_ema)
     except NotASparseFormerCheckpoint:
-        if meta["model_name"] is None:
+        record = meta["model_name"] is not None or any(
+            isinstance(raw.get(k), Mapping) for k in ("model", "state_dict", *_EMA_WRAPPERS)
+        )
+        if not record:
             raise
         state, wrapper = {}, None  # a run's record without weights: its metadata still reads
     try:
