@@ -23,9 +23,9 @@ from sparseformer.weights.factory import (
     create_model,
     get_model_spec,
     list_models,
-    load_checkpoint,
 )
 from sparseformer.weights.inflate import inflate_image_state_dict
+from sparseformer.weights.loading import load_checkpoint
 
 try:  # the installed distribution's version: pyproject.toml is the one place it is written
     __version__ = _metadata.version("sparseformer")
