@@ -194,10 +194,10 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
 
 def _check_output(output: Path, resume: bool, overwrite: bool) -> None:
     from sparseformer.cli import check_output
-    from sparseformer.engine.run_dir import output_dir_ok
+    from sparseformer.engine.run_folder import refuse_overwriting_a_run
 
-    check_output(output, "--output", folder=True)
-    output_dir_ok(output, resume=resume, overwrite=overwrite)
+    check_output(output, "--output", folder=True)  # a file, or a folder we may not write in
+    refuse_overwriting_a_run(output, resume=resume, overwrite=overwrite)
 
 
 def _train(plan: _Plan, dist) -> None:

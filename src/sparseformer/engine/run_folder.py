@@ -28,6 +28,7 @@ __all__ = [
     "summary_epochs",
     "find_resume_checkpoint",
     "check_output_path",
+    "refuse_overwriting_a_run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -119,3 +120,18 @@ def check_output_path(path: str | os.PathLike, flag: str, *, folder: bool = Fals
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise ValueError(f"{flag} {str(path)!r}: no permission to write in {str(parent)!r}")
             return
+
+
+def refuse_overwriting_a_run(path: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse an output folder that holds a run this one would overwrite, unless resuming it
+    or told to overwrite.
+
+    Raises:
+        ValueError: naming the checkpoints found and the three ways on.
+    """
+    held = [name for name in (LAST, BEST) if (path / name).is_file()]
+    if not (resume or overwrite) and held:
+        raise ValueError(
+            f"--output {str(path)!r} already holds a run ({', '.join(held)}); continue it "
+            "with --resume auto, start it over with --overwrite, or choose another folder"
+        )
