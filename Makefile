@@ -31,7 +31,8 @@ test: setup data
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The docs tools live in the same venv but install only here, so `make test` stays as fast.
 DOCS_STAMP := $(VENV)/.installed-docs

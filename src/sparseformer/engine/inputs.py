@@ -40,9 +40,7 @@ def training_preprocessing(
     )
     if saved is not None:
         return Preprocessing.from_dict(saved["preprocessing"])
-    return resolve_preprocessing(
-        base, recipe.img_size, recipe.crop_pct, recipe.interpolation
-    )
+    return resolve_preprocessing(base, recipe.img_size, recipe.crop_pct, recipe.interpolation)
 
 
 def evaluation_preprocessing(
