@@ -194,9 +194,11 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
 
 def _check_output(output: Path, resume: bool, overwrite: bool) -> None:
     from sparseformer.cli import check_output
-    from sparseformer.engine.run_folder import refuse_overwriting_a_run
+    from sparseformer.engine.run_folder import check_run_folder_free, refuse_overwriting_a_run
 
     check_output(output, "--output", folder=True)  # a file, or a folder we may not write in
+    if os.environ.get("RANK", "0") == "0":  # rank 0 writes the run folder, and holds it
+        check_run_folder_free(output)  # another live run writing there: named, now
     refuse_overwriting_a_run(output, resume=resume, overwrite=overwrite)
 
 
@@ -270,6 +272,7 @@ def _build_model(plan: _Plan, bundle, pre):
     model = build_model(
         args.model, bundle.num_classes, pre.img_size, plan.recipe.drop_path, num_frames=frames,
         replicates=checkpoint_replicates(start_from, args.model) if start_from else None,
+        offset_proj_init=plan.recipe.offset_proj_init,
     )  # fmt: skip
     if args.checkpoint is not None and resume is None:
         load_weights(model, start)

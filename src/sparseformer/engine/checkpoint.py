@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparseformer.engine.atomic import WriteError, temporary_for, write_atomic
 from sparseformer.weights.checkpoint import check_model, read_checkpoint
 from sparseformer.weights.convert import CheckpointError
 
@@ -43,22 +44,15 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``obj`` to ``path`` through a temporary file and an atomic rename.
 
     A kill at any moment leaves either the previous file or the new one, never half a file.
-    Tensors are written as CPU tensors, so a plain ``torch.load(path, weights_only=True)``
-    reads a GPU run's checkpoint on a machine without one.
+    A failed write raises :class:`~sparseformer.engine.atomic.WriteError` (one line: the
+    path and the cause) and keeps the previous file. Tensors are written as CPU tensors, so a
+    plain ``torch.load(path, weights_only=True)`` reads a GPU run's checkpoint on a machine
+    without one.
     """
     obj = _on_cpu(obj)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> None:
@@ -66,18 +60,19 @@ def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> None:
     (instant, no second copy on disk), or a copy where the file system has no hard links.
     Safe because checkpoints are only ever replaced by renames, never written in place."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_for(path)
     try:
-        try:
-            os.link(source, tmp)
-        except OSError:  # no hard links here (some network or FAT file systems)
-            shutil.copyfile(source, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+        os.link(source, tmp)
+    except OSError:  # no hard links here (some network or FAT file systems): a copy
+        with open(source, "rb") as src:
+            write_atomic(path, lambda f: shutil.copyfileobj(src, f))
+        return
+    try:
         os.replace(tmp, path)
+    except OSError as exc:
+        raise WriteError(exc.errno, f"could not write {str(path)!r}: {exc.strerror}") from exc
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def _on_cpu(obj: Any) -> Any:

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sparseformer.engine.atomic import write_atomic, write_text_atomic
+
 __all__ = ["MetricsLog", "plot_metrics"]
 
 logger = logging.getLogger(__name__)
@@ -32,9 +34,7 @@ class MetricsLog:
         self._rewrite()
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -68,8 +68,8 @@ def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike) -> Path
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:  # the format from the name's suffix, not from the temporary's
+        write_atomic(path, lambda f: fig.savefig(f, dpi=100, format=path.suffix.lstrip(".")))
+    finally:
+        plt.close(fig)
     return path

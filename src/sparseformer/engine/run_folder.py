@@ -2,25 +2,38 @@
 resumed run continues from, and what the finished run's summary says.
 
 A run folder holds ``last.pt`` and ``best.pt`` (checkpoints), ``metrics.jsonl``, ``metrics.png``,
-``summary.json`` and ``skipped_files.tsv``; each is written to a temporary name and renamed, so
-a stop at any moment leaves either the old file or the new one (and a temporary, removed by the
-next run).
+``summary.json`` and ``skipped_files.tsv``; each is written to a temporary name of its own
+process and renamed (:mod:`sparseformer.engine.atomic`), so a stop at any moment leaves either the
+old file or the new one (and a temporary, removed by the next run).
+
+A folder belongs to one run at a time: :class:`RunFolderLock` holds an exclusive ``flock`` on
+``.lock``, which names the holder (PID, host, since when). The kernel drops the lock when its
+process ends, however it ends, so a run killed with -9 blocks nobody; the next run finds the
+holder's record still written there, takes the folder over and logs it.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
+from sparseformer.engine.atomic import TEMPORARY_PATTERN, write_atomic, write_text_atomic
 from sparseformer.engine.checkpoint import BEST, LAST
 
 __all__ = [
     "SKIPPED_LIST",
     "RUN_FILES",
+    "LOCK_FILE",
+    "RunFolderBusy",
+    "RunFolderLock",
+    "check_run_folder_free",
     "prepare_output",
     "clear_old_run",
     "write_skipped_list",
@@ -33,25 +46,92 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_TEMPORARIES = (
-    ".last.pt.tmp-*",
-    ".best.pt.tmp-*",
-    ".metrics.jsonl.tmp",
-    ".metrics.tmp.png",
-    ".summary.json.tmp",
-    ".skipped_files.tsv.tmp",
-)
-
 SKIPPED_LIST = "skipped_files.tsv"  # every file the scan left out, with the reason
 RUN_FILES = (LAST, BEST, "metrics.jsonl", "metrics.png", "summary.json", SKIPPED_LIST)
+LOCK_FILE = ".lock"  # held by the run writing in the folder; names it
+
+
+class RunFolderBusy(ValueError):
+    """Another live run holds the folder; the message names it and the ways on."""
+
+
+class RunFolderLock:
+    """An exclusive hold on a run folder for as long as it is open (a context manager).
+
+    Raises (on entering):
+        RunFolderBusy: another live process holds it (named: PID, host, since when).
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunFolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        import fcntl  # POSIX only, like the rest of a run's signal handling
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunFolderBusy(
+                f"--output {str(self.folder)!r} is in use by another run ({holder}); wait for "
+                "it to finish, stop it, or choose another folder"
+            ) from None
+        left = _read_holder(fd)
+        if left:  # written by a run that ended without releasing it: killed (-9, power loss)
+            logger.warning("%s: taking over from a run that is gone (%s)", self.folder, left)
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        record = f"PID {os.getpid()} on host {socket.gethostname()} since {since}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Clear the holder's record (a clean end: nothing to take over) and let go."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError:  # a folder gone read-only: the next run logs a take-over, no more
+            pass
+        os.close(self._fd)  # closing the descriptor drops the flock
+        self._fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def check_run_folder_free(folder: str | os.PathLike) -> None:
+    """Refuse, before any work, a folder another live run holds (taking and dropping the lock).
+
+    Raises:
+        RunFolderBusy: naming the holder.
+    """
+    if Path(folder).is_dir():
+        with RunFolderLock(folder):
+            pass
 
 
 def prepare_output(out: Path) -> None:
-    """Create the run folder and remove the temporaries a run killed while writing left."""
+    """Create the run folder and remove the temporaries a run killed while writing left (call
+    while holding its :class:`RunFolderLock`: no other process writes there then)."""
     out.mkdir(parents=True, exist_ok=True)
-    for pattern in _TEMPORARIES:  # left by a run killed while writing
-        for stale in out.glob(pattern):
-            stale.unlink()
+    for stale in out.glob(TEMPORARY_PATTERN):  # left by a run killed while writing
+        stale.unlink()
 
 
 def clear_old_run(out: Path) -> None:
@@ -67,19 +147,17 @@ def write_skipped_list(path: Path, skipped: list[tuple[str, str]]) -> None:
     if not skipped:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-        out = csv.writer(f, delimiter="\t", lineterminator="\n")  # quotes a tab in a name
-        out.writerow(["file", "reason"])
-        out.writerows((file, " ".join(str(reason).split())) for file, reason in skipped)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    out = csv.writer(text, delimiter="\t", lineterminator="\n")  # quotes a tab in a name
+    out.writerow(["file", "reason"])
+    out.writerows((file, " ".join(str(reason).split())) for file, reason in skipped)
+    data = text.getvalue().encode("utf-8", errors="surrogateescape")
+    write_atomic(path, lambda f: f.write(data))
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     """``out/summary.json``, written atomically."""
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out / "summary.json")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
 def summary_epochs(output: Path) -> int | None:

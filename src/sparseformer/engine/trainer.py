@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,7 @@ from sparseformer.engine.recipe import Recipe
 from sparseformer.engine.resume import DATA_ORDER, RunState, keep_saved_data_order, restore_run
 from sparseformer.engine.run_folder import (
     SKIPPED_LIST,
+    RunFolderLock,
     clear_old_run,
     prepare_output,
     write_skipped_list,
@@ -77,6 +80,8 @@ class RunOptions:
         progress: show progress bars (rank 0).
         roi_stats_images: validation images for the per-epoch RoI statistics (0 = off).
         extra: JSON-able facts stored in checkpoints (command line, data source).
+        objective: the training loss from ``(model, images, targets)`` in place of the
+            recipe's loss on the logits (``sparseformer bootstrap``'s teacher alignment).
     """
 
     output: Path
@@ -89,6 +94,7 @@ class RunOptions:
     progress: bool = True
     roi_stats_images: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
+    objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -143,8 +149,10 @@ def fit(
     ``options.output``; its earlier epochs' metrics and ``best.pt`` stay where they were.
 
     Raises:
-        TrainingError: non-finite loss (the last good checkpoint is kept), or a resume
-            checkpoint of another model.
+        TrainingError: non-finite loss or a failed write (the last good checkpoint is kept,
+            and ``metrics.jsonl`` never holds an epoch it does not), or a resume checkpoint
+            of another model.
+        RunFolderBusy: another live run holds ``options.output``.
     """
     dist = dist or setup_distributed(options.device)
     device = torch.device(options.device)  # "cuda:N" keeps its GPU; torchrun's is LOCAL_RANK
@@ -152,11 +160,29 @@ def fit(
         device = torch.device("cuda", dist.local_rank)
     amp = amp_dtype_for(options.precision, options.device)
     out = Path(options.output)
+    lock = RunFolderLock(out) if dist.is_main else nullcontext()
+    with lock:  # the folder is this run's alone until it ends (rank 0 writes for all)
+        return _fit_in(out, device, amp, model, data, recipe, preprocessing, options, dist)
+
+
+def _fit_in(
+    out: Path,
+    device: torch.device,
+    amp: torch.dtype | None,
+    model: nn.Module,
+    data: DatasetBundle,
+    recipe: Recipe,
+    preprocessing: Preprocessing,
+    options: RunOptions,
+    dist: DistInfo,
+) -> dict[str, Any]:
+    """:func:`fit` in the run folder ``out``, once it holds it."""
     if dist.is_main:
         prepare_output(out)
     model.to(device)
     seed = options.seed
     parts = build_training_parts(model, data, recipe, preprocessing, seed, dist, device, amp)
+    parts.tools.objective = options.objective
     state = RunState()
     if options.resume is not None:
         state = restore_run(options.resume, options.model_name, model, parts, dist)
@@ -254,11 +280,9 @@ def _run_epoch(loop: _Loop, state: RunState, epoch: int) -> None:
             loop.progress,
         )  # fmt: skip
     except NonFiniteLossError as exc:
-        last = loop.out / ckpt_io.LAST
-        kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint"
         raise TrainingError(
-            f"training stopped in epoch {epoch + 1}: {exc}; {kept}. Lower the learning rate "
-            "(--lr), keep gradient clipping on, or use --precision bf16/fp32"
+            f"training stopped in epoch {epoch + 1}: {exc}; {_kept(loop.out)}. Lower the "
+            "learning rate (--lr), keep gradient clipping on, or use --precision bf16/fp32"
         ) from exc
     state.step = int(stats["steps"])
     state.train_seconds += stats["epoch_seconds"]
@@ -269,9 +293,13 @@ def _run_epoch(loop: _Loop, state: RunState, epoch: int) -> None:
     state.record = record
     rng = gather_objects(ckpt_io.capture_rng(parts.tools.prep.device), dist)  # every rank's
     if dist.is_main:
-        loop.log.append(record)
-        _save_checkpoints(loop, state, epoch, rng, is_best)
-        plot_metrics(loop.log.records, loop.out / "metrics.png")
+        try:  # the checkpoint first: metrics.jsonl never holds an epoch no checkpoint does
+            _save_checkpoints(loop, state, epoch, rng, is_best)
+            loop.log.append(record)
+            plot_metrics(loop.log.records, loop.out / "metrics.png")
+        except OSError as exc:  # no space, a file-size limit, a lost permission, read-only
+            hint = ", to continue with --resume auto" if (loop.out / ckpt_io.LAST).exists() else ""
+            raise TrainingError(f"{exc}; {_kept(loop.out)}{hint}") from exc
         ema = parts.tools.ema
         logger.info(
             "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%, "
@@ -281,6 +309,12 @@ def _run_epoch(loop: _Loop, state: RunState, epoch: int) -> None:
             "clips" if loop.data.video else "img",
             f", EMA top-1 {record['ema_val_acc1']:.2f}%" if ema is not None else "",
         )  # fmt: skip
+
+
+def _kept(out: Path) -> str:
+    """What a stopped run leaves to continue from."""
+    last = out / ckpt_io.LAST
+    return f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint"
 
 
 def _validate(loop: _Loop, stats: dict, state: RunState, epoch: int) -> dict[str, Any]:
