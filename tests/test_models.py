@@ -31,9 +31,9 @@ def test_every_model_constructs_with_its_parameter_count(name):
 @pytest.mark.parametrize("name", ["sparseformer_v1_nano", "sparseformer_v1_micro"])
 def test_forward_backward_reaches_every_parameter(name):
     model = create_model(name, num_classes=7, drop_path_rate=0.1)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(8, 3, 64, 64)  # enough samples that drop path never drops an op for all
     logits = model(x)
-    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+    assert logits.shape == (8, 7) and torch.isfinite(logits).all()
     logits.logsumexp(-1).sum().backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, pname

@@ -126,6 +126,11 @@ class SparseFormerConfig:
         offset_eps: epsilon added to the std when standardising sampling offsets.
         padding_mode: ``grid_sample`` padding outside the feature map.
         activation: activation of the feed-forward and mixing ops.
+        offset_proj_init: the sampling-offset projection's initial weight: ``"zeros"`` (points
+            start on an exact grid over each RoI, as the spec and the authors' later library
+            have it) or ``"trunc_normal"`` (std 0.02, as the authors' v1 ImageNet code leaves
+            it: a typo there zeroes the RoI-adjust projection twice instead); the second
+            reproduces their v1 training (the ``imagenet1k`` recipe asks for it).
 
     The bootstrapped SparseFormers (Gao et al., CVPR 2024) differ from v1 (the defaults) in:
 
@@ -169,6 +174,7 @@ class SparseFormerConfig:
     offset_eps: float = 1e-7
     padding_mode: Literal["zeros", "border"] = "zeros"
     activation: Literal["gelu", "quick_gelu"] = "gelu"
+    offset_proj_init: Literal["zeros", "trunc_normal"] = "zeros"
     attn_head_dim: int | None = None
     stem_unbiased: bool = True
     coord_grad_clamp: bool = True
@@ -205,6 +211,7 @@ class SparseFormerConfig:
         for name, allowed in (
             ("padding_mode", ("zeros", "border")),
             ("activation", ("gelu", "quick_gelu")),
+            ("offset_proj_init", ("zeros", "trunc_normal")),
             ("roi_init", ("grid", "grid_and_whole")),
             ("global_pool", ("avg", "token")),
         ):

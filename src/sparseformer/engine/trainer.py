@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,8 @@ class RunOptions:
         extra: JSON-able facts stored in checkpoints (command line, data source).
         objective: the training loss from ``(model, images, targets)`` in place of the
             recipe's loss on the logits (``sparseformer bootstrap``'s teacher alignment).
+        objective: the training loss from ``(model, images, targets)`` in place of the
+            recipe's loss on the logits (``sparseformer bootstrap``'s teacher alignment).
     """
 
     output: Path
@@ -94,6 +97,7 @@ class RunOptions:
     progress: bool = True
     roi_stats_images: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
+    objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
@@ -182,6 +186,7 @@ def _fit_in(
     model.to(device)
     seed = options.seed
     parts = build_training_parts(model, data, recipe, preprocessing, seed, dist, device, amp)
+    parts.tools.objective = options.objective
     parts.tools.objective = options.objective
     state = RunState()
     if options.resume is not None:

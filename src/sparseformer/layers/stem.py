@@ -66,6 +66,14 @@ class EarlyConvolution(nn.Module):
             self.conv = nn.Conv3d(in_chans, channels, (1, 7, 7), (1, 2, 2), (0, 3, 3))
         else:
             self.conv = nn.Conv2d(in_chans, channels, 7, 2, 3)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He-normal weight over the fan-out (``kaiming_normal_(mode="fan_out",
+        nonlinearity="relu")``: std ``sqrt(2 / (C * 49))``, about 0.021 for 96 channels), as the
+        authors' v1 code initialises its stem, since a ReLU follows; the bias keeps PyTorch's
+        default uniform init, which they leave too."""
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, 3, H, W) -> (B, C, H/4, W/4)``, or ``(B, 3, T, H, W) -> (B, C, T, H/4, W/4)``.

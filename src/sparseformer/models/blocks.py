@@ -176,6 +176,8 @@ class SampleMixOp(nn.Module):
         mixing_hidden_dim, mixing_out_points, mixing_bias, mixing_inner_activation: the
             variant options ``hidden_dim``, ``out_points``, ``bias``, ``inner_activation`` of
             :class:`AdaptiveMixing`.
+        offset_proj_init: ``"zeros"`` or ``"trunc_normal"`` (std 0.02, the authors' v1 code):
+            the offset projection's initial weight.
     """
 
     def __init__(
@@ -194,9 +196,11 @@ class SampleMixOp(nn.Module):
         mixing_out_points: int | None = None,
         mixing_bias: bool = True,
         mixing_inner_activation: bool = True,
+        offset_proj_init: str = "zeros",
     ) -> None:
         super().__init__()
         self.num_points = num_points
+        self.offset_proj_init = offset_proj_init
         self.roi_dims = roi_dims
         self.offset_eps = offset_eps
         self.padding_mode = padding_mode
@@ -218,10 +222,15 @@ class SampleMixOp(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Points start on a regular grid over the RoI (zero weight, grid bias)."""
+        """Points start on a regular grid over the RoI (zero weight, grid bias); with
+        ``offset_proj_init="trunc_normal"`` the weight is trunc-normal std 0.02 instead, as the
+        authors' v1 code leaves it, and the points start jittered around that grid."""
         nn.init.constant_(self.offset_norm.weight, self.offset_norm.normalized_shape[0] ** -0.5)
         nn.init.zeros_(self.offset_norm.bias)
-        nn.init.zeros_(self.offset_proj.weight)
+        if self.offset_proj_init == "trunc_normal":
+            nn.init.trunc_normal_(self.offset_proj.weight, std=0.02)
+        else:
+            nn.init.zeros_(self.offset_proj.weight)
         with torch.no_grad():
             self.offset_bias.copy_(grid_offsets(self.num_points, self.roi_dims).flatten())
         self.mixing.reset_parameters()

@@ -96,8 +96,8 @@ class SparseFormer(nn.Module):
 
         Order: every Linear/LayerNorm, then ops with ``reset_parameters`` (zeroed RoI-adjust
         and offset projections, grid offsets, static initial mixing), then the token table
-        (trunc-normal std 1), the CLS token (trunc-normal std 0.02) and the RoI grid; stage
-        embeddings stay zero.
+        (trunc-normal std 1), the CLS token (trunc-normal std 0.02), the RoI grid and the stem
+        (He-normal over the fan-out); stage embeddings stay zero.
         """
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -114,6 +114,7 @@ class SparseFormer(nn.Module):
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.initial_rois.copy_(self._initial_roi_prior())
+        self.stem.reset_parameters()
 
     def _num_latent_tokens(self) -> int:
         return self.config.num_tokens

@@ -57,6 +57,7 @@ def build_unit(
             mixing_out_points=c.mixing_out_points,
             mixing_bias=c.mixing_bias,
             mixing_inner_activation=c.mixing_inner_activation,
+            offset_proj_init=c.offset_proj_init,
         ),
         "mlp": lambda: MlpOp(width, c.mlp_ratio, c.ln_eps, mlp_activation or c.activation),
         "pos_embed": lambda: PosEmbedOp(width, c.ln_eps),

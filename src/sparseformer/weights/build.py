@@ -89,6 +89,7 @@ def build_model(
     drop_path: float | None = None,
     num_frames: int | None = None,
     replicates: int | None = None,
+    offset_proj_init: str | None = None,
 ) -> nn.Module:
     """A fresh model ``name`` with ``num_classes`` outputs.
 
@@ -102,6 +103,9 @@ def build_model(
             fewer than its token replicates); ``None`` keeps the model's default.
         replicates: a video model's token replicates (a checkpoint's, from
             :func:`~sparseformer.weights.checkpoint.checkpoint_replicates`); ``None``: the default.
+        offset_proj_init: a SparseFormer's sampling-offset projection init (``"zeros"`` or
+            ``"trunc_normal"``, the authors' v1 code); ``None``: the model's own. timm models
+            have none.
     """
     kind = check_model_name(name)
     if kind == "sparseformer":
@@ -112,6 +116,8 @@ def build_model(
             overrides["num_frames"] = num_frames
         if replicates is not None:
             overrides["replicates"] = replicates
+        if offset_proj_init is not None:
+            overrides["offset_proj_init"] = offset_proj_init
         return create_model(name, num_classes=num_classes, **overrides)
     import timm
 

@@ -175,6 +175,7 @@ def create_model(
         cfg.update(_checkpoint_cfg(ckpt, cfg["input_size"][0]))  # a run's own preprocessing
         cfg.update(timm_args["overlay"])
         num_classes = ckpt.num_classes if num_classes is None else num_classes
+        overrides = {**ckpt.architecture, **overrides}  # a bootstrapped student's own fields
         _take_replicates(name, ckpt, spec.config, overrides)
     if num_classes is not None:
         overrides["num_classes"] = num_classes
