@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "sparseformer"
 ROOT = {
     "__init__.py", "__main__.py", "config.py", "export.py", "py.typed", "recipes",
-    "layers", "models", "weights", "data", "engine", "viz", "bench", "cli",
+    "layers", "models", "weights", "data", "engine", "viz", "bench", "bootstrap", "cli",
 }  # fmt: skip
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 80

@@ -17,7 +17,7 @@ __all__ = ["main", "COMMANDS", "CliError", "check_output"]
 
 # module name under sparseformer.cli, in the order --help lists them
 COMMANDS = (
-    *("models", "info", "convert", "train", "eval", "predict"),
+    *("models", "info", "convert", "train", "bootstrap", "eval", "predict"),
     *("demo", "bench", "viz", "export"),
 )
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _resume_hint(args: argparse.Namespace) -> str:
     """How to continue a stopped ``train`` run, when it has a checkpoint to continue from."""
-    output = getattr(args, "output", None) if args.command == "train" else None
+    output = getattr(args, "output", None) if args.command in ("train", "bootstrap") else None
     if output and not getattr(args, "overwrite", False) and (Path(output) / "last.pt").is_file():
         return "; to continue from the last saved epoch, run the same command with --resume auto"
     return ""

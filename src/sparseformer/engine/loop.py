@@ -87,6 +87,8 @@ class StepTools:
         clip_grad: gradient-norm clip, or ``None``.
         mixup: timm ``Mixup`` (batch -> mixed batch, soft targets), or ``None``.
         ema: timm ``ModelEmaV3``, or ``None``.
+        objective: the loss from ``(model, images, targets)`` instead of ``criterion`` on the
+            logits (teacher alignment: the model and its teacher see the same batch).
     """
 
     criterion: nn.Module
@@ -97,6 +99,7 @@ class StepTools:
     clip_grad: float | None = None
     mixup: Callable | None = None
     ema: nn.Module | None = None
+    objective: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None
 
 
 def _scale_tensor(scaler) -> Tensor | float:
@@ -165,12 +168,14 @@ def train_one_epoch(
         lr = tools.schedule(step)
         set_lr(optimizer, lr)
         with _autocast(device, tools.amp_dtype):
-            if sparse and tools.scaler is not None:
+            if tools.objective is not None:
+                loss = tools.objective(model, x, y)
+            elif sparse and tools.scaler is not None:
                 # the clamp keeps the coordinate gradient's size independent of fp16 loss scale
                 logits = model(x, coord_grad_scale=_scale_tensor(tools.scaler))
+                loss = tools.criterion(logits, y)
             else:
-                logits = model(x)
-            loss = tools.criterion(logits, y)
+                loss = tools.criterion(model(x), y)
         _backward_and_step(model, loss, optimizer, tools)
         step += 1
         if tools.ema is not None:

@@ -46,7 +46,9 @@ logger = logging.getLogger(__name__)
 # source_format of weights in no SparseFormer layout (a timm model's run), kept as they are
 FOREIGN = "foreign"
 # what a `sparseformer train` checkpoint says about itself that `convert` carries over
-RUN_FIELDS = ("model_name", "num_classes", "class_names", "preprocessing", "video")
+RUN_FIELDS = (
+    "model_name", "num_classes", "class_names", "preprocessing", "video", "architecture",
+)  # fmt: skip
 PREPROCESSING_FIELDS = ("img_size", "mean", "std", "crop_pct", "interpolation")
 _EMA_WRAPPERS = ("model_ema", "state_dict_ema")
 # where checkpoints of other code keep their metadata, after the top level
@@ -81,6 +83,8 @@ class Checkpoint:
         preprocessing: the eval preprocessing found (any of ``img_size``, ``mean``, ``std``,
             ``crop_pct``, ``interpolation``); empty when the file records none.
         video: a video run's clip settings (``num_frames``, ``stride``, ``sampling``, ...).
+        architecture: config fields that differ from the named model's (a student derived by
+            ``sparseformer bootstrap``); ``create_model`` builds with them.
         extras: the file's top-level entries as read (a training run's optimizer, scaler,
             step, epoch, RNG states, recipe: what ``--resume`` continues from); empty for a
             bare state dict.
@@ -96,6 +100,7 @@ class Checkpoint:
     class_names: tuple[str, ...] | None = None
     preprocessing: Mapping[str, Any] = field(default_factory=dict)
     video: Mapping[str, Any] | None = None
+    architecture: Mapping[str, Any] = field(default_factory=dict)
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -126,8 +131,8 @@ class Checkpoint:
     def run_info(self) -> dict[str, Any]:
         """What a run of ours says about itself, as plain data (what ``convert`` keeps in a
         safetensors file's metadata, and eval / predict report): ``model_name``,
-        ``num_classes``, ``class_names``, ``preprocessing`` (when complete), ``video`` and
-        ``ema``."""
+        ``num_classes``, ``class_names``, ``preprocessing`` (when complete), ``video``,
+        ``architecture`` and ``ema``."""
         info: dict[str, Any] = {"num_classes": self.num_classes, "ema": self.ema}
         if self.model_name is not None:
             info["model_name"] = self.model_name
@@ -137,6 +142,8 @@ class Checkpoint:
             info["preprocessing"] = {k: self.preprocessing[k] for k in PREPROCESSING_FIELDS}
         if self.video is not None:
             info["video"] = dict(self.video)
+        if self.architecture:
+            info["architecture"] = dict(self.architecture)
         return info
 
 
@@ -215,7 +222,8 @@ def checkpoint_metadata(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
         ``model_name``, ``num_classes`` (``None`` when not recorded), ``class_names`` (from
         ``class_names`` / ``classes``), ``preprocessing`` (any of ``img_size`` (also read from
         ``input_size`` / ``image_size``), ``mean``, ``std``, ``crop_pct``, ``interpolation``)
-        and ``video`` (a video run's clip settings), each ``None`` or empty when absent.
+        ``video`` (a video run's clip settings) and ``architecture`` (config fields of a
+        derived model), each ``None`` or empty when absent.
     """
     scopes = [checkpoint] + [
         checkpoint[k] for k in _META_CONTAINERS if isinstance(checkpoint.get(k), Mapping)
@@ -238,13 +246,14 @@ def checkpoint_metadata(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
             if "img_size" not in pre and size is not None:
                 pre["img_size"] = size
     model_name, classes = checkpoint.get("model_name"), checkpoint.get("num_classes")
-    video = checkpoint.get("video")
+    video, architecture = checkpoint.get("video"), checkpoint.get("architecture")
     return {
         "model_name": model_name if isinstance(model_name, str) and model_name else None,
         "num_classes": classes if isinstance(classes, int) and classes >= 0 else None,
         "class_names": names,
         "preprocessing": pre,
         "video": dict(video) if isinstance(video, Mapping) else None,
+        "architecture": dict(architecture) if isinstance(architecture, Mapping) else {},
     }
 
 

@@ -1,0 +1,351 @@
+"""From a timm ViT to a bootstrapped SparseFormer: the architecture it implies, and a student
+that holds its cortex, final norm and head bit for bit.
+
+Bootstrapping SparseFormers from Vision Foundation Models (Gao et al., CVPR 2024,
+arXiv 2312.01987): the last C blocks of a pretrained ViT become the SparseFormer's cortex (the
+units after the two focusing units), its final norm and head stay; only the focusing part in
+front of them is new. The family's fixed choices (stem, 4 repeats of the focusing unit, PE
+injection, CLS token before the third unit, the mixing and RoI-adjust variants) are those of the
+registered ``sparseformer_btsp_*`` models: the derivation starts from their configuration and
+changes only what the teacher or the caller decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sparseformer.config import SparseFormerConfig
+from sparseformer.models import SparseFormer
+from sparseformer.weights.registry import MODELS
+
+__all__ = [
+    "BootstrapError",
+    "TEMPLATE",
+    "TeacherFacts",
+    "describe_teacher",
+    "bootstrap_config",
+    "inherited_units",
+    "inherited_tensors",
+    "build_student",
+    "architecture_overrides",
+]
+
+logger = logging.getLogger(__name__)
+
+# the registered model whose configuration a derived student starts from (and whose name its
+# checkpoints record, with the fields that differ: see architecture_overrides)
+TEMPLATE = "sparseformer_btsp_augreg_base"
+_CORTEX_UNIT = 1  # units of the cortex stage before the inherited blocks (sample+mix, PE)
+# timm block parameters -> ours (models/blocks.py: AttnOp and MlpOp)
+_BLOCK_KEYS = {
+    "norm1": "attn.norm",
+    "attn.qkv": "attn.qkv",
+    "attn.proj": "attn.proj",
+    "norm2": "mlp.norm",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+
+
+class BootstrapError(ValueError):
+    """A teacher, checkpoint or student that cannot be bootstrapped; the message says why."""
+
+
+@dataclass(frozen=True)
+class TeacherFacts:
+    """What a timm ViT says about the SparseFormer bootstrapped from it.
+
+    Attributes:
+        name: the teacher's timm name (for messages and the run record).
+        width, depth, head_dim, mlp_ratio: its blocks' width, count, head width, MLP ratio.
+        activation: ``"gelu"`` or ``"quick_gelu"`` (OpenAI CLIP) in its MLPs.
+        ln_eps: its LayerNorms' epsilon.
+        global_pool: ``"token"`` (CLS token, norm before pooling) or ``"avg"`` (``fc_norm``).
+        num_classes: its head's outputs (classes, or the CLIP embedding width; 0: no head).
+        head_bias: whether the head keeps a bias (see :func:`describe_teacher`).
+        mean, std, img_size: its input preprocessing.
+    """
+
+    name: str
+    width: int
+    depth: int
+    head_dim: int
+    mlp_ratio: float
+    activation: str
+    ln_eps: float
+    global_pool: str
+    num_classes: int
+    head_bias: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    img_size: int
+
+
+def _teacher_name(teacher: nn.Module) -> str:
+    cfg = getattr(teacher, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(teacher).__name__)
+
+
+def _check_block(block: nn.Module, name: str, index: int) -> None:
+    """A plain pre-norm ViT block (timm's ``Block``): what our attention and MLP ops hold."""
+    from timm.models.vision_transformer import Block
+
+    where = f"{name} block {index}"
+    if type(block) is not Block:
+        raise BootstrapError(
+            f"{where} is a {type(block).__name__}, not timm's plain ViT Block; bootstrap takes "
+            "ViTs with pre-norm attention + MLP blocks (vit_*, deit_*, CLIP ViTs)"
+        )
+    extras = [n for n in ("ls1", "ls2") if not isinstance(getattr(block, n), nn.Identity)]
+    extras += [
+        f"attn.{n}" for n in ("q_norm", "k_norm", "norm") if not _identity(block.attn, n)
+    ] + [f"mlp.{n}" for n in ("norm",) if not _identity(block.mlp, n)]
+    if extras or not hasattr(block.mlp, "fc1"):
+        what = ", ".join(extras) or "a gated MLP"
+        raise BootstrapError(
+            f"{where} has {what}, which the SparseFormer cortex does not: take a ViT without "
+            "LayerScale, QK-norm or gated MLPs"
+        )
+    if block.attn.qkv.bias is None:
+        raise BootstrapError(
+            f"{where} has no qkv bias; the SparseFormer cortex has one: take a ViT with "
+            "qkv_bias=True"
+        )
+
+
+def _identity(module: nn.Module, name: str) -> bool:
+    return isinstance(getattr(module, name, nn.Identity()), nn.Identity)
+
+
+def _activation(block: nn.Module, name: str) -> str:
+    from timm.layers import QuickGELU
+
+    act = block.mlp.act
+    if isinstance(act, QuickGELU):
+        return "quick_gelu"
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return "gelu"
+    raise BootstrapError(
+        f"{name} uses {type(act).__name__} in its MLPs; bootstrap takes GELU or QuickGELU ViTs"
+    )
+
+
+def _pooling(teacher: nn.Module, name: str) -> str:
+    pool = getattr(teacher, "global_pool", None)
+    norm_ln = isinstance(teacher.norm, nn.LayerNorm)
+    fc_ln = isinstance(teacher.fc_norm, nn.LayerNorm)
+    if pool == "token" and getattr(teacher, "has_class_token", False) and norm_ln and not fc_ln:
+        return "token"
+    if pool == "avg" and fc_ln and not norm_ln:
+        return "avg"
+    raise BootstrapError(
+        f"{name} pools with {pool!r} ({type(teacher.norm).__name__} norm, "
+        f"{type(teacher.fc_norm).__name__} fc_norm); bootstrap takes ViTs that pool the CLS "
+        "token after the final norm, or average before fc_norm"
+    )
+
+
+def _keeps_head_bias(head: nn.Module, clip_tower: bool) -> bool:
+    """The head keeps its bias, except a CLIP tower's (pre-norm) whose bias is all zeros:
+    OpenAI CLIP's projection has none, and timm stores it with a zero bias. Without values (a
+    teacher on the meta device), a CLIP tower's bias is taken to be such a zero."""
+    bias = getattr(head, "bias", None)
+    if bias is None:
+        return False
+    if not clip_tower:
+        return True
+    return not bias.is_meta and bool(bias.detach().ne(0).any())
+
+
+def describe_teacher(teacher: nn.Module) -> TeacherFacts:
+    """The facts of a timm ``VisionTransformer`` that a bootstrapped student needs.
+
+    Raises:
+        BootstrapError: not a timm ViT, or a ViT whose blocks, pooling or activation the
+            SparseFormer cortex cannot hold.
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    name = _teacher_name(teacher)
+    if not isinstance(teacher, VisionTransformer):
+        raise BootstrapError(
+            f"the teacher {name} is not a ViT (a {type(teacher).__name__}); bootstrap takes a "
+            "timm VisionTransformer (vit_*, deit_*, CLIP ViTs)"
+        )
+    blocks = list(teacher.blocks)
+    for i, block in enumerate(blocks):
+        _check_block(block, name, i)
+    first = blocks[0]
+    width = int(teacher.embed_dim)
+    head = teacher.head
+    cfg = getattr(teacher, "pretrained_cfg", None) or {}
+    return TeacherFacts(
+        name=name,
+        width=width,
+        depth=len(blocks),
+        head_dim=width // int(first.attn.num_heads),
+        mlp_ratio=first.mlp.fc1.out_features / width,
+        activation=_activation(first, name),
+        ln_eps=float(first.norm1.eps),
+        global_pool=_pooling(teacher, name),
+        num_classes=int(head.out_features) if isinstance(head, nn.Linear) else 0,
+        head_bias=_keeps_head_bias(head, isinstance(teacher.norm_pre, nn.LayerNorm)),
+        mean=tuple(float(v) for v in cfg.get("mean", (0.5, 0.5, 0.5))),
+        std=tuple(float(v) for v in cfg.get("std", (0.5, 0.5, 0.5))),
+        img_size=int(teacher.patch_embed.img_size[-1]),
+    )
+
+
+def _template(student: str | SparseFormerConfig | None) -> SparseFormerConfig:
+    if isinstance(student, SparseFormerConfig):
+        return student
+    name = student or TEMPLATE
+    if name not in MODELS or not name.startswith("sparseformer_btsp_"):
+        btsp = ", ".join(n for n in MODELS if n.startswith("sparseformer_btsp_"))
+        raise BootstrapError(f"--student {name!r} is not a bootstrapped SparseFormer; use {btsp}")
+    return MODELS[name].config
+
+
+def bootstrap_config(
+    teacher: nn.Module | TeacherFacts,
+    *,
+    tokens: int | None = None,
+    points: int | None = None,
+    inherit: int | None = None,
+    focus_width: int | None = None,
+    student: str | SparseFormerConfig | None = None,
+) -> SparseFormerConfig:
+    """The bootstrapped SparseFormer of ``teacher``.
+
+    From the teacher: the cortex width, head width, MLP ratio and activation (QuickGELU in the
+    cortex only), LayerNorm epsilon, pooling (a CLS token joins before the third unit) and the
+    head (classes or CLIP embedding, with or without bias).
+
+    Args:
+        tokens, points: latent tokens and sampling points (default: the student's, 48 / 36).
+        inherit: teacher blocks the cortex takes, its last ones (default: the student's count
+            when it names one, else two thirds of the teacher's blocks: 8 of 12, 16 of 24).
+        focus_width: width of the focusing unit (default: half the teacher's width).
+        student: a registered ``sparseformer_btsp_*`` name or a config to follow (its tokens,
+            points, focusing width and cortex depth); its cortex width must be the teacher's.
+
+    Raises:
+        BootstrapError: a student of another width, or more blocks than the teacher has.
+    """
+    facts = teacher if isinstance(teacher, TeacherFacts) else describe_teacher(teacher)
+    base = _template(student)
+    focus, cortex = base.stages[0], base.stages[-1]
+    if student is not None and cortex.width != facts.width:
+        raise BootstrapError(
+            f"the student's cortex width {cortex.width} does not match the teacher's "
+            f"{facts.width} ({facts.name}); pick a student of width {facts.width}, or leave "
+            "--student out to derive one"
+        )
+    if inherit is None:
+        inherit = cortex.depth - _CORTEX_UNIT if student is not None else (2 * facts.depth) // 3
+    if not 1 <= inherit <= facts.depth:
+        raise BootstrapError(
+            f"--inherit {inherit}: the teacher {facts.name} has {facts.depth} blocks; "
+            f"inherit between 1 and {facts.depth}"
+        )
+    focus_width = focus_width or (focus.width if student is not None else facts.width // 2)
+    if focus_width % facts.head_dim:
+        raise BootstrapError(
+            f"--focus-width {focus_width} does not split into the teacher's heads of width "
+            f"{facts.head_dim}; pick a multiple of {facts.head_dim}"
+        )
+    quick = "quick_gelu" if facts.activation == "quick_gelu" else None
+    return dataclasses.replace(
+        base,
+        stages=(
+            dataclasses.replace(focus, width=focus_width),
+            dataclasses.replace(
+                cortex, width=facts.width, depth=_CORTEX_UNIT + inherit, mlp_activation=quick
+            ),
+        ),
+        num_tokens=tokens or base.num_tokens,
+        num_points=points or base.num_points,
+        mixing_out_points=max(points or base.num_points, 32),  # the authors' rule
+        attn_head_dim=facts.head_dim,
+        mlp_ratio=facts.mlp_ratio,
+        ln_eps=facts.ln_eps,
+        num_classes=facts.num_classes,
+        head_bias=facts.head_bias,
+        global_pool=facts.global_pool,
+        cls_token_unit=base.cls_token_unit if facts.global_pool == "token" else None,
+    )
+
+
+def inherited_units(config: SparseFormerConfig) -> list[str]:
+    """Key prefixes of the student's inherited blocks, in order (``"stages.1.units.1."``...)."""
+    stage, cortex = len(config.stages) - 1, config.stages[-1]
+    return [f"stages.{stage}.units.{u}." for u in range(_CORTEX_UNIT, cortex.depth)]
+
+
+def inherited_tensors(teacher: nn.Module, config: SparseFormerConfig) -> dict[str, Tensor]:
+    """The student's tensors taken from ``teacher``, under the student's keys: the last
+    ``C`` blocks (C: the config's cortex depth less its sample+mix unit), the final norm
+    (``norm``, or ``fc_norm`` for average pooling) and the head."""
+    cortex = config.stages[-1]
+    inherit = cortex.depth - _CORTEX_UNIT
+    teacher_state = teacher.state_dict()
+    stage = len(config.stages) - 1
+    first = len(teacher.blocks) - inherit
+    out = {}
+    for j in range(inherit):
+        for theirs, ours in _BLOCK_KEYS.items():
+            for kind in ("weight", "bias"):
+                unit = f"stages.{stage}.units.{_CORTEX_UNIT + j}"
+                out[f"{unit}.{ours}.{kind}"] = teacher_state[f"blocks.{first + j}.{theirs}.{kind}"]
+    norm = "norm" if config.global_pool == "token" else "fc_norm"
+    for kind in ("weight", "bias"):
+        out[f"fc_norm.{kind}"] = teacher_state[f"{norm}.{kind}"]
+    if config.num_classes:
+        out["head.weight"] = teacher_state["head.weight"]
+        if config.head_bias:
+            out["head.bias"] = teacher_state["head.bias"]
+    return out
+
+
+def build_student(teacher: nn.Module, config: SparseFormerConfig | None = None) -> SparseFormer:
+    """A SparseFormer of ``config`` (default: :func:`bootstrap_config` of ``teacher``) whose
+    inherited tensors are copies of the teacher's, bit for bit; the rest keeps its own init.
+
+    Raises:
+        BootstrapError: a config whose inherited shapes differ from the teacher's.
+    """
+    config = config or bootstrap_config(teacher)
+    student = SparseFormer(config)
+    own = student.state_dict()
+    with torch.no_grad():
+        for key, value in inherited_tensors(teacher, config).items():
+            if own[key].shape != value.shape:
+                raise BootstrapError(
+                    f"{key}: the student's shape {tuple(own[key].shape)} does not match the "
+                    f"teacher's {tuple(value.shape)}; derive the student from this teacher"
+                )
+            own[key].copy_(value)
+    logger.info(
+        "student of %s: %d tokens, focusing width %d, %d inherited blocks of width %d",
+        _teacher_name(teacher), config.num_tokens, config.stages[0].width,
+        config.stages[-1].depth - _CORTEX_UNIT, config.width,
+    )  # fmt: skip
+    return student
+
+
+def architecture_overrides(config: SparseFormerConfig) -> dict:
+    """The fields of ``config`` that differ from :data:`TEMPLATE`'s, as JSON-able data: what a
+    student's checkpoint records so that ``create_model(TEMPLATE, checkpoint_path=...)``
+    builds the same architecture."""
+    template = MODELS[TEMPLATE].config
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value != getattr(template, f.name):
+            out[f.name] = [dataclasses.asdict(s) for s in value] if f.name == "stages" else value
+    return out

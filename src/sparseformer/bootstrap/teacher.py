@@ -1,0 +1,143 @@
+"""The teacher of a bootstrapping run: a timm ViT from its name (with or without a checkpoint),
+or a ``sparseformer train`` run of one; frozen, in eval mode.
+
+Checkpoints are read through :func:`sparseformer.weights.checkpoint.read_checkpoint` (never with
+code execution) and mapped to the named architecture by timm's own ``checkpoint_filter_fn``
+(OpenAI CLIP, DINO, ... layouts; position embeddings resampled to the input size).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from sparseformer.bootstrap.derive import BootstrapError, describe_teacher
+from sparseformer.data.transforms import Preprocessing
+from sparseformer.weights.checkpoint import PREPROCESSING_FIELDS, read_checkpoint
+
+__all__ = ["Teacher", "load_teacher", "freeze"]
+
+
+@dataclass
+class Teacher:
+    """A frozen teacher and what its inputs look like.
+
+    Attributes:
+        model: the timm ViT, in eval mode, without gradients.
+        name: its timm name.
+        preprocessing: its input size, mean and std (the student's too: both see one image).
+        class_names: names of its outputs, where its checkpoint records them.
+    """
+
+    model: nn.Module
+    name: str
+    preprocessing: Preprocessing
+    class_names: tuple[str, ...] | None = None
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with every parameter's gradient off."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _timm_preprocessing(model: nn.Module) -> Preprocessing:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    facts = describe_teacher(model)
+    return Preprocessing(
+        facts.img_size, facts.mean, facts.std, float(cfg.get("crop_pct", 0.875)),
+        str(cfg.get("interpolation", "bicubic")),
+    )  # fmt: skip
+
+
+def _load_into(model: nn.Module, name: str, path: str | os.PathLike) -> None:
+    """``path``'s weights into the timm model ``name``, strictly.
+
+    Raises:
+        BootstrapError: a checkpoint of another architecture, in one line.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    ckpt = read_checkpoint(path)
+    if ckpt.model_name is not None and ckpt.model_name != name:
+        raise BootstrapError(
+            f"{path} is a checkpoint of {ckpt.model_name!r}, not the teacher {name!r}; pass "
+            f"--teacher {ckpt.model_name}"
+        )
+    state = checkpoint_filter_fn(dict(ckpt.state_dict), model)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        found = [
+            f"{len(missing)} missing ({missing[0]}, ...)" if missing else "",
+            f"{len(unexpected)} unexpected ({unexpected[0]}, ...)" if unexpected else "",
+            f"shapes differ: {shapes[0]}" if shapes else "",
+        ]
+        raise BootstrapError(
+            f"{path} does not match the teacher {name}: {'; '.join(f for f in found if f)}; "
+            "pass the --teacher it was trained as"
+        )
+    model.load_state_dict(state)
+
+
+def load_teacher(
+    teacher: str | os.PathLike | nn.Module,
+    checkpoint: str | os.PathLike | None = None,
+    img_size: int | None = None,
+) -> Teacher:
+    """The frozen teacher: a timm model object, a timm name (built without weights, then
+    ``checkpoint`` loaded into it), or a ``sparseformer train`` checkpoint of a timm ViT.
+
+    Args:
+        img_size: the teacher's input size when built from a name (timm resamples its position
+            embedding); a run's checkpoint keeps its own.
+
+    Raises:
+        BootstrapError: not a ViT, an unknown name, or a checkpoint of another architecture.
+    """
+    import timm
+
+    from sparseformer.weights.build import model_from_checkpoint
+
+    if isinstance(teacher, nn.Module):
+        name = str((getattr(teacher, "pretrained_cfg", None) or {}).get("architecture", ""))
+        model, names = teacher, None
+    elif Path(teacher).is_file():
+        if checkpoint is not None:
+            raise BootstrapError(
+                f"--teacher {teacher} is a checkpoint already; give --teacher-checkpoint only "
+                "with a timm name"
+            )
+        model, ckpt = model_from_checkpoint(None, teacher)
+        name, names = str(ckpt.model_name), ckpt.class_names
+        pre = ckpt.preprocessing
+        if all(k in pre for k in PREPROCESSING_FIELDS):
+            describe_teacher(model)  # not a ViT: one line, before anything else
+            return Teacher(freeze(model), name, Preprocessing.from_dict(dict(pre)), names)
+    else:
+        name = str(teacher)
+        if not timm.is_model(name.partition(".")[0]):
+            raise BootstrapError(
+                f"--teacher {name} is neither a file nor a timm model name (timm.list_models)"
+            )
+        sizes = {"img_size": img_size} if img_size is not None else {}
+        try:
+            model = timm.create_model(name, pretrained=False, **sizes)
+        except TypeError:  # convolutional nets take no img_size: not a ViT either
+            model = timm.create_model(name, pretrained=False)
+        describe_teacher(model)
+        if checkpoint is not None:
+            _load_into(model, name.partition(".")[0], checkpoint)
+        names = None
+    return Teacher(freeze(model), name, _timm_preprocessing(model), names)

@@ -1,0 +1,215 @@
+"""``sparseformer bootstrap``: make a SparseFormer from a pretrained timm ViT (Gao et al.,
+CVPR 2024): the ViT's last blocks, final norm and head become the SparseFormer's cortex, and
+the new focusing part trains to give the ViT's own final representation on the same images.
+
+A training run like ``train`` (recipes, torchrun, bf16/fp16, --resume auto) writing to
+--output: last.pt / best.pt (load them with --checkpoint in eval, predict, viz, export),
+metrics.jsonl (train_loss is the alignment loss), metrics.png and summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparseformer.cli.common import (
+    add_data_arguments,
+    check_model_fits_data,
+    count,
+    data_source,
+    positive_int,
+    recipe_flags,
+    refuse_video_flags_on_images,
+)
+
+__all__ = ["register", "run"]
+
+EXAMPLES = """examples:
+  sparseformer bootstrap --teacher vit_base_patch16_224.augreg_in21k \\
+      --teacher-checkpoint vit_b16.safetensors --data-dir /data/imagenet --output runs/bt
+  sparseformer bootstrap --teacher runs/vit/best.pt --dataset fashion-mnist --output runs/bt \\
+      --tokens 16 --points 16 --epochs 5
+  sparseformer bootstrap ... --resume auto     # continue from runs/.../last.pt
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bootstrap",
+        help="make a SparseFormer from a pretrained timm ViT (teacher alignment)",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("teacher and student")
+    g.add_argument("--teacher", required=True, help="timm ViT name, or a train checkpoint of one")
+    g.add_argument("--teacher-checkpoint", type=Path, help="weights for a --teacher name")
+    g.add_argument("--student", help="a sparseformer_btsp_* model to follow (its widths)")
+    g.add_argument("--tokens", type=positive_int, help="latent tokens (default 48)")
+    g.add_argument("--points", type=positive_int, help="sampling points (default 36)")
+    g.add_argument("--inherit", type=positive_int, help="teacher blocks kept (default 2/3)")
+    g.add_argument("--focus-width", type=positive_int, help="focusing width (default D/2)")
+    g.add_argument(
+        "--finetune", type=count, default=0, help="inherited blocks that train, the first ones"
+    )
+    g.add_argument("--loss", choices=("cosine", "smooth_l1"), default="cosine")
+    add_data_arguments(p)
+    p.add_argument("--output", type=Path, required=True, help="run folder")
+    g = p.add_argument_group("recipe (defaults come from --recipe, as for train)")
+    g.add_argument("--recipe", help="shipped recipe name or a JSON file")
+    g.add_argument("--epochs", type=positive_int)
+    g.add_argument("--batch-size", type=positive_int, help="images per process and step")
+    g.add_argument("--img-size", type=positive_int, help="teacher input size (a timm name)")
+    g.add_argument("--lr", type=float, help="peak learning rate for a total batch of 512")
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--workers", type=count, help="data-loading processes per training process")
+    g.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="any recipe field, value in JSON")  # fmt: skip
+    g = p.add_argument_group("run")
+    g.add_argument("--resume", help="training checkpoint to continue, or 'auto'")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --output with a run")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: the recipe's")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    g.add_argument("--threads", type=positive_int, help="CPU threads per process")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run, drop_path=None)
+
+
+@dataclass
+class _Plan:
+    args: argparse.Namespace
+    device: str
+    recipe: Any
+    source: Any
+    settings: Any
+    resume: Path | None = None
+    saved: dict = field(default_factory=dict)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparseformer.cli import CliError
+    from sparseformer.data import DataError
+    from sparseformer.engine.distributed import cleanup_distributed, setup_distributed
+    from sparseformer.engine.recipe import RecipeError
+
+    try:
+        plan = _plan(args)
+    except (DataError, RecipeError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    if plan is None:
+        return 0
+    dist = setup_distributed(plan.device)
+    try:
+        _bootstrap(plan, dist)
+    finally:
+        cleanup_distributed()
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> _Plan | None:
+    """Device, recipe, what to resume (its own settings), data source, output folder."""
+    from sparseformer.bootstrap.derive import TEMPLATE
+    from sparseformer.bootstrap.run import BootstrapSettings
+    from sparseformer.cli import check_output
+    from sparseformer.engine.device import pick_device
+    from sparseformer.engine.recipe import recipe_from_flags
+    from sparseformer.engine.resume import (
+        read_resume_checkpoint,
+        resolve_resume,
+        resumed_recipe,
+        run_is_finished,
+    )
+    from sparseformer.engine.run_folder import refuse_overwriting_a_run
+
+    device = pick_device(args.device)
+    refuse_video_flags_on_images(args, check_model_fits_data(TEMPLATE, args))
+    flags = recipe_flags(args)
+    recipe = recipe_from_flags(flags, args.dataset)
+    settings = BootstrapSettings(
+        args.tokens, args.points, args.inherit, args.focus_width, args.student,
+        args.finetune, args.loss,
+    )  # fmt: skip
+    resume = resolve_resume(args.resume, args.output, overwrite=args.overwrite)
+    saved: dict = {}
+    if resume is not None:  # the run's own recipe and student
+        saved = read_resume_checkpoint(resume, TEMPLATE)
+        recipe = resumed_recipe(saved, resume, recipe, flags)
+        settings = BootstrapSettings.from_dict(saved.get("bootstrap") or {})
+        if run_is_finished(saved, recipe, args.output):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"nothing to do: the run in {resume} already has {saved.get('epoch')} "
+                      "epochs (give a larger --epochs to train it further)")  # fmt: skip
+            return None
+    source = data_source(args, views=False)
+    check_output(args.output, "--output", folder=True)
+    refuse_overwriting_a_run(args.output, resume=resume is not None, overwrite=args.overwrite)
+    return _Plan(args, device, recipe, source, settings, resume, saved)
+
+
+def _bootstrap(plan: _Plan, dist) -> None:
+    """Teacher, data, and :func:`sparseformer.bootstrap.run.bootstrap` on every process."""
+    import torch
+
+    from sparseformer.bootstrap.run import bootstrap
+    from sparseformer.bootstrap.teacher import load_teacher
+    from sparseformer.cli import CliError
+    from sparseformer.data import DataError, build_datasets
+    from sparseformer.data.transforms import Preprocessing
+    from sparseformer.engine.device import set_threads
+    from sparseformer.engine.trainer import RunOptions, TrainingError, seed_everything
+
+    args, recipe = plan.args, plan.recipe
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    threads = set_threads(args.threads, dist)
+    seed_everything(args.seed)  # the same student on every rank
+    teacher = load_teacher(args.teacher, args.teacher_checkpoint, args.img_size)
+    pre = teacher.preprocessing  # the teacher sees what the student sees
+    if plan.resume is not None:
+        pre = Preprocessing.from_dict(plan.saved["preprocessing"])
+    try:
+        bundle = build_datasets(plan.source, pre, recipe.augmentation, share_check=True)
+    except DataError as exc:
+        raise CliError(str(exc)) from exc
+    precision = args.precision or recipe.precision
+    if dist.is_main:
+        print(f"bootstrapping from {teacher.name} on {plan.source.describe()}: "
+              f"{len(bundle.train):,} train / {len(bundle.val):,} val images, {pre.img_size}px, "
+              f"recipe {recipe.name}, {recipe.epochs} epochs x {recipe.batch_size}, "
+              f"{plan.device}, {precision}, {threads} thread(s)")  # fmt: skip
+    options = RunOptions(
+        output=args.output, model_name="", device=plan.device, precision=precision,
+        seed=args.seed, resume=plan.resume, overwrite=args.overwrite,
+        progress=not args.quiet and sys.stderr.isatty(),
+        extra={"data": plan.source.describe(), "torch": str(torch.__version__)},
+    )  # fmt: skip
+    try:
+        summary = bootstrap(teacher, bundle, recipe, pre, options, plan.settings, dist)
+    except TrainingError as exc:
+        raise CliError(str(exc)) from exc
+    if dist.is_main:
+        _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    final, teacher = summary["final"], summary["teacher"]
+    if summary["epochs_run"] == 0 or not final:
+        print(f"nothing to do: the run already has {summary['epochs']} epochs")
+        return
+    top1 = teacher.get("val_acc1")
+    against = f" (teacher {top1:.2f}%)" if top1 is not None else ""
+    print(
+        f"done: {summary['epochs']} epochs in {summary['train_seconds'] / 60:.1f} min; "
+        f"alignment loss {final['train_loss']:.4f}; student val top-1 "
+        f"{final['val_acc1']:.2f}%{against}"
+    )
+    kept = [summary["last_checkpoint"], summary["best_checkpoint"]]
+    print(f"checkpoints: {', '.join(p for p in kept if p is not None)}")
+    print(f"metrics: {summary['metrics']}, curves: {summary['plot']}")

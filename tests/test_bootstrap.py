@@ -1,0 +1,245 @@
+"""``sparseformer bootstrap``: a SparseFormer derived from a timm ViT holds the ViT's cortex,
+final norm and head bit for bit; the released bootstrapped configurations come out of the
+derivation from weightless teachers; the run trains only what it should, resumes on the same
+trajectory after a kill, and its output loads everywhere a checkpoint does.
+
+Teachers are timm's ``test_vit`` (64 wide, 6 blocks) at 32 px, on a 2-class folder of 36
+generated images: every run takes seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from sparseformer import create_model
+from sparseformer.bootstrap.derive import (
+    TEMPLATE,
+    BootstrapError,
+    bootstrap_config,
+    build_student,
+    inherited_tensors,
+)
+from sparseformer.bootstrap.objective import AlignmentObjective, freeze_for_bootstrap
+from sparseformer.bootstrap.teacher import load_teacher
+from sparseformer.cli import main
+from sparseformer.engine.loop import BatchPrep, StepTools, train_one_epoch
+from sparseformer.engine.optim import LRSchedule, build_optimizer
+from sparseformer.models import SparseFormer
+from sparseformer.weights.registry import MODELS
+
+RELEASED = [  # teacher, registered student, tokens
+    ("vit_base_patch16_224", "sparseformer_btsp_augreg_base", 48),
+    ("vit_large_patch16_224", "sparseformer_btsp_augreg_large", 48),
+    ("vit_base_patch16_clip_quickgelu_224", "sparseformer_btsp_openai_clip_base", 48),
+    ("vit_large_patch14_clip_quickgelu_224", "sparseformer_btsp_openai_clip_large", 63),
+]
+SMALL = ["--tokens", "4", "--points", "4", "--inherit", "2", "--finetune", "1"]
+RUN = ["--batch-size", "4", "--workers", "0", "--threads", "1", "--quiet", "--lr", "1e-2",
+       "--warmup-epochs", "0"]  # fmt: skip
+
+
+def _teacher(bias: bool = True) -> torch.nn.Module:
+    teacher = timm.create_model("test_vit", img_size=32, num_classes=2)
+    if bias:  # a trained head's bias, not timm's zeros
+        torch.nn.init.normal_(teacher.head.bias)
+    return teacher.eval()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A 2-class image folder and a `sparseformer train`-style checkpoint of a test_vit."""
+    root = tmp_path_factory.mktemp("bootstrap")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 6)):
+        for c, name in enumerate(("dark", "light")):
+            d = root / "data" / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(10 + 130 * c, 110 + 130 * c, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(d / f"{i}.png")
+    torch.manual_seed(0)
+    pre = {"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
+           "interpolation": "bilinear"}  # fmt: skip
+    torch.save({"model_name": "test_vit", "model": _teacher().state_dict(), "num_classes": 2,
+                "class_names": ["dark", "light"], "preprocessing": pre},
+               root / "teacher.pt")  # fmt: skip
+    return root
+
+
+@pytest.mark.parametrize(("teacher", "student", "tokens"), RELEASED)
+def test_derivation_gives_the_released_configurations(teacher, student, tokens):
+    with torch.device("meta"):
+        vit = timm.create_model(teacher)  # no weights: only the architecture is read
+    derived = bootstrap_config(vit, tokens=tokens)
+    released = MODELS[student].config
+    # AugReg ViTs use LayerNorm eps 1e-6, which the student keeps; the authors' config 1e-5
+    assert dataclasses.replace(derived, ln_eps=released.ln_eps) == released
+    assert derived.ln_eps == vit.norm.eps
+    with torch.device("meta"):
+        ours, theirs = SparseFormer(derived).state_dict(), SparseFormer(released).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+
+
+@pytest.mark.parametrize("finetune", [0, 1])
+def test_student_holds_the_teachers_tensors_bit_for_bit(finetune):
+    teacher = _teacher()
+    config = bootstrap_config(teacher, tokens=4, points=4, inherit=3)
+    student = build_student(teacher, config)
+    state, vit = student.state_dict(), teacher.state_dict()
+    taken = inherited_tensors(teacher, config)
+    assert len(taken) == 3 * 12 + 2 + 2  # 3 blocks of 12 tensors, final norm, head with bias
+    for key, value in taken.items():
+        assert torch.equal(state[key], value), key
+    assert torch.equal(state["stages.1.units.1.attn.qkv.weight"], vit["blocks.3.attn.qkv.weight"])
+    assert torch.equal(state["stages.1.units.3.mlp.norm.bias"], vit["blocks.5.norm2.bias"])
+    assert torch.equal(state["fc_norm.weight"], vit["norm.weight"])
+    assert torch.equal(state["head.bias"], vit["head.bias"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the student's head on the teacher's features: the teacher's logits
+        assert torch.allclose(student.head(vit_features(teacher, x)), teacher(x), atol=1e-5)
+    frozen, trained = freeze_for_bootstrap(student, finetune)
+    grads = {k for k, p in student.named_parameters() if p.requires_grad}
+    assert ("stages.1.units.1.attn.qkv.weight" in grads) == (finetune == 1)
+    assert "stages.1.units.2.attn.qkv.weight" not in grads and "head.weight" not in grads
+    assert "stem.conv.weight" in grads and "stages.1.units.0.sample_mix.offset_bias" in grads
+    assert frozen + trained == sum(p.numel() for p in student.parameters())
+
+
+def vit_features(teacher, x):
+    return teacher.forward_head(teacher.forward_features(x), pre_logits=True)
+
+
+def test_training_steps_change_the_new_parts_and_leave_the_frozen_ones():
+    teacher = _teacher()
+    student = build_student(teacher, bootstrap_config(teacher, tokens=4, points=4, inherit=3))
+    freeze_for_bootstrap(student, 1)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    vit_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    objective = AlignmentObjective(teacher)
+    tools = StepTools(
+        torch.nn.CrossEntropyLoss(), LRSchedule(1e-2, 1e-2, 1e-2, 0, 10),
+        BatchPrep((0.5,) * 3, (0.5,) * 3, torch.device("cpu")), objective=objective,
+    )  # fmt: skip
+    optimizer = build_optimizer(student, 1e-2, 0.05)
+    batches = [(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)) for _ in range(3)]
+    x = batches[0][0]
+    first = objective(student, x, None).item()
+    stats = train_one_epoch(student, batches, optimizer, tools, 0, _one_process())
+    assert stats["steps"] == 3 and objective(student, x, None).item() < first
+    after = student.state_dict()
+    trained = {k for k, p in student.named_parameters() if p.requires_grad}
+    for key, value in after.items():
+        if key in trained and key.endswith("weight") and "norm" not in key:
+            assert not torch.equal(value, before[key]), f"{key} did not train"
+        elif key not in trained and key != "initial_rois":
+            assert torch.equal(value, before[key]), f"{key} changed but is frozen"
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(v, vit_before[k]) for k, v in teacher.state_dict().items())
+
+
+def _one_process():
+    from sparseformer.engine.distributed import DistInfo
+
+    return DistInfo()
+
+
+def test_errors_name_the_problem(folder, tmp_path, capsys):
+    with pytest.raises(BootstrapError, match="not a ViT"):
+        bootstrap_config(timm.create_model("test_resnet"))
+    with pytest.raises(BootstrapError, match="LayerScale"):
+        bootstrap_config(timm.create_model("test_vit2"))
+    with pytest.raises(BootstrapError, match="cortex width 768 does not match the teacher's 64"):
+        bootstrap_config(_teacher(), student="sparseformer_btsp_augreg_base")
+    other = tmp_path / "vit3.pt"
+    torch.save(timm.create_model("test_vit3", img_size=32).state_dict(), other)
+    with pytest.raises(BootstrapError, match="does not match the teacher test_vit: .*shapes"):
+        load_teacher("test_vit", other, img_size=32)
+    with pytest.raises(BootstrapError, match="is a checkpoint of 'test_vit', not the teacher"):
+        load_teacher("vit_tiny_patch16_224", folder / "teacher.pt", img_size=32)
+    for bad, why in (
+        (["--teacher", "test_resnet"], "not a ViT"),
+        (["--teacher", "test_vit", "--inherit", "9"], "has 6 blocks"),
+    ):
+        code = main(["bootstrap", *bad, "--data-dir", str(folder / "data"), "--output",
+                     str(tmp_path / "x"), "--img-size", "32", *RUN])  # fmt: skip
+        assert code == 1
+        assert why in capsys.readouterr().err
+
+
+def _cmd(folder: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "sparseformer", "bootstrap", "--teacher",
+            str(folder / "teacher.pt"), "--data-dir", str(folder / "data"), "--output", str(out),
+            *SMALL, *RUN, *extra]  # fmt: skip
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def alone(folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "alone"
+    subprocess.run(_cmd(folder, out, "--epochs", "4"), check=True, capture_output=True,
+                   timeout=300)  # fmt: skip
+    return out
+
+
+def test_run_keeps_frozen_tensors_and_loads_everywhere(alone, folder, tmp_path, capsys):
+    saved = torch.load(alone / "last.pt", weights_only=True)
+    teacher = torch.load(folder / "teacher.pt", weights_only=True)["model"]
+    model = saved["model"]
+    assert torch.equal(
+        model["stages.1.units.2.attn.qkv.weight"], teacher["blocks.5.attn.qkv.weight"]
+    )
+    assert torch.equal(model["head.bias"], teacher["head.bias"])
+    assert not torch.equal(
+        model["stages.1.units.1.mlp.fc1.weight"], teacher["blocks.4.mlp.fc1.weight"]
+    )
+    assert saved["teacher"]["val_acc1"] is not None and saved["model_name"] == TEMPLATE
+    student = create_model(TEMPLATE, checkpoint_path=alone / "last.pt").eval()
+    assert student.config.num_tokens == 4 and student.config.width == 64
+    ckpt = str(alone / "last.pt")
+    image = str(folder / "data" / "val" / "dark" / "0.png")
+    assert main(["eval", "--model", TEMPLATE, "--checkpoint", ckpt, "--data-dir",
+                 str(folder / "data"), "--json", "--quiet", "--threads", "1"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["acc1"] == pytest.approx(_records(alone)[-1]["val_acc1"])
+    assert main(["predict", "--model", TEMPLATE, "--checkpoint", ckpt, image, "--json"]) == 0
+    assert main(["viz", "--model", TEMPLATE, "--checkpoint", ckpt, image, "--out",
+                 str(tmp_path / "pics")]) == 0  # fmt: skip
+    assert any((tmp_path / "pics").iterdir())
+    assert main(["export", "--model", TEMPLATE, "--checkpoint", ckpt, "--out",
+                 str(tmp_path / "s.onnx")]) == 0  # fmt: skip
+
+
+def test_killed_run_resumes_on_the_same_trajectory(alone, folder, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(folder, out, "--epochs", "4"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while not (out / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    assert done < 4, "the run finished before it could be killed"
+    subprocess.run(_cmd(folder, out, "--epochs", "4", "--resume", "auto"), check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    first, resumed = _records(alone), _records(out)
+    assert [r["epoch"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(first, resumed):
+        for key in ("train_loss", "val_loss", "val_acc1", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a, b)
