@@ -24,7 +24,7 @@ from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine.device import available_cores
 from sparseformer.engine.distributed import DistInfo
 from sparseformer.engine.loop import BatchPrep, StepTools
-from sparseformer.engine.optim import LRSchedule, build_optimizer
+from sparseformer.engine.optim import build_optimizer, build_schedule
 from sparseformer.engine.recipe import Recipe
 
 __all__ = ["TrainingParts", "build_training_parts", "enable_grad_checkpointing"]
@@ -110,7 +110,8 @@ def build_training_parts(
     ema = None
     if recipe.ema_decay:
         ema = ModelEmaV3(model, decay=recipe.ema_decay, use_warmup=recipe.ema_warmup)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    # the initial loss scale of the authors' fp16 runs (torch's default, stated)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16) if amp == torch.float16 else None
 
     workers = _workers(recipe.num_workers, dist)
     pin = device.type == "cuda"
@@ -128,10 +129,9 @@ def build_training_parts(
             recipe.warmup_epochs,
             recipe.epochs,
         )
-    steps_per_epoch = len(train_loader)
-    schedule = LRSchedule(
-        peak_lr, warmup_lr, min_lr,
-        round(recipe.warmup_epochs * steps_per_epoch), recipe.epochs * steps_per_epoch,
+    schedule = build_schedule(
+        recipe.schedule, (peak_lr, warmup_lr, min_lr), recipe.warmup_epochs, recipe.epochs,
+        len(train_loader),
     )  # fmt: skip
     criterion, mixup = _loss_and_mixup(recipe, data.num_classes)
     erasing = None

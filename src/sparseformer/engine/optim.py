@@ -5,7 +5,9 @@ names in ``no_weight_decay()`` (SparseFormer's initial RoIs) are not decayed; ti
 ``create_optimizer_v2`` builds exactly these groups, and with ``layer_decay`` scales each
 group's learning rate by depth (``lr_scale``, from the model's ``group_matcher()``). The
 schedule is a pure function of the optimizer step (linear warm-up, then cosine to the floor),
-so resuming needs only the step.
+so resuming needs only the step: :class:`TimmCosineSchedule` is the authors' (timm's
+``CosineLRScheduler`` stepped per iteration by their Swin-based loop), :class:`LRSchedule`
+runs the cosine after the warm-up instead.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.optim import Optimizer
 
-__all__ = ["LRSchedule", "build_optimizer", "set_lr"]
+__all__ = ["LRSchedule", "TimmCosineSchedule", "build_optimizer", "build_schedule", "set_lr"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,54 @@ class LRSchedule:
         decay_steps = max(self.total_steps - self.warmup_steps, 1)
         progress = min((step - self.warmup_steps) / decay_steps, 1.0)
         return self.min_lr + (self.peak_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class TimmCosineSchedule:
+    """timm's ``CosineLRScheduler(t_initial=total_steps, warmup_t=warmup_steps,
+    warmup_lr_init=warmup_lr, lr_min=min_lr, warmup_prefix=False, t_in_epochs=False)`` as the
+    authors' Swin-based loop steps it (``step_update(k)`` after optimizer step ``k``).
+
+    The cosine is counted from step 0 over the whole run, warm-up included, so the warm-up
+    ends short of the peak (at 0.989 of it for 20 of 300 epochs) and the curve stays below
+    :class:`LRSchedule`'s. Step ``k >= 1`` runs at timm's value for ``k - 1`` (the update
+    after step ``k - 1``), step 0 at the rate the scheduler starts the optimizer at. The
+    arithmetic is timm's, in its order, so the rates are equal to the last bit.
+    """
+
+    peak_lr: float
+    warmup_lr: float
+    min_lr: float
+    warmup_steps: int
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        if step == 0:  # timm sets warmup_lr_init at construction (the peak without warm-up)
+            return self.warmup_lr if self.warmup_steps else self.peak_lr
+        t = step - 1  # the value of the step_update that followed the previous step
+        if t < self.warmup_steps:
+            return self.warmup_lr + t * ((self.peak_lr - self.warmup_lr) / self.warmup_steps)
+        if t >= self.total_steps:  # past the single cycle: the floor
+            return self.min_lr
+        cosine = 1 + math.cos(math.pi * t**1.0 / self.total_steps**1.0)  # timm's k-decay, k=1
+        return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * cosine
+
+
+def build_schedule(
+    shape: str,
+    lrs: tuple[float, float, float],
+    warmup_epochs: float,
+    epochs: int,
+    steps_per_epoch: int,
+) -> LRSchedule | TimmCosineSchedule:
+    """The learning rate by step for a recipe's ``schedule`` (``"timm_cosine"`` or
+    ``"cosine_after_warmup"``), ``lrs`` = (peak, warm-up start, floor), already scaled to the
+    total batch. Warm-up steps are ``int(warmup_epochs * steps_per_epoch)`` for timm's shape,
+    as the authors' code truncates, and rounded for the other."""
+    total = epochs * steps_per_epoch
+    if shape == "timm_cosine":
+        return TimmCosineSchedule(*lrs, int(warmup_epochs * steps_per_epoch), max(total, 1))
+    return LRSchedule(*lrs, round(warmup_epochs * steps_per_epoch), total)
 
 
 def build_optimizer(

@@ -25,6 +25,7 @@ __all__ = [
     "list_recipes",
     "load_recipe",
     "recipe_from_flags",
+    "saved_recipe",
     "recipe_for_clips",
 ]
 
@@ -47,6 +48,11 @@ class Recipe:
         img_size: input resolution; ``None`` = the data set's or model's default.
         lr, warmup_lr, min_lr: peak, warm-up start and cosine floor, at ``lr_base_batch``.
         warmup_epochs: linear warm-up length (fractions allowed); the schedule runs by step.
+        schedule: the learning rate's shape, set every step: ``"timm_cosine"`` (the paper's:
+            timm's ``CosineLRScheduler`` as the authors' Swin-based code builds it, the cosine
+            counted from step 0 over the whole run, warm-up included) or
+            ``"cosine_after_warmup"`` (the cosine over the steps after the warm-up, which
+            then ends exactly at the peak; ``fashion-mnist-cpu``'s).
         weight_decay: AdamW decay (not applied to norms, biases and the model's
             ``no_weight_decay()`` parameters such as the initial RoIs).
         betas, eps: AdamW moments and epsilon.
@@ -61,6 +67,9 @@ class Recipe:
         augmentation: training augmentation (timm ``create_transform`` settings).
         repeated_aug: repeats per image and epoch across ranks (0 or 1 = off).
         ema_decay: EMA of weights; ``None`` = off.
+        offset_proj_init: the sampling-offset projection's init for a freshly built SparseFormer
+            (``"trunc_normal"``, the authors' v1 code, or ``"zeros"``; ``None``: the model's
+            own); weights loaded by ``--checkpoint`` or a resume replace it.
         ema_warmup: ramp the EMA decay up from 0 (timm ``ModelEmaV3(use_warmup=True)``); for
             short runs, where the initial weights would otherwise linger in the average.
         drop_path: stochastic depth; ``None`` = the model's registered rate.
@@ -79,6 +88,7 @@ class Recipe:
     min_lr: float = 5e-6
     lr_base_batch: int = 512
     warmup_epochs: float = 20.0
+    schedule: str = "timm_cosine"
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -94,6 +104,7 @@ class Recipe:
     repeated_aug: int = 3
     ema_decay: float | None = 0.9999
     ema_warmup: bool = False
+    offset_proj_init: str | None = None
     drop_path: float | None = None
     crop_pct: float | None = 224 / 256
     interpolation: str = "bicubic"
@@ -129,6 +140,9 @@ class Recipe:
         return _from_dict({**data, **changes}, self.name)
 
 
+SCHEDULES = ("timm_cosine", "cosine_after_warmup")
+# what a run saved before a field existed used: its checkpoint's recipe lacks the field
+_BEFORE_FIELD = {"schedule": "cosine_after_warmup"}
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
@@ -154,6 +168,10 @@ def _check_ranges(r: Recipe) -> None:
         need(0 <= getattr(r, name) <= 1, name, getattr(r, name), "a probability in [0, 1]")
     modes = ("batch", "pair", "elem")
     need(r.mixup_mode in modes, "mixup_mode", r.mixup_mode, f"one of {', '.join(modes)}")
+    need(r.schedule in SCHEDULES, "schedule", r.schedule, f"one of {', '.join(SCHEDULES)}")
+    inits = (None, "zeros", "trunc_normal")
+    need(r.offset_proj_init in inits, "offset_proj_init", r.offset_proj_init,
+         "zeros, trunc_normal or null (the model's own)")  # fmt: skip
     need(r.repeated_aug >= 0, "repeated_aug", r.repeated_aug, "at least 0")
     if r.mixup > 0 or r.cutmix > 0:  # timm's Mixup mixes each sample with another of the batch
         need(r.batch_size % 2 == 0, "batch_size", r.batch_size,
@@ -265,6 +283,13 @@ def _from_dict(data: dict[str, Any], origin: str) -> Recipe:
         return Recipe(**data)
     except TypeError as exc:
         raise RecipeError(f"{origin}: {exc}") from exc
+
+
+def saved_recipe(fields: dict[str, Any]) -> Recipe:
+    """The recipe a training checkpoint stored (``fields``), read as that run trained: a
+    field added since takes the value the run used (``schedule``: ``cosine_after_warmup``),
+    not today's default."""
+    return Recipe().replace(**{**_BEFORE_FIELD, **fields})
 
 
 def _builtin_dir():

@@ -9,6 +9,7 @@ flags asked otherwise is named in a warning.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from sparseformer.data.loader import SeededRepeatAugSampler
 from sparseformer.engine import checkpoint as ckpt_io
 from sparseformer.engine.collaborators import TrainingParts
 from sparseformer.engine.distributed import DistInfo
-from sparseformer.engine.recipe import Recipe, RecipeFlags, list_recipes
+from sparseformer.engine.recipe import Recipe, RecipeFlags, list_recipes, saved_recipe
 from sparseformer.engine.run_folder import find_resume_checkpoint, summary_epochs
 from sparseformer.weights.convert import CheckpointError
 
@@ -92,7 +93,7 @@ def resumed_recipe(
             f"the run in {resume} already has {done} epochs; --epochs is the total, so "
             f"give at least {done} (or leave it out to finish the run's own schedule)"
         )
-    recipe = Recipe().replace(**saved["recipe"])
+    recipe = saved_recipe(saved["recipe"])
     if epochs is not None:
         recipe = recipe.replace(epochs=epochs)
     if workers is not None:  # the data order stays; a machine's own setting
@@ -194,10 +195,27 @@ class RunState:
     step: int = 0
     best: float = -1.0
     best_epoch: int = 0
+    best_source: str = "model"  # which of the two scored ``best``: "model" or "ema"
     train_seconds: float = 0.0
     rng_states: list | None = None
     data_order: str | None = DATA_ORDER
     record: dict[str, Any] = field(default_factory=dict)
+
+    def update_best(self, record: dict[str, Any], epoch: int) -> bool:
+        """Take ``record``'s epoch as the best if it beats the best so far, as the authors
+        define the best: the higher validation top-1 of the model (``val_acc1``) and its EMA
+        (``ema_val_acc1``, when on), both evaluated in fp32; a tie goes to the model.
+
+        Returns:
+            Whether ``epoch`` is the new best.
+        """
+        score, source = record["val_acc1"], "model"
+        if record.get("ema_val_acc1", -math.inf) > score:
+            score, source = record["ema_val_acc1"], "ema"
+        if score <= self.best:
+            return False
+        self.best, self.best_epoch, self.best_source = score, epoch, source
+        return True
 
 
 def restore_run(
@@ -240,6 +258,7 @@ def restore_run(
         step=step,
         best=float(state["best_acc1"]),
         best_epoch=int(state["best_epoch"]),
+        best_source=str(state.get("best_source", "model")),  # older runs picked the model
         train_seconds=float(state.get("train_seconds", 0.0)),
         rng_states=state.get("rng"),
         data_order=state.get("data_order"),  # an old run keeps its old order in every resume

@@ -1,8 +1,9 @@
 """A whole training run: build the collaborators from a recipe, loop over epochs, never lose work.
 
-Each epoch trains, evaluates (the model and, when on, its EMA), appends one line to
-``metrics.jsonl``, redraws ``metrics.png`` and saves ``last.pt`` (and ``best.pt`` on a new best
-top-1) atomically, with everything needed to resume the same trajectory. Only rank 0 writes.
+Each epoch trains, evaluates in fp32 (the model and, when on, its EMA), appends one line to
+``metrics.jsonl``, redraws ``metrics.png`` and saves ``last.pt`` (and ``best.pt`` when either
+scores a new best top-1, the authors' best) atomically, with everything needed to resume the
+same trajectory. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -292,9 +293,7 @@ def _run_epoch(loop: _Loop, state: RunState, epoch: int) -> None:
     state.step = int(stats["steps"])
     state.train_seconds += stats["epoch_seconds"]
     record = _validate(loop, stats, state, epoch)
-    is_best = record["val_acc1"] > state.best
-    if is_best:
-        state.best, state.best_epoch = record["val_acc1"], epoch + 1
+    is_best = state.update_best(record, epoch + 1)  # the model or its EMA, as the authors
     state.record = record
     rng = gather_objects(ckpt_io.capture_rng(parts.tools.prep.device), dist)  # every rank's
     if dist.is_main:
@@ -329,7 +328,7 @@ def _validate(loop: _Loop, stats: dict, state: RunState, epoch: int) -> dict[str
     # the module itself: DDP adds nothing to evaluation, and its first no-grad forward
     # broadcasts buffers, a collective a rank with no validation batch would never join
     broadcast_buffers(loop.model, dist)  # rank 0's BatchNorm statistics, which it saves
-    val = evaluate(loop.model, parts.val_loader, tools.prep, dist, tools.amp_dtype, loop.progress)
+    val = evaluate(loop.model, parts.val_loader, tools.prep, dist, None, loop.progress)  # fp32
     record = {
         "epoch": epoch + 1,
         "step": state.step,
@@ -346,7 +345,7 @@ def _validate(loop: _Loop, stats: dict, state: RunState, epoch: int) -> dict[str
     if tools.ema is not None:
         broadcast_buffers(tools.ema.module, dist)
         ema_val = evaluate(
-            tools.ema.module, parts.val_loader, tools.prep, dist, tools.amp_dtype, loop.progress
+            tools.ema.module, parts.val_loader, tools.prep, dist, None, loop.progress
         )
         record.update(ema_val_loss=ema_val["loss"], ema_val_acc1=ema_val["acc1"])
         record.update(ema_val_acc5=ema_val["acc5"])
@@ -367,6 +366,7 @@ def _save_checkpoints(loop: _Loop, state: RunState, epoch: int, rng, is_best: bo
         "step": state.step,
         "best_acc1": state.best,
         "best_epoch": state.best_epoch,
+        "best_source": state.best_source,
         "train_seconds": state.train_seconds,
         "rng": rng,
         "metrics": state.record,
@@ -391,6 +391,7 @@ def _summary(loop: _Loop, state: RunState, model_name: str) -> dict[str, Any]:
         "epochs_run": max(loop.recipe.epochs - state.start_epoch, 0),
         "best_val_acc1": state.best,
         "best_epoch": state.best_epoch,
+        "best_source": state.best_source,  # "ema": best.pt's EMA weights (eval --ema)
         "final": record,
         "train_seconds": state.train_seconds,
         "skipped_files": len(data.skipped_files),  # unreadable (or too short) at the scan
