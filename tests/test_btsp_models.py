@@ -127,7 +127,7 @@ def test_stage_embedding_row_i_joins_before_repeat_i():
 def test_cls_token_and_roi_ops_are_validated():
     with pytest.raises(ValueError, match="no RoI op"):
         tiny(cls_token_unit=1)
-    with pytest.raises(ValueError, match="needs a CLS token"):
+    with pytest.raises(ValueError, match="without a CLS token"):
         tiny(cls_token_unit=None)
     with pytest.raises(ValueError, match="cls_token_unit must index"):
         tiny(cls_token_unit=9)
@@ -161,3 +161,51 @@ def test_quick_gelu_only_in_the_cortex():
     assert model.stages[0].units[0]["mlp"].activation == "gelu"
     assert model.stages[1].units[1]["mlp"].activation == "quick_gelu"
     assert model.stages[1].units[0]["sample_mix"].mixing.activation == "gelu"
+
+
+def authors_keys(model: SparseFormer) -> dict[str, torch.Tensor]:
+    """The authors' library layout of a full-size model, written from their description: one
+    flat ``layers.K`` list (unit 0, the transition as ``layers.1.0``, unit 1, the ViT blocks),
+    without the stage embedding their converter deletes."""
+    from sparseformer.weights.convert_btsp import BTSP_TOP_LEVEL, BTSP_UNIT
+
+    top = {ours: theirs for theirs, ours in BTSP_TOP_LEVEL.items()}
+    unit = {ours: theirs for theirs, ours in BTSP_UNIT.items()}
+    layer = {"stages.0.units.0.": "layers.0.", "stages.1.transition.proj.": "layers.1.0."}
+    layer |= {
+        f"stages.1.units.{u}.": f"layers.{u + 2}." for u in range(model.config.stages[1].depth)
+    }
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("stage_embedding"):
+            continue
+        if key in top:
+            out[top[key]] = value
+            continue
+        prefix = max((p for p in layer if key.startswith(p)), key=len)
+        rest = key[len(prefix) :]
+        if "transition" in prefix:
+            out[layer[prefix] + rest] = value
+            continue
+        old = max((o for o in unit if rest.startswith(o)), key=len)
+        out[layer[prefix] + unit[old] + rest[len(old) :]] = value
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(BTSP))
+def test_full_size_released_key_sets_convert_and_fit(name):
+    from sparseformer.weights.convert import convert_state_dict
+    from sparseformer.weights.convert_btsp import fill_missing_stage_embeddings
+
+    with torch.device("meta"):
+        model = create_model(name)
+    authors = authors_keys(model)
+    cortex = model.config.stages[1].depth - 1
+    assert f"layers.{cortex + 2}.mlp.fc2.weight" in authors  # 2-digit K for the large models
+    assert authors["initial_roi.weight"].shape == (BTSP[name][2], 4)
+    converted, report = convert_state_dict(authors)
+    assert report.source_format == "btsp" and not report.dropped
+    own = model.state_dict()
+    assert fill_missing_stage_embeddings(converted, own) == ["stages.0.stage_embedding"]
+    assert sorted(converted) == sorted(own)
+    assert all(converted[k].shape == own[k].shape for k in own)

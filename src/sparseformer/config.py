@@ -252,7 +252,10 @@ class SparseFormerConfig:
     def _check_cls_token(self) -> None:
         units = [s.unit_ops(i) for s in self.stages for i in range(s.depth)]
         if self.global_pool == "token" and self.cls_token_unit is None:
-            raise ValueError("global_pool='token' needs a CLS token: set cls_token_unit")
+            raise ValueError(
+                "global_pool must be 'avg' for a model without a CLS token, got 'token' "
+                "(cls_token_unit gives the model one)"
+            )
         if self.cls_token_unit is None:
             return
         if not 0 <= self.cls_token_unit < len(units):

@@ -111,7 +111,7 @@ def pretrained_cfg(name: str, tag: str | None = None) -> dict[str, Any]:
         "std": tuple(w.std),
         "first_conv": "stem.conv",
         "classifier": "head",
-        "paper_ids": "arXiv:2304.03768",
+        "paper_ids": spec.paper,
         "architecture": split_tag(name)[0],
     }
 
@@ -141,7 +141,7 @@ def create_model(
             else the config's 1000. When it differs from the weights' the classifier is
             re-initialised (logged), for fine-tuning.
         **overrides: fields of the model's config (e.g. ``drop_path_rate=0.1``), and timm's
-            arguments: ``global_pool`` (``"avg"``, or ``""`` for per-token outputs),
+            arguments: ``global_pool`` (``"avg"``, ``"token"``: the CLS, ``""``: per token),
             ``device`` and ``dtype`` (build there, then cast), ``pretrained_cfg`` (a tag, or a
             config) and ``pretrained_cfg_overlay`` (a ``file`` or ``url`` there is what
             ``pretrained`` loads), ``cache_dir`` (where ``pretrained`` downloads to).
@@ -198,7 +198,8 @@ def create_model(
 
 def _timm_arguments(overrides: dict[str, Any]) -> dict[str, Any]:
     """Take timm's arguments out of ``overrides`` (checked): ``pretrained_cfg_overlay``,
-    ``cache_dir``, ``device``, ``dtype`` and ``global_pool``; ``features_only`` is refused."""
+    ``cache_dir``, ``device``, ``dtype`` and ``global_pool`` (``"avg"`` and ``"token"`` go back
+    as the config's pooling); ``features_only`` is refused."""
     taken = {
         "overlay": overrides.pop("pretrained_cfg_overlay", None) or {},
         "cache_dir": overrides.pop("cache_dir", None),
@@ -206,11 +207,13 @@ def _timm_arguments(overrides: dict[str, Any]) -> dict[str, Any]:
         "dtype": overrides.pop("dtype", None),
         "global_pool": overrides.pop("global_pool", None),
     }
-    if taken["global_pool"] not in (None, "", "avg"):
+    if taken["global_pool"] not in (None, "", "avg", "token"):
         raise ValueError(
-            f"global_pool must be 'avg' (SparseFormer averages its tokens) or '' (one output "
-            f"per token), got {taken['global_pool']!r}"
+            f"global_pool must be 'avg' (average the tokens), 'token' (the CLS token, for "
+            f"models with one) or '' (one output per token), got {taken['global_pool']!r}"
         )
+    if taken["global_pool"]:  # "avg" or "token": the config's pooling
+        overrides["global_pool"] = taken["global_pool"]
     if overrides.pop("features_only", False):
         raise NotImplementedError(
             "features_only is not supported: SparseFormer has no feature-map pyramid; "

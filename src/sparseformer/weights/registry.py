@@ -64,12 +64,14 @@ class ModelSpec:
     Attributes:
         weights: the default released weights (what ``pretrained=True`` loads).
         other_weights: further releases, each chosen by its tag (``name.tag``).
+        paper: the paper that defines the model (timm's ``paper_ids``).
     """
 
     config: SparseFormerConfig
     weights: WeightsSpec | None = None
     description: str = ""
     other_weights: tuple[WeightsSpec, ...] = ()
+    paper: str = "arXiv:2304.03768"
 
     @property
     def tags(self) -> tuple[str, ...]:
@@ -142,6 +144,7 @@ _MICRO = SparseFormerConfig(
 # (bilinear), centre crop 224, the teacher's mean/std.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BTSP_PAPER = "arXiv:2312.01987"
 
 
 def _btsp(
@@ -185,6 +188,26 @@ def _btsp(
             },
         }
     )
+
+
+_BTSP_NANO = btsp_config(
+    {
+        "conv_dim": 16,
+        "num_latent_tokens": 7,
+        "num_sampling_points": 4,
+        "cls_token_insert_layer": 2,
+        "width_configs": [64, 96, 96, 96],
+        "repeats": [3, 1, 1, 1],
+        "proj_dim": 10,
+        "ops_list": [
+            ["SAMPLING_M", "PE_INJECT", "ATTN", "MLP", "ROI_ADJ"],
+            ["SAMPLING_M", "PE_INJECT"],
+            ["ATTN", "MLP"],
+            ["ATTN", "MLP"],
+        ],
+        "compatible_config": {"pg_inner_dim": 16, "use_stage_embedding": True},
+    }
+)
 
 
 def _btsp_weights(name: str, clip: bool, top1: float | None = None) -> WeightsSpec:
@@ -257,23 +280,34 @@ MODELS = MappingProxyType(
             _btsp(384, 768, 8, 48, 1000, clip=False),
             _btsp_weights("sparseformer_btsp_augreg_base", clip=False),
             "SparseFormer bootstrapped from an AugReg ViT-B, 48 tokens + CLS",
+            paper=BTSP_PAPER,
         ),
         "sparseformer_btsp_augreg_large": ModelSpec(
             _btsp(512, 1024, 16, 48, 1000, clip=False),
             _btsp_weights("sparseformer_btsp_augreg_large", clip=False, top1=84.9),
             "SparseFormer bootstrapped from an AugReg ViT-L, 48 tokens + CLS",
+            paper=BTSP_PAPER,
         ),
         "sparseformer_btsp_openai_clip_base": ModelSpec(
             _btsp(384, 768, 8, 48, 512, clip=True),
             _btsp_weights("sparseformer_btsp_openai_clip_base", clip=True),
             "CLIP image tower bootstrapped from OpenAI CLIP ViT-B, 48 tokens + CLS, "
             "512-d embedding",
+            paper=BTSP_PAPER,
         ),
         "sparseformer_btsp_openai_clip_large": ModelSpec(
             _btsp(512, 1024, 16, 63, 768, clip=True),
             _btsp_weights("sparseformer_btsp_openai_clip_large", clip=True),
             "CLIP image tower bootstrapped from OpenAI CLIP ViT-L, 63 tokens + CLS, "
             "768-d embedding",
+            paper=BTSP_PAPER,
+        ),
+        # The smallest of the family, for unit tests: the "augreg" configuration of the
+        # authors' fixture (tests/data), 7 tokens (not a square) + CLS, 4 points, 10 classes.
+        "sparseformer_btsp_nano": ModelSpec(
+            _BTSP_NANO,
+            description="the smallest bootstrapped SparseFormer, for unit tests",
+            paper=BTSP_PAPER,
         ),
     }
 )
