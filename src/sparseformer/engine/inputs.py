@@ -33,10 +33,15 @@ def training_preprocessing(
     source: DataSource, model_name: str, recipe: Recipe, saved: dict[str, Any] | None = None
 ) -> Preprocessing:
     """A resumed run's own preprocessing (``saved``: its checkpoint); else the data set's
-    (a built-in one) or the model's input size, with the recipe's size, crop and interpolation.
+    (a built-in one) or the model's input size and its released weights' mean and std (a
+    bootstrapped model's are its teacher's), with the recipe's size, crop and interpolation.
     """
+    released = weights_preprocessing(model_name)
     base = dataset_defaults(source) or Preprocessing(
-        model_input_size(model_name) or 224, interpolation=recipe.interpolation
+        model_input_size(model_name) or 224,
+        released.mean,
+        released.std,
+        interpolation=recipe.interpolation,
     )
     if saved is not None:
         return Preprocessing.from_dict(saved["preprocessing"])

@@ -321,6 +321,7 @@ class SparseFormer(nn.Module):
             rois=rois_out,
             sampling_points=points_out,
             initial_rois=at_least_fp32(self.initial_rois).unsqueeze(0).expand(B, -1, -1),
+            num_prefix_tokens=0 if self.cls_token is None else 1,
         )
 
 

@@ -50,6 +50,7 @@ def select_sample(output: SparseFormerOutput, index: int) -> SparseFormerOutput:
         rois=[r[pick] for r in output.rois],
         sampling_points=[p[pick] for p in output.sampling_points],
         initial_rois=None if output.initial_rois is None else output.initial_rois[pick],
+        num_prefix_tokens=output.num_prefix_tokens,
     )
 
 
@@ -86,8 +87,8 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 def top_tokens(output: SparseFormerOutput, k: int, index: int = 0) -> list[int]:
-    """The ``k`` tokens with the largest final embedding norm, largest first."""
-    norms = output.tokens[index].detach().float().norm(dim=-1)  # (N, D) -> (N,)
+    """The ``k`` latent tokens with the largest final embedding norm, largest first."""
+    norms = output.latent_tokens[index].detach().float().norm(dim=-1)  # (N, D) -> (N,)
     return norms.argsort(descending=True)[:k].tolist()
 
 

@@ -109,7 +109,7 @@ def plot_rois(
     img = as_image(image)
     stage_list = resolve_stages(output, stages)
     highlight_set = resolve_highlight(output, highlight, index)
-    colors = token_colors(output.tokens.shape[1])
+    colors = token_colors(output.latent_tokens.shape[1])
     h, w = img.shape[:2]
     n = len(stage_list)
     fig = Figure(figsize=(panel_inches * n, panel_inches * h / w + (1.2 if show_stats else 0.6)))
@@ -147,7 +147,7 @@ def stage_frames(
     """One rendered PIL image per stage (for an animated GIF), same layout as :func:`plot_rois`."""
     img = as_image(image)
     highlight_set = resolve_highlight(output, highlight, index)
-    colors = token_colors(output.tokens.shape[1])
+    colors = token_colors(output.latent_tokens.shape[1])
     label = f"prediction: {prediction_text(output.logits[index], class_names)}"
     frames = []
     for stage in resolve_stages(output, stages):

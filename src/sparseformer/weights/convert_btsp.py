@@ -28,6 +28,7 @@ __all__ = [
     "convert_btsp_state_dict",
     "btsp_config",
     "fill_missing_stage_embeddings",
+    "warn_on_variant_mismatch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,28 @@ def fill_missing_stage_embeddings(
             ", ".join(filled),
         )
     return filled
+
+
+def warn_on_variant_mismatch(converted: Mapping[str, Tensor], config: SparseFormerConfig) -> bool:
+    """Log a warning when a bootstrapped checkpoint's head says CLIP (a projection without
+    bias) and the model's cortex runs GELU, or says AugReg (a classifier with bias) and the
+    cortex runs QuickGELU: both have the same keys and shapes otherwise, so the weights would
+    load and compute with the other activation. Returns whether it warned."""
+    if "head.weight" not in converted:
+        return False
+    clip_head = "head.bias" not in converted
+    quick = any(s.mlp_activation == "quick_gelu" for s in config.stages)
+    if clip_head == quick:
+        return False
+    logger.warning(
+        "the checkpoint's head is %s, as in the %s models, but this model's cortex runs %s: "
+        "build it as a sparseformer_btsp_%s_* model (num_classes= sets a new classifier)",
+        "a projection without bias" if clip_head else "a classifier with bias",
+        "CLIP" if clip_head else "AugReg",
+        "QuickGELU" if quick else "GELU",
+        "openai_clip" if clip_head else "augreg",
+    )
+    return True
 
 
 def btsp_config(authors: Mapping[str, Any], **overrides: Any) -> SparseFormerConfig:

@@ -20,7 +20,11 @@ from torch import Tensor, nn
 
 from sparseformer.weights.checkpoint import FOREIGN, Checkpoint, read_checkpoint
 from sparseformer.weights.convert import CheckpointError, ConversionReport, detect_format
-from sparseformer.weights.convert_btsp import BTSP_FORMAT, fill_missing_stage_embeddings
+from sparseformer.weights.convert_btsp import (
+    BTSP_FORMAT,
+    fill_missing_stage_embeddings,
+    warn_on_variant_mismatch,
+)
 from sparseformer.weights.inflate import inflate_image_state_dict, is_image_state_dict
 
 __all__ = [
@@ -75,6 +79,8 @@ def load_checkpoint(
     own = model.state_dict()
     if report.source_format == BTSP_FORMAT:  # released files may lack stage embeddings
         fill_missing_stage_embeddings(converted, own)
+        if hasattr(model, "config"):
+            warn_on_variant_mismatch(converted, model.config)
     _adapt_stem(converted, own)
     if allow_classifier_mismatch:
         _fit_classifier(converted, own, report, getattr(model, "num_classes", -1))
