@@ -1,6 +1,10 @@
-"""The OpenCLIP zero-shot example, offline: OpenCLIP architectures built without weights."""
+"""The OpenCLIP zero-shot example and the README's, offline: OpenCLIP architectures built
+without weights (``open_clip_torch`` comes with the ``openclip`` and ``dev`` extras)."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +12,40 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 
 from openclip_zero_shot.zero_shot import sparseformer_clip, zero_shot  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TENCH = ROOT / "tests" / "data" / "tench.jpeg"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """Nothing here may download: the Hugging Face hub refuses to."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def readme_zero_shot() -> str:
+    """The README's zero-shot example, as written."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (code,) = [b for b in blocks if "encode_image" in b]
+    return code
+
+
+def test_the_readmes_zero_shot_example_runs_as_written(capsys):
+    code = readme_zero_shot()
+    # only what reads weights or a photo of one's own changes: weightless towers, a real photo
+    for old, new in (
+        ('pretrained="openai"', "pretrained=None"),
+        ("pretrained=True", "pretrained=False"),
+        ('"photo.jpg"', repr(str(TENCH))),
+    ):
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    probs = scope["probs"]
+    assert probs.shape == (1, 3) and scope["image_features"].shape == (1, 512)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1))
+    assert "tench" in capsys.readouterr().out
 
 
 def test_sparseformer_is_openclips_image_tower():
