@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -142,3 +143,103 @@ def test_training_memory_and_grad_checkpointing_are_reported(monkeypatch):
     assert not any(m.grad_checkpointing for m in built)  # and it is off again afterwards
     assert "gradient checkpointing on" in "\n".join(summary_lines(result))
     assert "train mem (MB)" in markdown_table(result)
+
+
+# ----------------------------------------------------------------------------- the sweep
+def test_crossover_is_the_size_from_which_the_subject_stays_ahead():
+    from sparseformer.bench.sweep import crossover
+
+    assert crossover({224: 0.5, 448: 1.8, 768: 3.0, 1024: 4.0}) == 448
+    assert crossover({224: 1.2, 448: 1.5}) == 224  # ahead everywhere: already at the smallest
+    assert crossover({224: 0.5, 448: 0.9}) is None  # behind everywhere
+    assert crossover({224: 0.5, 448: 1.2, 768: 0.9}) is None  # ahead in the middle only
+    assert crossover({224: 0.5, 448: 1.0, 768: 1.1}) == 768  # a tie is not ahead
+    assert crossover({1024: 2.0, 224: 0.5, 448: 0.7, 768: 1.5}) == 768  # order of the keys
+    assert crossover({}) is None
+
+
+def test_speedups_are_per_round_ratios_against_the_subject():
+    from sparseformer.bench.results import BenchResult, BenchRow, Spread
+    from sparseformer.bench.sweep import crossover_lines, speedups
+
+    def row(model, size, runs, latency):
+        return BenchRow(model, size, 2, 1, 1.0, 1.0, Spread.of(runs), Spread.of([latency]),
+                        None, 0.0)  # fmt: skip
+
+    rows = [row("sf", 224, [10, 20], 50), row("peer", 224, [20, 20], 25)]
+    rows += [row("sf", 448, [8, 8], 60), row("peer", 448, [4, 2], 120)]
+    skipped = [{"model": "other", "img_size": 448, "reason": "RuntimeError: too big"}]
+    result = BenchResult({}, {}, Spread.of([1.0]), rows + [row("other", 224, [5, 5], 9)], skipped)
+    assert speedups(result, "sf")["peer"] == {224: pytest.approx(0.75), 448: pytest.approx(3.0)}
+    assert speedups(result, "sf", "latency")["peer"] == {224: 0.5, 448: 2.0}
+    assert speedups(result, "sf")["other"] == {224: 3.0}  # the size it was skipped at is absent
+    lines = crossover_lines(result, "sf")
+    assert "sf ahead of peer in throughput from 448 px" in lines[0]
+    assert "other skipped at 448 px: RuntimeError: too big" in lines[-1]
+
+
+def test_sweep_scales_the_batch_and_skips_sizes_a_model_cannot_take(monkeypatch):
+    from sparseformer.bench import throughput as benchmark
+
+    build = benchmark.build_model
+
+    def picky(name, img_size, *args, **kwargs):
+        if name == "test_vit" and img_size == 64:
+            raise RuntimeError("position table fixed at 32 px\nsecond line")
+        return build(name, img_size, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "build_model", picky)
+    settings = small_settings(
+        models=(SMALL[0], "test_vit"), img_sizes=(64, 256), repeats=1, batch_size=4,
+        scale_batch=True, train=False,
+    )  # fmt: skip
+    with pytest.raises(BenchError, match=r"^test_vit cannot take 64 px inputs \(RuntimeError"):
+        run_benchmark(settings)
+    assert [settings.batch_at(s) for s in (32, 224, 256, 448, 1024)] == [4, 4, 3, 1, 1]
+    result = run_benchmark(dataclasses.replace(settings, skip_unsupported=True))
+    assert [(r.model, r.img_size, r.batch_size) for r in result.rows] == [
+        (SMALL[0], 64, 4), (SMALL[0], 256, 3), ("test_vit", 256, 3)
+    ]  # fmt: skip
+    assert result.skipped == [
+        {
+            "model": "test_vit",
+            "img_size": 64,
+            "reason": "RuntimeError: position table fixed at 32 px",
+        }
+    ]
+    assert result.rows[0].ratios == {"throughput": 1.0, "latency": 1.0}  # baseline: SMALL[0]
+    assert len(result.rows[2].throughput.runs) == 1
+
+
+def test_default_peers_have_published_top1_and_a_source():
+    from sparseformer.bench.published import published_top1
+    from sparseformer.bench.results import DEFAULT_MODELS
+
+    frontier = {"levit_256", "efficientvit_b1", "fastvit_t12", "convnext_nano"}
+    assert frontier | {"deit_small_patch16_224", "swin_tiny_patch4_window7_224", "resnet50"} <= set(
+        DEFAULT_MODELS
+    )
+    for name in DEFAULT_MODELS:
+        cited = published_top1(name)
+        assert cited is not None, name
+        assert 70 < cited.top1 < 90 and len(cited.source) > 20, name
+        assert "arXiv" in cited.source or "timm" in cited.source or "torchvision" in cited.source
+
+
+def test_cli_sweep_writes_json_csv_and_both_plots(tmp_path, capsys):
+    prefix = tmp_path / "sweep" / "cpu"
+    argv = ["bench", "--models", SMALL[0], "test_convnext", "--img-size", "32", "64"]
+    argv += ["--batch-size", "2", "--repeats", "1", "--min-time", "0", "--sweep", str(prefix)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"{SMALL[0]} ahead of test_convnext in throughput " in out
+    data = json.loads(prefix.with_suffix(".json").read_text())
+    assert [(r["model"], r["img_size"]) for r in data["rows"]] == [
+        (m, s) for s in (32, 64) for m in (SMALL[0], "test_convnext")
+    ]
+    assert data["settings"]["train"] is False and data["settings"]["scale_batch"] is True
+    assert all(r["train_throughput"] is None for r in data["rows"])
+    with open(prefix.with_suffix(".csv")) as f:
+        assert len(list(csv.DictReader(f))) == 4
+    for suffix in ("-throughput.png", "-top1.png"):
+        assert (tmp_path / "sweep" / f"cpu{suffix}").read_bytes()[:4] == b"\x89PNG"

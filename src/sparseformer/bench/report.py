@@ -9,7 +9,7 @@ from pathlib import Path
 from sparseformer.bench.published import published_top1
 from sparseformer.bench.results import BenchResult, BenchRow
 
-__all__ = ["markdown_table", "write_csv", "plot_result", "summary_lines"]
+__all__ = ["markdown_table", "write_csv", "plot_result", "draw_tradeoff", "summary_lines"]
 
 _CSV_FIELDS = (
     "model",
@@ -114,7 +114,9 @@ def summary_lines(result: BenchResult) -> list[str]:
     return [
         f"device: {env['device_name']} ({env['device']}), {env['threads']} threads, "
         f"torch {env['torch']}, {env['dtype']}",
-        f"batch {s['batch_size']}, {s['repeats']} interleaved rounds, warm-up {s['warmup']}, "
+        f"batch {s['batch_size']}"
+        f"{' at 224 px, scaled by (224/size)^2 above' if s.get('scale_batch') else ''}, "
+        f"{s['repeats']} interleaved rounds, warm-up {s['warmup']}, "
         f"at least {s['min_time']} s per measurement",
         *(
             [
@@ -140,21 +142,7 @@ def plot_result(result: BenchResult, path: str | Path) -> None:
     sizes = sorted({row.img_size for row in result.rows})
     panels = 3 if len(sizes) > 1 else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
-    ax = axes[0][0]
-    first = [row for row in result.rows if row.img_size == sizes[0]]
-    for row in first:
-        top1 = published_top1(row.model)
-        if top1 is None:
-            continue
-        marker = "*" if row.model.startswith("sparseformer") else "o"
-        ax.scatter(row.throughput.median, top1.top1, marker=marker, s=120 if marker == "*" else 50)
-        ax.annotate(row.model, (row.throughput.median, top1.top1), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")  # fmt: skip
-    env = result.environment
-    ax.set_xlabel(f"measured img/s ({sizes[0]}px, batch {result.settings['batch_size']})")
-    ax.set_ylabel("published ImageNet-1K top-1 (%)")
-    ax.set_title(f"{env['device_name'][:40]}, {env['threads']} threads, {env['dtype']}", fontsize=8)
-    ax.grid(alpha=0.3)
+    draw_tradeoff(axes[0][0], result, sizes[0])
     if panels > 1:
         models = list(dict.fromkeys(row.model for row in result.rows))
         for name in models:
@@ -173,3 +161,22 @@ def plot_result(result: BenchResult, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def draw_tradeoff(ax, result: BenchResult, img_size: int) -> None:
+    """Published top-1 against measured img/s at ``img_size`` on a matplotlib axis; models
+    with no published figure are left out, SparseFormers drawn as stars."""
+    for row in result.rows:
+        top1 = published_top1(row.model)
+        if top1 is None or row.img_size != img_size:
+            continue
+        marker = "*" if row.model.startswith("sparseformer") else "o"
+        ax.scatter(row.throughput.median, top1.top1, marker=marker, s=120 if marker == "*" else 50)
+        ax.annotate(row.model, (row.throughput.median, top1.top1), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")  # fmt: skip
+    env = result.environment
+    batch = next((r.batch_size for r in result.rows if r.img_size == img_size), "-")
+    ax.set_xlabel(f"measured img/s ({img_size}px, batch {batch})")
+    ax.set_ylabel("published ImageNet-1K top-1 (%)")
+    ax.set_title(f"{env['device_name'][:40]}, {env['threads']} threads, {env['dtype']}", fontsize=8)
+    ax.grid(alpha=0.3)

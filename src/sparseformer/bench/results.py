@@ -23,7 +23,12 @@ __all__ = [
 
 DEFAULT_MODELS = (
     "sparseformer_v1_tiny",
-    "deit_tiny_patch16_224",
+    # the efficient frontier a user weighs today
+    "levit_256",
+    "efficientvit_b1",
+    "fastvit_t12",
+    "convnext_nano",
+    # the paper's comparisons
     "deit_small_patch16_224",
     "swin_tiny_patch4_window7_224",
     "resnet50",
@@ -56,6 +61,10 @@ class BenchSettings:
         num_classes: classifier width of every model.
         num_frames: clip length of video models (``None``: their config's default, 8); each
             row of a video model counts clips, not images, per second.
+        scale_batch: ``batch_size`` holds up to 224 px; above, at size S, the batch is scaled
+            by ``(224 / S)^2`` (at least 1), so that every size runs about as many pixels.
+        skip_unsupported: a model that cannot be built or run at a size is left out there (and
+            listed in :attr:`BenchResult.skipped`) instead of stopping the run.
     """
 
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -73,6 +82,8 @@ class BenchSettings:
     baseline: str | None = None
     num_classes: int = 1000
     num_frames: int | None = None
+    scale_batch: bool = False
+    skip_unsupported: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in _DTYPES:
@@ -97,6 +108,12 @@ class BenchSettings:
     @property
     def dtype(self) -> torch.dtype:
         return _DTYPES[self.precision]
+
+    def batch_at(self, img_size: int) -> int:
+        """The throughput batch at ``img_size``: see ``scale_batch``."""
+        if not self.scale_batch:
+            return self.batch_size
+        return min(self.batch_size, max(1, round(self.batch_size * (224 / img_size) ** 2)))
 
     def baseline_model(self) -> str:
         if self.baseline is not None:
@@ -160,12 +177,17 @@ class BenchRow:
 
 @dataclass
 class BenchResult:
-    """A whole run: the conditions, the machine's matmul peak, and one row per model and size."""
+    """A whole run: the conditions, the machine's matmul peak, and one row per model and size.
+
+    ``skipped`` lists the models a size was too much for (``model``, ``img_size``, ``reason``),
+    when the settings allowed skipping.
+    """
 
     environment: dict
     settings: dict
     matmul_peak_gflops: Spread
     rows: list[BenchRow]
+    skipped: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

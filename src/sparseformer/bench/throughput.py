@@ -146,35 +146,70 @@ def run_benchmark(settings: BenchSettings) -> BenchResult:
     )
     peaks: list[float] = []
     rows: list[BenchRow] = []
+    skipped: list[dict] = []
     for img_size in settings.img_sizes:
-        rows += _run_size(settings, img_size, peaks)
+        rows += _run_size(settings, img_size, peaks, skipped)
     environment["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     peak = Spread.of(peaks)
     for row in rows:
         achieved = 2 * row.gflops_complete * row.throughput.median
         row.peak_fraction = achieved / peak.median
     settings_dict = asdict(settings) | {"baseline": settings.baseline_model()}
-    return BenchResult(environment, settings_dict, peak, rows)
+    return BenchResult(environment, settings_dict, peak, rows, skipped)
 
 
-def _run_size(settings: BenchSettings, img_size: int, peaks: list[float]) -> list[BenchRow]:
-    s, device = settings, settings.device
+def _prepare(
+    settings: BenchSettings, img_size: int, skipped: list[dict]
+) -> tuple[dict[str, nn.Module], dict[str, dict], dict[str, tuple], dict[str, int | None]]:
+    """Every model built for ``img_size`` with its inputs, counts and clip length.
+
+    A model that cannot be built or run at this size stops the run with one line, or, with
+    ``skip_unsupported``, is left out at this size and noted in ``skipped``.
+    """
+    s, device, batch = settings, settings.device, settings.batch_at(img_size)
     models, inputs, flops, frames = {}, {}, {}, {}
     for name in s.models:
-        model = build_model(name, img_size, s.num_classes, s.num_frames).to(device).eval()
+        try:
+            model = build_model(name, img_size, s.num_classes, s.num_frames).to(device).eval()
+            if not s.train and name not in MODELS:  # timed as deployed: FastViT etc. fused
+                from timm.models import reparameterize_model
+
+                model = reparameterize_model(model, inplace=True)
+            shape = sample_shape(model, img_size)
+            count = count_flops(model, shape)  # one forward pass at this size
+        except BenchError:
+            raise
+        except Exception as exc:  # any model, any failure: the size is what it cannot take
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if not s.skip_unsupported:
+                raise BenchError(
+                    f"{name} cannot take {img_size} px inputs ({reason}); drop that model or size"
+                ) from None
+            log.warning("%s cannot take %d px inputs (%s); skipped at that size", name, img_size,
+                        reason)  # fmt: skip
+            skipped.append({"model": name, "img_size": img_size, "reason": reason})
+            continue
         if s.train and s.grad_checkpointing:
             _check_grad_checkpointing(name, model)
         models[name] = model
-        shape = sample_shape(model, img_size)
         frames[name] = shape[1] if len(shape) == 4 else None
-        count = count_flops(model, shape)
         flops[name] = (count_params(model), count.gflops_paper, count.gflops_complete)
-        x = torch.randn(s.batch_size, *shape, device=device)
+        x = torch.randn(batch, *shape, device=device)
         inputs[name] = {"batch": x, "single": x[:1].clone()}
-    throughput: dict[str, list[float]] = {n: [] for n in s.models}
-    latency: dict[str, list[float]] = {n: [] for n in s.models}
+    return models, inputs, flops, frames
+
+
+def _run_size(
+    settings: BenchSettings, img_size: int, peaks: list[float], skipped: list[dict]
+) -> list[BenchRow]:
+    s, device, batch = settings, settings.device, settings.batch_at(img_size)
+    models, inputs, flops, frames = _prepare(settings, img_size, skipped)
+    if not models:
+        return []
+    throughput: dict[str, list[float]] = {n: [] for n in models}
+    latency: dict[str, list[float]] = {n: [] for n in models}
     memory: dict[str, float | None] = {}
-    steps = len(s.models) * (s.warmup + s.repeats) + s.repeats
+    steps = len(models) * (s.warmup + s.repeats) + s.repeats
     with tqdm(total=steps, desc=f"inference {img_size}px", disable=None) as bar:
         with torch.inference_mode(), _autocast(s):
             for name, model in models.items():
@@ -190,26 +225,26 @@ def _run_size(settings: BenchSettings, img_size: int, peaks: list[float]) -> lis
                 for name, model in models.items():
                     x = inputs[name]
                     times = timed(lambda m=model, x=x: m(x["batch"]), device, s.min_time)
-                    throughput[name].append(s.batch_size * len(times) / sum(times))
+                    throughput[name].append(batch * len(times) / sum(times))
                     times = timed(lambda m=model, x=x: m(x["single"]), device, s.min_time)
                     latency[name] += [1e3 * t for t in times]
                     bar.update()
     train, train_memory = _train_rounds(settings, models, img_size) if s.train else (None, {})
     base = s.baseline_model()
     rows = []
-    for name in s.models:
+    for name in models:
         params, gflops_paper, gflops_complete = flops[name]
-        ratios = {
-            "throughput": _median_ratio(throughput[name], throughput[base]),
-            "latency": statistics.median(latency[base]) / statistics.median(latency[name]),
-        }
-        if train is not None:
-            ratios["train"] = _median_ratio(train[name], train[base])
+        ratios = {}  # none at a size the baseline was skipped at
+        if base in models:
+            ratios["throughput"] = _median_ratio(throughput[name], throughput[base])
+            ratios["latency"] = statistics.median(latency[base]) / statistics.median(latency[name])
+            if train is not None:
+                ratios["train"] = _median_ratio(train[name], train[base])
         rows.append(
             BenchRow(
                 model=name,
                 img_size=img_size,
-                batch_size=s.batch_size,
+                batch_size=batch,
                 params=params,
                 gflops_paper=gflops_paper,
                 gflops_complete=gflops_complete,

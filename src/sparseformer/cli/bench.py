@@ -1,7 +1,10 @@
 """``sparseformer bench``: throughput, latency, memory, FLOPs and share of the machine's peak.
 
 All models are built first and timed in turns, round after round; medians over the rounds are
-reported, with ratios against a baseline taken round by round.
+reported, with ratios against a baseline taken round by round. ``--sweep PREFIX`` measures
+inference from 224 to 1024 px (batch scaled to keep the pixels per batch), finds the size at
+which the first SparseFormer overtakes each peer, and writes PREFIX.json, PREFIX.csv,
+PREFIX-throughput.png (img/s against size) and PREFIX-top1.png (top-1 against img/s at 224).
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=positive_int, default=32, help="throughput batch (default 32)"
     )
     p.add_argument(
-        "--img-size", type=positive_int, nargs="+", default=[224], metavar="S", help="input sizes"
+        "--img-size",
+        type=positive_int,
+        nargs="+",
+        default=None,
+        metavar="S",
+        help="input sizes (default 224; with --sweep 224 448 768 1024)",
     )
     p.add_argument(
         "--num-frames",
@@ -57,6 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="write all results as JSON")
     p.add_argument("--csv", default=None, metavar="PATH", help="write one CSV line per row")
     p.add_argument("--plot", default=None, metavar="PATH", help="write the trade-off plot")
+    p.add_argument(
+        "--sweep",
+        default=None,
+        metavar="PREFIX",
+        help="resolution sweep, inference only: write PREFIX.json, .csv, -throughput.png and "
+        "-top1.png, and print where the SparseFormer overtakes each peer",
+    )
     p.set_defaults(func=run)
 
 
@@ -64,24 +79,28 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from sparseformer.bench.report import (
-        markdown_table,
-        plot_result,
-        summary_lines,
-        write_csv,
-    )
+    from sparseformer.bench import sweep as sweeping
+    from sparseformer.bench.report import markdown_table, plot_result, summary_lines, write_csv
     from sparseformer.bench.throughput import BenchError, BenchSettings, run_benchmark
     from sparseformer.cli import CliError, check_output
 
+    sweep = {}
+    if args.sweep:  # the sweep's files, beside any asked for one by one
+        prefix = args.sweep
+        sweep = {"json": f"{prefix}.json", "csv": f"{prefix}.csv"}
+        sweep |= {"throughput": f"{prefix}-throughput.png", "top1": f"{prefix}-top1.png"}
     for flag, option in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
         if option:
             check_output(option, flag)
+    for option in sweep.values():
+        check_output(option, "--sweep")
     if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg", ".jpg"):
         raise CliError(f"--plot {args.plot!r}: give a .png, .pdf, .svg or .jpg file")
+    sizes = args.img_size or (list(sweeping.SWEEP_SIZES) if args.sweep else [224])
     try:
         settings = BenchSettings(
             models=tuple(args.models),
-            img_sizes=tuple(args.img_size),
+            img_sizes=tuple(sizes),
             batch_size=args.batch_size,
             precision=args.precision,
             device=args.device,
@@ -89,11 +108,13 @@ def run(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             warmup=args.warmup,
             min_time=args.min_time,
-            train=not args.no_train,
+            train=not (args.no_train or args.sweep),
             train_batch_size=args.train_batch_size,
             grad_checkpointing=args.grad_checkpointing,
             baseline=args.baseline,
             num_frames=args.num_frames,
+            scale_batch=bool(args.sweep),
+            skip_unsupported=bool(args.sweep),
         )
         result = run_benchmark(settings)
     except BenchError as exc:
@@ -101,11 +122,18 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(result):
         print(line)
     print(markdown_table(result))
-    for option, write in (
-        (args.json, lambda p: p.write_text(json.dumps(result.to_dict(), indent=2) + "\n")),
-        (args.csv, lambda p: write_csv(result, p)),
-        (args.plot, lambda p: plot_result(result, p)),
-    ):
+    subject = sweeping.subject_model(settings.models)
+    if args.sweep:
+        for line in sweeping.crossover_lines(result, subject):
+            print(line)
+    as_json = lambda p: p.write_text(json.dumps(result.to_dict(), indent=2) + "\n")  # noqa: E731
+    writes = [(args.json, as_json), (args.csv, lambda p: write_csv(result, p))]
+    writes += [(args.plot, lambda p: plot_result(result, p))]
+    if sweep:
+        writes += [(sweep["json"], as_json), (sweep["csv"], lambda p: write_csv(result, p))]
+        writes += [(sweep["throughput"], lambda p: sweeping.plot_throughput(result, subject, p))]
+        writes += [(sweep["top1"], lambda p: sweeping.plot_top1(result, p))]
+    for option, write in writes:
         if option:
             path = Path(option)
             path.parent.mkdir(parents=True, exist_ok=True)
