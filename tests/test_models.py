@@ -226,6 +226,13 @@ def test_pretrained_cfg_for_timm_data_config():
         f"sparseformer_v1_{size}.{tag}" for size in ("base", "small", "tiny")
         for tag in ("in1k", "in1k_v2")
     ]  # fmt: skip
+    assert timm.list_models("sparseformer_btsp*", pretrained=True) == [
+        f"sparseformer_btsp_{family}_{size}.{tag}"
+        for family, tag in (("augreg", "augreg_in21k_ft_in1k"), ("openai_clip", "openai"))
+        for size in ("base", "large")
+    ]  # fmt: skip
+    clip = timm.models.get_pretrained_cfg("sparseformer_btsp_openai_clip_base.openai")
+    assert clip.interpolation == "bilinear" and clip.mean[0] == 0.48145466
     assert timm.models.get_pretrained_cfg("sparseformer_v1_tiny").input_size == (3, 224, 224)
     model = timm.create_model(
         "sparseformer_v1_nano", num_classes=7, pretrained_cfg_overlay={"input_size": (3, 96, 96)}
