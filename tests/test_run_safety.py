@@ -50,7 +50,7 @@ def test_a_second_run_in_a_held_folder_is_refused_naming_the_holder(tmp_path, fo
         assert "since" in err and "choose another folder" in err
     # the first run's files untouched; released cleanly, the folder is free again, silently
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    assert after == before and (out / LOCK_FILE).read_text() == ""
+    assert after == before and not (out / LOCK_FILE).exists()
     assert run_cli(capsys, *_train(folder, out, "--epochs", "2", "--resume", "auto"))[0] == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
@@ -124,3 +124,99 @@ def test_a_checkpoint_write_past_the_file_size_limit_is_one_line(tmp_path, folde
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1]
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+
+
+# The CLI in a process of its own that meets a signal at a chosen moment: SIGTERM to itself
+# before step N's hook runs ("term N"), or kill -9 right after the Nth mid-epoch checkpoint
+# ("kill N"); the hooks are wrapped, nothing else changes.
+_STOPPED = """
+import os, signal, sys
+from sparseformer.engine import epoch, step_saves
+mode, n = sys.argv[1], int(sys.argv[2])
+calls = [0]
+if mode == "term":
+    hook = step_saves.StepHook.__call__
+    def call(self, progress, agree):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return hook(self, progress, agree)
+    step_saves.StepHook.__call__ = call
+else:
+    save = epoch._save_checkpoints
+    def saved(*args, **kwargs):
+        save(*args, **kwargs)
+        calls[0] += len(args) > 5 and args[5] is not None
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+    epoch._save_checkpoints = saved
+from sparseformer.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _stopped_run(mode: str, n: int, argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _STOPPED, mode, str(n), *argv],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+@pytest.fixture
+def bigger(tmp_path):  # 16 training images: 4 steps of 4 per epoch
+    return make_folder(tmp_path / "data16", classes=("cat", "dog"), per_class=8)
+
+
+def _final_weights(out) -> dict[str, torch.Tensor]:
+    return torch.load(out / "last.pt", weights_only=True)["model"]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_saves_and_the_resumed_run_ends_as_an_uninterrupted_one(
+    tmp_path, bigger, capsys
+):
+    plain = tmp_path / "plain"
+    assert run_cli(capsys, *_train(bigger, plain, "--epochs", "2", "--workers", "0"))[0] == 0
+    out = tmp_path / "stopped"
+    argv = _train(bigger, out, "--epochs", "2", "--workers", "2")
+    done = _stopped_run("term", 6, argv)  # before the hook of epoch 2's second step
+    assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("sparseformer train: stopped by SIGTERM (a checkpoint was saved)")
+    assert "--resume auto" in line
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["epoch_step"], saved["step"]) == (1, 2, 6)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    # resumed (with other workers: augmentation follows the sample, not the process)
+    code, _, err = run_cli(capsys, *_train(bigger, out, "--epochs", "2", "--resume", "auto"))
+    assert code == 0, err
+    torch.testing.assert_close(_final_weights(out), _final_weights(plain), rtol=0, atol=0)
+    ends = [(plain / "metrics.jsonl").read_text(), (out / "metrics.jsonl").read_text()]
+    keys = ("epoch", "step", "train_loss", "val_loss", "val_acc1", "lr")
+    a, b = ([{k: json.loads(r)[k] for k in keys} for r in t.splitlines()] for t in ends)
+    assert a == b
+
+
+@pytest.mark.slow
+def test_a_kill_after_a_mid_epoch_checkpoint_resumes_to_the_same_weights(tmp_path, bigger, capsys):
+    plain = tmp_path / "plain"
+    assert run_cli(capsys, *_train(bigger, plain, "--epochs", "2", "--workers", "0"))[0] == 0
+    out = tmp_path / "killed"
+    argv = _train(bigger, out, "--epochs", "2", "--workers", "0", "--checkpoint-every", "3")
+    done = _stopped_run("kill", 2, argv)  # saved at step 3 of epochs 1 and 2: killed there
+    assert done.returncode == -9, done.stderr
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["epoch_step"], saved["step"]) == (1, 3, 7)
+    code, _, err = run_cli(capsys, *_train(bigger, out, "--epochs", "2", "--resume", "auto"))
+    assert code == 0, err
+    torch.testing.assert_close(_final_weights(out), _final_weights(plain), rtol=0, atol=0)
+
+
+def test_checkpoint_every_takes_steps_or_a_duration(tmp_path, capsys):
+    from sparseformer.engine.stopping import parse_checkpoint_every
+
+    assert parse_checkpoint_every("500").steps == 500
+    assert parse_checkpoint_every("30m").seconds == 1800
+    assert parse_checkpoint_every("1.5h").seconds == 5400
+    err = run_cli(capsys, "train", "--model", NANO, "--data-dir", str(tmp_path), "--output",
+                  str(tmp_path / "o"), "--checkpoint-every", "10 min")[2]  # fmt: skip
+    assert err == ("sparseformer train: error: --checkpoint-every '10 min': give a number of "
+                   "steps (500) or a duration (90s, 30m, 2h)")  # fmt: skip

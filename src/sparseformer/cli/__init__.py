@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose)
+    from sparseformer.engine.stopping import RunStopped
     from sparseformer.weights.convert import CheckpointError
     from sparseformer.weights.factory import UnknownModelError
     from sparseformer.weights.hub import DownloadError
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).debug("traceback", exc_info=True)
         print(f"sparseformer {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except RunStopped as exc:  # a signal, met at a step boundary: 128 + signum, as a shell
+        print(f"sparseformer {args.command}: {exc}{_resume_hint(args)}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"sparseformer {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
@@ -123,5 +127,5 @@ def _resume_hint(args: argparse.Namespace) -> str:
     """How to continue a stopped ``train`` run, when it has a checkpoint to continue from."""
     output = getattr(args, "output", None) if args.command in ("train", "bootstrap") else None
     if output and not getattr(args, "overwrite", False) and (Path(output) / "last.pt").is_file():
-        return "; to continue from the last saved epoch, run the same command with --resume auto"
+        return "; to continue from the last checkpoint, run the same command with --resume auto"
     return ""

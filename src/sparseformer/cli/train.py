@@ -91,6 +91,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="recompute activations in the backward pass: less memory, more time, same results "
         "(also when resuming)",
     )
+    g.add_argument(
+        "--checkpoint-every", metavar="N|DURATION",
+        help="also save last.pt within epochs: at every N-th step of an epoch, or every 90s "
+        "/ 30m / 2h "
+        "(resuming from one continues the same trajectory)",
+    )  # fmt: skip
+    g.add_argument(
+        "--save-on-signal", action=argparse.BooleanOptionalAction, default=True,
+        help="on SIGTERM (a scheduler's preemption), save last.pt at the next step, then stop "
+        "(default: on); Ctrl-C stops at the next step without saving",
+    )  # fmt: skip
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -146,9 +157,11 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         resumed_recipe,
         run_is_finished,
     )
+    from sparseformer.engine.stopping import parse_checkpoint_every
     from sparseformer.weights.checkpoint import read_checkpoint
 
     device = pick_device(args.device)
+    parse_checkpoint_every(args.checkpoint_every)  # a bad value: one line, before any work
     if ":" in device and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(
             f"--device {device} under torchrun: each process takes GPU LOCAL_RANK; use "
@@ -211,6 +224,7 @@ def _train(plan: _Plan, dist) -> None:
     from sparseformer.engine.device import set_threads
     from sparseformer.engine.inputs import training_preprocessing
     from sparseformer.engine.resume import ResumeError, check_same_classes
+    from sparseformer.engine.stopping import parse_checkpoint_every
     from sparseformer.engine.trainer import RunOptions, TrainingError, fit, seed_everything
 
     args, recipe, source, video = plan.args, plan.recipe, plan.source, plan.video
@@ -239,6 +253,8 @@ def _train(plan: _Plan, dist) -> None:
         resume=plan.resume,
         overwrite=args.overwrite,
         progress=not args.quiet and sys.stderr.isatty(),
+        checkpoint_every=parse_checkpoint_every(args.checkpoint_every),
+        save_on_signal=args.save_on_signal,
         extra={
             "data": source.describe(),
             "torch": str(torch.__version__),

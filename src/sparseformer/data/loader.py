@@ -3,11 +3,21 @@
 Training uses torch's ``DistributedSampler`` (a world of one without torchrun), re-seeded each
 epoch with ``set_epoch``; with repeated augmentation across ranks, timm's ``RepeatAugSampler``.
 Evaluation shards the validation set without padding, so every image counts exactly once.
+
+A training epoch can start part-way (:func:`start_epoch`: a run resumed from a mid-epoch
+checkpoint) and still see the same images with the same augmentation as an uninterrupted run:
+each sample's random draws are seeded by (seed, rank, epoch, position in the epoch)
+(:class:`EpochSampler`, :class:`SeededSamples`), not by which worker process loads it or what
+it loaded before. Workers ignore SIGINT and SIGTERM: the main process alone handles a stop
+(a Ctrl-C reaches the whole process group) and shuts them down.
 """
 
 from __future__ import annotations
 
+import random
+import signal
 from collections.abc import Iterator
+from itertools import islice
 
 import numpy as np
 import torch
@@ -24,6 +34,9 @@ from torch.utils.data import (
 
 __all__ = [
     "ShardSampler",
+    "EpochSampler",
+    "SeededSamples",
+    "start_epoch",
     "SharedCount",
     "collate",
     "build_train_loader",
@@ -102,6 +115,66 @@ class SeededRepeatAugSampler(RepeatAugSampler):
         super().set_epoch(self.seed + epoch)
 
 
+class EpochSampler(Sampler[tuple[int, int]]):
+    """``(index, seed)`` pairs: ``inner``'s indices, each with a seed of its own made from
+    (seed, rank, epoch, position in the epoch); the first ``skip`` positions left out."""
+
+    def __init__(self, inner: Sampler[int], seed: int, rank: int) -> None:
+        self.inner, self.seed, self.rank = inner, seed, rank
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = ((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.epoch) * 1_000_003
+        for position, index in islice(enumerate(self.inner), self.skip, None):
+            yield index, (base + position) % 2**63
+
+    def __len__(self) -> int:  # the whole epoch: the schedule counts its steps from it
+        return len(self.inner)
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` with Python's, NumPy's and torch's random draws seeded by the
+    sample's own seed (an :class:`EpochSampler` pair); the caller's generators are left as
+    they were (in the main process they drive drop-path and Mixup)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Make ``loader`` (from :func:`build_train_loader`) yield epoch ``epoch`` from batch
+    ``skip_batches`` on, exactly as the batches of an uninterrupted epoch."""
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.skip = skip_batches * loader.batch_size
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A worker leaves SIGINT and SIGTERM to the main process, which stops the run cleanly
+    and shuts it down (a worker killed by them reads as a crash)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_train_loader(
     dataset: Dataset,
     batch_size: int,
@@ -114,7 +187,7 @@ def build_train_loader(
 ) -> DataLoader:
     """Shuffled, sharded training loader (drops the last incomplete batch, for Mixup).
 
-    Call ``loader.sampler.set_epoch(epoch)`` before each epoch. ``pin_memory``: page-locked
+    Call :func:`start_epoch` before each epoch. ``pin_memory``: page-locked
     batches for a CUDA device (``None``: when CUDA is available); pinning starts a CUDA
     context, so a CPU run on a GPU host passes ``False``.
     """
@@ -132,13 +205,16 @@ def build_train_loader(
             f"{batch_size}; lower --batch-size"
         )
     return DataLoader(
-        dataset,
+        SeededSamples(dataset),
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=EpochSampler(sampler, seed, rank),
         num_workers=num_workers,
         collate_fn=collate,
         drop_last=True,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        worker_init_fn=_ignore_stop_signals,
+        # the workers' base seed from a generator of its own, not the process's
+        generator=torch.Generator().manual_seed(seed + rank),
     )
 
 
@@ -158,4 +234,5 @@ def build_eval_loader(
         num_workers=num_workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        worker_init_fn=_ignore_stop_signals,
     )

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from sparseformer.engine.distributed import DistInfo, all_reduce_sum
-from sparseformer.engine.optim import LRSchedule, set_lr
+from sparseformer.engine.optim import set_lr
 from sparseformer.weights.loading import is_sparseformer
 
 __all__ = ["NonFiniteLossError", "BatchPrep", "StepTools", "train_one_epoch", "evaluate"]
@@ -92,7 +92,7 @@ class StepTools:
     """
 
     criterion: nn.Module
-    schedule: LRSchedule
+    schedule: Callable[[int], float]  # engine.optim's LRSchedule or TimmCosineSchedule
     prep: BatchPrep
     amp_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None

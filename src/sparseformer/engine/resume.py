@@ -20,8 +20,10 @@ from sparseformer.data.loader import SeededRepeatAugSampler
 from sparseformer.engine import checkpoint as ckpt_io
 from sparseformer.engine.collaborators import TrainingParts
 from sparseformer.engine.distributed import DistInfo
+from sparseformer.engine.loop import EpochProgress
 from sparseformer.engine.recipe import Recipe, RecipeFlags, list_recipes, saved_recipe
 from sparseformer.engine.run_folder import find_resume_checkpoint, summary_epochs
+from sparseformer.engine.step_saves import progress_from_record
 from sparseformer.weights.convert import CheckpointError
 
 __all__ = [
@@ -200,6 +202,7 @@ class RunState:
     rng_states: list | None = None
     data_order: str | None = DATA_ORDER
     record: dict[str, Any] = field(default_factory=dict)
+    epoch_progress: EpochProgress | None = None  # this rank's part of a mid-epoch checkpoint
 
     def update_best(self, record: dict[str, Any], epoch: int) -> bool:
         """Take ``record``'s epoch as the best if it beats the best so far, as the authors
@@ -238,7 +241,8 @@ def restore_run(
     start_epoch, step = int(state["epoch"]), int(state["step"])
     saved_world = int(state.get("world_size", dist.world_size))
     steps_per_epoch = parts.steps_per_epoch
-    if step != start_epoch * steps_per_epoch or saved_world != dist.world_size:
+    within = int(state.get("epoch_step", 0))  # batches of epoch start_epoch + 1 done
+    if step != start_epoch * steps_per_epoch + within or saved_world != dist.world_size:
         # other processes or other data: the schedule goes on from the same epoch, over
         # this run's steps per epoch (and learning rate scaled to its total batch)
         if dist.is_main:
@@ -250,9 +254,10 @@ def restore_run(
                 saved_world, step // max(start_epoch, 1), dist.world_size, steps_per_epoch,
                 start_epoch, parts.total_batch,
             )  # fmt: skip
-        step = start_epoch * steps_per_epoch
+        step, within = start_epoch * steps_per_epoch, 0  # a part-way epoch starts over
     keep_saved_data_order(parts.train_loader.sampler, state)
     logger.info("resuming %s from epoch %d (step %d)", resume, start_epoch, step)
+    parts_done = state.get("epoch_progress") if within else None
     return RunState(
         start_epoch=start_epoch,
         step=step,
@@ -263,4 +268,5 @@ def restore_run(
         rng_states=state.get("rng"),
         data_order=state.get("data_order"),  # an old run keeps its old order in every resume
         record=state.get("metrics", {}),
+        epoch_progress=progress_from_record(parts_done[dist.rank]) if parts_done else None,
     )

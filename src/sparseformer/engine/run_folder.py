@@ -7,9 +7,9 @@ process and renamed (:mod:`sparseformer.engine.atomic`), so a stop at any moment
 old file or the new one (and a temporary, removed by the next run).
 
 A folder belongs to one run at a time: :class:`RunFolderLock` holds an exclusive ``flock`` on
-``.lock``, which names the holder (PID, host, since when). The kernel drops the lock when its
-process ends, however it ends, so a run killed with -9 blocks nobody; the next run finds the
-holder's record still written there, takes the folder over and logs it.
+``.lock``, which names the holder (PID, host, since when) and is removed when the run ends. The
+kernel drops the lock when its process ends, however it ends, so a run killed with -9 blocks
+nobody; the next run finds the file still there, takes the folder over and logs it.
 """
 
 from __future__ import annotations
@@ -77,18 +77,26 @@ class RunFolderLock:
         import fcntl  # POSIX only, like the rest of a run's signal handling
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
+        path = self.folder / LOCK_FILE
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunFolderBusy(
+                    f"--output {str(self.folder)!r} is in use by another run ({holder}); wait "
+                    "for it to finish, stop it, or choose another folder"
+                ) from None
+            try:  # the file its holder removed on release, just before we locked it: again
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise RunFolderBusy(
-                f"--output {str(self.folder)!r} is in use by another run ({holder}); wait for "
-                "it to finish, stop it, or choose another folder"
-            ) from None
         left = _read_holder(fd)
-        if left:  # written by a run that ended without releasing it: killed (-9, power loss)
+        if left:  # a clean end removes the file: this run was killed (-9, power loss)
             logger.warning("%s: taking over from a run that is gone (%s)", self.folder, left)
         since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         record = f"PID {os.getpid()} on host {socket.gethostname()} since {since}"
@@ -97,11 +105,11 @@ class RunFolderLock:
         self._fd = fd
 
     def release(self) -> None:
-        """Clear the holder's record (a clean end: nothing to take over) and let go."""
+        """Remove the lock file (a clean end: nothing to take over) and let go."""
         if self._fd is None:
             return
         try:
-            os.ftruncate(self._fd, 0)
+            (self.folder / LOCK_FILE).unlink(missing_ok=True)  # while still holding it
         except OSError:  # a folder gone read-only: the next run logs a take-over, no more
             pass
         os.close(self._fd)  # closing the descriptor drops the flock

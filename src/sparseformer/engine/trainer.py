@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,13 +29,11 @@ from sparseformer.engine.collaborators import TrainingParts, build_training_part
 from sparseformer.engine.distributed import (
     DistInfo,
     all_reduce_sum,
-    broadcast_buffers,
-    gather_objects,
     setup_distributed,
     weights_in_sync,
 )
-from sparseformer.engine.loop import NonFiniteLossError, evaluate, train_one_epoch
-from sparseformer.engine.metrics import MetricsLog, plot_metrics
+from sparseformer.engine.epoch import RunLoop, TrainingError, run_epoch
+from sparseformer.engine.metrics import MetricsLog
 from sparseformer.engine.recipe import Recipe
 from sparseformer.engine.resume import DATA_ORDER, RunState, keep_saved_data_order, restore_run
 from sparseformer.engine.run_folder import (
@@ -47,6 +44,8 @@ from sparseformer.engine.run_folder import (
     write_skipped_list,
     write_summary,
 )
+from sparseformer.engine.step_saves import UntilStopped
+from sparseformer.engine.stopping import CheckpointEvery, StopSignals
 from sparseformer.weights.loading import is_sparseformer
 
 __all__ = [
@@ -60,10 +59,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on; the message says what to do."""
 
 
 @dataclass
@@ -81,6 +76,8 @@ class RunOptions:
         overwrite: start over in a folder that holds a run: its files are removed first.
         progress: show progress bars (rank 0).
         roi_stats_images: validation images for the per-epoch RoI statistics (0 = off).
+        checkpoint_every: mid-epoch checkpoints (steps or a duration), or per epoch only.
+        save_on_signal: on SIGTERM, save a checkpoint at the next step boundary, then stop.
         extra: JSON-able facts stored in checkpoints (command line, data source).
         objective: the training loss from ``(model, images, targets)`` in place of the
             recipe's loss on the logits (``sparseformer bootstrap``'s teacher alignment).
@@ -97,6 +94,8 @@ class RunOptions:
     overwrite: bool = False
     progress: bool = True
     roi_stats_images: int = 32
+    checkpoint_every: CheckpointEvery | None = None
+    save_on_signal: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
     objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -121,16 +120,6 @@ def amp_dtype_for(precision: str, device: str) -> torch.dtype | None:
     raise TrainingError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
 
 
-def _roi_stats(model: nn.Module, batch: torch.Tensor | None, amp) -> dict[str, float]:
-    if batch is None:
-        return {}
-    from sparseformer.models.roi_stats import roi_statistics
-
-    model.eval()
-    with torch.no_grad(), torch.autocast(batch.device.type, dtype=amp, enabled=amp is not None):
-        return roi_statistics(model.forward_with_details(batch))
-
-
 def fit(
     model: nn.Module,
     data: DatasetBundle,
@@ -143,8 +132,8 @@ def fit(
 
     The steps: build the collaborators (:func:`~sparseformer.engine.collaborators.
     build_training_parts`), restore a resumed run (:func:`~sparseformer.engine.resume.
-    restore_run`), run the epochs (:func:`_run_epoch`: train, evaluate, save) and write the
-    summary (:func:`_summary`).
+    restore_run`), run the epochs (:func:`~sparseformer.engine.epoch.run_epoch`: train,
+    evaluate, save) and write the summary (:func:`_summary`).
 
     With ``options.overwrite`` (and no ``options.resume``) the checkpoints, metrics and
     summary of an earlier run in ``options.output`` are removed once the set-up has passed
@@ -207,30 +196,16 @@ def _fit_in(
         net = DistributedDataParallel(model, device_ids=ids)
     facts = _checkpoint_facts(data, recipe, preprocessing, options, dist)
     progress = options.progress and dist.is_main
-    loop = _Loop(net, model, parts, data, recipe, dist, out, progress, log, roi_batch, facts)
-    for epoch in range(state.start_epoch, recipe.epochs):
-        _run_epoch(loop, state, epoch)
+    loop = RunLoop(net, model, parts, data, recipe, dist, out, progress, log, roi_batch, facts)
+    loop.every, loop.save_on_signal = options.checkpoint_every, options.save_on_signal
+    with StopSignals() as loop.signals:  # a stop at a step boundary: see engine/stopping
+        parts.val_loader = UntilStopped(parts.val_loader, loop.signals)
+        for epoch in range(state.start_epoch, recipe.epochs):
+            run_epoch(loop, state, epoch)
     summary = _summary(loop, state, options.model_name)
     if dist.is_main:
         write_summary(out, summary)
     return summary
-
-
-@dataclass
-class _Loop:
-    """What every epoch of a run works with."""
-
-    net: nn.Module  # the model, wrapped in DDP when distributed
-    model: nn.Module
-    parts: TrainingParts
-    data: DatasetBundle
-    recipe: Recipe
-    dist: DistInfo
-    out: Path
-    progress: bool
-    log: MetricsLog | None  # rank 0's metrics.jsonl
-    roi_batch: torch.Tensor | None  # validation images for the RoI statistics
-    facts: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint
 
 
 def _checkpoint_facts(
@@ -276,110 +251,7 @@ def _seed_ranks(state: RunState, seed: int, dist: DistInfo, device: torch.device
         seed_everything(seed + dist.rank)
 
 
-def _run_epoch(loop: _Loop, state: RunState, epoch: int) -> None:
-    """Train one epoch, evaluate, and (rank 0) log, save the checkpoints and plot."""
-    parts, dist = loop.parts, loop.dist
-    parts.train_loader.sampler.set_epoch(epoch)
-    try:
-        stats = train_one_epoch(
-            loop.net, parts.train_loader, parts.optimizer, parts.tools, state.step, dist,
-            loop.progress,
-        )  # fmt: skip
-    except NonFiniteLossError as exc:
-        raise TrainingError(
-            f"training stopped in epoch {epoch + 1}: {exc}; {_kept(loop.out)}. Lower the "
-            "learning rate (--lr), keep gradient clipping on, or use --precision bf16/fp32"
-        ) from exc
-    state.step = int(stats["steps"])
-    state.train_seconds += stats["epoch_seconds"]
-    record = _validate(loop, stats, state, epoch)
-    is_best = state.update_best(record, epoch + 1)  # the model or its EMA, as the authors
-    state.record = record
-    rng = gather_objects(ckpt_io.capture_rng(parts.tools.prep.device), dist)  # every rank's
-    if dist.is_main:
-        try:  # the checkpoint first: metrics.jsonl never holds an epoch no checkpoint does
-            _save_checkpoints(loop, state, epoch, rng, is_best)
-            loop.log.append(record)
-            plot_metrics(loop.log.records, loop.out / "metrics.png")
-        except OSError as exc:  # no space, a file-size limit, a lost permission, read-only
-            hint = ", to continue with --resume auto" if (loop.out / ckpt_io.LAST).exists() else ""
-            raise TrainingError(f"{exc}; {_kept(loop.out)}{hint}") from exc
-        ema = parts.tools.ema
-        logger.info(
-            "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%, "
-            "%.0f %s/s%s",
-            epoch + 1, loop.recipe.epochs, record["train_loss"], record["val_loss"],
-            record["val_acc1"], record["val_acc5"], record["images_per_second"],
-            "clips" if loop.data.video else "img",
-            f", EMA top-1 {record['ema_val_acc1']:.2f}%" if ema is not None else "",
-        )  # fmt: skip
-
-
-def _kept(out: Path) -> str:
-    """What a stopped run leaves to continue from."""
-    last = out / ckpt_io.LAST
-    return f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint"
-
-
-def _validate(loop: _Loop, stats: dict, state: RunState, epoch: int) -> dict[str, Any]:
-    """The epoch's metrics record: training statistics, validation of the model and its EMA,
-    and the RoI statistics."""
-    parts, dist, tools = loop.parts, loop.dist, loop.parts.tools
-    # the module itself: DDP adds nothing to evaluation, and its first no-grad forward
-    # broadcasts buffers, a collective a rank with no validation batch would never join
-    broadcast_buffers(loop.model, dist)  # rank 0's BatchNorm statistics, which it saves
-    val = evaluate(loop.model, parts.val_loader, tools.prep, dist, None, loop.progress)  # fp32
-    record = {
-        "epoch": epoch + 1,
-        "step": state.step,
-        "train_loss": stats["train_loss"],
-        "val_loss": val["loss"],
-        "val_acc1": val["acc1"],
-        "val_acc5": val["acc5"],
-        "val_images": val["images"],  # scored: files that failed to decode are left out
-        "lr": stats["lr"],
-        "images_per_second": stats["images_per_second"],
-        "epoch_seconds": stats["epoch_seconds"],
-        "train_seconds": state.train_seconds,
-    }
-    if tools.ema is not None:
-        broadcast_buffers(tools.ema.module, dist)
-        ema_val = evaluate(
-            tools.ema.module, parts.val_loader, tools.prep, dist, None, loop.progress
-        )
-        record.update(ema_val_loss=ema_val["loss"], ema_val_acc1=ema_val["acc1"])
-        record.update(ema_val_acc5=ema_val["acc5"])
-    record.update(_roi_stats(loop.model, loop.roi_batch, tools.amp_dtype))
-    return record
-
-
-def _save_checkpoints(loop: _Loop, state: RunState, epoch: int, rng, is_best: bool) -> None:
-    """``last.pt`` (and ``best.pt`` on a new best top-1), atomically, with all a resume needs."""
-    tools, out = loop.parts.tools, loop.out
-    saved = {
-        **loop.facts,
-        "model": loop.model.state_dict(),
-        "model_ema": tools.ema.module.state_dict() if tools.ema is not None else None,
-        "optimizer": loop.parts.optimizer.state_dict(),
-        "scaler": tools.scaler.state_dict() if tools.scaler is not None else None,
-        "epoch": epoch + 1,
-        "step": state.step,
-        "best_acc1": state.best,
-        "best_epoch": state.best_epoch,
-        "best_source": state.best_source,
-        "train_seconds": state.train_seconds,
-        "rng": rng,
-        "metrics": state.record,
-        "data_order": state.data_order,
-    }
-    if is_best:  # before last.pt: a last.pt naming a best epoch implies its best.pt
-        ckpt_io.save_atomic(saved, out / ckpt_io.BEST)
-        ckpt_io.link_atomic(out / ckpt_io.BEST, out / ckpt_io.LAST)  # written once
-    else:
-        ckpt_io.save_atomic(saved, out / ckpt_io.LAST)
-
-
-def _summary(loop: _Loop, state: RunState, model_name: str) -> dict[str, Any]:
+def _summary(loop: RunLoop, state: RunState, model_name: str) -> dict[str, Any]:
     """The run's summary (``summary.json``): scores, time, skipped files, where the files are."""
     data, out, dist, record = loop.data, loop.out, loop.dist, state.record
     # files that passed the folder scan but failed to decode in this run (logged each time)
