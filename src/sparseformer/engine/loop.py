@@ -24,7 +24,14 @@ from sparseformer.engine.distributed import DistInfo, all_reduce_sum
 from sparseformer.engine.optim import set_lr
 from sparseformer.weights.loading import is_sparseformer
 
-__all__ = ["NonFiniteLossError", "BatchPrep", "StepTools", "train_one_epoch", "evaluate"]
+__all__ = [
+    "NonFiniteLossError",
+    "BatchPrep",
+    "StepTools",
+    "EpochProgress",
+    "train_one_epoch",
+    "evaluate",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +109,17 @@ class StepTools:
     objective: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None
 
 
+@dataclass
+class EpochProgress:
+    """Where this rank's epoch stands: batches trained, the loss summed over its images (a
+    float64 tensor on the device while training), the images and the seconds so far."""
+
+    batches: int = 0
+    loss_sum: Tensor | float = 0.0
+    seen: int = 0
+    seconds: float = 0.0
+
+
 def _scale_tensor(scaler) -> Tensor | float:
     """A GradScaler's scale without a device-to-host read: its scale tensor where this torch
     exposes it (``_get_scale_async``), else the float ``get_scale()`` (one sync a step)."""
@@ -143,12 +161,21 @@ def train_one_epoch(
     dist: DistInfo,
     progress: bool = False,
     check_every: int = 10,
+    start: EpochProgress | None = None,
+    after_step: Callable[[EpochProgress, bool], bool] | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``loader``, starting at global step ``step``.
 
+    Args:
+        start: an epoch resumed part-way (``loader`` then yields its remaining batches).
+        after_step: called after each step with the progress and whether the ranks can agree
+            now (every ``check_every`` steps; every step in a world of one); returns whether
+            to stop the epoch there (a signal).
+
     Returns:
         ``train_loss`` (mean over ranks and steps), ``lr`` (at the last step), ``steps`` (the
-        new global step), ``images_per_second`` (all ranks), ``epoch_seconds``.
+        new global step), ``images_per_second`` (all ranks), ``epoch_seconds``, ``stopped``
+        (1.0 when ``after_step`` stopped the epoch).
 
     Raises:
         NonFiniteLossError: the loss is NaN/inf (checked every ``check_every`` steps).
@@ -156,12 +183,13 @@ def train_one_epoch(
     model.train()
     device = tools.prep.device
     sparse = is_sparseformer(model)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    seen = 0
+    start = start or EpochProgress()
+    loss_sum = torch.tensor(float(start.loss_sum), device=device, dtype=torch.float64)
+    seen, stopped = start.seen, False
     lr = tools.schedule(step)
-    start = time.perf_counter()
+    began = time.perf_counter() - start.seconds
     bar = tqdm(loader, desc="train", leave=False, disable=not progress, dynamic_ncols=True)
-    for i, (x, y) in enumerate(bar):
+    for i, (x, y) in enumerate(bar, start=start.batches):
         x, y = tools.prep(x, y, train=True)
         if tools.mixup is not None:
             x, y = tools.mixup(x, y)
@@ -193,7 +221,12 @@ def train_one_epoch(
             if not math.isfinite(value):
                 raise NonFiniteLossError(f"loss is {value} at step {step}")
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-    seconds = time.perf_counter() - start
+        if after_step is not None:
+            now = EpochProgress(i + 1, loss_sum, seen, time.perf_counter() - began)
+            if after_step(now, not dist.enabled or (i + 1) % check_every == 0):
+                stopped = True
+                break
+    seconds = time.perf_counter() - began
     totals = all_reduce_sum(
         torch.stack([loss_sum, torch.tensor(float(seen), **_like(loss_sum))]), dist
     )
@@ -206,6 +239,7 @@ def train_one_epoch(
         "steps": step,
         "images_per_second": totals[1].item() / max(seconds, 1e-9),
         "epoch_seconds": seconds,
+        "stopped": float(stopped),
     }
 
 
