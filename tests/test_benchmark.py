@@ -160,7 +160,7 @@ def test_crossover_is_the_size_from_which_the_subject_stays_ahead():
 
 def test_speedups_are_per_round_ratios_against_the_subject():
     from sparseformer.bench.results import BenchResult, BenchRow, Spread
-    from sparseformer.bench.sweep import crossover_lines, speedups
+    from sparseformer.bench.sweep import crossover_lines, speedups, sweep_table
 
     def row(model, size, runs, latency):
         return BenchRow(model, size, 2, 1, 1.0, 1.0, Spread.of(runs), Spread.of([latency]),
@@ -169,10 +169,17 @@ def test_speedups_are_per_round_ratios_against_the_subject():
     rows = [row("sf", 224, [10, 20], 50), row("peer", 224, [20, 20], 25)]
     rows += [row("sf", 448, [8, 8], 60), row("peer", 448, [4, 2], 120)]
     skipped = [{"model": "other", "img_size": 448, "reason": "RuntimeError: too big"}]
-    result = BenchResult({}, {}, Spread.of([1.0]), rows + [row("other", 224, [5, 5], 9)], skipped)
+    result = BenchResult({}, {}, Spread.of([1.0]), rows + [row("other", 224, [20, 40], 9)], skipped)
     assert speedups(result, "sf")["peer"] == {224: pytest.approx(0.75), 448: pytest.approx(3.0)}
     assert speedups(result, "sf", "latency")["peer"] == {224: 0.5, 448: 2.0}
-    assert speedups(result, "sf")["other"] == {224: 3.0}  # the size it was skipped at is absent
+    assert speedups(result, "sf")["other"] == {224: 0.5}  # the size it was skipped at is absent
+    table = sweep_table(result, "sf").splitlines()
+    assert table[0].startswith("| model | published top-1 | img/s 224 / 448 | batch-1 ms 224 / 448")
+    assert table[2:] == [
+        "| sf | - | 15 / 8 | 50 / 60 | 1 / 1 | - |",
+        "| peer | - | 20 / 3 | 25 / 120 | 1 / 1 | 448 px |",
+        "| other | - | 30 / - | 9 / - | 1 / - | not up to 448 px |",
+    ]
     lines = crossover_lines(result, "sf")
     assert "sf ahead of peer in throughput from 448 px" in lines[0]
     assert "other skipped at 448 px: RuntimeError: too big" in lines[-1]
@@ -233,6 +240,7 @@ def test_cli_sweep_writes_json_csv_and_both_plots(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"{SMALL[0]} ahead of test_convnext in throughput " in out
+    assert f"| {SMALL[0]} ahead from |" in out
     data = json.loads(prefix.with_suffix(".json").read_text())
     assert [(r["model"], r["img_size"]) for r in data["rows"]] == [
         (m, s) for s in (32, 64) for m in (SMALL[0], "test_convnext")

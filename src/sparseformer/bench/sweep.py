@@ -14,6 +14,7 @@ import statistics
 from collections.abc import Mapping
 from pathlib import Path
 
+from sparseformer.bench.published import published_top1
 from sparseformer.bench.report import draw_tradeoff
 from sparseformer.bench.results import BenchResult
 from sparseformer.weights.registry import MODELS
@@ -23,6 +24,7 @@ __all__ = [
     "subject_model",
     "speedups",
     "crossover",
+    "sweep_table",
     "crossover_lines",
     "plot_throughput",
     "plot_top1",
@@ -75,6 +77,40 @@ def crossover(speedup: Mapping[int, float]) -> int | None:
             break
         found = size
     return found
+
+
+def sweep_table(result: BenchResult, subject: str) -> str:
+    """A Markdown table, one line per model: its published top-1, then img/s, batch-1 ms and
+    GFLOPs at each size, and the size from which ``subject`` is ahead of it in throughput."""
+    sizes = sorted({row.img_size for row in result.rows})
+    rows = {(row.model, row.img_size): row for row in result.rows}
+    crossings = {peer: crossover(r) for peer, r in speedups(result, subject).items()}
+    slash = " / ".join(map(str, sizes))
+    lines = [
+        f"| model | published top-1 | img/s {slash} | batch-1 ms {slash} | GFLOPs {slash} "
+        f"| {subject} ahead from |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in dict.fromkeys(row.model for row in result.rows):
+        own = [rows.get((name, size)) for size in sizes]
+        top1 = published_top1(name)
+        if name == subject:
+            crossing = "-"
+        else:
+            size = crossings.get(name)
+            crossing = f"not up to {sizes[-1]} px" if size is None else f"{size} px"
+        cells = [
+            " / ".join("-" if r is None else format(value(r), spec) for r in own)
+            for value, spec in (
+                (lambda r: r.throughput.median, ".3g"),
+                (lambda r: r.latency_ms.median, ".0f"),
+                (lambda r: r.gflops_complete, ".3g"),
+            )
+        ]
+        lines.append(
+            f"| {name} | {'-' if top1 is None else top1.top1} | {' | '.join(cells)} | {crossing} |"
+        )
+    return "\n".join(lines)
 
 
 def crossover_lines(result: BenchResult, subject: str) -> list[str]:

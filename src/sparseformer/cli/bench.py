@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(result))
     subject = sweeping.subject_model(settings.models)
     if args.sweep:
+        print(sweeping.sweep_table(result, subject))
         for line in sweeping.crossover_lines(result, subject):
             print(line)
     as_json = lambda p: p.write_text(json.dumps(result.to_dict(), indent=2) + "\n")  # noqa: E731
