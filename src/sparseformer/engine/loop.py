@@ -168,9 +168,8 @@ def train_one_epoch(
 
     Args:
         start: an epoch resumed part-way (``loader`` then yields its remaining batches).
-        after_step: called after each step with the progress and whether the ranks can agree
-            now (every ``check_every`` steps; every step in a world of one); returns whether
-            to stop the epoch there (a signal).
+        after_step: ``(progress, ranks_can_agree) -> stop`` after each step; the ranks can
+            agree every ``check_every`` steps (every step in a world of one).
 
     Returns:
         ``train_loss`` (mean over ranks and steps), ``lr`` (at the last step), ``steps`` (the
@@ -211,25 +210,17 @@ def train_one_epoch(
         loss_sum += loss.detach().double() * len(y)
         seen += len(y)
         if (i + 1) % check_every == 0:
-            # one sync per check_every steps, summed over ranks (every rank runs the same
-            # number of steps), so that all stop together instead of one leaving the others
-            # waiting in DDP's gradient all-reduce
-            sums = all_reduce_sum(
-                torch.stack([loss_sum, torch.tensor(float(seen), **_like(loss_sum))]), dist
-            )
+            sums = _summed(loss_sum, seen, dist)
             value = (sums[0] / sums[1]).item()
             if not math.isfinite(value):
                 raise NonFiniteLossError(f"loss is {value} at step {step}")
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
         if after_step is not None:
             now = EpochProgress(i + 1, loss_sum, seen, time.perf_counter() - began)
-            if after_step(now, not dist.enabled or (i + 1) % check_every == 0):
-                stopped = True
+            if stopped := after_step(now, not dist.enabled or (i + 1) % check_every == 0):
                 break
     seconds = time.perf_counter() - began
-    totals = all_reduce_sum(
-        torch.stack([loss_sum, torch.tensor(float(seen), **_like(loss_sum))]), dist
-    )
+    totals = _summed(loss_sum, seen, dist)
     mean_loss = (totals[0] / totals[1].clamp(min=1)).item()
     if not math.isfinite(mean_loss):
         raise NonFiniteLossError(f"loss is {mean_loss} at step {step}")
@@ -241,6 +232,15 @@ def train_one_epoch(
         "epoch_seconds": seconds,
         "stopped": float(stopped),
     }
+
+
+def _summed(loss_sum: Tensor, seen: int, dist: DistInfo) -> Tensor:
+    """``[loss sum, images]`` summed over ranks. Every rank runs the same number of steps, so
+    checked every ``check_every`` steps all stop together on a non-finite loss instead of one
+    leaving the others waiting in DDP's gradient all-reduce."""
+    return all_reduce_sum(
+        torch.stack([loss_sum, torch.tensor(float(seen), **_like(loss_sum))]), dist
+    )
 
 
 def _like(t: Tensor) -> dict:

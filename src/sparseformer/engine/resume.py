@@ -184,6 +184,7 @@ def check_same_classes(trained_on: list[str] | None, class_names: list[str], res
 def keep_saved_data_order(sampler, state: dict) -> None:
     """A run saved before the repeated-augmentation sampler took ``--seed`` (its checkpoints
     lack ``data_order``) resumes with that sampler's old order, shuffled by the epoch alone."""
+    sampler = getattr(sampler, "inner", sampler)  # an EpochSampler's indices
     if state.get("data_order") is None and isinstance(sampler, SeededRepeatAugSampler):
         sampler.seed = 0
 

@@ -81,8 +81,6 @@ class RunOptions:
         extra: JSON-able facts stored in checkpoints (command line, data source).
         objective: the training loss from ``(model, images, targets)`` in place of the
             recipe's loss on the logits (``sparseformer bootstrap``'s teacher alignment).
-        objective: the training loss from ``(model, images, targets)`` in place of the
-            recipe's loss on the logits (``sparseformer bootstrap``'s teacher alignment).
     """
 
     output: Path
@@ -97,7 +95,6 @@ class RunOptions:
     checkpoint_every: CheckpointEvery | None = None
     save_on_signal: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
-    objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
@@ -176,7 +173,6 @@ def _fit_in(
     model.to(device)
     seed = options.seed
     parts = build_training_parts(model, data, recipe, preprocessing, seed, dist, device, amp)
-    parts.tools.objective = options.objective
     parts.tools.objective = options.objective
     state = RunState()
     if options.resume is not None:
