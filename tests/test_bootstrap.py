@@ -230,6 +230,12 @@ def test_the_student_loads_in_every_command(alone, folder, tmp_path, capsys):
     assert main(["viz", "--model", TEMPLATE, "--checkpoint", ckpt, image, "--out",
                  str(tmp_path / "pics")]) == 0  # fmt: skip
     assert any((tmp_path / "pics").iterdir())
+    converted = str(tmp_path / "student.safetensors")  # the architecture travels in metadata
+    assert main(["convert", ckpt, converted, "--model", TEMPLATE]) == 0
+    again = create_model(TEMPLATE, checkpoint_path=converted).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(x), student(x))
 
 
 @pytest.mark.slow

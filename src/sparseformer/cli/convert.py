@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         check_model(ckpt, args.model)  # a video model takes its image model's, inflated
         load_checkpoint(
-            create_model(args.model, num_classes=ckpt.num_classes),
+            create_model(args.model, **{**ckpt.architecture, "num_classes": ckpt.num_classes}),
             ckpt,
             allow_classifier_mismatch=False,
         )
