@@ -93,6 +93,12 @@ def test_derivation_gives_the_released_configurations(teacher, student, tokens):
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
 
 
+def test_default_focusing_width_is_half_the_teacher_in_whole_heads():
+    with torch.device("meta"):
+        vit = timm.create_model("vit_tiny_patch16_224")  # 192 wide, heads of 64
+    assert bootstrap_config(vit).stages[0].width == 64
+
+
 @pytest.mark.parametrize("finetune", [0, 1])
 def test_student_holds_the_teachers_tensors_bit_for_bit(finetune):
     teacher = _teacher()

@@ -230,7 +230,8 @@ def bootstrap_config(
         tokens, points: latent tokens and sampling points (default: the student's, 48 / 36).
         inherit: teacher blocks the cortex takes, its last ones (default: the student's count
             when it names one, else two thirds of the teacher's blocks: 8 of 12, 16 of 24).
-        focus_width: width of the focusing unit (default: half the teacher's width).
+        focus_width: width of the focusing unit (default: half the teacher's width, rounded
+            down to whole heads).
         student: a registered ``sparseformer_btsp_*`` name or a config to follow (its tokens,
             points, focusing width and cortex depth); its cortex width must be the teacher's.
 
@@ -253,7 +254,9 @@ def bootstrap_config(
             f"--inherit {inherit}: the teacher {facts.name} has {facts.depth} blocks; "
             f"inherit between 1 and {facts.depth}"
         )
-    focus_width = focus_width or (focus.width if student is not None else facts.width // 2)
+    if focus_width is None:  # half the teacher's width, in whole heads
+        half = max(facts.width // 2 // facts.head_dim, 1) * facts.head_dim
+        focus_width = focus.width if student is not None else half
     if focus_width % facts.head_dim:
         raise BootstrapError(
             f"--focus-width {focus_width} does not split into the teacher's heads of width "
