@@ -227,7 +227,8 @@ def bootstrap_config(
     head (classes or CLIP embedding, with or without bias).
 
     Args:
-        tokens, points: latent tokens and sampling points (default: the student's, 48 / 36).
+        tokens: latent tokens (default: the student's, 48).
+        points: sampling points per token (default: the student's, 36).
         inherit: teacher blocks the cortex takes, its last ones (default: the student's count
             when it names one, else two thirds of the teacher's blocks: 8 of 12, 16 of 24).
         focus_width: width of the focusing unit (default: half the teacher's width, rounded
