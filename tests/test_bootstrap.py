@@ -177,10 +177,11 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
         load_teacher("vit_tiny_patch16_224", folder / "teacher.pt", img_size=32)
     for bad, why in (
         (["--teacher", "test_resnet"], "not a ViT"),
+        (["--teacher", str(folder / "teacher.pt"), "--img-size", "48"], "trained at 32px"),
         (["--teacher", "test_vit", "--inherit", "9"], "has 6 blocks"),
     ):
-        code = main(["bootstrap", *bad, "--data-dir", str(folder / "data"), "--output",
-                     str(tmp_path / "x"), "--img-size", "32", *RUN])  # fmt: skip
+        code = main(["bootstrap", "--data-dir", str(folder / "data"), "--output",
+                     str(tmp_path / "x"), "--img-size", "32", *RUN, *bad])  # fmt: skip
         assert code == 1
         assert why in capsys.readouterr().err
 

@@ -120,6 +120,11 @@ def load_teacher(
                 "with a timm name"
             )
         model, ckpt = model_from_checkpoint(None, teacher)
+        if img_size is not None and ckpt.img_size not in (None, img_size):
+            raise BootstrapError(
+                f"the teacher {teacher} was trained at {ckpt.img_size}px and takes no other "
+                "size; leave out --img-size"
+            )
         name, names = str(ckpt.model_name), ckpt.class_names
         pre = ckpt.preprocessing
         if all(k in pre for k in PREPROCESSING_FIELDS):
