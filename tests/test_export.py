@@ -170,3 +170,17 @@ def test_export_cli_video_model_takes_clips(tmp_path, capsys):
     assert dims[0].dim_param and dims[3].dim_param and dims[4].dim_param  # batch, H, W are not
     assert main(argv[:2] + ["sparseformer_v1_nano", "--num-frames", "4", "--out", str(out)]) == 1
     assert "video models" in capsys.readouterr().err
+
+
+def test_export_refuses_another_class_count_than_the_checkpoints(tmp_path, capsys):
+    # before, --num-classes 5 on a 2-class checkpoint exported a randomly initialised classifier
+    ckpt = tmp_path / "two.pt"
+    two = create_model("sparseformer_v1_nano", num_classes=2)
+    torch.save({"model": two.state_dict(), "model_name": "sparseformer_v1_nano"}, ckpt)
+    out = tmp_path / "x.onnx"
+    argv = ["export", "--model", "sparseformer_v1_nano", "--checkpoint", str(ckpt), "--out",
+            str(out), "--num-classes", "5"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--num-classes 5 differs from the 2 classes of" in err
+    assert "leave --num-classes out" in err and not out.exists()

@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--num-classes",
         type=count,
         default=None,
-        help="classifier width (default: the checkpoint's, else 1000)",
+        help="classifier width without --checkpoint (default 1000; with one: its own, and "
+        "another is refused)",
     )
     p.add_argument(
         "--opset",
@@ -77,6 +78,14 @@ def run(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
     if ckpt is not None:  # a video model takes its image model's checkpoint, inflated
         check_model(ckpt, args.model)
+    trained = ckpt.num_classes if ckpt is not None else 0
+    if trained and args.num_classes is not None and args.num_classes != trained:
+        # another width would export a classifier of random weights: not the trained model
+        raise CliError(
+            f"--num-classes {args.num_classes} differs from the {trained} classes of "
+            f"{args.checkpoint}; export exports the trained model: leave --num-classes out (to "
+            "train for other classes, fine-tune with `sparseformer train --checkpoint`)"
+        )
     if args.img_size is None:  # what a run of ours trained on, if it says
         args.img_size = (ckpt and ckpt.img_size) or 224
     if args.num_frames is None and video and ckpt is not None:
