@@ -51,6 +51,14 @@ RUN = ["--batch-size", "4", "--workers", "0", "--threads", "1", "--quiet", "--lr
        "--warmup-epochs", "0"]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _threads():
+    """Commands run here set torch's threads (--threads 1): give later tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _teacher(bias: bool = True) -> torch.nn.Module:
     teacher = timm.create_model("test_vit", img_size=32, num_classes=2)
     if bias:  # a trained head's bias, not timm's zeros
@@ -200,7 +208,9 @@ def _records(run: Path) -> list[dict]:
 def alone(folder, tmp_path_factory) -> Path:
     """A run of 3 epochs left alone (in this process: no start-up to wait for)."""
     out = tmp_path_factory.mktemp("runs") / "alone"
+    threads = torch.get_num_threads()
     assert main(_args(folder, out)) == 0
+    torch.set_num_threads(threads)
     return out
 
 
