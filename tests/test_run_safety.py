@@ -301,3 +301,21 @@ def test_mid_epoch_resume_under_torchrun_gives_the_uninterrupted_weights(tmp_pat
     done = torchrun(out, "--resume", "auto")
     assert done.returncode == 0, done.stderr[-3000:]
     torch.testing.assert_close(_final_weights(out), _final_weights(plain), rtol=0, atol=0)
+
+
+def test_eval_predict_and_export_take_the_model_a_checkpoint_names(tmp_path, bigger, plain, capsys):
+    # before, eval and predict required --model although our checkpoints name their model
+    ckpt = str(plain / "last.pt")
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data-dir", str(bigger),
+                             "--json", "--quiet")  # fmt: skip
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["model"] == NANO, err
+    image = str(next((bigger / "val" / "cat").iterdir()))
+    code, out, err = run_cli(capsys, "predict", "--checkpoint", ckpt, image)
+    assert code == 0 and out.strip(), err
+    bare = tmp_path / "bare.pt"  # weights alone: nothing names the model
+    torch.save(torch.load(ckpt, weights_only=True)["model"], bare)
+    for command in (["eval", "--data-dir", str(bigger)], ["predict", image],
+                    ["export", "--out", str(tmp_path / "x.onnx")]):  # fmt: skip
+        code, _, err = run_cli(capsys, command[0], "--checkpoint", str(bare), *command[1:])
+        assert code == 1 and err.count("\n") == 0, err
+        assert err.endswith("does not name its model; pass --model NAME"), err

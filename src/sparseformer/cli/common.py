@@ -16,6 +16,8 @@ __all__ = [
     "check_model_fits_data",
     "refuse_video_flags_on_images",
     "recipe_flags",
+    "MODEL_FROM_CHECKPOINT",
+    "model_named_by_checkpoint",
 ]
 
 
@@ -162,3 +164,30 @@ def recipe_flags(args: argparse.Namespace):
     return RecipeFlags(
         args.recipe, {k: v for k, v in fields.items() if v is not None}, tuple(args.set)
     )
+
+
+MODEL_FROM_CHECKPOINT = (
+    "the model the checkpoint belongs to (default: the one a `sparseformer train` checkpoint names)"
+)
+
+
+def model_named_by_checkpoint(args: argparse.Namespace) -> str:
+    """``args.model``, or when it is not given the model ``args.checkpoint`` names (a
+    ``sparseformer train`` checkpoint does).
+
+    Raises:
+        CliError: neither given nor named, with what to pass.
+    """
+    if args.model is not None:
+        return args.model
+    from sparseformer.cli import CliError
+    from sparseformer.weights.checkpoint import check_model, read_checkpoint
+
+    if args.checkpoint is None:
+        raise CliError("which model? pass --model NAME (see `sparseformer models`)")
+    try:  # the file is read once more by the command: its name is a fact of the file
+        return check_model(read_checkpoint(args.checkpoint), None)
+    except ValueError as exc:
+        if type(exc) is not ValueError:  # CheckpointError: printed as it is
+            raise
+        raise CliError(f"{args.checkpoint} does not name its model; pass --model NAME") from None

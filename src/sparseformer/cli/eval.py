@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 from sparseformer.cli.common import (
+    MODEL_FROM_CHECKPOINT,
     add_data_arguments,
     check_model_fits_data,
     count,
     data_source,
+    model_named_by_checkpoint,
     positive_int,
     refuse_video_flags_on_images,
 )
@@ -32,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "runs/demo/best.pt --dataset fashion-mnist",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="the model the checkpoint belongs to")
+    p.add_argument("--model", help=MODEL_FROM_CHECKPOINT)
     p.add_argument("--checkpoint", type=Path, required=True, help="ours or an official release")
     add_data_arguments(p)
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.weights.build import check_model_name, model_from_checkpoint
     from sparseformer.weights.checkpoint import read_checkpoint
 
+    args.model = model_named_by_checkpoint(args)
     check_model_name(args.model)  # an unknown name fails before any data is read
     # before the data folder is scanned
     refuse_video_flags_on_images(args, check_model_fits_data(args.model, args))

@@ -17,7 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="export a model to ONNX (any batch and size)", description=__doc__
     )
-    p.add_argument("--model", required=True, help="SparseFormer name (see `sparseformer models`)")
+    p.add_argument(
+        "--model",
+        help="SparseFormer name (see `sparseformer models`); default: the one a "
+        "`sparseformer train` checkpoint names",
+    )
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="weights to load")
     p.add_argument("--out", required=True, metavar="PATH", help="output .onnx file")
     p.add_argument(
@@ -64,12 +68,14 @@ def run(args: argparse.Namespace) -> int:
 
     from sparseformer.bench.throughput import sample_shape
     from sparseformer.cli import CliError, check_output
+    from sparseformer.cli.common import model_named_by_checkpoint
     from sparseformer.config import VideoSparseFormerConfig
     from sparseformer.export import VIDEO_MIN_OPSET, ExportError, export_onnx, onnx_max_difference
     from sparseformer.weights.build import require_sparseformer
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.factory import create_model, get_model_spec
 
+    args.model = model_named_by_checkpoint(args)
     require_sparseformer(args.model, "export")
     check_output(args.out, "--out")
     if args.img_size is not None and args.img_size < 4:

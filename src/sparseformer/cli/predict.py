@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 from sparseformer.cli.common import (
+    MODEL_FROM_CHECKPOINT,
     add_clip_arguments,
     clip_flags,
+    model_named_by_checkpoint,
     positive_int,
     refuse_video_flags_on_images,
 )
@@ -30,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sparseformer_t_imagenet1k.pth photo.jpg --topk 5",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="the model the checkpoint belongs to")
+    p.add_argument("--model", help=MODEL_FROM_CHECKPOINT)
     p.add_argument("--checkpoint", type=Path, required=True, help="ours or an official release")
     p.add_argument(
         "images",
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.engine.video import is_video_model, prediction_clip_spec
     from sparseformer.weights.build import check_model_name, model_from_checkpoint
 
+    args.model = model_named_by_checkpoint(args)
     check_model_name(args.model)  # an unknown name fails before anything is read
     video_model = is_video_model(args.model)
     refuse_video_flags_on_images(args, video_model, why=f"{args.model} takes images")
