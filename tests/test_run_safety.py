@@ -319,3 +319,20 @@ def test_eval_predict_and_export_take_the_model_a_checkpoint_names(tmp_path, big
         code, _, err = run_cli(capsys, command[0], "--checkpoint", str(bare), *command[1:])
         assert code == 1 and err.count("\n") == 0, err
         assert err.endswith("does not name its model; pass --model NAME"), err
+
+
+def test_signals_are_noted_at_step_boundaries_and_sigterm_is_never_silent():
+    import signal
+
+    from sparseformer.engine.stopping import RunStopped, StopSignals, sigterm_stops
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGINT)  # noted, not raised: the loop stops at a boundary
+        assert signals.requested and signals.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: at once
+            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(RunStopped, match="stopped by SIGTERM") as stopped, sigterm_stops():
+        os.kill(os.getpid(), signal.SIGTERM)  # while a command sets up: one line, not silence
+    assert stopped.value.signum == signal.SIGTERM and not stopped.value.saved
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

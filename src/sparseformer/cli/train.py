@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.data import DataError
     from sparseformer.engine.distributed import cleanup_distributed, setup_distributed
     from sparseformer.engine.recipe import RecipeError
+    from sparseformer.engine.stopping import sigterm_stops
     from sparseformer.weights.build import check_model_name
 
     check_model_name(args.model)  # before any data is read
@@ -138,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     dist = setup_distributed(plan.device)
     try:
-        _train(plan, dist)
+        with sigterm_stops():  # while the data and model are built; then the run's own
+            _train(plan, dist)
     finally:
         cleanup_distributed()
     return 0

@@ -16,9 +16,17 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-__all__ = ["RunStopped", "StopSignals", "CheckpointEvery", "parse_checkpoint_every"]
+__all__ = [
+    "RunStopped",
+    "StopSignals",
+    "sigterm_stops",
+    "CheckpointEvery",
+    "parse_checkpoint_every",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +73,25 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+
+@contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """While a command sets up (before :class:`StopSignals` takes over): SIGTERM raises
+    :class:`RunStopped` as Ctrl-C raises ``KeyboardInterrupt``, a line and status 143
+    instead of a silent end."""
+
+    def stop(signum: int, frame) -> None:
+        raise RunStopped(signum, saved=False)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass(frozen=True)
