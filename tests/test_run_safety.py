@@ -336,3 +336,20 @@ def test_signals_are_noted_at_step_boundaries_and_sigterm_is_never_silent():
         os.kill(os.getpid(), signal.SIGTERM)  # while a command sets up: one line, not silence
     assert stopped.value.signum == signal.SIGTERM and not stopped.value.saved
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_eval_per_class_writes_each_classes_top1_and_the_confusion(tmp_path, bigger, plain, capsys):
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", str(plain / "last.pt"),
+                             "--data-dir", str(bigger), "--json", "--quiet",
+                             "--per-class", str(tmp_path / "pc"))  # fmt: skip
+    assert code == 0, err
+    overall = json.loads(out.strip().splitlines()[-1])
+    report = json.loads((tmp_path / "pc" / "per_class.json").read_text())
+    assert [c["class"] for c in report["classes"]] == report["class_names"] == ["cat", "dog"]
+    assert [c["images"] for c in report["classes"]] == [8, 8]
+    confusion = torch.tensor(report["confusion"])
+    assert confusion.sum() == overall["images"] == 16
+    assert 100 * confusion.diagonal().sum().item() / 16 == pytest.approx(overall["acc1"])
+    for i, (c, row) in enumerate(zip(report["classes"], confusion)):  # row i: true class i
+        assert c["acc1"] == pytest.approx(100 * row[i].item() / 8)
+    assert (tmp_path / "pc" / "confusion.png").read_bytes()[:4] == b"\x89PNG"

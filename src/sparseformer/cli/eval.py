@@ -55,11 +55,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the free cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--per-class",
+        type=Path,
+        metavar="DIR",
+        help="also write DIR/per_class.json (each class's images and top-1, the confusion "
+        "matrix) and DIR/confusion.png (with the class names)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from sparseformer.cli import CliError
     from sparseformer.data import DataError, build_datasets
     from sparseformer.data.relabel import RelabelledDataset, checkpoint_label_map
@@ -110,12 +119,31 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     model.to(device)
-    metrics = _evaluate(args, model, bundle, source, pre, device, amp)
+    names = _output_names(model, ckpt, bundle)
+    confusion = torch.zeros(len(names), len(names)) if args.per_class else None
+    metrics = _evaluate(args, model, bundle, source, pre, device, amp, confusion)
     _report(args, metrics, bundle, source, pre, ckpt.ema)
+    if confusion is not None:
+        from sparseformer.engine.per_class import per_class_report, write_per_class
+
+        paths = write_per_class(per_class_report(confusion, names), args.per_class)
+        if not args.json:
+            print(f"per-class top-1 and confusion matrix: {paths[0]}, {paths[1]}")
     return 0
 
 
-def _evaluate(args: argparse.Namespace, model, bundle, source, pre, device: str, amp) -> dict:
+def _output_names(model, ckpt, bundle) -> list[str]:
+    """The names of the model's outputs: the checkpoint's, else the data's, else indices."""
+    width = int(getattr(model, "num_classes", 0) or len(bundle.class_names))
+    for names in (ckpt.class_names, bundle.class_names):
+        if names is not None and len(names) == width:
+            return list(names)
+    return [str(i) for i in range(width)]
+
+
+def _evaluate(
+    args: argparse.Namespace, model, bundle, source, pre, device: str, amp, confusion=None
+) -> dict:
     """Top-1, top-5 and loss of ``model`` on the val split (videos: views averaged)."""
     import torch
 
@@ -137,7 +165,7 @@ def _evaluate(args: argparse.Namespace, model, bundle, source, pre, device: str,
     )
     prep = BatchPrep(pre.mean, pre.std, torch.device(device))
     progress = not args.quiet and sys.stderr.isatty()
-    return evaluate(model, loader, prep, DistInfo(), amp, progress)
+    return evaluate(model, loader, prep, DistInfo(), amp, progress, confusion)
 
 
 def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: bool) -> None:

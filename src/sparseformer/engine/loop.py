@@ -255,8 +255,13 @@ def evaluate(
     dist: DistInfo,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
+    confusion: Tensor | None = None,
 ) -> dict[str, float]:
     """Top-1/top-5 accuracy (percent) and cross-entropy over ``loader``, summed over ranks.
+
+    Args:
+        confusion: ``(classes, classes)`` counts to add this rank's ``[target, prediction]``
+            pairs to (top-1), or ``None``.
 
     Returns:
         ``loss``, ``acc1``, ``acc5``, ``images``.
@@ -274,6 +279,9 @@ def evaluate(
         k = min(5, logits.shape[-1])
         top = logits.topk(k, dim=-1).indices  # (B, k)
         hit = top == y[:, None]  # (B, k)
+        if confusion is not None:
+            pairs = (y.to(confusion.device), top[:, 0].to(confusion.device))
+            confusion.index_put_(pairs, torch.ones_like(pairs[0], dtype=confusion.dtype), True)
         sums += torch.stack(
             [
                 nn.functional.cross_entropy(logits, y, reduction="sum").double(),

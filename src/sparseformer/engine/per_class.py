@@ -1,0 +1,64 @@
+"""Per-class scores from a confusion matrix: top-1 of each class, as JSON and as a picture with
+the class names (``sparseformer eval --per-class``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from sparseformer.engine.atomic import write_atomic, write_text_atomic
+
+__all__ = ["per_class_report", "write_per_class"]
+
+
+def per_class_report(confusion: Tensor, class_names: list[str]) -> dict[str, Any]:
+    """``confusion[t, p]``: images of class ``t`` predicted ``p``. Returns each class's images
+    and top-1 (percent; ``None`` for a class with no images), and the matrix with its names."""
+    counts = confusion.long()
+    images = counts.sum(dim=1)
+    correct = counts.diagonal()
+    classes = [
+        {
+            "class": name,
+            "images": int(n),
+            "acc1": 100.0 * int(c) / int(n) if n else None,
+        }
+        for name, n, c in zip(class_names, images, correct)
+    ]
+    return {"classes": classes, "class_names": list(class_names), "confusion": counts.tolist()}
+
+
+def write_per_class(report: dict[str, Any], folder: str | os.PathLike) -> tuple[Path, Path]:
+    """``folder/per_class.json`` and ``folder/confusion.png`` (rows: true class, columns:
+    predicted; each row as a fraction of its images), written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = folder / "per_class.json", folder / "confusion.png"
+    write_text_atomic(json_path, json.dumps(report, indent=1) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(report["confusion"], dtype=float)
+    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    names = report["class_names"]
+    size = min(4 + 0.35 * len(names), 40)
+    fig, ax = plt.subplots(figsize=(size, size))
+    shown = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(names))
+    ax.set_xticks(ticks, names, rotation=90, fontsize=8)
+    ax.set_yticks(ticks, names, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true class", title="confusion (fraction of each class)")
+    fig.colorbar(shown, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    try:
+        write_atomic(png_path, lambda f: fig.savefig(f, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
+    return json_path, png_path
