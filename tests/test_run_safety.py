@@ -353,3 +353,19 @@ def test_eval_per_class_writes_each_classes_top1_and_the_confusion(tmp_path, big
     for i, (c, row) in enumerate(zip(report["classes"], confusion)):  # row i: true class i
         assert c["acc1"] == pytest.approx(100 * row[i].item() / 8)
     assert (tmp_path / "pc" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_tensorboard_writes_each_epochs_numbers(tmp_path, bigger, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert run_cli(capsys, *_train(bigger, out, "--epochs", "2", "--tensorboard"))[0] == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train_loss", "val_loss", "val_acc1", "lr", "images_per_second"} <= tags
+    assert any(tag.startswith("roi/") for tag in tags)  # the RoI statistics
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    board = [(e.step, e.value) for e in events.Scalars("val_loss")]
+    assert board == [(r["epoch"], pytest.approx(r["val_loss"])) for r in records]

@@ -102,6 +102,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="on SIGTERM (a scheduler's preemption), save last.pt at the next step, then stop "
         "(default: on); Ctrl-C stops at the next step without saving",
     )  # fmt: skip
+    g.add_argument(
+        "--tensorboard", action="store_true",
+        help="also write each epoch's losses, accuracies, learning rate, images/s and RoI "
+        "statistics for TensorBoard, in OUTPUT/tensorboard (pip install "
+        "'sparseformer[tensorboard]')",
+    )  # fmt: skip
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -257,6 +263,7 @@ def _train(plan: _Plan, dist) -> None:
         progress=not args.quiet and sys.stderr.isatty(),
         checkpoint_every=parse_checkpoint_every(args.checkpoint_every),
         save_on_signal=args.save_on_signal,
+        tensorboard=args.tensorboard,
         extra={
             "data": source.describe(),
             "torch": str(torch.__version__),

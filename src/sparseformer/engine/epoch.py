@@ -21,7 +21,7 @@ from sparseformer.engine import checkpoint as ckpt_io
 from sparseformer.engine.collaborators import TrainingParts
 from sparseformer.engine.distributed import DistInfo, broadcast_buffers, gather_objects
 from sparseformer.engine.loop import NonFiniteLossError, evaluate, train_one_epoch
-from sparseformer.engine.metrics import MetricsLog, plot_metrics
+from sparseformer.engine.metrics import MetricsLog, TensorBoardScalars, plot_metrics
 from sparseformer.engine.recipe import Recipe
 from sparseformer.engine.resume import RunState
 from sparseformer.engine.step_saves import StepHook, progress_record
@@ -54,6 +54,7 @@ class RunLoop:
     every: CheckpointEvery | None = None  # mid-epoch checkpoints
     save_on_signal: bool = True
     signals: StopSignals = field(default_factory=StopSignals)
+    board: TensorBoardScalars | None = None  # rank 0's TensorBoard scalars, when asked
 
 
 def _roi_stats(model: nn.Module, batch: torch.Tensor | None, amp) -> dict[str, float]:
@@ -88,6 +89,8 @@ def run_epoch(loop: RunLoop, state: RunState, epoch: int) -> None:
         try:  # the checkpoint first: metrics.jsonl never holds an epoch no checkpoint does
             _save_checkpoints(loop, state, epoch, rng, is_best)
             loop.log.append(record)
+            if loop.board is not None:
+                loop.board.add(record)
             plot_metrics(loop.log.records, loop.out / "metrics.png")
         except OSError as exc:  # no space, a file-size limit, a lost permission, read-only
             hint = ", to continue with --resume auto" if (loop.out / ckpt_io.LAST).exists() else ""

@@ -11,7 +11,7 @@ from typing import Any
 
 from sparseformer.engine.atomic import write_atomic, write_text_atomic
 
-__all__ = ["MetricsLog", "plot_metrics"]
+__all__ = ["MetricsLog", "TensorBoardScalars", "plot_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,33 @@ class MetricsLog:
         self.records.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class TensorBoardScalars:
+    """Every number of each epoch's record (losses, accuracies, learning rate, images/s, RoI
+    statistics) as a TensorBoard scalar at its epoch, in ``folder`` (``tensorboard --logdir``).
+
+    Raises:
+        ValueError: TensorBoard is not installed, naming the extra that installs it.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch's writer needs the tensorboard package
+            raise ValueError(
+                "--tensorboard needs TensorBoard: pip install 'sparseformer[tensorboard]'"
+            ) from None
+        self.writer = SummaryWriter(str(folder))
+
+    def add(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, record["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike) -> Path:

@@ -33,7 +33,7 @@ from sparseformer.engine.distributed import (
     weights_in_sync,
 )
 from sparseformer.engine.epoch import RunLoop, TrainingError, run_epoch
-from sparseformer.engine.metrics import MetricsLog
+from sparseformer.engine.metrics import MetricsLog, TensorBoardScalars
 from sparseformer.engine.recipe import Recipe
 from sparseformer.engine.resume import DATA_ORDER, RunState, keep_saved_data_order, restore_run
 from sparseformer.engine.run_folder import (
@@ -78,6 +78,8 @@ class RunOptions:
         roi_stats_images: validation images for the per-epoch RoI statistics (0 = off).
         checkpoint_every: mid-epoch checkpoints (steps or a duration), or per epoch only.
         save_on_signal: on SIGTERM, save a checkpoint at the next step boundary, then stop.
+        tensorboard: also write each epoch's numbers as TensorBoard scalars in
+            ``output/tensorboard``.
         extra: JSON-able facts stored in checkpoints (command line, data source).
         objective: the training loss from ``(model, images, targets)`` in place of the
             recipe's loss on the logits (``sparseformer bootstrap``'s teacher alignment).
@@ -94,6 +96,7 @@ class RunOptions:
     roi_stats_images: int = 32
     checkpoint_every: CheckpointEvery | None = None
     save_on_signal: bool = True
+    tensorboard: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
@@ -194,10 +197,14 @@ def _fit_in(
     progress = options.progress and dist.is_main
     loop = RunLoop(net, model, parts, data, recipe, dist, out, progress, log, roi_batch, facts)
     loop.every, loop.save_on_signal = options.checkpoint_every, options.save_on_signal
+    if options.tensorboard and dist.is_main:
+        loop.board = TensorBoardScalars(out / "tensorboard")
     with StopSignals() as loop.signals:  # a stop at a step boundary: see engine/stopping
         parts.val_loader = UntilStopped(parts.val_loader, loop.signals)
         for epoch in range(state.start_epoch, recipe.epochs):
             run_epoch(loop, state, epoch)
+    if loop.board is not None:
+        loop.board.close()
     summary = _summary(loop, state, options.model_name)
     if dist.is_main:
         write_summary(out, summary)
