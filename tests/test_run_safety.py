@@ -125,8 +125,9 @@ def test_a_checkpoint_write_past_the_file_size_limit_is_one_line(tmp_path, folde
 
 
 # The CLI in a process of its own that meets a signal at a chosen moment: SIGTERM to itself
-# before step N's hook runs ("term N"), or kill -9 right after the Nth mid-epoch checkpoint
-# ("kill N"), or neither ("none"); the hooks are wrapped, nothing else changes.
+# before step N's hook runs ("term N") or as validation N starts ("term-eval N"), or kill -9
+# right after the Nth mid-epoch checkpoint ("kill N"), or neither ("none"); the hooks are
+# wrapped, nothing else changes.
 _STOPPED = """
 import os, signal, sys
 from sparseformer.engine import epoch, step_saves
@@ -140,6 +141,14 @@ if mode == "term":
             os.kill(os.getpid(), signal.SIGTERM)
         return hook(self, progress, agree)
     step_saves.StepHook.__call__ = call
+elif mode == "term-eval":
+    evaluate = epoch.evaluate
+    def stopping(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+    epoch.evaluate = stopping
 elif mode == "kill":
     save = epoch._save_checkpoints
     def saved(*args, **kwargs):
@@ -369,3 +378,20 @@ def test_train_tensorboard_writes_each_epochs_numbers(tmp_path, bigger, capsys):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     board = [(e.step, e.value) for e in events.Scalars("val_loss")]
     assert board == [(r["epoch"], pytest.approx(r["val_loss"])) for r in records]
+
+
+@pytest.mark.slow
+def test_sigterm_during_validation_saves_the_trained_epoch_and_resumes_exactly(
+    tmp_path, bigger, plain, capsys
+):
+    out = tmp_path / "stopped"
+    done = _stopped_run("term-eval", 1, _train(bigger, out, "--epochs", "2", "--workers", "0"))
+    assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
+    assert "stopped by SIGTERM (a checkpoint was saved)" in done.stderr.strip().splitlines()[-1]
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["epoch_step"], saved["step"]) == (0, 4, 4)  # trained, unscored
+    assert not (out / "metrics.jsonl").read_text()
+    code, _, err = run_cli(capsys, *_train(bigger, out, "--epochs", "2", "--resume", "auto"))
+    assert code == 0, err
+    torch.testing.assert_close(_final_weights(out), _final_weights(plain), rtol=0, atol=0)
+    assert (out / "metrics.jsonl").read_text().count("\n") == 2

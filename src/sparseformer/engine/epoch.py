@@ -81,7 +81,8 @@ def run_epoch(loop: RunLoop, state: RunState, epoch: int) -> None:
     state.train_seconds += stats["epoch_seconds"]
     record = _validate(loop, stats, state, epoch)
     if hook.agreed()[0]:  # stopped during validation: the epoch is trained, not scored
-        raise RunStopped(hook.signum, hook.stop(hook.last).saved)
+        hook.stop(hook.last)  # on SIGTERM, saved as its last step (resumed: validated)
+        raise RunStopped(hook.signum, hook.saved)
     is_best = state.update_best(record, epoch + 1)  # the model or its EMA, as the authors
     state.record = record
     rng = gather_objects(ckpt_io.capture_rng(parts.tools.prep.device), dist)  # every rank's
