@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -79,10 +80,13 @@ def setup_logging(verbose: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _main(argv)
+        code = _main(argv)
     except KeyboardInterrupt:  # a Ctrl-C before a command began (its imports, the parsing)
         print("sparseformer: interrupted", file=sys.stderr)
         return 130
+    if argv is None:  # the program itself: its work is done and said; a Ctrl-C now would
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # only turn its exit status into -2
+    return code
 
 
 def _main(argv: list[str] | None) -> int:
