@@ -11,7 +11,7 @@ import torch
 from sparseformer import SparseFormer, SparseFormerConfig, count_flops, create_model
 from sparseformer.layers import grid_and_whole_rois, grid_rois, roi_sine_embedding
 from sparseformer.weights.convert_btsp import btsp_config
-from sparseformer.weights.registry import MODELS
+from sparseformer.weights.registry import BTSP_NANO_ARGS, MODELS
 
 BTSP = {
     # name: (parameters, outputs, tokens)
@@ -25,29 +25,8 @@ RELEASE = "https://github.com/showlab/sparseformer/releases/download/v2.0.0-refa
 
 def tiny(quick_gelu: bool = False, **overrides) -> SparseFormerConfig:
     """The fixture's small configuration (7 tokens + CLS, 4 points, 32 output points)."""
-    return btsp_config(
-        {
-            "conv_dim": 16,
-            "num_latent_tokens": 7,
-            "num_sampling_points": 4,
-            "cls_token_insert_layer": 2,
-            "width_configs": [64, 96, 96, 96],
-            "repeats": [3, 1, 1, 1],
-            "proj_dim": 10,
-            "ops_list": [
-                ["SAMPLING_M", "PE_INJECT", "ATTN", "MLP", "ROI_ADJ"],
-                ["SAMPLING_M", "PE_INJECT"],
-                ["ATTN", "MLP"],
-                ["ATTN", "MLP"],
-            ],
-            "compatible_config": {
-                "pg_inner_dim": 16,
-                "use_stage_embedding": True,
-                "clip_quick_gelu": quick_gelu,
-            },
-        },
-        **overrides,
-    )
+    compat = {**BTSP_NANO_ARGS["compatible_config"], "clip_quick_gelu": quick_gelu}
+    return btsp_config({**BTSP_NANO_ARGS, "compatible_config": compat}, **overrides)
 
 
 @pytest.mark.parametrize("name", sorted(BTSP))

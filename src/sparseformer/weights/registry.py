@@ -13,6 +13,7 @@ from sparseformer.config import SparseFormerConfig, StageConfig, VideoSparseForm
 from sparseformer.weights.convert_btsp import btsp_config
 
 __all__ = [
+    "BTSP_NANO_ARGS",
     "WeightsSpec",
     "ModelSpec",
     "MODELS",
@@ -190,24 +191,25 @@ def _btsp(
     )
 
 
-_BTSP_NANO = btsp_config(
-    {
-        "conv_dim": 16,
-        "num_latent_tokens": 7,
-        "num_sampling_points": 4,
-        "cls_token_insert_layer": 2,
-        "width_configs": [64, 96, 96, 96],
-        "repeats": [3, 1, 1, 1],
-        "proj_dim": 10,
-        "ops_list": [
-            ["SAMPLING_M", "PE_INJECT", "ATTN", "MLP", "ROI_ADJ"],
-            ["SAMPLING_M", "PE_INJECT"],
-            ["ATTN", "MLP"],
-            ["ATTN", "MLP"],
-        ],
-        "compatible_config": {"pg_inner_dim": 16, "use_stage_embedding": True},
-    }
-)
+# The authors' constructor arguments of their fixture's small "augreg" configuration
+# (tests/data): the registered nano, and the base the tests vary.
+BTSP_NANO_ARGS: dict = {
+    "conv_dim": 16,
+    "num_latent_tokens": 7,
+    "num_sampling_points": 4,
+    "cls_token_insert_layer": 2,
+    "width_configs": [64, 96, 96, 96],
+    "repeats": [3, 1, 1, 1],
+    "proj_dim": 10,
+    "ops_list": [
+        ["SAMPLING_M", "PE_INJECT", "ATTN", "MLP", "ROI_ADJ"],
+        ["SAMPLING_M", "PE_INJECT"],
+        ["ATTN", "MLP"],
+        ["ATTN", "MLP"],
+    ],
+    "compatible_config": {"pg_inner_dim": 16, "use_stage_embedding": True},
+}
+_BTSP_NANO = btsp_config(BTSP_NANO_ARGS)
 
 
 def _btsp_weights(name: str, clip: bool, top1: float | None = None) -> WeightsSpec:
