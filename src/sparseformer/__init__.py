@@ -9,30 +9,61 @@ Public API::
     model = sparseformer.create_model("sparseformer_v1_tiny", checkpoint_path="...pth")
     sparseformer.list_models("sparseformer_v1_*")
     sparseformer.count_flops(model, (3, 224, 224)).table()
+
+``import sparseformer`` imports neither torch nor timm: each public name is imported on first
+use (PEP 562), so that ``sparseformer --help`` starts at once. timm still finds our models
+(``timm.create_model("sparseformer_v1_tiny")``) whether it is imported before or after us: see
+:mod:`sparseformer.weights.timm_hook`.
 """
 
-import importlib.metadata as _metadata
+from __future__ import annotations
 
-from sparseformer.bench.counting import FlopCount, count_flops, count_params
-from sparseformer.config import SparseFormerConfig, StageConfig, VideoSparseFormerConfig
-from sparseformer.models import SparseFormer, SparseFormerOutput, VideoSparseFormer
-from sparseformer.weights import timm_models as _timm_models  # noqa: F401  (registers with timm)
-from sparseformer.weights.convert import CheckpointError, NotASparseFormerCheckpoint
-from sparseformer.weights.factory import (
-    UnknownModelError,
-    create_model,
-    get_model_spec,
-    list_models,
-)
-from sparseformer.weights.inflate import inflate_image_state_dict
-from sparseformer.weights.loading import load_checkpoint
+import importlib
+import importlib.metadata as _metadata
+from typing import TYPE_CHECKING, Any
+
+from sparseformer.weights import timm_hook as _timm_hook
+
+if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
+    from sparseformer.bench.counting import FlopCount, count_flops, count_params
+    from sparseformer.config import SparseFormerConfig, StageConfig, VideoSparseFormerConfig
+    from sparseformer.models import SparseFormer, SparseFormerOutput, VideoSparseFormer
+    from sparseformer.weights.convert import CheckpointError, NotASparseFormerCheckpoint
+    from sparseformer.weights.factory import (
+        UnknownModelError,
+        create_model,
+        get_model_spec,
+        list_models,
+    )
+    from sparseformer.weights.inflate import inflate_image_state_dict
+    from sparseformer.weights.loading import load_checkpoint
 
 try:  # the installed distribution's version: pyproject.toml is the one place it is written
     __version__ = _metadata.version("sparseformer")
 except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
     __version__ = "0+unknown"
 
-__all__ = [
+# public name -> the module that defines it
+_LAZY = {
+    **dict.fromkeys(("FlopCount", "count_flops", "count_params"), "sparseformer.bench.counting"),
+    **dict.fromkeys(
+        ("SparseFormerConfig", "StageConfig", "VideoSparseFormerConfig"), "sparseformer.config"
+    ),
+    **dict.fromkeys(
+        ("SparseFormer", "SparseFormerOutput", "VideoSparseFormer"), "sparseformer.models"
+    ),
+    **dict.fromkeys(
+        ("CheckpointError", "NotASparseFormerCheckpoint"), "sparseformer.weights.convert"
+    ),
+    **dict.fromkeys(
+        ("UnknownModelError", "create_model", "get_model_spec", "list_models"),
+        "sparseformer.weights.factory",
+    ),
+    "inflate_image_state_dict": "sparseformer.weights.inflate",
+    "load_checkpoint": "sparseformer.weights.loading",
+}
+
+__all__ = [  # the names of _LAZY, and the version
     "CheckpointError",
     "FlopCount",
     "NotASparseFormerCheckpoint",
@@ -52,3 +83,18 @@ __all__ = [
     "list_models",
     "load_checkpoint",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # once imported, a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+_timm_hook.install()

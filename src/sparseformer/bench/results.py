@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -33,7 +35,9 @@ DEFAULT_MODELS = (
     "swin_tiny_patch4_window7_224",
     "resnet50",
 )
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch dtype names: torch is imported when a benchmark runs, not when `sparseformer --help`
+# reads DEFAULT_MODELS
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class BenchError(ValueError):
@@ -90,6 +94,8 @@ class BenchSettings:
             raise BenchError(f"unknown precision {self.precision!r}; use one of {list(_DTYPES)}")
         if self.device not in ("cpu", "cuda"):
             raise BenchError(f"unknown device {self.device!r}; use cpu or cuda")
+        import torch
+
         if self.device == "cuda" and not torch.cuda.is_available():
             raise BenchError("--device cuda asked for, but torch sees no CUDA device")
         if self.device == "cpu" and self.precision == "fp16":
@@ -107,7 +113,9 @@ class BenchSettings:
 
     @property
     def dtype(self) -> torch.dtype:
-        return _DTYPES[self.precision]
+        import torch
+
+        return getattr(torch, _DTYPES[self.precision])
 
     def batch_at(self, img_size: int) -> int:
         """The throughput batch at ``img_size``: see ``scale_batch``."""

@@ -13,7 +13,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sparseformer.bench.throughput import DEFAULT_MODELS
+    from sparseformer.bench.results import DEFAULT_MODELS
     from sparseformer.cli.common import count, positive_int
 
     p = sub.add_parser(

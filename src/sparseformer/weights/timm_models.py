@@ -1,7 +1,8 @@
 """Registration of SparseFormer names with timm, so ``timm.create_model`` finds them.
 
-Runs once when ``sparseformer`` is imported: timm's registry is timm's own global, and this is
-the only place that writes to it.
+Imported once, by :mod:`sparseformer.weights.timm_hook`, as soon as both ``sparseformer`` and
+timm are imported: timm's registry is timm's own global, and this is the only place that writes
+to it.
 """
 
 from __future__ import annotations
