@@ -30,6 +30,7 @@ __all__ = ["register", "run"]
 
 EXAMPLES = """examples:
   sparseformer train --model sparseformer_v1_micro --dataset fashion-mnist --output runs/fm
+  sparseformer train --model sparseformer_v1_micro --data-dir my_images --output runs/mine
   sparseformer train --model sparseformer_v1_tiny --data-dir /data/imagenet --output runs/t \\
       --recipe imagenet1k --precision bf16
   torchrun --nproc_per_node=8 -m sparseformer train --model sparseformer_v1_tiny \\
@@ -55,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--recipe",
         help="shipped recipe name (imagenet1k, fashion-mnist-cpu) or a JSON file; default: "
-        "fashion-mnist-cpu for --dataset fashion-mnist, imagenet1k otherwise",
+        "fashion-mnist-cpu for --dataset fashion-mnist; for --data-dir, own-folder-SIZE, "
+        "scaled to the folder's size, --epochs and the device (docs/training.md)",
     )
     g.add_argument("--epochs", type=positive_int)
     g.add_argument("--batch-size", type=positive_int, help="images per process and step")
@@ -156,6 +158,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     """The checks and choices made before any data is read: device, model versus data, the
     recipe, what to resume, the data source, the output folder. ``None``: nothing to do."""
     from sparseformer.engine.device import pick_device
+    from sparseformer.engine.own_folder import recipe_for_folder
     from sparseformer.engine.recipe import recipe_for_clips, recipe_from_flags
     from sparseformer.engine.resume import (
         CLIP_FLAGS,
@@ -184,7 +187,11 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
             "validation uses one centre clip per video"
         )
     flags = recipe_flags(args)
-    recipe = recipe_from_flags(flags, args.dataset)
+    # no --recipe on a folder: one scaled to its size, the run's length and the device
+    own = recipe_for_folder(
+        flags, args.data_dir, video=video, limit=args.limit_train, device=device
+    )
+    recipe = recipe_from_flags(flags, args.dataset, own)
     if video:
         recipe = recipe_for_clips(recipe)
     resume = resolve_resume(args.resume, args.output, overwrite=args.overwrite)

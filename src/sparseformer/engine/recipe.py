@@ -2,8 +2,9 @@
 
 Named recipes ship in ``sparseformer/recipes/*.json``: ``imagenet1k`` reproduces the paper's
 ImageNet-1K settings (SparseFormer, Gao et al., ICLR 2024, Sec. 4 and its DeiT-style recipe);
-``fashion-mnist-cpu`` is tuned for a short CPU run on Fashion-MNIST. A recipe file of your own
-can hold any subset of the fields; the rest keep the defaults below (the paper's values).
+``fashion-mnist-cpu`` is tuned for a short CPU run on Fashion-MNIST; a folder of your own gets
+one scaled to it (:mod:`sparseformer.engine.own_folder`). A recipe file of your own can hold any
+subset of the fields; the rest keep the defaults below (the paper's values).
 """
 
 from __future__ import annotations
@@ -344,15 +345,19 @@ class RecipeFlags:
     settings: tuple[str, ...] = ()
 
 
-def recipe_from_flags(flags: RecipeFlags, dataset: str | None = None) -> Recipe:
-    """The recipe ``flags.name`` names (default: ``fashion-mnist-cpu`` for that built-in data
-    set, ``imagenet1k`` otherwise) with the fields and settings of ``flags`` applied.
+def recipe_from_flags(
+    flags: RecipeFlags, dataset: str | None = None, default: Recipe | None = None
+) -> Recipe:
+    """The recipe ``flags.name`` names (else ``default``, e.g. a folder's from
+    :func:`sparseformer.engine.own_folder.recipe_for_folder`; else ``fashion-mnist-cpu`` for
+    that built-in data set, ``imagenet1k`` otherwise) with the fields and settings of ``flags``
+    applied.
 
     Raises:
         RecipeError: an unknown recipe, a setting that is not ``KEY=VALUE``, a bad value.
     """
-    name = flags.name or ("fashion-mnist-cpu" if dataset == "fashion-mnist" else "imagenet1k")
-    recipe = load_recipe(name)
+    named = flags.name or ("fashion-mnist-cpu" if dataset == "fashion-mnist" else "imagenet1k")
+    recipe = default if flags.name is None and default is not None else load_recipe(named)
     changes = dict(flags.fields)
     augmentation: dict = {}
     aug_fields = {f.name for f in dataclasses.fields(Augmentation)}
