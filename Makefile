@@ -1,15 +1,28 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test`.
 # Each creates the virtual environment on first use and reinstalls when pyproject.toml changes.
 # `make docs` builds the documentation site into site/ (MkDocs, --strict: a broken link fails).
-PYTHON ?= python3.11
+# The Python that makes the venv: python3 by default, any other with `make PYTHON=python3.12`.
+PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: setup data demo test lint docs clean
 
+# One line, before any venv is made, when $(PYTHON) is older than pyproject's requires-python
+# (read with a regular expression: Python 3.10 has no tomllib; %-formatting: old Pythons too).
+define CHECK_PYTHON
+import re, sys
+need = re.search(r'requires-python *= *">= *([0-9.]+)"', open("pyproject.toml").read()).group(1)
+if sys.version_info[:2] < tuple(int(n) for n in need.split(".")):
+    sys.exit("make: %s is Python %d.%d; sparseformer needs Python %s or newer (requires-python "
+             "in pyproject.toml): install one and run make PYTHON=python3.X"
+             % (sys.executable, sys.version_info[0], sys.version_info[1], need))
+endef
+export CHECK_PYTHON
+
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/python || { $(PYTHON) -c "$$CHECK_PYTHON" && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
