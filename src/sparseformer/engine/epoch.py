@@ -8,6 +8,7 @@ mid-epoch checkpoints when due (:mod:`sparseformer.engine.step_saves`), then a l
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ class RunLoop:
     save_on_signal: bool = True
     signals: StopSignals = field(default_factory=StopSignals)
     board: TensorBoardScalars | None = None  # rank 0's TensorBoard scalars, when asked
+    validation: Callable[..., dict[str, Any]] = evaluate  # see RunOptions.validation
 
 
 def _roi_stats(model: nn.Module, batch: torch.Tensor | None, amp) -> dict[str, float]:
@@ -96,15 +98,24 @@ def run_epoch(loop: RunLoop, state: RunState, epoch: int) -> None:
         except OSError as exc:  # no space, a file-size limit, a lost permission, read-only
             hint = ", to continue with --resume auto" if (loop.out / ckpt_io.LAST).exists() else ""
             raise TrainingError(f"{exc}; {_kept(loop.out)}{hint}") from exc
-        ema = parts.tools.ema
         logger.info(
-            "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%, "
-            "%.0f %s/s%s",
+            "epoch %d/%d: train loss %.4f, val loss %.4f, %s, %.0f %s/s",
             epoch + 1, loop.recipe.epochs, record["train_loss"], record["val_loss"],
-            record["val_acc1"], record["val_acc5"], record["images_per_second"],
-            "clips" if loop.data.video else "img",
-            f", EMA top-1 {record['ema_val_acc1']:.2f}%" if ema is not None else "",
+            _scores(record), record["images_per_second"], "clips" if loop.data.video else "img",
         )  # fmt: skip
+
+
+def _scores(record: dict[str, Any]) -> str:
+    """The epoch's accuracies for its log line: the model's, its EMA's and, in a bootstrapping
+    run, its teacher's; none where the labels are not the model's classes."""
+    if record["val_acc1"] is None:
+        return "no top-1 (the labels are not the model's classes)"
+    text = f"top-1 {record['val_acc1']:.2f}%, top-5 {record['val_acc5']:.2f}%"
+    if record.get("teacher_val_acc1") is not None:
+        text += f" (teacher top-1 {record['teacher_val_acc1']:.2f}%)"
+    if record.get("ema_val_acc1") is not None:
+        text += f", EMA top-1 {record['ema_val_acc1']:.2f}%"
+    return text
 
 
 def _kept(out: Path) -> str:
@@ -152,8 +163,9 @@ def _validate(loop: RunLoop, stats: dict, state: RunState, epoch: int) -> dict[s
     # the module itself: DDP adds nothing to evaluation, and its first no-grad forward
     # broadcasts buffers, a collective a rank with no validation batch would never join
     broadcast_buffers(loop.model, dist)  # rank 0's BatchNorm statistics, which it saves
-    val = evaluate(loop.model, parts.val_loader, tools.prep, dist, None, loop.progress)  # fp32
-    record = {
+    val = loop.validation(loop.model, parts.val_loader, tools.prep, dist, None, loop.progress)
+    own = {k: v for k, v in val.items() if k not in ("loss", "acc1", "acc5", "images")}
+    record = {  # the model evaluated in fp32
         "epoch": epoch + 1,
         "step": state.step,
         "train_loss": stats["train_loss"],
@@ -161,6 +173,7 @@ def _validate(loop: RunLoop, stats: dict, state: RunState, epoch: int) -> dict[s
         "val_acc1": val["acc1"],
         "val_acc5": val["acc5"],
         "val_images": val["images"],  # scored: files that failed to decode are left out
+        **own,  # a validation pass's own numbers (bootstrap: the teacher's top-1)
         "lr": stats["lr"],
         "images_per_second": stats["images_per_second"],
         "epoch_seconds": stats["epoch_seconds"],
@@ -168,7 +181,7 @@ def _validate(loop: RunLoop, stats: dict, state: RunState, epoch: int) -> dict[s
     }
     if tools.ema is not None:
         broadcast_buffers(tools.ema.module, dist)
-        ema_val = evaluate(
+        ema_val = loop.validation(
             tools.ema.module, parts.val_loader, tools.prep, dist, None, loop.progress
         )
         record.update(ema_val_loss=ema_val["loss"], ema_val_acc1=ema_val["acc1"])

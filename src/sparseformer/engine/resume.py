@@ -9,7 +9,6 @@ flags asked otherwise is named in a warning.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,10 +212,12 @@ class RunState:
         Returns:
             Whether ``epoch`` is the new best.
         """
+        # None: no accuracy (labels that are not the model's classes), so no best either
         score, source = record["val_acc1"], "model"
-        if record.get("ema_val_acc1", -math.inf) > score:
-            score, source = record["ema_val_acc1"], "ema"
-        if score <= self.best:
+        ema = record.get("ema_val_acc1")
+        if ema is not None and (score is None or ema > score):
+            score, source = ema, "ema"
+        if score is None or score <= self.best:
             return False
         self.best, self.best_epoch, self.best_source = score, epoch, source
         return True

@@ -83,6 +83,10 @@ class RunOptions:
         extra: JSON-able facts stored in checkpoints (command line, data source).
         objective: the training loss from ``(model, images, targets)`` in place of the
             recipe's loss on the logits (``sparseformer bootstrap``'s teacher alignment).
+        validation: the validation pass in place of :func:`~sparseformer.engine.loop.
+            evaluate` (same arguments and keys; ``acc1``/``acc5`` may be ``None`` where the
+            labels are not the model's classes, and further keys join the epoch's record:
+            ``sparseformer bootstrap``'s alignment loss and teacher top-1).
     """
 
     output: Path
@@ -99,6 +103,7 @@ class RunOptions:
     tensorboard: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    validation: Callable[..., dict[str, Any]] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -197,6 +202,8 @@ def _fit_in(
     progress = options.progress and dist.is_main
     loop = RunLoop(net, model, parts, data, recipe, dist, out, progress, log, roi_batch, facts)
     loop.every, loop.save_on_signal = options.checkpoint_every, options.save_on_signal
+    if options.validation is not None:
+        loop.validation = options.validation
     if options.tensorboard and dist.is_main:
         loop.board = TensorBoardScalars(out / "tensorboard")
     with StopSignals() as loop.signals:  # a stop at a step boundary: see engine/stopping
@@ -264,7 +271,7 @@ def _summary(loop: RunLoop, state: RunState, model_name: str) -> dict[str, Any]:
         "model": model_name,
         "epochs": loop.recipe.epochs,
         "epochs_run": max(loop.recipe.epochs - state.start_epoch, 0),
-        "best_val_acc1": state.best,
+        "best_val_acc1": state.best if state.best_epoch else None,  # None: never scored
         "best_epoch": state.best_epoch,
         "best_source": state.best_source,  # "ema": best.pt's EMA weights (eval --ema)
         "final": record,
