@@ -68,8 +68,12 @@ def _teacher(bias: bool = True) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """A 2-class image folder and a `sparseformer train`-style checkpoint of a test_vit."""
-    root = tmp_path_factory.mktemp("bootstrap")
+    return make_folder(tmp_path_factory.mktemp("bootstrap"))
+
+
+def make_folder(root: Path) -> Path:
+    """A 2-class image folder in ``root/data`` and a `sparseformer train`-style checkpoint of
+    a test_vit, ``root/teacher.pt``."""
     rng = np.random.default_rng(0)
     for split, n in (("train", 12), ("val", 6)):
         for c, name in enumerate(("dark", "light")):
@@ -183,15 +187,19 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
         load_teacher("test_vit", other, img_size=32)
     with pytest.raises(BootstrapError, match="is a checkpoint of 'test_vit', not the teacher"):
         load_teacher("vit_tiny_patch16_224", folder / "teacher.pt", img_size=32)
-    for bad, why in (
+    for bad, why in (  # the command: status 1 and one line saying why
         (["--teacher", "test_resnet"], "not a ViT"),
+        (["--teacher", "test_vit", "--teacher-checkpoint", str(other)], "does not match the"),
+        (["--teacher", "test_vit", "--student", TEMPLATE], "cortex width 768 does not match"),
         (["--teacher", str(folder / "teacher.pt"), "--img-size", "48"], "trained at 32px"),
         (["--teacher", "test_vit", "--inherit", "9"], "has 6 blocks"),
     ):
         code = main(["bootstrap", "--data-dir", str(folder / "data"), "--output",
                      str(tmp_path / "x"), "--img-size", "32", *RUN, *bad])  # fmt: skip
-        assert code == 1
-        assert why in capsys.readouterr().err
+        err = capsys.readouterr().err.splitlines()
+        said = [line for line in err if line.startswith("sparseformer bootstrap: error:")]
+        assert code == 1 and len(said) == 1 and why in said[0], err
+        assert not any(line.startswith("Traceback") for line in err)
 
 
 def _args(folder: Path, out: Path, *extra: str) -> list[str]:
@@ -230,7 +238,19 @@ def test_run_trains_the_new_parts_and_keeps_the_frozen_tensors(alone, folder):
     assert [r["epoch"] for r in recs] == [1, 2, 3] and recs[-1]["train_loss"] < recs[0][
         "train_loss"
     ]
-    assert saved["teacher"]["val_acc1"] is not None and saved["model_name"] == TEMPLATE
+    assert saved["teacher"]["name"] == "test_vit" and saved["model_name"] == TEMPLATE
+
+
+def test_each_epoch_shows_the_teacher_beside_the_student(alone, folder, capsys):
+    recs = _records(alone)
+    (teacher,) = {r["teacher_val_acc1"] for r in recs}  # frozen: the same on every line
+    assert all(r["val_acc1"] is not None for r in recs)
+    assert main(["eval", "--checkpoint", str(folder / "teacher.pt"), "--data-dir",
+                 str(folder / "data"), "--json", "--quiet", "--threads", "1"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert teacher == pytest.approx(result["acc1"])  # what eval says of the teacher itself
+    summary = json.loads((alone / "summary.json").read_text())
+    assert summary["final"]["teacher_val_acc1"] == recs[-1]["teacher_val_acc1"]
 
 
 def test_the_student_loads_in_every_command(alone, folder, tmp_path, capsys):
@@ -276,5 +296,5 @@ def test_killed_run_resumes_on_the_same_trajectory(alone, folder, tmp_path):
     first, resumed = _records(alone), _records(out)
     assert [r["epoch"] for r in resumed] == [1, 2, 3]
     for a, b in zip(first, resumed):
-        for key in ("train_loss", "val_loss", "val_acc1", "lr"):
+        for key in ("train_loss", "val_loss", "val_acc1", "teacher_val_acc1", "lr"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a, b)

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from sparseformer.bootstrap.teacher import freeze
 
-__all__ = ["LOSSES", "AlignmentObjective", "freeze_for_bootstrap"]
+__all__ = ["LOSSES", "AlignmentObjective", "alignment_loss", "freeze_for_bootstrap"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +79,21 @@ class AlignmentObjective:
         with torch.no_grad():
             return teacher.forward_head(teacher.forward_features(images), pre_logits=True)
 
-    def __call__(self, student: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
-        target = self.teacher_features(images).float()
+    def student_features(self, student: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The student's pre-logit features ``(B, D)`` (the pooled token after its final
+        norm) and its outputs ``(B, K)``, from one forward pass."""
         kept: list[Tensor] = []
         norm = getattr(student, "module", student).fc_norm  # under DDP: the wrapped model's
         hook = norm.register_forward_hook(lambda _m, _i, out: kept.append(out))
         try:
-            student(images)
+            outputs = student(images)
         finally:
             hook.remove()
-        features = kept[-1].float()  # (B, D): the pooled token after the final norm
+        return kept[-1], outputs
+
+    def __call__(self, student: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        target = self.teacher_features(images).float()
+        features = self.student_features(student, images)[0].float()  # (B, D)
         return alignment_loss(features, target, self.loss)
 
 

@@ -2,8 +2,9 @@
 (:func:`sparseformer.engine.trainer.fit`) with the teacher-alignment objective.
 
 Everything a ``sparseformer train`` run has, this run has (recipes, DDP, bf16/fp16, atomic
-checkpoints, ``--resume auto``, ``metrics.jsonl`` with ``train_loss`` the alignment loss and
-the student's top-1 where the data has labels, images/s): only the loss differs. Its checkpoints
+checkpoints, ``--resume auto``, ``metrics.jsonl`` with ``train_loss`` and ``val_loss`` the
+alignment loss, the student's and the teacher's top-1 where the teacher's outputs are the data's
+classes, images/s): only the loss and the validation pass differ. Its checkpoints
 name the template model with the student's own configuration fields (``architecture``), so
 ``create_model(TEMPLATE, checkpoint_path=...)``, ``eval``, ``predict``, ``viz`` and ``export``
 build the student from them.
@@ -20,22 +21,21 @@ import torch
 
 from sparseformer.bootstrap.derive import (
     TEMPLATE,
-    BootstrapError,
     architecture_overrides,
     bootstrap_config,
     build_student,
 )
 from sparseformer.bootstrap.objective import AlignmentObjective, freeze_for_bootstrap
 from sparseformer.bootstrap.teacher import Teacher
+from sparseformer.bootstrap.validation import AlignmentValidation
+from sparseformer.config import SparseFormerConfig
 from sparseformer.data.datasets import DatasetBundle
-from sparseformer.data.loader import build_eval_loader
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine.distributed import DistInfo, setup_distributed
-from sparseformer.engine.loop import BatchPrep, evaluate
 from sparseformer.engine.recipe import Recipe
-from sparseformer.engine.trainer import RunOptions, amp_dtype_for, fit
+from sparseformer.engine.trainer import RunOptions, fit
 
-__all__ = ["BootstrapSettings", "make_student", "teacher_accuracy", "bootstrap"]
+__all__ = ["BootstrapSettings", "make_student", "accuracy_defined", "bootstrap"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,37 +79,33 @@ def make_student(teacher: Teacher, settings: BootstrapSettings) -> torch.nn.Modu
     return student
 
 
-def teacher_accuracy(
-    teacher: Teacher,
-    data: DatasetBundle,
-    preprocessing: Preprocessing,
-    batch_size: int,
-    device: torch.device,
-    dist: DistInfo,
-    amp: torch.dtype | None = None,
-) -> dict[str, float]:
-    """The teacher's top-1/top-5 on the validation set (its classes must be the data's)."""
-    loader = build_eval_loader(data.val, batch_size, 0, dist.rank, dist.world_size)
-    prep = BatchPrep(preprocessing.mean, preprocessing.std, device)
-    teacher.model.to(device)
-    return evaluate(teacher.model, loader, prep, dist, amp)
+def accuracy_defined(teacher: Teacher, config: SparseFormerConfig, data: DatasetBundle) -> bool:
+    """Whether top-1 means something on ``data``: the teacher's outputs (the student's, whose
+    head is the teacher's) are the data's classes. Where they are not, one INFO line says why
+    and the run trains all the same: bootstrapping needs no labels.
 
-
-def _check_classes(num_classes: int, data: DatasetBundle) -> bool:
-    """Whether the student's outputs are the data's classes (accuracy means something)."""
-    if num_classes < data.num_classes:
-        raise BootstrapError(
-            f"the teacher has {num_classes} outputs but the data {data.num_classes} classes; "
-            "accuracy is reported on the teacher's classes: give a folder with at most "
-            f"{num_classes} classes"
-        )
-    if num_classes != data.num_classes:
-        logger.warning(
-            "the teacher has %d outputs and the data %d classes: the top-1 reported is not "
-            "a classification accuracy; the alignment loss is what the run optimises",
-            num_classes, data.num_classes,
+    The outputs are taken for the data's classes when they are as many, the head is not a
+    bias-free projection (a CLIP tower's embedding), and the teacher's checkpoint, where it
+    names its classes, names the data's in the same order.
+    """
+    outputs, classes = config.num_classes, data.num_classes
+    why = None
+    if not outputs:
+        why = "the teacher has no head (its outputs are features)"
+    elif not config.head_bias:
+        why = f"the teacher's head is a {outputs}-d projection (a CLIP embedding), not classes"
+    elif outputs != classes:
+        why = f"the teacher has {outputs} outputs and the data {classes} classes"
+    elif teacher.class_names is not None and list(teacher.class_names) != data.class_names:
+        why = (f"the teacher's classes ({', '.join(teacher.class_names[:3])}, ...) are not the "
+               f"data's ({', '.join(data.class_names[:3])}, ...)")  # fmt: skip
+    if why is not None:
+        logger.info(
+            "no accuracy is reported: %s; the alignment loss is what the run optimises (a "
+            "teacher whose head holds the data's classes, e.g. a `sparseformer train` run of "
+            "it on them, gives the student's and the teacher's top-1)", why,
         )  # fmt: skip
-    return num_classes == data.num_classes
+    return why is None
 
 
 def bootstrap(
@@ -130,32 +126,24 @@ def bootstrap(
     """
     dist = dist or setup_distributed(options.device)
     student = make_student(teacher, settings)
-    same_classes = _check_classes(student.config.num_classes, data)
-    device = torch.device(options.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", dist.local_rank)
-    amp = amp_dtype_for(options.precision, options.device)
-    teacher_val = {}
-    if same_classes:
-        teacher_val = teacher_accuracy(
-            teacher, data, preprocessing, 2 * recipe.batch_size, device, dist, amp
-        )
-        logger.info("teacher %s: val top-1 %.2f%%", teacher.name, teacher_val["acc1"])
-    record = {"name": teacher.name, "val_acc1": teacher_val.get("acc1")}
-    names = list(data.class_names) if same_classes else list(teacher.class_names or [])
+    labels = accuracy_defined(teacher, student.config, data)
+    names = list(data.class_names) if labels else list(teacher.class_names or [])
     objective = AlignmentObjective(teacher.model, settings.loss)
     options = dataclasses.replace(
         options,
         model_name=TEMPLATE,
         objective=objective,
+        validation=AlignmentValidation(objective, labels),
         extra={
             **options.extra,
             "num_classes": student.config.num_classes,
             "class_names": names or None,
             "architecture": architecture_overrides(student.config),
-            "teacher": record,
+            "teacher": {"name": teacher.name},
             "bootstrap": settings.to_dict(),
         },
     )
     summary = fit(student, data, recipe, preprocessing, options, dist)
+    final = summary["final"] or {}
+    record = {"name": teacher.name, "val_acc1": final.get("teacher_val_acc1")}
     return {**summary, "teacher": record, "student": architecture_overrides(student.config)}

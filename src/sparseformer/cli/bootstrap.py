@@ -4,7 +4,9 @@ the new focusing part trains to give the ViT's own final representation on the s
 
 A training run like ``train`` (recipes, torchrun, bf16/fp16, --resume auto) writing to
 --output: last.pt / best.pt (load them with --checkpoint in eval, predict, viz, export),
-metrics.jsonl (train_loss is the alignment loss), metrics.png and summary.json.
+metrics.jsonl (train_loss and val_loss are the alignment loss; val_acc1 the student's and
+teacher_val_acc1 the teacher's top-1, where the teacher's outputs are the data's classes),
+metrics.png and summary.json.
 """
 
 from __future__ import annotations
@@ -203,12 +205,15 @@ def _print_summary(summary: dict) -> None:
     if summary["epochs_run"] == 0 or not final:
         print(f"nothing to do: the run already has {summary['epochs']} epochs")
         return
-    top1 = teacher.get("val_acc1")
-    against = f" (teacher {top1:.2f}%)" if top1 is not None else ""
+    if final["val_acc1"] is None:  # the labels are not the teacher's classes (a CLIP tower)
+        scores = "no accuracy (the teacher's outputs are not the data's classes)"
+    else:
+        scores = (f"val top-1 student {final['val_acc1']:.2f}%, teacher "
+                  f"{teacher['val_acc1']:.2f}%")  # fmt: skip
     print(
         f"done: {summary['epochs']} epochs in {summary['train_seconds'] / 60:.1f} min; "
-        f"alignment loss {final['train_loss']:.4f}; student val top-1 "
-        f"{final['val_acc1']:.2f}%{against}"
+        f"alignment loss train {final['train_loss']:.4f}, val {final['val_loss']:.4f}; "
+        f"{scores}; {final['images_per_second']:.0f} img/s"
     )
     kept = [summary["last_checkpoint"], summary["best_checkpoint"]]
     print(f"checkpoints: {', '.join(p for p in kept if p is not None)}")
