@@ -180,9 +180,9 @@ def test_video_model_draws_rois_on_the_frames_of_a_real_clip(tmp_path, capsys):
     Image.new("RGB", (40, 40), "red").save(photo)  # not drawn as an 8-frame still "clip"
     video_model = ["viz", "--model", "video_sparseformer_v1_micro", "--out", str(out)]
     assert main([*video_model, str(photo)]) == 1
-    assert "an image, but the model is a video model" in capsys.readouterr().err
+    assert "an image, but video_sparseformer_v1_micro is a video model" in capsys.readouterr().err
     assert main(["viz", "--model", "sparseformer_v1_micro", str(clip), "--out", str(out)]) == 1
-    assert "a video, but the model is an image model" in capsys.readouterr().err
+    assert "a video, but sparseformer_v1_micro is an image model" in capsys.readouterr().err
 
 
 def test_a_training_checkpoint_names_its_model_classes_and_preprocessing(tmp_path, capsys):

@@ -1,10 +1,13 @@
-"""What the commands share: argparse types, the data and clip flags, and the flags turned into
-library values (data source, clip sampling, recipe request). Heavy modules are imported inside
-the functions, so that ``sparseformer --help`` stays fast."""
+"""What the commands share: argparse types, the data and clip flags, the flags turned into
+library values (data source, clip sampling, recipe request), and how a command that takes many
+files reports one it cannot use and goes on with the others (``predict``, ``viz``). Heavy
+modules are imported inside the functions, so that ``sparseformer --help`` stays fast."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 __all__ = [
@@ -18,6 +21,8 @@ __all__ = [
     "recipe_flags",
     "MODEL_FROM_CHECKPOINT",
     "model_named_by_checkpoint",
+    "wrong_kind",
+    "skip_file",
 ]
 
 
@@ -191,3 +196,30 @@ def model_named_by_checkpoint(args: argparse.Namespace) -> str:
         if type(exc) is not ValueError:  # CheckpointError: printed as it is
             raise
         raise CliError(f"{args.checkpoint} does not name its model; pass --model NAME") from None
+
+
+def wrong_kind(path: Path, model_name: str, video_model: bool) -> str | None:
+    """Why ``path`` cannot go to the model (an image for a video model, the other way round,
+    a broken link), or ``None``."""
+    from sparseformer.data.images import IMAGE_EXTENSIONS
+    from sparseformer.data.video import VIDEO_EXTENSIONS
+
+    if path.suffix.lower() in (IMAGE_EXTENSIONS if video_model else VIDEO_EXTENSIONS):
+        if video_model:
+            why = f"an image, but {model_name} is a video model; use an image model"
+        else:
+            why = f"a video, but {model_name} is an image model; use a video model"
+        return f"{why} (`sparseformer models` lists them)"
+    if path.is_symlink() and not path.exists():  # listed in a folder, its target gone
+        return "a broken symbolic link"
+    return None
+
+
+def skip_file(path: Path, why: str, as_json: bool = False) -> int:
+    """Report a file that a command taking many files cannot use, which then goes on with the
+    others: ``PATH: WHY; skipped`` on stderr, and with ``--json`` also a record on stdout
+    (``{"image": ..., "error": ...}``) so that a script sees every input. Returns 1 (a count)."""
+    print(f"{path}: {why}; skipped", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"image": str(path), "error": why}))
+    return 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from sparseformer.cli.common import (
@@ -18,6 +17,8 @@ from sparseformer.cli.common import (
     model_named_by_checkpoint,
     positive_int,
     refuse_video_flags_on_images,
+    skip_file,
+    wrong_kind,
 )
 
 __all__ = ["register"]
@@ -56,15 +57,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _skip(path: Path, why: str, as_json: bool) -> int:
-    """Report a file that gets no prediction: on stderr, and with ``--json`` also as a record
-    on stdout (``{"image": ..., "error": ...}``) so that a script sees every input. Returns 1."""
-    print(f"{path}: {why}; skipped", file=sys.stderr)
-    if as_json:
-        print(json.dumps({"image": str(path), "error": why}))
-    return 1
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -100,31 +92,14 @@ def run(args: argparse.Namespace) -> int:
         video = prediction_clip_spec(model, info, pre, clip_flags(args), args.clips, args.crops)
     failed = 0
     for path in args.images:
-        why = _wrong_kind(path, args.model, video_model)
+        why = wrong_kind(path, args.model, video_model)
         if why is None:
             probs, why = _probabilities(model, path, video, transform, prep, device)
         if why is not None:
-            failed += _skip(path, why, args.json)
+            failed += skip_file(path, why, args.json)
             continue
         _print_top(path, probs, names, min(args.topk, len(names)), args.json)
     return 1 if failed else 0  # the others are classified all the same
-
-
-def _wrong_kind(path: Path, model_name: str, video_model: bool) -> str | None:
-    """Why ``path`` cannot go to the model (an image for a video model, the other way round,
-    a broken link), or ``None``."""
-    from sparseformer.data.images import IMAGE_EXTENSIONS
-    from sparseformer.data.video import VIDEO_EXTENSIONS
-
-    if path.suffix.lower() in (IMAGE_EXTENSIONS if video_model else VIDEO_EXTENSIONS):
-        if video_model:
-            why = f"an image, but {model_name} is a video model; use an image model"
-        else:
-            why = f"a video, but {model_name} is an image model; use a video model"
-        return f"{why} (`sparseformer models` lists them)"
-    if path.is_symlink() and not path.exists():  # listed in a folder, its target gone
-        return "a broken symbolic link"
-    return None
 
 
 def _probabilities(model, path: Path, video, transform, prep, device: str):

@@ -4,6 +4,8 @@ For each image: NAME_rois.png (RoIs and sampling points after each sampling stag
 with the predicted label and the RoI statistics), NAME_stages.gif (the same stages as an
 animation) and NAME_roi_stats.json. With a video model, each input is a video file:
 NAME_frames.png shows the RoIs on each frame of the clip and NAME_frames.gif plays them.
+A file that cannot be read is reported and the others are drawn; the exit status is 1 only
+when nothing could be drawn.
 """
 
 from __future__ import annotations
@@ -78,10 +80,10 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from sparseformer.data.video import VIDEO_EXTENSIONS
+    from sparseformer.cli.common import skip_file, wrong_kind
     from sparseformer.engine.device import pick_device
     from sparseformer.viz.figures import format_statistics, write_pictures, write_video_pictures
-    from sparseformer.viz.inputs import load_image, load_model_for_viz
+    from sparseformer.viz.inputs import load_model_for_viz
 
     try:
         device = torch.device(pick_device(args.device, allow_mps=True))
@@ -100,27 +102,39 @@ def run(args: argparse.Namespace) -> int:
         info = dataclasses.replace(info, input_size=args.img_size)
     video = getattr(model, "roi_dims", 2) == 3
     options = {"stages": args.stages, "highlight": args.tokens, "gif": not args.no_gif}
-    used: set[str] = set()
+    label = args.model or "the model"  # a checkpoint's own model is checked already
+    drawn, used = 0, set()
     for path in paths:
-        stem = _unique_stem(path, used)
+        why = wrong_kind(path, label, video)
+        if why is None:
+            picture, why = _read_input(path, model, info, video)
+        if why is not None:
+            skip_file(path, why)
+            continue
         try:
-            if video:
-                frames = _read_clip(path, info.clip or {"num_frames": model.config.num_frames})
-                result = write_video_pictures(model, frames, args.out, stem, info=info, **options)
-            else:
-                if path.suffix.lower() in VIDEO_EXTENSIONS:
-                    raise ValueError(
-                        f"{path}: a video, but the model is an image model; use a video model"
-                    )
-                img = load_image(path, max_side=4 * info.input_size)
-                result = write_pictures(model, img, args.out, stem, info=info, **options)
-        except (ValueError, OSError) as exc:  # unreadable input, a stage the model lacks
+            result = (write_video_pictures if video else write_pictures)(
+                model, picture, args.out, _unique_stem(path, used), info=info, **options
+            )
+        except (ValueError, OSError) as exc:  # a stage the model lacks, an unwritable --out
             raise CliError(str(exc)) from exc
+        drawn += 1
         print(f"{path}: {result.label}")
         for file in result.files:
             print(f"  wrote {file}")
         print("  " + format_statistics(result.stats).replace("\n", "\n  "))
-    return 0
+    return 0 if drawn else 1  # the files skipped are listed above, one line each
+
+
+def _read_input(path: Path, model, info, video: bool):
+    """``(image or clip, None)``, or ``(None, why)`` for a file that cannot be read."""
+    from sparseformer.viz.inputs import load_image
+
+    try:
+        if video:
+            return _read_clip(path, info.clip or {"num_frames": model.config.num_frames}), None
+        return load_image(path, max_side=4 * info.input_size), None
+    except (ValueError, OSError) as exc:  # unreadable, cut short, a video shorter than a clip
+        return None, str(exc).removeprefix(f"{path}: ")  # the readers' "PATH: why"
 
 
 def _read_clip(path: Path, sampling: dict):
@@ -128,16 +142,10 @@ def _read_clip(path: Path, sampling: dict):
     and optionally ``stride`` and ``sampling``; default uniform): ``(T, H, W, 3)``.
 
     Raises:
-        ValueError: an image file, or a video shorter than one clip; OSError: unreadable.
+        ValueError: a video shorter than one clip; OSError: unreadable.
     """
-    from sparseformer.data.images import IMAGE_EXTENSIONS
     from sparseformer.data.video import ClipSpec, read_test_clips
 
-    if path.suffix.lower() in IMAGE_EXTENSIONS:
-        raise ValueError(
-            f"{path}: an image, but the model is a video model; give video files or use an "
-            "image model"
-        )
     return read_test_clips(path, ClipSpec(**{"sampling": "uniform", **sampling}))
 
 

@@ -69,7 +69,8 @@ def load_image(path: str | os.PathLike, *, max_side: int | None = None):
 
     Raises:
         FileNotFoundError: the path does not exist or is a directory.
-        ValueError: the file is not an image PIL can decode (the message says which file).
+        ValueError: the file is not an image PIL can decode (the message opens with the path,
+            ``PATH: why``, as the video readers' do).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -88,13 +89,13 @@ def load_image(path: str | os.PathLike, *, max_side: int | None = None):
             return to_rgb(upright(img))
     except UnidentifiedImageError as exc:
         raise ValueError(
-            f"{str(path)!r} is not a readable image (PIL cannot identify its format); "
+            f"{path}: not a readable image (PIL cannot identify its format); "
             "pass a JPEG, PNG, BMP, TIFF, WebP or GIF file"
         ) from exc
     except Image.DecompressionBombError as exc:
-        raise ValueError(f"{str(path)!r} is too large to decode safely ({exc})") from exc
+        raise ValueError(f"{path}: too large to decode safely ({exc})") from exc
     except (OSError, SyntaxError) as exc:  # truncated or corrupt data
-        raise ValueError(f"{str(path)!r} could not be decoded ({exc}); is it complete?") from exc
+        raise ValueError(f"{path}: could not be decoded ({exc}); is it complete?") from exc
 
 
 def preprocess(
