@@ -61,7 +61,8 @@ def test_convert_then_load_roundtrip(tmp_path):
     assert out.stat().st_mode & 0o777 == src.stat().st_mode & 0o777  # as any new file
     out.chmod(0o600)  # the user's choice for the file it replaces is kept
     subprocess.run(
-        [sys.executable, "-m", "sparseformer", "convert", str(src), str(out)], check=True
+        [sys.executable, "-m", "sparseformer", "convert", str(src), str(out), "--overwrite"],
+        check=True,
     )
     assert out.stat().st_mode & 0o777 == 0o600
     assert not any("tuo_proj" in k or "m_beta" in k for k in converted)

@@ -8,6 +8,7 @@ from PIL import Image
 
 from sparseformer import create_model
 from sparseformer.cli import main
+from sparseformer.weights.checkpoint import read_checkpoint
 
 from .conftest import DATA
 
@@ -43,3 +44,19 @@ def test_viz_and_predict_share_the_rule_for_files_of_the_wrong_kind(tmp_path, ca
     assert main(["predict", "--model", NANO, "--checkpoint", str(ckpt), str(clip)]) == 1
     assert viz_line == capsys.readouterr().err.strip()
     assert viz_line.startswith(f"{clip}: a video, but {NANO} is an image model")
+
+
+def test_convert_refuses_to_replace_a_file_unless_told(tmp_path, capsys):
+    src = tmp_path / "w.pth"
+    torch.save(create_model(NANO).state_dict(), src)
+    out = tmp_path / "w.safetensors"
+    out.write_text("the user's file")
+    assert main(["convert", str(src), str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"sparseformer convert: error: OUT {str(out)!r} already exists; replace it with "
+        "--overwrite, or give another path"
+    )
+    assert out.read_text() == "the user's file"
+    assert main(["convert", str(src), str(out), "--overwrite"]) == 0
+    assert read_checkpoint(out).state_dict.keys() == torch.load(src).keys()

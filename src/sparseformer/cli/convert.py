@@ -2,7 +2,8 @@
 
 A ``sparseformer train`` checkpoint converts too; what it says about itself (model name,
 class names, preprocessing, clip settings) travels in the safetensors metadata, and
-:func:`sparseformer.weights.checkpoint.read_checkpoint` reads it back."""
+:func:`sparseformer.weights.checkpoint.read_checkpoint` reads it back. An existing OUT is
+replaced only with ``--overwrite``."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="output .safetensors path")
     p.add_argument("--model", default=None, help="verify by loading into this model")
     p.add_argument("--ema", action="store_true", help="take model_ema when present")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
     p.set_defaults(func=run)
 
 
@@ -42,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise CliError(
             f"OUT {str(out)!r} is a folder; give a file path, e.g. {out / 'model.safetensors'}"
+        )
+    if out.exists() and not args.overwrite:
+        raise CliError(
+            f"OUT {str(out)!r} already exists; replace it with --overwrite, or give another path"
         )
     check_output(out, "OUT")  # a parent that is a file, a folder we may not write in
     ckpt = read_checkpoint(args.input, prefer_ema=args.ema)
