@@ -3,12 +3,14 @@ convert does not replace a file unasked, torch's reason for refusing a pickle is
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
 from sparseformer import create_model
 from sparseformer.cli import main
 from sparseformer.weights.checkpoint import read_checkpoint
+from sparseformer.weights.convert import CheckpointError
 
 from .conftest import DATA
 
@@ -60,3 +62,21 @@ def test_convert_refuses_to_replace_a_file_unless_told(tmp_path, capsys):
     assert out.read_text() == "the user's file"
     assert main(["convert", str(src), str(out), "--overwrite"]) == 0
     assert read_checkpoint(out).state_dict.keys() == torch.load(src).keys()
+
+
+@pytest.mark.parametrize("what", ["model", "blocked"])
+def test_an_unsafe_pickle_keeps_torchs_reason_whole(tmp_path, what):
+    import os
+
+    path = tmp_path / "bad.pth"
+    if what == "model":  # a pickled model object
+        torch.save(torch.nn.Linear(2, 2), path)
+        named = "GLOBAL torch.nn.modules.linear.Linear was not an allowed global by default"
+    else:  # a global on torch's block list
+        torch.save({"fn": os.getcwd}, path)
+        named = "unsupported GLOBAL posix.getcwd whose module posix is blocked"
+    with pytest.raises(CheckpointError) as caught:
+        read_checkpoint(path)
+    message = str(caught.value)
+    assert named in message and "\n" not in message and "\x1b" not in message
+    assert message.endswith("torch.save(model.state_dict(), path)")

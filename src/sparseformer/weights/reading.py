@@ -12,6 +12,7 @@ import collections
 import json
 import logging
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,7 @@ def read_file(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(
-            f"{str(path)!r} is not a readable PyTorch checkpoint "
-            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"{str(path)!r} is not a readable PyTorch checkpoint ({_torch_reason(exc)}); "
             "it may be truncated (download or copy again) or not a checkpoint at all"
         ) from exc
     except Exception as exc:  # the unpickler raises UnpicklingError for text, code, junk
@@ -81,11 +81,21 @@ def read_file(path: str | os.PathLike) -> Any:
         if loaded is not None:
             return loaded
         raise CheckpointError(
-            f"{str(path)!r} could not be loaded safely ({exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0][:200]}); only a state dict of tensors, with plain "
-            "data beside it, is accepted (weights_only=True): a pickled model object must be "
-            "saved again as torch.save(model.state_dict(), path)"
+            f"{str(path)!r} could not be loaded safely ({_torch_reason(exc)}); only a state "
+            "dict of tensors, with plain data beside it, is accepted (weights_only=True): a "
+            "pickled model object must be saved again as torch.save(model.state_dict(), path)"
         ) from exc
+
+
+def _torch_reason(exc: Exception) -> str:
+    """torch's reason for refusing a file, whole, on one line and without terminal colours:
+    the lines that name what was refused (``Unsupported global: GLOBAL x.Y ...``) when there
+    are any, else the whole message. Its advice to load with ``weights_only=False`` opens the
+    message and is left out: no command of this library does that."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch bolds a sentence for terminals
+    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+    named = [line.removeprefix("WeightsUnpickler error: ") for line in lines if "GLOBAL" in line]
+    return f"{exc.__class__.__name__}: {' '.join(named or lines)}"
 
 
 class NotLoaded:
