@@ -1,7 +1,12 @@
 """Small frictions a user met, each pinned: viz goes on past unreadable files as predict does,
-convert does not replace a file unasked, torch's reason for refusing a pickle is kept whole."""
+convert does not replace a file unasked, torch's reason for refusing a pickle is kept whole,
+a non-finite loss does not advise the precision a run already has, and top-5 (always 100%)
+is not reported for 5 classes or fewer."""
 
 from __future__ import annotations
+
+import json
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -80,3 +85,69 @@ def test_an_unsafe_pickle_keeps_torchs_reason_whole(tmp_path, what):
     message = str(caught.value)
     assert named in message and "\n" not in message and "\x1b" not in message
     assert message.endswith("torch.save(model.state_dict(), path)")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_non_finite_loss_advice_suggests_only_a_wider_precision(tmp_path, precision):
+    from sparseformer.engine.trainer import TrainingError
+
+    from .test_engine import BreaksLater, tiny_run
+
+    with pytest.raises(TrainingError, match="loss is nan") as caught:
+        tiny_run(tmp_path, BreaksLater(good_calls=2), precision=precision)
+    advice = str(caught.value).rpartition(". ")[2]
+    assert "--lr" in advice
+    if precision == "fp32":
+        assert "precision" not in advice  # the run is fp32 already
+    else:
+        assert advice.endswith("--precision fp32") and "bf16" not in advice
+
+
+def test_top5_is_left_out_for_five_classes_or_fewer(tmp_path, capsys):
+    from sparseformer.engine.metrics import format_accuracy, top5_or_none
+
+    from .test_engine import BreaksLater, tiny_run
+
+    assert top5_or_none(100.0, 5) is None and top5_or_none(91.0, 6) == 91.0
+    assert format_accuracy(80.0, None) == "top-1 80.00%"
+    assert format_accuracy(80.0, 95.5) == "top-1 80.00%, top-5 95.50%"
+    tiny_run(tmp_path, BreaksLater(good_calls=10**9))  # 4 classes
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("val_acc5" in r and r["val_acc5"] is None for r in records)  # key kept: null
+    assert all(isinstance(r["val_acc1"], float) for r in records)
+    assert "top-1" in _curves(records, tmp_path) and "top-5" not in _curves(records, tmp_path)
+    assert "top-5" in _curves([{**r, "val_acc5": 99.0} for r in records], tmp_path)
+
+
+def _curves(records, tmp_path) -> list[str]:
+    """The labels of the curves metrics.png draws."""
+    from matplotlib.axes import Axes
+
+    from sparseformer.engine.metrics import plot_metrics
+
+    labels, plot = [], Axes.plot
+
+    def spy(ax, *args, **kwargs):
+        labels.append(kwargs.get("label"))
+        return plot(ax, *args, **kwargs)
+
+    with patch.object(Axes, "plot", spy):
+        plot_metrics(records, tmp_path / "metrics.png")
+    return labels
+
+
+def test_eval_reports_top5_only_with_more_than_five_classes(tmp_path, capsys):
+    from .test_data import make_folder
+    from .test_train_errors import run_cli
+
+    ckpt = tmp_path / "nano.pth"
+    torch.save(create_model(NANO, num_classes=2).state_dict(), ckpt)
+    argv = ["eval", "--model", NANO, "--checkpoint", str(ckpt), "--img-size", "32", "--quiet"]
+    argv += ["--data-dir", str(make_folder(tmp_path / "data"))]  # 2 classes
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "top-1 " in out and "top-5" not in out
+    code, out, err = run_cli(capsys, *argv, "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert "acc5" in result and result["acc5"] is None and result["acc1"] is not None

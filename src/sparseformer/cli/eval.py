@@ -169,6 +169,8 @@ def _evaluate(
 
 
 def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: bool) -> None:
+    from sparseformer.engine.metrics import format_accuracy
+
     # files skipped at the scan, and files left out when they failed to decode: the items the
     # loader had minus those scored (counted here, so data-loading processes count too)
     num_skipped = len(bundle.skipped_files) + len(bundle.val) - metrics["images"]
@@ -178,7 +180,7 @@ def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: b
         "data": source.describe(),
         "images": metrics["images"],
         "acc1": metrics["acc1"],
-        "acc5": metrics["acc5"],
+        "acc5": metrics["acc5"],  # null for 5 classes or fewer (always 100%: not measured)
         "loss": metrics["loss"],
         "img_size": pre.img_size,
         "ema": ema,  # False when --ema found no EMA weights (warned)
@@ -192,6 +194,5 @@ def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: b
         what = "videos" if bundle.video else "images"
         print(
             f"{args.model} on {source.describe()}: {metrics['images']:,} {what}{skipped}, "
-            f"top-1 {metrics['acc1']:.2f}%, top-5 {metrics['acc5']:.2f}%, "
-            f"loss {metrics['loss']:.4f}"
+            f"{format_accuracy(metrics['acc1'], metrics['acc5'])}, loss {metrics['loss']:.4f}"
         )

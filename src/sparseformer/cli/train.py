@@ -355,11 +355,13 @@ def _print_summary(summary: dict, bundle, video: bool) -> None:
         return
     if not final:
         return
+    from sparseformer.engine.metrics import format_accuracy
+
     minutes = summary["train_seconds"] / 60
     ema = f", EMA top-1 {final['ema_val_acc1']:.2f}%" if "ema_val_acc1" in final else ""
     print(
         f"done: {summary['epochs']} epochs in {minutes:.1f} min of training; last epoch: "
-        f"val top-1 {final['val_acc1']:.2f}%, top-5 {final['val_acc5']:.2f}%{ema}; best top-1 "
+        f"val {format_accuracy(final['val_acc1'], final['val_acc5'])}{ema}; best top-1 "
         f"{summary['best_val_acc1']:.2f}% (epoch {summary['best_epoch']})"
     )
     kept = [summary["last_checkpoint"], summary["best_checkpoint"]]

@@ -22,7 +22,12 @@ from sparseformer.engine import checkpoint as ckpt_io
 from sparseformer.engine.collaborators import TrainingParts
 from sparseformer.engine.distributed import DistInfo, broadcast_buffers, gather_objects
 from sparseformer.engine.loop import NonFiniteLossError, evaluate, train_one_epoch
-from sparseformer.engine.metrics import MetricsLog, TensorBoardScalars, plot_metrics
+from sparseformer.engine.metrics import (
+    MetricsLog,
+    TensorBoardScalars,
+    format_accuracy,
+    plot_metrics,
+)
 from sparseformer.engine.recipe import Recipe
 from sparseformer.engine.resume import RunState
 from sparseformer.engine.step_saves import StepHook, progress_record
@@ -76,8 +81,8 @@ def run_epoch(loop: RunLoop, state: RunState, epoch: int) -> None:
         stats, hook = _train_part(loop, state, epoch)
     except NonFiniteLossError as exc:
         raise TrainingError(
-            f"training stopped in epoch {epoch + 1}: {exc}; {_kept(loop.out)}. Lower the "
-            "learning rate (--lr), keep gradient clipping on, or use --precision bf16/fp32"
+            f"training stopped in epoch {epoch + 1}: {exc}; {_kept(loop.out)}. "
+            f"{_non_finite_advice(parts.tools.amp_dtype)}"
         ) from exc
     state.step = int(stats["steps"])
     state.train_seconds += stats["epoch_seconds"]
@@ -110,12 +115,20 @@ def _scores(record: dict[str, Any]) -> str:
     run, its teacher's; none where the labels are not the model's classes."""
     if record["val_acc1"] is None:
         return "no top-1 (the labels are not the model's classes)"
-    text = f"top-1 {record['val_acc1']:.2f}%, top-5 {record['val_acc5']:.2f}%"
+    text = format_accuracy(record["val_acc1"], record["val_acc5"])
     if record.get("teacher_val_acc1") is not None:
         text += f" (teacher top-1 {record['teacher_val_acc1']:.2f}%)"
     if record.get("ema_val_acc1") is not None:
         text += f", EMA top-1 {record['ema_val_acc1']:.2f}%"
     return text
+
+
+def _non_finite_advice(amp_dtype: torch.dtype | None) -> str:
+    """What to change after a non-finite loss: a wider precision only where there is one."""
+    wider = {torch.float16: "bf16 (or fp32)", torch.bfloat16: "fp32"}.get(amp_dtype)
+    if wider is None:  # fp32 already: precision is not the cause
+        return "Lower the learning rate (--lr) and keep gradient clipping on"
+    return f"Lower the learning rate (--lr), keep gradient clipping on, or use --precision {wider}"
 
 
 def _kept(out: Path) -> str:

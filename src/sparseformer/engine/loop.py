@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from sparseformer.engine.distributed import DistInfo, all_reduce_sum
+from sparseformer.engine.metrics import TOP5_MIN_CLASSES, top5_or_none
 from sparseformer.engine.optim import set_lr
 from sparseformer.weights.loading import is_sparseformer
 
@@ -264,11 +265,13 @@ def evaluate(
             pairs to (top-1), or ``None``.
 
     Returns:
-        ``loss``, ``acc1``, ``acc5``, ``images``.
+        ``loss``, ``acc1``, ``acc5``, ``images``; ``acc5`` is ``None`` for 5 classes or fewer
+        (:func:`sparseformer.engine.metrics.top5_or_none`).
     """
     model.eval()
     device = prep.device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    num_classes = TOP5_MIN_CLASSES  # read from the logits; a rank that saw no batch keeps top-5
     for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
         if len(y) == 0:  # every image of the batch failed to decode (logged by the data set)
             continue
@@ -276,7 +279,8 @@ def evaluate(
         with _autocast(device, amp_dtype):
             logits = model(x)
         logits = logits.float()
-        k = min(5, logits.shape[-1])
+        num_classes = logits.shape[-1]
+        k = min(5, num_classes)
         top = logits.topk(k, dim=-1).indices  # (B, k)
         hit = top == y[:, None]  # (B, k)
         if confusion is not None:
@@ -295,6 +299,6 @@ def evaluate(
     return {
         "loss": sums[0].item() / n,
         "acc1": 100.0 * sums[1].item() / n,
-        "acc5": 100.0 * sums[2].item() / n,
+        "acc5": top5_or_none(100.0 * sums[2].item() / n, num_classes),
         "images": int(sums[3].item()),
     }

@@ -1,4 +1,11 @@
-"""Per-epoch metrics: one JSON object per line in ``metrics.jsonl`` and a plot beside it."""
+"""Per-epoch metrics: one JSON object per line in ``metrics.jsonl`` and a plot beside it, and
+the one rule for when top-5 accuracy is reported.
+
+Top-5 accuracy says something only with more than 5 classes: with 5 or fewer every label is
+among the top 5, so it is 100% whatever the model. Such problems report top-1 alone; the keys
+stay (``acc5`` of ``sparseformer eval --json``, ``val_acc5`` and ``ema_val_acc5`` of
+``metrics.jsonl``) and hold ``null``, so that readers find the same keys for every run.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,29 @@ from typing import Any
 
 from sparseformer.engine.atomic import write_atomic, write_text_atomic
 
-__all__ = ["MetricsLog", "TensorBoardScalars", "plot_metrics"]
+__all__ = [
+    "MetricsLog",
+    "TensorBoardScalars",
+    "plot_metrics",
+    "TOP5_MIN_CLASSES",
+    "top5_or_none",
+    "format_accuracy",
+]
+
+TOP5_MIN_CLASSES = 6  # fewer classes: every label is among the top 5, top-5 is always 100%
 
 logger = logging.getLogger(__name__)
+
+
+def top5_or_none(percent: float, num_classes: int) -> float | None:
+    """``percent``, the top-5 accuracy, or ``None`` where it is 100% by construction (fewer
+    than :data:`TOP5_MIN_CLASSES` classes)."""
+    return percent if num_classes >= TOP5_MIN_CLASSES else None
+
+
+def format_accuracy(acc1: float, acc5: float | None) -> str:
+    """``top-1 X%, top-5 Y%`` for a log or summary line; ``top-1 X%`` when top-5 is ``None``."""
+    return f"top-1 {acc1:.2f}%" + (f", top-5 {acc5:.2f}%" if acc5 is not None else "")
 
 
 class MetricsLog:
@@ -79,15 +106,16 @@ def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike) -> Path
     path = Path(path)
     epochs = [r["epoch"] for r in records]
 
-    def series(key: str) -> list[float]:
-        return [r.get(key, math.nan) for r in records]
+    def series(key: str) -> list[float]:  # None (not measured) and absent: a gap
+        return [math.nan if r.get(key) is None else r[key] for r in records]
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, series("train_loss"), "o-", label="train")
     ax_loss.plot(epochs, series("val_loss"), "o-", label="val")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.plot(epochs, series("val_acc1"), "o-", label="top-1")
-    ax_acc.plot(epochs, series("val_acc5"), "o-", label="top-5")
+    if any(r.get("val_acc5") is not None for r in records):  # not for 5 classes or fewer
+        ax_acc.plot(epochs, series("val_acc5"), "o-", label="top-5")
     if any("ema_val_acc1" in r for r in records):
         ax_acc.plot(epochs, series("ema_val_acc1"), "o--", label="EMA top-1")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
