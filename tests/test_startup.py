@@ -104,6 +104,19 @@ def test_timm_finds_our_models(timm_first):
     assert seen["finders"] == []  # the hook removed itself once it fired (or never waited)
 
 
+def test_what_registration_imports_does_not_import_timm():
+    """The hook imports the factory while timm's import finishes: were timm imported by a
+    module on the factory's own path, that module would still be half-initialized then."""
+    out = python(
+        """
+        import json, sys
+        import sparseformer.weights.factory, sparseformer.weights.registry
+        print(json.dumps(list(sys.modules)))
+        """
+    ).stdout
+    assert "timm" not in heavy_in(json.loads(out))
+
+
 def test_a_failed_registration_never_breaks_import_timm(tmp_path):
     """A stand-in timm without ``timm.models``: our registration fails, is logged, and
     ``import timm`` still succeeds."""

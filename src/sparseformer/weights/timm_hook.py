@@ -7,6 +7,10 @@ not register; it calls :func:`install`, which registers at once when timm is alr
 and otherwise waits for timm: a ``sys.meta_path`` finder lets the normal loader run timm's
 ``__init__`` and then imports :mod:`sparseformer.weights.timm_models`. The finder removes itself
 once it has fired. A failed registration is logged and never breaks ``import timm``.
+
+Registration imports :mod:`sparseformer.weights.factory` while timm's import finishes, so the
+factory's own imports must not import timm (a module on that path would be half-initialized
+then); ``tests/test_startup.py`` checks it.
 """
 
 from __future__ import annotations
