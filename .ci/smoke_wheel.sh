@@ -5,11 +5,11 @@
 #
 # Usage: .ci/smoke_wheel.sh [WORKDIR]   (default: a temporary folder, removed at the end)
 # Env:   BUILD_PYTHON  python with the `build` package (default .venv/bin/python, from `make setup`)
-#        PYTHON        interpreter for the new environment (default python3.11)
+#        PYTHON        interpreter for the new environment (default python3)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BUILD_PYTHON="${BUILD_PYTHON:-$ROOT/.venv/bin/python}"
-PYTHON="${PYTHON:-python3.11}"
+PYTHON="${PYTHON:-python3}"
 if [[ $# -ge 1 ]]; then
     WORK="$1"
     mkdir -p "$WORK"
