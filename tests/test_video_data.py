@@ -176,6 +176,27 @@ def test_a_decoding_error_mid_stream_ends_the_video_there(tmp_path, caplog):
         assert folder.failed_loads == 0
 
 
+def _decode_in_child(queue) -> None:
+    queue.put(tuple(read_video(REAL_CLIP, [3]).shape))
+
+
+def test_a_worker_forked_after_the_main_process_decoded_still_decodes():
+    """PyAV 19 keeps one RGB converter per thread, with its own scaling threads: one made in the
+    main process, inherited by a forked data-loading worker, left the worker waiting forever."""
+    import multiprocessing
+
+    read_video(REAL_CLIP, [0])  # the main process converts a frame first, as eval's probe may
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_decode_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("decoding in a forked process hung")
+    assert child.exitcode == 0 and queue.get(timeout=5) == (1, 144, 176, 3)
+
+
 def test_decoding_threads_are_shared_out_in_loader_workers(monkeypatch):
     from sparseformer.data import video_decode as video
 

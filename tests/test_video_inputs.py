@@ -4,6 +4,7 @@ clips too long for the footage, models built with other token replicates."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -114,20 +115,27 @@ def test_a_model_built_with_other_replicates_loads_by_name(tmp_path, capsys):
 
 
 class _Frame:
-    """What read_video uses of a PyAV frame: size, display rotation, RGB conversion."""
+    """What read_video uses of a PyAV frame: size and display rotation."""
 
     def __init__(self, width, height, rotation):
         self.width, self.height, self.rotation = width, height, rotation
 
-    def to_ndarray(self, format, width=None, height=None):  # noqa: A002 - PyAV's name
-        w, h = width or self.width, height or self.height
-        rgb = np.zeros((h, w, 3), np.uint8)
-        rgb[:, : w // 4] = 255  # a band on the stored frame's left
-        return rgb
+
+class _Reformatter:
+    """What read_video uses of PyAV's VideoReformatter: RGB at a size, here with a band on the
+    stored frame's left."""
+
+    def reformat(self, frame, width, height, format):  # noqa: A002 - PyAV's name
+        rgb = np.zeros((height, width, 3), np.uint8)
+        rgb[:, : width // 4] = 255
+        return SimpleNamespace(to_ndarray=lambda: rgb)
 
 
-def test_rotation_or_size_changing_midway_keeps_every_frame_at_the_first_shown_size():
+def test_rotation_or_size_changing_midway_keeps_every_frame_at_the_first_shown_size(monkeypatch):
+    from sparseformer.data import video_decode
     from sparseformer.data.video_decode import _quarter_turns, _upright_rgb
+
+    monkeypatch.setattr(video_decode, "_reformatter", _Reformatter)
 
     first = _Frame(64, 48, -90)  # a phone's portrait frame: shown 48 wide, 64 tall
     turns = _quarter_turns(first)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -259,8 +260,23 @@ def _upright_rgb(frame, shown: tuple[int, int]) -> np.ndarray:
     rotation midway (a joined recording) comes out at its first frame's size."""
     turns = _quarter_turns(frame)
     width, height = (shown[1], shown[0]) if turns % 2 else shown  # the size before turning
-    if (frame.width, frame.height) == (width, height):
-        rgb = frame.to_ndarray(format="rgb24")
-    else:
-        rgb = frame.to_ndarray(format="rgb24", width=width, height=height)
+    rgb = _reformatter().reformat(frame, width, height, "rgb24").to_ndarray()
     return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
+
+
+_LOCAL = threading.local()
+_INHERITED: list = []  # never freed: freeing one waits for threads that a fork left behind
+
+
+def _reformatter():
+    """This process's and thread's own converter to RGB. ``frame.to_ndarray(format=...)`` reuses
+    one per thread (PyAV 19), made with a pool of scaling threads: one made in the main process
+    went on, in a data-loading worker forked from it, to wait forever for threads that only the
+    main process has (to scale with, or to join when freed)."""
+    if getattr(_LOCAL, "pid", None) != os.getpid():
+        from av.video.reformatter import VideoReformatter
+
+        if hasattr(_LOCAL, "reformatter"):
+            _INHERITED.append(_LOCAL.reformatter)
+        _LOCAL.pid, _LOCAL.reformatter = os.getpid(), VideoReformatter()
+    return _LOCAL.reformatter
