@@ -1,0 +1,149 @@
+"""CPU training fast paths (fused forward and backward) against their plain-autograd references.
+
+Each fast path is compared in float64 with ``gradcheck`` and, value for value, with the slow
+reference beside it; the model-level gradients against the authors' are in
+``test_conformance.py``.
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+from sparseformer.layers import AdaptiveMixing
+from sparseformer.layers.mixing_fused import fused_mix
+from sparseformer.layers.sampling import (
+    sample_features,
+    sample_features_gather,
+    sample_features_grid,
+)
+
+
+def _mixing(bias: bool, inner: bool, activation: str, out_points: int | None) -> AdaptiveMixing:
+    torch.manual_seed(0)
+    mixing = AdaptiveMixing(
+        dim=12,
+        in_channels=4,
+        num_points=3,
+        activation=activation,
+        out_points=out_points,
+        bias=bias,
+        inner_activation=inner,
+    ).double()
+    nn.init.normal_(mixing.generator.weight, std=0.3)  # token-dependent matrices
+    if bias:
+        nn.init.normal_(mixing.channel_bias, std=0.3)
+        nn.init.normal_(mixing.point_bias, std=0.3)
+    return mixing
+
+
+VARIANTS = [
+    (True, True, "gelu", None),  # v1
+    (False, False, "quick_gelu", 5),  # bootstrapped: no biases, no inner act, more out points
+    (True, False, "gelu", 5),
+    (False, True, "quick_gelu", None),
+]
+
+
+@pytest.mark.parametrize("bias,inner,activation,out_points", VARIANTS)
+def test_fused_mix_gradcheck(bias, inner, activation, out_points):
+    mixing = _mixing(bias, inner, activation, out_points)
+    C, P, Q = mixing.in_channels, mixing.num_points, mixing.out_points
+    M = 7  # chunks of 3: two full and a remainder
+    hidden = torch.randn(M, mixing.generator.in_features, dtype=torch.float64, requires_grad=True)
+    sampled = torch.randn(M, P, C, dtype=torch.float64, requires_grad=True)
+    weight = mixing.generator.weight.detach().clone().requires_grad_()
+    gen_bias = mixing.generator.bias.detach().clone().requires_grad_()
+    bc = bp = None
+    if bias:
+        bc = mixing.channel_bias.detach().clone().requires_grad_()
+        bp = mixing.point_bias.detach().clone().requires_grad_()
+
+    def fn(hidden, weight, gen_bias, sampled, bc, bp):
+        return fused_mix(
+            hidden, weight, gen_bias, sampled, bc, bp, (C, P, Q), activation, inner, chunk=3
+        )
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, gen_bias, sampled, bc, bp))
+
+
+@pytest.mark.parametrize("bias,inner,activation,out_points", VARIANTS)
+def test_fused_decode_matches_reference(bias, inner, activation, out_points):
+    """Training takes the fused path; its output and every gradient equal the reference's."""
+    mixing = _mixing(bias, inner, activation, out_points)
+    B, N = 3, 5
+    tokens = torch.randn(B, N, 12, dtype=torch.float64, requires_grad=True)
+    # grid_sample's layout, permuted, as the model passes it
+    sampled = torch.randn(B, 4, N, 3, dtype=torch.float64).permute(0, 2, 3, 1).requires_grad_()
+    grad = torch.randn(B, N, 12, dtype=torch.float64)
+    inputs = (tokens, sampled, *mixing.parameters())
+
+    expected = mixing._decode(tokens, sampled)
+    expected_grads = torch.autograd.grad(expected, inputs, grad)
+    with mock.patch("sparseformer.layers.mixing.fused_mix", wraps=fused_mix) as spy:
+        out = mixing(tokens, sampled)
+    assert spy.called
+    grads = torch.autograd.grad(out, inputs, grad)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_fused_decode_float32_matches_reference():
+    mixing = AdaptiveMixing(dim=32, in_channels=8, num_points=4)
+    nn.init.normal_(mixing.generator.weight, std=0.1)
+    tokens = torch.randn(9, 16, 32, requires_grad=True)
+    sampled = torch.randn(9, 16, 4, 8, requires_grad=True)
+    inputs = (tokens, sampled, *mixing.parameters())
+    expected = torch.autograd.grad(mixing._decode(tokens, sampled).square().sum(), inputs)
+    grads = torch.autograd.grad(mixing(tokens, sampled).square().sum(), inputs)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_gather_sampling_matches_grid_sample(dims, padding_mode):
+    """Values and gradients (features and points) of the embedding-bag sampler equal
+    ``grid_sample``'s, points inside, on the edges and outside the map."""
+    torch.manual_seed(0)
+    spatial = (5, 6) if dims == 2 else (3, 5, 6)
+    feats = torch.randn(2, 4, *spatial, dtype=torch.float64, requires_grad=True)
+    points = (torch.rand(2, 3, 7, dims, dtype=torch.float64) * 1.6 - 0.3).requires_grad_()
+    grad = torch.randn(2, 3, 7, 4, dtype=torch.float64)
+    out = sample_features_gather(feats, points, padding_mode)
+    expected = sample_features_grid(feats, points, padding_mode)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(out, (feats, points), grad)
+    expected_grads = torch.autograd.grad(expected, (feats, points), grad)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_gather_sampling_gradcheck(dims, padding_mode):
+    torch.manual_seed(1)
+    spatial = (4, 5) if dims == 2 else (2, 4, 5)
+    feats = torch.randn(1, 3, *spatial, dtype=torch.float64, requires_grad=True)
+    # away from pixel centres, where bilinear sampling has no derivative
+    points = (torch.rand(1, 2, 3, dims, dtype=torch.float64) * 1.4 - 0.2).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda f, p: sample_features_gather(f, p, padding_mode), (feats, points)
+    )
+
+
+def test_cpu_training_samples_by_gather_and_inference_by_grid_sample():
+    feats = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    points = torch.rand(2, 3, 4, 2)
+    with mock.patch(
+        "sparseformer.layers.sampling.sample_features_gather", wraps=sample_features_gather
+    ) as spy:
+        out = sample_features(feats, points)
+        assert not spy.called  # inference: grid_sample
+        out = sample_features(feats, points.requires_grad_())
+        assert spy.called
+    assert out.is_contiguous()  # (B, N, P, C) in memory: mixing reads it without a copy
