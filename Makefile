@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data demo test lint docs clean
+.PHONY: setup data demo bootstrap-demo test lint docs clean
 
 # One line, before any venv is made, when $(PYTHON) is older than pyproject's requires-python
 # (read with a regular expression: Python 3.10 has no tomllib; %-formatting: old Pythons too).
@@ -39,6 +39,10 @@ data:
 
 demo: setup data
 	$(BIN)/sparseformer demo
+
+# A ViT teacher trained on Fashion-MNIST, a SparseFormer bootstrapped from it, one table of both
+bootstrap-demo: setup data
+	$(BIN)/python scripts/bootstrap_demo.py --out runs/bootstrap-demo
 
 test: setup data
 	$(BIN)/python -m pytest -q
