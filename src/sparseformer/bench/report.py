@@ -9,7 +9,14 @@ from pathlib import Path
 from sparseformer.bench.published import published_top1
 from sparseformer.bench.results import BenchResult, BenchRow
 
-__all__ = ["markdown_table", "write_csv", "plot_result", "draw_tradeoff", "summary_lines"]
+__all__ = [
+    "markdown_table",
+    "write_csv",
+    "plot_result",
+    "draw_tradeoff",
+    "summary_lines",
+    "authors_lines",
+]
 
 _CSV_FIELDS = (
     "model",
@@ -130,6 +137,23 @@ def summary_lines(result: BenchResult) -> list[str]:
         f"(min {peak.min:.1f}, max {peak.max:.1f})",
         f"load average at start {env['load_average_start']}, at end {env['load_average_end']}",
     ]
+
+
+def authors_lines(result: BenchResult) -> list[str]:
+    """Each SparseFormer against the authors' implementation timed beside it (``--official``)."""
+    lines = []
+    for row in result.rows:
+        r = row.ratios
+        if "authors_throughput" not in r:
+            continue
+        train = f", training step {r['authors_train']:.2f}x" if "authors_train" in r else ""
+        lines.append(
+            f"{row.model} at {row.img_size} px against the authors' implementation "
+            f"({result.settings['official']}): inference {r['authors_throughput']:.2f}x, "
+            f"batch-1 latency {r['authors_latency']:.2f}x lower{train} (medians of per-round "
+            "ratios)"
+        )
+    return lines
 
 
 def plot_result(result: BenchResult, path: str | Path) -> None:

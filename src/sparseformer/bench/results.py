@@ -69,6 +69,9 @@ class BenchSettings:
             by ``(224 / S)^2`` (at least 1), so that every size runs about as many pixels.
         skip_unsupported: a model that cannot be built or run at a size is left out there (and
             listed in :attr:`BenchResult.skipped`) instead of stopping the run.
+        official: the authors' v1 code (a checkout or file): each v1 image SparseFormer among
+            ``models`` is also timed as the authors' implementation (``authors:<name>``), and
+            its row gets ratios against it (:mod:`sparseformer.bench.official`).
     """
 
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -88,6 +91,7 @@ class BenchSettings:
     num_frames: int | None = None
     scale_batch: bool = False
     skip_unsupported: bool = False
+    official: str | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in _DTYPES:
@@ -110,6 +114,19 @@ class BenchSettings:
             raise BenchError("batch sizes, repeats, image sizes and frames must be positive")
         if self.baseline is not None and self.baseline not in self.models:
             raise BenchError(f"baseline {self.baseline!r} is not among the models {self.models}")
+        if self.official is not None and not self.timed_models()[len(self.models) :]:
+            raise BenchError(
+                "--official compares a v1 image SparseFormer with the authors' code: add one "
+                "(such as sparseformer_v1_tiny) to --models"
+            )
+
+    def timed_models(self) -> tuple[str, ...]:
+        """``models``, then the authors' implementation of each it has (``official``)."""
+        if self.official is None:
+            return self.models
+        from sparseformer.bench.official import official_counterparts, official_name
+
+        return self.models + tuple(official_name(n) for n in official_counterparts(self.models))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from sparseformer.bench import official
 from sparseformer.bench.counting import count_flops, count_params
 from sparseformer.bench.results import (
     DEFAULT_MODELS,
@@ -168,9 +169,13 @@ def _prepare(
     """
     s, device, batch = settings, settings.device, settings.batch_at(img_size)
     models, inputs, flops, frames = {}, {}, {}, {}
-    for name in s.models:
+    for name in s.timed_models():
         try:
-            model = build_model(name, img_size, s.num_classes, s.num_frames).to(device).eval()
+            if name.startswith(official.PREFIX):
+                model = official.build_official(s.official, name[len(official.PREFIX) :],
+                                                s.num_classes).to(device).eval()  # fmt: skip
+            else:
+                model = build_model(name, img_size, s.num_classes, s.num_frames).to(device).eval()
             if not s.train and name not in MODELS:  # timed as deployed: FastViT etc. fused
                 from timm.models import reparameterize_model
 
@@ -240,6 +245,14 @@ def _run_size(
             ratios["latency"] = statistics.median(latency[base]) / statistics.median(latency[name])
             if train is not None:
                 ratios["train"] = _median_ratio(train[name], train[base])
+        theirs = official.official_name(name)
+        if theirs in models:  # against the authors' implementation of the same architecture
+            ratios["authors_throughput"] = _median_ratio(throughput[name], throughput[theirs])
+            ratios["authors_latency"] = statistics.median(latency[theirs]) / statistics.median(
+                latency[name]
+            )
+            if train is not None:
+                ratios["authors_train"] = _median_ratio(train[name], train[theirs])
         rows.append(
             BenchRow(
                 model=name,

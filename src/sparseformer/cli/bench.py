@@ -62,6 +62,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="train with model.set_grad_checkpointing(): less memory, more time",
     )
+    p.add_argument(
+        "--official",
+        default=None,
+        metavar="PATH",
+        help="the authors' v1 code (a checkout of github.com/showlab/sparseformer, or the file "
+        "defining their model): time their implementation of each v1 SparseFormer too and "
+        "report ours against it",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="write all results as JSON")
     p.add_argument("--csv", default=None, metavar="PATH", help="write one CSV line per row")
     p.add_argument("--plot", default=None, metavar="PATH", help="write the trade-off plot")
@@ -80,7 +88,13 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sparseformer.bench import sweep as sweeping
-    from sparseformer.bench.report import markdown_table, plot_result, summary_lines, write_csv
+    from sparseformer.bench.report import (
+        authors_lines,
+        markdown_table,
+        plot_result,
+        summary_lines,
+        write_csv,
+    )
     from sparseformer.bench.throughput import BenchError, BenchSettings, run_benchmark
     from sparseformer.cli import CliError, check_output
 
@@ -115,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             num_frames=args.num_frames,
             scale_batch=bool(args.sweep),
             skip_unsupported=bool(args.sweep),
+            official=args.official,
         )
         result = run_benchmark(settings)
     except BenchError as exc:
@@ -122,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(result):
         print(line)
     print(markdown_table(result))
+    for line in authors_lines(result):
+        print(line)
     subject = sweeping.subject_model(settings.models)
     if args.sweep:
         print(sweeping.sweep_table(result, subject))
