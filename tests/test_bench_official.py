@@ -131,4 +131,4 @@ def test_bad_official_paths_fail_in_one_line(authors, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     with pytest.raises(BenchError, match="add one"):
-        BenchSettings(models=("deit_tiny_patch16_224",), official=str(authors))
+        run_benchmark(BenchSettings(models=("deit_tiny_patch16_224",), official=str(authors)))

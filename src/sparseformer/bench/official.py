@@ -26,7 +26,14 @@ from sparseformer.bench.results import BenchError
 from sparseformer.config import SparseFormerConfig, VideoSparseFormerConfig
 from sparseformer.weights.registry import MODELS
 
-__all__ = ["PREFIX", "official_name", "official_counterparts", "official_kwargs", "build_official"]
+__all__ = [
+    "PREFIX",
+    "official_name",
+    "official_counterparts",
+    "official_kwargs",
+    "timed_models",
+    "build_official",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,19 @@ _SKIP_DIRS = {".git", ".venv", "venv", "env", "__pycache__", "build", "dist", "n
 def official_name(name: str) -> str:
     """The row name of the authors' implementation of ``name``."""
     return PREFIX + name
+
+
+def timed_models(models: tuple[str, ...], path: str | None) -> tuple[str, ...]:
+    """``models``, then the authors' implementation of each it has (with ``path``)."""
+    if path is None:
+        return models
+    theirs = tuple(official_name(n) for n in official_counterparts(models))
+    if not theirs:
+        raise BenchError(
+            "--official compares a v1 image SparseFormer with the authors' code: add one "
+            "(such as sparseformer_v1_tiny) to --models"
+        )
+    return models + theirs
 
 
 def official_counterparts(models: tuple[str, ...]) -> list[str]:

@@ -114,19 +114,6 @@ class BenchSettings:
             raise BenchError("batch sizes, repeats, image sizes and frames must be positive")
         if self.baseline is not None and self.baseline not in self.models:
             raise BenchError(f"baseline {self.baseline!r} is not among the models {self.models}")
-        if self.official is not None and not self.timed_models()[len(self.models) :]:
-            raise BenchError(
-                "--official compares a v1 image SparseFormer with the authors' code: add one "
-                "(such as sparseformer_v1_tiny) to --models"
-            )
-
-    def timed_models(self) -> tuple[str, ...]:
-        """``models``, then the authors' implementation of each it has (``official``)."""
-        if self.official is None:
-            return self.models
-        from sparseformer.bench.official import official_counterparts, official_name
-
-        return self.models + tuple(official_name(n) for n in official_counterparts(self.models))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -134,6 +134,7 @@ def _cpu_name() -> str:
 # ----------------------------------------------------------------------------- the run
 def run_benchmark(settings: BenchSettings) -> BenchResult:
     """Measure every model at every size, interleaved; see the module docstring."""
+    official.timed_models(settings.models, settings.official)  # fails before any timing
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     environment = _environment(settings)
@@ -169,7 +170,7 @@ def _prepare(
     """
     s, device, batch = settings, settings.device, settings.batch_at(img_size)
     models, inputs, flops, frames = {}, {}, {}, {}
-    for name in s.timed_models():
+    for name in official.timed_models(s.models, s.official):
         try:
             if name.startswith(official.PREFIX):
                 model = official.build_official(s.official, name[len(official.PREFIX) :],
