@@ -148,17 +148,26 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list:
+        """A batch's samples (what ``DataLoader`` asks for): the caller's generator states
+        are saved and restored once per batch, not per sample (NumPy's take 70 us a time)."""
         py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return [self._seeded(index, seed) for index, seed in items]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+    def _seeded(self, index: int, seed: int):
+        # the CPU generator only: torch.manual_seed also seeds every accelerator, or, before
+        # one is initialised, queues its seeding with a formatted stack: 0.9 ms per sample
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        return self.dataset[index]
 
 
 def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
