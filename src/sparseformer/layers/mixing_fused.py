@@ -23,9 +23,10 @@ from sparseformer.layers.linear import fused_linear_available, is_tracing
 
 __all__ = ["fused_mix", "fused_mix_applies"]
 
-# Tokens per chunk. The generated matrices of a chunk, and their gradient, take
-# chunk x (C*C + Q*P) floats each: 2 MB at 49 tokens of SparseFormer-T.
-_CHUNK = 98
+# Floats per chunk of generated matrices (and again of their gradient): 98 tokens of
+# SparseFormer-T (C*C + Q*P = 10,512 floats each, 4 MB). Narrower models take more tokens per
+# chunk: each chunk costs a dozen operator calls whatever its size.
+_CHUNK_FLOATS = 98 * 10_512
 
 
 def _act(x: Tensor, activation: str) -> Tensor:
@@ -158,7 +159,7 @@ def fused_mix(
     dims: tuple[int, int, int],
     activation: str,
     inner_activation: bool,
-    chunk: int = _CHUNK,
+    chunk: int | None = None,
 ) -> Tensor:
     """Decode with the generator ``(weight, bias)`` applied to ``hidden``, chunk by chunk.
 
@@ -170,11 +171,15 @@ def fused_mix(
         dims: ``(C, P, Q)``.
         activation: ``"gelu"`` or ``"quick_gelu"``.
         inner_activation: apply the activation after the channel mixing too.
+        chunk: tokens per chunk (``None``: as many as fit ``_CHUNK_FLOATS``).
 
     Returns:
         ``(M, Q, C)`` the decoded points, before the output projection.
     """
     sampled = sampled.contiguous()
+    if chunk is None:
+        C, P, Q = dims
+        chunk = max(1, _CHUNK_FLOATS // (C * C + Q * P))
     return _FusedMix.apply(
         hidden,
         weight,
