@@ -147,3 +147,23 @@ def test_cpu_training_samples_by_gather_and_inference_by_grid_sample():
         out = sample_features(feats, points.requires_grad_())
         assert spy.called
     assert out.is_contiguous()  # (B, N, P, C) in memory: mixing reads it without a copy
+
+
+@pytest.mark.parametrize("head_width", [1, 4, 8, 16, 32])
+def test_narrow_head_attention_matches_sdpa(head_width):
+    """Two batched products for heads of <= 16 channels on CPU (SDPA above): same values and
+    gradients as ``scaled_dot_product_attention``, in inference and under autograd."""
+    from sparseformer.layers.attention import attention
+
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 5, 3, 4, head_width, dtype=torch.float64)  # (B, N, 3, heads, d)
+    q, k, v = (t.requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(attention(q, k, v), expected, rtol=0, atol=1e-12)
+    with torch.inference_mode():
+        torch.testing.assert_close(attention(q, k, v), expected.detach(), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(attention, (q, k, v))
+    if head_width <= 16:  # the batched products, not the fused operator
+        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention") as fused:
+            attention(q, k, v)
+        fused.assert_not_called()
