@@ -43,36 +43,72 @@ class SparseFormer(nn.Module):
 """
 
 
-@pytest.fixture
-def authors(tmp_path):
-    """A stand-in checkout; the modules it imported are forgotten afterwards."""
-    repo = tmp_path / "authors_code"
-    package = repo / "authors_models"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "helpers.py").write_text(
-        "from torch import nn\n\ndef head(c, n):\n"
-        "    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, n))\n"
-    )
-    (package / "sparseformer.py").write_text(textwrap.dedent(STAND_IN))
-    # the authors' library class: other constructor arguments, not the v1 model
-    (package / "library.py").write_text(
+HELPERS = (
+    "from torch import nn\n\ndef head(c, n):\n"
+    "    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, n))\n"
+)
+
+
+def write_checkout(repo, package: str | None) -> str:
+    """A stand-in checkout: the model in ``package`` (relative imports) or, with ``None``, in a
+    top-level ``sparseformer.py`` beside ``helpers.py``. Returns the model's module name."""
+    folder = repo / package if package else repo
+    folder.mkdir(parents=True)
+    (folder / "helpers.py").write_text(HELPERS)
+    source = textwrap.dedent(STAND_IN)
+    if package:
+        (folder / "__init__.py").write_text("")
+    else:
+        source = source.replace("from .helpers import", "from helpers import")
+    (folder / "sparseformer.py").write_text(source)
+    # decoys: the authors' library class (other constructor arguments), a video model with
+    # the same arguments in a file read first, a file that does not parse in a hidden folder
+    (folder / "library.py").write_text(
         "class SparseFormer:\n    def __init__(self, width_configs, ops_list):\n        pass\n"
+    )
+    (folder / "a_video.py").write_text(
+        "import no_such_dependency_xyz\n\nclass VideoSparseFormer:\n    def __init__(self, "
+        "conv_dim, num_latent_tokens, token_sampling_points, width_configurations, "
+        "block_sizes, repeats, num_frames):\n        pass\n"
     )
     (repo / ".git").mkdir()
     (repo / ".git" / "broken.py").write_text("def (:\n")
-    yield repo
+    return f"{package}.sparseformer" if package else "sparseformer"
+
+
+@pytest.fixture
+def forget_imports(tmp_path):
+    """The stand-in's modules are forgotten afterwards, and its folders left off sys.path."""
+    yield
     for name, module in list(sys.modules.items()):
         if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
             del sys.modules[name]
     sys.path[:] = [p for p in sys.path if not p.startswith(str(tmp_path))]
 
 
-def test_the_authors_model_is_found_and_built_with_the_same_architecture(authors):
-    model = build_official(authors, "sparseformer_v1_tiny", num_classes=10)
-    built = sys.modules["authors_models.sparseformer"].BUILT
-    assert built == [official_kwargs(MODELS["sparseformer_v1_tiny"].config, num_classes=10)]
-    assert built[0]["width_configurations"] == [256, 512] and built[0]["conv_dim"] == 96
+@pytest.fixture
+def authors(tmp_path, forget_imports):
+    repo = tmp_path / "authors_code"
+    write_checkout(repo, "authors_models")
+    return repo
+
+
+@pytest.mark.parametrize("package", ["authors_models", "sparseformer", None])
+def test_the_authors_model_is_found_and_built_with_the_same_architecture(
+    tmp_path, forget_imports, package
+):
+    """Also when their folder or file is called ``sparseformer``, as this package is."""
+    import sparseformer
+
+    repo = tmp_path / "authors_code"
+    write_checkout(repo, package)
+    model = build_official(repo, "sparseformer_v1_tiny", num_classes=10)
+    module = sys.modules[type(model.model).__module__]
+    assert module.__file__.startswith(str(repo)) and sys.modules["sparseformer"] is sparseformer
+    assert type(model.model).__name__ == "SparseFormer"  # not the video decoy
+    assert module.BUILT == [official_kwargs(MODELS["sparseformer_v1_tiny"].config, num_classes=10)]
+    assert module.BUILT[0]["width_configurations"] == [256, 512]
+    assert module.BUILT[0]["conv_dim"] == 96
     import torch
 
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)  # the logits of its tuple
@@ -118,14 +154,9 @@ def test_bad_official_paths_fail_in_one_line(authors, tmp_path, capsys):
     cases = {
         str(tmp_path / "nowhere"): "no such file or directory",
         str(authors / "authors_models" / "library.py"): "no class there takes the v1",
+        str(authors / "authors_models" / "a_video.py"): "needs 'no_such_dependency_xyz', which "
+        "is not installed",
     }
-    missing = tmp_path / "needs_dep.py"
-    missing.write_text(
-        "import no_such_dependency_xyz\n\nclass Model:\n    def __init__(self, conv_dim, "
-        "num_latent_tokens, token_sampling_points, width_configurations, block_sizes, "
-        "repeats):\n        pass\n"
-    )
-    cases[str(missing)] = "needs 'no_such_dependency_xyz', which is not installed"
     for path, message in cases.items():
         assert main([*argv, path]) == 1
         err = capsys.readouterr().err.strip()

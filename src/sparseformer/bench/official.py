@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import logging
 import sys
@@ -168,6 +169,7 @@ def load_official_class(path: str | Path) -> type:
             f"({', '.join(V1_ARGUMENTS)}); give the authors' v1 ImageNet code "
             "(github.com/showlab/sparseformer)"
         )
+    found.sort(key=lambda fc: (fc[1] != "SparseFormer", "video" in fc[1].lower()))
     file, class_name = found[0]
     if len(found) > 1:
         log.info("--official: several candidates (%s); taking %s in %s",
@@ -203,7 +205,8 @@ def _v1_classes(file: Path) -> list[str]:
 
 
 def _import(file: Path):
-    """Import ``file`` under its package path, so that its relative imports resolve."""
+    """Import ``file`` under its package path, so that its relative imports resolve; under an
+    alias when that name is taken by another module (their folder called ``sparseformer``)."""
     file = file.resolve()
     root, parts = file.parent, [file.stem]
     while (root / "__init__.py").exists():
@@ -211,22 +214,38 @@ def _import(file: Path):
         root = root.parent
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    name = ".".join(parts)
     loaded = sys.modules.get(parts[0])
     where = getattr(loaded, "__file__", None) or ""
-    if loaded is not None and not Path(where).resolve().is_relative_to(root):
-        raise BenchError(
-            f"--official: the authors' {file} is module {name!r}, but {parts[0]!r} is already "
-            f"imported from {where or 'elsewhere'}; give the file itself or rename its folder"
-        )
     try:
-        return importlib.import_module(name)
+        if loaded is not None and not Path(where).resolve().is_relative_to(root):
+            parts[0] = _load_aliased(root / parts[0], f"_authors_{parts[0]}")
+        return importlib.import_module(".".join(parts))
     except ModuleNotFoundError as exc:
+        top = (exc.name or "?").split(".")[0]
         raise BenchError(
             f"--official: importing {file} needs {exc.name!r}, which is not installed; "
-            f"install what the authors' code needs (pip install {exc.name})"
+            f"install what the authors' code needs (pip install {top})"
         ) from None
     except Exception as exc:
         raise BenchError(
             f"--official: importing {file} failed: {type(exc).__name__}: {exc}"
         ) from None
+
+
+def _load_aliased(path: Path, alias: str) -> str:
+    """Load the package (folder) or module (``.py``) at ``path`` as ``alias``."""
+    if alias not in sys.modules:
+        if path.is_dir():
+            spec = importlib.util.spec_from_file_location(
+                alias, path / "__init__.py", submodule_search_locations=[str(path)]
+            )
+        else:
+            spec = importlib.util.spec_from_file_location(alias, path.with_suffix(".py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[alias] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[alias]
+            raise
+    return alias
