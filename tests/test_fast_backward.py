@@ -163,7 +163,7 @@ def test_narrow_head_attention_matches_sdpa(head_width):
     with torch.inference_mode():
         torch.testing.assert_close(attention(q, k, v), expected.detach(), rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(attention, (q, k, v))
-    if head_width <= 16:  # the batched products, not the fused operator
-        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention") as fused:
-            attention(q, k, v)
-        fused.assert_not_called()
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention") as fused:
+        attention(q, k, v)  # 5 tokens
+        attention(*(t.repeat(1, 1, 13, 1) for t in (q, k, v)))  # 65 tokens: the fused kernel
+    assert fused.call_count == (1 if head_width <= 16 else 2)
