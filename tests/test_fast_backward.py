@@ -136,16 +136,21 @@ def test_gather_sampling_gradcheck(dims, padding_mode):
     )
 
 
-def test_cpu_training_samples_by_gather_and_inference_by_grid_sample():
+def test_cpu_training_and_large_batches_sample_by_gather_few_points_by_grid_sample():
     feats = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
     points = torch.rand(2, 3, 4, 2)
+    many = torch.rand(2, 3, 4096, 2)  # 24,576 points
     with mock.patch(
         "sparseformer.layers.sampling.sample_features_gather", wraps=sample_features_gather
     ) as spy:
-        out = sample_features(feats, points)
-        assert not spy.called  # inference: grid_sample
+        sample_features(feats, points)
+        assert spy.call_count == 0  # inference on few points: grid_sample
+        torch.testing.assert_close(
+            sample_features(feats, many), sample_features_grid(feats, many), rtol=0, atol=1e-5
+        )
+        assert spy.call_count == 1  # inference on many points
         out = sample_features(feats, points.requires_grad_())
-        assert spy.called
+        assert spy.call_count == 2  # training
     assert out.is_contiguous()  # (B, N, P, C) in memory: mixing reads it without a copy
 
 
