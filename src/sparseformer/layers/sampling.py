@@ -176,7 +176,8 @@ def _gather_applies(feats: Tensor, points: Tensor) -> bool:
 
 def sample_features_grid(feats: Tensor, points: Tensor, padding_mode: str = "zeros") -> Tensor:
     """:func:`sample_features` by ``grid_sample``: on GPUs, under tracing and export (ONNX
-    has the operator), and as the reference of :func:`sample_features_gather`."""
+    has the operator), in CPU inference on few points, and as the reference of
+    :func:`sample_features_gather`."""
     grid = 2 * points - 1
     if feats.dim() == 4:
         out = F.grid_sample(feats, grid, "bilinear", padding_mode, align_corners=False)
