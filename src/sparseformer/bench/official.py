@@ -14,6 +14,7 @@ the SparseFormer it is compared with and timed beside it, in the same run, as
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -74,13 +75,14 @@ def official_counterparts(models: tuple[str, ...]) -> list[str]:
     return [name for name in models if official_kwargs_or_none(name) is not None]
 
 
-def official_kwargs_or_none(name: str) -> dict | None:
+def official_kwargs_or_none(name: str, num_classes: int = 1000) -> dict | None:
+    """:func:`official_kwargs` of a registered v1 image SparseFormer, else ``None``."""
     spec = MODELS.get(name)
     if spec is None or isinstance(spec.config, VideoSparseFormerConfig):
         return None
     if not _is_v1(spec.config):  # bootstrapped models: not the v1 code's architecture
         return None
-    return official_kwargs(spec.config)
+    return official_kwargs(spec.config, num_classes)
 
 
 def _is_v1(config: SparseFormerConfig) -> bool:
@@ -90,11 +92,11 @@ def _is_v1(config: SparseFormerConfig) -> bool:
 
     from sparseformer.config import StageConfig
 
-    settable = {"stages", "num_tokens", "num_points", "stem_channels", "drop_path_rate"}
-    settable.add("num_classes")
+    settable = {"stages", "num_tokens", "num_points", "stem_channels", "drop_path_rate",
+                "num_classes"}  # fmt: skip
     v1 = SparseFormerConfig()
-    if any(getattr(config, f.name) != getattr(v1, f.name) for f in fields(config)
-           if f.name not in settable):  # fmt: skip
+    fixed = [f.name for f in fields(config) if f.name not in settable]
+    if any(getattr(config, name) != getattr(v1, name) for name in fixed):
         return False
     return all(s == StageConfig(s.width, s.depth, s.repeats) for s in config.stages)
 
@@ -115,13 +117,12 @@ def official_kwargs(config: SparseFormerConfig, num_classes: int = 1000) -> dict
 
 def build_official(path: str | Path, name: str, num_classes: int = 1000) -> nn.Module:
     """The authors' model of ``name``'s architecture, from their code at ``path``."""
-    kwargs = official_kwargs_or_none(name)
+    kwargs = official_kwargs_or_none(name, num_classes)
     if kwargs is None:
         raise BenchError(f"the authors' v1 code has no {name}: compare a v1 image SparseFormer")
-    cls = load_official_class(path)
+    cls = load_official_class(Path(path).expanduser().resolve())
     accepted = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    kwargs["num_classes"] = num_classes
     kwargs = {k: v for k, v in kwargs.items() if takes_any or k in accepted}
     try:
         model = cls(**kwargs)
@@ -156,9 +157,10 @@ class _LogitsOnly(nn.Module):
         return out
 
 
-def load_official_class(path: str | Path) -> type:
-    """Import the class of the authors' v1 model from ``path`` (a directory or a .py file)."""
-    path = Path(path).expanduser()
+@functools.cache
+def load_official_class(path: Path) -> type:
+    """Import the class of the authors' v1 model from ``path`` (a directory or a .py file);
+    once per path and run: every input size of a bench builds their model again."""
     if not path.exists():
         raise BenchError(f"--official {path}: no such file or directory (give the authors' code)")
     files = [path] if path.is_file() else sorted(_python_files(path))
