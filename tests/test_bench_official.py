@@ -18,6 +18,8 @@ from sparseformer.bench.throughput import BenchError, BenchSettings, run_benchma
 from sparseformer.cli import main
 from sparseformer.weights.registry import MODELS
 
+from .test_benchmark import small_settings
+
 STAND_IN = """
 from torch import nn
 
@@ -121,15 +123,12 @@ def test_only_v1_image_sparseformers_have_an_authors_counterpart():
 
 
 def test_bench_times_ours_against_the_authors_round_by_round(authors, capsys):
-    settings = BenchSettings(
+    settings = small_settings(
         models=("sparseformer_v1_tiny",),
         img_sizes=(32,),
         batch_size=1,
         train_batch_size=1,
-        repeats=2,
         warmup=0,
-        min_time=0.0,
-        num_classes=10,
         official=str(authors),
     )
     result = run_benchmark(settings)
