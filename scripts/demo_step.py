@@ -22,18 +22,18 @@ import time
 import torch
 
 from sparseformer import create_model
-from sparseformer.data.fashion_mnist import fashion_mnist
+from sparseformer.cli.demo import MODEL
+from sparseformer.data.datasets import DataSource, build_datasets
 from sparseformer.data.loader import build_train_loader, start_epoch
-from sparseformer.data.transforms import Preprocessing, build_transform
+from sparseformer.engine.inputs import training_preprocessing
 from sparseformer.engine.recipe import load_recipe
 
 
 def loading_ms(recipe, steps: int) -> list[float]:
     """Milliseconds per training batch from the recipe's loader (in this process)."""
-    pre = Preprocessing(recipe.img_size, (0.5,) * 3, (0.5,) * 3, recipe.crop_pct,
-                        recipe.interpolation)  # fmt: skip
-    data = fashion_mnist(True)
-    data.transform = build_transform(pre, recipe.augmentation)
+    source = DataSource(dataset="fashion-mnist")
+    pre = training_preprocessing(source, MODEL, recipe)  # what `train` builds its data with
+    data = build_datasets(source, pre, recipe.augmentation).train
     loader = build_train_loader(data, recipe.batch_size, 0, 0, pin_memory=False)
     start_epoch(loader, 0)
     batches, times = iter(loader), []
@@ -47,7 +47,7 @@ def loading_ms(recipe, steps: int) -> list[float]:
 
 def training_step(recipe):
     """One training iteration of the demo's model on a fixed random batch, as a function."""
-    model = create_model("sparseformer_v1_micro", num_classes=10).train()
+    model = create_model(MODEL, num_classes=10).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(recipe.batch_size, 3, recipe.img_size, recipe.img_size)
     y = torch.randint(0, 10, (recipe.batch_size,))
