@@ -60,6 +60,33 @@ def test_stem_equals_relu_then_pool_in_contiguous_layout():
     torch.testing.assert_close(stem(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("video", [False, True])
+def test_chunked_stem_equals_one_pass(monkeypatch, video):
+    """The CPU stem runs a few images (or frames) at a time: same values and gradients."""
+    import sparseformer.layers.stem as stem_module
+
+    torch.manual_seed(0)
+    stem = EarlyConvolution(3, 8, video=video).double()
+    shape = (2, 3, 4, 21, 26) if video else (7, 3, 21, 26)  # 8 frames or 7 images
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(stem(x).shape, dtype=torch.float64)
+    whole = stem(x)  # 8 * 11 * 13 outputs per image: one chunk under the default budget
+    expected = torch.autograd.grad(whole, (x, stem.conv.weight, stem.conv.bias), g)
+    calls = []
+    one_pass = stem._stem_chunk
+    monkeypatch.setattr(stem, "_stem_chunk", lambda *a: calls.append(a[0].shape[0]) or one_pass(*a))
+    monkeypatch.setattr(stem_module, "_CHUNK_FLOATS", 3 * 8 * 11 * 13)  # three images a chunk
+    chunked = stem(x)
+    assert calls == ([3, 3, 2] if video else [3, 3, 1])
+    assert chunked.is_contiguous(
+        memory_format=torch.channels_last_3d if video else torch.channels_last
+    )
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(chunked, (x, stem.conv.weight, stem.conv.bias), g)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
 def test_chunked_mixing_equals_one_pass():
     """The CPU inference chunking over the batch computes every token as one pass does."""
     mixing = AdaptiveMixing(dim=32, in_channels=8, num_points=4)
