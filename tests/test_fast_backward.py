@@ -156,19 +156,34 @@ def test_cpu_training_and_large_batches_sample_by_gather_few_points_by_grid_samp
 
 @pytest.mark.parametrize("head_width", [1, 4, 8, 16, 32])
 def test_narrow_head_attention_matches_sdpa(head_width):
-    """Two batched products for heads of <= 16 channels on CPU (SDPA above): same values and
-    gradients as ``scaled_dot_product_attention``, in inference and under autograd."""
+    """Two batched products for heads of <= 16 channels on AVX2 CPUs (SDPA above): same values
+    and gradients as ``scaled_dot_product_attention``, in inference and under autograd."""
     from sparseformer.layers.attention import attention
 
     torch.manual_seed(0)
     qkv = torch.randn(3, 5, 3, 4, head_width, dtype=torch.float64)  # (B, N, 3, heads, d)
     q, k, v = (t.requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    torch.testing.assert_close(attention(q, k, v), expected, rtol=0, atol=1e-12)
-    with torch.inference_mode():
-        torch.testing.assert_close(attention(q, k, v), expected.detach(), rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(attention, (q, k, v))
-    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention") as fused:
-        attention(q, k, v)  # 5 tokens
-        attention(*(t.repeat(1, 1, 13, 1) for t in (q, k, v)))  # 65 tokens: the fused kernel
+    with mock.patch.object(torch.backends.cpu, "get_cpu_capability", return_value="AVX2"):
+        torch.testing.assert_close(attention(q, k, v), expected, rtol=0, atol=1e-12)
+        with torch.inference_mode():
+            torch.testing.assert_close(attention(q, k, v), expected.detach(), rtol=0, atol=1e-12)
+        assert torch.autograd.gradcheck(attention, (q, k, v))
+        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention") as fused:
+            attention(q, k, v)  # 5 tokens
+            attention(*(t.repeat(1, 1, 13, 1) for t in (q, k, v)))  # 65 tokens: the fused kernel
     assert fused.call_count == (1 if head_width <= 16 else 2)
+
+
+@pytest.mark.parametrize("capability", ["AVX512", "DEFAULT"])
+def test_attention_fused_where_narrow_heads_do_not_pay(capability):
+    """On CPUs other than AVX2 every attention runs PyTorch's fused kernel."""
+    from sparseformer.layers.attention import attention
+
+    q = torch.randn(2, 4, 5, 8)
+    with (
+        mock.patch.object(torch.backends.cpu, "get_cpu_capability", return_value=capability),
+        mock.patch.object(torch.nn.functional, "scaled_dot_product_attention") as fused,
+    ):
+        attention(q, q, q)
+    assert fused.call_count == 1

@@ -47,25 +47,36 @@ class Attention(nn.Module):
 # (SparseFormer v1: 64 heads of 4 and 8 channels over 49 tokens)
 _NARROW_HEAD = 16
 _FEW_TOKENS = 64
+# ... on CPUs whose ATen kernels are these builds: measured faster on AVX2 (2-core AMD EPYC);
+# on AVX-512 (2-core Xeon) the fused kernel's wider vectors win instead
+_NARROW_CAPABILITIES = frozenset({"AVX2"})
+
+
+def _narrow_pays() -> bool:
+    """Whether this CPU runs narrow heads faster as two batched products than fused."""
+    return torch.backends.cpu.get_cpu_capability() in _NARROW_CAPABILITIES
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """``softmax(q k^T / sqrt(d)) v`` for ``(B, h, N, d)`` queries, keys and values.
 
-    ``scaled_dot_product_attention``, but on CPU with heads of at most 16 channels over at
-    most 64 tokens two batched matrix products and a softmax: PyTorch's CPU kernel works head
-    by head, which for SparseFormer-T's 64 heads of 4 and 8 channels over 49 tokens is mostly
-    overhead (2 threads, batch 32, 8-channel heads: 16.0 -> 9.3 ms forward, 57 -> 26 ms
-    forward and backward; the whole training step 3-9% faster). Over longer sequences the
-    fused kernel wins (video: 196 tokens, 36 against 46 ms forward). The backward keeps the
-    attention weights (B x h x N x N floats) where the fused kernel recomputes them. Tracing,
-    export and FLOP counting see the fused operator.
+    ``scaled_dot_product_attention``, but on AVX2 CPUs with heads of at most 16 channels over
+    at most 64 tokens two batched matrix products and a softmax: PyTorch's CPU kernel works
+    head by head, which for SparseFormer-T's 64 heads of 4 and 8 channels over 49 tokens is
+    mostly overhead there (2-core AMD EPYC, 2 threads, batch 32, 8-channel heads: 16.0 -> 9.3
+    ms forward, 57 -> 26 ms forward and backward; the whole training step 3-9% faster). Over
+    longer sequences the fused kernel wins (video: 196 tokens, 36 against 46 ms forward), and
+    on AVX-512 it wins at any length (2-core Xeon, SparseFormer-T alternated in one process:
+    the fused kernel 5% faster at batch 32 and batch 1, the training step the same). The
+    backward keeps the attention weights (B x h x N x N floats) where the fused kernel
+    recomputes them. Tracing, export and FLOP counting see the fused operator.
     """
     B, h, N, d = q.shape
     if not (
         q.device.type == "cpu"
         and d <= _NARROW_HEAD
         and N <= _FEW_TOKENS
+        and _narrow_pays()
         and not is_tracing()
         and _get_current_dispatch_mode() is None
     ):
