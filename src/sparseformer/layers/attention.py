@@ -76,9 +76,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q.device.type == "cpu"
         and d <= _NARROW_HEAD
         and N <= _FEW_TOKENS
-        and _narrow_pays()
         and not is_tracing()
         and _get_current_dispatch_mode() is None
+        and _narrow_pays()  # after the tracing checks: compilers need not read the CPU
     ):
         return F.scaled_dot_product_attention(q, k, v)
     q = q.reshape(B * h, N, d) * d**-0.5  # (B, h, N, d) -> (B*h, N, d)
