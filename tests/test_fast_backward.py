@@ -137,7 +137,7 @@ def test_gather_sampling_gradcheck(dims, padding_mode):
 
 
 def test_cpu_training_and_large_batches_sample_by_gather_few_points_by_grid_sample():
-    feats = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    feats = torch.randn(2, 64, 32, 32).contiguous(memory_format=torch.channels_last)
     points = torch.rand(2, 3, 4, 2)
     many = torch.rand(2, 3, 4096, 2)  # 24,576 points
     with mock.patch(
@@ -152,6 +152,24 @@ def test_cpu_training_and_large_batches_sample_by_gather_few_points_by_grid_samp
         out = sample_features(feats, points.requires_grad_())
         assert spy.call_count == 2  # training
     assert out.is_contiguous()  # (B, N, P, C) in memory: mixing reads it without a copy
+
+
+def test_narrow_or_small_maps_sample_by_grid_sample():
+    """grid_sample, whose cost grows with the channels, on maps under 64 channels, and in
+    training on maps under 32 x 32 pixels."""
+    narrow = torch.randn(2, 32, 32, 32).contiguous(memory_format=torch.channels_last)
+    small = torch.randn(2, 64, 16, 16, requires_grad=True)
+    many = torch.rand(2, 3, 4096, 2, requires_grad=True)
+    with mock.patch(
+        "sparseformer.layers.sampling.sample_features_gather", wraps=sample_features_gather
+    ) as spy:
+        sample_features(narrow, many.detach())  # inference
+        sample_features(narrow.requires_grad_(), many)  # training
+        sample_features(small, many)  # training on a small map
+        assert spy.call_count == 0
+        with torch.no_grad():
+            sample_features(small, many)  # inference on many points of a wide map: the gather
+        assert spy.call_count == 1
 
 
 @pytest.mark.parametrize("head_width", [1, 4, 8, 16, 32])

@@ -157,20 +157,30 @@ def sample_features(feats: Tensor, points: Tensor, padding_mode: str = "zeros") 
 
 # CPU inference gathers from this many sampling points per call, grid_sample below
 _GATHER_MIN_POINTS = 16384
+# ... and only from maps of at least this many channels; training also needs maps of at least
+# this many pixels per image (per clip for video)
+_GATHER_MIN_CHANNELS = 64
+_GATHER_MIN_PIXELS = 32 * 32
 
 
 def _gather_applies(feats: Tensor, points: Tensor) -> bool:
-    """CPU training takes :func:`sample_features_gather` (forward and backward 129 -> 55 ms for
-    SparseFormer-T's batch of 32, 1 thread); so does CPU inference on many points, where it
-    also spares mixing a copy of ``grid_sample``'s permuted output (SparseFormer-T, batch 32,
-    alternated in one process: 3-6% faster on 1 and 2 threads). On few points ``grid_sample``
-    is faster (batch 1: 46.6 against 48.3 ms, the gather's index arithmetic dominating)."""
+    """CPU training takes :func:`sample_features_gather` on wide, large maps (SparseFormer-T's
+    96 channels over 56 x 56: forward and backward 129 -> 55 ms for a batch of 32, 1 thread);
+    so does CPU inference on many points of wide maps, where it also spares mixing a copy of
+    ``grid_sample``'s permuted output (SparseFormer-T, batch 32, alternated in one process: 3-6%
+    faster on 1 and 2 threads). The gather costs about the same per point whatever the width,
+    ``grid_sample`` per point and channel: on narrow maps it wins (the demo's 32 channels over
+    12 x 12, batch 128, 2 threads: forward and backward 17.0 -> 4.7 ms, inference 1.9 -> 1.5
+    ms), and so it does on few points (batch 1: 46.6 against 48.3 ms) and, in training, on
+    small maps (96 channels over 12 x 12, batch 128: 18.8 -> 14.1 ms)."""
     if not (
         feats.device.type == "cpu" and not is_tracing() and _get_current_dispatch_mode() is None
     ):
         return False
+    if feats.shape[1] < _GATHER_MIN_CHANNELS:
+        return False
     if torch.is_grad_enabled() and (feats.requires_grad or points.requires_grad):
-        return True
+        return feats[0, 0].numel() >= _GATHER_MIN_PIXELS
     return points[..., 0].numel() >= _GATHER_MIN_POINTS
 
 
