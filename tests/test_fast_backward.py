@@ -83,7 +83,10 @@ def test_fused_decode_matches_reference(bias, inner, activation, out_points):
 
     expected = mixing._decode(tokens, sampled)
     expected_grads = torch.autograd.grad(expected, inputs, grad)
-    with mock.patch("sparseformer.layers.mixing.fused_mix", wraps=fused_mix) as spy:
+    with (
+        mock.patch("sparseformer.layers.mixing.fused_mix", wraps=fused_mix) as spy,
+        mock.patch("sparseformer.layers.mixing._FUSED_MIN_FLOATS", 0),
+    ):
         out = mixing(tokens, sampled)
     assert spy.called
     grads = torch.autograd.grad(out, inputs, grad)
@@ -99,9 +102,22 @@ def test_fused_decode_float32_matches_reference():
     sampled = torch.randn(9, 16, 4, 8, requires_grad=True)
     inputs = (tokens, sampled, *mixing.parameters())
     expected = torch.autograd.grad(mixing._decode(tokens, sampled).square().sum(), inputs)
-    grads = torch.autograd.grad(mixing(tokens, sampled).square().sum(), inputs)
+    with mock.patch("sparseformer.layers.mixing._FUSED_MIN_FLOATS", 0):
+        grads = torch.autograd.grad(mixing(tokens, sampled).square().sum(), inputs)
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("channels", "points", "fused"), [(32, 16, False), (96, 36, True)])
+def test_fused_decode_only_for_large_generated_matrices(channels, points, fused):
+    """CPU training decodes by mixing_fused when each token's matrices hold >= 4096 floats
+    (SparseFormer v1: 96^2 + 36^2), by plain autograd under (the demo's micro model: 1,280)."""
+    mixing = AdaptiveMixing(dim=16, in_channels=channels, num_points=points)
+    tokens = torch.randn(1, 2, 16, requires_grad=True)
+    sampled = torch.randn(1, 2, points, channels)
+    with mock.patch("sparseformer.layers.mixing.fused_mix", wraps=fused_mix) as spy:
+        mixing(tokens, sampled).sum().backward()
+    assert spy.called == fused
 
 
 @pytest.mark.parametrize("dims", [2, 3])
