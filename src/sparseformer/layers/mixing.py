@@ -117,7 +117,7 @@ class AdaptiveMixing(nn.Module):
         # CPU inference decodes a few images at a time: each token's generated C x C and P x P
         # matrices are used once, right away, so a chunk's stay in cache instead of a round
         # trip through memory (the mixing takes ~40% less time on a 2-core CPU). Every token
-        # is computed exactly as in one pass. CPU training takes _decode_fused, chunked too.
+        # is computed exactly as in one pass. CPU training of large matrices takes _decode_fused.
         chunks = zip(tokens.split(step), sampled.split(step))
         return torch.cat([self._decode(t, s) for t, s in chunks])
 
