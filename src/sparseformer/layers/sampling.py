@@ -180,7 +180,7 @@ def _gather_applies(feats: Tensor, points: Tensor) -> bool:
     if feats.shape[1] < _GATHER_MIN_CHANNELS:
         return False
     if torch.is_grad_enabled() and (feats.requires_grad or points.requires_grad):
-        return feats[0, 0].numel() >= _GATHER_MIN_PIXELS
+        return math.prod(feats.shape[2:]) >= _GATHER_MIN_PIXELS
     return points[..., 0].numel() >= _GATHER_MIN_POINTS
 
 
