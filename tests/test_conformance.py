@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
+from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sparseformer import SparseFormer, SparseFormerConfig, StageConfig, load_checkpoint
+from sparseformer.layers.mixing_fused import fused_mix
+from sparseformer.layers.sampling import sample_features_gather
 from sparseformer.weights.convert import convert_state_dict
 
 from .conftest import DATA
@@ -44,14 +49,46 @@ def layout(fixture, prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) + 1 :]: v for k, v in fixture.items() if k.startswith(prefix + ".")}
 
 
+def cpu_fast_paths() -> ExitStack:
+    """Every CPU fast path on, whatever this machine and the fixture's small sizes would choose:
+    the gather sampler, the fused mixing and the narrow-head attention."""
+    stack = ExitStack()
+    for target in (
+        "sparseformer.layers.sampling._GATHER_MIN_CHANNELS",
+        "sparseformer.layers.sampling._GATHER_MIN_PIXELS",
+        "sparseformer.layers.mixing._FUSED_MIN_FLOATS",
+    ):
+        stack.enter_context(mock.patch(target, 0))
+    stack.enter_context(
+        mock.patch.object(torch.backends.cpu, "get_cpu_capability", return_value="AVX2")
+    )
+    return stack
+
+
+@pytest.mark.parametrize("fast_paths", [False, True])
 @pytest.mark.parametrize("fmt", ["imagenet", "v2"])
 @pytest.mark.parametrize("batch", ["a", "b"])
-def test_matches_official_outputs_and_gradients(fixture, fmt, batch):
+def test_matches_official_outputs_and_gradients(fixture, fmt, batch, fast_paths):
     model = SparseFormer(fixture_config()).eval()
     report = load_checkpoint(model, {"model": layout(fixture, fmt)})
     assert report.source_format == fmt and not report.dropped
 
-    out = model.forward_with_details(fixture[f"input_{batch}"])
+    with cpu_fast_paths() if fast_paths else ExitStack() as stack:
+        spies = [
+            stack.enter_context(mock.patch(target, wraps=wrapped))
+            for target, wrapped in (
+                ("sparseformer.layers.mixing.fused_mix", fused_mix),
+                ("sparseformer.layers.sampling.sample_features_gather", sample_features_gather),
+                (
+                    "torch.nn.functional.scaled_dot_product_attention",
+                    F.scaled_dot_product_attention,
+                ),
+            )
+        ]
+        out = model.forward_with_details(fixture[f"input_{batch}"])
+    called = [spy.called for spy in spies]
+    if fast_paths:  # the fast paths ran: the gather, the fused mixing, no fused attention
+        assert called == [True, True, False]
     torch.testing.assert_close(out.logits, fixture[f"logits_{batch}"], rtol=0, atol=1e-5)
     torch.testing.assert_close(out.rois[-1], fixture[f"rois_{batch}"], rtol=0, atol=1e-5)
 

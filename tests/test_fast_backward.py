@@ -221,3 +221,16 @@ def test_attention_fused_where_narrow_heads_do_not_pay(capability):
     ):
         attention(q, q, q)
     assert fused.call_count == 1
+
+
+def test_gather_counts_a_clips_pixels_and_takes_empty_batches():
+    """In training a video map's size is T x H x W (4 x 16 x 16 gathers, 2 x 16 x 16 does not);
+    an empty batch samples to an empty result."""
+    from sparseformer.layers.sampling import _gather_applies
+
+    points = torch.rand(1, 2, 3, 3, requires_grad=True)
+    assert _gather_applies(torch.randn(1, 64, 4, 16, 16), points)
+    assert not _gather_applies(torch.randn(1, 64, 2, 16, 16), points)
+    feats = torch.randn(0, 64, 32, 32, requires_grad=True)
+    out = sample_features(feats, torch.rand(0, 2, 3, 2, requires_grad=True))
+    assert out.shape == (0, 2, 3, 64)

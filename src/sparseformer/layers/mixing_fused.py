@@ -42,9 +42,10 @@ def _act_grad(grad: Tensor, x: Tensor, activation: str) -> Tensor:
 
 
 def fused_mix_applies(tokens: Tensor, sampled: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`fused_mix` takes over from plain autograd: CPU training in float32 or
-    float64 (gradcheck), outside tracing, autocast and dispatch modes (FLOP counting sees the
-    plain ops)."""
+    """Whether :func:`fused_mix` can take over from plain autograd: CPU training in float32
+    or float64 (gradcheck), outside tracing, autocast and dispatch modes (FLOP counting sees
+    the plain ops). :class:`AdaptiveMixing` also requires its matrices to be large enough
+    (``mixing._FUSED_MIN_FLOATS``)."""
     return (
         torch.is_grad_enabled()
         and tokens.device.type == "cpu"

@@ -186,7 +186,8 @@ def _gather_applies(feats: Tensor, points: Tensor) -> bool:
 
 def sample_features_grid(feats: Tensor, points: Tensor, padding_mode: str = "zeros") -> Tensor:
     """:func:`sample_features` by ``grid_sample``: on GPUs, under tracing and export (ONNX
-    has the operator), in CPU inference on few points, and as the reference of
+    has the operator), on CPU maps under 64 channels, in CPU inference on few points and CPU
+    training on maps under 32 x 32 pixels, and as the reference of
     :func:`sample_features_gather`."""
     grid = 2 * points - 1
     if feats.dim() == 4:
