@@ -56,7 +56,7 @@ def cpu_fast_paths() -> ExitStack:
     for target in (
         "sparseformer.layers.sampling._GATHER_MIN_CHANNELS",
         "sparseformer.layers.sampling._GATHER_MIN_PIXELS",
-        "sparseformer.layers.mixing._FUSED_MIN_FLOATS",
+        "sparseformer.layers.mixing_fused._FUSED_MIN_FLOATS",
     ):
         stack.enter_context(mock.patch(target, 0))
     stack.enter_context(

@@ -85,7 +85,7 @@ def test_fused_decode_matches_reference(bias, inner, activation, out_points):
     expected_grads = torch.autograd.grad(expected, inputs, grad)
     with (
         mock.patch("sparseformer.layers.mixing.fused_mix", wraps=fused_mix) as spy,
-        mock.patch("sparseformer.layers.mixing._FUSED_MIN_FLOATS", 0),
+        mock.patch("sparseformer.layers.mixing_fused._FUSED_MIN_FLOATS", 0),
     ):
         out = mixing(tokens, sampled)
     assert spy.called
@@ -102,7 +102,7 @@ def test_fused_decode_float32_matches_reference():
     sampled = torch.randn(9, 16, 4, 8, requires_grad=True)
     inputs = (tokens, sampled, *mixing.parameters())
     expected = torch.autograd.grad(mixing._decode(tokens, sampled).square().sum(), inputs)
-    with mock.patch("sparseformer.layers.mixing._FUSED_MIN_FLOATS", 0):
+    with mock.patch("sparseformer.layers.mixing_fused._FUSED_MIN_FLOATS", 0):
         grads = torch.autograd.grad(mixing(tokens, sampled).square().sum(), inputs)
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -104,10 +104,8 @@ class AdaptiveMixing(nn.Module):
             ``(B, N, D)`` the update for each token.
         """
         B, N, _ = tokens.shape
-        if (
-            self.in_channels**2 + self.num_points * self.out_points >= _FUSED_MIN_FLOATS
-            and fused_mix_applies(tokens, sampled, self.generator.weight)
-            and not _has_hooks(self.generator)
+        if fused_mix_applies(tokens, sampled, self.generator.weight) and not _has_hooks(
+            self.generator
         ):
             return self._decode_fused(tokens, sampled)
         step = max(1, _CHUNK_TOKENS // N)
@@ -166,12 +164,6 @@ class AdaptiveMixing(nn.Module):
 # 0.129 s unchunked, per batch of 32) but each op is a parallel region, and on a 2-core
 # machine shared with other jobs every region can wait for a busy core.
 _CHUNK_TOKENS = 384
-# CPU training decodes by mixing_fused (no generated matrices stored, generated again in
-# backward) when each token's matrices hold at least this many floats: SparseFormer v1's 10,512
-# (66 MB per layer not kept for SparseFormer-T's batch of 32, the same time). Under it autograd
-# is faster and the matrices are small to keep: the demo's micro model, 1,280 floats per token,
-# trains 7% faster (2-core Xeon, 2 threads, alternated in one process: 183.7 -> 170.7 ms).
-_FUSED_MIN_FLOATS = 4096
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
