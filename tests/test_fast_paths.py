@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sparseformer import SparseFormer, count_flops, create_model, load_checkpoint
-from sparseformer.layers import AdaptiveMixing, EarlyConvolution, channel_normalize
+from sparseformer.layers import AdaptiveMixing, EarlyConvolution, channel_normalize, mixing_fused
 from sparseformer.layers.linear import fused_linear_available, linear
 
 from .test_conformance import fixture, fixture_config, layout  # noqa: F401  (fixture)
@@ -87,11 +89,12 @@ def test_chunked_stem_equals_one_pass(monkeypatch, video):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
-def test_chunked_mixing_equals_one_pass():
+def test_chunked_mixing_equals_one_pass(monkeypatch):
     """The CPU inference chunking over the batch computes every token as one pass does."""
     mixing = AdaptiveMixing(dim=32, in_channels=8, num_points=4)
     nn.init.normal_(mixing.generator.weight, std=0.1)
-    B, N = 60, 16  # 384 // 16 = 24 images per chunk: three chunks
+    B, N = 60, 16  # 80 floats of matrices per token: 24 images per chunk, three chunks
+    monkeypatch.setattr(mixing_fused, "_CHUNK_FLOATS", 24 * N * (8 * 8 + 4 * 4) + 5)
     tokens = torch.randn(B, N, 32, requires_grad=True)
     sampled = torch.randn(B, 8, N, 4).permute(0, 2, 3, 1)  # grid_sample's layout, permuted
     whole = mixing._decode(tokens, sampled)
@@ -99,8 +102,9 @@ def test_chunked_mixing_equals_one_pass():
     trained = mixing(tokens, sampled)  # with grad: one pass, same gradients
     (grad,) = torch.autograd.grad(trained.square().sum(), tokens)
     torch.testing.assert_close(grad, grad_whole, rtol=0, atol=1e-6)
-    with torch.inference_mode():
+    with torch.inference_mode(), mock.patch.object(mixing, "_decode", wraps=mixing._decode) as spy:
         torch.testing.assert_close(mixing(tokens, sampled), whole.detach(), rtol=0, atol=1e-5)
+    assert [call.args[0].shape[0] for call in spy.call_args_list] == [24, 24, 12]
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])

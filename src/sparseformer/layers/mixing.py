@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparseformer.layers import mixing_fused
 from sparseformer.layers.linear import _has_hooks, is_tracing, linear
 from sparseformer.layers.mixing_fused import fused_mix, fused_mix_applies
 
@@ -108,14 +109,17 @@ class AdaptiveMixing(nn.Module):
             self.generator
         ):
             return self._decode_fused(tokens, sampled)
-        step = max(1, _CHUNK_TOKENS // N)
         # tracing first: a size test would put a guard on the batch into an exported graph
-        if is_tracing() or tokens.device.type != "cpu" or step >= B or _needs_grad(tokens, sampled):
+        if is_tracing() or tokens.device.type != "cpu" or _needs_grad(tokens, sampled):
             return self._decode(tokens, sampled)
         # CPU inference decodes a few images at a time: each token's generated C x C and P x P
         # matrices are used once, right away, so a chunk's stay in cache instead of a round
-        # trip through memory (the mixing takes ~40% less time on a 2-core CPU). Every token
-        # is computed exactly as in one pass. CPU training of large matrices takes _decode_fused.
+        # trip through memory. Chunks hold as many images as fit the fused path's budget of
+        # generated matrices (4 MB: two images of SparseFormer-T). Every token is computed
+        # exactly as in one pass. CPU training of large matrices takes _decode_fused.
+        step = max(1, mixing_fused._CHUNK_FLOATS // max(1, N * self.generator.out_features))
+        if step >= B:
+            return self._decode(tokens, sampled)
         chunks = zip(tokens.split(step), sampled.split(step))
         return torch.cat([self._decode(t, s) for t, s in chunks])
 
@@ -157,13 +161,6 @@ class AdaptiveMixing(nn.Module):
             self.inner_activation,
         )
         return self.out_proj(x.reshape(B, N, Q * C))  # (B*N, Q, C) -> (B, N, Q*C)
-
-
-# Tokens decoded together on CPU (SparseFormer-T: 7 images of 49 tokens, 14 MB of generated
-# matrices). Smaller chunks fit cache better (1 thread: 0.074 s at 49 tokens, 0.093 s at 392,
-# 0.129 s unchunked, per batch of 32) but each op is a parallel region, and on a 2-core
-# machine shared with other jobs every region can wait for a busy core.
-_CHUNK_TOKENS = 384
 
 
 def _needs_grad(*tensors: Tensor) -> bool:

@@ -25,7 +25,8 @@ __all__ = ["fused_mix", "fused_mix_applies"]
 
 # Floats per chunk of generated matrices (and again of their gradient): 98 tokens of
 # SparseFormer-T (C*C + Q*P = 10,512 floats each, 4 MB). Narrower models take more tokens per
-# chunk: each chunk costs a dozen operator calls whatever its size.
+# chunk: each chunk costs a dozen operator calls whatever its size. CPU inference
+# (AdaptiveMixing.forward) chunks whole images by the same budget.
 _CHUNK_FLOATS = 98 * 10_512
 # CPU training decodes here (no generated matrices stored, generated again in
 # backward) when each token's matrices hold at least this many floats: SparseFormer v1's 10,512
