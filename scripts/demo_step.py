@@ -26,6 +26,7 @@ from sparseformer.cli.demo import MODEL
 from sparseformer.data.datasets import DataSource, build_datasets
 from sparseformer.data.loader import build_train_loader, start_epoch
 from sparseformer.engine.inputs import training_preprocessing
+from sparseformer.engine.optim import build_optimizer
 from sparseformer.engine.recipe import load_recipe
 
 
@@ -48,7 +49,8 @@ def loading_ms(recipe, steps: int) -> list[float]:
 def training_step(recipe):
     """One training iteration of the demo's model on a fixed random batch, as a function."""
     model = create_model(MODEL, num_classes=10).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    peak_lr = recipe.scaled_lr(recipe.batch_size)[0]
+    optimizer = build_optimizer(model, peak_lr, recipe.weight_decay, recipe.betas, recipe.eps)
     x = torch.randn(recipe.batch_size, 3, recipe.img_size, recipe.img_size)
     y = torch.randint(0, 10, (recipe.batch_size,))
 

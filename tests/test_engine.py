@@ -16,7 +16,7 @@ from sparseformer import create_model
 from sparseformer.data import DatasetBundle, Preprocessing
 from sparseformer.engine import checkpoint as ckpt_io
 from sparseformer.engine.loop import BatchPrep
-from sparseformer.engine.optim import LRSchedule, build_optimizer
+from sparseformer.engine.optim import LRSchedule, build_optimizer, fused_update_applies
 from sparseformer.engine.recipe import RecipeError, list_recipes, load_recipe
 from sparseformer.engine.trainer import RunOptions, TrainingError, fit
 
@@ -44,6 +44,20 @@ def test_no_weight_decay_on_norms_biases_and_initial_rois():
         assert decay_of[id(p)] == expected, name
     assert decay_of[id(model.initial_rois)] == 0.0
     assert decay_of[id(model.head.weight)] == 0.05
+
+
+def test_adamw_takes_the_fused_update_where_torch_has_it():
+    model = create_model("sparseformer_v1_nano", num_classes=10)
+    assert fused_update_applies(model) and build_optimizer(model, 1e-3, 0.05).defaults["fused"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    build_optimizer(model, 1e-3, 0.05).step()  # the fused step updates each one with a gradient
+    graded = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.any()]
+    assert len(graded) > 10
+    assert all(not torch.equal(model.get_parameter(n), before[n]) for n in graded)
+    meta = create_model("sparseformer_v1_nano", num_classes=10).to("meta")
+    assert not fused_update_applies(meta)
+    assert not build_optimizer(meta, 1e-3, 0.05).defaults["fused"]  # per tensor there
 
 
 def test_imagenet_recipe_is_the_papers():

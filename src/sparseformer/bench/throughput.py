@@ -38,6 +38,7 @@ from sparseformer.bench.results import (
 )
 from sparseformer.bench.timing import matmul_peak, peak_memory_mb, timed
 from sparseformer.config import VideoSparseFormerConfig
+from sparseformer.engine.optim import build_optimizer
 from sparseformer.weights.registry import MODELS
 
 __all__ = [
@@ -303,7 +304,7 @@ def _train_rounds(
     y = torch.randint(0, s.num_classes, (s.train_batch_size,), device=device)
     steps, optimizers = {}, {}
     for name, model in models.items():
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        optimizer = build_optimizer(model, 1e-5, 0.05)  # the trainer's AdamW (fused update)
         x = torch.randn(s.train_batch_size, *sample_shape(model, img_size), device=device)
 
         def step(
