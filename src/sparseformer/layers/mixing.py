@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparseformer.layers import mixing_fused
 from sparseformer.layers.linear import _has_hooks, is_tracing, linear
-from sparseformer.layers.mixing_fused import fused_mix, fused_mix_applies
+from sparseformer.layers.mixing_fused import fused_mix, fused_mix_applies, tokens_per_chunk
 
 __all__ = ["AdaptiveMixing"]
 
@@ -117,7 +116,7 @@ class AdaptiveMixing(nn.Module):
         # trip through memory. Chunks hold as many images as fit the fused path's budget of
         # generated matrices (4 MB: two images of SparseFormer-T). Every token is computed
         # exactly as in one pass. CPU training of large matrices takes _decode_fused.
-        step = max(1, mixing_fused._CHUNK_FLOATS // max(1, N * self.generator.out_features))
+        step = max(1, tokens_per_chunk(self.generator.out_features) // max(1, N))  # images
         if step >= B:
             return self._decode(tokens, sampled)
         chunks = zip(tokens.split(step), sampled.split(step))

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from sparseformer.layers.linear import fused_linear_available, is_tracing
 
-__all__ = ["fused_mix", "fused_mix_applies"]
+__all__ = ["fused_mix", "fused_mix_applies", "tokens_per_chunk"]
 
 # Floats per chunk of generated matrices (and again of their gradient): 98 tokens of
 # SparseFormer-T (C*C + Q*P = 10,512 floats each, 4 MB). Narrower models take more tokens per
@@ -34,6 +34,11 @@ _CHUNK_FLOATS = 98 * 10_512
 # is faster and the matrices are small to keep: the demo's micro model, 1,280 floats per token,
 # trains 7% faster (2-core Xeon, 2 threads, alternated in one process: 183.7 -> 170.7 ms).
 _FUSED_MIN_FLOATS = 4096
+
+
+def tokens_per_chunk(floats_per_token: int) -> int:
+    """Tokens whose generated matrices (``floats_per_token`` each) fit one chunk, at least one."""
+    return max(1, _CHUNK_FLOATS // max(1, floats_per_token))
 
 
 def _act(x: Tensor, activation: str) -> Tensor:
@@ -187,7 +192,7 @@ def fused_mix(
     sampled = sampled.contiguous()
     if chunk is None:
         C, P, Q = dims
-        chunk = max(1, _CHUNK_FLOATS // (C * C + Q * P))
+        chunk = tokens_per_chunk(C * C + Q * P)
     return _FusedMix.apply(
         hidden,
         weight,
