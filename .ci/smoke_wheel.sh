@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Build the sdist and the wheel, install the wheel (not editable) into a new virtual environment
-# that shares nothing with .venv, and use it as a user would, from a folder outside the source
-# tree: a file left out of the wheel (a recipe, py.typed) fails here, not at a user's `pip install`.
+# Build the sdist and the wheel, install the wheel (not editable) into a new virtual environment,
+# and use it as a user would, from a folder outside the source tree: a file left out of the wheel
+# (a recipe, py.typed) or a dependency it does not declare fails here, not at a user's
+# `pip install`.
+#
+# The new environment installs every dependency the wheel declares, except that it takes torch,
+# triton and the NVIDIA libraries already unpacked in .venv (5.3 GB of a CUDA build of torch that
+# a second copy would need on disk; CI on a nearly full disk failed on it), through a folder of
+# links on its path, when the two Pythons are the same version. pip sees them as installed and
+# still resolves the rest, torchvision and timm among them, from the wheel's own metadata.
 #
 # Usage: .ci/smoke_wheel.sh [WORKDIR]   (default: a temporary folder, removed at the end)
 # Env:   BUILD_PYTHON  python with the `build` package (default .venv/bin/python, from `make setup`)
 #        PYTHON        interpreter for the new environment (default python3)
+#        SMOKE_SHARE_TORCH=0  install torch into the new environment too (a full copy)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BUILD_PYTHON="${BUILD_PYTHON:-$ROOT/.venv/bin/python}"
@@ -37,6 +45,9 @@ say "every package file is in the wheel and the sdist"
 say "install the wheel into a new environment"
 rm -rf "$WORK/venv"
 "$PYTHON" -m venv "$WORK/venv"
+if [[ "${SMOKE_SHARE_TORCH:-1}" != 0 ]]; then
+    "$BUILD_PYTHON" "$ROOT/.ci/share_torch.py" "$WORK/venv/bin/python" "$WORK/shared"
+fi
 "$WORK/venv/bin/python" -m pip install "${wheels[0]}" >"$WORK/install.log" 2>&1 ||
     { tail -n 40 "$WORK/install.log"; exit 1; }
 grep -E '^Successfully installed' "$WORK/install.log" || true
