@@ -223,6 +223,38 @@ def test_attention_fused_where_narrow_heads_do_not_pay(capability):
     assert fused.call_count == 1
 
 
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
+def test_reduced_precision_attention_with_gradients_takes_two_products(capability):
+    """In bf16 and fp16 with gradients narrow heads take the two products on any CPU and at
+    any length (the fused kernel's reduced-precision backward is slow), with SDPA's values and
+    gradients; without gradients, and for wide heads, the fused kernel keeps them."""
+    from sparseformer.layers.attention import attention
+
+    torch.manual_seed(0)
+    reference = [
+        torch.randn(2, 4, 100, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    ]
+    expected = torch.nn.functional.scaled_dot_product_attention(*reference)  # 100 tokens
+    expected_grads = torch.autograd.grad(expected.square().sum(), reference)
+    with mock.patch.object(torch.backends.cpu, "get_cpu_capability", return_value=capability):
+        for dtype in (torch.bfloat16, torch.float16):
+            q, k, v = (t.detach().to(dtype).requires_grad_() for t in reference)
+            with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention") as fused:
+                out = attention(q, k, v)
+            assert fused.call_count == 0
+            torch.testing.assert_close(out.double(), expected.detach(), rtol=0, atol=0.05)
+            out.float().square().sum().backward()
+            for t, grad in zip((q, k, v), expected_grads, strict=True):
+                assert t.grad.dtype == dtype
+                torch.testing.assert_close(t.grad.double(), grad, rtol=0.05, atol=0.05)
+            with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention") as fused:
+                with torch.no_grad():
+                    attention(q, k, v)  # no gradients: the fused kernel
+                wide = torch.randn(2, 2, 5, 32, dtype=dtype, requires_grad=True)
+                attention(wide, wide, wide)  # 32-channel heads: the fused kernel
+            assert fused.call_count == 2
+
+
 def test_gather_counts_a_clips_pixels_and_takes_empty_batches():
     """In training a video map's size is T x H x W (4 x 16 x 16 gathers, 2 x 16 x 16 does not);
     an empty batch samples to an empty result."""

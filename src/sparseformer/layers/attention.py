@@ -57,6 +57,16 @@ def _narrow_pays() -> bool:
     return torch.backends.cpu.get_cpu_capability() in _NARROW_CAPABILITIES
 
 
+def _two_products(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether :func:`attention` takes the two batched products for these CPU inputs."""
+    if q.shape[-1] > _NARROW_HEAD:
+        return False
+    if q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled():
+        # the fused kernel's reduced-precision backward is 6-12x slower at any length
+        return q.requires_grad or k.requires_grad or v.requires_grad
+    return q.shape[-2] <= _FEW_TOKENS and _narrow_pays()
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """``softmax(q k^T / sqrt(d)) v`` for ``(B, h, N, d)`` queries, keys and values.
 
@@ -67,18 +77,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     ms forward, 57 -> 26 ms forward and backward; the whole training step 3-9% faster). Over
     longer sequences the fused kernel wins (video: 196 tokens, 36 against 46 ms forward), and
     on AVX-512 it wins at any length (2-core Xeon, SparseFormer-T alternated in one process:
-    the fused kernel 5% faster at batch 32 and batch 1, the training step the same). The
-    backward keeps the attention weights (B x h x N x N floats) where the fused kernel
-    recomputes them. Tracing, export and FLOP counting see the fused operator.
+    the fused kernel 5% faster at batch 32 and batch 1, the training step the same). In bf16
+    or fp16 with gradients, narrow heads take the two products on every CPU and at any length:
+    the fused kernel's reduced-precision backward is slow (2-core Xeon, 2 threads, batch 32,
+    bf16, forward and backward: 8-channel heads over 49 tokens 92 -> 7.5 ms, 4-channel 104 ->
+    15 ms, video's 196 tokens 244 -> 136 ms). The backward keeps the attention weights
+    (B x h x N x N values) where the fused kernel recomputes them. Tracing, export and FLOP
+    counting see the fused operator.
     """
     B, h, N, d = q.shape
     if not (
         q.device.type == "cpu"
-        and d <= _NARROW_HEAD
-        and N <= _FEW_TOKENS
         and not is_tracing()
         and _get_current_dispatch_mode() is None
-        and _narrow_pays()  # after the tracing checks: compilers need not read the CPU
+        and _two_products(q, k, v)  # after the tracing checks: compilers need not read the CPU
     ):
         return F.scaled_dot_product_attention(q, k, v)
     q = q.reshape(B * h, N, d) * d**-0.5  # (B, h, N, d) -> (B*h, N, d)
