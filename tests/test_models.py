@@ -132,6 +132,23 @@ def test_geometry_projections_run_in_fp32_under_autocast_and_in_a_bf16_model():
     assert all(r.dtype == torch.float32 for r in out.rois)
 
 
+@pytest.mark.parametrize("name", ["sparseformer_v1_nano", "video_sparseformer_v1_tiny"])
+def test_the_map_is_raised_to_fp32_once_for_every_sampling_under_autocast(name):
+    """Sampling reads the map in float32: under bf16 autocast the stem's output is raised once
+    and every unit gets that same tensor, instead of raising it again per unit."""
+    from sparseformer.models.blocks import Unit
+
+    model = create_model(name)
+    maps = []
+    for unit in (m for m in model.modules() if isinstance(m, Unit)):
+        unit.register_forward_pre_hook(lambda m, args: maps.append(args[2]))
+    x = torch.randn((1, 3, 4, 32, 32) if name.startswith("video") else (1, 3, 32, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert len(maps) > 1 and maps[0].dtype == torch.float32
+    assert all(m is maps[0] for m in maps)
+
+
 def test_two_models_run_independently():
     a = create_model("sparseformer_v1_nano").eval()
     b = create_model("sparseformer_v1_nano").eval()

@@ -229,7 +229,8 @@ class SparseFormer(nn.Module):
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Stem features and the initial tokens and RoIs expanded over the batch."""
         self._check_input(x)
-        feats = self.stem(x)
+        # every sampling reads the map in float32: raised once here, not once per unit
+        feats = at_least_fp32(self.stem(x))
         B = x.shape[0]
         N = self.initial_rois.shape[0]
         # (N, D), or one shared (1, D), -> (B, N, D)
