@@ -105,6 +105,13 @@ def test_chunked_mixing_equals_one_pass(monkeypatch):
     with torch.inference_mode(), mock.patch.object(mixing, "_decode", wraps=mixing._decode) as spy:
         torch.testing.assert_close(mixing(tokens, sampled), whole.detach(), rtol=0, atol=1e-5)
     assert [call.args[0].shape[0] for call in spy.call_args_list] == [24, 24, 12]
+    with (
+        torch.inference_mode(),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        mock.patch.object(mixing, "_decode", wraps=mixing._decode) as spy,
+    ):
+        mixing(tokens, sampled)  # autocast converts the weights per chunk: one pass
+    assert [call.args[0].shape[0] for call in spy.call_args_list] == [60]
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
