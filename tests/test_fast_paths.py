@@ -122,6 +122,33 @@ def test_channel_normalize_matches_unbiased_definition(layout):
     torch.testing.assert_close(channel_normalize(x), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_split_makes_each_part_contiguous_with_the_layers_values(bias):
+    """Each part by its own product: the values and gradients of ``layer(x).split``, every
+    part contiguous; with hooks on the layer, the layer itself is called."""
+    from sparseformer.layers.linear import linear_split
+
+    layer = nn.Linear(8, 7, bias=bias).double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    parts = linear_split(x, layer, [4, 3])
+    expected = layer(x).split([4, 3], dim=-1)
+    assert [tuple(p.shape) for p in parts] == [(2, 3, 4), (2, 3, 3)]
+    assert all(p.is_contiguous() for p in parts) and not expected[0].is_contiguous()
+    for part, want in zip(parts, expected, strict=True):
+        torch.testing.assert_close(part, want, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, w: linear_split(x, layer, [4, 3]), (x, layer.weight))
+    with torch.inference_mode():  # the fused kernel, in float32
+        layer32 = layer.float()
+        parts = linear_split(x.detach().float(), layer32, [4, 3])
+        expected = layer32(x.detach().float()).split([4, 3], dim=-1)
+        for part, want in zip(parts, expected, strict=True):
+            torch.testing.assert_close(part, want, rtol=0, atol=1e-5)
+    seen = []
+    layer32.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    linear_split(x.detach().float(), layer32, [4, 3])
+    assert seen == [torch.Size([2, 3, 7])]
+
+
 def test_linear_forward_hooks_still_fire_in_inference():
     layer = nn.Linear(8, 4)
     seen = []

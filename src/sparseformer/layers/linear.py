@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["linear", "fused_linear_available", "is_tracing"]
+__all__ = ["linear", "linear_split", "fused_linear_available", "is_tracing"]
 
 _HAS_KERNEL = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_linear_pointwise"
@@ -46,13 +46,27 @@ def fused_linear_available(x: Tensor, weight: Tensor) -> bool:
 
 def linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
     """``layer(x)``, followed by exact (erf) GELU if ``gelu``; ``(..., in) -> (..., out)``."""
-    if fused_linear_available(x, layer.weight) and not _has_hooks(layer):
-        if gelu:
-            return torch.ops.mkldnn._linear_pointwise(
-                x, layer.weight, layer.bias, "gelu", [], "none"
-            )
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
-    y = layer(x)
+    if _has_hooks(layer):
+        y = layer(x)
+        return F.gelu(y) if gelu else y
+    return _linear(x, layer.weight, layer.bias, gelu)
+
+
+def linear_split(x: Tensor, layer: nn.Linear, sizes: list[int]) -> tuple[Tensor, ...]:
+    """``layer(x).split(sizes, -1)``, each part made by its own product with its rows of the
+    weight, so that every part is contiguous: a batched product reads it in place (PyTorch's
+    CPU bf16 kernels copy a strided operand first) and backward concatenates no gradient."""
+    if _has_hooks(layer):
+        return layer(x).split(sizes, dim=-1)
+    biases = layer.bias.split(sizes) if layer.bias is not None else [None] * len(sizes)
+    return tuple(_linear(x, w, b) for w, b in zip(layer.weight.split(sizes), biases, strict=True))
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
+    if fused_linear_available(x, weight):
+        post = ("gelu", [], "none") if gelu else ("none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, *post)
+    y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
 
 

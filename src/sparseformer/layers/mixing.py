@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparseformer.layers.linear import _has_hooks, is_tracing, linear
+from sparseformer.layers.linear import _has_hooks, is_tracing, linear, linear_split
 from sparseformer.layers.mixing_fused import fused_mix, fused_mix_applies, tokens_per_chunk
 
 __all__ = ["AdaptiveMixing"]
@@ -134,11 +134,11 @@ class AdaptiveMixing(nn.Module):
         """:meth:`forward` for one chunk of the batch, ``(B, N, D), (B, N, P, C) -> (B, N, D)``."""
         B, N, D = tokens.shape
         C, P, Q = self.in_channels, self.num_points, self.out_points
-        params = linear(linear(self.norm(tokens), self.reduce), self.generator)  # (B, N, C*C + Q*P)
-        channel_mix, point_mix = params.split([C * C, Q * P], dim=-1)
+        hidden = linear(self.norm(tokens), self.reduce)
+        channel_mix, point_mix = linear_split(hidden, self.generator, [C * C, Q * P])
         channel_mix = channel_mix.reshape(B * N, C, C)  # (B, N, C*C) -> (B*N, C_in, C_out)
         point_mix = point_mix.reshape(B * N, Q, P)  # (B, N, Q*P) -> (B*N, Q_out, P_in)
-        x = sampled.to(params.dtype).reshape(B * N, P, C)  # (B, N, P, C) -> (B*N, P, C)
+        x = sampled.to(channel_mix.dtype).reshape(B * N, P, C)  # (B, N, P, C) -> (B*N, P, C)
         if self.channel_bias is None:
             x = torch.bmm(x, channel_mix)
             x = self._act(x) if self.inner_activation else x
