@@ -398,3 +398,26 @@ def test_sigterm_during_validation_saves_the_trained_epoch_and_resumes_exactly(
     assert code == 0, err
     torch.testing.assert_close(_final_weights(out), _final_weights(plain), rtol=0, atol=0)
     assert (out / "metrics.jsonl").read_text().count("\n") == 2
+
+
+def test_a_kill_between_the_checkpoint_and_its_metrics_line_loses_no_record(tmp_path):
+    """The checkpoint is written before its epoch's line: resumed from it, the line that the
+    kill left out (or tore) comes from the record the checkpoint carries, exactly once."""
+    from sparseformer.engine.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    one, two = {"epoch": 1, "val_acc1": 10.0}, {"epoch": 2, "val_acc1": 20.0}
+
+    def resumed(text: str, saved: dict | None) -> list[dict]:
+        path.write_text(text)
+        log = MetricsLog(path, 2, saved)
+        on_disk = [json.loads(line) for line in path.read_text().splitlines()]
+        assert on_disk == log.records
+        return log.records
+
+    assert resumed(json.dumps(one) + "\n", two) == [one, two]  # killed before the line
+    assert resumed(json.dumps(one) + '\n{"epoch": 2, "va', two) == [one, two]  # torn line
+    lines = "".join(json.dumps(r) + "\n" for r in (one, two, {"epoch": 3}))
+    assert resumed(lines, two) == [one, two]  # written: kept once; later epochs dropped
+    assert resumed(json.dumps(one) + "\n", one) == [one]  # a record of another epoch: unused
+    assert resumed(json.dumps(one) + "\n", None) == [one]

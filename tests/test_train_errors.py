@@ -263,7 +263,7 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, folder, capsy
     err = one_line_error(capsys, "train", *fast)
     assert "already holds a run" in err and "--resume auto" in err and "--overwrite" in err
     assert (out / "last.pt").read_bytes() == before
-    # a kill between the metrics line and the checkpoint leaves a torn line: resume skips it
+    # a kill while the metrics line is written leaves it torn: resume skips it
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 2, "tra')
     with caplog.at_level("WARNING"):

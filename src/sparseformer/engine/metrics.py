@@ -44,20 +44,37 @@ def format_accuracy(acc1: float, acc5: float | None) -> str:
 
 
 class MetricsLog:
-    """Appends epoch records to ``path``; on resume keeps only the epochs before ``start``."""
+    """Appends epoch records to ``path``; on resume keeps only the epochs up to the resumed one.
 
-    def __init__(self, path: str | os.PathLike, resume_from_epoch: int = 0) -> None:
+    The checkpoint is written before its epoch's line, so a run killed between the two resumes
+    from a checkpoint whose record ``metrics.jsonl`` lacks (or holds torn): ``saved_record``,
+    the record the resume checkpoint carries, takes its place.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        resume_from_epoch: int = 0,
+        saved_record: dict[str, Any] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.records: list[dict[str, Any]] = []
         if resume_from_epoch > 0 and self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
                     rec = json.loads(line) if line.strip() else None
-                except json.JSONDecodeError:  # a line cut short by a kill: that epoch reruns
+                except json.JSONDecodeError:  # a line cut short by a kill
                     logger.warning("%s: ignoring a torn line %r", self.path, line[:60])
                     continue
                 if isinstance(rec, dict) and rec.get("epoch", 0) <= resume_from_epoch:
                     self.records.append(rec)
+        if (
+            resume_from_epoch > 0
+            and saved_record
+            and saved_record.get("epoch") == resume_from_epoch
+            and not any(r.get("epoch") == resume_from_epoch for r in self.records)
+        ):
+            self.records.append(saved_record)
         self._rewrite()
 
     def _rewrite(self) -> None:

@@ -191,7 +191,9 @@ def _fit_in(
         clear_old_run(out)
     if dist.is_main:
         write_skipped_list(out / SKIPPED_LIST, data.skipped_files)
-    log = MetricsLog(out / "metrics.jsonl", state.start_epoch) if dist.is_main else None
+    log = (
+        MetricsLog(out / "metrics.jsonl", state.start_epoch, state.record) if dist.is_main else None
+    )
     roi_batch = _roi_batch(model, data, parts, options.roi_stats_images, dist)
     _seed_ranks(state, options.seed, dist, device)  # after the set-up's RNG use
     net = model
