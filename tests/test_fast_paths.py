@@ -149,6 +149,25 @@ def test_linear_split_makes_each_part_contiguous_with_the_layers_values(bias):
     assert seen == [torch.Size([2, 3, 7])]
 
 
+def test_a_linear_subclass_with_its_own_forward_is_always_called():
+    """QAT or LoRA layers replace ``forward``: ``linear`` and ``linear_split`` call them, in
+    training and in inference, instead of using their weight and bias directly."""
+    from sparseformer.layers.linear import linear_split
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    layer, plain = Doubled(8, 6), nn.Linear(8, 6)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 8, requires_grad=True)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(linear(x, layer), 2 * plain(x))
+            torch.testing.assert_close(linear(x, layer, gelu=True), F.gelu(2 * plain(x)))
+            torch.testing.assert_close(torch.cat(linear_split(x, layer, [2, 4]), -1), 2 * plain(x))
+
+
 def test_linear_forward_hooks_still_fire_in_inference():
     layer = nn.Linear(8, 4)
     seen = []

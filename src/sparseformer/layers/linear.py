@@ -6,9 +6,13 @@ accumulates the product onto it, and ``gelu`` reads and writes the output once m
 activation in the matrix product's epilogue: on a 2-core AVX2 CPU a ``(1568, 512) x (512, 2048)``
 linear with GELU takes ~20 ms instead of ~32. It has no autograd formula, so it is used only
 when no gradient is wanted, and never under tracing, export, a dispatch mode (FLOP counting),
-autocast, with forward hooks, or for non-float32 tensors; everywhere else this is exactly
-``layer(x)``. The results differ from ``F.linear`` by float32 rounding only (a different
-summation order, ~1e-6).
+autocast, or for non-float32 tensors; everywhere else this is ``F.linear`` with the layer's
+weight and bias. A layer that is not a plain ``nn.Linear`` (forward hooks, or a subclass with
+its own ``forward``: quantisation-aware training, LoRA) is always called itself. The results
+differ from ``F.linear`` by float32 rounding only (a different summation order, ~1e-6).
+
+:func:`linear_split` makes the blocks of a layer's output by one product each, so that every
+block is contiguous (adaptive mixing's generated matrices).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["linear", "linear_split", "fused_linear_available", "is_tracing"]
+__all__ = ["linear", "linear_split", "is_plain", "fused_linear_available", "is_tracing"]
 
 _HAS_KERNEL = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_linear_pointwise"
@@ -46,7 +50,7 @@ def fused_linear_available(x: Tensor, weight: Tensor) -> bool:
 
 def linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
     """``layer(x)``, followed by exact (erf) GELU if ``gelu``; ``(..., in) -> (..., out)``."""
-    if _has_hooks(layer):
+    if not is_plain(layer):
         y = layer(x)
         return F.gelu(y) if gelu else y
     return _linear(x, layer.weight, layer.bias, gelu)
@@ -56,7 +60,7 @@ def linear_split(x: Tensor, layer: nn.Linear, sizes: list[int]) -> tuple[Tensor,
     """``layer(x).split(sizes, -1)``, each part made by its own product with its rows of the
     weight, so that every part is contiguous: a batched product reads it in place (PyTorch's
     CPU bf16 kernels copy a strided operand first) and backward concatenates no gradient."""
-    if _has_hooks(layer):
+    if not is_plain(layer):
         return layer(x).split(sizes, dim=-1)
     biases = layer.bias.split(sizes) if layer.bias is not None else [None] * len(sizes)
     return tuple(_linear(x, w, b) for w, b in zip(layer.weight.split(sizes), biases, strict=True))
@@ -68,6 +72,12 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) 
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, *post)
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
+
+
+def is_plain(layer: nn.Linear) -> bool:
+    """Whether ``layer`` computes exactly ``F.linear(x, weight, bias)``, so its weight and bias
+    can be used without calling it: ``nn.Linear``'s own ``forward`` and no forward hooks."""
+    return type(layer).forward is nn.Linear.forward and not _has_hooks(layer)
 
 
 def _has_hooks(layer: nn.Module) -> bool:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparseformer.layers.linear import _has_hooks, is_tracing, linear, linear_split
+from sparseformer.layers.linear import is_plain, is_tracing, linear, linear_split
 from sparseformer.layers.mixing_fused import fused_mix, fused_mix_applies, tokens_per_chunk
 
 __all__ = ["AdaptiveMixing"]
@@ -104,9 +104,7 @@ class AdaptiveMixing(nn.Module):
             ``(B, N, D)`` the update for each token.
         """
         B, N, _ = tokens.shape
-        if fused_mix_applies(tokens, sampled, self.generator.weight) and not _has_hooks(
-            self.generator
-        ):
+        if fused_mix_applies(tokens, sampled, self.generator.weight) and is_plain(self.generator):
             return self._decode_fused(tokens, sampled)
         # tracing first: a size test would put a guard on the batch into an exported graph
         if (
