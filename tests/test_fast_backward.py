@@ -225,9 +225,9 @@ def test_attention_fused_where_narrow_heads_do_not_pay(capability):
 
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
 def test_reduced_precision_attention_with_gradients_takes_two_products(capability):
-    """In bf16 and fp16 with gradients narrow heads take the two products on any CPU and at
-    any length (the fused kernel's reduced-precision backward is slow), with SDPA's values and
-    gradients; without gradients, and for wide heads, the fused kernel keeps them."""
+    """In bf16 and fp16 with gradients narrow heads over up to 256 tokens take the two products
+    on any CPU (the fused kernel's reduced-precision backward is slow), with SDPA's values and
+    gradients; without gradients, for wide heads and longer sequences the fused kernel."""
     from sparseformer.layers.attention import attention
 
     torch.manual_seed(0)
@@ -252,7 +252,9 @@ def test_reduced_precision_attention_with_gradients_takes_two_products(capabilit
                     attention(q, k, v)  # no gradients: the fused kernel
                 wide = torch.randn(2, 2, 5, 32, dtype=dtype, requires_grad=True)
                 attention(wide, wide, wide)  # 32-channel heads: the fused kernel
-            assert fused.call_count == 2
+                long = torch.randn(1, 2, 257, 8, dtype=dtype, requires_grad=True)
+                attention(long, long, long)  # over 256 tokens: the fused kernel
+            assert fused.call_count == 3
 
 
 def test_gather_counts_a_clips_pixels_and_takes_empty_batches():

@@ -57,13 +57,22 @@ def _narrow_pays() -> bool:
     return torch.backends.cpu.get_cpu_capability() in _NARROW_CAPABILITIES
 
 
+# ... and in bf16 or fp16 training on every CPU, over up to this many tokens (the backward
+# keeps B x h x N x N attention weights: 79 MB in bf16 for 32 heads over 196 tokens, batch 32)
+_HALF_TRAINING_TOKENS = 256
+
+
 def _two_products(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether :func:`attention` takes the two batched products for these CPU inputs."""
     if q.shape[-1] > _NARROW_HEAD:
         return False
-    if q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled():
-        # the fused kernel's reduced-precision backward is 6-12x slower at any length
-        return q.requires_grad or k.requires_grad or v.requires_grad
+    if (
+        q.dtype in (torch.bfloat16, torch.float16)
+        and q.shape[-2] <= _HALF_TRAINING_TOKENS
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+    ):
+        return True  # the fused kernel's reduced-precision backward is 2-7x slower
     return q.shape[-2] <= _FEW_TOKENS and _narrow_pays()
 
 
@@ -78,8 +87,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     longer sequences the fused kernel wins (video: 196 tokens, 36 against 46 ms forward), and
     on AVX-512 it wins at any length (2-core Xeon, SparseFormer-T alternated in one process:
     the fused kernel 5% faster at batch 32 and batch 1, the training step the same). In bf16
-    or fp16 with gradients, narrow heads take the two products on every CPU and at any length:
-    the fused kernel's reduced-precision backward is slow (2-core Xeon, 2 threads, batch 32,
+    or fp16 with gradients, narrow heads take the two products on every CPU, over up to 256
+    tokens: the fused kernel's reduced-precision backward is slow (2-core Xeon, 2 threads, batch 32,
     bf16, forward and backward: 8-channel heads over 49 tokens 92 -> 14 ms, 4-channel 108 ->
     23 ms, video's 196 tokens 252 -> 140 ms). The backward keeps the attention weights
     (B x h x N x N values) where the fused kernel recomputes them. Tracing, export and FLOP
