@@ -6,13 +6,16 @@ Run with the Python of the environment that has torch. For torch, triton and eve
 distribution, links each top-level file or folder it installed (the package and its
 .dist-info) into LINK_DIR, and puts LINK_DIR on the new environment's path with a .pth file.
 pip in the new environment then counts those distributions as installed and installs the rest
-of a wheel's dependencies itself. Nothing is shared when the two Pythons differ in version
-(compiled extensions would not load) or when torch is not installed here.
+of a wheel's dependencies itself. Nothing is shared when the two Pythons' extension suffixes
+differ (version or ABI: compiled extensions would not load) or when torch is not installed
+here. LINK_DIR is emptied first.
 """
 
 import importlib.metadata
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 
@@ -35,28 +38,33 @@ def top_level_paths(dist):
 
 
 def main(new_python, link_dir):
-    here = "{}.{}".format(*sys.version_info[:2])
-    code = (
-        "import sys, sysconfig; print('{}.{}'.format(*sys.version_info[:2])); "
+    code = "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX')); " + (
         "print(sysconfig.get_path('purelib'))"
     )
-    there, site = subprocess.run(
+    abi, site = subprocess.run(
         [new_python, "-c", code], check=True, capture_output=True, text=True
     ).stdout.split("\n")[:2]
-    dists = list(shared_distributions())
-    if there != here or not any(d.metadata["Name"].lower() == "torch" for d in dists):
-        print(f"not sharing torch (Python {here} here, {there} there, {len(dists)} distributions)")
+    here = sysconfig.get_config_var("EXT_SUFFIX")  # version and ABI: .cpython-311-x86_64-...
+    if abi != here:
+        print(f"not sharing torch: extensions here are {here}, there {abi}")
         return
     link_dir = Path(link_dir)
-    link_dir.mkdir(parents=True, exist_ok=True)
-    for dist in dists:
-        for top in top_level_paths(dist):
+    shutil.rmtree(link_dir, ignore_errors=True)  # links from an earlier .venv may dangle
+    link_dir.mkdir(parents=True)
+    shared = []
+    for dist in shared_distributions():
+        tops = top_level_paths(dist)
+        for top in tops:
             link = link_dir / top.name
-            if not link.exists():
+            if not link.is_symlink():  # nvidia/ is shared by every nvidia-* distribution
                 link.symlink_to(top)
+        if tops:
+            shared.append(f"{dist.metadata['Name']} {dist.version}")
+    if not any(name.startswith("torch ") for name in shared):
+        print("not sharing: torch is not installed here with a file list")
+        return
     Path(site, "_shared_torch.pth").write_text(f"{link_dir.resolve()}\n")
-    names = sorted(f"{d.metadata['Name']} {d.version}" for d in dists)
-    print(f"sharing {len(names)} distributions from {sys.prefix}: {', '.join(names)}")
+    print(f"sharing {len(shared)} distributions from {sys.prefix}: {', '.join(sorted(shared))}")
 
 
 if __name__ == "__main__":

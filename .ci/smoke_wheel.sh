@@ -56,6 +56,7 @@ BIN="$WORK/venv/bin"
 # from here on, nothing may come from the source tree: run in an empty folder, and drop any
 # PYTHONPATH that could point back at src/
 unset PYTHONPATH
+rm -rf "$WORK/user"  # a reused WORKDIR starts with an empty folder too
 mkdir -p "$WORK/user"
 cd "$WORK/user"
 
