@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -379,6 +380,26 @@ def test_train_tensorboard_writes_each_epochs_numbers(tmp_path, bigger, capsys):
     assert {"train_loss", "val_loss", "val_acc1", "lr", "images_per_second"} <= tags
     assert any(tag.startswith("roi/") for tag in tags)  # the RoI statistics
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    board = [(e.step, e.value) for e in events.Scalars("val_loss")]
+    assert board == [(r["epoch"], pytest.approx(r["val_loss"])) for r in records]
+
+
+def test_a_record_restored_on_resume_reaches_tensorboard_too(tmp_path, bigger, capsys):
+    """Killed after the checkpoint, before the epoch's line and scalars: the resumed run
+    writes that epoch's record from the checkpoint to metrics.jsonl and to TensorBoard."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert run_cli(capsys, *_train(bigger, out, "--epochs", "1", "--tensorboard"))[0] == 0
+    (out / "metrics.jsonl").write_text("")  # as if killed right after last.pt
+    shutil.rmtree(out / "tensorboard")
+    resume = _train(bigger, out, "--epochs", "2", "--tensorboard", "--resume", "auto")
+    assert run_cli(capsys, *resume)[0] == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
     board = [(e.step, e.value) for e in events.Scalars("val_loss")]
     assert board == [(r["epoch"], pytest.approx(r["val_loss"])) for r in records]
 

@@ -59,6 +59,7 @@ class MetricsLog:
     ) -> None:
         self.path = Path(path)
         self.records: list[dict[str, Any]] = []
+        self.restored: dict[str, Any] | None = None  # saved_record, when it filled a gap
         if resume_from_epoch > 0 and self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
@@ -75,6 +76,7 @@ class MetricsLog:
             and not any(r.get("epoch") == resume_from_epoch for r in self.records)
         ):
             self.records.append(saved_record)
+            self.restored = saved_record
         self._rewrite()
 
     def _rewrite(self) -> None:

@@ -208,6 +208,8 @@ def _fit_in(
         loop.validation = options.validation
     if options.tensorboard and dist.is_main:
         loop.board = TensorBoardScalars(out / "tensorboard")
+        if log.restored is not None:  # killed before its line: nor had TensorBoard its scalars
+            loop.board.add(log.restored)
     with StopSignals() as loop.signals:  # a stop at a step boundary: see engine/stopping
         parts.val_loader = UntilStopped(parts.val_loader, loop.signals)
         for epoch in range(state.start_epoch, recipe.epochs):
