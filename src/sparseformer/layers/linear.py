@@ -74,10 +74,11 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) 
     return F.gelu(y) if gelu else y
 
 
-def is_plain(layer: nn.Linear) -> bool:
-    """Whether ``layer`` computes exactly ``F.linear(x, weight, bias)``, so its weight and bias
-    can be used without calling it: ``nn.Linear``'s own ``forward`` and no forward hooks."""
-    return type(layer).forward is nn.Linear.forward and not _has_hooks(layer)
+def is_plain(layer: nn.Module, kind: type[nn.Module] = nn.Linear) -> bool:
+    """Whether ``layer`` computes exactly what ``kind`` does with its weight and bias (by
+    default ``F.linear(x, weight, bias)``), so they can be used without calling it: ``kind``'s
+    own ``forward`` and no forward hooks."""
+    return type(layer).forward is kind.forward and not _has_hooks(layer)
 
 
 def _has_hooks(layer: nn.Module) -> bool:

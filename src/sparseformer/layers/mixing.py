@@ -104,35 +104,48 @@ class AdaptiveMixing(nn.Module):
             ``(B, N, D)`` the update for each token.
         """
         B, N, _ = tokens.shape
-        if fused_mix_applies(tokens, sampled, self.generator.weight) and is_plain(self.generator):
+        # a generator that is not a plain nn.Linear (hooks, adapters, quantised) is called
+        # itself, on the whole batch
+        plain = is_plain(self.generator)
+        if plain and fused_mix_applies(tokens, sampled, self.generator.weight):
             return self._decode_fused(tokens, sampled)
         # tracing first: a size test would put a guard on the batch into an exported graph
         if (
             is_tracing()
+            or not plain
             or tokens.device.type != "cpu"
             or _needs_grad(tokens, sampled)
             or torch.is_autocast_enabled("cpu")
         ):
             return self._decode(tokens, sampled)
-        # CPU inference decodes a few images at a time: each token's generated C x C and P x P
+        # CPU inference mixes a few images at a time: each token's generated C x C and P x P
         # matrices are used once, right away, so a chunk's stay in cache instead of a round
         # trip through memory. Chunks hold as many images as fit the fused path's budget of
-        # generated matrices (4 MB: two images of SparseFormer-T). Every token is computed
-        # exactly as in one pass. CPU training of large matrices takes _decode_fused. Under
-        # autocast one pass is faster: autocast converts the weights again for every chunk
-        # (it keeps no conversions in inference mode; SparseFormer-T, bf16, batch 32: 498 ms
-        # in chunks of two images, 441 ms in one pass, on an AVX-512 Xeon).
-        step = max(1, tokens_per_chunk(self.generator.out_features) // max(1, N))  # images
+        # generated matrices (4 MB: two images of SparseFormer-T). The reduction before and the
+        # output projection after run on the whole batch, so their hooks see it whole. Every
+        # token is computed exactly as in one pass. CPU training of large
+        # matrices takes _decode_fused. Under autocast one pass is faster: autocast converts the
+        # weights again for every chunk (it keeps no conversions in inference mode;
+        # SparseFormer-T, bf16, batch 32: 498 ms in chunks of two images, 441 ms in one pass,
+        # on an AVX-512 Xeon).
+        C, P, Q = self.in_channels, self.num_points, self.out_points
+        step = max(1, tokens_per_chunk(C * C + Q * P) // max(1, N))  # images per chunk
         if step >= B:
             return self._decode(tokens, sampled)
-        chunks = zip(tokens.split(step), sampled.split(step))
-        return torch.cat([self._decode(t, s) for t, s in chunks])
+        hidden = linear(self.norm(tokens), self.reduce)
+        chunks = zip(hidden.split(step), sampled.split(step))
+        mixed = torch.cat([self._mix(h, s) for h, s in chunks])  # (B, N, Q*C)
+        return linear(mixed, self.out_proj)
 
     def _decode(self, tokens: Tensor, sampled: Tensor) -> Tensor:
-        """:meth:`forward` for one chunk of the batch, ``(B, N, D), (B, N, P, C) -> (B, N, D)``."""
-        B, N, D = tokens.shape
+        """:meth:`forward` in one pass, ``(B, N, D), (B, N, P, C) -> (B, N, D)``."""
+        return linear(self._mix(linear(self.norm(tokens), self.reduce), sampled), self.out_proj)
+
+    def _mix(self, hidden: Tensor, sampled: Tensor) -> Tensor:
+        """Generate each token's matrices from ``hidden`` (the reduced tokens) and mix its
+        points with them: ``(B, N, h), (B, N, P, C) -> (B, N, Q*C)``."""
+        B, N, _ = hidden.shape
         C, P, Q = self.in_channels, self.num_points, self.out_points
-        hidden = linear(self.norm(tokens), self.reduce)
         channel_mix, point_mix = linear_split(hidden, self.generator, [C * C, Q * P])
         channel_mix = channel_mix.reshape(B * N, C, C)  # (B, N, C*C) -> (B*N, C_in, C_out)
         point_mix = point_mix.reshape(B * N, Q, P)  # (B, N, Q*P) -> (B*N, Q_out, P_in)
@@ -146,14 +159,15 @@ class AdaptiveMixing(nn.Module):
             x = self._act(x) if self.inner_activation else x
             point_bias = self.point_bias.to(x.dtype).unsqueeze(-1)  # (Q,) -> (Q, 1), per out point
             x = self._act(torch.baddbmm(point_bias, point_mix, x))  # (B*N, Q, C)
-        return linear(x.reshape(B, N, Q * C), self.out_proj)  # (B*N, Q, C) -> (B, N, Q*C)
+        return x.reshape(B, N, Q * C)  # (B*N, Q, C) -> (B, N, Q*C)
 
     def _decode_fused(self, tokens: Tensor, sampled: Tensor) -> Tensor:
         """:meth:`_decode` for CPU training, with the generated matrices and their gradients
         made a few tokens at a time in forward and backward (:mod:`.mixing_fused`)."""
         B, N, D = tokens.shape
         C, P, Q = self.in_channels, self.num_points, self.out_points
-        hidden = self.reduce(self.norm(tokens)).reshape(B * N, -1)  # (B, N, h) -> (B*N, h)
+        hidden = self.reduce(self.norm(tokens))
+        hidden = hidden.reshape(B * N, hidden.shape[-1])  # (B, N, h) -> (B*N, h)
         x = fused_mix(
             hidden,
             self.generator.weight,

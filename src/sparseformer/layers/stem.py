@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparseformer.layers.linear import is_tracing
+from sparseformer.layers.linear import is_plain, is_tracing
 
 __all__ = ["EarlyConvolution", "channel_normalize"]
 
@@ -89,6 +89,8 @@ class EarlyConvolution(nn.Module):
         indices and was as slow as the whole convolution. Its output is ``(B, C, T, h, w)`` in
         channels-last-3d memory.
         """
+        if not self._weight_usable():
+            return self._stem_module(x)
         if not self.video:
             return self._stem_2d(x, self.conv.weight)
         B, _, T, H, W = x.shape
@@ -101,6 +103,19 @@ class EarlyConvolution(nn.Module):
         # as the layout held; reshape copies otherwise.
         y = y.permute(0, 2, 3, 1).reshape(B, T, h, w, C)  # (B*T, C, h, w) -> (B, T, h, w, C)
         return y.permute(0, 4, 1, 2, 3)  # (B, T, h, w, C) -> (B, C, T, h, w)
+
+    def _weight_usable(self) -> bool:
+        """Whether the stem may convolve with ``self.conv``'s weight itself (frame by frame for
+        video, a few images at a time on CPU) instead of calling ``self.conv``: a plain
+        convolution (no hooks, no subclass ``forward``) with zero padding given in pixels, for
+        video one of one frame."""
+        conv = self.conv
+        if not (isinstance(conv.padding, tuple) and conv.padding_mode == "zeros"):
+            return False
+        if not self.video:
+            return is_plain(conv, nn.Conv2d)
+        per_frame = conv.kernel_size[0] == conv.stride[0] == 1 and conv.padding[0] == 0
+        return per_frame and is_plain(conv, nn.Conv3d)
 
     def _stem_2d(self, x: Tensor, weight: Tensor) -> Tensor:
         """Convolution, pooling, ReLU and channel normalisation of ``(B, 3, H, W)`` images.
@@ -123,7 +138,25 @@ class EarlyConvolution(nn.Module):
 
     def _stem_chunk(self, x: Tensor, weight: Tensor) -> Tensor:
         """:meth:`_stem_2d` for channels-last images, in one pass."""
-        x = F.conv2d(x, weight, self.conv.bias, 2, 3)
-        # ReLU commutes with max-pooling (both monotone), so it runs on the 4x smaller pooled
-        # map: same values, same gradients.
+        conv = self.conv
+        stride, padding, dilation = conv.stride[-2:], conv.padding[-2:], conv.dilation[-2:]
+        x = F.conv2d(x, weight, conv.bias, stride, padding, dilation, conv.groups)
+        return self._pool_normalize(x)
+
+    def _pool_normalize(self, x: Tensor) -> Tensor:
+        """ReLU, 3x3/2 max-pooling and channel normalisation of ``(B, C, H, W)`` maps. ReLU
+        commutes with max-pooling (both monotone), so it runs on the 4x smaller pooled map:
+        same values, same gradients."""
         return channel_normalize(F.relu(F.max_pool2d(x, 3, 2, 1)), self.eps, self.unbiased)
+
+    def _stem_module(self, x: Tensor) -> Tensor:
+        """:meth:`forward` through a call of ``self.conv``, in one pass: a convolution with
+        hooks (pruning, weight norm, feature capture) or of a subclass with its own
+        ``forward`` is called itself, as a user who wraps or replaces it expects."""
+        y = self.conv(x)
+        if not self.video:
+            return self._pool_normalize(y)
+        B, C, T, h, w = y.shape
+        frames = y.transpose(1, 2).reshape(B * T, C, h, w)  # (B, C, T, h, w) -> (B*T, C, h, w)
+        y = self._pool_normalize(frames)
+        return y.reshape(B, T, C, *y.shape[-2:]).transpose(1, 2)  # -> (B, C, T, h', w')

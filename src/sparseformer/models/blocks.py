@@ -90,13 +90,19 @@ def project_fp32(
     sampling offsets) are part of it. Call inside :func:`fp32_geometry`, where autocast is off.
     A model cast to a half type as a whole projects in its own precision, then raises the
     result."""
-    weight = proj.weight.dtype
-    if weight.is_floating_point and torch.finfo(weight).bits >= 32:
+    weight = _float_dtype(proj) or _float_dtype(norm)  # a quantised proj has no float weight
+    if weight is not None and torch.finfo(weight).bits >= 32:
         tokens = tokens.to(weight)  # tokens that autocast computed in a half type
     x = norm(tokens)
     if hidden is not None:
         x = F.gelu(hidden(x))
     return at_least_fp32(proj(x))
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s first floating-point parameter (its weight for a plain layer;
+    wrappers and adapters included), ``None`` if it has none."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
 class RoiAdjustOp(nn.Module):
@@ -158,7 +164,7 @@ class PosEmbedOp(nn.Module):
         B, N, D = tokens.shape
         with torch.no_grad(), fp32_geometry(rois.device.type):
             code = roi_sine_embedding(at_least_fp32(rois), D)  # (B, N, 2D) -> (B, N, D)
-        update = self.proj(self.norm(code.to(self.norm.weight.dtype)))
+        update = self.proj(self.norm(code.to(_float_dtype(self.norm) or code.dtype)))
         return tokens + drop_path(update, ctx.drop_rate, self.training), rois
 
 
