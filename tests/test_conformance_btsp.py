@@ -9,6 +9,7 @@ import json
 import logging
 
 import pytest
+import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -139,3 +140,21 @@ def test_missing_stage_embedding_is_zero_and_said(fixture, caplog):
     assert torch.equal(model.stages[0].stage_embedding, torch.zeros(3, 64))
     lines = [r.getMessage() for r in caplog.records if "stage_embedding" in r.getMessage()]
     assert len(lines) == 1 and "zeros" in lines[0]
+
+
+def test_missing_stage_embedding_is_zero_by_every_route(fixture, tmp_path):
+    """``model.load_state_dict`` and timm's ``checkpoint_path`` (which calls it) fill a missing
+    stage embedding as load_checkpoint does."""
+    state = weights(fixture, "augreg")
+    del state["layers.0.stage_embedding.weight"]
+    model = SparseFormer(btsp_config(authors_config("augreg")))
+    with torch.no_grad():
+        model.stages[0].stage_embedding.normal_()
+    model.load_state_dict(state)
+    assert torch.equal(model.stages[0].stage_embedding, torch.zeros(3, 64))
+    assert "layers.0.stage_embedding.weight" not in state  # the caller's dict is untouched
+    torch.save(state, tmp_path / "released.pth")
+    loaded = timm.create_model(
+        "sparseformer_btsp_nano", checkpoint_path=str(tmp_path / "released.pth")
+    )
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)

@@ -91,6 +91,13 @@ def test_timm_api():
     assert "initial_rois" in model.no_weight_decay()
 
 
+def test_pre_logits_come_after_the_head_dropout_as_in_timm():
+    model = timm.create_model("sparseformer_v1_nano", num_classes=5, drop_rate=0.9).train()
+    tokens = torch.randn(2, model.config.num_tokens, model.num_features)
+    features = model.forward_head(tokens, pre_logits=True)
+    assert (features == 0).float().mean() > 0.5  # dropped out
+
+
 def test_list_models_and_unknown_name():
     assert "sparseformer_v1_tiny" in list_models("*tiny*")
     with pytest.raises(sparseformer.UnknownModelError, match="sparseformer_v1_tiny"):

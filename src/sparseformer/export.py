@@ -109,11 +109,17 @@ def _add_metadata(path: Path, metadata: dict[str, str]) -> None:
     onnx.save(proto, str(path))
 
 
+def _input_channels(model: nn.Module) -> int:
+    """The channels ``model`` takes: its first convolution's input channels (3 without one)."""
+    convs = (m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd))
+    return next((conv.in_channels for conv in convs), 3)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
     img_size: int = 224,
-    in_chans: int = 3,
+    in_chans: int | None = None,
     opset: int = 18,
     num_frames: int | None = None,
     dynamic_size: bool = True,
@@ -128,6 +134,7 @@ def export_onnx(
             img_size, img_size)``) and returns ``(B, classes)``.
         path: output file; written to a temporary name, then renamed.
         img_size: the example input's size (the graph's fixed size without ``dynamic_size``).
+        in_chans: the input's channels; ``None``: those of the model's first convolution.
         opset: ONNX opset (at least 16, for ``GridSample``; 20 for clips).
         num_frames: the fixed clip length of a video model; ``None`` for images.
         dynamic_size: any height and width (at least 4 pixels), as the model takes; else
@@ -152,6 +159,8 @@ def export_onnx(
     wrapper = _Logits(_cpu_float_copy(model)).eval()
     # Batch 2 as the example, so that the exporter does not specialise a batch of 1.
     frames = () if num_frames is None else (num_frames,)
+    if in_chans is None:
+        in_chans = _input_channels(model)
     example = torch.zeros(2, in_chans, *frames, img_size, img_size)
     dims = {0: torch.export.Dim("batch", min=1)}
     if dynamic_size:  # the last two axes: height and width, of images and of clips

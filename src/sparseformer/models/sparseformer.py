@@ -297,8 +297,8 @@ class SparseFormer(nn.Module):
             tokens = tokens.mean(dim=1)
         elif self.global_pool == "token":
             tokens = tokens[:, 0]  # (B, 1 + N, D) -> (B, D)
-        x = self.fc_norm(tokens)
-        return x if pre_logits else self.head(self.head_drop(x))
+        x = self.head_drop(self.fc_norm(tokens))  # pre-logits after the dropout, as in timm
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor, *, coord_grad_scale: float | Tensor = 1.0) -> Tensor:
         """Logits ``(B, num_classes)`` for images ``(B, 3, H, W)``."""
@@ -344,6 +344,7 @@ def _accept_official_layouts(
         convert_state_dict,
         detect_format,
     )
+    from sparseformer.weights.convert_btsp import BTSP_FORMAT, fill_missing_stage_embeddings
     from sparseformer.weights.inflate import inflate_image_state_dict, is_image_state_dict
 
     keys = [k[len(prefix) :] for k in state_dict if k.startswith(prefix)]
@@ -359,6 +360,8 @@ def _accept_official_layouts(
             return
         converted, report = convert_state_dict(theirs, fmt)
         converted.update({k: theirs[k] for k in report.dropped})
+        if fmt == BTSP_FORMAT:  # released files may lack stage embeddings, as load_checkpoint
+            fill_missing_stage_embeddings(converted, module.state_dict())
         logger.info(
             "load_state_dict: renamed %d keys of the official %s layout", len(converted), fmt
         )
