@@ -19,7 +19,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from sparseformer.export import export_onnx, onnx_max_difference  # noqa: E402
+from sparseformer.export import ExportError, export_onnx, onnx_max_difference  # noqa: E402
 
 SIZE = 64
 
@@ -73,6 +73,24 @@ def test_export_leaves_the_callers_model_as_it_was(tmp_path):
     copy = _cpu_float_copy(fp32)
     assert copy.head.weight.data_ptr() != fp32.head.weight.data_ptr()  # not shared
     torch.testing.assert_close(copy.head.weight, fp32.head.weight)
+
+
+def test_a_graph_onnxruntime_refuses_leaves_the_previous_file(tmp_path, monkeypatch):
+    """Some opsets export a graph that onnxruntime cannot load (opset 26's Attention node, with
+    onnxruntime 1.32): one clear error, and the file of a previous export stays as it was."""
+    import onnxruntime
+
+    path = tmp_path / "nano.onnx"
+    path.write_bytes(b"a previous export")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : an invalid model\nmore")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    with pytest.raises(ExportError, match=r"cannot load the graph exported at opset 18 \("):
+        export_onnx(create_model("sparseformer_v1_nano"), path, img_size=32)
+    assert path.read_bytes() == b"a previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["nano.onnx"]  # no temporary file left
 
 
 def test_onnx_graph_has_dynamic_batch_and_size_and_grid_sample(exported):

@@ -166,6 +166,23 @@ def export_onnx(
     if dynamic_size:  # the last two axes: height and width, of images and of clips
         dims[example.dim() - 2] = torch.export.Dim("height", min=4, max=16384)
         dims[example.dim() - 1] = torch.export.Dim("width", min=4, max=16384)
+    try:  # the file is replaced only by a graph that loads: a failed export loses nothing
+        _write(wrapper, example, dims, opset, tmp, _preprocessing_metadata(model))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+    shape = ["batch", *example.shape[1:]]
+    if dynamic_size:
+        shape[-2:] = ["height", "width"]
+    log.info("wrote %s (opset %d, input %s)", path, opset, tuple(shape))
+    return path
+
+
+def _write(wrapper: nn.Module, example: Tensor, dims: dict, opset: int, tmp: Path, metadata):
+    """Export ``wrapper`` to ``tmp`` with ``metadata``, and check that onnxruntime (when
+    installed) loads it: the exporter writes some opsets that a runtime refuses (a newer
+    opset's ``Attention`` node), after logging that it could not convert the graph."""
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             wrapper,
@@ -178,13 +195,19 @@ def export_onnx(
             verbose=False,
         )
     program.save(str(tmp))
-    _add_metadata(tmp, _preprocessing_metadata(model))
-    tmp.replace(path)
-    shape = ["batch", *example.shape[1:]]
-    if dynamic_size:
-        shape[-2:] = ["height", "width"]
-    log.info("wrote %s (opset %d, input %s)", path, opset, tuple(shape))
-    return path
+    _add_metadata(tmp, metadata)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    try:
+        ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own error types
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"onnxruntime {ort.__version__} cannot load the graph exported at opset {opset} "
+            f"({first}); export at a lower --opset (18 is the default)"
+        ) from None
 
 
 def onnx_max_difference(path: str | os.PathLike, model: nn.Module, images: Tensor) -> float:
