@@ -168,6 +168,23 @@ def test_training_steps_change_the_new_parts_and_leave_the_frozen_ones():
     assert all(torch.equal(v, vit_before[k]) for k, v in teacher.state_dict().items())
 
 
+def test_a_validation_with_nothing_decoded_scores_nothing():
+    """Batches that lost every image (they failed to decode): no loss and no accuracy, not 0."""
+    from sparseformer.bootstrap.validation import AlignmentValidation
+
+    teacher = _teacher()
+    student = build_student(teacher, bootstrap_config(teacher, tokens=4, points=4, inherit=3))
+    validate = AlignmentValidation(AlignmentObjective(teacher), labels=True)
+    prep = BatchPrep((0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+    empty = [(torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long))]
+    result = validate(student, empty, prep, _one_process())
+    assert result["images"] == 0 and result["loss"] is None
+    assert result["acc1"] is result["teacher_val_acc1"] is None
+    one = [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))]
+    result = validate(student, one, prep, _one_process())
+    assert result["images"] == 2 and result["loss"] > 0 and result["acc1"] is not None
+
+
 def _one_process():
     from sparseformer.engine.distributed import DistInfo
 

@@ -217,6 +217,48 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path, folder, capsys):
     assert "emu" in err and "have no readable images" in err
 
 
+def test_validation_files_that_all_fail_to_decode_score_nothing(tmp_path, folder, capsys):
+    """Files that pass the scan and fail to decode: with none left, no 0% accuracy and no
+    zero loss. Training goes on and says so (no best checkpoint); eval is one-line error."""
+    noise = Image.fromarray(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy())
+    for old in (folder / "val").rglob("*.*"):
+        old.unlink()
+        cut = old.with_suffix(".jpg")
+        noise.save(cut, "JPEG")
+        cut.write_bytes(cut.read_bytes()[:-400])  # a truncated body, a valid header
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "--model", NANO, "--data-dir", str(folder),
+                             "--output", str(out_dir), "--epochs", "1", "--batch-size", "4",
+                             "--img-size", "32", "--quiet", "--recipe",
+                             "fashion-mnist-cpu")  # fmt: skip
+    assert code == 0, err
+    assert "val nothing scored; no best" in out
+    record = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["val_images"] == 0
+    assert record["val_loss"] is record["val_acc1"] is record["val_acc5"] is None
+    assert (out_dir / "last.pt").exists() and not (out_dir / "best.pt").exists()
+    err = one_line_error(capsys, "eval", "--checkpoint", str(out_dir / "last.pt"),
+                         "--data-dir", str(folder), "--quiet")  # fmt: skip
+    assert "none of the 12 images" in err and "could be decoded" in err
+
+
+def test_eval_checks_the_per_class_folder_before_evaluating(tmp_path, folder, capsys):
+    (tmp_path / "afile").write_text("x")
+    torch.save({"model": create_model(NANO, num_classes=3).state_dict()}, tmp_path / "c.pth")
+    evaluated = []
+    import sparseformer.cli.eval as eval_cli
+
+    real = eval_cli._evaluate
+    eval_cli._evaluate = lambda *a, **k: evaluated.append(1) or real(*a, **k)
+    try:
+        err = one_line_error(capsys, "eval", "--model", NANO, "--checkpoint",
+                             str(tmp_path / "c.pth"), "--data-dir", str(folder),
+                             "--per-class", str(tmp_path / "afile"))  # fmt: skip
+    finally:
+        eval_cli._evaluate = real
+    assert "--per-class" in err and "is a file" in err and not evaluated
+
+
 def test_predict_names_imagenet_classes_and_rejects_bad_files(tmp_path, capsys):
     torch.save(create_model(NANO).state_dict(), tmp_path / "in1k.pth")  # 1000 classes, bare
     img = tmp_path / "x.png"

@@ -81,13 +81,13 @@ class AlignmentValidation:
             n = torch.tensor(float(len(y)), dtype=torch.float64, device=device)
             sums += torch.stack([loss.double() * n, *student_hits, *teacher_hits, n])
         sums = all_reduce_sum(sums, dist)
-        n = max(sums[5].item(), 1.0)
+        n = sums[5].item()  # 0: every file failed to decode, so no loss and no accuracy
 
         def percent(i: int) -> float | None:
-            return 100.0 * sums[i].item() / n if self.labels else None
+            return 100.0 * sums[i].item() / n if self.labels and n else None
 
         return {
-            "loss": sums[0].item() / n,
+            "loss": sums[0].item() / n if n else None,
             "acc1": percent(1),
             "acc5": percent(2),
             "images": int(sums[5].item()),

@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from sparseformer.cli import CliError
+    from sparseformer.cli import CliError, check_output
     from sparseformer.data import DataError, build_datasets
     from sparseformer.data.relabel import RelabelledDataset, checkpoint_label_map
     from sparseformer.engine.device import pick_device, set_threads
@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
     args.model = model_named_by_checkpoint(args)
     check_model_name(args.model)  # an unknown name fails before any data is read
+    if args.per_class is not None:  # before the evaluation, not after it
+        check_output(args.per_class, "--per-class", folder=True)
     # before the data folder is scanned
     refuse_video_flags_on_images(args, check_model_fits_data(args.model, args))
     ckpt = read_checkpoint(args.checkpoint)
@@ -122,6 +124,12 @@ def run(args: argparse.Namespace) -> int:
     names = _output_names(model, ckpt, bundle)
     confusion = torch.zeros(len(names), len(names)) if args.per_class else None
     metrics = _evaluate(args, model, bundle, source, pre, device, amp, confusion)
+    if metrics["images"] == 0:  # every file failed to decode: no accuracy of nothing
+        what = "videos" if bundle.video else "images"
+        raise CliError(
+            f"none of the {len(bundle.val):,} {what} of {source.describe()} could be decoded, "
+            "so nothing was scored (the log names the files that failed)"
+        )
     _report(args, metrics, bundle, source, pre, ckpt.ema)
     if confusion is not None:
         from sparseformer.engine.per_class import per_class_report, write_per_class

@@ -358,11 +358,17 @@ def _print_summary(summary: dict, bundle, video: bool) -> None:
     from sparseformer.engine.metrics import format_accuracy
 
     minutes = summary["train_seconds"] / 60
-    ema = f", EMA top-1 {final['ema_val_acc1']:.2f}%" if "ema_val_acc1" in final else ""
+    if final["val_acc1"] is None:  # nothing scored: every validation file failed to decode
+        scores = "val nothing scored"
+    else:
+        scores = f"val {format_accuracy(final['val_acc1'], final['val_acc5'])}"
+        if final.get("ema_val_acc1") is not None:
+            scores += f", EMA top-1 {final['ema_val_acc1']:.2f}%"
+    best = summary["best_val_acc1"]
+    best = "no best" if best is None else f"best top-1 {best:.2f}% (epoch {summary['best_epoch']})"
     print(
         f"done: {summary['epochs']} epochs in {minutes:.1f} min of training; last epoch: "
-        f"val {format_accuracy(final['val_acc1'], final['val_acc5'])}{ema}; best top-1 "
-        f"{summary['best_val_acc1']:.2f}% (epoch {summary['best_epoch']})"
+        f"{scores}; {best}"
     )
     kept = [summary["last_checkpoint"], summary["best_checkpoint"]]
     print(f"checkpoints: {', '.join(p for p in kept if p is not None)}")

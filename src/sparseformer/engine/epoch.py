@@ -103,9 +103,10 @@ def run_epoch(loop: RunLoop, state: RunState, epoch: int) -> None:
         except OSError as exc:  # no space, a file-size limit, a lost permission, read-only
             hint = ", to continue with --resume auto" if (loop.out / ckpt_io.LAST).exists() else ""
             raise TrainingError(f"{exc}; {_kept(loop.out)}{hint}") from exc
+        val_loss = "none" if record["val_loss"] is None else f"{record['val_loss']:.4f}"
         logger.info(
-            "epoch %d/%d: train loss %.4f, val loss %.4f, %s, %.0f %s/s",
-            epoch + 1, loop.recipe.epochs, record["train_loss"], record["val_loss"],
+            "epoch %d/%d: train loss %.4f, val loss %s, %s, %.0f %s/s",
+            epoch + 1, loop.recipe.epochs, record["train_loss"], val_loss,
             _scores(record), record["images_per_second"], "clips" if loop.data.video else "img",
         )  # fmt: skip
 
@@ -113,6 +114,8 @@ def run_epoch(loop: RunLoop, state: RunState, epoch: int) -> None:
 def _scores(record: dict[str, Any]) -> str:
     """The epoch's accuracies for its log line: the model's, its EMA's and, in a bootstrapping
     run, its teacher's; none where the labels are not the model's classes."""
+    if record.get("val_images") == 0:
+        return "nothing scored (no validation file could be decoded)"
     if record["val_acc1"] is None:
         return "no top-1 (the labels are not the model's classes)"
     text = format_accuracy(record["val_acc1"], record["val_acc5"])
@@ -178,6 +181,12 @@ def _validate(loop: RunLoop, stats: dict, state: RunState, epoch: int) -> dict[s
     broadcast_buffers(loop.model, dist)  # rank 0's BatchNorm statistics, which it saves
     validate = loop.validation or evaluate  # looked up here: tests wrap the module's evaluate
     val = validate(loop.model, parts.val_loader, tools.prep, dist, None, loop.progress)
+    if val["images"] == 0:
+        logger.warning(
+            "validation scored nothing: none of its %d files could be decoded (the log names "
+            "them); the epoch has no validation loss or accuracy, and no best checkpoint",
+            len(loop.data.val),
+        )
     own = {k: v for k, v in val.items() if k not in ("loss", "acc1", "acc5", "images")}
     record = {  # the model evaluated in fp32
         "epoch": epoch + 1,

@@ -266,7 +266,8 @@ def evaluate(
 
     Returns:
         ``loss``, ``acc1``, ``acc5``, ``images``; ``acc5`` is ``None`` for 5 classes or fewer
-        (:func:`sparseformer.engine.metrics.top5_or_none`).
+        (:func:`sparseformer.engine.metrics.top5_or_none`), all three are ``None`` when no
+        image was scored.
     """
     model.eval()
     device = prep.device
@@ -295,10 +296,12 @@ def evaluate(
             ]
         )
     sums = all_reduce_sum(sums, dist)
-    n = max(sums[3].item(), 1.0)
+    n = sums[3].item()
+    if n == 0:  # nothing scored (every file failed to decode): no loss and no accuracy
+        return {"loss": None, "acc1": None, "acc5": None, "images": 0}
     return {
         "loss": sums[0].item() / n,
         "acc1": 100.0 * sums[1].item() / n,
         "acc5": top5_or_none(100.0 * sums[2].item() / n, num_classes),
-        "images": int(sums[3].item()),
+        "images": int(n),
     }
