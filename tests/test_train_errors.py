@@ -442,6 +442,42 @@ def test_eval_matches_class_folders_by_name(tmp_path, folder, capsys):
     assert hits(only_dog_emu) + hits(only_cat) == hits(full)
 
 
+def test_class_names_that_differ_in_unicode_form_or_are_not_utf8(tmp_path, capsys, monkeypatch):
+    """A folder name copied from macOS (NFD) beside one typed elsewhere (NFC) looks the same:
+    the error says why they differ. A name that is not UTF-8 (a Windows zip) trains, is
+    plotted and drawn with a replacement character, and printed as the disk holds it."""
+    import io
+    import os
+    import unicodedata
+
+    data = make_folder(tmp_path / "data", classes=("cat", "caf\u00e9"), per_class=4)
+    nfd = unicodedata.normalize("NFD", "caf\u00e9")
+    os.rename(data / "val" / "caf\u00e9", data / "val" / nfd)
+    err = one_line_error(capsys, "train", "--model", NANO, "--data-dir", str(data),
+                         "--output", str(tmp_path / "r"), "--epochs", "1")  # fmt: skip
+    assert "only in Unicode normalisation" in err
+    os.rename(data / "val" / nfd, data / "val" / "caf\u00e9")
+    for split in ("train", "val"):  # b"pl\xe9in": Latin-1 bytes
+        os.rename(os.fsencode(data / split / "caf\u00e9"), os.fsencode(data / split) + b"/pl\xe9in")
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--model", NANO, "--data-dir", str(data),
+                           "--output", str(out), "--epochs", "1", "--batch-size", "4",
+                           "--img-size", "32", "--quiet",
+                           "--recipe", "fashion-mnist-cpu")  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", str(out / "last.pt"), "--data-dir",
+                           str(data), "--per-class", str(tmp_path / "pc"), "--quiet")  # fmt: skip
+    assert code == 0 and (tmp_path / "pc" / "confusion.png").exists(), err
+    terminal = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # errors="strict", as a tty's
+    monkeypatch.setattr("sys.stdout", terminal)
+    image = next((data / "val").glob("pl*/*"))
+    code = main(["viz", "--checkpoint", str(out / "last.pt"), str(image), "--out",
+                 str(tmp_path / "viz")])  # fmt: skip
+    terminal.flush()
+    assert code == 0 and list((tmp_path / "viz").glob("*.png"))
+    assert b"/pl\xe9in/" in terminal.buffer.getvalue()  # the path as on disk
+
+
 def test_a_warm_up_longer_than_the_run_and_too_many_workers_are_named(
     tmp_path, folder, capsys, caplog
 ):

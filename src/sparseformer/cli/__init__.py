@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
 import os
 import signal
@@ -89,7 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _names_as_on_disk() -> None:
+    """Print file names as the file system holds them: bytes that are not UTF-8 (a folder
+    zipped on Windows; Python keeps them as surrogate escapes) go out unchanged, as ``ls``
+    prints them, instead of failing the print with a UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="surrogateescape")
+
+
 def _main(argv: list[str] | None) -> int:
+    _names_as_on_disk()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

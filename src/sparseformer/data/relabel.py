@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sparseformer.data.folder import DataError
+from sparseformer.data.scan import unicode_form_hint
 
 __all__ = ["RelabelledDataset", "checkpoint_label_map"]
 
@@ -41,5 +42,6 @@ def checkpoint_label_map(
         raise DataError(
             f"class folder(s) {unknown[:5]} are not among the checkpoint's classes "
             f"({list(trained_on)[:8]}...); evaluate on data of the classes it was trained on"
+            f"{unicode_form_hint(unknown, trained_on)}"
         )
     return [list(trained_on).index(c) for c in class_names]

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -35,8 +36,10 @@ __all__ = [
     "RowView",
     "SampleTable",
     "check_over_ranks",
+    "display_name",
     "is_first_rank",
     "match_val_classes",
+    "unicode_form_hint",
     "spread_indices",
     "walk_files",
     "warn_other_extensions",
@@ -190,7 +193,7 @@ def match_val_classes(root: Path, found: list[str], classes: Sequence[str], kind
         raise ExtraClassesError(
             f"class folders of {str(root)!r} include {extra[:5]}, which are not among the "
             f"training classes ({list(classes)[:10]}); every validation class needs training "
-            f"{kind}"
+            f"{kind}{unicode_form_hint(extra, classes)}"
         )
     missing = sorted(set(classes) - set(found))
     if missing and is_first_rank():
@@ -198,6 +201,28 @@ def match_val_classes(root: Path, found: list[str], classes: Sequence[str], kind
             "%s has no folder for %d training class(es) (%s); they are not scored",
             root, len(missing), ", ".join(missing[:5]),
         )  # fmt: skip
+
+
+def unicode_form_hint(names: Sequence[str], known: Sequence[str]) -> str:
+    """A hint for a message on ``names`` missing from ``known``, when some differ from a known
+    name only in Unicode normalisation (an accented name copied from macOS is decomposed,
+    NFD; typed elsewhere it is composed, NFC): two folder names that look the same."""
+    forms = {unicodedata.normalize("NFC", k) for k in known}
+    alike = [n for n in names if unicodedata.normalize("NFC", n) in forms]
+    if not alike:
+        return ""
+    return (
+        f" ({alike[:3]} differ from those names only in Unicode normalisation, NFD against "
+        "NFC, as names copied from macOS do; rename the folders so both splits spell them alike, "
+        "e.g. with convmv -f utf8 -t utf8 --nfc -r --notest DIR)"
+    )
+
+
+def display_name(name: str) -> str:
+    """``name`` as text any font, terminal or file takes: the bytes of a file name that were
+    not UTF-8 (a folder zipped on Windows: Python keeps them as surrogate escapes) become
+    U+FFFD, the replacement character."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def warn_unscored(root: Path, folders: Sequence[str], why: str) -> None:

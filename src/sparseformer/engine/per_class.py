@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
+from sparseformer.data.scan import display_name
 from sparseformer.engine.atomic import write_atomic, write_text_atomic
 
 __all__ = ["per_class_report", "write_per_class"]
@@ -47,7 +48,7 @@ def write_per_class(report: dict[str, Any], folder: str | os.PathLike) -> tuple[
 
     counts = np.asarray(report["confusion"], dtype=float)
     rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    names = report["class_names"]
+    names = [display_name(n) for n in report["class_names"]]
     size = min(4 + 0.35 * len(names), 40)
     fig, ax = plt.subplots(figsize=(size, size))
     shown = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)

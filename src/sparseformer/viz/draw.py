@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparseformer.data.scan import display_name
 from sparseformer.models.outputs import SparseFormerOutput
 from sparseformer.models.roi_stats import sampling_roi_indices
 
@@ -99,7 +100,7 @@ def prediction_text(logits: Tensor, class_names: Sequence[str] | None = None) ->
     probs = logits.detach().float().softmax(-1)
     k = int(probs.argmax())
     name = class_names[k] if class_names is not None and k < len(class_names) else f"class {k}"
-    return f"{name} ({100 * probs[k].item():.1f}%)"
+    return f"{display_name(name)} ({100 * probs[k].item():.1f}%)"
 
 
 def format_statistics(stats: dict[str, float]) -> str:
