@@ -95,19 +95,20 @@ def test_dynamically_quantised_linear_layers():
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
 
 
-def test_a_generator_hook_sees_the_whole_batch_in_inference(monkeypatch):
-    """CPU inference mixes a few images at a time, but not past a hooked generator."""
+@pytest.mark.parametrize("layer", ["generator", "reduce", "out_proj"])
+def test_a_mixing_layers_hook_sees_the_whole_batch_in_inference(monkeypatch, layer):
+    """CPU inference decodes a few images at a time, but not past a hooked layer."""
     model = create_model("sparseformer_v1_nano").eval()
     mixing = model.stages[0].units[0].sample_mix.mixing
     C, P, N = mixing.in_channels, mixing.num_points, model.config.num_tokens
     monkeypatch.setattr(mixing_fused, "_CHUNK_FLOATS", 2 * N * (C * C + P * P))  # 2 images
     seen = []
-    mixing.generator.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    getattr(mixing, layer).register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
     with torch.inference_mode(), mock.patch.object(mixing, "_mix", wraps=mixing._mix) as spy:
         model(torch.randn(4, 3, 32, 32))
     assert seen and set(seen) == {4}  # once per application of the unit, the whole batch
     assert {call.args[0].shape[0] for call in spy.call_args_list} == {4}
-    mixing.generator._forward_hooks.clear()
+    getattr(mixing, layer)._forward_hooks.clear()
     with torch.inference_mode(), mock.patch.object(mixing, "_mix", wraps=mixing._mix) as spy:
         model(torch.randn(4, 3, 32, 32))
     assert {call.args[0].shape[0] for call in spy.call_args_list} == {2}  # without: chunks

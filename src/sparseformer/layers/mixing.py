@@ -104,41 +104,39 @@ class AdaptiveMixing(nn.Module):
             ``(B, N, D)`` the update for each token.
         """
         B, N, _ = tokens.shape
-        # a generator that is not a plain nn.Linear (hooks, adapters, quantised) is called
-        # itself, on the whole batch
+        # a layer that is not a plain nn.Linear (hooks, adapters, quantised) is called itself,
+        # on the whole batch
         plain = is_plain(self.generator)
+        layers_plain = plain and is_plain(self.reduce) and is_plain(self.out_proj)
         if plain and fused_mix_applies(tokens, sampled, self.generator.weight):
             return self._decode_fused(tokens, sampled)
         # tracing first: a size test would put a guard on the batch into an exported graph
         if (
             is_tracing()
-            or not plain
+            or not layers_plain
             or tokens.device.type != "cpu"
             or _needs_grad(tokens, sampled)
             or torch.is_autocast_enabled("cpu")
         ):
             return self._decode(tokens, sampled)
-        # CPU inference mixes a few images at a time: each token's generated C x C and P x P
+        # CPU inference decodes a few images at a time: each token's generated C x C and P x P
         # matrices are used once, right away, so a chunk's stay in cache instead of a round
-        # trip through memory. Chunks hold as many images as fit the fused path's budget of
-        # generated matrices (4 MB: two images of SparseFormer-T). The reduction before and the
-        # output projection after run on the whole batch, so their hooks see it whole. Every
-        # token is computed exactly as in one pass. CPU training of large
-        # matrices takes _decode_fused. Under autocast one pass is faster: autocast converts the
-        # weights again for every chunk (it keeps no conversions in inference mode;
-        # SparseFormer-T, bf16, batch 32: 498 ms in chunks of two images, 441 ms in one pass,
-        # on an AVX-512 Xeon).
+        # trip through memory, and so do its mixed points on their way through the output
+        # projection. Chunks hold as many images as fit the fused path's budget of generated
+        # matrices (4 MB: two images of SparseFormer-T). Every token is computed exactly as in
+        # one pass. CPU training of large matrices takes _decode_fused. Under autocast one pass
+        # is faster: autocast converts the weights again for every chunk (it keeps no
+        # conversions in inference mode; SparseFormer-T, bf16, batch 32: 498 ms in chunks of
+        # two images, 441 ms in one pass, on an AVX-512 Xeon).
         C, P, Q = self.in_channels, self.num_points, self.out_points
         step = max(1, tokens_per_chunk(C * C + Q * P) // max(1, N))  # images per chunk
         if step >= B:
             return self._decode(tokens, sampled)
-        hidden = linear(self.norm(tokens), self.reduce)
-        chunks = zip(hidden.split(step), sampled.split(step))
-        mixed = torch.cat([self._mix(h, s) for h, s in chunks])  # (B, N, Q*C)
-        return linear(mixed, self.out_proj)
+        chunks = zip(tokens.split(step), sampled.split(step))
+        return torch.cat([self._decode(t, s) for t, s in chunks])
 
     def _decode(self, tokens: Tensor, sampled: Tensor) -> Tensor:
-        """:meth:`forward` in one pass, ``(B, N, D), (B, N, P, C) -> (B, N, D)``."""
+        """:meth:`forward` in one pass (of a chunk), ``(B, N, D), (B, N, P, C) -> (B, N, D)``."""
         return linear(self._mix(linear(self.norm(tokens), self.reduce), sampled), self.out_proj)
 
     def _mix(self, hidden: Tensor, sampled: Tensor) -> Tensor:
