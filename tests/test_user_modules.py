@@ -82,6 +82,44 @@ def test_adapters_wrapping_the_generator_and_geometry_projections():
     assert op.mixing.generator.down.grad is not None and roi.proj.down.grad is not None
 
 
+class ConvAdapter(nn.Module):
+    """A convolution wrapped by composition, with a zero-initialised 1x1 branch."""
+
+    def __init__(self, base: nn.Conv2d) -> None:
+        super().__init__()
+        self.base = base
+        self.branch = nn.Conv2d(base.in_channels, base.out_channels, 1, base.stride, 0)
+        nn.init.zeros_(self.branch.weight)
+        nn.init.zeros_(self.branch.bias)
+
+    def forward(self, x):
+        return self.base(x) + self.branch(x)
+
+
+def test_a_stem_convolution_wrapped_in_an_adapter():
+    model = create_model("sparseformer_v1_nano").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+        model.stem.conv = ConvAdapter(model.stem.conv)
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=1e-5)
+        nn.init.normal_(model.stem.conv.branch.weight)
+        assert (model(x) - plain).abs().max() > 1e-3
+
+
+def test_a_forward_replaced_on_the_instance_and_backward_hooks_are_honoured():
+    """Tools such as accelerate replace ``module.forward`` on the instance; gradient tools
+    register backward hooks: both need the layer to be called."""
+    model = create_model("sparseformer_v1_nano").train()
+    mixing = model.stages[0].units[0].sample_mix.mixing
+    calls, grads = [], []
+    plain_forward = mixing.generator.forward
+    mixing.generator.forward = lambda x: calls.append(1) or plain_forward(x)
+    mixing.reduce.register_full_backward_hook(lambda m, gi, go: grads.append(go[0].shape))
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert calls and grads  # once per application of the unit
+
+
 def test_dynamically_quantised_linear_layers():
     model = create_model("sparseformer_v1_nano").eval()
     x = torch.randn(1, 3, 32, 32)
@@ -95,7 +133,7 @@ def test_dynamically_quantised_linear_layers():
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
 
 
-@pytest.mark.parametrize("layer", ["generator", "reduce", "out_proj"])
+@pytest.mark.parametrize("layer", ["generator", "reduce", "out_proj", "norm"])
 def test_a_mixing_layers_hook_sees_the_whole_batch_in_inference(monkeypatch, layer):
     """CPU inference decodes a few images at a time, but not past a hooked layer."""
     model = create_model("sparseformer_v1_nano").eval()

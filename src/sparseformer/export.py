@@ -1,12 +1,12 @@
 """ONNX export of image and video classifiers, checked against onnxruntime.
 
-The graph takes normalised images ``(batch, 3, S, S)``, or clips ``(batch, 3, T, S, S)`` for a
-video SparseFormer (batch dynamic, T and S fixed at export), and returns logits
-``(batch, classes)``. SparseFormer's bilinear sampling exports as ONNX ``GridSample``: opset
->= 16 for images, >= 20 for the trilinear sampling of clips (5-D ``GridSample``). The
-coordinate-gradient clamp is an identity in inference and leaves no node. Uses the
-torch.export-based exporter (``onnxscript``) and ``onnxruntime``, installed by the ``export``
-extra.
+The graph takes normalised images ``(batch, C, S, S)``, or clips ``(batch, C, T, S, S)`` for a
+video SparseFormer (C the model's input channels, 3 for RGB; batch dynamic, T and S fixed at
+export), and returns logits ``(batch, classes)``. SparseFormer's bilinear sampling exports as
+ONNX ``GridSample``: opset >= 16 for images, >= 20 for the trilinear sampling of clips (5-D
+``GridSample``). The coordinate-gradient clamp is an identity in inference and leaves no node.
+Uses the torch.export-based exporter (``onnxscript``) and ``onnxruntime``, installed by the
+``export`` extra.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def _write(wrapper: nn.Module, example: Tensor, dims: dict, opset: int, tmp: Pat
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ExportError(
             f"onnxruntime {ort.__version__} cannot load the graph exported at opset {opset} "
-            f"({first}); export at a lower --opset (18 is the default)"
+            f"({first}); export at a lower opset (18 is the default)"
         ) from None
 
 

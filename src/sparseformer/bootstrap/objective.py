@@ -3,7 +3,8 @@
 The student's inherited blocks are frozen except the first ``K`` of them, and so are its final
 norm and head (the teacher's); the new focusing part trains. The loss aligns the student's
 final representation with the teacher's on the same (augmented) image: the pooled token after
-the final LayerNorm, before the head (``forward_head(pre_logits=True)`` of both).
+the final LayerNorm, before the head's dropout and the head (the teacher's
+``forward_head(pre_logits=True)`` in eval mode, where the dropout is off).
 
 The default loss is the cosine distance ``1 - cos(s, t)``. Both features leave the same
 inherited LayerNorm, whose input is a zero-mean, unit-variance vector: its direction decides

@@ -358,7 +358,7 @@ def _print_summary(summary: dict, bundle, video: bool) -> None:
     from sparseformer.engine.metrics import format_accuracy
 
     minutes = summary["train_seconds"] / 60
-    if final["val_acc1"] is None:  # nothing scored: every validation file failed to decode
+    if final.get("val_images") == 0:  # nothing scored: every validation file failed to decode
         scores = "val nothing scored"
     else:
         scores = f"val {format_accuracy(final['val_acc1'], final['val_acc5'])}"

@@ -257,7 +257,7 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     confusion: Tensor | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Top-1/top-5 accuracy (percent) and cross-entropy over ``loader``, summed over ranks.
 
     Args:

@@ -77,17 +77,23 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) 
 def is_plain(layer: nn.Module, kind: type[nn.Module] = nn.Linear) -> bool:
     """Whether ``layer`` computes exactly what ``kind`` does with its weight and bias (by
     default ``F.linear(x, weight, bias)``), so they can be used without calling it: ``kind``'s
-    own ``forward`` and no forward hooks."""
-    return type(layer).forward is kind.forward and not _has_hooks(layer)
+    own ``forward`` (not replaced on the instance) and no hooks."""
+    own_forward = type(layer).forward is kind.forward and "forward" not in vars(layer)
+    return own_forward and not _has_hooks(layer)
 
 
 def _has_hooks(layer: nn.Module) -> bool:
-    """Forward hooks (feature extraction, pruning tools) need the module to be called."""
+    """Hooks (feature extraction, pruning, gradient inspection) need the module to be called:
+    forward and backward ones, the module's own and the global ones."""
     from torch.nn.modules import module as M
 
     return bool(
         layer._forward_hooks
         or layer._forward_pre_hooks
+        or layer._backward_hooks
+        or layer._backward_pre_hooks
         or M._global_forward_hooks
         or M._global_forward_pre_hooks
+        or M._global_backward_hooks
+        or M._global_backward_pre_hooks
     )

@@ -107,7 +107,12 @@ class AdaptiveMixing(nn.Module):
         # a layer that is not a plain nn.Linear (hooks, adapters, quantised) is called itself,
         # on the whole batch
         plain = is_plain(self.generator)
-        layers_plain = plain and is_plain(self.reduce) and is_plain(self.out_proj)
+        layers_plain = (
+            plain
+            and is_plain(self.reduce)
+            and is_plain(self.out_proj)
+            and is_plain(self.norm, nn.LayerNorm)
+        )
         if plain and fused_mix_applies(tokens, sampled, self.generator.weight):
             return self._decode_fused(tokens, sampled)
         # tracing first: a size test would put a guard on the batch into an exported graph

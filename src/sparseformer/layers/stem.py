@@ -110,12 +110,13 @@ class EarlyConvolution(nn.Module):
         convolution (no hooks, no subclass ``forward``) with zero padding given in pixels, for
         video one of one frame."""
         conv = self.conv
+        if not is_plain(conv, nn.Conv3d if self.video else nn.Conv2d):
+            return False  # a wrapper may lack the attributes read below
         if not (isinstance(conv.padding, tuple) and conv.padding_mode == "zeros"):
             return False
-        if not self.video:
-            return is_plain(conv, nn.Conv2d)
-        per_frame = conv.kernel_size[0] == conv.stride[0] == 1 and conv.padding[0] == 0
-        return per_frame and is_plain(conv, nn.Conv3d)
+        if self.video:  # a kernel over one frame
+            return conv.kernel_size[0] == conv.stride[0] == 1 and conv.padding[0] == 0
+        return True
 
     def _stem_2d(self, x: Tensor, weight: Tensor) -> Tensor:
         """Convolution, pooling, ReLU and channel normalisation of ``(B, 3, H, W)`` images.

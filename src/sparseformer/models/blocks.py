@@ -90,9 +90,9 @@ def project_fp32(
     sampling offsets) are part of it. Call inside :func:`fp32_geometry`, where autocast is off.
     A model cast to a half type as a whole projects in its own precision, then raises the
     result."""
-    weight = _float_dtype(proj) or _float_dtype(norm)  # a quantised proj has no float weight
-    if weight is not None and torch.finfo(weight).bits >= 32:
-        tokens = tokens.to(weight)  # tokens that autocast computed in a half type
+    dtype = _float_dtype(proj) or _float_dtype(norm)  # a quantised proj has no float weight
+    if dtype is not None and torch.finfo(dtype).bits >= 32:
+        tokens = tokens.to(dtype)  # tokens that autocast computed in a half type
     x = norm(tokens)
     if hidden is not None:
         x = F.gelu(hidden(x))

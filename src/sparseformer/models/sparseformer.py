@@ -190,8 +190,8 @@ class SparseFormer(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         """One clear line for the input mistakes that torch reports deep inside the stem."""
         name, video = type(self).__name__, self.roi_dims == 3
-        weight = self.stem.conv.weight
-        channels = weight.shape[1]
+        # the stem's convolution, or the config's for one wrapped in an adapter
+        channels = getattr(self.stem.conv, "in_channels", self.config.in_chans)
         layout = f"(B, {channels}, T, H, W) clips" if video else f"(B, {channels}, H, W) images"
         if x.dim() != 2 + self.roi_dims:
             raise ValueError(
@@ -218,12 +218,12 @@ class SparseFormer(nn.Module):
                 f"{name} expects normalised floating-point input, got {x.dtype}: convert it to "
                 "float and normalise it with the mean and std of model.pretrained_cfg"
             )
-        if x.dtype != weight.dtype and not _autocasting(x.device.type):
-            autocast = weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        dtype = self.initial_tokens.dtype  # the model's weights'
+        if x.dtype != dtype and not _autocasting(x.device.type):
+            autocast = dtype in (torch.float32, torch.bfloat16, torch.float16)
             raise ValueError(
-                f"the input is {x.dtype} and {name}'s weights are {weight.dtype}: convert the "
-                f"input (x.to({weight.dtype}))"
-                + (" or run under torch.autocast" if autocast else "")
+                f"the input is {x.dtype} and {name}'s weights are {dtype}: convert the "
+                f"input (x.to({dtype}))" + (" or run under torch.autocast" if autocast else "")
             )
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
