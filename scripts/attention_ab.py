@@ -28,10 +28,11 @@ from sparseformer.bench.throughput import build_model
 from sparseformer.engine.optim import build_optimizer
 from sparseformer.layers.attention import attention
 
-SHAPES = {  # (batch, heads, tokens, head width)
-    "8-channel heads, 49 tokens": (32, 32, 49, 8),
+SHAPES = {  # (batch, heads, tokens, head width): SparseFormer-T's cortex (512 wide), its
+    # focusing units (256 wide) and the video model's cortex over 196 tokens
+    "8-channel heads, 49 tokens": (32, 64, 49, 8),
     "4-channel heads, 49 tokens": (32, 64, 49, 4),
-    "8-channel heads, 196 tokens": (32, 32, 196, 8),
+    "8-channel heads, 196 tokens": (32, 64, 196, 8),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

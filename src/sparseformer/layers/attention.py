@@ -89,10 +89,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     the fused kernel 5% faster at batch 32 and batch 1, the training step the same). In bf16
     or fp16 with gradients, narrow heads take the two products on every CPU, over up to 256
     tokens: the fused kernel's reduced-precision backward is slow (2-core Xeon, 2 threads,
-    batch 32, bf16, forward and backward: 8-channel heads over 49 tokens 92 -> 14 ms,
-    4-channel 108 -> 23 ms, video's 196 tokens 252 -> 140 ms). The backward keeps the
-    attention weights (B x h x N x N values) where the fused kernel recomputes them. Tracing,
-    export and FLOP counting see the fused operator.
+    batch 32, 64 heads, bf16, forward and backward: 8-channel heads over 49 tokens 158 ->
+    14-21 ms, 4-channel 89-106 -> 13-20 ms, video's 196 tokens 434 -> 271-283 ms). The
+    backward keeps the attention weights (B x h x N x N values) where the fused kernel
+    recomputes them. Tracing, export and FLOP counting see the fused operator.
     """
     B, h, N, d = q.shape
     if not (
