@@ -241,6 +241,26 @@ def test_checkpoint_every_takes_steps_or_a_duration(tmp_path, capsys):
                    "steps (500) or a duration (90s, 30m, 2h)")  # fmt: skip
 
 
+def test_a_ctrl_c_while_torch_imports_is_held_and_raised_after():
+    """``import torch`` swallows a KeyboardInterrupt raised while it imports numpy: the CLI
+    imports it with Ctrl-C held, and raises it once the import is whole."""
+    import signal
+    import time
+
+    from sparseformer.cli import deferred_interrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    went_on = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # Python runs the handler here: it only notes the signal
+            went_on.append(True)
+    assert went_on and signal.getsignal(signal.SIGINT) is before
+    with deferred_interrupt():  # no signal: nothing raised
+        pass
+
+
 @pytest.mark.slow
 def test_ctrl_c_to_the_process_group_stops_cleanly_and_resumes(tmp_path, bigger, plain, capsys):
     """Ctrl-C (SIGINT to the whole group, data-loading workers included) at random moments

@@ -13,6 +13,9 @@ import logging
 import os
 import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["main", "COMMANDS", "CliError", "check_output"]
@@ -90,6 +93,26 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+@contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block, and raise it as KeyboardInterrupt
+    when the block ends. ``import torch`` swallows a KeyboardInterrupt raised while it imports
+    numpy and goes on with numpy half loaded: a Ctrl-C in the first second was ignored, or the
+    run failed later with errors from inside numpy. (In the main thread only: elsewhere no
+    signal handler can be set, and none is needed.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+    if received:
+        raise KeyboardInterrupt
+
+
 def _names_as_on_disk() -> None:
     """Print file names as the file system holds them: bytes that are not UTF-8 (a folder
     zipped on Windows; Python keeps them as surrogate escapes) go out unchanged, as ``ls``
@@ -107,6 +130,8 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose)
+    with deferred_interrupt():  # every command needs torch: import it whole, or not at all
+        import torch  # noqa: F401
     from sparseformer.engine.stopping import RunStopped
     from sparseformer.weights.convert import CheckpointError
     from sparseformer.weights.factory import UnknownModelError
