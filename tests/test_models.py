@@ -169,6 +169,8 @@ def test_config_validation():
 
     with pytest.raises(ValueError, match="perfect square"):
         SparseFormerConfig(num_tokens=50)
+    with pytest.raises(ValueError, match="at least 4"):  # one point's offsets have no spread
+        SparseFormerConfig(num_points=1)
     with pytest.raises(ValueError, match="unknown op"):
         StageConfig(64, first_ops=("attn", "teleport"))
     with pytest.raises(ValueError, match="at most once"):

@@ -222,10 +222,11 @@ class SparseFormerConfig:
                 f"num_tokens must be a perfect square for the grid RoI init, got "
                 f"{self.num_tokens} (roi_init='grid_and_whole' takes any number)"
             )
-        if math.isqrt(self.num_points) ** 2 != self.num_points:
+        if math.isqrt(self.num_points) ** 2 != self.num_points or self.num_points < 4:
             raise ValueError(
-                f"num_points must be a perfect square for the grid offset init, "
-                f"got {self.num_points}"
+                "num_points must be a perfect square of at least 4 (2 x 2) for the grid offset "
+                "init and the offsets' standardisation over each token's points (one point has "
+                f"no spread), got {self.num_points}"
             )
         self._check_widths()
         self._check_cls_token()
