@@ -204,6 +204,14 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
         load_teacher("test_vit", other, img_size=32)
     with pytest.raises(BootstrapError, match="is a checkpoint of 'test_vit', not the teacher"):
         load_teacher("vit_tiny_patch16_224", folder / "teacher.pt", img_size=32)
+    with pytest.raises(BootstrapError, match="--img-size 8 is smaller than the teacher's 16px"):
+        load_teacher("test_vit", img_size=8)
+    # a ViT fine-tuned on one's own classes: built with its checkpoint's head
+    own = timm.create_model("test_vit", img_size=32, num_classes=3)
+    torch.save(own.state_dict(), tmp_path / "own.pt")
+    loaded = load_teacher("test_vit", tmp_path / "own.pt", img_size=32).model
+    assert loaded.head.out_features == 3
+    assert torch.equal(loaded.head.weight, own.head.weight)
     for bad, why in (  # the command: status 1 and one line saying why
         (["--teacher", "test_resnet"], "not a ViT"),
         (["--teacher", "test_vit", "--teacher-checkpoint", str(other)], "does not match the"),

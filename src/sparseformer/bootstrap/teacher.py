@@ -55,15 +55,38 @@ def _timm_preprocessing(model: nn.Module) -> Preprocessing:
     )  # fmt: skip
 
 
-def _load_into(model: nn.Module, name: str, path: str | os.PathLike) -> None:
-    """``path``'s weights into the timm model ``name``, strictly.
+def _build_by_name(timm, name: str, img_size: int | None, ckpt) -> nn.Module:
+    """The timm model ``name`` without weights: at ``img_size``, and with as many classes as
+    the head of the checkpoint ``ckpt`` has (a ViT fine-tuned on one's own classes).
+
+    Raises:
+        BootstrapError: an ``img_size`` smaller than the teacher's patch.
+    """
+    head = ckpt.state_dict.get("head.weight") if ckpt is not None else None
+    kwargs = {"num_classes": head.shape[0]} if head is not None and head.dim() == 2 else {}
+    try:
+        sizes = {"img_size": img_size} if img_size is not None else {}
+        model = timm.create_model(name, pretrained=False, **sizes, **kwargs)
+    except TypeError:  # convolutional nets take no img_size: not a ViT either
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is not None and 0 in tuple(grid):
+        patch = tuple(model.patch_embed.patch_size)
+        raise BootstrapError(
+            f"--img-size {img_size} is smaller than the teacher's {patch[0]}px patches; give "
+            f"at least {max(patch)}"
+        )
+    return model
+
+
+def _load_into(model: nn.Module, name: str, ckpt, path: str | os.PathLike) -> None:
+    """The read checkpoint ``ckpt`` (from ``path``) into the timm model ``name``, strictly.
 
     Raises:
         BootstrapError: a checkpoint of another architecture, in one line.
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    ckpt = read_checkpoint(path)
     if ckpt.model_name is not None and ckpt.model_name != name:
         raise BootstrapError(
             f"{path} is a checkpoint of {ckpt.model_name!r}, not the teacher {name!r}; pass "
@@ -136,13 +159,10 @@ def load_teacher(
             raise BootstrapError(
                 f"--teacher {name} is neither a file nor a timm model name (timm.list_models)"
             )
-        sizes = {"img_size": img_size} if img_size is not None else {}
-        try:
-            model = timm.create_model(name, pretrained=False, **sizes)
-        except TypeError:  # convolutional nets take no img_size: not a ViT either
-            model = timm.create_model(name, pretrained=False)
+        ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
+        model = _build_by_name(timm, name, img_size, ckpt)
         describe_teacher(model)
-        if checkpoint is not None:
-            _load_into(model, name.partition(".")[0], checkpoint)
+        if ckpt is not None:
+            _load_into(model, name.partition(".")[0], ckpt, checkpoint)
         names = None
     return Teacher(freeze(model), name, _timm_preprocessing(model), names)
