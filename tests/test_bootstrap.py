@@ -247,6 +247,22 @@ def alone(folder, tmp_path_factory) -> Path:
     return out
 
 
+def test_resuming_with_a_teacher_of_another_head_is_one_line(alone, folder, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(alone, run)
+    other = tmp_path / "thousand.pt"  # test_vit with timm's 1000 classes, the run's has 2
+    torch.save(timm.create_model("test_vit", img_size=32).state_dict(), other)
+    code = main(["bootstrap", "--teacher", "test_vit", "--teacher-checkpoint", str(other),
+                 "--img-size", "32", "--data-dir", str(folder / "data"), "--output", str(run),
+                 *SMALL, *RUN, "--epochs", "4", "--resume", "auto"])  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    said = [line for line in err if line.startswith("sparseformer bootstrap: error:")]
+    assert code == 1 and len(said) == 1 and "does not fit the model" in said[0], err
+    assert "head.weight" in said[0] and not any(x.startswith("Traceback") for x in err)
+
+
 def test_run_trains_the_new_parts_and_keeps_the_frozen_tensors(alone, folder):
     saved = torch.load(alone / "last.pt", weights_only=True)
     teacher = torch.load(folder / "teacher.pt", weights_only=True)["model"]

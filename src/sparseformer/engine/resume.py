@@ -223,6 +223,24 @@ class RunState:
         return True
 
 
+def _load_weights(model: nn.Module, weights: dict, resume: Path) -> None:
+    """``weights`` into ``model``, strictly; a mismatch (a run of the same model name built
+    otherwise: another teacher's head, other classes) in one line.
+
+    Raises:
+        CheckpointError: the weights do not fit, with the first difference.
+    """
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+        raise CheckpointError(
+            f"{resume} does not fit the model this command built ({first[:200]}); resume "
+            "with the flags and teacher the run was started with, or give another --output"
+        ) from None
+
+
 def restore_run(
     resume: Path, model_name: str, model: nn.Module, parts: TrainingParts, dist: DistInfo
 ) -> RunState:
@@ -230,13 +248,13 @@ def restore_run(
     return where it stood. The schedule goes on from the same epoch over this run's steps.
 
     Raises:
-        CheckpointError: a checkpoint of another model.
+        CheckpointError: a checkpoint of another model, or weights that do not fit it.
     """
     state = ckpt_io.read_training_checkpoint(resume, model_name)
     ema, scaler = parts.tools.ema, parts.tools.scaler
-    model.load_state_dict(state["model"], strict=True)
+    _load_weights(model, state["model"], resume)
     if ema is not None and state.get("model_ema") is not None:
-        ema.module.load_state_dict(state["model_ema"], strict=True)
+        _load_weights(ema.module, state["model_ema"], resume)
     parts.optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
