@@ -202,8 +202,12 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
     torch.save(timm.create_model("test_vit3", img_size=32).state_dict(), other)
     with pytest.raises(BootstrapError, match="does not match the teacher test_vit: .*shapes"):
         load_teacher("test_vit", other, img_size=32)
-    with pytest.raises(BootstrapError, match="is a checkpoint of 'test_vit', not the teacher"):
+    with pytest.raises(
+        BootstrapError, match="of 'test_vit', not the teacher .*; pass --teacher .*teacher.pt"
+    ):
         load_teacher("vit_tiny_patch16_224", folder / "teacher.pt", img_size=32)
+    with pytest.raises(BootstrapError, match="give the timm name and the file: --teacher NAME"):
+        load_teacher(other, img_size=32)  # a state dict alone names no model
     with pytest.raises(BootstrapError, match="--img-size 8 is smaller than the teacher's 16px"):
         load_teacher("test_vit", img_size=8)
     # a ViT fine-tuned on one's own classes: built with its checkpoint's head

@@ -17,6 +17,7 @@ from torch import nn
 from sparseformer.bootstrap.derive import BootstrapError, describe_teacher
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.weights.checkpoint import PREPROCESSING_FIELDS, read_checkpoint
+from sparseformer.weights.registry import MODELS
 
 __all__ = ["Teacher", "load_teacher", "freeze"]
 
@@ -88,9 +89,13 @@ def _load_into(model: nn.Module, name: str, ckpt, path: str | os.PathLike) -> No
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     if ckpt.model_name is not None and ckpt.model_name != name:
+        advice = (
+            "a SparseFormer cannot teach; give a ViT's checkpoint"
+            if ckpt.model_name in MODELS
+            else f"pass --teacher {path} (a run's checkpoint names its model)"
+        )
         raise BootstrapError(
-            f"{path} is a checkpoint of {ckpt.model_name!r}, not the teacher {name!r}; pass "
-            f"--teacher {ckpt.model_name}"
+            f"{path} is a checkpoint of {ckpt.model_name!r}, not the teacher {name!r}; {advice}"
         )
     state = checkpoint_filter_fn(dict(ckpt.state_dict), model)
     own = model.state_dict()
@@ -142,7 +147,13 @@ def load_teacher(
                 f"--teacher {teacher} is a checkpoint already; give --teacher-checkpoint only "
                 "with a timm name"
             )
-        model, ckpt = model_from_checkpoint(None, teacher)
+        ckpt = read_checkpoint(teacher)
+        if ckpt.model_name is None:  # weights alone: which model?
+            raise BootstrapError(
+                f"--teacher {teacher} holds weights without a model name; give the timm name "
+                f"and the file: --teacher NAME --teacher-checkpoint {teacher}"
+            )
+        model, ckpt = model_from_checkpoint(None, ckpt)
         if img_size is not None and ckpt.img_size not in (None, img_size):
             raise BootstrapError(
                 f"the teacher {teacher} was trained at {ckpt.img_size}px and takes no other "
