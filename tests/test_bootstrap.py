@@ -267,6 +267,19 @@ def test_resuming_with_a_teacher_of_another_head_is_one_line(alone, folder, tmp_
     assert "head.weight" in said[0] and not any(x.startswith("Traceback") for x in err)
 
 
+def test_a_run_at_another_size_resumes_without_repeating_img_size(folder, tmp_path, capsys):
+    """The teacher is rebuilt at the size the run trained at (vit_tiny takes 224 px only)."""
+    vit = tmp_path / "vit_tiny.pt"
+    torch.save(timm.create_model("vit_tiny_patch16_224").state_dict(), vit)
+    out = tmp_path / "run"
+    common = ["bootstrap", "--teacher", "vit_tiny_patch16_224", "--teacher-checkpoint",
+              str(vit), "--data-dir", str(folder / "data"), "--output", str(out), *RUN]  # fmt: skip
+    assert main([*common, "--img-size", "32", *SMALL, "--epochs", "1"]) == 0
+    code = main([*common, "--epochs", "2", "--resume", "auto"])
+    assert code == 0, capsys.readouterr().err
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+
+
 def test_run_trains_the_new_parts_and_keeps_the_frozen_tensors(alone, folder):
     saved = torch.load(alone / "last.pt", weights_only=True)
     teacher = torch.load(folder / "teacher.pt", weights_only=True)["model"]

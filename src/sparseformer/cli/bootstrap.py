@@ -172,7 +172,10 @@ def _bootstrap(plan: _Plan, dist) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     threads = set_threads(args.threads, dist)
     seed_everything(args.seed)  # the same student on every rank
-    teacher = load_teacher(args.teacher, args.teacher_checkpoint, args.img_size)
+    img_size = args.img_size
+    if plan.resume is not None and img_size is None:  # the size the run trained at
+        img_size = plan.saved["preprocessing"].get("img_size")
+    teacher = load_teacher(args.teacher, args.teacher_checkpoint, img_size)
     pre = teacher.preprocessing  # the teacher sees what the student sees
     if plan.resume is not None:
         pre = Preprocessing.from_dict(plan.saved["preprocessing"])
