@@ -242,6 +242,29 @@ def test_validation_files_that_all_fail_to_decode_score_nothing(tmp_path, folder
     assert "none of the 12 images" in err and "could be decoded" in err
 
 
+def test_an_error_in_a_data_loading_worker_is_one_line_and_the_program_exits(tmp_path, folder):
+    """A worker's error comes back with the worker's traceback in its message, and the
+    workers (which leave SIGTERM to the main process) kept Python's exit waiting forever."""
+    import subprocess
+    import sys
+
+    noise = Image.fromarray(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy())
+    for old in (folder / "train").rglob("*.*"):  # every training file fails to decode
+        old.unlink()
+        cut = old.with_suffix(".jpg")
+        noise.save(cut, "JPEG")
+        cut.write_bytes(cut.read_bytes()[:-400])
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparseformer", "train", "--model", NANO, "--data-dir",
+         str(folder), "--output", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4",
+         "--img-size", "32", "--quiet", "--workers", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    said = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 1 and len(said) == 1, proc.stderr
+    assert "could be decoded" in said[0] and "Traceback" not in proc.stderr
+
+
 def test_eval_checks_the_per_class_folder_before_evaluating(tmp_path, folder, capsys):
     (tmp_path / "afile").write_text("x")
     torch.save({"model": create_model(NANO, num_classes=3).state_dict()}, tmp_path / "c.pth")

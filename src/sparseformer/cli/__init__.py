@@ -87,10 +87,34 @@ def main(argv: list[str] | None = None) -> int:
         code = _main(argv)
     except KeyboardInterrupt:  # a Ctrl-C before a command began (its imports, the parsing)
         print("sparseformer: interrupted", file=sys.stderr)
-        return 130
+        code = 130
     if argv is None:  # the program itself: its work is done and said; a Ctrl-C now would
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # only turn its exit status into -2
+        _end_data_workers()
     return code
+
+
+def _one_line(exc: BaseException) -> str:
+    """``exc``'s message; for an error raised in a data-loading worker, which PyTorch raises
+    again with the worker's whole traceback in the message, its own last line."""
+    text = str(exc)
+    if "Original Traceback (most recent call last)" not in text:
+        return text
+    last = text.strip().splitlines()[-1]  # "module.ErrorType: message"
+    return last.partition(": ")[2] or last
+
+
+def _end_data_workers() -> None:
+    """End the data-loading workers a command left behind when it failed (an error raised
+    in a worker, kept alive by the error's traceback): they ignore SIGTERM (the main process
+    stops a run), so Python's exit, which terminates and then waits for them, would wait
+    forever. The command is over: they are killed (a successful command has shut its own
+    down already)."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=5)
 
 
 @contextmanager
@@ -144,11 +168,11 @@ def _main(argv: list[str] | None) -> int:
             print(f"sparseformer {args.command}: error: {exc}", file=sys.stderr)
         return 1  # `sparseformer info ... | head`: the reader left; nothing to say to it
     except (CliError, CheckpointError, UnknownModelError, DownloadError, OSError) as exc:
-        print(f"sparseformer {args.command}: error: {exc}", file=sys.stderr)
+        print(f"sparseformer {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except (ValueError, TypeError) as exc:  # bad values met late: one line; -v for the trace
         logging.getLogger(__name__).debug("traceback", exc_info=True)
-        print(f"sparseformer {args.command}: error: {exc}", file=sys.stderr)
+        print(f"sparseformer {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except RunStopped as exc:  # a signal, met at a step boundary: 128 + signum, as a shell
         print(f"sparseformer {args.command}: {exc}{_resume_hint(args)}", file=sys.stderr)
