@@ -267,6 +267,15 @@ def test_resuming_with_a_teacher_of_another_head_is_one_line(alone, folder, tmp_
     assert "head.weight" in said[0] and not any(x.startswith("Traceback") for x in err)
 
 
+def test_a_folder_without_recipe_gets_trains_own_folder_recipe(folder, tmp_path, capsys):
+    """As train: scaled to the folder and the device (fp32 on a CPU), not ImageNet's."""
+    argv = _args(folder, tmp_path / "run")
+    argv[argv.index("--epochs") + 1] = "1"
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "recipe own-folder-small" in out and "cpu, fp32" in out, out
+
+
 def test_a_run_at_another_size_resumes_without_repeating_img_size(folder, tmp_path, capsys):
     """The teacher is rebuilt at the size the run trained at (vit_tiny takes 224 px only)."""
     vit = tmp_path / "vit_tiny.pt"

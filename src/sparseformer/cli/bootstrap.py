@@ -121,6 +121,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     from sparseformer.bootstrap.run import BootstrapSettings
     from sparseformer.cli import check_output
     from sparseformer.engine.device import pick_device
+    from sparseformer.engine.own_folder import recipe_for_folder
     from sparseformer.engine.recipe import recipe_from_flags
     from sparseformer.engine.resume import (
         read_resume_checkpoint,
@@ -133,7 +134,10 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     device = pick_device(args.device)
     refuse_video_flags_on_images(args, check_model_fits_data(TEMPLATE, args))
     flags = recipe_flags(args)
-    recipe = recipe_from_flags(flags, args.dataset)
+    # no --recipe on a folder: one scaled to its size, the run's length and the device, as
+    # train chooses (not ImageNet's 300 epochs in bf16 on a CPU)
+    own = recipe_for_folder(flags, args.data_dir, limit=args.limit_train, device=device)
+    recipe = recipe_from_flags(flags, args.dataset, own)
     settings = BootstrapSettings(
         args.tokens, args.points, args.inherit, args.focus_width, args.student,
         args.finetune, args.loss,
