@@ -208,12 +208,14 @@ def _bootstrap(plan: _Plan, dist) -> None:
 
 
 def _print_summary(summary: dict) -> None:
+    from sparseformer.engine.metrics import NOTHING_SCORED, format_loss
+
     final, teacher = summary["final"], summary["teacher"]
     if summary["epochs_run"] == 0 or not final:
         print(f"nothing to do: the run already has {summary['epochs']} epochs")
         return
     if final.get("val_images") == 0:  # every validation file failed to decode
-        scores = "nothing scored (no validation file could be decoded)"
+        scores = NOTHING_SCORED
     elif final["val_acc1"] is None:  # the labels are not the teacher's classes (a CLIP tower)
         scores = "no accuracy (the teacher's outputs are not the data's classes)"
     else:
@@ -221,13 +223,9 @@ def _print_summary(summary: dict) -> None:
                   f"{teacher['val_acc1']:.2f}%")  # fmt: skip
     print(
         f"done: {summary['epochs']} epochs in {summary['train_seconds'] / 60:.1f} min; "
-        f"alignment loss train {final['train_loss']:.4f}, val {_loss(final['val_loss'])}; "
+        f"alignment loss train {final['train_loss']:.4f}, val {format_loss(final['val_loss'])}; "
         f"{scores}; {final['images_per_second']:.0f} img/s"
     )
     kept = [summary["last_checkpoint"], summary["best_checkpoint"]]
     print(f"checkpoints: {', '.join(p for p in kept if p is not None)}")
     print(f"metrics: {summary['metrics']}, curves: {summary['plot']}")
-
-
-def _loss(value: float | None) -> str:
-    return "none" if value is None else f"{value:.4f}"

@@ -23,9 +23,11 @@ from sparseformer.engine.collaborators import TrainingParts
 from sparseformer.engine.distributed import DistInfo, broadcast_buffers, gather_objects
 from sparseformer.engine.loop import NonFiniteLossError, evaluate, train_one_epoch
 from sparseformer.engine.metrics import (
+    NOTHING_SCORED,
     MetricsLog,
     TensorBoardScalars,
     format_accuracy,
+    format_loss,
     plot_metrics,
 )
 from sparseformer.engine.recipe import Recipe
@@ -103,10 +105,9 @@ def run_epoch(loop: RunLoop, state: RunState, epoch: int) -> None:
         except OSError as exc:  # no space, a file-size limit, a lost permission, read-only
             hint = ", to continue with --resume auto" if (loop.out / ckpt_io.LAST).exists() else ""
             raise TrainingError(f"{exc}; {_kept(loop.out)}{hint}") from exc
-        val_loss = "none" if record["val_loss"] is None else f"{record['val_loss']:.4f}"
         logger.info(
             "epoch %d/%d: train loss %.4f, val loss %s, %s, %.0f %s/s",
-            epoch + 1, loop.recipe.epochs, record["train_loss"], val_loss,
+            epoch + 1, loop.recipe.epochs, record["train_loss"], format_loss(record["val_loss"]),
             _scores(record), record["images_per_second"], "clips" if loop.data.video else "img",
         )  # fmt: skip
 
@@ -115,7 +116,7 @@ def _scores(record: dict[str, Any]) -> str:
     """The epoch's accuracies for its log line: the model's, its EMA's and, in a bootstrapping
     run, its teacher's; none where the labels are not the model's classes."""
     if record.get("val_images") == 0:
-        return "nothing scored (no validation file could be decoded)"
+        return NOTHING_SCORED
     if record["val_acc1"] is None:
         return "no top-1 (the labels are not the model's classes)"
     text = format_accuracy(record["val_acc1"], record["val_acc5"])

@@ -25,6 +25,8 @@ __all__ = [
     "TOP5_MIN_CLASSES",
     "top5_or_none",
     "format_accuracy",
+    "format_loss",
+    "NOTHING_SCORED",
 ]
 
 TOP5_MIN_CLASSES = 6  # fewer classes: every label is among the top 5, top-5 is always 100%
@@ -36,6 +38,15 @@ def top5_or_none(percent: float, num_classes: int) -> float | None:
     """``percent``, the top-5 accuracy, or ``None`` where it is 100% by construction (fewer
     than :data:`TOP5_MIN_CLASSES` classes)."""
     return percent if num_classes >= TOP5_MIN_CLASSES else None
+
+
+# an epoch whose validation scored no file (every one failed to decode), on its lines
+NOTHING_SCORED = "nothing scored (no validation file could be decoded)"
+
+
+def format_loss(loss: float | None) -> str:
+    """A loss for a log or summary line; ``none`` when nothing was scored."""
+    return "none" if loss is None else f"{loss:.4f}"
 
 
 def format_accuracy(acc1: float, acc5: float | None) -> str:
