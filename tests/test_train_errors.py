@@ -56,6 +56,22 @@ def to_official(state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Ten
     return out
 
 
+def cut_jpeg(path: Path) -> Path:
+    """A JPEG of noise at ``path`` with its body cut short: its header passes the folder scan,
+    and it fails to decode."""
+    noise = Image.fromarray(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy())
+    noise.save(path, "JPEG")
+    path.write_bytes(path.read_bytes()[:-400])
+    return path
+
+
+def cut_every_image(split: Path) -> None:
+    """Replace every image under ``split`` with a cut-short JPEG of the same name."""
+    for image in split.rglob("*.*"):
+        image.unlink()
+        cut_jpeg(image.with_suffix(".jpg"))
+
+
 @pytest.fixture
 def folder(tmp_path):
     return make_folder(tmp_path / "data", classes=("cat", "dog", "emu"), per_class=4)
@@ -170,10 +186,7 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path, folder, capsys):
     assert code == 0, err
     assert "12 images (1 unreadable file(s) skipped)" in out
     # a truncated JPEG passes the header check and fails to decode: left out, not replaced
-    noise = Image.fromarray(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy())
-    truncated = folder / "val" / "dog" / "truncated.jpg"
-    noise.save(truncated, "JPEG")
-    truncated.write_bytes(truncated.read_bytes()[:-400])
+    truncated = cut_jpeg(folder / "val" / "dog" / "truncated.jpg")
     code, out, err = run_cli(capsys, "eval", "--model", NANO, "--checkpoint", ckpt,
                              "--data-dir", str(folder), "--quiet", "--json")  # fmt: skip
     result = json.loads(out.strip().splitlines()[-1])
@@ -197,9 +210,7 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path, folder, capsys):
     # files that pass the scan but fail to decode: replaced in training, left out of the
     # validation scores, and both counted at the end (with data-loading workers too)
     for split in ("train", "val"):
-        noise.save(folder / split / "dog" / "cut.jpg", "JPEG")
-        cut = folder / split / "dog" / "cut.jpg"
-        cut.write_bytes(cut.read_bytes()[:-400])
+        cut_jpeg(folder / split / "dog" / "cut.jpg")
     code, out, err = run_cli(capsys, "train", "--model", NANO, "--data-dir", str(folder),
                              "--output", str(out_dir), "--epochs", "1", "--batch-size", "4",
                              "--img-size", "32", "--quiet", "--recipe", "fashion-mnist-cpu",
@@ -220,12 +231,7 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path, folder, capsys):
 def test_validation_files_that_all_fail_to_decode_score_nothing(tmp_path, folder, capsys):
     """Files that pass the scan and fail to decode: with none left, no 0% accuracy and no
     zero loss. Training goes on and says so (no best checkpoint); eval is one-line error."""
-    noise = Image.fromarray(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy())
-    for old in (folder / "val").rglob("*.*"):
-        old.unlink()
-        cut = old.with_suffix(".jpg")
-        noise.save(cut, "JPEG")
-        cut.write_bytes(cut.read_bytes()[:-400])  # a truncated body, a valid header
+    cut_every_image(folder / "val")
     out_dir = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", "--model", NANO, "--data-dir", str(folder),
                              "--output", str(out_dir), "--epochs", "1", "--batch-size", "4",
@@ -248,12 +254,7 @@ def test_an_error_in_a_data_loading_worker_is_one_line_and_the_program_exits(tmp
     import subprocess
     import sys
 
-    noise = Image.fromarray(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy())
-    for old in (folder / "train").rglob("*.*"):  # every training file fails to decode
-        old.unlink()
-        cut = old.with_suffix(".jpg")
-        noise.save(cut, "JPEG")
-        cut.write_bytes(cut.read_bytes()[:-400])
+    cut_every_image(folder / "train")  # every training file fails to decode
     proc = subprocess.run(
         [sys.executable, "-m", "sparseformer", "train", "--model", NANO, "--data-dir",
          str(folder), "--output", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4",
