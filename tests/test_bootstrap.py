@@ -210,6 +210,8 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
         load_teacher(other, img_size=32)  # a state dict alone names no model
     with pytest.raises(BootstrapError, match="--img-size 8 is smaller than the teacher's 16px"):
         load_teacher("test_vit", img_size=8)
+    with pytest.raises(BootstrapError, match="a name without weights"):
+        load_teacher("test_vit", img_size=32, random_ok=False)
     # a ViT fine-tuned on one's own classes: built with its checkpoint's head
     own = timm.create_model("test_vit", img_size=32, num_classes=3)
     torch.save(own.state_dict(), tmp_path / "own.pt")
@@ -219,9 +221,13 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
     for bad, why in (  # the command: status 1 and one line saying why
         (["--teacher", "test_resnet"], "not a ViT"),
         (["--teacher", "test_vit", "--teacher-checkpoint", str(other)], "does not match the"),
-        (["--teacher", "test_vit", "--student", TEMPLATE], "cortex width 768 does not match"),
+        (["--teacher", "test_vit"], "a name without weights, and an untrained teacher"),
+        (
+            ["--teacher", "test_vit", "--random-teacher", "--student", TEMPLATE],
+            "cortex width 768 does not match",
+        ),
         (["--teacher", str(folder / "teacher.pt"), "--img-size", "48"], "trained at 32px"),
-        (["--teacher", "test_vit", "--inherit", "9"], "has 6 blocks"),
+        (["--teacher", "test_vit", "--random-teacher", "--inherit", "9"], "has 6 blocks"),
     ):
         code = main(["bootstrap", "--data-dir", str(folder / "data"), "--output",
                      str(tmp_path / "x"), "--img-size", "32", *RUN, *bad])  # fmt: skip
@@ -263,8 +269,58 @@ def test_resuming_with_a_teacher_of_another_head_is_one_line(alone, folder, tmp_
                  *SMALL, *RUN, "--epochs", "4", "--resume", "auto"])  # fmt: skip
     err = capsys.readouterr().err.splitlines()
     said = [line for line in err if line.startswith("sparseformer bootstrap: error:")]
+    assert code == 1 and len(said) == 1 and "bootstrapped from another teacher" in said[0], err
+    # a checkpoint that records no teacher fingerprint: the model's own check, in one line
+    saved = torch.load(run / "last.pt", weights_only=True)
+    del saved["teacher"]["fingerprint"]
+    torch.save(saved, run / "last.pt")
+    code = main(["bootstrap", "--teacher", "test_vit", "--teacher-checkpoint", str(other),
+                 "--img-size", "32", "--data-dir", str(folder / "data"), "--output", str(run),
+                 *SMALL, *RUN, "--epochs", "4", "--resume", "auto"])  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    said = [line for line in err if line.startswith("sparseformer bootstrap: error:")]
     assert code == 1 and len(said) == 1 and "does not fit the model" in said[0], err
     assert "head.weight" in said[0] and not any(x.startswith("Traceback") for x in err)
+
+
+def test_resuming_with_another_teacher_of_the_same_shape_is_refused(
+    alone, folder, tmp_path, capsys, caplog
+):
+    """The run's teacher, by name and checkpoint, resumes; another one of its shape does not
+    (its student would be aligned to two teachers)."""
+    import shutil
+
+    saved = torch.load(folder / "teacher.pt", weights_only=True)
+    same, other = tmp_path / "same.pt", tmp_path / "other.pt"
+    torch.save(saved["model"], same)
+    torch.save({k: v + 0.01 for k, v in saved["model"].items()}, other)
+    for weights, epochs in ((other, "4"), (same, "4")):
+        run = tmp_path / f"run-{weights.stem}"
+        shutil.copytree(alone, run)
+        code = main(["bootstrap", "--teacher", "test_vit", "--teacher-checkpoint", str(weights),
+                     "--img-size", "32", "--data-dir", str(folder / "data"), "--output",
+                     str(run), *SMALL, *RUN, "--epochs", epochs, "--resume", "auto"])  # fmt: skip
+        err = capsys.readouterr().err.splitlines()
+        said = [line for line in err if line.startswith("sparseformer bootstrap: error:")]
+        if weights == other:
+            assert code == 1 and len(said) == 1, err
+            assert "bootstrapped from another teacher" in said[0], said
+            assert [r["epoch"] for r in _records(run)] == [1, 2, 3]
+        else:  # --img-size 32 is the run's own: nothing said to be ignored
+            assert code == 0 and not said, err
+            assert [r["epoch"] for r in _records(run)] == [1, 2, 3, 4]
+            assert not [r for r in caplog.records if "ignored" in r.getMessage()]
+
+
+def test_set_img_size_sizes_the_teacher(folder, tmp_path, capsys):
+    """--set img_size=N asks what --img-size N does (the recipe's own size does not)."""
+    out = tmp_path / "run"
+    assert main(["bootstrap", "--teacher", "test_vit", "--random-teacher", "--data-dir",
+                 str(folder / "data"), "--output", str(out), *SMALL, *RUN, "--epochs", "1",
+                 "--set", "img_size=48"]) == 0  # fmt: skip
+    assert "48px" in capsys.readouterr().out
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["preprocessing"]["img_size"] == 48
 
 
 def test_a_folder_without_recipe_gets_trains_own_folder_recipe(folder, tmp_path, capsys):

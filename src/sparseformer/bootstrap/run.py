@@ -26,7 +26,7 @@ from sparseformer.bootstrap.derive import (
     build_student,
 )
 from sparseformer.bootstrap.objective import AlignmentObjective, freeze_for_bootstrap
-from sparseformer.bootstrap.teacher import Teacher
+from sparseformer.bootstrap.teacher import Teacher, fingerprint
 from sparseformer.bootstrap.validation import AlignmentValidation
 from sparseformer.config import SparseFormerConfig
 from sparseformer.data.datasets import DatasetBundle
@@ -139,7 +139,7 @@ def bootstrap(
             "num_classes": student.config.num_classes,
             "class_names": names or None,
             "architecture": architecture_overrides(student.config),
-            "teacher": {"name": teacher.name},
+            "teacher": {"name": teacher.name, "fingerprint": fingerprint(teacher.model)},
             "bootstrap": settings.to_dict(),
         },
     )

@@ -8,10 +8,13 @@ code execution) and mapped to the named architecture by timm's own ``checkpoint_
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from sparseformer.bootstrap.derive import BootstrapError, describe_teacher
@@ -19,7 +22,9 @@ from sparseformer.data.transforms import Preprocessing
 from sparseformer.weights.checkpoint import PREPROCESSING_FIELDS, read_checkpoint
 from sparseformer.weights.registry import MODELS
 
-__all__ = ["Teacher", "load_teacher", "freeze"]
+__all__ = ["Teacher", "load_teacher", "freeze", "fingerprint", "check_resumed_teacher"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -123,6 +128,8 @@ def load_teacher(
     teacher: str | os.PathLike | nn.Module,
     checkpoint: str | os.PathLike | None = None,
     img_size: int | None = None,
+    *,
+    random_ok: bool = True,
 ) -> Teacher:
     """The frozen teacher: a timm model object, a timm name (built without weights, then
     ``checkpoint`` loaded into it), or a ``sparseformer train`` checkpoint of a timm ViT.
@@ -130,9 +137,12 @@ def load_teacher(
     Args:
         img_size: the teacher's input size when built from a name (timm resamples its position
             embedding); a run's checkpoint keeps its own.
+        random_ok: a name without ``checkpoint`` gives an untrained teacher, with a warning
+            (``False``: an error; an untrained teacher teaches nothing).
 
     Raises:
-        BootstrapError: not a ViT, an unknown name, or a checkpoint of another architecture.
+        BootstrapError: not a ViT, an unknown name, a checkpoint of another architecture, or
+            a name without weights where ``random_ok`` is false.
     """
     import timm
 
@@ -175,5 +185,47 @@ def load_teacher(
         describe_teacher(model)
         if ckpt is not None:
             _load_into(model, name.partition(".")[0], ckpt, checkpoint)
+        else:
+            _untrained(name, random_ok)
         names = None
     return Teacher(freeze(model), name, _timm_preprocessing(model), names)
+
+
+def _untrained(name: str, random_ok: bool) -> None:
+    """Say (or refuse, unless ``random_ok``) that the teacher ``name`` has no weights."""
+    if not random_ok:
+        raise BootstrapError(
+            f"--teacher {name} is a name without weights, and an untrained teacher teaches "
+            "nothing: give its weights with --teacher-checkpoint FILE (e.g. timm's file for "
+            "it), or --random-teacher to check that a run works"
+        )
+    logger.warning("the teacher %s has random weights (no checkpoint given)", name)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of ``model``'s tensors (names, dtypes, shapes, values): the same teacher
+    gives the same fingerprint, any other one another."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def check_resumed_teacher(teacher: Teacher, saved: dict) -> None:
+    """Refuse to resume the run checkpoint ``saved`` with another teacher than its own (a
+    student aligned to two teachers); checkpoints that record no fingerprint pass.
+
+    Raises:
+        BootstrapError: the teacher's fingerprint differs from the run's.
+    """
+    record = saved.get("teacher") or {}
+    recorded = record.get("fingerprint")
+    if recorded is None or recorded == fingerprint(teacher.model):
+        return
+    raise BootstrapError(
+        f"the run was bootstrapped from another teacher ({record.get('name')}, weights "
+        f"{recorded}) than this one ({teacher.name}, weights {fingerprint(teacher.model)}); "
+        "resume with the run's own --teacher and --teacher-checkpoint, or start a new --output"
+    )

@@ -12,6 +12,7 @@ metrics.png and summary.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -51,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("teacher and student")
     g.add_argument("--teacher", required=True, help="timm ViT name, or a train checkpoint of one")
     g.add_argument("--teacher-checkpoint", type=Path, help="weights for a --teacher name")
+    g.add_argument(
+        "--random-teacher", action="store_true",
+        help="a --teacher name without weights, untrained (to check that a run works)",
+    )  # fmt: skip
     g.add_argument("--student", help="a sparseformer_btsp_* model to follow (its widths)")
     g.add_argument("--tokens", type=positive_int, help="latent tokens (default 48)")
     g.add_argument("--points", type=positive_int, help="sampling points (default 36)")
@@ -93,6 +98,7 @@ class _Plan:
     settings: Any
     resume: Path | None = None
     saved: dict = field(default_factory=dict)
+    img_size: int | None = None  # the teacher's input size; None: its own
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,11 +148,13 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         args.tokens, args.points, args.inherit, args.focus_width, args.student,
         args.finetune, args.loss,
     )  # fmt: skip
+    img_size = _asked_img_size(flags, recipe)
     resume = resolve_resume(args.resume, args.output, overwrite=args.overwrite)
     saved: dict = {}
-    if resume is not None:  # the run's own recipe and student
+    if resume is not None:  # the run's own recipe, size and student
         saved = read_resume_checkpoint(resume, TEMPLATE)
-        recipe = resumed_recipe(saved, resume, recipe, flags)
+        recipe = resumed_recipe(saved, resume, recipe, _without_img_size(flags))
+        img_size = _run_img_size(saved, img_size)
         settings = BootstrapSettings.from_dict(saved.get("bootstrap") or {})
         if run_is_finished(saved, recipe, args.output):
             if os.environ.get("RANK", "0") == "0":
@@ -156,7 +164,36 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     source = data_source(args, views=False)
     check_output(args.output, "--output", folder=True)
     refuse_overwriting_a_run(args.output, resume=resume is not None, overwrite=args.overwrite)
-    return _Plan(args, device, recipe, source, settings, resume, saved)
+    return _Plan(args, device, recipe, source, settings, resume, saved, img_size)
+
+
+def _asked_img_size(flags, recipe) -> int | None:
+    """The input size asked for, by --img-size or --set img_size=N (the teacher's size is
+    the default, not the recipe's)."""
+    asked = "img_size" in flags.fields or any(
+        item.partition("=")[0] == "img_size" for item in flags.settings
+    )
+    return recipe.img_size if asked else None
+
+
+def _without_img_size(flags):
+    """``flags`` without the input size: bootstrap's is the teacher's, not a recipe field."""
+    return dataclasses.replace(
+        flags,
+        fields={k: v for k, v in flags.fields.items() if k != "img_size"},
+        settings=tuple(s for s in flags.settings if s.partition("=")[0] != "img_size"),
+    )
+
+
+def _run_img_size(saved: dict, asked: int | None) -> int | None:
+    """The size a resumed run trained at (a warning where another was asked)."""
+    size = saved["preprocessing"].get("img_size")
+    if asked is not None and size is not None and asked != size:
+        logging.getLogger(__name__).warning(
+            "resuming continues the run at its own %dpx, so the asked %dpx is ignored; start a "
+            "new run to change it", size, asked,
+        )  # fmt: skip
+    return size if size is not None else asked
 
 
 def _bootstrap(plan: _Plan, dist) -> None:
@@ -164,7 +201,7 @@ def _bootstrap(plan: _Plan, dist) -> None:
     import torch
 
     from sparseformer.bootstrap.run import bootstrap
-    from sparseformer.bootstrap.teacher import load_teacher
+    from sparseformer.bootstrap.teacher import check_resumed_teacher, load_teacher
     from sparseformer.cli import CliError
     from sparseformer.data import DataError, build_datasets
     from sparseformer.data.transforms import Preprocessing
@@ -176,12 +213,12 @@ def _bootstrap(plan: _Plan, dist) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     threads = set_threads(args.threads, dist)
     seed_everything(args.seed)  # the same student on every rank
-    img_size = args.img_size
-    if plan.resume is not None and img_size is None:  # the size the run trained at
-        img_size = plan.saved["preprocessing"].get("img_size")
-    teacher = load_teacher(args.teacher, args.teacher_checkpoint, img_size)
+    teacher = load_teacher(
+        args.teacher, args.teacher_checkpoint, plan.img_size, random_ok=args.random_teacher
+    )
     pre = teacher.preprocessing  # the teacher sees what the student sees
     if plan.resume is not None:
+        check_resumed_teacher(teacher, plan.saved)
         pre = Preprocessing.from_dict(plan.saved["preprocessing"])
     try:
         bundle = build_datasets(plan.source, pre, recipe.augmentation, share_check=True)
