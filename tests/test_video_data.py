@@ -266,6 +266,28 @@ def test_decoded_frames_follow_the_motion(tmp_path):
     torch.testing.assert_close(centre, 3.5 + 2 * torch.arange(8.0), atol=0.5, rtol=0)
 
 
+def test_a_thumbnail_stream_before_the_footage_is_passed_over(tmp_path):
+    """A one-frame picture stored as the first video stream (cover art, a thumbnail): the
+    frames and their count are the footage's."""
+    path = tmp_path / "with-thumbnail.mkv"
+    with av.open(str(path), "w") as out:
+        thumb = out.add_stream("mjpeg", rate=1)
+        thumb.width, thumb.height, thumb.pix_fmt = 64, 48, "yuvj420p"
+        video = out.add_stream("mpeg4", rate=25)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        cover = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 200, np.uint8), format="rgb24")
+        for packet in [*thumb.encode(cover.reformat(format="yuvj420p")), *thumb.encode()]:
+            out.mux(packet)
+        for a in moving_square(12):
+            for packet in video.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                out.mux(packet)
+        out.mux(list(video.encode()))
+    assert probe_video(path) == 12
+    frames = read_video(path)
+    assert frames.shape == (12, 32, 32, 3)
+    assert frames[0, :8].float().mean() < 40  # the black background, not the grey cover
+
+
 @pytest.mark.parametrize("sampling", ["dense", "uniform"])
 def test_clip_indices(sampling):
     spec = ClipSpec(num_frames=4, sampling=sampling, stride=3, num_clips=3)

@@ -94,9 +94,7 @@ def probe_video(path: str | Path) -> int:
         if os.path.getsize(path) == 0:
             raise VideoReadError(f"{path}: an empty file (0 bytes)")
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoReadError(f"{path}: no video stream")
-            stream = container.streams.video[0]
+            stream = _main_video_stream(container, path)
             if stream.frames > 0:
                 return int(stream.frames)
             return _count_frame_packets(container.demux(stream))
@@ -104,6 +102,18 @@ def probe_video(path: str | Path) -> int:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
         raise VideoReadError(f"{path}: {_ffmpeg_reason(exc)}") from exc
+
+
+def _main_video_stream(container, path):
+    """The video stream FFmpeg's players would show (``av_find_best_stream``): it passes over
+    a cover picture or a one-frame thumbnail stored before the footage.
+
+    Raises:
+        VideoReadError: the file has no video stream.
+    """
+    if not container.streams.video:
+        raise VideoReadError(f"{path}: no video stream")
+    return container.streams.best("video") or container.streams.video[0]
 
 
 def _count_frame_packets(packets) -> int:
@@ -168,9 +178,7 @@ def read_video(path: str | Path, indices: Sequence[int] | None = None) -> Tensor
     broken = None  # the decoding error that ended the stream early, if any
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoReadError(f"{path}: no video stream")
-            stream = container.streams.video[0]
+            stream = _main_video_stream(container, path)
             stream.thread_type = "AUTO"
             stream.thread_count = _decoder_threads()
             shown = None  # the first frame's (width, height) as shown: every frame's size
