@@ -37,6 +37,7 @@ def test_train_eval_predict_a_video_model_on_a_video_folder(tmp_path, capsys):
     assert saved["video"]["num_frames"] == 4 and saved["class_names"] == ["left", "right"]
     # the clip record holds what was used (32 px, the recipe's crop), not ClipSpec's defaults
     assert saved["video"]["size"] == 32 and saved["video"]["crop_pct"] == 1.0
+    assert saved["preprocessing"]["interpolation"] == "bilinear"  # as clips are resized
     assert "skipped 4 unreadable or too-short video(s) (listed in " in capsys.readouterr().out
     listed = (out / "skipped_files.tsv").read_text().splitlines()
     assert listed[0] == "file\treason" and len(listed) == 5

@@ -331,3 +331,41 @@ def test_pretrained_video_models_inflate_their_image_release(tmp_path, monkeypat
     video = create_model("video_sparseformer_v1_micro", pretrained=True)
     assert fetched == [url]
     assert video.num_classes == 7 and video.initial_rois.shape == (64, 6)  # inflated, R = 4
+
+
+def test_a_video_model_says_its_clips_are_resized_bilinearly(tmp_path):
+    """timm's ``pretrained_cfg`` (which export's metadata and timm's data config read) names
+    the interpolation clips are resized with, whatever an image checkpoint it inflates says."""
+    from sparseformer import create_model
+
+    assert create_model("video_sparseformer_v1_micro").pretrained_cfg["interpolation"] == (
+        "bilinear"
+    )
+    image = create_model("sparseformer_v1_micro", num_classes=2)
+    ckpt = tmp_path / "image.pt"
+    pre = {"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
+           "interpolation": "bicubic"}  # fmt: skip
+    torch.save({"model": image.state_dict(), "model_name": "sparseformer_v1_micro",
+                "preprocessing": pre}, ckpt)  # fmt: skip
+    video = create_model("video_sparseformer_v1_micro", checkpoint_path=ckpt)
+    assert video.pretrained_cfg["interpolation"] == "bilinear"
+    assert video.pretrained_cfg["input_size"] == (3, 32, 32)  # the rest is the checkpoint's
+    asked = create_model(
+        "video_sparseformer_v1_micro", pretrained_cfg_overlay={"interpolation": "bicubic"}
+    )
+    assert asked.pretrained_cfg["interpolation"] == "bicubic"
+
+
+def test_a_video_run_records_the_interpolation_its_clips_are_resized_with(tmp_path):
+    from sparseformer.data.clips import ClipSpec
+    from sparseformer.data.datasets import DataSource
+    from sparseformer.engine.inputs import training_preprocessing
+    from sparseformer.engine.recipe import load_recipe
+
+    recipe = load_recipe("imagenet1k")  # bicubic, for images
+    assert recipe.interpolation == "bicubic"
+    videos = DataSource(data_dir=tmp_path, video=ClipSpec())
+    pre = training_preprocessing(videos, "video_sparseformer_v1_micro", recipe)
+    assert pre.interpolation == "bilinear"
+    images = training_preprocessing(DataSource(data_dir=tmp_path), "sparseformer_v1_micro", recipe)
+    assert images.interpolation == "bicubic"

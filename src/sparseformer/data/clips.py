@@ -35,6 +35,7 @@ from sparseformer.data.video_decode import (
 )
 
 __all__ = [
+    "CLIP_INTERPOLATION",
     "ClipSpec",
     "clip_indices",
     "resize_frames",
@@ -44,6 +45,7 @@ __all__ = [
     "video_file_views",
 ]
 
+CLIP_INTERPOLATION = "bilinear"  # how every clip's frames are resized (antialiased)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -146,7 +148,7 @@ def resize_frames(frames: Tensor, size: int | tuple[int, int]) -> Tensor:
     if isinstance(size, int):
         scale = size / min(H, W)
         size = (max(size, round(H * scale)), max(size, round(W * scale)))
-    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(x, size=size, mode=CLIP_INTERPOLATION, antialias=True, align_corners=False)
 
 
 def _normalize(x: Tensor, spec: ClipSpec) -> Tensor:

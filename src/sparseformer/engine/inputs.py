@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseformer.data.clips import CLIP_INTERPOLATION
 from sparseformer.data.datasets import DataSource, dataset_defaults
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine.device import available_cores
@@ -37,15 +38,17 @@ def training_preprocessing(
     bootstrapped model's are its teacher's), with the recipe's size, crop and interpolation.
     """
     released = weights_preprocessing(model_name)
+    # clips are resized one way whatever the recipe's interpolation, which is for images
+    interpolation = CLIP_INTERPOLATION if source.video is not None else recipe.interpolation
     base = dataset_defaults(source) or Preprocessing(
         model_input_size(model_name) or 224,
         released.mean,
         released.std,
-        interpolation=recipe.interpolation,
+        interpolation=interpolation,
     )
     if saved is not None:
         return Preprocessing.from_dict(saved["preprocessing"])
-    return resolve_preprocessing(base, recipe.img_size, recipe.crop_pct, recipe.interpolation)
+    return resolve_preprocessing(base, recipe.img_size, recipe.crop_pct, interpolation)
 
 
 def evaluation_preprocessing(

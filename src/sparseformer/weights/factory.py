@@ -101,6 +101,8 @@ def pretrained_cfg(name: str, tag: str | None = None) -> dict[str, Any]:
     w = released_weights(name, tag) if spec.weights is not None else None
     w = w or WeightsSpec(url="")
     config = spec.config
+    if isinstance(config, VideoSparseFormerConfig):  # clips are resized one way
+        w = dataclasses.replace(w, interpolation=_clip_interpolation())
     return {
         "url": w.url,
         "num_classes": config.num_classes,
@@ -114,6 +116,13 @@ def pretrained_cfg(name: str, tag: str | None = None) -> dict[str, Any]:
         "paper_ids": spec.paper,
         "architecture": split_tag(name)[0],
     }
+
+
+def _clip_interpolation() -> str:
+    """How a video model's clips are resized (imported here only for video models)."""
+    from sparseformer.data.clips import CLIP_INTERPOLATION
+
+    return CLIP_INTERPOLATION
 
 
 def create_model(
@@ -188,6 +197,8 @@ def create_model(
     cfg["num_classes"] = config.num_classes
     if len(cfg.get("label_names") or ()) not in (0, config.num_classes):
         del cfg["label_names"]  # a new classifier (fine-tuning): the run's names no longer fit
+    if isinstance(config, VideoSparseFormerConfig) and "interpolation" not in timm_args["overlay"]:
+        cfg["interpolation"] = _clip_interpolation()  # whatever an image checkpoint says
     model.pretrained_cfg = model.default_cfg = cfg
     if ckpt is not None:
         load_checkpoint(model, ckpt)
