@@ -178,3 +178,8 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
         check_output_path(tmp_path, "--out")
     with pytest.raises(ValueError, match="is a file, not a folder"):
         check_output_path(tmp_path / "file" / "x.onnx", "--out")
+    # where permissions do not tell (root, a read-only mount, /proc): a file is tried
+    for where in (Path("/proc/sys"), Path("/proc/self")):
+        with pytest.raises(ValueError, match=f"--out '{where}/x.json': cannot write in"):
+            check_output_path(where / "x.json", "--out")
+    assert not list(tmp_path.glob(".sparseformer-probe-*"))  # the probe is removed

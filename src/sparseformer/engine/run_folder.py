@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -203,9 +204,22 @@ def check_output_path(path: str | os.PathLike, flag: str, *, folder: bool = Fals
         if parent.exists():  # the nearest existing folder: the rest will be created in it
             if not parent.is_dir():
                 raise ValueError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"{flag} {str(path)!r}: no permission to write in {str(parent)!r}")
+            why = _cannot_write_in(parent)
+            if why is not None:
+                raise ValueError(f"{flag} {str(path)!r}: cannot write in {str(parent)!r} ({why})")
             return
+
+
+def _cannot_write_in(folder: Path) -> str | None:
+    """Why no file can be made in ``folder`` (None: one can), found by making and removing
+    one: permissions alone do not tell for root, a read-only mount or /proc and /sys."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sparseformer-probe-", dir=folder)
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def refuse_overwriting_a_run(path: Path, *, resume: bool = False, overwrite: bool = False) -> None:
