@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import timm
 
 from sparseformer.bench.counting import count_flops
 from sparseformer.bench.report import markdown_table
@@ -231,6 +232,29 @@ def test_default_peers_have_published_top1_and_a_source():
         assert cited is not None, name
         assert 70 < cited.top1 < 90 and len(cited.source) > 20, name
         assert "arXiv" in cited.source or "timm" in cited.source or "torchvision" in cited.source
+        for tag in cited.tags:  # each tag is one timm (or this registry) knows
+            assert f"{name}.{tag}" in timm.list_pretrained(f"{name}.*"), (name, tag)
+    # a tag names weights: the figure is for the cited ones only
+    assert published_top1("deit_small_patch16_224.fb_in1k").top1 == 79.8
+    assert published_top1("resnet50.tv_in1k").top1 == 76.1
+    assert published_top1("resnet50.a1_in1k") is None  # timm's recipe: 80.4, not the paper's
+    assert published_top1("sparseformer_v1_tiny.in1k_v2").top1 == 81.0
+
+
+def test_a_tagged_deit_small_is_the_default_baseline_and_bad_tags_are_named(capsys, caplog):
+    tagged = small_settings(models=("sparseformer_v1_nano", "deit_small_patch16_224.fb_in1k"))
+    assert tagged.baseline_model() == "deit_small_patch16_224.fb_in1k"
+    argv = ["bench", "--models", "sparseformer_v1_nano", "resnet18.no_such_tag", "--no-train"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "resnet18 has no pretrained tag 'no_such_tag' (timm's tags: a1_in1k" in err, err
+    assert "cannot take" not in err and len(err.splitlines()) == 1
+    from sparseformer.engine.device import available_cores, warn_oversubscribed
+
+    warn_oversubscribed(available_cores())
+    assert not caplog.records
+    warn_oversubscribed(available_cores() + 1)  # --threads beyond the cores: said, not silent
+    assert "threads beyond the cores wait for each other" in caplog.records[0].getMessage()
 
 
 def test_cli_sweep_writes_json_csv_and_both_plots(tmp_path, capsys):

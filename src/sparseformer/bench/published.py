@@ -17,10 +17,12 @@ __all__ = ["PublishedAccuracy", "PUBLISHED_TOP1", "published_top1"]
 
 @dataclass(frozen=True)
 class PublishedAccuracy:
-    """A top-1 figure and where it was published."""
+    """A top-1 figure, where it was published, and the pretrained tags (timm's, or ours for
+    SparseFormer) of the weights it is for: a name with another tag gets no figure."""
 
     top1: float
     source: str
+    tags: tuple[str, ...] = ()
 
 
 _SPARSEFORMER = "Gao et al., SparseFormer, ICLR 2024 (arXiv 2304.03768), Table 1"
@@ -50,23 +52,28 @@ _CONVNEXT_NANO = (
 
 PUBLISHED_TOP1 = MappingProxyType(
     {
-        "sparseformer_v1_tiny": PublishedAccuracy(81.0, _SPARSEFORMER),
-        "sparseformer_v1_small": PublishedAccuracy(82.0, _SPARSEFORMER),
-        "sparseformer_v1_base": PublishedAccuracy(82.6, _SPARSEFORMER),
-        "deit_tiny_patch16_224": PublishedAccuracy(72.2, _DEIT),
-        "deit_small_patch16_224": PublishedAccuracy(79.8, _DEIT),
-        "deit_base_patch16_224": PublishedAccuracy(81.8, _DEIT),
-        "swin_tiny_patch4_window7_224": PublishedAccuracy(81.3, _SWIN),
-        "swin_small_patch4_window7_224": PublishedAccuracy(83.0, _SWIN),
-        "resnet50": PublishedAccuracy(76.1, _RESNET),
-        "levit_256": PublishedAccuracy(81.6, _LEVIT),
-        "efficientvit_b1": PublishedAccuracy(79.4, _EFFICIENTVIT),
-        "fastvit_t12": PublishedAccuracy(79.1, _FASTVIT),
-        "convnext_nano": PublishedAccuracy(80.8, _CONVNEXT_NANO),
+        "sparseformer_v1_tiny": PublishedAccuracy(81.0, _SPARSEFORMER, ("in1k", "in1k_v2")),
+        "sparseformer_v1_small": PublishedAccuracy(82.0, _SPARSEFORMER, ("in1k", "in1k_v2")),
+        "sparseformer_v1_base": PublishedAccuracy(82.6, _SPARSEFORMER, ("in1k", "in1k_v2")),
+        "deit_tiny_patch16_224": PublishedAccuracy(72.2, _DEIT, ("fb_in1k",)),
+        "deit_small_patch16_224": PublishedAccuracy(79.8, _DEIT, ("fb_in1k",)),
+        "deit_base_patch16_224": PublishedAccuracy(81.8, _DEIT, ("fb_in1k",)),
+        "swin_tiny_patch4_window7_224": PublishedAccuracy(81.3, _SWIN, ("ms_in1k",)),
+        "swin_small_patch4_window7_224": PublishedAccuracy(83.0, _SWIN, ("ms_in1k",)),
+        "resnet50": PublishedAccuracy(76.1, _RESNET, ("tv_in1k",)),
+        "levit_256": PublishedAccuracy(81.6, _LEVIT, ("fb_dist_in1k",)),
+        "efficientvit_b1": PublishedAccuracy(79.4, _EFFICIENTVIT, ("r224_in1k",)),
+        "fastvit_t12": PublishedAccuracy(79.1, _FASTVIT, ("apple_in1k",)),
+        "convnext_nano": PublishedAccuracy(80.8, _CONVNEXT_NANO, ("d1h_in1k",)),
     }
 )
 
 
 def published_top1(name: str) -> PublishedAccuracy | None:
-    """The published figure for a model name, or ``None`` if we cite none."""
-    return PUBLISHED_TOP1.get(name)
+    """The published figure for a model name (``arch`` or ``arch.tag``, the tag of the weights
+    the figure is for), or ``None`` if we cite none."""
+    arch, _, tag = name.partition(".")
+    figure = PUBLISHED_TOP1.get(arch)
+    if figure is None or (tag and tag not in figure.tags):
+        return None
+    return figure

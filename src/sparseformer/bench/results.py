@@ -130,9 +130,8 @@ class BenchSettings:
     def baseline_model(self) -> str:
         if self.baseline is not None:
             return self.baseline
-        return (
-            "deit_small_patch16_224" if "deit_small_patch16_224" in self.models else self.models[0]
-        )
+        deit = [m for m in self.models if m.partition(".")[0] == "deit_small_patch16_224"]
+        return deit[0] if deit else self.models[0]  # DeiT-S by name, with or without a tag
 
 
 @dataclass

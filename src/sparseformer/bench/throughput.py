@@ -38,6 +38,7 @@ from sparseformer.bench.results import (
 )
 from sparseformer.bench.timing import matmul_peak, peak_memory_mb, timed
 from sparseformer.config import VideoSparseFormerConfig
+from sparseformer.engine.device import warn_oversubscribed
 from sparseformer.engine.optim import build_optimizer
 from sparseformer.weights.registry import MODELS
 
@@ -80,6 +81,7 @@ def build_model(
             f"unknown model {name!r}{close_model_names(name)} (neither a SparseFormer name, "
             "see `sparseformer models`, nor a timm model name)"
         )
+    _check_tag(timm, name)
     default_size = timm.get_pretrained_cfg_value(name, "input_size") or (3, 224, 224)
     if img_size != default_size[-1]:
         try:  # vision transformers fix their position table and windows to the input size
@@ -87,6 +89,17 @@ def build_model(
         except TypeError:  # convolutional networks take any size
             pass
     return timm.create_model(name, num_classes=num_classes)
+
+
+def _check_tag(timm, name: str) -> None:
+    """Refuse a ``arch.tag`` timm name whose tag timm does not know, naming the ones it does
+    (timm itself fails only when building, which would read as a size the model cannot take).
+    """
+    arch, _, tag = name.partition(".")
+    known = timm.list_pretrained(f"{arch}.*")
+    if tag and name not in known:
+        tags = ", ".join(k.partition(".")[2] for k in known) or "none"
+        raise BenchError(f"{arch} has no pretrained tag {tag!r} (timm's tags: {tags})")
 
 
 def sample_shape(model: nn.Module, img_size: int) -> tuple[int, ...]:
@@ -137,6 +150,7 @@ def run_benchmark(settings: BenchSettings) -> BenchResult:
     """Measure every model at every size, interleaved; see the module docstring."""
     official.timed_models(settings.models, settings.official)  # fails before any timing
     if settings.threads is not None:
+        warn_oversubscribed(settings.threads)
         torch.set_num_threads(settings.threads)
     environment = _environment(settings)
     log.info(

@@ -10,7 +10,7 @@ import torch
 
 from sparseformer.engine.distributed import DistInfo
 
-__all__ = ["pick_device", "available_cores", "set_threads"]
+__all__ = ["pick_device", "available_cores", "set_threads", "warn_oversubscribed"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,5 +78,18 @@ def set_threads(requested: int | None, dist: DistInfo) -> int:
         if usable < cores:
             logger.info("the machine is busy (load %.1f on %d cores): using %d thread(s)",
                         load, cores, requested)  # fmt: skip
+    else:
+        warn_oversubscribed(requested * max(dist.local_world_size, 1))
     torch.set_num_threads(requested)
     return requested
+
+
+def warn_oversubscribed(threads: int) -> None:
+    """A warning where ``threads`` (all of this machine's processes together) exceed the cores
+    this process may use: threads beyond the cores wait for each other at every operator."""
+    cores = available_cores()
+    if threads > cores:
+        logger.warning(
+            "%d CPU threads on %d cores: threads beyond the cores wait for each other and slow "
+            "every step; give at most %d", threads, cores, cores,
+        )  # fmt: skip
