@@ -58,6 +58,9 @@ def test_train_eval_predict_a_video_model_on_a_video_folder(tmp_path, capsys):
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["images"] == 4 and 0 <= result["acc1"] <= 100
+    # how each video was scored, from the flags and the checkpoint
+    assert result["views"] == {"clips": 2, "crops": 3, "frames": 4, "sampling": "dense",
+                               "stride": 2}  # fmt: skip
 
     video = data / "val" / "right" / "0.mp4"
     code = main(["predict", "--model", MODEL, "--checkpoint", str(out / "last.pt"), str(video),

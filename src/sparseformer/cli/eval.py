@@ -194,6 +194,15 @@ def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: b
         "ema": ema,  # False when --ema found no EMA weights (warned)
         "skipped_files": num_skipped,
     }
+    views = ""
+    if bundle.video:  # how each video was scored: its clips and crops, averaged
+        spec = source.video
+        result["views"] = {
+            "clips": spec.num_clips, "crops": spec.num_crops, "frames": spec.num_frames,
+            "sampling": spec.sampling, "stride": spec.stride,
+        }  # fmt: skip
+        views = (f" ({spec.num_clips} clip(s) x {spec.num_crops} crop(s) of {spec.num_frames} "
+                 f"frames, {spec.sampling})")  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:
@@ -201,6 +210,6 @@ def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: b
         skipped = f" ({num_skipped} {bad} file(s) skipped)" if num_skipped else ""
         what = "videos" if bundle.video else "images"
         print(
-            f"{args.model} on {source.describe()}: {metrics['images']:,} {what}{skipped}, "
+            f"{args.model} on {source.describe()}: {metrics['images']:,} {what}{views}{skipped}, "
             f"{format_accuracy(metrics['acc1'], metrics['acc5'])}, loss {metrics['loss']:.4f}"
         )
