@@ -164,7 +164,11 @@ def test_video_model_draws_rois_on_the_frames_of_a_real_clip(tmp_path, capsys):
     clip = DATA / "carphone-16f.mp4"
     out = tmp_path / "out"
     argv = ["viz", "--model", "video_sparseformer_v1_micro", str(clip), "--out", str(out)]
-    assert main(argv + ["--img-size", "32", "--tokens", "3"]) == 0
+    # clips are sampled as predict samples them: 8 frames 4 apart need 29, the clip has 16
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "16 frame(s), a clip needs at least 29; lower --frames or --frame-stride" in err, err
+    assert main(argv + ["--img-size", "32", "--tokens", "3", "--frame-stride", "2"]) == 0
     assert "wrote" in capsys.readouterr().out
     with Image.open(out / "carphone-16f_frames.gif") as gif:
         assert gif.n_frames == 8  # the model's clip length
@@ -183,6 +187,11 @@ def test_video_model_draws_rois_on_the_frames_of_a_real_clip(tmp_path, capsys):
     assert "an image, but video_sparseformer_v1_micro is a video model" in capsys.readouterr().err
     assert main(["viz", "--model", "sparseformer_v1_micro", str(clip), "--out", str(out)]) == 1
     assert "a video, but sparseformer_v1_micro is an image model" in capsys.readouterr().err
+    assert main(["viz", "--model", "sparseformer_v1_micro", str(photo), "--out", str(out),
+                 "--frames", "4"]) == 1  # fmt: skip
+    assert "--frames apply to videos only; sparseformer_v1_micro takes images" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_training_checkpoint_names_its_model_classes_and_preprocessing(tmp_path, capsys):

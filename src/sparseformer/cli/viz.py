@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sparseformer.cli.common import add_clip_arguments
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -56,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-gif", action="store_true", help="write only the PNG")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
-    p.set_defaults(func=run)
+    add_clip_arguments(p, prefix="video models: ")
+    p.set_defaults(func=run, clips=1, crops=1)  # one clip, drawn: the centre one
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,7 +83,12 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from sparseformer.cli.common import skip_file, wrong_kind
+    from sparseformer.cli.common import (
+        clip_flags,
+        refuse_video_flags_on_images,
+        skip_file,
+        wrong_kind,
+    )
     from sparseformer.engine.device import pick_device
     from sparseformer.viz.figures import format_statistics, write_pictures, write_video_pictures
     from sparseformer.viz.inputs import load_model_for_viz
@@ -101,13 +109,14 @@ def run(args: argparse.Namespace) -> int:
     if args.img_size:
         info = dataclasses.replace(info, input_size=args.img_size)
     video = getattr(model, "roi_dims", 2) == 3
+    refuse_video_flags_on_images(args, video, why=f"{args.model or 'the model'} takes images")
     options = {"stages": args.stages, "highlight": args.tokens, "gif": not args.no_gif}
     label = args.model or "the model"  # a checkpoint's own model is checked already
     drawn, used = 0, set()
     for path in paths:
         why = wrong_kind(path, label, video)
         if why is None:
-            picture, why = _read_input(path, model, info, video)
+            picture, why = _read_input(path, model, info, video, clip_flags(args))
         if why is not None:
             skip_file(path, why)
             continue
@@ -125,28 +134,32 @@ def run(args: argparse.Namespace) -> int:
     return 0 if drawn else 1  # the files skipped are listed above, one line each
 
 
-def _read_input(path: Path, model, info, video: bool):
-    """``(image or clip, None)``, or ``(None, why)`` for a file that cannot be read."""
+def _read_input(path: Path, model, info, video: bool, asked: dict):
+    """``(image or clip, None)``, or ``(None, why)`` for a file that cannot be read; a clip
+    is sampled as predict and eval sample it (``asked``: the clip flags)."""
     from sparseformer.viz.inputs import load_image
 
+    if video:
+        return _read_clip(path, model, info, asked)
     try:
-        if video:
-            return _read_clip(path, info.clip or {"num_frames": model.config.num_frames}), None
         return load_image(path, max_side=4 * info.input_size), None
-    except (ValueError, OSError) as exc:  # unreadable, cut short, a video shorter than a clip
+    except (ValueError, OSError) as exc:  # unreadable, cut short
         return None, str(exc).removeprefix(f"{path}: ")  # the readers' "PATH: why"
 
 
-def _read_clip(path: Path, sampling: dict):
-    """The centre test clip of a video, sampled as in training (``sampling``: ``num_frames``
-    and optionally ``stride`` and ``sampling``; default uniform): ``(T, H, W, 3)``.
+def _read_clip(path: Path, model, info, asked: dict):
+    """``(clip, None)``: the centre test clip of a video, ``(T, H, W, 3)``, with frames,
+    stride and sampling as asked, else as the checkpoint was trained, else the model's frames,
+    dense, stride 4; or ``(None, why)``."""
+    from sparseformer.data.video import VideoTooShortError, read_test_clips
+    from sparseformer.engine.video import choose_clip_spec
 
-    Raises:
-        ValueError: a video shorter than one clip; OSError: unreadable.
-    """
-    from sparseformer.data.video import ClipSpec, read_test_clips
-
-    return read_test_clips(path, ClipSpec(**{"sampling": "uniform", **sampling}))
+    spec = choose_clip_spec(None, asked, info.clip or {"num_frames": model.config.num_frames})
+    try:
+        return read_test_clips(path, spec), None
+    except (ValueError, OSError) as exc:  # unreadable, cut short, shorter than a clip
+        hint = f"; {spec.shorter_clips_hint}" if isinstance(exc, VideoTooShortError) else ""
+        return None, str(exc).removeprefix(f"{path}: ") + hint
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:
