@@ -110,7 +110,7 @@ def test_a_model_built_with_other_replicates_loads_by_name(tmp_path, capsys):
     video = tmp_path / "v" / "val" / "left" / "0.mp4"
     code = main(["viz", "--model", MODEL, "--checkpoint", str(tmp_path / "r2.pth"),
                  "--out", str(tmp_path / "pictures"), "--img-size", "32", "--no-gif",
-                 str(video)])  # fmt: skip
+                 "--frames", "4", "--frame-stride", "2", str(video)])  # fmt: skip
     assert code == 0, capsys.readouterr().err
 
 
