@@ -87,6 +87,22 @@ def test_an_unsafe_pickle_keeps_torchs_reason_whole(tmp_path, what):
     assert message.endswith("torch.save(model.state_dict(), path)")
 
 
+def test_a_plain_pickle_is_named_without_torchs_advice(tmp_path, recwarn):
+    """pickle.dump's file is not torch.save's: say so, without torch's suggestion to load it
+    with weights_only=False or its note on pickle protocols."""
+    import pickle
+
+    path = tmp_path / "weights.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"w": torch.zeros(2)}, f, protocol=4)
+    with pytest.raises(CheckpointError) as caught:
+        read_checkpoint(path)
+    message = str(caught.value)
+    assert "is a plain pickle (pickle.dump), not a torch.save or safetensors file" in message
+    assert "weights_only` set to `False`" not in message and "\n" not in message
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_non_finite_loss_advice_suggests_only_a_wider_precision(tmp_path, precision):
     from sparseformer.engine.trainer import TrainingError

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,10 @@ def read_file(path: str | os.PathLike) -> Any:
             info = json.loads(metadata.get(RUN_INFO_KEY, "{}"))
         except ValueError:
             info = {}
-        return {**info, "model": tensors} if isinstance(info, dict) and info else tensors
+        if not isinstance(info, dict) or not info:
+            return tensors
+        held = "model_ema" if info.pop("ema", False) is True else "model"  # convert --ema's
+        return {**info, held: tensors}
     with open(path, "rb") as f:
         head = f.read(64)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip or pickle protocol 2+
@@ -70,7 +74,9 @@ def read_file(path: str | os.PathLike) -> Any:
             f"({head[:24]!r}...), not a PyTorch (.pth) or safetensors file"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol: the error says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(
             f"{str(path)!r} is not a readable PyTorch checkpoint ({_torch_reason(exc)}); "
@@ -80,10 +86,16 @@ def read_file(path: str | os.PathLike) -> Any:
         loaded = _load_with_stand_ins(path)
         if loaded is not None:
             return loaded
+        if not head.startswith((b"PK\x03\x04", _LEGACY_TORCH_SAVE)):  # pickle.dump's stream
+            raise CheckpointError(
+                f"{str(path)!r} is a plain pickle (pickle.dump), not a torch.save or "
+                "safetensors file, and a pickle cannot be read without running its code; where "
+                "you trust it, load it and save the weights with torch.save(state_dict, path)"
+            ) from exc
         raise CheckpointError(
-            f"{str(path)!r} could not be loaded safely ({_torch_reason(exc)}); only a state "
-            "dict of tensors, with plain data beside it, is accepted (weights_only=True): a "
-            "pickled model object must be saved again as torch.save(model.state_dict(), path)"
+            f"{str(path)!r} could not be loaded safely ({_torch_reason(exc)}): only tensors "
+            "and plain data are read (weights_only=True), and no code the file names runs; "
+            "where you trust it, save the weights alone: torch.save(model.state_dict(), path)"
         ) from exc
 
 
@@ -95,7 +107,14 @@ def _torch_reason(exc: Exception) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch bolds a sentence for terminals
     lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
     named = [line.removeprefix("WeightsUnpickler error: ") for line in lines if "GLOBAL" in line]
-    return f"{exc.__class__.__name__}: {' '.join(named or lines)}"
+    said = [line for line in lines if not line.startswith(_TORCH_ADVICE)]  # the reason alone
+    return f"{exc.__class__.__name__}: {' '.join(named or said or lines)}"
+
+
+# torch.save's files before its zip format open with a pickled magic number
+_LEGACY_TORCH_SAVE = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+# the sentences around torch's reason for refusing a file (its advice, its links)
+_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
 class NotLoaded:
