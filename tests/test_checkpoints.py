@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import subprocess
 import sys
 import urllib.error
@@ -307,3 +309,51 @@ def test_a_run_of_another_size_is_named_in_the_mismatch(tmp_path):
     torch.save({"model": nano.state_dict(), "model_name": "sparseformer_v1_nano"}, path)
     with pytest.raises(CheckpointError, match=r"\(the checkpoint is a sparseformer_v1_nano run\)"):
         create_model("sparseformer_v1_micro", checkpoint_path=path)
+
+
+def test_convert_writes_safetensors_only_to_a_safetensors_file_and_never_a_device(tmp_path, capsys):
+    from sparseformer.cli import main
+
+    src = tmp_path / "official.pth"
+    torch.save({"model": official("imagenet")}, src)
+    assert main(["convert", str(src), str(tmp_path / "x.pth")]) == 1  # timm would unpickle it
+    assert "give a name ending in .safetensors, e.g." in capsys.readouterr().err
+    assert not (tmp_path / "x.pth").exists()
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    assert main(["convert", str(src), str(fifo), "--overwrite"]) == 1
+    assert "is not a regular file (a device, a pipe or a socket)" in capsys.readouterr().err
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    target, link = tmp_path / "real.safetensors", tmp_path / "link.safetensors"
+    target.write_text("old")
+    link.symlink_to(target)
+    assert main(["convert", str(src), str(link), "--overwrite"]) == 0  # written through
+    assert link.is_symlink() and detect_format(list(load_file(str(target)))) == "sparseformer"
+
+
+def test_ema_weights_stay_ema_through_convert_and_torchvision_ema_loads(tmp_path, caplog):
+    """torchvision's reference scripts keep EMA as AveragedModel's state dict (module.* and
+    n_averaged); convert --ema records that its weights are EMA ones."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from sparseformer.cli import main
+
+    model = fixture_model()
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999))
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.add_(1.0)
+    src = tmp_path / "tv_ref.pth"
+    torch.save({"model": model.state_dict(), "model_ema": ema.state_dict(), "epoch": 3}, src)
+    loaded = fixture_model()
+    report = load_checkpoint(loaded, src, prefer_ema=True)
+    assert report.wrapper == "model_ema"
+    torch.testing.assert_close(loaded.initial_rois, ema.module.initial_rois)
+    out = tmp_path / "ema.safetensors"
+    assert main(["convert", str(src), str(out), "--ema"]) == 0
+    back = read_checkpoint(out, prefer_ema=True)
+    assert back.ema and not [r for r in caplog.records if "no EMA weights" in r.getMessage()]
+    torch.testing.assert_close(back.state_dict["initial_rois"], ema.module.initial_rois)
+    # a "model" entry that is a record, not weights: the weights beside it are found
+    record = {"model": {"name": "sparseformer"}, "state_dict": model.state_dict()}
+    assert read_checkpoint(record).report.wrapper == "state_dict"

@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import os
     from pathlib import Path
 
     from safetensors import SafetensorError
@@ -39,11 +40,18 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.weights.loading import load_checkpoint, require_sparseformer_layout
 
     out = Path(args.output)
+    if out.is_symlink():  # written through: the link stays, its file is replaced
+        out = Path(os.path.realpath(out))
     if out.exists() and out.resolve() == Path(args.input).resolve():
         raise CliError(f"OUT {str(out)!r} is the input file; give another path")
     if out.is_dir():
         raise CliError(
             f"OUT {str(out)!r} is a folder; give a file path, e.g. {out / 'model.safetensors'}"
+        )
+    if out.suffix != ".safetensors":  # torch.load and timm would take a .pth for a pickle
+        raise CliError(
+            f"OUT {str(out)!r}: convert writes safetensors; give a name ending in "
+            f".safetensors, e.g. {out.with_suffix('.safetensors')}"
         )
     if out.exists() and not args.overwrite:
         raise CliError(
@@ -112,6 +120,8 @@ def _run_metadata(checkpoint) -> dict[str, str]:
     from sparseformer.weights.reading import RUN_INFO_KEY
 
     info = {k: v for k, v in checkpoint.run_info().items() if k in RUN_FIELDS}
+    if checkpoint.ema:  # --ema took them: read back as EMA weights (predict --ema)
+        info["ema"] = True
     if set(info) <= {"num_classes"}:  # records nothing: the weights say it all
         return {}
     return {RUN_INFO_KEY: json.dumps(info)}

@@ -200,6 +200,11 @@ def check_output_path(path: str | os.PathLike, flag: str, *, folder: bool = Fals
         raise ValueError(f"{flag} {str(path)!r} is a file; give a folder")
     if not folder and path.is_dir():
         raise ValueError(f"{flag} {str(path)!r} is a folder; give a file path")
+    if path.exists() and not (path.is_dir() or path.is_file()):
+        raise ValueError(
+            f"{flag} {str(path)!r} is not a regular file (a device, a pipe or a socket); give "
+            "a file path"
+        )
     for parent in (path, *path.parents) if folder else path.parents:
         if parent.exists():  # the nearest existing folder: the rest will be created in it
             if not parent.is_dir():

@@ -170,13 +170,16 @@ def unwrap_checkpoint(
         else ("model", "state_dict", "model_ema", "state_dict_ema", "module")
     )
     wrapper = None
-    for key in order:
-        if key in obj and isinstance(obj[key], Mapping):
-            obj, wrapper = obj[key], key
+    for key in order:  # the first wrapper that holds tensors (a "model" may be a name record)
+        held = obj.get(key)
+        if isinstance(held, Mapping) and any(hasattr(v, "shape") for v in held.values()):
+            obj, wrapper = held, key
             break
     state = {k: v for k, v in obj.items() if hasattr(v, "shape")}
     if not state:
         raise NotASparseFormerCheckpoint("the checkpoint holds no tensors")
+    if "n_averaged" in state and all(k.startswith("module.") for k in state if k != "n_averaged"):
+        del state["n_averaged"]  # torch's AveragedModel (EMA): its count beside module.*
     # DDP's "module." and torch.compile's "_orig_mod." wrappers, in either order
     for prefix in ("module.", "_orig_mod.", "module."):
         if all(k.startswith(prefix) for k in state):
