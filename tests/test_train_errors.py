@@ -401,7 +401,32 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, folder, capsy
     err = one_line_error(capsys, "train", *elsewhere)
     assert "already holds a run (best.pt)" in err
     assert (keep / "best.pt").read_bytes() == b"the user's weights"
+    # resuming another run's checkpoint there would overwrite it: refused as well
+    err = one_line_error(
+        capsys, "train", *elsewhere, "--resume", str(moved / "last.pt"), "--epochs", "4"
+    )
+    assert "already holds another run (best.pt)" in err and "--resume auto" in err
+    assert (keep / "best.pt").read_bytes() == b"the user's weights"
     assert run_cli(capsys, "train", *resume_other, "--overwrite")[0] == 0
+
+
+def test_a_resumed_run_keeps_its_own_seed(tmp_path, folder, capsys, caplog):
+    """The seed draws the data order and the augmentations: a resumed run goes on with its
+    own, and a different --seed is named as ignored."""
+    out = tmp_path / "run"
+    fast = [
+        "--model", NANO, "--data-dir", str(folder), "--output", str(out), "--batch-size", "4",
+        "--img-size", "32", "--quiet", "--recipe", "fashion-mnist-cpu",
+    ]  # fmt: skip
+    assert run_cli(capsys, "train", *fast, "--epochs", "1", "--seed", "7")[0] == 0
+    with caplog.at_level("WARNING"):
+        assert run_cli(capsys, "train", *fast, "--epochs", "2", "--resume", "auto")[0] == 0
+    assert "seed" not in caplog.text
+    assert torch.load(out / "last.pt", weights_only=True)["seed"] == 7
+    with caplog.at_level("WARNING"):
+        code = run_cli(capsys, "train", *fast, "--epochs", "3", "--resume", "auto", "--seed", "3")
+    assert code[0] == 0 and "own seed 7, so --seed 3 is ignored" in caplog.text
+    assert torch.load(out / "last.pt", weights_only=True)["seed"] == 7
 
 
 def test_bad_numbers_and_predict_paths_are_one_line(tmp_path, folder, capsys):

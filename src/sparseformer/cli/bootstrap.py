@@ -84,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: the recipe's")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     g.add_argument("--threads", type=positive_int, help="CPU threads per process")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, help="default 0; a resumed run's own")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run, drop_path=None)
 
@@ -133,6 +133,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         read_resume_checkpoint,
         resolve_resume,
         resumed_recipe,
+        resumed_seed,
         run_is_finished,
     )
     from sparseformer.engine.run_folder import refuse_overwriting_a_run
@@ -161,9 +162,10 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
                 print(f"nothing to do: the run in {resume} already has {saved.get('epoch')} "
                       "epochs (give a larger --epochs to train it further)")  # fmt: skip
             return None
+    args.seed = resumed_seed(saved, args.seed)  # a resumed run keeps its own, like its recipe
     source = data_source(args, views=False)
     check_output(args.output, "--output", folder=True)
-    refuse_overwriting_a_run(args.output, resume=resume is not None, overwrite=args.overwrite)
+    refuse_overwriting_a_run(args.output, resume=resume, overwrite=args.overwrite)
     return _Plan(args, device, recipe, source, settings, resume, saved, img_size)
 
 

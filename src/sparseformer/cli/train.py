@@ -110,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "statistics for TensorBoard, in OUTPUT/tensorboard (pip install "
         "'sparseformer[tensorboard]')",
     )  # fmt: skip
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, help="default 0; a resumed run's own")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -166,6 +166,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         read_resume_checkpoint,
         resolve_resume,
         resumed_recipe,
+        resumed_seed,
         run_is_finished,
     )
     from sparseformer.engine.stopping import parse_checkpoint_every
@@ -207,6 +208,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
                     "larger --epochs to train it further)"
                 )
             return None
+    args.seed = resumed_seed(saved, args.seed)  # a resumed run keeps its own, like its recipe
     clips = saved.get("video") if isinstance(saved.get("video"), dict) else None
     if clips is not None:  # a resumed video run keeps its own clips, like its recipe
         keep_run_clips({flag: getattr(args, flag, None) for flag, _ in CLIP_FLAGS}, clips)
@@ -216,11 +218,11 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         clips = start.video
     # per-epoch validation: one view per video
     source = data_source(args, views=False, saved=clips)
-    _check_output(args.output, resume is not None, args.overwrite)
+    _check_output(args.output, resume, args.overwrite)
     return _Plan(args, device, video, recipe, source, resume, saved, start)
 
 
-def _check_output(output: Path, resume: bool, overwrite: bool) -> None:
+def _check_output(output: Path, resume: Path | None, overwrite: bool) -> None:
     from sparseformer.cli import check_output
     from sparseformer.engine.run_folder import check_run_folder_free, refuse_overwriting_a_run
 

@@ -34,6 +34,7 @@ __all__ = [
     "resumed_recipe",
     "run_is_finished",
     "keep_run_clips",
+    "resumed_seed",
     "check_same_classes",
     "keep_saved_data_order",
     "restore_run",
@@ -164,6 +165,21 @@ def keep_run_clips(asked: dict[str, Any], clips: dict[str, Any]) -> None:
             "start a new run (--checkpoint to start from these weights) to change them",
             "; ".join(changed),
         )
+
+
+def resumed_seed(saved: dict[str, Any] | None, asked: int | None) -> int:
+    """The seed a run goes on with: a resumed run's own (``saved``: its checkpoint; a different
+    ``asked`` seed is named in a warning, as it would change the data order and the
+    augmentations), else ``asked``, else 0. Checkpoints that record no seed take ``asked``."""
+    own = (saved or {}).get("seed")
+    if own is None:
+        return 0 if asked is None else asked
+    if asked is not None and asked != own:
+        logger.warning(
+            "resuming continues with the run's own seed %d, so --seed %d is ignored; start a "
+            "new run (--checkpoint to start from these weights) to change it", own, asked,
+        )  # fmt: skip
+    return int(own)
 
 
 def check_same_classes(trained_on: list[str] | None, class_names: list[str], resume) -> None:

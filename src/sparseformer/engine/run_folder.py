@@ -227,16 +227,27 @@ def _cannot_write_in(folder: Path) -> str | None:
     return None
 
 
-def refuse_overwriting_a_run(path: Path, *, resume: bool = False, overwrite: bool = False) -> None:
-    """Refuse an output folder that holds a run this one would overwrite, unless resuming it
-    or told to overwrite.
+def refuse_overwriting_a_run(
+    path: Path, *, resume: Path | None = None, overwrite: bool = False
+) -> None:
+    """Refuse an output folder that holds a run this one would overwrite, unless told to
+    overwrite or resuming that very run (``resume``: a checkpoint in ``path``).
 
     Raises:
-        ValueError: naming the checkpoints found and the three ways on.
+        ValueError: naming the checkpoints found and the ways on.
     """
     held = [name for name in (LAST, BEST) if (path / name).is_file()]
-    if not (resume or overwrite) and held:
+    if overwrite or not held:
+        return
+    if resume is not None and Path(resume).resolve().parent == Path(path).resolve():
+        return  # continuing the run that is there
+    if resume is not None:
         raise ValueError(
-            f"--output {str(path)!r} already holds a run ({', '.join(held)}); continue it "
-            "with --resume auto, start it over with --overwrite, or choose another folder"
+            f"--output {str(path)!r} already holds another run ({', '.join(held)}), which "
+            f"resuming {str(resume)!r} there would overwrite; give a new --output for it "
+            "or --resume auto to continue the run in the folder"
         )
+    raise ValueError(
+        f"--output {str(path)!r} already holds a run ({', '.join(held)}); continue it "
+        "with --resume auto, start it over with --overwrite, or choose another folder"
+    )

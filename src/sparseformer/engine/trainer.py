@@ -237,6 +237,7 @@ def _checkpoint_facts(
         "preprocessing": preprocessing.to_dict(),
         "recipe": recipe.to_dict(),
         "world_size": dist.world_size,
+        "seed": options.seed,  # a resumed run's (engine.resume.resumed_seed)
         "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
         **options.extra,
     }
