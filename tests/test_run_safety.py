@@ -129,7 +129,8 @@ def test_a_checkpoint_write_past_the_file_size_limit_is_one_line(tmp_path, folde
 
 
 # The CLI in a process of its own that meets a signal at a chosen moment: SIGTERM to itself
-# before step N's hook runs ("term N") or as validation N starts ("term-eval N"), or kill -9
+# before step N's hook runs ("term N"), as validation N starts ("term-eval N") or after its
+# Nth batch ("term-val N"), or kill -9
 # right after the Nth mid-epoch checkpoint ("kill N"), or neither ("none"); the hooks are
 # wrapped, nothing else changes.
 _STOPPED = """
@@ -153,6 +154,15 @@ elif mode == "term-eval":
             os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(*args, **kwargs)
     epoch.evaluate = stopping
+elif mode == "term-val":
+    iterate = step_saves.UntilStopped.__iter__
+    def stopping(self):
+        for batch in iterate(self):
+            yield batch
+            calls[0] += 1
+            if calls[0] == n:
+                os.kill(os.getpid(), signal.SIGTERM)
+    step_saves.UntilStopped.__iter__ = stopping
 elif mode == "kill":
     save = epoch._save_checkpoints
     def saved(*args, **kwargs):
@@ -439,6 +449,21 @@ def test_sigterm_during_validation_saves_the_trained_epoch_and_resumes_exactly(
     assert code == 0, err
     torch.testing.assert_close(_final_weights(out), _final_weights(plain), rtol=0, atol=0)
     assert (out / "metrics.jsonl").read_text().count("\n") == 2
+
+
+def test_sigterm_part_way_through_validation_resumes_exactly(tmp_path, bigger, capsys):
+    """Validation draws from the random generators (its loader's seed): a stop part-way
+    through it saves them as the epoch's training left them, so that a model that draws from
+    them in training (drop path) resumes on the trajectory of the run left alone."""
+    argv = ["--epochs", "2", "--workers", "0", "--drop-path", "0.3"]
+    alone, out = tmp_path / "alone", tmp_path / "stopped"
+    assert run_cli(capsys, *_train(bigger, alone, *argv))[0] == 0
+    done = _stopped_run("term-val", 2, _train(bigger, out, *argv))
+    assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
+    assert torch.load(out / "last.pt", weights_only=True)["epoch_step"] == 4  # trained, unscored
+    code, _, err = run_cli(capsys, *_train(bigger, out, *argv, "--resume", "auto"))
+    assert code == 0, err
+    torch.testing.assert_close(_final_weights(out), _final_weights(alone), rtol=0, atol=0)
 
 
 def test_a_kill_between_the_checkpoint_and_its_metrics_line_loses_no_record(tmp_path):

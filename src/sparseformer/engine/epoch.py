@@ -88,9 +88,12 @@ def run_epoch(loop: RunLoop, state: RunState, epoch: int) -> None:
         ) from exc
     state.step = int(stats["steps"])
     state.train_seconds += stats["epoch_seconds"]
+    trained = ckpt_io.capture_rng(parts.tools.prep.device)  # before validation draws from it
     record = _validate(loop, stats, state, epoch)
     if hook.agreed()[0]:  # stopped during validation: the epoch is trained, not scored
-        hook.stop(hook.last)  # on SIGTERM, saved as its last step (resumed: validated)
+        # on SIGTERM, saved as its last step with the generators as training left them: the
+        # resumed run validates again from there, as the run left alone does
+        hook.stop(hook.last, rng=trained)
         raise RunStopped(hook.signum, hook.saved)
     is_best = state.update_best(record, epoch + 1)  # the model or its EMA, as the authors
     state.record = record
@@ -152,8 +155,9 @@ def _train_part(loop: RunLoop, state: RunState, epoch: int) -> tuple[dict, StepH
     start_epoch(parts.train_loader, epoch, resumed.batches if resumed else 0)
     base = state.step - (resumed.batches if resumed else 0)  # the epoch's first step
 
-    def save(progress) -> None:
-        rng = gather_objects(ckpt_io.capture_rng(parts.tools.prep.device), loop.dist)
+    def save(progress, rng: dict | None = None) -> None:  # rng: this rank's, else now's
+        rng = rng if rng is not None else ckpt_io.capture_rng(parts.tools.prep.device)
+        rng = gather_objects(rng, loop.dist)
         parts_done = gather_objects(progress_record(progress), loop.dist)
         if loop.dist.is_main:
             extra = {"step": base + progress.batches, "epoch_step": progress.batches,

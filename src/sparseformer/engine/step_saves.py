@@ -27,7 +27,8 @@ class StepHook:
     """``after_step`` for :func:`~sparseformer.engine.loop.train_one_epoch`.
 
     Args:
-        save: writes a mid-epoch checkpoint of the given progress (called on every rank).
+        save: writes a mid-epoch checkpoint of the given progress (called on every rank),
+            and of given random generators' states when passed them.
         every: the mid-epoch checkpoint schedule, or ``None``.
         signals: the signals noted so far.
         device: where the ranks' flags are summed (the collective's device).
@@ -74,11 +75,17 @@ class StepHook:
             self.signum = signal.SIGTERM if flags[0] > 0 else signal.SIGINT
         return flags[1] > 0, flags[2] > 0
 
-    def stop(self, progress: EpochProgress | None, also_due: bool = False) -> bool:
-        """Save the stop point when asked (SIGTERM with save-on-signal, or a due checkpoint)."""
+    def stop(
+        self, progress: EpochProgress | None, also_due: bool = False, rng: dict | None = None
+    ) -> bool:
+        """Save the stop point when asked (SIGTERM with save-on-signal, or a due checkpoint),
+        with the random generators' states ``rng`` (default: as they are now)."""
         wanted = also_due or (self.signum == signal.SIGTERM and self.save_on_signal)
         if wanted and progress is not None:
-            self.save(progress)
+            if rng is None:
+                self.save(progress)
+            else:
+                self.save(progress, rng)
             self.saved = True
         return True
 
