@@ -183,3 +183,18 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
         with pytest.raises(ValueError, match=f"--out '{where}/x.json': cannot write in"):
             check_output_path(where / "x.json", "--out")
     assert not list(tmp_path.glob(".sparseformer-probe-*"))  # the probe is removed
+
+
+def test_a_part_way_epoch_resumed_on_new_steps_says_what_it_trains_again(caplog):
+    """Saved at step 20 of epoch 2 with 64 steps per epoch, resumed on 128: the saved steps
+    per epoch are 64 (not 84), and the 20 steps are said to be trained again."""
+    from types import SimpleNamespace
+
+    from sparseformer.engine.resume import _warn_new_schedule
+
+    parts = SimpleNamespace(steps_per_epoch=128, total_batch=64)
+    with caplog.at_level(logging.WARNING):
+        _warn_new_schedule({"epoch": 1, "step": 84, "epoch_step": 20}, 2, 1, parts)
+    said = caplog.records[0].getMessage()
+    assert "saved with 2 process(es) and 64 steps per epoch, resumed with 1 and 128" in said
+    assert "the 20 steps it had trained of epoch 2 are trained again" in said

@@ -589,6 +589,8 @@ def test_resume_on_other_data_keeps_the_schedule_in_epochs(tmp_path, folder, cap
     # ended at 2 + 3, and the cosine never reached its end, before the schedule kept epochs)
     assert (first["step"], second["step"]) == (2, 6)
     assert "steps per epoch" in caplog.text + err and "will not match" in caplog.text + err
+    said = "saved with 1 process(es) and 2 steps per epoch, resumed with 1 and 3 steps per epoch"
+    assert said in caplog.text and "continues from epoch 2 on the new steps" in caplog.text
 
 
 def test_odd_batch_with_mixup_is_named_before_the_data_is_read(tmp_path, capsys):

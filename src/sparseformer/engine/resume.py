@@ -239,6 +239,27 @@ class RunState:
         return True
 
 
+def _warn_new_schedule(state: dict, saved_world: int, world: int, parts) -> None:
+    """Say that a run resumed on other data or another process count goes on over new steps
+    per epoch: its schedule, its peak learning rate, and a part-way epoch trained again."""
+    epoch, step = int(state["epoch"]), int(state["step"])
+    within = int(state.get("epoch_step", 0))
+    saved = f" and {(step - within) // epoch} steps per epoch" if epoch else ""
+    again = (
+        f"; the {within} steps it had trained of epoch {epoch + 1} are trained again from that "
+        "epoch's start (their updates kept)"
+        if within
+        else ""
+    )
+    logger.warning(
+        "the run was saved with %d process(es)%s, resumed with %d and %d steps per epoch "
+        "(other data or another process count): the learning-rate schedule continues from "
+        "epoch %d on the new steps, with the peak scaled to a total batch of %d%s, so the run "
+        "will not match an uninterrupted one",
+        saved_world, saved, world, parts.steps_per_epoch, epoch + 1, parts.total_batch, again,
+    )  # fmt: skip
+
+
 def _load_weights(model: nn.Module, weights: dict, resume: Path) -> None:
     """``weights`` into ``model``, strictly; a mismatch (a run of the same model name built
     otherwise: another teacher's head, other classes) in one line.
@@ -282,17 +303,12 @@ def restore_run(
         # other processes or other data: the schedule goes on from the same epoch, over
         # this run's steps per epoch (and learning rate scaled to its total batch)
         if dist.is_main:
-            logger.warning(
-                "the run was saved with %d process(es) and %d steps per epoch, resumed with "
-                "%d and %d (other data or another process count): the learning-rate "
-                "schedule continues from epoch %d on the new steps, with the peak scaled "
-                "to a total batch of %d, so the run will not match an uninterrupted one",
-                saved_world, step // max(start_epoch, 1), dist.world_size, steps_per_epoch,
-                start_epoch, parts.total_batch,
-            )  # fmt: skip
+            _warn_new_schedule(state, saved_world, dist.world_size, parts)
         step, within = start_epoch * steps_per_epoch, 0  # a part-way epoch starts over
     keep_saved_data_order(parts.train_loader.sampler, state)
-    logger.info("resuming %s from epoch %d (step %d)", resume, start_epoch, step)
+    where = f"in epoch {start_epoch + 1} after its step {within}" if within else "at epoch"
+    where = where if within else f"{where} {start_epoch + 1}"
+    logger.info("resuming %s %s (step %d of the run)", resume, where, step)
     parts_done = state.get("epoch_progress") if within else None
     return RunState(
         start_epoch=start_epoch,
