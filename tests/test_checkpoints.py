@@ -357,3 +357,11 @@ def test_ema_weights_stay_ema_through_convert_and_torchvision_ema_loads(tmp_path
     # a "model" entry that is a record, not weights: the weights beside it are found
     record = {"model": {"name": "sparseformer"}, "state_dict": model.state_dict()}
     assert read_checkpoint(record).report.wrapper == "state_dict"
+
+
+def test_asking_for_ema_of_a_read_checkpoint_without_it_is_warned(caplog):
+    """eval --ema reads the file first, then asks the read checkpoint for its EMA weights."""
+    ckpt = read_checkpoint({"model": fixture_model().state_dict()})
+    with caplog.at_level(logging.WARNING):
+        assert read_checkpoint(ckpt, prefer_ema=True) is ckpt
+    assert "the checkpoint has no EMA weights; using the model weights" in caplog.text

@@ -421,12 +421,33 @@ def test_a_resumed_run_keeps_its_own_seed(tmp_path, folder, capsys, caplog):
     assert run_cli(capsys, "train", *fast, "--epochs", "1", "--seed", "7")[0] == 0
     with caplog.at_level("WARNING"):
         assert run_cli(capsys, "train", *fast, "--epochs", "2", "--resume", "auto")[0] == 0
-    assert "seed" not in caplog.text
+    assert "seed" not in caplog.text  # but the longer schedule is said
+    assert "schedule now spans 2 epochs where the run's spanned 1: from epoch 2" in caplog.text
     assert torch.load(out / "last.pt", weights_only=True)["seed"] == 7
     with caplog.at_level("WARNING"):
         code = run_cli(capsys, "train", *fast, "--epochs", "3", "--resume", "auto", "--seed", "3")
     assert code[0] == 0 and "own seed 7, so --seed 3 is ignored" in caplog.text
     assert torch.load(out / "last.pt", weights_only=True)["seed"] == 7
+    # a job script's --checkpoint, which started the run, is said to be unused on resuming
+    torch.save(torch.load(out / "last.pt", weights_only=True)["model"], tmp_path / "start.pt")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        argv = [
+            *fast,
+            "--epochs",
+            "4",
+            "--resume",
+            "auto",
+            "--checkpoint",
+            str(tmp_path / "start.pt"),
+        ]
+        assert run_cli(capsys, "train", *argv)[0] == 0
+    assert "start.pt is not used (it only starts a run)" in caplog.text
+    # a broken last.pt: the best.pt beside it is offered
+    (out / "last.pt").unlink()
+    (out / "last.pt").write_bytes(b"PK\x03\x04 cut short")
+    err = one_line_error(capsys, "train", *fast, "--epochs", "5", "--resume", "auto")
+    assert f"--resume {out / 'best.pt'} continues from the run's best epoch instead" in err
 
 
 def test_bad_numbers_and_predict_paths_are_one_line(tmp_path, folder, capsys):

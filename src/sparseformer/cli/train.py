@@ -199,6 +199,11 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     saved, start = {}, None
     if resume is not None:  # continue exactly: the run's own recipe and clips, epochs may grow
         saved = read_resume_checkpoint(resume, args.model)
+        if args.checkpoint is not None:  # e.g. a job script that starts from it, then resumes
+            logging.getLogger(__name__).warning(
+                "resuming %s: --checkpoint %s is not used (it only starts a run)",
+                resume, args.checkpoint,
+            )  # fmt: skip
         recipe = resumed_recipe(saved, resume, recipe, flags)
         if run_is_finished(saved, recipe, args.output):  # touch nothing: not the data, the folder
             done = int(saved.get("epoch", 0))

@@ -76,7 +76,10 @@ def read_resume_checkpoint(resume: Path, model_name: str) -> dict[str, Any]:
     try:
         return ckpt_io.read_training_checkpoint(resume, model_name)
     except CheckpointError as exc:
-        raise ResumeError(str(exc)) from None
+        best = Path(resume).with_name(ckpt_io.BEST)
+        other = Path(resume).name != ckpt_io.BEST and best.is_file()
+        hint = f"; --resume {best} continues from the run's best epoch instead" if other else ""
+        raise ResumeError(f"{exc}{hint}") from None
 
 
 def resumed_recipe(
@@ -96,7 +99,12 @@ def resumed_recipe(
             f"give at least {done} (or leave it out to finish the run's own schedule)"
         )
     recipe = saved_recipe(saved["recipe"])
-    if epochs is not None:
+    if epochs is not None and epochs != recipe.epochs:
+        logger.warning(
+            "the learning-rate schedule now spans %d epochs where the run's spanned %d: from "
+            "epoch %d on it follows the new length, so the run will not match one trained "
+            "for %d epochs from the start", epochs, recipe.epochs, done + 1, epochs,
+        )  # fmt: skip
         recipe = recipe.replace(epochs=epochs)
     if workers is not None:  # the data order stays; a machine's own setting
         recipe = recipe.replace(num_workers=workers)

@@ -167,6 +167,8 @@ def read_checkpoint(
         CheckpointError: a missing, unreadable or unsafe file, or one without tensors.
     """
     if isinstance(source, Checkpoint):
+        if prefer_ema and not source.has_ema:
+            logger.warning("the checkpoint has no EMA weights; using the model weights")
         if not (prefer_ema and source.has_ema and not source.ema):
             return source
         path, raw = source.path, source.extras
