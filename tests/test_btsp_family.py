@@ -210,6 +210,18 @@ def test_fine_tune_eval_predict_from_the_authors_weights(authors_file, tmp_path,
     assert "upright" in out and "turned" in out
 
 
+def test_predict_refuses_a_clip_towers_embedding_as_classes():
+    from sparseformer.cli import CliError
+    from sparseformer.cli.predict import _refuse_models_without_classes
+
+    clip = tiny("clip")
+    assert clip.head.bias is None and clip.num_classes > 0
+    with pytest.raises(CliError, match=r"outputs a \d+-d embedding \(a CLIP image tower"):
+        _refuse_models_without_classes(clip, {}, NANO)
+    _refuse_models_without_classes(clip, {"class_names": ["a"] * clip.num_classes}, NANO)
+    _refuse_models_without_classes(tiny("augreg"), {}, NANO)  # a classifier: predicted
+
+
 def test_a_clip_checkpoint_in_an_augreg_model_is_a_warning(fixture, caplog):
     # the same keys but the head's bias: loading works, and computes with the other activation
     with caplog.at_level("WARNING"):

@@ -301,6 +301,15 @@ def test_predict_names_imagenet_classes_and_rejects_bad_files(tmp_path, capsys):
     assert "does not exist" in err
 
 
+def test_predict_with_a_headless_checkpoint_is_one_line(tmp_path, capsys):
+    headless = create_model(NANO, num_classes=0)
+    torch.save(headless.state_dict(), tmp_path / "features.pth")
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "red.png")
+    err = one_line_error(capsys, "predict", "--model", NANO, "--checkpoint",
+                         str(tmp_path / "features.pth"), str(tmp_path / "red.png"))  # fmt: skip
+    assert "has no classifier here (its outputs are features)" in err
+
+
 def test_fine_tuning_starts_from_official_weights(tmp_path, folder, capsys):
     source = create_model(NANO)  # 1000 classes, as released weights
     torch.save({"model": to_official(source.state_dict(), "imagenet")}, tmp_path / "in1k.pth")

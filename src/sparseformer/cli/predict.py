@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads, DistInfo())
     model, ckpt = model_from_checkpoint(args.model, args.checkpoint, prefer_ema=args.ema)
     info = ckpt.run_info()  # what the checkpoint says about itself
+    _refuse_models_without_classes(model, info, args.model)
     model.to(device)
     pre = checkpoint_preprocessing(info, args.model)
     names = class_names(info, info["num_classes"])
@@ -100,6 +101,25 @@ def run(args: argparse.Namespace) -> int:
             continue
         _print_top(path, probs, names, min(args.topk, len(names)), args.json)
     return 1 if failed else 0  # the others are classified all the same
+
+
+def _refuse_models_without_classes(model, info: dict, name: str) -> None:
+    """predict ranks classes: a model without a classifier, or whose head is a CLIP tower's
+    bias-free projection (an embedding, unless a run named its classes), has none."""
+    from sparseformer.cli import CliError
+
+    width = int(getattr(model, "num_classes", 0) or 0)
+    if width == 0:
+        raise CliError(
+            f"{name} has no classifier here (its outputs are features), so there are no "
+            "classes to predict; fine-tune one first (train --checkpoint)"
+        )
+    if not getattr(model.config, "head_bias", True) and not info.get("class_names"):
+        raise CliError(
+            f"{name} outputs a {width}-d embedding (a CLIP image tower's projection), not "
+            "class scores; compare it with text embeddings (encode_image), or fine-tune a "
+            "classifier first (train --checkpoint)"
+        )
 
 
 def _probabilities(model, path: Path, video, transform, prep, device: str):
