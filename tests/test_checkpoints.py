@@ -135,11 +135,16 @@ def test_truncated_safetensors(tmp_path):
         create_model("sparseformer_v1_nano", checkpoint_path=path)
 
 
-def test_checkpoint_of_another_size_lists_shapes(tmp_path):
+def test_checkpoint_of_another_size_lists_shapes(tmp_path, caplog):
     path = tmp_path / "small_cfg.pth"
     torch.save(official("imagenet"), path)
     with pytest.raises(CheckpointError, match="shape mismatches.*another model size"):
         create_model("sparseformer_v1_nano", checkpoint_path=path)
+    # the same classes over another width: not a classifier to replace (no fine-tuning note)
+    torch.save(create_model("sparseformer_v1_micro").state_dict(), path)
+    with caplog.at_level(logging.INFO), pytest.raises(CheckpointError, match="head.weight"):
+        create_model("sparseformer_v1_nano", checkpoint_path=path)
+    assert "classifier does not fit" not in caplog.text
 
 
 class _RunsOnLoad:

@@ -145,7 +145,9 @@ def _fit_classifier(
     head_keys = {k for k in own if k.startswith("head.")}
     mismatched = [k for k in head_keys if k in converted and converted[k].shape != own[k].shape]
     missing_head = [k for k in head_keys if k not in converted]
-    if mismatched or (missing_head and len(missing_head) == len(head_keys)):
+    # a classifier over features of another width is another model's: strict loading names it
+    same_width = all(converted[k].shape[1:] == own[k].shape[1:] for k in mismatched)
+    if same_width and (mismatched or (missing_head and len(missing_head) == len(head_keys))):
         for k in head_keys:
             converted.pop(k, None)
         converted.update({k: own[k] for k in head_keys})
