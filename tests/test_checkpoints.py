@@ -370,3 +370,17 @@ def test_asking_for_ema_of_a_read_checkpoint_without_it_is_warned(caplog):
     with caplog.at_level(logging.WARNING):
         assert read_checkpoint(ckpt, prefer_ema=True) is ckpt
     assert "the checkpoint has no EMA weights; using the model weights" in caplog.text
+
+
+def test_checkpoint_metadata_that_does_not_fit_is_said(tmp_path, caplog):
+    from sparseformer.engine.inputs import class_names
+
+    with caplog.at_level(logging.WARNING):
+        assert class_names({"class_names": ["a", "b"]}, 3) == ["class 0", "class 1", "class 2"]
+    assert "names 2 classes but the model has 3 outputs" in caplog.text
+    model = create_model("sparseformer_v1_nano", num_classes=3)
+    record = {"model": model.state_dict(), "model_name": "sparseformer_v1_nano",
+              "architecture": {"bogus_field": 1}}  # fmt: skip
+    torch.save(record, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match=r"architecture field\(s\) \['bogus_field'\]"):
+        create_model("sparseformer_v1_nano", checkpoint_path=tmp_path / "future.pt")

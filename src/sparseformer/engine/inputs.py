@@ -6,6 +6,7 @@ Shared by ``train``, ``eval`` and ``predict``, so that each decides these the sa
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -28,6 +29,9 @@ __all__ = [
     "class_names",
     "default_eval_workers",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 def training_preprocessing(
@@ -94,6 +98,11 @@ def class_names(info: dict, num_classes: int) -> list[str]:
     names = info.get("class_names")
     if names and len(names) == num_classes:
         return list(names)
+    if names:
+        logger.warning(
+            "the checkpoint names %d classes but the model has %d outputs: the names are not "
+            "used", len(names), num_classes,
+        )  # fmt: skip
     if num_classes == 1000:
         from timm.data import ImageNetInfo
 

@@ -23,6 +23,7 @@ from torch import nn
 from sparseformer.config import SparseFormerConfig, VideoSparseFormerConfig
 from sparseformer.models import SparseFormer, VideoSparseFormer
 from sparseformer.weights.checkpoint import Checkpoint, read_checkpoint
+from sparseformer.weights.convert import CheckpointError
 from sparseformer.weights.hub import download_weights
 from sparseformer.weights.loading import load_checkpoint
 from sparseformer.weights.registry import MODELS, ModelSpec, WeightsSpec, image_model_of, split_tag
@@ -184,6 +185,12 @@ def create_model(
         cfg.update(_checkpoint_cfg(ckpt, cfg["input_size"][0]))  # a run's own preprocessing
         cfg.update(timm_args["overlay"])
         num_classes = ckpt.num_classes if num_classes is None else num_classes
+        strange = sorted(set(ckpt.architecture) - valid)
+        if strange:  # written by another version, or edited
+            raise CheckpointError(
+                f"{ckpt.path or 'the checkpoint'} records architecture field(s) {strange} "
+                f"that {name} does not have; was it written by another version of sparseformer?"
+            )
         overrides = {**ckpt.architecture, **overrides}  # a bootstrapped student's own fields
         _take_replicates(name, ckpt, spec.config, overrides)
     if num_classes is not None:
