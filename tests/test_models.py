@@ -245,6 +245,14 @@ def test_timm_training_script_arguments():
         create_model("sparseformer_v1_nano", global_pool="token")
     with pytest.raises(NotImplementedError, match="features_only"):
         timm.create_model("sparseformer_v1_nano", features_only=True)
+    # img_size, which timm users pass to ViTs: any size works; timm's data config follows it
+    sized = timm.create_model("sparseformer_v1_nano", img_size=320)
+    assert timm.data.resolve_model_data_config(sized)["input_size"] == (3, 320, 320)
+    assert create_model("sparseformer_v1_nano", img_size=(256, 192)).pretrained_cfg[
+        "input_size"
+    ] == (3, 256, 192)
+    with pytest.raises(ValueError, match="img_size must be a positive int"):
+        create_model("sparseformer_v1_nano", img_size=0)
 
 
 def test_pretrained_cfg_for_timm_data_config():

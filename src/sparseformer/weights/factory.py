@@ -202,6 +202,8 @@ def create_model(
     if timm_args["global_pool"] == "":
         model.reset_classifier(config.num_classes, "")
     cfg["num_classes"] = config.num_classes
+    if timm_args["img_size"] is not None:  # what the user will feed it (any size works)
+        cfg["input_size"] = (config.in_chans, *timm_args["img_size"])
     if len(cfg.get("label_names") or ()) not in (0, config.num_classes):
         del cfg["label_names"]  # a new classifier (fine-tuning): the run's names no longer fit
     if isinstance(config, VideoSparseFormerConfig) and "interpolation" not in timm_args["overlay"]:
@@ -216,14 +218,17 @@ def create_model(
 
 def _timm_arguments(overrides: dict[str, Any]) -> dict[str, Any]:
     """Take timm's arguments out of ``overrides`` (checked): ``pretrained_cfg_overlay``,
-    ``cache_dir``, ``device``, ``dtype`` and ``global_pool`` (``"avg"`` and ``"token"`` go back
-    as the config's pooling); ``features_only`` is refused."""
+    ``cache_dir``, ``device``, ``dtype``, ``global_pool`` (``"avg"`` and ``"token"`` go back
+    as the config's pooling) and ``img_size`` (SparseFormer takes any input size: it sets the
+    ``pretrained_cfg`` input size that timm's data config reads); ``features_only`` is
+    refused."""
     taken = {
         "overlay": overrides.pop("pretrained_cfg_overlay", None) or {},
         "cache_dir": overrides.pop("cache_dir", None),
         "device": overrides.pop("device", None),
         "dtype": overrides.pop("dtype", None),
         "global_pool": overrides.pop("global_pool", None),
+        "img_size": _img_size(overrides.pop("img_size", None)),
     }
     if taken["global_pool"] not in (None, "", "avg", "token"):
         raise ValueError(
@@ -239,6 +244,16 @@ def _timm_arguments(overrides: dict[str, Any]) -> dict[str, Any]:
             "forward_with_details their RoIs and sampling points"
         )
     return taken
+
+
+def _img_size(size: Any) -> tuple[int, int] | None:
+    """timm's ``img_size`` (an int or ``(h, w)``) as ``(h, w)``, checked."""
+    if size is None:
+        return None
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or not all(isinstance(s, int) and s > 0 for s in pair):
+        raise ValueError(f"img_size must be a positive int or (height, width), got {size!r}")
+    return pair
 
 
 def _checkpoint_cfg(checkpoint: Checkpoint, in_chans: int) -> dict[str, Any]:
