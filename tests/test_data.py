@@ -351,3 +351,23 @@ def test_files_of_other_extensions_are_said_not_silently_dropped(tmp_path, caplo
     assert len(bundle.train.samples) == 5
     assert "2 file(s) left out as not image files" in caplog.text
     assert ".tga 1" in caplog.text and ".txt 1" in caplog.text
+
+
+@pytest.mark.parametrize("shape", [(7, 2001), (3000, 31), (1, 4000)])
+def test_a_thin_strip_is_cropped_before_the_eval_resize(shape):
+    """A strip thousands of pixels long is resized to at most 8 x 256 along it, not
+    thousands x 256, and the centre crop is what timm's transform gives (but for rounding)."""
+    from timm.data import create_transform
+
+    from sparseformer.data.transforms import LimitAspect
+
+    h, w = shape
+    x = np.linspace(0, 4 * np.pi, w)[None, :, None] + np.linspace(0, 2, h)[:, None, None]
+    img = Image.fromarray((127 + 120 * np.sin(x) * np.ones((1, 1, 3))).astype(np.uint8))
+    assert max(LimitAspect()(img).size) <= 8 * min(shape) + 1
+    pre = Preprocessing(224, (0.5,) * 3, (0.5,) * 3, 0.875, "bicubic")
+    timm_eval = create_transform(224, is_training=False, crop_pct=0.875,
+                                 interpolation="bicubic", use_prefetcher=True)  # fmt: skip
+    ours = torch.as_tensor(np.asarray(build_transform(pre, None)(img))).int()
+    theirs = torch.as_tensor(np.asarray(timm_eval(img))).int()
+    assert ours.shape == (3, 224, 224) and (ours - theirs).abs().max() <= 3

@@ -21,7 +21,7 @@ from torchvision import transforms as T
 from sparseformer.data.images import to_rgb
 from sparseformer.weights.registry import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["Preprocessing", "Augmentation", "build_transform"]
+__all__ = ["Preprocessing", "Augmentation", "build_transform", "LimitAspect"]
 
 
 @dataclass(frozen=True)
@@ -111,4 +111,31 @@ def build_transform(pre: Preprocessing, aug: Augmentation | None) -> Callable:
             interpolation=pre.interpolation,
             use_prefetcher=True,
         )
-    return T.Compose([to_rgb, tf])
+    return T.Compose([to_rgb, tf] if aug is not None else [to_rgb, LimitAspect(), tf])
+
+
+class LimitAspect:
+    """Centre-crop an image's long side to at most ``ratio`` times its short side.
+
+    Evaluation resizes the short side to about the input size and then keeps a centre square,
+    which spans less than the short side's length of the long side: a 4000 x 1 strip would be
+    resized to 1,024,000 x 256 pixels (gigabytes for a 40000 x 1 one) to keep 256 of them.
+    Cropping to ``ratio`` x the short side first keeps everything the centre crop keeps (and a
+    margin for the resize's filter), so the result is the same but for rounding (a shift of
+    at most about one output pixel).
+    """
+
+    def __init__(self, ratio: int = 8) -> None:
+        self.ratio = ratio
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        keep = self.ratio * max(1, min(w, h))
+        if max(w, h) <= keep:
+            return img
+        keep += (max(w, h) - keep) % 2  # the same centre, to the pixel
+        if w > h:
+            left = (w - keep) // 2
+            return img.crop((left, 0, left + keep, h))
+        top = (h - keep) // 2
+        return img.crop((0, top, w, top + keep))
