@@ -158,6 +158,13 @@ def test_media_paths_and_run_folders(tmp_path):
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(DataError, match="holds no image files"):
         expand_media_paths([tmp_path], video=False)
+    # a pattern no shell expanded (quoted, or on Windows): the files it matches, sorted
+    for name in ("b.jpg", "a.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    pattern = tmp_path / "*.jpg"
+    assert expand_media_paths([pattern], video=False) == [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    with pytest.raises(DataError, match="the pattern .*png' matches no file"):
+        expand_media_paths([tmp_path / "*.png"], video=False)
     run = tmp_path / "run"
     prepare_output(run)
     (run / ".last.pt.tmp-1").write_bytes(b"")  # a run killed while writing

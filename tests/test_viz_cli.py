@@ -119,6 +119,12 @@ def test_bad_options_give_one_line_errors(tmp_path, capsys):
     assert "did you mean" in capsys.readouterr().err
     assert main(args + ["--checkpoint", str(tmp_path / "none.pth")]) == 1
     assert "does not exist" in capsys.readouterr().err
+    pattern = ["viz", "--model", "sparseformer_v1_nano", "--out", str(tmp_path), "--no-gif"]
+    assert main([*pattern, str(tmp_path / "*.png")]) == 1  # a pattern no shell expanded
+    assert "the pattern" in capsys.readouterr().err
+    Image.open(TENCH).save(tmp_path / "tench.png")
+    assert main([*pattern, str(tmp_path / "t*.png")]) == 0
+    assert "tench.png" in capsys.readouterr().out
 
 
 def test_checkpoint_labels_and_preprocessing_are_used(tmp_path, capsys):

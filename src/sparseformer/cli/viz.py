@@ -64,8 +64,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sparseformer.cli import CliError, check_output
+    from sparseformer.data.folder import DataError
+    from sparseformer.data.media import expand_patterns
 
-    paths = [Path(p) for p in args.images]
+    try:  # patterns no shell expanded (quoted, or on Windows)
+        paths = expand_patterns([Path(p) for p in args.images])
+    except DataError as exc:
+        raise CliError(str(exc)) from None
     folders = [str(p) for p in paths if p.is_dir()]
     if folders:
         raise CliError(f"viz draws single files, not folders: {', '.join(folders)}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 from sparseformer.data.folder import DataError
@@ -9,12 +10,12 @@ from sparseformer.data.images import IMAGE_EXTENSIONS
 from sparseformer.data.scan import walk_files, warn_other_extensions
 from sparseformer.data.video_decode import VIDEO_EXTENSIONS
 
-__all__ = ["expand_media_paths"]
+__all__ = ["expand_media_paths", "expand_patterns"]
 
 
 def expand_media_paths(paths: list[Path], video: bool) -> list[Path]:
     """Files as given, folders as the video files (``video``) or image files under them
-    (sorted).
+    (sorted), and patterns no shell expanded (``'imgs/*.jpg'``) as the files they match.
 
     Raises:
         DataError: a path that does not exist, or a folder without files of the kind.
@@ -40,6 +41,27 @@ def expand_media_paths(paths: list[Path], video: bool) -> list[Path]:
             files += found
         elif path.exists():
             files.append(path)
+        elif glob.has_magic(str(path)):
+            files += expand_patterns([path])
         else:
             raise DataError(f"{str(path)!r} does not exist")
     return files
+
+
+def expand_patterns(paths: list[Path]) -> list[Path]:
+    """``paths`` with each pattern no shell expanded (quoted, or on Windows: ``'imgs/*.jpg'``)
+    replaced by the files it matches, sorted; a path that exists stays as it is.
+
+    Raises:
+        DataError: a pattern that matches no file.
+    """
+    out: list[Path] = []
+    for path in paths:
+        if path.exists() or not glob.has_magic(str(path)):
+            out.append(path)
+            continue
+        matched = sorted(Path(m) for m in glob.glob(str(path)) if Path(m).is_file())
+        if not matched:
+            raise DataError(f"the pattern {str(path)!r} matches no file")
+        out += matched
+    return out
