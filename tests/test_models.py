@@ -307,7 +307,7 @@ def test_an_unknown_timm_tag_and_an_empty_video_batch():
         timm.create_model("sparseformer_v1_nano.in1k")
     video = create_model("video_sparseformer_v1_micro", num_classes=5).eval()
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's "statistics of nothing" notes
+        warnings.simplefilter("error")  # no "statistics of nothing" notes from torch
         assert video(torch.randn(0, 3, 4, 32, 32)).shape == (0, 5)
 
 

@@ -156,7 +156,7 @@ def test_an_empty_batch_with_gradients_on():
     """The CPU training path of adaptive mixing (SparseFormer-T's width) takes no images."""
     model = create_model("sparseformer_v1_tiny", num_classes=5).train()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's "statistics of nothing" notes
+        warnings.simplefilter("error")  # no "statistics of nothing" notes from torch
         out = model(torch.randn(0, 3, 64, 64))
         assert out.shape == (0, 5)
         out.sum().backward()

@@ -75,6 +75,8 @@ def standardize_offsets(offsets: Tensor, eps: float = 1e-7) -> Tensor:
     Returns:
         ``(B, N, P, D)`` with zero mean and std ``1/3`` (unbiased) along P.
     """
+    if offsets.numel() == 0:  # an empty batch: no statistics (torch would warn of them)
+        return offsets * 1
     mean = offsets.mean(dim=2, keepdim=True)
     std = offsets.std(dim=2, keepdim=True)  # unbiased, as in the official code
     return (offsets - mean) / (3 * (std + eps))

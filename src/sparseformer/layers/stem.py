@@ -31,6 +31,8 @@ def channel_normalize(x: Tensor, eps: float = 1e-7, unbiased: bool = True) -> Te
             (the bootstrapped SparseFormers, a LayerNorm without affine).
     """
     C = x.shape[1]
+    if x.numel() == 0:  # an empty batch: nothing to normalise (and no statistics to warn of)
+        return x * 1
     if x.dim() == 4 and C > 1 and x.is_contiguous(memory_format=torch.channels_last):
         # Channels-last (B, C, H, W) is (B, H, W, C) in memory, so this is a LayerNorm over the
         # last axis: one fused pass instead of five (5x faster on CPU). LayerNorm divides by
