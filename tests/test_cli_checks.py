@@ -213,3 +213,16 @@ def test_a_closed_stdout_pipe_ends_quietly_but_other_broken_pipes_are_errors(cap
     monkeypatch.setattr(cli, "_stdout_closed", lambda: True)
     assert cli.main(["models"]) == 1
     assert capsys.readouterr().err == ""
+
+
+def test_a_single_process_command_under_torchrun_is_one_line_from_rank_0(monkeypatch, capsys):
+    """eval, predict, ... run in one process: under torchrun each process would print its
+    own results (eval --json once per rank)."""
+    from sparseformer.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["models"]) == 1
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == said and all("run it without torchrun" in line for line in err)

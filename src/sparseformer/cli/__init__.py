@@ -154,6 +154,14 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose)
+    if args.command not in DISTRIBUTED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+            print(
+                f"sparseformer {args.command}: error: runs in one process (only train and "
+                "bootstrap run under torchrun); run it without torchrun",
+                file=sys.stderr,
+            )
+        return 1
     with deferred_interrupt():  # every command needs torch: import it whole, or not at all
         import torch  # noqa: F401
     from sparseformer.engine.stopping import RunStopped
@@ -175,10 +183,12 @@ def _main(argv: list[str] | None) -> int:
         print(f"sparseformer {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except RunStopped as exc:  # a signal, met at a step boundary: 128 + signum, as a shell
-        print(f"sparseformer {args.command}: {exc}{_resume_hint(args)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process stops: one says so
+            print(f"sparseformer {args.command}: {exc}{_resume_hint(args)}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print(f"sparseformer {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"sparseformer {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -193,6 +203,10 @@ def _main(argv: list[str] | None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+# the commands that run one process per GPU under torchrun
+DISTRIBUTED = ("train", "bootstrap")
 
 
 def _resume_hint(args: argparse.Namespace) -> str:

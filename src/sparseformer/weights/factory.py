@@ -185,14 +185,7 @@ def create_model(
         cfg.update(_checkpoint_cfg(ckpt, cfg["input_size"][0]))  # a run's own preprocessing
         cfg.update(timm_args["overlay"])
         num_classes = ckpt.num_classes if num_classes is None else num_classes
-        strange = sorted(set(ckpt.architecture) - valid)
-        if strange:  # written by another version, or edited
-            raise CheckpointError(
-                f"{ckpt.path or 'the checkpoint'} records architecture field(s) {strange} "
-                f"that {name} does not have; was it written by another version of sparseformer?"
-            )
-        overrides = {**ckpt.architecture, **overrides}  # a bootstrapped student's own fields
-        _take_replicates(name, ckpt, spec.config, overrides)
+        overrides = _checkpoint_overrides(name, ckpt, spec.config, overrides)
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     config = dataclasses.replace(spec.config, **overrides)
@@ -201,6 +194,38 @@ def create_model(
         model = _MODEL_CLASSES[type(config)](config)
     if timm_args["global_pool"] == "":
         model.reset_classifier(config.num_classes, "")
+    model.pretrained_cfg = model.default_cfg = _built_cfg(cfg, config, timm_args)
+    if ckpt is not None:
+        load_checkpoint(model, ckpt)
+    if timm_args["dtype"] is not None:
+        model.to(dtype=timm_args["dtype"])
+    return model
+
+
+def _checkpoint_overrides(
+    name: str, ckpt: Checkpoint, config: SparseFormerConfig, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """``overrides`` over the config fields a checkpoint records (a bootstrapped student's
+    own, a video run's token replicates).
+
+    Raises:
+        CheckpointError: fields this version's config does not have.
+    """
+    valid = {f.name for f in dataclasses.fields(config)}
+    strange = sorted(set(ckpt.architecture) - valid)
+    if strange:  # written by another version, or edited
+        raise CheckpointError(
+            f"{ckpt.path or 'the checkpoint'} records architecture field(s) {strange} "
+            f"that {name} does not have; was it written by another version of sparseformer?"
+        )
+    merged = {**ckpt.architecture, **overrides}
+    _take_replicates(name, ckpt, config, merged)
+    return merged
+
+
+def _built_cfg(cfg: dict[str, Any], config, timm_args: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` made true of the model built from ``config``: its classes, the input size
+    asked for, class names only where they fit, and a video model's clip interpolation."""
     cfg["num_classes"] = config.num_classes
     if timm_args["img_size"] is not None:  # what the user will feed it (any size works)
         cfg["input_size"] = (config.in_chans, *timm_args["img_size"])
@@ -208,12 +233,7 @@ def create_model(
         del cfg["label_names"]  # a new classifier (fine-tuning): the run's names no longer fit
     if isinstance(config, VideoSparseFormerConfig) and "interpolation" not in timm_args["overlay"]:
         cfg["interpolation"] = _clip_interpolation()  # whatever an image checkpoint says
-    model.pretrained_cfg = model.default_cfg = cfg
-    if ckpt is not None:
-        load_checkpoint(model, ckpt)
-    if timm_args["dtype"] is not None:
-        model.to(dtype=timm_args["dtype"])
-    return model
+    return cfg
 
 
 def _timm_arguments(overrides: dict[str, Any]) -> dict[str, Any]:
