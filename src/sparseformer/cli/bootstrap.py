@@ -230,7 +230,7 @@ def _bootstrap(plan: _Plan, dist) -> None:
     if dist.is_main:
         print(f"bootstrapping from {teacher.name} on {plan.source.describe()}: "
               f"{len(bundle.train):,} train / {len(bundle.val):,} val images, {pre.img_size}px, "
-              f"recipe {recipe.name}, {recipe.epochs} epochs x {recipe.batch_size}, "
+              f"recipe {recipe.name}, {recipe.epochs} epoch(s) x {recipe.batch_size}, "
               f"{plan.device}, {precision}, {threads} thread(s)")  # fmt: skip
     options = RunOptions(
         output=args.output, model_name="", device=plan.device, precision=precision,

@@ -62,20 +62,25 @@ def add_clip_arguments(p, prefix: str = "") -> None:
     )
 
 
-def add_data_arguments(p: argparse.ArgumentParser) -> None:
+def add_data_arguments(p: argparse.ArgumentParser, *, train: bool = True) -> None:
+    """The data flags; ``train=False`` (eval, which reads the val split only) leaves out
+    ``--limit-train``."""
     g = p.add_argument_group("data (one of --data-dir and --dataset)")
     g.add_argument(
         "--data-dir", type=Path, help="ImageFolder root: DIR/train/CLASS/*, DIR/val/CLASS/*"
     )
     g.add_argument("--dataset", help="built-in data set: fashion-mnist")
     g.add_argument("--data-root", type=Path, help="cache folder for built-in data sets")
-    g.add_argument(
-        "--limit-train",
-        type=positive_int,
-        metavar="N",
-        help="use only N training images (spread over a folder's classes; a built-in data "
-        "set's first N)",
-    )
+    if train:
+        g.add_argument(
+            "--limit-train",
+            type=positive_int,
+            metavar="N",
+            help="use only N training images (spread over a folder's classes; a built-in data "
+            "set's first N)",
+        )
+    else:
+        p.set_defaults(limit_train=None)
     g.add_argument(
         "--limit-val",
         type=positive_int,

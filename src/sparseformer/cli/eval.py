@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", help=MODEL_FROM_CHECKPOINT)
     p.add_argument("--checkpoint", type=Path, required=True, help="ours or an official release")
-    add_data_arguments(p)
+    add_data_arguments(p, train=False)
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
     p.add_argument("--img-size", type=positive_int, help="input size (default: the checkpoint's)")
     p.add_argument(

@@ -335,7 +335,7 @@ def _print_start(plan: _Plan, model, bundle, pre, dist, precision: str, threads:
         f"training {args.model} ({n:,} params) on {plan.source.describe()}: "
         f"{len(bundle.train):,} train / {len(bundle.val):,} val {what}, "
         f"{bundle.num_classes} classes, {size}, recipe {recipe.name}, "
-        f"{recipe.epochs} epochs x {recipe.batch_size} x {dist.world_size} process(es), "
+        f"{recipe.epochs} epoch(s) x {recipe.batch_size} x {dist.world_size} process(es), "
         f"{plan.device}, {precision}, {threads} thread(s)"
     )
 

@@ -210,8 +210,8 @@ def build_train_loader(
         )
     if len(sampler) < batch_size:
         raise ValueError(
-            f"{len(sampler)} training images per process is fewer than one batch of "
-            f"{batch_size}; lower --batch-size"
+            f"{len(sampler)} training samples (images or videos) per process is fewer than "
+            f"one batch of {batch_size}; lower --batch-size"
         )
     return DataLoader(
         SeededSamples(dataset),
