@@ -459,6 +459,16 @@ def test_a_resumed_run_keeps_its_own_seed(tmp_path, folder, capsys, caplog):
     assert f"--resume {out / 'best.pt'} continues from the run's best epoch instead" in err
 
 
+def test_an_image_run_records_its_recipes_interpolation(tmp_path, folder, capsys):
+    """Clips are resized bilinearly whatever the recipe says; images as the recipe says."""
+    out = tmp_path / "run"
+    assert run_cli(capsys, "train", "--model", NANO, "--data-dir", str(folder), "--output",
+                   str(out), "--epochs", "1", "--batch-size", "4", "--img-size", "32", "--quiet",
+                   "--recipe", "fashion-mnist-cpu", "--set", "interpolation=lanczos")[0] == 0  # fmt: skip
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["preprocessing"]["interpolation"] == "lanczos"
+
+
 def test_bad_numbers_and_predict_paths_are_one_line(tmp_path, folder, capsys):
     for flag, value in (("--batch-size", "0"), ("--workers", "-1"), ("--limit-val", "0")):
         with pytest.raises(SystemExit):  # argparse: usage and the reason, exit code 2

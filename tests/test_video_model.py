@@ -367,5 +367,6 @@ def test_a_video_run_records_the_interpolation_its_clips_are_resized_with(tmp_pa
     videos = DataSource(data_dir=tmp_path, video=ClipSpec())
     pre = training_preprocessing(videos, "video_sparseformer_v1_micro", recipe)
     assert pre.interpolation == "bilinear"
-    images = training_preprocessing(DataSource(data_dir=tmp_path), "sparseformer_v1_micro", recipe)
+    # the commands give every source clip settings (a folder may turn out to hold videos)
+    images = training_preprocessing(videos, "sparseformer_v1_micro", recipe)
     assert images.interpolation == "bicubic"

@@ -18,6 +18,7 @@ from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine.device import available_cores
 from sparseformer.engine.preprocessing import resolve_preprocessing, weights_preprocessing
 from sparseformer.engine.recipe import Recipe
+from sparseformer.engine.video import is_video_model
 from sparseformer.weights.build import model_input_size
 from sparseformer.weights.loading import is_sparseformer
 
@@ -42,8 +43,10 @@ def training_preprocessing(
     bootstrapped model's are its teacher's), with the recipe's size, crop and interpolation.
     """
     released = weights_preprocessing(model_name)
-    # clips are resized one way whatever the recipe's interpolation, which is for images
-    interpolation = CLIP_INTERPOLATION if source.video is not None else recipe.interpolation
+    # clips are resized one way whatever the recipe's interpolation, which is for images (the
+    # source carries clip settings for any model: the model says whether the data are clips)
+    video = is_video_model(model_name)
+    interpolation = CLIP_INTERPOLATION if video else recipe.interpolation
     base = dataset_defaults(source) or Preprocessing(
         model_input_size(model_name) or 224,
         released.mean,
