@@ -462,9 +462,10 @@ def test_a_resumed_run_keeps_its_own_seed(tmp_path, folder, capsys, caplog):
 def test_an_image_run_records_its_recipes_interpolation(tmp_path, folder, capsys):
     """Clips are resized bilinearly whatever the recipe says; images as the recipe says."""
     out = tmp_path / "run"
-    assert run_cli(capsys, "train", "--model", NANO, "--data-dir", str(folder), "--output",
-                   str(out), "--epochs", "1", "--batch-size", "4", "--img-size", "32", "--quiet",
-                   "--recipe", "fashion-mnist-cpu", "--set", "interpolation=lanczos")[0] == 0  # fmt: skip
+    argv = ["--model", NANO, "--data-dir", str(folder), "--output", str(out), "--epochs", "1",
+            "--batch-size", "4", "--img-size", "32", "--quiet", "--recipe", "fashion-mnist-cpu",
+            "--set", "interpolation=lanczos"]  # fmt: skip
+    assert run_cli(capsys, "train", *argv)[0] == 0
     saved = torch.load(out / "last.pt", weights_only=True)
     assert saved["preprocessing"]["interpolation"] == "lanczos"
 
