@@ -290,12 +290,11 @@ class SparseFormer(nn.Module):
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
         """Pool tokens, normalise, (dropout,) classify: ``(B, N, D) -> (B, classes)``, or
-        ``(B, D)`` features with ``pre_logits``. ``global_pool="avg"`` averages the latent
-        tokens (without the CLS token, as timm's ViTs leave their prefix tokens out),
+        ``(B, D)`` features with ``pre_logits``. ``global_pool="avg"`` averages the tokens,
         ``"token"`` takes the CLS token (the first); with ``""`` the tokens are not pooled:
         ``(B, N, classes)`` or ``(B, N, D)``."""
         if self.global_pool == "avg":
-            tokens = tokens[:, 0 if self.cls_token is None else 1 :].mean(dim=1)
+            tokens = tokens.mean(dim=1)
         elif self.global_pool == "token":
             tokens = tokens[:, 0]  # (B, 1 + N, D) -> (B, D)
         x = self.head_drop(self.fc_norm(tokens))  # pre-logits after the dropout, as in timm
