@@ -203,3 +203,41 @@ def test_export_refuses_another_class_count_than_the_checkpoints(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--num-classes 5 differs from the 2 classes of" in err
     assert "leave --num-classes out" in err and not out.exists()
+
+
+def test_export_metadata_is_true_of_the_graph_and_opsets_are_checked_first(tmp_path, capsys):
+    """The metadata describes the graph written (its channels, fixed size, frames and
+    outputs), whatever the model's pretrained_cfg says; an opset the exporter cannot write or
+    the installed onnx does not know is one line before any work."""
+    gray = create_model("sparseformer_v1_nano", in_chans=1)
+    gray.reset_classifier(5)  # pretrained_cfg names no classes: none are written
+    path = export_onnx(gray, tmp_path / "gray.onnx", img_size=32, dynamic_size=False)
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
+    assert meta["input_size"] == [1, 32, 32] and "mean" not in meta and "std" not in meta
+    video = create_model("video_sparseformer_v1_micro", num_frames=4)  # opset 20 by default
+    path = export_onnx(video, tmp_path / "video.onnx", img_size=32)
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
+    assert meta["clip"]["num_frames"] == 4
+    for opset in (16, 99):
+        argv = ["export", "--model", "sparseformer_v1_nano", "--opset", str(opset), "--out",
+                str(tmp_path / "o.onnx")]  # fmt: skip
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert "torch's exporter writes opset 18 and later" in err and "\n" not in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_export_ema_exports_the_ema_weights(tmp_path, capsys):
+    model = create_model("sparseformer_v1_nano", num_classes=2).eval()
+    ema = {k: v + 0.05 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    ckpt = tmp_path / "run.pt"
+    torch.save({"model": model.state_dict(), "model_ema": ema,
+                "model_name": "sparseformer_v1_nano"}, ckpt)  # fmt: skip
+    out = tmp_path / "ema.onnx"
+    argv = ["export", "--checkpoint", str(ckpt), "--out", str(out), "--img-size", "32"]
+    assert main([*argv, "--ema", "--check-batch-sizes", "1"]) == 0
+    with_ema = create_model("sparseformer_v1_nano", num_classes=2).eval()
+    with_ema.load_state_dict(ema)
+    x = torch.randn(1, 3, 32, 32)
+    assert onnx_max_difference(out, with_ema, x) <= 1e-4
+    assert onnx_max_difference(out, model, x) > 1e-3

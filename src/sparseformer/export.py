@@ -3,8 +3,9 @@
 The graph takes normalised images ``(batch, C, S, S)``, or clips ``(batch, C, T, S, S)`` for a
 video SparseFormer (C the model's input channels, 3 for RGB; batch dynamic, T and S fixed at
 export), and returns logits ``(batch, classes)``. SparseFormer's bilinear sampling exports as
-ONNX ``GridSample``: opset >= 16 for images, >= 20 for the trilinear sampling of clips (5-D
-``GridSample``). The coordinate-gradient clamp is an identity in inference and leaves no node.
+ONNX ``GridSample`` (opset 16) and is written at opset 18 or later (torch's exporter), 20 for
+the trilinear sampling of clips (5-D ``GridSample``). The coordinate-gradient clamp is an
+identity in inference and leaves no node.
 Uses the torch.export-based exporter (``onnxscript``) and ``onnxruntime``, installed by the
 ``export`` extra.
 """
@@ -26,7 +27,9 @@ __all__ = ["ExportError", "export_onnx", "onnx_max_difference", "VIDEO_MIN_OPSET
 
 log = logging.getLogger(__name__)
 
+MIN_OPSET = 18  # torch's exporter writes 18 and later (it converts a lower ask, and fails)
 VIDEO_MIN_OPSET = 20  # GridSample on 5-D volumes
+MAX_SIZE = 16384  # the exporter's largest height and width
 
 
 class ExportError(RuntimeError):
@@ -49,6 +52,8 @@ def _quiet_exporter():
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)
+    for lg in loggers[:1] + loggers[2:]:  # onnxscript's optimiser notes (a Split left
+        lg.setLevel(logging.ERROR)  # unfolded), torch's trace of a graph it could not convert
     try:
         yield
     finally:
@@ -78,22 +83,31 @@ def _cpu_float_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo).eval()
 
 
-def _preprocessing_metadata(model: nn.Module) -> dict[str, str]:
+def _preprocessing_metadata(model: nn.Module, example: Tensor, dynamic_size: bool) -> dict:
     """What a consumer of the graph needs to prepare its input and read its output, from the
-    model's ``pretrained_cfg`` (a run's own after ``create_model(checkpoint_path=...)``):
-    the architecture, input size, mean and std (the graph takes normalised input), crop and
-    interpolation, and the class names when known; values are JSON."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
+    model's ``pretrained_cfg`` (a run's own after ``create_model(checkpoint_path=...)``) made
+    true of the graph (``example``: its example input): the architecture, input size (the
+    graph's own channels, frames and, when fixed, size), mean and std (the graph takes
+    normalised input; left out where their channels are not the graph's), crop and
+    interpolation, and the class names where they name its outputs; values are JSON."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    channels, side = example.shape[1], example.shape[-2:]
+    size = cfg.get("input_size") or (channels, *side)
+    cfg["input_size"] = (channels, *(size[-2:] if dynamic_size else side))
+    for key in ("mean", "std"):
+        if len(cfg.get(key) or ()) != channels:
+            cfg.pop(key, None)
     keys = ("architecture", "input_size", "mean", "std", "crop_pct", "interpolation")
     meta = {
         k: json.dumps(list(v) if isinstance(v, tuple) else v)
         for k in keys
         if (v := cfg.get(k)) is not None
     }
-    if cfg.get("label_names"):
-        meta["class_names"] = json.dumps(list(cfg["label_names"]))
-    if isinstance(cfg.get("clip"), dict):
-        meta["clip"] = json.dumps(cfg["clip"])
+    names = cfg.get("label_names")
+    if names and len(names) == getattr(model, "num_classes", len(names)):
+        meta["class_names"] = json.dumps(list(names))
+    if example.dim() == 5:  # a clip: the frames the graph takes, whatever a run trained with
+        meta["clip"] = json.dumps({**(cfg.get("clip") or {}), "num_frames": example.shape[2]})
     return meta
 
 
@@ -120,7 +134,7 @@ def export_onnx(
     path: str | os.PathLike,
     img_size: int = 224,
     in_chans: int | None = None,
-    opset: int = 18,
+    opset: int | None = None,
     num_frames: int | None = None,
     dynamic_size: bool = True,
 ) -> Path:
@@ -135,8 +149,9 @@ def export_onnx(
         path: output file; written to a temporary name, then renamed.
         img_size: the example input's size (the graph's fixed size without ``dynamic_size``).
         in_chans: the input's channels; ``None``: those of the model's first convolution.
-        opset: ONNX opset (at least 16, for ``GridSample``; 20 for clips).
-        num_frames: the fixed clip length of a video model; ``None`` for images.
+        opset: ONNX opset, at least 18 (torch's exporter writes 18 and later; clips need 20)
+            and at most the installed ``onnx``'s; ``None``: 18 for images, 20 for clips.
+        num_frames: the fixed clip length of a video model (``None``: the model's).
         dynamic_size: any height and width (at least 4 pixels), as the model takes; else
             only ``img_size``.
 
@@ -145,14 +160,10 @@ def export_onnx(
     """
     for module in ("onnx", "onnxscript"):
         _require(module)
-    if opset < 16:
-        raise ExportError(f"opset {opset} has no GridSample; use 16 or later")
-    if img_size < 4:
-        raise ExportError(f"img_size {img_size} is too small; use at least 4 pixels")
-    if num_frames is not None and opset < VIDEO_MIN_OPSET:
-        raise ExportError(
-            f"opset {opset} has no 5-D GridSample for video clips; use {VIDEO_MIN_OPSET} or later"
-        )
+    if num_frames is None and getattr(model, "roi_dims", 2) == 3:  # a video model's own
+        num_frames = int(model.config.num_frames)
+    opset = (VIDEO_MIN_OPSET if num_frames is not None else 18) if opset is None else opset
+    _check_sizes(opset, img_size, num_frames)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.onnx")
@@ -164,10 +175,11 @@ def export_onnx(
     example = torch.zeros(2, in_chans, *frames, img_size, img_size)
     dims = {0: torch.export.Dim("batch", min=1)}
     if dynamic_size:  # the last two axes: height and width, of images and of clips
-        dims[example.dim() - 2] = torch.export.Dim("height", min=4, max=16384)
-        dims[example.dim() - 1] = torch.export.Dim("width", min=4, max=16384)
+        dims[example.dim() - 2] = torch.export.Dim("height", min=4, max=MAX_SIZE)
+        dims[example.dim() - 1] = torch.export.Dim("width", min=4, max=MAX_SIZE)
     try:  # the file is replaced only by a graph that loads: a failed export loses nothing
-        _write(wrapper, example, dims, opset, tmp, _preprocessing_metadata(model))
+        meta = _preprocessing_metadata(model, example, dynamic_size)
+        _write(wrapper, example, dims, opset, tmp, meta)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -177,6 +189,29 @@ def export_onnx(
         shape[-2:] = ["height", "width"]
     log.info("wrote %s (opset %d, input %s)", path, opset, tuple(shape))
     return path
+
+
+def _check_sizes(opset: int, img_size: int, num_frames: int | None) -> None:
+    """Refuse, before any work, an opset the exporter cannot write or the installed ``onnx``
+    does not know, and an example size the graph cannot take.
+
+    Raises:
+        ExportError: naming the bound.
+    """
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET or opset > newest:
+        raise ExportError(
+            f"opset {opset}: torch's exporter writes opset {MIN_OPSET} and later, and the "
+            f"installed onnx {onnx.__version__} knows up to {newest}; give one in between"
+        )
+    if num_frames is not None and opset < VIDEO_MIN_OPSET:
+        raise ExportError(
+            f"opset {opset} has no 5-D GridSample for video clips; use {VIDEO_MIN_OPSET} or later"
+        )
+    if not 4 <= img_size <= MAX_SIZE:
+        raise ExportError(f"img_size {img_size}: give 4 to {MAX_SIZE} pixels")
 
 
 def _write(wrapper: nn.Module, example: Tensor, dims: dict, opset: int, tmp: Path, metadata):

@@ -50,8 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--opset",
         type=int,
         default=None,
-        help="ONNX opset (>= 16; default 18 for images, 20 for video models)",
+        help="ONNX opset (18 or later, up to the installed onnx's; default 18 for images, 20 "
+        "for video models)",
     )
+    p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
     p.add_argument(
         "--check-batch-sizes",
         type=positive_int,
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.cli import CliError, check_output
     from sparseformer.cli.common import model_named_by_checkpoint
     from sparseformer.config import VideoSparseFormerConfig
-    from sparseformer.export import VIDEO_MIN_OPSET, ExportError, export_onnx, onnx_max_difference
+    from sparseformer.export import ExportError, export_onnx, onnx_max_difference
     from sparseformer.weights.build import require_sparseformer
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.factory import create_model, get_model_spec
@@ -78,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     args.model = model_named_by_checkpoint(args)
     require_sparseformer(args.model, "export")
     check_output(args.out, "--out")
-    if args.img_size is not None and args.img_size < 4:
-        raise CliError(f"--img-size {args.img_size} is too small; use at least 4 pixels")
+    if args.img_size is not None and not 4 <= args.img_size <= 16384:
+        raise CliError(f"--img-size {args.img_size}: give 4 to 16384 pixels")
     video = isinstance(get_model_spec(args.model).config, VideoSparseFormerConfig)
     ckpt = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
     if ckpt is not None:  # a video model takes its image model's checkpoint, inflated
@@ -101,15 +103,16 @@ def run(args: argparse.Namespace) -> int:
     if args.num_frames is not None and args.num_frames < 1:
         raise CliError(f"--num-frames {args.num_frames}: a clip needs at least 1 frame")
     extra = {"num_frames": args.num_frames} if args.num_frames is not None else {}
+    if ckpt is not None and args.ema:  # the EMA weights of the same file (warned if none)
+        ckpt = read_checkpoint(ckpt, prefer_ema=True)
     model = create_model(
         args.model, checkpoint_path=ckpt, num_classes=args.num_classes, **extra
     ).eval()
     shape = sample_shape(model, args.img_size)  # (3, S, S) or (3, T, S, S)
     num_frames = shape[1] if video else None
-    opset = args.opset if args.opset is not None else (VIDEO_MIN_OPSET if video else 18)
     try:
         path = export_onnx(
-            model, args.out, img_size=args.img_size, opset=opset, num_frames=num_frames
+            model, args.out, img_size=args.img_size, opset=args.opset, num_frames=num_frames
         )
         generator = torch.Generator().manual_seed(0)
         for batch in args.check_batch_sizes:
