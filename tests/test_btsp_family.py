@@ -211,15 +211,21 @@ def test_fine_tune_eval_predict_from_the_authors_weights(authors_file, tmp_path,
 
 
 def test_predict_refuses_a_clip_towers_embedding_as_classes():
+    """A CLIP tower's bias-free projection at its released width is an embedding; a run's
+    named classes, a bias-free head of other classes, or a timm classifier are predicted."""
     from sparseformer.cli import CliError
     from sparseformer.cli.predict import _refuse_models_without_classes
 
-    clip = tiny("clip")
-    assert clip.head.bias is None and clip.num_classes > 0
-    with pytest.raises(CliError, match=r"outputs a \d+-d embedding \(a CLIP image tower"):
-        _refuse_models_without_classes(clip, {}, NANO)
-    _refuse_models_without_classes(clip, {"class_names": ["a"] * clip.num_classes}, NANO)
-    _refuse_models_without_classes(tiny("augreg"), {}, NANO)  # a classifier: predicted
+    name = "sparseformer_btsp_openai_clip_base"  # a 512-d projection, released
+    clip = SparseFormer(btsp_config(authors_config("clip"), num_classes=512))
+    assert clip.head.bias is None
+    with pytest.raises(CliError, match=r"outputs a 512-d embedding \(a CLIP image tower"):
+        _refuse_models_without_classes(clip, {}, name)
+    _refuse_models_without_classes(clip, {"class_names": [str(i) for i in range(512)]}, name)
+    tuned = SparseFormer(btsp_config(authors_config("clip"), num_classes=1000))
+    _refuse_models_without_classes(tuned, {}, name)  # fine-tuned elsewhere on 1000 classes
+    _refuse_models_without_classes(tiny("augreg"), {}, NANO)
+    _refuse_models_without_classes(timm.create_model("test_vit", num_classes=2), {}, "test_vit")
 
 
 def test_a_clip_checkpoint_in_an_augreg_model_is_a_warning(fixture, caplog):

@@ -226,3 +226,16 @@ def test_a_single_process_command_under_torchrun_is_one_line_from_rank_0(monkeyp
         assert main(["models"]) == 1
         err = capsys.readouterr().err.splitlines()
         assert len(err) == said and all("run it without torchrun" in line for line in err)
+
+
+def test_launcher_variables_that_are_not_numbers_are_no_launch(monkeypatch, capsys):
+    from sparseformer.cli import main
+    from sparseformer.engine.distributed import launched_rank
+
+    monkeypatch.setenv("RANK", "")
+    monkeypatch.setenv("WORLD_SIZE", "x")
+    assert launched_rank() == (0, 1)
+    assert main(["models", "sparseformer_v1_nano"]) == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("WORLD_SIZE", "8")  # without RANK: not torchrun's
+    assert launched_rank() == (0, 1)

@@ -154,16 +154,20 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose)
-    if args.command not in DISTRIBUTED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+    with deferred_interrupt():  # every command needs torch: import it whole, or not at all
+        import torch  # noqa: F401
+    from sparseformer.engine.distributed import launched_rank
+
+    rank, world = launched_rank()
+    if args.command not in DISTRIBUTED and world > 1:
+        if rank == 0:  # one line, not one per process
             print(
                 f"sparseformer {args.command}: error: runs in one process (only train and "
-                "bootstrap run under torchrun); run it without torchrun",
+                "bootstrap run under torchrun); run it without torchrun (from a script that "
+                "torchrun started, with RANK and WORLD_SIZE unset for it)",
                 file=sys.stderr,
             )
         return 1
-    with deferred_interrupt():  # every command needs torch: import it whole, or not at all
-        import torch  # noqa: F401
     from sparseformer.engine.stopping import RunStopped
     from sparseformer.weights.convert import CheckpointError
     from sparseformer.weights.factory import UnknownModelError
@@ -183,11 +187,11 @@ def _main(argv: list[str] | None) -> int:
         print(f"sparseformer {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except RunStopped as exc:  # a signal, met at a step boundary: 128 + signum, as a shell
-        if os.environ.get("RANK", "0") == "0":  # every process stops: one says so
+        if rank == 0:  # every process stops: one says so
             print(f"sparseformer {args.command}: {exc}{_resume_hint(args)}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":
+        if rank == 0:
             print(f"sparseformer {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     except RuntimeError as exc:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +126,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     from sparseformer.bootstrap.run import BootstrapSettings
     from sparseformer.cli import check_output
     from sparseformer.engine.device import pick_device
+    from sparseformer.engine.distributed import launched_rank
     from sparseformer.engine.own_folder import recipe_for_folder
     from sparseformer.engine.recipe import recipe_from_flags
     from sparseformer.engine.resume import (
@@ -158,7 +158,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         img_size = _run_img_size(saved, img_size)
         settings = BootstrapSettings.from_dict(saved.get("bootstrap") or {})
         if run_is_finished(saved, recipe, args.output):
-            if os.environ.get("RANK", "0") == "0":
+            if launched_rank()[0] == 0:
                 print(f"nothing to do: the run in {resume} already has {saved.get('epoch')} "
                       "epochs (give a larger --epochs to train it further)")  # fmt: skip
             return None

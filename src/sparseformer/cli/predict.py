@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _refuse_models_without_classes(model, info: dict, name: str) -> None:
     """predict ranks classes: a model without a classifier, or whose head is a CLIP tower's
-    bias-free projection (an embedding, unless a run named its classes), has none."""
+    bias-free projection at its released width (an embedding, unless a run named its classes;
+    a bias-free classifier of other classes passes), has none."""
     from sparseformer.cli import CliError
 
     width = int(getattr(model, "num_classes", 0) or 0)
@@ -114,7 +115,12 @@ def _refuse_models_without_classes(model, info: dict, name: str) -> None:
             f"{name} has no classifier here (its outputs are features), so there are no "
             "classes to predict; fine-tune one first (train --checkpoint)"
         )
-    if not getattr(model.config, "head_bias", True) and not info.get("class_names"):
+    from sparseformer.weights.registry import MODELS
+
+    config = getattr(model, "config", None)  # a timm model has none: a classifier
+    spec = MODELS.get(name)
+    projection = spec is not None and width == spec.config.num_classes  # the released width
+    if not getattr(config, "head_bias", True) and projection and not info.get("class_names"):
         raise CliError(
             f"{name} outputs a {width}-d embedding (a CLIP image tower's projection), not "
             "class scores; compare it with text embeddings (encode_image), or fine-tune a "

@@ -158,6 +158,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     """The checks and choices made before any data is read: device, model versus data, the
     recipe, what to resume, the data source, the output folder. ``None``: nothing to do."""
     from sparseformer.engine.device import pick_device
+    from sparseformer.engine.distributed import launched_rank
     from sparseformer.engine.own_folder import recipe_for_folder
     from sparseformer.engine.recipe import recipe_for_clips, recipe_from_flags
     from sparseformer.engine.resume import (
@@ -207,7 +208,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         recipe = resumed_recipe(saved, resume, recipe, flags)
         if run_is_finished(saved, recipe, args.output):  # touch nothing: not the data, the folder
             done = int(saved.get("epoch", 0))
-            if os.environ.get("RANK", "0") == "0":
+            if launched_rank()[0] == 0:
                 print(
                     f"nothing to do: the run in {resume} already has {done} epochs (give a "
                     "larger --epochs to train it further)"
@@ -229,10 +230,11 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
 
 def _check_output(output: Path, resume: Path | None, overwrite: bool) -> None:
     from sparseformer.cli import check_output
+    from sparseformer.engine.distributed import launched_rank
     from sparseformer.engine.run_folder import check_run_folder_free, refuse_overwriting_a_run
 
     check_output(output, "--output", folder=True)  # a file, or a folder we may not write in
-    if os.environ.get("RANK", "0") == "0":  # rank 0 writes the run folder, and holds it
+    if launched_rank()[0] == 0:  # rank 0 writes the run folder, and holds it
         check_run_folder_free(output)  # another live run writing there: named, now
     refuse_overwriting_a_run(output, resume=resume, overwrite=overwrite)
 

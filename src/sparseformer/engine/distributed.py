@@ -48,6 +48,17 @@ class DistInfo:
         return self.world_size > 1
 
 
+def launched_rank() -> tuple[int, int]:
+    """``(rank, world size)`` as torchrun sets them (``RANK``, ``WORLD_SIZE``), before any
+    process group exists; ``(0, 1)`` without torchrun or where they are not numbers."""
+    try:
+        if "RANK" not in os.environ:
+            return 0, 1
+        return int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
 def setup_distributed(device: str) -> DistInfo:
     """Join the process group that ``torchrun`` describes, if any.
 
@@ -55,7 +66,7 @@ def setup_distributed(device: str) -> DistInfo:
         device: ``"cpu"`` or ``"cuda"``; picks the backend (gloo / nccl) and, on CUDA, binds
             this process to GPU ``LOCAL_RANK``.
     """
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_rank()[1] <= 1:
         return DistInfo()
     info = DistInfo(
         int(os.environ["RANK"]),
