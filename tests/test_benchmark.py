@@ -6,6 +6,8 @@ import csv
 import dataclasses
 import json
 import math
+import os
+import stat
 
 import pytest
 import timm
@@ -74,6 +76,13 @@ def test_cli_writes_json_csv_and_plot(tmp_path, capsys):
         assert [r["model"] for r in csv.DictReader(f)] == list(SMALL)
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     assert "sparseformer_v1_micro" in capsys.readouterr().out
+    # a device is written into, never renamed over; one path for two outputs is refused
+    link = tmp_path / "null.json"
+    link.symlink_to(os.devnull)
+    assert main([*argv[: argv.index("--json")], "--json", str(link)]) == 0
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode) and link.is_symlink()
+    twice = [*argv[: argv.index("--json")], "--json", str(link), "--csv", str(link)]
+    assert main(twice) == 1 and "is given for two outputs" in capsys.readouterr().err
 
 
 def test_cli_rejects_unknown_model_in_one_line(capsys):

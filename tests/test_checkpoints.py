@@ -316,7 +316,7 @@ def test_a_run_of_another_size_is_named_in_the_mismatch(tmp_path):
         create_model("sparseformer_v1_micro", checkpoint_path=path)
 
 
-def test_convert_writes_safetensors_only_to_a_safetensors_file_and_never_a_device(tmp_path, capsys):
+def test_convert_writes_safetensors_only_to_a_safetensors_file_and_into_a_device(tmp_path, capsys):
     from sparseformer.cli import main
 
     src = tmp_path / "official.pth"
@@ -324,16 +324,18 @@ def test_convert_writes_safetensors_only_to_a_safetensors_file_and_never_a_devic
     assert main(["convert", str(src), str(tmp_path / "x.pth")]) == 1  # timm would unpickle it
     assert "give a name ending in .safetensors, e.g." in capsys.readouterr().err
     assert not (tmp_path / "x.pth").exists()
-    fifo = tmp_path / "pipe.safetensors"
-    os.mkfifo(fifo)
-    assert main(["convert", str(src), str(fifo), "--overwrite"]) == 1
-    assert "is not a regular file (a device, a pipe or a socket)" in capsys.readouterr().err
-    assert stat.S_ISFIFO(fifo.stat().st_mode)
-    target, link = tmp_path / "real.safetensors", tmp_path / "link.safetensors"
-    target.write_text("old")
-    link.symlink_to(target)
+    null = tmp_path / "null.safetensors"  # a link to a device: written into, never replaced
+    null.symlink_to(os.devnull)
+    assert main(["convert", str(src), str(null), "--overwrite"]) == 0, capsys.readouterr().err
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode) and null.is_symlink()
+    blob, link = tmp_path / "blobs" / "abc123", tmp_path / "link.safetensors"
+    blob.parent.mkdir()
+    blob.write_text("old")  # a cache's blob, named by a link (the suffix is the link's)
+    link.symlink_to(blob)
+    assert main(["convert", str(src), str(link)]) == 1
+    assert f"OUT {str(link)!r} already exists" in capsys.readouterr().err  # the name given
     assert main(["convert", str(src), str(link), "--overwrite"]) == 0  # written through
-    assert link.is_symlink() and detect_format(list(load_file(str(target)))) == "sparseformer"
+    assert link.is_symlink() and detect_format(list(load_file(str(blob)))) == "sparseformer"
 
 
 def test_ema_weights_stay_ema_through_convert_and_torchvision_ema_loads(tmp_path, caplog):

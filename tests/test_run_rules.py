@@ -186,7 +186,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="is a file, not a folder"):
         check_output_path(tmp_path / "file" / "x.onnx", "--out")
     # where permissions do not tell (root, a read-only mount, /proc): a file is tried
-    for where in (Path("/proc/sys"), Path("/proc/self")):
+    for where in (Path("/proc/sys"), Path("/proc/self")) if Path("/proc/self").is_dir() else ():
         with pytest.raises(ValueError, match=f"--out '{where}/x.json': cannot write in"):
             check_output_path(where / "x.json", "--out")
     assert not list(tmp_path.glob(".sparseformer-probe-*"))  # the probe is removed
@@ -205,3 +205,16 @@ def test_a_part_way_epoch_resumed_on_new_steps_says_what_it_trains_again(caplog)
     said = caplog.records[0].getMessage()
     assert "saved with 2 process(es) and 64 steps per epoch, resumed with 1 and 128" in said
     assert "the 20 steps it had trained of epoch 2 are trained again" in said
+
+
+def test_a_run_whose_last_checkpoint_links_to_a_backup_resumes_in_place(tmp_path):
+    from sparseformer.engine.run_folder import refuse_overwriting_a_run
+
+    backup, run = tmp_path / "backup", tmp_path / "run"
+    backup.mkdir()
+    run.mkdir()
+    (backup / "last.pt").write_bytes(b"weights")
+    (run / "last.pt").symlink_to(backup / "last.pt")
+    refuse_overwriting_a_run(run, resume=run / "last.pt")  # the folder's own run: goes on
+    with pytest.raises(ValueError, match="already holds another run"):
+        refuse_overwriting_a_run(run, resume=backup / "last.pt")

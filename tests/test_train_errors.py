@@ -457,6 +457,14 @@ def test_a_resumed_run_keeps_its_own_seed(tmp_path, folder, capsys, caplog):
     (out / "last.pt").write_bytes(b"PK\x03\x04 cut short")
     err = one_line_error(capsys, "train", *fast, "--epochs", "5", "--resume", "auto")
     assert f"--resume {out / 'best.pt'} continues from the run's best epoch instead" in err
+    # a readable last.pt of another model: its best.pt is of that model too, not offered
+    from sparseformer.engine.resume import ResumeError, read_resume_checkpoint
+
+    (out / "last.pt").unlink()
+    (out / "last.pt").write_bytes((out / "best.pt").read_bytes())
+    with pytest.raises(ResumeError, match="is a checkpoint of") as caught:
+        read_resume_checkpoint(out / "last.pt", "sparseformer_v1_micro")
+    assert "best epoch" not in str(caught.value)
 
 
 def test_an_image_run_records_its_recipes_interpolation(tmp_path, folder, capsys):

@@ -164,7 +164,9 @@ def export_onnx(
         num_frames = int(model.config.num_frames)
     opset = (VIDEO_MIN_OPSET if num_frames is not None else 18) if opset is None else opset
     _check_sizes(opset, img_size, num_frames)
-    path = Path(path)
+    from sparseformer.engine.atomic import install, output_target
+
+    path = output_target(path)  # a symlink's file; a device (/dev/null) is written into
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.onnx")
     wrapper = _Logits(_cpu_float_copy(model)).eval()
@@ -183,7 +185,7 @@ def export_onnx(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    tmp.replace(path)
+    install(tmp, path)
     shape = ["batch", *example.shape[1:]]
     if dynamic_size:
         shape[-2:] = ["height", "width"]

@@ -108,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
             check_output(option, flag)
     for option in sweep.values():
         check_output(option, "--sweep")
+    given = [o for o in (args.json, args.csv, args.plot, *sweep.values()) if o]
+    same = sorted({o for o in given if given.count(o) > 1})
+    if same:  # one would overwrite the other
+        raise CliError(f"{', '.join(same)} is given for two outputs; give each its own file")
     if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg", ".jpg"):
         raise CliError(f"--plot {args.plot!r}: give a .png, .pdf, .svg or .jpg file")
     sizes = args.img_size or (list(sweeping.SWEEP_SIZES) if args.sweep else [224])
@@ -151,12 +155,21 @@ def run(args: argparse.Namespace) -> int:
         writes += [(sweep["json"], as_json), (sweep["csv"], lambda p: write_csv(result, p))]
         writes += [(sweep["throughput"], lambda p: sweeping.plot_throughput(result, subject, p))]
         writes += [(sweep["top1"], lambda p: sweeping.plot_top1(result, p))]
-    for option, write in writes:
-        if option:
-            path = Path(option)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-            write(tmp)
-            tmp.replace(path)
-            print(f"wrote {path}")
+    _write_outputs([(option, write) for option, write in writes if option])
     return 0
+
+
+def _write_outputs(writes: list) -> None:
+    """Each ``(path, write)``: written to a temporary file and put in place, a symlink's file
+    replaced, a device or pipe (``/dev/stdout``, ``/dev/null``) written into."""
+    import sys
+
+    from sparseformer.engine.atomic import install, is_stream, output_target
+
+    for option, write in writes:
+        path = output_target(option)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+        write(tmp)
+        install(tmp, path)
+        print(f"wrote {option}", file=sys.stderr if is_stream(path) else sys.stdout)

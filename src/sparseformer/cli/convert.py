@@ -28,34 +28,33 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    import os
     from pathlib import Path
 
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from sparseformer.cli import CliError, check_output
+    from sparseformer.engine.atomic import install, output_target
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.factory import create_model
     from sparseformer.weights.loading import load_checkpoint, require_sparseformer_layout
 
-    out = Path(args.output)
-    if out.is_symlink():  # written through: the link stays, its file is replaced
-        out = Path(os.path.realpath(out))
+    given = Path(args.output)
+    out = output_target(given)  # a symlink is written through: the link stays
     if out.exists() and out.resolve() == Path(args.input).resolve():
-        raise CliError(f"OUT {str(out)!r} is the input file; give another path")
+        raise CliError(f"OUT {str(given)!r} is the input file; give another path")
     if out.is_dir():
         raise CliError(
-            f"OUT {str(out)!r} is a folder; give a file path, e.g. {out / 'model.safetensors'}"
+            f"OUT {str(given)!r} is a folder; give a file path, e.g. {out / 'model.safetensors'}"
         )
-    if out.suffix != ".safetensors":  # torch.load and timm would take a .pth for a pickle
+    if given.suffix != ".safetensors":  # torch.load and timm would take a .pth for a pickle
         raise CliError(
-            f"OUT {str(out)!r}: convert writes safetensors; give a name ending in "
-            f".safetensors, e.g. {out.with_suffix('.safetensors')}"
+            f"OUT {str(given)!r}: convert writes safetensors; give a name ending in "
+            f".safetensors, e.g. {given.with_suffix('.safetensors')}"
         )
     if out.exists() and not args.overwrite:
         raise CliError(
-            f"OUT {str(out)!r} already exists; replace it with --overwrite, or give another path"
+            f"OUT {str(given)!r} already exists; replace it with --overwrite, or give another path"
         )
     check_output(out, "OUT")  # a parent that is a file, a folder we may not write in
     ckpt = read_checkpoint(args.input, prefer_ema=args.ema)
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             },
         )
         _default_permissions(tmp, out)
-        tmp.replace(out)
+        install(tmp, out)  # a device (a link to /dev/null) is written into, never replaced
     except (OSError, SafetensorError) as exc:
         try:
             tmp.unlink(missing_ok=True)
@@ -103,8 +102,9 @@ def _default_permissions(path, replaces) -> None:
     (0600), which hides a converted model from the group that shares it."""
     import os
 
-    if replaces.exists():
-        os.chmod(path, replaces.stat().st_mode & 0o777)
+    if replaces.exists():  # a regular file's own mode (a device's says nothing of files)
+        if replaces.is_file():
+            os.chmod(path, replaces.stat().st_mode & 0o777)
         return
     umask = os.umask(0)
     os.umask(umask)

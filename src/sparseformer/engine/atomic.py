@@ -12,11 +12,21 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["TEMPORARY_PATTERN", "WriteError", "temporary_for", "write_atomic", "write_text_atomic"]
+__all__ = [
+    "TEMPORARY_PATTERN",
+    "WriteError",
+    "temporary_for",
+    "write_atomic",
+    "write_text_atomic",
+    "output_target",
+    "is_stream",
+    "install",
+]
 
 TEMPORARY_PATTERN = ".*.tmp-*"  # what temporary_for makes (a glob, for clearing stale ones)
 
@@ -103,3 +113,27 @@ def _describe(path: Path, cause: BaseException) -> str:
         first = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", lines[0]) if lines else ""
         why = getattr(cause, "strerror", None) or first or type(cause).__name__
     return f"could not write {str(path)!r}: {why}"
+
+
+def output_target(path: str | os.PathLike) -> Path:
+    """Where writing ``path`` lands: a symlink's target (the link stays), else ``path``."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """Whether ``path`` exists as neither a regular file nor a folder: a device
+    (``/dev/null``, a terminal) or a pipe, which is written into, never renamed over."""
+    path = Path(path)
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
+def install(tmp: Path, path: Path) -> None:
+    """Put the finished temporary file ``tmp`` at ``path`` (an :func:`output_target`): renamed
+    over it, or, for a device or a pipe (:func:`is_stream`), its bytes written into it."""
+    if not is_stream(path):
+        os.replace(tmp, path)
+        return
+    with open(tmp, "rb") as src, open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    tmp.unlink()

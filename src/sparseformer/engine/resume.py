@@ -23,7 +23,7 @@ from sparseformer.engine.loop import EpochProgress
 from sparseformer.engine.recipe import Recipe, RecipeFlags, list_recipes, saved_recipe
 from sparseformer.engine.run_folder import find_resume_checkpoint, summary_epochs
 from sparseformer.engine.step_saves import progress_from_record
-from sparseformer.weights.convert import CheckpointError
+from sparseformer.weights.convert import CheckpointError, UnreadableCheckpoint
 
 __all__ = [
     "DATA_ORDER",
@@ -75,11 +75,13 @@ def read_resume_checkpoint(resume: Path, model_name: str) -> dict[str, Any]:
     """The training checkpoint ``resume``, checked to be one of ``model_name``."""
     try:
         return ckpt_io.read_training_checkpoint(resume, model_name)
-    except CheckpointError as exc:
+    except UnreadableCheckpoint as exc:  # cut short, overwritten: the run's best.pt may read
         best = Path(resume).with_name(ckpt_io.BEST)
         other = Path(resume).name != ckpt_io.BEST and best.is_file()
         hint = f"; --resume {best} continues from the run's best epoch instead" if other else ""
         raise ResumeError(f"{exc}{hint}") from None
+    except CheckpointError as exc:  # another model's run, ...: its best.pt would be too
+        raise ResumeError(str(exc)) from None
 
 
 def resumed_recipe(

@@ -200,11 +200,6 @@ def check_output_path(path: str | os.PathLike, flag: str, *, folder: bool = Fals
         raise ValueError(f"{flag} {str(path)!r} is a file; give a folder")
     if not folder and path.is_dir():
         raise ValueError(f"{flag} {str(path)!r} is a folder; give a file path")
-    if path.exists() and not (path.is_dir() or path.is_file()):
-        raise ValueError(
-            f"{flag} {str(path)!r} is not a regular file (a device, a pipe or a socket); give "
-            "a file path"
-        )
     for parent in (path, *path.parents) if folder else path.parents:
         if parent.exists():  # the nearest existing folder: the rest will be created in it
             if not parent.is_dir():
@@ -239,8 +234,8 @@ def refuse_overwriting_a_run(
     held = [name for name in (LAST, BEST) if (path / name).is_file()]
     if overwrite or not held:
         return
-    if resume is not None and Path(resume).resolve().parent == Path(path).resolve():
-        return  # continuing the run that is there
+    if resume is not None and Path(resume).absolute().parent.resolve() == Path(path).resolve():
+        return  # continuing the run that is there (its last.pt may link to a backup)
     if resume is not None:
         raise ValueError(
             f"--output {str(path)!r} already holds another run ({', '.join(held)}), which "

@@ -121,6 +121,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit; the message says what to do."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A file that is missing, empty, cut short or not a checkpoint at all (as opposed to a
+    checkpoint of something else)."""
+
+
 class NotASparseFormerCheckpoint(CheckpointError):
     """The file or mapping is not a SparseFormer checkpoint in a known format."""
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sparseformer.weights.convert import CheckpointError, unwrap_checkpoint
+from sparseformer.weights.convert import CheckpointError, UnreadableCheckpoint, unwrap_checkpoint
 
 __all__ = ["RUN_INFO_KEY", "NotLoaded", "read_file"]
 
@@ -42,9 +42,9 @@ def read_file(path: str | os.PathLike) -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+        raise UnreadableCheckpoint(f"checkpoint {str(path)!r} does not exist or is not a file")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {str(path)!r} is empty")
+        raise UnreadableCheckpoint(f"checkpoint {str(path)!r} is empty")
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         from safetensors import SafetensorError, safe_open
 
@@ -53,7 +53,7 @@ def read_file(path: str | os.PathLike) -> Any:
                 metadata = f.metadata() or {}
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(
+            raise UnreadableCheckpoint(
                 f"{str(path)!r} is not a readable safetensors file ({exc}); "
                 "was the download or copy cut short?"
             ) from exc
@@ -69,7 +69,7 @@ def read_file(path: str | os.PathLike) -> Any:
         head = f.read(64)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip or pickle protocol 2+
         kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "binary data"
-        raise CheckpointError(
+        raise UnreadableCheckpoint(
             f"{str(path)!r} is not a readable checkpoint: it holds {kind} "
             f"({head[:24]!r}...), not a PyTorch (.pth) or safetensors file"
         )
@@ -78,7 +78,7 @@ def read_file(path: str | os.PathLike) -> Any:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(
+        raise UnreadableCheckpoint(
             f"{str(path)!r} is not a readable PyTorch checkpoint ({_torch_reason(exc)}); "
             "it may be truncated (download or copy again) or not a checkpoint at all"
         ) from exc
