@@ -260,6 +260,7 @@ def test_a_tagged_deit_small_is_the_default_baseline_and_bad_tags_are_named(caps
     assert "cannot take" not in err and len(err.splitlines()) == 1
     from sparseformer.engine.device import available_cores, warn_oversubscribed
 
+    caplog.clear()
     warn_oversubscribed(available_cores())
     assert not caplog.records
     warn_oversubscribed(available_cores() + 1)  # --threads beyond the cores: said, not silent

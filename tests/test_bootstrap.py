@@ -219,7 +219,11 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
     assert loaded.head.out_features == 3
     assert torch.equal(loaded.head.weight, own.head.weight)
     for bad, why in (  # the command: status 1 and one line saying why
-        (["--teacher", "test_resnet"], "not a ViT"),
+        (["--teacher", "test_resnet", "--random-teacher"], "not a ViT"),
+        (
+            ["--teacher", "test_vit", "--random-teacher", "--teacher-checkpoint", str(other)],
+            "--random-teacher asks for an untrained teacher",
+        ),
         (["--teacher", "test_vit", "--teacher-checkpoint", str(other)], "does not match the"),
         (["--teacher", "test_vit"], "a name without weights, and an untrained teacher"),
         (

@@ -54,7 +54,8 @@ def test_a_clip_teacher_trains_on_labelled_images_without_accuracy(
     monkeypatch.setattr(teacher_module, "load_teacher", lambda *args, **kwargs: load(clip))
     caplog.set_level(logging.INFO, logger="sparseformer.bootstrap.run")
     out = tmp_path / "clip"
-    assert main(["bootstrap", "--teacher", "vit_base_patch16_clip_quickgelu_224", "--data-dir",
+    assert main(["bootstrap", "--teacher", "vit_base_patch16_clip_quickgelu_224",
+                 "--random-teacher", "--data-dir",
                  str(folder / "data"), "--output", str(out), *SMALL, *RUN,
                  "--epochs", "1"]) == 0  # fmt: skip
     why = [r.message for r in caplog.records if "no accuracy" in r.message]

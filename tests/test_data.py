@@ -365,6 +365,9 @@ def test_a_thin_strip_is_cropped_before_the_eval_resize(shape):
     x = np.linspace(0, 4 * np.pi, w)[None, :, None] + np.linspace(0, 2, h)[:, None, None]
     img = Image.fromarray((127 + 120 * np.sin(x) * np.ones((1, 1, 3))).astype(np.uint8))
     assert max(LimitAspect()(img).size) <= 8 * min(shape) + 1
+    assert any(
+        isinstance(t, LimitAspect) for t in build_transform(Preprocessing(), None).transforms
+    )
     pre = Preprocessing(224, (0.5,) * 3, (0.5,) * 3, 0.875, "bicubic")
     timm_eval = create_transform(224, is_training=False, crop_pct=0.875,
                                  interpolation="bicubic", use_prefetcher=True)  # fmt: skip

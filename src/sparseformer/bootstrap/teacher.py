@@ -22,7 +22,14 @@ from sparseformer.data.transforms import Preprocessing
 from sparseformer.weights.checkpoint import PREPROCESSING_FIELDS, read_checkpoint
 from sparseformer.weights.registry import MODELS
 
-__all__ = ["Teacher", "load_teacher", "freeze", "fingerprint", "check_resumed_teacher"]
+__all__ = [
+    "Teacher",
+    "load_teacher",
+    "freeze",
+    "fingerprint",
+    "check_resumed_teacher",
+    "check_teacher_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +196,25 @@ def load_teacher(
             _untrained(name, random_ok)
         names = None
     return Teacher(freeze(model), name, _timm_preprocessing(model), names)
+
+
+def check_teacher_weights(
+    teacher: str | os.PathLike, checkpoint: str | os.PathLike | None, random_teacher: bool
+) -> None:
+    """Before anything is built: a timm name needs weights (``checkpoint``) unless an untrained
+    teacher is asked for (``random_teacher``), which takes none.
+
+    Raises:
+        BootstrapError: weights missing, or given with ``random_teacher``.
+    """
+    has_weights = checkpoint is not None or Path(teacher).is_file()
+    if random_teacher and has_weights:
+        raise BootstrapError(
+            "--random-teacher asks for an untrained teacher: give it without weights (no "
+            "--teacher-checkpoint, a timm name as --teacher), or leave it out"
+        )
+    if not has_weights:
+        _untrained(str(teacher), random_teacher)
 
 
 def _untrained(name: str, random_ok: bool) -> None:

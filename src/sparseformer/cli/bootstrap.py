@@ -124,6 +124,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     """Device, recipe, what to resume (its own settings), data source, output folder."""
     from sparseformer.bootstrap.derive import TEMPLATE
     from sparseformer.bootstrap.run import BootstrapSettings
+    from sparseformer.bootstrap.teacher import check_teacher_weights
     from sparseformer.cli import check_output
     from sparseformer.engine.device import pick_device
     from sparseformer.engine.distributed import launched_rank
@@ -138,6 +139,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     )
     from sparseformer.engine.run_folder import refuse_overwriting_a_run
 
+    check_teacher_weights(args.teacher, args.teacher_checkpoint, args.random_teacher)
     device = pick_device(args.device)
     refuse_video_flags_on_images(args, check_model_fits_data(TEMPLATE, args))
     flags = recipe_flags(args)

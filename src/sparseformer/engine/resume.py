@@ -316,9 +316,10 @@ def restore_run(
             _warn_new_schedule(state, saved_world, dist.world_size, parts)
         step, within = start_epoch * steps_per_epoch, 0  # a part-way epoch starts over
     keep_saved_data_order(parts.train_loader.sampler, state)
-    where = f"in epoch {start_epoch + 1} after its step {within}" if within else "at epoch"
-    where = where if within else f"{where} {start_epoch + 1}"
-    logger.info("resuming %s %s (step %d of the run)", resume, where, step)
+    where = f"after step {within} of" if within else "at"
+    logger.info(
+        "resuming %s %s epoch %d (step %d of the run)", resume, where, start_epoch + 1, step
+    )
     parts_done = state.get("epoch_progress") if within else None
     return RunState(
         start_epoch=start_epoch,
