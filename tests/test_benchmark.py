@@ -97,9 +97,14 @@ def test_cli_rejects_unknown_model_in_one_line(capsys):
     assert "no registered model matches" in capsys.readouterr().err
 
 
-def test_settings_validate_baseline_and_precision():
+def test_settings_validate_baseline_and_precision(capsys):
     with pytest.raises(BenchError, match="baseline"):
         small_settings(baseline="resnet50")
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(BenchError, match="--min-time .*: give a number of seconds"):
+            small_settings(min_time=bad)
+    assert main(["bench", "--models", "sparseformer_v1_nano", "--num-frames", "4"]) == 1
+    assert "--num-frames is for video models" in capsys.readouterr().err
     with pytest.raises(BenchError, match="precision"):
         small_settings(precision="int8")
     with pytest.raises(BenchError, match="fp16 on the CPU is emulated"):

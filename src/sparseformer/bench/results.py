@@ -7,6 +7,7 @@ prints and plots them.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -112,6 +113,8 @@ class BenchSettings:
         sizes = (self.batch_size, self.repeats, self.train_batch_size, *self.img_sizes)
         if min(sizes) < 1 or (self.num_frames is not None and self.num_frames < 1):
             raise BenchError("batch sizes, repeats, image sizes and frames must be positive")
+        if not (math.isfinite(self.min_time) and self.min_time >= 0):
+            raise BenchError(f"--min-time {self.min_time}: give a number of seconds, 0 or more")
         if self.baseline is not None and self.baseline not in self.models:
             raise BenchError(f"baseline {self.baseline!r} is not among the models {self.models}")
 

@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from sparseformer.bench.throughput import BenchError, BenchSettings, run_benchmark
     from sparseformer.cli import CliError, check_output
+    from sparseformer.engine.video import is_video_model
 
     sweep = {}
     if args.sweep:  # the sweep's files, beside any asked for one by one
@@ -114,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"{', '.join(same)} is given for two outputs; give each its own file")
     if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg", ".jpg"):
         raise CliError(f"--plot {args.plot!r}: give a .png, .pdf, .svg or .jpg file")
+    if args.num_frames is not None and not any(is_video_model(m) for m in args.models):
+        raise CliError("--num-frames is for video models; none of --models is one")
     sizes = args.img_size or (list(sweeping.SWEEP_SIZES) if args.sweep else [224])
     try:
         settings = BenchSettings(
