@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +45,9 @@ from sparseformer.viz.video import plot_video_rois, video_frame_images
 from sparseformer.weights.registry import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
+    import numpy as np
     from matplotlib.figure import Figure
+    from PIL import Image
 
 __all__ = [
     "roi_statistics",
@@ -73,7 +75,7 @@ logger = logging.getLogger(__name__)
 
 
 def plot_rois(
-    image,
+    image: Image.Image | np.ndarray | Tensor,
     output: SparseFormerOutput,
     *,
     index: int = 0,
@@ -208,7 +210,7 @@ def visualize(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     class_names: Sequence[str] | None = None,
-    **plot_kwargs,
+    **plot_kwargs: Any,
 ) -> Figure:
     """Run ``model`` on an image file and draw its RoIs and points (for notebooks).
 
@@ -217,7 +219,9 @@ def visualize(
         image: path of any image PIL reads.
         img_size: side the image is resized to (default: the model's ``pretrained_cfg``
             input size, else 224).
-        mean, std: normalisation (default ImageNet's).
+        mean: normalisation mean (default ImageNet's).
+        std: normalisation standard deviation (default ImageNet's).
+        class_names: names for the predicted label (indices otherwise).
         **plot_kwargs: passed to :func:`plot_rois` (``stages``, ``highlight``, ...).
     """
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -245,7 +249,7 @@ class Pictures:
 
 def write_pictures(
     model: nn.Module,
-    image,
+    image: Image.Image,
     out_dir: str | os.PathLike,
     stem: str,
     *,
@@ -263,7 +267,8 @@ def write_pictures(
         model: an image SparseFormer.
         image: an RGB PIL image (see :func:`~sparseformer.viz.inputs.load_image`).
         info: input size, mean/std and class names (default: 224, ImageNet, indices).
-        stages, highlight: as for :func:`plot_rois`.
+        stages: as for :func:`plot_rois`.
+        highlight: as for :func:`plot_rois`.
 
     Raises:
         ValueError: a stage the model does not have.

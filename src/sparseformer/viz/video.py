@@ -31,7 +31,7 @@ __all__ = ["plot_video_rois", "video_frame_images", "frame_geometry"]
 
 
 def plot_video_rois(
-    frames,
+    frames: np.ndarray | torch.Tensor,
     output: SparseFormerOutput,
     *,
     index: int = 0,
