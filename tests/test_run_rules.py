@@ -218,3 +218,23 @@ def test_a_run_whose_last_checkpoint_links_to_a_backup_resumes_in_place(tmp_path
     refuse_overwriting_a_run(run, resume=run / "last.pt")  # the folder's own run: goes on
     with pytest.raises(ValueError, match="already holds another run"):
         refuse_overwriting_a_run(run, resume=backup / "last.pt")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
+def test_outputs_named_by_a_descriptor_are_appended_to_never_replaced(tmp_path):
+    """`bench --csv /dev/stdout > out.txt`: the redirected file gets the bytes after what the
+    command printed, and nothing is staged in /dev or /proc."""
+    from sparseformer.engine.atomic import install, is_stream, output_target, staging_file
+
+    redirected = tmp_path / "out.txt"
+    with open(redirected, "w") as f:
+        f.write("the table\n")
+        f.flush()
+        name = Path(f"/proc/self/fd/{f.fileno()}")
+        assert is_stream(name) and output_target(name) == name
+        tmp = staging_file(name, ".csv")
+        assert not str(tmp).startswith(("/dev", "/proc"))
+        tmp.write_text("a,b\n")
+        install(tmp, name)
+    assert redirected.read_text() == "the table\na,b\n" and not tmp.exists()
+    assert not is_stream(redirected)  # a file named as itself is replaced, atomically

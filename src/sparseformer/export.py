@@ -164,11 +164,11 @@ def export_onnx(
         num_frames = int(model.config.num_frames)
     opset = (VIDEO_MIN_OPSET if num_frames is not None else 18) if opset is None else opset
     _check_sizes(opset, img_size, num_frames)
-    from sparseformer.engine.atomic import install, output_target
+    from sparseformer.engine.atomic import install, output_target, staging_file
 
     path = output_target(path)  # a symlink's file; a device (/dev/null) is written into
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.onnx")
+    tmp = staging_file(path, ".onnx")
     wrapper = _Logits(_cpu_float_copy(model)).eval()
     # Batch 2 as the example, so that the exporter does not specialise a batch of 1.
     frames = () if num_frames is None else (num_frames,)

@@ -167,12 +167,12 @@ def _write_outputs(writes: list) -> None:
     replaced, a device or pipe (``/dev/stdout``, ``/dev/null``) written into."""
     import sys
 
-    from sparseformer.engine.atomic import install, is_stream, output_target
+    from sparseformer.engine.atomic import install, is_stream, output_target, staging_file
 
     for option, write in writes:
         path = output_target(option)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+        tmp = staging_file(path, path.suffix)  # the suffix tells matplotlib the format
         write(tmp)
         install(tmp, path)
         print(f"wrote {option}", file=sys.stderr if is_stream(path) else sys.stdout)

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from sparseformer.cli import CliError, check_output
-    from sparseformer.engine.atomic import install, output_target
+    from sparseformer.engine.atomic import install, output_target, staging_file
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.factory import create_model
     from sparseformer.weights.loading import load_checkpoint, require_sparseformer_layout
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             ckpt,
             allow_classifier_mismatch=False,
         )
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = staging_file(out)
     tensors = {k: v.contiguous() for k, v in ckpt.state_dict.items()}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

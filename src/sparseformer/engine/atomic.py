@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -25,6 +26,7 @@ __all__ = [
     "write_text_atomic",
     "output_target",
     "is_stream",
+    "staging_file",
     "install",
 ]
 
@@ -116,24 +118,47 @@ def _describe(path: Path, cause: BaseException) -> str:
 
 
 def output_target(path: str | os.PathLike) -> Path:
-    """Where writing ``path`` lands: a symlink's target (the link stays), else ``path``."""
+    """Where writing ``path`` lands: a symlink's target (the link stays), else ``path``; a
+    stream (:func:`is_stream`, such as ``/dev/stdout``) is written through its own name."""
     path = Path(path)
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
+    if is_stream(path) or not path.is_symlink():
+        return path
+    return Path(os.path.realpath(path))
 
 
 def is_stream(path: str | os.PathLike) -> bool:
-    """Whether ``path`` exists as neither a regular file nor a folder: a device
-    (``/dev/null``, a terminal) or a pipe, which is written into, never renamed over."""
+    """Whether ``path`` is written into rather than replaced: a device (``/dev/null``, a
+    terminal), a pipe, or a name for a process's descriptors (``/dev/stdout``,
+    ``/proc/self/fd/1``), which stands for whatever they are (a file the shell redirected
+    to is appended to, not replaced)."""
     path = Path(path)
-    return path.exists() and not path.is_file() and not path.is_dir()
+    if not path.exists():
+        return False
+    return bool(_DESCRIPTOR_NAME.match(str(path.absolute()))) or not (
+        path.is_file() or path.is_dir()
+    )
+
+
+_DESCRIPTOR_NAME = re.compile(r"^/(dev/(stdout|stderr|fd/\d+)|proc/(self|\d+)/fd/\d+)$")
+
+
+def staging_file(path: Path, suffix: str = "") -> Path:
+    """Where to write the file that :func:`install` puts at ``path``: a hidden name beside it
+    (one rename away), or for a stream a temporary file of the system's (``/dev`` is not ours
+    to write in)."""
+    if not is_stream(path):
+        return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    fd, name = tempfile.mkstemp(prefix=".sparseformer-", suffix=suffix)
+    os.close(fd)
+    return Path(name)
 
 
 def install(tmp: Path, path: Path) -> None:
     """Put the finished temporary file ``tmp`` at ``path`` (an :func:`output_target`): renamed
-    over it, or, for a device or a pipe (:func:`is_stream`), its bytes written into it."""
+    over it, or, for a stream (:func:`is_stream`), its bytes appended to it."""
     if not is_stream(path):
         os.replace(tmp, path)
         return
-    with open(tmp, "rb") as src, open(path, "wb") as dst:
+    with open(tmp, "rb") as src, open(path, "ab") as dst:
         shutil.copyfileobj(src, dst)
     tmp.unlink()

@@ -25,7 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparseformer.engine.atomic import TEMPORARY_PATTERN, write_atomic, write_text_atomic
+from sparseformer.engine.atomic import (
+    TEMPORARY_PATTERN,
+    is_stream,
+    write_atomic,
+    write_text_atomic,
+)
 from sparseformer.engine.checkpoint import BEST, LAST
 
 __all__ = [
@@ -200,6 +205,10 @@ def check_output_path(path: str | os.PathLike, flag: str, *, folder: bool = Fals
         raise ValueError(f"{flag} {str(path)!r} is a file; give a folder")
     if not folder and path.is_dir():
         raise ValueError(f"{flag} {str(path)!r} is a folder; give a file path")
+    if not folder and is_stream(path):  # /dev/stdout, /dev/null, a pipe: written into
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{flag} {str(path)!r}: no permission to write to it")
+        return
     for parent in (path, *path.parents) if folder else path.parents:
         if parent.exists():  # the nearest existing folder: the rest will be created in it
             if not parent.is_dir():
