@@ -81,7 +81,9 @@ def test_cli_writes_json_csv_and_plot(tmp_path, capsys):
     link.symlink_to(os.devnull)
     assert main([*argv[: argv.index("--json")], "--json", str(link)]) == 0
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode) and link.is_symlink()
-    twice = [*argv[: argv.index("--json")], "--json", str(link), "--csv", str(link)]
+    alias = tmp_path / "alias.json"  # a second name for out.json: one file for two outputs
+    alias.symlink_to(paths["json"])
+    twice = [*argv[: argv.index("--json")], "--json", str(paths["json"]), "--csv", str(alias)]
     assert main(twice) == 1 and "is given for two outputs" in capsys.readouterr().err
 
 

@@ -212,6 +212,12 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
         load_teacher("test_vit", img_size=8)
     with pytest.raises(BootstrapError, match="a name without weights"):
         load_teacher("test_vit", img_size=32, random_ok=False)
+    from sparseformer.bootstrap.teacher import check_teacher_weights
+
+    check_teacher_weights("vit_tiny_patch16_22", None, False)  # not a name: load_teacher says
+    check_teacher_weights(folder / "teacher.pt", None, False)  # a run's checkpoint: weights
+    with pytest.raises(BootstrapError, match="a name without weights"):
+        check_teacher_weights("test_vit", None, False)
     # a ViT fine-tuned on one's own classes: built with its checkpoint's head
     own = timm.create_model("test_vit", img_size=32, num_classes=3)
     torch.save(own.state_dict(), tmp_path / "own.pt")

@@ -88,6 +88,9 @@ def test_reset_classifier_keeps_cls_pooling_and_takes_a_bias():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5) and model.head.bias is None
     model.reset_classifier(5, "avg")
     assert model.global_pool == "avg"
+    x = torch.randn(1, 3, 32, 32)  # every token averaged, the CLS token among them (see docs)
+    tokens = model.forward_features(x)
+    torch.testing.assert_close(model(x), model.head(model.fc_norm(tokens.mean(dim=1))))
     model.reset_classifier(5, "token")
     with pytest.raises(ValueError, match="'token'"):
         model.reset_classifier(5, "max")

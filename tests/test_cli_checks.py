@@ -192,7 +192,8 @@ def test_train_runs_on_an_indexed_device(tmp_path, folder, capsys, monkeypatch):
                            "4", "--img-size", "32", "--quiet", "--recipe", "fashion-mnist-cpu",
                            "--device", "cuda:0")  # fmt: skip
     assert code == 0, err
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(session, "pick_device", lambda requested, **_: "cuda:1")
     err = one_line_error(capsys, "train", "--model", NANO, "--data-dir", str(folder),
                          "--output", str(tmp_path / "r2"), "--device", "cuda:1")  # fmt: skip

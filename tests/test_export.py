@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -218,6 +219,17 @@ def test_export_metadata_is_true_of_the_graph_and_opsets_are_checked_first(tmp_p
     path = export_onnx(video, tmp_path / "video.onnx", img_size=32)
     meta = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
     assert meta["clip"]["num_frames"] == 4
+    run = create_model("sparseformer_v1_nano", num_classes=3)
+    run.pretrained_cfg["label_names"] = ("a", "b", "c")
+    run.reset_classifier(5)  # a new classifier: the run's 3 names no longer name its outputs
+    path = export_onnx(run, tmp_path / "reset.onnx", img_size=32)
+    assert "class_names" not in {p.key for p in onnx.load(str(path)).metadata_props}
+    for bad, said in (
+        (["--out", os.devnull], "give a file, which is then checked"),
+        (["--ema", "--out", str(tmp_path / "e.onnx")], "--ema exports a checkpoint"),
+    ):
+        assert main(["export", "--model", "sparseformer_v1_nano", *bad]) == 1  # fmt: skip
+        assert said in capsys.readouterr().err
     for opset in (16, 99):
         argv = ["export", "--model", "sparseformer_v1_nano", "--opset", str(opset), "--out",
                 str(tmp_path / "o.onnx")]  # fmt: skip

@@ -236,5 +236,6 @@ def test_outputs_named_by_a_descriptor_are_appended_to_never_replaced(tmp_path):
         assert not str(tmp).startswith(("/dev", "/proc"))
         tmp.write_text("a,b\n")
         install(tmp, name)
-    assert redirected.read_text() == "the table\na,b\n" and not tmp.exists()
+        f.write("wrote it\n")  # what the command prints after: after the bytes, not over them
+    assert redirected.read_text() == "the table\na,b\nwrote it\n" and not tmp.exists()
     assert not is_stream(redirected)  # a file named as itself is replaced, atomically

@@ -23,7 +23,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ExportError", "export_onnx", "onnx_max_difference", "VIDEO_MIN_OPSET"]
+__all__ = [
+    "ExportError",
+    "export_onnx",
+    "onnx_max_difference",
+    "check_export_settings",
+    "VIDEO_MIN_OPSET",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +53,19 @@ def _require(module: str) -> None:
 
 @contextmanager
 def _quiet_exporter():
-    """The exporter's graph passes log every rewrite at INFO; keep warnings only."""
-    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    for lg in loggers[:1] + loggers[2:]:  # onnxscript's optimiser notes (a Split left
-        lg.setLevel(logging.ERROR)  # unfolded), torch's trace of a graph it could not convert
+    """The exporter's graph passes log every rewrite at INFO; onnxscript's optimiser also
+    notes each constant it leaves unfolded (a Split) at WARNING: keep what a user acts on."""
+    quieter = {"onnxscript": logging.ERROR, "onnx_ir": logging.WARNING,
+               "torch.onnx": logging.WARNING}  # fmt: skip
+    loggers = {name: logging.getLogger(name) for name in quieter}
+    levels = {name: lg.level for name, lg in loggers.items()}
+    for name, lg in loggers.items():
+        lg.setLevel(quieter[name])
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        for name, lg in loggers.items():
+            lg.setLevel(levels[name])
 
 
 class _Logits(nn.Module):
@@ -163,7 +170,7 @@ def export_onnx(
     if num_frames is None and getattr(model, "roi_dims", 2) == 3:  # a video model's own
         num_frames = int(model.config.num_frames)
     opset = (VIDEO_MIN_OPSET if num_frames is not None else 18) if opset is None else opset
-    _check_sizes(opset, img_size, num_frames)
+    check_export_settings(opset, img_size, num_frames)
     from sparseformer.engine.atomic import install, output_target, staging_file
 
     path = output_target(path)  # a symlink's file; a device (/dev/null) is written into
@@ -193,7 +200,7 @@ def export_onnx(
     return path
 
 
-def _check_sizes(opset: int, img_size: int, num_frames: int | None) -> None:
+def check_export_settings(opset: int, img_size: int, num_frames: int | None) -> None:
     """Refuse, before any work, an opset the exporter cannot write or the installed ``onnx``
     does not know, and an example size the graph cannot take.
 

@@ -207,14 +207,17 @@ def check_teacher_weights(
     Raises:
         BootstrapError: weights missing, or given with ``random_teacher``.
     """
+    import timm
+
     has_weights = checkpoint is not None or Path(teacher).is_file()
     if random_teacher and has_weights:
         raise BootstrapError(
             "--random-teacher asks for an untrained teacher: give it without weights (no "
             "--teacher-checkpoint, a timm name as --teacher), or leave it out"
         )
-    if not has_weights:
-        _untrained(str(teacher), random_teacher)
+    named = timm.is_model(str(teacher).partition(".")[0])  # else load_teacher says what it is
+    if named and not has_weights and not random_teacher:
+        _untrained(str(teacher), random_ok=False)
 
 
 def _untrained(name: str, random_ok: bool) -> None:

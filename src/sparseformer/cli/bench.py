@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from sparseformer.bench.throughput import BenchError, BenchSettings, run_benchmark
     from sparseformer.cli import CliError, check_output
+    from sparseformer.engine.atomic import is_stream, output_target
     from sparseformer.engine.video import is_video_model
 
     sweep = {}
@@ -110,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     for option in sweep.values():
         check_output(option, "--sweep")
     given = [o for o in (args.json, args.csv, args.plot, *sweep.values()) if o]
-    same = sorted({o for o in given if given.count(o) > 1})
+    files = [str(output_target(o).absolute()) for o in given if not is_stream(o)]
+    same = sorted({o for o, f in zip(given, files) if files.count(f) > 1})
     if same:  # one would overwrite the other
         raise CliError(f"{', '.join(same)} is given for two outputs; give each its own file")
     if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg", ".jpg"):

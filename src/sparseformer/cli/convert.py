@@ -28,13 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
     from pathlib import Path
 
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from sparseformer.cli import CliError, check_output
-    from sparseformer.engine.atomic import install, output_target, staging_file
+    from sparseformer.engine.atomic import install, is_stream, output_target, staging_file
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.factory import create_model
     from sparseformer.weights.loading import load_checkpoint, require_sparseformer_layout
@@ -86,13 +87,14 @@ def run(args: argparse.Namespace) -> int:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass  # nothing was written where the path cannot be
-        raise CliError(f"cannot write {str(out)!r}: {exc}") from exc
-    print(f"wrote {out}: {report.summary()}")
+        raise CliError(f"cannot write {str(given)!r}: {exc}") from exc
+    say = sys.stderr if is_stream(out) else sys.stdout  # OUT may be /dev/stdout itself
+    print(f"wrote {given}: {report.summary()}", file=say)
     for old, new in report.renamed.items():
         if old != new:
-            print(f"  {old} -> {new}")
+            print(f"  {old} -> {new}", file=say)
     for key in report.dropped:
-        print(f"  dropped {key}")
+        print(f"  dropped {key}", file=say)
     return 0
 
 

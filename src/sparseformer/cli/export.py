@@ -72,7 +72,14 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.cli import CliError, check_output
     from sparseformer.cli.common import model_named_by_checkpoint
     from sparseformer.config import VideoSparseFormerConfig
-    from sparseformer.export import ExportError, export_onnx, onnx_max_difference
+    from sparseformer.engine.atomic import is_stream
+    from sparseformer.export import (
+        VIDEO_MIN_OPSET,
+        ExportError,
+        check_export_settings,
+        export_onnx,
+        onnx_max_difference,
+    )
     from sparseformer.weights.build import require_sparseformer
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.factory import create_model, get_model_spec
@@ -80,9 +87,16 @@ def run(args: argparse.Namespace) -> int:
     args.model = model_named_by_checkpoint(args)
     require_sparseformer(args.model, "export")
     check_output(args.out, "--out")
-    if args.img_size is not None and not 4 <= args.img_size <= 16384:
-        raise CliError(f"--img-size {args.img_size}: give 4 to 16384 pixels")
+    if is_stream(args.out):  # the file is run by onnxruntime after it is written
+        raise CliError(f"--out {args.out!r}: give a file, which is then checked by running it")
+    if args.ema and args.checkpoint is None:
+        raise CliError("--ema exports a checkpoint's EMA weights: give --checkpoint too")
     video = isinstance(get_model_spec(args.model).config, VideoSparseFormerConfig)
+    try:  # before any checkpoint is read or model built
+        opset = args.opset if args.opset is not None else (VIDEO_MIN_OPSET if video else 18)
+        check_export_settings(opset, args.img_size or 224, 1 if video else None)
+    except ExportError as exc:
+        raise CliError(str(exc).replace("img_size", "--img-size")) from None
     ckpt = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
     if ckpt is not None:  # a video model takes its image model's checkpoint, inflated
         check_model(ckpt, args.model)
@@ -112,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     num_frames = shape[1] if video else None
     try:
         path = export_onnx(
-            model, args.out, img_size=args.img_size, opset=args.opset, num_frames=num_frames
+            model, args.out, img_size=args.img_size, opset=opset, num_frames=num_frames
         )
         generator = torch.Generator().manual_seed(0)
         for batch in args.check_batch_sizes:

@@ -108,6 +108,7 @@ def _refuse_models_without_classes(model, info: dict, name: str) -> None:
     bias-free projection at its released width (an embedding, unless a run named its classes;
     a bias-free classifier of other classes passes), has none."""
     from sparseformer.cli import CliError
+    from sparseformer.weights.registry import MODELS
 
     width = int(getattr(model, "num_classes", 0) or 0)
     if width == 0:
@@ -115,8 +116,6 @@ def _refuse_models_without_classes(model, info: dict, name: str) -> None:
             f"{name} has no classifier here (its outputs are features), so there are no "
             "classes to predict; fine-tune one first (train --checkpoint)"
         )
-    from sparseformer.weights.registry import MODELS
-
     config = getattr(model, "config", None)  # a timm model has none: a classifier
     spec = MODELS.get(name)
     projection = spec is not None and width == spec.config.num_classes  # the released width

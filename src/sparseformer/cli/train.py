@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +174,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
 
     device = pick_device(args.device)
     parse_checkpoint_every(args.checkpoint_every)  # a bad value: one line, before any work
-    if ":" in device and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if ":" in device and launched_rank()[1] > 1:
         raise ValueError(
             f"--device {device} under torchrun: each process takes GPU LOCAL_RANK; use "
             "--device cuda and choose the GPUs with CUDA_VISIBLE_DEVICES"

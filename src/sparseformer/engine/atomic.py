@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -155,10 +156,32 @@ def staging_file(path: Path, suffix: str = "") -> Path:
 
 def install(tmp: Path, path: Path) -> None:
     """Put the finished temporary file ``tmp`` at ``path`` (an :func:`output_target`): renamed
-    over it, or, for a stream (:func:`is_stream`), its bytes appended to it."""
+    over it, or, for a stream (:func:`is_stream`), its bytes written into it: through this
+    process's own descriptor where ``path`` names one (``/dev/stdout``), so that they share
+    its position with what the process prints before and after."""
     if not is_stream(path):
         os.replace(tmp, path)
         return
-    with open(tmp, "rb") as src, open(path, "ab") as dst:
-        shutil.copyfileobj(src, dst)
+    fd = _own_descriptor(path)
+    if fd is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    with open(tmp, "rb") as src:
+        with os.fdopen(os.dup(fd), "wb") if fd is not None else open(path, "ab") as dst:
+            shutil.copyfileobj(src, dst)
     tmp.unlink()
+
+
+def _own_descriptor(path: Path) -> int | None:
+    """The descriptor of this process that ``path`` names (``/dev/stdout``: 1,
+    ``/proc/self/fd/5``: 5), else ``None``."""
+    match = _DESCRIPTOR_NAME.match(str(Path(path).absolute()))
+    if match is None:
+        return None
+    name = match.group(0)
+    if name in ("/dev/stdout", "/dev/stderr"):
+        return 1 if name == "/dev/stdout" else 2
+    pid = re.match(r"^/proc/(\d+)/", name)
+    if pid is not None and int(pid.group(1)) != os.getpid():
+        return None  # another process's descriptor: opened by name
+    return int(name.rsplit("/", 1)[1])

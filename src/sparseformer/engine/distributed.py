@@ -71,7 +71,7 @@ def setup_distributed(device: str) -> DistInfo:
     info = DistInfo(
         int(os.environ["RANK"]),
         int(os.environ["WORLD_SIZE"]),
-        int(os.environ["LOCAL_RANK"]),
+        int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),  # one machine, if not said
         int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])),
     )
     backend = "nccl" if device.startswith("cuda") else "gloo"
