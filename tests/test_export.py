@@ -151,6 +151,8 @@ def test_export_and_info_name_what_they_cannot_take(tmp_path, capsys):
     assert "'resnet18' is a timm model" in capsys.readouterr().err
     assert main(["info", "sparseformer_v1_nanno"]) == 1
     assert "did you mean sparseformer_v1_nano" in capsys.readouterr().err
+    assert main(["info", "sparseformer_v1_tiny.in1k"]) == 1  # a tagged name: not a timm model
+    assert "without a pretrained tag ('in1k'): 'sparseformer_v1_tiny'" in capsys.readouterr().err
     nano = create_model("sparseformer_v1_nano", num_classes=2)
     ckpt = tmp_path / "nano.pt"
     torch.save({"model": nano.state_dict(), "model_name": "sparseformer_v1_nano"}, ckpt)

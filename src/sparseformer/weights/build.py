@@ -21,6 +21,7 @@ from sparseformer.weights.checkpoint import Checkpoint, check_model, read_checkp
 from sparseformer.weights.convert import CheckpointError
 from sparseformer.weights.factory import UnknownModelError, create_model, list_models
 from sparseformer.weights.loading import load_weights
+from sparseformer.weights.registry import split_tag
 
 __all__ = [
     "build_model",
@@ -69,6 +70,12 @@ def require_sparseformer(name: str, command: str) -> None:
 
     if name in list_models():
         return
+    arch, tag = split_tag(name)
+    if tag is not None and arch in list_models():  # a pretrained tag names weights
+        raise UnknownModelError(
+            f"{command} takes a model name without a pretrained tag ({tag!r}): {arch!r}, with "
+            "the weights from --checkpoint"
+        )
     if timm.is_model(name):
         raise UnknownModelError(
             f"{command} handles SparseFormer models only (sparseformer models lists them); "
