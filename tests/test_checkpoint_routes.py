@@ -101,6 +101,10 @@ def test_convert_and_info(tmp_path, source, capsys):
     printed = capsys.readouterr().out
     fmt = "sparseformer" if source == "ours" else source
     assert f"format {fmt!r}" in printed and "3 classes" in printed
+    if source == "ours":  # without --img-size: the size the run trained at, as export takes
+        size = read_checkpoint(path).img_size
+        assert main(["info", NANO, "--checkpoint", str(path)]) == 0
+        assert f"input 3x{size}x{size}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("source", SOURCES)

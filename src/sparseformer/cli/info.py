@@ -14,9 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--img-size",
         type=positive_int,
         nargs="+",
-        default=[224],
+        default=None,
         metavar="S",
-        help="input size: S or H W (default 224)",
+        help="input size: S or H W (default: the size a `sparseformer train` checkpoint "
+        "stores, else 224)",
     )
     p.add_argument("--num-classes", type=count, default=None)
     p.add_argument(
@@ -48,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
     if ckpt is not None:  # a video model takes its image model's checkpoint, inflated
         check_model(ckpt, args.model)
+    if args.img_size is None:  # what a run of ours trained on, if it says (as export)
+        args.img_size = [(ckpt and ckpt.img_size) or 224]
     if len(args.img_size) > 2:
         raise CliError(f"--img-size takes S or H W, got {len(args.img_size)} numbers")
     if args.num_frames is not None and not is_video_model(args.model):
