@@ -257,7 +257,9 @@ def test_default_peers_have_published_top1_and_a_source():
     assert published_top1("sparseformer_v1_tiny.in1k_v2").top1 == 81.0
 
 
-def test_a_tagged_deit_small_is_the_default_baseline_and_bad_tags_are_named(capsys, caplog):
+def test_a_tagged_deit_small_is_the_default_baseline_and_bad_tags_are_named(
+    capsys, caplog, monkeypatch
+):
     tagged = small_settings(models=("sparseformer_v1_nano", "deit_small_patch16_224.fb_in1k"))
     assert tagged.baseline_model() == "deit_small_patch16_224.fb_in1k"
     argv = ["bench", "--models", "sparseformer_v1_nano", "resnet18.no_such_tag", "--no-train"]
@@ -272,6 +274,13 @@ def test_a_tagged_deit_small_is_the_default_baseline_and_bad_tags_are_named(caps
     assert not caplog.records
     warn_oversubscribed(available_cores() + 1)  # --threads beyond the cores: said, not silent
     assert "threads beyond the cores wait for each other" in caplog.records[0].getMessage()
+    caplog.clear()  # bound to some cores (a scheduler's per-rank binding): per process
+    monkeypatch.setattr(os, "cpu_count", lambda: 4 * available_cores())
+    warn_oversubscribed(available_cores(), processes=4)
+    assert not caplog.records
+    monkeypatch.setattr(os, "cpu_count", lambda: available_cores())  # unbound: shared
+    warn_oversubscribed(1, processes=available_cores() + 1)
+    assert "threads beyond the cores" in caplog.records[0].getMessage()
 
 
 def test_cli_sweep_writes_json_csv_and_both_plots(tmp_path, capsys):

@@ -79,17 +79,21 @@ def set_threads(requested: int | None, dist: DistInfo) -> int:
             logger.info("the machine is busy (load %.1f on %d cores): using %d thread(s)",
                         load, cores, requested)  # fmt: skip
     else:
-        warn_oversubscribed(requested * max(dist.local_world_size, 1))
+        warn_oversubscribed(requested, dist.local_world_size)
     torch.set_num_threads(requested)
     return requested
 
 
-def warn_oversubscribed(threads: int) -> None:
-    """A warning where ``threads`` (all of this machine's processes together) exceed the cores
-    this process may use: threads beyond the cores wait for each other at every operator."""
+def warn_oversubscribed(threads: int, processes: int = 1) -> None:
+    """A warning where ``threads`` per process exceed the cores they share: this process's own
+    where it is bound to some of the machine's (a scheduler's per-rank binding), else the
+    machine's, shared by the machine's ``processes``. Threads beyond the cores wait for each
+    other at every operator."""
     cores = available_cores()
-    if threads > cores:
+    bound = cores < (os.cpu_count() or cores)
+    sharing = 1 if bound else max(processes, 1)
+    if threads * sharing > cores:
         logger.warning(
             "%d CPU threads on %d cores: threads beyond the cores wait for each other and slow "
-            "every step; give at most %d", threads, cores, cores,
+            "every step; give at most %d", threads * sharing, cores, max(1, cores // sharing),
         )  # fmt: skip
