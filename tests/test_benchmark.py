@@ -301,3 +301,13 @@ def test_cli_sweep_writes_json_csv_and_both_plots(tmp_path, capsys):
         assert len(list(csv.DictReader(f))) == 4
     for suffix in ("-throughput.png", "-top1.png"):
         assert (tmp_path / "sweep" / f"cpu{suffix}").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_model_given_twice_is_timed_once(tmp_path):
+    out = tmp_path / "b.json"
+    argv = ["bench", "--models", "sparseformer_v1_nano", "sparseformer_v1_nano", "--batch-size",
+            "2", "--img-size", "32", "--repeats", "1", "--min-time", "0", "--no-train",
+            "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["settings"]["models"] == ["sparseformer_v1_nano"] and len(data["rows"]) == 1

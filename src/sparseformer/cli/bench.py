@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = args.img_size or (list(sweeping.SWEEP_SIZES) if args.sweep else [224])
     try:
         settings = BenchSettings(
-            models=tuple(args.models),
+            models=tuple(dict.fromkeys(args.models)),  # each once, in the order given
             img_sizes=tuple(sizes),
             batch_size=args.batch_size,
             precision=args.precision,
