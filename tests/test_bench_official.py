@@ -160,5 +160,5 @@ def test_bad_official_paths_fail_in_one_line(authors, tmp_path, capsys):
         assert main([*argv, path]) == 1
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
-    with pytest.raises(BenchError, match="add one"):
-        run_benchmark(BenchSettings(models=("deit_tiny_patch16_224",), official=str(authors)))
+    with pytest.raises(BenchError, match=r"add one they released \(sparseformer_v1_tiny, "):
+        run_benchmark(BenchSettings(models=("sparseformer_v1_nano",), official=str(authors)))

@@ -63,9 +63,10 @@ def timed_models(models: tuple[str, ...], path: str | None) -> tuple[str, ...]:
         return models
     theirs = tuple(official_name(n) for n in official_counterparts(models))
     if not theirs:
+        known = [n for n in MODELS if official_kwargs_or_none(n) is not None]
         raise BenchError(
-            "--official compares a v1 image SparseFormer with the authors' code: add one "
-            "(such as sparseformer_v1_tiny) to --models"
+            "--official compares the authors' code with the same architecture of ours: add one "
+            f"they released ({', '.join(known)}) to --models"
         )
     return models + theirs
 
