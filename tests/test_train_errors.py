@@ -32,6 +32,14 @@ def one_line_error(capsys, *argv: str) -> str:
     return err
 
 
+def tiny_train(data: Path, out: Path, *extra: str) -> list[str]:
+    """A `sparseformer train` command for the nano model on ``data``: batches of 4 images at
+    32 px, the CPU recipe, no progress bars."""
+    return ["train", "--model", NANO, "--data-dir", str(data), "--output", str(out),
+            "--batch-size", "4", "--img-size", "32", "--quiet", "--recipe", "fashion-mnist-cpu",
+            *extra]  # fmt: skip
+
+
 def to_official(state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
     """Our state dict in an official layout: the converter's tables read backwards."""
     top = {ours: theirs for theirs, ours in TOP_LEVEL[fmt].items()}
@@ -423,39 +431,29 @@ def test_a_resumed_run_keeps_its_own_seed(tmp_path, folder, capsys, caplog):
     """The seed draws the data order and the augmentations: a resumed run goes on with its
     own, and a different --seed is named as ignored."""
     out = tmp_path / "run"
-    fast = [
-        "--model", NANO, "--data-dir", str(folder), "--output", str(out), "--batch-size", "4",
-        "--img-size", "32", "--quiet", "--recipe", "fashion-mnist-cpu",
-    ]  # fmt: skip
-    assert run_cli(capsys, "train", *fast, "--epochs", "1", "--seed", "7")[0] == 0
+    fast = tiny_train(folder, out)
+    assert run_cli(capsys, *fast, "--epochs", "1", "--seed", "7")[0] == 0
     with caplog.at_level("WARNING"):
-        assert run_cli(capsys, "train", *fast, "--epochs", "2", "--resume", "auto")[0] == 0
+        assert run_cli(capsys, *fast, "--epochs", "2", "--resume", "auto")[0] == 0
     assert "seed" not in caplog.text  # but the longer schedule is said
     assert "schedule now spans 2 epochs where the run's spanned 1: from epoch 2" in caplog.text
     assert torch.load(out / "last.pt", weights_only=True)["seed"] == 7
     with caplog.at_level("WARNING"):
-        code = run_cli(capsys, "train", *fast, "--epochs", "3", "--resume", "auto", "--seed", "3")
+        code = run_cli(capsys, *fast, "--epochs", "3", "--resume", "auto", "--seed", "3")
     assert code[0] == 0 and "own seed 7, so --seed 3 is ignored" in caplog.text
     assert torch.load(out / "last.pt", weights_only=True)["seed"] == 7
     # a job script's --checkpoint, which started the run, is said to be unused on resuming
-    torch.save(torch.load(out / "last.pt", weights_only=True)["model"], tmp_path / "start.pt")
+    start = tmp_path / "start.pt"
+    torch.save(torch.load(out / "last.pt", weights_only=True)["model"], start)
     caplog.clear()
     with caplog.at_level("WARNING"):
-        argv = [
-            *fast,
-            "--epochs",
-            "4",
-            "--resume",
-            "auto",
-            "--checkpoint",
-            str(tmp_path / "start.pt"),
-        ]
-        assert run_cli(capsys, "train", *argv)[0] == 0
+        argv = [*fast, "--epochs", "4", "--resume", "auto", "--checkpoint", str(start)]
+        assert run_cli(capsys, *argv)[0] == 0
     assert "start.pt is not used (it only starts a run)" in caplog.text
     # a broken last.pt: the best.pt beside it is offered
     (out / "last.pt").unlink()
     (out / "last.pt").write_bytes(b"PK\x03\x04 cut short")
-    err = one_line_error(capsys, "train", *fast, "--epochs", "5", "--resume", "auto")
+    err = one_line_error(capsys, *fast, "--epochs", "5", "--resume", "auto")
     assert f"--resume {out / 'best.pt'} continues from the run's best epoch instead" in err
     # a readable last.pt of another model: its best.pt is of that model too, not offered
     from sparseformer.engine.resume import ResumeError, read_resume_checkpoint
@@ -470,10 +468,8 @@ def test_a_resumed_run_keeps_its_own_seed(tmp_path, folder, capsys, caplog):
 def test_an_image_run_records_its_recipes_interpolation(tmp_path, folder, capsys):
     """Clips are resized bilinearly whatever the recipe says; images as the recipe says."""
     out = tmp_path / "run"
-    argv = ["--model", NANO, "--data-dir", str(folder), "--output", str(out), "--epochs", "1",
-            "--batch-size", "4", "--img-size", "32", "--quiet", "--recipe", "fashion-mnist-cpu",
-            "--set", "interpolation=lanczos"]  # fmt: skip
-    assert run_cli(capsys, "train", *argv)[0] == 0
+    argv = tiny_train(folder, out, "--epochs", "1", "--set", "interpolation=lanczos")
+    assert run_cli(capsys, *argv)[0] == 0
     saved = torch.load(out / "last.pt", weights_only=True)
     assert saved["preprocessing"]["interpolation"] == "lanczos"
 
@@ -506,10 +502,7 @@ def test_eval_matches_class_folders_by_name(tmp_path, folder, capsys):
     import shutil
 
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", "--model", NANO, "--data-dir", str(folder),
-                           "--output", str(out), "--epochs", "1", "--batch-size", "4",
-                           "--img-size", "32", "--quiet",
-                           "--recipe", "fashion-mnist-cpu")  # fmt: skip
+    code, _, err = run_cli(capsys, *tiny_train(folder, out, "--epochs", "1"))
     assert code == 0, err
     ckpt = str(out / "last.pt")
 
@@ -558,10 +551,7 @@ def test_class_names_that_differ_in_unicode_form_or_are_not_utf8(tmp_path, capsy
     for split in ("train", "val"):  # b"pl\xe9in": Latin-1 bytes
         os.rename(os.fsencode(data / split / "caf\u00e9"), os.fsencode(data / split) + b"/pl\xe9in")
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", "--model", NANO, "--data-dir", str(data),
-                           "--output", str(out), "--epochs", "1", "--batch-size", "4",
-                           "--img-size", "32", "--quiet",
-                           "--recipe", "fashion-mnist-cpu")  # fmt: skip
+    code, _, err = run_cli(capsys, *tiny_train(data, out, "--epochs", "1"))
     assert code == 0, err
     code, _, err = run_cli(capsys, "eval", "--checkpoint", str(out / "last.pt"), "--data-dir",
                            str(data), "--per-class", str(tmp_path / "pc"), "--quiet")  # fmt: skip
