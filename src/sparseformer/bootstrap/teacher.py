@@ -251,10 +251,13 @@ def check_resumed_teacher(teacher: Teacher, saved: dict) -> None:
     """
     record = saved.get("teacher") or {}
     recorded = record.get("fingerprint")
-    if recorded is None or recorded == fingerprint(teacher.model):
+    if recorded is None:
+        return
+    current = fingerprint(teacher.model)  # hashes every weight: once
+    if recorded == current:
         return
     raise BootstrapError(
         f"the run was bootstrapped from another teacher ({record.get('name')}, weights "
-        f"{recorded}) than this one ({teacher.name}, weights {fingerprint(teacher.model)}); "
+        f"{recorded}) than this one ({teacher.name}, weights {current}); "
         "resume with the run's own --teacher and --teacher-checkpoint, or start a new --output"
     )

@@ -148,7 +148,8 @@ def staging_file(path: Path, suffix: str = "") -> Path:
     (one rename away), or for a stream a temporary file of the system's (``/dev`` is not ours
     to write in)."""
     if not is_stream(path):
-        return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+        tmp = temporary_for(path)  # the name write_atomic uses, which a new run clears
+        return tmp.with_name(tmp.name + suffix)
     fd, name = tempfile.mkstemp(prefix=".sparseformer-", suffix=suffix)
     os.close(fd)
     return Path(name)
