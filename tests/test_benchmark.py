@@ -311,3 +311,28 @@ def test_a_model_given_twice_is_timed_once(tmp_path):
     assert main(argv) == 0
     data = json.loads(out.read_text())
     assert data["settings"]["models"] == ["sparseformer_v1_nano"] and len(data["rows"]) == 1
+
+
+def test_the_tradeoff_plot_shows_throughput_when_no_model_has_a_published_top1():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sparseformer.bench.report import draw_tradeoff
+    from sparseformer.bench.results import BenchResult, BenchRow, Spread
+
+    def row(model, runs):
+        return BenchRow(model, 224, 2, 1, 1.0, 1.0, Spread.of(runs), Spread.of([1.0]), None, 0.0)
+
+    env = {"device_name": "cpu", "threads": 2, "dtype": "fp32"}
+    uncited = BenchResult(env, {}, Spread.of([1.0]), [row("a", [10]), row("b", [30])])
+    fig, ax = plt.subplots()
+    draw_tradeoff(ax, uncited, 224)
+    assert [p.get_width() for p in ax.patches] == [10, 30]  # a bar per model, no empty axis
+    plt.close(fig)
+    cited = BenchResult(env, {}, Spread.of([1.0]), [row("deit_small_patch16_224", [10])])
+    fig, ax = plt.subplots()
+    draw_tradeoff(ax, cited, 224)
+    assert not ax.patches and ax.collections[0].get_offsets().tolist() == [[10, 79.8]]
+    plt.close(fig)
