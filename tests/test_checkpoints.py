@@ -387,3 +387,43 @@ def test_checkpoint_metadata_that_does_not_fit_is_said(tmp_path, caplog):
     torch.save(record, tmp_path / "future.pt")
     with pytest.raises(CheckpointError, match=r"architecture field\(s\) \['bogus_field'\]"):
         create_model("sparseformer_v1_nano", checkpoint_path=tmp_path / "future.pt")
+
+
+@pytest.mark.parametrize("name", ["sparseformer_v1_nano", "test_vit"])
+def test_fine_tuning_matches_the_classifier_to_the_data_by_class_name(name, caplog):
+    import timm
+
+    from sparseformer.weights.loading import load_weights
+
+    def build():
+        if name.startswith("sparseformer"):
+            return create_model(name, num_classes=3)
+        return timm.create_model(name, num_classes=3)
+
+    def head(model):
+        return model.get_classifier().weight.detach().clone()
+
+    source = build()
+    ckpt = {"model": source.state_dict(), "class_names": ["cat", "dog", "emu"]}
+    model = build()
+    load_weights(model, ckpt, class_names=["cat", "dog", "emu"])  # the same classes: kept
+    assert torch.equal(head(model), head(source))
+    model = build()
+    with caplog.at_level(logging.INFO):  # the same classes in another order: rows follow names
+        load_weights(model, ckpt, class_names=["emu", "cat", "dog"])
+    assert torch.equal(head(model), head(source)[[2, 0, 1]])
+    assert torch.equal(model.get_classifier().bias, source.get_classifier().bias[[2, 0, 1]])
+    assert "reordered by class name" in caplog.text
+    model = build()
+    fresh = head(model)
+    with caplog.at_level(logging.INFO):  # other classes, as many: a fresh classifier, said
+        load_weights(model, ckpt, class_names=["ant", "bee", "cat"])
+    assert torch.equal(head(model), fresh)
+    assert "of other classes ('dog', 'emu')" in caplog.text
+    body = [k for k in source.state_dict() if not k.startswith("head.")]
+    assert all(torch.equal(model.state_dict()[k], source.state_dict()[k]) for k in body)
+    model = build()
+    with caplog.at_level(logging.INFO):  # no names recorded: nothing to match by, said
+        load_weights(model, {"model": source.state_dict()}, class_names=["ant", "bee", "cat"])
+    assert torch.equal(head(model), head(source))
+    assert "records no class names" in caplog.text

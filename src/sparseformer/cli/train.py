@@ -315,7 +315,7 @@ def _build_model(plan: _Plan, bundle, pre):
         offset_proj_init=plan.recipe.offset_proj_init,
     )  # fmt: skip
     if args.checkpoint is not None and resume is None:
-        load_weights(model, start)
+        load_weights(model, start, class_names=bundle.class_names)
     if args.grad_checkpointing:
         try:
             enable_grad_checkpointing(model, args.model)

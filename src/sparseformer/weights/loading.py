@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -165,19 +165,34 @@ def load_weights(
     model: nn.Module,
     checkpoint: str | os.PathLike | Mapping[str, Any] | Checkpoint,
     prefer_ema: bool = False,
+    class_names: Sequence[str] | None = None,
 ) -> None:
     """Load a checkpoint into ``model`` strictly: a SparseFormer in any supported layout
     (:func:`load_checkpoint`), any other model (a timm baseline) as the file has it.
 
-    A classifier of another size is replaced by a fresh one (fine-tuning), logged.
+    A classifier of another size is replaced by a fresh one (fine-tuning), logged. With
+    ``class_names`` (the classes of the data about to be trained on), a classifier whose
+    checkpoint records other names is matched to them by name: reordered when they are the
+    same classes in another order, replaced by a fresh one otherwise (logged either way).
     """
-    if is_sparseformer(model):
-        load_checkpoint(model, checkpoint, prefer_ema=prefer_ema)
-        return
-    state = dict(read_checkpoint(checkpoint, prefer_ema=prefer_ema).state_dict)
+    ckpt = read_checkpoint(checkpoint, prefer_ema=prefer_ema)
     own = model.state_dict()
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    head_keys = {f"{n}.{k}" for n, m in model.named_modules() if m is head for k in m.state_dict()}
+    if is_sparseformer(model):
+        head_keys = {k for k in own if k.startswith("head.")}
+    else:
+        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        head_keys = {
+            f"{n}.{k}" for n, m in model.named_modules() if m is head for k in m.state_dict()
+        }
+    if class_names is not None:
+        state = dict(ckpt.state_dict)
+        saved = None if ckpt.class_names is None else list(ckpt.class_names)
+        _match_class_names(state, own, head_keys, saved, list(class_names))
+        ckpt = dataclasses.replace(ckpt, state_dict=state)
+    if is_sparseformer(model):
+        load_checkpoint(model, ckpt)
+        return
+    state = dict(ckpt.state_dict)
     if any(k in state and state[k].shape != own[k].shape for k in head_keys):
         logger.info("checkpoint classifier does not fit: keeping a fresh one (fine-tuning)")
         state = {k: v for k, v in state.items() if k not in head_keys}
@@ -192,6 +207,48 @@ def load_weights(
             "of another model? Pass the matching --model"
         )
     model.load_state_dict(state, strict=True)
+
+
+def _match_class_names(
+    state: dict[str, Tensor],
+    own: Mapping[str, Tensor],
+    head_keys: set[str],
+    saved: list[str] | None,
+    wanted: list[str],
+) -> None:
+    """In place: the classifier rows of ``saved`` classes put in the order of ``wanted``
+    when both name the same classes, or the model's fresh classifier when they do not (a
+    classifier of another size is left to :func:`_fit_classifier`). A classifier that names
+    no classes is kept as it is, and said so."""
+    rows = [k for k in head_keys if k in state and k in own and state[k].dim() >= 1]
+    rows = [k for k in rows if state[k].shape == own[k].shape and len(own[k]) == len(wanted)]
+    if not rows:
+        return
+    if saved is None:
+        logger.info(
+            "keeping the checkpoint's classifier of %d classes; it records no class names, so "
+            "its outputs are taken in this data's class order",
+            len(wanted),
+        )
+        return
+    if saved == wanted or len(saved) != len(wanted):
+        return
+    if sorted(saved) == sorted(wanted) and len(set(saved)) == len(saved):
+        index = {name: i for i, name in enumerate(saved)}
+        order = [index[name] for name in wanted]
+        for k in rows:
+            state[k] = state[k][order]
+        logger.info("checkpoint classifier reordered by class name to this data's class order")
+        return
+    other = [name for name in saved if name not in set(wanted)]
+    for k in rows:
+        state[k] = own[k]
+    logger.info(
+        "checkpoint classifier is of other classes (%s%s): keeping a freshly initialised "
+        "classifier (fine-tuning)",
+        ", ".join(repr(n) for n in other[:3]),
+        f" and {len(other) - 3} more" if len(other) > 3 else "",
+    )
 
 
 def check_all_keys_mapped(report: ConversionReport) -> None:
