@@ -105,6 +105,16 @@ def test_convert_and_info(tmp_path, source, capsys):
         size = read_checkpoint(path).img_size
         assert main(["info", NANO, "--checkpoint", str(path)]) == 0
         assert f"input 3x{size}x{size}" in capsys.readouterr().out
+        # the model a run names is taken from it, or given by --model as other commands do
+        assert main(["info", "--checkpoint", str(path)]) == 0
+        assert capsys.readouterr().out.startswith(f"{NANO}:")
+        assert main(["info", "--model", NANO, "--checkpoint", str(path)]) == 0
+        assert capsys.readouterr().out.startswith(f"{NANO}:")
+        assert main(["info", "sparseformer_v1_micro", "--model", NANO]) == 1
+        assert "two models given" in capsys.readouterr().err
+    else:  # an official file names no model
+        assert main(["info", "--checkpoint", str(path)]) == 1
+        assert "does not name its model; pass --model NAME" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("source", SOURCES)

@@ -9,7 +9,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     from sparseformer.cli.common import count, positive_int
 
     p = sub.add_parser("info", help="parameter and FLOP summary of a model", description=__doc__)
-    p.add_argument("model", help="model name (see `sparseformer models`)")
+    p.add_argument(
+        "name",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="model name (see `sparseformer models`); with --checkpoint, default: the model a "
+        "`sparseformer train` checkpoint names",
+    )
+    p.add_argument("--model", default=None, help="the same as MODEL, as the other commands take it")
     p.add_argument(
         "--img-size",
         type=positive_int,
@@ -41,10 +49,15 @@ def run(args: argparse.Namespace) -> int:
 
     from sparseformer import count_flops, count_params, create_model
     from sparseformer.cli import CliError
+    from sparseformer.cli.common import model_named_by_checkpoint
     from sparseformer.engine.video import is_video_model
     from sparseformer.weights.build import require_sparseformer
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
 
+    if args.name is not None and args.model is not None and args.name != args.model:
+        raise CliError(f"two models given: {args.name} and --model {args.model}; give one")
+    args.model = args.model or args.name
+    args.model = model_named_by_checkpoint(args)
     require_sparseformer(args.model, "info")
     ckpt = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
     if ckpt is not None:  # a video model takes its image model's checkpoint, inflated
