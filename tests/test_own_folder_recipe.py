@@ -70,6 +70,8 @@ def test_a_small_folder_gets_crops_and_flips_only():
     assert own_folder_recipe(480).batch_size == 32
     assert own_folder_recipe(40).batch_size == 16
     assert own_folder_recipe(5_000).batch_size == 128
+    # under 32 files, 16 would leave one step an epoch or none: two steps, whatever the size
+    assert [own_folder_recipe(n).batch_size for n in (31, 24, 6, 4, 3, 1)] == [8, 8, 2, 2, 1, 1]
 
 
 def test_bigger_folders_get_the_stronger_recipe():

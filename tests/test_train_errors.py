@@ -4,6 +4,7 @@ checkpoints in either layout evaluate through --checkpoint."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -394,6 +395,7 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, folder, capsy
         capsys, "train", *elsewhere, "--resume", str(out / "last.pt"), "--epochs", "3"
     )
     assert code == 0, err
+    assert re.search(r"^done: 3 epochs in \d+ s of training;", printed, re.M)  # not "0.0 min"
     named = printed.split("checkpoints: ")[1].splitlines()[0].split(", ")
     assert named and all(Path(p).is_file() for p in named)
     summary = json.loads((moved / "summary.json").read_text())

@@ -249,6 +249,7 @@ def _bootstrap(plan: _Plan, dist) -> None:
 
 
 def _print_summary(summary: dict) -> None:
+    from sparseformer.cli.common import epochs_and_time
     from sparseformer.engine.metrics import NOTHING_SCORED, format_loss
 
     final, teacher = summary["final"], summary["teacher"]
@@ -263,7 +264,7 @@ def _print_summary(summary: dict) -> None:
         scores = (f"val top-1 student {final['val_acc1']:.2f}%, teacher "
                   f"{teacher['val_acc1']:.2f}%")  # fmt: skip
     print(
-        f"done: {summary['epochs']} epochs in {summary['train_seconds'] / 60:.1f} min; "
+        f"done: {epochs_and_time(summary['epochs'], summary['train_seconds'])}; "
         f"alignment loss train {final['train_loss']:.4f}, val {format_loss(final['val_loss'])}; "
         f"{scores}; {final['images_per_second']:.0f} img/s"
     )

@@ -26,6 +26,12 @@ __all__ = [
 ]
 
 
+def epochs_and_time(epochs: int, seconds: float) -> str:
+    """``"1 epoch in 12 s"``, ``"30 epochs in 5.6 min"``: a run's length as the CLI says it."""
+    took = f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+    return f"{epochs} epoch{'s' if epochs != 1 else ''} in {took}"
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
     value = int(text)

@@ -363,9 +363,9 @@ def _print_summary(summary: dict, bundle, video: bool) -> None:
         return
     if not final:
         return
+    from sparseformer.cli.common import epochs_and_time
     from sparseformer.engine.metrics import format_accuracy
 
-    minutes = summary["train_seconds"] / 60
     if final.get("val_images") == 0:  # nothing scored: every validation file failed to decode
         scores = "val nothing scored"
     else:
@@ -375,7 +375,8 @@ def _print_summary(summary: dict, bundle, video: bool) -> None:
     best = summary["best_val_acc1"]
     best = "no best" if best is None else f"best top-1 {best:.2f}% (epoch {summary['best_epoch']})"
     print(
-        f"done: {summary['epochs']} epochs in {minutes:.1f} min of training; last epoch: "
+        f"done: {epochs_and_time(summary['epochs'], summary['train_seconds'])} of training; "
+        "last epoch: "
         f"{scores}; {best}"
     )
     kept = [summary["last_checkpoint"], summary["best_checkpoint"]]

@@ -211,7 +211,7 @@ def build_train_loader(
     if len(sampler) < batch_size:
         raise ValueError(
             f"{len(sampler)} training samples (images or videos) per process is fewer than "
-            f"one batch of {batch_size}; lower --batch-size"
+            f"one batch of {batch_size} (the run's batch size); give a smaller --batch-size"
         )
     return DataLoader(
         SeededSamples(dataset),
