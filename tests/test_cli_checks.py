@@ -5,6 +5,8 @@ and `export`."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -214,6 +216,26 @@ def test_a_closed_stdout_pipe_ends_quietly_but_other_broken_pipes_are_errors(cap
     monkeypatch.setattr(cli, "_stdout_closed", lambda: True)
     assert cli.main(["models"]) == 1
     assert capsys.readouterr().err == ""
+
+
+def test_a_pipe_whose_reader_left_is_told_from_one_that_is_open(monkeypatch):
+    """`sparseformer predict --json | head -5`: the failed write drops its buffer, so the
+    flush that follows passes; the pipe itself says that its reader has gone."""
+    import sparseformer.cli as cli
+
+    for reader_left in (False, True):
+        r, w = os.pipe()
+        stream = open(w, "w", buffering=1 << 16)
+        monkeypatch.setattr(sys, "stdout", stream)
+        if reader_left:
+            os.close(r)
+            with pytest.raises(BrokenPipeError):
+                stream.write("x" * (1 << 17))  # more than the pipe and the buffer hold
+        assert cli._stdout_closed() is reader_left
+        if not reader_left:
+            os.close(r)
+        monkeypatch.undo()
+        stream.close()
 
 
 def test_a_single_process_command_under_torchrun_is_one_line_from_rank_0(monkeypatch, capsys):

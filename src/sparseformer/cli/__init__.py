@@ -50,13 +50,28 @@ def _stdout_closed() -> bool:
     so that the interpreter's last flush cannot fail again."""
     try:
         sys.stdout.flush()
-        return False
+        if not _reader_gone():  # a failed write drops its buffer: the flush alone can pass
+            return False
     except BrokenPipeError:
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):  # a replaced stdout (a notebook) has no descriptor
-            pass
-        return True
+        pass
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # a replaced stdout (a notebook) has no descriptor
+        pass
+    return True
+
+
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe with no reader left (poll reports an error on its
+    write end; systems without poll() are taken as not)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll(), or no descriptor (a notebook)
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
