@@ -238,6 +238,37 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path, caplog):
         assert "could not decode" in caplog.text
 
 
+def _mark(once, key, out):
+    out.put(once.first(key))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_file_that_fails_to_decode_is_named_once_over_epochs_and_workers(
+    tmp_path, caplog, method
+):
+    import multiprocessing
+
+    from sparseformer.data.loader import SharedOnce
+
+    root = make_folder(tmp_path / "d")
+    good = (root / "train" / "dog" / "0.jpg").read_bytes()
+    (root / "train" / "dog" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    pre = build_transform(Preprocessing(img_size=16), None)
+    ds = CheckedImageFolder(root / "train", pre, check_files=False)  # found when loaded
+    cut = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("cut.jpg")]
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):  # two epochs: counted twice, named once
+            for i in cut:
+                ds[i]
+    assert len(cut) == 1 and ds.failed_loads == 2 and caplog.text.count("could not decode") == 1
+    once, out = SharedOnce(), multiprocessing.get_context(method).Queue()
+    worker = multiprocessing.get_context(method).Process(target=_mark, args=(once, "a", out))
+    worker.start()
+    worker.join()
+    assert out.get() is True and once.first("a") is False  # a worker's mark is seen here
+    assert once.first("b") is True and once.first("b") is False
+
+
 def test_fashion_mnist_missing_and_offline_says_how_to_install(tmp_path, monkeypatch):
     import sparseformer.data.fashion_mnist as fm
 

@@ -19,7 +19,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from sparseformer.data.images import IMAGE_EXTENSIONS, READ_ERRORS, check_image_header, open_rgb
-from sparseformer.data.loader import SharedCount
+from sparseformer.data.loader import SharedCount, SharedOnce
 from sparseformer.data.scan import (
     DifferentItemsError,
     ExtraClassesError,
@@ -151,6 +151,7 @@ class CheckedImageFolder(Dataset):
             [path for path, _ in samples], label=[label for _, label in samples]
         )
         self._failed = SharedCount()
+        self._named = SharedOnce()  # a file that fails to decode is named once, not per epoch
         self.substitute = substitute
 
     def _check(self, chosen: list[tuple[str, int]], share_check: bool) -> list[tuple[str, int]]:
@@ -227,10 +228,11 @@ class CheckedImageFolder(Dataset):
                 img = open_rgb(path)
             except READ_ERRORS as exc:
                 self._failed.add()
+                say = logger.warning if self._named.first(path) else logger.debug
                 if not self.substitute:  # evaluation: leave it out (see loader.collate)
-                    logger.warning("could not decode %s (%s); left out", path, exc)
+                    say("could not decode %s (%s); left out", path, exc)
                     return None, label
-                logger.warning("could not decode %s (%s); using the next image instead", path, exc)
+                say("could not decode %s (%s); using the next image instead", path, exc)
                 continue
             return (self.transform(img) if self.transform else img), label
         raise DataError(f"none of the images under {str(self.root)!r} could be decoded")

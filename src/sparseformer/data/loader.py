@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import signal
+import zlib
 from collections.abc import Iterator
 from itertools import islice
 
@@ -38,6 +39,7 @@ __all__ = [
     "SeededSamples",
     "start_epoch",
     "SharedCount",
+    "SharedOnce",
     "collate",
     "build_train_loader",
     "build_eval_loader",
@@ -58,6 +60,24 @@ class SharedCount:
 
     def __int__(self) -> int:
         return int(self._value)
+
+
+class SharedOnce:
+    """Keys (file paths) whose first report only is wanted, over the main process and its
+    DataLoader workers, whether forked or spawned, epoch after epoch: shared-memory flags
+    indexed by the key's CRC-32. A rare collision silences another key's report (never a
+    count), and two workers meeting one key at the same instant may both report it."""
+
+    def __init__(self, slots: int = 1 << 18) -> None:
+        self._seen = torch.zeros(slots, dtype=torch.bool).share_memory_()
+
+    def first(self, key: str) -> bool:
+        """Whether ``key`` is met here for the first time (and mark it met)."""
+        slot = zlib.crc32(key.encode("utf-8", "surrogatepass")) % len(self._seen)
+        if self._seen[slot]:
+            return False
+        self._seen[slot] = True
+        return True
 
 
 def failed_loads(dataset: Dataset | None) -> int:

@@ -32,7 +32,7 @@ from sparseformer.data.clips import (
     train_transform,
     video_file_views,
 )
-from sparseformer.data.loader import SharedCount
+from sparseformer.data.loader import SharedCount, SharedOnce
 from sparseformer.data.scan import (
     DifferentItemsError,
     ExtraClassesError,
@@ -164,6 +164,7 @@ class VideoFolder(Dataset):
         self.classes = list(classes) if classes is not None else found
         self.skipped: list[tuple[str, str]] = []
         self._failed = SharedCount()
+        self._named = SharedOnce()  # a file that fails to decode is named once, not per epoch
         ignored: list[Path] = []  # other extensions: said, not silently lost
         listed = [
             (path, label)
@@ -301,10 +302,11 @@ class VideoFolder(Dataset):
                 return self._load(i), label
             except VideoReadError as exc:
                 self._failed.add()
+                say = logger.warning if self._named.first(self._table.path(i)) else logger.debug
                 if not self.train:  # evaluation: leave it out, never score another in its place
-                    logger.warning("could not decode a video (%s); left out", exc)
+                    say("could not decode a video (%s); left out", exc)
                     return None, label
-                logger.warning("could not decode a video (%s); using the next video instead", exc)
+                say("could not decode a video (%s); using the next video instead", exc)
         raise VideoDataError(f"no video under {str(self.root)!r} could be decoded")
 
 
