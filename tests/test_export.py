@@ -192,6 +192,9 @@ def test_export_cli_video_model_takes_clips(tmp_path, capsys):
     assert dims[0].dim_param and dims[3].dim_param and dims[4].dim_param  # batch, H, W are not
     assert main(argv[:2] + ["sparseformer_v1_nano", "--num-frames", "4", "--out", str(out)]) == 1
     assert "video models" in capsys.readouterr().err
+    # --frames, as train, eval, predict and viz spell it
+    assert main(["info", "video_sparseformer_v1_micro", "--frames", "2", "--img-size", "32"]) == 0
+    assert "input 3x2x32x32" in capsys.readouterr().out
 
 
 def test_export_refuses_another_class_count_than_the_checkpoints(tmp_path, capsys):

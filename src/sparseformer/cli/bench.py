@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--num-frames",
+        "--frames",
         type=positive_int,
         default=None,
         metavar="T",

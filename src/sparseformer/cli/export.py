@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--num-frames",
+        "--frames",
         type=int,
         default=None,
         metavar="T",

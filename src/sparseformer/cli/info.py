@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=count, default=None)
     p.add_argument(
         "--num-frames",
+        "--frames",
         type=positive_int,
         default=None,
         metavar="T",
