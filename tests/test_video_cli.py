@@ -72,7 +72,8 @@ def test_train_eval_predict_a_video_model_on_a_video_folder(tmp_path, capsys):
 
     bad = data / "train" / "left" / "notes.mp4"
     code = main(["predict", "--model", MODEL, "--checkpoint", str(out / "last.pt"), str(bad)])
-    assert code == 1 and "cannot use this video" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot use this video" in err and err.count(str(bad)) == 1
     photo = tmp_path / "photo.png"
     Image.new("RGB", (40, 40), "red").save(photo)
     code = main(["predict", "--model", MODEL, "--checkpoint", str(out / "last.pt"), str(photo)])

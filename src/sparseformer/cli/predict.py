@@ -149,7 +149,8 @@ def _probabilities(model, path: Path, video, transform, prep, device: str):
         except (VideoReadError, VideoDataError) as exc:
             short = isinstance(exc, VideoTooShortError)
             hint = f"; {video.shorter_clips_hint}" if short else ""
-            return None, f"cannot use this video ({exc}){hint}"
+            why = str(exc).removeprefix(f"{path}: ")  # the line names the file already
+            return None, f"cannot use this video ({why}){hint}"
     try:
         img = open_rgb(path)
     except FileNotFoundError:
