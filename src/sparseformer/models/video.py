@@ -117,11 +117,10 @@ class VideoSparseFormer(SparseFormer):
             logger.warning(
                 "clips of %d frame(s) for %d token replicates: some replicates' time slices "
                 "fall between frame centres and read zero padding; give clips of at least %d "
-                "frames (the model was built for %d)",
+                "frames",
                 T,
                 R,
                 R,
-                self.config.num_frames,
             )
 
     def _num_latent_tokens(self) -> int:
