@@ -159,7 +159,8 @@ def test_val_may_hold_some_of_the_training_classes(tmp_path, caplog):
     [
         ("missing", "does not exist"),
         ("empty", "is empty; it needs train/CLASS"),
-        ("no_val", "has no val/ folder"),
+        ("no_val", "has no val/ folder; .* move a share of each class's"),
+        ("flat", r"has no train/ or val/ .*its folders \('cat', 'dog'\) go under train/ and val/"),
         ("split_folder", "is a split folder; give the folder that holds train/ and val/"),
         ("no_classes", "has no class folders"),
         ("empty_class", "have no images"),
@@ -173,6 +174,11 @@ def test_bad_data_dirs_say_what_to_do(tmp_path, case, expected):
         root.mkdir()
     elif case == "no_val":
         make_folder(root, splits=("train",))
+    elif case == "flat":  # class folders with no split above them
+        make_folder(root, splits=("train",))
+        for name in ("cat", "dog"):
+            (root / "train" / name).rename(root / name)
+        (root / "train").rmdir()
     elif case == "split_folder":
         make_folder(root.parent / "whole")
         root = root.parent / "whole" / "train"

@@ -103,14 +103,16 @@ def _limit(ds: Dataset, n: int | None) -> Dataset:
 
 
 def _check_data_dir(data_dir: Path, need_train: bool, files: str = "*.jpg") -> None:
+    """Whether ``data_dir`` has the folder layout (``files`` names the kind when known: a
+    folder without train/ and val/ has shown none)."""
     if not data_dir.exists():
         raise DataError(f"data directory {str(data_dir)!r} does not exist")
     if not data_dir.is_dir():
         raise DataError(f"--data-dir {str(data_dir)!r} is a file, not a directory")
     if not any(data_dir.iterdir()):
         raise DataError(
-            f"data directory {str(data_dir)!r} is empty; it needs train/CLASS/*.jpg and "
-            "val/CLASS/*.jpg sub-folders (the DeiT/Swin ImageFolder layout)"
+            f"data directory {str(data_dir)!r} is empty; it needs train/CLASS/<files> and "
+            "val/CLASS/<files> sub-folders, images or videos (the DeiT/Swin ImageFolder layout)"
         )
     splits = ("train", "val") if need_train else ("val",)
     missing = [s for s in splits if not (data_dir / s).is_dir()]
@@ -120,11 +122,29 @@ def _check_data_dir(data_dir: Path, need_train: bool, files: str = "*.jpg") -> N
             f"train/ and val/: --data-dir {str(data_dir.parent)!r}"
         )
     if missing:
-        raise DataError(
-            f"data directory {str(data_dir)!r} has no {' or '.join(missing)}/ folder; expected "
-            f"DIR/train/CLASS/{files} and DIR/val/CLASS/{files}"
-            + (" (the DeiT/Swin ImageFolder layout)" if files == "*.jpg" else "")
+        others = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
+        others = [name for name in others if name not in ("train", "val")]
+        flat = (
+            f"; its folders ({', '.join(repr(n) for n in others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}) go under train/ and val/, each with the "
+            "same class folders"
+            if others and len(missing) == len(splits)
+            else ""
         )
+        if len(missing) == len(splits):  # no split to tell images from videos by
+            files = "<images or videos>"
+        raise DataError(
+            f"data directory {str(data_dir)!r} has no {' or '.join(m + '/' for m in missing)} "
+            "folder; expected "
+            f"DIR/train/CLASS/{files} and DIR/val/CLASS/{files} (the DeiT/Swin ImageFolder "
+            f"layout){flat or _val_hint(missing)}"
+        )
+
+
+def _val_hint(missing: list[str]) -> str:
+    if missing != ["val"]:
+        return ""
+    return "; to hold some training files out, move a share of each class's (say 10%) to val/"
 
 
 def _fashion_mnist_bundle(
