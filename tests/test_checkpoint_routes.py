@@ -86,6 +86,8 @@ def test_video_inflation(tmp_path, source):
     inflated = inflate_image_state_dict(torch.load(path, weights_only=True), config)
     assert same_weights(video, inflated) and video.num_classes == 3
     assert torch.equal(inflated["initial_tokens"], state["initial_tokens"].repeat(4, 1))
+    given_the_model = inflate_image_state_dict(torch.load(path, weights_only=True), video)
+    assert given_the_model.keys() == inflated.keys()  # its config is read
 
 
 @pytest.mark.parametrize("source", SOURCES)

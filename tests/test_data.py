@@ -411,3 +411,16 @@ def test_a_thin_strip_is_cropped_before_the_eval_resize(shape):
     ours = torch.as_tensor(np.asarray(build_transform(pre, None)(img))).int()
     theirs = torch.as_tensor(np.asarray(timm_eval(img))).int()
     assert ours.shape == (3, 224, 224) and (ours - theirs).abs().max() <= 3
+
+
+def test_a_quoted_pattern_expands_and_double_star_reaches_any_depth(tmp_path):
+    from sparseformer.data.media import expand_patterns
+
+    for name in ("a.png", "x/b.png", "x/y/c.png", "x/y/notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = expand_patterns([tmp_path / "**" / "*.png"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a.png", "x/b.png", "x/y/c.png"]
+    assert expand_patterns([tmp_path / "x" / "*.png"]) == [tmp_path / "x" / "b.png"]
+    with pytest.raises(DataError, match="matches no file"):
+        expand_patterns([tmp_path / "*.jpg"])

@@ -50,7 +50,8 @@ def expand_media_paths(paths: list[Path], video: bool) -> list[Path]:
 
 def expand_patterns(paths: list[Path]) -> list[Path]:
     """``paths`` with each pattern no shell expanded (quoted, or on Windows: ``'imgs/*.jpg'``)
-    replaced by the files it matches, sorted; a path that exists stays as it is.
+    replaced by the files it matches, sorted (``**`` matches folders at any depth, as in
+    bash's globstar); a path that exists stays as it is.
 
     Raises:
         DataError: a pattern that matches no file.
@@ -60,7 +61,7 @@ def expand_patterns(paths: list[Path]) -> list[Path]:
         if path.exists() or not glob.has_magic(str(path)):
             out.append(path)
             continue
-        matched = sorted(Path(m) for m in glob.glob(str(path)) if Path(m).is_file())
+        matched = sorted(Path(m) for m in glob.glob(str(path), recursive=True) if Path(m).is_file())
         if not matched:
             raise DataError(f"the pattern {str(path)!r} matches no file")
         out += matched

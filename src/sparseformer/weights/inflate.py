@@ -70,8 +70,8 @@ def inflate_image_state_dict(
         image_state: an image checkpoint's state dict in any supported layout (this library's,
             the official ImageNet release or the authors' library v2; bare or wrapped in
             ``model`` / ``state_dict`` / ``model_ema``).
-        config: the video architecture; its image fields must match the checkpoint's
-            (``num_tokens``, ``num_points``, widths).
+        config: the video architecture (or a video model, whose ``config`` is read); its
+            image fields must match the checkpoint's (``num_tokens``, ``num_points``, widths).
 
     Returns:
         The video state dict (this library's keys), ready for strict loading.
@@ -80,6 +80,7 @@ def inflate_image_state_dict(
         CheckpointError: not an image SparseFormer checkpoint, or one whose token or point
             count differs from ``config``.
     """
+    config = getattr(config, "config", config)  # a model given for its config
     checkpoint = read_checkpoint(image_state)  # any layout: converted to ours
     if checkpoint.source_format == FOREIGN:
         detect_format(list(checkpoint.state_dict))  # raises, naming what the keys look like
