@@ -246,6 +246,8 @@ def test_a_video_model_shows_each_replicate_on_its_frames(tmp_path):
         assert drawn.tolist() == in_frame.tolist() and drawn.any()
     images = video_frame_images(frames, out)
     assert len(images) == 8
+    with pytest.raises(ValueError, match="a video model, .*plot_video_rois"):
+        visualize(model, DATA / "tench.jpeg")  # one image cannot feed a video model
     with Image.open(save_gif(images, tmp_path / "v.gif")) as gif:
         assert gif.n_frames == 8
 

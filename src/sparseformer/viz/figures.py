@@ -224,6 +224,12 @@ def visualize(
         class_names: names for the predicted label (indices otherwise).
         **plot_kwargs: passed to :func:`plot_rois` (``stages``, ``highlight``, ...).
     """
+    if getattr(model, "roi_dims", 2) == 3:
+        raise ValueError(
+            f"{type(model).__name__} is a video model, which visualize() cannot run on one "
+            "image: draw its clips with sparseformer.viz.figures.plot_video_rois, or with "
+            "`sparseformer viz`"
+        )
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = img_size or int(cfg.get("input_size", (3, 224, 224))[-1])
     img = load_image(image, max_side=4 * size)
