@@ -179,9 +179,11 @@ def _evaluate(
 def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: bool) -> None:
     from sparseformer.engine.metrics import format_accuracy
 
-    # files skipped at the scan, and files left out when they failed to decode: the items the
-    # loader had minus those scored (counted here, so data-loading processes count too)
-    num_skipped = len(bundle.skipped_files) + len(bundle.val) - metrics["images"]
+    # files skipped at the scan, as a training run's summary counts them, and files left out
+    # when they failed to decode: the items the loader had minus those scored (counted here, so
+    # data-loading processes count too), as a run's val_left_out
+    num_skipped = len(bundle.skipped_files)
+    left_out = len(bundle.val) - metrics["images"]
     result = {
         "model": args.model,
         "checkpoint": str(args.checkpoint),
@@ -193,6 +195,7 @@ def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: b
         "img_size": pre.img_size,
         "ema": ema,  # False when --ema found no EMA weights (warned)
         "skipped_files": num_skipped,
+        "left_out": left_out,
     }
     views = ""
     if bundle.video:  # how each video was scored: its clips and crops, averaged
@@ -206,8 +209,10 @@ def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: b
     if args.json:
         print(json.dumps(result))
     else:
-        bad = "unreadable, too short or undecodable" if bundle.video else "unreadable"
-        skipped = f" ({num_skipped} {bad} file(s) skipped)" if num_skipped else ""
+        bad = "unreadable or too-short" if bundle.video else "unreadable"
+        notes = [f"{num_skipped} {bad} file(s) skipped"] if num_skipped else []
+        notes += [f"{left_out} left out: they failed to decode"] if left_out else []
+        skipped = f" ({'; '.join(notes)})" if notes else ""
         what = "videos" if bundle.video else "images"
         print(
             f"{args.model} on {source.describe()}: {metrics['images']:,} {what}{views}{skipped}, "
