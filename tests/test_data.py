@@ -212,12 +212,16 @@ def test_image_folders_list_files_as_torchvision_does_without_hidden_or_looped_o
     expected = make_dataset(str(root / "train"), before.class_to_idx, extensions=(".jpg", ".png"))
     assert [tuple(s) for s in before.samples] == [tuple(s) for s in expected]
     _write(cat / ".thumbnails" / "t.png", "RGB", fmt="PNG")  # a hidden folder: not a class image
+    # a zip made on macOS: a __MACOSX folder of resource forks, beside the classes and in them
+    _write(root / "train" / "__MACOSX" / "cat" / "._1.jpg", "RGB", fmt="JPEG")
+    _write(cat / "__MACOSX" / "x.jpg", "RGB", fmt="JPEG")
     (cat / "up").symlink_to(root / "train", target_is_directory=True)  # a link back up
     (root / "train" / "dog" / "more").symlink_to(cat / "a", target_is_directory=True)
     after = CheckedImageFolder(root / "train", None)
     paths = [p for p, _ in after.samples]
     assert len(paths) == len(expected) + 1 and paths[-1].endswith("dog/more/1.jpg")
-    assert not any(".thumbnails" in p or "/up/" in p for p in paths)
+    assert not any(".thumbnails" in p or "/up/" in p or "__MACOSX" in p for p in paths)
+    assert after.classes == before.classes == ["cat", "dog"]
 
 
 def test_unreadable_files_are_skipped_and_counted(tmp_path, caplog):

@@ -37,6 +37,7 @@ __all__ = [
     "SampleTable",
     "check_over_ranks",
     "display_name",
+    "is_hidden",
     "is_first_rank",
     "match_val_classes",
     "unicode_form_hint",
@@ -137,6 +138,13 @@ def _require_same_items(items: Sequence, world: int, what: str) -> None:
         )
 
 
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is not data: a dot-name (``.DS_Store``, macOS's
+    ``._photo.jpg``, ``.ipynb_checkpoints``) or the ``__MACOSX`` folder of a zip made on macOS,
+    which holds a resource fork for every file."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def walk_files(
     folder: str | Path, extensions: Sequence[str], ignored: list[Path] | None = None
 ) -> Iterator[Path]:
@@ -156,11 +164,11 @@ def walk_files(
             dirs[:] = []  # seen already, or a link back up to a folder holding ``folder``
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
         for name in sorted(files):
-            if not name.startswith(".") and name.lower().endswith(suffixes):
+            if not is_hidden(name) and name.lower().endswith(suffixes):
                 yield Path(top, name)
-            elif ignored is not None and not name.startswith("."):
+            elif ignored is not None and not is_hidden(name):
                 ignored.append(Path(top, name))
 
 

@@ -40,6 +40,7 @@ from sparseformer.data.scan import (
     SampleTable,
     check_over_ranks,
     is_first_rank,
+    is_hidden,
     match_val_classes,
     spread_indices,
     walk_files,
@@ -104,7 +105,7 @@ def _class_folders(root: Path) -> list[str]:
             f"{str(root)!r} does not exist; a video folder has the layout "
             "DIR/train/CLASS/*.mp4 and DIR/val/CLASS/*.mp4"
         )
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name[0] != ".")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))
     if not found:
         raise VideoDataError(
             f"{str(root)!r} has no class folders; put each class's videos in its own "
@@ -322,7 +323,7 @@ def sample_media(data_dir: str | Path, sample: int = 8) -> tuple[int, int]:
         root = Path(data_dir) / split
         if not root.is_dir():
             continue
-        for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name)):
             seen = 0
             for f in walk_files(class_dir, VIDEO_EXTENSIONS + IMAGE_EXTENSIONS):
                 suffix = f.suffix.lower()
