@@ -428,3 +428,14 @@ def test_a_quoted_pattern_expands_and_double_star_reaches_any_depth(tmp_path):
     assert expand_patterns([tmp_path / "x" / "*.png"]) == [tmp_path / "x" / "b.png"]
     with pytest.raises(DataError, match="matches no file"):
         expand_patterns([tmp_path / "*.jpg"])
+
+
+def test_an_image_over_pils_pixel_limit_is_skipped_with_what_to_do(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from sparseformer.data.images import check_image_header
+
+    PILImage.new("RGB", (40, 40)).save(tmp_path / "big.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # 1,600 pixels: over twice the limit
+    why = check_image_header(tmp_path / "big.png")
+    assert why.startswith("larger than PIL's limit") and "MAX_IMAGE_PIXELS" in why

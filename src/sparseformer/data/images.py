@@ -104,6 +104,11 @@ def check_image_header(path: str | Path) -> str | None:
     try:
         with Image.open(path) as img:
             img.verify()
+    except Image.DecompressionBombError:
+        return (
+            f"larger than PIL's limit against decompression bombs ({Image.MAX_IMAGE_PIXELS:,} "
+            "pixels): downsize it, or raise PIL.Image.MAX_IMAGE_PIXELS when calling from Python"
+        )
     except READ_ERRORS as exc:
         return f"{exc.__class__.__name__}: {str(exc)[:120]}" if str(exc) else exc.__class__.__name__
     return None
