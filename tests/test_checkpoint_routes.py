@@ -103,6 +103,8 @@ def test_convert_and_info(tmp_path, source, capsys):
     printed = capsys.readouterr().out
     fmt = "sparseformer" if source == "ours" else source
     assert f"format {fmt!r}" in printed and "3 classes" in printed
+    named = f"3 classes ({', '.join(CLASSES)})" in printed  # a run's classes are named
+    assert named == (source == "ours")
     if source == "ours":  # without --img-size: the size the run trained at, as export takes
         size = read_checkpoint(path).img_size
         assert main(["info", NANO, "--checkpoint", str(path)]) == 0

@@ -83,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
     shape = "x".join(str(d) for d in (3, *frames, h, w))
     print(f"{args.model}: {count_params(model):,} parameters, input {shape}")
     if ckpt is not None:
-        print(f"checkpoint: {ckpt.report.summary()}, {model.num_classes} classes")
+        names = ckpt.class_names or ()
+        shown = f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
+        print(f"checkpoint: {ckpt.report.summary()}, {model.num_classes} classes{shown}")
     print(
         f"GFLOPs (multiply-adds): {flops.gflops_paper:.3f} paper convention (fvcore-style), "
         f"{flops.gflops_complete:.3f} complete"
