@@ -439,3 +439,25 @@ def test_an_image_over_pils_pixel_limit_is_skipped_with_what_to_do(tmp_path, mon
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # 1,600 pixels: over twice the limit
     why = check_image_header(tmp_path / "big.png")
     assert why.startswith("larger than PIL's limit") and "MAX_IMAGE_PIXELS" in why
+
+
+def test_corrupt_exif_data_is_logged_with_the_file_not_printed_by_pil(tmp_path):
+    import subprocess
+    import sys
+
+    exif = Image.Exif()
+    exif[0x010E] = "a description"  # ImageDescription
+    path = tmp_path / "cut_exif.jpg"
+    Image.new("RGB", (20, 10), "red").save(path, exif=exif.tobytes()[:-3])  # its text cut off
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.DEBUG, stream=sys.stdout)\n"
+        "from sparseformer.data.images import check_image_header, open_rgb\n"
+        f"assert check_image_header({str(path)!r}) is None\n"
+        f"assert open_rgb({str(path)!r}).size == (20, 10)\n"  # the pixels are fine
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "TiffImagePlugin" not in done.stderr  # PIL's line, which names no file
+    assert f"{path}: PIL: " in done.stdout  # ours, which does
