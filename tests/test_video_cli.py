@@ -61,6 +61,12 @@ def test_train_eval_predict_a_video_model_on_a_video_folder(tmp_path, capsys):
     # how each video was scored, from the flags and the checkpoint
     assert result["views"] == {"clips": 2, "crops": 3, "frames": 4, "sampling": "dense",
                                "stride": 2}  # fmt: skip
+    code = main(
+        ["eval", "--model", MODEL, "--checkpoint", str(out / "last.pt"), "--data-dir", str(data),
+         "--sampling", "uniform", "--json", "--quiet"]
+    )  # fmt: skip
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and result["views"]["stride"] is None  # uniform segments have no stride
 
     video = data / "val" / "right" / "0.mp4"
     code = main(["predict", "--model", MODEL, "--checkpoint", str(out / "last.pt"), str(video),

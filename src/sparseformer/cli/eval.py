@@ -202,7 +202,8 @@ def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: b
         spec = source.video
         result["views"] = {
             "clips": spec.num_clips, "crops": spec.num_crops, "frames": spec.num_frames,
-            "sampling": spec.sampling, "stride": spec.stride,
+            "sampling": spec.sampling,
+            "stride": spec.stride if spec.sampling == "dense" else None,  # uniform: none
         }  # fmt: skip
         views = (f" ({spec.num_clips} clip(s) x {spec.num_crops} crop(s) of {spec.num_frames} "
                  f"frames, {spec.sampling})")  # fmt: skip
