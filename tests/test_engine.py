@@ -281,6 +281,19 @@ def test_tiny_run_learns_and_writes_everything(tmp_path):
     assert summary["best_val_acc1"] == max(r["val_acc1"] for r in records)
 
 
+def test_fit_keeps_a_run_it_is_not_asked_to_replace_and_checks_the_classifier(tmp_path):
+    """What the CLI checks before work, fit() checks for Python callers too."""
+    tiny_run(tmp_path, BreaksLater(good_calls=10**9))
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    with pytest.raises(TrainingError, match="already holds a run"):
+        tiny_run(tmp_path, BreaksLater(good_calls=10**9))
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    two = create_model("sparseformer_v1_nano", num_classes=2)
+    with pytest.raises(TrainingError, match="2 outputs for the data's 4 classes; build it with"):
+        tiny_run(tmp_path / "other", two)  # the loss would fail part-way through an epoch
+    assert not (tmp_path / "other" / "run" / "last.pt").exists()
+
+
 def test_layer_decay_scales_each_depth_and_resumes(tmp_path):
     model = create_model("sparseformer_v1_nano", num_classes=4)
     tiny_run(tmp_path, model, layer_decay=0.5)

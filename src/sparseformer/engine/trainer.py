@@ -41,6 +41,7 @@ from sparseformer.engine.run_folder import (
     RunFolderLock,
     clear_old_run,
     prepare_output,
+    refuse_overwriting_a_run,
     write_skipped_list,
     write_summary,
 )
@@ -176,6 +177,7 @@ def _fit_in(
     dist: DistInfo,
 ) -> dict[str, Any]:
     """:func:`fit` in the run folder ``out``, once it holds it."""
+    _check_before_work(out, model, data, options)
     if dist.is_main:
         prepare_output(out)
     model.to(device)
@@ -220,6 +222,30 @@ def _fit_in(
     if dist.is_main:
         write_summary(out, summary)
     return summary
+
+
+def _check_before_work(out: Path, model: nn.Module, data: DatasetBundle, options: RunOptions):
+    """What the CLI checks before it builds anything, checked for callers of :func:`fit`
+    too: a run already in ``out`` is not overwritten unless asked, and a classifier trained
+    on the data's labels has an output for each class (the loss would fail part-way through
+    an epoch on too few, and a run's checkpoint would not load as its classes on too many).
+
+    Raises:
+        TrainingError: naming the problem and what to do.
+    """
+    try:
+        refuse_overwriting_a_run(out, resume=options.resume, overwrite=options.overwrite)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    if options.objective is not None:  # another loss: its outputs need not be the classes
+        return
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    outputs = getattr(head, "out_features", None)
+    if outputs is not None and outputs != data.num_classes:
+        raise TrainingError(
+            f"the model's classifier has {outputs} outputs for the data's {data.num_classes} "
+            f"classes; build it with num_classes={data.num_classes}"
+        )
 
 
 def _checkpoint_facts(
