@@ -151,6 +151,17 @@ def test_checkpoint_labels_and_preprocessing_are_used(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "sneaker (100.0%)" in printed and "mean RoI area per stage" in printed
     assert (out / "tench_rois.png").exists() and not (out / "tench_stages.gif").exists()
+    # in Python, visualize() takes the same from the model create_model loads from the run
+    from unittest import mock
+
+    import sparseformer.viz.figures as figures
+
+    run_model = create_model("sparseformer_v1_nano", checkpoint_path=path).eval()
+    with mock.patch.object(figures, "preprocess", wraps=figures.preprocess) as prep:
+        fig = figures.visualize(run_model, Image.open(TENCH))  # a PIL image, or a path
+    (_, size, mean, std, _), _ = prep.call_args
+    assert (size, tuple(mean), tuple(std)) == (40, (0.5,) * 3, (0.25,) * 3)
+    assert "sneaker" in fig._suptitle.get_text()
 
 
 def test_imagenet_models_show_imagenet_names():

@@ -204,7 +204,7 @@ def run_details(model: nn.Module, x: Tensor) -> SparseFormerOutput:
 
 def visualize(
     model: nn.Module,
-    image: str | os.PathLike,
+    image: str | os.PathLike | Image.Image,
     *,
     img_size: int | None = None,
     mean: Sequence[float] | None = None,
@@ -212,16 +212,20 @@ def visualize(
     class_names: Sequence[str] | None = None,
     **plot_kwargs: Any,
 ) -> Figure:
-    """Run ``model`` on an image file and draw its RoIs and points (for notebooks).
+    """Run ``model`` on an image and draw its RoIs and points (for notebooks).
+
+    The defaults are the model's ``pretrained_cfg``, which ``create_model(checkpoint_path=)``
+    sets to a run's own preprocessing and class names.
 
     Args:
         model: an image SparseFormer (anything with ``forward_with_details``).
-        image: path of any image PIL reads.
-        img_size: side the image is resized to (default: the model's ``pretrained_cfg``
-            input size, else 224).
-        mean: normalisation mean (default ImageNet's).
-        std: normalisation standard deviation (default ImageNet's).
-        class_names: names for the predicted label (indices otherwise).
+        image: path of any image PIL reads, or a PIL image.
+        img_size: side the image is resized to (default: the ``pretrained_cfg`` input size,
+            else 224).
+        mean: normalisation mean (default: the ``pretrained_cfg``'s, else ImageNet's).
+        std: normalisation standard deviation (likewise).
+        class_names: names for the predicted label (default: the ``pretrained_cfg``'s
+            ``label_names``, else indices).
         **plot_kwargs: passed to :func:`plot_rois` (``stages``, ``highlight``, ...).
     """
     if getattr(model, "roi_dims", 2) == 3:
@@ -230,12 +234,21 @@ def visualize(
             "image: draw its clips with sparseformer.viz.figures.plot_video_rois, or with "
             "`sparseformer viz`"
         )
+    from PIL import Image as PILImage
+
+    from sparseformer.data.images import to_rgb, upright
+
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = img_size or int(cfg.get("input_size", (3, 224, 224))[-1])
-    img = load_image(image, max_side=4 * size)
-    x = preprocess(img, size, mean or IMAGENET_MEAN, std or IMAGENET_STD)
+    if isinstance(image, PILImage.Image):  # read as a file is: upright, 8-bit RGB
+        img = to_rgb(upright(image))
+    else:
+        img = load_image(image, max_side=4 * size)
+    mean, std = mean or cfg.get("mean") or IMAGENET_MEAN, std or cfg.get("std") or IMAGENET_STD
+    x = preprocess(img, size, mean, std, cfg.get("interpolation") or "bicubic")
     output = run_details(model, x)
-    return plot_rois(display_image(img), output, class_names=class_names, **plot_kwargs)
+    names = class_names or cfg.get("label_names")
+    return plot_rois(display_image(img), output, class_names=names, **plot_kwargs)
 
 
 @dataclass
