@@ -427,3 +427,17 @@ def test_fine_tuning_matches_the_classifier_to_the_data_by_class_name(name, capl
         load_weights(model, {"model": source.state_dict()}, class_names=["ant", "bee", "cat"])
     assert torch.equal(head(model), head(source))
     assert "records no class names" in caplog.text
+
+
+def test_create_model_takes_a_checkpoints_ema_weights_when_asked(tmp_path, caplog):
+    plain, ema = create_model("sparseformer_v1_nano"), create_model("sparseformer_v1_nano")
+    path = tmp_path / "run.pt"
+    torch.save({"model": plain.state_dict(), "model_ema": ema.state_dict()}, path)
+    loaded = create_model("sparseformer_v1_nano", checkpoint_path=path, prefer_ema=True)
+    assert torch.equal(loaded.head.weight, ema.head.weight)
+    loaded = create_model("sparseformer_v1_nano", checkpoint_path=path)
+    assert torch.equal(loaded.head.weight, plain.head.weight)
+    torch.save({"model": plain.state_dict()}, path)
+    with caplog.at_level(logging.WARNING):  # none there: said, and the model's are taken
+        loaded = create_model("sparseformer_v1_nano", checkpoint_path=path, prefer_ema=True)
+    assert torch.equal(loaded.head.weight, plain.head.weight) and "no EMA weights" in caplog.text

@@ -132,6 +132,7 @@ def create_model(
     pretrained: bool = False,
     checkpoint_path: str | os.PathLike | Checkpoint | None = None,
     num_classes: int | None = None,
+    prefer_ema: bool = False,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered SparseFormer, optionally with weights.
@@ -150,6 +151,8 @@ def create_model(
             loads as it was trained; 0, no classifier, for a checkpoint saved without one),
             else the config's 1000. When it differs from the weights' the classifier is
             re-initialised (logged), for fine-tuning.
+        prefer_ema: load a checkpoint's EMA weights (``model_ema``, timm's
+            ``state_dict_ema``) where it holds them; warned and the model's taken where not.
         **overrides: fields of the model's config (e.g. ``drop_path_rate=0.1``), and timm's
             arguments: ``global_pool`` (``"avg"``, ``"token"``: the CLS, ``""``: per token),
             ``device`` and ``dtype`` (build there, then cast), ``pretrained_cfg`` (a tag, or a
@@ -180,7 +183,9 @@ def create_model(
     # every argument checked: only now download or read weights
     if checkpoint_path is None and pretrained:
         checkpoint_path = _pretrained_file(name, weights, cfg, timm_args["cache_dir"])
-    ckpt = read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    ckpt = None
+    if checkpoint_path is not None:
+        ckpt = read_checkpoint(checkpoint_path, prefer_ema=prefer_ema)
     if ckpt is not None:
         cfg.update(_checkpoint_cfg(ckpt, cfg["input_size"][0]))  # a run's own preprocessing
         cfg.update(timm_args["overlay"])
