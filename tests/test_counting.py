@@ -31,6 +31,10 @@ def test_nano_flops_pinned():
     steps = 2 + 1
     assert flops.by_op["baddbmm"] == steps * c.num_tokens * 4 * 16 * (16 + 4)
     assert flops.by_op["grid_sampler_2d"] == steps * c.num_tokens * 4 * 16 * 4
+    # an example input counts as its shape; a shape without channels is named, not run
+    assert count_flops(model, torch.randn(2, 3, 32, 32)).complete == 2 * flops.complete
+    with pytest.raises(ValueError, match=r"input_size \(32, 32\) is not a shape"):
+        count_flops(model, (32, 32))
 
 
 def test_flops_grow_only_with_the_stem():

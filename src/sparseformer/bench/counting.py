@@ -92,22 +92,34 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def count_flops(
-    model: nn.Module, input_size: tuple[int, ...] | None = None, batch_size: int = 1
+    model: nn.Module,
+    input_size: tuple[int, ...] | torch.Tensor | None = None,
+    batch_size: int = 1,
 ) -> FlopCount:
     """Count one forward pass's multiply-adds.
 
     Args:
         model: any ``nn.Module`` taking one tensor (SparseFormer or a timm model).
-        input_size: ``(C, H, W)``, ``(C, T, H, W)``, or a full shape including the batch;
-            default: the model's own (its channels, clip length and ``pretrained_cfg`` input
-            size; 224 x 224 when it has none).
+        input_size: ``(C, H, W)``, ``(C, T, H, W)``, or a full shape including the batch, or
+            an example input (its shape is taken); default: the model's own (its channels,
+            clip length and ``pretrained_cfg`` input size; 224 x 224 when it has none).
         batch_size: used when ``input_size`` has no batch dimension.
 
     Returns:
         :class:`FlopCount` for the whole batch.
+
+    Raises:
+        ValueError: a shape of other than 3 to 5 numbers.
     """
     if input_size is None:
         input_size = default_input_size(model)
+    if isinstance(input_size, torch.Tensor):
+        input_size = tuple(input_size.shape)
+    if not 3 <= len(input_size) <= 5:
+        raise ValueError(
+            f"input_size {tuple(input_size)} is not a shape: give (C, H, W), (C, T, H, W) for "
+            "video, or one with the batch first, e.g. (3, 224, 224)"
+        )
     if len(input_size) in (3, 4) and not _has_batch(model, input_size):
         shape = (batch_size, *input_size)
     else:
