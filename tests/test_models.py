@@ -265,6 +265,11 @@ def test_pretrained_cfg_for_timm_data_config():
         for family, tag in (("augreg", "augreg_in21k_ft_in1k"), ("openai_clip", "openai"))
         for size in ("base", "large")
     ]  # fmt: skip
+    for patterns in ("sparseformer_v1*", "sparseformer_btsp*", ["sparseformer_*", "video_*"]):
+        assert list_models(patterns, pretrained=True) == timm.list_models(patterns, pretrained=True)
+    assert list_models(["*micro", "*nano"], exclude="video_*") == [
+        "sparseformer_btsp_nano", "sparseformer_v1_micro", "sparseformer_v1_nano",
+    ]  # fmt: skip
     clip = timm.models.get_pretrained_cfg("sparseformer_btsp_openai_clip_base.openai")
     assert clip.interpolation == "bilinear" and clip.mean[0] == 0.48145466
     assert timm.models.get_pretrained_cfg("sparseformer_v1_tiny").input_size == (3, 224, 224)

@@ -15,6 +15,7 @@ import difflib
 import fnmatch
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -50,9 +51,26 @@ class UnknownModelError(ValueError):
     """A model name that is not registered; the message lists close names."""
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style ``pattern``, sorted."""
-    return sorted(name for name in MODELS if fnmatch.fnmatch(name, pattern))
+def list_models(
+    pattern: str | Sequence[str] = "*",
+    pretrained: bool = False,
+    exclude: str | Sequence[str] = (),
+) -> list[str]:
+    """Registered model names matching a shell-style ``pattern`` (or any of several), sorted,
+    as ``timm.list_models`` takes them: with ``pretrained``, the models with released weights
+    as ``name.tag``, one per tag (patterns match that whole name); ``exclude`` leaves out the
+    names matching its patterns."""
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    excluded = [exclude] if isinstance(exclude, str) else list(exclude)
+    if pretrained:
+        names = [f"{name}.{tag}" for name, spec in MODELS.items() for tag in spec.tags]
+    else:
+        names = list(MODELS)
+
+    def matches(name: str, globs: list[str]) -> bool:
+        return any(fnmatch.fnmatch(name, g) for g in globs)
+
+    return sorted(n for n in names if matches(n, patterns) and not matches(n, excluded))
 
 
 def get_model_spec(name: str) -> ModelSpec:
