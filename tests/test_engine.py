@@ -377,3 +377,15 @@ def test_the_skipped_list_reads_back_whatever_the_file_names(tmp_path):
                     ['b/new\nline "q".png', "empty file"]]  # fmt: skip
     _write_skipped_list(path, [])  # nothing skipped this time: no stale list
     assert not path.exists()
+
+
+def test_a_hand_written_loop_needs_no_process_group():
+    from sparseformer.engine import BatchPrep, StepTools, evaluate, train_one_epoch
+
+    model = create_model("sparseformer_v1_nano", num_classes=4)
+    prep = BatchPrep((0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+    tools = StepTools(nn.CrossEntropyLoss(), LRSchedule(1e-3, 1e-3, 1e-3, 0, 10), prep)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,))) for _ in range(2)]
+    optimizer = build_optimizer(model, 1e-3, 0.05)
+    assert train_one_epoch(model, batches, optimizer, tools, 0)["steps"] == 2
+    assert evaluate(model, batches, prep)["images"] == 8

@@ -159,7 +159,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     tools: StepTools,
     step: int,
-    dist: DistInfo,
+    dist: DistInfo | None = None,
     progress: bool = False,
     check_every: int = 10,
     start: EpochProgress | None = None,
@@ -168,6 +168,7 @@ def train_one_epoch(
     """Train for one pass over ``loader``, starting at global step ``step``.
 
     Args:
+        dist: the process group (default: one process, no group).
         start: an epoch resumed part-way (``loader`` then yields its remaining batches).
         after_step: ``(progress, ranks_can_agree) -> stop`` after each step; the ranks can
             agree every ``check_every`` steps (every step in a world of one).
@@ -180,6 +181,7 @@ def train_one_epoch(
     Raises:
         NonFiniteLossError: the loss is NaN/inf (checked every ``check_every`` steps).
     """
+    dist = dist or DistInfo()
     model.train()
     device = tools.prep.device
     sparse = is_sparseformer(model)
@@ -253,7 +255,7 @@ def evaluate(
     model: nn.Module,
     loader: Iterable,
     prep: BatchPrep,
-    dist: DistInfo,
+    dist: DistInfo | None = None,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     confusion: Tensor | None = None,
@@ -261,6 +263,7 @@ def evaluate(
     """Top-1/top-5 accuracy (percent) and cross-entropy over ``loader``, summed over ranks.
 
     Args:
+        dist: the process group (default: one process, no group).
         confusion: ``(classes, classes)`` counts to add this rank's ``[target, prediction]``
             pairs to (top-1), or ``None``.
 
@@ -269,6 +272,7 @@ def evaluate(
         (:func:`sparseformer.engine.metrics.top5_or_none`), all three are ``None`` when no
         image was scored.
     """
+    dist = dist or DistInfo()
     model.eval()
     device = prep.device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
