@@ -441,3 +441,11 @@ def test_create_model_takes_a_checkpoints_ema_weights_when_asked(tmp_path, caplo
     with caplog.at_level(logging.WARNING):  # none there: said, and the model's are taken
         loaded = create_model("sparseformer_v1_nano", checkpoint_path=path, prefer_ema=True)
     assert torch.equal(loaded.head.weight, plain.head.weight) and "no EMA weights" in caplog.text
+
+
+def test_a_file_missing_its_classifier_weight_is_incomplete_not_headless():
+    state = create_model("sparseformer_v1_nano", num_classes=3).state_dict()
+    del state["head.weight"]  # the bias says there was a classifier of 3 outputs
+    assert read_checkpoint(state).num_classes == 3
+    with pytest.raises(CheckpointError, match="missing keys: head.weight"):
+        create_model("sparseformer_v1_nano", checkpoint_path=state)

@@ -210,9 +210,12 @@ def read_checkpoint(
 
 
 def _head_rows(state: Mapping[str, Tensor]) -> int:
+    """The classifier's outputs: its weight's rows, else its bias's length (a weight left out
+    of a file is then a missing key to strict loading, not a model without a classifier)."""
     for key in _HEAD_KEYS:
-        if key in state and hasattr(state[key], "shape"):
-            return int(state[key].shape[0])
+        for name in (key, key.removesuffix("weight") + "bias"):
+            if name in state and hasattr(state[name], "shape") and state[name].dim() >= 1:
+                return int(state[name].shape[0])
     return 0
 
 
