@@ -262,3 +262,17 @@ def test_images_to_draw_on_come_in_any_layout():
     assert np.array_equal(as_image(Image.fromarray(hwc)), hwc)
     assert as_image(hwc[..., 0]).shape == (5, 7, 3)  # grayscale array
     assert as_image(as_float[:1]).shape == (5, 7, 3)  # (1, H, W) tensor
+
+
+def test_the_statistics_fit_the_figure_with_one_stage():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    model = create_model("sparseformer_v1_nano").eval()
+    with torch.no_grad():
+        out = model.forward_with_details(torch.randn(1, 3, 32, 32))
+    for stages in ([-1], [1, 2]):
+        fig = plot_rois(torch.rand(3, 32, 48), out, stages=stages)
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        for text in fig.texts:  # the statistics under the panels, not cut at the edges
+            box = text.get_window_extent(renderer)
+            assert 0 <= box.x0 and box.x1 <= fig.bbox.width, (stages, box)

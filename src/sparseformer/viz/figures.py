@@ -114,7 +114,11 @@ def plot_rois(
     colors = token_colors(output.latent_tokens.shape[1])
     h, w = img.shape[:2]
     n = len(stage_list)
-    fig = Figure(figsize=(panel_inches * n, panel_inches * h / w + (1.2 if show_stats else 0.6)))
+    stats = format_statistics(roi_statistics(select_sample(output, index))) if show_stats else ""
+    # wide enough for the statistics' longest line (8 pt monospace: about 0.6 em a character)
+    text_inches = max(map(len, stats.splitlines()), default=0) * 8 * 0.62 / 72 + 0.6
+    width = max(panel_inches * n, text_inches)
+    fig = Figure(figsize=(width, panel_inches * h / w + (1.2 if show_stats else 0.6)))
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax, stage in zip(axes, stage_list):
         rois, points = stage_geometry(output, stage, index)
@@ -125,7 +129,7 @@ def plot_rois(
         fig.text(
             0.5,
             0.01,
-            format_statistics(roi_statistics(select_sample(output, index))),
+            stats,
             ha="center",
             va="bottom",
             fontsize=8,
