@@ -198,14 +198,7 @@ def train_one_epoch(
         lr = tools.schedule(step)
         set_lr(optimizer, lr)
         with _autocast(device, tools.amp_dtype):
-            if tools.objective is not None:
-                loss = tools.objective(model, x, y)
-            elif sparse and tools.scaler is not None:
-                # the clamp keeps the coordinate gradient's size independent of fp16 loss scale
-                logits = model(x, coord_grad_scale=_scale_tensor(tools.scaler))
-                loss = tools.criterion(logits, y)
-            else:
-                loss = tools.criterion(model(x), y)
+            loss = _training_loss(model, x, y, tools, sparse)
         _backward_and_step(model, loss, optimizer, tools)
         step += 1
         if tools.ema is not None:
@@ -235,6 +228,16 @@ def train_one_epoch(
         "epoch_seconds": seconds,
         "stopped": float(stopped),
     }
+
+
+def _training_loss(model: nn.Module, x: Tensor, y: Tensor, tools: StepTools, sparse: bool):
+    """The step's loss: the run's objective, or the criterion on the logits."""
+    if tools.objective is not None:
+        return tools.objective(model, x, y)
+    if sparse and tools.scaler is not None:
+        # the clamp keeps the coordinate gradient's size independent of fp16 loss scale
+        return tools.criterion(model(x, coord_grad_scale=_scale_tensor(tools.scaler)), y)
+    return tools.criterion(model(x), y)
 
 
 def _summed(loss_sum: Tensor, seen: int, dist: DistInfo) -> Tensor:
