@@ -135,3 +135,28 @@ def test_a_bf16_run_trains_under_autocast_and_loads(folder, tmp_path, monkeypatc
     student = create_model(TEMPLATE, checkpoint_path=out / "last.pt").eval()
     with torch.no_grad():
         assert torch.isfinite(student(torch.randn(2, 3, 32, 32))).all()
+
+
+def test_a_student_fine_tunes_with_train_and_its_run_loads_as_the_student(folder, tmp_path):
+    from sparseformer.data.datasets import DataSource
+    from sparseformer.engine.inputs import training_preprocessing
+    from sparseformer.engine.recipe import load_recipe
+
+    student = tmp_path / "student"
+    assert main(_args(folder, student, "--epochs", "1")) == 0
+    tuned = tmp_path / "tuned"
+    argv = ["train", "--model", TEMPLATE, "--checkpoint", str(student / "last.pt"), "--data-dir",
+            str(folder / "data"), "--output", str(tuned), "--epochs", "1", "--img-size", "32",
+            *RUN[:-2]]  # fmt: skip
+    assert main(argv) == 0  # the student's architecture, not the template's
+    saved = torch.load(tuned / "last.pt", weights_only=True)
+    assert saved["architecture"]["num_tokens"] == 4
+    model = create_model(TEMPLATE, checkpoint_path=tuned / "last.pt").eval()
+    assert model.config.num_tokens == 4 and model.num_classes == 2
+    assert main([*argv, "--resume", "auto", "--epochs", "2"]) == 0  # and resumes as one
+    # the normalisation the fine-tuned weights were trained with, over the template's
+    recipe = load_recipe("fashion-mnist-cpu")
+    source = DataSource(data_dir=folder / "data")
+    pre = training_preprocessing(source, TEMPLATE, recipe, None, {"mean": (0.1,) * 3,
+                                                                  "std": (0.2,) * 3})  # fmt: skip
+    assert pre.mean == (0.1,) * 3 and pre.std == (0.2,) * 3

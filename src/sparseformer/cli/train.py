@@ -117,7 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 @dataclass
 class _Plan:
     """What the flags resolve to before any data is read (``saved``: the resumed checkpoint;
-    ``start``: the --checkpoint dict, when read)."""
+    ``start``: the --checkpoint's :class:`~sparseformer.weights.checkpoint.Checkpoint`)."""
 
     args: argparse.Namespace
     device: str
@@ -126,7 +126,17 @@ class _Plan:
     source: Any
     resume: Path | None = None
     saved: dict = dataclasses.field(default_factory=dict)
-    start: dict | None = None
+    start: Any = None
+
+    @property
+    def architecture(self) -> dict:
+        """Config fields the run's model takes over its name's (a bootstrapped student's, as
+        its checkpoint records them; a run fine-tuned from one records them in turn)."""
+        if self.resume is not None:
+            found = self.saved.get("architecture")
+        else:
+            found = self.start.architecture if self.start is not None else None
+        return dict(found) if isinstance(found, dict) else {}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -218,9 +228,9 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     if clips is not None:  # a resumed video run keeps its own clips, like its recipe
         keep_run_clips({flag: getattr(args, flag, None) for flag, _ in CLIP_FLAGS}, clips)
         args = argparse.Namespace(**{**vars(args), **{flag: None for flag, _ in CLIP_FLAGS}})
-    elif video and args.checkpoint is not None:  # fine-tuning: its clips, unless flagged
+    elif args.checkpoint is not None:  # fine-tuning: its architecture, normalisation, clips
         start = read_checkpoint(args.checkpoint)
-        clips = start.video
+        clips = start.video if video else None
     # per-epoch validation: one view per video
     source = data_source(args, views=False, saved=clips)
     _check_output(args.output, resume, args.overwrite)
@@ -256,7 +266,8 @@ def _train(plan: _Plan, dist) -> None:
     threads = set_threads(args.threads, dist)
     seed_everything(args.seed)  # the same initial weights on every rank
     saved = plan.saved if plan.resume is not None else None
-    pre = training_preprocessing(source, args.model, recipe, saved)
+    weights = plan.start.preprocessing if plan.start is not None else None
+    pre = training_preprocessing(source, args.model, recipe, saved, weights)
     try:
         # every process builds the data: they share the file check out
         bundle = build_datasets(source, pre, recipe.augmentation, share_check=True)
@@ -284,6 +295,7 @@ def _train(plan: _Plan, dist) -> None:
             "torch": str(torch.__version__),
             # the clip settings used (size, crop and normalisation included)
             **({"video": dataclasses.asdict(bundle.clip_spec)} if video else {}),
+            **({"architecture": plan.architecture} if plan.architecture else {}),
         },
     )
     try:
@@ -312,7 +324,7 @@ def _build_model(plan: _Plan, bundle, pre):
     model = build_model(
         args.model, bundle.num_classes, pre.img_size, plan.recipe.drop_path, num_frames=frames,
         replicates=checkpoint_replicates(start_from, args.model) if start_from else None,
-        offset_proj_init=plan.recipe.offset_proj_init,
+        offset_proj_init=plan.recipe.offset_proj_init, architecture=plan.architecture,
     )  # fmt: skip
     if args.checkpoint is not None and resume is None:
         load_weights(model, start, class_names=bundle.class_names)

@@ -6,7 +6,9 @@ Shared by ``train``, ``eval`` and ``predict``, so that each decides these the sa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -36,13 +38,22 @@ logger = logging.getLogger(__name__)
 
 
 def training_preprocessing(
-    source: DataSource, model_name: str, recipe: Recipe, saved: dict[str, Any] | None = None
+    source: DataSource,
+    model_name: str,
+    recipe: Recipe,
+    saved: dict[str, Any] | None = None,
+    weights: Mapping[str, Any] | None = None,
 ) -> Preprocessing:
     """A resumed run's own preprocessing (``saved``: its checkpoint); else the data set's
-    (a built-in one) or the model's input size and its released weights' mean and std (a
-    bootstrapped model's are its teacher's), with the recipe's size, crop and interpolation.
+    (a built-in one) or the model's input size and the mean and std its weights were trained
+    with (``weights``: what a fine-tuning checkpoint records; else the released weights', a
+    bootstrapped model's being its teacher's), with the recipe's size, crop and interpolation.
     """
     released = weights_preprocessing(model_name)
+    if weights and weights.get("mean") is not None and weights.get("std") is not None:
+        released = dataclasses.replace(
+            released, mean=tuple(weights["mean"]), std=tuple(weights["std"])
+        )
     # clips are resized one way whatever the recipe's interpolation, which is for images (the
     # source carries clip settings for any model: the model says whether the data are clips)
     video = is_video_model(model_name)

@@ -97,6 +97,7 @@ def build_model(
     num_frames: int | None = None,
     replicates: int | None = None,
     offset_proj_init: str | None = None,
+    architecture: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """A fresh model ``name`` with ``num_classes`` outputs.
 
@@ -113,10 +114,14 @@ def build_model(
         offset_proj_init: a SparseFormer's sampling-offset projection init (``"zeros"`` or
             ``"trunc_normal"``, the authors' v1 code); ``None``: the model's own. timm models
             have none.
+        architecture: config fields over the name's (a bootstrapped student's, as its
+            checkpoint records them); its ``num_classes`` gives way to ``num_classes``.
     """
     kind = check_model_name(name)
     if kind == "sparseformer":
-        overrides: dict[str, Any] = {}
+        overrides: dict[str, Any] = {
+            k: v for k, v in (architecture or {}).items() if k != "num_classes"
+        }
         if drop_path is not None:
             overrides["drop_path_rate"] = drop_path
         if num_frames is not None:
