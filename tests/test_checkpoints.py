@@ -314,7 +314,14 @@ def test_a_run_of_another_size_is_named_in_the_mismatch(tmp_path):
     nano = create_model("sparseformer_v1_nano")
     torch.save({"model": nano.state_dict(), "model_name": "sparseformer_v1_nano"}, path)
     with pytest.raises(CheckpointError, match=r"\(the checkpoint is a sparseformer_v1_nano run\)"):
+        load_checkpoint(create_model("sparseformer_v1_micro"), path)
+    # create_model refuses it before building, named: models of one shape (two bootstrapped
+    # families) would otherwise take each other's weights with a classifier bias dropped
+    with pytest.raises(CheckpointError, match="of 'sparseformer_v1_nano', not 'sparseformer_v1_m"):
         create_model("sparseformer_v1_micro", checkpoint_path=path)
+    torch.save({"model": nano.state_dict(), "model_name": "sparseformer_btsp_augreg_base"}, path)
+    with pytest.raises(CheckpointError, match="create it as 'sparseformer_btsp_augreg_base'"):
+        create_model("sparseformer_btsp_openai_clip_base", checkpoint_path=path)
 
 
 def test_convert_writes_safetensors_only_to_a_safetensors_file_and_into_a_device(tmp_path, capsys):
