@@ -208,6 +208,8 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
         load_teacher("vit_tiny_patch16_224", folder / "teacher.pt", img_size=32)
     with pytest.raises(BootstrapError, match="give the timm name and the file: --teacher NAME"):
         load_teacher(other, img_size=32)  # a state dict alone names no model
+    with pytest.raises(BootstrapError, match="is a run of test_vit, which records the size and"):
+        load_teacher("test_vit", folder / "teacher.pt")  # its name's weights: its 32px lost
     with pytest.raises(BootstrapError, match="--img-size 8 is smaller than the teacher's 16px"):
         load_teacher("test_vit", img_size=8)
     with pytest.raises(BootstrapError, match="a name without weights"):

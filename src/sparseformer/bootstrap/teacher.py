@@ -188,6 +188,12 @@ def load_teacher(
                 f"--teacher {name} is neither a file nor a timm model name (timm.list_models)"
             )
         ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
+        if ckpt is not None and ckpt.model_name == name.partition(".")[0] and ckpt.preprocessing:
+            raise BootstrapError(  # as weights for a name it would lose its size and mean
+                f"--teacher-checkpoint {checkpoint} is a run of {ckpt.model_name}, which "
+                "records the size and normalisation it trained with: give it as --teacher "
+                f"{checkpoint}, without a name"
+            )
         model = _build_by_name(timm, name, img_size, ckpt)
         describe_teacher(model)
         if ckpt is not None:
