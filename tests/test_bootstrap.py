@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -344,7 +345,7 @@ def test_a_folder_without_recipe_gets_trains_own_folder_recipe(folder, tmp_path,
     assert "recipe own-folder-small" in out and "cpu, fp32" in out, out
 
 
-def test_a_run_at_another_size_resumes_without_repeating_img_size(folder, tmp_path, capsys):
+def test_a_run_at_another_size_resumes_without_repeating_img_size(folder, tmp_path, caplog):
     """The teacher is rebuilt at the size the run trained at (vit_tiny takes 224 px only)."""
     vit = tmp_path / "vit_tiny.pt"
     torch.save(timm.create_model("vit_tiny_patch16_224").state_dict(), vit)
@@ -352,9 +353,15 @@ def test_a_run_at_another_size_resumes_without_repeating_img_size(folder, tmp_pa
     common = ["bootstrap", "--teacher", "vit_tiny_patch16_224", "--teacher-checkpoint",
               str(vit), "--data-dir", str(folder / "data"), "--output", str(out), *RUN]  # fmt: skip
     assert main([*common, "--img-size", "32", *SMALL, "--epochs", "1"]) == 0
-    code = main([*common, "--epochs", "2", "--resume", "auto"])
-    assert code == 0, capsys.readouterr().err
+    with caplog.at_level(logging.WARNING):
+        code = main([*common, "--epochs", "2", "--resume", "auto", "--tokens", "9", "--loss",
+                     "smooth_l1", "--points", "4"])  # fmt: skip
+    assert code == 0
     assert [r["epoch"] for r in _records(out)] == [1, 2]
+    # another student asked of a resumed run: kept as the run's, and said (--points 4 is its own)
+    said = caplog.text
+    assert "ignored: tokens (asked 9, the run's 4); loss (asked 'smooth_l1', the run's " in said
+    assert "points (" not in said
 
 
 def test_run_trains_the_new_parts_and_keeps_the_frozen_tensors(alone, folder):

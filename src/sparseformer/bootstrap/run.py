@@ -66,6 +66,15 @@ class BootstrapSettings:
     def from_dict(cls, data: dict[str, Any]) -> BootstrapSettings:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
+    def changes_from(self, run: BootstrapSettings) -> list[str]:
+        """What these settings (a resumed command's) ask that the ``run``'s differ in, each as
+        ``"tokens (asked 9, the run's 4)"``; a field left at its default asks nothing."""
+        return [
+            f"{f.name} (asked {getattr(self, f.name)!r}, the run's {getattr(run, f.name)!r})"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default and getattr(self, f.name) != getattr(run, f.name)
+        ]
+
 
 def make_student(teacher: Teacher, settings: BootstrapSettings) -> torch.nn.Module:
     """The student of ``teacher``: derived, inherited tensors copied, frozen but for the new

@@ -158,7 +158,12 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         saved = read_resume_checkpoint(resume, TEMPLATE)
         recipe = resumed_recipe(saved, resume, recipe, _without_img_size(flags))
         img_size = _run_img_size(saved, img_size)
-        settings = BootstrapSettings.from_dict(saved.get("bootstrap") or {})
+        asked, settings = settings, BootstrapSettings.from_dict(saved.get("bootstrap") or {})
+        if changed := asked.changes_from(settings):
+            logging.getLogger(__name__).warning(
+                "resuming continues the run's own student and loss, so these changes are "
+                "ignored: %s; start a new --output to change them", "; ".join(changed),
+            )  # fmt: skip
         if run_is_finished(saved, recipe, args.output):
             if launched_rank()[0] == 0:
                 print(f"nothing to do: the run in {resume} already has {saved.get('epoch')} "

@@ -42,6 +42,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# how a run goes on from a resumed one's weights with other settings (bootstrap has no
+# --checkpoint of its own: a student fine-tunes with train)
+_NEW_RUN = "(`sparseformer train --checkpoint` starts one from these weights)"
+
 # How the training order is drawn, saved in checkpoints: "seed+epoch" since the repeated-
 # augmentation sampler took --seed; checkpoints without it resume with its old, epoch-only order.
 DATA_ORDER = "seed+epoch"
@@ -144,7 +148,7 @@ def warn_ignored_on_resume(flags: RecipeFlags, asked: Recipe, recipe: Recipe) ->
     if changed:
         logger.warning(
             "resuming continues the run's own recipe, so these changes are ignored: %s; start "
-            "a new run (--checkpoint to start from these weights) to change them",
+            f"a new run to change them {_NEW_RUN}",
             "; ".join(changed),
         )
 
@@ -172,7 +176,7 @@ def keep_run_clips(asked: dict[str, Any], clips: dict[str, Any]) -> None:
     if changed:
         logger.warning(
             "resuming continues the run's own clip sampling, so these changes are ignored: %s; "
-            "start a new run (--checkpoint to start from these weights) to change them",
+            f"start a new run to change them {_NEW_RUN}",
             "; ".join(changed),
         )
 
@@ -187,7 +191,7 @@ def resumed_seed(saved: dict[str, Any] | None, asked: int | None) -> int:
     if asked is not None and asked != own:
         logger.warning(
             "resuming continues with the run's own seed %d, so --seed %d is ignored; start a "
-            "new run (--checkpoint to start from these weights) to change it", own, asked,
+            f"new run to change it {_NEW_RUN}", own, asked,
         )  # fmt: skip
     return int(own)
 
