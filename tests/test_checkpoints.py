@@ -456,3 +456,16 @@ def test_a_file_missing_its_classifier_weight_is_incomplete_not_headless():
     assert read_checkpoint(state).num_classes == 3
     with pytest.raises(CheckpointError, match="missing keys: head.weight"):
         create_model("sparseformer_v1_nano", checkpoint_path=state)
+
+
+def test_a_torchscript_archive_is_named_as_one_and_not_run(tmp_path):
+    import warnings
+
+    traced = torch.jit.trace(torch.nn.Linear(2, 2), torch.randn(1, 2))
+    path = tmp_path / "clip.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.save is deprecated in favour of export
+        torch.jit.save(traced, str(path))
+    with pytest.raises(CheckpointError, match="is a TorchScript archive .*torch.jit.load") as info:
+        read_checkpoint(path)
+    assert "weights_only=False" not in str(info.value)  # not torch's advice to run it

@@ -73,6 +73,13 @@ def read_file(path: str | os.PathLike) -> Any:
             f"{str(path)!r} is not a readable checkpoint: it holds {kind} "
             f"({head[:24]!r}...), not a PyTorch (.pth) or safetensors file"
         )
+    if head.startswith(b"PK\x03\x04") and _is_torchscript(path):
+        raise CheckpointError(
+            f"{str(path)!r} is a TorchScript archive (torch.jit.save: a program with its "
+            "weights), not a checkpoint, and a program is not run to read it; where you trust "
+            "it, load it with torch.jit.load and save its weights with "
+            "torch.save(model.state_dict(), path)"
+        )
     try:
         with warnings.catch_warnings():  # torch's note on a pickle protocol: the error says more
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -97,6 +104,17 @@ def read_file(path: str | os.PathLike) -> Any:
             "and plain data are read (weights_only=True), and no code the file names runs; "
             "where you trust it, save the weights alone: torch.save(model.state_dict(), path)"
         ) from exc
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether a zip file is a TorchScript archive (it holds ``code/`` and ``constants.pkl``
+    beside the tensors), which ``torch.load`` hands to ``torch.jit.load``."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False  # torch.load says what is wrong with it
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
 def _torch_reason(exc: Exception) -> str:
