@@ -179,6 +179,10 @@ def test_training_normalises_as_the_released_weights_do(tmp_path):
         ("sparseformer_btsp_openai_clip_base", MODELS["sparseformer_btsp_openai_clip_base"]
          .weights.mean),
         ("sparseformer_v1_tiny", (0.485, 0.456, 0.406)),
+        # timm names: their pretrained config's, as timm's resolve_data_config gives them
+        ("vit_tiny_patch16_224", (0.5, 0.5, 0.5)),
+        ("vit_base_patch16_clip_224.openai", (0.48145466, 0.4578275, 0.40821073)),
+        ("resnet18", (0.485, 0.456, 0.406)),
     ):  # fmt: skip
         assert training_preprocessing(source, name, recipe).mean == mean
 

@@ -461,11 +461,24 @@ def test_a_file_missing_its_classifier_weight_is_incomplete_not_headless():
 def test_a_torchscript_archive_is_named_as_one_and_not_run(tmp_path):
     import warnings
 
-    traced = torch.jit.trace(torch.nn.Linear(2, 2), torch.randn(1, 2))
     path = tmp_path / "clip.pt"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit.save is deprecated in favour of export
-        torch.jit.save(traced, str(path))
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
+        torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.randn(1, 2)), str(path))
     with pytest.raises(CheckpointError, match="is a TorchScript archive .*torch.jit.load") as info:
         read_checkpoint(path)
     assert "weights_only=False" not in str(info.value)  # not torch's advice to run it
+
+
+def test_a_timm_model_takes_a_file_as_timm_maps_it():
+    """timm's checkpoint_filter_fn runs first, as when timm loads a file: here a ViT trained at
+    64 px has its position embedding resampled for one built at 32 px."""
+    import timm
+
+    from sparseformer.weights.loading import load_weights
+
+    trained = timm.create_model("test_vit", img_size=64, num_classes=2)
+    model = timm.create_model("test_vit", img_size=32, num_classes=2)
+    load_weights(model, {"model": trained.state_dict()})
+    assert torch.equal(model.head.weight, trained.head.weight)
+    assert model.pos_embed.shape != trained.pos_embed.shape

@@ -15,11 +15,23 @@ __all__ = ["weights_preprocessing", "resolve_preprocessing"]
 
 
 def weights_preprocessing(model_name: str) -> Preprocessing:
-    """The eval preprocessing of a registered model's released weights (ImageNet default)."""
+    """The eval preprocessing of a registered model's released weights; for a timm name, that
+    of its pretrained config (``name.tag`` or its default tag: a CLIP tower's mean and std, an
+    AugReg ViT's 0.5), as timm's ``resolve_data_config`` gives it; else ImageNet's."""
     spec = MODELS.get(model_name)
     if spec is not None and spec.weights is not None:
         w = spec.weights
         return Preprocessing(w.input_size[-1], w.mean, w.std, w.crop_pct, w.interpolation)
+    if spec is None:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(model_name) if timm.is_model(model_name) else None
+        if cfg is not None and cfg.mean is not None and cfg.std is not None:
+            return Preprocessing(
+                int(cfg.input_size[-1]), tuple(cfg.mean), tuple(cfg.std),
+                float(cfg.crop_pct or Preprocessing().crop_pct),
+                cfg.interpolation or Preprocessing().interpolation,
+            )  # fmt: skip
     return Preprocessing()
 
 

@@ -192,7 +192,7 @@ def load_weights(
     if is_sparseformer(model):
         load_checkpoint(model, ckpt)
         return
-    state = dict(ckpt.state_dict)
+    state = _timm_layout(dict(ckpt.state_dict), model)
     if any(k in state and state[k].shape != own[k].shape for k in head_keys):
         logger.info("checkpoint classifier does not fit: keeping a fresh one (fine-tuning)")
         state = {k: v for k, v in state.items() if k not in head_keys}
@@ -207,6 +207,22 @@ def load_weights(
             "of another model? Pass the matching --model"
         )
     model.load_state_dict(state, strict=True)
+
+
+def _timm_layout(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """A timm model's weights mapped by its module's ``checkpoint_filter_fn``, as timm maps
+    the files it loads (an OpenCLIP or OpenAI CLIP tower's keys for a timm CLIP ViT); as they
+    are when the module has none or the map does not apply."""
+    import sys
+
+    module = sys.modules.get(type(getattr(model, "module", model)).__module__)
+    remap = getattr(module, "checkpoint_filter_fn", None)
+    if remap is None or not str(getattr(module, "__name__", "")).startswith("timm."):
+        return state
+    try:
+        return dict(remap(state, model))
+    except Exception:  # noqa: BLE001 - a map for other files: strict loading says what differs
+        return state
 
 
 def _match_class_names(
