@@ -160,3 +160,15 @@ def test_a_student_fine_tunes_with_train_and_its_run_loads_as_the_student(folder
     pre = training_preprocessing(source, TEMPLATE, recipe, None, {"mean": (0.1,) * 3,
                                                                   "std": (0.2,) * 3})  # fmt: skip
     assert pre.mean == (0.1,) * 3 and pre.std == (0.2,) * 3
+
+
+def test_a_teacher_at_chance_whose_weights_name_no_classes_is_doubted(caplog):
+    from sparseformer.bootstrap.run import _doubt_a_chance_teacher
+
+    with caplog.at_level(logging.WARNING):
+        _doubt_a_chance_teacher(50.0, 3, None)  # better than chance: nothing to say
+        _doubt_a_chance_teacher(0.0, 3, ("red", "green", "blue"))  # its classes named, matched
+        _doubt_a_chance_teacher(None, 3, None)  # no accuracy (a CLIP tower)
+        assert not caplog.text
+        _doubt_a_chance_teacher(33.0, 3, None)
+    assert "no better than chance (33.33%)" in caplog.text and "by count" in caplog.text

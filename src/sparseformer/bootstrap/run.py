@@ -106,8 +106,8 @@ def accuracy_defined(teacher: Teacher, config: SparseFormerConfig, data: Dataset
     elif outputs != classes:
         why = f"the teacher has {outputs} outputs and the data {classes} classes"
     elif teacher.class_names is not None and list(teacher.class_names) != data.class_names:
-        why = (f"the teacher's classes ({', '.join(teacher.class_names[:3])}, ...) are not the "
-               f"data's ({', '.join(data.class_names[:3])}, ...)")  # fmt: skip
+        why = (f"the teacher's classes ({_some(teacher.class_names)}) are not the data's "
+               f"({_some(data.class_names)})")  # fmt: skip
     if why is not None:
         logger.info(
             "no accuracy is reported: %s; the alignment loss is what the run optimises (a "
@@ -115,6 +115,11 @@ def accuracy_defined(teacher: Teacher, config: SparseFormerConfig, data: Dataset
             "it on them, gives the student's and the teacher's top-1)", why,
         )  # fmt: skip
     return why is None
+
+
+def _some(names) -> str:
+    """The first three names, and "..." only where there are more."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def bootstrap(
@@ -155,4 +160,19 @@ def bootstrap(
     summary = fit(student, data, recipe, preprocessing, options, dist)
     final = summary["final"] or {}
     record = {"name": teacher.name, "val_acc1": final.get("teacher_val_acc1")}
+    _doubt_a_chance_teacher(record["val_acc1"], data.num_classes, teacher.class_names)
     return {**summary, "teacher": record, "student": architecture_overrides(student.config)}
+
+
+def _doubt_a_chance_teacher(acc1: float | None, classes: int, named: Any) -> None:
+    """A teacher scoring no better than chance on the data's classes, whose checkpoint names
+    none, was probably trained on other classes: its outputs were taken as these by count."""
+    if acc1 is None or named is not None or classes < 2 or acc1 > 100 / classes:
+        return
+    logger.warning(
+        "the teacher's top-1 on the validation images is %.2f%%, no better than chance "
+        "(%.2f%%): its weights name no classes, so its %d outputs were taken as this folder's "
+        "by count; if it was trained on other classes, the student's accuracy means nothing "
+        "(the alignment it learnt holds all the same)",
+        acc1, 100 / classes, classes,
+    )  # fmt: skip
