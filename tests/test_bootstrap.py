@@ -330,10 +330,14 @@ def test_set_img_size_sizes_the_teacher(folder, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["bootstrap", "--teacher", "test_vit", "--random-teacher", "--data-dir",
                  str(folder / "data"), "--output", str(out), *SMALL, *RUN, "--epochs", "1",
-                 "--set", "img_size=48"]) == 0  # fmt: skip
+                 "--set", "img_size=48", "crop_pct=0.5",
+                 "interpolation=bilinear"]) == 0  # fmt: skip
     assert "48px" in capsys.readouterr().out
     saved = torch.load(out / "last.pt", weights_only=True)
     assert saved["preprocessing"]["img_size"] == 48
+    # the crop and interpolation asked for are the ones used (and recorded), over the teacher's
+    assert saved["preprocessing"]["crop_pct"] == 0.5
+    assert saved["preprocessing"]["interpolation"] == "bilinear"
 
 
 def test_a_folder_without_recipe_gets_trains_own_folder_recipe(folder, tmp_path, capsys):

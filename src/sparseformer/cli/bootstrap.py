@@ -176,13 +176,17 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     return _Plan(args, device, recipe, source, settings, resume, saved, img_size)
 
 
+def _asked(flags, recipe, field: str):
+    """The recipe's ``field`` where a flag asks for it (``--img-size``, ``--set
+    crop_pct=0.9``), else ``None``: the teacher's preprocessing is the default, not the
+    recipe's."""
+    asked = field in flags.fields or any(item.partition("=")[0] == field for item in flags.settings)
+    return getattr(recipe, field) if asked else None
+
+
 def _asked_img_size(flags, recipe) -> int | None:
-    """The input size asked for, by --img-size or --set img_size=N (the teacher's size is
-    the default, not the recipe's)."""
-    asked = "img_size" in flags.fields or any(
-        item.partition("=")[0] == "img_size" for item in flags.settings
-    )
-    return recipe.img_size if asked else None
+    """The input size asked for, by --img-size or --set img_size=N."""
+    return _asked(flags, recipe, "img_size")
 
 
 def _without_img_size(flags):
@@ -215,6 +219,7 @@ def _bootstrap(plan: _Plan, dist) -> None:
     from sparseformer.data import DataError, build_datasets
     from sparseformer.data.transforms import Preprocessing
     from sparseformer.engine.device import set_threads
+    from sparseformer.engine.preprocessing import resolve_preprocessing
     from sparseformer.engine.trainer import RunOptions, TrainingError, seed_everything
 
     args, recipe = plan.args, plan.recipe
@@ -225,7 +230,11 @@ def _bootstrap(plan: _Plan, dist) -> None:
     teacher = load_teacher(
         args.teacher, args.teacher_checkpoint, plan.img_size, random_ok=args.random_teacher
     )
-    pre = teacher.preprocessing  # the teacher sees what the student sees
+    # the teacher sees what the student sees: its own preprocessing, with the crop and
+    # interpolation flags ask for (the size built it)
+    flags = recipe_flags(args)
+    crop, interpolation = (_asked(flags, recipe, f) for f in ("crop_pct", "interpolation"))
+    pre = resolve_preprocessing(teacher.preprocessing, None, crop, interpolation)
     if plan.resume is not None:
         check_resumed_teacher(teacher, plan.saved)
         pre = Preprocessing.from_dict(plan.saved["preprocessing"])
