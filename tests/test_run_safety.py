@@ -58,6 +58,27 @@ def test_a_second_run_in_a_held_folder_is_refused_naming_the_holder(tmp_path, fo
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_lock_still_held_by_a_killed_runs_workers_says_to_wait(tmp_path):
+    """kill -9 of a run leaves its forked data-loading workers holding the lock for a few
+    seconds: the refusal says the run has ended, not that it is in use."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)  # a process of this host that has ended
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # its worker's inherited descriptor
+    os.write(fd, f"PID {dead} on host {socket.gethostname()} since then".encode())
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(RunFolderBusy, match="has ended .* try again in a few seconds"):
+            RunFolderLock(out).acquire()
+    finally:
+        os.close(fd)
+
+
 def test_a_lock_left_by_a_killed_run_is_taken_over_and_logged(tmp_path, caplog):
     import signal
 

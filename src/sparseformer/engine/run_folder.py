@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
@@ -91,6 +92,12 @@ class RunFolderLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
+                if _holder_ended(holder):  # its forked data-loading workers hold the lock
+                    raise RunFolderBusy(
+                        f"--output {str(self.folder)!r} was held by a run that has ended "
+                        f"({holder}); its data-loading workers, which hold the lock until they "
+                        "see it gone, are still ending: try again in a few seconds"
+                    ) from None
                 raise RunFolderBusy(
                     f"--output {str(self.folder)!r} is in use by another run ({holder}); wait "
                     "for it to finish, stop it, or choose another folder"
@@ -120,6 +127,20 @@ class RunFolderLock:
             pass
         os.close(self._fd)  # closing the descriptor drops the flock
         self._fd = None
+
+
+def _holder_ended(holder: str) -> bool:
+    """Whether the lock file names a process of this host that no longer runs."""
+    found = re.match(r"PID (\d+) on host (\S+)", holder)
+    if found is None or found.group(2) != socket.gethostname():
+        return False
+    try:
+        os.kill(int(found.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
 
 
 def _read_holder(fd: int) -> str:
