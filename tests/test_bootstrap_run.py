@@ -145,10 +145,12 @@ def test_a_student_fine_tunes_with_train_and_its_run_loads_as_the_student(folder
     student = tmp_path / "student"
     assert main(_args(folder, student, "--epochs", "1")) == 0
     tuned = tmp_path / "tuned"
-    argv = ["train", "--model", TEMPLATE, "--checkpoint", str(student / "last.pt"), "--data-dir",
+    argv = ["train", "--checkpoint", str(student / "last.pt"), "--data-dir",
             str(folder / "data"), "--output", str(tuned), "--epochs", "1", "--img-size", "32",
             *RUN[:-2]]  # fmt: skip
-    assert main(argv) == 0  # the student's architecture, not the template's
+    assert main(argv) == 0  # the model the checkpoint names, as the student it records
+    assert main([*argv, "--resume", "auto", "--epochs", "2"]) == 1  # resumed: --model asked
+    argv[1:1] = ["--model", TEMPLATE]
     saved = torch.load(tuned / "last.pt", weights_only=True)
     assert saved["architecture"]["num_tokens"] == 4
     model = create_model(TEMPLATE, checkpoint_path=tuned / "last.pt").eval()

@@ -47,7 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--model", required=True, help="sparseformer name (sparseformer models) or timm name"
+        "--model",
+        help="sparseformer name (sparseformer models) or timm name (default with --checkpoint: "
+        "the model a `sparseformer train` or `bootstrap` checkpoint names)",
     )
     add_data_arguments(p)
     p.add_argument("--output", type=Path, required=True, help="run folder")
@@ -141,12 +143,16 @@ class _Plan:
 
 def run(args: argparse.Namespace) -> int:
     from sparseformer.cli import CliError
+    from sparseformer.cli.common import model_named_by_checkpoint
     from sparseformer.data import DataError
     from sparseformer.engine.distributed import cleanup_distributed, setup_distributed
     from sparseformer.engine.recipe import RecipeError
     from sparseformer.engine.stopping import sigterm_stops
     from sparseformer.weights.build import check_model_name
 
+    if args.model is None and args.resume is not None:  # the folder's run: its own model
+        raise CliError("which model? pass --model NAME, the resumed run's")
+    args.model = model_named_by_checkpoint(args)  # --model, or the one --checkpoint names
     check_model_name(args.model)  # before any data is read
     try:
         plan = _plan(args)
