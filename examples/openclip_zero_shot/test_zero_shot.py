@@ -12,6 +12,7 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 
 from openclip_zero_shot.zero_shot import sparseformer_clip, zero_shot  # noqa: E402
+from sparseformer import create_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TENCH = ROOT / "tests" / "data" / "tench.jpeg"
@@ -63,3 +64,13 @@ def test_embedding_widths_must_agree():
     clip_model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None)
     with pytest.raises(ValueError, match="768 dimensions, the text 512"):
         sparseformer_clip(clip_model, "sparseformer_btsp_openai_clip_large")
+
+
+def test_a_checkpoints_student_is_checked_by_its_own_width(tmp_path):
+    """A bootstrapped student records its own embedding width, not the template's 512."""
+    student = create_model("sparseformer_btsp_openai_clip_base", num_classes=16)
+    path = tmp_path / "student.pt"
+    torch.save({"model": student.state_dict()}, path)
+    clip_model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None)
+    with pytest.raises(ValueError, match="16 dimensions, the text 512"):
+        sparseformer_clip(clip_model, checkpoint_path=path)

@@ -34,13 +34,18 @@ def sparseformer_clip(
     ``clip_model``. ``kwargs`` go to :func:`sparseformer.create_model` (``pretrained=True``,
     ``checkpoint_path=...``)."""
     width = clip_model.text_projection.shape[-1]  # OpenCLIP's embedding width
-    embedding = MODELS[name].config.num_classes
-    if embedding != width:
-        raise ValueError(f"{name} embeds into {embedding} dimensions, the text {width}")
+    if "checkpoint_path" not in kwargs:  # the named model's width, known before building it
+        _check_width(name, MODELS[name].config.num_classes, width)
     visual = create_model(name, **kwargs)
+    _check_width(name, visual.num_classes, width)  # a checkpoint's student: its own width
     like = next(clip_model.parameters())
     clip_model.visual = visual.to(device=like.device, dtype=like.dtype).eval()
     return clip_model
+
+
+def _check_width(name: str, embedding: int, width: int) -> None:
+    if embedding != width:
+        raise ValueError(f"{name} embeds into {embedding} dimensions, the text {width}")
 
 
 @torch.no_grad()
