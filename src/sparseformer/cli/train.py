@@ -134,10 +134,8 @@ class _Plan:
     def architecture(self) -> dict:
         """Config fields the run's model takes over its name's (a bootstrapped student's, as
         its checkpoint records them; a run fine-tuned from one records them in turn)."""
-        if self.resume is not None:
-            found = self.saved.get("architecture")
-        else:
-            found = self.start.architecture if self.start is not None else None
+        start = getattr(self.start, "architecture", None)
+        found = self.saved.get("architecture") if self.resume is not None else start
         return dict(found) if isinstance(found, dict) else {}
 
 
