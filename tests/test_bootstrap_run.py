@@ -151,6 +151,7 @@ def test_a_student_fine_tunes_with_train_and_its_run_loads_as_the_student(folder
     assert main(argv) == 0  # the model the checkpoint names, as the student it records
     assert main([*argv, "--resume", "auto", "--epochs", "2"]) == 1  # resumed: --model asked
     argv[1:1] = ["--model", TEMPLATE]
+    argv[argv.index("--checkpoint") + 1] = str(tmp_path / "moved.pt")  # resuming: not read
     saved = torch.load(tuned / "last.pt", weights_only=True)
     assert saved["architecture"]["num_tokens"] == 4
     model = create_model(TEMPLATE, checkpoint_path=tuned / "last.pt").eval()

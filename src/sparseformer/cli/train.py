@@ -232,8 +232,8 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     if clips is not None:  # a resumed video run keeps its own clips, like its recipe
         keep_run_clips({flag: getattr(args, flag, None) for flag, _ in CLIP_FLAGS}, clips)
         args = argparse.Namespace(**{**vars(args), **{flag: None for flag, _ in CLIP_FLAGS}})
-    elif args.checkpoint is not None:  # fine-tuning: its architecture, normalisation, clips
-        start = read_checkpoint(args.checkpoint)
+    elif args.checkpoint is not None and resume is None:  # fine-tuning: its architecture,
+        start = read_checkpoint(args.checkpoint)  # normalisation and clips
         clips = start.video if video else None
     # per-epoch validation: one view per video
     source = data_source(args, views=False, saved=clips)

@@ -6,10 +6,7 @@ a truncated download. Models want 8-bit RGB; these helpers get there without sur
 
 from __future__ import annotations
 
-import logging
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +34,10 @@ READ_ERRORS = (
     Image.DecompressionBombError,
 )
 
-logger = logging.getLogger(__name__)
 # PIL warns of corrupt EXIF data ("Corrupt EXIF data", "Truncated File Read": once per
-# process, naming no file) and ignores it, as upright() does: the header check of a whole
-# folder passes it over (a filter here costs nothing per file), open_rgb() logs it with the
-# file's name.
+# process, naming no file) and ignores it, as upright() does: so do we, by a filter (a
+# per-image warnings context would cost 8% of a folder's header check, and would reset the
+# process's record of warnings already shown, repeating every other one).
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 # 16-bit and 32-bit integer modes: PIL's convert("RGB") would clip them to 255, not rescale.
@@ -74,26 +70,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-@contextmanager
-def _exif_said_of(path: str | Path) -> Iterator[None]:
-    """PIL's warnings of corrupt EXIF data (which it then ignores, as :func:`upright` does),
-    logged with the file's name instead of printed once without it."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        yield
-    for warning in caught:
-        if Path(warning.filename).name == "TiffImagePlugin.py":
-            logger.debug("%s: PIL: %s (its EXIF data is ignored)", path, warning.message)
-        else:  # any other warning goes on as it came
-            warnings.warn_explicit(
-                warning.message, warning.category, warning.filename, warning.lineno
-            )
-
-
 def open_rgb(path: str | Path) -> Image.Image:
     """Open and fully decode an image file as 8-bit RGB, turned upright as its EXIF
     orientation says (raises one of ``READ_ERRORS``)."""
-    with _exif_said_of(path), Image.open(path) as img:
+    with Image.open(path) as img:
         img.load()
         return to_rgb(upright(img))
 

@@ -25,7 +25,10 @@ def weights_preprocessing(model_name: str) -> Preprocessing:
     if spec is None:
         import timm
 
-        cfg = timm.models.get_pretrained_cfg(model_name) if timm.is_model(model_name) else None
+        try:  # an unknown tag: timm says so when the model is built
+            cfg = timm.models.get_pretrained_cfg(model_name) if timm.is_model(model_name) else None
+        except RuntimeError:
+            cfg = None
         if cfg is not None and cfg.mean is not None and cfg.std is not None:
             return Preprocessing(
                 int(cfg.input_size[-1]), tuple(cfg.mean), tuple(cfg.std),

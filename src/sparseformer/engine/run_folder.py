@@ -94,9 +94,9 @@ class RunFolderLock:
                 os.close(fd)
                 if _holder_ended(holder):  # its forked data-loading workers hold the lock
                     raise RunFolderBusy(
-                        f"--output {str(self.folder)!r} was held by a run that has ended "
-                        f"({holder}); its data-loading workers, which hold the lock until they "
-                        "see it gone, are still ending: try again in a few seconds"
+                        f"--output {str(self.folder)!r} was held by a run that seems to have "
+                        f"ended ({holder}); its data-loading workers, which hold the lock until "
+                        "they see it gone, may still be ending: try again in a few seconds"
                     ) from None
                 raise RunFolderBusy(
                     f"--output {str(self.folder)!r} is in use by another run ({holder}); wait "
