@@ -444,3 +444,21 @@ def test_killed_run_resumes_on_the_same_trajectory(alone, folder, tmp_path):
     for a, b in zip(first, resumed):
         for key in ("train_loss", "val_loss", "val_acc1", "teacher_val_acc1", "lr"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a, b)
+
+
+def test_bootstrap_saves_within_epochs_and_on_signal_as_train_does(folder, tmp_path, monkeypatch):
+    import sparseformer.bootstrap.run as run_module
+
+    seen, fit = [], run_module.fit
+
+    def spy(model, data, recipe, pre, options, dist=None):
+        seen.append(options)
+        return fit(model, data, recipe, pre, options, dist)
+
+    monkeypatch.setattr(run_module, "fit", spy)
+    argv = _args(folder, tmp_path / "run", "--checkpoint-every", "2", "--no-save-on-signal")
+    argv[argv.index("--epochs") + 1] = "1"
+    assert main(argv) == 0
+    assert seen[0].checkpoint_every.steps == 2 and seen[0].save_on_signal is False
+    bad = _args(folder, tmp_path / "bad", "--checkpoint-every", "10 min")
+    assert main(bad) == 1 and not (tmp_path / "bad").exists()  # refused before any work

@@ -21,6 +21,7 @@ from typing import Any
 
 from sparseformer.cli.common import (
     add_data_arguments,
+    add_saving_arguments,
     check_model_fits_data,
     count,
     data_source,
@@ -85,6 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--threads", type=positive_int, help="CPU threads per process")
     g.add_argument("--seed", type=int, help="default 0; a resumed run's own")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_saving_arguments(g)
     p.set_defaults(func=run, drop_path=None)
 
 
@@ -138,8 +140,10 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         run_is_finished,
     )
     from sparseformer.engine.run_folder import refuse_overwriting_a_run
+    from sparseformer.engine.stopping import parse_checkpoint_every
 
     check_teacher_weights(args.teacher, args.teacher_checkpoint, args.random_teacher)
+    parse_checkpoint_every(args.checkpoint_every)  # a bad value: one line, before any work
     device = pick_device(args.device)
     refuse_video_flags_on_images(args, check_model_fits_data(TEMPLATE, args))
     flags = recipe_flags(args)
@@ -220,6 +224,7 @@ def _bootstrap(plan: _Plan, dist) -> None:
     from sparseformer.data.transforms import Preprocessing
     from sparseformer.engine.device import set_threads
     from sparseformer.engine.preprocessing import resolve_preprocessing
+    from sparseformer.engine.stopping import parse_checkpoint_every
     from sparseformer.engine.trainer import RunOptions, TrainingError, seed_everything
 
     args, recipe = plan.args, plan.recipe
@@ -252,6 +257,8 @@ def _bootstrap(plan: _Plan, dist) -> None:
         output=args.output, model_name="", device=plan.device, precision=precision,
         seed=args.seed, resume=plan.resume, overwrite=args.overwrite,
         progress=not args.quiet and sys.stderr.isatty(),
+        checkpoint_every=parse_checkpoint_every(args.checkpoint_every),
+        save_on_signal=args.save_on_signal,
         extra={"data": plan.source.describe(), "torch": str(torch.__version__)},
     )  # fmt: skip
     try:

@@ -15,6 +15,8 @@ __all__ = [
     "count",
     "add_clip_arguments",
     "add_data_arguments",
+    "add_saving_arguments",
+    "epochs_and_time",
     "data_source",
     "check_model_fits_data",
     "refuse_video_flags_on_images",
@@ -30,6 +32,20 @@ def epochs_and_time(epochs: int, seconds: float) -> str:
     """``"1 epoch in 12 s"``, ``"30 epochs in 5.6 min"``: a run's length as the CLI says it."""
     took = f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
     return f"{epochs} epoch{'s' if epochs != 1 else ''} in {took}"
+
+
+def add_saving_arguments(g) -> None:
+    """``--checkpoint-every`` and ``--save-on-signal``, as train and bootstrap take them."""
+    g.add_argument(
+        "--checkpoint-every", metavar="N|DURATION",
+        help="also save last.pt within epochs: at every N-th step of an epoch, or every 90s "
+        "/ 30m / 2h (resuming from one continues the same trajectory)",
+    )  # fmt: skip
+    g.add_argument(
+        "--save-on-signal", action=argparse.BooleanOptionalAction, default=True,
+        help="on SIGTERM (a scheduler's preemption), save last.pt at the next step, then stop "
+        "(default: on); Ctrl-C stops at the next step without saving",
+    )  # fmt: skip
 
 
 def positive_int(text: str) -> int:

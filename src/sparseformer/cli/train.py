@@ -17,6 +17,7 @@ from typing import Any
 
 from sparseformer.cli.common import (
     add_data_arguments,
+    add_saving_arguments,
     check_model_fits_data,
     count,
     data_source,
@@ -94,17 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="recompute activations in the backward pass: less memory, more time, same results "
         "(also when resuming)",
     )
-    g.add_argument(
-        "--checkpoint-every", metavar="N|DURATION",
-        help="also save last.pt within epochs: at every N-th step of an epoch, or every 90s "
-        "/ 30m / 2h "
-        "(resuming from one continues the same trajectory)",
-    )  # fmt: skip
-    g.add_argument(
-        "--save-on-signal", action=argparse.BooleanOptionalAction, default=True,
-        help="on SIGTERM (a scheduler's preemption), save last.pt at the next step, then stop "
-        "(default: on); Ctrl-C stops at the next step without saving",
-    )  # fmt: skip
+    add_saving_arguments(g)
     g.add_argument(
         "--tensorboard", action="store_true",
         help="also write each epoch's losses, accuracies, learning rate, images/s and RoI "
