@@ -312,17 +312,14 @@ def _build_model(plan: _Plan, bundle, pre):
 
     args, resume = plan.args, plan.resume
     frames = bundle.clip_spec.num_frames if plan.video and bundle.clip_spec else None
-    start = plan.start
-    if start is None and resume is None:
-        start = args.checkpoint  # a path; read by whichever of the two needs it
-    start_from = plan.saved if resume is not None else start
+    start_from = plan.saved if resume is not None else plan.start
     model = build_model(
         args.model, bundle.num_classes, pre.img_size, plan.recipe.drop_path, num_frames=frames,
         replicates=checkpoint_replicates(start_from, args.model) if start_from else None,
         offset_proj_init=plan.recipe.offset_proj_init, architecture=plan.architecture,
     )  # fmt: skip
-    if args.checkpoint is not None and resume is None:
-        load_weights(model, start, class_names=bundle.class_names)
+    if plan.start is not None:  # fine-tuning (read once, in _plan)
+        load_weights(model, plan.start, class_names=bundle.class_names)
     if args.grad_checkpointing:
         try:
             enable_grad_checkpointing(model, args.model)

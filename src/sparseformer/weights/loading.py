@@ -256,7 +256,8 @@ def _match_class_names(
             state[k] = state[k][order]
         logger.info("checkpoint classifier reordered by class name to this data's class order")
         return
-    other = [name for name in saved if name not in set(wanted)]
+    known = set(wanted)
+    other = [name for name in saved if name not in known]
     for k in rows:
         state[k] = own[k]
     logger.info(
