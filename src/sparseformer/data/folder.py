@@ -26,8 +26,8 @@ from sparseformer.data.scan import (
     RowView,
     SampleTable,
     check_over_ranks,
+    class_folders,
     is_first_rank,
-    is_hidden,
     match_val_classes,
     spread_indices,
     walk_files,
@@ -49,19 +49,13 @@ class DataError(ValueError):
 
 
 def find_classes(split_dir: Path) -> list[str]:
-    """Sorted class-folder names of ``split_dir`` (hidden folders ignored: :func:`is_hidden`)."""
-    if not split_dir.is_dir():
-        raise DataError(
-            f"{str(split_dir)!r} does not exist; --data-dir expects the ImageFolder layout "
-            "DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg"
-        )
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not is_hidden(p.name))
-    if not classes:
-        raise DataError(
-            f"{str(split_dir)!r} has no class folders; put each class's images in its own "
-            f"sub-folder, e.g. {split_dir / 'cat'}/001.jpg"
-        )
-    return classes
+    """Sorted class-folder names of ``split_dir``, hidden folders left out (see
+    :func:`~sparseformer.data.scan.class_folders`).
+
+    Raises:
+        DataError: the folder is missing or holds no class folders.
+    """
+    return class_folders(Path(split_dir), "images", DataError)
 
 
 class CheckedImageFolder(Dataset):

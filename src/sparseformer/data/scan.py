@@ -145,6 +145,31 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
+_EXAMPLES = {"images": ("ImageFolder", "cat", "jpg"), "videos": ("video folder", "jumping", "mp4")}
+
+
+def class_folders(root: Path, media: str, error: type[Exception] = ValueError) -> list[str]:
+    """Sorted class-folder names of a split folder ``root`` (hidden ones left out:
+    :func:`is_hidden`); ``media`` ("images" or "videos") words the messages.
+
+    Raises:
+        error: ``root`` is missing or holds no class folders; the message shows the layout.
+    """
+    layout, example, ext = _EXAMPLES[media]
+    if not root.is_dir():
+        raise error(
+            f"{str(root)!r} does not exist; a data folder has the {layout} layout "
+            f"DIR/train/CLASS/*.{ext} and DIR/val/CLASS/*.{ext}"
+        )
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))
+    if not found:
+        raise error(
+            f"{str(root)!r} has no class folders; put each class's {media} in its own "
+            f"sub-folder, e.g. {root / example}/001.{ext}"
+        )
+    return found
+
+
 def walk_files(
     folder: str | Path, extensions: Sequence[str], ignored: list[Path] | None = None
 ) -> Iterator[Path]:

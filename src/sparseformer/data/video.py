@@ -39,6 +39,7 @@ from sparseformer.data.scan import (
     RowView,
     SampleTable,
     check_over_ranks,
+    class_folders,
     is_first_rank,
     is_hidden,
     match_val_classes,
@@ -94,26 +95,6 @@ def _frames_or_reason(path: str) -> int | str:
         return str(exc).removeprefix(f"{path}: ")
 
 
-def _class_folders(root: Path) -> list[str]:
-    """Sorted class-folder names of a video split folder (hidden ones left out).
-
-    Raises:
-        VideoDataError: the folder is missing or holds no class folders.
-    """
-    if not root.is_dir():
-        raise VideoDataError(
-            f"{str(root)!r} does not exist; a video folder has the layout "
-            "DIR/train/CLASS/*.mp4 and DIR/val/CLASS/*.mp4"
-        )
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))
-    if not found:
-        raise VideoDataError(
-            f"{str(root)!r} has no class folders; put each class's videos in its own "
-            f"sub-folder, e.g. {root / 'jumping'}/001.mp4"
-        )
-    return found
-
-
 class VideoFolder(Dataset):
     """Videos under ``root/CLASS/``, labelled by the sorted class-folder index.
 
@@ -156,7 +137,7 @@ class VideoFolder(Dataset):
         self.root = Path(root)
         self.spec = spec
         self.train = train
-        found = _class_folders(self.root)
+        found = class_folders(self.root, "videos", VideoDataError)
         if classes is not None:  # val: the training classes, or some of them
             try:
                 match_val_classes(self.root, found, classes, "videos")
