@@ -296,6 +296,7 @@ def check_model(
     *,
     resume: bool = False,
     sparseformers_only: str | None = None,
+    advice: str = "pass --model {}",
 ) -> str:
     """The model to build for ``checkpoint``: ``model_name``, checked against the model the
     checkpoint names; ``None`` takes the checkpoint's. A video model takes its image model's
@@ -306,6 +307,8 @@ def check_model(
         resume: the checkpoint continues a run: only the very model it names fits.
         sparseformers_only: refuse a run of a model that is not a SparseFormer (a timm
             model's), for this reason (``"which has no RoIs to draw; ..."``).
+        advice: what a refusal tells the caller to do, ``{}`` the model the checkpoint names
+            (the library's :func:`~sparseformer.create_model` says "create it as").
 
     Raises:
         CheckpointError: a checkpoint of another model, naming it and the ``--model`` to pass.
@@ -325,7 +328,8 @@ def check_model(
         return model_name  # inflated on loading (logged there)
     raise CheckpointError(
         f"{where} is a checkpoint of {trained_as!r}, not {model_name!r}; "
-        f"pass --model {trained_as}" + (" to resume it" if resume else "")
+        + advice.format(trained_as)
+        + (" to resume it" if resume else "")
     )
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from sparseformer.config import SparseFormerConfig, VideoSparseFormerConfig
 from sparseformer.models import SparseFormer, VideoSparseFormer
-from sparseformer.weights.checkpoint import Checkpoint, read_checkpoint
+from sparseformer.weights.checkpoint import Checkpoint, check_model, read_checkpoint
 from sparseformer.weights.convert import CheckpointError
 from sparseformer.weights.hub import download_weights
 from sparseformer.weights.loading import load_checkpoint
@@ -204,7 +204,9 @@ def create_model(
     ckpt = None
     if checkpoint_path is not None:
         ckpt = read_checkpoint(checkpoint_path, prefer_ema=prefer_ema)
-        _check_trained_as(ckpt, name)
+        # a run of another model is refused, named: models of one shape (two bootstrapped
+        # families) would otherwise take each other's weights with a key or two dropped
+        check_model(ckpt, name, advice="create it as {!r}")
     if ckpt is not None:
         cfg.update(_checkpoint_cfg(ckpt, cfg["input_size"][0]))  # a run's own preprocessing
         cfg.update(timm_args["overlay"])
@@ -224,23 +226,6 @@ def create_model(
     if timm_args["dtype"] is not None:
         model.to(dtype=timm_args["dtype"])
     return model
-
-
-def _check_trained_as(ckpt: Checkpoint, name: str) -> None:
-    """A run's checkpoint of another registered model is refused, named (one of its image
-    model goes to a video model, inflated): models of one shape, such as two bootstrapped
-    families, would otherwise take each other's weights with a key or two dropped.
-
-    Raises:
-        CheckpointError: naming the model the run trained.
-    """
-    trained = ckpt.model_name
-    if trained is None or trained not in MODELS or trained in (name, image_model_of(name)):
-        return
-    where = repr(ckpt.path) if ckpt.path is not None else "the checkpoint"
-    raise CheckpointError(
-        f"{where} is a checkpoint of {trained!r}, not {name!r}; create it as {trained!r}"
-    )
 
 
 def _checkpoint_overrides(
