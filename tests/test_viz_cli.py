@@ -192,6 +192,11 @@ def test_video_model_draws_rois_on_the_frames_of_a_real_clip(tmp_path, capsys):
     stats = json.loads((out / "carphone-16f_roi_stats.json").read_text())
     assert stats["roi/area_final"] == pytest.approx(0.25 * 0.25)  # half boxes x quarter clips
     assert (out / "carphone-16f_frames.png").stat().st_size > 1000
+    assert main(argv + ["--img-size", "32", "--tokens", "3", "--frame-stride", "2",
+                        "--stages", "0", "-1", "--no-gif"]) == 0  # fmt: skip
+    assert "wrote" in capsys.readouterr().out
+    assert (out / "carphone-16f_stage0_frames.png").is_file()
+    assert (out / "carphone-16f_final_frames.png").is_file()  # not "stage-1"
     bad = tmp_path / "bad.mp4"
     bad.write_text("not a video")
     assert main(["viz", "--model", "video_sparseformer_v1_micro", str(bad), "--out", str(out)]) == 1

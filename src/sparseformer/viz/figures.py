@@ -327,7 +327,8 @@ def write_video_pictures(
     """Run a video model on one clip and write its RoIs on every frame.
 
     Writes ``{stem}_frames.png`` for the last sampling stage (``{stem}_stage{k}_frames.png``
-    for each of ``stages`` when given), ``{stem}_frames.gif`` (one GIF frame per clip frame)
+    for each of ``stages`` when given, ``{stem}_final_frames.png`` for ``-1``, the final
+    RoIs), ``{stem}_frames.gif`` (one GIF frame per clip frame)
     and ``{stem}_roi_stats.json``.
 
     Args:
@@ -353,7 +354,7 @@ def write_video_pictures(
     result = Pictures(prediction_text(output.logits[0], info.class_names), roi_statistics(output))
     kwargs = {"highlight": highlight, "class_names": info.class_names}
     for stage in stages or [None]:
-        name = f"{stem}_frames.png" if stage is None else f"{stem}_stage{stage}_frames.png"
+        name = f"{stem}_{_stage_label(stage)}frames.png"
         fig = plot_video_rois(shown, output, stage=stage, **kwargs)
         result.files.append(save_figure(fig, out_dir / name))
     if gif:
@@ -362,6 +363,12 @@ def write_video_pictures(
         result.files.append(save_gif(images, out_dir / f"{stem}_frames.gif", duration_ms=400))
     result.files.append(_save_json(result.stats, out_dir / f"{stem}_roi_stats.json"))
     return result
+
+
+def _stage_label(stage: int | None) -> str:
+    """A video figure's file-name part: ``stage2_``, ``stage0_`` (initial RoIs), ``final_``
+    (``-1``), or nothing for the default (the last stage)."""
+    return "" if stage is None else "final_" if stage == -1 else f"stage{stage}_"
 
 
 def _save_json(obj: dict, path: Path) -> Path:
