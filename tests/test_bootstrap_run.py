@@ -165,6 +165,24 @@ def test_a_student_fine_tunes_with_train_and_its_run_loads_as_the_student(folder
     assert pre.mean == (0.1,) * 3 and pre.std == (0.2,) * 3
 
 
+def test_fine_tuning_a_run_trains_at_its_size_unless_told(tmp_path, caplog):
+    import dataclasses
+
+    from sparseformer.data.datasets import DataSource
+    from sparseformer.engine.inputs import training_preprocessing
+    from sparseformer.engine.own_folder import own_folder_recipe
+
+    recipe, source = own_folder_recipe(100), DataSource(data_dir=tmp_path)
+    run = {"img_size": 48, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    with caplog.at_level(logging.INFO):
+        pre = training_preprocessing(source, "sparseformer_v1_nano", recipe, None, run)
+    assert pre.img_size == 48 and "at 48px, the checkpoint's size" in caplog.text
+    told = dataclasses.replace(recipe, img_size=64)  # --img-size 64
+    assert training_preprocessing(source, "sparseformer_v1_nano", told, None, run).img_size == 64
+    official = training_preprocessing(source, "sparseformer_v1_nano", recipe, None, None)
+    assert official.img_size == 224  # a file that records no size: the model's
+
+
 def test_a_teacher_at_chance_whose_weights_name_no_classes_is_doubted(caplog):
     from sparseformer.bootstrap.run import _doubt_a_chance_teacher
 

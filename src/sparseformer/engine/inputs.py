@@ -45,27 +45,33 @@ def training_preprocessing(
     weights: Mapping[str, Any] | None = None,
 ) -> Preprocessing:
     """A resumed run's own preprocessing (``saved``: its checkpoint); else the data set's
-    (a built-in one) or the model's input size and the mean and std its weights were trained
-    with (``weights``: what a fine-tuning checkpoint records; else the released weights', a
-    bootstrapped model's being its teacher's), with the recipe's size, crop and interpolation.
+    (a built-in one) or the input size and the mean and std the weights were trained with
+    (``weights``: what a fine-tuning checkpoint records; else the model's input size and the
+    released weights' mean and std, a bootstrapped model's being its teacher's), with the
+    recipe's size, crop and interpolation.
     """
+    if saved is not None:
+        return Preprocessing.from_dict(saved["preprocessing"])
     released = weights_preprocessing(model_name)
+    size = model_input_size(model_name) or 224
     if weights and weights.get("mean") is not None and weights.get("std") is not None:
         released = dataclasses.replace(
             released, mean=tuple(weights["mean"]), std=tuple(weights["std"])
         )
+    if weights and weights.get("img_size") not in (None, size):  # a run goes on at its own
+        size = int(weights["img_size"])
+        if recipe.img_size is None and dataset_defaults(source) is None:
+            logger.info("training at %dpx, the checkpoint's size (--img-size to change)", size)
     # clips are resized one way whatever the recipe's interpolation, which is for images (the
     # source carries clip settings for any model: the model says whether the data are clips)
     video = is_video_model(model_name)
     interpolation = CLIP_INTERPOLATION if video else recipe.interpolation
     base = dataset_defaults(source) or Preprocessing(
-        model_input_size(model_name) or 224,
+        size,
         released.mean,
         released.std,
         interpolation=interpolation,
     )
-    if saved is not None:
-        return Preprocessing.from_dict(saved["preprocessing"])
     return resolve_preprocessing(base, recipe.img_size, recipe.crop_pct, interpolation)
 
 
