@@ -241,10 +241,16 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
         ),
         (["--teacher", str(folder / "teacher.pt"), "--img-size", "48"], "trained at 32px"),
         (["--teacher", "test_vit", "--random-teacher", "--inherit", "9"], "has 6 blocks"),
+        (
+            ["--teacher", "test_vit", "--random-teacher", "--inherit", "2", "--finetune", "3"],
+            "the student inherits 2 blocks; pick 0 to 2",
+        ),
     ):
         code = main(["bootstrap", "--data-dir", str(folder / "data"), "--output",
                      str(tmp_path / "x"), "--img-size", "32", *RUN, *bad])  # fmt: skip
-        err = capsys.readouterr().err.splitlines()
+        out, err = capsys.readouterr()
+        assert "bootstrapping from" not in out  # said before the data is read
+        err = err.splitlines()
         said = [line for line in err if line.startswith("sparseformer bootstrap: error:")]
         assert code == 1 and len(said) == 1 and why in said[0], err
         assert not any(line.startswith("Traceback") for line in err)

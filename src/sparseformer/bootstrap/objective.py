@@ -24,11 +24,28 @@ from torch.nn import functional as F
 
 from sparseformer.bootstrap.teacher import freeze
 
-__all__ = ["LOSSES", "AlignmentObjective", "alignment_loss", "freeze_for_bootstrap"]
+__all__ = [
+    "LOSSES",
+    "AlignmentObjective",
+    "alignment_loss",
+    "check_finetune",
+    "freeze_for_bootstrap",
+]
 
 logger = logging.getLogger(__name__)
 
 LOSSES = ("cosine", "smooth_l1")
+
+
+def check_finetune(config, finetune: int) -> None:
+    """Raises ValueError where ``finetune`` is outside ``0 ..`` the blocks ``config``
+    inherits."""
+    from sparseformer.bootstrap.derive import inherited_units
+
+    units = inherited_units(config)
+    if not 0 <= finetune <= len(units):
+        raise ValueError(f"--finetune {finetune}: the student inherits {len(units)} blocks; "
+                         f"pick 0 to {len(units)}")  # fmt: skip
 
 
 def freeze_for_bootstrap(student: nn.Module, finetune: int) -> tuple[int, int]:
@@ -42,11 +59,8 @@ def freeze_for_bootstrap(student: nn.Module, finetune: int) -> tuple[int, int]:
     """
     from sparseformer.bootstrap.derive import inherited_units
 
-    units = inherited_units(student.config)
-    if not 0 <= finetune <= len(units):
-        raise ValueError(f"--finetune {finetune}: the student inherits {len(units)} blocks; "
-                         f"pick 0 to {len(units)}")  # fmt: skip
-    frozen = (*units[finetune:], "fc_norm.", "head.")
+    check_finetune(student.config, finetune)
+    frozen = (*inherited_units(student.config)[finetune:], "fc_norm.", "head.")
     counts = [0, 0]  # frozen, trained
     for name, p in student.named_parameters():
         train = not name.startswith(frozen)

@@ -25,7 +25,11 @@ from sparseformer.bootstrap.derive import (
     bootstrap_config,
     build_student,
 )
-from sparseformer.bootstrap.objective import AlignmentObjective, freeze_for_bootstrap
+from sparseformer.bootstrap.objective import (
+    AlignmentObjective,
+    check_finetune,
+    freeze_for_bootstrap,
+)
 from sparseformer.bootstrap.teacher import Teacher, fingerprint
 from sparseformer.bootstrap.validation import AlignmentValidation
 from sparseformer.config import SparseFormerConfig
@@ -35,7 +39,13 @@ from sparseformer.engine.distributed import DistInfo, setup_distributed
 from sparseformer.engine.recipe import Recipe
 from sparseformer.engine.trainer import RunOptions, fit
 
-__all__ = ["BootstrapSettings", "make_student", "accuracy_defined", "bootstrap"]
+__all__ = [
+    "BootstrapSettings",
+    "student_config",
+    "make_student",
+    "accuracy_defined",
+    "bootstrap",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +86,27 @@ class BootstrapSettings:
         ]
 
 
-def make_student(teacher: Teacher, settings: BootstrapSettings) -> torch.nn.Module:
-    """The student of ``teacher``: derived, inherited tensors copied, frozen but for the new
-    parts and the first ``settings.finetune`` inherited blocks."""
+def student_config(teacher: Teacher, settings: BootstrapSettings) -> SparseFormerConfig:
+    """The student's configuration, every setting checked (``finetune`` too): cheap, so a
+    command can call it before reading data.
+
+    Raises:
+        BootstrapError: a setting the teacher cannot give (more blocks than it has, a student
+            of another width).
+        ValueError: ``finetune`` beyond the inherited blocks.
+    """
     config = bootstrap_config(
         teacher.model, tokens=settings.tokens, points=settings.points,
         inherit=settings.inherit, focus_width=settings.focus_width, student=settings.student,
     )  # fmt: skip
-    student = build_student(teacher.model, config)
+    check_finetune(config, settings.finetune)
+    return config
+
+
+def make_student(teacher: Teacher, settings: BootstrapSettings) -> torch.nn.Module:
+    """The student of ``teacher``: derived, inherited tensors copied, frozen but for the new
+    parts and the first ``settings.finetune`` inherited blocks."""
+    student = build_student(teacher.model, student_config(teacher, settings))
     freeze_for_bootstrap(student, settings.finetune)
     return student
 

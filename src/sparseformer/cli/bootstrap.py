@@ -217,7 +217,7 @@ def _bootstrap(plan: _Plan, dist) -> None:
     """Teacher, data, and :func:`sparseformer.bootstrap.run.bootstrap` on every process."""
     import torch
 
-    from sparseformer.bootstrap.run import bootstrap
+    from sparseformer.bootstrap.run import bootstrap, student_config
     from sparseformer.bootstrap.teacher import check_resumed_teacher, load_teacher
     from sparseformer.cli import CliError
     from sparseformer.data import DataError, build_datasets
@@ -235,6 +235,7 @@ def _bootstrap(plan: _Plan, dist) -> None:
     teacher = load_teacher(
         args.teacher, args.teacher_checkpoint, plan.img_size, random_ok=args.random_teacher
     )
+    student_config(teacher, plan.settings)  # a setting the teacher cannot give: before the data
     # the teacher sees what the student sees: its own preprocessing, with the crop and
     # interpolation flags ask for (the size built it)
     flags = recipe_flags(args)
