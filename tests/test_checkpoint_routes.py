@@ -162,7 +162,7 @@ def test_export(tmp_path, source, capsys, monkeypatch):
     monkeypatch.setattr(
         export, "onnx_max_difference", lambda path, model, x: exported.append(model) or 0.0
     )
-    argv = ["export", "--model", NANO, "--checkpoint", str(path), "--out", str(tmp_path / "x")]
+    argv = ["export", "--model", NANO, "--checkpoint", str(path), "--out", str(tmp_path / "x.onnx")]
     assert main([*argv, "--check-batch-sizes", "1"]) == 0, capsys.readouterr().err
     assert exported[0]["img_size"] == (32 if source == "ours" else 224)  # the run's own size
     assert same_weights(exported[1], state)

@@ -112,7 +112,27 @@ def test_export_cli_prints_differences(tmp_path, capsys):
     printed = capsys.readouterr().out
     diffs = [float(line.rsplit("=", 1)[1]) for line in printed.splitlines() if "max |" in line]
     assert len(diffs) == 3 and max(diffs) <= 1e-4  # two batch sizes and a second size
+    assert "no --checkpoint: sparseformer_v1_nano exports with untrained (random)" in printed
     assert out.is_file()
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
+    assert meta["class_names"][0] == "tench, Tinca tinca"  # 1000 outputs: ImageNet's, as predict
+
+
+def test_export_cli_replaces_only_an_onnx_file_and_fails_a_wrong_graph(
+    tmp_path, capsys, monkeypatch
+):
+    from sparseformer import export
+
+    run = tmp_path / "best.pt"  # a training checkpoint given as --out by mistake
+    run.write_bytes(b"weights")
+    argv = ["export", "--model", "sparseformer_v1_nano", "--img-size", "32"]
+    assert main([*argv, "--out", str(run)]) == 1
+    assert "give a name ending in .onnx, e.g." in capsys.readouterr().err
+    assert run.read_bytes() == b"weights"
+    monkeypatch.setattr(export, "onnx_max_difference", lambda path, model, x: 0.5)
+    assert main([*argv, "--out", str(tmp_path / "wrong.onnx"), "--check-batch-sizes", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "differ from PyTorch's by 5.00e-01, more than 0.001" in err and "wrote" not in err
 
 
 def test_export_cli_keeps_a_trained_classifier(tmp_path, capsys):
@@ -258,3 +278,52 @@ def test_export_ema_exports_the_ema_weights(tmp_path, capsys):
     x = torch.randn(1, 3, 32, 32)
     assert onnx_max_difference(out, with_ema, x) <= 1e-4
     assert onnx_max_difference(out, model, x) > 1e-3
+
+
+def test_a_deployer_following_the_docs_matches_predict(tmp_path, capsys):
+    """docs/export.md's recipe, written with PIL, numpy and onnxruntime only, from the file's
+    metadata, gives predict's probabilities: the graph and its metadata are enough to deploy."""
+    import math
+
+    import numpy as np
+    import onnxruntime as ort
+
+    model = create_model("sparseformer_v1_nano", num_classes=4)
+    with torch.no_grad():
+        model.head.weight.mul_(10)  # far from uniform: a pixel's shift shows in the probabilities
+    pre = {"img_size": 40, "crop_pct": 0.9, "interpolation": "bilinear",
+           "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}  # fmt: skip
+    names = ["a", "b", "c", "d"]
+    ckpt = tmp_path / "run.pt"
+    torch.save({"model": model.state_dict(), "model_name": "sparseformer_v1_nano",
+                "preprocessing": pre, "class_names": names}, ckpt)  # fmt: skip
+    out = tmp_path / "run.onnx"
+    argv = ["export", "--checkpoint", str(ckpt), "--out", str(out), "--check-batch-sizes", "1"]
+    assert main(argv) == 0
+    images = [tmp_path / "wide.png", tmp_path / "gray.png"]
+    Image.open(DATA / "tench.jpeg").crop((0, 30, 300, 130)).save(images[0])
+    Image.open(DATA / "tench.jpeg").convert("L").resize((61, 97)).save(images[1])
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(ckpt), *map(str, images), "--json",
+                 "--topk", "4"]) == 0  # fmt: skip
+    said = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    S, crop = meta["input_size"][-1], meta["crop_pct"]
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[meta["interpolation"]]
+    for path, result in zip(images, said):
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        short = math.floor(S / crop)
+        size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        img = img.resize(size, resample)
+        left, top = round((size[0] - S) / 2), round((size[1] - S) / 2)
+        x = np.asarray(img.crop((left, top, left + S, top + S)), dtype=np.float32) / 255
+        x = (x - np.array(meta["mean"])) / np.array(meta["std"])
+        logits = session.run(None, {"images": x.transpose(2, 0, 1)[None].astype(np.float32)})[0]
+        probs = np.exp(logits[0] - logits[0].max())
+        probs /= probs.sum()
+        for p in result["predictions"]:
+            assert meta["class_names"][p["index"]] == p["label"]
+            assert abs(probs[p["index"]] - p["probability"]) < 1e-5, (path, p, probs)

@@ -29,6 +29,7 @@ __all__ = [
     "onnx_max_difference",
     "check_export_settings",
     "VIDEO_MIN_OPSET",
+    "MAX_DIFFERENCE",
 ]
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 18  # torch's exporter writes 18 and later (it converts a lower ask, and fails)
 VIDEO_MIN_OPSET = 20  # GridSample on 5-D volumes
 MAX_SIZE = 16384  # the exporter's largest height and width
+# onnxruntime's fp32 logits differ from PyTorch's by ~1e-7 to 1e-6; more means a wrong graph
+MAX_DIFFERENCE = 1e-3
 
 
 class ExportError(RuntimeError):
@@ -96,7 +99,8 @@ def _preprocessing_metadata(model: nn.Module, example: Tensor, dynamic_size: boo
     true of the graph (``example``: its example input): the architecture, input size (the
     graph's own channels, frames and, when fixed, size), mean and std (the graph takes
     normalised input; left out where their channels are not the graph's), crop and
-    interpolation, and the class names where they name its outputs; values are JSON."""
+    interpolation, and the class names where they name its outputs (ImageNet's for 1000
+    outputs that name none, as ``predict`` has them); values are JSON."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     channels, side = example.shape[1], example.shape[-2:]
     size = cfg.get("input_size") or (channels, *side)
@@ -110,8 +114,12 @@ def _preprocessing_metadata(model: nn.Module, example: Tensor, dynamic_size: boo
         for k in keys
         if (v := cfg.get(k)) is not None
     }
-    names = cfg.get("label_names")
-    if names and len(names) == getattr(model, "num_classes", len(names)):
+    names, outputs = cfg.get("label_names"), getattr(model, "num_classes", None)
+    if not names and outputs == 1000:  # ImageNet's, as predict names them
+        from sparseformer.weights.registry import imagenet_class_names
+
+        names = imagenet_class_names()
+    if names and len(names) == (outputs or len(names)):
         meta["class_names"] = json.dumps(list(names))
     if example.dim() == 5:  # a clip: the frames the graph takes, whatever a run trained with
         meta["clip"] = json.dumps({**(cfg.get("clip") or {}), "num_frames": example.shape[2]})

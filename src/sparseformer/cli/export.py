@@ -9,6 +9,7 @@ sizes and at a second size, and the largest difference from PyTorch is printed.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "`sparseformer train` checkpoint names",
     )
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="weights to load")
-    p.add_argument("--out", required=True, metavar="PATH", help="output .onnx file")
+    p.add_argument(
+        "--out", required=True, metavar="PATH", help="output .onnx file (replaces an existing one)"
+    )
     p.add_argument(
         "--img-size",
         type=positive_int,
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.config import VideoSparseFormerConfig
     from sparseformer.engine.atomic import is_stream
     from sparseformer.export import (
+        MAX_DIFFERENCE,
         VIDEO_MIN_OPSET,
         ExportError,
         check_export_settings,
@@ -90,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, "--out")
     if is_stream(args.out):  # the file is run by onnxruntime after it is written
         raise CliError(f"--out {args.out!r}: give a file, which is then checked by running it")
+    if Path(args.out).suffix.lower() != ".onnx":  # an existing file is replaced: an ONNX one
+        raise CliError(
+            f"--out {args.out!r}: export writes ONNX and replaces an existing file; give a name "
+            f"ending in .onnx, e.g. {Path(args.out).with_suffix('.onnx')}"
+        )
     if args.ema and args.checkpoint is None:
         raise CliError("--ema exports a checkpoint's EMA weights: give --checkpoint too")
     video = isinstance(get_model_spec(args.model).config, VideoSparseFormerConfig)
@@ -123,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
     model = create_model(
         args.model, checkpoint_path=ckpt, num_classes=args.num_classes, **extra
     ).eval()
+    if ckpt is None:
+        print(f"no --checkpoint: {args.model} exports with untrained (random) weights")
     shape = sample_shape(model, args.img_size)  # (3, S, S) or (3, T, S, S)
     num_frames = shape[1] if video else None
     try:
@@ -130,15 +141,19 @@ def run(args: argparse.Namespace) -> int:
             model, args.out, img_size=args.img_size, opset=opset, num_frames=num_frames
         )
         generator = torch.Generator().manual_seed(0)
-        for batch in args.check_batch_sizes:
-            images = torch.randn(batch, *shape, generator=generator)
-            diff = onnx_max_difference(path, model, images)
-            print(f"batch {batch}: max |onnxruntime - pytorch| = {diff:.2e}")
-        # and at another, non-square size: the graph takes any height and width
-        other = (*shape[:-2], args.img_size + 16, max(args.img_size - 8, 4))
-        diff = onnx_max_difference(path, model, torch.randn(1, *other, generator=generator))
-        print(f"{other[-2]} x {other[-1]}: max |onnxruntime - pytorch| = {diff:.2e}")
+        other = (*shape[:-2], args.img_size + 16, max(args.img_size - 8, 4))  # non-square
+        checks = [(f"batch {b}", (b, *shape)) for b in args.check_batch_sizes]
+        worst = 0.0
+        for what, size in [*checks, (f"{other[-2]} x {other[-1]}", (1, *other))]:
+            diff = onnx_max_difference(path, model, torch.randn(size, generator=generator))
+            print(f"{what}: max |onnxruntime - pytorch| = {diff:.2e}")
+            worst = max(worst, diff)
     except ExportError as exc:
         raise CliError(str(exc)) from None
+    if not worst <= MAX_DIFFERENCE:  # NaN included
+        raise CliError(
+            f"{path}: onnxruntime's logits differ from PyTorch's by {worst:.2e}, more than "
+            f"{MAX_DIFFERENCE:g}: the graph does not compute the model (file kept for a report)"
+        )
     print(f"wrote {path}")
     return 0

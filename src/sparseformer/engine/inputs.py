@@ -23,6 +23,7 @@ from sparseformer.engine.recipe import Recipe
 from sparseformer.engine.video import is_video_model
 from sparseformer.weights.build import model_input_size
 from sparseformer.weights.loading import is_sparseformer
+from sparseformer.weights.registry import imagenet_class_names
 
 __all__ = [
     "training_preprocessing",
@@ -124,10 +125,7 @@ def class_names(info: dict, num_classes: int) -> list[str]:
             "used", len(names), num_classes,
         )  # fmt: skip
     if num_classes == 1000:
-        from timm.data import ImageNetInfo
-
-        imagenet = ImageNetInfo()
-        return [imagenet.index_to_description(i) for i in range(1000)]
+        return imagenet_class_names()
     return [f"class {i}" for i in range(num_classes)]
 
 

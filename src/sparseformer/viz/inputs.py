@@ -21,14 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sparseformer.weights.registry import IMAGENET_MEAN, IMAGENET_STD
+from sparseformer.weights.registry import IMAGENET_MEAN, IMAGENET_STD, imagenet_class_names
 
 __all__ = [
     "ModelInfo",
     "load_image",
     "preprocess",
     "display_image",
-    "imagenet_class_names",
     "load_model_for_viz",
 ]
 
@@ -148,14 +147,6 @@ def display_image(img, max_side: int = 448, min_side: int = 112) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def imagenet_class_names() -> list[str]:
-    """Short names of the 1000 ImageNet-1K classes (timm's bundled list, no download)."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
-
-
 def load_model_for_viz(
     name: str | None, checkpoint: str | os.PathLike | None = None
 ) -> tuple[nn.Module, ModelInfo]:
@@ -212,5 +203,5 @@ def load_model_for_viz(
         )
         info.class_names = None
     if info.class_names is None and num_classes == 1000:
-        info.class_names = imagenet_class_names()
+        info.class_names = imagenet_class_names(short=True)
     return model, info

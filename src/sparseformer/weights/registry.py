@@ -19,6 +19,7 @@ __all__ = [
     "MODELS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "imagenet_class_names",
     "image_model_of",
     "split_tag",
 ]
@@ -31,6 +32,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _RELEASE = "https://github.com/showlab/sparseformer/releases/download/"
 _IMAGENET_RELEASE = _RELEASE + "v1.0.0-imagenet/"
 _LIBRARY_RELEASE = _RELEASE + "v2.0.0-refactor/"
+
+
+def imagenet_class_names(short: bool = False) -> list[str]:
+    """The ImageNet-1K classes in the order of a 1000-class classifier (the released
+    weights'): timm's bundled descriptions ("tench, Tinca tinca"), no download; ``short``:
+    each one's first name."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    names = [info.index_to_description(i) for i in range(info.num_classes())]
+    return [n.split(",")[0] for n in names] if short else names
 
 
 @dataclass(frozen=True)
