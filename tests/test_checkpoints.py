@@ -485,3 +485,32 @@ def test_a_timm_model_takes_a_file_as_timm_maps_it():
     load_weights(model, {"model": trained.state_dict()})
     assert torch.equal(model.head.weight, trained.head.weight)
     assert model.pos_embed.shape != trained.pos_embed.shape
+
+
+def test_the_model_weights_of_a_best_epoch_its_ema_scored_are_said(tmp_path, caplog, capsys):
+    from sparseformer.cli import main
+
+    nano, ema = create_model("sparseformer_v1_nano"), create_model("sparseformer_v1_nano")
+    best = {"model": nano.state_dict(), "model_ema": ema.state_dict(), "epoch": 3,
+            "model_name": "sparseformer_v1_nano", "best_epoch": 3, "best_source": "ema",
+            "best_acc1": 50.0}  # fmt: skip
+    path = tmp_path / "best.pt"
+    said = "scored best (50.00% top-1) with its EMA weights; these are the model's: ask for"
+    for change, warned in [({}, True), ({"best_source": "model"}, False), ({"epoch": 4}, False),
+                           ({"epoch_progress": [1]}, False)]:  # fmt: skip
+        torch.save({**best, **change}, path)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            create_model("sparseformer_v1_nano", checkpoint_path=path)
+        assert (said in caplog.text) == warned, change
+    torch.save(best, path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        create_model("sparseformer_v1_nano", checkpoint_path=path, prefer_ema=True)
+        assert main(["convert", str(path), str(tmp_path / "best.safetensors")]) == 0
+    assert caplog.text.count(said) == 1  # convert's model weights; not the EMA's asked for
+    assert main(["train", "--model", "sparseformer_v1_nano", "--ema", "--dataset",
+                 "fashion-mnist", "--output", str(tmp_path / "run")]) == 1  # fmt: skip
+    assert "--ema starts from a checkpoint's EMA weights: give --checkpoint" in (
+        capsys.readouterr().err
+    )

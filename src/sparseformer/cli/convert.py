@@ -38,7 +38,11 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.engine.atomic import install, is_stream, output_target, staging_file
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.factory import create_model
-    from sparseformer.weights.loading import load_checkpoint, require_sparseformer_layout
+    from sparseformer.weights.loading import (
+        load_checkpoint,
+        require_sparseformer_layout,
+        warn_of_unscored_weights,
+    )
 
     given = Path(args.output)
     out = output_target(given)  # a symlink is written through: the link stays
@@ -66,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
             create_model(args.model, **{**ckpt.architecture, "num_classes": ckpt.num_classes}),
             ckpt,
             allow_classifier_mismatch=False,
-        )
+        )  # (which warns when the EMA weights scored best and these are the model's)
+    else:
+        warn_of_unscored_weights(ckpt)
     tmp = staging_file(out)
     tensors = {k: v.contiguous() for k, v in ckpt.state_dict.items()}
     try:

@@ -84,6 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--overwrite", action="store_true", help="start over in an --output that holds a run"
     )
     g.add_argument("--checkpoint", type=Path, help="initial weights (fine-tuning; any format)")
+    g.add_argument("--ema", action="store_true", help="start from the --checkpoint's EMA weights")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: the recipe's")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     g.add_argument(
@@ -179,6 +180,8 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
 
     device = pick_device(args.device)
     parse_checkpoint_every(args.checkpoint_every)  # a bad value: one line, before any work
+    if args.ema and args.checkpoint is None:
+        raise ValueError("--ema starts from a checkpoint's EMA weights: give --checkpoint too")
     if ":" in device and launched_rank()[1] > 1:
         raise ValueError(
             f"--device {device} under torchrun: each process takes GPU LOCAL_RANK; use "
@@ -224,7 +227,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         keep_run_clips({flag: getattr(args, flag, None) for flag, _ in CLIP_FLAGS}, clips)
         args = argparse.Namespace(**{**vars(args), **{flag: None for flag, _ in CLIP_FLAGS}})
     elif args.checkpoint is not None and resume is None:  # fine-tuning: its architecture,
-        start = read_checkpoint(args.checkpoint)  # normalisation and clips
+        start = read_checkpoint(args.checkpoint, prefer_ema=args.ema)  # normalisation, clips
         clips = start.video if video else None
     # per-epoch validation: one view per video
     source = data_source(args, views=False, saved=clips)

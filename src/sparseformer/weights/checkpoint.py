@@ -114,6 +114,20 @@ class Checkpoint:
         return self.preprocessing.get("img_size")
 
     @property
+    def ema_scored_best(self) -> bool:
+        """Whether the file holds the end of a run's best epoch, scored by its EMA weights
+        (a run's ``best.pt`` whose EMA beat the model): the weights that scored are the EMA's,
+        which ``prefer_ema`` (``--ema``) takes."""
+        x = self.extras
+        return (
+            self.has_ema
+            and x.get("best_source") == "ema"
+            and x.get("epoch") is not None
+            and x.get("best_epoch") == x.get("epoch")
+            and "epoch_progress" not in x  # saved within a later epoch
+        )
+
+    @property
     def num_frames(self) -> int | None:
         """A video run's clip length, where recorded."""
         frames = (self.video or {}).get("num_frames")

@@ -33,6 +33,7 @@ __all__ = [
     "is_sparseformer",
     "check_all_keys_mapped",
     "require_sparseformer_layout",
+    "warn_of_unscored_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,19 @@ def load_checkpoint(
         raise
     model.load_state_dict(converted, strict=True)
     logger.info("loaded checkpoint: %s", report.summary())
+    warn_of_unscored_weights(ckpt)
     return report
+
+
+def warn_of_unscored_weights(ckpt: Checkpoint) -> None:
+    """A warning where ``ckpt`` holds the model's weights of a run's best epoch that its EMA
+    weights scored (:attr:`~sparseformer.weights.checkpoint.Checkpoint.ema_scored_best`)."""
+    if ckpt.ema_scored_best and not ckpt.ema:
+        logger.warning(
+            "%s scored best (%.2f%% top-1) with its EMA weights; these are the model's: ask "
+            "for the EMA's with --ema (Python: prefer_ema=True)",
+            ckpt.path or "the checkpoint", float(ckpt.extras.get("best_acc1") or 0.0),
+        )  # fmt: skip
 
 
 def require_sparseformer_layout(checkpoint: Checkpoint) -> ConversionReport:
