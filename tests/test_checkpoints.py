@@ -509,6 +509,15 @@ def test_the_model_weights_of_a_best_epoch_its_ema_scored_are_said(tmp_path, cap
         create_model("sparseformer_v1_nano", checkpoint_path=path, prefer_ema=True)
         assert main(["convert", str(path), str(tmp_path / "best.safetensors")]) == 0
     assert caplog.text.count(said) == 1  # convert's model weights; not the EMA's asked for
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "red.png")
+    viz = ["viz", "--checkpoint", str(path), str(tmp_path / "red.png"), "--out", str(tmp_path)]
+    for ema in ([], ["--ema"]):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main([*viz, "--no-gif", *ema]) == 0
+        assert (said in caplog.text) == (not ema)
     assert main(["train", "--model", "sparseformer_v1_nano", "--ema", "--dataset",
                  "fashion-mnist", "--output", str(tmp_path / "run")]) == 1  # fmt: skip
     assert "--ema starts from a checkpoint's EMA weights: give --checkpoint" in (

@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "`sparseformer train` names",
     )
     p.add_argument("--checkpoint", default=None, help="weights file (official or ours)")
+    p.add_argument("--ema", action="store_true", help="draw the checkpoint's EMA weights")
     p.add_argument("--out", required=True, help="output directory (created if needed)")
     p.add_argument(
         "--tokens",
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None and args.checkpoint is None:
         raise CliError("pass --model NAME (and --checkpoint PATH for trained weights)")
     try:
-        model, info = load_model_for_viz(args.model, args.checkpoint)
+        model, info = load_model_for_viz(args.model, args.checkpoint, prefer_ema=args.ema)
     except ValueError as exc:  # CheckpointError and UnknownModelError print as they are
         if type(exc) is not ValueError:
             raise

@@ -148,7 +148,7 @@ def display_image(img, max_side: int = 448, min_side: int = 112) -> np.ndarray:
 
 
 def load_model_for_viz(
-    name: str | None, checkpoint: str | os.PathLike | None = None
+    name: str | None, checkpoint: str | os.PathLike | None = None, prefer_ema: bool = False
 ) -> tuple[nn.Module, ModelInfo]:
     """Build a model (with weights from ``checkpoint`` when given) in eval mode, with its info.
 
@@ -161,6 +161,7 @@ def load_model_for_viz(
         name: a registered model name; ``None`` takes the name a ``sparseformer train``
             checkpoint stores (``model_name``).
         checkpoint: a weights file (ours or either official layout).
+        prefer_ema: the checkpoint's EMA weights, where it has them.
 
     Raises:
         ValueError: no name given and none stored, or a checkpoint trained as another model.
@@ -174,7 +175,7 @@ def load_model_for_viz(
             raise ValueError("which model? pass --model NAME (see `sparseformer models`)")
         model, ckpt = create_model(name).eval(), None
     else:
-        ckpt = read_checkpoint(checkpoint)
+        ckpt = read_checkpoint(checkpoint, prefer_ema=prefer_ema)
         reason = (
             "which has no RoIs to draw; viz draws SparseFormer models (see `sparseformer models`)"
         )
