@@ -111,6 +111,8 @@ BAD_FILES = {
     "text": (lambda p: p.write_text("hello, I am not a checkpoint\n"), "not a readable"),
     "empty": (lambda p: p.write_bytes(b""), "is empty"),
     "missing": (lambda p: None, "does not exist"),
+    # what `sparseformer export` writes (ModelProto: ir_version, then producer "pytorch")
+    "onnx": (lambda p: p.write_bytes(b"\x08\n\x12\x07pytorch\x1a\x052.9.0"), "an ONNX model"),
 }
 
 

@@ -84,12 +84,14 @@ def test_a_graph_onnxruntime_refuses_leaves_the_previous_file(tmp_path, monkeypa
     path = tmp_path / "nano.onnx"
     path.write_bytes(b"a previous export")
 
-    def refuse(*args, **kwargs):
-        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : an invalid model\nmore")
+    def refuse(staged, *args, **kwargs):  # onnxruntime names the file it was given
+        raise RuntimeError(f"[ONNXRuntimeError] : 10 : INVALID_GRAPH : Load model from {staged}"
+                           " failed: an invalid model\nmore")  # fmt: skip
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
-    with pytest.raises(ExportError, match=r"cannot load the graph exported at opset 18 \("):
+    with pytest.raises(ExportError, match=r"cannot load the graph exported at opset 18 \(") as e:
         export_onnx(create_model("sparseformer_v1_nano"), path, img_size=32)
+    assert "Load model from the file failed" in str(e.value) and ".tmp" not in str(e.value)
     assert path.read_bytes() == b"a previous export"
     assert [p.name for p in tmp_path.iterdir()] == ["nano.onnx"]  # no temporary file left
 

@@ -255,7 +255,8 @@ def _write(wrapper: nn.Module, example: Tensor, dims: dict, opset: int, tmp: Pat
     try:
         ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own error types
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first.replace(str(tmp), "the file")[:200]  # not the staging file's name
         raise ExportError(
             f"onnxruntime {ort.__version__} cannot load the graph exported at opset {opset} "
             f"({first}); export at a lower opset (18 is the default)"
@@ -263,11 +264,14 @@ def _write(wrapper: nn.Module, example: Tensor, dims: dict, opset: int, tmp: Pat
 
 
 def onnx_max_difference(path: str | os.PathLike, model: nn.Module, images: Tensor) -> float:
-    """Largest absolute difference between onnxruntime's and PyTorch's logits on ``images``."""
+    """Largest absolute difference between onnxruntime's and PyTorch's logits on ``images``
+    (onnxruntime with as many threads as torch)."""
     _require("onnxruntime")
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # as PyTorch's side: `--threads`
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     (name,) = [i.name for i in session.get_inputs()]
     onnx_logits = torch.from_numpy(session.run(None, {name: images.float().numpy()})[0])
     model = _cpu_float_copy(model)

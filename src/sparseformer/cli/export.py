@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
     p.add_argument(
+        "--threads", type=positive_int, help="CPU threads, onnxruntime's too (default: free cores)"
+    )
+    p.add_argument(
         "--check-batch-sizes",
         type=positive_int,
         nargs="+",
@@ -77,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.cli.common import model_named_by_checkpoint
     from sparseformer.config import VideoSparseFormerConfig
     from sparseformer.engine.atomic import is_stream
+    from sparseformer.engine.device import set_threads
+    from sparseformer.engine.distributed import DistInfo
     from sparseformer.export import (
         MAX_DIFFERENCE,
         VIDEO_MIN_OPSET,
@@ -89,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.factory import create_model, get_model_spec
 
+    set_threads(args.threads, DistInfo())  # onnxruntime's checks take torch's number
     args.model = model_named_by_checkpoint(args)
     require_sparseformer(args.model, "export")
     check_output(args.out, "--out")

@@ -67,6 +67,11 @@ def read_file(path: str | os.PathLike) -> Any:
         return {**info, held: tensors}
     with open(path, "rb") as f:
         head = f.read(64)
+    if head[:1] == b"\x08" and (path.suffix.lower() == ".onnx" or b"pytorch" in head[:16]):
+        raise CheckpointError(  # ModelProto's ir_version first: `sparseformer export`'s output
+            f"{str(path)!r} is an ONNX model (a graph with its weights), not a checkpoint; run "
+            "it with onnxruntime, or give the checkpoint it was exported from"
+        )
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip or pickle protocol 2+
         kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "binary data"
         raise UnreadableCheckpoint(
