@@ -108,8 +108,9 @@ def test_eval_accepts_official_checkpoints(tmp_path, folder, capsys, fmt):
     assert results[0]["acc5"] is results[1]["acc5"] is None  # 3 classes: top-5 is always 100%
 
 
-def test_official_checkpoint_of_another_size_is_one_line(tmp_path, folder, capsys):
-    micro = create_model("sparseformer_v1_micro", num_classes=3)
+@pytest.mark.parametrize("classes", [3, 1000])  # the data's 3, or others: the model is named
+def test_official_checkpoint_of_another_size_is_one_line(tmp_path, folder, capsys, classes):
+    micro = create_model("sparseformer_v1_micro", num_classes=classes)
     torch.save({"model": to_official(micro.state_dict(), "imagenet")}, tmp_path / "m.pth")
     err = one_line_error(capsys, "eval", "--model", NANO, "--checkpoint", str(tmp_path / "m.pth"),
                          "--data-dir", str(folder))  # fmt: skip

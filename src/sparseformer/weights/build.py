@@ -183,6 +183,12 @@ def model_from_checkpoint(
     model_name = check_model(ckpt, model_name)
     sparseformer = check_model_name(model_name) == "sparseformer"
     classes = ckpt.num_classes if sparseformer else ckpt.num_classes or 1000
+    # loaded first: weights of another model are named as such, not as another class count
+    if sparseformer:
+        model = create_model(model_name, checkpoint_path=ckpt, num_classes=classes)
+    else:
+        model = build_model(model_name, classes, ckpt.img_size)  # timm models fix their size
+        load_weights(model, ckpt)
     if num_classes is not None and num_classes != classes:
         where = repr(ckpt.path) if ckpt.path is not None else "the checkpoint"
         raise CheckpointError(
@@ -190,9 +196,4 @@ def model_from_checkpoint(
             "on data with the same classes, or fine-tune first (sparseformer train "
             "--checkpoint ...)"
         )
-    if sparseformer:
-        model = create_model(model_name, checkpoint_path=ckpt, num_classes=classes)
-    else:
-        model = build_model(model_name, classes, ckpt.img_size)  # timm models fix their size
-        load_weights(model, ckpt)
     return model.eval(), ckpt
