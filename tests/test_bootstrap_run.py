@@ -149,14 +149,15 @@ def test_a_student_fine_tunes_with_train_and_its_run_loads_as_the_student(folder
             str(folder / "data"), "--output", str(tuned), "--epochs", "1", "--img-size", "32",
             *RUN[:-2]]  # fmt: skip
     assert main(argv) == 0  # the model the checkpoint names, as the student it records
-    assert main([*argv, "--resume", "auto", "--epochs", "2"]) == 1  # resumed: --model asked
+    assert main([*argv, "--resume", "auto", "--epochs", "2"]) == 0  # the run's model, resumed
     argv[1:1] = ["--model", TEMPLATE]
     argv[argv.index("--checkpoint") + 1] = str(tmp_path / "moved.pt")  # resuming: not read
     saved = torch.load(tuned / "last.pt", weights_only=True)
     assert saved["architecture"]["num_tokens"] == 4
     model = create_model(TEMPLATE, checkpoint_path=tuned / "last.pt").eval()
     assert model.config.num_tokens == 4 and model.num_classes == 2
-    assert main([*argv, "--resume", "auto", "--epochs", "2"]) == 0  # and resumes as one
+    assert main([*argv, "--resume", "auto", "--epochs", "3"]) == 0  # and resumes as one
+    assert torch.load(tuned / "last.pt", weights_only=True)["epoch"] == 3
     # the normalisation the fine-tuned weights were trained with, over the template's
     recipe = load_recipe("fashion-mnist-cpu")
     source = DataSource(data_dir=folder / "data")

@@ -684,3 +684,18 @@ def test_predict_on_a_folder_names_what_it_leaves_out(tmp_path, capsys, caplog):
                                  str(mixed))  # fmt: skip
     assert code == 0 and "x.png" in out, err
     assert "1 file(s) left out as not image files by their extension (.txt 1" in caplog.text
+
+
+def test_a_run_resumes_as_the_model_it_names(tmp_path, folder, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_train(folder, out, "--epochs", "1")) == 0
+    resume = tiny_train(folder, out, "--epochs", "2", "--resume", "auto")
+    del resume[1:3]  # no --model: the run names it
+    assert main(resume) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+    fresh = [*resume[:-1], "auto"]
+    fresh[fresh.index("--output") + 1] = str(tmp_path / "new")
+    err = one_line_error(capsys, *fresh)
+    assert "holds no run to resume yet; pass --model NAME to start one" in err
+    err = one_line_error(capsys, *resume[:-1], "autp")  # a typo for auto
+    assert "'autp' does not exist" in err

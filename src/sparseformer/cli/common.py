@@ -205,7 +205,7 @@ MODEL_FROM_CHECKPOINT = (
 
 def model_named_by_checkpoint(args: argparse.Namespace) -> str:
     """``args.model``, or when it is not given the model ``args.checkpoint`` names (a
-    ``sparseformer train`` checkpoint does).
+    ``sparseformer train`` checkpoint does), or ``train``'s run to resume (``args.resume``).
 
     Raises:
         CliError: neither given nor named, with what to pass.
@@ -213,16 +213,26 @@ def model_named_by_checkpoint(args: argparse.Namespace) -> str:
     if args.model is not None:
         return args.model
     from sparseformer.cli import CliError
+    from sparseformer.engine.resume import ResumeError, resolve_resume
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
 
-    if args.checkpoint is None:
+    path = args.checkpoint
+    if getattr(args, "resume", None) is not None:  # the run goes on as the model it is
+        try:
+            path = resolve_resume(args.resume, args.output, overwrite=args.overwrite)
+        except ResumeError as exc:
+            raise CliError(str(exc)) from None
+        if path is None:
+            raise CliError(f"which model? {args.output} holds no run to resume yet; pass "
+                           "--model NAME to start one")  # fmt: skip
+    if path is None:
         raise CliError("which model? pass --model NAME (see `sparseformer models`)")
     try:  # the file is read once more by the command: its name is a fact of the file
-        return check_model(read_checkpoint(args.checkpoint), None)
+        return check_model(read_checkpoint(path), None)
     except ValueError as exc:
         if type(exc) is not ValueError:  # CheckpointError: printed as it is
             raise
-        raise CliError(f"{args.checkpoint} does not name its model; pass --model NAME") from None
+        raise CliError(f"{path} does not name its model; pass --model NAME") from None
 
 
 def wrong_kind(path: Path, model_name: str, video_model: bool) -> str | None:

@@ -140,9 +140,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.engine.stopping import sigterm_stops
     from sparseformer.weights.build import check_model_name
 
-    if args.model is None and args.resume is not None:  # the folder's run: its own model
-        raise CliError("which model? pass --model NAME, the resumed run's")
-    args.model = model_named_by_checkpoint(args)  # --model, or the one --checkpoint names
+    args.model = model_named_by_checkpoint(args)  # --model, or the one the run/checkpoint names
     check_model_name(args.model)  # before any data is read
     try:
         plan = _plan(args)
