@@ -267,3 +267,25 @@ def test_demo_pictures_of_fashion_mnist_test_images(tmp_path, capsys):
     assert "(T-shirt/top): predicted c" in printed and "(Trouser): predicted c" in printed
     pngs = sorted(p.name for p in (tmp_path / "pictures").glob("*_rois.png"))
     assert len(pngs) == 2 and len(list((tmp_path / "pictures").glob("*_stages.gif"))) == 2
+
+
+def test_demo_gives_its_threads_and_device_to_every_step(tmp_path, monkeypatch, capsys):
+    from sparseformer.cli import eval as eval_cli
+    from sparseformer.cli import train as train_cli
+
+    seen, out = {}, tmp_path / "demo"
+
+    def train(args):
+        seen["train"] = (args.threads, args.device)
+        out.mkdir()
+        (out / "summary.json").write_text(json.dumps({"train_seconds": 1.0}))
+        return 0
+
+    def evaluate(args):
+        seen["eval"] = (args.threads, args.device)
+        return 1  # no pictures: the steps' flags are what is checked
+
+    monkeypatch.setattr(train_cli, "run", train)
+    monkeypatch.setattr(eval_cli, "run", evaluate)
+    assert main(["demo", "--output", str(out), "--threads", "1", "--quiet"]) == 1
+    assert seen == {"train": (1, "cpu"), "eval": (1, "cpu")}
