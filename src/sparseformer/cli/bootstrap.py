@@ -83,7 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--overwrite", action="store_true", help="start over in an --output with a run")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: the recipe's")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    g.add_argument("--threads", type=positive_int, help="CPU threads per process")
+    g.add_argument(
+        "--threads", type=positive_int, help="CPU threads per process (default: free cores, shared)"
+    )
     g.add_argument("--seed", type=int, help="default 0; a resumed run's own")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     add_saving_arguments(g)

@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
     p.add_argument(
-        "--threads", type=positive_int, help="CPU threads, onnxruntime's too (default: free cores)"
+        "--threads", type=positive_int, help="CPU threads, also onnxruntime's (default: free cores)"
     )
     p.add_argument(
         "--check-batch-sizes",

@@ -88,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: the recipe's")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     g.add_argument(
-        "--threads", type=positive_int, help="CPU threads per process (default: cores / processes)"
+        "--threads", type=positive_int, help="CPU threads per process (default: free cores, shared)"
     )
     g.add_argument(
         "--grad-checkpointing",
