@@ -525,3 +525,17 @@ def test_the_model_weights_of_a_best_epoch_its_ema_scored_are_said(tmp_path, cap
     assert "--ema starts from a checkpoint's EMA weights: give --checkpoint" in (
         capsys.readouterr().err
     )
+
+
+def test_convert_names_a_timm_models_run(tmp_path, capsys):
+    import timm
+
+    from sparseformer.cli import main
+
+    path = tmp_path / "best.pt"
+    deit = timm.create_model("deit_tiny_patch16_224").state_dict()
+    torch.save({"model": deit, "model_name": "deit_tiny_patch16_224"}, path)
+    assert main(["convert", str(path), str(tmp_path / "x.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "looks like a ViT/DeiT" in err
+    assert "(the checkpoint is a deit_tiny_patch16_224 run)" in err

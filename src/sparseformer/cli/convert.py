@@ -13,12 +13,12 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert an official checkpoint to this library's format (safetensors)",
+        help="convert a SparseFormer checkpoint (official or a run's) to safetensors",
         description=__doc__ + " Accepts the ImageNet release and the authors' library v2 "
         "formats, bare or wrapped in model/state_dict/model_ema. With --model the result is "
         "also checked by loading it strictly into that model.",
     )
-    p.add_argument("input", help="official .pth/.safetensors checkpoint")
+    p.add_argument("input", help="a SparseFormer checkpoint: official, or a run's .pt")
     p.add_argument("output", help="output .safetensors path")
     p.add_argument("--model", default=None, help="verify by loading into this model")
     p.add_argument("--ema", action="store_true", help="take model_ema when present")

@@ -19,7 +19,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from sparseformer.weights.checkpoint import FOREIGN, Checkpoint, read_checkpoint
-from sparseformer.weights.convert import CheckpointError, ConversionReport, detect_format
+from sparseformer.weights.convert import (
+    CheckpointError,
+    ConversionReport,
+    NotASparseFormerCheckpoint,
+    detect_format,
+)
 from sparseformer.weights.convert_btsp import (
     BTSP_FORMAT,
     fill_missing_stage_embeddings,
@@ -118,7 +123,14 @@ def require_sparseformer_layout(checkpoint: Checkpoint) -> ConversionReport:
             :func:`check_all_keys_mapped`).
     """
     if checkpoint.source_format == FOREIGN:
-        detect_format(list(checkpoint.state_dict))  # raises, naming what the keys look like
+        try:
+            detect_format(list(checkpoint.state_dict))  # raises, naming what the keys look like
+        except NotASparseFormerCheckpoint as exc:
+            if checkpoint.model_name is None:
+                raise
+            raise NotASparseFormerCheckpoint(  # a run of a timm model says which
+                f"{exc} (the checkpoint is a {checkpoint.model_name} run)"
+            ) from None
     report = dataclasses.replace(
         checkpoint.report,
         renamed=dict(checkpoint.report.renamed),
