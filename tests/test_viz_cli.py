@@ -65,7 +65,7 @@ def test_transparent_pixels_are_composited_over_white(tmp_path):
     assert np.asarray(load_image(tmp_path / "t.png")).min() == 255
 
 
-def test_huge_and_tiny_images(tmp_path):
+def test_huge_and_tiny_images(tmp_path, capsys):
     huge = tmp_path / "huge.jpg"
     rng = np.random.default_rng(0)
     small = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
@@ -81,6 +81,7 @@ def test_huge_and_tiny_images(tmp_path):
     out = tmp_path / "out"
     assert main(["viz", "--model", "sparseformer_v1_nano", str(huge), str(tiny), "--out", str(out),
                  "--img-size", "64"]) == 0  # fmt: skip
+    assert "no --checkpoint: sparseformer_v1_nano draws with untrained" in capsys.readouterr().out
     for stem in ("huge", "tiny"):
         assert (out / f"{stem}_rois.png").stat().st_size > 1000
         with Image.open(out / f"{stem}_stages.gif") as gif:

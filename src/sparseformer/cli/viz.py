@@ -112,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
             raise
         raise CliError(str(exc)) from exc
     model.to(device)
+    if args.checkpoint is None:  # RoIs and labels of no trained model
+        print(f"no --checkpoint: {args.model} draws with untrained (random) weights")
     if args.img_size:
         info = dataclasses.replace(info, input_size=args.img_size)
     video = getattr(model, "roi_dims", 2) == 3
