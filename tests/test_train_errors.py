@@ -699,3 +699,10 @@ def test_a_run_resumes_as_the_model_it_names(tmp_path, folder, capsys):
     assert "holds no run to resume yet; pass --model NAME to start one" in err
     err = one_line_error(capsys, *resume[:-1], "autp")  # a typo for auto
     assert "'autp' does not exist" in err
+
+
+def test_fp16_on_a_cpu_is_refused_before_the_data_is_read(tmp_path, folder, capsys):
+    code, out, err = run_cli(capsys, *tiny_train(folder, tmp_path / "run", "--precision", "fp16",
+                                                 "--device", "cpu"))  # fmt: skip
+    assert code == 1 and "fp16 needs a CUDA GPU; use bf16 or fp32 on CPU" in err
+    assert "training" not in out and not (tmp_path / "run").exists()

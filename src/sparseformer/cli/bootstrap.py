@@ -23,6 +23,7 @@ from sparseformer.cli.common import (
     add_data_arguments,
     add_saving_arguments,
     check_model_fits_data,
+    check_precision,
     count,
     data_source,
     positive_int,
@@ -179,6 +180,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     source = data_source(args, views=False)
     check_output(args.output, "--output", folder=True)
     refuse_overwriting_a_run(args.output, resume=resume, overwrite=args.overwrite)
+    check_precision(args.precision or recipe.precision, device)  # fp16 on a CPU
     return _Plan(args, device, recipe, source, settings, resume, saved, img_size)
 
 

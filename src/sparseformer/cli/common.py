@@ -16,6 +16,7 @@ __all__ = [
     "add_clip_arguments",
     "add_data_arguments",
     "add_saving_arguments",
+    "check_precision",
     "epochs_and_time",
     "data_source",
     "check_model_fits_data",
@@ -32,6 +33,21 @@ def epochs_and_time(epochs: int, seconds: float) -> str:
     """``"1 epoch in 12 s"``, ``"30 epochs in 5.6 min"``: a run's length as the CLI says it."""
     took = f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
     return f"{epochs} epoch{'s' if epochs != 1 else ''} in {took}"
+
+
+def check_precision(precision: str, device: str) -> None:
+    """A precision the device cannot train in (fp16 on a CPU), refused before any work.
+
+    Raises:
+        CliError: what to use instead.
+    """
+    from sparseformer.cli import CliError
+    from sparseformer.engine.trainer import TrainingError, amp_dtype_for
+
+    try:
+        amp_dtype_for(precision, device)
+    except TrainingError as exc:
+        raise CliError(str(exc)) from None
 
 
 def add_saving_arguments(g) -> None:

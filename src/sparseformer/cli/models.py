@@ -23,11 +23,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    width = max(len(name) for name in names)
     for name in names:
         spec = get_model_spec(name)
         weights = "weights released" if spec.weights else "no released weights"
         image = image_model_of(name)
         if not spec.weights and image is not None and MODELS[image].weights:  # inflated
             weights = f"no video release; pretrained=True inflates {image}'s"
-        print(f"{name:<28} {spec.description} [{weights}]")
+        print(f"{name:<{width}}  {spec.description} [{weights}]")
     return 0

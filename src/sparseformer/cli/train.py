@@ -19,6 +19,7 @@ from sparseformer.cli.common import (
     add_data_arguments,
     add_saving_arguments,
     check_model_fits_data,
+    check_precision,
     count,
     data_source,
     positive_int,
@@ -230,6 +231,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     # per-epoch validation: one view per video
     source = data_source(args, views=False, saved=clips)
     _check_output(args.output, resume, args.overwrite)
+    check_precision(args.precision or recipe.precision, device)  # fp16 on a CPU
     return _Plan(args, device, video, recipe, source, resume, saved, start)
 
 
