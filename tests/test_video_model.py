@@ -161,6 +161,11 @@ def test_clips_with_fewer_frames_than_replicates_are_warned_of_once(caplog):
         model(torch.randn(1, 3, 2, 32, 32))
     assert len(caplog.records) == 1
     assert "clips of 2 frame(s) for 4 token replicates" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # built for 2 frames: said once, not again by its clips
+        few = VideoSparseFormer(video_config(NANO, num_frames=2, replicates=4))
+        few(torch.randn(1, 3, 2, 32, 32))
+    assert len(caplog.records) == 1 and "2 frames for 4 token replicates" in caplog.text
 
 
 def image_and_inflated(image_config: SparseFormerConfig, image_state, replicates: int = 1):

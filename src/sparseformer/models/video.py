@@ -106,6 +106,7 @@ class VideoSparseFormer(SparseFormer):
                 config.num_frames,
                 config.replicates,
             )
+            self._warned_few_frames = True  # said once: not again for the clips it is built for
 
     def _check_input(self, x: Tensor) -> None:
         super()._check_input(x)
