@@ -262,3 +262,12 @@ def test_launcher_variables_that_are_not_numbers_are_no_launch(monkeypatch, caps
     monkeypatch.delenv("RANK")
     monkeypatch.setenv("WORLD_SIZE", "8")  # without RANK: not torchrun's
     assert launched_rank() == (0, 1)
+
+
+def test_command_help_shows_plain_text_not_rest():
+    from sparseformer.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    for name in COMMANDS:
+        text = parser._subparsers._group_actions[0].choices[name].format_help()
+        assert "``" not in text and ":func:" not in text and ":class:" not in text, name

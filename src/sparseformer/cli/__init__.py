@@ -11,6 +11,7 @@ import importlib
 import io
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -86,7 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"sparseformer.cli.{name}").register(sub)
+    for command in sub.choices.values():  # the modules' docstrings, as a terminal shows text
+        command.description = _plain_text(command.description)
     return parser
+
+
+def _plain_text(doc: str | None) -> str | None:
+    """A docstring's reST as plain text: ``code`` -> `code`, :func:`~a.b` -> `b`."""
+    if doc is None:
+        return None
+    doc = re.sub(r":\w+:`~?([^`]+)`", lambda m: f"`{m.group(1).rsplit('.', 1)[-1]}`", doc)
+    return doc.replace("``", "`")
 
 
 def setup_logging(verbose: bool = False) -> None:
