@@ -271,3 +271,13 @@ def test_command_help_shows_plain_text_not_rest():
     for name in COMMANDS:
         text = parser._subparsers._group_actions[0].choices[name].format_help()
         assert "``" not in text and ":func:" not in text and ":class:" not in text, name
+
+
+def test_counts_and_lists_in_messages_read_as_written():
+    from sparseformer.cli.common import nothing_to_do
+    from sparseformer.data.scan import first_names
+
+    assert "already has 1 epoch (give" in nothing_to_do(1)
+    assert "the run in r/last.pt already has 3 epochs" in nothing_to_do(3, "r/last.pt")
+    assert first_names(["a", "b"]) == "'a', 'b'"  # complete: no "..."
+    assert first_names("abcdef", 3, quote=False) == "a, b, c, ..."

@@ -146,8 +146,9 @@ def test_checkpoint_classes_are_matched_by_name():
     assert mapping == [2, 0]
     relabelled = RelabelledDataset([("x", 0), ("y", 1)], mapping)
     assert [relabelled[i][1] for i in range(len(relabelled))] == [2, 0]
-    with pytest.raises(DataError, match=r"\['d'\] are not among the checkpoint's classes"):
-        checkpoint_label_map(["a", "b"], ["a", "d"])
+    with pytest.raises(DataError, match=r"'d' of the data are not among the checkpoint's "
+                       r"classes \('a', 'b'\); evaluate"):  # fmt: skip
+        checkpoint_label_map(["a", "b"], ["a", "d"])  # the list complete: no "..."
     assert class_names({"class_names": ["x", "y"]}, 2) == ["x", "y"]
     assert class_names({}, 3) == ["class 0", "class 1", "class 2"]
 

@@ -34,6 +34,7 @@ from sparseformer.bootstrap.teacher import Teacher, fingerprint
 from sparseformer.bootstrap.validation import AlignmentValidation
 from sparseformer.config import SparseFormerConfig
 from sparseformer.data.datasets import DatasetBundle
+from sparseformer.data.scan import first_names
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine.distributed import DistInfo, setup_distributed
 from sparseformer.engine.recipe import Recipe
@@ -129,8 +130,8 @@ def accuracy_defined(teacher: Teacher, config: SparseFormerConfig, data: Dataset
     elif outputs != classes:
         why = f"the teacher has {outputs} outputs and the data {classes} classes"
     elif teacher.class_names is not None and list(teacher.class_names) != data.class_names:
-        why = (f"the teacher's classes ({_some(teacher.class_names)}) are not the data's "
-               f"({_some(data.class_names)})")  # fmt: skip
+        why = (f"the teacher's classes ({first_names(teacher.class_names, 3, quote=False)}) "
+               f"are not the data's ({first_names(data.class_names, 3, quote=False)})")  # fmt: skip
     if why is not None:
         logger.info(
             "no accuracy is reported: %s; the alignment loss is what the run optimises (a "
@@ -138,11 +139,6 @@ def accuracy_defined(teacher: Teacher, config: SparseFormerConfig, data: Dataset
             "it on them, gives the student's and the teacher's top-1)", why,
         )  # fmt: skip
     return why is None
-
-
-def _some(names) -> str:
-    """The first three names, and "..." only where there are more."""
-    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def bootstrap(

@@ -26,6 +26,7 @@ from sparseformer.cli.common import (
     check_precision,
     count,
     data_source,
+    nothing_to_do,
     positive_int,
     recipe_flags,
     refuse_video_flags_on_images,
@@ -173,8 +174,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
             )  # fmt: skip
         if run_is_finished(saved, recipe, args.output):
             if launched_rank()[0] == 0:
-                print(f"nothing to do: the run in {resume} already has {saved.get('epoch')} "
-                      "epochs (give a larger --epochs to train it further)")  # fmt: skip
+                print(nothing_to_do(int(saved.get("epoch", 0)), resume))
             return None
     args.seed = resumed_seed(saved, args.seed)  # a resumed run keeps its own, like its recipe
     source = data_source(args, views=False)
@@ -280,7 +280,7 @@ def _print_summary(summary: dict) -> None:
 
     final, teacher = summary["final"], summary["teacher"]
     if summary["epochs_run"] == 0 or not final:
-        print(f"nothing to do: the run already has {summary['epochs']} epochs")
+        print(nothing_to_do(summary["epochs"]))
         return
     if final.get("val_images") == 0:  # every validation file failed to decode
         scores = NOTHING_SCORED

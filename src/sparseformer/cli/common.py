@@ -18,6 +18,7 @@ __all__ = [
     "add_saving_arguments",
     "check_precision",
     "epochs_and_time",
+    "nothing_to_do",
     "data_source",
     "check_model_fits_data",
     "refuse_video_flags_on_images",
@@ -48,6 +49,13 @@ def check_precision(precision: str, device: str) -> None:
         amp_dtype_for(precision, device)
     except TrainingError as exc:
         raise CliError(str(exc)) from None
+
+
+def nothing_to_do(epochs: int, run: Path | None = None) -> str:
+    """What resuming a finished run says (``run``: its checkpoint)."""
+    where = f"the run in {run}" if run is not None else "the run"
+    return (f"nothing to do: {where} already has {epochs} epoch{'s' if epochs != 1 else ''} "
+            "(give a larger --epochs to train it further)")  # fmt: skip
 
 
 def add_saving_arguments(g) -> None:

@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer import count_flops, count_params, create_model
     from sparseformer.cli import CliError
     from sparseformer.cli.common import model_named_by_checkpoint
+    from sparseformer.data.scan import first_names
     from sparseformer.engine.video import is_video_model
     from sparseformer.weights.build import require_sparseformer
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model}: {count_params(model):,} parameters, input {shape}")
     if ckpt is not None:
         names = ckpt.class_names or ()
-        shown = f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
+        shown = f" ({first_names(names, quote=False)})" if names else ""
         print(f"checkpoint: {ckpt.report.summary()}, {model.num_classes} classes{shown}")
     print(
         f"GFLOPs (multiply-adds): {flops.gflops_paper:.3f} paper convention (fvcore-style), "

@@ -22,6 +22,7 @@ from sparseformer.cli.common import (
     check_precision,
     count,
     data_source,
+    nothing_to_do,
     positive_int,
     recipe_flags,
     refuse_video_flags_on_images,
@@ -215,10 +216,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         if run_is_finished(saved, recipe, args.output):  # touch nothing: not the data, the folder
             done = int(saved.get("epoch", 0))
             if launched_rank()[0] == 0:
-                print(
-                    f"nothing to do: the run in {resume} already has {done} epochs (give a "
-                    "larger --epochs to train it further)"
-                )
+                print(nothing_to_do(done, resume))
             return None
     args.seed = resumed_seed(saved, args.seed)  # a resumed run keeps its own, like its recipe
     clips = saved.get("video") if isinstance(saved.get("video"), dict) else None
@@ -363,10 +361,7 @@ def _print_summary(summary: dict, bundle, video: bool) -> None:
         print(f"{summary['val_left_out']} validation {kind}(s) failed to decode and were left "
               "out of the scores (see the log)")  # fmt: skip
     if summary["epochs_run"] == 0:
-        print(
-            f"nothing to do: the run already has {summary['epochs']} epochs (give a larger "
-            "--epochs to train it further)"
-        )
+        print(nothing_to_do(summary["epochs"]))
         return
     if not final:
         return

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 from sparseformer.data.fashion_mnist import CLASS_NAMES as FASHION_CLASSES
 from sparseformer.data.fashion_mnist import fashion_mnist
 from sparseformer.data.folder import CheckedImageFolder, DataError
-from sparseformer.data.scan import is_hidden
+from sparseformer.data.scan import first_names, is_hidden
 from sparseformer.data.transforms import Augmentation, Preprocessing, build_transform
 from sparseformer.data.video import ClipSpec, VideoDataError, is_video_folder, video_datasets
 
@@ -126,8 +126,7 @@ def _check_data_dir(data_dir: Path, need_train: bool, files: str = "*.jpg") -> N
         others = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not is_hidden(p.name))
         others = [name for name in others if name not in ("train", "val")]
         flat = (
-            f"; its folders ({', '.join(repr(n) for n in others[:3])}"
-            f"{', ...' if len(others) > 3 else ''}) go under train/ and val/, each with the "
+            f"; its folders ({first_names(others, 3)}) go under train/ and val/, each with the "
             "same class folders"
             if others and len(missing) == len(splits)
             else ""

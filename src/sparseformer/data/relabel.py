@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sparseformer.data.folder import DataError
-from sparseformer.data.scan import unicode_form_hint
+from sparseformer.data.scan import first_names, unicode_form_hint
 
 __all__ = ["RelabelledDataset", "checkpoint_label_map"]
 
@@ -40,8 +40,9 @@ def checkpoint_label_map(
     unknown = [c for c in class_names if c not in trained_on]
     if unknown:
         raise DataError(
-            f"class folder(s) {unknown[:5]} are not among the checkpoint's classes "
-            f"({list(trained_on)[:8]}...); evaluate on data of the classes it was trained on"
+            f"class(es) {first_names(unknown)} of the data are not among the checkpoint's "
+            f"classes ({first_names(trained_on, 8)}); evaluate on data of the classes it was "
+            "trained on"
             f"{unicode_form_hint(unknown, trained_on)}"
         )
     return [list(trained_on).index(c) for c in class_names]

@@ -170,6 +170,13 @@ def class_folders(root: Path, media: str, error: type[Exception] = ValueError) -
     return found
 
 
+def first_names(names: Sequence[str], shown: int = 5, *, quote: bool = True) -> str:
+    """``names`` for a message: the first ``shown`` (quoted by default), and ", ..." only
+    where there are more."""
+    listed = [repr(str(n)) if quote else str(n) for n in list(names)[:shown]]
+    return ", ".join(listed) + (", ..." if len(names) > shown else "")
+
+
 def walk_files(
     folder: str | Path, extensions: Sequence[str], ignored: list[Path] | None = None
 ) -> Iterator[Path]:

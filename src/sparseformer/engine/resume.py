@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from sparseformer.data.loader import SeededRepeatAugSampler
+from sparseformer.data.scan import first_names
 from sparseformer.engine import checkpoint as ckpt_io
 from sparseformer.engine.collaborators import TrainingParts
 from sparseformer.engine.distributed import DistInfo
@@ -101,7 +102,8 @@ def resumed_recipe(
     epochs, workers = flags.fields.get("epochs"), flags.fields.get("num_workers")
     if epochs is not None and epochs < done:
         raise ResumeError(
-            f"the run in {resume} already has {done} epochs; --epochs is the total, so "
+            f"the run in {resume} already has {done} epoch{'s' if done != 1 else ''}; --epochs "
+            "is the total, so "
             f"give at least {done} (or leave it out to finish the run's own schedule)"
         )
     recipe = saved_recipe(saved["recipe"])
@@ -204,8 +206,8 @@ def check_same_classes(trained_on: list[str] | None, class_names: list[str], res
     """
     if trained_on is not None and list(trained_on) != list(class_names):
         raise ResumeError(
-            f"the run in {resume} was trained on classes {list(trained_on)[:6]}..., "
-            f"the data has {list(class_names)[:6]}...; resume on the same data, or "
+            f"the run in {resume} was trained on classes {first_names(trained_on, 6)}, "
+            f"the data has {first_names(class_names, 6)}; resume on the same data, or "
             "start a new run with --checkpoint to fine-tune"
         )
 
