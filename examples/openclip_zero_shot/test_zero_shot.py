@@ -74,3 +74,33 @@ def test_a_checkpoints_student_is_checked_by_its_own_width(tmp_path):
     clip_model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None)
     with pytest.raises(ValueError, match="16 dimensions, the text 512"):
         sparseformer_clip(clip_model, checkpoint_path=path)
+
+
+def test_the_script_runs_from_local_files_and_says_what_to_do_offline(
+    tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    from openclip_zero_shot import zero_shot as script
+
+    tower = tmp_path / "tower.pt"
+    torch.save({"model": create_model("sparseformer_btsp_openai_clip_base").state_dict()}, tower)
+    asked, create = [], open_clip.create_model_and_transforms
+
+    def text_tower(name, pretrained):  # OpenCLIP's own loading and downloads, left out here
+        asked.append(pretrained)
+        if pretrained == "openai":  # as OpenCLIP fails offline, without waiting for a network
+            raise RuntimeError("Failed to download weights for tag 'openai': no network")
+        return create(name, pretrained=None)
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", text_tower)
+    argv = ["zero_shot.py", str(TENCH), "tench", "cat", "--tower-weights", str(tower)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--text-weights", "text.pt"])
+    script.main()
+    assert "tench" in capsys.readouterr().out and asked == ["text.pt"]
+    monkeypatch.setattr(sys, "argv", argv)  # the openai tag: a download, refused offline
+    with pytest.raises(SystemExit) as stop:
+        script.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "(offline: --text-weights FILE)" in err
+    assert "Traceback" not in err

@@ -7,9 +7,11 @@ and ``encode_image`` / ``encode_text`` work as before.
 
     pip install "sparseformer" open_clip_torch
     python examples/openclip_zero_shot/zero_shot.py photo.jpg cat dog tench
+    python examples/openclip_zero_shot/zero_shot.py photo.jpg cat dog \
+        --text-weights vit_b16_openai.bin --tower-weights sparseformer_btsp_clip_b.pth  # offline
 
-Weights are downloaded only when asked (``pretrained=True`` here, OpenCLIP's ``pretrained``
-tag for the text tower).
+Weights are downloaded only when asked: by default the authors' tower (``pretrained=True``)
+and OpenCLIP's ``openai`` ViT-B-16 for the text tower; local files replace both.
 """
 
 from __future__ import annotations
@@ -60,17 +62,31 @@ def zero_shot(clip_model: nn.Module, tokenizer, images: Tensor, class_names: lis
 
 def main() -> None:
     import open_clip
-    from PIL import Image
     from timm.data import create_transform, resolve_data_config
+
+    from sparseformer.data import open_rgb
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("image")
     parser.add_argument("classes", nargs="+")
+    parser.add_argument("--text-weights", default="openai",
+                        help="OpenCLIP ViT-B-16 weights: a pretrained tag or a file")  # fmt: skip
+    parser.add_argument("--tower-weights", help="the tower's file (default: the authors')")
     args = parser.parse_args()
-    clip_model, _, _ = open_clip.create_model_and_transforms("ViT-B-16", pretrained="openai")
-    sparseformer_clip(clip_model, pretrained=True)
+    try:  # offline, a download fails: one line saying which flag takes a local file
+        clip_model, _, _ = open_clip.create_model_and_transforms(
+            "ViT-B-16", pretrained=args.text_weights
+        )
+    except RuntimeError as exc:
+        parser.exit(1, f"error: the text tower's weights: {str(exc).splitlines()[0]} "
+                    "(offline: --text-weights FILE)\n")  # fmt: skip
+    tower = {"checkpoint_path": args.tower_weights} if args.tower_weights else {"pretrained": True}
+    try:
+        sparseformer_clip(clip_model, **tower)
+    except (RuntimeError, ValueError) as exc:  # a failed download, a file of another tower
+        parser.exit(1, f"error: the image tower: {str(exc).splitlines()[0]}\n")
     transform = create_transform(**resolve_data_config({}, model=clip_model.visual))
-    image = transform(Image.open(args.image).convert("RGB")).unsqueeze(0)
+    image = transform(open_rgb(args.image)).unsqueeze(0)  # as train and predict read images
     probs = zero_shot(clip_model.eval(), open_clip.get_tokenizer("ViT-B-16"), image, args.classes)
     for name, p in sorted(zip(args.classes, probs[0].tolist()), key=lambda t: -t[1]):
         print(f"{p:6.1%}  {name}")
