@@ -276,3 +276,13 @@ def test_the_statistics_fit_the_figure_with_one_stage():
         for text in fig.texts:  # the statistics under the panels, not cut at the edges
             box = text.get_window_extent(renderer)
             assert 0 <= box.x0 and box.x1 <= fig.bbox.width, (stages, box)
+
+
+def test_video_frames_come_in_every_usual_layout():
+    from sparseformer.viz.video import _as_video
+
+    clip = torch.rand(5, 8, 12, 3)  # (T, H, W, 3)
+    for layout in (clip, clip.permute(3, 0, 1, 2), clip.permute(0, 3, 1, 2)):  # (3,T,..), (T,3,..)
+        np.testing.assert_array_equal(_as_video(layout), clip.numpy())
+    with pytest.raises(ValueError, match=r"expected video frames \(T, H, W, 3\) \(or a tensor"):
+        _as_video(torch.rand(5, 4, 8, 12))

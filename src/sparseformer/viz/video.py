@@ -48,7 +48,8 @@ def plot_video_rois(
     ``t`` falls in the frame's span.
 
     Args:
-        frames: ``(T, H, W, 3)`` uint8/float array or tensor, or ``(3, T, H, W)`` tensor.
+        frames: ``(T, H, W, 3)`` uint8/float array or tensor, or a ``(3, T, H, W)`` or
+            ``(T, 3, H, W)`` tensor (floats in [0, 1]).
         output: a video model's ``forward_with_details`` (RoIs ``(B, N, 6)``).
         stage: sampling stage ``1..S`` (default the last), ``0`` initial, ``-1`` final RoIs.
         max_frames: at most this many frames, evenly spread, are drawn.
@@ -150,17 +151,23 @@ def _stage_name(stage: int) -> str:
 
 
 def _as_video(frames) -> np.ndarray:
-    """``(T, H, W, 3)`` numpy from a tensor ``(3, T, H, W)`` / ``(T, H, W, 3)`` or an array."""
+    """``(T, H, W, 3)`` numpy from a tensor ``(3, T, H, W)`` / ``(T, 3, H, W)`` /
+    ``(T, H, W, 3)`` or an array."""
     if torch.is_tensor(frames):
         frames = frames.detach().cpu()
         if frames.dim() == 4 and frames.shape[0] == 3 and frames.shape[-1] != 3:
             frames = frames.permute(1, 2, 3, 0)  # (3, T, H, W) -> (T, H, W, 3)
+        elif frames.dim() == 4 and frames.shape[1] == 3 and frames.shape[-1] != 3:
+            frames = frames.permute(0, 2, 3, 1)  # (T, 3, H, W), torchvision's -> (T, H, W, 3)
         frames = (
             frames.numpy() if frames.dtype == torch.uint8 else frames.float().clamp(0, 1).numpy()
         )
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"expected video frames (T, H, W, 3), got shape {frames.shape}")
+        raise ValueError(
+            f"expected video frames (T, H, W, 3) (or a tensor (3, T, H, W) or (T, 3, H, W)), "
+            f"got shape {frames.shape}"
+        )
     return frames
 
 
