@@ -215,6 +215,8 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
         load_teacher("test_vit", img_size=8)
     with pytest.raises(BootstrapError, match="a name without weights"):
         load_teacher("test_vit", img_size=32, random_ok=False)
+    with pytest.raises(BootstrapError, match="timm model name .*; did you mean .*test_vit"):
+        load_teacher("test_vitt", img_size=32, random_ok=True)
     from sparseformer.bootstrap.teacher import check_teacher_weights
 
     check_teacher_weights("vit_tiny_patch16_22", None, False)  # not a name: load_teacher says

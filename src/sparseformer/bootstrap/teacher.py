@@ -19,6 +19,7 @@ from torch import nn
 
 from sparseformer.bootstrap.derive import BootstrapError, describe_teacher
 from sparseformer.data.transforms import Preprocessing
+from sparseformer.weights.build import close_model_names
 from sparseformer.weights.checkpoint import PREPROCESSING_FIELDS, read_checkpoint
 from sparseformer.weights.registry import MODELS
 
@@ -186,6 +187,7 @@ def load_teacher(
         if not timm.is_model(name.partition(".")[0]):
             raise BootstrapError(
                 f"--teacher {name} is neither a file nor a timm model name (timm.list_models)"
+                + close_model_names(name.partition(".")[0])
             )
         ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
         if ckpt is not None and ckpt.model_name == name.partition(".")[0] and ckpt.preprocessing:
