@@ -73,22 +73,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from sparseformer.bench.throughput import sample_shape
-    from sparseformer.cli import CliError, check_output
+    from sparseformer.cli import CliError
     from sparseformer.cli.common import model_named_by_checkpoint
     from sparseformer.config import VideoSparseFormerConfig
-    from sparseformer.engine.atomic import is_stream
     from sparseformer.engine.device import set_threads
     from sparseformer.engine.distributed import DistInfo
     from sparseformer.export import (
-        MAX_DIFFERENCE,
         VIDEO_MIN_OPSET,
         ExportError,
         check_export_settings,
         export_onnx,
-        onnx_max_difference,
     )
     from sparseformer.weights.build import require_sparseformer
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
@@ -97,14 +92,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads, DistInfo())  # onnxruntime's checks take torch's number
     args.model = model_named_by_checkpoint(args)
     require_sparseformer(args.model, "export")
-    check_output(args.out, "--out")
-    if is_stream(args.out):  # the file is run by onnxruntime after it is written
-        raise CliError(f"--out {args.out!r}: give a file, which is then checked by running it")
-    if Path(args.out).suffix.lower() != ".onnx":  # an existing file is replaced: an ONNX one
-        raise CliError(
-            f"--out {args.out!r}: export writes ONNX and replaces an existing file; give a name "
-            f"ending in .onnx, e.g. {Path(args.out).with_suffix('.onnx')}"
-        )
+    _check_out(args.out)
     if args.ema and args.checkpoint is None:
         raise CliError("--ema exports a checkpoint's EMA weights: give --checkpoint too")
     video = isinstance(get_model_spec(args.model).config, VideoSparseFormerConfig)
@@ -146,20 +134,48 @@ def run(args: argparse.Namespace) -> int:
         path = export_onnx(
             model, args.out, img_size=args.img_size, opset=opset, num_frames=num_frames
         )
-        generator = torch.Generator().manual_seed(0)
-        other = (*shape[:-2], args.img_size + 16, max(args.img_size - 8, 4))  # non-square
-        checks = [(f"batch {b}", (b, *shape)) for b in args.check_batch_sizes]
-        worst = 0.0
-        for what, size in [*checks, (f"{other[-2]} x {other[-1]}", (1, *other))]:
-            diff = onnx_max_difference(path, model, torch.randn(size, generator=generator))
-            print(f"{what}: max |onnxruntime - pytorch| = {diff:.2e}")
-            worst = max(worst, diff)
+        _compare(path, model, shape, args.check_batch_sizes)
     except ExportError as exc:
         raise CliError(str(exc)) from None
+    print(f"wrote {path}")
+    return 0
+
+
+def _check_out(out: str) -> None:
+    """``--out``: a file onnxruntime can then run, named ``.onnx`` (an existing one is
+    replaced, so a checkpoint given there by mistake is refused)."""
+    from sparseformer.cli import CliError, check_output
+    from sparseformer.engine.atomic import is_stream
+
+    check_output(out, "--out")
+    if is_stream(out):  # the file is run by onnxruntime after it is written
+        raise CliError(f"--out {out!r}: give a file, which is then checked by running it")
+    if Path(out).suffix.lower() != ".onnx":
+        raise CliError(
+            f"--out {out!r}: export writes ONNX and replaces an existing file; give a name "
+            f"ending in .onnx, e.g. {Path(out).with_suffix('.onnx')}"
+        )
+
+
+def _compare(path: Path, model, shape: tuple, batch_sizes: list[int]) -> None:
+    """Run the written graph at ``batch_sizes`` and at a non-square size beside PyTorch,
+    printing the largest differences; more than ``MAX_DIFFERENCE`` fails the command."""
+    import torch
+
+    from sparseformer.cli import CliError
+    from sparseformer.export import MAX_DIFFERENCE, onnx_max_difference
+
+    generator = torch.Generator().manual_seed(0)
+    size = shape[-1]
+    other = (*shape[:-2], size + 16, max(size - 8, 4))
+    checks = [(f"batch {b}", (b, *shape)) for b in batch_sizes]
+    worst = 0.0
+    for what, dims in [*checks, (f"{other[-2]} x {other[-1]}", (1, *other))]:
+        diff = onnx_max_difference(path, model, torch.randn(dims, generator=generator))
+        print(f"{what}: max |onnxruntime - pytorch| = {diff:.2e}")
+        worst = max(worst, diff)
     if not worst <= MAX_DIFFERENCE:  # NaN included
         raise CliError(
             f"{path}: onnxruntime's logits differ from PyTorch's by {worst:.2e}, more than "
             f"{MAX_DIFFERENCE:g}: the graph does not compute the model (file kept for a report)"
         )
-    print(f"wrote {path}")
-    return 0

@@ -204,9 +204,7 @@ def create_model(
     ckpt = None
     if checkpoint_path is not None:
         ckpt = read_checkpoint(checkpoint_path, prefer_ema=prefer_ema)
-        # a run of another model is refused, named: models of one shape (two bootstrapped
-        # families) would otherwise take each other's weights with a key or two dropped
-        check_model(ckpt, name, advice="create it as {!r}")
+        check_model(ckpt, name, advice="create it as {!r}")  # not a same-shaped model's run
     if ckpt is not None:
         cfg.update(_checkpoint_cfg(ckpt, cfg["input_size"][0]))  # a run's own preprocessing
         cfg.update(timm_args["overlay"])
