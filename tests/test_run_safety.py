@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -276,7 +277,6 @@ def test_a_ctrl_c_while_torch_imports_is_held_and_raised_after():
     """``import torch`` swallows a KeyboardInterrupt raised while it imports numpy: the CLI
     imports it with Ctrl-C held, and raises it once the import is whole."""
     import signal
-    import time
 
     from sparseformer.cli import deferred_interrupt
 
@@ -290,6 +290,12 @@ def test_a_ctrl_c_while_torch_imports_is_held_and_raised_after():
     assert went_on and signal.getsignal(signal.SIGINT) is before
     with deferred_interrupt():  # no signal: nothing raised
         pass
+    from sparseformer.cli import _Terminated
+
+    with pytest.raises(_Terminated):  # a scheduler's SIGTERM: held too, then said in a line
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -388,7 +394,7 @@ def test_eval_predict_and_export_take_the_model_a_checkpoint_names(tmp_path, big
 def test_signals_are_noted_at_step_boundaries_and_sigterm_is_never_silent():
     import signal
 
-    from sparseformer.engine.stopping import RunStopped, StopSignals, sigterm_stops
+    from sparseformer.engine.stopping import RunStopped, StopSignals, setup_signals
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with StopSignals() as signals:
@@ -396,9 +402,18 @@ def test_signals_are_noted_at_step_boundaries_and_sigterm_is_never_silent():
         assert signals.requested and signals.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: at once
             os.kill(os.getpid(), signal.SIGINT)
-    with pytest.raises(RunStopped, match="stopped by SIGTERM") as stopped, sigterm_stops():
+    with pytest.raises(RunStopped, match="stopped by SIGTERM") as stopped, setup_signals():
         os.kill(os.getpid(), signal.SIGTERM)  # while a command sets up: one line, not silence
     assert stopped.value.signum == signal.SIGTERM and not stopped.value.saved
+    for signum, stop in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, RunStopped)):
+        with setup_signals():
+            try:  # an import that swallows the exception (torch's lazy imports catch it)
+                os.kill(os.getpid(), signum)
+                time.sleep(0.05)
+            except BaseException:
+                pass
+            with pytest.raises(stop), StopSignals():  # the run stops before training
+                pass
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 

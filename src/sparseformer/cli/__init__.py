@@ -108,12 +108,19 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+class _Terminated(Exception):
+    """A SIGTERM held while torch imported (:func:`deferred_interrupt`)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         code = _main(argv)
     except KeyboardInterrupt:  # a Ctrl-C before a command began (its imports, the parsing)
         print("sparseformer: interrupted", file=sys.stderr)
         code = 130
+    except _Terminated:  # a scheduler's SIGTERM as early: a line, not a silent end
+        print("sparseformer: stopped by SIGTERM", file=sys.stderr)
+        code = 128 + signal.SIGTERM
     if argv is None:  # the program itself: its work is done and said; a Ctrl-C now would
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # only turn its exit status into -2
         _end_data_workers()
@@ -145,22 +152,25 @@ def _end_data_workers() -> None:
 
 @contextmanager
 def deferred_interrupt() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block, and raise it as KeyboardInterrupt
-    when the block ends. ``import torch`` swallows a KeyboardInterrupt raised while it imports
-    numpy and goes on with numpy half loaded: a Ctrl-C in the first second was ignored, or the
-    run failed later with errors from inside numpy. (In the main thread only: elsewhere no
-    signal handler can be set, and none is needed.)"""
+    """Hold a Ctrl-C (SIGINT) or a SIGTERM that arrives inside the block, and raise it when
+    the block ends (KeyboardInterrupt; :class:`_Terminated`, which :func:`main` says in a
+    line). ``import torch`` swallows a KeyboardInterrupt raised while it imports numpy and goes
+    on with numpy half loaded: a Ctrl-C in the first second was ignored, or the run failed
+    later with errors from inside numpy; and a SIGTERM then ended the process in silence. (In
+    the main thread only: elsewhere no signal handler can be set, and none is needed.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
     if received:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt if received[0] == signal.SIGINT else _Terminated()
 
 
 def _names_as_on_disk() -> None:
@@ -180,9 +190,14 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose)
-    with deferred_interrupt():  # every command needs torch: import it whole, or not at all
+    with deferred_interrupt():  # every command needs these: imported whole, or not at all
         import torch  # noqa: F401
-    from sparseformer.engine.distributed import launched_rank
+
+        from sparseformer.engine.distributed import launched_rank
+        from sparseformer.engine.stopping import RunStopped, setup_signals
+        from sparseformer.weights.convert import CheckpointError
+        from sparseformer.weights.factory import UnknownModelError
+        from sparseformer.weights.hub import DownloadError
 
     rank, world = launched_rank()
     if args.command not in DISTRIBUTED and world > 1:
@@ -194,13 +209,9 @@ def _main(argv: list[str] | None) -> int:
                 file=sys.stderr,
             )
         return 1
-    from sparseformer.engine.stopping import RunStopped
-    from sparseformer.weights.convert import CheckpointError
-    from sparseformer.weights.factory import UnknownModelError
-    from sparseformer.weights.hub import DownloadError
-
     try:
-        return int(args.func(args) or 0)
+        with setup_signals():  # a signal swallowed on the way still stops a run before training
+            return int(args.func(args) or 0)
     except BrokenPipeError as exc:
         if not _stdout_closed():  # another pipe (a worker's, a socket): an error as any other
             print(f"sparseformer {args.command}: error: {exc}", file=sys.stderr)

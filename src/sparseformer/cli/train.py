@@ -139,7 +139,6 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.data import DataError
     from sparseformer.engine.distributed import cleanup_distributed, setup_distributed
     from sparseformer.engine.recipe import RecipeError
-    from sparseformer.engine.stopping import sigterm_stops
     from sparseformer.weights.build import check_model_name
 
     args.model = model_named_by_checkpoint(args)  # --model, or the one the run/checkpoint names
@@ -152,8 +151,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     dist = setup_distributed(plan.device)
     try:
-        with sigterm_stops():  # while the data and model are built; then the run's own
-            _train(plan, dist)
+        _train(plan, dist)  # signals: cli.main's setup_signals, then the run's StopSignals
     finally:
         cleanup_distributed()
     return 0

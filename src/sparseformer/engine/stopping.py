@@ -23,7 +23,7 @@ from dataclasses import dataclass
 __all__ = [
     "RunStopped",
     "StopSignals",
-    "sigterm_stops",
+    "setup_signals",
     "CheckpointEvery",
     "parse_checkpoint_every",
 ]
@@ -50,6 +50,10 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
+        if _setup_signals:  # met while the command set up, and swallowed on the way
+            signum = _setup_signals.pop()
+            _setup_signals.clear()
+            raise KeyboardInterrupt if signum == signal.SIGINT else RunStopped(signum, False)
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._note)
@@ -75,23 +79,34 @@ class StopSignals:
         return self.signum is not None
 
 
+_setup_signals: list[int] = []  # signals met by :func:`setup_signals`' handler
+
+
 @contextmanager
-def sigterm_stops() -> Iterator[None]:
-    """While a command sets up (before :class:`StopSignals` takes over): SIGTERM raises
-    :class:`RunStopped` as Ctrl-C raises ``KeyboardInterrupt``, a line and status 143
-    instead of a silent end."""
+def setup_signals() -> Iterator[None]:
+    """While a command sets up (before :class:`StopSignals` takes over): Ctrl-C raises
+    ``KeyboardInterrupt`` and SIGTERM :class:`RunStopped` at once (a line and status 143
+    instead of a silent end), and each is noted: where the exception is swallowed on the way
+    (an import that catches it, as torch's lazy imports do), the run still stops, when
+    :class:`StopSignals` takes over, instead of training on to the end."""
 
     def stop(signum: int, frame) -> None:
-        raise RunStopped(signum, saved=False)
+        _setup_signals.append(signum)
+        if signum == signal.SIGTERM:
+            raise RunStopped(signum, saved=False)
+        raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, stop)
+    _setup_signals.clear()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _setup_signals.clear()
 
 
 @dataclass(frozen=True)
