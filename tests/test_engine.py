@@ -389,3 +389,19 @@ def test_a_hand_written_loop_needs_no_process_group():
     optimizer = build_optimizer(model, 1e-3, 0.05)
     assert train_one_epoch(model, batches, optimizer, tools, 0)["steps"] == 2
     assert evaluate(model, batches, prep)["images"] == 8
+
+
+def test_an_epoch_resumed_after_its_last_step_reports_that_steps_rate():
+    """A checkpoint saved at an epoch's last step (a stop during validation) resumes with no
+    batch left: the epoch's ``lr`` is its last step's, not the next one's."""
+    from types import SimpleNamespace
+
+    from sparseformer.engine.loop import EpochProgress, train_one_epoch
+
+    model = torch.nn.Linear(2, 2)
+    tools = SimpleNamespace(schedule=lambda step: 1.0 / (step + 1),
+                            prep=SimpleNamespace(device=torch.device("cpu")))  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    done = EpochProgress(75, 3.0, 300, 1.0)  # all 75 batches taken, 75 steps in all
+    record = train_one_epoch(model, [], optimizer, tools, step=75, start=done)
+    assert record["lr"] == 1.0 / 75 and record["steps"] == 75  # step 74's rate

@@ -188,7 +188,7 @@ def train_one_epoch(
     start = start or EpochProgress()
     loss_sum = torch.tensor(float(start.loss_sum), device=device, dtype=torch.float64)
     seen, stopped = start.seen, False
-    lr = tools.schedule(step)
+    lr = tools.schedule(max(step - 1, 0))  # the last step's, where none is left to take
     began = time.perf_counter() - start.seconds
     bar = tqdm(loader, desc="train", leave=False, disable=not progress, dynamic_ncols=True)
     for i, (x, y) in enumerate(bar, start=start.batches):
