@@ -324,7 +324,7 @@ def restore_run(
     keep_saved_data_order(parts.train_loader.sampler, state)
     where = f"after step {within} of" if within else "at"
     logger.info(
-        "resuming %s %s epoch %d (step %d of the run)", resume, where, start_epoch + 1, step
+        "resuming %s %s epoch %d (step %d of the schedule)", resume, where, start_epoch + 1, step
     )
     parts_done = state.get("epoch_progress") if within else None
     return RunState(
