@@ -240,3 +240,20 @@ def test_outputs_named_by_a_descriptor_are_appended_to_never_replaced(tmp_path):
         f.write("wrote it\n")  # what the command prints after: after the bytes, not over them
     assert redirected.read_text() == "the table\na,b\nwrote it\n" and not tmp.exists()
     assert not is_stream(redirected)  # a file named as itself is replaced, atomically
+
+
+def test_a_run_resumed_on_other_data_says_so(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from sparseformer.engine.resume import warn_of_other_data
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        warn_of_other_data("a", str(tmp_path / "a"), "r/last.pt")  # the same folder, spelt anew
+        warn_of_other_data("gone/a", "a", "r/last.pt")  # relative to another working folder
+        warn_of_other_data(None, "a", "r/last.pt")  # an older run that recorded none
+        assert not caplog.text
+        warn_of_other_data("a", "b", "r/last.pt")
+    assert "resuming r/last.pt on b, where the run trained on a: its best top-1" in caplog.text

@@ -142,6 +142,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         resumed_recipe,
         resumed_seed,
         run_is_finished,
+        warn_of_other_data,
     )
     from sparseformer.engine.run_folder import refuse_overwriting_a_run
     from sparseformer.engine.stopping import parse_checkpoint_every
@@ -178,6 +179,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
             return None
     args.seed = resumed_seed(saved, args.seed)  # a resumed run keeps its own, like its recipe
     source = data_source(args, views=False)
+    warn_of_other_data(saved.get("data"), source.describe(), resume)  # nothing saved: no run
     check_output(args.output, "--output", folder=True)
     refuse_overwriting_a_run(args.output, resume=resume, overwrite=args.overwrite)
     check_precision(args.precision or recipe.precision, device)  # fp16 on a CPU

@@ -172,6 +172,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         resumed_recipe,
         resumed_seed,
         run_is_finished,
+        warn_of_other_data,
     )
     from sparseformer.engine.stopping import parse_checkpoint_every
     from sparseformer.weights.checkpoint import read_checkpoint
@@ -226,6 +227,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         clips = start.video if video else None
     # per-epoch validation: one view per video
     source = data_source(args, views=False, saved=clips)
+    warn_of_other_data(saved.get("data"), source.describe(), resume)  # nothing saved: no run
     _check_output(args.output, resume, args.overwrite)
     check_precision(args.precision or recipe.precision, device)  # fp16 on a CPU
     return _Plan(args, device, video, recipe, source, resume, saved, start)

@@ -9,6 +9,7 @@ flags asked otherwise is named in a warning.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "keep_run_clips",
     "resumed_seed",
     "check_same_classes",
+    "warn_of_other_data",
     "keep_saved_data_order",
     "restore_run",
 ]
@@ -196,6 +198,23 @@ def resumed_seed(saved: dict[str, Any] | None, asked: int | None) -> int:
             f"new run to change it {_NEW_RUN}", own, asked,
         )  # fmt: skip
     return int(own)
+
+
+def warn_of_other_data(trained_on: str | None, given: str, resume) -> None:
+    """Say that a run resumes on data other than it trained on (``trained_on``: the
+    checkpoint's ``data``, a folder or a built-in data set's name): its best top-1 so far was
+    scored on the other validation set. A folder named relative to another working folder,
+    which cannot be told from here, is not said."""
+    if trained_on is None or trained_on == given:
+        return
+    if os.path.exists(trained_on) and os.path.realpath(trained_on) == os.path.realpath(given):
+        return
+    if os.path.exists(given) and not os.path.exists(trained_on) and not os.path.isabs(trained_on):
+        return  # relative to where the run started: unknown
+    logger.warning(
+        "resuming %s on %s, where the run trained on %s: its best top-1 so far was scored on "
+        "that data's validation set", resume, given, trained_on,
+    )  # fmt: skip
 
 
 def check_same_classes(trained_on: list[str] | None, class_names: list[str], resume) -> None:
