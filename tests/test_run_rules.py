@@ -257,3 +257,9 @@ def test_a_run_resumed_on_other_data_says_so(tmp_path, monkeypatch, caplog):
         assert not caplog.text
         warn_of_other_data("a", "b", "r/last.pt")
     assert "resuming r/last.pt on b, where the run trained on a: its best top-1" in caplog.text
+
+
+def test_resume_messages_write_values_as_a_person_does():
+    from sparseformer.engine.resume import _shown
+
+    assert _shown(0.1 + 0.05) == "0.15" and _shown(3e-4) == "0.0003" and _shown("x") == "'x'"

@@ -145,7 +145,7 @@ def warn_ignored_on_resume(flags: RecipeFlags, asked: Recipe, recipe: Recipe) ->
             key = item.partition("=")[0]
             keys.append(key if key in wanted else f"augmentation.{key}")
     changed = [
-        f"{k} (asked {wanted[k]!r}, the run's {kept[k]!r})"
+        f"{k} (asked {_shown(wanted[k])}, the run's {_shown(kept[k])})"
         for k in dict.fromkeys(keys)
         if k in wanted and wanted[k] != kept[k]
     ]
@@ -274,6 +274,12 @@ class RunState:
         return True
 
 
+def _shown(value: Any) -> str:
+    """A recipe value in a message: floats as a person writes them (0.15, not
+    0.15000000000000002)."""
+    return f"{value:.6g}" if isinstance(value, float) else repr(value)
+
+
 def _warn_new_schedule(state: dict, saved_world: int, world: int, parts) -> None:
     """Say that a run resumed on other data or another process count goes on over new steps
     per epoch: its schedule, its peak learning rate, and a part-way epoch trained again."""
@@ -281,7 +287,8 @@ def _warn_new_schedule(state: dict, saved_world: int, world: int, parts) -> None
     within = int(state.get("epoch_step", 0))
     saved = f" and {(step - within) // epoch} steps per epoch" if epoch else ""
     again = (
-        f"; the {within} steps it had trained of epoch {epoch + 1} are trained again from that "
+        f"; the {within} step{'s' if within != 1 else ''} it had trained of epoch {epoch + 1} "
+        "are trained again from that "
         "epoch's start (their updates kept)"
         if within
         else ""
