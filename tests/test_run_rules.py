@@ -262,4 +262,4 @@ def test_a_run_resumed_on_other_data_says_so(tmp_path, monkeypatch, caplog):
 def test_resume_messages_write_values_as_a_person_does():
     from sparseformer.engine.resume import _shown
 
-    assert _shown(0.1 + 0.05) == "0.15" and _shown(3e-4) == "0.0003" and _shown("x") == "'x'"
+    assert _shown(0.1 + 0.05) == "0.15" and _shown(1.0) == "1.0" and _shown(1e-12) == "1e-12"

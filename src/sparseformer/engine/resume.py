@@ -277,7 +277,7 @@ class RunState:
 def _shown(value: Any) -> str:
     """A recipe value in a message: floats as a person writes them (0.15, not
     0.15000000000000002)."""
-    return f"{value:.6g}" if isinstance(value, float) else repr(value)
+    return repr(float(f"{value:.10g}")) if isinstance(value, float) else repr(value)
 
 
 def _warn_new_schedule(state: dict, saved_world: int, world: int, parts) -> None:
