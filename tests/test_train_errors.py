@@ -4,6 +4,7 @@ checkpoints in either layout evaluate through --checkpoint."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -706,3 +707,13 @@ def test_fp16_on_a_cpu_is_refused_before_the_data_is_read(tmp_path, folder, caps
                                                  "--device", "cpu"))  # fmt: skip
     assert code == 1 and "fp16 needs a CUDA GPU; use bf16 or fp32 on CPU" in err
     assert "training" not in out and not (tmp_path / "run").exists()
+
+
+def test_a_run_without_a_progress_bar_logs_its_progress(tmp_path, folder, monkeypatch, caplog):
+    from sparseformer.engine import step_saves
+
+    monkeypatch.setattr(step_saves, "REPORT_SECONDS", 0.0)  # a line at every step, for the test
+    with caplog.at_level(logging.INFO, logger="sparseformer.engine.epoch"):
+        assert main(tiny_train(folder, tmp_path / "run", "--epochs", "1")) == 0  # --quiet
+    lines = [r.getMessage() for r in caplog.records if "min left in the epoch" in r.getMessage()]
+    assert lines and lines[0].startswith("epoch 1, step 1 of 3: train loss ")

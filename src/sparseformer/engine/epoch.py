@@ -165,8 +165,20 @@ def _train_part(loop: RunLoop, state: RunState, epoch: int) -> tuple[dict, StepH
             _save_checkpoints(loop, state, epoch - 1, rng, False, extra)
             logger.info("epoch %d, step %d: checkpoint saved", epoch + 1, progress.batches)
 
+    def report(progress) -> None:  # a job's log: no progress bar, a line every few minutes
+        rate = progress.seen / max(progress.seconds, 1e-9)  # this process's images a second
+        left = (parts.steps_per_epoch - progress.batches) * progress.seconds / progress.batches
+        logger.info(
+            "epoch %d, step %d of %d: train loss %.4f, %.0f img/s, %.0f min left in the epoch",
+            epoch + 1, progress.batches, parts.steps_per_epoch,
+            float(progress.loss_sum) / max(progress.seen, 1), rate * loop.dist.world_size,
+            left / 60,
+        )  # fmt: skip
+
     device = parts.tools.prep.device
-    hook = StepHook(save, loop.every, loop.signals, loop.save_on_signal, loop.dist, device)
+    quiet = not loop.progress and loop.dist.is_main
+    hook = StepHook(save, loop.every, loop.signals, loop.save_on_signal, loop.dist, device,
+                    report if quiet else None)  # fmt: skip
     stats = train_one_epoch(
         loop.net, parts.train_loader, parts.optimizer, parts.tools, state.step, loop.dist,
         loop.progress, start=resumed, after_step=hook,

@@ -22,6 +22,8 @@ from sparseformer.engine.stopping import CheckpointEvery, StopSignals
 
 __all__ = ["StepHook", "UntilStopped", "progress_record", "progress_from_record"]
 
+REPORT_SECONDS = 300.0  # a progress line this often where no progress bar shows
+
 
 class StepHook:
     """``after_step`` for :func:`~sparseformer.engine.loop.train_one_epoch`.
@@ -33,6 +35,8 @@ class StepHook:
         signals: the signals noted so far.
         device: where the ranks' flags are summed (the collective's device).
         save_on_signal: save before stopping on SIGTERM.
+        report: called with the progress every :data:`REPORT_SECONDS` (a log line where no
+            progress bar shows: a job's log file), or ``None``.
     """
 
     def __init__(
@@ -43,9 +47,11 @@ class StepHook:
         save_on_signal: bool,
         dist: DistInfo,
         device: torch.device,
+        report: Callable[[EpochProgress], None] | None = None,
     ) -> None:
         self.save, self.every, self.signals = save, every, signals
         self.save_on_signal, self.dist, self.device = save_on_signal, dist, device
+        self.report, self.reported = report, time.monotonic()
         self.since = time.monotonic()
         self.last: EpochProgress | None = None  # the latest step's progress
         self.signum: int | None = None  # the signal the ranks agreed to stop on
@@ -53,6 +59,9 @@ class StepHook:
 
     def __call__(self, progress: EpochProgress, agree: bool) -> bool:
         self.last = progress
+        if self.report is not None and time.monotonic() - self.reported >= REPORT_SECONDS:
+            self.report(progress)
+            self.reported = time.monotonic()
         due = self.every is not None and self.every.steps is not None
         due = due and self.every.due(progress.batches, self.since)
         if agree:  # signals and durations: the same verdict on every rank

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from sparseformer.engine.distributed import launched_rank
+
 __all__ = [
     "RunStopped",
     "StopSignals",
@@ -67,11 +69,12 @@ class StopSignals:
     def _note(self, signum: int, frame) -> None:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: at once, wherever it lands
-        if self.signum is None:
+        if self.signum is None and launched_rank()[0] == 0:  # every process stops: one says so
             logger.warning(
                 "%s received: stopping at the next step boundary (Ctrl-C again to stop now)",
                 signal.Signals(signum).name,
             )
+        if self.signum is None:
             self.signum = signum
 
     @property
