@@ -281,3 +281,25 @@ def test_counts_and_lists_in_messages_read_as_written():
     assert "the run in r/last.pt already has 3 epochs" in nothing_to_do(3, "r/last.pt")
     assert first_names(["a", "b"]) == "'a', 'b'"  # complete: no "..."
     assert first_names("abcdef", 3, quote=False) == "a, b, c, ..."
+
+
+def test_a_process_of_the_run_gone_is_one_line(monkeypatch, capsys):
+    from sparseformer.cli import main
+    from sparseformer.cli import models as models_cli
+
+    def lost(args):  # what gloo raises in a collective when a peer has died
+        raise RuntimeError(
+            "[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:42184."
+        )
+
+    monkeypatch.setattr(models_cli, "run", lost)
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the processes of the run lost each other" in err
+
+    def bug(args):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(models_cli, "run", bug)
+    with pytest.raises(RuntimeError, match="a bug of ours"):  # still traced
+        main(["models"])

@@ -233,6 +233,12 @@ def _main(argv: list[str] | None) -> int:
         return 130
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if _lost_a_peer(exc):  # under torchrun, another process ended: not a bug of ours
+            logging.getLogger(__name__).debug("traceback", exc_info=True)
+            print(f"sparseformer {args.command}: error: the processes of the run lost each "
+                  f"other ({first[:200]}): another one ended or was killed; its log says why"
+                  f"{_resume_hint(args)}", file=sys.stderr)  # fmt: skip
+            return 1
         if not first.startswith("DataLoader worker"):  # torch's own message: a bug, traced
             raise
         # a worker killed from outside (most often the out-of-memory killer)
@@ -244,6 +250,15 @@ def _main(argv: list[str] | None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _lost_a_peer(exc: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the group went away (gloo
+    raises a plain RuntimeError naming the closed connection; NCCL aborts its communicator)."""
+    import torch.distributed
+
+    signs = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was")
+    return isinstance(exc, torch.distributed.DistError) or any(s in str(exc) for s in signs)
 
 
 # the commands that run one process per GPU under torchrun
