@@ -158,7 +158,13 @@ def test_export(tmp_path, source, capsys, monkeypatch):
 
     path, state = write_checkpoint(tmp_path / "w.pth", source)
     exported = []  # the ONNX export itself is tested in test_export.py: only its model here
-    monkeypatch.setattr(export, "export_onnx", lambda model, out, **kw: exported.append(kw) or out)
+
+    def export_onnx(model, out, check=None, **kw):  # the CLI's check runs on the written file
+        exported.append(kw)
+        check(out)
+        return out
+
+    monkeypatch.setattr(export, "export_onnx", export_onnx)
     monkeypatch.setattr(
         export, "onnx_max_difference", lambda path, model, x: exported.append(model) or 0.0
     )

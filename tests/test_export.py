@@ -132,9 +132,13 @@ def test_export_cli_replaces_only_an_onnx_file_and_fails_a_wrong_graph(
     assert "give a name ending in .onnx, e.g." in capsys.readouterr().err
     assert run.read_bytes() == b"weights"
     monkeypatch.setattr(export, "onnx_max_difference", lambda path, model, x: 0.5)
-    assert main([*argv, "--out", str(tmp_path / "wrong.onnx"), "--check-batch-sizes", "1"]) == 1
-    err = capsys.readouterr().err
-    assert "differ from PyTorch's by 5.00e-01, more than 0.001" in err and "wrote" not in err
+    good = tmp_path / "model.onnx"
+    good.write_bytes(b"a previous export that worked")
+    assert main([*argv, "--out", str(good), "--check-batch-sizes", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert "differ from PyTorch's by 5.00e-01, more than 0.001" in err and "wrote" not in out
+    assert good.read_bytes() == b"a previous export that worked"  # not replaced by a bad graph
+    assert [p.name for p in tmp_path.iterdir() if "model" in p.name] == ["model.onnx"]
 
 
 def test_export_cli_keeps_a_trained_classifier(tmp_path, capsys):

@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -152,6 +153,7 @@ def export_onnx(
     opset: int | None = None,
     num_frames: int | None = None,
     dynamic_size: bool = True,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``model`` (a copy in eval mode, CPU, float32) as ONNX with a dynamic batch
     dimension and, by default, a dynamic height and width; ``model`` itself is left as it was.
@@ -169,6 +171,8 @@ def export_onnx(
         num_frames: the fixed clip length of a video model (``None``: the model's).
         dynamic_size: any height and width (at least 4 pixels), as the model takes; else
             only ``img_size``.
+        check: run on the written graph's file before it replaces ``path`` (one that raises
+            leaves ``path`` as it was): the CLI's comparison with PyTorch.
 
     Returns:
         The written path.
@@ -197,6 +201,8 @@ def export_onnx(
     try:  # the file is replaced only by a graph that loads: a failed export loses nothing
         meta = _preprocessing_metadata(model, example, dynamic_size)
         _write(wrapper, example, dims, opset, tmp, meta)
+        if check is not None:
+            check(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
