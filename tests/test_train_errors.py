@@ -700,6 +700,11 @@ def test_a_run_resumes_as_the_model_it_names(tmp_path, folder, capsys):
     assert "holds no run to resume yet; pass --model NAME to start one" in err
     err = one_line_error(capsys, *resume[:-1], "autp")  # a typo for auto
     assert "'autp' does not exist" in err
+    cut = (out / "last.pt").read_bytes()[:5000]
+    (out / "last.pt").unlink()  # (a hard link of best.pt: that stays whole)
+    (out / "last.pt").write_bytes(cut)  # cut short
+    err = one_line_error(capsys, *resume)
+    assert "continues from the run's best epoch instead" in err  # the way, as with --model
 
 
 def test_fp16_on_a_cpu_is_refused_before_the_data_is_read(tmp_path, folder, capsys):

@@ -237,18 +237,22 @@ def model_named_by_checkpoint(args: argparse.Namespace) -> str:
     if args.model is not None:
         return args.model
     from sparseformer.cli import CliError
-    from sparseformer.engine.resume import ResumeError, resolve_resume
+    from sparseformer.engine.resume import ResumeError, read_resume_checkpoint, resolve_resume
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
 
     path = args.checkpoint
     if getattr(args, "resume", None) is not None:  # the run goes on as the model it is
         try:
             path = resolve_resume(args.resume, args.output, overwrite=args.overwrite)
+            if path is None:
+                raise CliError(f"which model? {args.output} holds no run to resume yet; pass "
+                               "--model NAME to start one")  # fmt: skip
+            name = read_resume_checkpoint(path, None).get("model_name")  # a cut file: its way
         except ResumeError as exc:
             raise CliError(str(exc)) from None
-        if path is None:
-            raise CliError(f"which model? {args.output} holds no run to resume yet; pass "
-                           "--model NAME to start one")  # fmt: skip
+        if name is None:
+            raise CliError(f"{path} does not name its model; pass --model NAME")
+        return name
     if path is None:
         raise CliError("which model? pass --model NAME (see `sparseformer models`)")
     try:  # the file is read once more by the command: its name is a fact of the file

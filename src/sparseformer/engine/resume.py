@@ -78,8 +78,9 @@ def resolve_resume(resume: str | None, output: Path, *, overwrite: bool = False)
     return Path(resume) if resume else None
 
 
-def read_resume_checkpoint(resume: Path, model_name: str) -> dict[str, Any]:
-    """The training checkpoint ``resume``, checked to be one of ``model_name``."""
+def read_resume_checkpoint(resume: Path, model_name: str | None) -> dict[str, Any]:
+    """The training checkpoint ``resume``, checked to be one of ``model_name`` (``None``:
+    any model's, to learn which)."""
     try:
         return ckpt_io.read_training_checkpoint(resume, model_name)
     except UnreadableCheckpoint as exc:  # cut short, overwritten: the run's best.pt may read
