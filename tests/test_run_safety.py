@@ -292,10 +292,12 @@ def test_a_ctrl_c_while_torch_imports_is_held_and_raised_after():
         pass
     from sparseformer.cli import _Terminated
 
+    term = signal.getsignal(signal.SIGTERM)
     with pytest.raises(_Terminated):  # a scheduler's SIGTERM: held too, then said in a line
         with deferred_interrupt():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)
+    assert signal.getsignal(signal.SIGTERM) is term
 
 
 @pytest.mark.slow
@@ -413,6 +415,12 @@ def test_signals_are_noted_at_step_boundaries_and_sigterm_is_never_silent():
             except BaseException:
                 pass
             with pytest.raises(stop), StopSignals():  # the run stops before training
+                pass
+        with pytest.raises(stop), setup_signals():  # a command without StopSignals: at its end
+            try:
+                os.kill(os.getpid(), signum)
+                time.sleep(0.05)
+            except BaseException:
                 pass
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 

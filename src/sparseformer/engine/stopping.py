@@ -19,8 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-from sparseformer.engine.distributed import launched_rank
+from typing import Any
 
 __all__ = [
     "RunStopped",
@@ -33,9 +32,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class RunStopped(Exception):
+class RunStopped(BaseException):
     """A run stopped by a signal; ``saved``: whether a checkpoint of the stop point was
-    written. Exit status ``128 + signum``, as a shell reports it."""
+    written. Exit status ``128 + signum``, as a shell reports it. A ``BaseException``, as
+    ``KeyboardInterrupt`` is: code that handles errors (``except Exception``) lets it by."""
 
     def __init__(self, signum: int, saved: bool) -> None:
         self.signum, self.saved = signum, saved
@@ -43,38 +43,62 @@ class RunStopped(Exception):
         super().__init__(f"stopped by {name}" + (" (a checkpoint was saved)" if saved else ""))
 
 
+def _stop_for(signum: int) -> BaseException:
+    """What a signal raises: Ctrl-C ``KeyboardInterrupt``, SIGTERM :class:`RunStopped`."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else RunStopped(signum, saved=False)
+
+
+def _set_handlers(handler) -> dict[int, Any]:
+    """SIGINT's and SIGTERM's handler set to ``handler``; returns the previous ones."""
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore(previous: dict[int, Any]) -> None:
+    """Handlers back as they were (one not set from Python, ``None``: the default)."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+_setup_signals: list[int] = []  # signals met by :func:`setup_signals`' handler
+
+
+def _raise_a_swallowed_signal() -> None:
+    """Raise a signal :func:`setup_signals` met whose exception was swallowed on the way."""
+    if _setup_signals:
+        signum = _setup_signals[0]
+        _setup_signals.clear()
+        raise _stop_for(signum)
+
+
 class StopSignals:
     """A context manager noting SIGINT and SIGTERM (main thread only; elsewhere it notes
-    nothing and the signals keep their handlers)."""
+    nothing and the signals keep their handlers); ``announce``: log the first one (one
+    process of a run does)."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
-        if _setup_signals:  # met while the command set up, and swallowed on the way
-            signum = _setup_signals.pop()
-            _setup_signals.clear()
-            raise KeyboardInterrupt if signum == signal.SIGINT else RunStopped(signum, False)
+        _raise_a_swallowed_signal()  # met while the command set up: stop before training
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._note)
+            self._previous = _set_handlers(self._note)
         return self
 
     def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
+        _restore(self._previous)
+        self._previous = {}
 
     def _note(self, signum: int, frame) -> None:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: at once, wherever it lands
-        if self.signum is None and launched_rank()[0] == 0:  # every process stops: one says so
-            logger.warning(
-                "%s received: stopping at the next step boundary (Ctrl-C again to stop now)",
-                signal.Signals(signum).name,
-            )
         if self.signum is None:
+            if self.announce:
+                logger.warning(
+                    "%s received: stopping at the next step boundary (Ctrl-C again to stop "
+                    "now)", signal.Signals(signum).name,
+                )  # fmt: skip
             self.signum = signum
 
     @property
@@ -82,33 +106,28 @@ class StopSignals:
         return self.signum is not None
 
 
-_setup_signals: list[int] = []  # signals met by :func:`setup_signals`' handler
-
-
 @contextmanager
 def setup_signals() -> Iterator[None]:
-    """While a command sets up (before :class:`StopSignals` takes over): Ctrl-C raises
-    ``KeyboardInterrupt`` and SIGTERM :class:`RunStopped` at once (a line and status 143
-    instead of a silent end), and each is noted: where the exception is swallowed on the way
-    (an import that catches it, as torch's lazy imports do), the run still stops, when
-    :class:`StopSignals` takes over, instead of training on to the end."""
+    """While a command runs outside :class:`StopSignals` (its set-up, and commands that have
+    none): Ctrl-C raises ``KeyboardInterrupt`` and SIGTERM :class:`RunStopped` at once (a
+    line and status 143 instead of a silent end), and each is noted: where the exception is
+    swallowed on the way (an import that catches it, as torch's lazy imports do), it is raised
+    again when :class:`StopSignals` takes over or the block ends, so the command stops."""
 
     def stop(signum: int, frame) -> None:
         _setup_signals.append(signum)
-        if signum == signal.SIGTERM:
-            raise RunStopped(signum, saved=False)
-        raise KeyboardInterrupt
+        raise _stop_for(signum)
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _setup_signals.clear()
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = _set_handlers(stop)
     try:
         yield
+        _raise_a_swallowed_signal()
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        _restore(previous)
         _setup_signals.clear()
 
 

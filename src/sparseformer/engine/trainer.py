@@ -212,7 +212,7 @@ def _fit_in(
         loop.board = TensorBoardScalars(out / "tensorboard")
         if log.restored is not None:  # killed before its line: nor had TensorBoard its scalars
             loop.board.add(log.restored)
-    with StopSignals() as loop.signals:  # a stop at a step boundary: see engine/stopping
+    with StopSignals(announce=dist.is_main) as loop.signals:  # see engine/stopping
         parts.val_loader = UntilStopped(parts.val_loader, loop.signals)
         for epoch in range(state.start_epoch, recipe.epochs):
             run_epoch(loop, state, epoch)
