@@ -511,6 +511,22 @@ def test_the_model_weights_of_a_best_epoch_its_ema_scored_are_said(tmp_path, cap
         create_model("sparseformer_v1_nano", checkpoint_path=path, prefer_ema=True)
         assert main(["convert", str(path), str(tmp_path / "best.safetensors")]) == 0
     assert caplog.text.count(said) == 1  # convert's model weights; not the EMA's asked for
+    import timm
+
+    from sparseformer.weights.loading import load_weights
+
+    tiny = timm.create_model("test_resnet", num_classes=2)
+    torch.save({**best, "model": tiny.state_dict(), "model_ema": tiny.state_dict(),
+                "model_name": "test_resnet"}, path)  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_weights(timm.create_model("test_resnet", num_classes=2), path)  # a timm baseline
+    assert said in caplog.text
+    torch.save(best, path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["info", "--checkpoint", str(path)]) == 0  # takes no --ema: no advice
+    assert said not in caplog.text
     from PIL import Image
 
     Image.new("RGB", (40, 30), "red").save(tmp_path / "red.png")

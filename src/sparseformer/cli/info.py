@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
     if ckpt is not None:  # a video model takes its image model's checkpoint, inflated
         check_model(ckpt, args.model)
+        if ckpt.ema_scored_best:  # the weights that scored (the counts are the same)
+            ckpt = read_checkpoint(ckpt, prefer_ema=True)
     if args.img_size is None:  # what a run of ours trained on, if it says (as export)
         args.img_size = [(ckpt and ckpt.img_size) or 224]
     if len(args.img_size) > 2:

@@ -232,6 +232,7 @@ def load_weights(
             "of another model? Pass the matching --model"
         )
     model.load_state_dict(state, strict=True)
+    warn_of_unscored_weights(ckpt)  # as load_checkpoint does for a SparseFormer
 
 
 def _timm_layout(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
