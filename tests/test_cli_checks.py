@@ -293,6 +293,9 @@ def test_a_process_of_the_run_gone_is_one_line(monkeypatch, capsys):
         )
 
     monkeypatch.setattr(models_cli, "run", lost)
+    with pytest.raises(RuntimeError, match="Connection closed"):  # no process group: traced
+        main(["models"])
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # a run's group
     assert main(["models"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "the processes of the run lost each other" in err

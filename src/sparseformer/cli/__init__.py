@@ -255,10 +255,13 @@ def _main(argv: list[str] | None) -> int:
 def _lost_a_peer(exc: RuntimeError) -> bool:
     """Whether a collective failed because another process of the group went away (gloo
     raises a plain RuntimeError naming the closed connection; NCCL aborts its communicator)."""
-    import torch.distributed
+    import torch.distributed as dist
 
+    if not (dist.is_available() and dist.is_initialized()):  # a run that never formed
+        return False
     signs = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was")
-    return isinstance(exc, torch.distributed.DistError) or any(s in str(exc) for s in signs)
+    backend = getattr(dist, "DistBackendError", ())
+    return isinstance(exc, backend) or any(s in str(exc) for s in signs)
 
 
 # the commands that run one process per GPU under torchrun

@@ -204,7 +204,7 @@ def create_model(
     ckpt = None
     if checkpoint_path is not None:
         ckpt = read_checkpoint(checkpoint_path, prefer_ema=prefer_ema)
-        check_model(ckpt, name, advice="create it as {!r}")  # not a same-shaped model's run
+        check_model(ckpt, name, advice="create it as {!r}", sparseformers_only=_TIMM_RUN)
     if ckpt is not None:
         cfg.update(_checkpoint_cfg(ckpt, cfg["input_size"][0]))  # a run's own preprocessing
         cfg.update(timm_args["overlay"])
@@ -224,6 +224,9 @@ def create_model(
     if timm_args["dtype"] is not None:
         model.to(dtype=timm_args["dtype"])
     return model
+
+
+_TIMM_RUN = "a timm model: load it with timm.create_model(NAME, checkpoint_path=...)"
 
 
 def _checkpoint_overrides(
