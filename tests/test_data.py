@@ -164,7 +164,7 @@ def test_val_may_hold_some_of_the_training_classes(tmp_path, caplog):
         ("split_folder", "is a split folder; give the folder that holds train/ and val/"),
         ("no_classes", "has no class folders"),
         ("empty_class", "have no images"),
-        ("class_mismatch", r"include \['emu'\], which are not among the training classes"),
+        ("class_mismatch", r"include 'emu', which are not among the training classes"),
         ("is_file", "is a file, not a directory"),
     ],
 )

@@ -383,7 +383,7 @@ def test_val_videos_may_hold_some_of_the_training_classes(tmp_path, caplog):
     assert "class folder(s) left have no usable video" in caplog.text
     (tmp_path / "val" / "left").rmdir()
     assert len(VideoFolder(tmp_path / "val", spec, train=False, classes=["left", "right"])) == 2
-    with pytest.raises(VideoDataError, match=r"include \['right'\], which are not among"):
+    with pytest.raises(VideoDataError, match=r"include 'right', which are not among"):
         VideoFolder(tmp_path / "val", spec, train=False, classes=["left", "up"])
 
 

@@ -231,15 +231,16 @@ def match_val_classes(root: Path, found: list[str], classes: Sequence[str], kind
     extra = sorted(set(found) - set(classes))
     if extra:
         raise ExtraClassesError(
-            f"class folders of {str(root)!r} include {extra[:5]}, which are not among the "
-            f"training classes ({list(classes)[:10]}); every validation class needs training "
+            f"class folders of {str(root)!r} include {first_names(extra)}, which are not among "
+            f"the training classes ({first_names(classes, 10)}); every validation class needs "
+            "training "
             f"{kind}{unicode_form_hint(extra, classes)}"
         )
     missing = sorted(set(classes) - set(found))
     if missing and is_first_rank():
         logger.warning(
             "%s has no folder for %d training class(es) (%s); they are not scored",
-            root, len(missing), ", ".join(missing[:5]),
+            root, len(missing), first_names(missing, quote=False),
         )  # fmt: skip
 
 

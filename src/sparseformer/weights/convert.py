@@ -145,7 +145,7 @@ class ConversionReport:
             + (f" (inside {self.wrapper!r})" if self.wrapper else "")
             + f": {len(self.renamed)} keys renamed, {len(self.dropped)} dropped"
             + (
-                f" ({', '.join(self.dropped[:5])}{'...' if len(self.dropped) > 5 else ''})"
+                f" ({', '.join(self.dropped[:5])}{', ...' if len(self.dropped) > 5 else ''})"
                 if self.dropped
                 else ""
             )
