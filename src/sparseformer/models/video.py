@@ -99,21 +99,22 @@ class VideoSparseFormer(SparseFormer):
                 f"VideoSparseFormer needs a VideoSparseFormerConfig, got {type(config).__name__}"
             )
         super().__init__(config)
-        if config.num_frames < config.replicates:
+        # said once, here, for a model built for too few frames; else at its first such clip
+        self._warned_few_frames = config.num_frames < config.replicates
+        if self._warned_few_frames:
             logger.warning(
                 "%d frames for %d token replicates: some replicates' time slices fall between "
                 "frame centres and read zero padding; use replicates <= num_frames",
                 config.num_frames,
                 config.replicates,
             )
-            self._warned_few_frames = True  # said once: not again for the clips it is built for
 
     def _check_input(self, x: Tensor) -> None:
         super()._check_input(x)
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return  # a symbolic T compared with R would narrow an exported graph's range
         T, R = x.shape[2], self.config.replicates
-        if T < R and not getattr(self, "_warned_few_frames", False):
+        if T < R and not self._warned_few_frames:
             self._warned_few_frames = True  # once per model: a loop of clips says it once
             logger.warning(
                 "clips of %d frame(s) for %d token replicates: some replicates' time slices "
