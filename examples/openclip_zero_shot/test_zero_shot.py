@@ -83,9 +83,14 @@ def test_the_script_runs_from_local_files_and_says_what_to_do_offline(
 
     from openclip_zero_shot import zero_shot as script
 
-    tower = tmp_path / "tower.pt"
-    torch.save({"model": create_model("sparseformer_btsp_openai_clip_base").state_dict()}, tower)
     asked, create = [], open_clip.create_model_and_transforms
+
+    def tower(clip_model, **kwargs):  # loading a tower's file: tested above; a small one here
+        asked.append(kwargs)
+        clip_model.visual = create_model("sparseformer_btsp_nano", num_classes=512).eval()
+        return clip_model
+
+    monkeypatch.setattr(script, "sparseformer_clip", tower)
 
     def text_tower(name, pretrained):  # OpenCLIP's own loading and downloads, left out here
         asked.append(pretrained)
@@ -94,10 +99,11 @@ def test_the_script_runs_from_local_files_and_says_what_to_do_offline(
         return create(name, pretrained=None)
 
     monkeypatch.setattr(open_clip, "create_model_and_transforms", text_tower)
-    argv = ["zero_shot.py", str(TENCH), "tench", "cat", "--tower-weights", str(tower)]
+    argv = ["zero_shot.py", str(TENCH), "tench", "cat", "--tower-weights", "tower.pt"]
     monkeypatch.setattr(sys, "argv", [*argv, "--text-weights", "text.pt"])
     script.main()
-    assert "tench" in capsys.readouterr().out and asked == ["text.pt"]
+    assert "tench" in capsys.readouterr().out
+    assert asked == ["text.pt", {"checkpoint_path": "tower.pt"}]
     monkeypatch.setattr(sys, "argv", argv)  # the openai tag: a download, refused offline
     with pytest.raises(SystemExit) as stop:
         script.main()
