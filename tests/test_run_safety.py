@@ -531,3 +531,19 @@ def test_a_kill_between_the_checkpoint_and_its_metrics_line_loses_no_record(tmp_
     assert resumed(lines, two) == [one, two]  # written: kept once; later epochs dropped
     assert resumed(json.dumps(one) + "\n", one) == [one]  # a record of another epoch: unused
     assert resumed(json.dumps(one) + "\n", None) == [one]
+
+
+def test_a_folder_locked_by_a_run_still_starting_says_so(tmp_path):
+    """The lock is taken before its holder is written: a second run in that moment names no
+    empty holder."""
+    import fcntl
+
+    from sparseformer.engine.run_folder import LOCK_FILE, RunFolderBusy, check_run_folder_free
+
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, nothing written yet
+        with pytest.raises(RunFolderBusy, match=r"in use by another run \(starting at this"):
+            check_run_folder_free(tmp_path)
+    finally:
+        os.close(fd)

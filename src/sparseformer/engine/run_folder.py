@@ -98,9 +98,10 @@ class RunFolderLock:
                         f"ended ({holder}); its data-loading workers, which hold the lock until "
                         "they see it gone, may still be ending: try again in a few seconds"
                     ) from None
+                who = f" ({holder})" if holder else " (starting at this moment)"
                 raise RunFolderBusy(
-                    f"--output {str(self.folder)!r} is in use by another run ({holder}); wait "
-                    "for it to finish, stop it, or choose another folder"
+                    f"--output {str(self.folder)!r} is in use by another run{who}; wait for it "
+                    "to finish, stop it, or choose another folder"
                 ) from None
             try:  # the file its holder removed on release, just before we locked it: again
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:
