@@ -61,3 +61,13 @@ def test_the_default_input_follows_the_model():
     assert count_flops(video).complete == count_flops(video, (3, 4, 224, 224)).complete
     half = count_flops(nano.to(torch.bfloat16))  # the input takes the weights' dtype
     assert half.complete == count_flops(nano.float()).complete
+
+
+def test_counting_inside_no_grad_or_inference_mode_counts_the_same():
+    """Where people count (under no_grad or inference_mode), the same figures."""
+    model = create_model("sparseformer_v1_nano")
+    plain = count_flops(model, (3, 64, 64))
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            counted = count_flops(model, (3, 64, 64))
+        assert (counted.complete, counted.paper) == (plain.complete, plain.paper)

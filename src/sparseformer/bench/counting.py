@@ -5,11 +5,13 @@ bilinear sampling but not the biased batched matmuls of the adaptive mixing (``b
 count with ``torch.utils.flop_counter.FlopCounterMode`` (which sees through fused attention, so
 SDPA is counted) plus an explicit rule for ``grid_sampler``, and report both conventions:
 
-- ``paper``: everything except ``baddbmm`` (fvcore-style; what the paper's table means);
+- ``paper``: everything except ``baddbmm`` (any model's: in SparseFormer, adaptive mixing's),
+  which reproduces the paper's table for SparseFormer;
 - ``complete``: everything, grid sampling included.
 
 All figures are multiply-adds (MACs), the unit the paper calls FLOPs. Elementwise ops,
-normalisation and pooling are not counted in either convention (as in fvcore's defaults).
+normalisation and pooling are not counted in either convention. (fvcore itself does count
+normalisation, and skips PyTorch's fused attention: its totals for other models differ.)
 """
 
 from __future__ import annotations
@@ -127,16 +129,17 @@ def count_flops(
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    x = torch.zeros(shape, device=device, dtype=dtype)
     mapping = {op: _grid_sampler_flops(c) for op, c in _CORNERS.items()}
     if hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[_aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
     was_training = model.training
     model.eval()
+    # the counter's module tracker follows autograd: a caller's no_grad or inference_mode
+    # (where people count) would fail it, and would take other code paths
     try:
-        with counter:
-            model(x)
+        with torch.inference_mode(False), torch.enable_grad(), counter:
+            model(torch.zeros(shape, device=device, dtype=dtype))
     finally:
         model.train(was_training)
     by_op: dict[str, int] = defaultdict(int)

@@ -157,7 +157,8 @@ class BenchRow:
 
     Attributes:
         gflops_paper, gflops_complete: multiply-adds per image (the paper's "FLOPs"), in the
-            paper's fvcore-style convention and complete; see :mod:`sparseformer.bench.counting`.
+            paper's convention (without baddbmm) and complete; see
+            :mod:`sparseformer.bench.counting`.
         throughput: images per second at ``batch_size``, one value per round.
         latency_ms: milliseconds per batch-1 forward pass, one value per pass.
         peak_memory_mb: extra memory while running one batch: the CPU process's resident-set

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         shown = f" ({first_names(names, quote=False)})" if names else ""
         print(f"checkpoint: {ckpt.report.summary()}, {model.num_classes} classes{shown}")
     print(
-        f"GFLOPs (multiply-adds): {flops.gflops_paper:.3f} paper convention (fvcore-style), "
+        f"GFLOPs (multiply-adds): {flops.gflops_paper:.3f} paper convention (without baddbmm), "
         f"{flops.gflops_complete:.3f} complete"
     )
     print(flops.table())
