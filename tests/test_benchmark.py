@@ -336,3 +336,13 @@ def test_the_tradeoff_plot_shows_throughput_when_no_model_has_a_published_top1()
     draw_tradeoff(ax, cited, 224)
     assert not ax.patches and ax.collections[0].get_offsets().tolist() == [[10, 79.8]]
     plt.close(fig)
+
+
+def test_a_training_step_that_cannot_run_is_named_before_any_timing(capsys):
+    """A BatchNorm model trained on batches of one fails; it used to fail after the inference
+    rounds, losing them, and without its name."""
+    argv = ["bench", "--models", "sparseformer_v1_nano", "test_resnet", "--img-size", "32",
+            "--batch-size", "2", "--train-batch-size", "1", "--repeats", "1"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "test_resnet: its training step fails (ValueError: Expected more than 1 value" in err

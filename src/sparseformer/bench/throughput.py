@@ -212,6 +212,8 @@ def _prepare(
             continue
         if s.train and s.grad_checkpointing:
             _check_grad_checkpointing(name, model)
+        if s.train:
+            _check_training_step(name, model, shape, s)
         models[name] = model
         frames[name] = shape[1] if len(shape) == 4 else None
         flops[name] = (count_params(model), count.gflops_paper, count.gflops_complete)
@@ -288,6 +290,28 @@ def _run_size(
             )
         )
     return rows
+
+
+def _check_training_step(name: str, model: nn.Module, shape: tuple, s: BenchSettings) -> None:
+    """Fail before any timing where ``model``'s training step cannot run (a BatchNorm given
+    batches of one): a failure after the inference rounds would lose them. One small step
+    (at most 2 images), no update."""
+    x = torch.randn(min(s.train_batch_size, 2), *shape, device=s.device)
+    y = torch.zeros(len(x), dtype=torch.long, device=s.device)
+    try:
+        model.train()
+        with _autocast(s):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    except Exception as exc:  # any model, any failure: said with the model's name
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise BenchError(
+            f"{name}: its training step fails ({reason}); drop it from --models, change "
+            "--train-batch-size, or time inference alone with --no-train"
+        ) from None
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
 
 
 def _check_grad_checkpointing(name: str, model: nn.Module) -> None:
