@@ -156,6 +156,9 @@ def test_bad_official_paths_fail_in_one_line(authors, tmp_path, capsys):
         str(authors / "authors_models" / "a_video.py"): "needs 'no_such_dependency_xyz', which "
         "is not installed",
     }
+    broken = tmp_path / "broken.py"
+    broken.write_text("class SparseFormer(nn.Module:\n    pass\n")
+    cases[str(broken)] = "broken.py does not parse (line 1: "
     for path, message in cases.items():
         assert main([*argv, path]) == 1
         err = capsys.readouterr().err.strip()

@@ -165,11 +165,13 @@ def load_official_class(path: Path) -> type:
     if not path.exists():
         raise BenchError(f"--official {path}: no such file or directory (give the authors' code)")
     files = [path] if path.is_file() else sorted(_python_files(path))
-    found = [(file, cls) for file in files for cls in _v1_classes(file)]
+    broken: list[str] = []  # files that do not parse, said where nothing else is found
+    found = [(file, cls) for file in files for cls in _v1_classes(file, broken)]
     if not found:
+        unparsed = f"; {broken[0]}" if broken else ""
         raise BenchError(
             f"--official {path}: no class there takes the v1 constructor arguments "
-            f"({', '.join(V1_ARGUMENTS)}); give the authors' v1 ImageNet code "
+            f"({', '.join(V1_ARGUMENTS)}){unparsed}; give the authors' v1 ImageNet code "
             "(github.com/showlab/sparseformer)"
         )
     found.sort(key=lambda fc: (fc[1] != "SparseFormer", "video" in fc[1].lower()))
@@ -188,11 +190,16 @@ def _python_files(root: Path):
             yield file
 
 
-def _v1_classes(file: Path) -> list[str]:
-    """Top-level classes of ``file`` whose ``__init__`` names every v1 argument."""
+def _v1_classes(file: Path, broken: list[str]) -> list[str]:
+    """Top-level classes of ``file`` whose ``__init__`` names every v1 argument; a file that
+    cannot be read or parsed is appended to ``broken``, with why."""
     try:
         tree = ast.parse(file.read_text(encoding="utf-8", errors="replace"))
-    except (SyntaxError, ValueError, OSError):
+    except SyntaxError as exc:
+        broken.append(f"{file} does not parse (line {exc.lineno}: {exc.msg})")
+        return []
+    except (ValueError, OSError) as exc:
+        broken.append(f"{file} cannot be read ({exc})")
         return []
     found = []
     for node in tree.body:
