@@ -153,8 +153,8 @@ def authors_lines(result: BenchResult) -> list[str]:
         lines.append(
             f"{row.model} at {row.img_size} px against the authors' implementation "
             f"({result.settings['official']}): inference {r['authors_throughput']:.2f}x, "
-            f"batch-1 latency {r['authors_latency']:.2f}x lower{train} (medians of per-round "
-            "ratios)"
+            f"batch-1 latency theirs / ours {r['authors_latency']:.2f}x{train} (throughputs: "
+            "medians of per-round ratios; latency: of the medians)"
         )
     return lines
 
