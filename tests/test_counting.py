@@ -71,3 +71,13 @@ def test_counting_inside_no_grad_or_inference_mode_counts_the_same():
         with mode():
             counted = count_flops(model, (3, 64, 64))
         assert (counted.complete, counted.paper) == (plain.complete, plain.paper)
+
+
+def test_a_shape_the_model_cannot_run_on_is_named():
+    nn = torch.nn
+    conv3d = nn.Sequential(
+        nn.Conv3d(3, 4, 3), nn.AdaptiveAvgPool3d(1), nn.Flatten(1), nn.Linear(4, 2)
+    )
+    with pytest.raises(ValueError, match=r"shape \(3, 4, 32, 32\) .*batch first"):
+        count_flops(conv3d, (3, 4, 32, 32))  # read as (B, C, H, W): a clip model needs B
+    assert count_flops(conv3d, (1, 3, 4, 32, 32)).complete > 0

@@ -111,7 +111,7 @@ def count_flops(
         :class:`FlopCount` for the whole batch.
 
     Raises:
-        ValueError: a shape of other than 3 to 5 numbers.
+        ValueError: a shape of other than 3 to 5 numbers, or one the model cannot run on.
     """
     if input_size is None:
         input_size = default_input_size(model)
@@ -140,6 +140,13 @@ def count_flops(
     try:
         with torch.inference_mode(False), torch.enable_grad(), counter:
             model(torch.zeros(shape, device=device, dtype=dtype))
+    except (RuntimeError, IndexError, ValueError, TypeError) as exc:  # the shape, most often
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{type(model).__name__} cannot run on the input it was counted with, shape "
+            f"{shape} ({first}); give the full shape, batch first (a clip model's: (B, C, T, "
+            "H, W))"
+        ) from exc
     finally:
         model.train(was_training)
     by_op: dict[str, int] = defaultdict(int)
