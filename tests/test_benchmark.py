@@ -346,3 +346,20 @@ def test_a_training_step_that_cannot_run_is_named_before_any_timing(capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "test_resnet: its training step fails (ValueError: Expected more than 1 value" in err
+
+
+def test_a_reparameterizing_model_infers_fused_and_trains_as_it_is():
+    """FastViT and the like are deployed fused: inference is timed on a fused copy, whether or
+    not the training step is timed too (it trains the model as it is)."""
+    from sparseformer.bench.throughput import _prepare
+
+    for train in (True, False):
+        settings = BenchSettings(models=("fastvit_t8",), img_sizes=(32,), batch_size=1,
+                                 train=train, train_batch_size=2)  # fmt: skip
+        models, _, _, _, trained = _prepare(settings, 32, [])
+        fused, as_is = models["fastvit_t8"], trained["fastvit_t8"]
+        n_fused = sum(p.numel() for p in fused.parameters())
+        assert n_fused < sum(p.numel() for p in timm.create_model("fastvit_t8").parameters())
+        assert (as_is is not fused) == train  # trained unfused only where a step is timed
+        if train:
+            assert sum(p.numel() for p in as_is.parameters()) > n_fused

@@ -175,16 +175,17 @@ def run_benchmark(settings: BenchSettings) -> BenchResult:
     return BenchResult(environment, settings_dict, peak, rows, skipped)
 
 
-def _prepare(
-    settings: BenchSettings, img_size: int, skipped: list[dict]
-) -> tuple[dict[str, nn.Module], dict[str, dict], dict[str, tuple], dict[str, int | None]]:
-    """Every model built for ``img_size`` with its inputs, counts and clip length.
+def _prepare(settings: BenchSettings, img_size: int, skipped: list[dict]) -> tuple[dict, ...]:
+    """Every model built for ``img_size`` with its inputs, counts and clip length: the models
+    to time in inference, then those to train (the same, but for timm models that
+    re-parameterize for inference, FastViT and the like: fused to infer, as deployed, and
+    trained as they are).
 
     A model that cannot be built or run at this size stops the run with one line, or, with
     ``skip_unsupported``, is left out at this size and noted in ``skipped``.
     """
     s, device, batch = settings, settings.device, settings.batch_at(img_size)
-    models, inputs, flops, frames = {}, {}, {}, {}
+    models, inputs, flops, frames, trained = {}, {}, {}, {}, {}
     for name in official.timed_models(s.models, s.official):
         try:
             if name.startswith(official.PREFIX):
@@ -192,10 +193,11 @@ def _prepare(
                                                 s.num_classes).to(device).eval()  # fmt: skip
             else:
                 model = build_model(name, img_size, s.num_classes, s.num_frames).to(device).eval()
-            if not s.train and name not in MODELS:  # timed as deployed: FastViT etc. fused
+            trainable = model
+            if name not in MODELS and any(hasattr(m, "reparameterize") for m in model.modules()):
                 from timm.models import reparameterize_model
 
-                model = reparameterize_model(model, inplace=True)
+                model = reparameterize_model(model, inplace=not s.train)  # a copy to train
             shape = sample_shape(model, img_size)
             count = count_flops(model, shape)  # one forward pass at this size
         except BenchError:
@@ -211,22 +213,22 @@ def _prepare(
             skipped.append({"model": name, "img_size": img_size, "reason": reason})
             continue
         if s.train and s.grad_checkpointing:
-            _check_grad_checkpointing(name, model)
+            _check_grad_checkpointing(name, trainable)
         if s.train:
-            _check_training_step(name, model, shape, s)
-        models[name] = model
+            _check_training_step(name, trainable, shape, s)
+        models[name], trained[name] = model, trainable
         frames[name] = shape[1] if len(shape) == 4 else None
         flops[name] = (count_params(model), count.gflops_paper, count.gflops_complete)
         x = torch.randn(batch, *shape, device=device)
         inputs[name] = {"batch": x, "single": x[:1].clone()}
-    return models, inputs, flops, frames
+    return models, inputs, flops, frames, trained
 
 
 def _run_size(
     settings: BenchSettings, img_size: int, peaks: list[float], skipped: list[dict]
 ) -> list[BenchRow]:
     s, device, batch = settings, settings.device, settings.batch_at(img_size)
-    models, inputs, flops, frames = _prepare(settings, img_size, skipped)
+    models, inputs, flops, frames, trained = _prepare(settings, img_size, skipped)
     if not models:
         return []
     throughput: dict[str, list[float]] = {n: [] for n in models}
@@ -252,7 +254,7 @@ def _run_size(
                     times = timed(lambda m=model, x=x: m(x["single"]), device, s.min_time)
                     latency[name] += [1e3 * t for t in times]
                     bar.update()
-    train, train_memory = _train_rounds(settings, models, img_size) if s.train else (None, {})
+    train, train_memory = _train_rounds(settings, trained, img_size) if s.train else (None, {})
     base = s.baseline_model()
     rows = []
     for name in models:
