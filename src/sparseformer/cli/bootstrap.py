@@ -150,7 +150,8 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     check_teacher_weights(args.teacher, args.teacher_checkpoint, args.random_teacher)
     parse_checkpoint_every(args.checkpoint_every)  # a bad value: one line, before any work
     device = pick_device(args.device)
-    check_precision(args.precision or "fp32", device)  # an asked fp16 on a CPU: before the scan
+    if args.precision:  # an asked fp16 on a CPU: before the folder is counted
+        check_precision(args.precision, device)
     refuse_video_flags_on_images(args, check_model_fits_data(TEMPLATE, args))
     flags = recipe_flags(args)
     # no --recipe on a folder: one scaled to its size, the run's length and the device, as

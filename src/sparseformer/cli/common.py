@@ -33,7 +33,9 @@ __all__ = [
 def epochs_and_time(epochs: int, seconds: float) -> str:
     """``"1 epoch in 12 s"``, ``"30 epochs in 5.6 min"``: a run's length as the CLI says it."""
     took = f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
-    return f"{epochs} epoch{'s' if epochs != 1 else ''} in {took}"
+    from sparseformer.data.scan import counted
+
+    return f"{counted(epochs, 'epoch')} in {took}"
 
 
 def check_precision(precision: str, device: str) -> None:
@@ -53,9 +55,11 @@ def check_precision(precision: str, device: str) -> None:
 
 def nothing_to_do(epochs: int, run: Path | None = None) -> str:
     """What resuming a finished run says (``run``: its checkpoint)."""
+    from sparseformer.data.scan import counted
+
     where = f"the run in {run}" if run is not None else "the run"
-    return (f"nothing to do: {where} already has {epochs} epoch{'s' if epochs != 1 else ''} "
-            "(give a larger --epochs to train it further)")  # fmt: skip
+    return (f"nothing to do: {where} already has {counted(epochs, 'epoch')} (give a larger "
+            "--epochs to train it further)")  # fmt: skip
 
 
 def add_saving_arguments(g) -> None:

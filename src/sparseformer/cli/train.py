@@ -178,7 +178,8 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     from sparseformer.weights.checkpoint import read_checkpoint
 
     device = pick_device(args.device)
-    check_precision(args.precision or "fp32", device)  # an asked fp16 on a CPU: before the scan
+    if args.precision:  # an asked fp16 on a CPU: before the folder is counted
+        check_precision(args.precision, device)
     parse_checkpoint_every(args.checkpoint_every)  # a bad value: one line, before any work
     if args.ema and args.checkpoint is None:
         raise ValueError("--ema starts from a checkpoint's EMA weights: give --checkpoint too")

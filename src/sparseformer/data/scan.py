@@ -170,6 +170,11 @@ def class_folders(root: Path, media: str, error: type[Exception] = ValueError) -
     return found
 
 
+def counted(n: int, noun: str) -> str:
+    """``"1 epoch"``, ``"3 epochs"``: a count and its noun for a message."""
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
 def first_names(names: Sequence[str], shown: int = 5, *, quote: bool = True) -> str:
     """``names`` for a message: the first ``shown`` (quoted by default), and ", ..." only
     where there are more."""

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from sparseformer.data.loader import SeededRepeatAugSampler
-from sparseformer.data.scan import first_names
+from sparseformer.data.scan import counted, first_names
 from sparseformer.engine import checkpoint as ckpt_io
 from sparseformer.engine.collaborators import TrainingParts
 from sparseformer.engine.distributed import DistInfo
@@ -105,7 +105,7 @@ def resumed_recipe(
     epochs, workers = flags.fields.get("epochs"), flags.fields.get("num_workers")
     if epochs is not None and epochs < done:
         raise ResumeError(
-            f"the run in {resume} already has {done} epoch{'s' if done != 1 else ''}; --epochs "
+            f"the run in {resume} already has {counted(done, 'epoch')}; --epochs "
             "is the total, so "
             f"give at least {done} (or leave it out to finish the run's own schedule)"
         )
@@ -288,7 +288,7 @@ def _warn_new_schedule(state: dict, saved_world: int, world: int, parts) -> None
     within = int(state.get("epoch_step", 0))
     saved = f" and {(step - within) // epoch} steps per epoch" if epoch else ""
     again = (
-        f"; the {within} step{'s' if within != 1 else ''} it had trained of epoch {epoch + 1} "
+        f"; the {counted(within, 'step')} it had trained of epoch {epoch + 1} "
         "are trained again from that "
         "epoch's start (their updates kept)"
         if within
