@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,36 @@ def test_two_processes_share_the_folder_check_and_agree(tmp_path):
     ranks, _ = run(root, other)
     for r in ranks:
         assert "processes see different files (11 on rank 0, 12 on rank 1)" in r["error"]
+
+
+# A torchrun worker's stand-in: asks for the launcher's death signal, says it is ready, waits.
+WORKER = """
+import os, signal, sys, time
+from sparseformer.engine.distributed import end_with_launcher
+
+signal.signal(signal.SIGTERM, lambda *_: (open(sys.argv[1], "w").close(), os._exit(0)))
+os.environ["TORCHELASTIC_RUN_ID"] = "test"
+end_with_launcher()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's"
+)
+def test_a_worker_gets_sigterm_when_its_launcher_is_killed(tmp_path):
+    # before, a torchrun killed with -9 left its workers training, unseen, holding the lock
+    marker = tmp_path / "terminated"
+    launcher = subprocess.Popen(  # a parent that starts the worker and waits, as torchrun does
+        [sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])",
+         sys.executable, "-c", WORKER, str(marker)], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert launcher.stdout.readline().strip() == "ready"
+    launcher.kill()
+    launcher.wait()
+    for _ in range(100):
+        if marker.exists():
+            break
+        time.sleep(0.1)
+    assert marker.exists(), "the worker outlived its killed launcher"

@@ -7,8 +7,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +77,7 @@ def setup_distributed(device: str) -> DistInfo:
         int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),  # one machine, if not said
         int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])),
     )
+    end_with_launcher()
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
         torch.cuda.set_device(info.local_rank)
@@ -81,6 +85,28 @@ def setup_distributed(device: str) -> DistInfo:
         dist.init_process_group(backend=backend)
     logger.info("rank %d of %d (%s)", info.rank, info.world_size, backend)
     return info
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_launcher() -> None:
+    """Have Linux send this torchrun worker SIGTERM when its launcher dies.
+
+    torchrun ends its workers when it is stopped, but killed with -9 (an out-of-memory killer, a
+    scheduler) it cannot, and they would go on training unseen, holding the output folder's
+    lock. SIGTERM stops a run as a scheduler's does: at a step boundary, ``last.pt`` saved. Only
+    for a process torchrun started (``TORCHELASTIC_RUN_ID``), and only on Linux.
+    """
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl to call: workers outlive a killed launcher
+        return
+    if os.getppid() != launcher:  # the launcher died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def cleanup_distributed() -> None:
