@@ -19,6 +19,7 @@ from sparseformer.cli import main
 from sparseformer.data.datasets import DataSource
 from sparseformer.engine.inputs import training_preprocessing
 from sparseformer.engine.recipe import load_recipe
+from sparseformer.weights.convert import CheckpointError
 from sparseformer.weights.convert_btsp import btsp_config
 from sparseformer.weights.registry import MODELS
 
@@ -99,6 +100,23 @@ def test_timm_create_model_and_token_pooling():
     assert create_model(NANO, global_pool="token").global_pool == "token"
     with pytest.raises(ValueError, match="without a CLS token"):
         create_model("sparseformer_v1_nano", global_pool="token")
+
+
+def test_average_pooling_leaves_the_cls_token_out_as_timm_does():
+    # before, "avg" averaged the CLS token with the latent tokens; timm's ViTs leave it out
+    model = create_model(NANO, global_pool="avg").eval()
+    assert (
+        model.num_prefix_tokens == 1 and create_model("sparseformer_v1_nano").num_prefix_tokens == 0
+    )
+    tokens = model.forward_features(torch.randn(2, 3, 32, 32))  # (B, 1 + N, D), CLS first
+    pooled = model.forward_head(tokens, pre_logits=True)
+    torch.testing.assert_close(pooled, model.fc_norm(tokens[:, 1:].mean(1)))
+    vit = timm.create_model("test_vit", global_pool="avg").eval()
+    out = vit.forward_features(torch.randn(1, 3, *vit.pretrained_cfg["input_size"][1:]))
+    assert vit.num_prefix_tokens == 1  # the convention followed
+    torch.testing.assert_close(
+        vit.forward_head(out, pre_logits=True), vit.fc_norm(out[:, 1:].mean(1))
+    )
 
 
 def test_details_of_the_latent_tokens_only():
@@ -242,3 +260,31 @@ def test_a_clip_checkpoint_in_an_augreg_model_is_a_warning(fixture, caplog):
         load_checkpoint(tiny("clip"), {"model": weights(fixture, "clip")})
         create_model(NANO, checkpoint_path={"model": weights(fixture, "augreg")})
     assert "sparseformer_btsp_" not in caplog.text
+
+
+def clip_like(model: SparseFormer) -> SparseFormer:
+    """The CLIP variant with ``model``'s classes: the same keys and shapes but the head bias."""
+    return SparseFormer(btsp_config(authors_config("clip"), num_classes=model.num_classes))
+
+
+def test_our_own_files_of_the_other_variant_are_named_too(fixture, caplog, tmp_path):
+    # before, the warning was for the authors' layout alone, and a model with a classifier
+    # without bias dropped a file's classifier bias in silence
+    clip, augreg = tiny("clip"), tiny("augreg")
+    load_checkpoint(clip, {"model": weights(fixture, "clip")})
+    torch.save(clip.state_dict(), tmp_path / "clip.pth")
+    torch.save(augreg.state_dict(), tmp_path / "augreg.pth")
+    with caplog.at_level("WARNING"):
+        create_model(NANO, num_classes=3, checkpoint_path=tmp_path / "clip.pth")
+    assert "runs GELU: build it as a sparseformer_btsp_openai_clip_* model" in caplog.text
+    with pytest.raises(
+        CheckpointError,
+        match=r"unexpected keys: head\.bias\. The classifier's "
+        r"bias is the only difference.*sparseformer_btsp_openai_clip_\*",
+    ):
+        load_checkpoint(clip_like(augreg), tmp_path / "augreg.pth")  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"missing keys: head\.bias\. The classifier's"):
+        create_model(NANO, num_classes=clip.num_classes, checkpoint_path=tmp_path / "clip.pth")
+    fresh = SparseFormer(btsp_config(authors_config("clip"), num_classes=5))
+    load_checkpoint(fresh, tmp_path / "augreg.pth")  # a new classifier: the file's goes whole
+    assert fresh.head.bias is None

@@ -254,8 +254,8 @@ class SparseFormerConfig:
         units = [s.unit_ops(i) for s in self.stages for i in range(s.depth)]
         if self.global_pool == "token" and self.cls_token_unit is None:
             raise ValueError(
-                "global_pool must be 'avg' for a model without a CLS token, got 'token' "
-                "(cls_token_unit gives the model one)"
+                "global_pool must be 'avg' (or '' through create_model: one output per token) "
+                "for a model without a CLS token, got 'token' (cls_token_unit gives it one)"
             )
         if self.cls_token_unit is None:
             return

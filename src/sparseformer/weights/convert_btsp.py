@@ -190,7 +190,7 @@ def warn_on_variant_mismatch(converted: Mapping[str, Tensor], config: SparseForm
     if "head.weight" not in converted:
         return False
     clip_head = "head.bias" not in converted
-    quick = any(s.mlp_activation == "quick_gelu" for s in config.stages)
+    quick = any((s.mlp_activation or config.activation) == "quick_gelu" for s in config.stages)
     if clip_head == quick:
         return False
     logger.warning(

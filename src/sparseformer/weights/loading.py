@@ -85,8 +85,8 @@ def load_checkpoint(
     own = model.state_dict()
     if report.source_format == BTSP_FORMAT:  # released files may lack stage embeddings
         fill_missing_stage_embeddings(converted, own)
-        if hasattr(model, "config"):
-            warn_on_variant_mismatch(converted, model.config)
+    if _bootstrapped(model):  # before a new classifier takes the place of the file's
+        warn_on_variant_mismatch(converted, model.config)
     _adapt_stem(converted, own)
     if allow_classifier_mismatch:
         _fit_classifier(converted, own, report, getattr(model, "num_classes", -1))
@@ -166,13 +166,15 @@ def _fit_classifier(
 ) -> None:
     """The allow-list of strict loading, in place: a checkpoint classifier of another size
     (or none) gives way to the model's fresh one (fine-tuning), and a model built without a
-    classifier drops the checkpoint's (listed in ``report.dropped``)."""
+    classifier drops the checkpoint's (listed in ``report.dropped``). A classifier that fits
+    but for its bias (a CLIP tower's projection has none) is left to strict loading to name."""
     head_keys = {k for k in own if k.startswith("head.")}
     mismatched = [k for k in head_keys if k in converted and converted[k].shape != own[k].shape]
-    missing_head = [k for k in head_keys if k not in converted]
+    missing_head = {k for k in head_keys if k not in converted}
     # a classifier over features of another width is another model's: strict loading names it
     same_width = all(converted[k].shape[1:] == own[k].shape[1:] for k in mismatched)
-    if same_width and (mismatched or (missing_head and len(missing_head) == len(head_keys))):
+    replaced = same_width and bool(mismatched or (missing_head and missing_head == head_keys))
+    if replaced:
         for k in head_keys:
             converted.pop(k, None)
         converted.update({k: own[k] for k in head_keys})
@@ -181,9 +183,16 @@ def _fit_classifier(
             "classifier (fine-tuning)",
             num_classes,
         )
-    for k in [k for k in converted if k.startswith("head.") and k not in own]:
-        converted.pop(k)
-        report.dropped.append(k)
+    if replaced or not head_keys:  # a kept classifier's extra bias is another model's
+        for k in [k for k in converted if k.startswith("head.") and k not in own]:
+            converted.pop(k)
+            report.dropped.append(k)
+
+
+def _bootstrapped(model: nn.Module) -> bool:
+    """Whether ``model`` is of the bootstrapped family (a CLS token; AugReg and CLIP kinds)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "cls_token_unit", None) is not None
 
 
 def load_weights(
@@ -334,5 +343,13 @@ def _check_keys(own: dict[str, Tensor], new: dict[str, Tensor], report: Conversi
         raise CheckpointError(
             f"checkpoint ({report.source_format} format) does not fit this model: "
             + "; ".join(parts)
-            + ". Is it a checkpoint of another model size? Pass the matching --model / name."
-        )
+            + (_HEAD_BIAS if set(missing + unexpected) == {"head.bias"} and not shapes else
+               ". Is it a checkpoint of another model size? Pass the matching --model / name.")
+        )  # fmt: skip
+
+
+_HEAD_BIAS = (
+    ". The classifier's bias is the only difference: a bootstrapped CLIP tower's projection has "
+    "none (sparseformer_btsp_openai_clip_*), an AugReg or v1 classifier has one; build the "
+    "model the file is of, or pass head_bias= to match the file"
+)
