@@ -35,6 +35,8 @@ def test_nano_flops_pinned():
     assert count_flops(model, torch.randn(2, 3, 32, 32)).complete == 2 * flops.complete
     with pytest.raises(ValueError, match=r"input_size \(32, 32\) is not a shape"):
         count_flops(model, (32, 32))
+    with pytest.raises(ValueError, match=r"input_size 32 is not a shape"):  # was a TypeError
+        count_flops(model, 32)
 
 
 def test_flops_grow_only_with_the_stem():

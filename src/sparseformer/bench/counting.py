@@ -117,9 +117,10 @@ def count_flops(
         input_size = default_input_size(model)
     if isinstance(input_size, torch.Tensor):
         input_size = tuple(input_size.shape)
-    if not 3 <= len(input_size) <= 5:
+    if isinstance(input_size, int) or not 3 <= len(input_size) <= 5:
+        given = input_size if isinstance(input_size, int) else tuple(input_size)
         raise ValueError(
-            f"input_size {tuple(input_size)} is not a shape: give (C, H, W), (C, T, H, W) for "
+            f"input_size {given} is not a shape: give (C, H, W), (C, T, H, W) for "
             "video, or one with the batch first, e.g. (3, 224, 224)"
         )
     if len(input_size) in (3, 4) and not _has_batch(model, input_size):
