@@ -145,6 +145,21 @@ def test_trained_looking_rois_are_drawn_where_the_model_put_them():
         )
 
 
+def test_a_strip_image_is_drawn_at_a_readable_size_with_its_rois_on_it():
+    # before, a 2 x 4000 strip drew a figure 158,000 pixels tall (4.3 GB, 79 s in `viz`)
+    out = _synthetic_image_output()
+    strip = np.zeros((4000, 2, 3), dtype=np.uint8)
+    for fig in (plot_rois(strip, out, show_stats=False), plot_rois(strip.transpose(1, 0, 2), out)):
+        w, h = fig.get_size_inches()
+        assert max(w, h) / min(w, h) <= 8.5, (w, h)
+    frames = stage_frames(strip, out, inches=2.0, dpi=50)
+    assert max(frames[0].size) <= 50 * (2.0 * 8 + 0.5)
+    ax = plot_rois(strip, out, show_stats=False).axes[0]
+    r = out.initial_rois[0].numpy()  # the RoIs stay in the image's own pixel coordinates
+    lo = np.minimum(r[:, :2], r[:, 2:]) * [2, 4000]
+    np.testing.assert_allclose([_rois_of(ax)[n].get_xy() for n in range(len(r))], lo, atol=1e-3)
+
+
 def test_highlight_picks_the_largest_norm_tokens():
     out = _synthetic_image_output()
     norms = out.tokens[0].norm(dim=-1)

@@ -34,6 +34,7 @@ __all__ = [
     "token_colors",
     "as_image",
     "draw_panel",
+    "panel_aspect",
     "render_panel",
     "resolve_stages",
     "resolve_highlight",
@@ -156,6 +157,17 @@ def as_image(image) -> np.ndarray:
     return image
 
 
+MAX_ASPECT = 8.0  # a strip's panel is drawn stretched to this ratio, not at its own
+
+
+def panel_aspect(height: int, width: int) -> float:
+    """A panel's height over width: the image's, within ``1 : MAX_ASPECT`` and
+    ``MAX_ASPECT : 1``. A 2 x 4000 strip at its own ratio made a picture 158,000 pixels tall
+    (and gigabytes of memory); beyond the limit the image is stretched to the panel (RoIs and
+    points are normalised, so they stay on what they cover)."""
+    return min(max(height / max(width, 1), 1 / MAX_ASPECT), MAX_ASPECT)
+
+
 def draw_panel(
     ax: Axes,
     image: np.ndarray,
@@ -170,6 +182,8 @@ def draw_panel(
 
     h, w = image.shape[:2]
     ax.imshow(image, extent=(0, w, h, 0), interpolation="antialiased")
+    if panel_aspect(h, w) != h / w:  # a strip: stretched to the panel
+        ax.set_aspect("auto")
     margin = 0.08
     ax.set_xlim(-margin * w, (1 + margin) * w)
     ax.set_ylim((1 + margin) * h, -margin * h)
@@ -228,7 +242,7 @@ def render_panel(
     from PIL import Image
 
     h, w = image.shape[:2]
-    fig = Figure(figsize=(inches, inches * h / w + 0.5), dpi=dpi)
+    fig = Figure(figsize=(inches, inches * panel_aspect(h, w) + 0.5), dpi=dpi)
     canvas = FigureCanvasAgg(fig)
     draw_panel(fig.subplots(), image, rois, points, colors, highlight, title)
     fig.suptitle(suptitle, fontsize=fontsize)

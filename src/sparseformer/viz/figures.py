@@ -30,6 +30,7 @@ from sparseformer.viz.draw import (
     as_image,
     draw_panel,
     format_statistics,
+    panel_aspect,
     prediction_text,
     render_panel,
     resolve_highlight,
@@ -118,7 +119,7 @@ def plot_rois(
     # wide enough for the statistics' longest line (8 pt monospace: about 0.6 em a character)
     text_inches = max(map(len, stats.splitlines()), default=0) * 8 * 0.62 / 72 + 0.6
     width = max(panel_inches * n, text_inches)
-    fig = Figure(figsize=(width, panel_inches * h / w + (1.2 if show_stats else 0.6)))
+    fig = Figure(figsize=(width, panel_inches * panel_aspect(h, w) + (1.2 if show_stats else 0.6)))
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax, stage in zip(axes, stage_list):
         rois, points = stage_geometry(output, stage, index)

@@ -17,6 +17,7 @@ import torch
 from sparseformer.models.outputs import SparseFormerOutput
 from sparseformer.viz.draw import (
     draw_panel,
+    panel_aspect,
     prediction_text,
     render_panel,
     resolve_highlight,
@@ -66,7 +67,9 @@ def plot_video_rois(
     highlight_set = resolve_highlight(output, highlight, index)
     cols = min(len(shown), 4)
     rows = math.ceil(len(shown) / cols)
-    fig = Figure(figsize=(panel_inches * cols, rows * (panel_inches * h / w + 0.35) + 0.5))
+    fig = Figure(
+        figsize=(panel_inches * cols, rows * (panel_inches * panel_aspect(h, w) + 0.35) + 0.5)
+    )
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, f in zip(axes, shown):
         rois, pts = frame_geometry(rois6, points3, f, T)
