@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,8 @@ from sparseformer.engine.loop import BatchPrep
 from sparseformer.engine.optim import LRSchedule, build_optimizer, fused_update_applies
 from sparseformer.engine.recipe import RecipeError, list_recipes, load_recipe
 from sparseformer.engine.trainer import RunOptions, TrainingError, fit
+
+RECIPES = Path(__file__).parents[1] / "src" / "sparseformer" / "recipes"
 
 
 def test_schedule_is_a_pure_function_of_step():
@@ -77,6 +80,21 @@ def test_imagenet_recipe_is_the_papers():
     assert {"imagenet1k", "fashion-mnist-cpu"} <= set(list_recipes())
 
 
+def test_a_recipe_file_that_leaves_out_what_shapes_a_run_is_a_warning(tmp_path, caplog):
+    # before, {"epochs": 1} trained in bf16 with Mixup and EMA (the imagenet1k defaults) unsaid
+    partial = tmp_path / "short.json"
+    partial.write_text(json.dumps({"epochs": 1}))
+    with caplog.at_level("WARNING", logger="sparseformer"):
+        assert load_recipe(partial).precision == "bf16"
+    assert "short.json leaves 29 recipe field(s) out" in caplog.text
+    assert "(precision bf16, batch_size 128, mixup 0.8" in caplog.text and "--set" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sparseformer"):
+        load_recipe("fashion-mnist-cpu")
+        load_recipe(RECIPES / "fashion-mnist-cpu.json")  # sets all that shapes a run
+    assert caplog.text == ""
+
+
 def test_recipe_errors_are_one_line(tmp_path):
     with pytest.raises(RecipeError, match="shipped recipes: .*imagenet1k"):
         load_recipe("imagenet22k")
@@ -87,6 +105,10 @@ def test_recipe_errors_are_one_line(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(RecipeError, match="not valid JSON"):
         load_recipe(bad)
+    picture = tmp_path / "photo.jpg"  # was "'utf-8' codec can't decode byte 0xff ..."
+    picture.write_bytes(b"\xff\xd8\xff\xe0 not text")
+    with pytest.raises(RecipeError, match=r"recipe file '.*photo.jpg' is not text"):
+        load_recipe(picture)
     good = tmp_path / "mine.json"
     good.write_text(json.dumps({"epochs": 3, "augmentation": {"re_prob": 0.0}}))
     r = load_recipe(good)

@@ -309,7 +309,11 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if text.endswith(".json") or path.is_file():
         if not path.is_file():
             raise RecipeError(f"recipe file {text!r} does not exist")
-        source, origin = path.read_text(), text
+        try:
+            source, origin = path.read_text(encoding="utf-8"), text
+        except UnicodeDecodeError:
+            raise RecipeError(f"recipe file {text!r} is not text (a JSON file of recipe fields "
+                              "is)") from None  # fmt: skip
     else:
         builtin = _builtin_dir() / f"{text}.json"
         if not builtin.is_file():
@@ -326,7 +330,28 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         raise RecipeError(f"{origin} must hold a JSON object of recipe fields")
     data.pop("description", None)  # free text for readers of the file
     data.setdefault("name", path.stem if path.suffix == ".json" else text)
-    return _from_dict(data, origin)
+    recipe = _from_dict(data, origin)
+    if origin == text:
+        _say_what_a_file_leaves_out(recipe, set(data), origin)
+    return recipe
+
+
+def _say_what_a_file_leaves_out(recipe: Recipe, given: set[str], origin: str) -> None:
+    """A warning when a recipe file leaves out a field that shapes a run (precision, batch
+    size, Mixup, EMA, learning rate): it takes the ``imagenet1k`` recipe's value (the
+    :class:`Recipe` defaults), not that of the recipe the run would take without
+    ``--recipe``, which ``--set`` changes field by field."""
+    left = [f.name for f in dataclasses.fields(Recipe) if f.name not in given | {"name"}]
+    notable = [k for k in ("precision", "batch_size", "mixup", "ema_decay", "lr") if k in left]
+    if not notable:  # finer fields (mixup_prob, ...) follow the ones the file sets
+        return
+    shown = ", ".join(f"{k} {getattr(recipe, k)}" for k in notable)
+    logger.warning(
+        "%s leaves %d recipe field(s) out, which take the imagenet1k recipe's values (%s%s); "
+        "to change a few fields of the recipe a run takes without --recipe, pass them with "
+        "--set KEY=VALUE instead",
+        origin, len(left), shown, ", ..." if len(left) > len(notable) else "",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
