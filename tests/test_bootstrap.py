@@ -213,6 +213,16 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
         load_teacher("test_vit", folder / "teacher.pt")  # its name's weights: its 32px lost
     with pytest.raises(BootstrapError, match="--img-size 8 is smaller than the teacher's 16px"):
         load_teacher("test_vit", img_size=8)
+    # before, 30 px trained the student on the teacher's view of the top-left 16 x 16 pixels
+    with pytest.raises(BootstrapError, match="--img-size 30 is not a multiple of the teacher's "
+                       "16px patches: the last 14 pixels of each side would go unseen; give 16 "
+                       "or 32"):  # fmt: skip
+        load_teacher("test_vit", img_size=30)
+    from sparseformer.weights.build import build_model
+
+    with pytest.raises(ValueError, match="--img-size 200 is not a multiple of the model's 16px"):
+        build_model("test_vit", num_classes=3, img_size=200)  # `train --model test_vit`
+    assert build_model("test_vit", num_classes=3, img_size=208).patch_embed.grid_size == (13, 13)
     with pytest.raises(BootstrapError, match="a name without weights"):
         load_teacher("test_vit", img_size=32, random_ok=False)
     with pytest.raises(BootstrapError, match="timm model name .*; did you mean .*test_vit"):

@@ -19,7 +19,7 @@ from torch import nn
 
 from sparseformer.bootstrap.derive import BootstrapError, describe_teacher
 from sparseformer.data.transforms import Preprocessing
-from sparseformer.weights.build import close_model_names
+from sparseformer.weights.build import close_model_names, patch_grid_problem
 from sparseformer.weights.checkpoint import PREPROCESSING_FIELDS, read_checkpoint
 from sparseformer.weights.registry import MODELS
 
@@ -74,7 +74,7 @@ def _build_by_name(timm, name: str, img_size: int | None, ckpt) -> nn.Module:
     the head of the checkpoint ``ckpt`` has (a ViT fine-tuned on one's own classes).
 
     Raises:
-        BootstrapError: an ``img_size`` smaller than the teacher's patch.
+        BootstrapError: an ``img_size`` that is not a whole number of the teacher's patches.
     """
     head = ckpt.state_dict.get("head.weight") if ckpt is not None else None
     kwargs = {"num_classes": head.shape[0]} if head is not None and head.dim() == 2 else {}
@@ -83,13 +83,9 @@ def _build_by_name(timm, name: str, img_size: int | None, ckpt) -> nn.Module:
         model = timm.create_model(name, pretrained=False, **sizes, **kwargs)
     except TypeError:  # convolutional nets take no img_size: not a ViT either
         model = timm.create_model(name, pretrained=False, **kwargs)
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if grid is not None and 0 in tuple(grid):
-        patch = tuple(model.patch_embed.patch_size)
-        raise BootstrapError(
-            f"--img-size {img_size} is smaller than the teacher's {patch[0]}px patches; give "
-            f"at least {max(patch)}"
-        )
+    problem = patch_grid_problem(model, img_size) if img_size is not None else None
+    if problem is not None:
+        raise BootstrapError(problem.replace("the model's", "the teacher's"))
     return model
 
 

@@ -24,6 +24,7 @@ from sparseformer.weights.loading import load_weights
 from sparseformer.weights.registry import split_tag
 
 __all__ = [
+    "patch_grid_problem",
     "build_model",
     "check_model_name",
     "close_model_names",
@@ -138,10 +139,37 @@ def build_model(
         kwargs["drop_path_rate"] = drop_path
     if img_size is not None:
         try:
-            return timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
+            model = timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
         except TypeError:  # convolutional nets take any size and no img_size argument
             pass
+        else:
+            if (problem := patch_grid_problem(model, img_size)) is not None:
+                raise ValueError(problem)
+            return model
     return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def patch_grid_problem(model: nn.Module, img_size: int) -> str | None:
+    """Why ``img_size`` does not fit the patches of a model that cuts its input into them (a
+    timm ViT's ``patch_embed``), or ``None``. A size that is not a multiple of the patch leaves
+    the pixels past the last whole patch unseen: a 16 px ViT at 30 px sees only the top-left
+    16 x 16 pixels, in silence."""
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if patch is None or getattr(embed, "dynamic_img_pad", False):  # padded to whole patches
+        return None
+    sides = tuple(int(p) for p in patch) if isinstance(patch, (tuple, list)) else (int(patch),)
+    size = max(sides)
+    if img_size < size:
+        return f"--img-size {img_size} is smaller than the model's {size}px patches; give {size}"
+    if any(img_size % p for p in sides):
+        lower = img_size // size * size
+        return (
+            f"--img-size {img_size} is not a multiple of the model's {size}px patches: the last "
+            f"{img_size - lower} pixels of each side would go unseen; give {lower} or "
+            f"{lower + size}"
+        )
+    return None
 
 
 def model_input_size(name: str) -> int | None:
