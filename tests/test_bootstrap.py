@@ -239,6 +239,10 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
     loaded = load_teacher("test_vit", tmp_path / "own.pt", img_size=32).model
     assert loaded.head.out_features == 3
     assert torch.equal(loaded.head.weight, own.head.weight)
+    trained = tmp_path / "trained.pt"
+    nano = create_model("sparseformer_v1_nano")
+    torch.save({"model": nano.state_dict(), "model_name": "sparseformer_v1_nano", "step": 1,
+                "epoch": 1}, trained)  # fmt: skip
     for bad, why in (  # the command: status 1 and one line saying why
         (["--teacher", "test_resnet", "--random-teacher"], "not a ViT"),
         (
@@ -257,6 +261,11 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
             ["--teacher", "test_vit", "--random-teacher", "--inherit", "2", "--finetune", "3"],
             "the student inherits 2 blocks; pick 0 to 2",
         ),
+        (  # a train run's checkpoint: not a student to go on with
+            ["--teacher", "test_vit", "--random-teacher", "--resume", str(trained)],
+            "is a checkpoint of sparseformer_v1_nano, not of a bootstrap run; continue it with "
+            "sparseformer train --resume",
+        ),
     ):
         code = main(["bootstrap", "--data-dir", str(folder / "data"), "--output",
                      str(tmp_path / "x"), "--img-size", "32", *RUN, *bad])  # fmt: skip
@@ -266,6 +275,13 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
         said = [line for line in err if line.startswith("sparseformer bootstrap: error:")]
         assert code == 1 and len(said) == 1 and why in said[0], err
         assert not any(line.startswith("Traceback") for line in err)
+    clips = tmp_path / "clips"  # was "... is an image model; use a video model"
+    for split in ("train", "val"):
+        (clips / split / "a").mkdir(parents=True)
+        (clips / split / "a" / "0.mp4").write_bytes(b"")
+    code = main(["bootstrap", "--data-dir", str(clips), "--output", str(tmp_path / "x"),
+                 "--teacher", "test_vit", "--random-teacher", *RUN])  # fmt: skip
+    assert code == 1 and "holds videos; bootstrap takes image folders" in capsys.readouterr().err
 
 
 def _args(folder: Path, out: Path, *extra: str) -> list[str]:

@@ -21,12 +21,13 @@ import torch
 
 from sparseformer import create_model
 from sparseformer.bootstrap import teacher as teacher_module
-from sparseformer.bootstrap.derive import TEMPLATE
+from sparseformer.bootstrap.derive import CLIP_TEMPLATE, TEMPLATE
 from sparseformer.bootstrap.objective import AlignmentObjective
 from sparseformer.bootstrap.run import accuracy_defined
 from sparseformer.bootstrap.teacher import Teacher
 from sparseformer.cli import main
 from sparseformer.data.datasets import DatasetBundle
+from sparseformer.weights.convert import CheckpointError
 from sparseformer.weights.registry import MODELS
 from tests.test_bootstrap import RUN, SMALL, _args, _records, _threads, make_folder  # noqa: F401
 from tests.test_distributed import SCRIPT
@@ -66,9 +67,13 @@ def test_a_clip_teacher_trains_on_labelled_images_without_accuracy(
     assert math.isfinite(record["train_loss"]) and math.isfinite(record["val_loss"])
     assert (out / "last.pt").is_file() and not (out / "best.pt").exists()  # best: by top-1
     assert json.loads((out / "summary.json").read_text())["best_val_acc1"] is None
-    student = create_model(TEMPLATE, checkpoint_path=out / "last.pt").eval()
+    # named as the CLIP towers (it was the AugReg template, which the CLIP name refused)
+    assert torch.load(out / "last.pt", weights_only=True)["model_name"] == CLIP_TEMPLATE
+    student = create_model(CLIP_TEMPLATE, checkpoint_path=out / "last.pt").eval()
     assert student.head.bias is None and student.config.stages[-1].mlp_activation == "quick_gelu"
     assert student(torch.randn(1, 3, 32, 32)).shape == (1, 16)  # the CLIP embedding
+    with pytest.raises(CheckpointError, match=f"create it as '{CLIP_TEMPLATE}'"):
+        create_model(TEMPLATE, checkpoint_path=out / "last.pt")
 
 
 def _bundle(*names: str) -> DatasetBundle:
@@ -137,7 +142,7 @@ def test_a_bf16_run_trains_under_autocast_and_loads(folder, tmp_path, monkeypatc
         assert torch.isfinite(student(torch.randn(2, 3, 32, 32))).all()
 
 
-def test_a_student_fine_tunes_with_train_and_its_run_loads_as_the_student(folder, tmp_path):
+def test_a_student_fine_tunes_with_train_and_its_run_loads_as_the_student(folder, tmp_path, capsys):
     from sparseformer.data.datasets import DataSource
     from sparseformer.engine.inputs import training_preprocessing
     from sparseformer.engine.recipe import load_recipe
@@ -149,6 +154,10 @@ def test_a_student_fine_tunes_with_train_and_its_run_loads_as_the_student(folder
             str(folder / "data"), "--output", str(tuned), "--epochs", "1", "--img-size", "32",
             *RUN[:-2]]  # fmt: skip
     assert main(argv) == 0  # the model the checkpoint names, as the student it records
+    # another model's name built that model's config under the student's fields, in silence
+    other = [str(tmp_path / "other") if a == str(tuned) else a for a in argv]
+    assert main([*other, "--model", CLIP_TEMPLATE]) == 1
+    assert f"pass --model {TEMPLATE}" in capsys.readouterr().err
     assert main([*argv, "--resume", "auto", "--epochs", "2"]) == 0  # the run's model, resumed
     argv[1:1] = ["--model", TEMPLATE]
     argv[argv.index("--checkpoint") + 1] = str(tmp_path / "moved.pt")  # resuming: not read

@@ -26,6 +26,8 @@ from sparseformer.weights.registry import MODELS
 __all__ = [
     "BootstrapError",
     "TEMPLATE",
+    "CLIP_TEMPLATE",
+    "student_name",
     "TeacherFacts",
     "describe_teacher",
     "bootstrap_config",
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 # the registered model whose configuration a derived student starts from (and whose name its
 # checkpoints record, with the fields that differ: see architecture_overrides)
 TEMPLATE = "sparseformer_btsp_augreg_base"
+CLIP_TEMPLATE = "sparseformer_btsp_openai_clip_base"  # the name a CLIP tower's student takes
 _CORTEX_UNIT = 1  # units of the cortex stage before the inherited blocks (sample+mix, PE)
 # timm block parameters -> ours (models/blocks.py: AttnOp and MlpOp)
 _BLOCK_KEYS = {
@@ -342,11 +345,22 @@ def build_student(teacher: nn.Module, config: SparseFormerConfig | None = None) 
     return student
 
 
-def architecture_overrides(config: SparseFormerConfig) -> dict:
-    """The fields of ``config`` that differ from :data:`TEMPLATE`'s, as JSON-able data: what a
-    student's checkpoint records so that ``create_model(TEMPLATE, checkpoint_path=...)``
-    builds the same architecture."""
-    template = MODELS[TEMPLATE].config
+def student_name(config: SparseFormerConfig, asked: str | SparseFormerConfig | None = None) -> str:
+    """The registered model a student's checkpoints name (with
+    :func:`architecture_overrides` against it): the ``--student`` asked for, else the template
+    closer to the student (fewer fields differ; a tie: :data:`TEMPLATE`), so that a CLIP
+    tower's student is a ``sparseformer_btsp_openai_clip_base`` for ``create_model``, the
+    commands and OpenCLIP, as the released CLIP towers are."""
+    if isinstance(asked, str):
+        return asked
+    return min((TEMPLATE, CLIP_TEMPLATE), key=lambda n: len(architecture_overrides(config, n)))
+
+
+def architecture_overrides(config: SparseFormerConfig, name: str = TEMPLATE) -> dict:
+    """The fields of ``config`` that differ from the registered model ``name``'s, as JSON-able
+    data: what a student's checkpoint records so that ``create_model(name,
+    checkpoint_path=...)`` builds the same architecture."""
+    template = MODELS[name].config
     out = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)

@@ -5,9 +5,10 @@ Everything a ``sparseformer train`` run has, this run has (recipes, DDP, bf16/fp
 checkpoints, ``--resume auto``, ``metrics.jsonl`` with ``train_loss`` and ``val_loss`` the
 alignment loss, the student's and the teacher's top-1 where the teacher's outputs are the data's
 classes, images/s): only the loss and the validation pass differ. Its checkpoints
-name the template model with the student's own configuration fields (``architecture``), so
-``create_model(TEMPLATE, checkpoint_path=...)``, ``eval``, ``predict``, ``viz`` and ``export``
-build the student from them.
+name a registered bootstrapped model (:func:`~sparseformer.bootstrap.derive.student_name`:
+``sparseformer_btsp_openai_clip_base`` for a CLIP tower's student) with the student's own
+configuration fields (``architecture``), so ``create_model(NAME, checkpoint_path=...)``,
+``eval``, ``predict``, ``viz`` and ``export`` build the student from them.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import Any
 import torch
 
 from sparseformer.bootstrap.derive import (
-    TEMPLATE,
     architecture_overrides,
     bootstrap_config,
     build_student,
+    student_name,
 )
 from sparseformer.bootstrap.objective import (
     AlignmentObjective,
@@ -39,6 +40,7 @@ from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine.distributed import DistInfo, setup_distributed
 from sparseformer.engine.recipe import Recipe
 from sparseformer.engine.trainer import RunOptions, fit
+from sparseformer.weights.registry import MODELS
 
 __all__ = [
     "BootstrapSettings",
@@ -154,24 +156,29 @@ def bootstrap(
     (:func:`~sparseformer.engine.trainer.fit`'s, with the teacher's accuracy and the
     student's configuration).
 
-    ``options.model_name`` is replaced by :data:`~sparseformer.bootstrap.derive.TEMPLATE`; a
-    resumed run must be given the same settings (the command takes them from its checkpoint).
+    ``options.model_name``: the name a resumed run's checkpoint records (runs of earlier
+    versions name :data:`~sparseformer.bootstrap.derive.TEMPLATE` whatever the student), or
+    anything else for :func:`~sparseformer.bootstrap.derive.student_name`'s. A resumed run
+    must be given the same settings (the command takes them from its checkpoint).
     """
     dist = dist or setup_distributed(options.device)
     student = make_student(teacher, settings)
     labels = accuracy_defined(teacher, student.config, data)
     names = list(data.class_names) if labels else list(teacher.class_names or [])
     objective = AlignmentObjective(teacher.model, settings.loss)
+    name = options.model_name
+    if not (name.startswith("sparseformer_btsp_") and name in MODELS):
+        name = student_name(student.config, settings.student)
     options = dataclasses.replace(
         options,
-        model_name=TEMPLATE,
+        model_name=name,
         objective=objective,
         validation=AlignmentValidation(objective, labels),
         extra={
             **options.extra,
             "num_classes": student.config.num_classes,
             "class_names": names or None,
-            "architecture": architecture_overrides(student.config),
+            "architecture": architecture_overrides(student.config, name),
             "teacher": {"name": teacher.name, "fingerprint": fingerprint(teacher.model)},
             "bootstrap": settings.to_dict(),
         },
@@ -180,7 +187,7 @@ def bootstrap(
     final = summary["final"] or {}
     record = {"name": teacher.name, "val_acc1": final.get("teacher_val_acc1")}
     _doubt_a_chance_teacher(record["val_acc1"], data.num_classes, teacher.class_names)
-    return {**summary, "teacher": record, "student": architecture_overrides(student.config)}
+    return {**summary, "teacher": record, "student": architecture_overrides(student.config, name)}
 
 
 def _doubt_a_chance_teacher(acc1: float | None, classes: int, named: Any) -> None:

@@ -22,7 +22,6 @@ from typing import Any
 from sparseformer.cli.common import (
     add_data_arguments,
     add_saving_arguments,
-    check_model_fits_data,
     check_precision,
     count,
     data_source,
@@ -128,10 +127,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> _Plan | None:
     """Device, recipe, what to resume (its own settings), data source, output folder."""
-    from sparseformer.bootstrap.derive import TEMPLATE
     from sparseformer.bootstrap.run import BootstrapSettings
     from sparseformer.bootstrap.teacher import check_teacher_weights
-    from sparseformer.cli import check_output
+    from sparseformer.cli import CliError, check_output
     from sparseformer.engine.device import pick_device
     from sparseformer.engine.distributed import launched_rank
     from sparseformer.engine.own_folder import recipe_for_folder
@@ -152,7 +150,10 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     device = pick_device(args.device)
     if args.precision:  # an asked fp16 on a CPU: before the folder is counted
         check_precision(args.precision, device)
-    refuse_video_flags_on_images(args, check_model_fits_data(TEMPLATE, args))
+    if args.data_dir is not None and _holds_videos(args.data_dir):
+        raise CliError(f"{args.data_dir} holds videos; bootstrap takes image folders "
+                       "(DIR/train/CLASS/*.jpg): its teachers are image ViTs")  # fmt: skip
+    refuse_video_flags_on_images(args, False, "bootstrap takes images")
     flags = recipe_flags(args)
     # no --recipe on a folder: one scaled to its size, the run's length and the device, as
     # train chooses (not ImageNet's 300 epochs in bf16 on a CPU)
@@ -166,7 +167,12 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     resume = resolve_resume(args.resume, args.output, overwrite=args.overwrite)
     saved: dict = {}
     if resume is not None:  # the run's own recipe, size and student
-        saved = read_resume_checkpoint(resume, TEMPLATE)
+        saved = read_resume_checkpoint(resume, None)  # a student of any bootstrapped name
+        if saved.get("bootstrap") is None:
+            raise CliError(
+                f"{resume} is a checkpoint of {saved.get('model_name') or 'a model'}, not of a "
+                "bootstrap run; continue it with sparseformer train --resume"
+            )
         recipe = resumed_recipe(saved, resume, recipe, _without_img_size(flags))
         img_size = _run_img_size(saved, img_size)
         asked, settings = settings, BootstrapSettings.from_dict(saved.get("bootstrap") or {})
@@ -186,6 +192,13 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     refuse_overwriting_a_run(args.output, resume=resume, overwrite=args.overwrite)
     check_precision(args.precision or recipe.precision, device)  # fp16 on a CPU
     return _Plan(args, device, recipe, source, settings, resume, saved, img_size)
+
+
+def _holds_videos(data_dir) -> bool:
+    from sparseformer.data.video import sample_media
+
+    videos, images = sample_media(data_dir)
+    return videos > images
 
 
 def _asked(flags, recipe, field: str):
@@ -262,8 +275,9 @@ def _bootstrap(plan: _Plan, dist) -> None:
               f"{len(bundle.train):,} train / {len(bundle.val):,} val images, {pre.img_size}px, "
               f"recipe {recipe.name}, {recipe.epochs} epoch(s) x {recipe.batch_size}, "
               f"{plan.device}, {precision}, {threads} thread(s)")  # fmt: skip
-    options = RunOptions(
-        output=args.output, model_name="", device=plan.device, precision=precision,
+    options = RunOptions(  # model_name: a resumed run's (a new one's is the student's)
+        output=args.output, model_name=plan.saved.get("model_name") or "",
+        device=plan.device, precision=precision,
         seed=args.seed, resume=plan.resume, overwrite=args.overwrite,
         progress=not args.quiet and sys.stderr.isatty(),
         checkpoint_every=parse_checkpoint_every(args.checkpoint_every),

@@ -175,7 +175,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         warn_of_other_data,
     )
     from sparseformer.engine.stopping import parse_checkpoint_every
-    from sparseformer.weights.checkpoint import read_checkpoint
+    from sparseformer.weights.checkpoint import check_model, read_checkpoint
 
     device = pick_device(args.device)
     if args.precision:  # an asked fp16 on a CPU: before the folder is counted
@@ -226,6 +226,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         args = argparse.Namespace(**{**vars(args), **{flag: None for flag, _ in CLIP_FLAGS}})
     elif args.checkpoint is not None and resume is None:  # fine-tuning: its architecture,
         start = read_checkpoint(args.checkpoint, prefer_ema=args.ema)  # normalisation, clips
+        check_model(start, args.model)  # another model's run (an image model's: inflated)
         clips = start.video if video else None
     # per-epoch validation: one view per video
     source = data_source(args, views=False, saved=clips)
