@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -167,6 +168,15 @@ def test_export_cli_missing_checkpoint_is_one_line(tmp_path, capsys):
     argv = ["export", "--model", "sparseformer_v1_nano", "--out", str(tmp_path / "x.onnx")]
     assert main(argv + ["--checkpoint", str(tmp_path / "missing.pth")]) == 1
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_export_without_the_export_extra_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed: import raises
+    argv = ["export", "--model", "sparseformer_v1_nano", "--out", str(tmp_path / "x.onnx")]
+    assert main(argv) == 1  # was a traceback ending in ModuleNotFoundError
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sparseformer export: error: ONNX export needs the 'onnx' package: pip "
+                   "install 'sparseformer[export]'"]  # fmt: skip
 
 
 def test_export_and_info_name_what_they_cannot_take(tmp_path, capsys):

@@ -177,8 +177,6 @@ def export_onnx(
     Returns:
         The written path.
     """
-    for module in ("onnx", "onnxscript"):
-        _require(module)
     if num_frames is None and getattr(model, "roi_dims", 2) == 3:  # a video model's own
         num_frames = int(model.config.num_frames)
     opset = (VIDEO_MIN_OPSET if num_frames is not None else 18) if opset is None else opset
@@ -219,8 +217,10 @@ def check_export_settings(opset: int, img_size: int, num_frames: int | None) -> 
     does not know, and an example size the graph cannot take.
 
     Raises:
-        ExportError: naming the bound.
+        ExportError: naming the bound, or the ``onnx`` package missing (the ``export`` extra).
     """
+    for module in ("onnx", "onnxscript"):  # what the command needs, before it does any work
+        _require(module)
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
