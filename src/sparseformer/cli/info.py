@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,8 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         nargs="?",
         default=None,
         metavar="MODEL",
-        help="model name (see `sparseformer models`); with --checkpoint, default: the model a "
-        "`sparseformer train` checkpoint names",
+        help="model name (see `sparseformer models`), or a checkpoint file (as --checkpoint); "
+        "with --checkpoint, default: the model a `sparseformer train` checkpoint names",
     )
     p.add_argument("--model", default=None, help="the same as MODEL, as the other commands take it")
     p.add_argument(
@@ -56,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.weights.build import require_sparseformer
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
 
+    if args.name is not None and args.checkpoint is None and Path(args.name).is_file():
+        args.name, args.checkpoint = None, args.name  # `info FILE`: the model the file names
     if args.name is not None and args.model is not None and args.name != args.model:
         raise CliError(f"two models given: {args.name} and --model {args.model}; give one")
     args.model = args.model or args.name
