@@ -278,6 +278,7 @@ def test_demo_gives_its_threads_and_device_to_every_step(tmp_path, monkeypatch, 
 
     def train(args):
         seen["train"] = (args.threads, args.device)
+        seen["batch"] = args.batch_size  # its error on a small --limit-train names this flag
         out.mkdir()
         (out / "summary.json").write_text(json.dumps({"train_seconds": 1.0}))
         return 0
@@ -288,5 +289,6 @@ def test_demo_gives_its_threads_and_device_to_every_step(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(train_cli, "run", train)
     monkeypatch.setattr(eval_cli, "run", evaluate)
-    assert main(["demo", "--output", str(out), "--threads", "1", "--quiet"]) == 1
-    assert seen == {"train": (1, "cpu"), "eval": (1, "cpu")}
+    argv = ["demo", "--output", str(out), "--threads", "1", "--quiet", "--batch-size", "16"]
+    assert main(argv) == 1
+    assert seen == {"train": (1, "cpu"), "eval": (1, "cpu"), "batch": 16}

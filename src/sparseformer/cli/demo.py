@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, default=Path("runs/demo"), help="run folder")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N images only")
+    p.add_argument("--batch-size", type=int, help="override the recipe's batch size (128)")
     p.add_argument("--limit-val", type=int, metavar="N", help="evaluate on the first N images only")
     p.add_argument(
         "--threads",
@@ -50,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         train += ["--epochs", str(args.epochs)]
     if args.limit_train:
         train += ["--limit-train", str(args.limit_train)]
+    if args.batch_size:
+        train += ["--batch-size", str(args.batch_size)]
     if args.quiet:
         train.append("--quiet")
     print(f"== 1/3 train {MODEL} on Fashion-MNIST: sparseformer {' '.join(train)}")
