@@ -41,6 +41,8 @@ def main(root: str, wheel: str, sdist: str) -> int:
         f"wheel lacks {f} in .dist-info/licenses" for f in LICENSE_FILES if f not in licences
     ]
     problems += [f"sdist lacks {f}" for f in LICENSE_FILES if f not in in_sdist]
+    problems += [f"sdist holds {n} (MANIFEST.in prunes the tests)" for n in sorted(in_sdist)
+                 if n.startswith("tests/")]  # fmt: skip
     data = [f for f in expected if not f.endswith(".py")]
     print(f"{len(expected)} package files expected ({len(data)} not .py: {', '.join(data)})")
     for problem in problems:
