@@ -458,6 +458,19 @@ def test_train_tensorboard_writes_each_epochs_numbers(tmp_path, bigger, capsys):
     assert board == [(r["epoch"], pytest.approx(r["val_loss"])) for r in records]
 
 
+def test_tensorboard_missing_is_said_before_the_data_or_the_folder(
+    tmp_path, bigger, monkeypatch, capsys
+):
+    # before, it was said after the data scan and the model, leaving an empty metrics.jsonl
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, *_train(bigger, out, "--tensorboard"))
+    assert code == 1 and err.splitlines()[-1] == ("sparseformer train: error: --tensorboard "
+                                                  "needs TensorBoard: pip install "
+                                                  "'sparseformer[tensorboard]'")  # fmt: skip
+    assert not out.exists() and "data " not in err
+
+
 def test_a_record_restored_on_resume_reaches_tensorboard_too(tmp_path, bigger, capsys):
     """Killed after the checkpoint, before the epoch's line and scalars: the resumed run
     writes that epoch's record from the checkpoint to metrics.jsonl and to TensorBoard."""

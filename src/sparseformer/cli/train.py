@@ -138,11 +138,14 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.cli.common import model_named_by_checkpoint
     from sparseformer.data import DataError
     from sparseformer.engine.distributed import cleanup_distributed, setup_distributed
+    from sparseformer.engine.metrics import require_tensorboard
     from sparseformer.engine.recipe import RecipeError
     from sparseformer.weights.build import check_model_name
 
     args.model = model_named_by_checkpoint(args)  # --model, or the one the run/checkpoint names
     check_model_name(args.model)  # before any data is read
+    if args.tensorboard:  # as the extras it needs
+        require_tensorboard()
     try:
         plan = _plan(args)
     except (DataError, RecipeError, ValueError) as exc:

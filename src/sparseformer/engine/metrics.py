@@ -21,6 +21,7 @@ from sparseformer.engine.atomic import write_atomic, write_text_atomic
 __all__ = [
     "MetricsLog",
     "TensorBoardScalars",
+    "require_tensorboard",
     "plot_metrics",
     "TOP5_MIN_CLASSES",
     "top5_or_none",
@@ -99,6 +100,17 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def require_tensorboard() -> None:
+    """Raises ValueError, naming the extra that installs it, where TensorBoard is missing: what
+    ``--tensorboard`` checks before a run reads its data or writes a file."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:  # torch's writer needs the tensorboard package
+        raise ValueError(
+            "--tensorboard needs TensorBoard: pip install 'sparseformer[tensorboard]'"
+        ) from None
+
+
 class TensorBoardScalars:
     """Every number of each epoch's record (losses, accuracies, learning rate, images/s, RoI
     statistics) as a TensorBoard scalar at its epoch, in ``folder`` (``tensorboard --logdir``).
@@ -108,12 +120,9 @@ class TensorBoardScalars:
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # torch's writer needs the tensorboard package
-            raise ValueError(
-                "--tensorboard needs TensorBoard: pip install 'sparseformer[tensorboard]'"
-            ) from None
+        require_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(str(folder))
 
     def add(self, record: dict[str, Any]) -> None:

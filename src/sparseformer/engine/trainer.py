@@ -33,7 +33,7 @@ from sparseformer.engine.distributed import (
     weights_in_sync,
 )
 from sparseformer.engine.epoch import RunLoop, TrainingError, run_epoch
-from sparseformer.engine.metrics import MetricsLog, TensorBoardScalars
+from sparseformer.engine.metrics import MetricsLog, TensorBoardScalars, require_tensorboard
 from sparseformer.engine.recipe import Recipe
 from sparseformer.engine.resume import DATA_ORDER, RunState, keep_saved_data_order, restore_run
 from sparseformer.engine.run_folder import (
@@ -235,6 +235,8 @@ def _check_before_work(out: Path, model: nn.Module, data: DatasetBundle, options
     """
     try:
         refuse_overwriting_a_run(out, resume=options.resume, overwrite=options.overwrite)
+        if options.tensorboard:  # before prepare_output writes anything
+            require_tensorboard()
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
     if options.objective is not None:  # another loss: its outputs need not be the classes
