@@ -110,3 +110,6 @@ def test_the_script_runs_from_local_files_and_says_what_to_do_offline(
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "(offline: --text-weights FILE)" in err
     assert "Traceback" not in err
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # not installed: was a traceback
+    with pytest.raises(SystemExit, match=r"needs OpenCLIP: pip install 'sparseformer\[openclip\]'"):
+        script.main()

@@ -17,6 +17,7 @@ and OpenCLIP's ``openai`` ViT-B-16 for the text tower; local files replace both.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +62,10 @@ def zero_shot(clip_model: nn.Module, tokenizer, images: Tensor, class_names: lis
 
 
 def main() -> None:
-    import open_clip
+    try:
+        import open_clip
+    except ImportError:
+        sys.exit("error: this example needs OpenCLIP: pip install 'sparseformer[openclip]'")
     from timm.data import create_transform, resolve_data_config
 
     from sparseformer.data import open_rgb
@@ -84,7 +88,8 @@ def main() -> None:
     try:
         sparseformer_clip(clip_model, **tower)
     except (RuntimeError, ValueError) as exc:  # a failed download, a file of another tower
-        parser.exit(1, f"error: the image tower: {str(exc).splitlines()[0]}\n")
+        parser.exit(1, f"error: the image tower: {str(exc).splitlines()[0]} (here: "
+                    "--tower-weights FILE)\n")  # fmt: skip
     transform = create_transform(**resolve_data_config({}, model=clip_model.visual))
     image = transform(open_rgb(args.image)).unsqueeze(0)  # as train and predict read images
     probs = zero_shot(clip_model.eval(), open_clip.get_tokenizer("ViT-B-16"), image, args.classes)
