@@ -496,3 +496,28 @@ def test_bootstrap_saves_within_epochs_and_on_signal_as_train_does(folder, tmp_p
     assert seen[0].checkpoint_every.steps == 2 and seen[0].save_on_signal is False
     bad = _args(folder, tmp_path / "bad", "--checkpoint-every", "10 min")
     assert main(bad) == 1 and not (tmp_path / "bad").exists()  # refused before any work
+
+
+def test_an_openclip_image_tower_alone_loads_as_its_whole_models_does(tmp_path):
+    # before, OpenCLIP's model.visual.state_dict() was "153 missing; 152 unexpected; pass the
+    # --teacher it was trained as" although the name was right (its whole model's loaded)
+    open_clip = pytest.importorskip("open_clip")
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    from sparseformer.bootstrap.teacher import _load_into
+    from sparseformer.weights.checkpoint import read_checkpoint
+
+    tower = open_clip.transformer.VisionTransformer(
+        image_size=32, patch_size=16, width=64, layers=2, heads=2, mlp_ratio=4.0, output_dim=16
+    ).eval()
+    torch.save(tower.state_dict(), tmp_path / "visual.pt")
+    torch.save({f"visual.{k}": v for k, v in tower.state_dict().items()}, tmp_path / "whole.pt")
+    x = torch.randn(1, 3, 32, 32)
+    for name in ("visual.pt", "whole.pt"):
+        norm = partial(torch.nn.LayerNorm, eps=1e-5)  # timm's CLIP towers: the projection
+        vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2,
+                                pre_norm=True, num_classes=16, norm_layer=norm).eval()  # fmt: skip
+        _load_into(vit, "a_clip_tower", read_checkpoint(tmp_path / name), tmp_path / name)
+        torch.testing.assert_close(vit(x), tower(x), atol=1e-5, rtol=1e-4)

@@ -106,7 +106,10 @@ def _load_into(model: nn.Module, name: str, ckpt, path: str | os.PathLike) -> No
         raise BootstrapError(
             f"{path} is a checkpoint of {ckpt.model_name!r}, not the teacher {name!r}; {advice}"
         )
-    state = checkpoint_filter_fn(dict(ckpt.state_dict), model)
+    state = dict(ckpt.state_dict)
+    if "class_embedding" in state and "conv1.weight" in state:  # OpenCLIP's model.visual alone
+        state = {f"visual.{k}": v for k, v in state.items()}  # as in its whole model's
+    state = checkpoint_filter_fn(state, model)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
