@@ -400,6 +400,10 @@ def test_a_run_at_another_size_resumes_without_repeating_img_size(folder, tmp_pa
     said = caplog.text
     assert "ignored: tokens (asked 9, the run's 4); loss (asked 'smooth_l1', the run's " in said
     assert "points (" not in said
+    from sparseformer.bootstrap.run import BootstrapSettings  # a derived count: not "None"
+
+    assert BootstrapSettings(inherit=6).changes_from(BootstrapSettings()) == [
+        "inherit (asked 6, the run's default)"]  # fmt: skip
 
 
 def test_run_trains_the_new_parts_and_keeps_the_frozen_tensors(alone, folder):

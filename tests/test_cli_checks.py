@@ -281,6 +281,14 @@ def test_counts_and_lists_in_messages_read_as_written():
     assert "the run in r/last.pt already has 3 epochs" in nothing_to_do(3, "r/last.pt")
     assert first_names(["a", "b"]) == "'a', 'b'"  # complete: no "..."
     assert first_names("abcdef", 3, quote=False) == "a, b, c, ..."
+    from sparseformer.cli.common import epochs_and_time
+    from sparseformer.data.scan import counted  # the run's first line said "1 epoch(s)"
+
+    assert epochs_and_time(1, 0.43) == "1 epoch in 0.4 s"  # was "in 0 s"
+    assert epochs_and_time(2, 12.4) == "2 epochs in 12 s"
+
+    assert [counted(1, "class"), counted(2, "class"), counted(4, "process")] == [
+        "1 class", "2 classes", "4 processes"]  # fmt: skip
 
 
 def test_a_process_of_the_run_gone_is_one_line(monkeypatch, capsys):

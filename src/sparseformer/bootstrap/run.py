@@ -81,9 +81,15 @@ class BootstrapSettings:
 
     def changes_from(self, run: BootstrapSettings) -> list[str]:
         """What these settings (a resumed command's) ask that the ``run``'s differ in, each as
-        ``"tokens (asked 9, the run's 4)"``; a field left at its default asks nothing."""
+        ``"tokens (asked 9, the run's 4)"``, ``"inherit (asked 6, the run's default)"`` (the
+        teacher's, not recorded as a number); a field left at its default asks nothing."""
+
+        def shown(value: Any) -> str:
+            return "default" if value is None else repr(value)
+
         return [
-            f"{f.name} (asked {getattr(self, f.name)!r}, the run's {getattr(run, f.name)!r})"
+            f"{f.name} (asked {shown(getattr(self, f.name))}, the run's "
+            f"{shown(getattr(run, f.name))})"
             for f in dataclasses.fields(self)
             if getattr(self, f.name) != f.default and getattr(self, f.name) != getattr(run, f.name)
         ]

@@ -242,6 +242,7 @@ def _bootstrap(plan: _Plan, dist) -> None:
     from sparseformer.bootstrap.teacher import check_resumed_teacher, load_teacher
     from sparseformer.cli import CliError
     from sparseformer.data import DataError, build_datasets
+    from sparseformer.data.scan import counted
     from sparseformer.data.transforms import Preprocessing
     from sparseformer.engine.device import set_threads
     from sparseformer.engine.preprocessing import resolve_preprocessing
@@ -273,8 +274,8 @@ def _bootstrap(plan: _Plan, dist) -> None:
     if dist.is_main:
         print(f"bootstrapping from {teacher.name} on {plan.source.describe()}: "
               f"{len(bundle.train):,} train / {len(bundle.val):,} val images, {pre.img_size}px, "
-              f"recipe {recipe.name}, {recipe.epochs} epoch(s) x {recipe.batch_size}, "
-              f"{plan.device}, {precision}, {threads} thread(s)")  # fmt: skip
+              f"recipe {recipe.name}, {counted(recipe.epochs, 'epoch')} x {recipe.batch_size}, "
+              f"{plan.device}, {precision}, {counted(threads, 'thread')}")  # fmt: skip
     options = RunOptions(  # model_name: a resumed run's (a new one's is the student's)
         output=args.output, model_name=plan.saved.get("model_name") or "",
         device=plan.device, precision=precision,

@@ -31,10 +31,13 @@ __all__ = [
 
 
 def epochs_and_time(epochs: int, seconds: float) -> str:
-    """``"1 epoch in 12 s"``, ``"30 epochs in 5.6 min"``: a run's length as the CLI says it."""
-    took = f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+    """``"1 epoch in 0.4 s"``, ``"1 epoch in 12 s"``, ``"30 epochs in 5.6 min"``: a run's length
+    as the CLI says it (a short run's tenths: "0 s" read as nothing done)."""
     from sparseformer.data.scan import counted
 
+    took = (
+        f"{seconds:.{1 if seconds < 10 else 0}f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+    )
     return f"{counted(epochs, 'epoch')} in {took}"
 
 

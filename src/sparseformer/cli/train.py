@@ -336,6 +336,8 @@ def _build_model(plan: _Plan, bundle, pre):
 
 
 def _print_start(plan: _Plan, model, bundle, pre, dist, precision: str, threads: int) -> None:
+    from sparseformer.data.scan import counted
+
     args, recipe = plan.args, plan.recipe
     n = sum(p.numel() for p in model.parameters())
     what, size = "images", f"{pre.img_size}px"
@@ -346,9 +348,10 @@ def _print_start(plan: _Plan, model, bundle, pre, dist, precision: str, threads:
     print(
         f"training {args.model} ({n:,} params) on {plan.source.describe()}: "
         f"{len(bundle.train):,} train / {len(bundle.val):,} val {what}, "
-        f"{bundle.num_classes} classes, {size}, recipe {recipe.name}, "
-        f"{recipe.epochs} epoch(s) x {recipe.batch_size} x {dist.world_size} process(es), "
-        f"{plan.device}, {precision}, {threads} thread(s)"
+        f"{counted(bundle.num_classes, 'class')}, {size}, recipe {recipe.name}, "
+        f"{counted(recipe.epochs, 'epoch')} x {recipe.batch_size} x "
+        f"{counted(dist.world_size, 'process')}, {plan.device}, {precision}, "
+        f"{counted(threads, 'thread')}"
     )
 
 

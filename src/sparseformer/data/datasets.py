@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 from sparseformer.data.fashion_mnist import CLASS_NAMES as FASHION_CLASSES
 from sparseformer.data.fashion_mnist import fashion_mnist
 from sparseformer.data.folder import CheckedImageFolder, DataError
-from sparseformer.data.scan import first_names, is_hidden
+from sparseformer.data.scan import counted, first_names, is_hidden
 from sparseformer.data.transforms import Augmentation, Preprocessing, build_transform
 from sparseformer.data.video import ClipSpec, VideoDataError, is_video_folder, video_datasets
 
@@ -248,12 +248,12 @@ def build_datasets(
             bundle.train = _limit(bundle.train, source.limit_train)
         bundle.val = _limit(bundle.val, source.limit_val)
     logger.info(
-        "data %s: %s train / %d val %s, %d classes%s",
+        "data %s: %s train / %d val %s, %s%s",
         source.describe(),
         len(bundle.train) if bundle.train is not None else "no",
         len(bundle.val),
         "videos" if bundle.video else "images",
-        bundle.num_classes,
+        counted(bundle.num_classes, "class"),
         _skipped_note(bundle),
     )
     return bundle

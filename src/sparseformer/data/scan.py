@@ -171,8 +171,10 @@ def class_folders(root: Path, media: str, error: type[Exception] = ValueError) -
 
 
 def counted(n: int, noun: str) -> str:
-    """``"1 epoch"``, ``"3 epochs"``: a count and its noun for a message."""
-    return f"{n} {noun}{'s' if n != 1 else ''}"
+    """``"1 epoch"``, ``"3 epochs"``, ``"2 classes"``: a count and its noun for a message."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}{'es' if noun.endswith(('s', 'x', 'sh')) else 's'}"
 
 
 def first_names(names: Sequence[str], shown: int = 5, *, quote: bool = True) -> str:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from sparseformer.data.datasets import DatasetBundle
 from sparseformer.data.loader import build_eval_loader, build_train_loader
+from sparseformer.data.scan import counted
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine.device import available_cores
 from sparseformer.engine.distributed import DistInfo
@@ -124,10 +125,10 @@ def build_training_parts(
     )
     if recipe.warmup_epochs >= recipe.epochs and dist.is_main:
         logger.warning(
-            "the warm-up (%g epochs) is as long as the run (%d epochs): the learning rate "
-            "never reaches its peak; set --warmup-epochs below --epochs",
+            "the warm-up (%g epochs) is as long as the run (%s): the learning rate never "
+            "reaches its peak; set --warmup-epochs below --epochs",
             recipe.warmup_epochs,
-            recipe.epochs,
+            counted(recipe.epochs, "epoch"),
         )
     schedule = build_schedule(
         recipe.schedule, (peak_lr, warmup_lr, min_lr), recipe.warmup_epochs, recipe.epochs,
