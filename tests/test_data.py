@@ -160,11 +160,21 @@ def test_val_may_hold_some_of_the_training_classes(tmp_path, caplog):
         ("missing", "does not exist"),
         ("empty", "is empty; it needs train/CLASS"),
         ("no_val", "has no val/ folder; .* move a share of each class's"),
+        (
+            "validation",
+            r"has no val/ folder; .* to validate on validation/, link it as val/: "
+            r"ln -s validation .*data/val",
+        ),
         ("flat", r"has no train/ or val/ .*its folders \('cat', 'dog'\) go under train/ and val/"),
         ("split_folder", "is a split folder; give the folder that holds train/ and val/"),
         ("no_classes", "has no class folders"),
         ("empty_class", "have no images"),
         ("class_mismatch", r"include 'emu', which are not among the training classes"),
+        (
+            "case_only",
+            r"include 'Cat', 'dog '.*\('Cat' for 'cat', 'dog ' for 'dog': names are "
+            r"matched exactly, letter case and spaces included",
+        ),
         ("is_file", "is a file, not a directory"),
     ],
 )
@@ -174,6 +184,8 @@ def test_bad_data_dirs_say_what_to_do(tmp_path, case, expected):
         root.mkdir()
     elif case == "no_val":
         make_folder(root, splits=("train",))
+    elif case == "validation":  # the held-out split under another name
+        make_folder(root, splits=("train", "validation"))
     elif case == "flat":  # class folders with no split above them
         make_folder(root, splits=("train",))
         for name in ("cat", "dog"):
@@ -192,6 +204,9 @@ def test_bad_data_dirs_say_what_to_do(tmp_path, case, expected):
     elif case == "class_mismatch":
         make_folder(root)
         make_folder(root, classes=("emu",), splits=("val",))
+    elif case == "case_only":  # two spellings a reader takes for one
+        make_folder(root, splits=("train",))
+        make_folder(root, classes=("Cat", "dog "), splits=("val",))
     elif case == "is_file":
         root.write_text("x")
     with pytest.raises(DataError, match=expected) as info:

@@ -137,13 +137,19 @@ def _check_data_dir(data_dir: Path, need_train: bool, files: str = "*.jpg") -> N
             f"data directory {str(data_dir)!r} has no {' or '.join(m + '/' for m in missing)} "
             "folder; expected "
             f"DIR/train/CLASS/{files} and DIR/val/CLASS/{files} (the DeiT/Swin ImageFolder "
-            f"layout){flat or _val_hint(missing)}"
+            f"layout){flat or _val_hint(data_dir, missing)}"
         )
 
 
-def _val_hint(missing: list[str]) -> str:
+_VAL_NAMES = ("validation", "valid", "test", "eval", "dev")  # what a val/ folder is called
+
+
+def _val_hint(data_dir: Path, missing: list[str]) -> str:
     if missing != ["val"]:
         return ""
+    named = [n for n in _VAL_NAMES if (data_dir / n).is_dir()]
+    if named:  # the held-out split under another name
+        return f"; to validate on {named[0]}/, link it as val/: ln -s {named[0]} {data_dir / 'val'}"
     return "; to hold some training files out, move a share of each class's (say 10%) to val/"
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sparseformer.data.folder import DataError
-from sparseformer.data.scan import first_names, unicode_form_hint
+from sparseformer.data.scan import first_names, spelling_hint
 
 __all__ = ["RelabelledDataset", "checkpoint_label_map"]
 
@@ -43,6 +43,6 @@ def checkpoint_label_map(
             f"class(es) {first_names(unknown)} of the data are not among the checkpoint's "
             f"classes ({first_names(trained_on, 8)}); evaluate on data of the classes it was "
             "trained on"
-            f"{unicode_form_hint(unknown, trained_on)}"
+            f"{spelling_hint(unknown, trained_on)}"
         )
     return [list(trained_on).index(c) for c in class_names]

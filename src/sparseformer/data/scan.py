@@ -40,7 +40,7 @@ __all__ = [
     "is_hidden",
     "is_first_rank",
     "match_val_classes",
-    "unicode_form_hint",
+    "spelling_hint",
     "spread_indices",
     "walk_files",
     "warn_other_extensions",
@@ -241,7 +241,7 @@ def match_val_classes(root: Path, found: list[str], classes: Sequence[str], kind
             f"class folders of {str(root)!r} include {first_names(extra)}, which are not among "
             f"the training classes ({first_names(classes, 10)}); every validation class needs "
             "training "
-            f"{kind}{unicode_form_hint(extra, classes)}"
+            f"{kind}{spelling_hint(extra, classes)}"
         )
     missing = sorted(set(classes) - set(found))
     if missing and is_first_rank():
@@ -251,19 +251,32 @@ def match_val_classes(root: Path, found: list[str], classes: Sequence[str], kind
         )  # fmt: skip
 
 
-def unicode_form_hint(names: Sequence[str], known: Sequence[str]) -> str:
+def spelling_hint(names: Sequence[str], known: Sequence[str]) -> str:
     """A hint for a message on ``names`` missing from ``known``, when some differ from a known
     name only in Unicode normalisation (an accented name copied from macOS is decomposed,
-    NFD; typed elsewhere it is composed, NFC): two folder names that look the same."""
+    NFD; typed elsewhere it is composed, NFC), or only in letter case or surrounding spaces:
+    two folder names a reader takes for one."""
     forms = {unicodedata.normalize("NFC", k) for k in known}
     alike = [n for n in names if unicodedata.normalize("NFC", n) in forms]
-    if not alike:
+    if alike:
+        return (
+            f" ({alike[:3]} differ from those names only in Unicode normalisation, NFD against "
+            "NFC, as names copied from macOS do; rename the folders so both splits spell them "
+            "alike, e.g. with convmv -f utf8 -t utf8 --nfc -r --notest DIR)"
+        )
+    loose = {_loosely(k): k for k in known}
+    near = [(n, loose[_loosely(n)]) for n in names if _loosely(n) in loose]
+    if not near:
         return ""
+    shown = ", ".join(f"{n!r} for {k!r}" for n, k in near[:3])
     return (
-        f" ({alike[:3]} differ from those names only in Unicode normalisation, NFD against "
-        "NFC, as names copied from macOS do; rename the folders so both splits spell them alike, "
-        "e.g. with convmv -f utf8 -t utf8 --nfc -r --notest DIR)"
+        f" ({shown}: names are matched exactly, letter case and spaces included; rename the "
+        "folders so both splits spell them alike)"
     )
+
+
+def _loosely(name: str) -> str:
+    return " ".join(unicodedata.normalize("NFC", name).split()).casefold()
 
 
 def display_name(name: str) -> str:
