@@ -478,3 +478,18 @@ def test_corrupt_exif_data_is_not_printed_by_pil_and_other_warnings_show_once(tm
     assert done.returncode == 0, done.stderr
     assert "TiffImagePlugin" not in done.stderr  # PIL's line, which names no file
     assert done.stderr.count("a warning of the caller") == 1  # shown once, as Python shows it
+
+
+def test_files_left_above_the_class_folders_are_said(tmp_path, caplog):
+    # before, images directly in train/ or val/ were dropped without a word
+    root = make_folder(tmp_path / "data")
+    for name in ("loose_0.jpg", "loose_1.jpg"):
+        _write(root / "train" / name, "RGB", fmt="JPEG")
+    _write(root / "val" / "stray.png", "RGB", fmt="PNG")
+    with caplog.at_level(logging.WARNING):
+        bundle = build_datasets(DataSource(data_dir=root), Preprocessing(img_size=16), None)
+    assert len(bundle.train) == 6 and len(bundle.val) == 6  # left out, as before
+    assert f"2 files directly in {root / 'train'} are in no class folder and left out" in (
+        caplog.text
+    )
+    assert f"1 file directly in {root / 'val'} is in no class folder" in caplog.text

@@ -167,6 +167,14 @@ def class_folders(root: Path, media: str, error: type[Exception] = ValueError) -
             f"{str(root)!r} has no class folders; put each class's {media} in its own "
             f"sub-folder, e.g. {root / example}/001.{ext}"
         )
+    loose = [p for p in root.iterdir() if p.is_file() and not is_hidden(p.name)]
+    if loose and is_first_rank():  # a class's files one level too high: said, not dropped unseen
+        logger.warning(
+            "%s directly in %s %s in no class folder and left out (e.g. %s); each class's %s "
+            "go in its own sub-folder, e.g. %s/001.%s",
+            counted(len(loose), "file"), root, "is" if len(loose) == 1 else "are",
+            loose[0].name, media, root / example, ext,
+        )  # fmt: skip
     return found
 
 
