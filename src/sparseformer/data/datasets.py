@@ -254,9 +254,9 @@ def build_datasets(
             bundle.train = _limit(bundle.train, source.limit_train)
         bundle.val = _limit(bundle.val, source.limit_val)
     logger.info(
-        "data %s: %s train / %d val %s, %s%s",
+        "data %s: %s%d val %s, %s%s",
         source.describe(),
-        len(bundle.train) if bundle.train is not None else "no",
+        f"{len(bundle.train)} train / " if bundle.train is not None else "",  # eval: val only
         len(bundle.val),
         "videos" if bundle.video else "images",
         counted(bundle.num_classes, "class"),
