@@ -27,6 +27,8 @@ from sparseformer.data.scan import (
     SampleTable,
     check_over_ranks,
     class_folders,
+    counted,
+    first_names,
     is_first_rank,
     match_val_classes,
     spread_indices,
@@ -128,6 +130,16 @@ class CheckedImageFolder(Dataset):
                 "remove the folder"
             )
         chosen = [samples[i] for i in spread_indices(len(samples), limit)]
+        kept = {label for _, label in chosen}
+        cut = [
+            c for c in found if counts[self.class_to_idx[c]] and self.class_to_idx[c] not in kept
+        ]
+        if cut and is_first_rank():  # a limit below one file per class
+            logger.warning(
+                "%s: the limit of %d file(s) leaves %s without any (%s); give a larger limit "
+                "to keep every class", self.root, limit, counted(len(cut), "class"),
+                first_names(cut, quote=False),
+            )  # fmt: skip
         self.skipped: list[tuple[str, str]] = []
         samples = self._check(chosen, share_check) if check_files else chosen
         if not samples:
