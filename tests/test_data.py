@@ -20,7 +20,7 @@ from sparseformer.data import (
     build_transform,
     to_rgb,
 )
-from sparseformer.data.images import check_image_header
+from sparseformer.data.images import check_image_header, open_rgb
 
 
 def test_every_image_mode_becomes_8bit_rgb():
@@ -504,3 +504,26 @@ def test_a_limit_below_one_file_per_class_names_the_classes_it_leaves_out(tmp_pa
     with caplog.at_level(logging.WARNING):  # one each: nothing to say
         build_datasets(DataSource(data_dir=root, limit_train=3), Preprocessing(img_size=16), None)
     assert "the limit of" not in caplog.text
+
+
+def test_images_over_pils_bomb_guard_are_said_in_our_words(tmp_path, monkeypatch, caplog):
+    # before: PIL's raw DecompressionBombWarning on stderr per file, and a skip with no advice
+    import warnings
+
+    from sparseformer.data import images
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(images, "_large_said", [])
+    _write(tmp_path / "large.png", "RGB", fmt="PNG", size=(40, 40))  # over 1000, under 2000
+    _write(tmp_path / "huge.png", "RGB", fmt="PNG", size=(50, 50))  # over twice: refused
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+        warnings.simplefilter("error")  # no raw warning
+        assert check_image_header(tmp_path / "large.png") is None
+        assert open_rgb(tmp_path / "large.png").size == (40, 40)
+        open_rgb(tmp_path / "large.png")
+    assert caplog.text.count("over PIL's 1000-pixel guard against decompression bombs") == 1
+    assert "downsize it, or raise PIL.Image.MAX_IMAGE_PIXELS" in check_image_header(
+        tmp_path / "huge.png"
+    )
+    with pytest.raises(Image.DecompressionBombError, match="downsize it, or raise PIL.Image"):
+        open_rgb(tmp_path / "huge.png")

@@ -6,6 +6,7 @@ a truncated download. Models want 8-bit RGB; these helpers get there without sur
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -73,9 +74,38 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def open_rgb(path: str | Path) -> Image.Image:
     """Open and fully decode an image file as 8-bit RGB, turned upright as its EXIF
     orientation says (raises one of ``READ_ERRORS``)."""
-    with Image.open(path) as img:
+    with warnings.catch_warnings():  # PIL's own is a raw Python warning per file: said below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError:
+            raise Image.DecompressionBombError(_too_large()) from None
+    with img:
         img.load()
+        if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+            _say_large_once(path, img.size)
         return to_rgb(upright(img))
+
+
+def _too_large() -> str:
+    return (
+        f"larger than PIL's limit against decompression bombs ({Image.MAX_IMAGE_PIXELS:,} "
+        "pixels): downsize it, or raise PIL.Image.MAX_IMAGE_PIXELS when calling from Python"
+    )
+
+
+_large_said: list[bool] = []
+
+
+def _say_large_once(path: str | Path, size: tuple[int, int]) -> None:
+    """One line per process for images over PIL's decompression-bomb size: read, but slow."""
+    if not _large_said:
+        _large_said.append(True)
+        logging.getLogger(__name__).warning(
+            "%s is %d x %d pixels, over PIL's %d-pixel guard against decompression bombs: read "
+            "as any image (said once; images this large take time and memory, downscale them "
+            "for speed)", path, *size, Image.MAX_IMAGE_PIXELS,
+        )  # fmt: skip
 
 
 def upright(img: Image.Image) -> Image.Image:
@@ -109,13 +139,12 @@ def check_image_header(path: str | Path) -> str | None:
     every file of a large folder; truncated pixel data is caught later, when the image loads.
     """
     try:
-        with Image.open(path) as img:
-            img.verify()
+        with warnings.catch_warnings():  # a large image: said when it is read (open_rgb)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.verify()
     except Image.DecompressionBombError:
-        return (
-            f"larger than PIL's limit against decompression bombs ({Image.MAX_IMAGE_PIXELS:,} "
-            "pixels): downsize it, or raise PIL.Image.MAX_IMAGE_PIXELS when calling from Python"
-        )
+        return _too_large()
     except READ_ERRORS as exc:
         return f"{exc.__class__.__name__}: {str(exc)[:120]}" if str(exc) else exc.__class__.__name__
     return None
