@@ -78,7 +78,7 @@ def _default_workers(device: str, cores: int) -> int:
 def _batch_size(images: int) -> int:
     """128, or for a small folder the largest power of two that still gives about
     ``_STEPS_PER_EPOCH`` steps an epoch (at least 16); a folder of fewer than 32 images,
-    which 16 would leave with one step an epoch or none, takes the largest that gives two
+    which 16 would leave with one step an epoch or none, takes the largest that gives two or more
     (at least 1)."""
     batch = _MAX_BATCH
     while batch > _MIN_BATCH and batch * _STEPS_PER_EPOCH > images:
