@@ -102,23 +102,6 @@ def test_timm_create_model_and_token_pooling():
         create_model("sparseformer_v1_nano", global_pool="token")
 
 
-def test_average_pooling_leaves_the_cls_token_out_as_timm_does():
-    # before, "avg" averaged the CLS token with the latent tokens; timm's ViTs leave it out
-    model = create_model(NANO, global_pool="avg").eval()
-    assert (
-        model.num_prefix_tokens == 1 and create_model("sparseformer_v1_nano").num_prefix_tokens == 0
-    )
-    tokens = model.forward_features(torch.randn(2, 3, 32, 32))  # (B, 1 + N, D), CLS first
-    pooled = model.forward_head(tokens, pre_logits=True)
-    torch.testing.assert_close(pooled, model.fc_norm(tokens[:, 1:].mean(1)))
-    vit = timm.create_model("test_vit", global_pool="avg").eval()
-    out = vit.forward_features(torch.randn(1, 3, *vit.pretrained_cfg["input_size"][1:]))
-    assert vit.num_prefix_tokens == 1  # the convention followed
-    torch.testing.assert_close(
-        vit.forward_head(out, pre_logits=True), vit.fc_norm(out[:, 1:].mean(1))
-    )
-
-
 def test_details_of_the_latent_tokens_only():
     out = tiny("augreg").eval().forward_with_details(torch.randn(1, 3, 32, 32))
     assert out.num_prefix_tokens == 1 and out.latent_tokens.shape == (1, 7, 96)

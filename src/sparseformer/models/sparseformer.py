@@ -67,7 +67,6 @@ class SparseFormer(nn.Module):
         self.initial_tokens = nn.Parameter(torch.zeros(num_embeddings, first_width))
         self.cls_token = None
         self.cls_token_at = None  # (stage, unit within the stage) before which it joins
-        self.num_prefix_tokens = 0 if config.cls_token_unit is None else 1  # timm's name
         if config.cls_token_unit is not None:
             self.cls_token_at = config.stage_of_unit(config.cls_token_unit)
             width = config.stages[self.cls_token_at[0]].width
@@ -291,11 +290,11 @@ class SparseFormer(nn.Module):
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
         """Pool tokens, normalise, (dropout,) classify: ``(B, N, D) -> (B, classes)``, or
-        ``(B, D)`` features with ``pre_logits``. ``global_pool="avg"`` averages the latent
-        tokens (not the CLS token, as timm's ViTs), ``"token"`` takes the CLS token (the
-        first); with ``""`` the tokens are not pooled: ``(B, N, classes)`` or ``(B, N, D)``."""
+        ``(B, D)`` features with ``pre_logits``. ``global_pool="avg"`` averages the tokens,
+        ``"token"`` takes the CLS token (the first); with ``""`` the tokens are not pooled:
+        ``(B, N, classes)`` or ``(B, N, D)``."""
         if self.global_pool == "avg":
-            tokens = tokens[:, self.num_prefix_tokens :].mean(dim=1)
+            tokens = tokens.mean(dim=1)
         elif self.global_pool == "token":
             tokens = tokens[:, 0]  # (B, 1 + N, D) -> (B, D)
         x = self.head_drop(self.fc_norm(tokens))  # pre-logits after the dropout, as in timm
@@ -323,7 +322,7 @@ class SparseFormer(nn.Module):
             rois=rois_out,
             sampling_points=points_out,
             initial_rois=at_least_fp32(self.initial_rois).unsqueeze(0).expand(B, -1, -1),
-            num_prefix_tokens=self.num_prefix_tokens,
+            num_prefix_tokens=0 if self.cls_token is None else 1,
         )
 
 
