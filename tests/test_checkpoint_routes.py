@@ -244,3 +244,49 @@ def test_a_tag_picks_its_release_by_both_create_models(tmp_path, monkeypatch, ta
     assert fetched == [MODELS["sparseformer_v1_tiny"].weights_for(tag).url] * 2
     with pytest.raises(ValueError, match="no pretrained tag 'in22k'.*in1k, in1k_v2"):
         create_model("sparseformer_v1_tiny.in22k")
+
+
+def _released_like(tmp_path, predicts: int):
+    """A 1000-class classifier that names no classes (as a release) and answers ``predicts``."""
+    model = create_model(NANO, num_classes=1000)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[predicts] = 10.0
+    path = tmp_path / f"released_{predicts}.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def test_a_released_imagenet_classifier_reads_synset_and_numbered_folders_by_name(tmp_path, capsys):
+    # before, any folders were taken by position: 3 synsets were refused ("classifies 1000
+    # classes but the data has 3") and ImageNetV2's 0..999 were matched in string order
+    wnids = make_folder(tmp_path / "wnids", ("n01440764", "n01443537", "n01484850"), 2, ("val",))
+    numbered = make_folder(tmp_path / "numbered", ("0", "10", "2"), 2, ("val",))
+    common = ["--model", NANO, "--img-size", "32", "--threads", "1", "--quiet", "--json"]
+    for data, index in ((wnids, 1), (numbered, 10)):  # the folder of that class is right
+        ckpt = _released_like(tmp_path, index)
+        assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), *common]) == 0
+        assert json.loads(capsys.readouterr().out)["acc1"] == pytest.approx(100 / 3)
+    human = make_folder(tmp_path / "human", ("goldfish", "tench"), 1, ("val",))
+    assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(human), *common]) == 1
+    assert "an ImageNet-1K classifier's classes are ImageNet's synset ids" in (
+        capsys.readouterr().err
+    )
+
+
+def test_fine_tuning_a_released_classifier_orders_its_rows_by_imagenet_class(tmp_path):
+    from sparseformer.weights.loading import load_weights
+
+    released = create_model(NANO, num_classes=1000)
+    torch.save({"model": released.state_dict()}, tmp_path / "r.pth")
+    numbered = sorted(str(i) for i in range(1000))  # "0", "1", "10", "100", ...: a listing
+    model = create_model(NANO, num_classes=1000)
+    load_weights(model, tmp_path / "r.pth", class_names=numbered)
+    rows = [int(name) for name in numbered]  # each folder's row is its class's
+    torch.testing.assert_close(model.head.bias, released.head.bias[rows])
+    model = create_model(NANO, num_classes=1000)  # synset folders: in order already
+    from sparseformer.weights.registry import imagenet_class_ids
+
+    load_weights(model, tmp_path / "r.pth", class_names=imagenet_class_ids())
+    torch.testing.assert_close(model.head.weight, released.head.weight)

@@ -66,12 +66,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# what a refusal adds for a released ImageNet-1K classifier, which names no classes
+_IMAGENET_FOLDERS = (
+    " (an ImageNet-1K classifier's classes are ImageNet's synset ids: class folders named "
+    "n01440764 ... n15075141, any subset, as in ImageNet's own val/ layout, or 0 ... 999 as in "
+    "ImageNetV2's)"
+)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparseformer.cli import CliError, check_output
     from sparseformer.data import DataError, build_datasets
-    from sparseformer.data.relabel import RelabelledDataset, checkpoint_label_map
+    from sparseformer.data.relabel import RelabelledDataset
     from sparseformer.engine.device import pick_device, set_threads
     from sparseformer.engine.distributed import DistInfo
     from sparseformer.engine.inputs import check_input_size, evaluation_preprocessing
@@ -103,11 +111,9 @@ def run(args: argparse.Namespace) -> int:
     del saved
     try:
         bundle = build_datasets(source, pre, None, need_train=False)
-        # our checkpoints name their classes: match the data's class folders by name (any
-        # subset, any order); official ones do not, and are matched by position
-        mapping = checkpoint_label_map(saved_names, bundle.class_names)
     except DataError as exc:
         raise CliError(str(exc)) from exc
+    mapping = _label_map(saved_names, ckpt.num_classes, bundle.class_names)
     if mapping is not None:
         bundle.val = RelabelledDataset(bundle.val, mapping)
     model, ckpt = model_from_checkpoint(
@@ -140,13 +146,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label_map(saved_names, outputs: int, folders: list[str]) -> list[int] | None:
+    """The checkpoint's index of each class folder, matched by name (any subset, any order;
+    ``None``: the same classes in the same order). A released ImageNet-1K classifier names no
+    classes: its are ImageNet's synset ids (or ImageNetV2's numbered folders); another file
+    that names none is matched by position."""
+    from sparseformer.cli import CliError
+    from sparseformer.data import DataError
+    from sparseformer.data.relabel import checkpoint_label_map
+    from sparseformer.weights.registry import imagenet_class_ids
+
+    imagenet = saved_names is None and outputs == 1000
+    try:
+        return checkpoint_label_map(imagenet_class_ids(folders) if imagenet else saved_names,
+                                    folders)  # fmt: skip
+    except DataError as exc:
+        raise CliError(str(exc) + (_IMAGENET_FOLDERS if imagenet else "")) from exc
+
+
 def _output_names(model, ckpt, bundle) -> list[str]:
-    """The names of the model's outputs: the checkpoint's, else the data's, else indices."""
+    """The names of the model's outputs: the checkpoint's, else the data's, else ImageNet's
+    for 1000 (a released classifier on a subset of its classes), else indices."""
+    from sparseformer.weights.registry import imagenet_class_names
+
     width = int(getattr(model, "num_classes", 0) or len(bundle.class_names))
     for names in (ckpt.class_names, bundle.class_names):
         if names is not None and len(names) == width:
             return list(names)
-    return [str(i) for i in range(width)]
+    return imagenet_class_names() if width == 1000 else [str(i) for i in range(width)]
 
 
 def _evaluate(

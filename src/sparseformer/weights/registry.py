@@ -6,6 +6,7 @@ github.com/showlab/sparseformer. The registry is an immutable mapping built at i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 
@@ -20,6 +21,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "imagenet_class_names",
+    "imagenet_class_ids",
     "image_model_of",
     "split_tag",
 ]
@@ -43,6 +45,20 @@ def imagenet_class_names(short: bool = False) -> list[str]:
     info = ImageNetInfo()
     names = [info.index_to_description(i) for i in range(info.num_classes())]
     return [n.split(",")[0] for n in names] if short else names
+
+
+def imagenet_class_ids(folders: Sequence[str] = ()) -> list[str]:
+    """An ImageNet-1K classifier's classes in output order, as a data set's class folders
+    name them: ImageNet's synset ids (``n01440764`` ...: its own layout, in which a folder
+    listing's order is the classifier's), or ``"0"`` to ``"999"`` where every folder in
+    ``folders`` is a number (ImageNetV2's layout, whose listing order is not). What a 1000-class
+    file that names no classes (a released one) is matched to a data set by."""
+    if folders and all(str(name).isdigit() for name in folders):
+        return [str(i) for i in range(1000)]
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_label_name(i) for i in range(info.num_classes())]
 
 
 @dataclass(frozen=True)
