@@ -4,6 +4,7 @@ signal is clean and resumable."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -572,3 +573,12 @@ def test_a_sigterm_is_announced_without_offering_a_second_one(caplog):
         with caplog.at_level("WARNING", logger="sparseformer"), StopSignals(announce=True):
             os.kill(os.getpid(), signum)
         assert f"{signum.name} received: stopping at the next step boundary {offer}" in caplog.text
+
+
+def test_the_learning_rate_a_run_takes_is_said(tmp_path, folder, capsys, caplog):
+    # --lr is per 512 images; the rate it came to at the run's batch was said nowhere
+    with caplog.at_level(logging.INFO, logger="sparseformer"):
+        assert run_cli(capsys, *_train(folder, tmp_path / "run", "--lr", "0.008"))[0] == 0
+    assert "learning rate: peak 6.25e-05 at a total batch of 4 (0.008 per 512 images)" in (
+        caplog.text
+    )

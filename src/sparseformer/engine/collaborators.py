@@ -102,6 +102,13 @@ def build_training_parts(
     optimizer = build_optimizer(
         model, peak_lr, recipe.weight_decay, recipe.betas, recipe.eps, recipe.layer_decay
     )
+    if dist.is_main:  # --lr is per 512 images: what it comes to at this run's batch
+        logger.info(
+            "learning rate: peak %.3g at a total batch of %d (%g per %d images), from %.3g "
+            "over %g warm-up epochs, down to %.3g",
+            peak_lr, total_batch, recipe.lr, recipe.lr_base_batch, warmup_lr,
+            recipe.warmup_epochs, min_lr,
+        )  # fmt: skip
     if recipe.layer_decay is not None and dist.is_main:
         scales = sorted({g.get("lr_scale", 1.0) for g in optimizer.param_groups})
         logger.info(
