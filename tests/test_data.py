@@ -508,6 +508,8 @@ def test_a_limit_below_one_file_per_class_names_the_classes_it_leaves_out(tmp_pa
 
 def test_images_over_pils_bomb_guard_are_said_in_our_words(tmp_path, monkeypatch, caplog):
     # before: PIL's raw DecompressionBombWarning on stderr per file, and a skip with no advice
+    import subprocess
+    import sys
     import warnings
 
     from sparseformer.data import images
@@ -516,14 +518,46 @@ def test_images_over_pils_bomb_guard_are_said_in_our_words(tmp_path, monkeypatch
     monkeypatch.setattr(images, "_large_said", [])
     _write(tmp_path / "large.png", "RGB", fmt="PNG", size=(40, 40))  # over 1000, under 2000
     _write(tmp_path / "huge.png", "RGB", fmt="PNG", size=(50, 50))  # over twice: refused
-    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
-        warnings.simplefilter("error")  # no raw warning
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # pytest shows all
         assert check_image_header(tmp_path / "large.png") is None
         assert open_rgb(tmp_path / "large.png").size == (40, 40)
         open_rgb(tmp_path / "large.png")
+    code = (  # as a user's process shows warnings (pytest shows every one)
+        "from PIL import Image\n"
+        "from sparseformer.data.images import open_rgb\n"
+        "Image.MAX_IMAGE_PIXELS = 1000\n"
+        f"open_rgb({str(tmp_path / 'large.png')!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and "DecompressionBombWarning" not in done.stderr, done.stderr
+    assert "over PIL's 1000-pixel guard" in done.stderr  # the logged line instead
     assert caplog.text.count("over PIL's 1000-pixel guard against decompression bombs") == 1
     assert "downsize it, or raise PIL.Image.MAX_IMAGE_PIXELS" in check_image_header(
         tmp_path / "huge.png"
     )
     with pytest.raises(Image.DecompressionBombError, match="downsize it, or raise PIL.Image"):
         open_rgb(tmp_path / "huge.png")
+
+
+def test_a_class_none_of_whose_files_decode_is_said(tmp_path, caplog):
+    # before, each file's failure was a warning and the class trained on its neighbours'
+    # images in silence (helper: every file cut after the header)
+    root = make_folder(tmp_path / "d", classes=("cat", "dog"), per_class=2, splits=("train",))
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for path in (root / "train" / "dog").iterdir():
+        path.unlink()
+    for i in range(2):
+        Image.fromarray(noise).save(tmp_path / "whole.jpg", quality=95)
+        data = (tmp_path / "whole.jpg").read_bytes()
+        (root / "train" / "dog" / f"{i}.jpg").write_bytes(data[: int(len(data) * 0.7)])
+    pre = build_transform(Preprocessing(img_size=16), None)
+    ds = CheckedImageFolder(root / "train", pre)
+    assert len(ds) == 4  # the header check passes them
+    with caplog.at_level(logging.ERROR):
+        for _ in range(2):  # two epochs: said once
+            for i in range(len(ds)):
+                ds[i]
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(said) == 1 and "none of the 2 files of class 'dog'" in said[0]
+    assert "its training samples are other classes' images" in said[0]

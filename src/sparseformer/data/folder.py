@@ -159,6 +159,9 @@ class CheckedImageFolder(Dataset):
         )
         self._failed = SharedCount()
         self._named = SharedOnce()  # a file that fails to decode is named once, not per epoch
+        # per class, its files that have failed to decode (each once): a class all of whose
+        # files fail is said, not trained on other classes' images in silence
+        self._class_failed = SharedCount(len(self.classes))
         self.substitute = substitute
 
     def _check(self, chosen: list[tuple[str, int]], share_check: bool) -> list[tuple[str, int]]:
@@ -227,6 +230,22 @@ class CheckedImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self._table)
 
+    def _note_class_failure(self, label: int) -> None:
+        """Count a file of class ``label`` failing to decode for the first time; once every
+        file of the class has, say so (in training the class's samples are then other
+        classes' images; in validation it is not scored)."""
+        if not 0 <= label < len(self._class_failed):
+            return
+        self._class_failed.add(at=label)
+        files = int((self._table.column("label") == label).sum())
+        if self._class_failed[label] == files:
+            logger.error(
+                "none of the %s of class %r under %s decodes (the header check passed them): "
+                "%s; repair or remove them", counted(files, "file"), self.classes[label],
+                self.root, "its training samples are other classes' images" if self.substitute
+                else "it is not scored",
+            )  # fmt: skip
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
         for attempt in range(len(self)):
             row = (index + attempt) % len(self)
@@ -235,7 +254,10 @@ class CheckedImageFolder(Dataset):
                 img = open_rgb(path)
             except READ_ERRORS as exc:
                 self._failed.add()
-                say = logger.warning if self._named.first(path) else logger.debug
+                first = self._named.first(path)
+                say = logger.warning if first else logger.debug
+                if first:
+                    self._note_class_failure(label)
                 if not self.substitute:  # evaluation: leave it out (see loader.collate)
                     say("could not decode %s (%s); left out", path, exc)
                     return None, label

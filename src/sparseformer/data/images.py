@@ -40,6 +40,9 @@ READ_ERRORS = (
 # per-image warnings context would cost 8% of a folder's header check, and would reset the
 # process's record of warnings already shown, repeating every other one).
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+# PIL's raw warning for an image over its decompression-bomb size names the size, not the
+# file, once per call site: open_rgb says it in a logged line that names the file instead.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # 16-bit and 32-bit integer modes: PIL's convert("RGB") would clip them to 255, not rescale.
 _WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -74,12 +77,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def open_rgb(path: str | Path) -> Image.Image:
     """Open and fully decode an image file as 8-bit RGB, turned upright as its EXIF
     orientation says (raises one of ``READ_ERRORS``)."""
-    with warnings.catch_warnings():  # PIL's own is a raw Python warning per file: said below
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(path)
-        except Image.DecompressionBombError:
-            raise Image.DecompressionBombError(_too_large()) from None
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError:
+        raise Image.DecompressionBombError(_too_large()) from None
     with img:
         img.load()
         if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
@@ -139,10 +140,8 @@ def check_image_header(path: str | Path) -> str | None:
     every file of a large folder; truncated pixel data is caught later, when the image loads.
     """
     try:
-        with warnings.catch_warnings():  # a large image: said when it is read (open_rgb)
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.verify()
+        with Image.open(path) as img:
+            img.verify()
     except Image.DecompressionBombError:
         return _too_large()
     except READ_ERRORS as exc:

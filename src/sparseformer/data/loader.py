@@ -48,18 +48,30 @@ __all__ = [
 
 
 class SharedCount:
-    """A count that DataLoader worker processes add to and the main process reads: a
-    shared-memory tensor, which worker processes share whether forked or spawned. Additions
-    from two workers at the same instant may lose one (no lock); it counts rare events."""
+    """A count (or ``size`` counts) that DataLoader worker processes add to and the main
+    process reads: a shared-memory tensor, which worker processes share whether forked or
+    spawned. Additions from two workers at the same instant may lose one (no lock); it counts
+    rare events."""
 
-    def __init__(self) -> None:
-        self._value = torch.zeros((), dtype=torch.int64).share_memory_()
+    def __init__(self, size: int | None = None) -> None:
+        shape = () if size is None else (size,)
+        self._value = torch.zeros(shape, dtype=torch.int64).share_memory_()
 
-    def add(self, n: int = 1) -> None:
-        self._value += n
+    def add(self, n: int = 1, at: int | None = None) -> None:
+        """Add ``n``; to count ``at`` of a count made with a ``size``."""
+        if at is None:
+            self._value += n
+        else:
+            self._value[at] += n
 
     def __int__(self) -> int:
         return int(self._value)
+
+    def __getitem__(self, at: int) -> int:
+        return int(self._value[at])
+
+    def __len__(self) -> int:
+        return len(self._value)
 
 
 class SharedOnce:
