@@ -560,4 +560,4 @@ def test_a_class_none_of_whose_files_decode_is_said(tmp_path, caplog):
                 ds[i]
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(said) == 1 and "none of the 2 files of class 'dog'" in said[0]
-    assert "its training samples are other classes' images" in said[0]
+    assert "its training samples are other classes' files" in said[0]

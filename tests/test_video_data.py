@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -419,6 +420,21 @@ def test_a_video_that_breaks_after_the_scan_is_replaced_and_counted(tmp_path):
     clip, label = train[0]
     assert train.failed_loads == 1 and clip.shape == (3, 4, 16, 16)
     assert label == train.samples[1][1]
+
+
+def test_a_val_class_none_of_whose_videos_decode_is_said(tmp_path, caplog):
+    make_folder(tmp_path, bad=False)
+    val = VideoFolder(tmp_path / "val", ClipSpec(num_frames=4, stride=2, size=16), train=False)
+    first = val.samples[0][1]
+    broken = [p for p, label, _ in val.samples if label == first]
+    for path in broken:
+        path.write_bytes(b"gone")
+    with caplog.at_level(logging.ERROR):
+        for i in range(len(val)):
+            val[i]
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(said) == 1 and f"of class {val.classes[first]!r}" in said[0]
+    assert "it is not scored" in said[0]
 
 
 def test_a_val_video_that_breaks_after_the_scan_is_left_out_not_replaced(tmp_path):

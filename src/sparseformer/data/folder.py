@@ -19,7 +19,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from sparseformer.data.images import IMAGE_EXTENSIONS, READ_ERRORS, check_image_header, open_rgb
-from sparseformer.data.loader import SharedCount, SharedOnce
+from sparseformer.data.loader import SharedCount, SharedOnce, note_class_failure
 from sparseformer.data.scan import (
     DifferentItemsError,
     ExtraClassesError,
@@ -230,22 +230,6 @@ class CheckedImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self._table)
 
-    def _note_class_failure(self, label: int) -> None:
-        """Count a file of class ``label`` failing to decode for the first time; once every
-        file of the class has, say so (in training the class's samples are then other
-        classes' images; in validation it is not scored)."""
-        if not 0 <= label < len(self._class_failed):
-            return
-        self._class_failed.add(at=label)
-        files = int((self._table.column("label") == label).sum())
-        if self._class_failed[label] == files:
-            logger.error(
-                "none of the %s of class %r under %s decodes (the header check passed them): "
-                "%s; repair or remove them", counted(files, "file"), self.classes[label],
-                self.root, "its training samples are other classes' images" if self.substitute
-                else "it is not scored",
-            )  # fmt: skip
-
     def __getitem__(self, index: int) -> tuple[Any, int]:
         for attempt in range(len(self)):
             row = (index + attempt) % len(self)
@@ -256,8 +240,9 @@ class CheckedImageFolder(Dataset):
                 self._failed.add()
                 first = self._named.first(path)
                 say = logger.warning if first else logger.debug
-                if first:
-                    self._note_class_failure(label)
+                if first:  # a class none of whose files decodes: said
+                    note_class_failure(self._class_failed, label, self._table.column("label"),
+                                       self.classes, self.root, train=self.substitute)  # fmt: skip
                 if not self.substitute:  # evaluation: leave it out (see loader.collate)
                     say("could not decode %s (%s); left out", path, exc)
                     return None, label

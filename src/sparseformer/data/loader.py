@@ -14,10 +14,11 @@ it loaded before. Workers ignore SIGINT and SIGTERM: the main process alone hand
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import islice
 
 import numpy as np
@@ -33,6 +34,8 @@ from torch.utils.data import (
     default_collate,
 )
 
+from sparseformer.data.scan import counted
+
 __all__ = [
     "ShardSampler",
     "EpochSampler",
@@ -44,7 +47,10 @@ __all__ = [
     "build_train_loader",
     "build_eval_loader",
     "failed_loads",
+    "note_class_failure",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class SharedCount:
@@ -90,6 +96,25 @@ class SharedOnce:
             return False
         self._seen[slot] = True
         return True
+
+
+def note_class_failure(
+    failed: SharedCount, label: int, labels, classes: Sequence[str], root, *, train: bool
+) -> None:
+    """Count a file of class ``label`` (of ``classes``; ``labels``: every file's) failing to
+    decode for the first time in ``failed`` (one count per class); once every file of the
+    class has, say so in an error line (training: the class's samples are other classes'
+    files; evaluation: it is not scored)."""
+    if not 0 <= label < len(failed):
+        return
+    failed.add(at=label)
+    files = int((labels == label).sum())
+    if failed[label] == files:
+        logger.error(
+            "none of the %s of class %r under %s decodes (the folder's check passed them): "
+            "%s; repair or remove them", counted(files, "file"), classes[label], root,
+            "its training samples are other classes' files" if train else "it is not scored",
+        )  # fmt: skip
 
 
 def failed_loads(dataset: Dataset | None) -> int:

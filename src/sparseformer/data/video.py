@@ -32,7 +32,7 @@ from sparseformer.data.clips import (
     train_transform,
     video_file_views,
 )
-from sparseformer.data.loader import SharedCount, SharedOnce
+from sparseformer.data.loader import SharedCount, SharedOnce, note_class_failure
 from sparseformer.data.scan import (
     DifferentItemsError,
     ExtraClassesError,
@@ -147,6 +147,7 @@ class VideoFolder(Dataset):
         self.skipped: list[tuple[str, str]] = []
         self._failed = SharedCount()
         self._named = SharedOnce()  # a file that fails to decode is named once, not per epoch
+        self._class_failed = SharedCount(len(self.classes))  # see note_class_failure
         ignored: list[Path] = []  # other extensions: said, not silently lost
         listed = [
             (path, label)
@@ -284,7 +285,11 @@ class VideoFolder(Dataset):
                 return self._load(i), label
             except VideoReadError as exc:
                 self._failed.add()
-                say = logger.warning if self._named.first(self._table.path(i)) else logger.debug
+                first = self._named.first(self._table.path(i))
+                say = logger.warning if first else logger.debug
+                if first:  # a class none of whose videos decodes: said
+                    note_class_failure(self._class_failed, label, self._table.column("label"),
+                                       self.classes, self.root, train=self.train)  # fmt: skip
                 if not self.train:  # evaluation: leave it out, never score another in its place
                     say("could not decode a video (%s); left out", exc)
                     return None, label
