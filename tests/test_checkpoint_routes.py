@@ -98,7 +98,11 @@ def test_convert_and_info(tmp_path, source, capsys):
     back = read_checkpoint(out)
     assert back.source_format == "sparseformer" and back.state_dict.keys() == state.keys()
     assert back.class_names == (CLASSES if source == "ours" else None)
-    capsys.readouterr()
+    lines = capsys.readouterr().out.splitlines()  # one line; each renamed key with -v
+    renamed = source != "ours"
+    assert len(lines) == 1 and ("-v convert ... lists them" in lines[0]) == renamed
+    assert main(["-v", "convert", str(path), str(tmp_path / "v.safetensors")]) == 0
+    assert (" -> stages." in capsys.readouterr().out) == renamed
     assert main(["info", NANO, "--checkpoint", str(path), "--img-size", "32"]) == 0
     printed = capsys.readouterr().out
     fmt = "sparseformer" if source == "ours" else source

@@ -95,10 +95,12 @@ def run(args: argparse.Namespace) -> int:
             pass  # nothing was written where the path cannot be
         raise CliError(f"cannot write {str(given)!r}: {exc}") from exc
     say = sys.stderr if is_stream(out) else sys.stdout  # OUT may be /dev/stdout itself
-    print(f"wrote {given}: {report.summary()}", file=say)
-    for old, new in report.renamed.items():
-        if old != new:
-            print(f"  {old} -> {new}", file=say)
+    renamed = [(old, new) for old, new in report.renamed.items() if old != new]
+    listed = getattr(args, "verbose", False)  # 154 lines for SparseFormer-T: asked for with -v
+    hint = " (sparseformer -v convert ... lists them)" if renamed and not listed else ""
+    print(f"wrote {given}: {report.summary()}{hint}", file=say)
+    for old, new in renamed if listed else ():
+        print(f"  {old} -> {new}", file=say)
     for key in report.dropped:
         print(f"  dropped {key}", file=say)
     return 0
