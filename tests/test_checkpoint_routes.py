@@ -294,3 +294,12 @@ def test_fine_tuning_a_released_classifier_orders_its_rows_by_imagenet_class(tmp
 
     load_weights(model, tmp_path / "r.pth", class_names=imagenet_class_ids())
     torch.testing.assert_close(model.head.weight, released.head.weight)
+
+
+def test_a_run_on_imagenet_folders_predicts_imagenet_names():
+    from sparseformer.engine.inputs import class_names
+
+    # before: "n01440764" itself, where the released weights print "tench"
+    named = class_names({"class_names": ["n01440764", "n01443537"]}, 2)
+    assert named == ["tench (n01440764)", "goldfish (n01443537)"]
+    assert class_names({"class_names": ["n0", "cat"]}, 2) == ["n0", "cat"]  # not synset ids

@@ -23,7 +23,7 @@ from sparseformer.engine.recipe import Recipe
 from sparseformer.engine.video import is_video_model
 from sparseformer.weights.build import model_input_size
 from sparseformer.weights.loading import is_sparseformer
-from sparseformer.weights.registry import imagenet_class_names
+from sparseformer.weights.registry import imagenet_class_ids, imagenet_class_names
 
 __all__ = [
     "training_preprocessing",
@@ -115,9 +115,15 @@ def check_input_size(model: nn.Module, name: str, size: int, trained_size: int |
 
 
 def class_names(info: dict, num_classes: int) -> list[str]:
-    """The checkpoint's class names, ImageNet's for 1000 classes, else ``class N``."""
+    """The checkpoint's class names (ImageNet synset ids, of a run on ImageNet's own folders,
+    as ImageNet's names: ``tench (n01440764)``), ImageNet's for 1000 classes, else
+    ``class N``."""
     names = info.get("class_names")
     if names and len(names) == num_classes:
+        ids = imagenet_class_ids()
+        if all(isinstance(n, str) and n.startswith("n") for n in names) and set(names) <= set(ids):
+            known = dict(zip(ids, imagenet_class_names()))
+            return [f"{known[n].split(',')[0]} ({n})" for n in names]
         return list(names)
     if names:
         logger.warning(
