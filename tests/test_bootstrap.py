@@ -214,15 +214,29 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
     with pytest.raises(BootstrapError, match="--img-size 8 is smaller than the teacher's 16px"):
         load_teacher("test_vit", img_size=8)
     # before, 30 px trained the student on the teacher's view of the top-left 16 x 16 pixels
-    with pytest.raises(BootstrapError, match="--img-size 30 is not a multiple of the teacher's "
-                       "16px patches: the last 14 pixels of each side would go unseen; give 16 "
-                       "or 32"):  # fmt: skip
+    unseen = "--img-size 30 does not fit the teacher's 16px patches: the last 14 pixels of a side"
+    with pytest.raises(BootstrapError, match=unseen + " would go unseen; give 16 or 32"):
         load_teacher("test_vit", img_size=30)
-    from sparseformer.weights.build import build_model
+    from sparseformer.weights.build import build_model, patch_grid_problem
 
-    with pytest.raises(ValueError, match="--img-size 200 is not a multiple of the model's 16px"):
-        build_model("test_vit", num_classes=3, img_size=200)  # `train --model test_vit`
-    assert build_model("test_vit", num_classes=3, img_size=208).patch_embed.grid_size == (13, 13)
+    # `train --model test_vit`: refused for a new run; an old run of that size still loads
+    vit = build_model("test_vit", num_classes=3, img_size=200)
+    from sparseformer.weights.build import model_from_checkpoint
+
+    old = {"model": vit.state_dict(), "model_name": "test_vit", "num_classes": 3,
+           "preprocessing": {"img_size": 200}}  # fmt: skip
+    torch.save(old, tmp_path / "old_run.pt")
+    loaded, _ = model_from_checkpoint(None, tmp_path / "old_run.pt")
+    assert loaded.patch_embed.img_size == (200, 200)
+    code = main(["train", "--model", "test_vit", "--data-dir", str(folder / "data"), "--output",
+                 str(tmp_path / "v30"), "--img-size", "30", "--epochs", "1", *RUN])  # fmt: skip
+    assert code == 1 and "give 16 or 32" in capsys.readouterr().err
+    assert "give 192 or 208" in patch_grid_problem(vit, 200)
+    assert patch_grid_problem(build_model("test_vit", num_classes=3, img_size=208), 208) is None
+    pit = timm.create_model("pit_ti_224", img_size=232)  # 16 px windows 8 apart: 232 is tiled
+    assert patch_grid_problem(pit, 232) is None and "give 224 or 232" in patch_grid_problem(
+        timm.create_model("pit_ti_224", img_size=230), 230
+    )
     with pytest.raises(BootstrapError, match="a name without weights"):
         load_teacher("test_vit", img_size=32, random_ok=False)
     with pytest.raises(BootstrapError, match="timm model name .*; did you mean .*test_vit"):

@@ -313,7 +313,7 @@ def _build_model(plan: _Plan, bundle, pre):
     replicates, with the --checkpoint weights when fine-tuning."""
     from sparseformer.cli import CliError
     from sparseformer.engine.collaborators import enable_grad_checkpointing
-    from sparseformer.weights.build import build_model
+    from sparseformer.weights.build import build_model, patch_grid_problem
     from sparseformer.weights.checkpoint import checkpoint_replicates
     from sparseformer.weights.loading import load_weights
 
@@ -325,6 +325,9 @@ def _build_model(plan: _Plan, bundle, pre):
         replicates=checkpoint_replicates(start_from, args.model) if start_from else None,
         offset_proj_init=plan.recipe.offset_proj_init, architecture=plan.architecture,
     )  # fmt: skip
+    # a new run at a size its ViT's patches do not tile (a run resumed keeps its own size)
+    if resume is None and (problem := patch_grid_problem(model, pre.img_size)) is not None:
+        raise CliError(problem)
     if plan.start is not None:  # fine-tuning (read once, in _plan)
         load_weights(model, plan.start, class_names=bundle.class_names)
     if args.grad_checkpointing:

@@ -139,37 +139,46 @@ def build_model(
         kwargs["drop_path_rate"] = drop_path
     if img_size is not None:
         try:
-            model = timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
+            return timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
         except TypeError:  # convolutional nets take any size and no img_size argument
             pass
-        else:
-            if (problem := patch_grid_problem(model, img_size)) is not None:
-                raise ValueError(problem)
-            return model
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
 def patch_grid_problem(model: nn.Module, img_size: int) -> str | None:
     """Why ``img_size`` does not fit the patches of a model that cuts its input into them (a
-    timm ViT's ``patch_embed``), or ``None``. A size that is not a multiple of the patch leaves
-    the pixels past the last whole patch unseen: a 16 px ViT at 30 px sees only the top-left
-    16 x 16 pixels, in silence."""
+    timm ViT's ``patch_embed``: its convolution's kernel and stride), or ``None``. A size its
+    windows do not tile leaves the pixels past the last one unseen: a 16 px ViT at 30 px sees
+    only the top-left 16 x 16 pixels, in silence."""
     embed = getattr(model, "patch_embed", None)
-    patch = getattr(embed, "patch_size", None)
-    if patch is None or getattr(embed, "dynamic_img_pad", False):  # padded to whole patches
+    proj = getattr(embed, "proj", None) or getattr(embed, "conv", None)  # ViT's, PiT's
+    proj = proj if isinstance(proj, nn.Conv2d) else None
+    kernel = _pair(proj.kernel_size if proj else getattr(embed, "patch_size", None))
+    stride = _pair(proj.stride) if proj else kernel
+    if not kernel or getattr(embed, "dynamic_img_pad", False):  # padded to whole patches
         return None
-    sides = tuple(int(p) for p in patch) if isinstance(patch, (tuple, list)) else (int(patch),)
-    size = max(sides)
-    if img_size < size:
-        return f"--img-size {img_size} is smaller than the model's {size}px patches; give {size}"
-    if any(img_size % p for p in sides):
-        lower = img_size // size * size
-        return (
-            f"--img-size {img_size} is not a multiple of the model's {size}px patches: the last "
-            f"{img_size - lower} pixels of each side would go unseen; give {lower} or "
-            f"{lower + size}"
-        )
-    return None
+
+    def unseen(size: int) -> int:  # pixels past the last window, on the worse side
+        return max((size - k) % s for k, s in zip(kernel, stride))
+
+    side = max(kernel)
+    if img_size < side:
+        return f"--img-size {img_size} is smaller than the model's {side}px patches; give {side}"
+    if not unseen(img_size):
+        return None
+    fits = [n for n in range(side, img_size + 4 * max(stride)) if not unseen(n)]
+    lower, upper = [n for n in fits if n < img_size], [n for n in fits if n > img_size]
+    offer = " or ".join(str(n) for n in (lower[-1:] + upper[:1]))
+    return (
+        f"--img-size {img_size} does not fit the model's {side}px patches: the last "
+        f"{unseen(img_size)} pixels of a side would go unseen; give {offer}"
+    )
+
+
+def _pair(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * 2
 
 
 def model_input_size(name: str) -> int | None:
