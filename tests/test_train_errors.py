@@ -398,7 +398,7 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, folder, capsy
         capsys, "train", *elsewhere, "--resume", str(out / "last.pt"), "--epochs", "3"
     )
     assert code == 0, err
-    assert re.search(r"^done: 3 epochs in \d+ s of training;", printed, re.M)  # not "0.0 min"
+    assert re.search(r"^done: 3 epochs in \d+(\.\d)? s of training;", printed, re.M)  # not "0.0 min"
     named = printed.split("checkpoints: ")[1].splitlines()[0].split(", ")
     assert named and all(Path(p).is_file() for p in named)
     summary = json.loads((moved / "summary.json").read_text())
@@ -581,7 +581,7 @@ def test_a_warm_up_longer_than_the_run_and_too_many_workers_are_named(
     with caplog.at_level("INFO"):
         code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
-    assert "the warm-up (3 epochs) is as long as the run (1 epochs)" in caplog.text
+    assert "the warm-up (3 epochs) is as long as the run (1 epoch)" in caplog.text
     assert "512 data-loading processes (the recipe's num_workers, or --workers)" in caplog.text
 
 

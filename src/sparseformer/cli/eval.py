@@ -113,15 +113,16 @@ def run(args: argparse.Namespace) -> int:
         bundle = build_datasets(source, pre, None, need_train=False)
     except DataError as exc:
         raise CliError(str(exc)) from exc
-    mapping = _label_map(saved_names, ckpt.num_classes, bundle.class_names)
+    try:
+        mapping, refused = _label_map(saved_names, ckpt.num_classes, bundle.class_names), None
+    except CliError as exc:  # said once the weights are known to be the model's
+        mapping, refused = None, exc
     if mapping is not None:
         bundle.val = RelabelledDataset(bundle.val, mapping)
-    model, ckpt = model_from_checkpoint(
-        args.model,
-        ckpt,
-        None if mapping is not None else bundle.num_classes,
-        prefer_ema=args.ema,
-    )
+    asked = None if mapping is not None or refused else bundle.num_classes
+    model, ckpt = model_from_checkpoint(args.model, ckpt, asked, prefer_ema=args.ema)
+    if refused is not None:
+        raise refused
     try:
         check_input_size(model, args.model, pre.img_size, saved_size)
     except ValueError as exc:
