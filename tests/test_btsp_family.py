@@ -245,6 +245,22 @@ def test_a_clip_checkpoint_in_an_augreg_model_is_a_warning(fixture, caplog):
     assert "sparseformer_btsp_" not in caplog.text
 
 
+def test_a_run_that_records_its_model_is_not_second_guessed_by_its_head(tmp_path, caplog):
+    # a LAION CLIP tower's student runs GELU with a bias-free head: a run records that, and
+    # "build it as a sparseformer_btsp_openai_clip_* model" was wrong advice on every load
+    import dataclasses
+
+    from sparseformer.bootstrap.derive import architecture_overrides
+
+    laion = dataclasses.replace(MODELS[NANO].config, head_bias=False)
+    run = {"model": SparseFormer(laion).state_dict(), "model_name": NANO,
+           "architecture": architecture_overrides(laion, NANO)}  # fmt: skip
+    torch.save(run, tmp_path / "run.pt")
+    with caplog.at_level("WARNING"):
+        model = create_model(NANO, checkpoint_path=tmp_path / "run.pt")
+    assert model.head.bias is None and "sparseformer_btsp_" not in caplog.text
+
+
 def clip_like(model: SparseFormer) -> SparseFormer:
     """The CLIP variant with ``model``'s classes: the same keys and shapes but the head bias."""
     return SparseFormer(btsp_config(authors_config("clip"), num_classes=model.num_classes))

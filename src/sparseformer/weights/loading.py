@@ -86,7 +86,11 @@ def load_checkpoint(
     own = model.state_dict()
     if report.source_format == BTSP_FORMAT:  # released files may lack stage embeddings
         fill_missing_stage_embeddings(converted, own)
-    if _bootstrapped(model):  # before a new classifier takes the place of the file's
+    # a file that says nothing of its model (the authors', a bare state dict) is told by its
+    # head: a run's records its model, whose activation and head need no guessing (a LAION
+    # CLIP tower's student runs GELU without a head bias); before a new classifier comes in
+    silent = ckpt.model_name is None and not ckpt.architecture
+    if _bootstrapped(model) and (report.source_format == BTSP_FORMAT or silent):
         warn_on_variant_mismatch(converted, model.config)
     _adapt_stem(converted, own)
     if allow_classifier_mismatch:
