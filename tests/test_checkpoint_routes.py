@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from sparseformer import create_model, inflate_image_state_dict
 from sparseformer.cli import main
@@ -266,17 +267,22 @@ def test_a_released_imagenet_classifier_reads_synset_and_numbered_folders_by_nam
     # before, any folders were taken by position: 3 synsets were refused ("classifies 1000
     # classes but the data has 3") and ImageNetV2's 0..999 were matched in string order
     wnids = make_folder(tmp_path / "wnids", ("n01440764", "n01443537", "n01484850"), 2, ("val",))
-    numbered = make_folder(tmp_path / "numbered", ("0", "10", "2"), 2, ("val",))
+    numbered = tmp_path / "numbered"  # ImageNetV2: 0 ... 999, listed 0, 1, 10, 100, ...
+    for i in range(1000):
+        (numbered / "val" / str(i)).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(numbered / "val" / str(i) / "a.png")
     common = ["--model", NANO, "--img-size", "32", "--threads", "1", "--quiet", "--json"]
-    for data, index in ((wnids, 1), (numbered, 10)):  # the folder of that class is right
+    for data, index, right in ((wnids, 1, 100 / 3), (numbered, 10, 0.1)):  # its folder's
         ckpt = _released_like(tmp_path, index)
         assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), *common]) == 0
-        assert json.loads(capsys.readouterr().out)["acc1"] == pytest.approx(100 / 3)
+        assert json.loads(capsys.readouterr().out)["acc1"] == pytest.approx(right)
     human = make_folder(tmp_path / "human", ("goldfish", "tench"), 1, ("val",))
-    assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(human), *common]) == 1
-    assert "an ImageNet-1K classifier's classes are ImageNet's synset ids" in (
-        capsys.readouterr().err
-    )
+    digits = make_folder(tmp_path / "digits", tuple("0123456789"), 1, ("val",))  # not ImageNet
+    for data in (human, digits):
+        assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), *common]) == 1
+        assert "an ImageNet-1K classifier's classes are ImageNet's synset ids" in (
+            capsys.readouterr().err
+        )
 
 
 def test_fine_tuning_a_released_classifier_orders_its_rows_by_imagenet_class(tmp_path):
@@ -284,7 +290,7 @@ def test_fine_tuning_a_released_classifier_orders_its_rows_by_imagenet_class(tmp
 
     released = create_model(NANO, num_classes=1000)
     torch.save({"model": released.state_dict()}, tmp_path / "r.pth")
-    numbered = sorted(str(i) for i in range(1000))  # "0", "1", "10", "100", ...: a listing
+    numbered = sorted(f"{i:03d}" if i % 2 else str(i) for i in range(1000))  # padded or not
     model = create_model(NANO, num_classes=1000)
     load_weights(model, tmp_path / "r.pth", class_names=numbered)
     rows = [int(name) for name in numbered]  # each folder's row is its class's

@@ -50,11 +50,13 @@ def imagenet_class_names(short: bool = False) -> list[str]:
 def imagenet_class_ids(folders: Sequence[str] = ()) -> list[str]:
     """An ImageNet-1K classifier's classes in output order, as a data set's class folders
     name them: ImageNet's synset ids (``n01440764`` ...: its own layout, in which a folder
-    listing's order is the classifier's), or ``"0"`` to ``"999"`` where every folder in
-    ``folders`` is a number (ImageNetV2's layout, whose listing order is not). What a 1000-class
-    file that names no classes (a released one) is matched to a data set by."""
-    if folders and all(str(name).isdigit() for name in folders):
-        return [str(i) for i in range(1000)]
+    listing's order is the classifier's), or the folders themselves where they are the
+    numbers 0 to 999, each once (ImageNetV2's layout, ``0``/``10``/``100`` or zero-padded,
+    whose listing order is not the classifier's; ten digit folders are not ImageNet's). What a
+    1000-class file that names no classes (a released one) is matched to a data set by."""
+    numbers = [int(name) for name in folders if str(name).isdigit()]
+    if len(numbers) == len(folders) and sorted(numbers) == list(range(1000)):
+        return sorted(folders, key=int)
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
