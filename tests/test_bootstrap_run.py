@@ -203,3 +203,21 @@ def test_a_teacher_at_chance_whose_weights_name_no_classes_is_doubted(caplog):
         assert not caplog.text
         _doubt_a_chance_teacher(33.0, 3, None)
     assert "no better than chance (33.33%)" in caplog.text and "by count" in caplog.text
+
+
+def test_a_run_of_an_earlier_version_resumes_under_its_own_name(tmp_path):
+    # runs written before students were named by kind name the AugReg template whatever the
+    # student: bootstrap() from Python resumes them under that name, not the CLIP one
+    from sparseformer.bootstrap.run import BootstrapSettings, _run_name
+    from sparseformer.engine.trainer import RunOptions
+
+    clip = dataclasses.replace(MODELS[CLIP_TEMPLATE].config, num_classes=16)
+    old = tmp_path / "last.pt"
+    torch.save({"model": {}, "step": 3, "epoch": 1, "model_name": TEMPLATE}, old)
+    settings = BootstrapSettings()
+    fresh = RunOptions(output=tmp_path, model_name="")
+    assert _run_name(fresh, clip, settings) == CLIP_TEMPLATE  # a new run: named by kind
+    resumed = dataclasses.replace(fresh, resume=old)
+    assert _run_name(resumed, clip, settings) == TEMPLATE
+    asked = dataclasses.replace(fresh, model_name=TEMPLATE)  # what the command passes
+    assert _run_name(asked, clip, settings) == TEMPLATE

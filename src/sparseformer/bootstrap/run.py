@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from sparseformer.data.scan import first_names
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine.distributed import DistInfo, setup_distributed
 from sparseformer.engine.recipe import Recipe
+from sparseformer.engine.resume import read_resume_checkpoint
 from sparseformer.engine.trainer import RunOptions, fit
 from sparseformer.weights.registry import MODELS
 
@@ -172,9 +174,7 @@ def bootstrap(
     labels = accuracy_defined(teacher, student.config, data)
     names = list(data.class_names) if labels else list(teacher.class_names or [])
     objective = AlignmentObjective(teacher.model, settings.loss)
-    name = options.model_name
-    if not (name.startswith("sparseformer_btsp_") and name in MODELS):
-        name = student_name(student.config, settings.student)
+    name = _run_name(options, student.config, settings)
     options = dataclasses.replace(
         options,
         model_name=name,
@@ -194,6 +194,24 @@ def bootstrap(
     record = {"name": teacher.name, "val_acc1": final.get("teacher_val_acc1")}
     _doubt_a_chance_teacher(record["val_acc1"], data.num_classes, teacher.class_names)
     return {**summary, "teacher": record, "student": architecture_overrides(student.config, name)}
+
+
+def _run_name(options: RunOptions, config: SparseFormerConfig, settings: BootstrapSettings) -> str:
+    """The registered name the run's checkpoints give the student: ``options.model_name``
+    where it is one (the command passes a resumed run's), else a resumed run's own (runs of
+    earlier versions name the AugReg template whatever the student), else
+    :func:`~sparseformer.bootstrap.derive.student_name`'s."""
+
+    def registered(name: Any) -> bool:
+        return isinstance(name, str) and name.startswith("sparseformer_btsp_") and name in MODELS
+
+    if registered(options.model_name):
+        return options.model_name
+    if options.resume is not None:
+        saved = read_resume_checkpoint(Path(options.resume), None).get("model_name")
+        if registered(saved):
+            return saved
+    return student_name(config, settings.student)
 
 
 def _doubt_a_chance_teacher(acc1: float | None, classes: int, named: Any) -> None:
