@@ -486,6 +486,7 @@ def test_files_left_above_the_class_folders_are_said(tmp_path, caplog):
     for name in ("loose_0.jpg", "loose_1.jpg"):
         _write(root / "train" / name, "RGB", fmt="JPEG")
     _write(root / "val" / "stray.png", "RGB", fmt="PNG")
+    (root / "train" / "labels.csv").write_text("file,label\n")  # not an image: not counted
     with caplog.at_level(logging.WARNING):
         bundle = build_datasets(DataSource(data_dir=root), Preprocessing(img_size=16), None)
     assert len(bundle.train) == 6 and len(bundle.val) == 6  # left out, as before

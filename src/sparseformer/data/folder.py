@@ -57,7 +57,7 @@ def find_classes(split_dir: Path) -> list[str]:
     Raises:
         DataError: the folder is missing or holds no class folders.
     """
-    return class_folders(Path(split_dir), "images", DataError)
+    return class_folders(Path(split_dir), "images", DataError, IMAGE_EXTENSIONS)
 
 
 class CheckedImageFolder(Dataset):

@@ -148,9 +148,12 @@ def is_hidden(name: str) -> bool:
 _EXAMPLES = {"images": ("ImageFolder", "cat", "jpg"), "videos": ("video folder", "jumping", "mp4")}
 
 
-def class_folders(root: Path, media: str, error: type[Exception] = ValueError) -> list[str]:
+def class_folders(
+    root: Path, media: str, error: type[Exception] = ValueError, extensions: Sequence[str] = ()
+) -> list[str]:
     """Sorted class-folder names of a split folder ``root`` (hidden ones left out:
-    :func:`is_hidden`); ``media`` ("images" or "videos") words the messages.
+    :func:`is_hidden`); ``media`` ("images" or "videos") words the messages. Files of
+    ``extensions`` directly in ``root``, in no class folder, are counted in a warning.
 
     Raises:
         error: ``root`` is missing or holds no class folders; the message shows the layout.
@@ -167,7 +170,10 @@ def class_folders(root: Path, media: str, error: type[Exception] = ValueError) -
             f"{str(root)!r} has no class folders; put each class's {media} in its own "
             f"sub-folder, e.g. {root / example}/001.{ext}"
         )
-    loose = [p for p in root.iterdir() if p.is_file() and not is_hidden(p.name)]
+    loose = [
+        p for p in root.iterdir()
+        if p.suffix.lower() in extensions and p.is_file() and not is_hidden(p.name)
+    ]  # fmt: skip
     if loose and is_first_rank():  # a class's files one level too high: said, not dropped unseen
         logger.warning(
             "%s directly in %s %s in no class folder and left out (e.g. %s); each class's %s "

@@ -137,7 +137,7 @@ class VideoFolder(Dataset):
         self.root = Path(root)
         self.spec = spec
         self.train = train
-        found = class_folders(self.root, "videos", VideoDataError)
+        found = class_folders(self.root, "videos", VideoDataError, VIDEO_EXTENSIONS)
         if classes is not None:  # val: the training classes, or some of them
             try:
                 match_val_classes(self.root, found, classes, "videos")
