@@ -533,6 +533,11 @@ def test_images_over_pils_bomb_guard_are_said_in_our_words(tmp_path, monkeypatch
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and "DecompressionBombWarning" not in done.stderr, done.stderr
     assert "over PIL's 1000-pixel guard" in done.stderr  # the logged line instead
+    strict = "import warnings\nfrom PIL import Image\n" + (  # the process's own rule first
+        "warnings.simplefilter('error', Image.DecompressionBombWarning)\n" + code
+    )
+    done = subprocess.run([sys.executable, "-c", strict], capture_output=True, text=True)
+    assert done.returncode == 1 and "DecompressionBombWarning" in done.stderr
     assert caplog.text.count("over PIL's 1000-pixel guard against decompression bombs") == 1
     assert "downsize it, or raise PIL.Image.MAX_IMAGE_PIXELS" in check_image_header(
         tmp_path / "huge.png"

@@ -42,7 +42,8 @@ READ_ERRORS = (
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 # PIL's raw warning for an image over its decompression-bomb size names the size, not the
 # file, once per call site: open_rgb says it in a logged line that names the file instead.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Appended: a rule of the process's own for it (an error, say) still comes first.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, append=True)
 
 # 16-bit and 32-bit integer modes: PIL's convert("RGB") would clip them to 255, not rescale.
 _WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
