@@ -130,6 +130,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     from sparseformer.bootstrap.run import BootstrapSettings
     from sparseformer.bootstrap.teacher import check_teacher_weights
     from sparseformer.cli import CliError, check_output
+    from sparseformer.data.video import is_video_folder
     from sparseformer.engine.device import pick_device
     from sparseformer.engine.distributed import launched_rank
     from sparseformer.engine.own_folder import recipe_for_folder
@@ -150,7 +151,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     device = pick_device(args.device)
     if args.precision:  # an asked fp16 on a CPU: before the folder is counted
         check_precision(args.precision, device)
-    if args.data_dir is not None and _holds_videos(args.data_dir):
+    if args.data_dir is not None and is_video_folder(args.data_dir):
         raise CliError(f"{args.data_dir} holds videos; bootstrap takes image folders "
                        "(DIR/train/CLASS/*.jpg): its teachers are image ViTs")  # fmt: skip
     refuse_video_flags_on_images(args, False, "bootstrap takes images")
@@ -192,13 +193,6 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     refuse_overwriting_a_run(args.output, resume=resume, overwrite=args.overwrite)
     check_precision(args.precision or recipe.precision, device)  # fp16 on a CPU
     return _Plan(args, device, recipe, source, settings, resume, saved, img_size)
-
-
-def _holds_videos(data_dir) -> bool:
-    from sparseformer.data.video import sample_media
-
-    videos, images = sample_media(data_dir)
-    return videos > images
 
 
 def _asked(flags, recipe, field: str):

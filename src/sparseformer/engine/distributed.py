@@ -105,7 +105,7 @@ def end_with_launcher() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     except (OSError, AttributeError):  # no prctl to call: workers outlive a killed launcher
         return
-    if os.getppid() != launcher:  # the launcher died before the request was made
+    if os.getppid() != launcher or launcher == 1:  # the launcher died before the request
         os.kill(os.getpid(), signal.SIGTERM)
 
 
