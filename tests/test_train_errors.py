@@ -398,7 +398,8 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path, folder, capsy
         capsys, "train", *elsewhere, "--resume", str(out / "last.pt"), "--epochs", "3"
     )
     assert code == 0, err
-    assert re.search(r"^done: 3 epochs in \d+(\.\d)? s of training;", printed, re.M)  # not "0.0 min"
+    # seconds, not "0.0 min"
+    assert re.search(r"^done: 3 epochs in \d+(\.\d)? s of training;", printed, re.M)
     named = printed.split("checkpoints: ")[1].splitlines()[0].split(", ")
     assert named and all(Path(p).is_file() for p in named)
     summary = json.loads((moved / "summary.json").read_text())
