@@ -69,6 +69,7 @@ def setup_distributed(device: str) -> DistInfo:
         device: ``"cpu"`` or ``"cuda"``; picks the backend (gloo / nccl) and, on CUDA, binds
             this process to GPU ``LOCAL_RANK``.
     """
+    end_with_launcher()  # under torchrun, one process or many
     if launched_rank()[1] <= 1:
         return DistInfo()
     info = DistInfo(
@@ -77,7 +78,6 @@ def setup_distributed(device: str) -> DistInfo:
         int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),  # one machine, if not said
         int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])),
     )
-    end_with_launcher()
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
         torch.cuda.set_device(info.local_rank)
