@@ -198,7 +198,8 @@ def _validate(loop: RunLoop, stats: dict, state: RunState, epoch: int) -> dict[s
     broadcast_buffers(loop.model, dist)  # rank 0's BatchNorm statistics, which it saves
     validate = loop.validation or evaluate  # looked up here: tests wrap the module's evaluate
     val = validate(loop.model, parts.val_loader, tools.prep, dist, None, loop.progress)
-    if val["images"] == 0 and dist.is_main:
+    stopping = loop.signals.requested  # a validation a signal cut short: not a failure
+    if val["images"] == 0 and dist.is_main and not stopping:
         logger.warning(
             "validation scored nothing: none of its %d files could be decoded (the log names "
             "them); the epoch has no validation loss or accuracy, and no best checkpoint",
