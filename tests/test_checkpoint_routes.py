@@ -276,6 +276,11 @@ def test_a_released_imagenet_classifier_reads_synset_and_numbered_folders_by_nam
         ckpt = _released_like(tmp_path, index)
         assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), *common]) == 0
         assert json.loads(capsys.readouterr().out)["acc1"] == pytest.approx(right)
+    report = tmp_path / "report"  # the per-class rows name the folders in the model's order
+    argv = ["eval", "--checkpoint", str(ckpt), "--data-dir", str(numbered), *common]
+    assert main([*argv, "--per-class", str(report)]) == 0
+    rows = json.loads((report / "per_class.json").read_text())["classes"]
+    assert [r["class"] for r in rows if r["acc1"] == 100.0] == ["10"]
     human = make_folder(tmp_path / "human", ("goldfish", "tench"), 1, ("val",))
     digits = make_folder(tmp_path / "digits", tuple("0123456789"), 1, ("val",))  # not ImageNet
     for data in (human, digits):

@@ -166,11 +166,16 @@ def _label_map(saved_names, outputs: int, folders: list[str]) -> list[int] | Non
 
 
 def _output_names(model, ckpt, bundle) -> list[str]:
-    """The names of the model's outputs: the checkpoint's, else the data's, else ImageNet's
-    for 1000 (a released classifier on a subset of its classes), else indices."""
-    from sparseformer.weights.registry import imagenet_class_names
+    """The names of the model's outputs: the checkpoint's; a released ImageNet classifier's
+    as the folders name them, in its order (ImageNetV2's numbers are not listed so); the
+    data's; ImageNet's for 1000 (a released classifier on a subset of its classes); indices."""
+    from sparseformer.weights.registry import imagenet_class_ids, imagenet_class_names
 
     width = int(getattr(model, "num_classes", 0) or len(bundle.class_names))
+    if ckpt.class_names is None and width == 1000:
+        ids = imagenet_class_ids(bundle.class_names)
+        if set(bundle.class_names) == set(ids):
+            return ids
     for names in (ckpt.class_names, bundle.class_names):
         if names is not None and len(names) == width:
             return list(names)
