@@ -500,7 +500,7 @@ def test_a_limit_below_one_file_per_class_names_the_classes_it_leaves_out(tmp_pa
     root = make_folder(tmp_path / "data", classes=("ant", "bee", "cat"))
     with caplog.at_level(logging.WARNING):
         build_datasets(DataSource(data_dir=root, limit_train=2), Preprocessing(img_size=16), None)
-    assert "the limit of 2 file(s) leaves 1 class without any (cat)" in caplog.text
+    assert "the limit of 2 files leaves 1 class without any (cat)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # one each: nothing to say
         build_datasets(DataSource(data_dir=root, limit_train=3), Preprocessing(img_size=16), None)

@@ -136,8 +136,8 @@ class CheckedImageFolder(Dataset):
         ]
         if cut and is_first_rank():  # a limit below one file per class
             logger.warning(
-                "%s: the limit of %d file(s) leaves %s without any (%s); give a larger limit "
-                "to keep every class", self.root, limit, counted(len(cut), "class"),
+                "%s: the limit of %s leaves %s without any (%s); give a larger limit to keep "
+                "every class", self.root, counted(limit, "file"), counted(len(cut), "class"),
                 first_names(cut, quote=False),
             )  # fmt: skip
         self.skipped: list[tuple[str, str]] = []

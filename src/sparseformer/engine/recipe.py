@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from sparseformer.data.scan import counted
 from sparseformer.data.transforms import Augmentation
 from sparseformer.engine.recipe_rules import RecipeError, check_ranges, check_types
 
@@ -227,20 +228,24 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 
 
 def _say_what_a_file_leaves_out(recipe: Recipe, given: set[str], origin: str) -> None:
-    """A warning when a recipe file leaves out a field that shapes a run (precision, batch
-    size, Mixup, EMA, learning rate): it takes the ``imagenet1k`` recipe's value (the
+    """A warning when a recipe file leaves out a field that shapes a run (its length,
+    precision, batch size, learning rate and warm-up, Mixup and CutMix, EMA): it takes the
+    ``imagenet1k`` recipe's value (the
     :class:`Recipe` defaults), not that of the recipe the run would take without
     ``--recipe``, which ``--set`` changes field by field."""
     left = [f.name for f in dataclasses.fields(Recipe) if f.name not in given | {"name"}]
-    notable = [k for k in ("precision", "batch_size", "mixup", "ema_decay", "lr") if k in left]
+    shaping = ("epochs", "precision", "batch_size", "lr", "warmup_epochs", "mixup", "cutmix",
+               "ema_decay")  # fmt: skip
+    notable = [k for k in shaping if k in left]
     if not notable:  # finer fields (mixup_prob, ...) follow the ones the file sets
         return
     shown = ", ".join(f"{k} {getattr(recipe, k)}" for k in notable)
     logger.warning(
-        "%s leaves %d recipe field(s) out, which take the imagenet1k recipe's values (%s%s); "
+        "%s leaves %s out, which take the imagenet1k recipe's values (%s%s); "
         "to change a few fields of the recipe a run takes without --recipe, pass them with "
         "--set KEY=VALUE instead",
-        origin, len(left), shown, ", ..." if len(left) > len(notable) else "",
+        origin, counted(len(left), "recipe field"), shown,
+        ", ..." if len(left) > len(notable) else "",
     )  # fmt: skip
 
 
