@@ -19,7 +19,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from sparseformer.data.images import IMAGE_EXTENSIONS, READ_ERRORS, check_image_header, open_rgb
-from sparseformer.data.loader import SharedCount, SharedOnce, note_class_failure
+from sparseformer.data.loader import DecodeFailures
 from sparseformer.data.scan import (
     DifferentItemsError,
     ExtraClassesError,
@@ -157,11 +157,9 @@ class CheckedImageFolder(Dataset):
         self._table = SampleTable(
             [path for path, _ in samples], label=[label for _, label in samples]
         )
-        self._failed = SharedCount()
-        self._named = SharedOnce()  # a file that fails to decode is named once, not per epoch
-        # per class, its files that have failed to decode (each once): a class all of whose
+        # a file that fails to decode is named once, not per epoch, and a class all of whose
         # files fail is said, not trained on other classes' images in silence
-        self._class_failed = SharedCount(len(self.classes))
+        self._failed = DecodeFailures(self.classes, self.root, train=substitute)
         self.substitute = substitute
 
     def _check(self, chosen: list[tuple[str, int]], share_check: bool) -> list[tuple[str, int]]:
@@ -237,12 +235,8 @@ class CheckedImageFolder(Dataset):
             try:
                 img = open_rgb(path)
             except READ_ERRORS as exc:
-                self._failed.add()
-                first = self._named.first(path)
+                first = self._failed.note(path, label, self._table.column("label"))
                 say = logger.warning if first else logger.debug
-                if first:  # a class none of whose files decodes: said
-                    note_class_failure(self._class_failed, label, self._table.column("label"),
-                                       self.classes, self.root, train=self.substitute)  # fmt: skip
                 if not self.substitute:  # evaluation: leave it out (see loader.collate)
                     say("could not decode %s (%s); left out", path, exc)
                     return None, label

@@ -47,7 +47,7 @@ __all__ = [
     "build_train_loader",
     "build_eval_loader",
     "failed_loads",
-    "note_class_failure",
+    "DecodeFailures",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,23 +98,38 @@ class SharedOnce:
         return True
 
 
-def note_class_failure(
-    failed: SharedCount, label: int, labels, classes: Sequence[str], root, *, train: bool
-) -> None:
-    """Count a file of class ``label`` (of ``classes``; ``labels``: every file's) failing to
-    decode for the first time in ``failed`` (one count per class); once every file of the
-    class has, say so in an error line (training: the class's samples are other classes'
-    files; evaluation: it is not scored)."""
-    if not 0 <= label < len(failed):
-        return
-    failed.add(at=label)
-    files = int((labels == label).sum())
-    if failed[label] == files:
-        logger.error(
-            "none of the %s of class %r under %s decodes (the folder's check passed them): "
-            "%s; repair or remove them", counted(files, "file"), classes[label], root,
-            "its training samples are other classes' files" if train else "it is not scored",
-        )  # fmt: skip
+class DecodeFailures:
+    """Files of a data set that fail to decode after its folder check, over the main process
+    and its DataLoader workers: every failure counted (``int()``), each file named once
+    (:meth:`note` says whether this is its first), and per class, so that a class none of
+    whose files decodes is said in an error line once (training: its samples are other
+    classes' files; evaluation: it is not scored)."""
+
+    def __init__(self, classes: Sequence[str], root, *, train: bool) -> None:
+        self._count, self._named = SharedCount(), SharedOnce()
+        self._per_class = SharedCount(len(classes))
+        self._classes, self._root, self._train = list(classes), root, train
+
+    def __int__(self) -> int:
+        return int(self._count)
+
+    def note(self, path: str, label: int, labels) -> bool:
+        """Count a failure of ``path`` (of class ``label``; ``labels``: every file's);
+        whether the file failed here for the first time."""
+        self._count.add()
+        first = self._named.first(path)
+        if first and 0 <= label < len(self._per_class):
+            self._per_class.add(at=label)
+            files = int((labels == label).sum())
+            if self._per_class[label] == files:
+                logger.error(
+                    "none of the %s of class %r under %s decodes (the folder's check passed "
+                    "them): %s; repair or remove them", counted(files, "file"),
+                    self._classes[label], self._root,
+                    "its training samples are other classes' files" if self._train
+                    else "it is not scored",
+                )  # fmt: skip
+        return first
 
 
 def failed_loads(dataset: Dataset | None) -> int:

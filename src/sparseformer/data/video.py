@@ -32,7 +32,7 @@ from sparseformer.data.clips import (
     train_transform,
     video_file_views,
 )
-from sparseformer.data.loader import SharedCount, SharedOnce, note_class_failure
+from sparseformer.data.loader import DecodeFailures
 from sparseformer.data.scan import (
     DifferentItemsError,
     ExtraClassesError,
@@ -145,9 +145,7 @@ class VideoFolder(Dataset):
                 raise VideoDataError(str(exc)) from None
         self.classes = list(classes) if classes is not None else found
         self.skipped: list[tuple[str, str]] = []
-        self._failed = SharedCount()
-        self._named = SharedOnce()  # a file that fails to decode is named once, not per epoch
-        self._class_failed = SharedCount(len(self.classes))  # see note_class_failure
+        self._failed = DecodeFailures(self.classes, self.root, train=train)  # named once each
         ignored: list[Path] = []  # other extensions: said, not silently lost
         listed = [
             (path, label)
@@ -284,12 +282,8 @@ class VideoFolder(Dataset):
             try:
                 return self._load(i), label
             except VideoReadError as exc:
-                self._failed.add()
-                first = self._named.first(self._table.path(i))
+                first = self._failed.note(self._table.path(i), label, self._table.column("label"))
                 say = logger.warning if first else logger.debug
-                if first:  # a class none of whose videos decodes: said
-                    note_class_failure(self._class_failed, label, self._table.column("label"),
-                                       self.classes, self.root, train=self.train)  # fmt: skip
                 if not self.train:  # evaluation: leave it out, never score another in its place
                     say("could not decode a video (%s); left out", exc)
                     return None, label
