@@ -155,12 +155,12 @@ def _label_map(saved_names, outputs: int, folders: list[str]) -> list[int] | Non
     from sparseformer.cli import CliError
     from sparseformer.data import DataError
     from sparseformer.data.relabel import checkpoint_label_map
-    from sparseformer.weights.registry import imagenet_class_ids
+    from sparseformer.weights.registry import classes_of_outputs
 
-    imagenet = saved_names is None and outputs == 1000
+    trained_on = classes_of_outputs(saved_names, outputs, folders)
+    imagenet = saved_names is None and trained_on is not None
     try:
-        return checkpoint_label_map(imagenet_class_ids(folders) if imagenet else saved_names,
-                                    folders)  # fmt: skip
+        return checkpoint_label_map(trained_on, folders)
     except DataError as exc:
         raise CliError(str(exc) + (_IMAGENET_FOLDERS if imagenet else "")) from exc
 
@@ -169,14 +169,13 @@ def _output_names(model, ckpt, bundle) -> list[str]:
     """The names of the model's outputs: the checkpoint's; a released ImageNet classifier's
     as the folders name them, in its order (ImageNetV2's numbers are not listed so); the
     data's; ImageNet's for 1000 (a released classifier on a subset of its classes); indices."""
-    from sparseformer.weights.registry import imagenet_class_ids, imagenet_class_names
+    from sparseformer.weights.registry import classes_of_outputs, imagenet_class_names
 
     width = int(getattr(model, "num_classes", 0) or len(bundle.class_names))
-    if ckpt.class_names is None and width == 1000:
-        ids = imagenet_class_ids(bundle.class_names)
-        if set(bundle.class_names) == set(ids):
-            return ids
-    for names in (ckpt.class_names, bundle.class_names):
+    named = classes_of_outputs(ckpt.class_names, width, bundle.class_names)
+    if ckpt.class_names is None and named is not None and set(named) != set(bundle.class_names):
+        named = None  # a released classifier on a subset of its classes: ImageNet's names below
+    for names in (named, bundle.class_names):
         if names is not None and len(names) == width:
             return list(names)
     return imagenet_class_names() if width == 1000 else [str(i) for i in range(width)]

@@ -31,7 +31,7 @@ from sparseformer.weights.convert_btsp import (
     warn_on_variant_mismatch,
 )
 from sparseformer.weights.inflate import inflate_image_state_dict, is_image_state_dict
-from sparseformer.weights.registry import imagenet_class_ids
+from sparseformer.weights.registry import classes_of_outputs
 
 __all__ = [
     "load_checkpoint",
@@ -225,9 +225,7 @@ def load_weights(
         }
     if class_names is not None:
         state = dict(ckpt.state_dict)
-        saved = None if ckpt.class_names is None else list(ckpt.class_names)
-        if saved is None and ckpt.num_classes == 1000:  # a released ImageNet-1K classifier
-            saved = imagenet_class_ids(class_names)
+        saved = classes_of_outputs(ckpt.class_names, ckpt.num_classes, class_names)
         _match_class_names(state, own, head_keys, saved, list(class_names))
         ckpt = dataclasses.replace(ckpt, state_dict=state)
     if is_sparseformer(model):

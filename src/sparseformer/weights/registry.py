@@ -22,6 +22,7 @@ __all__ = [
     "IMAGENET_STD",
     "imagenet_class_names",
     "imagenet_class_ids",
+    "classes_of_outputs",
     "image_model_of",
     "split_tag",
 ]
@@ -61,6 +62,17 @@ def imagenet_class_ids(folders: Sequence[str] = ()) -> list[str]:
 
     info = ImageNetInfo()
     return [info.index_to_label_name(i) for i in range(info.num_classes())]
+
+
+def classes_of_outputs(
+    class_names: Sequence[str] | None, outputs: int, folders: Sequence[str] = ()
+) -> list[str] | None:
+    """The classes a classifier's outputs stand for, in order: the names its checkpoint
+    records; for 1000 outputs and none recorded (a released classifier), ImageNet's as
+    ``folders`` name them (:func:`imagenet_class_ids`); else ``None`` (matched by position)."""
+    if class_names is not None:
+        return list(class_names)
+    return imagenet_class_ids(folders) if outputs == 1000 else None
 
 
 @dataclass(frozen=True)
