@@ -175,6 +175,7 @@ def bootstrap(
     names = list(data.class_names) if labels else list(teacher.class_names or [])
     objective = AlignmentObjective(teacher.model, settings.loss)
     name = _run_name(options, student.config, settings)
+    student_fields = architecture_overrides(student.config, name)  # what the checkpoints record
     options = dataclasses.replace(
         options,
         model_name=name,
@@ -184,7 +185,7 @@ def bootstrap(
             **options.extra,
             "num_classes": student.config.num_classes,
             "class_names": names or None,
-            "architecture": architecture_overrides(student.config, name),
+            "architecture": student_fields,
             "teacher": {"name": teacher.name, "fingerprint": fingerprint(teacher.model)},
             "bootstrap": settings.to_dict(),
         },
@@ -193,7 +194,7 @@ def bootstrap(
     final = summary["final"] or {}
     record = {"name": teacher.name, "val_acc1": final.get("teacher_val_acc1")}
     _doubt_a_chance_teacher(record["val_acc1"], data.num_classes, teacher.class_names)
-    return {**summary, "teacher": record, "student": architecture_overrides(student.config, name)}
+    return {**summary, "teacher": record, "student": student_fields}
 
 
 def _run_name(options: RunOptions, config: SparseFormerConfig, settings: BootstrapSettings) -> str:

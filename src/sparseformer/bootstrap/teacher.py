@@ -83,9 +83,9 @@ def _build_by_name(timm, name: str, img_size: int | None, ckpt) -> nn.Module:
         model = timm.create_model(name, pretrained=False, **sizes, **kwargs)
     except TypeError:  # convolutional nets take no img_size: not a ViT either
         model = timm.create_model(name, pretrained=False, **kwargs)
-    problem = patch_grid_problem(model, img_size) if img_size is not None else None
+    problem = patch_grid_problem(model, img_size, "the teacher's") if img_size else None
     if problem is not None:
-        raise BootstrapError(problem.replace("the model's", "the teacher's"))
+        raise BootstrapError(problem)
     return model
 
 

@@ -145,11 +145,11 @@ def build_model(
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def patch_grid_problem(model: nn.Module, img_size: int) -> str | None:
+def patch_grid_problem(model: nn.Module, img_size: int, whose: str = "the model's") -> str | None:
     """Why ``img_size`` does not fit the patches of a model that cuts its input into them (a
     timm ViT's ``patch_embed``: its convolution's kernel and stride), or ``None``. A size its
     windows do not tile leaves the pixels past the last one unseen: a 16 px ViT at 30 px sees
-    only the top-left 16 x 16 pixels, in silence."""
+    only the top-left 16 x 16 pixels, in silence. ``whose`` words the message ("the teacher's")."""
     embed = getattr(model, "patch_embed", None)
     proj = getattr(embed, "proj", None) or getattr(embed, "conv", None)  # ViT's, PiT's
     proj = proj if isinstance(proj, nn.Conv2d) else None
@@ -163,14 +163,14 @@ def patch_grid_problem(model: nn.Module, img_size: int) -> str | None:
 
     side = max(kernel)
     if img_size < side:
-        return f"--img-size {img_size} is smaller than the model's {side}px patches; give {side}"
+        return f"--img-size {img_size} is smaller than {whose} {side}px patches; give {side}"
     if not unseen(img_size):
         return None
     fits = [n for n in range(side, img_size + 4 * max(stride)) if not unseen(n)]
     lower, upper = [n for n in fits if n < img_size], [n for n in fits if n > img_size]
     offer = " or ".join(str(n) for n in (lower[-1:] + upper[:1]))
     return (
-        f"--img-size {img_size} does not fit the model's {side}px patches: the last "
+        f"--img-size {img_size} does not fit {whose} {side}px patches: the last "
         f"{unseen(img_size)} pixels of a side would go unseen; give {offer}"
     )
 
