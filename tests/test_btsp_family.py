@@ -6,6 +6,7 @@ registered as ``sparseformer_btsp_nano``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -25,6 +26,7 @@ from sparseformer.weights.registry import MODELS
 
 from .conftest import DATA
 from .test_conformance_btsp import authors_config, weights
+from .test_train_errors import one_line_error
 
 NANO = "sparseformer_btsp_nano"
 VARIANTS = ("augreg", "clip")
@@ -215,22 +217,42 @@ def test_fine_tune_eval_predict_from_the_authors_weights(authors_file, tmp_path,
     assert "upright" in out and "turned" in out
 
 
-def test_predict_refuses_a_clip_towers_embedding_as_classes():
+def test_a_clip_towers_embedding_is_not_class_scores():
     """A CLIP tower's bias-free projection at its released width is an embedding; a run's
-    named classes, a bias-free head of other classes, or a timm classifier are predicted."""
-    from sparseformer.cli import CliError
-    from sparseformer.cli.predict import _refuse_models_without_classes
+    named classes, a bias-free head of other classes, or a timm classifier score classes."""
+    from sparseformer.weights.build import classes_problem, embedding_width
 
     name = "sparseformer_btsp_openai_clip_base"  # a 512-d projection, released
     clip = SparseFormer(btsp_config(authors_config("clip"), num_classes=512))
-    assert clip.head.bias is None
-    with pytest.raises(CliError, match=r"outputs a 512-d embedding \(a CLIP image tower"):
-        _refuse_models_without_classes(clip, {}, name)
-    _refuse_models_without_classes(clip, {"class_names": [str(i) for i in range(512)]}, name)
+    assert clip.head.bias is None and embedding_width(clip, name) == 512
+    assert "outputs a 512-d embedding (a CLIP image tower" in classes_problem(clip, name)
+    assert classes_problem(clip, name, [str(i) for i in range(512)]) is None
     tuned = SparseFormer(btsp_config(authors_config("clip"), num_classes=1000))
-    _refuse_models_without_classes(tuned, {}, name)  # fine-tuned elsewhere on 1000 classes
-    _refuse_models_without_classes(tiny("augreg"), {}, NANO)
-    _refuse_models_without_classes(timm.create_model("test_vit", num_classes=2), {}, "test_vit")
+    assert classes_problem(tuned, name) is None  # fine-tuned elsewhere on 1000 classes
+    assert classes_problem(tiny("augreg"), NANO) is None
+    assert classes_problem(timm.create_model("test_vit", num_classes=2), "test_vit") is None
+    headless = SparseFormer(btsp_config(authors_config("augreg"), num_classes=0))
+    assert "has no classifier here" in classes_problem(headless, NANO)
+
+
+def test_eval_and_info_speak_of_a_clip_towers_embedding(tmp_path, capsys):
+    """eval of a CLIP tower's checkpoint says it is an embedding (it said "classifies 512
+    classes but the data has 2"); info counts no "512 classes"."""
+    name = "sparseformer_btsp_openai_clip_base"
+    config = btsp_config(authors_config("clip"), num_classes=512)  # small, the released head
+    released = dataclasses.asdict(MODELS[name].config)
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if v != released[k]}
+    state = SparseFormer(config).state_dict()
+    torch.save({"model": state, "model_name": name, "architecture": fields}, tmp_path / "clip.pth")
+    for i, color in enumerate(("red", "blue")):
+        (tmp_path / "data" / "val" / color).mkdir(parents=True)
+        Image.new("RGB", (40, 40), color).save(tmp_path / "data" / "val" / color / f"{i}.png")
+    ckpt = ["--model", name, "--checkpoint", str(tmp_path / "clip.pth"), "--img-size", "64"]
+    err = one_line_error(capsys, "eval", *ckpt, "--data-dir", str(tmp_path / "data"))
+    assert "outputs a 512-d embedding (a CLIP image tower's projection)" in err
+    assert main(["info", *ckpt]) == 0
+    out = capsys.readouterr().out
+    assert "a 512-d embedding" in out and "512 classes" not in out
 
 
 def test_a_clip_checkpoint_in_an_augreg_model_is_a_warning(fixture, caplog):

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.cli.common import model_named_by_checkpoint
     from sparseformer.data.scan import first_names
     from sparseformer.engine.video import is_video_model
-    from sparseformer.weights.build import require_sparseformer
+    from sparseformer.weights.build import embedding_width, require_sparseformer
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
 
     if args.name is not None and args.checkpoint is None and Path(args.name).is_file():
@@ -91,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
     if ckpt is not None:
         names = ckpt.class_names or ()
         shown = f" ({first_names(names, quote=False)})" if names else ""
-        print(f"checkpoint: {ckpt.report.summary()}, {model.num_classes} classes{shown}")
+        width = embedding_width(model, args.model, names)
+        outputs = f"a {width}-d embedding" if width else f"{model.num_classes} classes{shown}"
+        print(f"checkpoint: {ckpt.report.summary()}, {outputs}")
     print(
         f"GFLOPs (multiply-adds): {flops.gflops_paper:.3f} paper convention (without baddbmm), "
         f"{flops.gflops_complete:.3f} complete"

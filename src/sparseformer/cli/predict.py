@@ -68,7 +68,11 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.engine.inputs import checkpoint_preprocessing, class_names
     from sparseformer.engine.loop import BatchPrep
     from sparseformer.engine.video import is_video_model, prediction_clip_spec
-    from sparseformer.weights.build import check_model_name, model_from_checkpoint
+    from sparseformer.weights.build import (
+        check_model_name,
+        classes_problem,
+        model_from_checkpoint,
+    )
 
     args.model = model_named_by_checkpoint(args)
     check_model_name(args.model)  # an unknown name fails before anything is read
@@ -82,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads, DistInfo())
     model, ckpt = model_from_checkpoint(args.model, args.checkpoint, prefer_ema=args.ema)
     info = ckpt.run_info()  # what the checkpoint says about itself
-    _refuse_models_without_classes(model, info, args.model)
+    problem = classes_problem(model, args.model, info.get("class_names"))
+    if problem:  # predict ranks classes
+        raise CliError(problem)
     model.to(device)
     pre = checkpoint_preprocessing(info, args.model)
     names = class_names(info, info["num_classes"])
@@ -101,30 +107,6 @@ def run(args: argparse.Namespace) -> int:
             continue
         _print_top(path, probs, names, min(args.topk, len(names)), args.json)
     return 1 if failed else 0  # the others are classified all the same
-
-
-def _refuse_models_without_classes(model, info: dict, name: str) -> None:
-    """predict ranks classes: a model without a classifier, or whose head is a CLIP tower's
-    bias-free projection at its released width (an embedding, unless a run named its classes;
-    a bias-free classifier of other classes passes), has none."""
-    from sparseformer.cli import CliError
-    from sparseformer.weights.registry import MODELS
-
-    width = int(getattr(model, "num_classes", 0) or 0)
-    if width == 0:
-        raise CliError(
-            f"{name} has no classifier here (its outputs are features), so there are no "
-            "classes to predict; fine-tune one first (train --checkpoint)"
-        )
-    config = getattr(model, "config", None)  # a timm model has none: a classifier
-    spec = MODELS.get(name)
-    projection = spec is not None and width == spec.config.num_classes  # the released width
-    if not getattr(config, "head_bias", True) and projection and not info.get("class_names"):
-        raise CliError(
-            f"{name} outputs a {width}-d embedding (a CLIP image tower's projection), not "
-            "class scores; compare it with text embeddings (encode_image), or fine-tune a "
-            "classifier first (train --checkpoint)"
-        )
 
 
 def _probabilities(model, path: Path, video, transform, prep, device: str):

@@ -21,13 +21,15 @@ from sparseformer.weights.checkpoint import Checkpoint, check_model, read_checkp
 from sparseformer.weights.convert import CheckpointError
 from sparseformer.weights.factory import UnknownModelError, create_model, list_models
 from sparseformer.weights.loading import load_weights
-from sparseformer.weights.registry import split_tag
+from sparseformer.weights.registry import MODELS, split_tag
 
 __all__ = [
     "patch_grid_problem",
     "build_model",
     "check_model_name",
+    "classes_problem",
     "close_model_names",
+    "embedding_width",
     "model_from_checkpoint",
     "model_input_size",
     "require_sparseformer",
@@ -191,6 +193,38 @@ def model_input_size(name: str) -> int | None:
     return int(cfg.input_size[-1]) if cfg is not None else None
 
 
+def embedding_width(model: nn.Module, name: str, class_names=None) -> int | None:
+    """The width of the embedding ``model`` outputs in place of class scores, or ``None`` for
+    a classifier: a CLIP image tower's bias-free projection at its released width (512 for
+    ``sparseformer_btsp_openai_clip_base``), unless its run named classes (a bias-free
+    classifier of other classes, or of as many, is one)."""
+    width = int(getattr(model, "num_classes", 0) or 0)
+    spec = MODELS.get(split_tag(name)[0])
+    released = spec is not None and width == spec.config.num_classes
+    config = getattr(model, "config", None)  # a timm model has none: a classifier
+    if released and not getattr(config, "head_bias", True) and not class_names:
+        return width
+    return None
+
+
+def classes_problem(model: nn.Module, name: str, class_names=None) -> str | None:
+    """Why ``model``'s outputs are not class scores (no classifier, or a CLIP tower's
+    embedding: :func:`embedding_width`), or ``None``."""
+    if not int(getattr(model, "num_classes", 0) or 0):
+        return (
+            f"{name} has no classifier here (its outputs are features), so it scores no "
+            "classes; fine-tune one first (sparseformer train --checkpoint ...)"
+        )
+    width = embedding_width(model, name, class_names)
+    if width is None:
+        return None
+    return (
+        f"{name} outputs a {width}-d embedding (a CLIP image tower's projection), not class "
+        "scores; compare it with text embeddings (encode_image), or fine-tune a classifier "
+        "first (sparseformer train --checkpoint ...)"
+    )
+
+
 def model_from_checkpoint(
     model_name: str | None,
     checkpoint: str | os.PathLike | Mapping[str, Any] | Checkpoint,
@@ -214,7 +248,8 @@ def model_from_checkpoint(
         whether the EMA weights were loaded).
 
     Raises:
-        CheckpointError: a checkpoint of another model, or of another number of classes.
+        CheckpointError: a checkpoint of another model, or of another number of classes; a
+            CLIP image tower's embedding where ``num_classes`` asks for class scores.
     """
     ckpt = read_checkpoint(checkpoint, prefer_ema=prefer_ema)
     model_name = check_model(ckpt, model_name)
@@ -226,6 +261,9 @@ def model_from_checkpoint(
     else:
         model = build_model(model_name, classes, ckpt.img_size)  # timm models fix their size
         load_weights(model, ckpt)
+    no_classes = num_classes is not None and classes_problem(model, model_name, ckpt.class_names)
+    if no_classes:  # the caller scores classes
+        raise CheckpointError(no_classes)
     if num_classes is not None and num_classes != classes:
         where = repr(ckpt.path) if ckpt.path is not None else "the checkpoint"
         raise CheckpointError(
