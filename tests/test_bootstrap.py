@@ -211,11 +211,11 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
         load_teacher(other, img_size=32)  # a state dict alone names no model
     with pytest.raises(BootstrapError, match="is a run of test_vit, which records the size and"):
         load_teacher("test_vit", folder / "teacher.pt")  # its name's weights: its 32px lost
-    with pytest.raises(BootstrapError, match="--img-size 8 is smaller than the teacher's 16px"):
+    with pytest.raises(BootstrapError, match="the input size 8 is smaller than the teacher's 16px"):
         load_teacher("test_vit", img_size=8)
     # before, 30 px trained the student on the teacher's view of the top-left 16 x 16 pixels
-    unseen = "--img-size 30 does not fit the teacher's 16px patches: the last 14 pixels of a side"
-    with pytest.raises(BootstrapError, match=unseen + " would go unseen; give 16 or 32"):
+    unseen = "the input size 30 does not fit the teacher's 16px patches: the last 14 pixels of a side"
+    with pytest.raises(BootstrapError, match=unseen + " would go unseen; use 16 or 32"):
         load_teacher("test_vit", img_size=30)
     from sparseformer.weights.build import build_model, patch_grid_problem
 
@@ -230,11 +230,11 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
     assert loaded.patch_embed.img_size == (200, 200)
     code = main(["train", "--model", "test_vit", "--data-dir", str(folder / "data"), "--output",
                  str(tmp_path / "v30"), "--img-size", "30", "--epochs", "1", *RUN])  # fmt: skip
-    assert code == 1 and "give 16 or 32" in capsys.readouterr().err
-    assert "give 192 or 208" in patch_grid_problem(vit, 200)
+    assert code == 1 and "use 16 or 32" in capsys.readouterr().err
+    assert "use 192 or 208" in patch_grid_problem(vit, 200)
     assert patch_grid_problem(build_model("test_vit", num_classes=3, img_size=208), 208) is None
     pit = timm.create_model("pit_ti_224", img_size=232)  # 16 px windows 8 apart: 232 is tiled
-    assert patch_grid_problem(pit, 232) is None and "give 224 or 232" in patch_grid_problem(
+    assert patch_grid_problem(pit, 232) is None and "use 224 or 232" in patch_grid_problem(
         timm.create_model("pit_ti_224", img_size=230), 230
     )
     with pytest.raises(BootstrapError, match="a name without weights"):

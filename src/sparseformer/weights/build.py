@@ -165,15 +165,15 @@ def patch_grid_problem(model: nn.Module, img_size: int, whose: str = "the model'
 
     side = max(kernel)
     if img_size < side:
-        return f"--img-size {img_size} is smaller than {whose} {side}px patches; give {side}"
+        return f"the input size {img_size} is smaller than {whose} {side}px patches; use {side}"
     if not unseen(img_size):
         return None
     fits = [n for n in range(side, img_size + 4 * max(stride)) if not unseen(n)]
     lower, upper = [n for n in fits if n < img_size], [n for n in fits if n > img_size]
     offer = " or ".join(str(n) for n in (lower[-1:] + upper[:1]))
     return (
-        f"--img-size {img_size} does not fit {whose} {side}px patches: the last "
-        f"{unseen(img_size)} pixels of a side would go unseen; give {offer}"
+        f"the input size {img_size} does not fit {whose} {side}px patches: the last "
+        f"{unseen(img_size)} pixels of a side would go unseen; use {offer}"
     )
 
 
