@@ -92,6 +92,11 @@ def test_a_recipe_file_that_leaves_out_what_shapes_a_run_is_a_warning(tmp_path, 
     )
     assert "--set" in caplog.text
     caplog.clear()
+    partial.write_text(json.dumps({"epochs": 1, "mixup_prob": 0}))  # no mixing: alphas unsaid
+    with caplog.at_level("WARNING", logger="sparseformer"):
+        load_recipe(partial)
+    assert "ema_decay 0.9999, ...)" in caplog.text and "mixup 0.8" not in caplog.text
+    caplog.clear()
     with caplog.at_level("WARNING", logger="sparseformer"):
         load_recipe("fashion-mnist-cpu")
         load_recipe(RECIPES / "fashion-mnist-cpu.json")  # sets all that shapes a run

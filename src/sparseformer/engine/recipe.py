@@ -236,7 +236,8 @@ def _say_what_a_file_leaves_out(recipe: Recipe, given: set[str], origin: str) ->
     left = [f.name for f in dataclasses.fields(Recipe) if f.name not in given | {"name"}]
     shaping = ("epochs", "precision", "batch_size", "lr", "warmup_epochs", "mixup", "cutmix",
                "ema_decay")  # fmt: skip
-    notable = [k for k in shaping if k in left]
+    mixing_off = "mixup_prob" in given and recipe.mixup_prob == 0  # its alphas do not shape it
+    notable = [k for k in shaping if k in left and not (mixing_off and k in ("mixup", "cutmix"))]
     if not notable:  # finer fields (mixup_prob, ...) follow the ones the file sets
         return
     shown = ", ".join(f"{k} {getattr(recipe, k)}" for k in notable)
