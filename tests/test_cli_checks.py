@@ -273,6 +273,15 @@ def test_command_help_shows_plain_text_not_rest():
         assert "``" not in text and ":func:" not in text and ":class:" not in text, name
 
 
+def test_only_commands_that_take_videos_list_the_clip_flags():
+    from sparseformer.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert "--frames" in commands["train"].format_help()
+    assert "--frames" in commands["eval"].format_help()
+    assert "--frames" not in commands["bootstrap"].format_help()  # its teachers are image ViTs
+
+
 def test_counts_and_lists_in_messages_read_as_written():
     from sparseformer.cli.common import nothing_to_do
     from sparseformer.data.scan import first_names

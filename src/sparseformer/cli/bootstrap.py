@@ -28,7 +28,6 @@ from sparseformer.cli.common import (
     nothing_to_do,
     positive_int,
     recipe_flags,
-    refuse_video_flags_on_images,
 )
 
 __all__ = ["register", "run"]
@@ -66,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--finetune", type=count, default=0, help="inherited blocks that train, the first ones"
     )
     g.add_argument("--loss", choices=("cosine", "smooth_l1"), default="cosine")
-    add_data_arguments(p)
+    add_data_arguments(p, video=False)  # its teachers are image ViTs
     p.add_argument("--output", type=Path, required=True, help="run folder")
     g = p.add_argument_group("recipe (defaults come from --recipe, as for train)")
     g.add_argument("--recipe", help="shipped recipe name or a JSON file")
@@ -154,7 +153,6 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     if args.data_dir is not None and is_video_folder(args.data_dir):
         raise CliError(f"{args.data_dir} holds videos; bootstrap takes image folders "
                        "(DIR/train/CLASS/*.jpg): its teachers are image ViTs")  # fmt: skip
-    refuse_video_flags_on_images(args, False, "bootstrap takes images")
     flags = recipe_flags(args)
     # no --recipe on a folder: one scaled to its size, the run's length and the device, as
     # train chooses (not ImageNet's 300 epochs in bf16 on a CPU)

@@ -115,9 +115,11 @@ def add_clip_arguments(p, prefix: str = "") -> None:
     )
 
 
-def add_data_arguments(p: argparse.ArgumentParser, *, train: bool = True) -> None:
+def add_data_arguments(
+    p: argparse.ArgumentParser, *, train: bool = True, video: bool = True
+) -> None:
     """The data flags; ``train=False`` (eval, which reads the val split only) leaves out
-    ``--limit-train``."""
+    ``--limit-train``, ``video=False`` (a command that takes images only) the clip flags."""
     g = p.add_argument_group("data (one of --data-dir and --dataset)")
     g.add_argument(
         "--data-dir", type=Path, help="ImageFolder root: DIR/train/CLASS/*, DIR/val/CLASS/*"
@@ -141,6 +143,9 @@ def add_data_arguments(p: argparse.ArgumentParser, *, train: bool = True) -> Non
         help="use only N val images (spread over a folder's classes; a built-in data set's "
         "first N)",
     )
+    if not video:
+        p.set_defaults(frames=None, frame_stride=None, sampling=None, clips=1, crops=1)
+        return
     g = p.add_argument_group("video folders (DIR/train/CLASS/*.mp4; video models)")
     add_clip_arguments(g)
     g.add_argument("--clips", type=positive_int, default=1, help="test clips per video (eval)")
