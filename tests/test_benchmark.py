@@ -61,7 +61,7 @@ def test_run_benchmark_reports_every_model_and_size():
 def test_cli_writes_json_csv_and_plot(tmp_path, capsys):
     paths = {ext: tmp_path / f"out.{ext}" for ext in ("json", "csv", "png")}
     argv = ["bench", "--models", *SMALL, "--batch-size", "2", "--img-size", "32"]
-    argv += ["--repeats", "1", "--min-time", "0", "--no-train", "--train-batch-size", "2"]
+    argv += ["--repeats", "1", "--min-time", "0", "--no-train"]
     argv += ["--json", str(paths["json"]), "--csv", str(paths["csv"]), "--plot", str(paths["png"])]
     assert main(argv) == 0
     data = json.loads(paths["json"].read_text())
@@ -107,6 +107,16 @@ def test_settings_validate_baseline_and_precision(capsys):
             small_settings(min_time=bad)
     assert main(["bench", "--models", "sparseformer_v1_nano", "--num-frames", "4"]) == 1
     assert "--num-frames is for video models" in capsys.readouterr().err
+    # a training-step flag where no step is timed was ignored in silence
+    nano = ["bench", "--models", "sparseformer_v1_nano"]
+    assert main([*nano, "--sweep", "out/s", "--train-batch-size", "8"]) == 1
+    assert "--train-batch-size is for the training step, which --sweep leaves out" in (
+        capsys.readouterr().err
+    )
+    assert main([*nano, "--no-train", "--grad-checkpointing"]) == 1
+    assert "which --no-train leaves out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a batch of none was taken
+        main([*nano, "--train-batch-size", "0"])
     with pytest.raises(BenchError, match="precision"):
         small_settings(precision="int8")
     with pytest.raises(BenchError, match="fp16 on the CPU is emulated"):

@@ -57,7 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement, at least")
     p.add_argument("--baseline", default=None, help="model for the ratio columns (default DeiT-S)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
-    p.add_argument("--train-batch-size", type=int, default=32)
+    p.add_argument(
+        "--train-batch-size", type=positive_int, help="images per training step (default 32)"
+    )
     p.add_argument(
         "--grad-checkpointing",
         action="store_true",
@@ -86,7 +88,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from sparseformer.bench import sweep as sweeping
     from sparseformer.bench.report import (
@@ -97,29 +98,9 @@ def run(args: argparse.Namespace) -> int:
         write_csv,
     )
     from sparseformer.bench.throughput import BenchError, BenchSettings, run_benchmark
-    from sparseformer.cli import CliError, check_output
-    from sparseformer.engine.atomic import is_stream, output_target
-    from sparseformer.engine.video import is_video_model
+    from sparseformer.cli import CliError
 
-    sweep = {}
-    if args.sweep:  # the sweep's files, beside any asked for one by one
-        prefix = args.sweep
-        sweep = {"json": f"{prefix}.json", "csv": f"{prefix}.csv"}
-        sweep |= {"throughput": f"{prefix}-throughput.png", "top1": f"{prefix}-top1.png"}
-    for flag, option in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
-        if option:
-            check_output(option, flag)
-    for option in sweep.values():
-        check_output(option, "--sweep")
-    given = [o for o in (args.json, args.csv, args.plot, *sweep.values()) if o]
-    files = [str(output_target(o).absolute()) for o in given if not is_stream(o)]
-    same = sorted({o for o, f in zip(given, files) if files.count(f) > 1})
-    if same:  # one would overwrite the other
-        raise CliError(f"{', '.join(same)} is given for two outputs; give each its own file")
-    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg", ".jpg"):
-        raise CliError(f"--plot {args.plot!r}: give a .png, .pdf, .svg or .jpg file")
-    if args.num_frames is not None and not any(is_video_model(m) for m in args.models):
-        raise CliError("--num-frames is for video models; none of --models is one")
+    sweep = _check_flags(args)
     sizes = args.img_size or (list(sweeping.SWEEP_SIZES) if args.sweep else [224])
     try:
         settings = BenchSettings(
@@ -133,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             min_time=args.min_time,
             train=not (args.no_train or args.sweep),
-            train_batch_size=args.train_batch_size,
+            train_batch_size=args.train_batch_size or 32,
             grad_checkpointing=args.grad_checkpointing,
             baseline=args.baseline,
             num_frames=args.num_frames,
@@ -179,3 +160,39 @@ def _write_outputs(writes: list) -> None:
         write(tmp)
         install(tmp, path)
         print(f"wrote {option}", file=sys.stderr if is_stream(path) else sys.stdout)
+
+
+def _check_flags(args: argparse.Namespace) -> dict[str, str]:
+    """Flags that cannot work together or outputs that cannot be written, before any timing;
+    the sweep's files (``{}`` without ``--sweep``)."""
+    from pathlib import Path
+
+    from sparseformer.cli import CliError, check_output
+    from sparseformer.engine.atomic import is_stream, output_target
+    from sparseformer.engine.video import is_video_model
+
+    sweep = {}
+    if args.sweep:  # the sweep's files, beside any asked for one by one
+        prefix = args.sweep
+        sweep = {"json": f"{prefix}.json", "csv": f"{prefix}.csv"}
+        sweep |= {"throughput": f"{prefix}-throughput.png", "top1": f"{prefix}-top1.png"}
+    for flag, option in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        if option:
+            check_output(option, flag)
+    for option in sweep.values():
+        check_output(option, "--sweep")
+    given = [o for o in (args.json, args.csv, args.plot, *sweep.values()) if o]
+    files = [str(output_target(o).absolute()) for o in given if not is_stream(o)]
+    same = sorted({o for o, f in zip(given, files) if files.count(f) > 1})
+    if same:  # one would overwrite the other
+        raise CliError(f"{', '.join(same)} is given for two outputs; give each its own file")
+    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg", ".jpg"):
+        raise CliError(f"--plot {args.plot!r}: give a .png, .pdf, .svg or .jpg file")
+    if args.num_frames is not None and not any(is_video_model(m) for m in args.models):
+        raise CliError("--num-frames is for video models; none of --models is one")
+    skipped = "--sweep" if args.sweep else "--no-train" if args.no_train else None
+    for flag, value in (("--train-batch-size", args.train_batch_size),
+                        ("--grad-checkpointing", args.grad_checkpointing)):  # fmt: skip
+        if skipped and value:
+            raise CliError(f"{flag} is for the training step, which {skipped} leaves out")
+    return sweep
