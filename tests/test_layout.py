@@ -52,9 +52,20 @@ def _imports(name: str, path: Path) -> set[str]:
         for target in targets:
             while target and target not in MODULES:
                 target = target.rpartition(".")[0]
-            if target and target != name and not (target == "sparseformer" and "." in name):
-                found.add(target)
+            found |= {t for t in _with_packages(target) if _outside(t, name)}
     return found
+
+
+def _with_packages(target: str) -> list[str]:
+    """``target`` and the packages above it, whose ``__init__`` importing it runs first."""
+    parts = target.split(".")
+    return [".".join(parts[:n]) for n in range(2, len(parts) + 1)] if target else []
+
+
+def _outside(target: str, name: str) -> bool:
+    """An import of ``target`` that can close a cycle for ``name``: not itself, and not a
+    package that ``name`` lies in (whose ``__init__`` runs before ``name`` anyway)."""
+    return target != name and not name.startswith(target + ".")
 
 
 GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
