@@ -583,3 +583,18 @@ def test_the_learning_rate_a_run_takes_is_said(tmp_path, folder, capsys, caplog)
     assert "learning rate: peak 6.25e-05 at a total batch of 4 (0.008 per 512 images)" in (
         caplog.text
     )
+
+
+def test_a_run_resumed_into_a_new_folder_keeps_its_history_and_best(tmp_path, folder, capsys):
+    """``--resume other/last.pt --output new``: the new folder's metrics.jsonl held only the
+    epochs trained there, and no best.pt unless the run beat its earlier best."""
+    first, then = tmp_path / "first", tmp_path / "then"
+    assert run_cli(capsys, *_train(folder, first, "--epochs", "2"))[0] == 0
+    argv = _train(folder, then, "--epochs", "3", "--resume", str(first / "last.pt"))
+    assert run_cli(capsys, *argv)[0] == 0
+    earlier = (first / "metrics.jsonl").read_text().splitlines()
+    lines = (then / "metrics.jsonl").read_text().splitlines()
+    assert lines[:2] == earlier and [json.loads(r)["epoch"] for r in lines] == [1, 2, 3]
+    best = torch.load(then / "best.pt", weights_only=True)
+    summary = json.loads((then / "summary.json").read_text())
+    assert best["epoch"] == summary["best_epoch"] and (first / "last.pt").is_file()

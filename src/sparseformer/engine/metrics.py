@@ -60,7 +60,9 @@ class MetricsLog:
 
     The checkpoint is written before its epoch's line, so a run killed between the two resumes
     from a checkpoint whose record ``metrics.jsonl`` lacks (or holds torn): ``saved_record``,
-    the record the resume checkpoint carries, takes its place.
+    the record the resume checkpoint carries, takes its place. ``history``: the resumed run's
+    ``metrics.jsonl`` where it is another folder's (``--resume other/last.pt --output new``),
+    whose epochs up to the resumed one the new log starts with.
     """
 
     def __init__(
@@ -68,16 +70,18 @@ class MetricsLog:
         path: str | os.PathLike,
         resume_from_epoch: int = 0,
         saved_record: dict[str, Any] | None = None,
+        history: str | os.PathLike | None = None,
     ) -> None:
         self.path = Path(path)
         self.records: list[dict[str, Any]] = []
         self.restored: dict[str, Any] | None = None  # saved_record, when it filled a gap
-        if resume_from_epoch > 0 and self.path.is_file():
-            for line in self.path.read_text().splitlines():
+        earlier = Path(history) if history is not None else self.path
+        if resume_from_epoch > 0 and earlier.is_file():
+            for line in earlier.read_text().splitlines():
                 try:
                     rec = json.loads(line) if line.strip() else None
                 except json.JSONDecodeError:  # a line cut short by a kill
-                    logger.warning("%s: ignoring a torn line %r", self.path, line[:60])
+                    logger.warning("%s: ignoring a torn line %r", earlier, line[:60])
                     continue
                 if isinstance(rec, dict) and rec.get("epoch", 0) <= resume_from_epoch:
                     self.records.append(rec)

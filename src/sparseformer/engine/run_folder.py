@@ -32,7 +32,7 @@ from sparseformer.engine.atomic import (
     write_atomic,
     write_text_atomic,
 )
-from sparseformer.engine.checkpoint import BEST, LAST
+from sparseformer.engine.checkpoint import BEST, LAST, link_atomic
 
 __all__ = [
     "SKIPPED_LIST",
@@ -47,6 +47,8 @@ __all__ = [
     "write_summary",
     "summary_epochs",
     "find_resume_checkpoint",
+    "earlier_folder",
+    "carry_best",
     "check_output_path",
     "refuse_overwriting_a_run",
 ]
@@ -212,6 +214,29 @@ def find_resume_checkpoint(output: Path) -> Path | None:
     if resume is None:
         logger.info("--resume auto: no checkpoint in %s yet; starting the run", output)
     return resume
+
+
+def earlier_folder(resume: str | os.PathLike | None, out: Path) -> Path | None:
+    """The folder of the run that ``--resume`` continues, where it is not ``out`` (``--resume
+    other/last.pt --output new``), else ``None``."""
+    if resume is None:
+        return None
+    folder = Path(resume).parent
+    return None if folder.resolve() == Path(out).resolve() else folder
+
+
+def carry_best(resume: str | os.PathLike, out: Path) -> Path | None:
+    """``out/best.pt`` made the continued run's best checkpoint (a hard link, or a copy), so
+    that a run resumed into a new folder holds its best epoch though it beats it no more: the
+    resumed ``best.pt`` itself, or the ``best.pt`` beside a resumed ``last.pt`` (whose best
+    epoch it is: a ``last.pt`` naming a best epoch is written after its ``best.pt``). Returns
+    the file linked, or ``None`` (nothing to carry)."""
+    resume = Path(resume)
+    best = resume if resume.name == BEST else resume.with_name(BEST)
+    if resume.name not in (LAST, BEST) or not best.is_file():
+        return None
+    link_atomic(best, out / BEST)
+    return best
 
 
 def check_output_path(path: str | os.PathLike, flag: str, *, folder: bool = False) -> None:

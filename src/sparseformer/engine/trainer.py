@@ -39,7 +39,9 @@ from sparseformer.engine.resume import DATA_ORDER, RunState, keep_saved_data_ord
 from sparseformer.engine.run_folder import (
     SKIPPED_LIST,
     RunFolderLock,
+    carry_best,
     clear_old_run,
+    earlier_folder,
     prepare_output,
     refuse_overwriting_a_run,
     write_skipped_list,
@@ -193,9 +195,7 @@ def _fit_in(
         clear_old_run(out)
     if dist.is_main:
         write_skipped_list(out / SKIPPED_LIST, data.skipped_files)
-    log = (
-        MetricsLog(out / "metrics.jsonl", state.start_epoch, state.record) if dist.is_main else None
-    )
+    log = _continued_log(out, options.resume, state) if dist.is_main else None
     roi_batch = _roi_batch(model, data, parts, options.roi_stats_images, dist)
     _seed_ranks(state, options.seed, dist, device)  # after the set-up's RNG use
     net = model
@@ -269,6 +269,16 @@ def _checkpoint_facts(
         "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
         **options.extra,
     }
+
+
+def _continued_log(out: Path, resume: str | Path | None, state: RunState) -> MetricsLog:
+    """The run's metrics log. A run resumed from another folder's checkpoint takes that run's
+    history: its epochs up to the resumed one, and its ``best.pt``."""
+    earlier = earlier_folder(resume, out)
+    if earlier is not None and carry_best(resume, out) is not None:
+        logger.info("%s holds the best epoch so far (%s)", out / "best.pt", state.best_epoch)
+    history = earlier / "metrics.jsonl" if earlier is not None else None
+    return MetricsLog(out / "metrics.jsonl", state.start_epoch, state.record, history=history)
 
 
 def _roi_batch(
