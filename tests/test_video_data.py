@@ -399,12 +399,14 @@ def test_a_class_without_usable_videos_is_a_clear_error(tmp_path):
 
 def test_video_folder_skips_and_counts_bad_videos(tmp_path, caplog):
     make_folder(tmp_path)
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "train" / "left" / "still.mp4", "PNG")
     spec = ClipSpec(num_frames=4, stride=2, size=16, crop_pct=1.0)
     with caplog.at_level("WARNING"):
         train = VideoFolder(tmp_path / "train", spec, train=True)
     assert train.classes == ["left", "right"] and len(train) == 4
     skipped = {p.rsplit("/", 1)[-1]: reason for p, reason in train.skipped}
-    assert set(skipped) == {"empty.mp4", "notes.mp4", "truncated.mp4", "short.mp4"}
+    assert set(skipped) == {"empty.mp4", "notes.mp4", "truncated.mp4", "short.mp4", "still.mp4"}
+    assert skipped["still.mp4"] == "a still PNG image under a video's name, not a video"
     assert "too short: 3 frame(s), a clip needs 7" in skipped["short.mp4"]
     assert skipped["empty.mp4"] == "an empty file (0 bytes)"
     assert skipped["notes.mp4"].startswith("not readable as video (Invalid data")

@@ -109,10 +109,15 @@ def _main_video_stream(container, path):
     a cover picture or a one-frame thumbnail stored before the footage.
 
     Raises:
-        VideoReadError: the file has no video stream.
+        VideoReadError: the file has no video stream, or is a still image under a video's
+            name (FFmpeg reads a PNG or JPEG named ``.mp4`` as a one-frame video).
     """
     if not container.streams.video:
         raise VideoReadError(f"{path}: no video stream")
+    demuxer = container.format.name
+    if demuxer == "image2" or demuxer.endswith("_pipe"):  # FFmpeg's still-image readers
+        kind = demuxer.removesuffix("_pipe").upper()
+        raise VideoReadError(f"{path}: a still {kind} image under a video's name, not a video")
     return container.streams.best("video") or container.streams.video[0]
 
 
