@@ -228,6 +228,45 @@ def test_a_worker_forked_after_the_main_process_decoded_still_decodes():
     assert child.exitcode == 0 and queue.get(timeout=5) == (1, 144, 176, 3)
 
 
+def _collect_and_decode_in_child(queue) -> None:
+    import gc
+
+    gc.collect()  # what a worker's allocations set off at any moment
+    _decode_in_child(queue)
+
+
+def test_a_decoder_the_main_process_left_unreachable_does_not_hang_a_forked_worker():
+    """A decoder in a reference cycle (an exception's traceback holds one), inherited by a
+    forked data-loading worker and freed by its garbage collector, waited for decoding threads
+    that only the main process has: the worker hung before its first line."""
+    import gc
+    import multiprocessing
+
+    was_enabled = gc.isenabled()
+    gc.disable()  # the cycle stays uncollected until the fork, as it may between collections
+    try:
+        container = av.open(str(REAL_CLIP))
+        stream = container.streams.video[0]
+        stream.thread_type, stream.thread_count = "AUTO", 4
+        frames = [f for _, f in zip(range(5), container.decode(stream))]
+        cycle = [container, stream, frames]
+        cycle.append(cycle)
+        del container, stream, frames, cycle
+        read_video(REAL_CLIP, [0])  # PyAV in use in the main process
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_collect_and_decode_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=60)
+    finally:
+        if was_enabled:
+            gc.enable()
+    if child.is_alive():
+        child.kill()
+        pytest.fail("a forked worker hung freeing the main process's decoder")
+    assert child.exitcode == 0 and queue.get(timeout=5) == (1, 144, 176, 3)
+
+
 def test_decoding_threads_are_shared_out_in_loader_workers(monkeypatch):
     from sparseformer.data import video_decode as video
 

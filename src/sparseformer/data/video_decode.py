@@ -9,6 +9,7 @@ the stream's display matrix says (a phone's portrait video is stored landscape).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -65,7 +66,33 @@ def _av():
         raise VideoDataError(
             "video decoding needs PyAV: pip install 'sparseformer[video]' (or pip install av)"
         ) from exc
+    if not _GC_ACROSS_FORK:
+        _GC_ACROSS_FORK.append(False)
+        os.register_at_fork(before=_hold_gc, after_in_parent=_resume_gc, after_in_child=_keep_gc)
     return av
+
+
+# A forked process (a data-loading worker) must never free the PyAV objects its parent left
+# unreachable (a decoder or converter in a reference cycle: an exception's traceback holds one):
+# freeing one waits for threads that only the parent has, and the worker hangs before its first
+# line. So the collector is held across the fork, and the child freezes what it inherited
+# before it collects again; the parent collects its own as before.
+_GC_ACROSS_FORK: list = []  # [whether the collector was on before the fork], once registered
+
+
+def _hold_gc() -> None:
+    _GC_ACROSS_FORK[0] = gc.isenabled()
+    gc.disable()
+
+
+def _resume_gc() -> None:
+    if _GC_ACROSS_FORK[0]:
+        gc.enable()
+
+
+def _keep_gc() -> None:
+    gc.freeze()
+    _resume_gc()
 
 
 def _ffmpeg_reason(exc: Exception) -> str:
