@@ -314,3 +314,17 @@ def test_a_run_on_imagenet_folders_predicts_imagenet_names():
     named = class_names({"class_names": ["n01440764", "n01443537"]}, 2)
     assert named == ["tench (n01440764)", "goldfish (n01443537)"]
     assert class_names({"class_names": ["n0", "cat"]}, 2) == ["n0", "cat"]  # not synset ids
+
+
+def test_a_run_folder_given_as_the_checkpoint_names_the_files_in_it(tmp_path):
+    """It said the folder "does not exist or is not a file"."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(CheckpointError, match=r"is a folder with no checkpoint file in it"):
+        read_checkpoint(run)
+    for name in ("last.pt", "best.pt"):
+        torch.save(create_model(NANO).state_dict(), run / name)
+    with pytest.raises(
+        CheckpointError, match=r"is a folder; give a checkpoint file in it: .*best.pt or .*last.pt"
+    ):
+        read_checkpoint(run)

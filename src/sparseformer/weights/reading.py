@@ -41,6 +41,8 @@ def read_file(path: str | os.PathLike) -> Any:
         CheckpointError: a missing, truncated or non-checkpoint file, with what to do.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UnreadableCheckpoint(_folder_given(path))
     if not path.is_file():
         raise UnreadableCheckpoint(f"checkpoint {str(path)!r} does not exist or is not a file")
     if path.stat().st_size == 0:
@@ -202,6 +204,17 @@ def _load_with_stand_ins(path: Path) -> Any | None:
         ", ".join(sorted(names)[:6]) + (", ..." if len(names) > 6 else ""),
     )
     return loaded
+
+
+def _folder_given(folder: Path) -> str:
+    """What to say of a folder given as a checkpoint (a run folder, most often)."""
+    kinds = (".pt", ".pth", ".safetensors", ".bin")
+    files = sorted(p.name for p in folder.iterdir() if p.suffix in kinds and p.is_file())
+    files.sort(key=lambda name: name != "best.pt")  # a run's best first
+    if not files:
+        return f"checkpoint {str(folder)!r} is a folder with no checkpoint file in it; give a file"
+    shown = " or ".join(str(folder / name) for name in files[:2])
+    return f"checkpoint {str(folder)!r} is a folder; give a checkpoint file in it: {shown}"
 
 
 def _looks_like_safetensors(path: Path) -> bool:
