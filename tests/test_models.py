@@ -220,6 +220,14 @@ def test_trace_export_and_meta_device():
     assert meta(torch.randn(2, 3, 32, 32, device="meta")).shape == (2, 1000)
 
 
+def test_weights_asked_into_a_meta_model_are_refused(tmp_path):
+    """They were copied as no-ops (90 warnings) and logged as loaded."""
+    torch.save(create_model("sparseformer_v1_nano").state_dict(), tmp_path / "nano.pth")
+    assert create_model("sparseformer_v1_nano", device="meta").initial_rois.is_meta
+    with pytest.raises(ValueError, match="device='meta' builds a model without storage"):
+        create_model("sparseformer_v1_nano", checkpoint_path=tmp_path / "nano.pth", device="meta")
+
+
 @pytest.mark.cuda
 def test_fp16_autocast_with_loss_scale_on_cuda():
     model = create_model("sparseformer_v1_nano").cuda()

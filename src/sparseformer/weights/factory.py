@@ -193,6 +193,17 @@ def create_model(
         raise TypeError(
             f"{name} has no config field(s) {unknown}; valid overrides: {sorted(valid)}"
         )
+    device = timm_args["device"]
+    if (
+        device is not None
+        and torch.device(device).type == "meta"
+        and (checkpoint_path or pretrained)
+    ):
+        raise ValueError(
+            "device='meta' builds a model without storage, into which no weights load; build "
+            "it on 'cpu' (or another device), or load into the meta model with "
+            "model.load_state_dict(state_dict, assign=True)"
+        )
     cfg = pretrained_cfg(name, tag)
     if given_cfg is not None:  # timm passes its resolved PretrainedCfg (or a dict)
         given = given_cfg.to_dict() if hasattr(given_cfg, "to_dict") else dict(given_cfg)
@@ -213,7 +224,6 @@ def create_model(
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     config = dataclasses.replace(spec.config, **overrides)
-    device = timm_args["device"]
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = _MODEL_CLASSES[type(config)](config)
     if timm_args["global_pool"] == "":
