@@ -7,6 +7,7 @@ import warnings
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import sparseformer
 from sparseformer import count_params, create_model, list_models
@@ -218,6 +219,27 @@ def test_trace_export_and_meta_device():
     torch.testing.assert_close(program.module()(big), model(big), atol=1e-5, rtol=1e-4)
     meta = create_model("sparseformer_v1_nano").to("meta")
     assert meta(torch.randn(2, 3, 32, 32, device="meta")).shape == (2, 1000)
+
+
+def test_torch_func_vmap_gives_per_sample_outputs_and_gradients():
+    """vmap failed in the stem (a memory format asked of a batched tensor) and at the
+    coordinate-gradient clamp (an autograd.Function without setup_context)."""
+    model = create_model("sparseformer_v1_nano").eval()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
+    with warnings.catch_warnings():  # torch's note that attention has no batching rule yet
+        warnings.simplefilter("ignore", UserWarning)
+        out = torch.func.vmap(lambda image: model(image[None])[0])(x)
+        torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss(p, image, label):
+            logits = torch.func.functional_call(model, p, (image[None],))
+            return F.cross_entropy(logits, label[None])
+
+        grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    F.cross_entropy(model(x[1:]), y[1:]).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name][1], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_weights_asked_into_a_meta_model_are_refused(tmp_path):

@@ -30,8 +30,20 @@ _HAS_KERNEL = torch.backends.mkldnn.is_available() and hasattr(
 
 
 def is_tracing() -> bool:
-    """Under tracing, compilation or ONNX export: shapes are symbolic, use plain ops only."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+    """Under tracing, compilation or ONNX export (shapes are symbolic), or under a
+    ``torch.func`` transform (:func:`in_functorch`): use plain ops only."""
+    return (
+        torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
+        or in_functorch()
+    )
+
+
+def in_functorch() -> bool:
+    """Under a ``torch.func`` transform (``vmap``, ``grad``, ``functional_call`` inside one):
+    tensors are wrapped, and a memory format cannot be asked of them or forced on them."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def fused_linear_available(x: Tensor, weight: Tensor) -> bool:

@@ -102,12 +102,18 @@ class _ClampGrad(torch.autograd.Function):
     """Identity forward; backward clamps the incoming gradient to ``[-bound, bound]``
     (``bound`` a Python float, or a scalar tensor on the gradient's device)."""
 
+    generate_vmap_rule = True  # torch.func.vmap (per-sample gradients) batches it as it is
+
     @staticmethod
-    def forward(ctx, x: Tensor, bound: float | Tensor) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor, bound: float | Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # separate from forward, for torch.func
+        bound = inputs[1]
         if torch.is_tensor(bound):
             ctx.save_for_backward(bound)
         ctx.bound = None if torch.is_tensor(bound) else bound
-        return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparseformer.layers.linear import is_plain, is_tracing
+from sparseformer.layers.linear import in_functorch, is_plain, is_tracing
 
 __all__ = ["EarlyConvolution", "channel_normalize"]
 
 # CPU stems run a few images at a time: at most this many convolution outputs per chunk (8 MB)
 _CHUNK_FLOATS = 1 << 21
+_NHWC = torch.channels_last
 
 
 def channel_normalize(x: Tensor, eps: float = 1e-7, unbiased: bool = True) -> Tensor:
@@ -33,7 +34,7 @@ def channel_normalize(x: Tensor, eps: float = 1e-7, unbiased: bool = True) -> Te
     C = x.shape[1]
     if x.numel() == 0:  # an empty batch: nothing to normalise (and no statistics to warn of)
         return x * 1
-    if x.dim() == 4 and C > 1 and x.is_contiguous(memory_format=torch.channels_last):
+    if x.dim() == 4 and C > 1 and not in_functorch() and x.is_contiguous(memory_format=_NHWC):
         # Channels-last (B, C, H, W) is (B, H, W, C) in memory, so this is a LayerNorm over the
         # last axis: one fused pass instead of five (5x faster on CPU). LayerNorm divides by
         # the biased variance, var_b = var * (C-1)/C, hence the rescaled eps and the constant
@@ -131,6 +132,8 @@ class EarlyConvolution(nn.Module):
         # Channels-last: oneDNN's convolution and the pooling vectorise over channels (2x
         # faster stem on CPU, identical numbers); the output stays channels-last, which grid
         # sampling reads as fast, and the channel statistics read contiguously.
+        if in_functorch():  # no memory format can be forced there: plain ops
+            return self._stem_chunk(x, weight)
         x = x.contiguous(memory_format=torch.channels_last)
         per_image = weight.shape[0] * math.ceil(x.shape[-2] / 2) * math.ceil(x.shape[-1] / 2)
         step = max(1, _CHUNK_FLOATS // max(1, per_image))
