@@ -83,3 +83,6 @@ def test_a_shape_the_model_cannot_run_on_is_named():
     with pytest.raises(ValueError, match=r"shape \(3, 4, 32, 32\) .*batch first"):
         count_flops(conv3d, (3, 4, 32, 32))  # read as (B, C, H, W): a clip model needs B
     assert count_flops(conv3d, (1, 3, 4, 32, 32)).complete > 0
+    video = create_model("video_sparseformer_v1_micro")  # was told to give the batch first
+    with pytest.raises(ValueError, match=r"a video model takes clips; give \(C, T, H, W\)"):
+        count_flops(video, (3, 32, 32))

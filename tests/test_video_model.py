@@ -244,6 +244,11 @@ def test_inflation_refuses_mismatched_or_video_checkpoints():
     video = VideoSparseFormer(video_config(NANO)).state_dict()
     with pytest.raises(CheckpointError, match="without inflation"):
         inflate_image_state_dict(video, video_config(NANO))
+    from sparseformer import create_model  # was told to pick the video model of its size
+
+    bootstrapped = create_model("sparseformer_btsp_nano").state_dict()
+    with pytest.raises(CheckpointError, match="a bootstrapped SparseFormer's checkpoint"):
+        inflate_image_state_dict(bootstrapped, video_config(NANO))
 
 
 def test_create_model_inflates_an_image_checkpoint(tmp_path, caplog):

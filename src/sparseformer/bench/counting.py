@@ -120,8 +120,13 @@ def count_flops(
     if isinstance(input_size, int) or not 3 <= len(input_size) <= 5:
         given = input_size if isinstance(input_size, int) else tuple(input_size)
         raise ValueError(
-            f"input_size {given} is not a shape: give (C, H, W), (C, T, H, W) for "
-            "video, or one with the batch first, e.g. (3, 224, 224)"
+            f"input_size {given} is not a shape: give (C, H, W) such as (3, 224, 224), "
+            "(C, T, H, W) for a video model, or either with the batch first"
+        )
+    if len(input_size) == 3 and getattr(model, "roi_dims", 2) == 3:
+        raise ValueError(
+            f"input_size {tuple(input_size)}: a video model takes clips; give (C, T, H, W) "
+            "such as (3, 8, 224, 224), or (B, C, T, H, W)"
         )
     if len(input_size) in (3, 4) and not _has_batch(model, input_size):
         shape = (batch_size, *input_size)

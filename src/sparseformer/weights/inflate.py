@@ -92,6 +92,11 @@ def inflate_image_state_dict(
             "video checkpoints load directly, without inflation"
         )
     N, R, P = config.num_tokens, config.replicates, config.num_points
+    if "cls_token" in state:  # a bootstrapped model's: no video model inflates it
+        raise CheckpointError(
+            "a bootstrapped SparseFormer's checkpoint (it has a cls_token): video models "
+            "inflate the v1 image SparseFormers' weights only (sparseformer_v1_*)"
+        )
     if state["initial_rois"].shape[0] != N:
         raise CheckpointError(
             f"the image checkpoint has {state['initial_rois'].shape[0]} tokens but the video "
