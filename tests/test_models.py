@@ -242,6 +242,14 @@ def test_torch_func_vmap_gives_per_sample_outputs_and_gradients():
         torch.testing.assert_close(grads[name][1], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_a_numpy_array_is_named_not_an_attribute_error():
+    import numpy as np
+
+    model = create_model("sparseformer_v1_nano")
+    with pytest.raises(TypeError, match=r"takes a torch.Tensor batch .* got a ndarray"):
+        model(np.zeros((1, 3, 32, 32), np.float32))
+
+
 def test_weights_asked_into_a_meta_model_are_refused(tmp_path):
     """They were copied as no-ops (90 warnings) and logged as loaded."""
     torch.save(create_model("sparseformer_v1_nano").state_dict(), tmp_path / "nano.pth")

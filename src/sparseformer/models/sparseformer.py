@@ -193,6 +193,12 @@ class SparseFormer(nn.Module):
         # the stem's convolution, or the config's for one wrapped in an adapter
         channels = getattr(self.stem.conv, "in_channels", self.config.in_chans)
         layout = f"(B, {channels}, T, H, W) clips" if video else f"(B, {channels}, H, W) images"
+        if not isinstance(x, Tensor):  # a NumPy array or a PIL image, most often
+            raise TypeError(
+                f"{name} takes a torch.Tensor batch of {layout}, got a {type(x).__name__}; "
+                "convert it with torch.as_tensor (and scale and normalise it as the model's "
+                "pretrained_cfg says)"
+            )
         if x.dim() != 2 + self.roi_dims:
             raise ValueError(
                 f"{name} expects a {2 + self.roi_dims}-D input batch of {layout}, "
