@@ -274,6 +274,7 @@ def test_export_metadata_is_true_of_the_graph_and_opsets_are_checked_first(tmp_p
     assert "class_names" not in {p.key for p in onnx.load(str(path)).metadata_props}
     for bad, said in (
         (["--out", os.devnull], "give a file, which is then checked"),
+        (["--out", "-"], "--out '-': give a file"),  # was told to name it -.onnx
         (["--ema", "--out", str(tmp_path / "e.onnx")], "--ema exports a checkpoint"),
     ):
         assert main(["export", "--model", "sparseformer_v1_nano", *bad]) == 1  # fmt: skip

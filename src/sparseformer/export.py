@@ -1,11 +1,11 @@
 """ONNX export of image and video classifiers, checked against onnxruntime.
 
 The graph takes normalised images ``(batch, C, S, S)``, or clips ``(batch, C, T, S, S)`` for a
-video SparseFormer (C the model's input channels, 3 for RGB; batch dynamic, T and S fixed at
-export), and returns logits ``(batch, classes)``. SparseFormer's bilinear sampling exports as
-ONNX ``GridSample`` (opset 16) and is written at opset 18 or later (torch's exporter), 20 for
-the trilinear sampling of clips (5-D ``GridSample``). The coordinate-gradient clamp is an
-identity in inference and leaves no node.
+video SparseFormer (C the model's input channels, 3 for RGB; batch, height and width dynamic,
+T fixed at export), and returns logits ``(batch, classes)``. SparseFormer's bilinear sampling
+exports as ONNX ``GridSample`` (opset 16) and is written at opset 18 or later (torch's
+exporter), 20 for the trilinear sampling of clips (5-D ``GridSample``). The coordinate-gradient
+clamp is an identity in inference and leaves no node.
 Uses the torch.export-based exporter (``onnxscript``) and ``onnxruntime``, installed by the
 ``export`` extra.
 """

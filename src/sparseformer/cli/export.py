@@ -48,8 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--num-classes",
         type=count,
         default=None,
-        help="classifier width without --checkpoint (default 1000; with one: its own, and "
-        "another is refused)",
+        help="classifier width without --checkpoint (default: the model's own, 1000 for the "
+        "v1 models; with one: the checkpoint's, and another is refused)",
     )
     p.add_argument(
         "--opset",
@@ -148,8 +148,9 @@ def _check_out(out: str) -> None:
     from sparseformer.cli import CliError, check_output
     from sparseformer.engine.atomic import is_stream
 
-    check_output(out, "--out")
-    if is_stream(out):  # the file is run by onnxruntime after it is written
+    if out != "-":  # "-" is no file either: said below, not as a name to end in .onnx
+        check_output(out, "--out")
+    if out == "-" or is_stream(out):  # the file is run by onnxruntime after it is written
         raise CliError(f"--out {out!r}: give a file, which is then checked by running it")
     if Path(out).suffix.lower() != ".onnx":
         raise CliError(
