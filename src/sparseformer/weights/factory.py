@@ -187,23 +187,9 @@ def create_model(
         tag, given_cfg = given_cfg, None
     weights = released_weights(name, tag)  # an unknown tag fails here, before anything else
     timm_args = _timm_arguments(overrides)
-    valid = {f.name for f in dataclasses.fields(spec.config)}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise TypeError(
-            f"{name} has no config field(s) {unknown}; valid overrides: {sorted(valid)}"
-        )
-    device = timm_args["device"]
-    if (
-        device is not None
-        and torch.device(device).type == "meta"
-        and (checkpoint_path or pretrained)
-    ):
-        raise ValueError(
-            "device='meta' builds a model without storage, into which no weights load; build "
-            "it on 'cpu' (or another device), or load into the meta model with "
-            "model.load_state_dict(state_dict, assign=True)"
-        )
+    _check_arguments(
+        name, spec.config, overrides, timm_args["device"], bool(checkpoint_path or pretrained)
+    )
     cfg = pretrained_cfg(name, tag)
     if given_cfg is not None:  # timm passes its resolved PretrainedCfg (or a dict)
         given = given_cfg.to_dict() if hasattr(given_cfg, "to_dict") else dict(given_cfg)
@@ -224,6 +210,7 @@ def create_model(
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     config = dataclasses.replace(spec.config, **overrides)
+    device = timm_args["device"]
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = _MODEL_CLASSES[type(config)](config)
     if timm_args["global_pool"] == "":
@@ -234,6 +221,27 @@ def create_model(
     if timm_args["dtype"] is not None:
         model.to(dtype=timm_args["dtype"])
     return model
+
+
+def _check_arguments(name: str, config, overrides: dict, device, loads: bool) -> None:
+    """Refuse config fields the model does not have, and weights (``loads``) asked into a
+    meta-device model, which has no storage to hold them.
+
+    Raises:
+        TypeError: an unknown field. ValueError: weights into a meta model.
+    """
+    valid = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise TypeError(
+            f"{name} has no config field(s) {unknown}; valid overrides: {sorted(valid)}"
+        )
+    if loads and device is not None and torch.device(device).type == "meta":
+        raise ValueError(
+            "device='meta' builds a model without storage, into which no weights load; build "
+            "it on 'cpu' (or another device), or load into the meta model with "
+            "model.load_state_dict(state_dict, assign=True)"
+        )
 
 
 _TIMM_RUN = "a timm model: load it with timm.create_model(NAME, checkpoint_path=...)"
