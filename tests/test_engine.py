@@ -435,3 +435,16 @@ def test_an_epoch_resumed_after_its_last_step_reports_that_steps_rate():
     done = EpochProgress(75, 3.0, 300, 1.0)  # all 75 batches taken, 75 steps in all
     record = train_one_epoch(model, [], optimizer, tools, step=75, start=done)
     assert record["lr"] == 1.0 / 75 and record["steps"] == 75  # step 74's rate
+
+
+def test_class_names_the_fonts_lack_are_said_once(tmp_path, caplog, recwarn):
+    """matplotlib warned once per character, in its words, of CJK class names it drew as
+    boxes; now one logged line names them (and nothing is said where a font has them)."""
+    from sparseformer.engine.per_class import per_class_report, write_per_class
+
+    report = per_class_report(torch.eye(3) * 5, ["猫", "犬", "bird"])
+    with caplog.at_level("WARNING", logger="sparseformer"):
+        write_per_class(report, tmp_path)
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
+    said = [r.getMessage() for r in caplog.records if "fonts lack" in r.getMessage()]
+    assert len(said) <= 1 and all("2 characters of the class names (猫犬)" in s for s in said)
