@@ -567,3 +567,19 @@ def test_a_class_none_of_whose_files_decode_is_said(tmp_path, caplog):
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(said) == 1 and "none of the 2 files of class 'dog'" in said[0]
     assert "its training samples are other classes' files" in said[0]
+
+
+def test_class_folders_spelled_alike_are_named(tmp_path, caplog):
+    """'café' copied from macOS (NFD) beside 'café' typed elsewhere (NFC), or 'Cat' beside
+    'cat', trained as two classes in silence."""
+    import unicodedata
+
+    from sparseformer.data.scan import class_folders
+
+    for name in ("caf\u00e9", unicodedata.normalize("NFD", "caf\u00e9"), "Cat", "cat", "dog"):
+        (tmp_path / name).mkdir()
+    with caplog.at_level("WARNING", logger="sparseformer"):
+        assert len(class_folders(tmp_path, "images")) == 5
+    said = [r.getMessage() for r in caplog.records if "differ only" in r.getMessage()]
+    assert len(said) == 1 and "'cafe\\u0301'" in said[0] and "'Cat'" in said[0]
+    assert "'dog'" not in said[0]

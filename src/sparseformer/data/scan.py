@@ -170,6 +170,13 @@ def class_folders(
             f"{str(root)!r} has no class folders; put each class's {media} in its own "
             f"sub-folder, e.g. {root / example}/001.{ext}"
         )
+    alike = [n for n in found if [_loosely(m) for m in found].count(_loosely(n)) > 1]
+    if alike and is_first_rank():  # two classes a reader takes for one (NFD from macOS, case)
+        logger.warning(
+            "class folders of %s %s differ only in Unicode normalisation, letter case or "
+            "spaces, and are different classes here; merge or rename them",
+            root, ", ".join(ascii(n) for n in alike[:6]),  # ascii: 'cafe\u0301' is NFD
+        )  # fmt: skip
     loose = [
         p for p in root.iterdir()
         if p.suffix.lower() in extensions and p.is_file() and not is_hidden(p.name)
