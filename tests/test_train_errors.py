@@ -456,6 +456,13 @@ def test_a_resumed_run_keeps_its_own_seed(tmp_path, folder, capsys, caplog):
         argv = [*fast, "--epochs", "4", "--resume", "auto", "--checkpoint", str(start)]
         assert run_cli(capsys, *argv)[0] == 0
     assert "start.pt is not used (it only starts a run)" in caplog.text
+    # the same job script without --model: its first start takes the model the file names
+    # (it asked for --model); start.pt is a bare state dict, so a run's checkpoint serves
+    fresh = tmp_path / "fresh"
+    argv = ["train", *fast[3:], "--epochs", "1", "--resume", "auto"]
+    argv[argv.index("--output") + 1] = str(fresh)
+    assert run_cli(capsys, *argv, "--checkpoint", str(out / "best.pt"))[0] == 0
+    assert (fresh / "last.pt").is_file()
     # a broken last.pt: the best.pt beside it is offered
     (out / "last.pt").unlink()
     (out / "last.pt").write_bytes(b"PK\x03\x04 cut short")

@@ -255,16 +255,17 @@ def model_named_by_checkpoint(args: argparse.Namespace) -> str:
     path = args.checkpoint
     if getattr(args, "resume", None) is not None:  # the run goes on as the model it is
         try:
-            path = resolve_resume(args.resume, args.output, overwrite=args.overwrite)
-            if path is None:
-                raise CliError(f"which model? {args.output} holds no run to resume yet; pass "
-                               "--model NAME to start one")  # fmt: skip
-            name = read_resume_checkpoint(path, None).get("model_name")  # a cut file: its way
-        except ResumeError as exc:
+            resume = resolve_resume(args.resume, args.output, overwrite=args.overwrite)
+            saved = read_resume_checkpoint(resume, None) if resume is not None else {}
+        except ResumeError as exc:  # a cut file: its way
             raise CliError(str(exc)) from None
-        if name is None:
-            raise CliError(f"{path} does not name its model; pass --model NAME")
-        return name
+        if resume is not None:
+            if saved.get("model_name") is None:
+                raise CliError(f"{resume} does not name its model; pass --model NAME")
+            return saved["model_name"]
+        if path is None:  # nothing to resume yet, and no --checkpoint to start it from
+            raise CliError(f"which model? {args.output} holds no run to resume yet; pass "
+                           "--model NAME to start one")  # fmt: skip
     if path is None:
         raise CliError("which model? pass --model NAME (see `sparseformer models`)")
     try:  # the file is read once more by the command: its name is a fact of the file
