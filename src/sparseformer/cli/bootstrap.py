@@ -33,7 +33,7 @@ from sparseformer.cli.common import (
 __all__ = ["register", "run"]
 
 EXAMPLES = """examples:
-  sparseformer bootstrap --teacher vit_base_patch16_224.augreg_in21k \\
+  sparseformer bootstrap --teacher vit_base_patch16_224.augreg_in21k_ft_in1k \\
       --teacher-checkpoint vit_b16.safetensors --data-dir /data/imagenet --output runs/bt
   sparseformer bootstrap --teacher runs/vit/best.pt --dataset fashion-mnist --output runs/bt \\
       --tokens 16 --points 16 --epochs 5
