@@ -120,6 +120,13 @@ def test_bad_options_give_one_line_errors(tmp_path, capsys):
     assert "did you mean" in capsys.readouterr().err
     assert main(args + ["--checkpoint", str(tmp_path / "none.pth")]) == 1
     assert "does not exist" in capsys.readouterr().err
+    assert main(["viz", "--model", "resnet18", *args[3:]]) == 1  # was "unknown model"
+    assert "viz handles SparseFormer models only" in capsys.readouterr().err
+    assert main([*args[:-1], str(tmp_path / "pic.png")]) == 1  # made a folder pic.png
+    assert "names a file, but --out is the folder the files go in" in capsys.readouterr().err
+    assert not (tmp_path / "pic.png").exists()
+    assert main(["info", str(tmp_path / "missing.pt")]) == 1  # was "unknown model"
+    assert "no such file" in capsys.readouterr().err
     pattern = ["viz", "--model", "sparseformer_v1_nano", "--out", str(tmp_path), "--no-gif"]
     assert main([*pattern, str(tmp_path / "*.png")]) == 1  # a pattern no shell expanded
     assert "the pattern" in capsys.readouterr().err
@@ -165,10 +172,13 @@ def test_checkpoint_labels_and_preprocessing_are_used(tmp_path, capsys):
     assert "sneaker" in fig._suptitle.get_text()
 
 
-def test_imagenet_models_show_imagenet_names():
-    model, info = load_model_for_viz("sparseformer_v1_nano")
+def test_imagenet_models_show_imagenet_names(tmp_path):
+    torch.save(create_model("sparseformer_v1_nano").state_dict(), tmp_path / "in1k.pth")
+    model, info = load_model_for_viz("sparseformer_v1_nano", tmp_path / "in1k.pth")
     assert model.num_classes == 1000
     assert info.class_names[0] == "tench" and len(info.class_names) == 1000
+    # untrained weights name no class: their top class was shown as an ImageNet label
+    assert load_model_for_viz("sparseformer_v1_nano")[1].class_names is None
 
 
 def test_importing_visualize_does_not_import_matplotlib():

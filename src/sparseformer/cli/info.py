@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.name is not None and args.checkpoint is None and Path(args.name).is_file():
         args.name, args.checkpoint = None, args.name  # `info FILE`: the model the file names
+    elif args.name is not None and Path(args.name).suffix in (".pt", ".pth", ".safetensors"):
+        raise CliError(f"{args.name!r}: no such file (info takes a model name or a checkpoint)")
     if args.name is not None and args.model is not None and args.name != args.model:
         raise CliError(f"two models given: {args.name} and --model {args.model}; give one")
     args.model = args.model or args.name

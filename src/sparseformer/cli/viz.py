@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.engine.device import pick_device
     from sparseformer.viz.figures import format_statistics, write_pictures, write_video_pictures
     from sparseformer.viz.inputs import load_model_for_viz
+    from sparseformer.weights.build import require_sparseformer
 
     try:
         device = torch.device(pick_device(args.device, allow_mps=True))
@@ -105,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     if args.model is None and args.checkpoint is None:
         raise CliError("pass --model NAME (and --checkpoint PATH for trained weights)")
+    if args.model is not None:  # a timm model has no RoIs to draw: said as such
+        require_sparseformer(args.model, "viz")
     try:
         model, info = load_model_for_viz(args.model, args.checkpoint, prefer_ema=args.ema)
     except ValueError as exc:  # CheckpointError and UnknownModelError print as they are

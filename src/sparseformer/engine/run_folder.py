@@ -239,6 +239,10 @@ def carry_best(resume: str | os.PathLike, out: Path) -> Path | None:
     return best
 
 
+# suffixes of files a folder is never named with: a folder flag given one was meant as a file
+_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".pdf", ".svg", ".json", ".csv", ".pt")
+
+
 def check_output_path(path: str | os.PathLike, flag: str, *, folder: bool = False) -> None:
     """Refuse, before any work, an output path that could not be written at the end: a
     file where a folder is wanted (or the other way round), a parent that is a file, or a
@@ -250,6 +254,10 @@ def check_output_path(path: str | os.PathLike, flag: str, *, folder: bool = Fals
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {str(path)!r} is a file; give a folder")
+    if folder and not path.exists() and path.suffix.lower() in _FILE_SUFFIXES:
+        bare = str(path.with_suffix(""))
+        raise ValueError(f"{flag} {str(path)!r} names a file, but {flag} is the folder the "
+                         f"files go in: give a folder, e.g. {bare!r}")  # fmt: skip
     if not folder and path.is_dir():
         raise ValueError(f"{flag} {str(path)!r} is a folder; give a file path")
     if not folder and is_stream(path):  # /dev/stdout, /dev/null, a pipe: written into

@@ -203,6 +203,6 @@ def load_model_for_viz(
             num_classes,
         )
         info.class_names = None
-    if info.class_names is None and num_classes == 1000:
-        info.class_names = imagenet_class_names(short=True)
+    if info.class_names is None and num_classes == 1000 and ckpt is not None:
+        info.class_names = imagenet_class_names(short=True)  # random weights: no class names
     return model, info
