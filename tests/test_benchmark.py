@@ -66,6 +66,7 @@ def test_cli_writes_json_csv_and_plot(tmp_path, capsys):
     assert main(argv) == 0
     data = json.loads(paths["json"].read_text())
     assert data["environment"]["threads"] >= 1 and data["environment"]["torch"]
+    assert 0 < data["environment"]["cpu_share"]  # what the timed calls got of their cores
     assert data["settings"]["baseline"] == SMALL[0]
     keys = {"params", "gflops_paper", "gflops_complete", "throughput", "latency_ms"}
     keys |= {"peak_memory_mb", "peak_fraction", "img_size", "model"}
@@ -373,3 +374,16 @@ def test_a_reparameterizing_model_infers_fused_and_trains_as_it_is():
         assert (as_is is not fused) == train  # trained unfused only where a step is timed
         if train:
             assert sum(p.numel() for p in as_is.parameters()) > n_fused
+
+
+def test_a_run_starved_of_its_cores_says_so():
+    """A run beside other work printed times 50-100x too long, and the load average (a
+    minute behind) did not show it."""
+    from sparseformer.bench.report import _cpu_share_lines
+
+    assert _cpu_share_lines({"cpu_share": 0.97, "threads": 2}) == [
+        "CPU time of the timed calls: 97% of 2 threads"
+    ]
+    (line,) = _cpu_share_lines({"cpu_share": 0.49, "threads": 2})
+    assert "49% of 2 threads: WARNING, other work took the cores" in line
+    assert _cpu_share_lines({"threads": 1}) == []  # CUDA, or a run of an older version

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sparseformer.bench.published import published_top1
 from sparseformer.bench.results import BenchResult, BenchRow
+from sparseformer.data.scan import counted
 
 __all__ = [
     "markdown_table",
@@ -122,7 +123,7 @@ def summary_lines(result: BenchResult) -> list[str]:
     env, s = result.environment, result.settings
     peak = result.matmul_peak_gflops
     return [
-        f"device: {env['device_name']} ({env['device']}), {env['threads']} threads, "
+        f"device: {env['device_name']} ({env['device']}), {counted(env['threads'], 'thread')}, "
         f"torch {env['torch']}, {env['dtype']}",
         f"batch {s['batch_size']}"
         f"{' at 224 px, scaled by (224/size)^2 above' if s.get('scale_batch') else ''}, "
@@ -138,7 +139,28 @@ def summary_lines(result: BenchResult) -> list[str]:
         ),
         f"matmul peak ({s['precision']}, 2048^3): {peak.median:.1f} GFLOP/s "
         f"(min {peak.min:.1f}, max {peak.max:.1f})",
-        f"load average at start {env['load_average_start']}, at end {env['load_average_end']}",
+        f"load average (1, 5, 15 min) at start {_loads(env['load_average_start'])}, at end "
+        f"{_loads(env['load_average_end'])}",
+        *_cpu_share_lines(env),
+    ]
+
+
+def _loads(loads) -> str:
+    return " / ".join(f"{v:.2f}" for v in loads) if loads else "unknown"
+
+
+def _cpu_share_lines(env: dict) -> list[str]:
+    """The CPU time the timed calls got of the cores they asked for, and a warning where other
+    work took much of it: every time is then too long by as much, unevenly across models."""
+    share = env.get("cpu_share")
+    if share is None:
+        return []
+    line = f"CPU time of the timed calls: {100 * share:.0f}% of {counted(env['threads'], 'thread')}"
+    if share >= 0.75:
+        return [line]
+    return [
+        f"{line}: WARNING, other work took the cores, so these times are too long and the "
+        "ratios unreliable; run again on a quiet machine, or with fewer --threads"
     ]
 
 

@@ -36,7 +36,13 @@ from sparseformer.bench.results import (
     BenchSettings,
     Spread,
 )
-from sparseformer.bench.timing import matmul_peak, peak_memory_mb, timed
+from sparseformer.bench.timing import (
+    cpu_share,
+    matmul_peak,
+    peak_memory_mb,
+    reset_cpu_share,
+    timed,
+)
 from sparseformer.config import VideoSparseFormerConfig
 from sparseformer.engine.device import warn_oversubscribed
 from sparseformer.engine.optim import build_optimizer
@@ -164,9 +170,12 @@ def run_benchmark(settings: BenchSettings) -> BenchResult:
     peaks: list[float] = []
     rows: list[BenchRow] = []
     skipped: list[dict] = []
+    reset_cpu_share()
     for img_size in settings.img_sizes:
         rows += _run_size(settings, img_size, peaks, skipped)
     environment["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if settings.device == "cpu":  # what the timed calls got of the cores they asked for
+        environment["cpu_share"] = cpu_share(environment["threads"])
     peak = Spread.of(peaks)
     for row in rows:
         achieved = 2 * row.gflops_complete * row.throughput.median

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["sync", "timed", "matmul_peak", "peak_memory_mb"]
+__all__ = ["sync", "timed", "reset_cpu_share", "cpu_share", "matmul_peak", "peak_memory_mb"]
 
 
 def sync(device: str) -> None:
@@ -24,15 +24,33 @@ def sync(device: str) -> None:
 
 
 def timed(fn: Callable[[], object], device: str, min_time: float) -> list[float]:
-    """Seconds of each call of ``fn``, calling it until ``min_time`` seconds have passed."""
+    """Seconds of each call of ``fn``, calling it until ``min_time`` seconds have passed (the
+    process's CPU time over them is added up for :func:`cpu_share`)."""
     times: list[float] = []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     while not times or time.perf_counter() - start < min_time:
         t0 = time.perf_counter()
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
+    _MEASURED[0] += time.process_time() - cpu
+    _MEASURED[1] += time.perf_counter() - start
     return times
+
+
+_MEASURED = [0.0, 0.0]  # CPU seconds, wall seconds of the timed calls since reset_cpu_share()
+
+
+def reset_cpu_share() -> None:
+    _MEASURED[:] = [0.0, 0.0]
+
+
+def cpu_share(threads: int) -> float | None:
+    """The CPU time the timed calls got, as a fraction of ``threads`` cores over their wall
+    time, since :func:`reset_cpu_share` (``None``: nothing timed). Well below 1 on a CPU: other
+    work took the cores, and the times are too long by as much."""
+    cpu, wall = _MEASURED
+    return cpu / (wall * threads) if wall > 0 else None
 
 
 def matmul_peak(

@@ -47,15 +47,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="T",
         help="clip length of video models (default: theirs, 8); their rows count clips/s",
     )
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="default fp32"
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
     p.add_argument(
         "--threads", type=positive_int, default=None, help="CPU threads (default: torch's)"
     )
     p.add_argument("--repeats", type=positive_int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--warmup", type=count, default=1, help="untimed passes per model")
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement, at least")
-    p.add_argument("--baseline", default=None, help="model for the ratio columns (default DeiT-S)")
+    p.add_argument("--warmup", type=count, default=1, help="untimed passes per model (default 1)")
+    p.add_argument(
+        "--min-time", type=float, default=1.0, help="seconds per measurement, at least (default 1)"
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="model for the ratio columns (default DeiT-S, else the first of --models)",
+    )
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     p.add_argument(
         "--train-batch-size", type=positive_int, help="images per training step (default 32)"
@@ -162,6 +170,9 @@ def _write_outputs(writes: list) -> None:
         print(f"wrote {option}", file=sys.stderr if is_stream(path) else sys.stdout)
 
 
+_PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
 def _check_flags(args: argparse.Namespace) -> dict[str, str]:
     """Flags that cannot work together or outputs that cannot be written, before any timing;
     the sweep's files (``{}`` without ``--sweep``)."""
@@ -186,7 +197,7 @@ def _check_flags(args: argparse.Namespace) -> dict[str, str]:
     same = sorted({o for o, f in zip(given, files) if files.count(f) > 1})
     if same:  # one would overwrite the other
         raise CliError(f"{', '.join(same)} is given for two outputs; give each its own file")
-    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg", ".jpg"):
+    if args.plot and Path(args.plot).suffix.lower() not in _PLOT_SUFFIXES:
         raise CliError(f"--plot {args.plot!r}: give a .png, .pdf, .svg or .jpg file")
     if args.num_frames is not None and not any(is_video_model(m) for m in args.models):
         raise CliError("--num-frames is for video models; none of --models is one")
