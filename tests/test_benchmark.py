@@ -140,7 +140,9 @@ def test_video_models_are_timed_on_clips():
     assert rows[video].throughput.median > 0 and rows[video].train_throughput.median > 0
     model = build_model(video, 32, 10, num_frames=2)
     assert rows[video].gflops_complete == count_flops(model, (3, 2, 32, 32)).gflops_complete
-    assert "| 2x32 |" in markdown_table(run_benchmark(settings))
+    table = markdown_table(run_benchmark(settings))
+    assert "| 2x32 |" in table and "its row counts clips, not images, per second" in table
+    assert "clips" not in markdown_table(run_benchmark(small_settings(img_sizes=(32,))))
 
 
 def test_training_memory_and_grad_checkpointing_are_reported(monkeypatch):

@@ -109,7 +109,16 @@ def markdown_table(result: BenchResult) -> str:
             f"| {100 * r['peak_fraction']:.0f}% "
             f"| {_fmt(r['published_top1'], '.1f')} |"
         )
+    if any(row.num_frames is not None for row in result.rows):
+        lines.append(_CLIP_ROWS)
     return "\n".join(lines)
+
+
+# under a table or plot with video rows: their throughput, costs and ratios are per clip
+_CLIP_ROWS = (
+    "(a size TxS is a video model's clip of T frames: its row counts clips, not images, per "
+    "second, and GFLOPs per clip)"
+)
 
 
 def _size(r: dict) -> str:
@@ -237,6 +246,8 @@ def draw_tradeoff(ax, result: BenchResult, img_size: int) -> None:
         ax.tick_params(axis="y", labelsize=7)
     env = result.environment
     batch = rows[0].batch_size if rows else "-"
-    ax.set_xlabel(f"measured img/s ({img_size}px, batch {batch})")
+    clips = any(r.num_frames is not None for r in rows)
+    unit = "img/s (clips/s for video models)" if clips else "img/s"
+    ax.set_xlabel(f"measured {unit} ({img_size}px, batch {batch})")
     ax.set_title(f"{env['device_name'][:40]}, {env['threads']} threads, {env['dtype']}", fontsize=8)
     ax.grid(alpha=0.3)
