@@ -214,7 +214,9 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
     with pytest.raises(BootstrapError, match="the input size 8 is smaller than the teacher's 16px"):
         load_teacher("test_vit", img_size=8)
     # before, 30 px trained the student on the teacher's view of the top-left 16 x 16 pixels
-    unseen = "the input size 30 does not fit the teacher's 16px patches: the last 14 pixels"
+    unseen = (
+        "the input size 30 does not fit the teacher's 16px patches: the last 14 pixels of a side"
+    )
     with pytest.raises(BootstrapError, match=unseen + " would go unseen; use 16 or 32"):
         load_teacher("test_vit", img_size=30)
     from sparseformer.weights.build import build_model, patch_grid_problem
