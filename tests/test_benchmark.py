@@ -98,6 +98,10 @@ def test_cli_rejects_unknown_model_in_one_line(capsys):
     assert "give a .png" in capsys.readouterr().err
     assert main(["models", "no_such_model_xyz"]) == 1
     assert "no registered model matches" in capsys.readouterr().err
+    assert main(["models", "micro"]) == 0  # a part of the names: it matched nothing
+    assert capsys.readouterr().out.count("micro ") == 2  # the image and the video model
+    assert main(["models", "sparseformer_v1_tiny"]) == 0  # a whole name: that model alone
+    assert len(capsys.readouterr().out.splitlines()) == 1
 
 
 def test_settings_validate_baseline_and_precision(capsys):

@@ -8,7 +8,12 @@ import sys
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list registered models", description=__doc__)
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter (default: all)")
+    p.add_argument(
+        "pattern",
+        nargs="?",
+        default="*",
+        help="shell-style filter, or a part of the name (default: all)",
+    )
     p.set_defaults(func=run)
 
 
@@ -16,7 +21,10 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.weights.factory import get_model_spec, list_models
     from sparseformer.weights.registry import MODELS, image_model_of
 
-    names = list_models(args.pattern)
+    pattern = args.pattern
+    if pattern not in MODELS and not any(c in pattern for c in "*?["):
+        pattern = f"*{pattern}*"  # a word: the names that hold it ("micro")
+    names = list_models(pattern)
     if not names:
         print(
             f"no registered model matches {args.pattern!r} (try `sparseformer models`)",
