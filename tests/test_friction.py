@@ -167,3 +167,19 @@ def test_eval_reports_top5_only_with_more_than_five_classes(tmp_path, capsys):
     code, out, err = run_cli(capsys, *argv, "--json")
     result = json.loads(out.strip().splitlines()[-1])
     assert "acc5" in result and result["acc5"] is None and result["acc1"] is not None
+
+
+def test_metrics_png_marks_whole_epochs_only(tmp_path):
+    """Two epochs were marked 1.0, 1.2, ..., 2.0."""
+    import matplotlib.pyplot as plt
+
+    from sparseformer.engine.metrics import plot_metrics
+
+    figures, close = [], plt.close
+    records = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1 / e, "val_acc1": 10 * e}
+               for e in (1, 2)]  # fmt: skip
+    with patch.object(plt, "close", lambda fig=None: figures.append(fig) or close(fig)):
+        plot_metrics(records, tmp_path / "metrics.png")
+    for ax in figures[0].axes:
+        shown = [t for t in ax.get_xticks() if 1 <= t <= 2]
+        assert shown and all(float(t).is_integer() for t in shown)

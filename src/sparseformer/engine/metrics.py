@@ -162,7 +162,10 @@ def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike) -> Path
     if any("ema_val_acc1" in r for r in records):
         ax_acc.plot(epochs, series("ema_val_acc1"), "o--", label="EMA top-1")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 1.5
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
