@@ -217,7 +217,7 @@ def plot_result(result: BenchResult, path: str | Path) -> None:
             a.grid(alpha=0.3)
         axes[0][2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # labels past the axes stay in
     plt.close(fig)
 
 
@@ -234,6 +234,7 @@ def draw_tradeoff(ax, result: BenchResult, img_size: int) -> None:
         ax.annotate(row.model, (row.throughput.median, top1.top1), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")  # fmt: skip
     if cited:
+        ax.margins(x=0.15, y=0.1)  # room for the names beside the outermost points
         ax.set_ylabel("published ImageNet-1K top-1 (%)")
     else:
         log.info(
