@@ -250,6 +250,25 @@ def test_a_numpy_array_is_named_not_an_attribute_error():
         model(np.zeros((1, 3, 32, 32), np.float32))
 
 
+def test_weights_of_another_size_are_said_in_a_few_lines(tmp_path):
+    """torch listed every tensor of another shape, one line each (143 from SparseFormer-S into
+    -T), through timm.create_model(checkpoint_path=) too."""
+    nano, micro = create_model("sparseformer_v1_nano"), create_model("sparseformer_v1_micro")
+    with pytest.raises(RuntimeError, match=r"tensor\(s\) have other shapes than this mod") as e:
+        nano.load_state_dict(micro.state_dict())
+    assert "sparseformer.create_model(NAME, checkpoint_path=FILE)" in str(e.value)
+    assert len(str(e.value).splitlines()) == 1 and "initial_rois: [16, 4] in the file" in str(
+        e.value
+    )
+    torch.save({"model": micro.state_dict()}, tmp_path / "micro.pt")
+    with pytest.raises(RuntimeError, match="have other shapes"):
+        timm.create_model("sparseformer_v1_nano", checkpoint_path=str(tmp_path / "micro.pt"))
+    state = nano.state_dict()
+    del state["head.bias"]  # other errors as torch says them
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "head.bias"'):
+        nano.load_state_dict(state)
+
+
 def test_weights_asked_into_a_meta_model_are_refused(tmp_path):
     """They were copied as no-ops (90 warnings) and logged as loaded."""
     torch.save(create_model("sparseformer_v1_nano").state_dict(), tmp_path / "nano.pth")

@@ -27,6 +27,7 @@ from sparseformer.layers import (
     grid_rois,
 )
 from sparseformer.models.blocks import OpContext, RoiAdjustOp, SampleMixOp
+from sparseformer.models.loading import accept_official_layouts, shorter_load_error
 from sparseformer.models.outputs import SparseFormerOutput
 from sparseformer.models.stage import Stage, build_unit
 
@@ -82,7 +83,16 @@ class SparseFormer(nn.Module):
         self.drop_path_rates = drop_path_rates(config.num_applications, config.drop_path_rate)
         self.grad_checkpointing = False
         self.init_weights()
-        self.register_load_state_dict_pre_hook(_accept_official_layouts)
+        self.register_load_state_dict_pre_hook(accept_official_layouts)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, which also takes the authors' layouts (and image
+        weights into a video model); tensors of other shapes (a file of another size or of a
+        student with its own architecture) are said in a few lines, not one per tensor."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as exc:
+            raise shorter_load_error(exc, type(self).__name__) from None
 
     # ----------------------------------------------------------------------------- init
     def _make_head(self, num_classes: int) -> nn.Module:
@@ -336,56 +346,3 @@ def _autocasting(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` (never on a device autocast does not know,
     such as ``meta``)."""
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
-def _accept_official_layouts(
-    module: nn.Module, state_dict: dict, prefix: str, *args: object
-) -> None:
-    """``load_state_dict`` pre-hook: rename the authors' layouts (ImageNet release, library v2)
-    to ours in place, and inflate image weights given to a video model, so that
-    ``model.load_state_dict(official)`` and timm's ``checkpoint_path`` work. Keys no table maps
-    stay as they are, for strict loading to report."""
-    from sparseformer.weights.convert import (
-        NotASparseFormerCheckpoint,
-        convert_state_dict,
-        detect_format,
-    )
-    from sparseformer.weights.convert_btsp import BTSP_FORMAT, fill_missing_stage_embeddings
-    from sparseformer.weights.inflate import inflate_image_state_dict, is_image_state_dict
-
-    keys = [k[len(prefix) :] for k in state_dict if k.startswith(prefix)]
-    if not keys:
-        return
-    theirs = {k: state_dict[prefix + k] for k in keys}
-    if "initial_rois" not in keys:
-        try:
-            fmt = detect_format(keys)
-        except NotASparseFormerCheckpoint:
-            return  # strict loading names the keys
-        if fmt == "sparseformer":
-            return
-        converted, report = convert_state_dict(theirs, fmt)
-        converted.update({k: theirs[k] for k in report.dropped})
-        if fmt == BTSP_FORMAT:  # released files may lack stage embeddings, as load_checkpoint
-            fill_missing_stage_embeddings(converted, module.state_dict())
-        logger.info(
-            "load_state_dict: renamed %d keys of the official %s layout", len(converted), fmt
-        )
-    else:
-        converted = theirs
-    if module.roi_dims == 3:
-        if is_image_state_dict(converted):  # image weights for a video model: inflate them
-            converted = inflate_image_state_dict(converted, module.config)
-        rois = converted.get("initial_rois")
-        if rois is not None and rois.shape[0] != module.initial_rois.shape[0]:
-            n = module.config.num_tokens
-            raise ValueError(
-                f"these weights hold {rois.shape[0]} latent tokens, {rois.shape[0] / n:g} "
-                f"replicates of {n}; the model has {module.config.replicates}: build it with "
-                f"replicates={rois.shape[0] // n}"
-            )
-    if converted is theirs:
-        return
-    for k in keys:
-        del state_dict[prefix + k]
-    state_dict.update({prefix + k: v for k, v in converted.items()})
