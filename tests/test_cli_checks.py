@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from sparseformer import create_model
+from sparseformer.cli import main
 from sparseformer.engine.device import pick_device
 from sparseformer.weights.checkpoint import read_checkpoint
 
@@ -74,10 +75,16 @@ def test_output_paths_that_cannot_be_written_fail_before_the_work(tmp_path, fold
     assert "--output" in err and "is a file, not a folder" in err
 
 
-def test_viz_names_folders_and_models_without_rois(tmp_path, folder, capsys):
-    err = one_line_error(capsys, "viz", "--model", NANO, "--out", str(tmp_path / "v"),
-                         str(folder / "val" / "cat"))  # fmt: skip
-    assert "not folders" in err and "not found" not in err
+def test_viz_draws_a_folders_images_and_names_models_without_rois(tmp_path, folder, capsys):
+    # a folder was refused ("viz draws single files, not folders"), where predict takes one
+    argv = ["viz", "--model", NANO, "--out", str(tmp_path / "v"), "--no-gif"]
+    assert main([*argv, str(folder / "val" / "cat")]) == 0
+    drawn = sorted(p.name for p in (tmp_path / "v").glob("*_rois.png"))
+    assert drawn == sorted(f"{p.stem}_rois.png" for p in (folder / "val" / "cat").iterdir())
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    err = one_line_error(capsys, *argv, str(tmp_path / "empty"))
+    assert "holds no image files" in err
     ckpt = tmp_path / "resnet.pt"
     torch.save({"model": {}, "model_name": "resnet18", "num_classes": 3}, ckpt)
     image = next((folder / "val" / "cat").iterdir())

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "images",
         nargs="+",
         metavar="IMAGE",
-        help="image files (any PIL format); video files for a video model",
+        help="image files (any PIL format), or folders of them; video files for a video model",
     )
     p.add_argument(
         "--model",
@@ -66,17 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from sparseformer.cli import CliError, check_output
     from sparseformer.data.folder import DataError
-    from sparseformer.data.media import expand_patterns
+    from sparseformer.data.media import expand_media_paths, expand_patterns
 
     try:  # patterns no shell expanded (quoted, or on Windows)
         paths = expand_patterns([Path(p) for p in args.images])
     except DataError as exc:
         raise CliError(str(exc)) from None
-    folders = [str(p) for p in paths if p.is_dir()]
-    if folders:
-        raise CliError(f"viz draws single files, not folders: {', '.join(folders)}; "
-                       "pass the images or videos themselves (e.g. DIR/*.jpg)")  # fmt: skip
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise CliError(f"file(s) not found: {', '.join(missing)}")
     check_output(args.out, "--out", folder=True)
@@ -121,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
         info = dataclasses.replace(info, input_size=args.img_size)
     video = getattr(model, "roi_dims", 2) == 3
     refuse_video_flags_on_images(args, video, why=f"{args.model or 'the model'} takes images")
+    try:  # a folder: the images (or videos, for a video model) under it, as predict takes it
+        paths = expand_media_paths(paths, video)
+    except DataError as exc:
+        raise CliError(str(exc)) from None
     options = {"stages": args.stages, "highlight": args.tokens, "gif": not args.no_gif}
     label = args.model or "the model"  # a checkpoint's own model is checked already
     drawn, used = 0, set()
