@@ -267,6 +267,31 @@ def test_a_decoder_the_main_process_left_unreachable_does_not_hang_a_forked_work
     assert child.exitcode == 0 and queue.get(timeout=5) == (1, 144, 176, 3)
 
 
+def test_forks_from_several_threads_at_once_leave_the_collector_on(monkeypatch):
+    """The collector is held across each fork; two threads forking at once made the second
+    note it off, and neither turned it back on (and two registrations did the same)."""
+    import gc
+
+    from sparseformer.data import video_decode
+
+    hooks = []
+    monkeypatch.setattr(video_decode.os, "register_at_fork", lambda **kw: hooks.append(kw))
+    collector = video_decode._CollectorAcrossFork()
+    collector.register()
+    collector.register()
+    assert len(hooks) == 1  # once, however often PyAV is first used
+    assert gc.isenabled()
+    try:
+        hooks[0]["before"]()  # two threads fork at once
+        hooks[0]["before"]()
+        hooks[0]["after_in_parent"]()
+        assert not gc.isenabled()  # the other fork is still under way
+        hooks[0]["after_in_parent"]()
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_decoding_threads_are_shared_out_in_loader_workers(monkeypatch):
     from sparseformer.data import video_decode as video
 

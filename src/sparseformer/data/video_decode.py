@@ -66,33 +66,54 @@ def _av():
         raise VideoDataError(
             "video decoding needs PyAV: pip install 'sparseformer[video]' (or pip install av)"
         ) from exc
-    if not _GC_ACROSS_FORK:
-        _GC_ACROSS_FORK.append(False)
-        os.register_at_fork(before=_hold_gc, after_in_parent=_resume_gc, after_in_child=_keep_gc)
+    _COLLECTOR_ACROSS_FORK.register()
     return av
 
 
-# A forked process (a data-loading worker) must never free the PyAV objects its parent left
-# unreachable (a decoder or converter in a reference cycle: an exception's traceback holds one):
-# freeing one waits for threads that only the parent has, and the worker hangs before its first
-# line. So the collector is held across the fork, and the child freezes what it inherited
-# before it collects again; the parent collects its own as before.
-_GC_ACROSS_FORK: list = []  # [whether the collector was on before the fork], once registered
+class _CollectorAcrossFork:
+    """A forked process (a data-loading worker) must never free the PyAV objects its parent
+    left unreachable (a decoder or converter in a reference cycle: an exception's traceback
+    holds one): freeing one waits for threads that only the parent has, and the worker hangs
+    before its first line. So the collector is held across a fork (counted: threads may fork
+    at once), and the child freezes what it inherited before it collects again: cyclic garbage
+    inherited from the parent is never collected there. The parent collects as before."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._forking = 0  # forks in progress in this process
+        self._was_on = False  # whether the collector was on before the first of them
+        self._registered = False
+
+    def register(self) -> None:
+        """Install the fork hooks, once per process (they pass on to forked children)."""
+        with self._lock:
+            if not self._registered:
+                self._registered = True
+                os.register_at_fork(
+                    before=self._before, after_in_parent=self._parent, after_in_child=self._child
+                )
+
+    def _before(self) -> None:
+        with self._lock:
+            if self._forking == 0:
+                self._was_on = gc.isenabled()
+                gc.disable()
+            self._forking += 1
+
+    def _parent(self) -> None:
+        with self._lock:
+            self._forking -= 1
+            if self._forking == 0 and self._was_on:
+                gc.enable()
+
+    def _child(self) -> None:  # one thread now; another's hold on the lock did not come along
+        self._lock, self._forking = threading.Lock(), 0
+        gc.freeze()
+        if self._was_on:
+            gc.enable()
 
 
-def _hold_gc() -> None:
-    _GC_ACROSS_FORK[0] = gc.isenabled()
-    gc.disable()
-
-
-def _resume_gc() -> None:
-    if _GC_ACROSS_FORK[0]:
-        gc.enable()
-
-
-def _keep_gc() -> None:
-    gc.freeze()
-    _resume_gc()
+_COLLECTOR_ACROSS_FORK = _CollectorAcrossFork()
 
 
 def _ffmpeg_reason(exc: Exception) -> str:
