@@ -85,7 +85,7 @@ def read_resume_checkpoint(resume: Path, model_name: str | None) -> dict[str, An
         return ckpt_io.read_training_checkpoint(resume, model_name)
     except UnreadableCheckpoint as exc:  # cut short, overwritten: the run's best.pt may read
         best = Path(resume).with_name(ckpt_io.BEST)
-        other = Path(resume).name != ckpt_io.BEST and best.is_file()
+        other = Path(resume).name != ckpt_io.BEST and best.is_file() and Path(resume).is_file()
         hint = f"; --resume {best} continues from the run's best epoch instead" if other else ""
         raise ResumeError(f"{exc}{hint}") from None
     except CheckpointError as exc:  # another model's run, ...: its best.pt would be too
@@ -310,8 +310,8 @@ def _load_weights(model: nn.Module, weights: dict, resume: Path) -> None:
     Raises:
         CheckpointError: the weights do not fit, with the first difference.
     """
-    try:
-        model.load_state_dict(weights, strict=True)
+    try:  # torch's message, a line per difference (not a SparseFormer's shorter one)
+        nn.Module.load_state_dict(model, weights, strict=True)
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         first = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)

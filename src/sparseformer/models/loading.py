@@ -21,20 +21,24 @@ _MISMATCH = re.compile(
 
 def shorter_load_error(exc: RuntimeError, name: str) -> RuntimeError:
     """torch's ``load_state_dict`` error with its size mismatches (one line per tensor:
-    dozens for another model size) counted and two of them shown, and what to do; any other
-    error as it is."""
+    dozens for another model size) counted and two of them shown, what to do, and its other
+    lines (missing and unexpected keys) as torch wrote them; any other error as it is."""
     found = _MISMATCH.findall(str(exc))
     if not found:
         return exc
-    shown = "; ".join(
-        f"{key}: {theirs} in the file, {ours} here" for key, theirs, ours in found[:2]
-    )
+    shown = "; ".join(f"{key}: {file} in the file, {ours} here" for key, file, ours in found[:2])
+    others = [
+        line.strip()
+        for line in str(exc).splitlines()[1:]
+        if line.strip() and "size mismatch for" not in line
+    ]
     return RuntimeError(
         f"Error(s) in loading state_dict for {name}: {len(found)} tensor(s) have other shapes "
         f"than this model's ({shown}{'; ...' if len(found) > 2 else ''}): the weights are of "
-        "another architecture. Build the model they were made for: a run of sparseformer "
-        "train or bootstrap loads with sparseformer.create_model(NAME, checkpoint_path=FILE), "
-        "which builds the classes and architecture the run records"
+        "another model size, classes or architecture. Build the model they were made for: a "
+        "run of sparseformer train or bootstrap loads with sparseformer.create_model(NAME, "
+        "checkpoint_path=FILE), which builds what the run records"
+        + "".join(f"\n\t{line}" for line in others)
     )
 
 

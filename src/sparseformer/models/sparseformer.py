@@ -346,3 +346,7 @@ def _autocasting(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` (never on a device autocast does not know,
     such as ``meta``)."""
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+# the hook's earlier name: whole models pickled with torch.save(model) before it moved name it
+_accept_official_layouts = accept_official_layouts
