@@ -598,3 +598,13 @@ def test_a_run_resumed_into_a_new_folder_keeps_its_history_and_best(tmp_path, fo
     best = torch.load(then / "best.pt", weights_only=True)
     summary = json.loads((then / "summary.json").read_text())
     assert best["epoch"] == summary["best_epoch"] and (first / "last.pt").is_file()
+    # a best.pt newer than the last.pt resumed (killed between the two saves) is not its best
+    newer = {**torch.load(first / "best.pt", weights_only=True), "epoch": 7}
+    (first / "best.pt").unlink()  # a hard link to then/best.pt: replaced, not written into
+    torch.save(newer, first / "best.pt")
+    again = tmp_path / "again"
+    argv = _train(folder, again, "--epochs", "3", "--resume", str(first / "last.pt"))
+    assert run_cli(capsys, *argv)[0] == 0
+    assert torch.load(again / "last.pt", weights_only=True)["best_epoch"] != 7
+    if (again / "best.pt").is_file():  # only one the run wrote itself
+        assert torch.load(again / "best.pt", weights_only=True)["epoch"] == 3

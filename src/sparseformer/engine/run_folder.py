@@ -225,15 +225,23 @@ def earlier_folder(resume: str | os.PathLike | None, out: Path) -> Path | None:
     return None if folder.resolve() == Path(out).resolve() else folder
 
 
-def carry_best(resume: str | os.PathLike, out: Path) -> Path | None:
+def carry_best(resume: str | os.PathLike, out: Path, best_epoch: int | None) -> Path | None:
     """``out/best.pt`` made the continued run's best checkpoint (a hard link, or a copy), so
     that a run resumed into a new folder holds its best epoch though it beats it no more: the
-    resumed ``best.pt`` itself, or the ``best.pt`` beside a resumed ``last.pt`` (whose best
-    epoch it is: a ``last.pt`` naming a best epoch is written after its ``best.pt``). Returns
-    the file linked, or ``None`` (nothing to carry)."""
+    resumed ``best.pt`` itself, or the ``best.pt`` beside a resumed ``last.pt``, where it is of
+    ``best_epoch`` (a run killed between writing a new best.pt and last.pt left a best.pt
+    newer than its last.pt). Returns the file linked, or ``None`` (nothing to carry)."""
+    import torch
+
     resume = Path(resume)
     best = resume if resume.name == BEST else resume.with_name(BEST)
-    if resume.name not in (LAST, BEST) or not best.is_file():
+    if best_epoch is None or resume.name not in (LAST, BEST) or not best.is_file():
+        return None
+    try:  # mapped, not read: only its epoch is wanted
+        epoch = torch.load(best, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+    except Exception:  # noqa: BLE001 - an unreadable best.pt is not carried, whatever the cause
+        return None
+    if epoch != best_epoch:
         return None
     link_atomic(best, out / BEST)
     return best

@@ -275,7 +275,7 @@ def _continued_log(out: Path, resume: str | Path | None, state: RunState) -> Met
     """The run's metrics log. A run resumed from another folder's checkpoint takes that run's
     history: its epochs up to the resumed one, and its ``best.pt``."""
     earlier = earlier_folder(resume, out)
-    if earlier is not None and carry_best(resume, out) is not None:
+    if earlier is not None and carry_best(resume, out, state.best_epoch) is not None:
         logger.info("%s holds the best epoch so far (%s)", out / "best.pt", state.best_epoch)
     history = earlier / "metrics.jsonl" if earlier is not None else None
     return MetricsLog(out / "metrics.jsonl", state.start_epoch, state.record, history=history)
