@@ -170,7 +170,8 @@ def class_folders(
             f"{str(root)!r} has no class folders; put each class's {media} in its own "
             f"sub-folder, e.g. {root / example}/001.{ext}"
         )
-    alike = [n for n in found if [_loosely(m) for m in found].count(_loosely(n)) > 1]
+    spellings = Counter(_loosely(n) for n in found)
+    alike = [n for n in found if spellings[_loosely(n)] > 1]
     if alike and is_first_rank():  # two classes a reader takes for one (NFD from macOS, case)
         logger.warning(
             "class folders of %s %s differ only in Unicode normalisation, letter case or "

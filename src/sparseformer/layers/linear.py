@@ -43,7 +43,8 @@ def is_tracing() -> bool:
 def in_functorch() -> bool:
     """Under a ``torch.func`` transform (``vmap``, ``grad``, ``functional_call`` inside one):
     tensors are wrapped, and a memory format cannot be asked of them or forced on them."""
-    return torch._C._are_functorch_transforms_active()
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # torch's private
+    return bool(active and active())
 
 
 def fused_linear_available(x: Tensor, weight: Tensor) -> bool:

@@ -209,7 +209,7 @@ def _load_with_stand_ins(path: Path) -> Any | None:
 def _folder_given(folder: Path) -> str:
     """What to say of a folder given as a checkpoint (a run folder, most often)."""
     kinds = (".pt", ".pth", ".safetensors", ".bin")
-    files = sorted(p.name for p in folder.iterdir() if p.suffix in kinds and p.is_file())
+    files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in kinds and p.is_file())
     files.sort(key=lambda name: name != "best.pt")  # a run's best first
     if not files:
         return f"checkpoint {str(folder)!r} is a folder with no checkpoint file in it; give a file"
