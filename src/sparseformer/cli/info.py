@@ -56,10 +56,11 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.engine.video import is_video_model
     from sparseformer.weights.build import embedding_width, require_sparseformer
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
+    from sparseformer.weights.reading import CHECKPOINT_SUFFIXES
 
     if args.name is not None and args.checkpoint is None and Path(args.name).is_file():
         args.name, args.checkpoint = None, args.name  # `info FILE`: the model the file names
-    elif args.name is not None and Path(args.name).suffix in (".pt", ".pth", ".safetensors"):
+    elif args.name is not None and Path(args.name).suffix.lower() in CHECKPOINT_SUFFIXES:
         raise CliError(f"{args.name!r}: no such file (info takes a model name or a checkpoint)")
     if args.name is not None and args.model is not None and args.name != args.model:
         raise CliError(f"two models given: {args.name} and --model {args.model}; give one")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import sys
 
 
@@ -22,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.weights.registry import MODELS, image_model_of
 
     pattern = args.pattern
-    if pattern not in MODELS and not any(c in pattern for c in "*?["):
+    if pattern not in MODELS and not glob.has_magic(pattern):
         pattern = f"*{pattern}*"  # a word: the names that hold it ("micro")
     names = list_models(pattern)
     if not names:

@@ -22,11 +22,13 @@ import torch
 
 from sparseformer.weights.convert import CheckpointError, UnreadableCheckpoint, unwrap_checkpoint
 
-__all__ = ["RUN_INFO_KEY", "NotLoaded", "read_file"]
+__all__ = ["CHECKPOINT_SUFFIXES", "RUN_INFO_KEY", "NotLoaded", "read_file"]
 
 logger = logging.getLogger(__name__)
 
 # safetensors metadata key under which `sparseformer convert` keeps a training checkpoint's
+# what checkpoint files are named (torch's and timm's, safetensors): a folder's are found by it
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 # model name, class names, preprocessing and clip settings (JSON)
 RUN_INFO_KEY = "sparseformer_run"
 
@@ -208,8 +210,9 @@ def _load_with_stand_ins(path: Path) -> Any | None:
 
 def _folder_given(folder: Path) -> str:
     """What to say of a folder given as a checkpoint (a run folder, most often)."""
-    kinds = (".pt", ".pth", ".safetensors", ".bin")
-    files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in kinds and p.is_file())
+    files = sorted(
+        p.name for p in folder.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file()
+    )
     files.sort(key=lambda name: name != "best.pt")  # a run's best first
     if not files:
         return f"checkpoint {str(folder)!r} is a folder with no checkpoint file in it; give a file"
