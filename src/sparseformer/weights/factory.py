@@ -225,7 +225,8 @@ def create_model(
 
 def _check_arguments(name: str, config, overrides: dict, device, loads: bool) -> None:
     """Refuse config fields the model does not have, and weights (``loads``) asked into a
-    meta-device model, which has no storage to hold them.
+    meta-device model (``device="meta"`` or built under ``with torch.device("meta")``), which
+    has no storage to hold them.
 
     Raises:
         TypeError: an unknown field. ValueError: weights into a meta model.
@@ -236,10 +237,12 @@ def _check_arguments(name: str, config, overrides: dict, device, loads: bool) ->
         raise TypeError(
             f"{name} has no config field(s) {unknown}; valid overrides: {sorted(valid)}"
         )
-    if loads and device is not None and torch.device(device).type == "meta":
+    target = torch.device(device) if device is not None else torch.get_default_device()
+    if loads and target.type == "meta":
         raise ValueError(
-            "device='meta' builds a model without storage, into which no weights load; build "
-            "it on 'cpu' (or another device), or load into the meta model with "
+            "device='meta' (or torch.device('meta') as the default) builds a model without "
+            "storage, into which no weights load; build it on 'cpu' (or another device), or "
+            "load into the meta model with "
             "model.load_state_dict(state_dict, assign=True)"
         )
 
