@@ -393,3 +393,6 @@ def test_a_run_starved_of_its_cores_says_so():
     (line,) = _cpu_share_lines({"cpu_share": 0.49, "threads": 2})
     assert "49% of 2 threads: WARNING, other work took the cores" in line
     assert _cpu_share_lines({"threads": 1}) == []  # CUDA, or a run of an older version
+    (line,) = _cpu_share_lines({"cpu_share": 0.5, "threads": 4, "cores": 2})
+    assert "4 threads on 2 cores wait for each other" in line and "--threads 2 or fewer" in line
+    assert "other work" in _cpu_share_lines({"cpu_share": 0.5, "threads": 2, "cores": 2})[0]

@@ -167,6 +167,12 @@ def _cpu_share_lines(env: dict) -> list[str]:
     line = f"CPU time of the timed calls: {100 * share:.0f}% of {counted(env['threads'], 'thread')}"
     if share >= 0.75:
         return [line]
+    cores = env.get("cores") or env["threads"]
+    if env["threads"] > cores:  # the run's own threads, not other work, wait for the cores
+        return [
+            f"{line}: WARNING, {env['threads']} threads on {counted(cores, 'core')} wait for "
+            f"each other, so these times are too long; run with --threads {cores} or fewer"
+        ]
     return [
         f"{line}: WARNING, other work took the cores, so these times are too long and the "
         "ratios unreliable; run again on a quiet machine, or with fewer --threads"

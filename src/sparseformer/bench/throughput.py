@@ -37,14 +37,13 @@ from sparseformer.bench.results import (
     Spread,
 )
 from sparseformer.bench.timing import (
-    cpu_share,
+    CpuShare,
     matmul_peak,
     peak_memory_mb,
-    reset_cpu_share,
     timed,
 )
 from sparseformer.config import VideoSparseFormerConfig
-from sparseformer.engine.device import warn_oversubscribed
+from sparseformer.engine.device import available_cores, warn_oversubscribed
 from sparseformer.engine.optim import build_optimizer
 from sparseformer.weights.registry import MODELS
 
@@ -135,6 +134,7 @@ def _environment(settings: BenchSettings) -> dict:
         "dtype": settings.precision,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cores": available_cores(),  # those this process may run on
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -170,12 +170,12 @@ def run_benchmark(settings: BenchSettings) -> BenchResult:
     peaks: list[float] = []
     rows: list[BenchRow] = []
     skipped: list[dict] = []
-    reset_cpu_share()
+    share = CpuShare()  # what the timed calls got of the cores they asked for
     for img_size in settings.img_sizes:
-        rows += _run_size(settings, img_size, peaks, skipped)
+        rows += _run_size(settings, img_size, peaks, skipped, share)
     environment["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    if settings.device == "cpu":  # what the timed calls got of the cores they asked for
-        environment["cpu_share"] = cpu_share(environment["threads"])
+    if settings.device == "cpu":
+        environment["cpu_share"] = share.of(environment["threads"])
     peak = Spread.of(peaks)
     for row in rows:
         achieved = 2 * row.gflops_complete * row.throughput.median
@@ -234,7 +234,11 @@ def _prepare(settings: BenchSettings, img_size: int, skipped: list[dict]) -> tup
 
 
 def _run_size(
-    settings: BenchSettings, img_size: int, peaks: list[float], skipped: list[dict]
+    settings: BenchSettings,
+    img_size: int,
+    peaks: list[float],
+    skipped: list[dict],
+    share: CpuShare,
 ) -> list[BenchRow]:
     s, device, batch = settings, settings.device, settings.batch_at(img_size)
     models, inputs, flops, frames, trained = _prepare(settings, img_size, skipped)
@@ -258,12 +262,14 @@ def _run_size(
                 bar.update()
                 for name, model in models.items():
                     x = inputs[name]
-                    times = timed(lambda m=model, x=x: m(x["batch"]), device, s.min_time)
+                    times = timed(lambda m=model, x=x: m(x["batch"]), device, s.min_time, share)
                     throughput[name].append(batch * len(times) / sum(times))
-                    times = timed(lambda m=model, x=x: m(x["single"]), device, s.min_time)
+                    times = timed(lambda m=model, x=x: m(x["single"]), device, s.min_time, share)
                     latency[name] += [1e3 * t for t in times]
                     bar.update()
-    train, train_memory = _train_rounds(settings, trained, img_size) if s.train else (None, {})
+    train, train_memory = (
+        _train_rounds(settings, trained, img_size, share) if s.train else (None, {})
+    )
     base = s.baseline_model()
     rows = []
     for name in models:
@@ -342,7 +348,7 @@ def _median_ratio(values: list[float], baseline: list[float]) -> float:
 
 
 def _train_rounds(
-    settings: BenchSettings, models: dict[str, nn.Module], img_size: int
+    settings: BenchSettings, models: dict[str, nn.Module], img_size: int, share: CpuShare
 ) -> tuple[dict[str, list[float]], dict[str, float | None]]:
     """Images per second of a full training step per model, interleaved over the rounds, and
     each model's extra memory in one step."""
@@ -384,7 +390,7 @@ def _train_rounds(
             memory[name] = peak_memory_mb(steps[name], device)
         for _ in range(s.repeats):
             for name in models:
-                times = timed(steps[name], device, s.min_time)
+                times = timed(steps[name], device, s.min_time, share)
                 result[name].append(s.train_batch_size * len(times) / sum(times))
                 bar.update()
         for model in models.values():

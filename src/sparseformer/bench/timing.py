@@ -12,10 +12,11 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["sync", "timed", "reset_cpu_share", "cpu_share", "matmul_peak", "peak_memory_mb"]
+__all__ = ["sync", "CpuShare", "timed", "matmul_peak", "peak_memory_mb"]
 
 
 def sync(device: str) -> None:
@@ -23,9 +24,26 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], device: str, min_time: float) -> list[float]:
+@dataclass
+class CpuShare:
+    """CPU and wall seconds of timed calls, added up by :func:`timed`: how much of the cores
+    they asked for the calls got. Well below 1 on a CPU, other work took the cores, and the
+    times are too long by as much."""
+
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def of(self, threads: int) -> float | None:
+        """The CPU time as a fraction of ``threads`` cores over the wall time (``None``:
+        nothing timed)."""
+        return self.cpu_seconds / (self.wall_seconds * threads) if self.wall_seconds else None
+
+
+def timed(
+    fn: Callable[[], object], device: str, min_time: float, share: CpuShare | None = None
+) -> list[float]:
     """Seconds of each call of ``fn``, calling it until ``min_time`` seconds have passed (the
-    process's CPU time over them is added up for :func:`cpu_share`)."""
+    process's CPU and wall time over them are added to ``share``)."""
     times: list[float] = []
     start, cpu = time.perf_counter(), time.process_time()
     while not times or time.perf_counter() - start < min_time:
@@ -33,24 +51,10 @@ def timed(fn: Callable[[], object], device: str, min_time: float) -> list[float]
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    _MEASURED[0] += time.process_time() - cpu
-    _MEASURED[1] += time.perf_counter() - start
+    if share is not None:
+        share.cpu_seconds += time.process_time() - cpu
+        share.wall_seconds += time.perf_counter() - start
     return times
-
-
-_MEASURED = [0.0, 0.0]  # CPU seconds, wall seconds of the timed calls since reset_cpu_share()
-
-
-def reset_cpu_share() -> None:
-    _MEASURED[:] = [0.0, 0.0]
-
-
-def cpu_share(threads: int) -> float | None:
-    """The CPU time the timed calls got, as a fraction of ``threads`` cores over their wall
-    time, since :func:`reset_cpu_share` (``None``: nothing timed). Well below 1 on a CPU: other
-    work took the cores, and the times are too long by as much."""
-    cpu, wall = _MEASURED
-    return cpu / (wall * threads) if wall > 0 else None
 
 
 def matmul_peak(
