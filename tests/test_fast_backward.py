@@ -268,3 +268,36 @@ def test_gather_counts_a_clips_pixels_and_takes_empty_batches():
     feats = torch.randn(0, 64, 32, 32, requires_grad=True)
     out = sample_features(feats, torch.rand(0, 2, 3, 2, requires_grad=True))
     assert out.shape == (0, 2, 3, 64)
+
+
+@pytest.mark.parametrize("rate, batch", [(0.5, 16), (0.9, 1)])
+def test_residual_drop_path_runs_only_the_kept_samples(rate, batch):
+    """The same draws, outputs and gradients as ``x + drop_path(branch(x))``; the branch
+    sees the kept samples only, and when none is kept its parameters get zero gradients, as
+    multiplied by zero (AdamW then still decays them, as it would)."""
+    from sparseformer.layers import drop_path, residual_drop_path
+
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).double()
+    seen = []
+    mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    x = torch.randn(batch, 5, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fast in (False, True):
+        mlp.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(3)
+        if fast:
+            out = residual_drop_path(x, mlp, rate, training=True)
+        else:
+            out = x + drop_path(mlp(x), rate, training=True)
+        out.sin().sum().backward()
+        results.append((out, x.grad, [p.grad for p in mlp.parameters()]))
+    (ref, ref_x, ref_p), (got, got_x, got_p) = results
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(got_x, ref_x)
+    for a, b in zip(got_p, ref_p):
+        torch.testing.assert_close(a, b)
+    kept = int((ref - x).abs().amax(dim=(1, 2)).gt(0).sum())  # samples the branch changed
+    assert seen == [batch, kept] and (kept < batch or batch == 1)
+    torch.manual_seed(3)
+    assert torch.equal(residual_drop_path(x, mlp, rate, training=False), x + mlp(x))

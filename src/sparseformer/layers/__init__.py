@@ -11,7 +11,7 @@ Layers take plain values, never a config object.
 """
 
 from sparseformer.layers.attention import Attention, Mlp
-from sparseformer.layers.drop import drop_path, drop_path_rates
+from sparseformer.layers.drop import drop_path, drop_path_rates, residual_drop_path
 from sparseformer.layers.mixing import AdaptiveMixing
 from sparseformer.layers.position import roi_sine_embedding
 from sparseformer.layers.roi import (
@@ -45,6 +45,7 @@ __all__ = [
     "clamp_coordinate_grad",
     "drop_path",
     "drop_path_rates",
+    "residual_drop_path",
     "fp32_geometry",
     "grid_and_whole_rois",
     "grid_offsets",

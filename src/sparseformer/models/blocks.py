@@ -25,6 +25,7 @@ from sparseformer.layers import (
     drop_path,
     fp32_geometry,
     grid_offsets,
+    residual_drop_path,
     roi_sine_embedding,
     sample_features,
     sampling_points,
@@ -66,8 +67,10 @@ class AttnOp(Attention):
         self.norm = nn.LayerNorm(dim, eps=ln_eps)
 
     def forward(self, tokens: Tensor, rois: Tensor, feats: Tensor, ctx: OpContext):
-        update = super().forward(self.norm(tokens))
-        return tokens + drop_path(update, ctx.drop_rate, self.training), rois
+        return residual_drop_path(tokens, self._update, ctx.drop_rate, self.training), rois
+
+    def _update(self, tokens: Tensor) -> Tensor:
+        return super().forward(self.norm(tokens))
 
 
 class MlpOp(Mlp):
@@ -78,8 +81,10 @@ class MlpOp(Mlp):
         self.norm = nn.LayerNorm(dim, eps=ln_eps)
 
     def forward(self, tokens: Tensor, rois: Tensor, feats: Tensor, ctx: OpContext):
-        update = super().forward(self.norm(tokens))
-        return tokens + drop_path(update, ctx.drop_rate, self.training), rois
+        return residual_drop_path(tokens, self._update, ctx.drop_rate, self.training), rois
+
+    def _update(self, tokens: Tensor) -> Tensor:
+        return super().forward(self.norm(tokens))
 
 
 def project_fp32(
