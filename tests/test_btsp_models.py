@@ -98,11 +98,18 @@ def test_reset_classifier_keeps_cls_pooling_and_takes_a_bias():
 
 def test_stage_embedding_row_i_joins_before_repeat_i():
     model = SparseFormer(tiny()).eval()
+    stage = model.stages[0]
+    assert stage.repeats == (3,)
+    entering = []  # the tokens each repetition of the stage's unit receives
+    stage.units[0].register_forward_pre_hook(lambda m, args: entering.append(args[0]))
     x = torch.randn(1, 3, 32, 32)
-    base = model(x)
     with torch.no_grad():
-        model.stages[0].stage_embedding[2].add_(1.0)
-    changed = model(x)
+        base = model(x)
+        before, entering[:] = list(entering), []
+        stage.stage_embedding[2].add_(1.0)  # row 2: repetition 2 only, and after it
+        changed = model(x)
+    assert [torch.equal(a, b) for a, b in zip(before, entering)] == [True, True, False]
+    torch.testing.assert_close(entering[2] - before[2], torch.ones_like(before[2]))
     assert not torch.allclose(base, changed)
 
 

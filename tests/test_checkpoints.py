@@ -251,7 +251,11 @@ def test_compiled_and_ddp_state_dicts_load():
     load_checkpoint(other, state)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  other.state_dict().values()))  # fmt: skip
-    load_checkpoint(other, {f"module.{k}": v for k, v in state.items()})  # DDP around compile
+    fresh = fixture_model()
+    torch.nn.init.zeros_(fresh.head.weight)  # differs from model until loaded
+    load_checkpoint(fresh, {f"module.{k}": v for k, v in state.items()})  # DDP around compile
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_pretrained_offline_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
@@ -308,7 +312,17 @@ def test_rgb_weights_adapt_to_other_input_channels():
     torch.testing.assert_close(gray(x), rgb(x.expand(2, 3, 32, 32)), atol=1e-5, rtol=1e-4)
     four = create_model("sparseformer_v1_nano", in_chans=4)
     load_checkpoint(four, {"model": rgb.state_dict()})
-    assert four(torch.rand(1, 4, 32, 32)).shape == (1, 1000)
+    from timm.models import adapt_input_conv  # RGB repeated, scaled by 3/4
+
+    expected = adapt_input_conv(4, rgb.stem.conv.weight.detach())
+    torch.testing.assert_close(four.stem.conv.weight.detach(), expected, rtol=0, atol=0)
+    rgb_clip = create_model("video_sparseformer_v1_micro").eval()  # a 5-D stem kernel
+    gray_clip = create_model("video_sparseformer_v1_micro", in_chans=1).eval()
+    load_checkpoint(gray_clip, {"model": rgb_clip.state_dict()})
+    clip = torch.rand(1, 1, 4, 32, 32)
+    torch.testing.assert_close(
+        gray_clip(clip), rgb_clip(clip.expand(1, 3, 4, 32, 32)), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_a_run_of_another_size_is_named_in_the_mismatch(tmp_path):
@@ -486,7 +500,11 @@ def test_a_timm_model_takes_a_file_as_timm_maps_it():
     model = timm.create_model("test_vit", img_size=32, num_classes=2)
     load_weights(model, {"model": trained.state_dict()})
     assert torch.equal(model.head.weight, trained.head.weight)
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    mapped = checkpoint_filter_fn(trained.state_dict(), model)  # timm's own resampling
     assert model.pos_embed.shape != trained.pos_embed.shape
+    assert torch.equal(model.pos_embed, mapped["pos_embed"])
 
 
 def test_the_model_weights_of_a_best_epoch_its_ema_scored_are_said(tmp_path, caplog, capsys):

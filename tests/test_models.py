@@ -158,11 +158,24 @@ def test_the_map_is_raised_to_fp32_once_for_every_sampling_under_autocast(name):
 
 
 def test_two_models_run_independently():
-    a = create_model("sparseformer_v1_nano").eval()
-    b = create_model("sparseformer_v1_nano").eval()
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(a(x), b(x, coord_grad_scale=1024.0))
+    """The clamp's scale is an argument, not state (the authors' GRAD_SCALE was a class
+    attribute written in forward): one model's fp16 loss scale must not reach another's."""
+    alone, a, b = (create_model("sparseformer_v1_nano").eval() for _ in range(3))
+    a.load_state_dict(alone.state_dict())
+    b.load_state_dict(alone.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+
+    def grads(model, **kwargs):
+        (1e3 * model(x, **kwargs).square().sum()).backward()  # large: the clamp bites
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    expected = grads(alone)
+    scaled = grads(b, coord_grad_scale=1024.0)
+    got = grads(a)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(scaled[n], expected[n]) for n in expected)  # the scale acted
 
 
 def test_config_validation():

