@@ -135,6 +135,18 @@ def test_unknown_model_lists_close_names(tmp_path, folder, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_timm_name_timm_cannot_build_is_one_line(tmp_path, folder, capsys):
+    """An unknown pretrained tag, and a hybrid ViT at a size its backbone cannot take, were
+    tracebacks from deep in timm (a bare AssertionError for the second)."""
+    where = ["--data-dir", str(folder), "--output", str(tmp_path / "o")]
+    err = one_line_error(capsys, "train", "--model", "vit_tiny_patch16_224.bogus_tag", *where)
+    assert "vit_tiny_patch16_224 has no pretrained tag 'bogus_tag' (timm's tags: augreg" in err
+    err = one_line_error(capsys, "train", "--model", "vit_tiny_r_s16_p8_224", "--img-size", "40",
+                         *where)  # fmt: skip
+    assert "timm cannot build vit_tiny_r_s16_p8_224 for 40 px inputs" in err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     "layout, expected",
     [("missing", "does not exist"), ("empty", "is empty"), ("empty_class", "have no images")],

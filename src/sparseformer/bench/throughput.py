@@ -73,6 +73,7 @@ def build_model(
     """
     import timm
 
+    from sparseformer.weights.build import timm_model, unknown_tag_problem
     from sparseformer.weights.factory import create_model
 
     if name in MODELS:
@@ -86,25 +87,12 @@ def build_model(
             f"unknown model {name!r}{close_model_names(name)} (neither a SparseFormer name, "
             "see `sparseformer models`, nor a timm model name)"
         )
-    _check_tag(timm, name)
+    problem = unknown_tag_problem(name)
+    if problem is not None:
+        raise BenchError(problem)
     default_size = timm.get_pretrained_cfg_value(name, "input_size") or (3, 224, 224)
-    if img_size != default_size[-1]:
-        try:  # vision transformers fix their position table and windows to the input size
-            return timm.create_model(name, num_classes=num_classes, img_size=img_size)
-        except TypeError:  # convolutional networks take any size
-            pass
-    return timm.create_model(name, num_classes=num_classes)
-
-
-def _check_tag(timm, name: str) -> None:
-    """Refuse a ``arch.tag`` timm name whose tag timm does not know, naming the ones it does
-    (timm itself fails only when building, which would read as a size the model cannot take).
-    """
-    arch, _, tag = name.partition(".")
-    known = timm.list_pretrained(f"{arch}.*")
-    if tag and name not in known:
-        tags = ", ".join(k.partition(".")[2] for k in known) or "none"
-        raise BenchError(f"{arch} has no pretrained tag {tag!r} (timm's tags: {tags})")
+    size = None if img_size == default_size[-1] else img_size  # ViTs fix their tables to it
+    return timm_model(name, size, num_classes=num_classes)
 
 
 def sample_shape(model: nn.Module, img_size: int) -> tuple[int, ...]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from sparseformer.bootstrap.derive import BootstrapError, describe_teacher
 from sparseformer.data.transforms import Preprocessing
-from sparseformer.weights.build import close_model_names, patch_grid_problem
+from sparseformer.weights.build import close_model_names, patch_grid_problem, timm_model
 from sparseformer.weights.checkpoint import PREPROCESSING_FIELDS, read_checkpoint
 from sparseformer.weights.registry import MODELS
 
@@ -69,20 +69,17 @@ def _timm_preprocessing(model: nn.Module) -> Preprocessing:
     )  # fmt: skip
 
 
-def _build_by_name(timm, name: str, img_size: int | None, ckpt) -> nn.Module:
+def _build_by_name(name: str, img_size: int | None, ckpt) -> nn.Module:
     """The timm model ``name`` without weights: at ``img_size``, and with as many classes as
     the head of the checkpoint ``ckpt`` has (a ViT fine-tuned on one's own classes).
 
     Raises:
         BootstrapError: an ``img_size`` that is not a whole number of the teacher's patches.
+        UnknownModelError, ValueError: a pretrained tag timm lacks, a size timm cannot build.
     """
     head = ckpt.state_dict.get("head.weight") if ckpt is not None else None
     kwargs = {"num_classes": head.shape[0]} if head is not None and head.dim() == 2 else {}
-    try:
-        sizes = {"img_size": img_size} if img_size is not None else {}
-        model = timm.create_model(name, pretrained=False, **sizes, **kwargs)
-    except TypeError:  # convolutional nets take no img_size: not a ViT either
-        model = timm.create_model(name, pretrained=False, **kwargs)
+    model = timm_model(name, img_size, **kwargs)
     problem = patch_grid_problem(model, img_size, "the teacher's") if img_size else None
     if problem is not None:
         raise BootstrapError(problem)
@@ -195,7 +192,7 @@ def load_teacher(
                 "records the size and normalisation it trained with: give it as --teacher "
                 f"{checkpoint}, without a name"
             )
-        model = _build_by_name(timm, name, img_size, ckpt)
+        model = _build_by_name(name, img_size, ckpt)
         describe_teacher(model)
         if ckpt is not None:
             _load_into(model, name.partition(".")[0], ckpt, checkpoint)

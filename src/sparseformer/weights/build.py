@@ -33,6 +33,8 @@ __all__ = [
     "model_from_checkpoint",
     "model_input_size",
     "require_sparseformer",
+    "timm_model",
+    "unknown_tag_problem",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,11 +57,59 @@ def check_model_name(name: str) -> str:
     if name in list_models():
         return "sparseformer"
     if timm.is_model(name):
+        problem = unknown_tag_problem(name)
+        if problem is not None:
+            raise UnknownModelError(problem)
         return "timm"
     raise UnknownModelError(
         f"unknown model {name!r}{close_model_names(name)} (SparseFormers: sparseformer models; "
         "any timm model name also works)"
     )
+
+
+def unknown_tag_problem(name: str) -> str | None:
+    """Why timm has no pretrained tag ``name`` names (``arch.tag``), with the tags it has, or
+    ``None`` (no tag, or a known one). timm itself fails only when building, in a traceback
+    that reads as a size the model cannot take."""
+    import timm
+
+    arch, _, tag = name.partition(".")
+    known = timm.list_pretrained(f"{arch}.*")
+    if not tag or name in known:
+        return None
+    tags = ", ".join(k.partition(".")[2] for k in known) or "none"
+    return f"{arch} has no pretrained tag {tag!r} (timm's tags: {tags})"
+
+
+def timm_model(name: str, img_size: int | None = None, **kwargs: Any) -> nn.Module:
+    """timm's model ``name`` without weights, for ``img_size`` inputs where it takes a size
+    (ViTs fix their position table to it; convolutional nets take any, and no argument).
+
+    Raises:
+        UnknownModelError: a pretrained tag timm does not have.
+        ValueError: timm cannot build it for ``img_size`` inputs (a hybrid ViT's backbone
+            stride, say), in one line where timm asserts.
+    """
+    import timm
+
+    problem = unknown_tag_problem(name)
+    if problem is not None:
+        raise UnknownModelError(problem)
+    try:
+        if img_size is not None:
+            try:
+                return timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
+            except TypeError:  # convolutional nets take any size and no img_size argument
+                pass
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except AssertionError as exc:  # timm's shape checks: bare, from deep in the model
+        if img_size is None:
+            raise
+        reason = f": {str(exc).splitlines()[0]}" if str(exc).strip() else ""
+        raise ValueError(
+            f"timm cannot build {name} for {img_size} px inputs (an assertion in timm{reason}); "
+            "pick another size, a multiple of the model's stride"
+        ) from exc
 
 
 def require_sparseformer(name: str, command: str) -> None:
@@ -134,17 +184,10 @@ def build_model(
         if offset_proj_init is not None:
             overrides["offset_proj_init"] = offset_proj_init
         return create_model(name, num_classes=num_classes, **overrides)
-    import timm
-
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if drop_path is not None:
         kwargs["drop_path_rate"] = drop_path
-    if img_size is not None:
-        try:
-            return timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
-        except TypeError:  # convolutional nets take any size and no img_size argument
-            pass
-    return timm.create_model(name, pretrained=False, **kwargs)
+    return timm_model(name, img_size, **kwargs)
 
 
 def patch_grid_problem(model: nn.Module, img_size: int, whose: str = "the model's") -> str | None:
