@@ -197,6 +197,10 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
         bootstrap_config(timm.create_model("test_resnet"))
     with pytest.raises(BootstrapError, match="LayerScale"):
         bootstrap_config(timm.create_model("test_vit2"))
+    with torch.device("meta"):  # its second head was dropped, and its top-1 misreported
+        distilled = timm.create_model("deit_tiny_distilled_patch16_224")
+    with pytest.raises(BootstrapError, match="is a distilled ViT: its output averages two"):
+        bootstrap_config(distilled)
     with pytest.raises(BootstrapError, match="cortex width 768 does not match the teacher's 64"):
         bootstrap_config(_teacher(), student="sparseformer_btsp_augreg_base")
     other = tmp_path / "vit3.pt"

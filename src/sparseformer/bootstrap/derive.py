@@ -169,8 +169,8 @@ def describe_teacher(teacher: nn.Module) -> TeacherFacts:
     """The facts of a timm ``VisionTransformer`` that a bootstrapped student needs.
 
     Raises:
-        BootstrapError: not a timm ViT, or a ViT whose blocks, pooling or activation the
-            SparseFormer cortex cannot hold.
+        BootstrapError: not a timm ViT, a distilled one, or a ViT whose blocks, pooling or
+            activation the SparseFormer cortex cannot hold.
     """
     from timm.models.vision_transformer import VisionTransformer
 
@@ -179,6 +179,13 @@ def describe_teacher(teacher: nn.Module) -> TeacherFacts:
         raise BootstrapError(
             f"the teacher {name} is not a ViT (a {type(teacher).__name__}); bootstrap takes a "
             "timm VisionTransformer (vit_*, deit_*, CLIP ViTs)"
+        )
+    if getattr(teacher, "head_dist", None) is not None:  # timm's VisionTransformerDistilled
+        raise BootstrapError(
+            f"the teacher {name} is a distilled ViT: its output averages two heads over two "
+            "tokens (class and distillation), where a student aligns one feature to one head; "
+            "take the ViT without distillation (deit_small_patch16_224, not "
+            "deit_small_distilled_patch16_224)"
         )
     blocks = list(teacher.blocks)
     for i, block in enumerate(blocks):
