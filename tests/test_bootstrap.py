@@ -295,6 +295,15 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
         said = [line for line in err if line.startswith("sparseformer bootstrap: error:")]
         assert code == 1 and len(said) == 1 and why in said[0], err
         assert not any(line.startswith("Traceback") for line in err)
+    student = tmp_path / "student.pt"  # the other way: torch said a parameter group differs
+    torch.save({"model": nano.state_dict(), "model_name": "sparseformer_v1_nano", "step": 1,
+                "epoch": 1, "bootstrap": {"tokens": 4}}, student)  # fmt: skip
+    for model in ([], ["--model", "sparseformer_v1_nano"]):
+        code = main(["train", "--data-dir", str(folder / "data"), "--output", str(tmp_path / "y"),
+                     "--resume", str(student), *model])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 1 and "is a checkpoint of a bootstrap run; continue it with" in err
+        assert f"bootstrap --resume, or fine-tune its student with --checkpoint {student}" in err
     clips = tmp_path / "clips"  # was "... is an image model; use a video model"
     for split in ("train", "val"):
         (clips / split / "a").mkdir(parents=True)

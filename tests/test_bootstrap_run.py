@@ -213,7 +213,9 @@ def test_a_run_of_an_earlier_version_resumes_under_its_own_name(tmp_path):
 
     clip = dataclasses.replace(MODELS[CLIP_TEMPLATE].config, num_classes=16)
     old = tmp_path / "last.pt"
-    torch.save({"model": {}, "step": 3, "epoch": 1, "model_name": TEMPLATE}, old)
+    torch.save(
+        {"model": {}, "step": 3, "epoch": 1, "model_name": TEMPLATE, "bootstrap": {}}, old
+    )  # every bootstrap run's checkpoint records its settings
     settings = BootstrapSettings()
     fresh = RunOptions(output=tmp_path, model_name="")
     assert _run_name(fresh, clip, settings) == CLIP_TEMPLATE  # a new run: named by kind

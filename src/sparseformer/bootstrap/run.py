@@ -209,7 +209,7 @@ def _run_name(options: RunOptions, config: SparseFormerConfig, settings: Bootstr
     if registered(options.model_name):
         return options.model_name
     if options.resume is not None:
-        saved = read_resume_checkpoint(Path(options.resume), None).get("model_name")
+        saved = read_resume_checkpoint(Path(options.resume), None, bootstrap=True).get("model_name")
         if registered(saved):
             return saved
     return student_name(config, settings.student)

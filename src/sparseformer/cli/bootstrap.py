@@ -166,12 +166,8 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     resume = resolve_resume(args.resume, args.output, overwrite=args.overwrite)
     saved: dict = {}
     if resume is not None:  # the run's own recipe, size and student
-        saved = read_resume_checkpoint(resume, None)  # a student of any bootstrapped name
-        if saved.get("bootstrap") is None:
-            raise CliError(
-                f"{resume} is a checkpoint of {saved.get('model_name') or 'a model'}, not of a "
-                "bootstrap run; continue it with sparseformer train --resume"
-            )
+        # a student of any bootstrapped name
+        saved = read_resume_checkpoint(resume, None, bootstrap=True)
         recipe = resumed_recipe(saved, resume, recipe, _without_img_size(flags))
         img_size = _run_img_size(saved, img_size)
         asked, settings = settings, BootstrapSettings.from_dict(saved.get("bootstrap") or {})

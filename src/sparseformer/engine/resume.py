@@ -78,11 +78,15 @@ def resolve_resume(resume: str | None, output: Path, *, overwrite: bool = False)
     return Path(resume) if resume else None
 
 
-def read_resume_checkpoint(resume: Path, model_name: str | None) -> dict[str, Any]:
+def read_resume_checkpoint(
+    resume: Path, model_name: str | None, *, bootstrap: bool = False
+) -> dict[str, Any]:
     """The training checkpoint ``resume``, checked to be one of ``model_name`` (``None``:
-    any model's, to learn which)."""
+    any model's, to learn which) and of the command resuming it: a ``sparseformer
+    bootstrap`` run's (``bootstrap``), else a ``sparseformer train`` run's (their optimizers
+    differ, and torch would say only that a parameter group does not match)."""
     try:
-        return ckpt_io.read_training_checkpoint(resume, model_name)
+        saved = ckpt_io.read_training_checkpoint(resume, model_name)
     except UnreadableCheckpoint as exc:  # cut short, overwritten: the run's best.pt may read
         best = Path(resume).with_name(ckpt_io.BEST)
         other = Path(resume).name != ckpt_io.BEST and best.is_file() and Path(resume).is_file()
@@ -90,6 +94,18 @@ def read_resume_checkpoint(resume: Path, model_name: str | None) -> dict[str, An
         raise ResumeError(f"{exc}{hint}") from None
     except CheckpointError as exc:  # another model's run, ...: its best.pt would be too
         raise ResumeError(str(exc)) from None
+    of_bootstrap = saved.get("bootstrap") is not None
+    if bootstrap and not of_bootstrap:
+        raise ResumeError(
+            f"{resume} is a checkpoint of {saved.get('model_name') or 'a model'}, not of a "
+            "bootstrap run; continue it with sparseformer train --resume"
+        )
+    if of_bootstrap and not bootstrap:
+        raise ResumeError(
+            f"{resume} is a checkpoint of a bootstrap run; continue it with sparseformer "
+            f"bootstrap --resume, or fine-tune its student with --checkpoint {resume}"
+        )
+    return saved
 
 
 def resumed_recipe(
