@@ -61,10 +61,13 @@ def test_a_second_run_in_a_held_folder_is_refused_naming_the_holder(tmp_path, fo
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_a_lock_still_held_by_a_killed_runs_workers_says_to_wait(tmp_path):
+def test_a_lock_still_held_by_a_killed_runs_workers_is_waited_for(tmp_path, caplog, monkeypatch):
     """kill -9 of a run leaves its forked data-loading workers holding the lock for a few
-    seconds: the refusal says the run has ended, not that it is in use."""
+    seconds: a run started at once (a scheduler's requeue) waits for them, where it failed."""
     import fcntl
+    import threading
+
+    import sparseformer.engine.run_folder as run_folder
 
     out = tmp_path / "run"
     out.mkdir()
@@ -75,8 +78,18 @@ def test_a_lock_still_held_by_a_killed_runs_workers_says_to_wait(tmp_path):
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # its worker's inherited descriptor
     os.write(fd, f"PID {dead} on host {socket.gethostname()} since then".encode())
     fcntl.flock(fd, fcntl.LOCK_EX)
+    worker_ends = threading.Timer(1.0, os.close, (fd,))
+    worker_ends.start()
+    with caplog.at_level("INFO"), RunFolderLock(out):
+        assert f"PID {os.getpid()} on host" in (out / LOCK_FILE).read_text()
+    worker_ends.join()
+    assert f"the run that held it has ended (PID {dead} on host" in caplog.text
+    monkeypatch.setattr(run_folder, "WORKERS_GRACE", 0.5)  # workers that never end
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    os.write(fd, f"PID {dead} on host {socket.gethostname()} since then".encode())
+    fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        with pytest.raises(RunFolderBusy, match="seems to have ended .* try again in a few"):
+        with pytest.raises(RunFolderBusy, match="has ended .* still hold it after 0 s: end them"):
             RunFolderLock(out).acquire()
     finally:
         os.close(fd)

@@ -58,6 +58,9 @@ logger = logging.getLogger(__name__)
 SKIPPED_LIST = "skipped_files.tsv"  # every file the scan left out, with the reason
 RUN_FILES = (LAST, BEST, "metrics.jsonl", "metrics.png", "summary.json", SKIPPED_LIST)
 LOCK_FILE = ".lock"  # held by the run writing in the folder; names it
+# How long a run waits for the forked data-loading workers of a killed run (-9) to end and
+# let go of the lock: torch's workers check every 5 s that their parent lives.
+WORKERS_GRACE = 30.0
 
 
 class RunFolderBusy(ValueError):
@@ -87,6 +90,7 @@ class RunFolderLock:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_FILE
+        deadline = None  # set once the holder is found ended
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -95,10 +99,15 @@ class RunFolderLock:
                 holder = _read_holder(fd)
                 os.close(fd)
                 if _holder_ended(holder):  # its forked data-loading workers hold the lock
+                    deadline = deadline or self._wait_for_workers(holder)
+                    if time.monotonic() < deadline:
+                        time.sleep(0.25)
+                        continue
                     raise RunFolderBusy(
-                        f"--output {str(self.folder)!r} was held by a run that seems to have "
-                        f"ended ({holder}); its data-loading workers, which hold the lock until "
-                        "they see it gone, may still be ending: try again in a few seconds"
+                        f"--output {str(self.folder)!r} was held by a run that has ended "
+                        f"({holder}), and its data-loading workers still hold it after "
+                        f"{WORKERS_GRACE:.0f} s: end them (they are its PID's children), or "
+                        "choose another folder"
                     ) from None
                 who = f" ({holder})" if holder else " (starting at this moment)"
                 raise RunFolderBusy(
@@ -119,6 +128,14 @@ class RunFolderLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, record.encode(), 0)
         self._fd = fd
+
+    def _wait_for_workers(self, holder: str) -> float:
+        """Say that this run waits for an ended run's workers; the time to give up at."""
+        logger.info(
+            "%s: the run that held it has ended (%s); waiting for its data-loading workers "
+            "to let go (each sees its parent gone within about 5 s)", self.folder, holder,
+        )  # fmt: skip
+        return time.monotonic() + WORKERS_GRACE
 
     def release(self) -> None:
         """Remove the lock file (a clean end: nothing to take over) and let go."""
