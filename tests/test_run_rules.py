@@ -173,8 +173,15 @@ def test_media_paths_and_run_folders(tmp_path):
         (run / name).write_text("")
     prepare_output(run)
     assert not (run / ".last.pt.tmp-1").exists() and (run / "last.pt").exists()
+    board = run / "tensorboard"  # --overwrite drew the new run's curves over the old ones
+    board.mkdir()
+    (board / "events.out.tfevents.1.host.42.0").write_bytes(b"")
+    (board / "notes.txt").write_text("")  # not ours: kept
     clear_old_run(run)
-    assert not any(run.iterdir())
+    assert [p.relative_to(run).as_posix() for p in run.rglob("*")] == [
+        "tensorboard",
+        "tensorboard/notes.txt",
+    ]
 
 
 def test_output_paths_are_checked_before_any_work(tmp_path):

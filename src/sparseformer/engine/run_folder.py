@@ -38,6 +38,7 @@ __all__ = [
     "SKIPPED_LIST",
     "RUN_FILES",
     "LOCK_FILE",
+    "TENSORBOARD",
     "RunFolderBusy",
     "RunFolderLock",
     "check_run_folder_free",
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 SKIPPED_LIST = "skipped_files.tsv"  # every file the scan left out, with the reason
 RUN_FILES = (LAST, BEST, "metrics.jsonl", "metrics.png", "summary.json", SKIPPED_LIST)
 LOCK_FILE = ".lock"  # held by the run writing in the folder; names it
+TENSORBOARD = "tensorboard"  # the folder of --tensorboard's events
 # How long a run waits for the forked data-loading workers of a killed run (-9) to end and
 # let go of the lock: torch's workers check every 5 s that their parent lives.
 WORKERS_GRACE = 30.0
@@ -190,9 +192,12 @@ def prepare_output(out: Path) -> None:
 
 
 def clear_old_run(out: Path) -> None:
-    """Remove the checkpoints, metrics and summary of an earlier run in ``out``."""
+    """Remove the checkpoints, metrics and summary of an earlier run in ``out``, and its
+    TensorBoard events (a new run's curves would be drawn over the old ones)."""
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
+    for events in (out / TENSORBOARD).glob("events.out.tfevents.*"):
+        events.unlink()
 
 
 def write_skipped_list(path: Path, skipped: list[tuple[str, str]]) -> None:

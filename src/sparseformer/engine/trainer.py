@@ -38,6 +38,7 @@ from sparseformer.engine.recipe import Recipe
 from sparseformer.engine.resume import DATA_ORDER, RunState, keep_saved_data_order, restore_run
 from sparseformer.engine.run_folder import (
     SKIPPED_LIST,
+    TENSORBOARD,
     RunFolderLock,
     carry_best,
     clear_old_run,
@@ -209,7 +210,7 @@ def _fit_in(
     if options.validation is not None:
         loop.validation = options.validation
     if options.tensorboard and dist.is_main:
-        loop.board = TensorBoardScalars(out / "tensorboard")
+        loop.board = TensorBoardScalars(out / TENSORBOARD)
         if log.restored is not None:  # killed before its line: nor had TensorBoard its scalars
             loop.board.add(log.restored)
     with StopSignals(announce=dist.is_main) as loop.signals:  # see engine/stopping
