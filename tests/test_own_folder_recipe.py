@@ -74,6 +74,19 @@ def test_a_small_folder_gets_crops_and_flips_only():
     assert [own_folder_recipe(n).batch_size for n in (31, 24, 6, 4, 3, 1)] == [8, 8, 2, 2, 1, 1]
 
 
+def test_under_torchrun_each_process_batch_fits_its_share(tmp_path, monkeypatch):
+    """Two processes on 400 images took 32 each (the batch of 400 in one process): 6 steps an
+    epoch, where one process takes 12; on 8 GPUs, 4 steps an epoch."""
+    assert own_folder_recipe(480, processes=2).batch_size == own_folder_recipe(240).batch_size
+    assert own_folder_recipe(400, processes=8).batch_size == 16  # the floor
+    assert own_folder_recipe(5_000, processes=2).batch_size == 128  # the cap, per process
+    folder = make_folder(tmp_path / "d", classes=("cat", "dog"), per_class=12)  # 24 files
+    alone = recipe_for_folder(RecipeFlags(), folder).batch_size
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (alone, recipe_for_folder(RecipeFlags(), folder).batch_size) == (8, 4)
+
+
 def test_bigger_folders_get_the_stronger_recipe():
     medium, large = own_folder_recipe(50_000), own_folder_recipe(1_281_167)
     assert medium.name == "own-folder-medium" and large.name == "own-folder-large"

@@ -11,7 +11,8 @@ classes the model has not learnt yet. The rule here scales the recipe to the run
   floor;
 - augmentation, Mixup/CutMix and EMA grow with the number of training images, in three sizes
   (:data:`SIZES`): a small folder takes crops and flips only, a large one the paper's strength;
-- the batch shrinks for a small folder, so that an epoch still takes about ten steps;
+- the batch shrinks for a small folder, so that an epoch still takes about ten steps (each
+  torchrun process's batch sized for the share of the folder it reads);
 - loader processes follow the CPU cores, and precision the device: fp32 on the CPU, bf16 on a
   GPU that supports it.
 
@@ -30,6 +31,7 @@ from sparseformer.data.scan import walk_files
 from sparseformer.data.transforms import Augmentation
 from sparseformer.data.video_decode import VIDEO_EXTENSIONS
 from sparseformer.engine.device import available_cores
+from sparseformer.engine.distributed import launched_rank
 from sparseformer.engine.recipe import Recipe, RecipeFlags
 
 __all__ = [
@@ -94,10 +96,13 @@ def own_folder_recipe(
     epochs: int | None = None,
     device: str = "cpu",
     cores: int | None = None,
+    processes: int = 1,
 ) -> Recipe:
     """The recipe for training on a folder of ``images`` training images for ``epochs``
     (default :data:`DEFAULT_EPOCHS`) on ``device`` with ``cores`` CPU cores (default: those
-    this process may use). Named ``own-folder-SIZE`` (:func:`folder_size`).
+    this process may use), in ``processes`` processes (torchrun's), each of which reads its
+    share of the images: the batch, per process, is sized for that share. Named
+    ``own-folder-SIZE`` (:func:`folder_size`).
 
     Every size: AdamW with weight decay 0.05, gradient clipping at 5, label smoothing 0.1, a
     linear warm-up over :data:`WARMUP_FRACTION` of the run from 1% of the peak, then a cosine
@@ -124,7 +129,7 @@ def own_folder_recipe(
     common = {
         "name": f"own-folder-{size}",
         "epochs": epochs,
-        "batch_size": _batch_size(images),
+        "batch_size": _batch_size(-(-images // max(processes, 1))),  # this process's share
         "img_size": None,
         "lr": lr,
         "warmup_lr": lr / 100,
@@ -198,4 +203,7 @@ def recipe_for_folder(
     if flags.name is not None or data_dir is None:
         return None
     images = count_training_files(data_dir, video=video, limit=limit)
-    return own_folder_recipe(images, epochs=flags.fields.get("epochs"), device=device)
+    processes = launched_rank()[1]  # under torchrun: each process reads a share
+    return own_folder_recipe(
+        images, epochs=flags.fields.get("epochs"), device=device, processes=processes
+    )
