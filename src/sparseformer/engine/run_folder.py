@@ -56,7 +56,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SKIPPED_LIST = "skipped_files.tsv"  # every file the scan left out, with the reason
+SKIPPED_LIST = "skipped_files.tsv"  # every file the scan could not read, with the reason
 RUN_FILES = (LAST, BEST, "metrics.jsonl", "metrics.png", "summary.json", SKIPPED_LIST)
 LOCK_FILE = ".lock"  # held by the run writing in the folder; names it
 TENSORBOARD = "tensorboard"  # the folder of --tensorboard's events
