@@ -106,6 +106,21 @@ def test_derivation_gives_the_released_configurations(teacher, student, tokens):
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
 
 
+def test_a_student_prepares_images_as_its_teacher():
+    """build_student() gave no pretrained_cfg, so timm fell back to ImageNet's mean and std
+    and 224 px where the teacher takes 0.5 and 32 px."""
+    from timm.data import resolve_data_config
+
+    teacher = _teacher()
+    student = build_student(teacher, bootstrap_config(teacher, tokens=4, points=4))
+    theirs, ours = resolve_data_config({}, model=teacher), resolve_data_config({}, model=student)
+    assert ours["mean"] == theirs["mean"] == (0.5,) * 3 and ours["std"] == theirs["std"]
+    assert ours["crop_pct"] == theirs["crop_pct"]
+    assert ours["interpolation"] == theirs["interpolation"]
+    assert ours["input_size"] == (3, 32, 32)  # the size it is built for (timm's cfg keeps 160)
+    assert student.pretrained_cfg["url"] == "" and student.pretrained_cfg["num_classes"] == 2
+
+
 def test_default_focusing_width_is_half_the_teacher_in_whole_heads():
     with torch.device("meta"):
         vit = timm.create_model("vit_tiny_patch16_224")  # 192 wide, heads of 64

@@ -20,7 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from sparseformer.config import SparseFormerConfig
+from sparseformer.data.transforms import Preprocessing
 from sparseformer.models import SparseFormer
+from sparseformer.weights.factory import pretrained_cfg
 from sparseformer.weights.registry import MODELS
 
 __all__ = [
@@ -326,9 +328,22 @@ def inherited_tensors(teacher: nn.Module, config: SparseFormerConfig) -> dict[st
     return out
 
 
+def teacher_preprocessing(teacher: nn.Module) -> Preprocessing:
+    """The eval preprocessing of a timm ViT teacher (its ``pretrained_cfg``; timm's defaults
+    where it has none), which its student shares: both see one image."""
+    cfg = getattr(teacher, "pretrained_cfg", None) or {}
+    facts = describe_teacher(teacher)
+    return Preprocessing(
+        facts.img_size, facts.mean, facts.std, float(cfg.get("crop_pct", 0.875)),
+        str(cfg.get("interpolation", "bicubic")),
+    )  # fmt: skip
+
+
 def build_student(teacher: nn.Module, config: SparseFormerConfig | None = None) -> SparseFormer:
     """A SparseFormer of ``config`` (default: :func:`bootstrap_config` of ``teacher``) whose
     inherited tensors are copies of the teacher's, bit for bit; the rest keeps its own init.
+    Its ``pretrained_cfg`` is its template's with the teacher's preprocessing and no released
+    weights, so that timm's ``resolve_data_config`` prepares images as for the teacher.
 
     Raises:
         BootstrapError: a config whose inherited shapes differ from the teacher's.
@@ -344,6 +359,14 @@ def build_student(teacher: nn.Module, config: SparseFormerConfig | None = None) 
                     f"teacher's {tuple(value.shape)}; derive the student from this teacher"
                 )
             own[key].copy_(value)
+    pre = teacher_preprocessing(teacher)
+    student.pretrained_cfg = student.default_cfg = {
+        **pretrained_cfg(student_name(config)),
+        "url": "",  # not the template's released weights
+        "num_classes": config.num_classes,
+        "input_size": (config.in_chans, pre.img_size, pre.img_size),
+        **{k: getattr(pre, k) for k in ("crop_pct", "interpolation", "mean", "std")},
+    }
     logger.info(
         "student of %s: %d tokens, focusing width %d, %d inherited blocks of width %d",
         _teacher_name(teacher), config.num_tokens, config.stages[0].width,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparseformer.bootstrap.derive import BootstrapError, describe_teacher
+from sparseformer.bootstrap.derive import BootstrapError, describe_teacher, teacher_preprocessing
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.weights.build import close_model_names, patch_grid_problem, timm_model
 from sparseformer.weights.checkpoint import PREPROCESSING_FIELDS, read_checkpoint
@@ -58,15 +58,6 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def _timm_preprocessing(model: nn.Module) -> Preprocessing:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    facts = describe_teacher(model)
-    return Preprocessing(
-        facts.img_size, facts.mean, facts.std, float(cfg.get("crop_pct", 0.875)),
-        str(cfg.get("interpolation", "bicubic")),
-    )  # fmt: skip
 
 
 def _build_by_name(name: str, img_size: int | None, ckpt) -> nn.Module:
@@ -199,7 +190,7 @@ def load_teacher(
         else:
             _untrained(name, random_ok)
         names = None
-    return Teacher(freeze(model), name, _timm_preprocessing(model), names)
+    return Teacher(freeze(model), name, teacher_preprocessing(model), names)
 
 
 def check_teacher_weights(
