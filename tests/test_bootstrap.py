@@ -199,6 +199,14 @@ def test_a_validation_with_nothing_decoded_scores_nothing():
     one = [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))]
     result = validate(student, one, prep, _one_process())
     assert result["images"] == 2 and result["loss"] > 0 and result["acc1"] is not None
+    # 2 classes: top-5 is 100% by construction, so none is given, as train's validation does
+    assert result["acc5"] is result["teacher_val_acc5"] is None
+    wide = _teacher()  # 6 classes: top-5 means something
+    wide.reset_classifier(6)
+    student = build_student(wide, bootstrap_config(wide, tokens=4, points=4, inherit=3))
+    validate = AlignmentValidation(AlignmentObjective(wide), labels=True)
+    result = validate(student, one, prep, _one_process())
+    assert result["acc5"] is not None and result["teacher_val_acc5"] is not None
 
 
 def _one_process():

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from sparseformer.bootstrap.objective import AlignmentObjective, alignment_loss
 from sparseformer.engine.distributed import DistInfo, all_reduce_sum
 from sparseformer.engine.loop import BatchPrep
+from sparseformer.engine.metrics import TOP5_MIN_CLASSES, top5_or_none
 
 __all__ = ["AlignmentValidation"]
 
@@ -65,6 +66,7 @@ class AlignmentValidation:
         device, objective = prep.device, self.objective
         # alignment loss, student top-1, top-5, teacher top-1, top-5, images
         sums = torch.zeros(6, dtype=torch.float64, device=device)
+        num_classes = TOP5_MIN_CLASSES  # read from the logits, as evaluate() reads them
         amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
         for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress):
             if len(y) == 0:  # every image of the batch failed to decode (logged by the data)
@@ -74,6 +76,7 @@ class AlignmentValidation:
                 target = objective.teacher_features(x)  # (B, D)
                 features, logits = objective.student_features(model, x)  # (B, D), (B, K)
                 teacher_logits = objective.teacher.head(target)  # (B, K): head_drop is off
+            num_classes = logits.shape[-1]
             loss = alignment_loss(features.float(), target.float(), objective.loss)
             zero = torch.zeros((), dtype=torch.float64, device=device)
             student_hits = _hits(logits.float(), y) if self.labels else (zero, zero)
@@ -86,11 +89,15 @@ class AlignmentValidation:
         def percent(i: int) -> float | None:
             return 100.0 * sums[i].item() / n if self.labels and n else None
 
+        def top5(i: int) -> float | None:  # 100% by construction for 5 classes or fewer
+            value = percent(i)
+            return None if value is None else top5_or_none(value, num_classes)
+
         return {
             "loss": sums[0].item() / n if n else None,
             "acc1": percent(1),
-            "acc5": percent(2),
+            "acc5": top5(2),
             "images": int(sums[5].item()),
             "teacher_val_acc1": percent(3),
-            "teacher_val_acc5": percent(4),
+            "teacher_val_acc5": top5(4),
         }
