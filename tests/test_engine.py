@@ -367,6 +367,7 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
 
     before = torch.get_num_threads()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
         monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
         assert set_threads(None, DistInfo()) == 4 == torch.get_num_threads()
@@ -378,6 +379,16 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
         monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
         assert set_threads(None, DistInfo()) == 1
         assert set_threads(3, DistInfo()) == 3  # --threads wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's: bootstrap took 4 (or 1)
+        assert set_threads(None, DistInfo()) == 2 == torch.get_num_threads()
+        assert set_threads(3, DistInfo()) == 3  # --threads still wins
+        monkeypatch.setenv("RANK", "0")  # under torchrun it is torchrun's own 1 per process
+        assert set_threads(None, DistInfo()) == 1  # the load of 9 on 4 cores, as above
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+        assert set_threads(None, DistInfo(0, 2, 0, 2)) == 2
+        monkeypatch.delenv("RANK")
+        monkeypatch.setenv("OMP_NUM_THREADS", "lots")  # not a number: the default
+        assert set_threads(None, DistInfo()) == 4
     finally:
         torch.set_num_threads(before)
 

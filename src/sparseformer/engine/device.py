@@ -68,8 +68,12 @@ def set_threads(requested: int | None, dist: DistInfo) -> int:
     with a load average near 4 we measured 73 images/s with 2 threads against 505 with 1, while
     at a load of 1.5 two threads still ran at 730. So when the 1-minute load average already
     exceeds the cores, the default gives up one thread per extra unit of load (at least 1);
-    ``--threads`` sets the number.
+    ``--threads`` sets the number, and so does ``OMP_NUM_THREADS`` where the user set it
+    (outside torchrun, which sets it to 1 for every process of its own accord).
     """
+    if requested is None and (from_env := _omp_num_threads(dist)) is not None:
+        logger.info("CPU threads: %d, as OMP_NUM_THREADS asks", from_env)
+        requested = from_env
     if requested is None:
         cores = available_cores()
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
@@ -82,6 +86,18 @@ def set_threads(requested: int | None, dist: DistInfo) -> int:
         warn_oversubscribed(requested, dist.local_world_size)
     torch.set_num_threads(requested)
     return requested
+
+
+def _omp_num_threads(dist: DistInfo) -> int | None:
+    """``OMP_NUM_THREADS`` as a whole number of at least 1, outside torchrun (``None``
+    under it, where it is torchrun's default rather than the user's, or where unset)."""
+    if dist.world_size > 1 or "RANK" in os.environ:
+        return None
+    try:
+        threads = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return threads if threads >= 1 else None
 
 
 def warn_oversubscribed(threads: int, processes: int = 1) -> None:
