@@ -119,6 +119,13 @@ def test_recipes_from_flags_and_for_clips():
     assert recipe.name == "fashion-mnist-cpu" and recipe.lr == 0.5 and recipe.mixup == 0
     with pytest.raises(RecipeError, match="--set expects KEY=VALUE"):
         recipe_from_flags(RecipeFlags(settings=("mixup",)))
+    # a field set twice, by its flag and by --set: one was taken in silence
+    with pytest.raises(RecipeError, match="--set img_size=32 and --img-size 48 ask for two"):
+        recipe_from_flags(RecipeFlags(fields={"img_size": 48}, settings=("img_size=32",)))
+    with pytest.raises(RecipeError, match="--set num_workers=1 and --workers 2 ask for two"):
+        recipe_from_flags(RecipeFlags(fields={"num_workers": 2}, settings=("num_workers=1",)))
+    same = RecipeFlags(fields={"img_size": 48}, settings=("img_size=48",))
+    assert recipe_from_flags(same).img_size == 48  # the same value twice is no conflict
     clips = recipe_for_clips(load_recipe("imagenet1k").replace(cutmix=1.0))
     assert clips.cutmix == 0 and clips.mixup == load_recipe("imagenet1k").mixup
 

@@ -295,10 +295,22 @@ def recipe_from_flags(
         if name in aug_fields and (name != key or not hasattr(recipe, key)):
             augmentation[name] = parsed
         else:
+            _check_one_value(key, parsed, flags.fields)
             changes[key] = parsed
     if augmentation:
         changes["augmentation"] = {**changes.get("augmentation", {}), **augmentation}
     return recipe.replace(**changes) if changes else recipe
+
+
+def _check_one_value(key: str, value: Any, fields: dict[str, Any]) -> None:
+    """Refuse a ``--set`` of a field that a flag of its own sets to another value (which of
+    the two was taken went unsaid)."""
+    if key in fields and fields[key] != value:
+        flag = "--workers" if key == "num_workers" else f"--{key.replace('_', '-')}"
+        raise RecipeError(
+            f"--set {key}={json.dumps(value)} and {flag} {fields[key]} ask for two values; "
+            "give one of them"
+        )
 
 
 def recipe_for_clips(recipe: Recipe) -> Recipe:
