@@ -64,6 +64,8 @@ def test_grid_rois_follow_the_spec():
     torch.testing.assert_close(rois[1], torch.tensor([0.0, 1 / 12, 0.5, 0.5 + 1 / 12]))
     torch.testing.assert_close(rois[7], torch.tensor([1 / 12, 0.0, 0.5 + 1 / 12, 0.5]))
     torch.testing.assert_close(rois[48], torch.tensor([0.5, 0.5, 1.0, 1.0]))
+    # one token: the centred box (it started on the top-left quarter)
+    torch.testing.assert_close(grid_rois(1), torch.tensor([[0.25, 0.25, 0.75, 0.75]]))
 
 
 def test_grid_offsets_x_fastest():

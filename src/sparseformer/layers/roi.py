@@ -63,6 +63,9 @@ def grid_rois(num_tokens: int) -> Tensor:
 
     Box ``(i, j)`` spans ``[g_i/2, g_i/2 + 1/2]`` in x and ``[g_j/2, g_j/2 + 1/2]`` in y with
     ``g = i / (r - 1)``. Token ``k = i * r + j`` (y varies fastest), as in the official weights.
+    One token (``r = 1``, where ``i / (r - 1)`` has no value) takes the centred box, ``g = 1/2``,
+    where ``linspace(0, 1, 1)`` would start it on the top-left quarter (no released model has
+    fewer than 49 tokens).
 
     Returns:
         ``(N, 4)`` corners ``x1, y1, x2, y2``.
@@ -70,7 +73,7 @@ def grid_rois(num_tokens: int) -> Tensor:
     r = math.isqrt(num_tokens)
     if r * r != num_tokens:
         raise ValueError(f"grid RoIs need a square number of tokens, got {num_tokens}")
-    g = torch.linspace(0.0, 1.0, r) if r > 1 else torch.zeros(1)
+    g = torch.linspace(0.0, 1.0, r) if r > 1 else torch.full((1,), 0.5)
     start = g / 2
     x1, y1 = torch.meshgrid(start, start, indexing="ij")  # (r, r) each, x slow, y fast
     p1 = torch.stack([x1, y1], dim=-1).reshape(num_tokens, 2)  # (r, r, 2) -> (N, 2)
