@@ -121,6 +121,15 @@ def test_a_student_prepares_images_as_its_teacher():
     assert student.pretrained_cfg["url"] == "" and student.pretrained_cfg["num_classes"] == 2
 
 
+def test_a_one_block_teacher_gives_its_block():
+    """Two thirds of one block rounded to none: "--inherit 0", which nobody had given."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    with torch.device("meta"):
+        vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2)
+    assert bootstrap_config(vit).stages[-1].depth == 2  # the sample+mix unit and the block
+
+
 def test_default_focusing_width_is_half_the_teacher_in_whole_heads():
     with torch.device("meta"):
         vit = timm.create_model("vit_tiny_patch16_224")  # 192 wide, heads of 64
@@ -234,6 +243,8 @@ def test_errors_name_the_problem(folder, tmp_path, capsys):
         BootstrapError, match="of 'test_vit', not the teacher .*; pass --teacher .*teacher.pt"
     ):
         load_teacher("vit_tiny_patch16_224", folder / "teacher.pt", img_size=32)
+    with pytest.raises(BootstrapError, match=r"leave the size out \(--img-size, or img_size in"):
+        load_teacher(folder / "teacher.pt", img_size=48)  # asked by --set too: not named so
     with pytest.raises(BootstrapError, match="give the timm name and the file: --teacher NAME"):
         load_teacher(other, img_size=32)  # a state dict alone names no model
     with pytest.raises(BootstrapError, match="is a run of test_vit, which records the size and"):

@@ -242,7 +242,8 @@ def bootstrap_config(
         tokens: latent tokens (default: the student's, 48).
         points: sampling points per token (default: the student's, 36).
         inherit: teacher blocks the cortex takes, its last ones (default: the student's count
-            when it names one, else two thirds of the teacher's blocks: 8 of 12, 16 of 24).
+            when it names one, else two thirds of the teacher's blocks, at least one: 8 of
+            12, 16 of 24, 1 of 1).
         focus_width: width of the focusing unit (default: half the teacher's width, rounded
             down to whole heads).
         student: a registered ``sparseformer_btsp_*`` name or a config to follow (its tokens,
@@ -261,7 +262,8 @@ def bootstrap_config(
             "--student out to derive one"
         )
     if inherit is None:
-        inherit = cortex.depth - _CORTEX_UNIT if student is not None else (2 * facts.depth) // 3
+        own = cortex.depth - _CORTEX_UNIT if student is not None else (2 * facts.depth) // 3
+        inherit = max(own, 1)  # a 1-block teacher: its block (2/3 of it rounds to none)
     if not 1 <= inherit <= facts.depth:
         raise BootstrapError(
             f"--inherit {inherit}: the teacher {facts.name} has {facts.depth} blocks; "

@@ -162,7 +162,7 @@ def load_teacher(
         if img_size is not None and ckpt.img_size not in (None, img_size):
             raise BootstrapError(
                 f"the teacher {teacher} was trained at {ckpt.img_size}px and takes no other "
-                "size; leave out --img-size"
+                "size; leave the size out (--img-size, or img_size in --set)"
             )
         name, names = str(ckpt.model_name), ckpt.class_names
         pre = ckpt.preprocessing

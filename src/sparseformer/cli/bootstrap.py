@@ -58,7 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     g.add_argument("--student", help="a sparseformer_btsp_* model to follow (its widths)")
     g.add_argument("--tokens", type=positive_int, help="latent tokens (default 48)")
-    g.add_argument("--points", type=positive_int, help="sampling points (default 36)")
+    g.add_argument(
+        "--points", type=positive_int, help="sampling points, a square of at least 4 (default 36)"
+    )
     g.add_argument("--inherit", type=positive_int, help="teacher blocks kept (default 2/3)")
     g.add_argument("--focus-width", type=positive_int, help="focusing width (default D/2)")
     g.add_argument(
