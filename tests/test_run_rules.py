@@ -173,6 +173,11 @@ def test_media_paths_and_run_folders(tmp_path):
     assert expand_media_paths([pattern], video=False) == [tmp_path / "a.jpg", tmp_path / "b.jpg"]
     with pytest.raises(DataError, match="the pattern .*png' matches no file"):
         expand_media_paths([tmp_path / "*.png"], video=False)
+    (tmp_path / "up").symlink_to(tmp_path)  # a loop: ** gave each file dozens of times
+    assert expand_media_paths([tmp_path / "**" / "*.jpg"], video=False) == [
+        tmp_path / "a.jpg",
+        tmp_path / "b.jpg",
+    ]
     run = tmp_path / "run"
     prepare_output(run)
     (run / ".last.pt.tmp-1").write_bytes(b"")  # a run killed while writing

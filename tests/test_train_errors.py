@@ -267,6 +267,8 @@ def test_validation_files_that_all_fail_to_decode_score_nothing(tmp_path, folder
     assert record["val_images"] == 0
     assert record["val_loss"] is record["val_acc1"] is record["val_acc5"] is None
     assert (out_dir / "last.pt").exists() and not (out_dir / "best.pt").exists()
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["best_val_acc1"] is summary["best_epoch"] is None  # the epoch was 0
     err = one_line_error(capsys, "eval", "--checkpoint", str(out_dir / "last.pt"),
                          "--data-dir", str(folder), "--quiet")  # fmt: skip
     assert "none of the 12 images" in err and "could be decoded" in err

@@ -316,7 +316,7 @@ def _summary(loop: RunLoop, state: RunState, model_name: str) -> dict[str, Any]:
         "epochs": loop.recipe.epochs,
         "epochs_run": max(loop.recipe.epochs - state.start_epoch, 0),
         "best_val_acc1": state.best if state.best_epoch else None,  # None: never scored
-        "best_epoch": state.best_epoch,
+        "best_epoch": state.best_epoch or None,  # None: never scored
         "best_source": state.best_source,  # "ema": best.pt's EMA weights (eval --ema)
         "final": record,
         "train_seconds": state.train_seconds,
