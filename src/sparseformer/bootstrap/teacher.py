@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparseformer.bootstrap.derive import BootstrapError, describe_teacher, teacher_preprocessing
+from sparseformer.bootstrap.facts import BootstrapError, describe_teacher, teacher_preprocessing
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.weights.build import close_model_names, patch_grid_problem, timm_model
 from sparseformer.weights.checkpoint import PREPROCESSING_FIELDS, read_checkpoint
