@@ -52,8 +52,8 @@ def expand_media_paths(paths: list[Path], video: bool) -> list[Path]:
 def expand_patterns(paths: list[Path]) -> list[Path]:
     """``paths`` with each pattern no shell expanded (quoted, or on Windows: ``'imgs/*.jpg'``)
     replaced by the files it matches, sorted (``**`` matches folders at any depth, as in
-    bash's globstar), each file once under its shortest name (a symlink loop repeats it);
-    a path that exists stays as it is.
+    bash's globstar; a file a symlink loop repeats, once, under its shortest name); a path
+    that exists stays as it is.
 
     Raises:
         DataError: a pattern that matches no file.
@@ -63,11 +63,13 @@ def expand_patterns(paths: list[Path]) -> list[Path]:
         if path.exists() or not glob.has_magic(str(path)):
             out.append(path)
             continue
-        found = [Path(m) for m in glob.glob(str(path), recursive=True) if Path(m).is_file()]
-        named: dict[str, Path] = {}  # each file once: ** follows a symlink loop, deeper and deeper
-        for match in sorted(found, key=lambda p: (len(p.parts), str(p))):  # its shortest name
-            named.setdefault(os.path.realpath(match), match)
-        matched = sorted(named.values())
+        matched = [Path(m) for m in glob.glob(str(path), recursive=True) if Path(m).is_file()]
+        if "**" in str(path):  # it follows a symlink loop deeper and deeper: each file once
+            named: dict[tuple[str, str], Path] = {}  # by its folder's real path and its name
+            for match in sorted(matched, key=lambda p: (len(p.parts), str(p))):  # shortest first
+                named.setdefault((os.path.realpath(match.parent), match.name), match)
+            matched = list(named.values())
+        matched = sorted(matched)
         if not matched:
             raise DataError(f"the pattern {str(path)!r} matches no file")
         out += matched
