@@ -145,6 +145,9 @@ def test_a_timm_name_timm_cannot_build_is_one_line(tmp_path, folder, capsys):
                          *where)  # fmt: skip
     assert "timm cannot build vit_tiny_r_s16_p8_224 for 40 px inputs" in err
     assert not (tmp_path / "o").exists()
+    from sparseformer.weights.build import check_model_name
+
+    assert check_model_name("coatnet_0_224.untrained") == "timm"  # a tag without weights
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,7 @@ def build_model(
             f"unknown model {name!r}{close_model_names(name)} (neither a SparseFormer name, "
             "see `sparseformer models`, nor a timm model name)"
         )
-    problem = unknown_tag_problem(name)
+    problem = unknown_tag_problem(name)  # before timm reads the tag's input size
     if problem is not None:
         raise BenchError(problem)
     default_size = timm.get_pretrained_cfg_value(name, "input_size") or (3, 224, 224)

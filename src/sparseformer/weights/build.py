@@ -74,7 +74,7 @@ def unknown_tag_problem(name: str) -> str | None:
     import timm
 
     arch, _, tag = name.partition(".")
-    known = timm.list_pretrained(f"{arch}.*")
+    known = timm.list_models(f"{arch}.*", include_tags=True)  # with weights or not (untrained)
     if not tag or name in known:
         return None
     tags = ", ".join(k.partition(".")[2] for k in known) or "none"
@@ -88,28 +88,26 @@ def timm_model(name: str, img_size: int | None = None, **kwargs: Any) -> nn.Modu
     Raises:
         UnknownModelError: a pretrained tag timm does not have.
         ValueError: timm cannot build it for ``img_size`` inputs (a hybrid ViT's backbone
-            stride, say), in one line where timm asserts.
+            stride, say), in one line where timm asserts and builds it at its own size.
     """
     import timm
 
     problem = unknown_tag_problem(name)
     if problem is not None:
         raise UnknownModelError(problem)
-    try:
-        if img_size is not None:
-            try:
-                return timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
-            except TypeError:  # convolutional nets take any size and no img_size argument
-                pass
-        return timm.create_model(name, pretrained=False, **kwargs)
-    except AssertionError as exc:  # timm's shape checks: bare, from deep in the model
-        if img_size is None:
-            raise
-        reason = f": {str(exc).splitlines()[0]}" if str(exc).strip() else ""
-        raise ValueError(
-            f"timm cannot build {name} for {img_size} px inputs (an assertion in timm{reason}); "
-            "pick another size, a multiple of the model's stride"
-        ) from exc
+    if img_size is not None:
+        try:
+            return timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
+        except TypeError:  # convolutional nets take any size and no img_size argument
+            pass
+        except AssertionError as exc:  # timm's shape checks: bare, from deep in the model
+            timm.create_model(name, pretrained=False, **kwargs)  # fails alike: not the size
+            reason = f": {str(exc).splitlines()[0]}" if str(exc).strip() else ""
+            raise ValueError(
+                f"timm cannot build {name} for {img_size} px inputs (an assertion in timm"
+                f"{reason}); pick another size, a multiple of the model's stride"
+            ) from exc
+    return timm.create_model(name, pretrained=False, **kwargs)
 
 
 def require_sparseformer(name: str, command: str) -> None:
