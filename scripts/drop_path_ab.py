@@ -14,6 +14,7 @@ model's registered drop-path rate unless ``--drop-path`` is given.
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import time
 from unittest import mock
@@ -43,7 +44,8 @@ def main() -> None:
     y = torch.randint(0, model.num_classes, (args.batch_size,))
     print(
         f"{args.model}, batch {args.batch_size}, {args.img_size} px, drop-path rate "
-        f"{model.config.drop_path_rate}, threads: {args.threads}"
+        f"{model.config.drop_path_rate}, threads: {args.threads}, torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()})"
     )
 
     def step() -> None:

@@ -37,8 +37,11 @@ def residual_drop_path(
     of the attention and MLP work of a training step).
 
     ``branch`` must treat samples independently (attention within a sample, an MLP per
-    token). The samples are drawn as :func:`drop_path` draws them, one Bernoulli per sample
-    from the same generator. CUDA keeps the multiplication: finding the kept samples would
+    token) and draw no random numbers of its own (a dropout: here the samples are drawn
+    before it runs, there after). The samples are drawn as :func:`drop_path` draws them, one
+    Bernoulli per sample from the same generator, so the outputs and gradients are the same
+    (under autocast, up to rounding: the kept samples are scaled in the residual's float32,
+    not the branch's half type). CUDA keeps the multiplication: finding the kept samples would
     wait for the device (a synchronisation per block). So do tracing, ``torch.func`` and
     dispatch modes (FLOP counting), whose shapes must not depend on a draw.
     """
