@@ -379,14 +379,14 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
         monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
         assert set_threads(None, DistInfo()) == 1
         assert set_threads(3, DistInfo()) == 3  # --threads wins
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's: bootstrap took 4 (or 1)
-        assert set_threads(None, DistInfo()) == 2 == torch.get_num_threads()
-        assert set_threads(3, DistInfo()) == 3  # --threads still wins
-        monkeypatch.setenv("RANK", "0")  # under torchrun it is torchrun's own 1 per process
-        assert set_threads(None, DistInfo()) == 1  # the load of 9 on 4 cores, as above
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's: bootstrap took 4 (or 1)
+        assert set_threads(None, DistInfo()) == 3 == torch.get_num_threads()
+        assert set_threads(2, DistInfo()) == 2  # --threads still wins
         monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
-        assert set_threads(None, DistInfo(0, 2, 0, 2)) == 2
-        monkeypatch.delenv("RANK")
+        assert set_threads(None, DistInfo(0, 2, 0, 2)) == 3  # the user's 3, under torchrun too
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's own, for 2 local processes
+        assert set_threads(None, DistInfo(0, 2, 0, 2)) == 2  # the free cores, shared out
+        assert set_threads(None, DistInfo()) == 1  # one process: the user's
         monkeypatch.setenv("OMP_NUM_THREADS", "lots")  # not a number: the default
         assert set_threads(None, DistInfo()) == 4
     finally:

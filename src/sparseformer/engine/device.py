@@ -69,7 +69,7 @@ def set_threads(requested: int | None, dist: DistInfo) -> int:
     at a load of 1.5 two threads still ran at 730. So when the 1-minute load average already
     exceeds the cores, the default gives up one thread per extra unit of load (at least 1);
     ``--threads`` sets the number, and so does ``OMP_NUM_THREADS`` where the user set it
-    (outside torchrun, which sets it to 1 for every process of its own accord).
+    (but 1 with several processes on the machine, which torchrun sets of its own accord).
     """
     if requested is None and (from_env := _omp_num_threads(dist)) is not None:
         logger.info("CPU threads: %d, as OMP_NUM_THREADS asks", from_env)
@@ -89,13 +89,17 @@ def set_threads(requested: int | None, dist: DistInfo) -> int:
 
 
 def _omp_num_threads(dist: DistInfo) -> int | None:
-    """``OMP_NUM_THREADS`` as a whole number of at least 1, outside torchrun (``None``
-    under it, where it is torchrun's default rather than the user's, or where unset)."""
-    if dist.world_size > 1 or "RANK" in os.environ:
-        return None
+    """``OMP_NUM_THREADS`` as a whole number of at least 1 where the user set it (``None``
+    where unset, or where it may be torchrun's own: torchrun sets 1 for each of several
+    processes on a machine when the user set nothing)."""
     try:
         threads = int(os.environ.get("OMP_NUM_THREADS", ""))
     except ValueError:
+        return None
+    local = dist.local_world_size
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        local = max(local, int(os.environ["LOCAL_WORLD_SIZE"] or 1))
+    if threads == 1 and local > 1:  # perhaps torchrun's: the free cores, shared out
         return None
     return threads if threads >= 1 else None
 
