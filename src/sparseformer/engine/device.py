@@ -94,11 +94,9 @@ def _omp_num_threads(dist: DistInfo) -> int | None:
     processes on a machine when the user set nothing)."""
     try:
         threads = int(os.environ.get("OMP_NUM_THREADS", ""))
+        local = max(dist.local_world_size, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
     except ValueError:
         return None
-    local = dist.local_world_size
-    if "LOCAL_WORLD_SIZE" in os.environ:
-        local = max(local, int(os.environ["LOCAL_WORLD_SIZE"] or 1))
     if threads == 1 and local > 1:  # perhaps torchrun's: the free cores, shared out
         return None
     return threads if threads >= 1 else None
