@@ -120,10 +120,14 @@ def test_recipes_from_flags_and_for_clips():
     with pytest.raises(RecipeError, match="--set expects KEY=VALUE"):
         recipe_from_flags(RecipeFlags(settings=("mixup",)))
     # a field set twice, by its flag and by --set: one was taken in silence
-    with pytest.raises(RecipeError, match="--set img_size=32 and --img-size 48 ask for two"):
+    with pytest.raises(RecipeError, match="--set img_size=32 and the flag of img_size 48 ask"):
         recipe_from_flags(RecipeFlags(fields={"img_size": 48}, settings=("img_size=32",)))
+    from sparseformer.cli import build_parser
+    from sparseformer.cli.common import recipe_flags
+
+    args = build_parser().parse_args(["train", "--workers", "2", "--set", "num_workers=1"])
     with pytest.raises(RecipeError, match="--set num_workers=1 and --workers 2 ask for two"):
-        recipe_from_flags(RecipeFlags(fields={"num_workers": 2}, settings=("num_workers=1",)))
+        recipe_from_flags(recipe_flags(args))  # the command's own flag named
     same = RecipeFlags(fields={"img_size": 48}, settings=("img_size=48",))
     assert recipe_from_flags(same).img_size == 48  # the same value twice is no conflict
     clips = recipe_for_clips(load_recipe("imagenet1k").replace(cutmix=1.0))

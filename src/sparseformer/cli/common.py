@@ -218,20 +218,27 @@ def recipe_flags(args: argparse.Namespace):
     :class:`~sparseformer.engine.recipe.RecipeFlags`."""
     from sparseformer.engine.recipe import RecipeFlags
 
-    fields = {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "img_size": args.img_size,
-        "lr": args.lr,
-        "warmup_epochs": args.warmup_epochs,
-        "weight_decay": args.weight_decay,
-        "drop_path": args.drop_path,
-        "num_workers": args.workers,
-        "precision": args.precision,
-    }
+    fields = {field: getattr(args, flag) for field, flag in _RECIPE_FLAGS.items()}
     return RecipeFlags(
-        args.recipe, {k: v for k, v in fields.items() if v is not None}, tuple(args.set)
+        args.recipe,
+        {k: v for k, v in fields.items() if v is not None},
+        tuple(args.set),
+        {field: f"--{flag.replace('_', '-')}" for field, flag in _RECIPE_FLAGS.items()},
     )
+
+
+# recipe field -> the flag of its own that sets it (its argparse name)
+_RECIPE_FLAGS = {
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "img_size": "img_size",
+    "lr": "lr",
+    "warmup_epochs": "warmup_epochs",
+    "weight_decay": "weight_decay",
+    "drop_path": "drop_path",
+    "num_workers": "workers",
+    "precision": "precision",
+}
 
 
 MODEL_FROM_CHECKPOINT = (

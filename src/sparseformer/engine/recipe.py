@@ -259,11 +259,14 @@ class RecipeFlags:
         fields: recipe fields given by flags of their own (``{"epochs": 3, "lr": 1e-3}``).
         settings: ``KEY=VALUE`` items (``--set``), values in JSON; augmentation fields by name
             (``hflip=0``) or dotted (``augmentation.scale=[0.5,1]``).
+        flag_names: the flag that sets each field of ``fields`` (``{"num_workers":
+            "--workers"}``), for messages.
     """
 
     name: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
     settings: tuple[str, ...] = ()
+    flag_names: dict[str, str] = field(default_factory=dict)
 
 
 def recipe_from_flags(
@@ -295,21 +298,21 @@ def recipe_from_flags(
         if name in aug_fields and (name != key or not hasattr(recipe, key)):
             augmentation[name] = parsed
         else:
-            _check_one_value(key, parsed, flags.fields)
+            _check_one_value(key, parsed, flags)
             changes[key] = parsed
     if augmentation:
         changes["augmentation"] = {**changes.get("augmentation", {}), **augmentation}
     return recipe.replace(**changes) if changes else recipe
 
 
-def _check_one_value(key: str, value: Any, fields: dict[str, Any]) -> None:
+def _check_one_value(key: str, value: Any, flags: RecipeFlags) -> None:
     """Refuse a ``--set`` of a field that a flag of its own sets to another value (which of
     the two was taken went unsaid)."""
-    if key in fields and fields[key] != value:
-        flag = "--workers" if key == "num_workers" else f"--{key.replace('_', '-')}"
+    if key in flags.fields and flags.fields[key] != value:
+        flag = flags.flag_names.get(key, f"the flag of {key}")
         raise RecipeError(
-            f"--set {key}={json.dumps(value)} and {flag} {fields[key]} ask for two values; "
-            "give one of them"
+            f"--set {key}={json.dumps(value)} and {flag} {flags.fields[key]} ask for two "
+            "values; give one of them"
         )
 
 
