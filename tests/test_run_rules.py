@@ -125,7 +125,9 @@ def test_recipes_from_flags_and_for_clips():
     from sparseformer.cli import build_parser
     from sparseformer.cli.common import recipe_flags
 
-    args = build_parser().parse_args(["train", "--workers", "2", "--set", "num_workers=1"])
+    args = build_parser().parse_args(
+        ["train", "--output", "o", "--workers", "2", "--set", "num_workers=1"]
+    )
     with pytest.raises(RecipeError, match="--set num_workers=1 and --workers 2 ask for two"):
         recipe_from_flags(recipe_flags(args))  # the command's own flag named
     same = RecipeFlags(fields={"img_size": 48}, settings=("img_size=48",))
