@@ -128,6 +128,9 @@ def test_a_one_block_teacher_gives_its_block():
     with torch.device("meta"):
         vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2)
     assert bootstrap_config(vit).stages[-1].depth == 2  # the sample+mix unit and the block
+    for zero in ({"tokens": 0}, {"points": 0}):  # refused, not taken for the default
+        with pytest.raises(ValueError, match="must be an integer >= 1, got 0"):
+            bootstrap_config(vit, **zero)
 
 
 def test_default_focusing_width_is_half_the_teacher_in_whole_heads():

@@ -192,6 +192,8 @@ def test_config_validation():
     for bad, message in (
         ({"num_tokens": 0}, "num_tokens must be an integer >= 1"),
         ({"stem_channels": 0}, "stem_channels must be an integer >= 1"),
+        ({"stem_channels": 1}, "stem_channels must be at least 2"),  # NaN logits, in silence
+        ({"mlp_ratio": 0.001}, "an MLP of no hidden width"),
         ({"num_heads": 0}, "num_heads must be an integer >= 1"),
         ({"num_classes": 2.5}, "num_classes must be an integer >= 0"),
         ({"activation": "relu"}, "activation must be one of"),

@@ -249,6 +249,16 @@ class SparseFormerConfig:
                     f"stage width {stage.width} is not divisible by "
                     f"mixing_reduction={self.mixing_reduction}"
                 )
+            if int(stage.width * self.mlp_ratio) < 1:
+                raise ValueError(
+                    f"mlp_ratio={self.mlp_ratio} leaves stage width {stage.width} an MLP of no "
+                    "hidden width; give at least 1 / width"
+                )
+        if self.stem_channels < 2:  # the stem normalises over its channels (unbiased variance)
+            raise ValueError(
+                f"stem_channels must be at least 2: the stem normalises its features over the "
+                f"channels, and one channel has no variance (NaN), got {self.stem_channels}"
+            )
 
     def _check_cls_token(self) -> None:
         units = [s.unit_ops(i) for s in self.stages for i in range(s.depth)]

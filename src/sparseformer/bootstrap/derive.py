@@ -135,9 +135,9 @@ def bootstrap_config(
                 cortex, width=facts.width, depth=_CORTEX_UNIT + inherit, mlp_activation=quick
             ),
         ),
-        num_tokens=tokens or base.num_tokens,
-        num_points=points or base.num_points,
-        mixing_out_points=max(points or base.num_points, 32),  # the authors' rule
+        num_tokens=base.num_tokens if tokens is None else tokens,  # 0 is refused, not defaulted
+        num_points=base.num_points if points is None else points,
+        mixing_out_points=max(base.num_points if points is None else points, 32),  # authors' rule
         attn_head_dim=facts.head_dim,
         mlp_ratio=facts.mlp_ratio,
         ln_eps=facts.ln_eps,
