@@ -279,6 +279,18 @@ def test_images_to_draw_on_come_in_any_layout():
     assert as_image(as_float[:1]).shape == (5, 7, 3)  # (1, H, W) tensor
 
 
+def test_a_sample_is_picked_by_index_as_in_python():
+    """An index past the batch failed deep in the statistics; -1 picked an empty batch."""
+    from sparseformer.viz.draw import select_sample
+
+    model = create_model("sparseformer_v1_nano").eval()
+    with torch.no_grad():
+        out = model.forward_with_details(torch.randn(2, 3, 32, 32))
+    assert torch.equal(select_sample(out, -1).logits, out.logits[1:])
+    with pytest.raises(IndexError, match="sample index 5 is out of range for a batch of 2"):
+        plot_rois(torch.rand(3, 32, 32), out, index=5)
+
+
 def test_the_statistics_fit_the_figure_with_one_stage():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 

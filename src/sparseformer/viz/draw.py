@@ -44,7 +44,16 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- selecting data
 def select_sample(output: SparseFormerOutput, index: int) -> SparseFormerOutput:
-    """The output of one sample of the batch (batch size 1)."""
+    """The output of one sample of the batch (batch size 1); ``index`` counts from the end
+    when negative, as in Python.
+
+    Raises:
+        IndexError: no such sample.
+    """
+    batch = output.logits.shape[0]
+    if not -batch <= index < batch:
+        raise IndexError(f"sample index {index} is out of range for a batch of {batch}")
+    index %= batch
     pick = slice(index, index + 1)
     return SparseFormerOutput(
         logits=output.logits[pick],
