@@ -307,6 +307,10 @@ def test_plain_load_state_dict_and_timm_accept_official_layouts(tmp_path, fmt):
 def test_rgb_weights_adapt_to_other_input_channels():
     rgb = create_model("sparseformer_v1_nano").eval()
     gray = create_model("sparseformer_v1_nano", in_chans=1).eval()
+    # the channels it takes, however built (it said 3 unless img_size was given)
+    assert gray.pretrained_cfg["input_size"] == (1, 224, 224)
+    sized = create_model("sparseformer_v1_nano", in_chans=1, img_size=64)
+    assert sized.pretrained_cfg["input_size"] == (1, 64, 64)
     load_checkpoint(gray, {"model": rgb.state_dict()})  # timm's rule: the kernel summed
     x = torch.rand(2, 1, 32, 32)
     torch.testing.assert_close(gray(x), rgb(x.expand(2, 3, 32, 32)), atol=1e-5, rtol=1e-4)

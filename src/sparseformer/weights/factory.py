@@ -272,9 +272,11 @@ def _checkpoint_overrides(
 
 
 def _built_cfg(cfg: dict[str, Any], config, timm_args: dict[str, Any]) -> dict[str, Any]:
-    """``cfg`` made true of the model built from ``config``: its classes, the input size
-    asked for, class names only where they fit, and a video model's clip interpolation."""
+    """``cfg`` made true of the model built from ``config``: its classes, its input channels,
+    the input size asked for, class names only where they fit, and a video model's clip
+    interpolation."""
     cfg["num_classes"] = config.num_classes
+    cfg["input_size"] = (config.in_chans, *cfg["input_size"][1:])  # the channels it takes
     if timm_args["img_size"] is not None:  # what the user will feed it (any size works)
         cfg["input_size"] = (config.in_chans, *timm_args["img_size"])
     if len(cfg.get("label_names") or ()) not in (0, config.num_classes):
