@@ -96,6 +96,19 @@ def test_reset_classifier_keeps_cls_pooling_and_takes_a_bias():
         model.reset_classifier(5, "max")
 
 
+def test_lock_freezes_all_but_the_last_groups_as_openclip_asks():
+    """clip_model.lock_image_tower(n) calls visual.lock(n): a SparseFormer tower had none."""
+    from timm.models import group_parameters
+
+    model = create_model("sparseformer_btsp_nano", num_classes=512)
+    groups = group_parameters(model, model.group_matcher())
+    model.lock(2)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == set(groups[max(groups)]) | set(groups[max(groups) - 1])
+    model.lock()
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_stage_embedding_row_i_joins_before_repeat_i():
     model = SparseFormer(tiny()).eval()
     stage = model.stages[0]

@@ -165,6 +165,18 @@ class SparseFormer(nn.Module):
         return {"stem": r"^stem|^initial_rois|^initial_tokens|^cls_token", "blocks": blocks}
 
     @torch.jit.ignore
+    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """OpenCLIP's image-tower lock (``clip_model.lock_image_tower(unlocked_groups)``):
+        no gradient for any parameter but those of the last ``unlocked_groups`` groups of
+        :meth:`group_matcher` (0: none trains). The model has no batch norm to freeze."""
+        from timm.models import group_parameters
+
+        groups = group_parameters(self, self.group_matcher())
+        locked = max(groups) - unlocked_groups if unlocked_groups else max(groups)
+        for index, names in groups.items():
+            for name in names if index <= locked else ():
+                self.get_parameter(name).requires_grad_(False)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each unit application in the backward pass instead of keeping its
         activations (sampled points, mixing weights, attention): less memory for about a
