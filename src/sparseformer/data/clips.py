@@ -16,6 +16,7 @@ Training crops and flips are drawn once per clip and applied to every frame. Tes
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -42,8 +43,11 @@ __all__ = [
     "train_transform",
     "test_views",
     "read_test_clips",
+    "say_short_read",
     "video_file_views",
 ]
+
+logger = logging.getLogger(__name__)
 
 CLIP_INTERPOLATION = "bilinear"  # how every clip's frames are resized (antialiased)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -213,7 +217,16 @@ def read_test_clips(path: str | Path, spec: ClipSpec) -> Tensor:
     except VideoShortReadError as exc:  # fewer frames than probed: the clips within those
         if exc.decoded < spec.min_frames or exc.decoded >= n:
             raise
+        say_short_read(path, exc.decoded, n)
         return read_video(path, frames_of_clips(exc.decoded))
+
+
+def say_short_read(path: str | Path, decoded: int, promised: int) -> None:
+    """Log that a video's clips come from the ``decoded`` frames of the ``promised`` ones."""
+    logger.warning(
+        "%s: %d of the %d frames its header promises decode (a cut-off or damaged file); its "
+        "clips are taken from those", path, decoded, promised,
+    )  # fmt: skip
 
 
 def video_file_views(path: str | Path, spec: ClipSpec) -> Tensor:

@@ -28,11 +28,12 @@ from sparseformer.data.clips import (
     clip_indices,
     read_test_clips,
     resize_frames,
+    say_short_read,
     test_views,
     train_transform,
     video_file_views,
 )
-from sparseformer.data.loader import DecodeFailures
+from sparseformer.data.loader import DecodeFailures, SharedOnce
 from sparseformer.data.scan import (
     DifferentItemsError,
     ExtraClassesError,
@@ -146,6 +147,7 @@ class VideoFolder(Dataset):
         self.classes = list(classes) if classes is not None else found
         self.skipped: list[tuple[str, str]] = []
         self._failed = DecodeFailures(self.classes, self.root, train=train)  # named once each
+        self._short = SharedOnce()  # videos that decode fewer frames than they promise
         ignored: list[Path] = []  # other extensions: said, not silently lost
         listed = [
             (path, label)
@@ -259,6 +261,8 @@ class VideoFolder(Dataset):
         except VideoShortReadError as exc:  # fewer frames than probed: draw within those
             if exc.decoded < self.spec.min_frames or exc.decoded >= n:
                 raise
+            if self._short.first(str(path)):  # said once, over the loader's workers
+                say_short_read(path, exc.decoded, n)
             return self._load_clips(path, exc.decoded)
 
     def _load_clips(self, path: Path, n: int) -> Tensor:
