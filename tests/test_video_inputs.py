@@ -152,3 +152,4 @@ def test_too_few_frames_for_the_token_replicates_warn(caplog):
     with caplog.at_level("WARNING"):
         model = build_model(MODEL, 2, num_frames=2)  # 4 replicates: 2 time slices read padding
     assert model.config.num_frames == 2 and "2 frames for 4 token replicates" in caplog.text
+    assert "(--frames on the command line)" in caplog.text  # not replicates, which it lacks

@@ -104,7 +104,8 @@ class VideoSparseFormer(SparseFormer):
         if self._warned_few_frames:
             logger.warning(
                 "%d frames for %d token replicates: some replicates' time slices fall between "
-                "frame centres and read zero padding; use replicates <= num_frames",
+                "frame centres and read zero padding; give clips of at least as many frames "
+                "(--frames on the command line), or a model of fewer replicates",
                 config.num_frames,
                 config.replicates,
             )
