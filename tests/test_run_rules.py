@@ -184,9 +184,14 @@ def test_media_paths_and_run_folders(tmp_path):
         tmp_path / "a.jpg",
         tmp_path / "b.jpg",
     ]
+    (tmp_path / "cls" / "x").mkdir(parents=True)  # a quoted 'val/*': folders, as a shell gives
+    (tmp_path / "cls" / "x" / "1.jpg").write_bytes(b"")
+    assert expand_media_paths([tmp_path / "cls" / "*"], video=False) == [
+        tmp_path / "cls" / "x" / "1.jpg"
+    ]
     (tmp_path / "c.jpg").symlink_to(tmp_path / "a.jpg")  # two names of one file (a blob store)
     assert len(expand_media_paths([pattern], video=False)) == 3
-    assert len(expand_media_paths([tmp_path / "**" / "*.jpg"], video=False)) == 3
+    assert len(expand_media_paths([tmp_path / "**" / "*.jpg"], video=False)) == 4  # cls/x/1
     run = tmp_path / "run"
     prepare_output(run)
     (run / ".last.pt.tmp-1").write_bytes(b"")  # a run killed while writing

@@ -16,7 +16,8 @@ __all__ = ["expand_media_paths", "expand_patterns"]
 
 def expand_media_paths(paths: list[Path], video: bool) -> list[Path]:
     """Files as given, folders as the video files (``video``) or image files under them
-    (sorted), and patterns no shell expanded (``'imgs/*.jpg'``) as the files they match.
+    (sorted), and patterns no shell expanded (``'imgs/*.jpg'``) as the files they match (a
+    pattern that matches folders only, ``'data/val/*'``, as those folders).
 
     Raises:
         DataError: a path that does not exist, or a folder without files of the kind.
@@ -42,11 +43,20 @@ def expand_media_paths(paths: list[Path], video: bool) -> list[Path]:
             files += found
         elif path.exists():
             files.append(path)
+        elif glob.has_magic(str(path)) and _matches_folders_only(path):  # as a shell gives
+            files += expand_media_paths(sorted(map(Path, glob.glob(str(path)))), video)
         elif glob.has_magic(str(path)):
             files += expand_patterns([path])
         else:
             raise DataError(f"{str(path)!r} does not exist")
     return files
+
+
+def _matches_folders_only(pattern: Path) -> bool:
+    """Whether ``pattern`` matches folders and no file (``'data/val/*'``): the folders are
+    walked, as when a shell expands it."""
+    matches = [Path(m) for m in glob.glob(str(pattern), recursive=True)]
+    return bool(matches) and all(m.is_dir() for m in matches)
 
 
 def expand_patterns(paths: list[Path]) -> list[Path]:
