@@ -316,7 +316,7 @@ def test_decoding_threads_are_shared_out_in_loader_workers(monkeypatch):
     assert video._decoder_threads() == 1
 
 
-def test_a_video_limit_is_applied_before_the_probe(tmp_path, monkeypatch):
+def test_a_video_limit_is_applied_before_the_probe(tmp_path, monkeypatch, caplog):
     from sparseformer.data import video
 
     make_folder(tmp_path)  # train/left: 0, 1, empty, notes, short, truncated; right: 0, 1
@@ -326,8 +326,11 @@ def test_a_video_limit_is_applied_before_the_probe(tmp_path, monkeypatch):
     train = VideoFolder(tmp_path / "train", spec, train=True, limit=4)
     assert len(probed) == 4  # 0, empty, short and right/0 of the 8
     assert [label for _, label, _ in train.samples] == [0, 1] and len(train.skipped) == 2
-    # a limit that leaves a class without chosen videos is no error
-    assert len(VideoFolder(tmp_path / "train", spec, train=True, limit=1)) == 1
+    # a limit that leaves a class without chosen videos is no error, but is said (it was
+    # silent, where the image folder named the classes)
+    with caplog.at_level("WARNING", logger="sparseformer"):
+        assert len(VideoFolder(tmp_path / "train", spec, train=True, limit=1)) == 1
+    assert "the limit of 1 file leaves 1 class without any (right)" in caplog.text
     (tmp_path / "train" / "jump").mkdir()  # a class without a single video file still is
     with pytest.raises(VideoDataError, match=r"jump'\] have no usable video"):
         VideoFolder(tmp_path / "train", spec, train=True, limit=4)

@@ -134,12 +134,7 @@ class CheckedImageFolder(Dataset):
         cut = [
             c for c in found if counts[self.class_to_idx[c]] and self.class_to_idx[c] not in kept
         ]
-        if cut and is_first_rank():  # a limit below one file per class
-            logger.warning(
-                "%s: the limit of %s leaves %s without any (%s); give a larger limit to keep "
-                "every class", self.root, counted(limit, "file"), counted(len(cut), "class"),
-                first_names(cut, quote=False),
-            )  # fmt: skip
+        warn_limit_cut(self.root, limit, cut)
         self.skipped: list[tuple[str, str]] = []
         samples = self._check(chosen, share_check) if check_files else chosen
         if not samples:
@@ -244,3 +239,14 @@ class CheckedImageFolder(Dataset):
                 continue
             return (self.transform(img) if self.transform else img), label
         raise DataError(f"none of the images under {str(self.root)!r} could be decoded")
+
+
+def warn_limit_cut(root: Path, limit: int | None, cut: Sequence[str]) -> None:
+    """Log (first rank only) the classes with files that a ``--limit-*`` of ``limit`` files
+    chose none of: a limit below one file per class."""
+    if cut and is_first_rank():
+        logger.warning(
+            "%s: the limit of %s leaves %s without any (%s); give a larger limit to keep "
+            "every class", root, counted(limit, "file"), counted(len(cut), "class"),
+            first_names(cut, quote=False),
+        )  # fmt: skip

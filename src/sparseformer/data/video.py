@@ -33,6 +33,7 @@ from sparseformer.data.clips import (
     train_transform,
     video_file_views,
 )
+from sparseformer.data.folder import warn_limit_cut
 from sparseformer.data.loader import DecodeFailures, SharedOnce
 from sparseformer.data.scan import (
     DifferentItemsError,
@@ -158,6 +159,10 @@ class VideoFolder(Dataset):
         warn_other_extensions(ignored, "video", VIDEO_EXTENSIONS)
         present = {label for _, label in listed}  # classes with any video file at all
         listed = [listed[i] for i in spread_indices(len(listed), limit)]
+        chosen = {label for _, label in listed}
+        warn_limit_cut(
+            self.root, limit, [n for y, n in enumerate(self.classes) if y in present - chosen]
+        )
         kept = self._probe(listed, share_check)
         self._table = SampleTable(
             [p for p, _, _ in kept], label=[y for _, y, _ in kept], frames=[n for _, _, n in kept]
