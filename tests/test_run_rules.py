@@ -189,6 +189,8 @@ def test_media_paths_and_run_folders(tmp_path):
     assert expand_media_paths([tmp_path / "cls" / "*"], video=False) == [
         tmp_path / "cls" / "x" / "1.jpg"
     ]
+    nested = expand_media_paths([tmp_path / "cls" / "**" / ""], video=False)  # cls/ and cls/x/
+    assert nested == [tmp_path / "cls" / "x" / "1.jpg"]  # each file once
     (tmp_path / "c.jpg").symlink_to(tmp_path / "a.jpg")  # two names of one file (a blob store)
     assert len(expand_media_paths([pattern], video=False)) == 3
     assert len(expand_media_paths([tmp_path / "**" / "*.jpg"], video=False)) == 4  # cls/x/1
