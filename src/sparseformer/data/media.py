@@ -44,8 +44,7 @@ def expand_media_paths(paths: list[Path], video: bool) -> list[Path]:
         elif path.exists():
             files.append(path)
         elif glob.has_magic(str(path)) and _matches_folders_only(path):  # as a shell gives
-            folders = sorted(map(Path, glob.glob(str(path), recursive=True)))
-            files += dict.fromkeys(expand_media_paths(folders, video))  # nested ones: once
+            files += expand_media_paths(sorted(map(Path, glob.glob(str(path)))), video)
         elif glob.has_magic(str(path)):
             files += expand_patterns([path])
         else:
