@@ -276,9 +276,8 @@ def _built_cfg(cfg: dict[str, Any], config, timm_args: dict[str, Any]) -> dict[s
     the input size asked for, class names only where they fit, and a video model's clip
     interpolation."""
     cfg["num_classes"] = config.num_classes
-    cfg["input_size"] = (config.in_chans, *cfg["input_size"][1:])  # the channels it takes
-    if timm_args["img_size"] is not None:  # what the user will feed it (any size works)
-        cfg["input_size"] = (config.in_chans, *timm_args["img_size"])
+    # the channels it takes; the size asked for, what the user will feed it (any size works)
+    cfg["input_size"] = (config.in_chans, *(timm_args["img_size"] or cfg["input_size"][1:]))
     if len(cfg.get("label_names") or ()) not in (0, config.num_classes):
         del cfg["label_names"]  # a new classifier (fine-tuning): the run's names no longer fit
     if isinstance(config, VideoSparseFormerConfig) and "interpolation" not in timm_args["overlay"]:
