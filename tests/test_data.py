@@ -152,6 +152,19 @@ def test_val_may_hold_some_of_the_training_classes(tmp_path, caplog):
     assert "class folder(s) ant have no readable images; those classes are not scored" in (
         caplog.text
     )
+    # evaluation alone (no training folder to follow) keeps them too, where it refused them:
+    # the folder's classes, empty ones included, are the labels a checkpoint's outputs match
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        bundle = build_datasets(
+            DataSource(data_dir=root), Preprocessing(img_size=16), None, need_train=False
+        )
+    assert bundle.class_names == ["ant", "bee", "cat"] and bundle.train is None
+    assert {label for _, label in bundle.val.samples} == {1}
+    assert "class folder(s) cat hold no images" in caplog.text
+    assert "class folder(s) ant have no readable images" in caplog.text
+    with pytest.raises(DataError, match=r"cat' have no images .*add images or remove"):
+        CheckedImageFolder(root / "val")  # a training folder: a class it could not learn
 
 
 @pytest.mark.parametrize(

@@ -202,7 +202,7 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path, folder, capsys, monke
     assert code == 130 and err.strip().endswith("interrupted")
 
 
-def test_unreadable_images_are_skipped_and_reported(tmp_path, folder, capsys):
+def test_unreadable_images_are_skipped_and_reported(tmp_path, folder, capsys, caplog):
     (folder / "val" / "cat" / "broken.jpg").write_text("not an image")
     (folder / "train" / "dog" / "empty.png").write_bytes(b"")
     torch.save({"model": create_model(NANO, num_classes=3).state_dict()}, tmp_path / "c.pth")
@@ -247,11 +247,21 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path, folder, capsys):
     assert summary["train_loads_replaced"] == 1 and summary["final"]["val_images"] == 12
     assert "1 training image load(s) failed to decode and were replaced" in out
     assert "1 validation image(s) failed to decode and were left out" in out
-    # a class whose every file is unreadable is an error, as an empty class folder is
+    # a val class whose every file is unreadable is not scored, as in training's validation
+    # (eval refused it, and removing the folder would shift a bare checkpoint's labels)
     for image in (folder / "val" / "emu").iterdir():
         image.write_text("junk")
-    err = one_line_error(capsys, "eval", "--model", NANO, "--checkpoint", ckpt,
-                         "--data-dir", str(folder))  # fmt: skip
+    with caplog.at_level("WARNING", logger="sparseformer"):
+        code, out, err = run_cli(capsys, "eval", "--model", NANO, "--checkpoint", ckpt,
+                                 "--data-dir", str(folder), "--json")  # fmt: skip
+    assert code == 0 and json.loads(out)["images"] == 8, err  # cat's and dog's, scored
+    assert "class folder(s) emu have no readable images; those classes are not scored" in (
+        caplog.text
+    )
+    for image in (folder / "train" / "emu").iterdir():
+        image.write_text("junk")  # in training: a class it could not learn, an error
+    err = one_line_error(capsys, "train", "--model", NANO, "--data-dir", str(folder),
+                         "--output", str(tmp_path / "o2"))  # fmt: skip
     assert "emu" in err and "have no readable images" in err
 
 

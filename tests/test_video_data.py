@@ -460,6 +460,11 @@ def test_val_videos_may_hold_some_of_the_training_classes(tmp_path, caplog):
         val = VideoFolder(tmp_path / "val", spec, train=False, classes=["left", "right"])
     assert val.classes == ["left", "right"] and {y for _, y, _ in val.samples} == {1}
     assert "class folder(s) left have no usable video" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # evaluation alone, the folder's classes: the same
+        val = VideoFolder(tmp_path / "val", spec, train=False)
+    assert val.classes == ["left", "right"] and {y for _, y, _ in val.samples} == {1}
+    assert "class folder(s) left have no usable video" in caplog.text
     (tmp_path / "val" / "left").rmdir()
     assert len(VideoFolder(tmp_path / "val", spec, train=False, classes=["left", "right"])) == 2
     with pytest.raises(VideoDataError, match=r"include 'right', which are not among"):

@@ -67,8 +67,10 @@ class CheckedImageFolder(Dataset):
         root: the split folder (for example ``DIR/train``).
         transform: applied to the RGB PIL image.
         classes: class names to use (so that val follows train's order and labels); default:
-            the folders. The folder may hold a subset of them (a class without a folder, or
-            with an empty one, is logged and not scored); a folder not among them is an error.
+            the folders. The folder may hold a subset of them (a class without a folder is
+            not scored); a folder not among them is an error. In evaluation
+            (``substitute=False``) a class folder without images, or without readable ones, is
+            logged and not scored; in training it is an error.
         check_files: read every file's header once and skip the unreadable ones (counted in
             :attr:`skipped`).
         share_check: split that check over the processes of a running ``torch.distributed``
@@ -121,7 +123,7 @@ class CheckedImageFolder(Dataset):
         warn_other_extensions(ignored, "image", IMAGE_EXTENSIONS)
         counts = Counter(label for _, label in samples)
         empty = [c for c in found if counts[self.class_to_idx[c]] == 0]
-        if empty and classes is not None:  # val: an empty folder is a class not scored
+        if empty and not substitute:  # evaluation: an empty folder is a class not scored
             warn_unscored(self.root, empty, "hold no images")
         elif empty:
             raise DataError(
@@ -139,7 +141,7 @@ class CheckedImageFolder(Dataset):
         samples = self._check(chosen, share_check) if check_files else chosen
         if not samples:
             raise DataError(f"no readable images under {str(self.root)!r}")
-        self._check_readable_classes(found, chosen, samples, val=classes is not None)
+        self._check_readable_classes(found, chosen, samples, val=not substitute)
         if self.skipped and is_first_rank():
             first, why = self.skipped[0]
             logger.warning(

@@ -176,7 +176,7 @@ class VideoFolder(Dataset):
             for label, n in enumerate(self.classes)
             if n in found and (label not in present or label in tried - used)
         ]
-        if empty and classes is not None:  # val: a class without usable videos is not scored
+        if empty and not train:  # evaluation: a class without usable videos is not scored
             warn_unscored(self.root, empty, "have no usable video")
         elif empty:
             raise VideoDataError(
