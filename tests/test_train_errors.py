@@ -248,7 +248,8 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path, folder, capsys, ca
     assert "1 training image load(s) failed to decode and were replaced" in out
     assert "1 validation image(s) failed to decode and were left out" in out
     # a val class whose every file is unreadable is not scored, as in training's validation
-    # (eval refused it, and removing the folder would shift a bare checkpoint's labels)
+    # (eval refused it; removing the folder, as it advised, leaves a bare checkpoint's
+    # outputs one class more than the folders, which eval refuses as well)
     for image in (folder / "val" / "emu").iterdir():
         image.write_text("junk")
     with caplog.at_level("WARNING", logger="sparseformer"):
