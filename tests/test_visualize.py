@@ -12,6 +12,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from sparseformer import create_model
+from sparseformer.engine.atomic import TEMPORARY_PATTERN
 from sparseformer.models.outputs import SparseFormerOutput
 from sparseformer.viz.figures import (
     plot_rois,
@@ -179,7 +180,7 @@ def test_stage_gif_has_one_frame_per_stage(tmp_path):
     path = save_gif(frames, tmp_path / "a.gif")
     with Image.open(path) as gif:
         assert gif.n_frames == 2
-    assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing left over
+    assert not list(tmp_path.glob(TEMPORARY_PATTERN))  # written atomically, nothing left over
     png = save_figure(plot_rois(np.zeros((8, 8, 3)), out), tmp_path / "a.png")
     with Image.open(png) as im:
         assert im.format == "PNG"
@@ -313,3 +314,26 @@ def test_video_frames_come_in_every_usual_layout():
         np.testing.assert_array_equal(_as_video(layout), clip.numpy())
     with pytest.raises(ValueError, match=r"expected video frames \(T, H, W, 3\) \(or a tensor"):
         _as_video(torch.rand(5, 4, 8, 12))
+
+
+def test_class_names_the_fonts_lack_are_said_once_per_picture_set(tmp_path, caplog, recwarn):
+    """matplotlib warned once per character and drawing (the figure, each GIF frame) of a CJK
+    predicted class in the titles: now one logged line, as eval's per-class picture has."""
+    from sparseformer.viz.figures import write_pictures
+    from sparseformer.viz.inputs import ModelInfo
+
+    from .test_engine import _fonts_lack
+
+    model = create_model("sparseformer_v1_nano", num_classes=3).eval()
+    info = ModelInfo(input_size=32, class_names=["猫", "犬", "鸟"])
+    with caplog.at_level("WARNING", logger="sparseformer"):
+        pictures = write_pictures(
+            model, Image.new("RGB", (40, 40), "red"), tmp_path, "x", info=info
+        )
+    assert [p.name for p in pictures.files] == ["x_rois.png", "x_stages.gif", "x_roi_stats.json"]
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
+    said = [r.getMessage() for r in caplog.records if "fonts lack" in r.getMessage()]
+    if _fonts_lack("猫犬鸟"):
+        assert len(said) == 1 and "x_rois.png: the installed fonts lack 1 character" in said[0]
+    else:  # a CJK font is installed
+        assert said == []

@@ -3,19 +3,17 @@ the class names (``sparseformer eval --per-class``)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import re
-import warnings
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from sparseformer.data.scan import counted, display_name
+from sparseformer.data.scan import display_name
 from sparseformer.engine.atomic import write_atomic, write_text_atomic
+from sparseformer.viz.glyphs import missing_glyphs_said
 
 __all__ = ["per_class_report", "write_per_class"]
 
@@ -64,36 +62,9 @@ def write_per_class(report: dict[str, Any], folder: str | os.PathLike) -> tuple[
     ax.set(xlabel="predicted", ylabel="true class", title="confusion (fraction of each class)")
     fig.colorbar(shown, ax=ax, fraction=0.046)
     try:
-        with _missing_glyphs_said(png_path):
+        with missing_glyphs_said(png_path, in_full=json_path.name):
             fig.tight_layout()
             write_atomic(png_path, lambda f: fig.savefig(f, dpi=100, format="png"))
     finally:
         plt.close(fig)
     return json_path, png_path
-
-
-_GLYPH = re.compile(r"Glyph (\d+) .*missing from (current )?font")
-
-
-@contextlib.contextmanager
-def _missing_glyphs_said(path: Path):
-    """One logged line for the characters of class names that the installed fonts lack (CJK
-    names, most often: drawn as boxes), where matplotlib warns once per character; other
-    warnings pass through."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    missing = []
-    for w in caught:
-        found = _GLYPH.search(str(w.message))
-        if found is None:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        elif chr(int(found.group(1))) not in missing:
-            missing.append(chr(int(found.group(1))))
-    if missing:
-        shown = "".join(missing[:10]) + ("..." if len(missing) > 10 else "")
-        logger.warning(
-            "%s: the installed fonts lack %s of the class names (%s), drawn as boxes; "
-            "per_class.json has the names in full (a font such as Noto Sans CJK draws them)",
-            path, counted(len(missing), "character"), shown,
-        )  # fmt: skip

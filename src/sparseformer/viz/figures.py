@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from sparseformer.engine.atomic import write_atomic, write_text_atomic
 from sparseformer.models.outputs import SparseFormerOutput
 from sparseformer.models.roi_stats import roi_iou_matrix, roi_statistics, sampling_roi_indices
 from sparseformer.viz.draw import (
@@ -41,6 +42,7 @@ from sparseformer.viz.draw import (
     token_colors,
     top_tokens,
 )
+from sparseformer.viz.glyphs import missing_glyphs_said
 from sparseformer.viz.inputs import ModelInfo, display_image, load_image, preprocess
 from sparseformer.viz.video import plot_video_rois, video_frame_images
 from sparseformer.weights.registry import IMAGENET_MEAN, IMAGENET_STD
@@ -170,11 +172,10 @@ def stage_frames(
 
 # ----------------------------------------------------------------------------- files
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Write a figure atomically (temporary file, then rename). Returns the path."""
+    """Write a figure atomically (:func:`~sparseformer.engine.atomic.write_atomic`). Returns
+    the path."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: fig.savefig(f, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
     return path
 
 
@@ -183,10 +184,13 @@ def save_gif(frames: Sequence, path: str | os.PathLike, duration_ms: int = 800) 
     if not frames:
         raise ValueError("no frames to write")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     first, *rest = [f.convert("RGB") for f in frames]
-    first.save(tmp, format="GIF", save_all=True, append_images=rest, duration=duration_ms, loop=0)
-    os.replace(tmp, path)
+    write_atomic(
+        path,
+        lambda f: first.save(
+            f, format="GIF", save_all=True, append_images=rest, duration=duration_ms, loop=0
+        ),
+    )
     return path
 
 
@@ -304,12 +308,13 @@ def write_pictures(
     output = run_details(model, x)
     shown = display_image(image)
     kwargs = {"stages": stages, "highlight": highlight, "class_names": info.class_names}
-    fig = plot_rois(shown, output, **kwargs)
     result = Pictures(prediction_text(output.logits[0], info.class_names), roi_statistics(output))
-    result.files.append(save_figure(fig, out_dir / f"{stem}_rois.png"))
-    if gif:
-        frames = stage_frames(shown, output, **kwargs)
-        result.files.append(save_gif(frames, out_dir / f"{stem}_stages.gif"))
+    with missing_glyphs_said(out_dir / f"{stem}_rois.png"):  # class names in the titles
+        fig = plot_rois(shown, output, **kwargs)
+        result.files.append(save_figure(fig, out_dir / f"{stem}_rois.png"))
+        if gif:
+            frames = stage_frames(shown, output, **kwargs)
+            result.files.append(save_gif(frames, out_dir / f"{stem}_stages.gif"))
     result.files.append(_save_json(result.stats, out_dir / f"{stem}_roi_stats.json"))
     return result
 
@@ -354,14 +359,16 @@ def write_video_pictures(
     ).permute(0, 2, 3, 1)  # (T, 3, h, w) -> (T, h, w, 3)
     result = Pictures(prediction_text(output.logits[0], info.class_names), roi_statistics(output))
     kwargs = {"highlight": highlight, "class_names": info.class_names}
-    for stage in stages or [None]:
-        name = f"{stem}_{_stage_label(stage)}frames.png"
-        fig = plot_video_rois(shown, output, stage=stage, **kwargs)
-        result.files.append(save_figure(fig, out_dir / name))
-    if gif:
-        last = stages[-1] if stages else None
-        images = video_frame_images(shown, output, stage=last, **kwargs)
-        result.files.append(save_gif(images, out_dir / f"{stem}_frames.gif", duration_ms=400))
+    with missing_glyphs_said(out_dir / f"{stem}_frames.png"):  # class names in the titles
+        for stage in stages or [None]:
+            name = f"{stem}_{_stage_label(stage)}frames.png"
+            fig = plot_video_rois(shown, output, stage=stage, **kwargs)
+            result.files.append(save_figure(fig, out_dir / name))
+        if gif:
+            last = stages[-1] if stages else None
+            images = video_frame_images(shown, output, stage=last, **kwargs)
+            gif_path = out_dir / f"{stem}_frames.gif"
+            result.files.append(save_gif(images, gif_path, duration_ms=400))
     result.files.append(_save_json(result.stats, out_dir / f"{stem}_roi_stats.json"))
     return result
 
@@ -373,7 +380,5 @@ def _stage_label(stage: int | None) -> str:
 
 
 def _save_json(obj: dict, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
     return path
