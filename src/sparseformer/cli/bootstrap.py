@@ -146,6 +146,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     )
     from sparseformer.engine.run_folder import refuse_overwriting_a_run
     from sparseformer.engine.stopping import parse_checkpoint_every
+    from sparseformer.weights.checkpoint import record_of
 
     check_teacher_weights(args.teacher, args.teacher_checkpoint, args.random_teacher)
     parse_checkpoint_every(args.checkpoint_every)  # a bad value: one line, before any work
@@ -188,7 +189,8 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     check_output(args.output, "--output", folder=True)
     refuse_overwriting_a_run(args.output, resume=resume, overwrite=args.overwrite)
     check_precision(args.precision or recipe.precision, device)  # fp16 on a CPU
-    return _Plan(args, device, recipe, source, settings, resume, saved, img_size)
+    # its record only: restore_run reads the weights and optimizer state again (record_of)
+    return _Plan(args, device, recipe, source, settings, resume, record_of(saved), img_size)
 
 
 def _asked(flags, recipe, field: str):

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-@dataclass
+@dataclasses.dataclass
 class _Plan:
     """What the flags resolve to before any data is read (``saved``: the resumed checkpoint;
     ``start``: the --checkpoint's :class:`~sparseformer.weights.checkpoint.Checkpoint`)."""
@@ -121,7 +120,7 @@ class _Plan:
     recipe: Any
     source: Any
     resume: Path | None = None
-    saved: dict = dataclasses.field(default_factory=dict)
+    saved: dict = dataclasses.field(default_factory=dict)  # without tensors (record_of)
     start: Any = None
 
     @property
@@ -178,7 +177,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         warn_of_other_data,
     )
     from sparseformer.engine.stopping import parse_checkpoint_every
-    from sparseformer.weights.checkpoint import check_model, read_checkpoint
+    from sparseformer.weights.checkpoint import check_model, read_checkpoint, record_of
 
     device = pick_device(args.device)
     if args.precision:  # an asked fp16 on a CPU: before the folder is counted
@@ -236,7 +235,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     warn_of_other_data(saved.get("data"), source.describe(), resume)  # nothing saved: no run
     _check_output(args.output, resume, args.overwrite)
     check_precision(args.precision or recipe.precision, device)  # fp16 on a CPU
-    return _Plan(args, device, video, recipe, source, resume, saved, start)
+    return _Plan(args, device, video, recipe, source, resume, record_of(saved), start)
 
 
 def _check_output(output: Path, resume: Path | None, overwrite: bool) -> None:
@@ -319,7 +318,7 @@ def _build_model(plan: _Plan, bundle, pre):
 
     args, resume = plan.args, plan.resume
     frames = bundle.clip_spec.num_frames if plan.video and bundle.clip_spec else None
-    start_from = plan.saved if resume is not None else plan.start
+    start_from = resume if resume is not None else plan.start  # a run's file: read again
     model = build_model(
         args.model, bundle.num_classes, pre.img_size, plan.recipe.drop_path, num_frames=frames,
         replicates=checkpoint_replicates(start_from, args.model) if start_from else None,
@@ -328,8 +327,9 @@ def _build_model(plan: _Plan, bundle, pre):
     # a new run at a size its ViT's patches do not tile (a run resumed keeps its own size)
     if resume is None and (problem := patch_grid_problem(model, pre.img_size)) is not None:
         raise CliError(problem)
-    if plan.start is not None:  # fine-tuning (read once, in _plan)
+    if plan.start is not None:  # fine-tuning (read once, in _plan); not held for the run
         load_weights(model, plan.start, class_names=bundle.class_names)
+        plan.start = plan.start.without_weights()
     if args.grad_checkpointing:
         try:
             enable_grad_checkpointing(model, args.model)
