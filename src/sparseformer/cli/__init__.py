@@ -254,10 +254,14 @@ def _main(argv: list[str] | None) -> int:
 
 def _lost_a_peer(exc: RuntimeError) -> bool:
     """Whether a collective failed because another process of the group went away (gloo
-    raises a plain RuntimeError naming the closed connection; NCCL aborts its communicator)."""
+    raises a plain RuntimeError naming the closed connection; NCCL aborts its communicator).
+    Told by torchrun's world size, not by the process group, which the command has destroyed
+    on its way out by the time the error arrives here."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):  # a run that never formed
+    from sparseformer.engine.distributed import launched_rank
+
+    if not dist.is_available() or launched_rank()[1] < 2:  # no torchrun group of several
         return False
     signs = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was")
     backend = getattr(dist, "DistBackendError", ())
