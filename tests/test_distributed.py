@@ -209,3 +209,50 @@ def test_a_worker_gets_sigterm_when_its_launcher_is_killed(tmp_path):
             break
         time.sleep(0.1)
     assert marker.exists(), "the worker outlived its killed launcher"
+
+
+# Rank 1 of 2 with a Python SIGTERM handler (the CLI has one), joining a group whose rank 0
+# never comes (it refused a busy --output): torchrun then sends it SIGTERM.
+JOINER = """
+import os, signal, sys
+from sparseformer.engine.distributed import setup_distributed
+
+signal.signal(signal.SIGTERM, lambda *_: sys.exit("handled: too late to matter"))
+os.environ.update(RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+print("joining", flush=True)
+setup_distributed("cpu")
+"""
+
+
+def test_sigterm_ends_a_process_waiting_to_join_its_group_at_once():
+    # it waited in C++, where the handler never ran, until torchrun killed it 30 s later
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: rank 0 never comes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    joiner = subprocess.Popen([sys.executable, "-c", JOINER, str(port)], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    assert joiner.stdout.readline().strip() == "joining"
+    time.sleep(2)  # inside init_process_group
+    joiner.terminate()
+    try:
+        assert joiner.wait(timeout=10) == -15
+    finally:
+        joiner.kill()
+    assert signal_handler_restored_after_joining()
+
+
+def signal_handler_restored_after_joining() -> bool:
+    """Whether the handler is back after the join (in a fresh process: its signals are its
+    own)."""
+    code = (
+        "import os, signal\n"
+        "from sparseformer.engine.distributed import _sigterm_ends_at_once\n"
+        "mine = lambda *_: None\n"
+        "signal.signal(signal.SIGTERM, mine)\n"
+        "with _sigterm_ends_at_once():\n"
+        "    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
+        "assert signal.getsignal(signal.SIGTERM) is mine\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

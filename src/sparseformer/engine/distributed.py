@@ -7,11 +7,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -82,9 +85,26 @@ def setup_distributed(device: str) -> DistInfo:
     if device.startswith("cuda"):
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        with _sigterm_ends_at_once():
+            dist.init_process_group(backend=backend)
     logger.info("rank %d of %d (%s)", info.rank, info.world_size, backend)
     return info
+
+
+@contextlib.contextmanager
+def _sigterm_ends_at_once() -> Iterator[None]:
+    """SIGTERM's default action (the process ends) while joining the group. torchrun sends
+    SIGTERM to the others when one process fails before it joins (rank 0 refusing an --output
+    another run holds); they wait in C++, where Python's handler never runs, and were killed
+    30 s later. Nothing is there to save yet."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
