@@ -621,3 +621,20 @@ def test_a_run_resumed_into_a_new_folder_keeps_its_history_and_best(tmp_path, fo
     assert torch.load(again / "last.pt", weights_only=True)["best_epoch"] != 7
     if (again / "best.pt").is_file():  # only one the run wrote itself
         assert torch.load(again / "best.pt", weights_only=True)["epoch"] == 3
+
+
+def test_a_run_continued_into_a_new_folder_resumes_there_from_where_it_was(
+    tmp_path, folder, capsys
+):
+    """A run continued into a new folder, stopped before its first epoch there ends (here:
+    nothing left to train), held only the carried best.pt: ``--resume auto`` took it and
+    trained its later epochs again without a word. The resumed checkpoint is its last.pt."""
+    first, then = tmp_path / "first", tmp_path / "then"
+    assert run_cli(capsys, *_train(folder, first, "--epochs", "2"))[0] == 0
+    argv = _train(folder, then, "--epochs", "2", "--resume", str(first / "last.pt"))
+    assert run_cli(capsys, *argv)[0] == 0  # nothing to do, but the folder is the run's now
+    assert (then / "last.pt").samefile(first / "last.pt")  # a link: no second copy on disk
+    assert run_cli(capsys, *_train(folder, then, "--epochs", "3", "--resume", "auto"))[0] == 0
+    epochs = [json.loads(r)["epoch"] for r in (then / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3] and torch.load(then / "last.pt", weights_only=True)["epoch"] == 3
+    assert torch.load(first / "last.pt", weights_only=True)["epoch"] == 2  # the first run's own

@@ -274,8 +274,12 @@ def _checkpoint_facts(
 
 def _continued_log(out: Path, resume: str | Path | None, state: RunState) -> MetricsLog:
     """The run's metrics log. A run resumed from another folder's checkpoint takes that run's
-    history: its epochs up to the resumed one, and its ``best.pt``."""
+    history: its epochs up to the resumed one, its ``best.pt``, and the resumed checkpoint as
+    its ``last.pt``, which ``--resume auto`` there continues from before an epoch ends (it
+    took that ``best.pt``, an earlier epoch maybe, and trained it again without a word)."""
     earlier = earlier_folder(resume, out)
+    if earlier is not None:
+        ckpt_io.link_atomic(resume, out / ckpt_io.LAST)  # replaced by renames only: safe
     if earlier is not None and carry_best(resume, out, state.best_epoch) is not None:
         logger.info("%s holds the best epoch so far (%s)", out / "best.pt", state.best_epoch)
     history = earlier / "metrics.jsonl" if earlier is not None else None
