@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import sparseformer
 from sparseformer import create_model, inflate_image_state_dict
 from sparseformer.cli import main
 from sparseformer.weights.checkpoint import check_model, read_checkpoint
@@ -361,3 +362,6 @@ def test_a_run_holds_no_second_copy_of_the_weights_it_starts_from(tmp_path, fold
     assert not tuned.start.state_dict and not holds_tensors(tuned.start.extras)
     last = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)
     assert last["epoch"] == 1 and holds_tensors(last["optimizer"])  # what a resume reads
+    # the code that trained it, in each checkpoint and the summary
+    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert last["sparseformer"] == summary["sparseformer"] == sparseformer.__version__ != "0.1.0"

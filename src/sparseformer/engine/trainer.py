@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sparseformer import __version__
 from sparseformer.data.datasets import DatasetBundle
 from sparseformer.data.loader import failed_loads
 from sparseformer.data.transforms import Preprocessing
@@ -268,6 +269,7 @@ def _checkpoint_facts(
         "world_size": dist.world_size,
         "seed": options.seed,  # a resumed run's (engine.resume.resumed_seed)
         "checkpoint_version": ckpt_io.CHECKPOINT_VERSION,
+        "sparseformer": __version__,  # the code that trained it
         **options.extra,
     }
 
@@ -317,6 +319,7 @@ def _summary(loop: RunLoop, state: RunState, model_name: str) -> dict[str, Any]:
     replaced = all_reduce_sum(torch.tensor([float(failed_loads(data.train))], device=device), dist)
     return {
         "model": model_name,
+        "sparseformer": __version__,
         "epochs": loop.recipe.epochs,
         "epochs_run": max(loop.recipe.epochs - state.start_epoch, 0),
         "best_val_acc1": state.best if state.best_epoch else None,  # None: never scored
