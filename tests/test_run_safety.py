@@ -61,6 +61,18 @@ def test_a_second_run_in_a_held_folder_is_refused_naming_the_holder(tmp_path, fo
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_system_without_flock_trains_unlocked_and_says_so(
+    tmp_path, folder, capsys, caplog, monkeypatch
+):
+    # Windows has no fcntl: train, demo and bootstrap failed there with ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="sparseformer"):
+        assert run_cli(capsys, *_train(folder, out, "--epochs", "1"))[0] == 0
+    assert "is not locked: this system has no flock" in caplog.text
+    assert (out / "last.pt").is_file() and not (out / LOCK_FILE).exists()
+
+
 def test_a_lock_still_held_by_a_killed_runs_workers_is_waited_for(tmp_path, caplog, monkeypatch):
     """kill -9 of a run leaves its forked data-loading workers holding the lock for a few
     seconds: a run started at once (a scheduler's requeue) waits for them, where it failed."""

@@ -88,9 +88,12 @@ class RunFolderLock:
         self.release()
 
     def acquire(self) -> None:
-        import fcntl  # POSIX only, like the rest of a run's signal handling
-
         self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl  # POSIX only
+        except ImportError:  # Windows: the run goes on, its folder not held against another
+            logger.warning("%s is not locked: this system has no flock (POSIX)", self.folder)
+            return
         path = self.folder / LOCK_FILE
         deadline = None  # set once the holder is found ended
         while True:
