@@ -521,6 +521,19 @@ def test_bad_numbers_and_predict_paths_are_one_line(tmp_path, folder, capsys):
             main(["train", "--model", NANO, "--data-dir", str(folder), "--output",
                   str(tmp_path / "o"), flag, value])  # fmt: skip
         assert "must be at least" in capsys.readouterr().err
+    # demo took 0 as "not given" and started the full run; --img-size had no upper bound
+    # (100,000 px: killed for memory in viz, a MemoryError deep in PIL in eval and train)
+    for argv, said in (
+        (["demo", "--epochs", "0"], "sparseformer demo: error: argument --epochs: must be at"),
+        (["demo", "--limit-train", "-1"], "sparseformer demo: error: argument --limit-train"),
+        (["train", "--model", NANO, "--output", "o", "--img-size", "100000"], "give 4 to 16384"),
+        (["eval", "--model", NANO, "--img-size", "2"], "--img-size: give 4 to 16384 pixels, got 2"),
+        (["viz", "--model", NANO, "x.png", "--img-size", "99999"], "give 4 to 16384 pixels"),
+        (["export", "--model", NANO, "--out", "m.onnx", "--img-size", "20000"], "give 4 to"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert said in capsys.readouterr().err
     torch.save(create_model(NANO, num_classes=3).state_dict(), tmp_path / "c.pth")
     ckpt = str(tmp_path / "c.pth")
     good = folder / "val" / "cat" / "0.jpg"

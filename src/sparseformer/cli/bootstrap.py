@@ -25,6 +25,7 @@ from sparseformer.cli.common import (
     check_precision,
     count,
     data_source,
+    image_size,
     nothing_to_do,
     positive_int,
     recipe_flags,
@@ -73,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--recipe", help="shipped recipe name or a JSON file")
     g.add_argument("--epochs", type=positive_int)
     g.add_argument("--batch-size", type=positive_int, help="images per process and step")
-    g.add_argument("--img-size", type=positive_int, help="teacher input size (a timm name)")
+    g.add_argument("--img-size", type=image_size, help="teacher input size (a timm name)")
     g.add_argument("--lr", type=float, help="peak learning rate for a total batch of 512")
     g.add_argument("--warmup-epochs", type=float)
     g.add_argument("--weight-decay", type=float)

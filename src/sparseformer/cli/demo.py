@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+from sparseformer.cli.common import positive_int
+
 __all__ = ["register"]
 
 MODEL = "sparseformer_v1_micro"
@@ -23,13 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo", help="train and evaluate the micro model on Fashion-MNIST", description=__doc__
     )
     p.add_argument("--output", type=Path, default=Path("runs/demo"), help="run folder")
-    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N images only")
-    p.add_argument("--batch-size", type=int, help="override the recipe's batch size (128)")
-    p.add_argument("--limit-val", type=int, metavar="N", help="evaluate on the first N images only")
+    p.add_argument("--epochs", type=positive_int, help="override the recipe's epochs")
+    p.add_argument(
+        "--limit-train", type=positive_int, metavar="N", help="train on the first N images only"
+    )
+    p.add_argument("--batch-size", type=positive_int, help="override the recipe's batch size (128)")
+    p.add_argument(
+        "--limit-val", type=positive_int, metavar="N", help="evaluate on the first N images only"
+    )
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         help="CPU threads of every step (default: the free cores)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -41,17 +47,17 @@ def run(args: argparse.Namespace) -> int:
 
     parser = build_parser()
     common = ["--dataset", "fashion-mnist", "--device", "cpu"]  # each step on the CPU
-    if args.limit_val:
+    if args.limit_val is not None:
         common += ["--limit-val", str(args.limit_val)]
-    if args.threads:  # every step's; the pictures take the evaluation's
+    if args.threads is not None:  # every step's; the pictures take the evaluation's
         common += ["--threads", str(args.threads)]
     train = ["train", "--model", MODEL, *common, "--output", str(args.output)]
     train += ["--recipe", "fashion-mnist-cpu", "--resume", "auto"]
-    if args.epochs:
+    if args.epochs is not None:
         train += ["--epochs", str(args.epochs)]
-    if args.limit_train:
+    if args.limit_train is not None:
         train += ["--limit-train", str(args.limit_train)]
-    if args.batch_size:
+    if args.batch_size is not None:
         train += ["--batch-size", str(args.batch_size)]
     if args.quiet:
         train.append("--quiet")

@@ -17,6 +17,7 @@ from sparseformer.cli.common import (
     check_model_fits_data,
     count,
     data_source,
+    image_size,
     model_named_by_checkpoint,
     positive_int,
     refuse_video_flags_on_images,
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="ours or an official release")
     add_data_arguments(p, train=False)
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
-    p.add_argument("--img-size", type=positive_int, help="input size (default: the checkpoint's)")
+    p.add_argument("--img-size", type=image_size, help="input size (default: the checkpoint's)")
     p.add_argument(
         "--batch-size",
         type=positive_int,

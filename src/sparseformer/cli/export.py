@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sparseformer.cli.common import count, positive_int
+    from sparseformer.cli.common import count, image_size, positive_int
 
     p = sub.add_parser(
         "export", help="export a model to ONNX (any batch and size)", description=__doc__
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--img-size",
-        type=positive_int,
+        type=image_size,
         default=None,
         metavar="S",
         help="example input size (the graph takes any; default: the one a `sparseformer train` "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sparseformer.cli.common import add_clip_arguments
+from sparseformer.cli.common import add_clip_arguments, image_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--img-size",
-        type=int,
+        type=image_size,
         default=None,
         metavar="S",
         help="input side (default: stored in the checkpoint, else the model's, else 224)",
