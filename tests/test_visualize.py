@@ -184,6 +184,18 @@ def test_stage_gif_has_one_frame_per_stage(tmp_path):
     png = save_figure(plot_rois(np.zeros((8, 8, 3)), out), tmp_path / "a.png")
     with Image.open(png) as im:
         assert im.format == "PNG"
+    # the formats a suffix names, through the atomic writer (SVG, PDF, EPS and TIFF failed
+    # there: matplotlib wants a file it can seek in)
+    fig = plot_rois(np.zeros((8, 8, 3)), out)
+    heads = {
+        "svg": b"<?xml",
+        "pdf": b"%PDF",
+        "eps": b"%!PS",
+        "tiff": b"II*\x00",
+        "jpg": b"\xff\xd8",
+    }
+    for suffix, head in heads.items():
+        assert save_figure(fig, tmp_path / f"b.{suffix}").read_bytes().startswith(head), suffix
 
 
 def test_video_rois_are_drawn_on_the_frames_they_span():

@@ -87,8 +87,8 @@ def positive_int(text: str) -> int:
     return value
 
 
-# --img-size of every command: what ONNX export takes (a graph's largest side); 100,000 px
-# ran out of memory deep in PIL's resize
+# --img-size of train, bootstrap, eval, viz and export: what ONNX export takes (a graph's
+# largest side); 100,000 px ran out of memory deep in PIL's resize
 IMG_SIZES = (4, 16384)
 
 

@@ -15,6 +15,7 @@ nobody; the next run finds the file still there, takes the folder over and logs 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -92,7 +93,7 @@ class RunFolderLock:
         try:
             import fcntl  # POSIX only
         except ImportError:  # Windows: the run goes on, its folder not held against another
-            logger.warning("%s is not locked: this system has no flock (POSIX)", self.folder)
+            _say_unlocked(self.folder)
             return
         path = self.folder / LOCK_FILE
         deadline = None  # set once the holder is found ended
@@ -152,6 +153,12 @@ class RunFolderLock:
             pass
         os.close(self._fd)  # closing the descriptor drops the flock
         self._fd = None
+
+
+@functools.cache
+def _say_unlocked(folder: Path) -> None:
+    """Once per folder and process (the check before a run and the run's own lock)."""
+    logger.warning("%s is not locked: this system has no flock (POSIX)", folder)
 
 
 def _holder_ended(holder: str) -> bool:
@@ -333,6 +340,8 @@ def refuse_overwriting_a_run(
         return
     if resume is not None and Path(resume).absolute().parent.resolve() == Path(path).resolve():
         return  # continuing the run that is there (its last.pt may link to a backup)
+    if resume is not None and LAST in held and _same_file(path / LAST, Path(resume)):
+        return  # the same continuation again: nothing trained there since (its link)
     if resume is not None:
         raise ValueError(
             f"--output {str(path)!r} already holds another run ({', '.join(held)}), which "
@@ -343,3 +352,10 @@ def refuse_overwriting_a_run(
         f"--output {str(path)!r} already holds a run ({', '.join(held)}); continue it "
         "with --resume auto, start it over with --overwrite, or choose another folder"
     )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False

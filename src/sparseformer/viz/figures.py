@@ -13,6 +13,7 @@ statistics in :mod:`sparseformer.models.roi_stats`; this module re-exports their
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -172,10 +173,12 @@ def stage_frames(
 
 # ----------------------------------------------------------------------------- files
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Write a figure atomically (:func:`~sparseformer.engine.atomic.write_atomic`). Returns
-    the path."""
+    """Write a figure atomically (:func:`~sparseformer.engine.atomic.write_atomic`), in the
+    format its suffix names (PNG without one). Returns the path."""
     path = Path(path)
-    write_atomic(path, lambda f: fig.savefig(f, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
+    drawn = io.BytesIO()  # a file to seek in: matplotlib's PDF, SVG, EPS and TIFF writers want one
+    fig.savefig(drawn, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    write_atomic(path, lambda f: f.write(drawn.getvalue()))
     return path
 
 
@@ -359,7 +362,8 @@ def write_video_pictures(
     ).permute(0, 2, 3, 1)  # (T, 3, h, w) -> (T, h, w, 3)
     result = Pictures(prediction_text(output.logits[0], info.class_names), roi_statistics(output))
     kwargs = {"highlight": highlight, "class_names": info.class_names}
-    with missing_glyphs_said(out_dir / f"{stem}_frames.png"):  # class names in the titles
+    first = out_dir / f"{stem}_{_stage_label((stages or [None])[0])}frames.png"
+    with missing_glyphs_said(first):  # class names in the titles
         for stage in stages or [None]:
             name = f"{stem}_{_stage_label(stage)}frames.png"
             fig = plot_video_rois(shown, output, stage=stage, **kwargs)

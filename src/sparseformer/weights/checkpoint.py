@@ -40,6 +40,8 @@ __all__ = [
     "checkpoint_metadata",
     "check_model",
     "checkpoint_replicates",
+    "holds_tensors",
+    "record_of",
 ]
 
 logger = logging.getLogger(__name__)
