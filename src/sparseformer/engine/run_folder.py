@@ -355,7 +355,9 @@ def refuse_overwriting_a_run(
 
 
 def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` is ``b`` by a hard link (a continuation's ``last.pt``; a symbolic link is
+    a folder's own choice, such as a backup of its run)."""
     try:
-        return a.samefile(b)
+        return not a.is_symlink() and a.samefile(b)
     except OSError:
         return False
