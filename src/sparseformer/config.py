@@ -23,7 +23,12 @@ __all__ = [
     "StageConfig",
     "SparseFormerConfig",
     "VideoSparseFormerConfig",
+    "IMG_SIZES",
 ]
+
+# The input sizes (height and width, pixels) the commands take: those of an exported ONNX
+# graph (sparseformer.export); 100,000 px ran out of memory deep in PIL's resize
+IMG_SIZES = (4, 16384)
 
 # The op vocabulary. Every op is a pre-norm residual with the same signature
 # (tokens, rois, feats) -> (tokens, rois); see models/blocks.py.

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sparseformer.config import IMG_SIZES
+
 __all__ = [
     "ExportError",
     "export_onnx",
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 MIN_OPSET = 18  # torch's exporter writes 18 and later (it converts a lower ask, and fails)
 VIDEO_MIN_OPSET = 20  # GridSample on 5-D volumes
-MAX_SIZE = 16384  # the exporter's largest height and width
+MIN_SIZE, MAX_SIZE = IMG_SIZES  # the exporter's smallest and largest height and width
 # onnxruntime's fp32 logits differ from PyTorch's by ~1e-7 to 1e-6; more means a wrong graph
 MAX_DIFFERENCE = 1e-3
 
@@ -194,8 +196,8 @@ def export_onnx(
     example = torch.zeros(2, in_chans, *frames, img_size, img_size)
     dims = {0: torch.export.Dim("batch", min=1)}
     if dynamic_size:  # the last two axes: height and width, of images and of clips
-        dims[example.dim() - 2] = torch.export.Dim("height", min=4, max=MAX_SIZE)
-        dims[example.dim() - 1] = torch.export.Dim("width", min=4, max=MAX_SIZE)
+        dims[example.dim() - 2] = torch.export.Dim("height", min=MIN_SIZE, max=MAX_SIZE)
+        dims[example.dim() - 1] = torch.export.Dim("width", min=MIN_SIZE, max=MAX_SIZE)
     try:  # the file is replaced only by a graph that loads: a failed export loses nothing
         meta = _preprocessing_metadata(model, example, dynamic_size)
         _write(wrapper, example, dims, opset, tmp, meta)
@@ -233,8 +235,8 @@ def check_export_settings(opset: int, img_size: int, num_frames: int | None) -> 
         raise ExportError(
             f"opset {opset} has no 5-D GridSample for video clips; use {VIDEO_MIN_OPSET} or later"
         )
-    if not 4 <= img_size <= MAX_SIZE:
-        raise ExportError(f"img_size {img_size}: give 4 to {MAX_SIZE} pixels")
+    if not MIN_SIZE <= img_size <= MAX_SIZE:
+        raise ExportError(f"img_size {img_size}: give {MIN_SIZE} to {MAX_SIZE} pixels")
 
 
 def _write(wrapper: nn.Module, example: Tensor, dims: dict, opset: int, tmp: Path, metadata):

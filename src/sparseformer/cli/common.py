@@ -87,13 +87,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-# --img-size of train, bootstrap, eval, viz and export: what ONNX export takes (a graph's
-# largest side); 100,000 px ran out of memory deep in PIL's resize
-IMG_SIZES = (4, 16384)
-
-
 def image_size(text: str) -> int:
-    """An argparse type: an input size in pixels, within :data:`IMG_SIZES`."""
+    """An argparse type: an input size in pixels, within
+    :data:`~sparseformer.config.IMG_SIZES` (``--img-size`` of train, bootstrap, eval, viz and
+    export)."""
+    from sparseformer.config import IMG_SIZES
+
     value, (low, high) = int(text), IMG_SIZES
     if not low <= value <= high:
         raise argparse.ArgumentTypeError(f"give {low} to {high} pixels, got {value}")
