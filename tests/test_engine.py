@@ -456,12 +456,18 @@ def test_class_names_the_fonts_lack_are_said_once(tmp_path, caplog, recwarn):
     report = per_class_report(torch.eye(3) * 5, ["猫", "犬", "bird"])
     with caplog.at_level("WARNING", logger="sparseformer"):
         write_per_class(report, tmp_path)
-    assert not [w for w in recwarn if "Glyph" in str(w.message)]
-    said = [r.getMessage() for r in caplog.records if "fonts lack" in r.getMessage()]
+    said = glyph_lines(recwarn, caplog)
     if _fonts_lack("猫犬"):
         assert len(said) == 1 and "2 characters of the class names (猫犬)" in said[0]
     else:  # a CJK font is installed
         assert said == []
+
+
+def glyph_lines(recwarn, caplog) -> list[str]:
+    """The logged lines on characters the fonts lack, once sure that none of matplotlib's own
+    warnings of them came through."""
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
+    return [r.getMessage() for r in caplog.records if "fonts lack" in r.getMessage()]
 
 
 def _fonts_lack(text: str) -> bool:
