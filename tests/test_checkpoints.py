@@ -481,6 +481,21 @@ def test_a_file_missing_its_classifier_weight_is_incomplete_not_headless():
         create_model("sparseformer_v1_nano", checkpoint_path=state)
 
 
+def test_a_recorded_class_count_that_disagrees_with_the_classifier_gives_way(tmp_path, caplog):
+    """An edited record must not swap the trained classifier for a random one: the weights
+    decide, and the disagreement is said."""
+    trained = create_model("sparseformer_v1_nano", num_classes=3)
+    path = tmp_path / "edited.pt"
+    torch.save({"model": trained.state_dict(), "num_classes": 5}, path)
+    with caplog.at_level(logging.WARNING, logger="sparseformer"):
+        assert read_checkpoint(path).num_classes == 3
+        model = create_model("sparseformer_v1_nano", checkpoint_path=path)
+    assert "records 5 classes but its classifier has 3 outputs: taking 3" in caplog.text
+    assert torch.equal(model.head.weight, trained.head.weight)
+    record = {"model": {}, "model_name": "sparseformer_v1_nano", "num_classes": 5}
+    assert read_checkpoint(record).num_classes == 5  # no classifier: the record stands
+
+
 def test_a_torchscript_archive_is_named_as_one_and_not_run(tmp_path):
     import warnings
 

@@ -218,17 +218,31 @@ def read_checkpoint(
     except NotASparseFormerCheckpoint:  # raised again by whatever loads it into a SparseFormer
         converted, report = dict(state), ConversionReport(FOREIGN)
     report.wrapper = wrapper
-    stored = meta.pop("num_classes")
     return Checkpoint(
         converted,
         report,
         path=path,
         ema=wrapper in _EMA_WRAPPERS,
         has_ema=has_ema,
-        num_classes=stored if stored is not None else _head_rows(converted),
+        num_classes=_num_classes(meta.pop("num_classes"), _head_rows(converted), path),
         extras={} if all(hasattr(v, "shape") for v in raw.values()) else raw,
         **meta,
     )
+
+
+def _num_classes(recorded: int | None, rows: int, path: str | None) -> int:
+    """The classifier's outputs: its rows where the file has a classifier (the weights are
+    what predicts: a recorded count that disagrees, an edited or damaged record, is said and
+    set aside), else what the file records."""
+    if recorded is None or not rows:
+        return rows if recorded is None else recorded
+    if recorded != rows:
+        logger.warning(
+            "%s records %d classes but its classifier has %d outputs: taking %d, as the "
+            "weights have it; correct its num_classes to silence this",
+            repr(path) if path is not None else "the checkpoint", recorded, rows, rows,
+        )  # fmt: skip
+    return rows
 
 
 def _head_rows(state: Mapping[str, Tensor]) -> int:
