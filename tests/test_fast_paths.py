@@ -12,14 +12,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sparseformer import SparseFormer, count_flops, create_model, load_checkpoint
 from sparseformer.layers import AdaptiveMixing, EarlyConvolution, channel_normalize, mixing_fused
-from sparseformer.layers.linear import fused_linear_available, linear
+from sparseformer.layers import linear as linear_module
+from sparseformer.layers.linear import faster, fused_linear_available, linear
 
 from .test_conformance import fixture, fixture_config, layout  # noqa: F401  (fixture)
 
 
+@pytest.mark.parametrize("kernel", ["always", "never"])
 @pytest.mark.parametrize("batch", ["a", "b"])
-def test_inference_mode_matches_official_outputs(fixture, batch):  # noqa: F811
-    """Inference takes the fused kernels; logits and RoIs still match the authors' code."""
+def test_inference_mode_matches_official_outputs(fixture, batch, kernel, monkeypatch):  # noqa: F811
+    """Inference takes the fast paths; with either linear kernel, logits and RoIs still match
+    the authors' code."""
+    monkeypatch.setattr(linear_module, "FUSED_LINEAR", kernel)
     model = SparseFormer(fixture_config()).eval()
     load_checkpoint(model, {"model": layout(fixture, "imagenet")})
     x = fixture[f"input_{batch}"]
@@ -41,6 +45,44 @@ def test_linear_matches_module_with_and_without_grad(gelu):
     assert not fused_linear_available(x, layer.weight)
     y.sum().backward()
     assert layer.weight.grad is not None
+
+
+def test_each_shape_takes_the_linear_kernel_measured_faster_once(monkeypatch):
+    """Neither kernel wins on every machine: each shape races them once and keeps the faster."""
+    if not linear_module._HAS_KERNEL:
+        pytest.skip("this torch has no oneDNN fused linear")
+    monkeypatch.setattr(linear_module, "_CHOSEN", {})
+    winner, races, fused_calls = [1], [], []
+    fused = linear_module._fused
+    monkeypatch.setattr(linear_module, "faster", lambda *c: races.append(1) or winner[0])
+    monkeypatch.setattr(linear_module, "_fused", lambda *a: fused_calls.append(1) or fused(*a))
+    layer = nn.Linear(48, 80)
+    x = torch.randn(2, 7, 48)
+    with torch.inference_mode():
+        for _ in range(3):  # the plain kernel won the race: taken, and no second race
+            torch.testing.assert_close(linear(x, layer, gelu=True), F.gelu(layer(x)))
+        assert (len(races), len(fused_calls)) == (1, 0)
+        winner[0] = 0
+        linear(x, layer, gelu=True)  # the same shape: the race stands
+        linear(torch.randn(15, 48), layer, gelu=True)  # 15 rows: as 14 (within a power of 2)
+        assert (len(races), len(fused_calls)) == (1, 0)
+        linear(x[:1], layer, gelu=True)  # other rows: raced, the fused kernel won
+        linear(x[:1], layer, gelu=True)
+        assert (len(races), len(fused_calls)) == (2, 2)
+        monkeypatch.setattr(linear_module, "FUSED_LINEAR", "never")
+        linear(torch.randn(5, 48), layer)
+    assert len(races) == 2 and len(fused_calls) == 2
+
+
+def test_the_race_between_kernels_leaves_out_the_warm_up_call():
+    now, costs = [0.0], {"a": [50.0, 3.0, 3.0], "b": [2.0, 2.5, 2.0]}
+
+    def call(name):
+        return lambda: now.__setitem__(0, now[0] + costs[name].pop(0))
+
+    assert faster(call("a"), call("b"), clock=lambda: now[0]) == 1  # b: 2.0 against 3.0
+    costs = {"a": [50.0, 1.0, 9.0], "b": [2.0, 2.5, 2.0]}  # a's best of its two: 1.0
+    assert faster(call("a"), call("b"), clock=lambda: now[0]) == 0
 
 
 def test_flop_counter_sees_the_linear_without_grad():

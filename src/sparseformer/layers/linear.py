@@ -11,18 +11,41 @@ weight and bias. A layer that is not a plain ``nn.Linear`` (forward hooks, or a 
 its own ``forward``: quantisation-aware training, LoRA) is always called itself. The results
 differ from ``F.linear`` by float32 rounding only (a different summation order, ~1e-6).
 
+Neither kernel wins everywhere: on the 2-core AMD EPYC the fused one took 19-24 ms where
+``F.linear`` and ``gelu`` took 31-39, and on a later day 31-32 ms where they took 20-22. So
+the first call of each shape (rows within a power of two, weight shape, GELU, bias, threads)
+times both, twice each, and that shape keeps the faster from then on (:data:`FUSED_LINEAR`).
+
 :func:`linear_split` makes the blocks of a layer's output by one product each, so that every
 block is contiguous (adaptive mixing's generated matrices).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["linear", "linear_split", "is_plain", "fused_linear_available", "is_tracing"]
+__all__ = [
+    "linear",
+    "linear_split",
+    "linear_weights",
+    "is_plain",
+    "fused_linear_available",
+    "is_tracing",
+    "FUSED_LINEAR",
+]
+
+FUSED_LINEAR = "auto"
+"""Which kernel CPU inference takes where the fused one may be used: ``"auto"`` (the faster
+for each shape, measured once), ``"always"`` or ``"never"`` (``F.linear``)."""
+
+_CHOSEN: dict[tuple[int, ...], bool] = {}  # shape -> whether the fused kernel was faster
+_MAX_CHOSEN = 1024  # beyond: the fused kernel unmeasured (a process feeding endless shapes)
 
 _HAS_KERNEL = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_linear_pointwise"
@@ -66,7 +89,7 @@ def linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
     if not is_plain(layer):
         y = layer(x)
         return F.gelu(y) if gelu else y
-    return _linear(x, layer.weight, layer.bias, gelu)
+    return linear_weights(x, layer.weight, layer.bias, gelu)
 
 
 def linear_split(x: Tensor, layer: nn.Linear, sizes: list[int]) -> tuple[Tensor, ...]:
@@ -76,15 +99,56 @@ def linear_split(x: Tensor, layer: nn.Linear, sizes: list[int]) -> tuple[Tensor,
     if not is_plain(layer):
         return layer(x).split(sizes, dim=-1)
     biases = layer.bias.split(sizes) if layer.bias is not None else [None] * len(sizes)
-    return tuple(_linear(x, w, b) for w, b in zip(layer.weight.split(sizes), biases, strict=True))
+    parts = zip(layer.weight.split(sizes), biases, strict=True)
+    return tuple(linear_weights(x, w, b) for w, b in parts)
 
 
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
-    if fused_linear_available(x, weight):
-        post = ("gelu", [], "none") if gelu else ("none", [], "")
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, *post)
+def linear_weights(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
+    """``F.linear(x, weight, bias)``, then GELU if ``gelu``: by the fused kernel where it may
+    be used and is the faster for this shape (:data:`FUSED_LINEAR`)."""
+    if fused_linear_available(x, weight) and _fused_wins(x, weight, bias, gelu):
+        return _fused(x, weight, bias, gelu)
+    return _plain(x, weight, bias, gelu)
+
+
+def _fused(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
+    post = ("gelu", [], "none") if gelu else ("none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, *post)
+
+
+def _plain(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
+
+
+def _fused_wins(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> bool:
+    """Whether the fused kernel is the one to take for this call's shape: as
+    :data:`FUSED_LINEAR` says, measured on the shape's first call under ``"auto"``."""
+    if FUSED_LINEAR != "auto":
+        return FUSED_LINEAR == "always"
+    rows = (x.numel() // max(x.shape[-1], 1)).bit_length()  # 49 rows and 63 alike, not 64
+    key = (rows, *weight.shape, int(gelu), int(bias is not None), torch.get_num_threads())
+    wins = _CHOSEN.get(key)
+    if wins is None:
+        if len(_CHOSEN) >= _MAX_CHOSEN:
+            return True
+        args = (x, weight, bias, gelu)
+        wins = _CHOSEN[key] = faster(lambda: _fused(*args), lambda: _plain(*args)) == 0
+    return wins
+
+
+def faster(*calls: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> int:
+    """The index of the fastest of ``calls``: each called once to warm up (oneDNN builds its
+    kernel on first use), then twice in turns, the best of the two times taken."""
+    for call in calls:
+        call()
+    best = [float("inf")] * len(calls)
+    for _ in range(2):
+        for i, call in enumerate(calls):
+            start = clock()
+            call()
+            best[i] = min(best[i], clock() - start)
+    return best.index(min(best))
 
 
 def is_plain(layer: nn.Module, kind: type[nn.Module] = nn.Linear) -> bool:
