@@ -327,6 +327,11 @@ def test_rgb_weights_adapt_to_other_input_channels():
     torch.testing.assert_close(
         gray_clip(clip), rgb_clip(clip.expand(1, 3, 4, 32, 32)), atol=1e-5, rtol=1e-4
     )
+    for other in (1, 3, 4):  # weights of a gray model adapt to nothing: said in one line
+        model = create_model("sparseformer_v1_nano", in_chans=other)
+        with pytest.raises(CheckpointError, match="takes 2 input channel.* in_chans=2"):
+            load_checkpoint(model, {"model": create_model("sparseformer_v1_nano", in_chans=2)
+                                    .state_dict()})  # fmt: skip
 
 
 def test_a_run_of_another_size_is_named_in_the_mismatch(tmp_path):

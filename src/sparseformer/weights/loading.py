@@ -154,6 +154,12 @@ def _adapt_stem(converted: dict[str, Tensor], own: Mapping[str, Tensor]) -> None
     in_chans = own["stem.conv.weight"].shape[1]
     if stem.shape[1] == in_chans:
         return
+    if stem.shape[1] != 3:  # timm's rule starts from RGB: anything else is another model
+        raise CheckpointError(
+            f"the checkpoint's stem takes {stem.shape[1]} input channel(s), the model's "
+            f"{in_chans}; build the model with in_chans={stem.shape[1]} (weights adapt to "
+            "other input channels only from 3-channel RGB ones)"
+        )
     from timm.models import adapt_input_conv
 
     if stem.dim() == 5:  # a video stem's (C, 3, 1, 7, 7) kernel: adapt its one time slice
