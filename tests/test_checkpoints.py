@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -424,6 +425,29 @@ def test_checkpoint_metadata_that_does_not_fit_is_said(tmp_path, caplog):
         create_model("sparseformer_v1_nano", checkpoint_path=tmp_path / "future.pt")
 
 
+def test_an_interpolation_no_resize_knows_is_said_and_set_aside(tmp_path, capsys, caplog):
+    """An edited record's filter ended predict and eval in a KeyError inside timm."""
+    from sparseformer.cli import main
+
+    model = create_model("sparseformer_v1_nano", num_classes=3)
+    path = tmp_path / "edited.pt"
+    pre = {"img_size": 32, "interpolation": "cubic2", "crop_pct": 0.9}
+    torch.save({"model": model.state_dict(), "model_name": "sparseformer_v1_nano",
+                "class_names": ["a", "b", "c"], "preprocessing": pre}, path)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="sparseformer"):
+        assert "interpolation" not in read_checkpoint(path).preprocessing
+    assert "interpolation 'cubic2' is not one of nearest, bilinear, bicubic" in caplog.text
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (90, 40, 10)).save(image)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sparseformer"):
+        assert main(["predict", "--checkpoint", str(path), str(image), "--json"]) == 0
+    assert caplog.text.count("'cubic2'") == 1  # the file is read once
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["label"] in "abc"
+
+
 @pytest.mark.parametrize("name", ["sparseformer_v1_nano", "test_vit"])
 def test_fine_tuning_matches_the_classifier_to_the_data_by_class_name(name, caplog):
     import timm
@@ -495,7 +519,7 @@ def test_a_recorded_class_count_that_disagrees_with_the_classifier_gives_way(tmp
     with caplog.at_level(logging.WARNING, logger="sparseformer"):
         assert read_checkpoint(path).num_classes == 3
         model = create_model("sparseformer_v1_nano", checkpoint_path=path)
-    assert "records 5 classes but its classifier has 3 outputs: taking 3" in caplog.text
+    assert "records 5 classes but its classifier has 3 outputs: taking 3, as the weights" in caplog.text
     assert torch.equal(model.head.weight, trained.head.weight)
     record = {"model": {}, "model_name": "sparseformer_v1_nano", "num_classes": 5}
     assert read_checkpoint(record).num_classes == 5  # no classifier: the record stands

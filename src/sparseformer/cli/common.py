@@ -9,6 +9,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch's import is the command's, not --help's
+    from sparseformer.weights.checkpoint import Checkpoint
 
 __all__ = [
     "positive_int",
@@ -25,6 +29,7 @@ __all__ = [
     "recipe_flags",
     "MODEL_FROM_CHECKPOINT",
     "model_named_by_checkpoint",
+    "model_and_read_checkpoint",
     "wrong_kind",
     "skip_file",
 ]
@@ -259,14 +264,22 @@ MODEL_FROM_CHECKPOINT = (
 
 
 def model_named_by_checkpoint(args: argparse.Namespace) -> str:
+    """``args.model``, or the model ``args.checkpoint`` (or the run ``args.resume`` goes on)
+    names: :func:`model_and_read_checkpoint` without the checkpoint it may have read."""
+    return model_and_read_checkpoint(args)[0]
+
+
+def model_and_read_checkpoint(args: argparse.Namespace) -> tuple[str, Checkpoint | None]:
     """``args.model``, or when it is not given the model ``args.checkpoint`` names (a
-    ``sparseformer train`` checkpoint does), or ``train``'s run to resume (``args.resume``).
+    ``sparseformer train`` checkpoint does), or ``train``'s run to resume (``args.resume``);
+    and ``args.checkpoint`` read where naming the model read it (else ``None``), so that the
+    command reads the file once.
 
     Raises:
         CliError: neither given nor named, with what to pass.
     """
     if args.model is not None:
-        return args.model
+        return args.model, None
     from sparseformer.cli import CliError
     from sparseformer.engine.resume import ResumeError, read_resume_checkpoint, resolve_resume
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
@@ -281,14 +294,15 @@ def model_named_by_checkpoint(args: argparse.Namespace) -> str:
         if resume is not None:
             if saved.get("model_name") is None:
                 raise CliError(f"{resume} does not name its model; pass --model NAME")
-            return saved["model_name"]
+            return saved["model_name"], None
         if path is None:  # nothing to resume yet, and no --checkpoint to start it from
             raise CliError(f"which model? {args.output} holds no run to resume yet; pass "
                            "--model NAME to start one")  # fmt: skip
     if path is None:
         raise CliError("which model? pass --model NAME (see `sparseformer models`)")
-    try:  # the file is read once more by the command: its name is a fact of the file
-        return check_model(read_checkpoint(path), None)
+    try:  # its name is a fact of the file, read here once for the command
+        read = read_checkpoint(path)
+        return check_model(read, None), read
     except ValueError as exc:
         if type(exc) is not ValueError:  # CheckpointError: printed as it is
             raise

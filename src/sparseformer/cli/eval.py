@@ -18,7 +18,7 @@ from sparseformer.cli.common import (
     count,
     data_source,
     image_size,
-    model_named_by_checkpoint,
+    model_and_read_checkpoint,
     positive_int,
     refuse_video_flags_on_images,
 )
@@ -88,13 +88,13 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.weights.build import check_model_name, model_from_checkpoint
     from sparseformer.weights.checkpoint import read_checkpoint
 
-    args.model = model_named_by_checkpoint(args)
+    args.model, ckpt = model_and_read_checkpoint(args)
     check_model_name(args.model)  # an unknown name fails before any data is read
     if args.per_class is not None:  # before the evaluation, not after it
         check_output(args.per_class, "--per-class", folder=True)
     # before the data folder is scanned
     refuse_video_flags_on_images(args, check_model_fits_data(args.model, args))
-    ckpt = read_checkpoint(args.checkpoint)
+    ckpt = ckpt if ckpt is not None else read_checkpoint(args.checkpoint)
     saved = ckpt.run_info()  # what the checkpoint says about itself
     try:
         device = pick_device(args.device)

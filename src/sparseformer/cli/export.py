@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from sparseformer.bench.throughput import sample_shape
     from sparseformer.cli import CliError
-    from sparseformer.cli.common import model_named_by_checkpoint
+    from sparseformer.cli.common import model_and_read_checkpoint
     from sparseformer.config import VideoSparseFormerConfig
     from sparseformer.engine.device import set_threads
     from sparseformer.engine.distributed import DistInfo
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.weights.factory import create_model, get_model_spec
 
     set_threads(args.threads, DistInfo())  # onnxruntime's checks take torch's number
-    args.model = model_named_by_checkpoint(args)
+    args.model, read = model_and_read_checkpoint(args)
     require_sparseformer(args.model, "export")
     _check_out(args.out)
     if args.ema and args.checkpoint is None:
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         check_export_settings(opset, args.img_size or 224, 1 if video else None)
     except ExportError as exc:
         raise CliError(str(exc).replace("img_size", "--img-size")) from None
-    ckpt = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
+    ckpt = read if read is not None or args.checkpoint is None else read_checkpoint(args.checkpoint)
     if ckpt is not None:  # a video model takes its image model's checkpoint, inflated
         check_model(ckpt, args.model)
     trained = ckpt.num_classes if ckpt is not None else 0

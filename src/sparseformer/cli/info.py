@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sparseformer import count_flops, count_params, create_model
     from sparseformer.cli import CliError
-    from sparseformer.cli.common import model_named_by_checkpoint
+    from sparseformer.cli.common import model_and_read_checkpoint
     from sparseformer.data.scan import first_names
     from sparseformer.engine.video import is_video_model
     from sparseformer.weights.build import embedding_width, require_sparseformer
@@ -65,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
     if args.name is not None and args.model is not None and args.name != args.model:
         raise CliError(f"two models given: {args.name} and --model {args.model}; give one")
     args.model = args.model or args.name
-    args.model = model_named_by_checkpoint(args)
+    args.model, read = model_and_read_checkpoint(args)
     require_sparseformer(args.model, "info")
-    ckpt = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
+    ckpt = read if read is not None or args.checkpoint is None else read_checkpoint(args.checkpoint)
     if ckpt is not None:  # a video model takes its image model's checkpoint, inflated
         check_model(ckpt, args.model)
         if ckpt.ema_scored_best:  # the weights that scored (the counts are the same)

@@ -14,7 +14,7 @@ from sparseformer.cli.common import (
     MODEL_FROM_CHECKPOINT,
     add_clip_arguments,
     clip_flags,
-    model_named_by_checkpoint,
+    model_and_read_checkpoint,
     positive_int,
     refuse_video_flags_on_images,
     skip_file,
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         model_from_checkpoint,
     )
 
-    args.model = model_named_by_checkpoint(args)
+    args.model, read = model_and_read_checkpoint(args)
     check_model_name(args.model)  # an unknown name fails before anything is read
     video_model = is_video_model(args.model)
     refuse_video_flags_on_images(args, video_model, why=f"{args.model} takes images")
@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     device = pick_device(args.device)
     set_threads(args.threads, DistInfo())
-    model, ckpt = model_from_checkpoint(args.model, args.checkpoint, prefer_ema=args.ema)
+    source = read if read is not None else args.checkpoint
+    model, ckpt = model_from_checkpoint(args.model, source, prefer_ema=args.ema)
     info = ckpt.run_info()  # what the checkpoint says about itself
     problem = classes_problem(model, args.model, info.get("class_names"))
     if problem:  # predict ranks classes

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from sparseformer.weights.registry import INTERPOLATIONS
+
 __all__ = ["RecipeError", "SCHEDULES", "check_ranges", "check_types"]
 
 
@@ -15,7 +17,6 @@ class RecipeError(ValueError):
 
 
 SCHEDULES = ("timm_cosine", "cosine_after_warmup")
-_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 def check_ranges(r: Any) -> None:
@@ -57,7 +58,7 @@ def check_ranges(r: Any) -> None:
     need(r.img_size is None or r.img_size > 0, "img_size", r.img_size, "positive or null")
     need(r.num_workers >= 0, "num_workers", r.num_workers, "at least 0")
     interp = r.interpolation
-    need(interp in _INTERPOLATIONS, "interpolation", interp, f"one of {', '.join(_INTERPOLATIONS)}")
+    need(interp in INTERPOLATIONS, "interpolation", interp, f"one of {', '.join(INTERPOLATIONS)}")
     lo, hi = aug.scale
     need(0 < lo <= hi <= 1, "augmentation.scale", aug.scale, "a range [lo, hi] in (0, 1]")
     lo, hi = aug.ratio

@@ -30,7 +30,7 @@ from sparseformer.weights.convert import (
     unwrap_checkpoint,
 )
 from sparseformer.weights.reading import read_file
-from sparseformer.weights.registry import MODELS, image_model_of
+from sparseformer.weights.registry import INTERPOLATIONS, MODELS, image_model_of
 
 __all__ = [
     "FOREIGN",
@@ -231,18 +231,13 @@ def read_checkpoint(
 
 
 def _num_classes(recorded: int | None, rows: int, path: str | None) -> int:
-    """The classifier's outputs: its rows where the file has a classifier (the weights are
-    what predicts: a recorded count that disagrees, an edited or damaged record, is said and
-    set aside), else what the file records."""
-    if recorded is None or not rows:
-        return rows if recorded is None else recorded
-    if recorded != rows:
-        logger.warning(
-            "%s records %d classes but its classifier has %d outputs: taking %d, as the "
-            "weights have it; correct its num_classes to silence this",
-            repr(path) if path is not None else "the checkpoint", recorded, rows, rows,
-        )  # fmt: skip
-    return rows
+    """The classifier's rows where the file has one (a record that disagrees is said and set
+    aside: the weights are what predicts), else what the file records."""
+    if recorded is not None and rows and recorded != rows:
+        where = repr(path) if path is not None else "the checkpoint"
+        logger.warning("%s records %d classes but its classifier has %d outputs: taking %d, as "
+                       "the weights have it", where, recorded, rows, rows)  # fmt: skip
+    return rows if recorded is None or rows else recorded
 
 
 def _head_rows(state: Mapping[str, Tensor]) -> int:
@@ -282,6 +277,11 @@ def checkpoint_metadata(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
             kind = str if key == "interpolation" else (int, float)
             if key not in pre and isinstance(value, kind) and not isinstance(value, bool):
                 pre[key] = value if key == "interpolation" else float(value)
+        if pre.get("interpolation") not in (None, *INTERPOLATIONS):
+            logger.warning(
+                "the checkpoint's interpolation %r is not one of %s: resizing as the model's "
+                "default does", pre.pop("interpolation"), ", ".join(INTERPOLATIONS),
+            )  # fmt: skip
         for key in ("img_size", "input_size", "image_size"):
             size = _square_side(scope.get(key))
             if "img_size" not in pre and size is not None:
