@@ -143,6 +143,8 @@ def test_recipe_errors_are_one_line(tmp_path):
         ({"layer_decay": 0}, r"layer_decay must be in \(0, 1\] or null"),
         ({"layer_decay": 1.5}, r"layer_decay must be in \(0, 1\] or null"),
         ({"interpolation": "nearest2"}, "interpolation must be one of"),
+        ({"img_size": 100_000}, "img_size must be 4 to 16384 pixels or null"),
+        ({"img_size": 2}, "img_size must be 4 to 16384 pixels or null"),
         ({"augmentation": {"scale": [1, 0.5]}}, r"augmentation.scale must be a range"),
         ({"augmentation": {"re_prob": 2}}, "re_prob must be a probability"),
         ({"augmentation": {"auto_augment": "foo"}}, "auto_augment 'foo' is not a timm policy"),

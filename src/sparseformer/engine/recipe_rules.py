@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from sparseformer.config import IMG_SIZES
 from sparseformer.weights.registry import INTERPOLATIONS
 
 __all__ = ["RecipeError", "SCHEDULES", "check_ranges", "check_types"]
@@ -55,7 +56,9 @@ def check_ranges(r: Any) -> None:
     need(ema is None or 0 <= ema < 1, "ema_decay", ema, "in [0, 1) or null (no EMA)")
     need(r.drop_path is None or 0 <= r.drop_path < 1, "drop_path", r.drop_path, "in [0, 1)")
     need(r.crop_pct is None or 0 < r.crop_pct <= 1, "crop_pct", r.crop_pct, "in (0, 1]")
-    need(r.img_size is None or r.img_size > 0, "img_size", r.img_size, "positive or null")
+    low, high = IMG_SIZES
+    need(r.img_size is None or low <= r.img_size <= high, "img_size", r.img_size,
+         f"{low} to {high} pixels or null (the model's)")  # fmt: skip
     need(r.num_workers >= 0, "num_workers", r.num_workers, "at least 0")
     interp = r.interpolation
     need(interp in INTERPOLATIONS, "interpolation", interp, f"one of {', '.join(INTERPOLATIONS)}")
