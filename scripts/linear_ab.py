@@ -1,7 +1,7 @@
 """CPU inference's linear layers: oneDNN's fused kernel always, or the faster kernel per shape.
 
     python scripts/linear_ab.py                       # SparseFormer-T, batch 32 and 1, fp32
-    python scripts/linear_ab.py --step                # also the training step (the generator)
+    python scripts/linear_ab.py --model sparseformer_v1_small --threads 1
 
 ``sparseformer.layers.linear`` takes oneDNN's ``_linear_pointwise`` (bias and GELU in the
 product's epilogue) or ``F.linear`` and ``gelu``, whichever its first call of a shape measured
@@ -18,11 +18,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import sparseformer.layers.linear as linear_module
 from sparseformer import create_model
-from sparseformer.engine.optim import build_optimizer
 
 WAYS = ("always", "auto")
 
@@ -57,7 +55,6 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--step", action="store_true", help="also time the training step, batch 32")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = create_model(args.model).eval()
@@ -69,18 +66,6 @@ def main() -> None:
         x = torch.randn(batch, 3, args.img_size, args.img_size)
         with torch.inference_mode():
             compare(f"inference, batch {batch}", lambda x=x: model(x), calls, args.rounds)
-    if args.step:
-        model.train()
-        optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.05)
-        x = torch.randn(32, 3, args.img_size, args.img_size)
-        y = torch.randint(0, model.num_classes, (32,))
-
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-
-        compare("training step, batch 32", step, 1, max(2, args.rounds // 2))
     for key, fused in sorted(linear_module._CHOSEN.items()):
         bits, out, inp, gelu = key[:4]
         rows = f"{2 ** (bits - 1)}-{2**bits - 1}"

@@ -15,6 +15,8 @@ Neither kernel wins everywhere: on the 2-core AMD EPYC the fused one took 19-24 
 ``F.linear`` and ``gelu`` took 31-39, and on a later day 31-32 ms where they took 20-22. So
 the first call of each shape (rows within a power of two, weight shape, GELU, bias, threads)
 times both, twice each, and that shape keeps the faster from then on (:data:`FUSED_LINEAR`).
+Two processes may choose differently, so their outputs may differ by that rounding: training
+code, whose resumed runs must compute as the runs they continue, takes one kernel itself.
 
 :func:`linear_split` makes the blocks of a layer's output by one product each, so that every
 block is contiguous (adaptive mixing's generated matrices).
