@@ -144,6 +144,10 @@ def test_recipe_errors_are_one_line(tmp_path):
         ({"layer_decay": 1.5}, r"layer_decay must be in \(0, 1\] or null"),
         ({"interpolation": "nearest2"}, "interpolation must be one of"),
         ({"img_size": 100_000}, "img_size must be 4 to 16384 pixels or null"),
+        ({"eps": float("inf")}, "eps must be a finite number, got inf"),
+        ({"augmentation": {"scale": [0.1, float("inf")]}}, "augmentation.scale must be a fin"),
+        ({"min_lr": 1.0}, r"min_lr must be at most lr \(0.0005\), got 1.0"),
+        ({"warmup_lr": 1.0}, r"warmup_lr must be at most lr"),
         ({"img_size": 2}, "img_size must be 4 to 16384 pixels or null"),
         ({"augmentation": {"scale": [1, 0.5]}}, r"augmentation.scale must be a range"),
         ({"augmentation": {"re_prob": 2}}, "re_prob must be a probability"),
@@ -272,7 +276,28 @@ class BreaksLater(nn.Module):
         return out
 
 
-def tiny_run(tmp_path, model, n_train=64, device="cpu", **recipe_changes):
+class WeightsBreakLater(BreaksLater):
+    """A classifier whose weights turn NaN in training call ``good_calls + 1``, its loss of
+    that step still finite (a diverged update); ``eval_nan``: its outputs NaN in evaluation
+    instead, its weights finite (RoIs run off to infinity)."""
+
+    def __init__(self, good_calls: int, eval_nan: bool = False) -> None:
+        super().__init__(good_calls)
+        self.eval_nan = eval_nan
+
+    def forward(self, x):
+        out = self.net(x)
+        if not self.training:
+            return out * float("nan") if self.eval_nan else out
+        self.calls += 1
+        if self.calls > self.good_calls and not self.eval_nan:
+            with torch.no_grad():
+                self.net[1].weight.fill_(float("nan"))
+            out = out.detach().requires_grad_()  # this step's loss: finite
+        return out
+
+
+def tiny_run(tmp_path, model, n_train=64, device="cpu", every=None, **recipe_changes):
     recipe = load_recipe("fashion-mnist-cpu").replace(
         epochs=3, batch_size=16, warmup_epochs=0, **recipe_changes
     )
@@ -284,6 +309,7 @@ def tiny_run(tmp_path, model, n_train=64, device="cpu", **recipe_changes):
         device=device,
         precision=recipe.precision,
         progress=False,
+        checkpoint_every=every,
     )
     return fit(model, bundle, recipe, pre, options)
 
@@ -298,6 +324,52 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp
     assert all(torch.isfinite(v).all() for v in kept["model"].values())
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1]
+
+
+@pytest.mark.parametrize(("every", "broken_step", "kept_step"), [(None, 8, 4), (1, 6, 5)])
+def test_nan_weights_are_never_saved_and_never_called_good(tmp_path, every, broken_step,
+                                                           kept_step):  # fmt: skip
+    """A step whose update leaves NaN weights, its loss finite (an epoch's last step; a step
+    mid-epoch under --checkpoint-every): no checkpoint of them, and the run stops saying so."""
+    from sparseformer.engine.stopping import CheckpointEvery
+
+    every = CheckpointEvery(steps=every) if every else None
+    model = WeightsBreakLater(good_calls=broken_step - 1)  # 4 steps an epoch
+    with pytest.raises(TrainingError, match=rf"epoch 2: the weights are NaN or infinite after "
+                       rf"step {broken_step}; the last good checkpoint .* is kept"):  # fmt: skip
+        tiny_run(tmp_path, model, every=every)
+    kept = ckpt_io.read_training_checkpoint(tmp_path / "run" / "last.pt")
+    assert kept["step"] == kept_step
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_a_non_finite_validation_loss_ends_the_run_before_its_checkpoint(tmp_path):
+    """Finite weights whose outputs are NaN score nothing: the epoch is neither best nor
+    last, and its meaningless top-1 is not written."""
+    with pytest.raises(TrainingError, match=r"epoch 1: the validation loss is nan; no check"):
+        tiny_run(tmp_path, WeightsBreakLater(good_calls=10**9, eval_nan=True))
+    run = tmp_path / "run"
+    assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
+
+
+def test_the_training_loss_is_taken_in_float32_under_cpu_autocast():
+    """CPU autocast leaves label smoothing's log_softmax in bf16 (CUDA's raises it)."""
+    from types import SimpleNamespace
+
+    from timm.loss import LabelSmoothingCrossEntropy
+
+    from sparseformer.engine.loop import _training_loss
+
+    model = create_model("sparseformer_v1_nano", num_classes=3)
+    tools = SimpleNamespace(objective=None, scaler=None, criterion=LabelSmoothingCrossEntropy(0.1))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _training_loss(model, x, y, tools, sparse=True)
+        logits = model(x)
+    assert loss.dtype == torch.float32
+    expected = LabelSmoothingCrossEntropy(0.1)(logits.float(), y)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0.02)
 
 
 def test_tiny_run_learns_and_writes_everything(tmp_path):

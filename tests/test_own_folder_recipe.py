@@ -121,6 +121,11 @@ def test_flags_and_a_named_recipe_override_the_rule(tmp_path):
     assert recipe.name == "own-folder-small" and recipe.epochs == 4
     assert recipe.warmup_epochs == pytest.approx(WARMUP_FRACTION * 4)  # of the asked run
     assert (recipe.lr, recipe.batch_size, recipe.mixup) == (0.5, 6, 0.2)
+    # the rule's warm-up start and floor are 1% of the peak: of the asked one too
+    assert (recipe.warmup_lr, recipe.min_lr) == pytest.approx((0.005, 0.005))
+    low = RecipeFlags(fields={"lr": 1e-5}, settings=("min_lr=0",))
+    recipe = recipe_from_flags(low, None, recipe_for_folder(low, folder))
+    assert (recipe.warmup_lr, recipe.min_lr) == pytest.approx((1e-7, 0.0))  # asked: as asked
     asked = RecipeFlags(fields={"warmup_epochs": 0.0})
     assert recipe_from_flags(asked, None, recipe_for_folder(asked, folder)).warmup_epochs == 0
     named = RecipeFlags(name="imagenet1k")

@@ -8,6 +8,7 @@ mid-epoch checkpoints when due (:mod:`sparseformer.engine.step_saves`), then a l
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,12 @@ from sparseformer.data.loader import start_epoch
 from sparseformer.engine import checkpoint as ckpt_io
 from sparseformer.engine.collaborators import TrainingParts
 from sparseformer.engine.distributed import DistInfo, broadcast_buffers, gather_objects
-from sparseformer.engine.loop import NonFiniteLossError, evaluate, train_one_epoch
+from sparseformer.engine.loop import (
+    NonFiniteLossError,
+    check_finite_weights,
+    evaluate,
+    train_one_epoch,
+)
 from sparseformer.engine.metrics import (
     NOTHING_SCORED,
     MetricsLog,
@@ -81,15 +87,16 @@ def run_epoch(loop: RunLoop, state: RunState, epoch: int) -> None:
     parts, dist = loop.parts, loop.dist
     try:
         stats, hook = _train_part(loop, state, epoch)
+        check_finite_weights(loop.model, int(stats["steps"]))  # a last step's NaN update
     except NonFiniteLossError as exc:
-        raise TrainingError(
-            f"training stopped in epoch {epoch + 1}: {exc}; {_kept(loop.out)}. "
-            f"{_non_finite_advice(parts.tools.amp_dtype)}"
-        ) from exc
+        raise _diverged(loop, epoch, str(exc)) from exc
     state.step = int(stats["steps"])
     state.train_seconds += stats["epoch_seconds"]
     trained = ckpt_io.capture_rng(parts.tools.prep.device)  # before validation draws from it
     record = _validate(loop, stats, state, epoch)
+    if not math.isfinite(record["val_loss"] if record["val_loss"] is not None else 0.0):
+        # finite weights whose outputs are not (RoIs run off to infinity): not a best model
+        raise _diverged(loop, epoch, f"the validation loss is {record['val_loss']}")
     if hook.agreed()[0]:  # stopped during validation: the epoch is trained, not scored
         # on SIGTERM, saved as its last step with the generators as training left them: the
         # resumed run validates again from there, as the run left alone does
@@ -130,6 +137,14 @@ def _scores(record: dict[str, Any]) -> str:
     return text
 
 
+def _diverged(loop: RunLoop, epoch: int, what: str) -> TrainingError:
+    """The run's end on a NaN or infinite loss or weights: what is kept, what to change."""
+    return TrainingError(
+        f"training stopped in epoch {epoch + 1}: {what}; {_kept(loop.out)}. "
+        f"{_non_finite_advice(loop.parts.tools.amp_dtype)}"
+    )
+
+
 def _non_finite_advice(amp_dtype: torch.dtype | None) -> str:
     """What to change after a non-finite loss: a wider precision only where there is one."""
     wider = {torch.float16: "bf16 (or fp32)", torch.bfloat16: "fp32"}.get(amp_dtype)
@@ -156,6 +171,7 @@ def _train_part(loop: RunLoop, state: RunState, epoch: int) -> tuple[dict, StepH
     base = state.step - (resumed.batches if resumed else 0)  # the epoch's first step
 
     def save(progress, rng: dict | None = None) -> None:  # rng: this rank's, else now's
+        check_finite_weights(loop.model, base + progress.batches)  # every rank: the same weights
         rng = rng if rng is not None else ckpt_io.capture_rng(parts.tools.prep.device)
         rng = gather_objects(rng, loop.dist)
         parts_done = gather_objects(progress_record(progress), loop.dist)

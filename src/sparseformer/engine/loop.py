@@ -26,6 +26,7 @@ from sparseformer.engine.optim import set_lr
 from sparseformer.weights.loading import is_sparseformer
 
 __all__ = [
+    "check_finite_weights",
     "NonFiniteLossError",
     "BatchPrep",
     "StepTools",
@@ -38,7 +39,18 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss, or the weights, became NaN or infinite."""
+
+
+def check_finite_weights(model: nn.Module, step: int) -> None:
+    """Refuse weights a diverged step left NaN or infinite, before they are saved or scored.
+
+    Raises:
+        NonFiniteLossError: naming the step.
+    """
+    params = [p.detach() for p in model.parameters()]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise NonFiniteLossError(f"the weights are NaN or infinite after step {step}")
 
 
 @dataclass
@@ -236,8 +248,11 @@ def _training_loss(model: nn.Module, x: Tensor, y: Tensor, tools: StepTools, spa
         return tools.objective(model, x, y)
     if sparse and tools.scaler is not None:
         # the clamp keeps the coordinate gradient's size independent of fp16 loss scale
-        return tools.criterion(model(x, coord_grad_scale=_scale_tensor(tools.scaler)), y)
-    return tools.criterion(model(x), y)
+        logits = model(x, coord_grad_scale=_scale_tensor(tools.scaler))
+    else:
+        logits = model(x)
+    # in float32: CPU autocast leaves log_softmax (label smoothing's) in bf16, as CUDA's does not
+    return tools.criterion(logits.float(), y)
 
 
 def _summed(loss_sum: Tensor, seen: int, dist: DistInfo) -> Tensor:

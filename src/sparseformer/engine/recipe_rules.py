@@ -5,6 +5,8 @@ naming the field, its value and what it must be."""
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Iterator
 from typing import Any
 
 from sparseformer.config import IMG_SIZES
@@ -20,6 +22,16 @@ class RecipeError(ValueError):
 SCHEDULES = ("timm_cosine", "cosine_after_warmup")
 
 
+def _numbers(r: Any) -> Iterator[tuple[str, float]]:
+    """Every float of the recipe ``r`` (its augmentation's too, pairs included), by name."""
+    for owner, prefix in ((r, ""), (r.augmentation, "augmentation.")):
+        for field in dataclasses.fields(owner):
+            value = getattr(owner, field.name)
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(v, float):
+                    yield prefix + field.name, v
+
+
 def check_ranges(r: Any) -> None:
     """Raise a RecipeError naming the first field of the recipe ``r`` whose value makes no
     sense (an EMA decay of 1.5, a crop scale range upside down), before a run spends its time
@@ -30,8 +42,12 @@ def check_ranges(r: Any) -> None:
         if not ok:
             raise RecipeError(f"recipe {r.name!r}: {field} must be {what}, got {value!r}")
 
+    for name, value in _numbers(r):  # inf passes every bound below: a NaN loss, or no step
+        need(math.isfinite(value), name, value, "a finite number")
     for name in ("lr", "warmup_lr", "min_lr", "warmup_epochs", "weight_decay", "mixup", "cutmix"):
         need(getattr(r, name) >= 0, name, getattr(r, name), "at least 0")
+    for name in ("warmup_lr", "min_lr"):  # above the peak the schedule runs upside down
+        need(getattr(r, name) <= r.lr, name, getattr(r, name), f"at most lr ({r.lr:g})")
     need(r.lr_base_batch > 0, "lr_base_batch", r.lr_base_batch, "positive")
     need(all(0 <= b < 1 for b in r.betas), "betas", r.betas, "two numbers in [0, 1)")
     need(r.eps > 0, "eps", r.eps, "positive")
