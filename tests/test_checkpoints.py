@@ -425,6 +425,31 @@ def test_checkpoint_metadata_that_does_not_fit_is_said(tmp_path, caplog):
         create_model("sparseformer_v1_nano", checkpoint_path=tmp_path / "future.pt")
 
 
+def test_a_diverged_checkpoint_is_said_and_its_nan_outputs_are_not_scored(tmp_path, capsys,
+                                                                           caplog):  # fmt: skip
+    """NaN weights load with a warning; predict reports such a file as failed, and eval
+    refuses to turn all-NaN logits into a top-1 (topk of NaN ranks class 0 first)."""
+    from PIL import Image
+
+    from sparseformer.cli import main
+
+    state = create_model("sparseformer_v1_nano", num_classes=3).state_dict()
+    state["head.weight"] = torch.full_like(state["head.weight"], float("nan"))
+    path = tmp_path / "diverged.pt"
+    record = {"model_name": "sparseformer_v1_nano", "class_names": ["a", "b", "c"]}
+    torch.save({"model": state, "preprocessing": {"img_size": 32}, **record}, path)
+    for name in "abc":
+        (tmp_path / "data" / "val" / name).mkdir(parents=True)
+        Image.new("RGB", (40, 40), (90, 40, 10)).save(tmp_path / "data" / "val" / name / "0.png")
+    image = str(tmp_path / "data" / "val" / "a" / "0.png")
+    with caplog.at_level(logging.WARNING, logger="sparseformer"):
+        assert main(["predict", "--checkpoint", str(path), image, "--json"]) == 1
+    assert "holds NaN or infinite weights (1 tensors, e.g. head.weight)" in caplog.text
+    assert "NaN or infinite" in json.loads(capsys.readouterr().out)["error"]
+    assert main(["eval", "--checkpoint", str(path), "--data-dir", str(tmp_path / "data")]) == 1
+    assert "NaN or infinite on all 3 images" in capsys.readouterr().err
+
+
 def test_an_interpolation_no_resize_knows_is_said_and_set_aside(tmp_path, capsys, caplog):
     """An edited record's filter ended predict and eval in a KeyError inside timm."""
     from sparseformer.cli import main
@@ -519,7 +544,8 @@ def test_a_recorded_class_count_that_disagrees_with_the_classifier_gives_way(tmp
     with caplog.at_level(logging.WARNING, logger="sparseformer"):
         assert read_checkpoint(path).num_classes == 3
         model = create_model("sparseformer_v1_nano", checkpoint_path=path)
-    assert "records 5 classes but its classifier has 3 outputs: taking 3, as the weights" in caplog.text
+    said = "records 5 classes but its classifier has 3 outputs: taking 3, as the weights"
+    assert said in caplog.text
     assert torch.equal(model.head.weight, trained.head.weight)
     record = {"model": {}, "model_name": "sparseformer_v1_nano", "num_classes": 5}
     assert read_checkpoint(record).num_classes == 5  # no classifier: the record stands

@@ -353,6 +353,25 @@ def test_a_non_finite_validation_loss_ends_the_run_before_its_checkpoint(tmp_pat
     assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
 
 
+def test_evaluation_scores_nan_outputs_as_wrong_and_counts_them():
+    from sparseformer.engine.loop import evaluate
+
+    class HalfBroken(nn.Module):  # NaN logits for the images whose first pixel is negative
+        def forward(self, x):
+            logits = torch.tensor([[9.0, 0.0, 0.0, 0.0]]).expand(len(x), 4).clone()
+            logits[x[:, 0, 0, 0] < 0] = float("nan")
+            return logits
+
+    x = torch.ones(6, 3, 4, 4)
+    x[:4] *= -1  # four NaN rows, all of class 0, which NaN's topk puts first
+    prep = BatchPrep((0.0,) * 3, (1.0,) * 3, torch.device("cpu"))
+    confusion = torch.zeros(4, 4)
+    out = evaluate(HalfBroken(), [(x, torch.zeros(6, dtype=torch.long))], prep, confusion=confusion)
+    assert (out["images"], out["non_finite"]) == (6, 4)
+    assert out["acc1"] == pytest.approx(100 * 2 / 6)  # only the two finite rows hit
+    assert confusion.sum() == 2
+
+
 def test_the_training_loss_is_taken_in_float32_under_cpu_autocast():
     """CPU autocast leaves label smoothing's log_softmax in bf16 (CUDA's raises it)."""
     from types import SimpleNamespace

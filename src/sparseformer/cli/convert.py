@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.weights.loading import (
         load_checkpoint,
         require_sparseformer_layout,
-        warn_of_unscored_weights,
+        warn_about_weights,
     )
 
     given = Path(args.output)
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             allow_classifier_mismatch=False,
         )  # (which warns when the EMA weights scored best and these are the model's)
     else:
-        warn_of_unscored_weights(ckpt)
+        warn_about_weights(ckpt)
     tmp = staging_file(out)
     tensors = {k: v.contiguous() for k, v in ckpt.state_dict.items()}
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -138,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
             f"none of the {len(bundle.val):,} {what} of {source.describe()} could be decoded, "
             "so nothing was scored (the log names the files that failed)"
         )
+    _check_finite(metrics)
     _report(args, metrics, bundle, source, pre, ckpt.ema)
     if confusion is not None:
         from sparseformer.engine.per_class import per_class_report, write_per_class
@@ -209,6 +211,22 @@ def _evaluate(
     return evaluate(model, loader, prep, DistInfo(), amp, progress, confusion)
 
 
+def _check_finite(metrics: dict) -> None:
+    """Refuse a model whose every output is NaN or infinite (its top-1 would be the share of
+    class 0); say how many images had such outputs where some did (scored as wrong)."""
+    from sparseformer.cli import CliError
+
+    bad, images = metrics["non_finite"], metrics["images"]
+    if bad == images:
+        raise CliError(
+            f"the model's outputs are NaN or infinite on all {images:,} images, so nothing can "
+            "be scored: its weights do not compute (a checkpoint of a run that diverged?)"
+        )
+    if bad:
+        print(f"warning: {bad:,} of {images:,} images gave NaN or infinite outputs; they are "
+              "scored as wrong", file=sys.stderr)  # fmt: skip
+
+
 def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: bool) -> None:
     from sparseformer.engine.metrics import format_accuracy
 
@@ -224,7 +242,8 @@ def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: b
         "images": metrics["images"],
         "acc1": metrics["acc1"],
         "acc5": metrics["acc5"],  # null for 5 classes or fewer (always 100%: not measured)
-        "loss": metrics["loss"],
+        "loss": metrics["loss"] if math.isfinite(metrics["loss"]) else None,  # JSON has no NaN
+        "non_finite": metrics["non_finite"],  # images whose outputs are NaN or infinite
         "img_size": pre.img_size,
         "ema": ema,  # False when --ema found no EMA weights (warned)
         "skipped_files": num_skipped,

@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         why = wrong_kind(path, args.model, video_model)
         if why is None:
             probs, why = _probabilities(model, path, video, transform, prep, device)
+        if why is None and not bool(probs.isfinite().all()):  # a diverged run's weights
+            why = "the model's outputs are NaN or infinite for it (a run that diverged?)"
         if why is not None:
             failed += skip_file(path, why, args.json)
             continue

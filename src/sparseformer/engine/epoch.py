@@ -221,7 +221,9 @@ def _validate(loop: RunLoop, stats: dict, state: RunState, epoch: int) -> dict[s
             "them); the epoch has no validation loss or accuracy, and no best checkpoint",
             len(loop.data.val),
         )
-    own = {k: v for k, v in val.items() if k not in ("loss", "acc1", "acc5", "images")}
+    own = {
+        k: v for k, v in val.items() if k not in ("loss", "acc1", "acc5", "images", "non_finite")
+    }
     record = {  # the model evaluated in fp32
         "epoch": epoch + 1,
         "step": state.step,

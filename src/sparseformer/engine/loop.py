@@ -286,14 +286,15 @@ def evaluate(
             pairs to (top-1), or ``None``.
 
     Returns:
-        ``loss``, ``acc1``, ``acc5``, ``images``; ``acc5`` is ``None`` for 5 classes or fewer
-        (:func:`sparseformer.engine.metrics.top5_or_none`), all three are ``None`` when no
-        image was scored.
+        ``loss``, ``acc1``, ``acc5``, ``images``, ``non_finite`` (images whose outputs are NaN
+        or infinite: scored as wrong, left out of ``confusion``); ``acc5`` is ``None`` for 5
+        classes or fewer (:func:`sparseformer.engine.metrics.top5_or_none`), all three are
+        ``None`` when no image was scored.
     """
     dist = dist or DistInfo()
     model.eval()
     device = prep.device
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, count, bad
     num_classes = TOP5_MIN_CLASSES  # read from the logits; a rank that saw no batch keeps top-5
     for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
         if len(y) == 0:  # every image of the batch failed to decode (logged by the data set)
@@ -305,9 +306,10 @@ def evaluate(
         num_classes = logits.shape[-1]
         k = min(5, num_classes)
         top = logits.topk(k, dim=-1).indices  # (B, k)
-        hit = top == y[:, None]  # (B, k)
+        finite = torch.isfinite(logits).all(dim=-1)  # NaN outputs rank class 0 first: wrong
+        hit = (top == y[:, None]) & finite[:, None]  # (B, k)
         if confusion is not None:
-            pairs = (y.to(confusion.device), top[:, 0].to(confusion.device))
+            pairs = (y[finite].to(confusion.device), top[finite, 0].to(confusion.device))
             confusion.index_put_(pairs, torch.ones_like(pairs[0], dtype=confusion.dtype), True)
         sums += torch.stack(
             [
@@ -315,15 +317,17 @@ def evaluate(
                 hit[:, 0].sum().double(),
                 hit.any(dim=-1).sum().double(),
                 torch.tensor(float(len(y)), dtype=torch.float64, device=device),
+                (~finite).sum().double(),
             ]
         )
     sums = all_reduce_sum(sums, dist)
     n = sums[3].item()
     if n == 0:  # nothing scored (every file failed to decode): no loss and no accuracy
-        return {"loss": None, "acc1": None, "acc5": None, "images": 0}
+        return {"loss": None, "acc1": None, "acc5": None, "images": 0, "non_finite": 0}
     return {
         "loss": sums[0].item() / n,
         "acc1": 100.0 * sums[1].item() / n,
         "acc5": top5_or_none(100.0 * sums[2].item() / n, num_classes),
         "images": int(n),
+        "non_finite": int(sums[4].item()),  # images whose outputs are NaN or infinite
     }

@@ -39,7 +39,7 @@ __all__ = [
     "is_sparseformer",
     "check_all_keys_mapped",
     "require_sparseformer_layout",
-    "warn_of_unscored_weights",
+    "warn_about_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,13 +103,23 @@ def load_checkpoint(
         raise
     model.load_state_dict(converted, strict=True)
     logger.info("loaded checkpoint: %s", report.summary())
-    warn_of_unscored_weights(ckpt)
+    warn_about_weights(ckpt)
     return report
 
 
-def warn_of_unscored_weights(ckpt: Checkpoint) -> None:
+def warn_about_weights(ckpt: Checkpoint) -> None:
     """A warning where ``ckpt`` holds the model's weights of a run's best epoch that its EMA
-    weights scored (:attr:`~sparseformer.weights.checkpoint.Checkpoint.ema_scored_best`)."""
+    weights scored (:attr:`~sparseformer.weights.checkpoint.Checkpoint.ema_scored_best`), and
+    where weights are NaN or infinite (a run that diverged: its outputs will be too)."""
+    broken = [
+        k
+        for k, v in ckpt.state_dict.items()
+        if isinstance(v, Tensor) and v.is_floating_point() and not v.isfinite().all()
+    ]
+    if broken:
+        logger.warning("%s holds NaN or infinite weights (%d tensors, e.g. %s): its outputs will "
+                       "be NaN; a run that diverged?", ckpt.path or "the checkpoint",
+                       len(broken), broken[0])  # fmt: skip
     if ckpt.ema_scored_best and not ckpt.ema:
         logger.warning(
             "%s scored best (%.2f%% top-1) with its EMA weights; these are the model's: ask "
@@ -252,7 +262,7 @@ def load_weights(
             "of another model? Pass the matching --model"
         )
     model.load_state_dict(state, strict=True)
-    warn_of_unscored_weights(ckpt)  # as load_checkpoint does for a SparseFormer
+    warn_about_weights(ckpt)  # as load_checkpoint does for a SparseFormer
 
 
 def _timm_layout(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
