@@ -319,6 +319,8 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp
     with pytest.raises(TrainingError, match=r"epoch 2: loss is nan.*last good checkpoint") as e:
         tiny_run(tmp_path, model)
     assert "\n" not in str(e.value) and "--lr" in str(e.value)
+    last = tmp_path / "run" / "last.pt"  # a resumed run keeps its schedule: a new one from it
+    assert f"a new run with --checkpoint {last} --lr ...)" in str(e.value)
     kept = ckpt_io.read_training_checkpoint(tmp_path / "run" / "last.pt")
     assert kept["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in kept["model"].values())

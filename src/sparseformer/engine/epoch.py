@@ -139,18 +139,22 @@ def _scores(record: dict[str, Any]) -> str:
 
 def _diverged(loop: RunLoop, epoch: int, what: str) -> TrainingError:
     """The run's end on a NaN or infinite loss or weights: what is kept, what to change."""
+    last = loop.out / ckpt_io.LAST
     return TrainingError(
         f"training stopped in epoch {epoch + 1}: {what}; {_kept(loop.out)}. "
-        f"{_non_finite_advice(loop.parts.tools.amp_dtype)}"
+        f"{_non_finite_advice(loop.parts.tools.amp_dtype, last if last.exists() else None)}"
     )
 
 
-def _non_finite_advice(amp_dtype: torch.dtype | None) -> str:
-    """What to change after a non-finite loss: a wider precision only where there is one."""
+def _non_finite_advice(amp_dtype: torch.dtype | None, last: Path | None = None) -> str:
+    """What to change after a non-finite loss: a wider precision only where there is one; a
+    lower learning rate by a new run from the last checkpoint (a resumed run keeps its own)."""
     wider = {torch.float16: "bf16 (or fp32)", torch.bfloat16: "fp32"}.get(amp_dtype)
+    lower = "Lower the learning rate (--lr"
+    lower += f"; from {last}: a new run with --checkpoint {last} --lr ...)" if last else ")"
     if wider is None:  # fp32 already: precision is not the cause
-        return "Lower the learning rate (--lr) and keep gradient clipping on"
-    return f"Lower the learning rate (--lr), keep gradient clipping on, or use --precision {wider}"
+        return f"{lower} and keep gradient clipping on"
+    return f"{lower}, keep gradient clipping on, or use --precision {wider}"
 
 
 def _kept(out: Path) -> str:
