@@ -340,3 +340,52 @@ def test_a_process_of_the_run_gone_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(models_cli, "run", bug)
     with pytest.raises(RuntimeError, match="a bug of ours"):  # still traced
         main(["models"])
+
+
+def test_a_misplaced_or_unknown_option_is_named_by_its_command(capsys):
+    """argparse's own message came from the program's parser, with the program's usage."""
+    for argv, said in (
+        (["predict", "--checkpoint", "x.pt", "--img-size", "64", "a.png"], "--img-size"),
+        (["predict", "-v", "--checkpoint", "x.pt", "a.png"], "-v (-v goes before the command"),
+        (["eval", "--checkpoint", "x.pt", "--dataset", "fashion-mnist", "--bogus"], "--bogus"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2
+        assert f"usage: sparseformer {argv[0]}" in err
+        assert f"sparseformer {argv[0]}: error: unrecognized arguments: {said}" in err
+
+
+def test_flag_names_of_other_commands_are_taken_and_sizes_are_bounded_everywhere(capsys):
+    from sparseformer.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["viz", "--output", "o", "--model", NANO, "a.png"]).out == "o"
+    assert parser.parse_args(["export", "--output", "o.onnx", "--model", NANO]).out == "o.onnx"
+    clip = ["eval", "--checkpoint", "c.pt", "--data-dir", "d", "--num-frames", "4"]
+    assert parser.parse_args(clip).frames == 4
+    for argv in (["info", NANO, "--img-size", "20000"],
+                 ["bench", "--models", NANO, "--img-size", "3"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "--img-size: give 4 to 16384 pixels" in capsys.readouterr().err
+
+
+def test_verbose_logging_is_ours_not_a_line_per_png_chunk():
+    import logging
+
+    from sparseformer.cli import setup_logging
+
+    loggers = {name: logging.getLogger(name) for name in ("", "PIL", "matplotlib")}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    try:
+        for name, logger in loggers.items():  # as a fresh process has them, debug from -v
+            logger.setLevel(logging.DEBUG if name == "" else logging.NOTSET)
+        setup_logging(verbose=True)
+        assert logging.getLogger("sparseformer.data").isEnabledFor(logging.DEBUG)
+        assert not logging.getLogger("PIL.PngImagePlugin").isEnabledFor(logging.DEBUG)
+        assert not logging.getLogger("matplotlib.font_manager").isEnabledFor(logging.DEBUG)
+    finally:
+        for name, logger in loggers.items():
+            logger.setLevel(levels[name])

@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(f"sparseformer.cli.{name}").register(sub)
     for command in sub.choices.values():  # the modules' docstrings, as a terminal shows text
         command.description = _plain_text(command.description)
+    parser.set_defaults(commands=sub.choices)  # for an error in a command's own words
     return parser
 
 
@@ -106,6 +107,8 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for noisy in ("PIL", "matplotlib"):  # -v is ours: not a line per PNG chunk or font
+        logging.getLogger(noisy).setLevel(max(logging.getLogger(noisy).level, logging.INFO))
 
 
 class _Terminated(Exception):
@@ -185,7 +188,13 @@ def _names_as_on_disk() -> None:
 def _main(argv: list[str] | None) -> int:
     _names_as_on_disk()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    commands = vars(args).pop("commands")  # the parsers, not a setting of the command
+    if unknown:  # said by the command's parser, with its usage, not the program's
+        where = commands.get(args.command, parser)
+        hint = " (-v goes before the command: sparseformer -v COMMAND ...)"
+        where.error(f"unrecognized arguments: {' '.join(unknown)}"
+                    f"{hint if {'-v', '--verbose'} & set(unknown) else ''}")  # fmt: skip
     if args.command is None:
         parser.print_help()
         return 2

@@ -14,7 +14,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     from sparseformer.bench.results import DEFAULT_MODELS
-    from sparseformer.cli.common import count, positive_int
+    from sparseformer.cli.common import count, image_size, positive_int
 
     p = sub.add_parser(
         "bench",
@@ -33,11 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--img-size",
-        type=positive_int,
+        type=image_size,
         nargs="+",
         default=None,
         metavar="S",
-        help="input sizes (default 224; with --sweep 224 448 768 1024)",
+        help="input sizes, each timed (default 224; with --sweep 224 448 768 1024)",
     )
     p.add_argument(
         "--num-frames",

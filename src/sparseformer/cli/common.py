@@ -117,6 +117,8 @@ def add_clip_arguments(p, prefix: str = "") -> None:
     default to what a checkpoint records: train, eval and predict take them alike."""
     p.add_argument(
         "--frames",
+        "--num-frames",  # the name bench, info and export give it first
+        dest="frames",
         type=positive_int,
         help=f"{prefix}frames per clip (default: the checkpoint's, else the model's)",
     )

@@ -26,7 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="weights to load")
     p.add_argument(
-        "--out", required=True, metavar="PATH", help="output .onnx file (replaces an existing one)"
+        "--out",
+        "--output",  # train's name for where it writes
+        dest="out",
+        required=True,
+        metavar="PATH",
+        help="output .onnx file (replaces an existing one)",
     )
     p.add_argument(
         "--img-size",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sparseformer.cli.common import count, positive_int
+    from sparseformer.cli.common import count, image_size, positive_int
 
     p = sub.add_parser("info", help="parameter and FLOP summary of a model", description=__doc__)
     p.add_argument(
@@ -21,12 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="the same as MODEL, as the other commands take it")
     p.add_argument(
         "--img-size",
-        type=positive_int,
+        type=image_size,
         nargs="+",
         default=None,
         metavar="S",
-        help="input size: S or H W (default: the size a `sparseformer train` checkpoint "
-        "stores, else 224)",
+        help="input size: S, or H W of one input (default: the size a `sparseformer train` "
+        "checkpoint stores, else 224)",
     )
     p.add_argument("--num-classes", type=count, default=None)
     p.add_argument(

@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--checkpoint", default=None, help="weights file (official or ours)")
     p.add_argument("--ema", action="store_true", help="draw the checkpoint's EMA weights")
-    p.add_argument("--out", required=True, help="output directory (created if needed)")
+    p.add_argument("--out", "--output", dest="out", required=True,
+                   help="output directory (created if needed)")  # fmt: skip
     p.add_argument(
         "--tokens",
         type=int,
