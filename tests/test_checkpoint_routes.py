@@ -122,6 +122,10 @@ def test_convert_and_info(tmp_path, source, capsys):
         assert capsys.readouterr().out.startswith(f"{NANO}:")
         assert main(["info", "sparseformer_v1_micro", "--model", NANO]) == 1
         assert "two models given" in capsys.readouterr().err
+        # counted for other classes: not the run's names beside another number of classes
+        assert main(["info", "--checkpoint", str(path), "--num-classes", "10"]) == 0
+        printed = capsys.readouterr().out
+        assert "10 classes (a fresh classifier: the checkpoint's has 3 classes)" in printed
     else:  # an official file names no model
         assert main(["info", "--checkpoint", str(path)]) == 1
         assert "does not name its model; pass --model NAME" in capsys.readouterr().err

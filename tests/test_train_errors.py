@@ -663,7 +663,7 @@ def test_resume_auto_falls_back_to_best_and_repairs_a_missing_summary(tmp_path, 
     # clip flags on image data are a mistake in eval as in train
     err = one_line_error(capsys, "eval", "--model", NANO, "--checkpoint", str(out / "best.pt"),
                          "--data-dir", str(folder), "--clips", "3")  # fmt: skip
-    assert "--clips apply to videos only" in err
+    assert "--clips applies to videos only" in err
 
 
 def test_resume_on_other_data_keeps_the_schedule_in_epochs(tmp_path, folder, capsys, caplog):

@@ -88,7 +88,7 @@ def test_predict_takes_clip_flags_and_refuses_them_for_image_models(tmp_path, ca
     image_argv = ["predict", "--model", "sparseformer_v1_nano", "--checkpoint",
                   str(tmp_path / "m.pth"), str(video), "--frames", "4"]  # fmt: skip
     assert main(image_argv) == 1
-    assert "--frames apply to videos only; sparseformer_v1_nano takes images" in (
+    assert "--frames applies to videos only; sparseformer_v1_nano takes images" in (
         capsys.readouterr().err
     )
 

@@ -222,7 +222,7 @@ def test_video_model_draws_rois_on_the_frames_of_a_real_clip(tmp_path, capsys):
     assert "a video, but sparseformer_v1_micro is an image model" in capsys.readouterr().err
     assert main(["viz", "--model", "sparseformer_v1_micro", str(photo), "--out", str(out),
                  "--frames", "4"]) == 1  # fmt: skip
-    assert "--frames apply to videos only; sparseformer_v1_micro takes images" in (
+    assert "--frames applies to videos only; sparseformer_v1_micro takes images" in (
         capsys.readouterr().err
     )
 

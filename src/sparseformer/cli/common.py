@@ -229,7 +229,8 @@ def refuse_video_flags_on_images(
         if value
     ]  # fmt: skip
     if video_data is False and given:
-        raise CliError(f"{', '.join(given)} apply to videos only; {why}")
+        verb = "applies" if len(given) == 1 else "apply"
+        raise CliError(f"{', '.join(given)} {verb} to videos only; {why}")
 
 
 def recipe_flags(args: argparse.Namespace):

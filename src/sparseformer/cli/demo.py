@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="train and evaluate the micro model on Fashion-MNIST", description=__doc__
     )
-    p.add_argument("--output", type=Path, default=Path("runs/demo"), help="run folder")
+    p.add_argument(
+        "--output", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)"
+    )
     p.add_argument("--epochs", type=positive_int, help="override the recipe's epochs")
     p.add_argument(
         "--limit-train", type=positive_int, metavar="N", help="train on the first N images only"

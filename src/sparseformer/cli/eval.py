@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="data-loading processes (default: 8, at most the cores, on a GPU; 0 on the CPU, "
         "where the model needs the cores)",
     )
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast precision (default fp32)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the free cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

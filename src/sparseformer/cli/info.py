@@ -28,7 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="input size: S, or H W of one input (default: the size a `sparseformer train` "
         "checkpoint stores, else 224)",
     )
-    p.add_argument("--num-classes", type=count, default=None)
+    p.add_argument(
+        "--num-classes",
+        type=count,
+        default=None,
+        help="classifier outputs to count (default: the checkpoint's, else the model's); "
+        "another number than a checkpoint's counts a fresh classifier",
+    )
     p.add_argument(
         "--num-frames",
         "--frames",
@@ -94,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     if ckpt is not None:
         names = ckpt.class_names or ()
         shown = f" ({first_names(names, quote=False)})" if names else ""
+        if ckpt.num_classes and model.num_classes != ckpt.num_classes:  # --num-classes
+            shown = f" (a fresh classifier: the checkpoint's has {ckpt.num_classes} classes)"
         width = embedding_width(model, args.model, names)
         outputs = f"a {width}-d embedding" if width else f"{model.num_classes} classes{shown}"
         print(f"checkpoint: {ckpt.report.summary()}, {outputs}")

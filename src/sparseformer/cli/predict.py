@@ -42,7 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="IMAGE",
         help="images, or video files for a video model",
     )
-    p.add_argument("--topk", type=positive_int, default=5, help="classes to show per image")
+    p.add_argument(
+        "--topk", type=positive_int, default=5, help="classes to show per image (default 5)"
+    )
     p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: the free cores)")
