@@ -391,9 +391,11 @@ def test_a_run_starved_of_its_cores_says_so():
         "CPU time of the timed calls: 99% of 2 threads"
     ]
     (line,) = _cpu_share_lines({"cpu_share": 0.49, "threads": 2})
-    assert "49% of 2 threads: WARNING, other work took the cores" in line
+    assert "49.0% of 2 threads: WARNING, other work took the cores" in line
     (line,) = _cpu_share_lines({"cpu_share": 0.97, "threads": 2})  # enough to skew ratios
-    assert "97% of 2 threads: WARNING" in line
+    assert "97.0% of 2 threads: WARNING" in line
+    (line,) = _cpu_share_lines({"cpu_share": 0.9799, "threads": 1})  # not "98%: WARNING"
+    assert "97.9% of 1 thread: WARNING" in line
     assert _cpu_share_lines({"threads": 1}) == []  # CUDA, or a run of an older version
     (line,) = _cpu_share_lines({"cpu_share": 0.5, "threads": 4, "cores": 2})
     assert "4 threads on 2 cores wait for each other" in line and "--threads 2 or fewer" in line

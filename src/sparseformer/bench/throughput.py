@@ -43,6 +43,7 @@ from sparseformer.bench.timing import (
     timed,
 )
 from sparseformer.config import VideoSparseFormerConfig
+from sparseformer.data.scan import counted
 from sparseformer.engine.device import available_cores, warn_oversubscribed
 from sparseformer.engine.optim import build_optimizer
 from sparseformer.weights.registry import MODELS
@@ -148,11 +149,11 @@ def run_benchmark(settings: BenchSettings) -> BenchResult:
         torch.set_num_threads(settings.threads)
     environment = _environment(settings)
     log.info(
-        "benchmarking %d model(s) on %s (%s, %d threads, torch %s)",
+        "benchmarking %d model(s) on %s (%s, %s, torch %s)",
         len(settings.models),
         environment["device_name"],
         settings.precision,
-        environment["threads"],
+        counted(environment["threads"], "thread"),
         torch.__version__,
     )
     peaks: list[float] = []
