@@ -328,7 +328,11 @@ def test_rgb_weights_adapt_to_other_input_channels():
     torch.testing.assert_close(
         gray_clip(clip), rgb_clip(clip.expand(1, 3, 4, 32, 32)), atol=1e-5, rtol=1e-4
     )
-    for other in (1, 3, 4):  # weights of a gray model adapt to nothing: said in one line
+    two = create_model("sparseformer_v1_nano", in_chans=2).eval()  # to 1: summed, exactly
+    gray = create_model("sparseformer_v1_nano", in_chans=1).eval()
+    load_checkpoint(gray, {"model": two.state_dict()})
+    torch.testing.assert_close(gray(x), two(x.expand(2, 2, 32, 32)), atol=1e-5, rtol=1e-4)
+    for other in (3, 4):  # 2-channel weights to more channels: said in one line
         model = create_model("sparseformer_v1_nano", in_chans=other)
         with pytest.raises(CheckpointError, match="takes 2 input channel.* in_chans=2"):
             load_checkpoint(model, {"model": create_model("sparseformer_v1_nano", in_chans=2)
@@ -456,11 +460,14 @@ def test_an_interpolation_no_resize_knows_is_said_and_set_aside(tmp_path, capsys
 
     model = create_model("sparseformer_v1_nano", num_classes=3)
     path = tmp_path / "edited.pt"
-    pre = {"img_size": 32, "interpolation": "cubic2", "crop_pct": 0.9}
+    pre = {"img_size": 32, "interpolation": "cubic2", "crop_pct": 0.9, "mean": (0.5,) * 3,
+           "std": (0.25,) * 3}  # fmt: skip
     torch.save({"model": model.state_dict(), "model_name": "sparseformer_v1_nano",
                 "class_names": ["a", "b", "c"], "preprocessing": pre}, path)  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="sparseformer"):
-        assert "interpolation" not in read_checkpoint(path).preprocessing
+        ckpt = read_checkpoint(path)
+    assert ckpt.preprocessing == {**pre, "interpolation": "bicubic"}  # the rest of it stands
+    assert ckpt.run_info()["preprocessing"]["img_size"] == 32  # complete: used as it is
     assert "interpolation 'cubic2' is not one of nearest, bilinear, bicubic" in caplog.text
     image = tmp_path / "a.png"
     from PIL import Image

@@ -146,8 +146,6 @@ def test_recipe_errors_are_one_line(tmp_path):
         ({"img_size": 100_000}, "img_size must be 4 to 16384 pixels or null"),
         ({"eps": float("inf")}, "eps must be a finite number, got inf"),
         ({"augmentation": {"scale": [0.1, float("inf")]}}, "augmentation.scale must be a fin"),
-        ({"min_lr": 1.0}, r"min_lr must be at most lr \(0.0005\), got 1.0"),
-        ({"warmup_lr": 1.0}, r"warmup_lr must be at most lr"),
         ({"img_size": 2}, "img_size must be 4 to 16384 pixels or null"),
         ({"augmentation": {"scale": [1, 0.5]}}, r"augmentation.scale must be a range"),
         ({"augmentation": {"re_prob": 2}}, "re_prob must be a probability"),
@@ -320,7 +318,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp
         tiny_run(tmp_path, model)
     assert "\n" not in str(e.value) and "--lr" in str(e.value)
     last = tmp_path / "run" / "last.pt"  # a resumed run keeps its schedule: a new one from it
-    assert f"a new run with --checkpoint {last} --lr ...)" in str(e.value)
+    assert f"a new run, --checkpoint {last} --lr ... --output NEW)" in str(e.value)
     kept = ckpt_io.read_training_checkpoint(tmp_path / "run" / "last.pt")
     assert kept["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in kept["model"].values())
@@ -348,7 +346,7 @@ def test_nan_weights_are_never_saved_and_never_called_good(tmp_path, every, brok
 def test_a_non_finite_validation_loss_ends_the_run_before_its_checkpoint(tmp_path):
     """Finite weights whose outputs are NaN score nothing: the epoch is neither best nor
     last, and its meaningless top-1 is not written."""
-    with pytest.raises(TrainingError, match=r"epoch 1: the validation loss is nan; no check"):
+    with pytest.raises(TrainingError, match=r"epoch 1: every validation output is NaN or inf"):
         tiny_run(tmp_path, WeightsBreakLater(good_calls=10**9, eval_nan=True))
     run = tmp_path / "run"
     assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
@@ -372,6 +370,8 @@ def test_evaluation_scores_nan_outputs_as_wrong_and_counts_them():
     assert (out["images"], out["non_finite"]) == (6, 4)
     assert out["acc1"] == pytest.approx(100 * 2 / 6)  # only the two finite rows hit
     assert confusion.sum() == 2
+    expected = nn.functional.cross_entropy(torch.tensor([[9.0, 0, 0, 0]]), torch.tensor([0]))
+    assert out["loss"] == pytest.approx(expected.item())  # of the finite outputs
 
 
 def test_the_training_loss_is_taken_in_float32_under_cpu_autocast():
@@ -391,6 +391,24 @@ def test_the_training_loss_is_taken_in_float32_under_cpu_autocast():
     assert loss.dtype == torch.float32
     expected = LabelSmoothingCrossEntropy(0.1)(logits.float(), y)
     torch.testing.assert_close(loss, expected, rtol=0, atol=0.02)
+
+
+def test_a_run_validates_with_one_linear_kernel_not_the_faster_per_process(tmp_path):
+    """Each process races the linear kernels for itself: a resumed run would score its
+    epochs with others than the run it continues, to the last bits of the loss."""
+    from sparseformer.layers import linear as linear_module
+
+    seen = set()
+
+    class Records(BreaksLater):
+        def forward(self, x):
+            if not self.training:
+                seen.add(linear_module.FUSED_LINEAR)
+            return super().forward(x)
+
+    assert linear_module.FUSED_LINEAR == "auto"
+    tiny_run(tmp_path, Records(good_calls=10**9))
+    assert seen == {"always"} and linear_module.FUSED_LINEAR == "auto"
 
 
 def test_tiny_run_learns_and_writes_everything(tmp_path):

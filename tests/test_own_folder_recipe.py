@@ -8,6 +8,7 @@ device; flags and ``--recipe`` override it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -24,7 +25,12 @@ from sparseformer.engine.own_folder import (
     own_folder_recipe,
     recipe_for_folder,
 )
-from sparseformer.engine.recipe import RecipeFlags, load_recipe, recipe_from_flags
+from sparseformer.engine.recipe import (
+    RecipeError,
+    RecipeFlags,
+    load_recipe,
+    recipe_from_flags,
+)
 
 from .test_data import make_folder
 
@@ -126,12 +132,29 @@ def test_flags_and_a_named_recipe_override_the_rule(tmp_path):
     low = RecipeFlags(fields={"lr": 1e-5}, settings=("min_lr=0",))
     recipe = recipe_from_flags(low, None, recipe_for_folder(low, folder))
     assert (recipe.warmup_lr, recipe.min_lr) == pytest.approx((1e-7, 0.0))  # asked: as asked
+    for bad in ("null", "[1]", "abc"):  # named by the recipe's type check, not a TypeError
+        with pytest.raises(RecipeError, match="lr must be"):
+            recipe_from_flags(RecipeFlags(settings=(f"lr={bad}",)), None, own)
     asked = RecipeFlags(fields={"warmup_epochs": 0.0})
     assert recipe_from_flags(asked, None, recipe_for_folder(asked, folder)).warmup_epochs == 0
     named = RecipeFlags(name="imagenet1k")
     assert recipe_for_folder(named, folder) is None
     assert recipe_from_flags(named, None, None).name == "imagenet1k"
     assert recipe_for_folder(RecipeFlags(), None) is None  # a built-in data set keeps its own
+
+
+def test_a_schedule_that_would_climb_is_warned_not_refused(caplog):
+    """A shipped recipe's floor is fixed: a low --lr puts it above the peak. Refusing it
+    would also refuse to resume the runs saved so before."""
+    from sparseformer.engine.collaborators import _warn_upside_down
+
+    low = load_recipe("imagenet1k").replace(lr=1e-6)  # min_lr 5e-6 stays
+    with caplog.at_level(logging.WARNING, logger="sparseformer"):
+        _warn_upside_down(low)
+        _warn_upside_down(load_recipe("imagenet1k"))  # as shipped: nothing to say
+    assert caplog.text.count("above the peak lr") == 1
+    assert "min_lr 5e-06 above the peak lr 1e-06" in caplog.text
+    assert "--set min_lr=1e-08 warmup_lr=1e-08" in caplog.text
 
 
 def test_training_files_are_counted_as_the_scan_takes_them(tmp_path):

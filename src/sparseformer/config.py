@@ -24,11 +24,14 @@ __all__ = [
     "SparseFormerConfig",
     "VideoSparseFormerConfig",
     "IMG_SIZES",
+    "INTERPOLATIONS",
 ]
 
 # The input sizes (height and width, pixels) the commands take: those of an exported ONNX
 # graph (sparseformer.export); 100,000 px ran out of memory deep in PIL's resize
 IMG_SIZES = (4, 16384)
+# The resize filters preprocessing may name (timm's names, after PIL's filters)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 # The op vocabulary. Every op is a pre-norm residual with the same signature
 # (tokens, rois, feats) -> (tokens, rois); see models/blocks.py.

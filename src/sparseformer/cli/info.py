@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         shown = f" ({first_names(names, quote=False)})" if names else ""
         if ckpt.num_classes and model.num_classes != ckpt.num_classes:  # --num-classes
             shown = f" (a fresh classifier: the checkpoint's has {ckpt.num_classes} classes)"
+            shown = shown if model.num_classes else " (no classifier: the features)"
         width = embedding_width(model, args.model, names)
         outputs = f"a {width}-d embedding" if width else f"{model.num_classes} classes{shown}"
         print(f"checkpoint: {ckpt.report.summary()}, {outputs}")

@@ -86,6 +86,22 @@ def _loss_and_mixup(recipe: Recipe, num_classes: int) -> tuple[nn.Module, Mixup 
     return criterion, mixup
 
 
+def _warn_upside_down(recipe: Recipe) -> None:
+    """Say where the schedule climbs where it should fall: a warm-up start above the peak
+    (with a warm-up), or a floor above it (a low --lr on a recipe whose floor is fixed)."""
+    above = [
+        f"{name} {getattr(recipe, name):g}"
+        for name in ("warmup_lr", "min_lr")
+        if getattr(recipe, name) > recipe.lr and (name == "min_lr" or recipe.warmup_epochs)
+    ]
+    if above:
+        logger.warning(
+            "%s above the peak lr %g: the learning rate falls through the warm-up or rises "
+            "through the run; lower them with --set (e.g. --set min_lr=%g warmup_lr=%g)",
+            " and ".join(above), recipe.lr, recipe.lr / 100, recipe.lr / 100,
+        )  # fmt: skip
+
+
 def build_training_parts(
     model: nn.Module,
     data: DatasetBundle,
@@ -109,6 +125,7 @@ def build_training_parts(
             peak_lr, total_batch, recipe.lr, recipe.lr_base_batch, warmup_lr,
             recipe.warmup_epochs, min_lr,
         )  # fmt: skip
+        _warn_upside_down(recipe)
     if recipe.layer_decay is not None and dist.is_main:
         scales = sorted({g.get("lr_scale", 1.0) for g in optimizer.param_groups})
         logger.info(

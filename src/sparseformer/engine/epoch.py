@@ -95,8 +95,8 @@ def run_epoch(loop: RunLoop, state: RunState, epoch: int) -> None:
     trained = ckpt_io.capture_rng(parts.tools.prep.device)  # before validation draws from it
     record = _validate(loop, stats, state, epoch)
     if not math.isfinite(record["val_loss"] if record["val_loss"] is not None else 0.0):
-        # finite weights whose outputs are not (RoIs run off to infinity): not a best model
-        raise _diverged(loop, epoch, f"the validation loss is {record['val_loss']}")
+        # finite weights, no finite output (RoIs run off to infinity): not a best model
+        raise _diverged(loop, epoch, "every validation output is NaN or infinite")
     if hook.agreed()[0]:  # stopped during validation: the epoch is trained, not scored
         # on SIGTERM, saved as its last step with the generators as training left them: the
         # resumed run validates again from there, as the run left alone does
@@ -151,7 +151,8 @@ def _non_finite_advice(amp_dtype: torch.dtype | None, last: Path | None = None) 
     lower learning rate by a new run from the last checkpoint (a resumed run keeps its own)."""
     wider = {torch.float16: "bf16 (or fp32)", torch.bfloat16: "fp32"}.get(amp_dtype)
     lower = "Lower the learning rate (--lr"
-    lower += f"; from {last}: a new run with --checkpoint {last} --lr ...)" if last else ")"
+    lower += f"; from {last}: a new run, --checkpoint {last} --lr ... --output NEW" if last else ""
+    lower += ")"  # NEW: --overwrite of this folder would remove the checkpoint it starts from
     if wider is None:  # fp32 already: precision is not the cause
         return f"{lower} and keep gradient clipping on"
     return f"{lower}, keep gradient clipping on, or use --precision {wider}"
@@ -219,6 +220,10 @@ def _validate(loop: RunLoop, stats: dict, state: RunState, epoch: int) -> dict[s
     validate = loop.validation or evaluate  # looked up here: tests wrap the module's evaluate
     val = validate(loop.model, parts.val_loader, tools.prep, dist, None, loop.progress)
     stopping = loop.signals.requested  # a validation a signal cut short: not a failure
+    bad = val.get("non_finite", 0)  # all of them: the run stops (run_epoch)
+    if 0 < bad < val["images"] and dist.is_main:
+        logger.warning("epoch %d: %d of %d validation images gave NaN or infinite outputs; "
+                       "they are scored as wrong", epoch + 1, bad, val["images"])  # fmt: skip
     if val["images"] == 0 and dist.is_main and not stopping:
         logger.warning(
             "validation scored nothing: none of its %d files could be decoded (the log names "

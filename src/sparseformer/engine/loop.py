@@ -287,7 +287,8 @@ def evaluate(
 
     Returns:
         ``loss``, ``acc1``, ``acc5``, ``images``, ``non_finite`` (images whose outputs are NaN
-        or infinite: scored as wrong, left out of ``confusion``); ``acc5`` is ``None`` for 5
+        or infinite: scored as wrong, left out of ``confusion`` and of the loss, which is NaN
+        when every output is); ``acc5`` is ``None`` for 5
         classes or fewer (:func:`sparseformer.engine.metrics.top5_or_none`), all three are
         ``None`` when no image was scored.
     """
@@ -313,7 +314,7 @@ def evaluate(
             confusion.index_put_(pairs, torch.ones_like(pairs[0], dtype=confusion.dtype), True)
         sums += torch.stack(
             [
-                nn.functional.cross_entropy(logits, y, reduction="sum").double(),
+                nn.functional.cross_entropy(logits[finite], y[finite], reduction="sum").double(),
                 hit[:, 0].sum().double(),
                 hit.any(dim=-1).sum().double(),
                 torch.tensor(float(len(y)), dtype=torch.float64, device=device),
@@ -324,8 +325,9 @@ def evaluate(
     n = sums[3].item()
     if n == 0:  # nothing scored (every file failed to decode): no loss and no accuracy
         return {"loss": None, "acc1": None, "acc5": None, "images": 0, "non_finite": 0}
+    finite_n = n - sums[4].item()
     return {
-        "loss": sums[0].item() / n,
+        "loss": sums[0].item() / finite_n if finite_n else float("nan"),  # of finite outputs
         "acc1": 100.0 * sums[1].item() / n,
         "acc5": top5_or_none(100.0 * sums[2].item() / n, num_classes),
         "images": int(n),

@@ -302,9 +302,10 @@ def recipe_from_flags(
             changes[key] = parsed
     if augmentation:
         changes["augmentation"] = {**changes.get("augmentation", {}), **augmentation}
-    if recipe is default and "lr" in changes:  # a folder's: warm-up and floor 1% of the peak
-        scale = float(changes["lr"]) / recipe.lr if recipe.lr > 0 else 1.0
-        for name in ("warmup_lr", "min_lr"):
+    lr = changes.get("lr")
+    if recipe is default and isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        scale = lr / recipe.lr if recipe.lr > 0 else 1.0  # a folder's: warm-up and floor 1%
+        for name in ("warmup_lr", "min_lr"):  # of the peak, the asked one too
             changes.setdefault(name, getattr(recipe, name) * scale)
     return recipe.replace(**changes) if changes else recipe
 

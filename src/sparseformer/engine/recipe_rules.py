@@ -9,8 +9,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-from sparseformer.config import IMG_SIZES
-from sparseformer.weights.registry import INTERPOLATIONS
+from sparseformer.config import IMG_SIZES, INTERPOLATIONS
 
 __all__ = ["RecipeError", "SCHEDULES", "check_ranges", "check_types"]
 
@@ -46,8 +45,6 @@ def check_ranges(r: Any) -> None:
         need(math.isfinite(value), name, value, "a finite number")
     for name in ("lr", "warmup_lr", "min_lr", "warmup_epochs", "weight_decay", "mixup", "cutmix"):
         need(getattr(r, name) >= 0, name, getattr(r, name), "at least 0")
-    for name in ("warmup_lr", "min_lr"):  # above the peak the schedule runs upside down
-        need(getattr(r, name) <= r.lr, name, getattr(r, name), f"at most lr ({r.lr:g})")
     need(r.lr_base_batch > 0, "lr_base_batch", r.lr_base_batch, "positive")
     need(all(0 <= b < 1 for b in r.betas), "betas", r.betas, "two numbers in [0, 1)")
     need(r.eps > 0, "eps", r.eps, "positive")

@@ -51,6 +51,7 @@ from sparseformer.engine.run_folder import (
 )
 from sparseformer.engine.step_saves import UntilStopped
 from sparseformer.engine.stopping import CheckpointEvery, StopSignals
+from sparseformer.layers.linear import one_linear_kernel
 from sparseformer.weights.loading import is_sparseformer
 
 __all__ = [
@@ -214,7 +215,9 @@ def _fit_in(
         loop.board = TensorBoardScalars(out / TENSORBOARD)
         if log.restored is not None:  # killed before its line: nor had TensorBoard its scalars
             loop.board.add(log.restored)
-    with StopSignals(announce=dist.is_main) as loop.signals:  # see engine/stopping
+    # validation takes one linear kernel, not each process the faster it measured: a resumed
+    # run scores as the run it continues
+    with StopSignals(announce=dist.is_main) as loop.signals, one_linear_kernel():
         parts.val_loader = UntilStopped(parts.val_loader, loop.signals)
         for epoch in range(state.start_epoch, recipe.epochs):
             run_epoch(loop, state, epoch)

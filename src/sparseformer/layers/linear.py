@@ -15,8 +15,9 @@ Neither kernel wins everywhere: on the 2-core AMD EPYC the fused one took 19-24 
 ``F.linear`` and ``gelu`` took 31-39, and on a later day 31-32 ms where they took 20-22. So
 the first call of each shape (rows within a power of two, weight shape, GELU, bias, threads)
 times both, twice each, and that shape keeps the faster from then on (:data:`FUSED_LINEAR`).
-Two processes may choose differently, so their outputs may differ by that rounding: training
-code, whose resumed runs must compute as the runs they continue, takes one kernel itself.
+Two processes may choose differently, so their outputs may differ by that rounding: a training
+run, whose resumption must compute as the run it continues, takes one kernel (its mixing's
+generator by itself, its validation inside :func:`one_linear_kernel`).
 
 :func:`linear_split` makes the blocks of a layer's output by one product each, so that every
 block is contiguous (adaptive mixing's generated matrices).
@@ -25,7 +26,8 @@ block is contiguous (adaptive mixing's generated matrices).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,7 @@ __all__ = [
     "fused_linear_available",
     "is_tracing",
     "FUSED_LINEAR",
+    "one_linear_kernel",
 ]
 
 FUSED_LINEAR = "auto"
@@ -137,6 +140,20 @@ def _fused_wins(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> b
         args = (x, weight, bias, gelu)
         wins = _CHOSEN[key] = faster(lambda: _fused(*args), lambda: _plain(*args)) == 0
     return wins
+
+
+@contextmanager
+def one_linear_kernel() -> Iterator[None]:
+    """The fused kernel wherever it may be used inside the block, not the faster per shape
+    (unless :data:`FUSED_LINEAR` asks for one already): what a training run evaluates with, so
+    that a resumed run computes as the process it continues did."""
+    global FUSED_LINEAR
+    before = FUSED_LINEAR
+    FUSED_LINEAR = "always" if before == "auto" else before
+    try:
+        yield
+    finally:
+        FUSED_LINEAR = before
 
 
 def faster(*calls: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> int:

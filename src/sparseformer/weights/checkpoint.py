@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
+from sparseformer.config import INTERPOLATIONS
 from sparseformer.weights.convert import (
     CheckpointError,
     ConversionReport,
@@ -30,7 +31,7 @@ from sparseformer.weights.convert import (
     unwrap_checkpoint,
 )
 from sparseformer.weights.reading import read_file
-from sparseformer.weights.registry import INTERPOLATIONS, MODELS, image_model_of
+from sparseformer.weights.registry import MODELS, image_model_of
 
 __all__ = [
     "FOREIGN",
@@ -277,15 +278,14 @@ def checkpoint_metadata(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
             kind = str if key == "interpolation" else (int, float)
             if key not in pre and isinstance(value, kind) and not isinstance(value, bool):
                 pre[key] = value if key == "interpolation" else float(value)
-        if pre.get("interpolation") not in (None, *INTERPOLATIONS):
-            logger.warning(
-                "the checkpoint's interpolation %r is not one of %s: resizing as the model's "
-                "default does", pre.pop("interpolation"), ", ".join(INTERPOLATIONS),
-            )  # fmt: skip
         for key in ("img_size", "input_size", "image_size"):
             size = _square_side(scope.get(key))
             if "img_size" not in pre and size is not None:
                 pre["img_size"] = size
+    if pre.get("interpolation") not in (None, *INTERPOLATIONS):  # the rest of it stands
+        logger.warning("the checkpoint's interpolation %r is not one of %s: resizing bicubic",
+                       pre["interpolation"], ", ".join(INTERPOLATIONS))  # fmt: skip
+        pre["interpolation"] = "bicubic"
     model_name, classes = checkpoint.get("model_name"), checkpoint.get("num_classes")
     video, architecture = checkpoint.get("video"), checkpoint.get("architecture")
     return {

@@ -128,6 +128,9 @@ def warn_about_weights(ckpt: Checkpoint) -> None:
         )  # fmt: skip
 
 
+warn_of_unscored_weights = warn_about_weights  # its name before it said NaN weights too
+
+
 def require_sparseformer_layout(checkpoint: Checkpoint) -> ConversionReport:
     """A copy of ``checkpoint``'s conversion report, once sure that its weights are a
     SparseFormer's and that conversion left nothing behind.
@@ -164,11 +167,11 @@ def _adapt_stem(converted: dict[str, Tensor], own: Mapping[str, Tensor]) -> None
     in_chans = own["stem.conv.weight"].shape[1]
     if stem.shape[1] == in_chans:
         return
-    if stem.shape[1] != 3:  # timm's rule starts from RGB: anything else is another model
+    if stem.shape[1] != 3 and in_chans != 1:  # timm's rule: from RGB, or summed to 1 channel
         raise CheckpointError(
             f"the checkpoint's stem takes {stem.shape[1]} input channel(s), the model's "
-            f"{in_chans}; build the model with in_chans={stem.shape[1]} (weights adapt to "
-            "other input channels only from 3-channel RGB ones)"
+            f"{in_chans}; build the model with in_chans={stem.shape[1]} (Python: create_model"
+            f"(..., in_chans={stem.shape[1]})): weights adapt to more channels only from RGB"
         )
     from timm.models import adapt_input_conv
 

@@ -29,8 +29,6 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# the resize filters preprocessing may name (timm's, after PIL's)
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # The authors' two releases of the same ImageNet-1K weights: the ImageNet release's layout
 # (``sparseformer_{t,s,b}_imagenet1k.pth``) and their refactored library's
 # (``sparseformer_v1_{tiny,small,base}_converted.pth``); see weights/convert.py.
