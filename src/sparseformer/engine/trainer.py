@@ -126,7 +126,7 @@ def amp_dtype_for(precision: str, device: str) -> torch.dtype | None:
         return torch.bfloat16
     if precision == "fp16":
         if not device.startswith("cuda"):
-            raise TrainingError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+            raise TrainingError("fp16 needs a CUDA GPU; use bf16 or fp32 on CPU (--precision)")
         return torch.float16
     raise TrainingError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
 
