@@ -284,6 +284,8 @@ def test_a_released_imagenet_classifier_reads_synset_and_numbered_folders_by_nam
     report = tmp_path / "report"  # the per-class rows name the folders in the model's order
     argv = ["eval", "--checkpoint", str(ckpt), "--data-dir", str(numbered), *common]
     assert main([*argv, "--per-class", str(report)]) == 0
+    said = json.loads(capsys.readouterr().out)["per_class"]  # --json names what it wrote
+    assert said == [str(report / "per_class.json"), str(report / "confusion.png")]
     rows = json.loads((report / "per_class.json").read_text())["classes"]
     assert [r["class"] for r in rows if r["acc1"] == 100.0] == ["10"]
     human = make_folder(tmp_path / "human", ("goldfish", "tench"), 1, ("val",))

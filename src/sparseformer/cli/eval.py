@@ -141,13 +141,14 @@ def run(args: argparse.Namespace) -> int:
             "so nothing was scored (the log names the files that failed)"
         )
     _check_finite(metrics)
-    _report(args, metrics, bundle, source, pre, ckpt.ema)
-    if confusion is not None:
+    paths = None
+    if confusion is not None:  # written first: --json names them
         from sparseformer.engine.per_class import per_class_report, write_per_class
 
         paths = write_per_class(per_class_report(confusion, names), args.per_class)
-        if not args.json:
-            print(f"per-class top-1 and confusion matrix: {paths[0]}, {paths[1]}")
+    _report(args, metrics, bundle, source, pre, ckpt.ema, paths)
+    if paths is not None and not args.json:
+        print(f"per-class top-1 and confusion matrix: {paths[0]}, {paths[1]}")
     return 0
 
 
@@ -228,7 +229,8 @@ def _check_finite(metrics: dict) -> None:
               "scored as wrong", file=sys.stderr)  # fmt: skip
 
 
-def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: bool) -> None:
+def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: bool,
+            per_class=None) -> None:  # fmt: skip
     from sparseformer.engine.metrics import format_accuracy
 
     # files skipped at the scan, as a training run's summary counts them, and files left out
@@ -260,6 +262,8 @@ def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: b
         }  # fmt: skip
         views = (f" ({spec.num_clips} clip(s) x {spec.num_crops} crop(s) of {spec.num_frames} "
                  f"frames, {spec.sampling})")  # fmt: skip
+    if per_class is not None:  # --per-class: per_class.json and confusion.png
+        result["per_class"] = [str(path) for path in per_class]
     if args.json:
         print(json.dumps(result))
     else:
