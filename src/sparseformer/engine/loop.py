@@ -288,9 +288,9 @@ def evaluate(
     Returns:
         ``loss``, ``acc1``, ``acc5``, ``images``, ``non_finite`` (images whose outputs are NaN
         or infinite: scored as wrong, left out of ``confusion`` and of the loss, which is NaN
-        when every output is); ``acc5`` is ``None`` for 5
-        classes or fewer (:func:`sparseformer.engine.metrics.top5_or_none`), all three are
-        ``None`` when no image was scored.
+        when every output is); ``acc5`` is ``None`` for 5 classes or fewer
+        (:func:`sparseformer.engine.metrics.top5_or_none`), all three are ``None`` when no
+        image was scored.
     """
     dist = dist or DistInfo()
     model.eval()
@@ -309,12 +309,13 @@ def evaluate(
         top = logits.topk(k, dim=-1).indices  # (B, k)
         finite = torch.isfinite(logits).all(dim=-1)  # NaN outputs rank class 0 first: wrong
         hit = (top == y[:, None]) & finite[:, None]  # (B, k)
-        if confusion is not None:
-            pairs = (y[finite].to(confusion.device), top[finite, 0].to(confusion.device))
-            confusion.index_put_(pairs, torch.ones_like(pairs[0], dtype=confusion.dtype), True)
+        if confusion is not None:  # a non-finite row adds 0: no mask, so no device sync
+            pairs = (y.to(confusion.device), top[:, 0].to(confusion.device))
+            confusion.index_put_(pairs, finite.to(confusion.device, confusion.dtype), True)
+        losses = nn.functional.cross_entropy(logits, y, reduction="none")
         sums += torch.stack(
             [
-                nn.functional.cross_entropy(logits[finite], y[finite], reduction="sum").double(),
+                torch.where(finite, losses, 0.0).sum().double(),
                 hit[:, 0].sum().double(),
                 hit.any(dim=-1).sum().double(),
                 torch.tensor(float(len(y)), dtype=torch.float64, device=device),
