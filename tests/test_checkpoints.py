@@ -448,7 +448,7 @@ def test_a_diverged_checkpoint_is_said_and_its_nan_outputs_are_not_scored(tmp_pa
     image = str(tmp_path / "data" / "val" / "a" / "0.png")
     with caplog.at_level(logging.WARNING, logger="sparseformer"):
         assert main(["predict", "--checkpoint", str(path), image, "--json"]) == 1
-    assert "holds NaN or infinite weights (1 tensors, e.g. head.weight)" in caplog.text
+    assert "holds NaN or infinite weights (1 tensor, e.g. head.weight)" in caplog.text
     assert "NaN or infinite" in json.loads(capsys.readouterr().out)["error"]
     assert main(["eval", "--checkpoint", str(path), "--data-dir", str(tmp_path / "data")]) == 1
     assert "NaN or infinite on all 3 images" in capsys.readouterr().err

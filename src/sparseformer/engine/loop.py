@@ -23,7 +23,7 @@ from tqdm import tqdm
 from sparseformer.engine.distributed import DistInfo, all_reduce_sum
 from sparseformer.engine.metrics import TOP5_MIN_CLASSES, top5_or_none
 from sparseformer.engine.optim import set_lr
-from sparseformer.weights.loading import is_sparseformer
+from sparseformer.weights.loading import is_sparseformer, non_finite, some
 
 __all__ = [
     "check_finite_weights",
@@ -48,9 +48,11 @@ def check_finite_weights(model: nn.Module, step: int) -> None:
     Raises:
         NonFiniteLossError: naming the step.
     """
-    params = [p.detach() for p in model.parameters()]
-    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-        raise NonFiniteLossError(f"the weights are NaN or infinite after step {step}")
+    broken = non_finite(model.named_parameters())
+    if broken:
+        raise NonFiniteLossError(
+            f"the weights are NaN or infinite after step {step} ({some(broken)})"
+        )
 
 
 @dataclass

@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from sparseformer.weights.checkpoint import FOREIGN, Checkpoint, read_checkpoint
@@ -40,6 +41,7 @@ __all__ = [
     "check_all_keys_mapped",
     "require_sparseformer_layout",
     "warn_about_weights",
+    "non_finite",
 ]
 
 logger = logging.getLogger(__name__)
@@ -111,15 +113,10 @@ def warn_about_weights(ckpt: Checkpoint) -> None:
     """A warning where ``ckpt`` holds the model's weights of a run's best epoch that its EMA
     weights scored (:attr:`~sparseformer.weights.checkpoint.Checkpoint.ema_scored_best`), and
     where weights are NaN or infinite (a run that diverged: its outputs will be too)."""
-    broken = [
-        k
-        for k, v in ckpt.state_dict.items()
-        if isinstance(v, Tensor) and v.is_floating_point() and not v.isfinite().all()
-    ]
+    broken = non_finite(ckpt.state_dict.items())
     if broken:
-        logger.warning("%s holds NaN or infinite weights (%d tensors, e.g. %s): its outputs will "
-                       "be NaN; a run that diverged?", ckpt.path or "the checkpoint",
-                       len(broken), broken[0])  # fmt: skip
+        logger.warning("%s holds NaN or infinite weights (%s): its outputs will be NaN; a run "
+                       "that diverged?", ckpt.path or "the checkpoint", some(broken))  # fmt: skip
     if ckpt.ema_scored_best and not ckpt.ema:
         logger.warning(
             "%s scored best (%.2f%% top-1) with its EMA weights; these are the model's: ask "
@@ -129,6 +126,23 @@ def warn_about_weights(ckpt: Checkpoint) -> None:
 
 
 warn_of_unscored_weights = warn_about_weights  # its name before it said NaN weights too
+
+
+def non_finite(named: Iterable[tuple[str, object]]) -> list[str]:
+    """The names of the floating-point tensors among ``named`` that hold a NaN or an
+    infinity: a diverged run's weights (a state dict's items, a model's named parameters). One
+    wait for the device in all, not one per tensor."""
+    tensors = [(k, v.detach()) for k, v in named if isinstance(v, Tensor) and v.is_floating_point()]
+    if not tensors:
+        return []
+    finite = [v.isfinite().all() for _, v in tensors]
+    flags = torch.stack([f.to(finite[0].device) for f in finite]).tolist()
+    return [k for (k, _), ok in zip(tensors, flags, strict=True) if not ok]
+
+
+def some(names: Sequence[str]) -> str:
+    """``"3 tensors, e.g. head.weight"``: the :func:`non_finite` names, in a message."""
+    return f"{len(names)} tensor{'s' if len(names) != 1 else ''}, e.g. {names[0]}"
 
 
 def require_sparseformer_layout(checkpoint: Checkpoint) -> ConversionReport:
