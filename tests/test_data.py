@@ -413,6 +413,8 @@ def test_files_of_other_extensions_are_said_not_silently_dropped(tmp_path, caplo
     _write(root / "train" / "cat" / "saved_by_a_browser.jfif", fmt="JPEG")  # read: a JPEG
     _write(root / "train" / "dog" / "photo.tga", fmt="TGA")  # Pillow reads it, not listed
     (root / "train" / "dog" / "labels.txt").write_text("dog\n")
+    for system_file in ("Thumbs.db", "desktop.ini"):  # Windows's own, in every folder: not said
+        (root / "train" / "cat" / system_file).write_bytes(b"\0")
     pre = Preprocessing(img_size=24)
     with caplog.at_level(logging.WARNING):
         bundle = build_datasets(DataSource(data_dir=root), pre, Augmentation())

@@ -303,6 +303,16 @@ def test_forks_from_several_threads_at_once_leave_the_collector_on(monkeypatch):
         gc.enable()
 
 
+def test_a_system_without_fork_hooks_decodes_all_the_same(monkeypatch):
+    """Windows has no os.register_at_fork (and no fork): nothing to hold across one."""
+    from sparseformer.data import video_decode
+
+    monkeypatch.delattr(video_decode.os, "register_at_fork")
+    collector = video_decode._CollectorAcrossFork()
+    collector.register()  # was an AttributeError on every video path
+    assert not collector._registered
+
+
 def test_decoding_threads_are_shared_out_in_loader_workers(monkeypatch):
     from sparseformer.data import video_decode as video
 

@@ -140,9 +140,9 @@ def _require_same_items(items: Sequence, world: int, what: str) -> None:
 
 def is_hidden(name: str) -> bool:
     """Whether a file or folder name is not data: a dot-name (``.DS_Store``, macOS's
-    ``._photo.jpg``, ``.ipynb_checkpoints``) or the ``__MACOSX`` folder of a zip made on macOS,
-    which holds a resource fork for every file."""
-    return name.startswith(".") or name == "__MACOSX"
+    ``._photo.jpg``, ``.ipynb_checkpoints``), the ``__MACOSX`` folder of a zip made on macOS,
+    which holds a resource fork for every file, or Windows's ``Thumbs.db`` and ``desktop.ini``."""
+    return name.startswith(".") or name.lower() in ("__macosx", "thumbs.db", "desktop.ini")
 
 
 _EXAMPLES = {"images": ("ImageFolder", "cat", "jpg"), "videos": ("video folder", "jumping", "mp4")}

@@ -87,7 +87,7 @@ class _CollectorAcrossFork:
     def register(self) -> None:
         """Install the fork hooks, once per process (they pass on to forked children)."""
         with self._lock:
-            if not self._registered:
+            if not self._registered and hasattr(os, "register_at_fork"):  # none on Windows
                 self._registered = True
                 os.register_at_fork(
                     before=self._before, after_in_parent=self._parent, after_in_child=self._child
