@@ -598,3 +598,75 @@ def test_class_folders_spelled_alike_are_named(tmp_path, caplog):
     said = [r.getMessage() for r in caplog.records if "differ only" in r.getMessage()]
     assert len(said) == 1 and "'cafe\\u0301'" in said[0] and "'Cat'" in said[0]
     assert "'dog'" not in said[0]
+
+
+class _WorkerState(torch.utils.data.Dataset):
+    """Each sample: the loading process's id, whether it ignores SIGINT and SIGTERM, and
+    whether either is still held back (blocked)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        import os
+        import signal
+
+        ignored = all(
+            signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)
+        )
+        held = {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        return torch.tensor([os.getpid(), int(ignored), len(held)])
+
+
+def test_workers_start_with_stop_signals_held_then_ignore_them_and_outlive_an_epoch(
+    monkeypatch,
+):
+    """A spawned worker imports torch for seconds before its first line: a Ctrl-C to the
+    process group then killed it (the run ended as if a worker had run out of memory). Its
+    start now holds the two signals back, its init ignores them, and the workers live
+    through the run (spawn started them again every epoch and every validation)."""
+    import signal
+
+    from torch.utils.data import DataLoader
+
+    from sparseformer.data.loader import build_eval_loader, build_train_loader, start_epoch
+
+    masks = []
+    real_iter = DataLoader.__iter__
+
+    def noting(self):
+        masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        return real_iter(self)
+
+    monkeypatch.setattr(DataLoader, "__iter__", noting)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    train = build_train_loader(_WorkerState(), 2, 1, seed=0, pin_memory=False)
+    pids = []
+    for epoch in range(2):
+        start_epoch(train, epoch)
+        rows = torch.cat(list(train))
+        pids.append(set(rows[:, 0].tolist()))
+        assert rows[:, 1].all() and not rows[:, 2].any()  # ignored, and no longer held
+    assert pids[0] == pids[1]  # the same worker both epochs
+    rows = torch.cat(list(build_eval_loader(_WorkerState(), 2, 1, pin_memory=False)))
+    assert rows[:, 1].all() and not rows[:, 2].any()
+    assert all({signal.SIGINT, signal.SIGTERM} <= mask for mask in masks)  # while starting
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # and given back
+
+
+def test_a_spawned_worker_logs_as_the_main_process(monkeypatch):
+    """Spawned workers (macOS, Windows) do not inherit the CLI's logging set-up: their
+    warnings came out bare, without time, level or logger."""
+    import logging
+
+    from sparseformer.data.loader import _WorkerStart
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [logging.StreamHandler()])
+    root.handlers[0].setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s", "%H"))
+    start = _WorkerStart()  # made in the main process, called in the worker
+    monkeypatch.setattr(root, "handlers", [])  # a spawned worker: nothing set up
+    monkeypatch.setattr("signal.signal", lambda *a: None)  # not this test process's handlers
+    start(0)
+    assert root.handlers and root.handlers[0].formatter._fmt.startswith("%(levelname)s")
+    assert root.handlers[0].formatter.datefmt == "%H"

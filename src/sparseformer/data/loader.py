@@ -249,11 +249,45 @@ def start_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     loader.sampler.skip = skip_batches * loader.batch_size
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """A worker leaves SIGINT and SIGTERM to the main process, which stops the run cleanly
-    and shuts it down (a worker killed by them reads as a crash)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+_STOP = {signal.SIGINT, signal.SIGTERM}
+
+
+class _WorkerStart:
+    """A worker's first call (``worker_init_fn``): it leaves SIGINT and SIGTERM to the main
+    process, which stops the run cleanly and shuts it down (a worker killed by them reads as a
+    crash), and a worker started by spawn (macOS, Windows), which did not inherit the main
+    process's logging, logs as it does. The two signals were held back since the worker
+    started (:class:`_Loader`): one that came while it imported torch is dropped now."""
+
+    def __init__(self) -> None:
+        handler = next((h for h in logging.getLogger().handlers if h.formatter), None)
+        self.level = logging.getLogger().level
+        self.format = (handler.formatter._fmt, handler.formatter.datefmt) if handler else None
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in _STOP:
+            signal.signal(signum, signal.SIG_IGN)
+        if hasattr(signal, "pthread_sigmask"):  # POSIX
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)
+        if not logging.getLogger().handlers and self.format is not None:  # spawned
+            logging.basicConfig(level=self.level, format=self.format[0], datefmt=self.format[1])
+
+
+class _Loader(DataLoader):
+    """A ``DataLoader`` whose workers start with SIGINT and SIGTERM held back (the signal mask
+    passes to a forked or spawned process), until :class:`_WorkerStart` ignores them: a
+    spawned worker imports torch for seconds first, and a Ctrl-C or a SIGTERM to the process
+    group then killed it, and the run ended as if a worker had run out of memory. The main
+    process gets a signal that came meanwhile as soon as its workers have started."""
+
+    def __iter__(self):
+        if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+            return super().__iter__()
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def build_train_loader(
@@ -285,7 +319,7 @@ def build_train_loader(
             f"{len(sampler)} training samples (images or videos) per process is fewer than "
             f"one batch of {batch_size} (the run's batch size); give a smaller --batch-size"
         )
-    return DataLoader(
+    return _Loader(
         SeededSamples(dataset),
         batch_size=batch_size,
         sampler=EpochSampler(sampler, seed, rank),
@@ -293,7 +327,8 @@ def build_train_loader(
         collate_fn=collate,
         drop_last=True,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        worker_init_fn=_ignore_stop_signals,
+        worker_init_fn=_WorkerStart(),
+        persistent_workers=num_workers > 0,  # started once a run, not per epoch (spawn: seconds)
         # the workers' base seed from a generator of its own, not the process's
         generator=torch.Generator().manual_seed(seed + rank),
     )
@@ -308,12 +343,13 @@ def build_eval_loader(
     pin_memory: bool | None = None,
 ) -> DataLoader:
     """Ordered evaluation loader over this rank's shard (``pin_memory`` as for training)."""
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_size=batch_size,
         sampler=ShardSampler(len(dataset), rank, world_size),
         num_workers=num_workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        worker_init_fn=_ignore_stop_signals,
+        worker_init_fn=_WorkerStart(),
+        persistent_workers=num_workers > 0,  # started once a run, not per epoch (spawn: seconds)
     )
