@@ -126,9 +126,12 @@ def test_convert_and_info(tmp_path, source, capsys):
         assert main(["info", "--checkpoint", str(path), "--num-classes", "10"]) == 0
         printed = capsys.readouterr().out
         assert "10 classes (a fresh classifier: the checkpoint's has 3 classes)" in printed
-    else:  # an official file names no model
+    else:  # an official file names no model; converted with --model, it names that one
         assert main(["info", "--checkpoint", str(path)]) == 1
         assert "does not name its model; pass --model NAME" in capsys.readouterr().err
+        assert main(["info", "--checkpoint", str(out)]) == 0
+        assert capsys.readouterr().out.startswith(f"{NANO}:")
+        assert read_checkpoint(tmp_path / "v.safetensors").model_name is None  # no --model
 
 
 @pytest.mark.parametrize("source", SOURCES)

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             metadata={
                 "source_format": report.source_format,
                 "renamed": json.dumps(report.renamed),
-                **_run_metadata(ckpt),
+                **_run_metadata(ckpt, args.model),
             },
         )
         _default_permissions(tmp, out)
@@ -121,15 +121,19 @@ def _default_permissions(path, replaces) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def _run_metadata(checkpoint) -> dict[str, str]:
+def _run_metadata(checkpoint, model: str | None) -> dict[str, str]:
     """The ``RUN_INFO_KEY`` metadata entry of a ``sparseformer train`` checkpoint (JSON of
-    its model name, classes, preprocessing and clips); empty for an official checkpoint."""
+    its model name, classes, preprocessing and clips), and the ``--model`` an official
+    checkpoint was checked against (so that predict, eval and info need no --model for the
+    converted file); empty for an official checkpoint converted without one."""
     import json
 
     from sparseformer.weights.checkpoint import RUN_FIELDS
     from sparseformer.weights.reading import RUN_INFO_KEY
 
     info = {k: v for k, v in checkpoint.run_info().items() if k in RUN_FIELDS}
+    if model is not None and info.get("model_name") is None:
+        info["model_name"] = model  # checked above: the weights fit it
     if checkpoint.ema:  # --ema took them: read back as EMA weights (predict --ema)
         info["ema"] = True
     if set(info) <= {"num_classes"}:  # records nothing: the weights say it all
