@@ -295,9 +295,9 @@ def test_a_released_imagenet_classifier_reads_synset_and_numbered_folders_by_nam
     digits = make_folder(tmp_path / "digits", tuple("0123456789"), 1, ("val",))  # not ImageNet
     for data in (human, digits):
         assert main(["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), *common]) == 1
-        assert "an ImageNet-1K classifier's classes are ImageNet's synset ids" in (
-            capsys.readouterr().err
-        )
+        said = capsys.readouterr().err
+        assert "an ImageNet-1K classifier's classes are ImageNet's synset ids" in said
+        assert "all 1000 of 0 ... 999" in said  # ten numbered folders are not ImageNetV2's
 
 
 def test_fine_tuning_a_released_classifier_orders_its_rows_by_imagenet_class(tmp_path):

@@ -72,8 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 # what a refusal adds for a released ImageNet-1K classifier, which names no classes
 _IMAGENET_FOLDERS = (
     " (an ImageNet-1K classifier's classes are ImageNet's synset ids: class folders named "
-    "n01440764 ... n15075141, any subset, as in ImageNet's own val/ layout, or 0 ... 999 as in "
-    "ImageNetV2's)"
+    "n01440764 ... n15075141, any subset, as in ImageNet's own val/ layout, or all 1000 of "
+    "0 ... 999 as in ImageNetV2's: a few numbered folders are taken for a data set's own classes)"
 )
 
 
