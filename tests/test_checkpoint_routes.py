@@ -5,6 +5,7 @@ are the authors'."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -269,6 +270,24 @@ def _released_like(tmp_path, predicts: int):
     path = tmp_path / f"released_{predicts}.pth"
     torch.save({"model": model.state_dict()}, path)
     return path
+
+
+def test_eval_says_the_preprocessing_it_used(tmp_path, capsys, caplog):
+    """Reproducing a paper's number needs its protocol: eval says its resize, interpolation,
+    crop and normalisation (the log, and --json), not only the input size."""
+    import logging
+
+    data = make_folder(tmp_path / "wnids", ("n01440764", "n01443537"), 1, ("val",))
+    argv = ["eval", "--checkpoint", str(_released_like(tmp_path, 1)), "--data-dir", str(data)]
+    with caplog.at_level(logging.INFO, logger="sparseformer"):
+        assert main([*argv, "--model", NANO, "--img-size", "32", "--quiet", "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)["preprocessing"]
+    assert said["img_size"] == 32 and said["interpolation"] == "bicubic"
+    resize = math.floor(32 / said["crop_pct"])
+    assert f"short side resized to {resize} px (bicubic; crop_pct {said['crop_pct']:g})" in (
+        caplog.text
+    )
+    assert "centre crop 32, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)" in caplog.text
 
 
 def test_a_released_imagenet_classifier_reads_synset_and_numbered_folders_by_name(tmp_path, capsys):

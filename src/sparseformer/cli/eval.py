@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -116,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         bundle = build_datasets(source, pre, None, need_train=False)
     except DataError as exc:
         raise CliError(str(exc)) from exc
+    if not bundle.video:  # a video's views are said with the result
+        logging.getLogger(__name__).info("preprocessing: %s", pre.describe())
     try:
         mapping, refused = _label_map(saved_names, ckpt.num_classes, bundle.class_names), None
     except CliError as exc:  # said once the weights are known to be the model's
@@ -248,6 +251,7 @@ def _report(args: argparse.Namespace, metrics: dict, bundle, source, pre, ema: b
         "loss": metrics["loss"] if math.isfinite(metrics["loss"]) else None,  # JSON has no NaN
         "non_finite": metrics["non_finite"],  # images whose outputs are NaN or infinite
         "img_size": pre.img_size,
+        "preprocessing": pre.to_dict(),  # the checkpoint's own, else the data's, else the model's
         "ema": ema,  # False when --ema found no EMA weights (warned)
         "skipped_files": num_skipped,
         "left_out": left_out,

@@ -11,6 +11,7 @@ cheaper than per image on a small CPU.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -36,6 +37,15 @@ class Preprocessing:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def describe(self) -> str:
+        """An image's evaluation preprocessing in words (timm's eval transform)."""
+        mean, std = (", ".join(f"{v:.4g}" for v in values) for values in (self.mean, self.std))
+        return (
+            f"short side resized to {math.floor(self.img_size / self.crop_pct)} px "
+            f"({self.interpolation}; crop_pct {self.crop_pct:g}), centre crop {self.img_size}, "
+            f"mean ({mean}), std ({std})"
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
