@@ -290,6 +290,22 @@ def test_eval_says_the_preprocessing_it_used(tmp_path, capsys, caplog):
     assert "centre crop 32, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)" in caplog.text
 
 
+def test_per_class_of_a_released_classifier_on_a_few_classes_holds_those_and_the_predicted(
+    tmp_path, capsys
+):
+    """Three ImageNet classes under a 1000-class classifier: the report held 1000 rows and a
+    1000 x 1000 matrix (6 MB of zeros, a 40-inch picture of overlapping names)."""
+    data = make_folder(tmp_path / "wnids", ("n01440764", "n01443537", "n01484850"), 2, ("val",))
+    ckpt = _released_like(tmp_path, 5)  # says class 5 (n01496331, not in the folder) every time
+    argv = ["eval", "--checkpoint", str(ckpt), "--data-dir", str(data), "--model", NANO]
+    assert main([*argv, "--img-size", "32", "--quiet", "--per-class", str(tmp_path / "r")]) == 0
+    report = json.loads((tmp_path / "r" / "per_class.json").read_text())
+    assert report["class_names"] == ["n01440764", "n01443537", "n01484850", "n01496331"]
+    assert [row["images"] for row in report["classes"]] == [2, 2, 2, 0]
+    assert report["confusion"] == [[0, 0, 0, 2], [0, 0, 0, 2], [0, 0, 0, 2], [0, 0, 0, 0]]
+    assert report["left_out"] == 996
+
+
 def test_a_released_imagenet_classifier_reads_synset_and_numbered_folders_by_name(tmp_path, capsys):
     # before, any folders were taken by position: 3 synsets were refused ("classifies 1000
     # classes but the data has 3") and ImageNetV2's 0..999 were matched in string order

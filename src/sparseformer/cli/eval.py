@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     if confusion is not None:  # written first: --json names them
         from sparseformer.engine.per_class import per_class_report, write_per_class
 
-        paths = write_per_class(per_class_report(confusion, names), args.per_class)
+        report = per_class_report(confusion, names, mapping)  # a subset: its classes
+        paths = write_per_class(report, args.per_class)
     _report(args, metrics, bundle, source, pre, ckpt.ema, paths)
     if paths is not None and not args.json:
         print(f"per-class top-1 and confusion matrix: {paths[0]}, {paths[1]}")
@@ -175,14 +176,12 @@ def _label_map(saved_names, outputs: int, folders: list[str]) -> list[int] | Non
 
 def _output_names(model, ckpt, bundle) -> list[str]:
     """The names of the model's outputs: the checkpoint's; a released ImageNet classifier's
-    as the folders name them, in its order (ImageNetV2's numbers are not listed so); the
-    data's; ImageNet's for 1000 (a released classifier on a subset of its classes); indices."""
+    as the folders name them, in its order, for all of its classes or a few (synset ids, or
+    ImageNetV2's numbers, which are not listed so); the data's; ImageNet's for 1000; indices."""
     from sparseformer.weights.registry import classes_of_outputs, imagenet_class_names
 
     width = int(getattr(model, "num_classes", 0) or len(bundle.class_names))
     named = classes_of_outputs(ckpt.class_names, width, bundle.class_names)
-    if ckpt.class_names is None and named is not None and set(named) != set(bundle.class_names):
-        named = None  # a released classifier on a subset of its classes: ImageNet's names below
     for names in (named, bundle.class_names):
         if names is not None and len(names) == width:
             return list(names)

@@ -20,10 +20,23 @@ __all__ = ["per_class_report", "write_per_class"]
 logger = logging.getLogger(__name__)
 
 
-def per_class_report(confusion: Tensor, class_names: list[str]) -> dict[str, Any]:
+def per_class_report(
+    confusion: Tensor, class_names: list[str], data_classes: list[int] | None = None
+) -> dict[str, Any]:
     """``confusion[t, p]``: images of class ``t`` predicted ``p``. Returns each class's images
-    and top-1 (percent; ``None`` for a class with no images), and the matrix with its names."""
+    and top-1 (percent; ``None`` for a class with no images), and the matrix with its names.
+
+    ``data_classes``: the outputs the data's classes are (a 1000-class classifier on a few
+    ImageNet classes); the report then holds those and the other classes predicted, not a
+    1000 x 1000 matrix of zeros (``left_out`` counts the classes neither in the data nor
+    predicted). ``None``: every class."""
     counts = confusion.long()
+    kept = list(range(len(class_names)))
+    if data_classes is not None:
+        predicted = set(counts.sum(dim=0).nonzero().flatten().tolist())
+        kept = sorted(set(data_classes) | predicted)
+        counts = counts[kept][:, kept]
+    names = [class_names[i] for i in kept]
     images = counts.sum(dim=1)
     correct = counts.diagonal()
     classes = [
@@ -32,9 +45,10 @@ def per_class_report(confusion: Tensor, class_names: list[str]) -> dict[str, Any
             "images": int(n),
             "acc1": 100.0 * int(c) / int(n) if n else None,
         }
-        for name, n, c in zip(class_names, images, correct)
+        for name, n, c in zip(names, images, correct)
     ]
-    return {"classes": classes, "class_names": list(class_names), "confusion": counts.tolist()}
+    report = {"classes": classes, "class_names": names, "confusion": counts.tolist()}
+    return {**report, "left_out": len(class_names) - len(kept)} if data_classes else report
 
 
 def write_per_class(report: dict[str, Any], folder: str | os.PathLike) -> tuple[Path, Path]:
