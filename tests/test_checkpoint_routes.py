@@ -409,3 +409,23 @@ def test_a_run_holds_no_second_copy_of_the_weights_it_starts_from(tmp_path, fold
     # the code that trained it, in each checkpoint and the summary
     summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
     assert last["sparseformer"] == summary["sparseformer"] == sparseformer.__version__ != "0.1.0"
+
+
+def test_weights_of_another_size_are_named_by_their_model(tmp_path):
+    """A file of another size listed 8 of its mismatches and asked 'another model size?';
+    it now says which model the weights are (the authors' files name none)."""
+    from sparseformer.weights.build import model_from_checkpoint
+
+    path = tmp_path / "micro.pth"
+    torch.save({"model": create_model("sparseformer_v1_micro", num_classes=3).state_dict()}, path)
+    with pytest.raises(CheckpointError, match=r"\(\+\d+ more\); its weights are those of "
+                       r"sparseformer_v1_micro: pass --model sparseformer_v1_micro$"):  # fmt: skip
+        model_from_checkpoint(NANO, path)
+    video = r"\(or video_sparseformer_v1_micro, which takes them\)"
+    with pytest.raises(CheckpointError, match=r"those of sparseformer_v1_micro: pass --model "
+                       rf"sparseformer_v1_micro {video}"):  # fmt: skip
+        model_from_checkpoint("video_sparseformer_v1_tiny", path)
+    torch.save({"model": {"not": torch.zeros(2)}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError) as other:
+        model_from_checkpoint(NANO, tmp_path / "other.pth")
+    assert "its weights are those of" not in str(other.value)

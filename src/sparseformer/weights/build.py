@@ -298,7 +298,10 @@ def model_from_checkpoint(
     classes = ckpt.num_classes if sparseformer else ckpt.num_classes or 1000
     # loaded first: weights of another model are named as such, not as another class count
     if sparseformer:
-        model = create_model(model_name, checkpoint_path=ckpt, num_classes=classes)
+        try:
+            model = create_model(model_name, checkpoint_path=ckpt, num_classes=classes)
+        except CheckpointError as exc:  # another size's, another family's: say whose it is
+            raise CheckpointError(_whose(ckpt.state_dict, model_name, str(exc))) from None
     else:
         model = build_model(model_name, classes, ckpt.img_size)  # timm models fix their size
         load_weights(model, ckpt)
@@ -313,3 +316,30 @@ def model_from_checkpoint(
             "--checkpoint ...)"
         )
     return model.eval(), ckpt
+
+
+def _whose(state: Mapping[str, Any], asked: str, error: str) -> str:
+    """``error``, saying which registered model (other than ``asked``) has the names and
+    shapes of ``state``'s weights (the classifier aside), where one has."""
+    import torch
+
+    def body(weights: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in weights.items() if not k.startswith("head.")}
+
+    theirs, found, names = body(state), [], list_models()
+    for name in names:
+        try:
+            with torch.device("meta"):  # no memory, no initialisation
+                ours = body(create_model(name, num_classes=0).state_dict())
+        except Exception:  # noqa: BLE001 - a model that cannot be built so is not the answer
+            continue
+        if ours == theirs and name != asked:
+            found.append(name)
+    if not found:
+        return error
+    video = f"video_{found[0]}"
+    takes = asked.startswith("video_") and video in names
+    video = f" (or {video}, which takes them)" if takes else ""
+    generic = ". Is it a checkpoint of another model size? Pass the matching --model / name."
+    return (f"{error.replace(generic, '')}; its weights are those of {' or '.join(found)}: pass "
+            f"--model {found[0]}{video}")  # fmt: skip
