@@ -129,7 +129,10 @@ def test_convert_and_info(tmp_path, source, capsys):
         assert "10 classes (a fresh classifier: the checkpoint's has 3 classes)" in printed
     else:  # an official file names no model; converted with --model, it names that one
         assert main(["info", "--checkpoint", str(path)]) == 1
-        assert "does not name its model; pass --model NAME" in capsys.readouterr().err
+        assert (
+            "does not name its model (its weights are those of sparseformer_v1_nano); pass "
+            "--model sparseformer_v1_nano" in capsys.readouterr().err
+        )
         assert main(["info", "--checkpoint", str(out)]) == 0
         assert capsys.readouterr().out.startswith(f"{NANO}:")
         assert read_checkpoint(tmp_path / "v.safetensors").model_name is None  # no --model

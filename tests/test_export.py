@@ -191,7 +191,10 @@ def test_export_and_info_name_what_they_cannot_take(tmp_path, capsys):
     assert main(["info", str(run)]) == 0 and "sparseformer_v1_nano" in capsys.readouterr().out
     torch.save(create_model("sparseformer_v1_nano").state_dict(), run)  # names none
     assert main(["info", str(run)]) == 1
-    assert "does not name its model; pass --model NAME" in capsys.readouterr().err
+    assert (
+        "does not name its model (its weights are those of sparseformer_v1_nano); pass "
+        "--model sparseformer_v1_nano" in capsys.readouterr().err
+    )
     assert main(["info", "sparseformer_v1_nanno"]) == 1
     assert "did you mean sparseformer_v1_nano" in capsys.readouterr().err
     assert main(["info", "sparseformer_v1_tiny.in1k"]) == 1  # a tagged name: not a timm model

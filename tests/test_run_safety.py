@@ -417,7 +417,10 @@ def test_eval_predict_and_export_take_the_model_a_checkpoint_names(tmp_path, big
                     ["export", "--out", str(tmp_path / "x.onnx")]):  # fmt: skip
         code, _, err = run_cli(capsys, command[0], "--checkpoint", str(bare), *command[1:])
         assert code == 1 and err.count("\n") == 0, err
-        assert err.endswith("does not name its model; pass --model NAME"), err
+        assert err.endswith(
+            "does not name its model (its weights are those of sparseformer_v1_nano); pass "
+            "--model sparseformer_v1_nano"
+        ), err  # told by its weights
 
 
 def test_signals_are_noted_at_step_boundaries_and_sigterm_is_never_silent():

@@ -303,13 +303,19 @@ def model_and_read_checkpoint(args: argparse.Namespace) -> tuple[str, Checkpoint
                            "--model NAME to start one")  # fmt: skip
     if path is None:
         raise CliError("which model? pass --model NAME (see `sparseformer models`)")
+    read = None
     try:  # its name is a fact of the file, read here once for the command
         read = read_checkpoint(path)
         return check_model(read, None), read
     except ValueError as exc:
         if type(exc) is not ValueError:  # CheckpointError: printed as it is
             raise
-        raise CliError(f"{path} does not name its model; pass --model NAME") from None
+    from sparseformer.weights.build import models_with_weights
+
+    found = models_with_weights(read.state_dict) if read is not None else []  # theirs name none
+    name = found[0] if found else "NAME"
+    whose = f" (its weights are those of {' or '.join(found)})" if found else ""
+    raise CliError(f"{path} does not name its model{whose}; pass --model {name}")
 
 
 def wrong_kind(path: Path, model_name: str, video_model: bool) -> str | None:

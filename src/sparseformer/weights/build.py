@@ -31,6 +31,7 @@ __all__ = [
     "close_model_names",
     "embedding_width",
     "model_from_checkpoint",
+    "models_with_weights",
     "model_input_size",
     "require_sparseformer",
     "timm_model",
@@ -318,27 +319,34 @@ def model_from_checkpoint(
     return model.eval(), ckpt
 
 
-def _whose(state: Mapping[str, Any], asked: str, error: str) -> str:
-    """``error``, saying which registered model (other than ``asked``) has the names and
-    shapes of ``state``'s weights (the classifier aside), where one has."""
+def models_with_weights(state: Mapping[str, Any]) -> list[str]:
+    """The registered models whose weights have the names and shapes of ``state``'s (the
+    classifier aside): the model a file that names none is of. Each is built on the meta
+    device (no memory, no initialisation): seconds in all, for error messages."""
     import torch
 
     def body(weights: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in weights.items() if not k.startswith("head.")}
 
-    theirs, found, names = body(state), [], list_models()
-    for name in names:
+    theirs, found = body(state), []
+    for name in list_models():
         try:
-            with torch.device("meta"):  # no memory, no initialisation
+            with torch.device("meta"):
                 ours = body(create_model(name, num_classes=0).state_dict())
         except Exception:  # noqa: BLE001 - a model that cannot be built so is not the answer
             continue
-        if ours == theirs and name != asked:
+        if ours == theirs:
             found.append(name)
+    return found
+
+
+def _whose(state: Mapping[str, Any], asked: str, error: str) -> str:
+    """``error``, saying which registered model other than ``asked`` ``state`` is of, if any."""
+    found = [name for name in models_with_weights(state) if name != asked]
     if not found:
         return error
     video = f"video_{found[0]}"
-    takes = asked.startswith("video_") and video in names
+    takes = asked.startswith("video_") and video in list_models()
     video = f" (or {video}, which takes them)" if takes else ""
     generic = ". Is it a checkpoint of another model size? Pass the matching --model / name."
     return (f"{error.replace(generic, '')}; its weights are those of {' or '.join(found)}: pass "
