@@ -199,6 +199,10 @@ def test_config_validation():
         ({"activation": "relu"}, "activation must be one of"),
         ({"padding_mode": "reflection"}, "padding_mode must be one of"),
         ({"ln_eps": -1}, "ln_eps must be a positive number"),
+        ({"offset_eps": float("nan")}, "offset_eps must be a positive number, got nan"),
+        ({"mlp_ratio": float("inf")}, "mlp_ratio must be a positive number, got inf"),
+        ({"stages": [(36, 1, 1, ("attn", "pos_embed"))], "num_heads": 4}, "divisible by 8"),
+        ({"stages": [(200, 1)], "attn_head_dim": 64}, r"3 heads \(width // attn_head_dim=64\)"),
         ({"stages": ["wide"]}, "a stage is a StageConfig"),
     ):
         with pytest.raises(ValueError, match=message):
@@ -234,6 +238,17 @@ def test_trace_export_and_meta_device():
     torch.testing.assert_close(program.module()(big), model(big), atol=1e-5, rtol=1e-4)
     meta = create_model("sparseformer_v1_nano").to("meta")
     assert meta(torch.randn(2, 3, 32, 32, device="meta")).shape == (2, 1000)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_tracing_a_model_in_training_mode_says_it_trains_without_the_gradient_clamp(recwarn):
+    """A traced graph keeps no clamp of the coordinates' gradient: a traced model trained with
+    gradients over 1,000 times the model's, in silence."""
+    model = create_model("sparseformer_v1_nano").eval()
+    torch.jit.trace(model, torch.randn(1, 3, 32, 32))
+    assert not [w for w in recwarn if "records no clamp" in str(w.message)]
+    torch.jit.trace(model.train(), torch.randn(1, 3, 32, 32), check_trace=False)
+    assert [w for w in recwarn if "records no clamp" in str(w.message)]
 
 
 def test_torch_func_vmap_gives_per_sample_outputs_and_gradients():

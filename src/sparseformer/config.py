@@ -214,7 +214,8 @@ class SparseFormerConfig:
                 _check_int(self, name, least=1)
         for name in ("mlp_ratio", "ln_eps", "stem_eps", "offset_eps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            number = not isinstance(value, bool) and isinstance(value, (int, float))
+            if not (number and 0 < value < math.inf):  # NaN fails too: every output NaN
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         for name, allowed in (
             ("padding_mode", ("zeros", "border")),
@@ -244,13 +245,21 @@ class SparseFormerConfig:
 
     def _check_widths(self) -> None:
         for stage in self.stages:
-            head_dim = stage.width // self.heads_at(stage.width)
-            if self.attn_head_dim is None:
-                head_dim = max(stage.width // self.num_heads, 1)
-            if stage.width % head_dim:
+            heads = self.heads_at(stage.width)
+            if stage.width % heads:  # attn_head_dim: width // attn_head_dim heads, at least 1
+                why = f"{heads} heads (width // attn_head_dim={self.attn_head_dim})"
+                if self.attn_head_dim is None:
+                    why = f"{heads} heads (num_heads={self.num_heads}, as the official code sets)"
                 raise ValueError(
-                    f"stage width {stage.width} does not split into heads of width {head_dim} "
-                    f"(num_heads={self.num_heads}); pick a width divisible by num_heads"
+                    f"stage width {stage.width} does not split evenly into {why}; pick a width "
+                    f"divisible by {'attn_head_dim' if self.attn_head_dim else 'num_heads'}"
+                )
+            ops = {op for i in range(stage.depth) for op in stage.unit_ops(i)}
+            code = 4 * (3 if isinstance(self, VideoSparseFormerConfig) else 2)  # 2D coordinates
+            if "pos_embed" in ops and stage.width % code:
+                raise ValueError(
+                    f"stage width {stage.width} has a pos_embed op, whose sine code of the RoI's "
+                    f"coordinates needs a width divisible by {code}"
                 )
             if self.mixing_hidden_dim is None and stage.width % self.mixing_reduction:
                 raise ValueError(

@@ -9,6 +9,7 @@ only the number of RoI coordinates differs. The bootstrapped SparseFormers (Gao 
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -257,12 +258,21 @@ class SampleMixOp(nn.Module):
             if ctx.points_out is not None:
                 ctx.points_out.append(points)
             if ctx.coord_grad_bound is not None:
+                if self.training and torch.jit.is_tracing():
+                    warnings.warn(_TRACED_TRAINING, stacklevel=2)
                 points = clamp_coordinate_grad(points, ctx.coord_grad_bound)
             sampled = sample_features(
                 at_least_fp32(feats), points, self.padding_mode
             )  # (B, N, P, C)
         update = self.mixing(tokens, sampled)
         return tokens + drop_path(update, ctx.drop_rate, self.training), rois
+
+
+_TRACED_TRAINING = (
+    "torch.jit.trace records no clamp of the gradient that reaches the sampling coordinates "
+    "(the official code's bound), so a traced model in training mode trains otherwise than "
+    "the model; train the model itself (or torch.compile it), and trace it in eval mode"
+)
 
 
 class Unit(nn.ModuleDict):
