@@ -654,3 +654,34 @@ def test_a_run_continued_into_a_new_folder_resumes_there_from_where_it_was(
     epochs = [json.loads(r)["epoch"] for r in (then / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3] and torch.load(then / "last.pt", weights_only=True)["epoch"] == 3
     assert torch.load(first / "last.pt", weights_only=True)["epoch"] == 2  # the first run's own
+
+
+def test_links_planted_at_the_lock_and_the_temporaries_are_removed_not_followed(tmp_path, caplog):
+    """A run folder copied with a `.lock` link to ~/.bashrc: the lock's record overwrote the
+    file (the run then failed or not), and its first 512 bytes went raw into the log; links at
+    the temporaries' names made export, viz and eval --per-class write through them."""
+    from sparseformer.engine.atomic import staging_file
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious \x1b[2J")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).symlink_to(victim)
+    with caplog.at_level("WARNING"), RunFolderLock(out):
+        assert f"PID {os.getpid()} on host" in (out / LOCK_FILE).read_text()
+    assert victim.read_text() == "precious \x1b[2J" and "removed, not followed" in caplog.text
+    (out / LOCK_FILE).write_text("PID 1 on host elsewhere \x1b[2J")  # a planted holder record
+    holder = RunFolderLock(out)
+    with RunFolderLock(out), pytest.raises(RunFolderBusy) as busy:  # held by us, here
+        holder.acquire()
+    assert "\x1b" not in str(busy.value)
+    target = out / "metrics.png"
+    temporary_for(target).symlink_to(victim)
+    write_atomic(target, lambda f: f.write(b"png"))
+    assert target.read_bytes() == b"png" and victim.read_text() == "precious \x1b[2J"
+    onnx = out / "model.onnx"
+    temporary_for(onnx).with_name(temporary_for(onnx).name + ".onnx").symlink_to(victim)
+    staged = staging_file(onnx, ".onnx")
+    assert not staged.is_symlink() and staged.read_bytes() == b""
+    staged.write_bytes(b"graph")  # as the exporter writes it, by name
+    assert victim.read_text() == "precious \x1b[2J"

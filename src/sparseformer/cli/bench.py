@@ -165,7 +165,11 @@ def _write_outputs(writes: list) -> None:
         path = output_target(option)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = staging_file(path, path.suffix)  # the suffix tells matplotlib the format
-        write(tmp)
+        try:
+            write(tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         install(tmp, path)
         print(f"wrote {option}", file=sys.stderr if is_stream(path) else sys.stdout)
 

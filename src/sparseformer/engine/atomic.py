@@ -47,6 +47,18 @@ def temporary_for(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _create(tmp: Path) -> int:
+    """A descriptor for writing ``tmp``, created anew as this process's own regular file:
+    whatever stood at the name (a killed process's leftover, a symbolic link planted there)
+    is removed, not followed (followed, the write overwrote the file the link named)."""
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        pass
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    return os.open(tmp, flags | getattr(os, "O_BINARY", 0), 0o666)
+
+
 class _Recording:
     """A binary file whose ``write`` remembers the ``OSError`` it raised: ``torch.save`` turns
     it into a ``RuntimeError`` that no longer says why (``enforce fail at inline_container``)."""
@@ -76,7 +88,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
     tmp = temporary_for(path)
     recording = None
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(_create(tmp), "wb") as f:
             recording = _Recording(f)
             write(recording)
             f.flush()
@@ -149,7 +161,9 @@ def staging_file(path: Path, suffix: str = "") -> Path:
     to write in)."""
     if not is_stream(path):
         tmp = temporary_for(path)  # the name write_atomic uses, which a new run clears
-        return tmp.with_name(tmp.name + suffix)
+        tmp = tmp.with_name(tmp.name + suffix)
+        os.close(_create(tmp))  # ours, so that the writer opening it by name follows no link
+        return tmp
     fd, name = tempfile.mkstemp(prefix=".sparseformer-", suffix=suffix)
     os.close(fd)
     return Path(name)

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -98,7 +99,7 @@ class RunFolderLock:
         path = self.folder / LOCK_FILE
         deadline = None  # set once the holder is found ended
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -175,11 +176,39 @@ def _holder_ended(holder: str) -> bool:
     return False
 
 
-def _read_holder(fd: int) -> str:
+def _open_lock(path: Path) -> int:
+    """The lock file, opened or created as a regular file of its own. A symbolic link in its
+    place (a run folder copied with one, or planted) is removed, not followed: followed, the
+    lock's record overwrote the file it pointed to.
+
+    Raises:
+        RunFolderBusy: the name holds something that is not a regular file (a pipe).
+    """
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
     try:
-        return os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+        fd = os.open(path, flags, 0o644)
+    except OSError:
+        if not path.is_symlink():
+            raise
+        logger.warning("%s: a symbolic link (to %r) stood for the run's lock file; removed, not "
+                       "followed", path, os.readlink(path))  # fmt: skip
+        path.unlink()
+        fd = os.open(path, flags, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunFolderBusy(f"{str(path)!r} is not a regular file: remove it, or choose another "
+                            "--output")  # fmt: skip
+    return fd
+
+
+def _read_holder(fd: int) -> str:
+    """What the lock file says of its holder, printable characters only (it is data, and a
+    planted one could hold terminal escapes)."""
+    try:
+        text = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
     except OSError:
         return ""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def check_run_folder_free(folder: str | os.PathLike) -> None:
