@@ -432,3 +432,21 @@ def test_weights_of_another_size_are_named_by_their_model(tmp_path):
     with pytest.raises(CheckpointError) as other:
         model_from_checkpoint(NANO, tmp_path / "other.pth")
     assert "its weights are those of" not in str(other.value)
+
+
+def test_predict_prints_names_with_their_control_characters_escaped(tmp_path, capsys):
+    """Class and file names are data: a name with an escape sequence cleared the terminal, and
+    one with a line break printed a result line of its own."""
+    model = create_model(NANO, num_classes=2)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([10.0, 0.0]))
+    names = ["dog\n 99.99%  everything is fine", "cat\x1b[2J"]
+    path = tmp_path / "named.pt"
+    torch.save({"model": model.state_dict(), "model_name": NANO, "class_names": names}, path)
+    image = tmp_path / "photo\x1b[1m.png"
+    Image.new("RGB", (40, 40), (90, 40, 10)).save(image)
+    assert main(["predict", "--checkpoint", str(path), str(image), "--topk", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and len(out.splitlines()) == 3
+    assert "dog\\n 99.99%  everything is fine" in out and "cat\\x1b[2J" in out
+    assert "photo\\x1b[1m.png:" in out

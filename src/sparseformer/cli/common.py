@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -339,7 +340,23 @@ def skip_file(path: Path, why: str, as_json: bool = False) -> int:
     """Report a file that a command taking many files cannot use, which then goes on with the
     others: ``PATH: WHY; skipped`` on stderr, and with ``--json`` also a record on stdout
     (``{"image": ..., "error": ...}``) so that a script sees every input. Returns 1 (a count)."""
-    print(f"{path}: {why}; skipped", file=sys.stderr)
+    print(f"{for_terminal(str(path))}: {for_terminal(why)}; skipped", file=sys.stderr)
     if as_json:
         print(json.dumps({"image": str(path), "error": why}))
     return 1
+
+
+# bidirectional overrides and isolates, which reorder what a terminal shows
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def for_terminal(text: str) -> str:
+    """``text`` (a class or file name: data) with its control characters escaped (``\\x1b``,
+    ``\\n``), so that a name cannot clear the screen, move the cursor or print a line of its
+    own; other characters, bytes of non-UTF-8 file names included, are printed as they are."""
+    return "".join(
+        c.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(c) == "Cc" or c in _BIDI
+        else c
+        for c in text
+    )

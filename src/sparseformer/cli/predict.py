@@ -14,6 +14,7 @@ from sparseformer.cli.common import (
     MODEL_FROM_CHECKPOINT,
     add_clip_arguments,
     clip_flags,
+    for_terminal,
     model_and_read_checkpoint,
     positive_int,
     refuse_video_flags_on_images,
@@ -158,6 +159,6 @@ def _print_top(path: Path, probs, names: list[str], k: int, as_json: bool) -> No
     if as_json:
         print(json.dumps({"image": str(path), "predictions": preds}))
     else:
-        print(f"{path}:")
+        print(f"{for_terminal(str(path))}:")
         for pred in preds:
-            print(f"  {100 * pred['probability']:6.2f}%  {pred['label']}")
+            print(f"  {100 * pred['probability']:6.2f}%  {for_terminal(pred['label'])}")
