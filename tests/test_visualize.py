@@ -348,3 +348,21 @@ def test_class_names_the_fonts_lack_are_said_once_per_picture_set(tmp_path, capl
         assert len(said) == 1 and "x_rois.png: the installed fonts lack 1 character" in said[0]
     else:  # a CJK font is installed
         assert said == []
+
+
+def test_a_dollar_in_a_class_name_is_a_dollar_not_mathtext(tmp_path):
+    """A class named like TeX ($\\frac{x^$) ended viz and eval --per-class in matplotlib's
+    math parser: no picture, a multi-line error."""
+    from sparseformer.engine.per_class import per_class_report, write_per_class
+    from sparseformer.viz.figures import save_figure
+
+    names = ["$\\frac{x^$", "costs $5"]
+    model = create_model("sparseformer_v1_nano", num_classes=2).eval()
+    with torch.inference_mode():
+        out = model.forward_with_details(torch.rand(1, 3, 32, 32))
+        out.logits[0] = torch.tensor([5.0, 0.0])  # the first class
+    fig = plot_rois(np.zeros((32, 32, 3), np.uint8), out, class_names=names)
+    save_figure(fig, tmp_path / "rois.png")
+    assert fig.texts[0].get_text().startswith("prediction: $\\frac{x^$")
+    _, png = write_per_class(per_class_report(torch.eye(2), names), tmp_path / "report")
+    assert png.stat().st_size > 0

@@ -71,8 +71,8 @@ def write_per_class(report: dict[str, Any], folder: str | os.PathLike) -> tuple[
     fig, ax = plt.subplots(figsize=(size, size))
     shown = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
     ticks = range(len(names))
-    ax.set_xticks(ticks, names, rotation=90, fontsize=8)
-    ax.set_yticks(ticks, names, fontsize=8)
+    ax.set_xticks(ticks, names, rotation=90, fontsize=8, parse_math=False)  # $ is a dollar
+    ax.set_yticks(ticks, names, fontsize=8, parse_math=False)
     ax.set(xlabel="predicted", ylabel="true class", title="confusion (fraction of each class)")
     fig.colorbar(shown, ax=ax, fraction=0.046)
     try:

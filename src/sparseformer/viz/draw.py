@@ -199,7 +199,7 @@ def draw_panel(
     ax.set_facecolor("0.85")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, parse_math=False)  # a class name's $ is a dollar
     border = Rectangle((0, 0), w, h, fill=False, edgecolor="0.3", lw=0.6, ls=":")
     border.set_gid("image-border")
     ax.add_patch(border)
@@ -254,7 +254,7 @@ def render_panel(
     fig = Figure(figsize=(inches, inches * panel_aspect(h, w) + 0.5), dpi=dpi)
     canvas = FigureCanvasAgg(fig)
     draw_panel(fig.subplots(), image, rois, points, colors, highlight, title)
-    fig.suptitle(suptitle, fontsize=fontsize)
+    fig.suptitle(suptitle, fontsize=fontsize, parse_math=False)
     fig.tight_layout()
     canvas.draw()
     return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())

@@ -128,7 +128,7 @@ def plot_rois(
         rois, points = stage_geometry(output, stage, index)
         draw_panel(ax, img, rois, points, colors, highlight_set, stage_title(output, stage, rois))
     head = title or f"prediction: {prediction_text(output.logits[index], class_names)}"
-    fig.suptitle(head, fontsize=11)
+    fig.suptitle(head, fontsize=11, parse_math=False)  # a class name's $ is a dollar
     if show_stats:
         fig.text(
             0.5,

@@ -77,7 +77,7 @@ def plot_video_rois(
     for ax in axes[len(shown) :]:
         ax.set_axis_off()
     label = prediction_text(output.logits[index], class_names)
-    fig.suptitle(f"prediction: {label}; {_stage_name(stage)}", fontsize=10)
+    fig.suptitle(f"prediction: {label}; {_stage_name(stage)}", fontsize=10, parse_math=False)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
