@@ -342,6 +342,28 @@ def test_a_process_of_the_run_gone_is_one_line(monkeypatch, capsys, tmp_path):
         main(["models"])
 
 
+def test_memory_running_out_and_deep_input_are_said_in_one_line(monkeypatch, capsys):
+    """A checkpoint asking for a 25 GB classifier, a recipe nested thousands deep: a MemoryError,
+    torch's allocator error, a RecursionError or an OverflowError came out as a traceback."""
+    from sparseformer.cli import models as models_cli
+
+    for raised, said in (
+        (MemoryError(), "out of memory (MemoryError); lower --batch-size"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                      "25600000000 bytes."), "out of memory (DefaultCPUAllocator: can't"),
+        (RecursionError("maximum recursion depth exceeded"), "the input nests too deeply"),
+        (OverflowError("cannot convert float infinity to integer"), "cannot convert float"),
+    ):  # fmt: skip
+
+        def fail(args, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(models_cli, "run", fail)
+        assert main(["models"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and said in err, err
+
+
 def test_a_misplaced_or_unknown_option_is_named_by_its_command(capsys):
     """argparse's own message came from the program's parser, with the program's usage."""
     for argv, said in (

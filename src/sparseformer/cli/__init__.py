@@ -228,7 +228,7 @@ def _main(argv: list[str] | None) -> int:
     except (CliError, CheckpointError, UnknownModelError, DownloadError, OSError) as exc:
         print(f"sparseformer {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError) as exc:  # bad values met late: one line; -v for the trace
+    except (ValueError, TypeError, OverflowError) as exc:  # bad values met late: one line
         logging.getLogger(__name__).debug("traceback", exc_info=True)
         print(f"sparseformer {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
@@ -240,25 +240,38 @@ def _main(argv: list[str] | None) -> int:
         if rank == 0:
             print(f"sparseformer {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if _lost_a_peer(exc):  # under torchrun, another process ended: not a bug of ours
-            logging.getLogger(__name__).debug("traceback", exc_info=True)
-            print(f"sparseformer {args.command}: error: the processes of the run lost each "
-                  f"other ({first[:200]}): another one ended or was killed; its log says why"
-                  f"{_resume_hint(args)}", file=sys.stderr)  # fmt: skip
-            return 1
-        if not first.startswith("DataLoader worker"):  # torch's own message: a bug, traced
+    except (RuntimeError, MemoryError) as exc:
+        line = _runtime_error_line(exc)
+        if line is None:  # torch's own message: a bug, traced
             raise
-        # a worker killed from outside (most often the out-of-memory killer)
         logging.getLogger(__name__).debug("traceback", exc_info=True)
-        print(
-            f"sparseformer {args.command}: error: a data-loading worker died ({first}); the "
-            "most common cause is memory: lower --workers or --batch-size"
-            f"{_resume_hint(args)}",
-            file=sys.stderr,
-        )
+        print(f"sparseformer {args.command}: error: {line}{_resume_hint(args)}", file=sys.stderr)
         return 1
+
+
+def _runtime_error_line(exc: BaseException) -> str | None:
+    """What a failure that is not a bug says, in one line: the memory ran out, a data-loading
+    worker died, the processes of a run lost each other, input nested past Python's limit;
+    ``None`` for any other (a bug of ours or torch's: traced)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if (
+        isinstance(exc, MemoryError)
+        or "can't allocate memory" in first
+        or (
+            type(exc).__name__ == "OutOfMemoryError"  # torch.OutOfMemoryError: CUDA's
+        )
+    ):
+        return (f"out of memory ({first[:200] or 'MemoryError'}); lower --batch-size or "
+                "--img-size, or the size a checkpoint asks for")  # fmt: skip
+    if isinstance(exc, RecursionError):  # a JSON nested thousands deep
+        return f"the input nests too deeply to read ({first[:200]})"
+    if _lost_a_peer(exc):  # under torchrun, another process ended: not a bug of ours
+        return (f"the processes of the run lost each other ({first[:200]}): another one ended "
+                "or was killed; its log says why")  # fmt: skip
+    if first.startswith("DataLoader worker"):  # killed from outside (the out-of-memory killer)
+        return (f"a data-loading worker died ({first}); the most common cause is memory: lower "
+                "--workers or --batch-size")  # fmt: skip
+    return None
 
 
 def _lost_a_peer(exc: RuntimeError) -> bool:

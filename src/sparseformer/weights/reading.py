@@ -63,7 +63,7 @@ def read_file(path: str | os.PathLike) -> Any:
             ) from exc
         try:  # a converted training checkpoint: its classes, preprocessing, ... (convert)
             info = json.loads(metadata.get(RUN_INFO_KEY, "{}"))
-        except ValueError:
+        except (ValueError, RecursionError):  # not ours, or nested past Python's limit
             info = {}
         if not isinstance(info, dict) or not info:
             return tensors
