@@ -480,6 +480,24 @@ def test_an_interpolation_no_resize_knows_is_said_and_set_aside(tmp_path, capsys
     assert json.loads(capsys.readouterr().out)["predictions"][0]["label"] in "abc"
 
 
+@pytest.mark.parametrize(("size", "crop"), [(10**9, 0.9), (32, 1e-9), (2, float("nan"))])
+def test_a_recorded_size_or_crop_no_command_can_use_is_said_and_set_aside(tmp_path, caplog,
+                                                                          size, crop):  # fmt: skip
+    """A file's record of 10**9 pixels asked predict for exabytes; a crop_pct of 1e-9 ended in
+    an OverflowError: each is now warned and the model's own used, the rest of the record kept."""
+    model = create_model("sparseformer_v1_nano", num_classes=3)
+    path = tmp_path / "edited.pt"
+    pre = {"img_size": size, "interpolation": "bilinear", "crop_pct": crop, "mean": (0.5,) * 3,
+           "std": (0.25,) * 3}  # fmt: skip
+    torch.save({"model": model.state_dict(), "model_name": "sparseformer_v1_nano",
+                "preprocessing": pre}, path)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="sparseformer"):
+        kept = read_checkpoint(path).preprocessing
+    assert ("img_size" in kept) == (size == 32) and ("crop_pct" in kept) == (crop == 0.9)
+    assert kept["interpolation"] == "bilinear" and kept["std"] == (0.25,) * 3
+    assert "is not within" in caplog.text
+
+
 @pytest.mark.parametrize("name", ["sparseformer_v1_nano", "test_vit"])
 def test_fine_tuning_matches_the_classifier_to_the_data_by_class_name(name, caplog):
     import timm

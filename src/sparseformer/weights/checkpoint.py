@@ -22,7 +22,6 @@ from typing import Any
 
 from torch import Tensor
 
-from sparseformer.config import INTERPOLATIONS
 from sparseformer.weights.convert import (
     CheckpointError,
     ConversionReport,
@@ -30,7 +29,7 @@ from sparseformer.weights.convert import (
     convert_state_dict,
     unwrap_checkpoint,
 )
-from sparseformer.weights.reading import read_file
+from sparseformer.weights.reading import keep_usable_preprocessing, read_file
 from sparseformer.weights.registry import MODELS, image_model_of
 
 __all__ = [
@@ -282,10 +281,7 @@ def checkpoint_metadata(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
             size = _square_side(scope.get(key))
             if "img_size" not in pre and size is not None:
                 pre["img_size"] = size
-    if pre.get("interpolation") not in (None, *INTERPOLATIONS):  # the rest of it stands
-        logger.warning("the checkpoint's interpolation %r is not one of %s: resizing bicubic",
-                       pre["interpolation"], ", ".join(INTERPOLATIONS))  # fmt: skip
-        pre["interpolation"] = "bicubic"
+    keep_usable_preprocessing(pre)  # each value out of bounds warned and replaced
     model_name, classes = checkpoint.get("model_name"), checkpoint.get("num_classes")
     video, architecture = checkpoint.get("video"), checkpoint.get("architecture")
     return {

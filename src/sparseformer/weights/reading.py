@@ -20,9 +20,16 @@ from typing import Any
 
 import torch
 
+from sparseformer.config import IMG_SIZES, INTERPOLATIONS
 from sparseformer.weights.convert import CheckpointError, UnreadableCheckpoint, unwrap_checkpoint
 
-__all__ = ["CHECKPOINT_SUFFIXES", "RUN_INFO_KEY", "NotLoaded", "read_file"]
+__all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "RUN_INFO_KEY",
+    "NotLoaded",
+    "read_file",
+    "keep_usable_preprocessing",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -228,3 +235,21 @@ def _looks_like_safetensors(path: Path) -> bool:
         return False
     size = int.from_bytes(header[:8], "little")
     return header[8:9] == b"{" and 0 < size < path.stat().st_size
+
+
+def keep_usable_preprocessing(pre: dict[str, Any]) -> None:
+    """Replace, warning, the values of a checkpoint's preprocessing record that no command can
+    use (a file's data, not ours to trust): an unknown interpolation becomes bicubic, and an
+    input size outside ``IMG_SIZES`` or a crop_pct outside 0.1-1 are dropped for the model's
+    own (a size of 10**9 asked for exabytes). The rest of the record stands."""
+    if pre.get("interpolation") not in (None, *INTERPOLATIONS):
+        logger.warning("the checkpoint's interpolation %r is not one of %s: resizing bicubic",
+                       pre["interpolation"], ", ".join(INTERPOLATIONS))  # fmt: skip
+        pre["interpolation"] = "bicubic"
+    low, high = IMG_SIZES
+    if not low <= pre.get("img_size", low) <= high:
+        logger.warning("the checkpoint's input size %r is not within %d-%d pixels: the model's "
+                       "own is used", pre.pop("img_size"), low, high)  # fmt: skip
+    if not 0.1 <= pre.get("crop_pct", 1.0) <= 1:  # NaN too; 0.1: a resize to 10x the input
+        logger.warning("the checkpoint's crop_pct %r is not within 0.1-1: the model's own is "
+                       "used", pre.pop("crop_pct"))  # fmt: skip
