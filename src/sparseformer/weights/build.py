@@ -326,7 +326,11 @@ def models_with_weights(state: Mapping[str, Any]) -> list[str]:
     import torch
 
     def body(weights: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v.shape) for k, v in weights.items() if not k.startswith("head.")}
+        return {
+            k: tuple(v.shape)
+            for k, v in weights.items()
+            if not k.startswith("head.") and isinstance(v, torch.Tensor)
+        }
 
     theirs, found = body(state), []
     for name in list_models():
