@@ -351,6 +351,8 @@ def test_memory_running_out_and_deep_input_are_said_in_one_line(monkeypatch, cap
         (MemoryError(), "out of memory (MemoryError); lower --batch-size"),
         (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
                       "25600000000 bytes."), "out of memory (DefaultCPUAllocator: can't"),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+         "out of memory (CUDA out of memory"),
         (RecursionError("maximum recursion depth exceeded"), "the input nests too deeply"),
         (OverflowError("cannot convert float infinity to integer"), "cannot convert float"),
     ):  # fmt: skip

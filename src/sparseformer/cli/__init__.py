@@ -253,14 +253,11 @@ def _runtime_error_line(exc: BaseException) -> str | None:
     """What a failure that is not a bug says, in one line: the memory ran out, a data-loading
     worker died, the processes of a run lost each other, input nested past Python's limit;
     ``None`` for any other (a bug of ours or torch's: traced)."""
+    import torch  # imported already: every command runs after it
+
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if (
-        isinstance(exc, MemoryError)
-        or "can't allocate memory" in first
-        or (
-            type(exc).__name__ == "OutOfMemoryError"  # torch.OutOfMemoryError: CUDA's
-        )
-    ):
+    # the CPU allocator's failure is a plain RuntimeError; CUDA's, torch.OutOfMemoryError
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in first:
         return (f"out of memory ({first[:200] or 'MemoryError'}); lower --batch-size or "
                 "--img-size, or the size a checkpoint asks for")  # fmt: skip
     if isinstance(exc, RecursionError):  # a JSON nested thousands deep

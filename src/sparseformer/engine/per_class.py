@@ -48,7 +48,9 @@ def per_class_report(
         for name, n, c in zip(names, images, correct)
     ]
     report = {"classes": classes, "class_names": names, "confusion": counts.tolist()}
-    return {**report, "left_out": len(class_names) - len(kept)} if data_classes else report
+    if data_classes is None:
+        return report
+    return {**report, "left_out": len(class_names) - len(kept)}
 
 
 def write_per_class(report: dict[str, Any], folder: str | os.PathLike) -> tuple[Path, Path]:
