@@ -450,3 +450,54 @@ def test_predict_prints_names_with_their_control_characters_escaped(tmp_path, ca
     assert "\x1b" not in out and len(out.splitlines()) == 3
     assert "dog\\n 99.99%  everything is fine" in out and "cat\\x1b[2J" in out
     assert "photo\\x1b[1m.png:" in out
+
+
+@pytest.mark.parametrize("command", ["info", "export", "train", "convert"])
+def test_info_export_and_fine_tuning_name_the_model_of_other_weights(tmp_path, capsys, command):
+    """info, export and train --checkpoint asked 'another model size?' where predict, eval and
+    viz name the model the weights are."""
+    from .test_train_errors import one_line_error, tiny_train
+
+    path = tmp_path / "micro.pth"
+    torch.save({"model": create_model("sparseformer_v1_micro", num_classes=3).state_dict()}, path)
+    argv = [command, "--model", NANO, "--checkpoint", str(path)]
+    if command == "export":
+        argv += ["--out", str(tmp_path / "m.onnx")]
+    if command == "convert":
+        argv = [command, str(path), str(tmp_path / "m.safetensors"), "--model", NANO]
+    if command == "train":
+        data = make_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=1)
+        argv = [*tiny_train(data, tmp_path / "run"), "--checkpoint", str(path)]
+    err = one_line_error(capsys, *argv)
+    assert err.endswith("its weights are those of sparseformer_v1_micro: pass --model "
+                        "sparseformer_v1_micro")  # fmt: skip
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_naming_their_model_keeps_an_error_it_has_nothing_to_add_to():
+    from sparseformer.weights.build import naming_their_model
+    from sparseformer.weights.checkpoint import Checkpoint
+    from sparseformer.weights.convert import NotASparseFormerCheckpoint
+
+    ckpt = read_checkpoint({"model": {"fc.weight": torch.zeros(2, 2)}})
+    assert isinstance(ckpt, Checkpoint)
+    with pytest.raises(NotASparseFormerCheckpoint), naming_their_model(ckpt, NANO):
+        raise NotASparseFormerCheckpoint("a ResNet's weights")
+
+
+def test_fine_tuning_without_model_reads_its_checkpoint_once(tmp_path, capsys, monkeypatch):
+    """train --checkpoint without --model read the file to name the model, then again."""
+    import sparseformer.weights.checkpoint as checkpoint
+
+    from .test_train_errors import run_cli, tiny_train
+
+    path = tmp_path / "nano.pt"
+    write_checkpoint(path, "ours")  # a run's file: it names its model
+    reads, read_file = [], checkpoint.read_file
+    monkeypatch.setattr(checkpoint, "read_file", lambda p: reads.append(p) or read_file(p))
+    data = make_folder(tmp_path / "data", classes=CLASSES, per_class=2)
+    argv = [a for a in tiny_train(data, tmp_path / "run", "--epochs", "1") if a != NANO]
+    argv.remove("--model")
+    code, _, err = run_cli(capsys, *argv, "--checkpoint", str(path))
+    assert code == 0, err
+    assert [str(p) for p in reads] == [str(path)]

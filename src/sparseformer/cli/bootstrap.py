@@ -21,11 +21,11 @@ from typing import Any
 
 from sparseformer.cli.common import (
     add_data_arguments,
+    add_recipe_flags,
     add_saving_arguments,
     check_precision,
     count,
     data_source,
-    image_size,
     nothing_to_do,
     positive_int,
     recipe_flags,
@@ -72,13 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, required=True, help="run folder")
     g = p.add_argument_group("recipe (defaults come from --recipe, as for train)")
     g.add_argument("--recipe", help="shipped recipe name or a JSON file")
-    g.add_argument("--epochs", type=positive_int)
-    g.add_argument("--batch-size", type=positive_int, help="images per process and step")
-    g.add_argument("--img-size", type=image_size, help="teacher input size (a timm name)")
-    g.add_argument("--lr", type=float, help="peak learning rate for a total batch of 512")
-    g.add_argument("--warmup-epochs", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--workers", type=count, help="data-loading processes per training process")
+    add_recipe_flags(g, img_size="teacher input size (a timm name)", drop_path=False)
     g.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="any recipe field, value in JSON")  # fmt: skip
     g = p.add_argument_group("run")

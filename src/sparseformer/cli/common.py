@@ -29,7 +29,6 @@ __all__ = [
     "refuse_video_flags_on_images",
     "recipe_flags",
     "MODEL_FROM_CHECKPOINT",
-    "model_named_by_checkpoint",
     "model_and_read_checkpoint",
     "wrong_kind",
     "skip_file",
@@ -248,6 +247,20 @@ def recipe_flags(args: argparse.Namespace):
     )
 
 
+def add_recipe_flags(group, img_size: str, drop_path: bool = True) -> None:
+    """The flags that set a recipe's fields (train's and bootstrap's, in their words once);
+    ``img_size``: what --img-size is, in the command's words."""
+    group.add_argument("--epochs", type=positive_int, help="passes over the training data")
+    group.add_argument("--batch-size", type=positive_int, help="images per process and step")
+    group.add_argument("--img-size", type=image_size, help=img_size)
+    group.add_argument("--lr", type=float, help="peak learning rate for a total batch of 512")
+    group.add_argument("--warmup-epochs", type=float, help="epochs of linear learning-rate warm-up")
+    group.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    if drop_path:
+        group.add_argument("--drop-path", type=float, help="stochastic depth rate")
+    group.add_argument("--workers", type=count, help="data-loading processes per training process")
+
+
 # recipe field -> the flag of its own that sets it (its argparse name)
 _RECIPE_FLAGS = {
     "epochs": "epochs",
@@ -265,12 +278,6 @@ _RECIPE_FLAGS = {
 MODEL_FROM_CHECKPOINT = (
     "the model the checkpoint belongs to (default: the one a `sparseformer train` checkpoint names)"
 )
-
-
-def model_named_by_checkpoint(args: argparse.Namespace) -> str:
-    """``args.model``, or the model ``args.checkpoint`` (or the run ``args.resume`` goes on)
-    names: :func:`model_and_read_checkpoint` without the checkpoint it may have read."""
-    return model_and_read_checkpoint(args)[0]
 
 
 def model_and_read_checkpoint(args: argparse.Namespace) -> tuple[str, Checkpoint | None]:

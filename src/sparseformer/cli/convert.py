@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sparseformer.cli import CliError, check_output
     from sparseformer.engine.atomic import install, is_stream, output_target, staging_file
+    from sparseformer.weights.build import naming_their_model
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.factory import create_model
     from sparseformer.weights.loading import (
@@ -66,11 +67,12 @@ def run(args: argparse.Namespace) -> int:
     report = require_sparseformer_layout(ckpt)  # nothing of the authors' weights left behind
     if args.model:
         check_model(ckpt, args.model)  # a video model takes its image model's, inflated
-        load_checkpoint(
-            create_model(args.model, **{**ckpt.architecture, "num_classes": ckpt.num_classes}),
-            ckpt,
-            allow_classifier_mismatch=False,
-        )  # (which warns when the EMA weights scored best and these are the model's)
+        with naming_their_model(ckpt, args.model):  # another size's weights: whose they are
+            load_checkpoint(
+                create_model(args.model, **{**ckpt.architecture, "num_classes": ckpt.num_classes}),
+                ckpt,
+                allow_classifier_mismatch=False,
+            )  # (which warns when the EMA weights scored best and these are the model's)
     else:
         warn_about_weights(ckpt)
     tmp = staging_file(out)

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         check_export_settings,
         export_onnx,
     )
-    from sparseformer.weights.build import require_sparseformer
+    from sparseformer.weights.build import naming_their_model, require_sparseformer
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.factory import create_model, get_model_spec
 
@@ -129,9 +129,11 @@ def run(args: argparse.Namespace) -> int:
     extra = {"num_frames": args.num_frames} if args.num_frames is not None else {}
     if ckpt is not None and args.ema:  # the EMA weights of the same file (warned if none)
         ckpt = read_checkpoint(ckpt, prefer_ema=True)
-    model = create_model(
-        args.model, checkpoint_path=ckpt, num_classes=args.num_classes, **extra
-    ).eval()
+    with naming_their_model(ckpt, args.model):
+        model = create_model(
+            args.model, checkpoint_path=ckpt, num_classes=args.num_classes, **extra
+        )
+    model.eval()
     if ckpt is None:
         print(f"no --checkpoint: {args.model} exports with untrained (random) weights")
     shape = sample_shape(model, args.img_size)  # (3, S, S) or (3, T, S, S)

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.cli.common import model_and_read_checkpoint
     from sparseformer.data.scan import first_names
     from sparseformer.engine.video import is_video_model
-    from sparseformer.weights.build import embedding_width, require_sparseformer
+    from sparseformer.weights.build import embedding_width, naming_their_model, require_sparseformer
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.reading import CHECKPOINT_SUFFIXES
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.num_frames is None and ckpt is not None and is_video_model(args.model):
         args.num_frames = ckpt.num_frames
     extra = {"num_frames": args.num_frames} if args.num_frames is not None else {}
-    with torch.device("cpu"):
+    with torch.device("cpu"), naming_their_model(ckpt, args.model):
         model = create_model(
             args.model, checkpoint_path=ckpt, num_classes=args.num_classes, **extra
         )

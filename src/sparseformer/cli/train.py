@@ -16,12 +16,11 @@ from typing import Any
 
 from sparseformer.cli.common import (
     add_data_arguments,
+    add_recipe_flags,
     add_saving_arguments,
     check_model_fits_data,
     check_precision,
-    count,
     data_source,
-    image_size,
     nothing_to_do,
     positive_int,
     recipe_flags,
@@ -63,14 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "fashion-mnist-cpu for --dataset fashion-mnist; for --data-dir, own-folder-SIZE, "
         "scaled to the folder's size, --epochs and the device (docs/training.md)",
     )
-    g.add_argument("--epochs", type=positive_int)
-    g.add_argument("--batch-size", type=positive_int, help="images per process and step")
-    g.add_argument("--img-size", type=image_size, help="input resolution")
-    g.add_argument("--lr", type=float, help="peak learning rate for a total batch of 512")
-    g.add_argument("--warmup-epochs", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--drop-path", type=float, help="stochastic depth rate")
-    g.add_argument("--workers", type=count, help="data-loading processes per training process")
+    add_recipe_flags(g, img_size="input resolution")
     g.add_argument(
         "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
         help="any recipe field, value in JSON (e.g. --set mixup=0 ema_decay=null); "
@@ -135,19 +127,20 @@ class _Plan:
 
 def run(args: argparse.Namespace) -> int:
     from sparseformer.cli import CliError
-    from sparseformer.cli.common import model_named_by_checkpoint
+    from sparseformer.cli.common import model_and_read_checkpoint
     from sparseformer.data import DataError
     from sparseformer.engine.distributed import cleanup_distributed, setup_distributed
     from sparseformer.engine.metrics import require_tensorboard
     from sparseformer.engine.recipe import RecipeError
     from sparseformer.weights.build import check_model_name
 
-    args.model = model_named_by_checkpoint(args)  # --model, or the one the run/checkpoint names
+    # --model, or the one the run/checkpoint names (the checkpoint read then, once)
+    args.model, read = model_and_read_checkpoint(args)
     check_model_name(args.model)  # before any data is read
     if args.tensorboard:  # as the extras it needs
         require_tensorboard()
     try:
-        plan = _plan(args)
+        plan = _plan(args, read)
     except (DataError, RecipeError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     if plan is None:  # the run is finished: nothing touched, not the data, not the folder
@@ -160,9 +153,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(args: argparse.Namespace) -> _Plan | None:
+def _plan(args: argparse.Namespace, read=None) -> _Plan | None:
     """The checks and choices made before any data is read: device, model versus data, the
-    recipe, what to resume, the data source, the output folder. ``None``: nothing to do."""
+    recipe, what to resume, the data source, the output folder. ``None``: nothing to do.
+    ``read``: --checkpoint, where naming the model read it already."""
     from sparseformer.engine.device import pick_device
     from sparseformer.engine.distributed import launched_rank
     from sparseformer.engine.own_folder import recipe_for_folder
@@ -228,7 +222,8 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
         keep_run_clips({flag: getattr(args, flag, None) for flag, _ in CLIP_FLAGS}, clips)
         args = argparse.Namespace(**{**vars(args), **{flag: None for flag, _ in CLIP_FLAGS}})
     elif args.checkpoint is not None and resume is None:  # fine-tuning: its architecture,
-        start = read_checkpoint(args.checkpoint, prefer_ema=args.ema)  # normalisation, clips
+        # its normalisation, clips; from the file once (read: what naming the model read)
+        start = read_checkpoint(args.checkpoint if read is None else read, prefer_ema=args.ema)
         check_model(start, args.model)  # another model's run (an image model's: inflated)
         clips = start.video if video else None
     # per-epoch validation: one view per video
@@ -313,7 +308,7 @@ def _build_model(plan: _Plan, bundle, pre):
     replicates, with the --checkpoint weights when fine-tuning."""
     from sparseformer.cli import CliError
     from sparseformer.engine.collaborators import enable_grad_checkpointing
-    from sparseformer.weights.build import build_model, patch_grid_problem
+    from sparseformer.weights.build import build_model, naming_their_model, patch_grid_problem
     from sparseformer.weights.checkpoint import checkpoint_replicates
     from sparseformer.weights.loading import load_weights
 
@@ -329,7 +324,8 @@ def _build_model(plan: _Plan, bundle, pre):
     if resume is None and (problem := patch_grid_problem(model, pre.img_size)) is not None:
         raise CliError(problem)
     if plan.start is not None:  # fine-tuning (read once, in _plan); not held for the run
-        load_weights(model, plan.start, class_names=bundle.class_names)
+        with naming_their_model(plan.start, args.model):
+            load_weights(model, plan.start, class_names=bundle.class_names)
         plan.start = plan.start.without_weights()
     if args.grad_checkpointing:
         try:

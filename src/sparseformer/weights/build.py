@@ -12,7 +12,8 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -32,6 +33,7 @@ __all__ = [
     "embedding_width",
     "model_from_checkpoint",
     "models_with_weights",
+    "naming_their_model",
     "model_input_size",
     "require_sparseformer",
     "timm_model",
@@ -299,10 +301,8 @@ def model_from_checkpoint(
     classes = ckpt.num_classes if sparseformer else ckpt.num_classes or 1000
     # loaded first: weights of another model are named as such, not as another class count
     if sparseformer:
-        try:
+        with naming_their_model(ckpt, model_name):
             model = create_model(model_name, checkpoint_path=ckpt, num_classes=classes)
-        except CheckpointError as exc:  # another size's, another family's: say whose it is
-            raise CheckpointError(_whose(ckpt.state_dict, model_name, str(exc))) from None
     else:
         model = build_model(model_name, classes, ckpt.img_size)  # timm models fix their size
         load_weights(model, ckpt)
@@ -317,6 +317,19 @@ def model_from_checkpoint(
             "--checkpoint ...)"
         )
     return model.eval(), ckpt
+
+
+@contextmanager
+def naming_their_model(ckpt: Checkpoint | None, model_name: str) -> Iterator[None]:
+    """Inside, a :class:`CheckpointError` over ``ckpt``'s weights (building or loading
+    ``model_name`` with them) names the registered model they are of, if another."""
+    try:
+        yield
+    except CheckpointError as exc:
+        said = str(exc) if ckpt is None else _whose(ckpt.state_dict, model_name, str(exc))
+        if said == str(exc):  # no other model's: the error as it was, of its own type
+            raise
+        raise CheckpointError(said) from None
 
 
 def models_with_weights(state: Mapping[str, Any]) -> list[str]:
