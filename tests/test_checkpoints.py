@@ -80,8 +80,9 @@ def test_num_classes_change_drops_classifier_with_a_note(tmp_path, caplog):
     torch.save({"model": official("v2")}, path)
     model = fixture_model(num_classes=10)
     with caplog.at_level(logging.INFO, logger="sparseformer"):
-        load_checkpoint(model, path)
+        report = load_checkpoint(model, path)
     assert "classifier" in caplog.text
+    assert report.dropped == ["head.bias", "head.weight"]  # said "0 dropped"
     assert model.head.weight.shape == (10, 64)
     torch.testing.assert_close(model.fc_norm.weight.detach(), official("v2")["norm.weight"])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -562,3 +563,50 @@ def test_torch_export_of_a_video_model_with_a_dynamic_frame_count():
     for frames in (2, 8):
         x = torch.randn(1, 3, frames, 32, 32)
         torch.testing.assert_close(program.module()(x), model(x))
+
+
+@pytest.mark.parametrize("count", [-1, 3.0, None, "10", True, np.int64(-1)])
+def test_reset_classifier_refuses_what_create_model_refuses_and_changes_nothing(count):
+    """reset_classifier(-1) made a headless model, and 3.0 raised a TypeError after setting
+    num_classes to 3.0: the model said 3.0 classes while its old head ran."""
+    model = create_model("sparseformer_v1_nano", num_classes=4)
+    head = model.head
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 0"):
+        model.reset_classifier(count, "")
+    assert model.num_classes == 4 and model.head is head and model.global_pool == "avg"
+
+
+@pytest.mark.parametrize("scale", [0, -1.0, float("nan")])
+def test_a_coord_grad_scale_that_is_no_loss_scale_is_refused(scale):
+    """A scale of 0 or below clamped every RoI coordinate's gradient to nothing, silently."""
+    model = create_model("sparseformer_v1_nano")
+    with pytest.raises(ValueError, match="coord_grad_scale must be > 0"):
+        model(torch.randn(1, 3, 32, 32), coord_grad_scale=scale)
+
+
+def test_the_cls_token_is_counted_on_the_model_as_timm_vits_count_it():
+    assert create_model("sparseformer_v1_nano").num_prefix_tokens == 0
+    model = create_model("sparseformer_btsp_nano")
+    out = model.forward_with_details(torch.randn(1, 3, 32, 32))
+    assert model.num_prefix_tokens == out.num_prefix_tokens == 1
+
+
+def test_fx_tracing_is_said_to_be_unsupported_and_what_to_use():
+    """torchvision's feature extractor (torch.fx) ended in 'got a Proxy; convert it with
+    torch.as_tensor', which sent users to convert their input."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    with pytest.raises(TypeError, match=r"torch.fx cannot trace SparseFormer .* torch.export"):
+        create_feature_extractor(create_model("sparseformer_v1_nano"), ["stages.0"])
+
+
+def test_pretrained_cfg_names_the_release_tag_as_timms_do():
+    assert create_model("sparseformer_v1_tiny.in1k_v2").pretrained_cfg["tag"] == "in1k_v2"
+    assert create_model("sparseformer_v1_nano").pretrained_cfg["tag"] == ""  # no release
+
+
+def test_reset_classifier_takes_a_numpy_count():
+    model = create_model("sparseformer_v1_nano")
+    model.reset_classifier(np.arange(5).max() + 1)  # labels.max() + 1
+    assert model.num_classes == 5 and type(model.num_classes) is int
+    assert model.head.out_features == 5

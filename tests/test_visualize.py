@@ -366,3 +366,12 @@ def test_a_dollar_in_a_class_name_is_a_dollar_not_mathtext(tmp_path):
     assert fig.texts[0].get_text().startswith("prediction: $\\frac{x^$")
     _, png = write_per_class(per_class_report(torch.eye(2), names), tmp_path / "report")
     assert png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_reduced_precision_model_is_drawn(dtype):
+    """visualize moved the image to the model's device but not to its type: a bf16 or fp16
+    model refused the float32 image."""
+    model = create_model("sparseformer_v1_nano").to(dtype)
+    fig = visualize(model, DATA / "tench.jpeg", img_size=32)
+    assert fig.axes and fig.axes[0].patches  # the RoIs are drawn

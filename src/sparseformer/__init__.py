@@ -94,7 +94,19 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    # the API, the module's own dunders and its subpackages imported so far; not the helpers
+    # imported to build it (Any, importlib, ...)
+    ours = __name__ + "."
+    return sorted(
+        {*__all__}
+        | {
+            name
+            for name, value in globals().items()
+            if name.startswith("__")
+            or not name.startswith("_")
+            and getattr(value, "__name__", "").startswith(ours)
+        }
+    )
 
 
 _timm_hook.install()

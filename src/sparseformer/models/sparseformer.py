@@ -12,7 +12,9 @@ learning-rate decay) and ``set_grad_checkpointing``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import numbers
 
 import torch
 from torch import Tensor, nn
@@ -191,6 +193,10 @@ class SparseFormer(nn.Module):
         model's device and in its dtype. ``global_pool``: ``"avg"`` (average the tokens),
         ``"token"`` (the CLS token, for models with one) or ``""`` (no pooling:
         ``forward_head`` normalises and classifies every token)."""
+        if isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool):
+            num_classes = int(num_classes)  # a NumPy integer (labels.max() + 1)
+        # the config's own check (a whole number >= 0), before anything of the model changes
+        dataclasses.replace(self.config, num_classes=num_classes)
         if global_pool is not None:
             allowed = ("avg", "", "token") if self.cls_token is not None else ("avg", "")
             if global_pool not in allowed:
@@ -215,6 +221,12 @@ class SparseFormer(nn.Module):
         # the stem's convolution, or the config's for one wrapped in an adapter
         channels = getattr(self.stem.conv, "in_channels", self.config.in_chans)
         layout = f"(B, {channels}, T, H, W) clips" if video else f"(B, {channels}, H, W) images"
+        if isinstance(x, torch.fx.Proxy):  # torchvision's create_feature_extractor, timm's FX
+            raise TypeError(
+                f"torch.fx cannot trace {name} (its forward decides in Python on the input's "
+                "shape and device); use forward_with_details for every stage's RoIs and "
+                "tokens, or torch.export / torch.jit.trace for a graph"
+            )
         if not isinstance(x, Tensor):  # a NumPy array or a PIL image, most often
             raise TypeError(
                 f"{name} takes a torch.Tensor batch of {layout}, got a {type(x).__name__}; "
@@ -275,6 +287,12 @@ class SparseFormer(nn.Module):
         rois_out: list[Tensor] | None,
         points_out: list[Tensor] | None,
     ) -> tuple[Tensor, Tensor]:
+        # numbers only: a GradScaler's tensor is not read back, and FX passes a Proxy
+        if isinstance(coord_grad_scale, numbers.Real) and not coord_grad_scale > 0:  # NaN too
+            raise ValueError(
+                f"coord_grad_scale must be > 0 (the fp16 loss scale, 1.0 without one), got "
+                f"{coord_grad_scale!r}: the RoI coordinates' gradients are clamped to it"
+            )
         feats, tokens, rois = self._embed(x)
         # The clamp bound is one feature cell (1/H), times the fp16 loss scale if any.
         bound = coord_grad_scale / feats.shape[-2] if self.config.coord_grad_clamp else None
@@ -350,8 +368,14 @@ class SparseFormer(nn.Module):
             rois=rois_out,
             sampling_points=points_out,
             initial_rois=at_least_fp32(self.initial_rois).unsqueeze(0).expand(B, -1, -1),
-            num_prefix_tokens=0 if self.cls_token is None else 1,
+            num_prefix_tokens=self.num_prefix_tokens,
         )
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the latent tokens in :meth:`forward_features`' output (1: the CLS
+        token), as timm's ViTs name it."""
+        return 0 if self.cls_token is None else 1
 
 
 def _autocasting(device_type: str) -> bool:

@@ -198,13 +198,15 @@ def save_gif(frames: Sequence, path: str | os.PathLike, duration_ms: int = 800) 
 
 
 def run_details(model: nn.Module, x: Tensor) -> SparseFormerOutput:
-    """``model.forward_with_details(x)`` in eval mode and inference mode, on the model's device.
+    """``model.forward_with_details(x)`` in eval mode and inference mode, on the model's device
+    and in its floating-point type (a bf16 or fp16 model takes images in its own).
 
     The model's training flag is restored afterwards.
     """
     param = next(model.parameters(), None)
     if param is not None:
-        x = x.to(param.device)
+        floating = param.is_floating_point() and x.is_floating_point()
+        x = x.to(param.device, param.dtype if floating else None)
     was_training = model.training
     model.eval()
     try:

@@ -134,6 +134,7 @@ def pretrained_cfg(name: str, tag: str | None = None) -> dict[str, Any]:
         "classifier": "head",
         "paper_ids": spec.paper,
         "architecture": split_tag(name)[0],
+        "tag": w.tag if w.url else "",  # the release's, as timm's cfgs name it
     }
 
 

@@ -61,15 +61,16 @@ def load_checkpoint(
     allow_classifier_mismatch: bool = True,
     prefer_ema: bool = False,
 ) -> ConversionReport:
-    """Load weights of any supported format into ``model``, strictly.
+    """Load weights of any supported format into ``model``, strictly but for its classifier
+    (see ``allow_classifier_mismatch``).
 
     Args:
         model: the model to fill.
         checkpoint: a path, an already-loaded checkpoint object, or a :class:`Checkpoint`
             (see :func:`~sparseformer.weights.checkpoint.read_checkpoint`).
         allow_classifier_mismatch: when the checkpoint's classifier has another number of
-            classes than the model's, keep the model's fresh classifier (logged) instead of
-            raising.
+            classes than the model's, keep the model's fresh classifier (logged, and the
+            file's listed in the report's ``dropped``) instead of raising.
         prefer_ema: take ``model_ema`` over ``model`` when a checkpoint holds both.
 
     Returns:
@@ -204,7 +205,7 @@ def _fit_classifier(
 ) -> None:
     """The allow-list of strict loading, in place: a checkpoint classifier of another size
     (or none) gives way to the model's fresh one (fine-tuning), and a model built without a
-    classifier drops the checkpoint's (listed in ``report.dropped``). A classifier that fits
+    classifier drops the checkpoint's (either listed in ``report.dropped``). A classifier that fits
     but for its bias (a CLIP tower's projection has none) is left to strict loading to name."""
     head_keys = {k for k in own if k.startswith("head.")}
     mismatched = [k for k in head_keys if k in converted and converted[k].shape != own[k].shape]
@@ -212,7 +213,8 @@ def _fit_classifier(
     # a classifier over features of another width is another model's: strict loading names it
     same_width = all(converted[k].shape[1:] == own[k].shape[1:] for k in mismatched)
     replaced = same_width and bool(mismatched or (missing_head and missing_head == head_keys))
-    if replaced:
+    if replaced:  # the file's classifier is dropped: listed, as a model without one drops it
+        report.dropped.extend(sorted(k for k in head_keys if k in converted))
         for k in head_keys:
             converted.pop(k, None)
         converted.update({k: own[k] for k in head_keys})
