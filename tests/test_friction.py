@@ -171,15 +171,46 @@ def test_eval_reports_top5_only_with_more_than_five_classes(tmp_path, capsys):
 
 def test_metrics_png_marks_whole_epochs_only(tmp_path):
     """Two epochs were marked 1.0, 1.2, ..., 2.0."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from sparseformer.engine.metrics import plot_metrics
 
-    figures, close = [], plt.close
+    figures, savefig = [], Figure.savefig
     records = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1 / e, "val_acc1": 10 * e}
                for e in (1, 2)]  # fmt: skip
-    with patch.object(plt, "close", lambda fig=None: figures.append(fig) or close(fig)):
+    with patch.object(Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or savefig(
+            fig, *a, **k)):  # fmt: skip
         plot_metrics(records, tmp_path / "metrics.png")
     for ax in figures[0].axes:
         shown = [t for t in ax.get_xticks() if 1 <= t <= 2]
         assert shown and all(float(t).is_integer() for t in shown)
+
+
+def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    """The training curves (reached through the engine's fit), the per-class picture and the
+    bench's plots switched the process to Agg: a notebook's inline figures stopped showing."""
+    import matplotlib
+
+    from sparseformer.bench.report import plot_result
+    from sparseformer.bench.results import BenchResult, BenchRow, Spread
+    from sparseformer.bench.sweep import plot_throughput, plot_top1
+    from sparseformer.engine.metrics import plot_metrics
+    from sparseformer.engine.per_class import per_class_report, write_per_class
+
+    rows = [BenchRow(name, size, 2, 1, 1.0, 1.0, Spread.of([10.0]), Spread.of([1.0]), None, 0.0)
+            for name in ("a", "b") for size in (32, 64)]  # fmt: skip
+    env = {"device_name": "cpu", "threads": 2, "dtype": "fp32"}
+    result = BenchResult(env, {}, Spread.of([1.0]), rows)
+    records = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_acc1": 50.0}]
+    import matplotlib.pyplot as plt
+
+    figures = plt.get_fignums()
+    with patch.object(matplotlib, "use", side_effect=AssertionError("the backend switched")):
+        plot_metrics(records, tmp_path / "metrics.png")
+        write_per_class(per_class_report(torch.eye(2), ["a", "b"]), tmp_path / "per_class")
+        plot_result(result, tmp_path / "bench.png")
+        plot_throughput(result, "a", tmp_path / "sweep.png")
+        plot_top1(result, tmp_path / "top1.png")
+    assert plt.get_fignums() == figures  # none left open in pyplot either
+    for name in ("metrics.png", "per_class/confusion.png", "bench.png", "sweep.png", "top1.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

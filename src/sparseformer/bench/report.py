@@ -202,14 +202,12 @@ def authors_lines(result: BenchResult) -> list[str]:
 
 def plot_result(result: BenchResult, path: str | Path) -> None:
     """Published top-1 against measured throughput; with several sizes, cost against size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend is left alone
 
     sizes = sorted({row.img_size for row in result.rows})
     panels = 3 if len(sizes) > 1 else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
+    fig = Figure(figsize=(5.5 * panels, 4.2))
+    axes = fig.subplots(1, panels, squeeze=False)
     draw_tradeoff(axes[0][0], result, sizes[0])
     if panels > 1:
         models = list(dict.fromkeys(row.model for row in result.rows))
@@ -228,7 +226,6 @@ def plot_result(result: BenchResult, path: str | Path) -> None:
         axes[0][2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")  # labels past the axes stay in
-    plt.close(fig)
 
 
 def draw_tradeoff(ax, result: BenchResult, img_size: int) -> None:

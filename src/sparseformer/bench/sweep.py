@@ -130,21 +130,19 @@ def crossover_lines(result: BenchResult, subject: str) -> list[str]:
     return lines
 
 
-def _pyplot():
-    import matplotlib
+def _figure():
+    """A figure of its own with one axis (not pyplot's: the caller's backend is left alone)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(6.5, 4.6))
+    return fig, fig.subplots()
 
 
 def plot_throughput(result: BenchResult, subject: str, path: str | Path) -> None:
     """Measured img/s against input size, log-log, one line per model (``subject`` bold)."""
-    plt = _pyplot()
     sizes = sorted({row.img_size for row in result.rows})
     env = result.environment
-    fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    fig, ax = _figure()
     for name in dict.fromkeys(row.model for row in result.rows):
         own = sorted((r for r in result.rows if r.model == name), key=lambda r: r.img_size)
         style = {"marker": "*", "markersize": 12, "linewidth": 2.5}
@@ -168,14 +166,11 @@ def plot_throughput(result: BenchResult, subject: str, path: str | Path) -> None
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")  # labels past the axes stay in
-    plt.close(fig)
 
 
 def plot_top1(result: BenchResult, path: str | Path) -> None:
     """Published top-1 against measured img/s at the smallest size of the run."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    fig, ax = _figure()
     draw_tradeoff(ax, result, min(row.img_size for row in result.rows))
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")  # labels past the axes stay in
-    plt.close(fig)

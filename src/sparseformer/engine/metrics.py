@@ -140,11 +140,9 @@ class TensorBoardScalars:
 
 
 def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Loss and accuracy curves per epoch, saved as an image (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Loss and accuracy curves per epoch, saved as an image (a matplotlib ``Figure`` of its
+    own: pyplot and the caller's backend are left alone)."""
+    from matplotlib.figure import Figure
 
     path = Path(path)
     epochs = [r["epoch"] for r in records]
@@ -152,7 +150,8 @@ def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike) -> Path
     def series(key: str) -> list[float]:  # None (not measured) and absent: a gap
         return [math.nan if r.get(key) is None else r[key] for r in records]
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, series("train_loss"), "o-", label="train")
     ax_loss.plot(epochs, series("val_loss"), "o-", label="val")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
@@ -169,8 +168,6 @@ def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike) -> Path
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    try:  # the format from the name's suffix, not from the temporary's
-        write_atomic(path, lambda f: fig.savefig(f, dpi=100, format=path.suffix.lstrip(".")))
-    finally:
-        plt.close(fig)
+    # the format from the name's suffix, not from the temporary's
+    write_atomic(path, lambda f: fig.savefig(f, dpi=100, format=path.suffix.lstrip(".")))
     return path

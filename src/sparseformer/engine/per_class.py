@@ -60,27 +60,22 @@ def write_per_class(report: dict[str, Any], folder: str | os.PathLike) -> tuple[
     folder.mkdir(parents=True, exist_ok=True)
     json_path, png_path = folder / "per_class.json", folder / "confusion.png"
     write_text_atomic(json_path, json.dumps(report, indent=1) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend is left alone
 
     counts = np.asarray(report["confusion"], dtype=float)
     rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     names = [display_name(n) for n in report["class_names"]]
     size = min(4 + 0.35 * len(names), 40)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     shown = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
     ticks = range(len(names))
     ax.set_xticks(ticks, names, rotation=90, fontsize=8, parse_math=False)  # $ is a dollar
     ax.set_yticks(ticks, names, fontsize=8, parse_math=False)
     ax.set(xlabel="predicted", ylabel="true class", title="confusion (fraction of each class)")
     fig.colorbar(shown, ax=ax, fraction=0.046)
-    try:
-        with missing_glyphs_said(png_path, in_full=json_path.name):
-            fig.tight_layout()
-            write_atomic(png_path, lambda f: fig.savefig(f, dpi=100, format="png"))
-    finally:
-        plt.close(fig)
+    with missing_glyphs_said(png_path, in_full=json_path.name):
+        fig.tight_layout()
+        write_atomic(png_path, lambda f: fig.savefig(f, dpi=100, format="png"))
     return json_path, png_path
