@@ -413,3 +413,36 @@ def test_verbose_logging_is_ours_not_a_line_per_png_chunk():
     finally:
         for name, logger in loggers.items():
             logger.setLevel(levels[name])
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["predict", "--checkpoint", "c.pth", ""], "an empty argument"),
+        (["train", "--model", NANO, "--data-dir", "d", "--output", ""], "--output is given an"),
+        (["train", "--model", NANO, "--data-dir", "d", "--output="], "--output is given an"),
+        (["eval", "--checkpoint", "", "--data-dir", "d"], "--checkpoint is given an"),
+        (["predict", "--checkpoint", "c.pth", "--json", ""], "an empty argument"),  # a switch
+        (["predict", "--checkpoint", "c.pth", "a.png", "--topk", "3", ""], "an empty arg"),
+    ],
+)
+def test_an_empty_argument_is_refused_before_it_becomes_the_working_folder(
+    tmp_path, monkeypatch, capsys, argv, said
+):
+    """pathlib reads "" as ".": `predict "$IMG"` with IMG unset classified every file under the
+    working folder, and an empty --output made it the run folder."""
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "stray.png")
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"error: {said}" in err and "unset shell variable" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stray.png"]  # nothing written
+
+
+def test_a_value_ending_in_an_equals_sign_is_not_an_empty_one():
+    from sparseformer.cli import _empty_argument, build_parser
+
+    train = build_parser().parse_known_args(["models"])[0].commands["train"]
+    assert _empty_argument(["train", "--output=run="], train) is None  # a folder "run="
+    assert _empty_argument(["train", "--output="], train) == "--output is given an empty value"

@@ -598,3 +598,28 @@ def _fonts_lack(text: str) -> bool:
         fig.canvas.draw()
     plt.close(fig)
     return any("Glyph" in str(w.message) for w in caught)
+
+
+def test_persistent_workers_end_now_and_within_the_runs_signal_handling(tmp_path, monkeypatch):
+    """Persistent workers outlived fit's signal handling and ended in their loader's __del__,
+    where a Ctrl-C landing in the shutdown printed an 'Exception ignored' traceback."""
+    import signal
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import sparseformer.engine.trainer as trainer
+    from sparseformer.data.loader import end_workers
+
+    loader = DataLoader(TensorDataset(torch.arange(8.0)), batch_size=2, num_workers=2,
+                        persistent_workers=True)  # fmt: skip
+    assert len(list(loader)) == 4
+    workers = loader._iterator._workers
+    assert all(w.is_alive() for w in workers)
+    end_workers(loader, [])  # a loader without workers: nothing to end
+    assert loader._iterator is None and not any(w.is_alive() for w in workers)
+
+    handlers = []
+    monkeypatch.setattr(trainer, "end_workers", lambda *loaders: handlers.append(
+        signal.getsignal(signal.SIGINT)))  # fmt: skip
+    tiny_run(tmp_path, BreaksLater(good_calls=10**9), n_train=32)
+    assert [h.__name__ for h in handlers] == ["_note"]  # StopSignals': a signal is noted

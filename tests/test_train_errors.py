@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -306,6 +307,54 @@ def test_an_error_in_a_data_loading_worker_is_one_line_and_the_program_exits(tmp
     said = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert proc.returncode == 1 and len(said) == 1, proc.stderr
     assert "could be decoded" in said[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGCHLD"), reason="POSIX signals")
+def test_ending_the_workers_outlasts_pytorchs_sigchld_handler():
+    """A full disk ended a run with workers: killing the first fired PyTorch's SIGCHLD
+    handler, which raised inside its join, and the workers left kept the exit waiting forever."""
+    import multiprocessing
+    import time
+
+    from sparseformer.cli import _end_data_workers
+
+    children = [multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+                for _ in range(3)]  # fmt: skip
+    for child in children:
+        child.start()
+
+    def like_pytorchs(signum, frame):
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed.")
+
+    previous = signal.signal(signal.SIGCHLD, like_pytorchs)
+    try:
+        _end_data_workers()
+        assert not any(child.is_alive() for child in children)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+        for child in children:
+            child.kill()
+            child.join()
+
+
+def test_eval_says_its_scores_when_the_per_class_files_cannot_be_written(
+    tmp_path, folder, capsys, monkeypatch
+):
+    """A full disk under --per-class ended eval with the write's error alone: the accuracy,
+    computed already, was never said."""
+    import errno
+
+    import sparseformer.engine.per_class as per_class
+
+    def full(report, where):
+        raise OSError(errno.ENOSPC, "No space left on device", str(where))
+
+    monkeypatch.setattr(per_class, "write_per_class", full)
+    torch.save({"model": create_model(NANO, num_classes=3).state_dict()}, tmp_path / "c.pth")
+    code, out, err = run_cli(capsys, "eval", "--model", NANO, "--checkpoint",
+                             str(tmp_path / "c.pth"), "--data-dir", str(folder), "--quiet",
+                             "--per-class", str(tmp_path / "pc"))  # fmt: skip
+    assert code == 1 and "top-1" in out and "No space left on device" in err
 
 
 def test_eval_checks_the_per_class_folder_before_evaluating(tmp_path, folder, capsys):

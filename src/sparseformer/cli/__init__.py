@@ -124,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     except _Terminated:  # a scheduler's SIGTERM as early: a line, not a silent end
         print("sparseformer: stopped by SIGTERM", file=sys.stderr)
         code = 128 + signal.SIGTERM
-    if argv is None:  # the program itself: its work is done and said; a Ctrl-C now would
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # only turn its exit status into -2
-        _end_data_workers()
+    finally:  # after an error raised on too (a bug's traceback): the exit must not wait
+        if argv is None:  # the program itself: its work is done and said; a Ctrl-C now
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # would only make its status -2
+            _end_data_workers()
     return code
 
 
@@ -145,9 +146,13 @@ def _end_data_workers() -> None:
     in a worker, kept alive by the error's traceback): they ignore SIGTERM (the main process
     stops a run), so Python's exit, which terminates and then waits for them, would wait
     forever. The command is over: they are killed (a successful command has shut its own
-    down already)."""
+    down already). PyTorch's SIGCHLD handler, which raises when a worker dies by a signal,
+    is set aside first: raised inside the first join, it left the others alive, and the exit
+    waiting for them."""
     import multiprocessing
 
+    if hasattr(signal, "SIGCHLD"):  # POSIX
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
         child.kill()
         child.join(timeout=5)
@@ -185,13 +190,31 @@ def _names_as_on_disk() -> None:
             stream.reconfigure(errors="surrogateescape")
 
 
+def _empty_argument(argv: list[str], parser: argparse.ArgumentParser) -> str | None:
+    """What an empty argument was given for, or ``None``. An empty path is the working folder
+    to pathlib: `predict "$IMG"` with IMG unset classified every file below it, and an empty
+    --output would have made it the run folder. An option is named when ``parser`` (the
+    command's) says it takes a value."""
+    takes = {name for name, action in parser._option_string_actions.items() if action.nargs != 0}
+    for i, arg in enumerate(argv):
+        if arg == "":
+            option = argv[i - 1] if i and argv[i - 1] in takes else None
+            return f"{option} is given an empty value" if option else "an empty argument"
+        name, eq, value = arg.partition("=")
+        if name.startswith("--") and eq and not value:
+            return f"{name} is given an empty value"
+    return None
+
+
 def _main(argv: list[str] | None) -> int:
     _names_as_on_disk()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     commands = vars(args).pop("commands")  # the parsers, not a setting of the command
+    where = commands.get(args.command, parser)  # errors in the command's words and usage
+    if (empty := _empty_argument(sys.argv[1:] if argv is None else argv, where)) is not None:
+        where.error(f"{empty}: an unset shell variable? give a value")
     if unknown:  # said by the command's parser, with its usage, not the program's
-        where = commands.get(args.command, parser)
         hint = " (-v goes before the command: sparseformer -v COMMAND ...)"
         where.error(f"unrecognized arguments: {' '.join(unknown)}"
                     f"{hint if {'-v', '--verbose'} & set(unknown) else ''}")  # fmt: skip

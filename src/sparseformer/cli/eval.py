@@ -144,16 +144,28 @@ def run(args: argparse.Namespace) -> int:
             "so nothing was scored (the log names the files that failed)"
         )
     _check_finite(metrics)
-    paths = None
-    if confusion is not None:  # written first: --json names them
-        from sparseformer.engine.per_class import per_class_report, write_per_class
-
-        report = per_class_report(confusion, names, mapping)  # a subset: its classes
-        paths = write_per_class(report, args.per_class)
+    # written first (--json names them); where they cannot be (a full disk), the scores are
+    # said all the same, and then the error
+    paths, unwritten = _write_per_class(confusion, names, mapping, args.per_class)
     _report(args, metrics, bundle, source, pre, ckpt.ema, paths)
+    if unwritten is not None:
+        raise unwritten
     if paths is not None and not args.json:
         print(f"per-class top-1 and confusion matrix: {paths[0]}, {paths[1]}")
     return 0
+
+
+def _write_per_class(confusion, names, mapping, folder):
+    """``(paths, None)`` of the --per-class files written, ``(None, error)`` where they could
+    not be, ``(None, None)`` without --per-class (``confusion`` None)."""
+    if confusion is None:
+        return None, None
+    from sparseformer.engine.per_class import per_class_report, write_per_class
+
+    try:  # a subset's report holds its classes
+        return write_per_class(per_class_report(confusion, names, mapping), folder), None
+    except OSError as exc:
+        return None, exc
 
 
 def _label_map(saved_names, outputs: int, folders: list[str]) -> list[int] | None:

@@ -48,6 +48,7 @@ __all__ = [
     "build_eval_loader",
     "failed_loads",
     "DecodeFailures",
+    "end_workers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -288,6 +289,18 @@ class _Loader(DataLoader):
             return super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def end_workers(*loaders: object) -> None:
+    """End the worker processes of ``loaders`` now. Persistent workers otherwise live as long
+    as their loader, and end in a garbage collector's ``__del__`` after the caller's signal
+    handling is over: a Ctrl-C landing in that shutdown printed an "Exception ignored"
+    traceback. (PyTorch has no public call for it: its iterator's own shutdown, as ``del``.)"""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None  # type: ignore[attr-defined]
 
 
 def build_train_loader(

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sparseformer import __version__
 from sparseformer.data.datasets import DatasetBundle
-from sparseformer.data.loader import failed_loads
+from sparseformer.data.loader import end_workers, failed_loads
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine import checkpoint as ckpt_io
 from sparseformer.engine.collaborators import TrainingParts, build_training_parts
@@ -219,8 +219,11 @@ def _fit_in(
     # run scores as the run it continues
     with StopSignals(announce=dist.is_main) as loop.signals, one_linear_kernel():
         parts.val_loader = UntilStopped(parts.val_loader, loop.signals)
-        for epoch in range(state.start_epoch, recipe.epochs):
-            run_epoch(loop, state, epoch)
+        try:
+            for epoch in range(state.start_epoch, recipe.epochs):
+                run_epoch(loop, state, epoch)
+        finally:  # while a stop signal is only noted, not raised into their shutdown
+            end_workers(parts.train_loader, parts.val_loader.loader)
     if loop.board is not None:
         loop.board.close()
     summary = _summary(loop, state, options.model_name)
