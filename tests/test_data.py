@@ -670,3 +670,33 @@ def test_a_spawned_worker_logs_as_the_main_process(monkeypatch):
     start(0)
     assert root.handlers and root.handlers[0].formatter._fmt.startswith("%(levelname)s")
     assert root.handlers[0].formatter.datefmt == "%H"
+
+
+def test_an_empty_image_file_is_said_to_be_empty(tmp_path):
+    """A 0-byte file read as PIL's 'cannot identify image file'; video files already said
+    'an empty file (0 bytes)'."""
+    from PIL import UnidentifiedImageError
+
+    from sparseformer.data.images import check_image_header, open_rgb
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_bytes(b"not an image")
+    assert check_image_header(tmp_path / "empty.png") == "an empty file (0 bytes)"
+    with pytest.raises(UnidentifiedImageError, match=r"^an empty file \(0 bytes\)$"):
+        open_rgb(tmp_path / "empty.png")
+    assert check_image_header(tmp_path / "text.png").startswith("UnidentifiedImageError: ")
+
+
+def test_standard_input_and_dangling_links_are_named_as_such(tmp_path):
+    """'-' and a link that loops read as "does not exist", as a typo would."""
+    from pathlib import Path
+
+    from sparseformer.data.media import expand_media_paths
+
+    with pytest.raises(DataError, match="not from standard input"):
+        expand_media_paths([Path("-")], video=False)
+    (tmp_path / "self").symlink_to(tmp_path / "self")
+    with pytest.raises(DataError, match=r"a symbolic link to nothing \(broken, or a loop\)"):
+        expand_media_paths([tmp_path / "self"], video=False)
+    with pytest.raises(DataError, match="does not exist"):
+        expand_media_paths([tmp_path / "typo.png"], video=False)

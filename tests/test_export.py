@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -354,3 +355,21 @@ def test_a_deployer_following_the_docs_matches_predict(tmp_path, capsys):
         for p in result["predictions"]:
             assert meta["class_names"][p["index"]] == p["label"]
             assert abs(probs[p["index"]] - p["probability"]) < 1e-5, (path, p, probs)
+
+
+def test_a_full_disk_is_said_with_the_file_and_what_to_do(tmp_path, monkeypatch):
+    """export ended in '[Errno 28] No space left on device', naming no file, where every
+    other command says which file and what to do."""
+    import errno
+
+    import sparseformer.export as export
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "_write", full)
+    target = tmp_path / "nano.onnx"
+    said = f"could not write {str(target)!r}: no space left on the device; free some space"
+    with pytest.raises(OSError, match=re.escape(said)):
+        export_onnx(create_model("sparseformer_v1_nano"), target, img_size=32)
+    assert list(tmp_path.iterdir()) == []  # no temporary left behind

@@ -302,3 +302,21 @@ def test_demo_gives_its_threads_and_device_to_every_step(tmp_path, monkeypatch, 
     argv = ["demo", "--output", str(out), "--threads", "1", "--quiet", "--batch-size", "16"]
     assert main(argv) == 1
     assert seen == {"train": (1, "cpu"), "eval": (1, "cpu"), "batch": 16}
+
+
+def test_an_image_with_a_long_legal_name_is_drawn_under_a_shorter_one(tmp_path, capsys):
+    """A 245-byte name is legal, but with _roi_stats.json it is not: viz stopped there with
+    'File name too long', and drew none of the other images."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    long, other = "b" * 240 + "é", "b" * 240 + "è"  # two long names with one start
+    for name in (long, other, "z"):
+        Image.new("RGB", (40, 40), (200, 30, 30)).save(folder / f"{name}.png")
+    out = tmp_path / "out"
+    code = main(["viz", "--model", "sparseformer_v1_nano", str(folder), "--out", str(out),
+                 "--img-size", "32", "--no-gif"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 6 and "z_rois.png" in names  # two files each, none in the way
+    assert max(len(n.encode()) + len(".tmp-4194304") + 1 for n in names) <= 255  # temporaries
+    assert len({n.rsplit("_roi", 1)[0] for n in names}) == 3  # the two long ones kept apart

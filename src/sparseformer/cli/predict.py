@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         type=Path,
         metavar="IMAGE",
-        help="images, or video files for a video model",
+        help="images (video files for a video model), folders of them, or quoted patterns "
+        "('imgs/*.jpg')",
     )
     p.add_argument(
         "--topk", type=positive_int, default=5, help="classes to show per image (default 5)"

@@ -174,10 +174,33 @@ def _read_clip(path: Path, model, info, asked: dict):
         return None, str(exc).removeprefix(f"{path}: ") + hint
 
 
+# A file name holds 255 bytes: the pictures' stems leave room for the longest of their
+# names' ends and its temporary's, .STEM_roi_stats.json.tmp-PID (a PID of up to 7 digits)
+_STEM_BYTES = 255 - len("._roi_stats.json.tmp-") - 7
+
+
 def _unique_stem(path: Path, used: set[str]) -> str:
-    stem, k = path.stem, 1
+    base = _fitting(path.stem)
+    stem, k = base, 1
     while stem in used:
         k += 1
-        stem = f"{path.stem}_{k}"
+        stem = f"{base}_{k}"
     used.add(stem)
     return stem
+
+
+def _fitting(stem: str) -> str:
+    """``stem``, or where it is too long to name the pictures (a legal name of 245 bytes is,
+    with _roi_stats.json), its start and a hash of the whole, which keeps it apart."""
+    import hashlib
+    import os
+
+    if len(os.fsencode(stem)) <= _STEM_BYTES:
+        return stem
+    kept, size = [], 0
+    for char in stem:  # whole characters (a surrogate-escaped byte is one)
+        size += len(os.fsencode(char))
+        if size > _STEM_BYTES - 9:
+            break
+        kept.append(char)
+    return "".join(kept) + "~" + hashlib.sha1(os.fsencode(stem)).hexdigest()[:8]

@@ -82,6 +82,10 @@ def open_rgb(path: str | Path) -> Image.Image:
         img = Image.open(path)
     except Image.DecompressionBombError:
         raise Image.DecompressionBombError(_too_large()) from None
+    except UnidentifiedImageError:
+        if _empty(path):  # PIL's "cannot identify image file" says less
+            raise UnidentifiedImageError("an empty file (0 bytes)") from None
+        raise
     with img:
         img.load()
         if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
@@ -146,5 +150,15 @@ def check_image_header(path: str | Path) -> str | None:
     except Image.DecompressionBombError:
         return _too_large()
     except READ_ERRORS as exc:
+        if _empty(path):
+            return "an empty file (0 bytes)"
         return f"{exc.__class__.__name__}: {str(exc)[:120]}" if str(exc) else exc.__class__.__name__
     return None
+
+
+def _empty(path: str | Path) -> bool:
+    """Whether ``path`` is a file of 0 bytes (a download or a copy that never finished)."""
+    try:
+        return Path(path).stat().st_size == 0
+    except (OSError, TypeError):  # gone, or not a path (a file object)
+        return False

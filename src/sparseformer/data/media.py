@@ -47,6 +47,11 @@ def expand_media_paths(paths: list[Path], video: bool) -> list[Path]:
             files += expand_media_paths(sorted(map(Path, glob.glob(str(path)))), video)
         elif glob.has_magic(str(path)):
             files += expand_patterns([path])
+        elif str(path) == "-":  # the Unix convention for standard input
+            raise DataError("'-': inputs are read from files, not from standard input; save "
+                            "it to a file and give its path")  # fmt: skip
+        elif path.is_symlink():
+            raise DataError(f"{str(path)!r} is a symbolic link to nothing (broken, or a loop)")
         else:
             raise DataError(f"{str(path)!r} does not exist")
     return files

@@ -25,6 +25,7 @@ __all__ = [
     "temporary_for",
     "write_atomic",
     "write_text_atomic",
+    "write_error",
     "output_target",
     "is_stream",
     "staging_file",
@@ -96,8 +97,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         cause = recording.error if recording is not None and recording.error else exc
-        code = getattr(cause, "errno", None) or errno.EIO
-        raise WriteError(code, _describe(path, cause)) from exc
+        raise write_error(path, cause) from exc
     finally:
         try:
             tmp.unlink(missing_ok=True)
@@ -108,6 +108,13 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """:func:`write_atomic` for text (UTF-8)."""
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_error(path: str | os.PathLike, cause: BaseException) -> WriteError:
+    """The :class:`WriteError` of a failed write of ``path``: the file and the cause, in
+    words a user acts on (a full disk, a file-size limit, a lost permission)."""
+    code = getattr(cause, "errno", None) or errno.EIO
+    return WriteError(code, _describe(Path(path), cause))
 
 
 def _describe(path: Path, cause: BaseException) -> str:
