@@ -685,3 +685,21 @@ def test_links_planted_at_the_lock_and_the_temporaries_are_removed_not_followed(
     assert not staged.is_symlink() and staged.read_bytes() == b""
     staged.write_bytes(b"graph")  # as the exporter writes it, by name
     assert victim.read_text() == "precious \x1b[2J"
+
+
+def test_a_staged_file_is_installed_when_written_and_gone_when_the_writer_fails(tmp_path):
+    """What export, convert and bench's outputs are written through: the old file stays, and no
+    temporary is left beside it, whether the writer fails or is interrupted."""
+    from sparseformer.engine.atomic import TEMPORARY_PATTERN, staged
+
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"old")
+    for failure in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        with pytest.raises(type(failure)), staged(target, ".onnx") as tmp:
+            tmp.write_bytes(b"half")
+            raise failure
+        assert target.read_bytes() == b"old" and not list(tmp_path.glob(TEMPORARY_PATTERN))
+    with staged(target, ".onnx") as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".onnx"  # the writer's format
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [target]

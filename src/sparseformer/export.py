@@ -183,11 +183,10 @@ def export_onnx(
         num_frames = int(model.config.num_frames)
     opset = (VIDEO_MIN_OPSET if num_frames is not None else 18) if opset is None else opset
     check_export_settings(opset, img_size, num_frames)
-    from sparseformer.engine.atomic import install, output_target, staging_file, write_error
+    from sparseformer.engine.atomic import output_target, staged, write_error
 
     path = output_target(path)  # a symlink's file; a device (/dev/null) is written into
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_file(path, ".onnx")
     wrapper = _Logits(_cpu_float_copy(model)).eval()
     # Batch 2 as the example, so that the exporter does not specialise a batch of 1.
     frames = () if num_frames is None else (num_frames,)
@@ -198,7 +197,8 @@ def export_onnx(
     if dynamic_size:  # the last two axes: height and width, of images and of clips
         dims[example.dim() - 2] = torch.export.Dim("height", min=MIN_SIZE, max=MAX_SIZE)
         dims[example.dim() - 1] = torch.export.Dim("width", min=MIN_SIZE, max=MAX_SIZE)
-    try:  # the file is replaced only by a graph that loads: a failed export loses nothing
+    # the file is replaced only by a graph that loads: a failed export loses nothing
+    with staged(path, ".onnx") as tmp:
         meta = _preprocessing_metadata(model, example, dynamic_size)
         try:
             _write(wrapper, example, dims, opset, tmp, meta)
@@ -206,10 +206,6 @@ def export_onnx(
             raise write_error(path, exc) from exc
         if check is not None:
             check(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    install(tmp, path)
     shape = ["batch", *example.shape[1:]]
     if dynamic_size:
         shape[-2:] = ["height", "width"]

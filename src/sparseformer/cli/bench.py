@@ -159,18 +159,13 @@ def _write_outputs(writes: list) -> None:
     replaced, a device or pipe (``/dev/stdout``, ``/dev/null``) written into."""
     import sys
 
-    from sparseformer.engine.atomic import install, is_stream, output_target, staging_file
+    from sparseformer.engine.atomic import is_stream, output_target, staged
 
     for option, write in writes:
         path = output_target(option)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = staging_file(path, path.suffix)  # the suffix tells matplotlib the format
-        try:
+        with staged(path, path.suffix) as tmp:  # the suffix tells matplotlib the format
             write(tmp)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        install(tmp, path)
         print(f"wrote {option}", file=sys.stderr if is_stream(path) else sys.stdout)
 
 

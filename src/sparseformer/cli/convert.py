@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from sparseformer.cli import CliError, check_output
-    from sparseformer.engine.atomic import install, is_stream, output_target, staging_file
+    from sparseformer.engine.atomic import is_stream, output_target, staged
     from sparseformer.weights.build import naming_their_model
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.factory import create_model
@@ -75,26 +75,19 @@ def run(args: argparse.Namespace) -> int:
             )  # (which warns when the EMA weights scored best and these are the model's)
     else:
         warn_about_weights(ckpt)
-    tmp = staging_file(out)
     tensors = {k: v.contiguous() for k, v in ckpt.state_dict.items()}
+    metadata = {
+        "source_format": report.source_format,
+        "renamed": json.dumps(report.renamed),
+        **_run_metadata(ckpt, args.model),
+    }
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            tensors,
-            str(tmp),
-            metadata={
-                "source_format": report.source_format,
-                "renamed": json.dumps(report.renamed),
-                **_run_metadata(ckpt, args.model),
-            },
-        )
-        _default_permissions(tmp, out)
-        install(tmp, out)  # a device (a link to /dev/null) is written into, never replaced
+        # installed when written: a device (a link to /dev/null) is written into, not replaced
+        with staged(out) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+            _default_permissions(tmp, out)
     except (OSError, SafetensorError) as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # nothing was written where the path cannot be
         raise CliError(f"cannot write {str(given)!r}: {exc}") from exc
     say = sys.stderr if is_stream(out) else sys.stdout  # OUT may be /dev/stdout itself
     renamed = [(old, new) for old, new in report.renamed.items() if old != new]

@@ -15,7 +15,8 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "is_stream",
     "staging_file",
     "install",
+    "staged",
 ]
 
 TEMPORARY_PATTERN = ".*.tmp-*"  # what temporary_for makes (a glob, for clearing stale ones)
@@ -192,6 +194,23 @@ def install(tmp: Path, path: Path) -> None:
         with os.fdopen(os.dup(fd), "wb") if fd is not None else open(path, "ab") as dst:
             shutil.copyfileobj(src, dst)
     tmp.unlink()
+
+
+@contextmanager
+def staged(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A :func:`staging_file` for ``path`` (an :func:`output_target`), for a writer that opens
+    a file by name (ONNX, safetensors, matplotlib), :func:`install` -ed once the block is
+    done; where the block or the install fails, it is removed and ``path`` left as it was."""
+    tmp = staging_file(path, suffix)
+    try:
+        yield tmp
+        install(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a folder we may no longer write in: nothing more to do
+            pass
+        raise
 
 
 def _own_descriptor(path: Path) -> int | None:
