@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from PIL import Image
 
 from sparseformer import create_model
 from sparseformer.cli import main
+from sparseformer.engine.atomic import temporary_for
 from sparseformer.viz.inputs import (
     display_image,
     load_image,
@@ -304,19 +306,40 @@ def test_demo_gives_its_threads_and_device_to_every_step(tmp_path, monkeypatch, 
     assert seen == {"train": (1, "cpu"), "eval": (1, "cpu"), "batch": 16}
 
 
-def test_an_image_with_a_long_legal_name_is_drawn_under_a_shorter_one(tmp_path, capsys):
+def test_an_image_with_a_long_legal_name_is_drawn_under_a_shorter_one(
+    tmp_path, capsys, monkeypatch
+):
     """A 245-byte name is legal, but with _roi_stats.json it is not: viz stopped there with
-    'File name too long', and drew none of the other images."""
-    folder = tmp_path / "in"
-    folder.mkdir()
+    'File name too long', and drew none of the other images. The same long name in a second
+    folder takes a _2, and still fits, under the longest temporary's name (a 7-digit PID)."""
+    monkeypatch.setattr(os, "getpid", lambda: 4194303)  # the largest Linux allows
+    folders = [tmp_path / "in", tmp_path / "again"]
     long, other = "b" * 240 + "é", "b" * 240 + "è"  # two long names with one start
-    for name in (long, other, "z"):
-        Image.new("RGB", (40, 40), (200, 30, 30)).save(folder / f"{name}.png")
+    for folder in folders:
+        folder.mkdir()
+        Image.new("RGB", (40, 40), (200, 30, 30)).save(folder / f"{long}.png")
+    for name in (other, "z"):
+        Image.new("RGB", (40, 40), (200, 30, 30)).save(folders[0] / f"{name}.png")
     out = tmp_path / "out"
-    code = main(["viz", "--model", "sparseformer_v1_nano", str(folder), "--out", str(out),
+    code = main(["viz", "--model", "sparseformer_v1_nano", *map(str, folders), "--out", str(out),
                  "--img-size", "32", "--no-gif"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     names = sorted(p.name for p in out.iterdir())
-    assert len(names) == 6 and "z_rois.png" in names  # two files each, none in the way
-    assert max(len(n.encode()) + len(".tmp-4194304") + 1 for n in names) <= 255  # temporaries
-    assert len({n.rsplit("_roi", 1)[0] for n in names}) == 3  # the two long ones kept apart
+    assert len(names) == 8 and "z_rois.png" in names  # two files each, none in the way
+    assert max(len(os.fsencode(temporary_for(out / n).name)) for n in names) <= 255
+    assert len({n.rsplit("_roi", 1)[0] for n in names}) == 4  # the long ones kept apart
+
+
+def test_a_clip_with_a_long_legal_name_is_drawn_under_a_shorter_one(tmp_path, capsys, monkeypatch):
+    """A video model's pictures have longer ends (_stage1_frames.png) than an image's."""
+    monkeypatch.setattr(os, "getpid", lambda: 4194303)
+    pytest.importorskip("av")
+    clip = tmp_path / ("c" * 236 + ".mp4")
+    clip.write_bytes((DATA / "carphone-16f.mp4").read_bytes())
+    out = tmp_path / "out"
+    argv = ["viz", "--model", "video_sparseformer_v1_micro", str(clip), "--out", str(out),
+            "--img-size", "32", "--frame-stride", "2", "--stages", "0", "1"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 4 and any(n.endswith("_stage1_frames.png") for n in names)
+    assert max(len(os.fsencode(temporary_for(out / n).name)) for n in names) <= 255

@@ -11,6 +11,7 @@ when nothing could be drawn.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from sparseformer.cli.common import add_clip_arguments, image_size
@@ -93,7 +94,12 @@ def run(args: argparse.Namespace) -> int:
         wrong_kind,
     )
     from sparseformer.engine.device import pick_device
-    from sparseformer.viz.figures import format_statistics, write_pictures, write_video_pictures
+    from sparseformer.viz.figures import (
+        format_statistics,
+        name_ends,
+        write_pictures,
+        write_video_pictures,
+    )
     from sparseformer.viz.inputs import load_model_for_viz
     from sparseformer.weights.build import require_sparseformer
 
@@ -125,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     options = {"stages": args.stages, "highlight": args.tokens, "gif": not args.no_gif}
     label = args.model or "the model"  # a checkpoint's own model is checked already
     drawn, used = 0, set()
+    ends = name_ends(video, args.stages)  # of the files drawn for each input
     for path in paths:
         why = wrong_kind(path, label, video)
         if why is None:
@@ -134,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         try:
             result = (write_video_pictures if video else write_pictures)(
-                model, picture, args.out, _unique_stem(path, used), info=info, **options
+                model, picture, args.out, _unique_stem(path, used, ends), info=info, **options
             )
         except (ValueError, OSError) as exc:  # a stage the model lacks, an unwritable --out
             raise CliError(str(exc)) from exc
@@ -174,33 +181,36 @@ def _read_clip(path: Path, model, info, asked: dict):
         return None, str(exc).removeprefix(f"{path}: ") + hint
 
 
-# A file name holds 255 bytes: the pictures' stems leave room for the longest of their
-# names' ends and its temporary's, .STEM_roi_stats.json.tmp-PID (a PID of up to 7 digits)
-_STEM_BYTES = 255 - len("._roi_stats.json.tmp-") - 7
+# the bytes of a file name on the file systems we write to (ext4, APFS, NTFS, tmpfs)
+_NAME_MAX = 255
 
 
-def _unique_stem(path: Path, used: set[str]) -> str:
-    base = _fitting(path.stem)
-    stem, k = base, 1
+def _unique_stem(path: Path, used: set[str], ends: list[str]) -> str:
+    """A stem for ``path``'s pictures that no earlier input took and that fits, with each of
+    ``ends`` (:func:`~sparseformer.viz.figures.name_ends`), in a file name, as does the
+    temporary each is written under."""
+    from sparseformer.engine.atomic import temporary_for
+
+    room = _NAME_MAX - max(len(os.fsencode(temporary_for(Path(end)).name)) for end in ends)
+    stem, k = _fitting(path.stem, room), 1
     while stem in used:
         k += 1
-        stem = f"{base}_{k}"
+        stem = _fitting(f"{path.stem}_{k}", room)
     used.add(stem)
     return stem
 
 
-def _fitting(stem: str) -> str:
-    """``stem``, or where it is too long to name the pictures (a legal name of 245 bytes is,
+def _fitting(stem: str, room: int) -> str:
+    """``stem``, or where it takes more than ``room`` bytes (a legal name of 245 bytes does,
     with _roi_stats.json), its start and a hash of the whole, which keeps it apart."""
     import hashlib
-    import os
 
-    if len(os.fsencode(stem)) <= _STEM_BYTES:
+    if len(os.fsencode(stem)) <= room:
         return stem
     kept, size = [], 0
     for char in stem:  # whole characters (a surrogate-escaped byte is one)
         size += len(os.fsencode(char))
-        if size > _STEM_BYTES - 9:
+        if size > room - 9:
             break
         kept.append(char)
     return "".join(kept) + "~" + hashlib.sha1(os.fsencode(stem)).hexdigest()[:8]

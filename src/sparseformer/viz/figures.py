@@ -73,6 +73,7 @@ __all__ = [
     "Pictures",
     "write_pictures",
     "write_video_pictures",
+    "name_ends",
 ]
 
 logger = logging.getLogger(__name__)
@@ -377,6 +378,15 @@ def write_video_pictures(
             result.files.append(save_gif(images, gif_path, duration_ms=400))
     result.files.append(_save_json(result.stats, out_dir / f"{stem}_roi_stats.json"))
     return result
+
+
+def name_ends(video: bool, stages: Sequence[int] | None = None) -> list[str]:
+    """What :func:`write_pictures` (``video``: :func:`write_video_pictures`) puts after the
+    stem in the names of the files it writes with ``stages``."""
+    if not video:
+        return ["_rois.png", "_stages.gif", "_roi_stats.json"]
+    pictures = [f"_{_stage_label(stage)}frames.png" for stage in stages or [None]]
+    return [*pictures, "_frames.gif", "_roi_stats.json"]
 
 
 def _stage_label(stage: int | None) -> str:
