@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -689,17 +690,30 @@ def test_links_planted_at_the_lock_and_the_temporaries_are_removed_not_followed(
 
 def test_a_staged_file_is_installed_when_written_and_gone_when_the_writer_fails(tmp_path):
     """What export, convert and bench's outputs are written through: the old file stays, and no
-    temporary is left beside it, whether the writer fails or is interrupted."""
+    temporary is left beside it, whether the writer fails, is interrupted or the install fails;
+    a failed write names the file asked for (not the temporary) and the cause."""
     from sparseformer.engine.atomic import TEMPORARY_PATTERN, staged
 
     target = tmp_path / "model.onnx"
     target.write_bytes(b"old")
     for failure in (OSError(28, "No space left on device"), KeyboardInterrupt()):
-        with pytest.raises(type(failure)), staged(target, ".onnx") as tmp:
+        with pytest.raises(type(failure)) as raised, staged(target, ".onnx") as tmp:
             tmp.write_bytes(b"half")
             raise failure
         assert target.read_bytes() == b"old" and not list(tmp_path.glob(TEMPORARY_PATTERN))
+    said = f"could not write {str(target)!r}: no space left on the device; free some space"
+    assert isinstance(raised.value, KeyboardInterrupt)  # not turned into a write error
+    with pytest.raises(WriteError, match=re.escape(said)), staged(target, ".onnx") as tmp:
+        raise OSError(28, "No space left on device")
     with staged(target, ".onnx") as tmp:
         assert tmp.parent == tmp_path and tmp.suffix == ".onnx"  # the writer's format
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [target]
+    folder = tmp_path / "a folder"  # where the install's rename fails
+    folder.mkdir()
+    with pytest.raises(WriteError, match=re.escape(repr(str(folder)))), staged(folder) as tmp:
+        tmp.write_bytes(b"new")
+    assert sorted(tmp_path.iterdir()) == [folder, target]  # the temporary removed
+    with pytest.raises(WriteError, match="could not write"):  # staging where nothing can be
+        with staged(tmp_path / "missing" / "x.png"):
+            pass

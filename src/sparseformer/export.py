@@ -183,7 +183,7 @@ def export_onnx(
         num_frames = int(model.config.num_frames)
     opset = (VIDEO_MIN_OPSET if num_frames is not None else 18) if opset is None else opset
     check_export_settings(opset, img_size, num_frames)
-    from sparseformer.engine.atomic import output_target, staged, write_error
+    from sparseformer.engine.atomic import output_target, staged
 
     path = output_target(path)  # a symlink's file; a device (/dev/null) is written into
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,10 +200,7 @@ def export_onnx(
     # the file is replaced only by a graph that loads: a failed export loses nothing
     with staged(path, ".onnx") as tmp:
         meta = _preprocessing_metadata(model, example, dynamic_size)
-        try:
-            _write(wrapper, example, dims, opset, tmp, meta)
-        except OSError as exc:  # a full disk: named by the file asked for, in a user's words
-            raise write_error(path, exc) from exc
+        _write(wrapper, example, dims, opset, tmp, meta)  # a full disk: said by staged
         if check is not None:
             check(tmp)
     shape = ["batch", *example.shape[1:]]

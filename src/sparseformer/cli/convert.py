@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from sparseformer.cli import CliError, check_output
-    from sparseformer.engine.atomic import is_stream, output_target, staged
+    from sparseformer.engine.atomic import WriteError, is_stream, output_target, staged
     from sparseformer.weights.build import naming_their_model
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.factory import create_model
@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         with staged(out) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
             _default_permissions(tmp, out)
+    except WriteError:  # said with the file and the cause already
+        raise
     except (OSError, SafetensorError) as exc:
         raise CliError(f"cannot write {str(given)!r}: {exc}") from exc
     say = sys.stderr if is_stream(out) else sys.stdout  # OUT may be /dev/stdout itself

@@ -200,16 +200,26 @@ def install(tmp: Path, path: Path) -> None:
 def staged(path: Path, suffix: str = "") -> Iterator[Path]:
     """A :func:`staging_file` for ``path`` (an :func:`output_target`), for a writer that opens
     a file by name (ONNX, safetensors, matplotlib), :func:`install` -ed once the block is
-    done; where the block or the install fails, it is removed and ``path`` left as it was."""
-    tmp = staging_file(path, suffix)
+    done; where the block or the install fails, it is removed and ``path`` left as it was.
+
+    Raises:
+        WriteError: for an ``OSError`` of the staging, the block or the install, naming
+            ``path`` (not the temporary) and the cause.
+    """
+    try:
+        tmp = staging_file(path, suffix)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     try:
         yield tmp
         install(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:  # a folder we may no longer write in: nothing more to do
             pass
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise write_error(path, exc) from exc
         raise
 
 
