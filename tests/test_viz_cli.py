@@ -97,6 +97,7 @@ def test_huge_and_tiny_images(tmp_path, capsys):
     [
         (None, "not found"),
         (b"hello, I am text", "not a readable image"),
+        (b"", "an empty file (0 bytes)"),
         ("truncated", "could not be decoded"),
     ],
 )

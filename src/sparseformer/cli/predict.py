@@ -145,7 +145,8 @@ def _probabilities(model, path: Path, video, transform, prep, device: str):
     except FileNotFoundError:
         raise CliError(f"image {str(path)!r} does not exist") from None
     except READ_ERRORS as exc:
-        return None, f"cannot read this image ({exc.__class__.__name__}: {exc})"
+        why = str(exc).removeprefix(f"{path}: ")  # the line names the file already
+        return None, f"cannot read this image ({exc.__class__.__name__}: {why})"
     x, _ = prep(torch.as_tensor(transform(img))[None], torch.zeros(1, dtype=torch.long), False)
     with torch.inference_mode():
         return model(x).float().softmax(dim=-1)[0], None

@@ -20,6 +20,7 @@ __all__ = [
     "open_rgb",
     "upright",
     "check_image_header",
+    "is_empty_file",
 ]
 
 IMAGE_EXTENSIONS = (
@@ -83,8 +84,8 @@ def open_rgb(path: str | Path) -> Image.Image:
     except Image.DecompressionBombError:
         raise Image.DecompressionBombError(_too_large()) from None
     except UnidentifiedImageError:
-        if _empty(path):  # PIL's "cannot identify image file" says less
-            raise UnidentifiedImageError("an empty file (0 bytes)") from None
+        if is_empty_file(path):  # PIL's "cannot identify image file" says less
+            raise UnidentifiedImageError(f"{path}: an empty file (0 bytes)") from None
         raise
     with img:
         img.load()
@@ -150,13 +151,13 @@ def check_image_header(path: str | Path) -> str | None:
     except Image.DecompressionBombError:
         return _too_large()
     except READ_ERRORS as exc:
-        if _empty(path):
+        if is_empty_file(path):
             return "an empty file (0 bytes)"
         return f"{exc.__class__.__name__}: {str(exc)[:120]}" if str(exc) else exc.__class__.__name__
     return None
 
 
-def _empty(path: str | Path) -> bool:
+def is_empty_file(path: str | Path) -> bool:
     """Whether ``path`` is a file of 0 bytes (a download or a copy that never finished)."""
     try:
         return Path(path).stat().st_size == 0
