@@ -610,3 +610,4 @@ def test_reset_classifier_takes_a_numpy_count():
     model.reset_classifier(np.arange(5).max() + 1)  # labels.max() + 1
     assert model.num_classes == 5 and type(model.num_classes) is int
     assert model.head.out_features == 5
+    assert model.config.num_classes == 5  # what a bootstrapping run records, among others

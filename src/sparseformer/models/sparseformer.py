@@ -196,7 +196,7 @@ class SparseFormer(nn.Module):
         if isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool):
             num_classes = int(num_classes)  # a NumPy integer (labels.max() + 1)
         # the config's own check (a whole number >= 0), before anything of the model changes
-        dataclasses.replace(self.config, num_classes=num_classes)
+        config = dataclasses.replace(self.config, num_classes=num_classes)
         if global_pool is not None:
             allowed = ("avg", "", "token") if self.cls_token is not None else ("avg", "")
             if global_pool not in allowed:
@@ -206,7 +206,7 @@ class SparseFormer(nn.Module):
                     + f" or '' (one output per token), got {global_pool!r}"
                 )
             self.global_pool = global_pool
-        self.num_classes = num_classes
+        self.num_classes, self.config = num_classes, config  # the config says the model
         head = self._make_head(num_classes)
         if isinstance(head, nn.Linear):
             nn.init.trunc_normal_(head.weight, std=0.02)
