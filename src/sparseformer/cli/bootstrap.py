@@ -86,7 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, help="default 0; a resumed run's own")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     add_saving_arguments(g)
-    p.set_defaults(func=run, drop_path=None)
+    p.set_defaults(func=run)
 
 
 @dataclass

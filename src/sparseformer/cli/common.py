@@ -238,40 +238,39 @@ def recipe_flags(args: argparse.Namespace):
     :class:`~sparseformer.engine.recipe.RecipeFlags`."""
     from sparseformer.engine.recipe import RecipeFlags
 
-    fields = {field: getattr(args, flag) for field, flag in _RECIPE_FLAGS.items()}
+    fields = {field: getattr(args, flag) for field, (flag, _, _) in _RECIPE_FLAGS.items()}
     return RecipeFlags(
         args.recipe,
         {k: v for k, v in fields.items() if v is not None},
         tuple(args.set),
-        {field: f"--{flag.replace('_', '-')}" for field, flag in _RECIPE_FLAGS.items()},
+        {field: f"--{flag.replace('_', '-')}" for field, (flag, _, _) in _RECIPE_FLAGS.items()},
     )
 
 
 def add_recipe_flags(group, img_size: str, drop_path: bool = True) -> None:
-    """The flags that set a recipe's fields (train's and bootstrap's, in their words once);
-    ``img_size``: what --img-size is, in the command's words."""
-    group.add_argument("--epochs", type=positive_int, help="passes over the training data")
-    group.add_argument("--batch-size", type=positive_int, help="images per process and step")
-    group.add_argument("--img-size", type=image_size, help=img_size)
-    group.add_argument("--lr", type=float, help="peak learning rate for a total batch of 512")
-    group.add_argument("--warmup-epochs", type=float, help="epochs of linear learning-rate warm-up")
-    group.add_argument("--weight-decay", type=float, help="AdamW weight decay")
-    if drop_path:
-        group.add_argument("--drop-path", type=float, help="stochastic depth rate")
-    group.add_argument("--workers", type=count, help="data-loading processes per training process")
+    """The flags that set a recipe's fields (train's and bootstrap's, in their words once;
+    ``--precision`` is among each command's run flags); ``img_size``: what --img-size is, in
+    the command's words. Without ``drop_path`` its field stays the recipe's."""
+    for field, (flag, kind, says) in _RECIPE_FLAGS.items():
+        if field == "precision" or (field == "drop_path" and not drop_path):
+            continue
+        says = img_size if field == "img_size" else says
+        group.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=says)
+    if not drop_path:
+        group.set_defaults(drop_path=None)  # read by recipe_flags all the same
 
 
-# recipe field -> the flag of its own that sets it (its argparse name)
+# recipe field -> the flag of its own that sets it (its argparse name), its type and its help
 _RECIPE_FLAGS = {
-    "epochs": "epochs",
-    "batch_size": "batch_size",
-    "img_size": "img_size",
-    "lr": "lr",
-    "warmup_epochs": "warmup_epochs",
-    "weight_decay": "weight_decay",
-    "drop_path": "drop_path",
-    "num_workers": "workers",
-    "precision": "precision",
+    "epochs": ("epochs", positive_int, "passes over the training data"),
+    "batch_size": ("batch_size", positive_int, "images per process and step"),
+    "img_size": ("img_size", image_size, None),
+    "lr": ("lr", float, "peak learning rate for a total batch of 512"),
+    "warmup_epochs": ("warmup_epochs", float, "epochs of linear learning-rate warm-up"),
+    "weight_decay": ("weight_decay", float, "AdamW weight decay"),
+    "drop_path": ("drop_path", float, "stochastic depth rate"),
+    "num_workers": ("workers", count, "data-loading processes per training process"),
+    "precision": ("precision", None, None),
 }
 
 
