@@ -421,6 +421,7 @@ def test_verbose_logging_is_ours_not_a_line_per_png_chunk():
         (["predict", "--checkpoint", "c.pth", ""], "an empty argument"),
         (["train", "--model", NANO, "--data-dir", "d", "--output", ""], "--output is given an"),
         (["train", "--model", NANO, "--data-dir", "d", "--output="], "--output is given an"),
+        (["train", "--model", NANO, "--data-dir", "d", "--outp", ""], "--output is given an"),
         (["eval", "--checkpoint", "", "--data-dir", "d"], "--checkpoint is given an"),
         (["predict", "--checkpoint", "c.pth", "--json", ""], "an empty argument"),  # a switch
         (["predict", "--checkpoint", "c.pth", "a.png", "--topk", "3", ""], "an empty arg"),

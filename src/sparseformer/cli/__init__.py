@@ -198,7 +198,10 @@ def _empty_argument(argv: list[str], parser: argparse.ArgumentParser) -> str | N
     takes = {name for name, action in parser._option_string_actions.items() if action.nargs != 0}
     for i, arg in enumerate(argv):
         if arg == "":
-            option = argv[i - 1] if i and argv[i - 1] in takes else None
+            before = argv[i - 1] if i else ""
+            # an abbreviation argparse takes (--out for --output) is named by the option
+            named = [o for o in takes if o.startswith(before)] if before.startswith("--") else []
+            option = before if before in takes else named[0] if len(named) == 1 else None
             return f"{option} is given an empty value" if option else "an empty argument"
         name, eq, value = arg.partition("=")
         if name.startswith("--") and eq and not value:
