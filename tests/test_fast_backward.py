@@ -198,7 +198,10 @@ def test_narrow_head_attention_matches_sdpa(head_width):
     qkv = torch.randn(3, 5, 3, 4, head_width, dtype=torch.float64)  # (B, N, 3, heads, d)
     q, k, v = (t.requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    with mock.patch.object(torch.backends.cpu, "get_cpu_capability", return_value="AVX2"):
+    with (
+        mock.patch.object(torch.backends.cpu, "get_cpu_capability", return_value="AVX2"),
+        mock.patch("sparseformer.layers.attention._products_win", return_value=True),
+    ):
         torch.testing.assert_close(attention(q, k, v), expected, rtol=0, atol=1e-12)
         with torch.inference_mode():
             torch.testing.assert_close(attention(q, k, v), expected.detach(), rtol=0, atol=1e-12)
@@ -210,17 +213,47 @@ def test_narrow_head_attention_matches_sdpa(head_width):
 
 
 @pytest.mark.parametrize("capability", ["AVX512", "DEFAULT"])
-def test_attention_fused_where_narrow_heads_do_not_pay(capability):
-    """On CPUs other than AVX2 every attention runs PyTorch's fused kernel."""
+def test_attention_with_gradients_fused_where_narrow_heads_do_not_pay(capability):
+    """With gradients, on CPUs other than AVX2 every attention runs PyTorch's fused kernel."""
     from sparseformer.layers.attention import attention
 
-    q = torch.randn(2, 4, 5, 8)
+    q = torch.randn(2, 4, 5, 8, requires_grad=True)
     with (
         mock.patch.object(torch.backends.cpu, "get_cpu_capability", return_value=capability),
         mock.patch.object(torch.nn.functional, "scaled_dot_product_attention") as fused,
     ):
         attention(q, q, q)
     assert fused.call_count == 1
+
+
+@pytest.mark.parametrize("products_faster", [False, True])
+def test_inference_attention_takes_the_kernel_measured_faster_on_each_shape(products_faster):
+    """The CPU's build does not say which is faster (an AMD EPYC reporting AVX-512 ran the two
+    products in half the fused kernel's time, a Xeon's the other way round): inference times
+    both on a shape's first call and keeps the faster; a run's validation, inside
+    one_linear_kernel, takes the build's rule, as training does."""
+    import sparseformer.layers.attention as module
+    from sparseformer.layers.linear import one_linear_kernel
+
+    q = torch.randn(3, 4, 7, 8)
+    with (
+        mock.patch.object(module, "_CHOSEN", {}),
+        mock.patch.object(torch.backends.cpu, "get_cpu_capability", return_value="AVX512"),
+        mock.patch.object(module, "faster", return_value=int(products_faster)) as race,
+        mock.patch.object(module, "_products", wraps=module._products) as products,
+        torch.no_grad(),
+    ):
+        for _ in range(3):
+            torch.testing.assert_close(
+                module.attention(q, q, q), torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            )
+        assert race.call_count == 1 and products.call_count == (3 if products_faster else 0)
+        module.attention(q[:1], q[:1], q[:1])  # another batch size: measured on its own
+        assert race.call_count == 2
+        with one_linear_kernel():
+            module.attention(q, q, q)
+        assert race.call_count == 2  # the AVX-512 rule: fused
+        assert products.call_count == (4 if products_faster else 0)
 
 
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2"])

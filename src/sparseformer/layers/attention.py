@@ -3,7 +3,7 @@
 SparseFormer (Gao et al., ICLR 2024) mixes its N latent tokens with a standard transformer; the
 official code used ``nn.MultiheadAttention`` (packed ``in_proj``), which the converter renames to
 ``qkv`` / ``proj``. Attention runs through ``scaled_dot_product_attention``, except on CPU
-with narrow heads (see :func:`attention`).
+with narrow heads where two batched products are the faster (see :func:`attention`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from sparseformer.layers.linear import is_tracing, linear
+import sparseformer.layers.linear as linear_module
+from sparseformer.layers.linear import faster, is_tracing, linear
 
 __all__ = ["Attention", "Mlp", "attention"]
 
@@ -43,12 +44,12 @@ class Attention(nn.Module):
         return linear(x.transpose(1, 2).reshape(B, N, D), self.proj)  # (B, h, N, d) -> (B, N, D)
 
 
-# Heads up to this wide, over up to this many tokens, take two batched products on CPU
+# Heads up to this wide, over up to this many tokens, may take two batched products on CPU
 # (SparseFormer v1: 64 heads of 4 and 8 channels over 49 tokens)
 _NARROW_HEAD = 16
 _FEW_TOKENS = 64
-# ... on CPUs whose ATen kernels are these builds: measured faster on AVX2 (2-core AMD EPYC);
-# on AVX-512 (2-core Xeon) the fused kernel's wider vectors win instead
+# ... with gradients, on CPUs whose ATen kernels are these builds: measured faster on AVX2
+# (2-core AMD EPYC); on AVX-512 (2-core Xeon) the fused kernel's wider vectors win instead
 _NARROW_CAPABILITIES = frozenset({"AVX2"})
 
 
@@ -61,40 +62,61 @@ def _narrow_pays() -> bool:
 # keeps B x h x N x N attention weights: 79 MB in bf16 for 32 heads over 196 tokens, batch 32)
 _HALF_TRAINING_TOKENS = 256
 
+_CHOSEN: dict[tuple, bool] = {}  # inference's shape -> whether the two products were faster
+_MAX_CHOSEN = 256  # beyond: the rule of the CPU's build (a process feeding endless shapes)
+
 
 def _two_products(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether :func:`attention` takes the two batched products for these CPU inputs."""
     if q.shape[-1] > _NARROW_HEAD:
         return False
-    if (
-        q.dtype in (torch.bfloat16, torch.float16)
-        and q.shape[-2] <= _HALF_TRAINING_TOKENS
-        and torch.is_grad_enabled()
-        and (q.requires_grad or k.requires_grad or v.requires_grad)
-    ):
-        return True  # the fused kernel's reduced-precision backward is 2-7x slower
-    return q.shape[-2] <= _FEW_TOKENS and _narrow_pays()
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if grad and q.dtype in (torch.bfloat16, torch.float16):
+        if q.shape[-2] <= _HALF_TRAINING_TOKENS:
+            return True  # the fused kernel's reduced-precision backward is 2-7x slower
+    if q.shape[-2] > _FEW_TOKENS:
+        return False
+    # training, and inference inside one_linear_kernel (a run's validation), take the rule of
+    # the CPU's build: a resumed run computes as the run it continues
+    if grad or linear_module.FUSED_LINEAR != "auto" or len(_CHOSEN) >= _MAX_CHOSEN:
+        return _narrow_pays()
+    return _products_win(q, k, v)
+
+
+def _products_win(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether the two products are the faster for this inference shape, measured on its
+    first call (the CPU's build does not tell: on the 2-core AMD EPYC that reports AVX-512
+    they took 7.1 ms where the fused kernel took 16.8, on the 2-core Xeon the fused one won)."""
+    B, h, N, d = q.shape
+    key = ((B * h).bit_length(), N, d, q.dtype, torch.get_num_threads())
+    wins = _CHOSEN.get(key)
+    if wins is None:
+        fused = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+        wins = _CHOSEN[key] = faster(fused, lambda: _products(q, k, v)) == 1
+    return wins
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """``softmax(q k^T / sqrt(d)) v`` for ``(B, h, N, d)`` queries, keys and values.
 
-    ``scaled_dot_product_attention``, but on AVX2 CPUs with heads of at most 16 channels over
-    at most 64 tokens two batched matrix products and a softmax: PyTorch's CPU kernel works
-    head by head, which for SparseFormer-T's 64 heads of 4 and 8 channels over 49 tokens is
-    mostly overhead there (2-core AMD EPYC, 2 threads, batch 32, 8-channel heads: 16.0 -> 9.3
-    ms forward, 57 -> 26 ms forward and backward; the whole training step 3-9% faster). Over
-    longer sequences the fused kernel wins (video: 196 tokens, 36 against 46 ms forward), and
-    on AVX-512 it wins at any length (2-core Xeon, SparseFormer-T alternated in one process:
-    the fused kernel 5% faster at batch 32 and batch 1, the training step the same). In bf16
-    or fp16 with gradients, narrow heads take the two products on every CPU, over up to 256
-    tokens: the fused kernel's reduced-precision backward is slow (2-core Xeon, 2 threads,
+    ``scaled_dot_product_attention``, but on CPUs with heads of at most 16 channels over at
+    most 64 tokens two batched matrix products and a softmax where they are the faster:
+    PyTorch's CPU kernel works head by head, which for SparseFormer-T's 64 heads of 4 and 8
+    channels over 49 tokens is mostly overhead on some CPUs (2-core AMD EPYC, AVX2, 2 threads,
+    batch 32, 8-channel heads: 16.0 -> 9.3 ms forward, 57 -> 26 ms forward and backward; the
+    whole training step 3-9% faster). Over longer sequences the fused kernel wins (video: 196
+    tokens, 36 against 46 ms forward), and on the 2-core Xeon's AVX-512 at any length
+    (SparseFormer-T alternated in one process: the fused kernel 5% faster at batch 32 and
+    batch 1, the training step the same). Inference measures the two on each shape's first
+    call and keeps the faster (:func:`_products_win`); with gradients the CPU's build decides
+    (AVX2: the two products), so that a resumed run computes as the run it continues. In
+    bf16 or fp16 with gradients, narrow heads take the two products on every CPU, over up to
+    256 tokens: the fused kernel's reduced-precision backward is slow (2-core Xeon, 2 threads,
     batch 32, 64 heads, bf16, forward and backward: 8-channel heads over 49 tokens 158 ->
     14-21 ms, 4-channel 89-106 -> 13-20 ms, video's 196 tokens 434 -> 271-283 ms). The
     backward keeps the attention weights (B x h x N x N values) where the fused kernel
     recomputes them. Tracing, export and FLOP counting see the fused operator.
     """
-    B, h, N, d = q.shape
     if not (
         q.device.type == "cpu"
         and not is_tracing()
@@ -102,6 +124,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         and _two_products(q, k, v)  # after the tracing checks: compilers need not read the CPU
     ):
         return F.scaled_dot_product_attention(q, k, v)
+    return _products(q, k, v)
+
+
+def _products(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """:func:`attention` by two batched products and a softmax."""
+    B, h, N, d = q.shape
     q = q.reshape(B * h, N, d) * d**-0.5  # (B, h, N, d) -> (B*h, N, d)
     scores = torch.bmm(q, k.reshape(B * h, N, d).transpose(1, 2))  # (B*h, N, N)
     if torch.is_grad_enabled() and scores.requires_grad:

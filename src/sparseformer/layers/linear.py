@@ -145,8 +145,10 @@ def _fused_wins(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> b
 @contextmanager
 def one_linear_kernel() -> Iterator[None]:
     """The fused kernel wherever it may be used inside the block, not the faster per shape
-    (unless :data:`FUSED_LINEAR` asks for one already): what a training run evaluates with, so
-    that a resumed run computes as the process it continues did."""
+    (unless :data:`FUSED_LINEAR` asks for one already), and narrow-head attention by the
+    rule of the CPU's build rather than measured (see :func:`~sparseformer.layers.attention.
+    attention`): what a training run evaluates with, so that a resumed run computes as the
+    process it continues did."""
     global FUSED_LINEAR
     before = FUSED_LINEAR
     FUSED_LINEAR = "always" if before == "auto" else before
