@@ -48,13 +48,14 @@ class Attention(nn.Module):
 # (SparseFormer v1: 64 heads of 4 and 8 channels over 49 tokens)
 _NARROW_HEAD = 16
 _FEW_TOKENS = 64
-# ... with gradients, on CPUs whose ATen kernels are these builds: measured faster on AVX2
-# (2-core AMD EPYC); on AVX-512 (2-core Xeon) the fused kernel's wider vectors win instead
+# ... without gradients and unmeasured (a run's validation), on CPUs whose ATen kernels are
+# these builds: faster on AVX2 (2-core AMD EPYC); on AVX-512 (2-core Xeon) the fused kernel
 _NARROW_CAPABILITIES = frozenset({"AVX2"})
 
 
 def _narrow_pays() -> bool:
-    """Whether this CPU runs narrow heads faster as two batched products than fused."""
+    """Whether this CPU's build runs narrow heads faster as two batched products than fused,
+    as measured on the CPUs of :data:`_NARROW_CAPABILITIES`."""
     return torch.backends.cpu.get_cpu_capability() in _NARROW_CAPABILITIES
 
 
@@ -76,9 +77,11 @@ def _two_products(q: Tensor, k: Tensor, v: Tensor) -> bool:
             return True  # the fused kernel's reduced-precision backward is 2-7x slower
     if q.shape[-2] > _FEW_TOKENS:
         return False
-    # training, and inference inside one_linear_kernel (a run's validation), take the rule of
-    # the CPU's build: a resumed run computes as the run it continues
-    if grad or linear_module.FUSED_LINEAR != "auto" or len(_CHOSEN) >= _MAX_CHOSEN:
+    if grad:  # on every CPU measured the faster or as fast, and one kernel for a resumed run
+        return True
+    # inference inside one_linear_kernel (a run's validation) takes the rule of the CPU's
+    # build, unmeasured: a resumed run scores as the run it continues
+    if linear_module.FUSED_LINEAR != "auto" or len(_CHOSEN) >= _MAX_CHOSEN:
         return _narrow_pays()
     return _products_win(q, k, v)
 
@@ -107,13 +110,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     whole training step 3-9% faster). Over longer sequences the fused kernel wins (video: 196
     tokens, 36 against 46 ms forward), and on the 2-core Xeon's AVX-512 at any length
     (SparseFormer-T alternated in one process: the fused kernel 5% faster at batch 32 and
-    batch 1, the training step the same). Inference measures the two on each shape's first
-    call and keeps the faster (:func:`_products_win`); with gradients the CPU's build decides
-    (AVX2: the two products), so that a resumed run computes as the run it continues. In
-    bf16 or fp16 with gradients, narrow heads take the two products on every CPU, over up to
-    256 tokens: the fused kernel's reduced-precision backward is slow (2-core Xeon, 2 threads,
-    batch 32, 64 heads, bf16, forward and backward: 8-channel heads over 49 tokens 158 ->
-    14-21 ms, 4-channel 89-106 -> 13-20 ms, video's 196 tokens 434 -> 271-283 ms). The
+    batch 1, the training step the same), but not on an AMD EPYC that reports AVX-512 (8-channel
+    heads, forward 16.8 against 7.1 ms; SparseFormer-T's training step 3202 against 3006 ms).
+    Inference measures the two on each shape's first call and keeps the faster
+    (:func:`_products_win`). With gradients narrow heads over few tokens take the two products
+    on every CPU, faster or as fast on each CPU measured, and one kernel, so that a resumed run
+    computes as the run it continues; a run's validation takes the rule of the CPU's build
+    (:func:`_narrow_pays`). In bf16 or fp16 with gradients, narrow heads take the two products
+    over up to 256 tokens: the fused kernel's reduced-precision backward is slow (2-core Xeon,
+    2 threads, batch 32, 64 heads, bf16, forward and backward: 8-channel heads over 49 tokens
+    158 -> 14-21 ms, 4-channel 89-106 -> 13-20 ms, video's 196 tokens 434 -> 271-283 ms). The
     backward keeps the attention weights (B x h x N x N values) where the fused kernel
     recomputes them. Tracing, export and FLOP counting see the fused operator.
     """
