@@ -87,19 +87,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from sparseformer.cli.common import (
-        clip_flags,
-        refuse_video_flags_on_images,
-        skip_file,
-        wrong_kind,
-    )
+    from sparseformer.cli.common import refuse_video_flags_on_images
     from sparseformer.engine.device import pick_device
-    from sparseformer.viz.figures import (
-        format_statistics,
-        name_ends,
-        write_pictures,
-        write_video_pictures,
-    )
+    from sparseformer.viz.figures import name_ends
     from sparseformer.viz.inputs import load_model_for_viz
     from sparseformer.weights.build import require_sparseformer
 
@@ -128,29 +118,36 @@ def run(args: argparse.Namespace) -> int:
         paths = expand_media_paths(paths, video)
     except DataError as exc:
         raise CliError(str(exc)) from None
-    options = {"stages": args.stages, "highlight": args.tokens, "gif": not args.no_gif}
-    label = args.model or "the model"  # a checkpoint's own model is checked already
-    drawn, used = 0, set()
-    ends = name_ends(video, args.stages)  # of the files drawn for each input
-    for path in paths:
-        why = wrong_kind(path, label, video)
-        if why is None:
-            picture, why = _read_input(path, model, info, video, clip_flags(args))
-        if why is not None:
-            skip_file(path, why)
-            continue
-        try:
-            result = (write_video_pictures if video else write_pictures)(
-                model, picture, args.out, _unique_stem(path, used, ends), info=info, **options
-            )
-        except (ValueError, OSError) as exc:  # a stage the model lacks, an unwritable --out
-            raise CliError(str(exc)) from exc
-        drawn += 1
-        print(f"{path}: {result.label}")
-        for file in result.files:
-            print(f"  wrote {file}")
-        print("  " + format_statistics(result.stats).replace("\n", "\n  "))
+    used, ends = set(), name_ends(video, args.stages)  # stems taken; each input's files' ends
+    drawn = sum(_draw(path, model, info, video, args, (used, ends)) for path in paths)
     return 0 if drawn else 1  # the files skipped are listed above, one line each
+
+
+def _draw(path: Path, model, info, video: bool, args: argparse.Namespace, stems) -> bool:
+    """Draw ``path``'s pictures into ``args.out`` and say so; ``False``: it was skipped (said
+    on one line). ``stems``: the stems taken so far and the files' ends (:func:`_unique_stem`)."""
+    from sparseformer.cli import CliError
+    from sparseformer.cli.common import clip_flags, skip_file, wrong_kind
+    from sparseformer.viz.figures import format_statistics, write_pictures, write_video_pictures
+
+    why = wrong_kind(path, args.model or "the model", video)  # a checkpoint's own: checked
+    if why is None:
+        picture, why = _read_input(path, model, info, video, clip_flags(args))
+    if why is not None:
+        skip_file(path, why)
+        return False
+    options = {"stages": args.stages, "highlight": args.tokens, "gif": not args.no_gif}
+    try:
+        result = (write_video_pictures if video else write_pictures)(
+            model, picture, args.out, _unique_stem(path, *stems), info=info, **options
+        )
+    except (ValueError, OSError) as exc:  # a stage the model lacks, an unwritable --out
+        raise CliError(str(exc)) from exc
+    print(f"{path}: {result.label}")
+    for file in result.files:
+        print(f"  wrote {file}")
+    print("  " + format_statistics(result.stats).replace("\n", "\n  "))
+    return True
 
 
 def _read_input(path: Path, model, info, video: bool, asked: dict):
