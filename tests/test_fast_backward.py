@@ -215,7 +215,7 @@ def test_narrow_head_attention_matches_sdpa(head_width):
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2", "DEFAULT"])
 def test_attention_with_gradients_takes_two_products_on_every_cpu(capability):
     """With gradients narrow heads over few tokens take the two products whatever the CPU (an
-    AMD EPYC reporting AVX-512 trained 1.01-1.08x faster with them, a Xeon as fast): one
+    AMD EPYC reporting AVX-512's training step 1.01-1.08x faster with them, a Xeon's as fast): one
     kernel, so that a resumed run computes as the run it continues; wide heads and longer
     sequences the fused kernel."""
     from sparseformer.layers.attention import attention
@@ -344,3 +344,36 @@ def test_residual_drop_path_runs_only_the_kept_samples(rate, batch, seed):
         assert all(g is not None and not g.any() for g in got_p)
     torch.manual_seed(3)
     assert torch.equal(residual_drop_path(x, mlp, rate, training=False), x + mlp(x))
+
+
+def test_a_full_measurement_cache_keeps_the_kernels_it_measured():
+    """Shapes first seen once the cache is full take the build's rule; a shape measured before
+    keeps its kernel (a process must not switch kernels, and last bits, part way)."""
+    import sparseformer.layers.attention as module
+
+    q, other = torch.randn(3, 4, 7, 8), torch.randn(3, 4, 9, 8)
+    full = {("another shape", i): False for i in range(module._MAX_CHOSEN - 1)}
+    with (
+        mock.patch.object(module, "_CHOSEN", full),
+        mock.patch.object(torch.backends.cpu, "get_cpu_capability", return_value="AVX512"),
+        mock.patch.object(module, "faster", return_value=1) as race,
+        mock.patch.object(module, "_products", wraps=module._products) as products,
+        torch.no_grad(),
+    ):
+        module.attention(q, q, q)  # measured: the products; the cache now full
+        module.attention(q, q, q)
+        module.attention(other, other, other)  # unmeasured: AVX-512's rule, fused
+    assert race.call_count == 1 and products.call_count == 2
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_cross_attention_takes_the_fused_kernel(grad):
+    """Keys and values over another number of tokens than the queries (or another batch) are
+    for the fused kernel: the two products reshape them by the queries' shape."""
+    from sparseformer.layers.attention import attention
+
+    q = torch.randn(2, 3, 5, 8, requires_grad=grad)
+    for kv in (torch.randn(2, 3, 7, 8), torch.randn(1, 3, 5, 8)):
+        with torch.set_grad_enabled(grad):
+            expected = torch.nn.functional.scaled_dot_product_attention(q, kv, kv)
+            torch.testing.assert_close(attention(q, kv, kv), expected)

@@ -3,7 +3,8 @@
 SparseFormer (Gao et al., ICLR 2024) mixes its N latent tokens with a standard transformer; the
 official code used ``nn.MultiheadAttention`` (packed ``in_proj``), which the converter renames to
 ``qkv`` / ``proj``. Attention runs through ``scaled_dot_product_attention``, except on CPU
-with narrow heads where two batched products are the faster (see :func:`attention`).
+with narrow heads, which take two batched products in training and, where they are the
+faster, in inference (see :func:`attention`).
 """
 
 from __future__ import annotations
@@ -64,12 +65,12 @@ def _narrow_pays() -> bool:
 _HALF_TRAINING_TOKENS = 256
 
 _CHOSEN: dict[tuple, bool] = {}  # inference's shape -> whether the two products were faster
-_MAX_CHOSEN = 256  # beyond: the rule of the CPU's build (a process feeding endless shapes)
+_MAX_CHOSEN = 256  # shapes measured at most; the next take the rule of the CPU's build
 
 
 def _two_products(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether :func:`attention` takes the two batched products for these CPU inputs."""
-    if q.shape[-1] > _NARROW_HEAD:
+    if q.shape[-1] > _NARROW_HEAD or not q.shape == k.shape == v.shape:  # self-attention's
         return False
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if grad and q.dtype in (torch.bfloat16, torch.float16):
@@ -77,11 +78,11 @@ def _two_products(q: Tensor, k: Tensor, v: Tensor) -> bool:
             return True  # the fused kernel's reduced-precision backward is 2-7x slower
     if q.shape[-2] > _FEW_TOKENS:
         return False
-    if grad:  # on every CPU measured the faster or as fast, and one kernel for a resumed run
+    if grad:  # each CPU's training step measured faster or as fast; one kernel on resuming
         return True
     # inference inside one_linear_kernel (a run's validation) takes the rule of the CPU's
     # build, unmeasured: a resumed run scores as the run it continues
-    if linear_module.FUSED_LINEAR != "auto" or len(_CHOSEN) >= _MAX_CHOSEN:
+    if linear_module.FUSED_LINEAR != "auto":
         return _narrow_pays()
     return _products_win(q, k, v)
 
@@ -89,11 +90,14 @@ def _two_products(q: Tensor, k: Tensor, v: Tensor) -> bool:
 def _products_win(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether the two products are the faster for this inference shape, measured on its
     first call (the CPU's build does not tell: on the 2-core AMD EPYC that reports AVX-512
-    they took 7.1 ms where the fused kernel took 16.8, on the 2-core Xeon the fused one won)."""
+    they took 7.1 ms where the fused kernel took 16.8, on the 2-core Xeon the fused one won).
+    A shape first seen with :data:`_MAX_CHOSEN` measured takes the build's rule, unmeasured."""
     B, h, N, d = q.shape
     key = ((B * h).bit_length(), N, d, q.dtype, torch.get_num_threads())
     wins = _CHOSEN.get(key)
     if wins is None:
+        if len(_CHOSEN) >= _MAX_CHOSEN:  # a process feeding endless shapes
+            return _narrow_pays()
         fused = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
         wins = _CHOSEN[key] = faster(fused, lambda: _products(q, k, v)) == 1
     return wins
@@ -102,8 +106,9 @@ def _products_win(q: Tensor, k: Tensor, v: Tensor) -> bool:
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """``softmax(q k^T / sqrt(d)) v`` for ``(B, h, N, d)`` queries, keys and values.
 
-    ``scaled_dot_product_attention``, but on CPUs with heads of at most 16 channels over at
-    most 64 tokens two batched matrix products and a softmax where they are the faster:
+    ``scaled_dot_product_attention``, but on CPUs, for self-attention with heads of at most 16
+    channels over at most 64 tokens, two batched matrix products and a softmax (in training,
+    and in inference where they are the faster):
     PyTorch's CPU kernel works head by head, which for SparseFormer-T's 64 heads of 4 and 8
     channels over 49 tokens is mostly overhead on some CPUs (2-core AMD EPYC, AVX2, 2 threads,
     batch 32, 8-channel heads: 16.0 -> 9.3 ms forward, 57 -> 26 ms forward and backward; the
@@ -114,7 +119,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     heads, forward 16.8 against 7.1 ms; SparseFormer-T's training step 3202 against 3006 ms).
     Inference measures the two on each shape's first call and keeps the faster
     (:func:`_products_win`). With gradients narrow heads over few tokens take the two products
-    on every CPU, faster or as fast on each CPU measured, and one kernel, so that a resumed run
+    on every CPU (each CPU's training step measured faster or as fast with them, though on the
+    AMD EPYC with AVX-512 one 4-channel attention's forward and backward alone took 32.5
+    against 30.2 ms), and one kernel, so that a resumed run
     computes as the run it continues; a run's validation takes the rule of the CPU's build
     (:func:`_narrow_pays`). In bf16 or fp16 with gradients, narrow heads take the two products
     over up to 256 tokens: the fused kernel's reduced-precision backward is slow (2-core Xeon,
