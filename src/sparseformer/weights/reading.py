@@ -137,10 +137,15 @@ def _torch_reason(exc: Exception) -> str:
     """torch's reason for refusing a file, whole, on one line and without terminal colours:
     the lines that name what was refused (``Unsupported global: GLOBAL x.Y ...``) when there
     are any, else the whole message. Its advice to load with ``weights_only=False`` opens the
-    message and is left out: no command of this library does that."""
+    message and is left out, as is its advice to allowlist the class a file names: no command
+    of this library does either."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch bolds a sentence for terminals
     lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
-    named = [line.removeprefix("WeightsUnpickler error: ") for line in lines if "GLOBAL" in line]
+    named = [  # without torch's advice to allowlist the class: not how to fix the file here
+        line.removeprefix("WeightsUnpickler error: ").split(" Please use `torch.serialization")[0]
+        for line in lines
+        if "GLOBAL" in line
+    ]
     said = [line for line in lines if not line.startswith(_TORCH_ADVICE)]  # the reason alone
     return f"{exc.__class__.__name__}: {' '.join(named or said or lines)}"
 
