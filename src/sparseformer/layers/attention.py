@@ -72,7 +72,7 @@ def _two_products(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether :func:`attention` takes the two batched products for these CPU inputs."""
     if q.shape[-1] > _NARROW_HEAD or not q.shape == k.shape == v.shape:  # self-attention's
         return False
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    grad = _with_gradients(q, k, v)
     if grad and q.dtype in (torch.bfloat16, torch.float16):
         if q.shape[-2] <= _HALF_TRAINING_TOKENS:
             return True  # the fused kernel's reduced-precision backward is 2-7x slower
@@ -140,12 +140,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return _products(q, k, v)
 
 
+def _with_gradients(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether autograd records attention over these inputs (training's path, not inference's)."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
 def _products(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """:func:`attention` by two batched products and a softmax."""
     B, h, N, d = q.shape
     q = q.reshape(B * h, N, d) * d**-0.5  # (B, h, N, d) -> (B*h, N, d)
     k, v = k.reshape(B * h, N, d), v.reshape(B * h, N, d)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if _with_gradients(q, k, v):
         weights = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)  # (B*h, N, N)
         return torch.bmm(weights, v).view(B, h, N, d)
     # Without gradients transposed throughout: the scores k q^T (a query's down a column), the
