@@ -404,12 +404,12 @@ def test_a_run_validates_with_one_linear_kernel_not_the_faster_per_process(tmp_p
     class Records(BreaksLater):
         def forward(self, x):
             if not self.training:
-                seen.add(linear_module.FUSED_LINEAR)
+                seen.add(linear_module.kernel_setting())
             return super().forward(x)
 
-    assert linear_module.FUSED_LINEAR == "auto"
+    assert linear_module.kernel_setting() == "auto"
     tiny_run(tmp_path, Records(good_calls=10**9))
-    assert seen == {"always"} and linear_module.FUSED_LINEAR == "auto"
+    assert seen == {"always"} and linear_module.kernel_setting() == "auto"
 
 
 def test_tiny_run_learns_and_writes_everything(tmp_path):

@@ -74,6 +74,30 @@ def test_each_shape_takes_the_linear_kernel_measured_faster_once(monkeypatch):
     assert len(races) == 2 and len(fused_calls) == 2
 
 
+def test_one_linear_kernel_holds_in_its_own_thread_only():
+    """A run's validation takes one kernel; a server's inference in another thread meanwhile
+    keeps the faster per shape."""
+    import threading
+
+    seen = {}
+    inside, checked = threading.Event(), threading.Event()
+
+    def other_thread():
+        inside.wait(10)
+        seen["other"] = linear_module.kernel_setting()
+        checked.set()
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    with linear_module.one_linear_kernel():
+        seen["own"] = linear_module.kernel_setting()
+        inside.set()
+        checked.wait(10)
+    thread.join()
+    assert seen == {"own": "always", "other": "auto"}
+    assert linear_module.kernel_setting() == "auto"
+
+
 def test_the_race_between_kernels_leaves_out_the_warm_up_call():
     now, costs = [0.0], {"a": [50.0, 3.0, 3.0], "b": [2.0, 2.5, 2.0]}
 

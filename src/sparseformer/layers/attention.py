@@ -82,7 +82,7 @@ def _two_products(q: Tensor, k: Tensor, v: Tensor) -> bool:
         return True
     # inference inside one_linear_kernel (a run's validation) takes the rule of the CPU's
     # build, unmeasured: a resumed run scores as the run it continues
-    if linear_module.FUSED_LINEAR != "auto":
+    if linear_module.kernel_setting() != "auto":
         return _narrow_pays()
     return _products_win(q, k, v)
 

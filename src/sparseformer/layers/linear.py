@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +43,16 @@ __all__ = [
     "fused_linear_available",
     "is_tracing",
     "FUSED_LINEAR",
+    "kernel_setting",
     "one_linear_kernel",
 ]
 
 FUSED_LINEAR = "auto"
 """Which kernel CPU inference takes where the fused one may be used: ``"auto"`` (the faster
 for each shape, measured once), ``"always"`` or ``"never"`` (``F.linear``)."""
+
+# inside one_linear_kernel, in this thread (and the tasks it starts) only: "always" for "auto"
+_ONE_KERNEL: ContextVar[bool] = ContextVar("sparseformer_one_linear_kernel", default=False)
 
 _CHOSEN: dict[tuple[int, ...], bool] = {}  # shape -> whether the fused kernel was faster
 _MAX_CHOSEN = 1024  # beyond: the fused kernel unmeasured (a process feeding endless shapes)
@@ -129,8 +134,9 @@ def _plain(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor
 def _fused_wins(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> bool:
     """Whether the fused kernel is the one to take for this call's shape: as
     :data:`FUSED_LINEAR` says, measured on the shape's first call under ``"auto"``."""
-    if FUSED_LINEAR != "auto":
-        return FUSED_LINEAR == "always"
+    setting = kernel_setting()
+    if setting != "auto":
+        return setting == "always"
     rows = (x.numel() // max(x.shape[-1], 1)).bit_length()  # 49 rows and 63 alike, not 64
     key = (rows, *weight.shape, int(gelu), int(bias is not None), torch.get_num_threads())
     wins = _CHOSEN.get(key)
@@ -142,20 +148,25 @@ def _fused_wins(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> b
     return wins
 
 
+def kernel_setting() -> str:
+    """:data:`FUSED_LINEAR` as it holds for this thread: ``"always"`` for ``"auto"`` inside
+    :func:`one_linear_kernel`."""
+    return "always" if FUSED_LINEAR == "auto" and _ONE_KERNEL.get() else FUSED_LINEAR
+
+
 @contextmanager
 def one_linear_kernel() -> Iterator[None]:
     """The fused kernel wherever it may be used inside the block, not the faster per shape
     (unless :data:`FUSED_LINEAR` asks for one already), and narrow-head attention by the
     rule of the CPU's build rather than measured (see :func:`~sparseformer.layers.attention.
     attention`): what a training run evaluates with, so that a resumed run computes as the
-    process it continues did."""
-    global FUSED_LINEAR
-    before = FUSED_LINEAR
-    FUSED_LINEAR = "always" if before == "auto" else before
+    process it continues did. It holds in the calling thread only: another thread's inference
+    meanwhile (a server beside a run) keeps the faster kernels."""
+    token = _ONE_KERNEL.set(True)
     try:
         yield
     finally:
-        FUSED_LINEAR = before
+        _ONE_KERNEL.reset(token)
 
 
 def faster(*calls: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> int:
