@@ -717,3 +717,17 @@ def test_a_staged_file_is_installed_when_written_and_gone_when_the_writer_fails(
     with pytest.raises(WriteError, match="could not write"):  # staging where nothing can be
         with staged(tmp_path / "missing" / "x.png"):
             pass
+
+
+def test_a_staged_file_is_synced_to_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """A power loss right after the rename must leave the whole new file, as write_atomic's
+    checkpoints do: its data is synced first (the writers close it unsynced)."""
+    from sparseformer.engine import atomic
+
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: events.append("sync") or fsync(fd))
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: events.append("rename") or replace(a, b))
+    target = tmp_path / "model.onnx"
+    with atomic.staged(target, ".onnx") as tmp:
+        tmp.write_bytes(b"graph")
+    assert events == ["sync", "rename"] and target.read_bytes() == b"graph"

@@ -182,8 +182,11 @@ def install(tmp: Path, path: Path) -> None:
     """Put the finished temporary file ``tmp`` at ``path`` (an :func:`output_target`): renamed
     over it, or, for a stream (:func:`is_stream`), its bytes written into it: through this
     process's own descriptor where ``path`` names one (``/dev/stdout``), so that they share
-    its position with what the process prints before and after."""
+    its position with what the process prints before and after. A file is synced to disk
+    before the rename, as :func:`write_atomic` does: a power loss right after leaves the old
+    file or the whole new one, never an empty one."""
     if not is_stream(path):
+        _sync(tmp)
         os.replace(tmp, path)
         return
     fd = _own_descriptor(path)
@@ -194,6 +197,15 @@ def install(tmp: Path, path: Path) -> None:
         with os.fdopen(os.dup(fd), "wb") if fd is not None else open(path, "ab") as dst:
             shutil.copyfileobj(src, dst)
     tmp.unlink()
+
+
+def _sync(path: Path) -> None:
+    """Flush ``path``'s data to the disk (the writer, ONNX or matplotlib, closed it unsynced)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
