@@ -21,6 +21,7 @@ __all__ = [
     "upright",
     "check_image_header",
     "is_empty_file",
+    "EMPTY_FILE",
 ]
 
 IMAGE_EXTENSIONS = (
@@ -85,7 +86,7 @@ def open_rgb(path: str | Path) -> Image.Image:
         raise Image.DecompressionBombError(_too_large()) from None
     except UnidentifiedImageError:
         if is_empty_file(path):  # PIL's "cannot identify image file" says less
-            raise UnidentifiedImageError(f"{path}: an empty file (0 bytes)") from None
+            raise UnidentifiedImageError(f"{path}: {EMPTY_FILE}") from None
         raise
     with img:
         img.load()
@@ -152,9 +153,12 @@ def check_image_header(path: str | Path) -> str | None:
         return _too_large()
     except READ_ERRORS as exc:
         if is_empty_file(path):
-            return "an empty file (0 bytes)"
+            return EMPTY_FILE
         return f"{exc.__class__.__name__}: {str(exc)[:120]}" if str(exc) else exc.__class__.__name__
     return None
+
+
+EMPTY_FILE = "an empty file (0 bytes)"  # what every reader says of a file is_empty_file finds
 
 
 def is_empty_file(path: str | Path) -> bool:

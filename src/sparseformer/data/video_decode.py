@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparseformer.data.images import EMPTY_FILE
+
 __all__ = [
     "VIDEO_EXTENSIONS",
     "VideoReadError",
@@ -140,7 +142,7 @@ def probe_video(path: str | Path) -> int:
     av = _av()
     try:
         if os.path.getsize(path) == 0:
-            raise VideoReadError(f"{path}: an empty file (0 bytes)")
+            raise VideoReadError(f"{path}: {EMPTY_FILE}")
         with av.open(str(path)) as container:
             stream = _main_video_stream(container, path)
             if stream.frames > 0:

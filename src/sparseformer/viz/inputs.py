@@ -73,7 +73,7 @@ def load_image(path: str | os.PathLike, *, max_side: int | None = None):
     """
     from PIL import Image, UnidentifiedImageError
 
-    from sparseformer.data.images import is_empty_file, to_rgb, upright  # as training's
+    from sparseformer.data.images import EMPTY_FILE, is_empty_file, to_rgb, upright
 
     path = Path(path)
     if not path.exists():
@@ -88,7 +88,7 @@ def load_image(path: str | os.PathLike, *, max_side: int | None = None):
             return to_rgb(upright(img))
     except UnidentifiedImageError as exc:
         if is_empty_file(path):
-            raise ValueError(f"{path}: an empty file (0 bytes)") from None
+            raise ValueError(f"{path}: {EMPTY_FILE}") from None
         raise ValueError(
             f"{path}: not a readable image (PIL cannot identify its format); "
             "pass a JPEG, PNG, BMP, TIFF, WebP or GIF file"
