@@ -53,6 +53,17 @@ def test_viz_and_predict_share_the_rule_for_files_of_the_wrong_kind(tmp_path, ca
     assert viz_line.startswith(f"{clip}: a video, but {NANO} is an image model")
 
 
+def test_a_path_too_long_is_named_with_what_to_do(tmp_path, capsys):
+    """The system's "[Errno 36] File name too long" names the path but not the limit."""
+    too_long, weights = tmp_path / ("a" * 300 + ".jpg"), tmp_path / "w.pt"
+    torch.save(create_model(NANO).state_dict(), weights)
+    argv = ["predict", "--model", NANO, "--checkpoint", str(weights)]
+    assert main([*argv, str(too_long)]) == 1
+    err = capsys.readouterr().err
+    assert f"{str(too_long)!r}: a name too long for the file system" in err
+    assert "shorten it" in err and "Errno" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_convert_refuses_to_replace_a_file_unless_told(tmp_path, capsys):
     src = tmp_path / "w.pth"
     torch.save(create_model(NANO).state_dict(), src)

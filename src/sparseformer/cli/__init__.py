@@ -7,6 +7,7 @@ heavy dependencies inside the handler so that ``sparseformer --help`` stays fast
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import io
 import logging
@@ -133,7 +134,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(exc: BaseException) -> str:
     """``exc``'s message; for an error raised in a data-loading worker, which PyTorch raises
-    again with the worker's whole traceback in the message, its own last line."""
+    again with the worker's whole traceback in the message, its own last line; for a path
+    too long, what to do ("[Errno 36] File name too long" does not say)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG and exc.filename:
+        return (
+            f"{str(exc.filename)!r}: a name too long for the file system (most allow 255 "
+            "bytes for each file or folder name, 4096 for the whole path); shorten it"
+        )
     text = str(exc)
     if "Original Traceback (most recent call last)" not in text:
         return text
