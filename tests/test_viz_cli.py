@@ -344,3 +344,20 @@ def test_a_clip_with_a_long_legal_name_is_drawn_under_a_shorter_one(tmp_path, ca
     names = sorted(p.name for p in out.iterdir())
     assert len(names) == 4 and any(n.endswith("_stage1_frames.png") for n in names)
     assert max(len(os.fsencode(temporary_for(out / n).name)) for n in names) <= 255
+
+
+def test_viz_reads_images_as_training_does(tmp_path, monkeypatch):
+    """One image reader: viz's says of a decompression bomb what training's does (how to get
+    past it), and its reduced JPEG decoding is training's reader's too."""
+    from PIL import Image
+
+    from sparseformer.data.images import open_rgb
+
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice: refused
+    with pytest.raises(ValueError, match="downsize it, or raise PIL.Image.MAX_IMAGE_PIXELS"):
+        load_image(tmp_path / "big.png")
+    monkeypatch.undo()
+    Image.new("RGB", (800, 600)).save(tmp_path / "photo.jpg")
+    assert open_rgb(tmp_path / "photo.jpg", max_side=100).size == (200, 150)  # 1/4 scale
+    assert load_image(tmp_path / "photo.jpg", max_side=100).size == (200, 150)

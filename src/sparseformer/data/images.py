@@ -77,9 +77,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_rgb(path: str | Path) -> Image.Image:
+def open_rgb(path: str | Path, max_side: int | None = None) -> Image.Image:
     """Open and fully decode an image file as 8-bit RGB, turned upright as its EXIF
-    orientation says (raises one of ``READ_ERRORS``)."""
+    orientation says (raises one of ``READ_ERRORS``). With ``max_side``, a JPEG is decoded at
+    1/2, 1/4 or 1/8 scale where neither side falls much under it (to draw a huge photo
+    without decoding it whole); other formats decode whole."""
     try:
         img = Image.open(path)
     except Image.DecompressionBombError:
@@ -89,6 +91,8 @@ def open_rgb(path: str | Path) -> Image.Image:
             raise UnidentifiedImageError(f"{path}: {EMPTY_FILE}") from None
         raise
     with img:
+        if max_side is not None and img.format == "JPEG":
+            img.draft("RGB", (max_side, max_side))
         img.load()
         if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
             _say_large_once(path, img.size)

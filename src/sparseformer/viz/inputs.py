@@ -73,7 +73,7 @@ def load_image(path: str | os.PathLike, *, max_side: int | None = None):
     """
     from PIL import Image, UnidentifiedImageError
 
-    from sparseformer.data.images import EMPTY_FILE, is_empty_file, to_rgb, upright
+    from sparseformer.data.images import is_empty_file, open_rgb  # training's reader
 
     path = Path(path)
     if not path.exists():
@@ -81,20 +81,16 @@ def load_image(path: str | os.PathLike, *, max_side: int | None = None):
     if path.is_dir():
         raise FileNotFoundError(f"{str(path)!r} is a directory, not an image file")
     try:
-        with Image.open(path) as img:
-            if max_side is not None and img.format == "JPEG":
-                img.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale
-            img.load()
-            return to_rgb(upright(img))
+        return open_rgb(path, max_side=max_side)
     except UnidentifiedImageError as exc:
-        if is_empty_file(path):
-            raise ValueError(f"{path}: {EMPTY_FILE}") from None
+        if is_empty_file(path):  # open_rgb's message says so, with the path
+            raise ValueError(str(exc)) from None
         raise ValueError(
             f"{path}: not a readable image (PIL cannot identify its format); "
             "pass a JPEG, PNG, BMP, TIFF, WebP or GIF file"
         ) from exc
     except Image.DecompressionBombError as exc:
-        raise ValueError(f"{path}: too large to decode safely ({exc})") from exc
+        raise ValueError(f"{path}: {exc}") from exc
     except (OSError, SyntaxError) as exc:  # truncated or corrupt data
         raise ValueError(f"{path}: could not be decoded ({exc}); is it complete?") from exc
 
