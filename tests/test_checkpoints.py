@@ -378,6 +378,12 @@ def test_convert_writes_safetensors_only_to_a_safetensors_file_and_into_a_device
     assert f"OUT {str(link)!r} already exists" in capsys.readouterr().err  # the name given
     assert main(["convert", str(src), str(link), "--overwrite"]) == 0  # written through
     assert link.is_symlink() and detect_format(list(load_file(str(blob)))) == "sparseformer"
+    checkpoint, wrong = tmp_path / "run.pth", tmp_path / "wrong.safetensors"
+    checkpoint.write_bytes(b"a run's weights")  # a link named .safetensors to a checkpoint
+    wrong.symlink_to(checkpoint)
+    assert main(["convert", str(src), str(wrong), "--overwrite"]) == 1
+    assert f"is a link to {str(checkpoint)!r}" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == b"a run's weights"
 
 
 def test_ema_weights_stay_ema_through_convert_and_torchvision_ema_loads(tmp_path, caplog):

@@ -133,6 +133,12 @@ def test_export_cli_replaces_only_an_onnx_file_and_fails_a_wrong_graph(
     assert main([*argv, "--out", str(run)]) == 1
     assert "give a name ending in .onnx, e.g." in capsys.readouterr().err
     assert run.read_bytes() == b"weights"
+    link = tmp_path / "link.onnx"  # named .onnx, but replacing the checkpoint it links to
+    link.symlink_to(run)
+    assert main([*argv, "--out", str(link)]) == 1
+    assert f"is a link to {str(run)!r}" in capsys.readouterr().err
+    assert run.read_bytes() == b"weights"
+    link.unlink()
     monkeypatch.setattr(export, "onnx_max_difference", lambda path, model, x: 0.5)
     good = tmp_path / "model.onnx"
     good.write_bytes(b"a previous export that worked")
@@ -141,6 +147,12 @@ def test_export_cli_replaces_only_an_onnx_file_and_fails_a_wrong_graph(
     assert "differ from PyTorch's by 5.00e-01, more than 0.001" in err and "wrote" not in out
     assert good.read_bytes() == b"a previous export that worked"  # not replaced by a bad graph
     assert [p.name for p in tmp_path.iterdir() if "model" in p.name] == ["model.onnx"]
+    diffs = iter([1e-7, float("nan"), 1e-7])  # one NaN among good ones: max() passed over it
+    monkeypatch.setattr(export, "onnx_max_difference", lambda path, model, x: next(diffs))
+    assert main([*argv, "--out", str(good), "--check-batch-sizes", "1", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert "the logits are NaN for random inputs" in err and "wrote" not in out
+    assert good.read_bytes() == b"a previous export that worked"
 
 
 def test_export_cli_keeps_a_trained_classifier(tmp_path, capsys):

@@ -58,6 +58,12 @@ def run(args: argparse.Namespace) -> int:
             f"OUT {str(given)!r}: convert writes safetensors; give a name ending in "
             f".safetensors, e.g. {given.with_suffix('.safetensors')}"
         )
+    if out.suffix not in ("", ".safetensors"):  # a cache's blob (no suffix) is written through
+        raise CliError(
+            f"OUT {str(given)!r} is a link to {str(out)!r}, which convert would fill with "
+            "safetensors; give a name ending in .safetensors that is not a link to another "
+            "kind of file"
+        )
     if out.exists() and not args.overwrite:
         raise CliError(
             f"OUT {str(given)!r} already exists; replace it with --overwrite, or give another path"

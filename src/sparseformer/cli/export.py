@@ -10,6 +10,7 @@ than 1e-3 fails the command).
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
@@ -153,7 +154,7 @@ def _check_out(out: str) -> None:
     """``--out``: a file onnxruntime can then run, named ``.onnx`` (an existing one is
     replaced, so a checkpoint given there by mistake is refused)."""
     from sparseformer.cli import CliError, check_output
-    from sparseformer.engine.atomic import is_stream
+    from sparseformer.engine.atomic import is_stream, output_target
 
     if out != "-":  # "-" is no file either: said below, not as a name to end in .onnx
         check_output(out, "--out")
@@ -164,12 +165,18 @@ def _check_out(out: str) -> None:
             f"--out {out!r}: export writes ONNX and replaces an existing file; give a name "
             f"ending in .onnx, e.g. {Path(out).with_suffix('.onnx')}"
         )
+    target = output_target(out)  # a symbolic link is written through: the file it names
+    if target.suffix.lower() not in ("", ".onnx"):  # a blob of a cache (no suffix) is fine
+        raise CliError(
+            f"--out {out!r} is a link to {str(target)!r}, which export would replace with ONNX; "
+            "give a name ending in .onnx that is not a link to another kind of file"
+        )
 
 
 def _compare(path: Path, model, shape: tuple, batch_sizes: list[int]) -> None:
     """Run the written graph at ``batch_sizes`` and at a non-square size beside PyTorch,
-    printing the largest differences; more than ``MAX_DIFFERENCE`` fails the command before
-    the graph replaces ``--out``."""
+    printing the largest differences; more than ``MAX_DIFFERENCE``, or a NaN (which compares
+    with nothing), fails the command before the graph replaces ``--out``."""
     import torch
 
     from sparseformer.cli import CliError
@@ -179,12 +186,18 @@ def _compare(path: Path, model, shape: tuple, batch_sizes: list[int]) -> None:
     size = shape[-1]
     other = (*shape[:-2], size + 16, max(size - 8, 4))
     checks = [(f"batch {b}", (b, *shape)) for b in batch_sizes]
-    worst = 0.0
+    diffs = []
     for what, dims in [*checks, (f"{other[-2]} x {other[-1]}", (1, *other))]:
         diff = onnx_max_difference(path, model, torch.randn(dims, generator=generator))
         print(f"{what}: max |onnxruntime - pytorch| = {diff:.2e}")
-        worst = max(worst, diff)
-    if not worst <= MAX_DIFFERENCE:  # NaN included
+        diffs.append(diff)
+    if any(math.isnan(d) for d in diffs):  # max() would pass over it
+        raise CliError(
+            "the logits are NaN for random inputs (NaN or infinite weights, or a graph that "
+            "makes them): the export cannot be checked; --out is left as it was"
+        )
+    worst = max(diffs)
+    if not worst <= MAX_DIFFERENCE:
         raise CliError(
             f"onnxruntime's logits differ from PyTorch's by {worst:.2e}, more than "
             f"{MAX_DIFFERENCE:g}: the graph does not compute the model; --out is left as it was"
