@@ -8,6 +8,7 @@ replaced only with ``--overwrite``."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,13 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
     import sys
-    from pathlib import Path
 
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from sparseformer.cli import CliError, check_output
-    from sparseformer.engine.atomic import WriteError, is_stream, output_target, staged
+    from sparseformer.engine.atomic import WriteError, is_stream, staged
     from sparseformer.weights.build import naming_their_model
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.factory import create_model
@@ -46,28 +46,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     given = Path(args.output)
-    out = output_target(given)  # a symlink is written through: the link stays
-    if out.exists() and out.resolve() == Path(args.input).resolve():
-        raise CliError(f"OUT {str(given)!r} is the input file; give another path")
-    if out.is_dir():
-        raise CliError(
-            f"OUT {str(given)!r} is a folder; give a file path, e.g. {out / 'model.safetensors'}"
-        )
-    if given.suffix != ".safetensors":  # torch.load and timm would take a .pth for a pickle
-        raise CliError(
-            f"OUT {str(given)!r}: convert writes safetensors; give a name ending in "
-            f".safetensors, e.g. {given.with_suffix('.safetensors')}"
-        )
-    if out.suffix not in ("", ".safetensors"):  # a cache's blob (no suffix) is written through
-        raise CliError(
-            f"OUT {str(given)!r} is a link to {str(out)!r}, which convert would fill with "
-            "safetensors; give a name ending in .safetensors that is not a link to another "
-            "kind of file"
-        )
-    if out.exists() and not args.overwrite:
-        raise CliError(
-            f"OUT {str(given)!r} already exists; replace it with --overwrite, or give another path"
-        )
+    out = _output(given, Path(args.input), args.overwrite)
     check_output(out, "OUT")  # a parent that is a file, a folder we may not write in
     ckpt = read_checkpoint(args.input, prefer_ema=args.ema)
     report = require_sparseformer_layout(ckpt)  # nothing of the authors' weights left behind
@@ -142,3 +121,38 @@ def _run_metadata(checkpoint, model: str | None) -> dict[str, str]:
     if set(info) <= {"num_classes"}:  # records nothing: the weights say it all
         return {}
     return {RUN_INFO_KEY: json.dumps(info)}
+
+
+def _output(given: Path, source: Path, overwrite: bool) -> Path:
+    """The file OUT (``given``) names, a link's target (written through), refused where it is
+    the input, a folder, a name or a link that is not safetensors, or a file not to replace.
+
+    Raises:
+        CliError: what to give instead.
+    """
+    from sparseformer.cli import CliError
+    from sparseformer.engine.atomic import output_target
+
+    out = output_target(given)  # a symlink is written through: the link stays
+    if out.exists() and out.resolve() == source.resolve():
+        raise CliError(f"OUT {str(given)!r} is the input file; give another path")
+    if out.is_dir():
+        raise CliError(
+            f"OUT {str(given)!r} is a folder; give a file path, e.g. {out / 'model.safetensors'}"
+        )
+    if given.suffix != ".safetensors":  # torch.load and timm would take a .pth for a pickle
+        raise CliError(
+            f"OUT {str(given)!r}: convert writes safetensors; give a name ending in "
+            f".safetensors, e.g. {given.with_suffix('.safetensors')}"
+        )
+    if out.suffix not in ("", ".safetensors"):  # a cache's blob (no suffix) is written through
+        raise CliError(
+            f"OUT {str(given)!r} is a link to {str(out)!r}, which convert would fill with "
+            "safetensors; give a name ending in .safetensors that is not a link to another "
+            "kind of file"
+        )
+    if out.exists() and not overwrite:
+        raise CliError(
+            f"OUT {str(given)!r} already exists; replace it with --overwrite, or give another path"
+        )
+    return out
