@@ -53,6 +53,23 @@ def test_viz_and_predict_share_the_rule_for_files_of_the_wrong_kind(tmp_path, ca
     assert viz_line.startswith(f"{clip}: a video, but {NANO} is an image model")
 
 
+def test_viz_and_predict_skip_an_input_whose_outputs_are_not_numbers(tmp_path, capsys):
+    """Weights of a diverged run: viz wrote NaN into its statistics (not JSON) and said
+    "class 0 (nan%)"; now it skips the file with predict's words."""
+    model = create_model(NANO)
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    ckpt = tmp_path / "diverged.pth"
+    torch.save(model.state_dict(), ckpt)
+    image, out = str(DATA / "tench.jpeg"), tmp_path / "o"
+    argv = ["--model", NANO, "--checkpoint", str(ckpt)]
+    assert main(["viz", *argv, "--img-size", "32", "--no-gif", "--out", str(out), image]) == 1
+    viz_line = capsys.readouterr().err.strip()
+    assert "NaN or infinite" in viz_line and not list(out.glob("*.json"))
+    assert main(["predict", *argv, image]) == 1
+    assert viz_line == capsys.readouterr().err.strip()
+
+
 def test_a_path_too_long_is_named_with_what_to_do(tmp_path, capsys):
     """The system's "[Errno 36] File name too long" names the path but not the limit."""
     too_long, weights = tmp_path / ("a" * 300 + ".jpg"), tmp_path / "w.pt"

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.engine.inputs import checkpoint_preprocessing, class_names
     from sparseformer.engine.loop import BatchPrep
     from sparseformer.engine.video import is_video_model, prediction_clip_spec
+    from sparseformer.models.outputs import NON_FINITE_OUTPUTS
     from sparseformer.weights.build import (
         check_model_name,
         classes_problem,
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         if why is None:
             probs, why = _probabilities(model, path, video, transform, prep, device)
         if why is None and not bool(probs.isfinite().all()):  # a diverged run's weights
-            why = "the model's outputs are NaN or infinite for it (a run that diverged?)"
+            why = NON_FINITE_OUTPUTS
         if why is not None:
             failed += skip_file(path, why, args.json)
             continue

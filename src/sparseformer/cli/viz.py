@@ -128,6 +128,7 @@ def _draw(path: Path, model, info, video: bool, args: argparse.Namespace, stems)
     on one line). ``stems``: the stems taken so far and the files' ends (:func:`_unique_stem`)."""
     from sparseformer.cli import CliError
     from sparseformer.cli.common import clip_flags, skip_file, wrong_kind
+    from sparseformer.models.outputs import NonFiniteOutputError
     from sparseformer.viz.figures import format_statistics, write_pictures, write_video_pictures
 
     why = wrong_kind(path, args.model or "the model", video)  # a checkpoint's own: checked
@@ -141,6 +142,9 @@ def _draw(path: Path, model, info, video: bool, args: argparse.Namespace, stems)
         result = (write_video_pictures if video else write_pictures)(
             model, picture, args.out, _unique_stem(path, *stems), info=info, **options
         )
+    except NonFiniteOutputError as exc:  # as predict says of it: skipped, the others drawn
+        skip_file(path, str(exc))
+        return False
     except (ValueError, OSError) as exc:  # a stage the model lacks, an unwritable --out
         raise CliError(str(exc)) from exc
     print(f"{path}: {result.label}")

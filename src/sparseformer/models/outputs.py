@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-__all__ = ["SparseFormerOutput"]
+__all__ = ["SparseFormerOutput", "NonFiniteOutputError", "NON_FINITE_OUTPUTS"]
+
+# what predict and viz say of an input whose outputs are not numbers (the weights are not)
+NON_FINITE_OUTPUTS = "the model's outputs are NaN or infinite for it (a run that diverged?)"
+
+
+class NonFiniteOutputError(ValueError):
+    """A model's outputs (logits or RoIs) are NaN or infinite: nothing true to draw or rank."""
 
 
 @dataclass
@@ -31,6 +38,10 @@ class SparseFormerOutput:
     sampling_points: list[Tensor] = field(default_factory=list)
     initial_rois: Tensor | None = None
     num_prefix_tokens: int = 0
+
+    def is_finite(self) -> bool:
+        """Whether the logits and every RoI are finite numbers."""
+        return all(bool(t.isfinite().all()) for t in (self.logits, *self.rois))
 
     @property
     def latent_tokens(self) -> Tensor:

@@ -44,7 +44,7 @@ from sparseformer.viz.draw import (
     top_tokens,
 )
 from sparseformer.viz.glyphs import missing_glyphs_said
-from sparseformer.viz.inputs import ModelInfo, display_image, load_image, preprocess
+from sparseformer.viz.inputs import ModelInfo, display_image, load_image, preprocess, run_details
 from sparseformer.viz.video import plot_video_rois, video_frame_images
 from sparseformer.weights.registry import IMAGENET_MEAN, IMAGENET_STD
 
@@ -198,25 +198,6 @@ def save_gif(frames: Sequence, path: str | os.PathLike, duration_ms: int = 800) 
     return path
 
 
-def run_details(model: nn.Module, x: Tensor) -> SparseFormerOutput:
-    """``model.forward_with_details(x)`` in eval mode and inference mode, on the model's device
-    and in its floating-point type (a bf16 or fp16 model takes images in its own).
-
-    The model's training flag is restored afterwards.
-    """
-    param = next(model.parameters(), None)
-    if param is not None:
-        floating = param.is_floating_point() and x.is_floating_point()
-        x = x.to(param.device, param.dtype if floating else None)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            return model.forward_with_details(x)
-    finally:
-        model.train(was_training)
-
-
 def visualize(
     model: nn.Module,
     image: str | os.PathLike | Image.Image,
@@ -306,6 +287,7 @@ def write_pictures(
 
     Raises:
         ValueError: a stage the model does not have.
+        NonFiniteOutputError: the model's outputs are NaN or infinite (nothing is written).
     """
     info = info or ModelInfo()
     out_dir = Path(out_dir)

@@ -1,4 +1,5 @@
-"""Inputs of the RoI pictures: images from disk, their preprocessing, a model with its labels.
+"""Inputs of the RoI pictures: images from disk, their preprocessing, a model with its labels,
+and the model run on them.
 
 SparseFormer (Gao et al., ICLR 2024). Any image PIL can read is accepted: grayscale, palette,
 RGBA (composited over white), CMYK and 16-bit images are converted to 8-bit RGB, and EXIF
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sparseformer.models.outputs import NON_FINITE_OUTPUTS, NonFiniteOutputError, SparseFormerOutput
 from sparseformer.weights.registry import IMAGENET_MEAN, IMAGENET_STD, imagenet_class_names
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "preprocess",
     "display_image",
     "load_model_for_viz",
+    "run_details",
 ]
 
 logger = logging.getLogger(__name__)
@@ -204,3 +207,29 @@ def load_model_for_viz(
     if info.class_names is None and num_classes == 1000 and ckpt is not None:
         info.class_names = imagenet_class_names(short=True)  # random weights: no class names
     return model, info
+
+
+def run_details(model: nn.Module, x: Tensor) -> SparseFormerOutput:
+    """``model.forward_with_details(x)`` in eval mode and inference mode, on the model's device
+    and in its floating-point type (a bf16 or fp16 model takes images in its own).
+
+    The model's training flag is restored afterwards.
+
+    Raises:
+        NonFiniteOutputError: the logits or RoIs are NaN or infinite (weights of a run that
+            diverged): there is nothing true to draw, and the statistics would not be JSON.
+    """
+    param = next(model.parameters(), None)
+    if param is not None:
+        floating = param.is_floating_point() and x.is_floating_point()
+        x = x.to(param.device, param.dtype if floating else None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            output = model.forward_with_details(x)
+    finally:
+        model.train(was_training)
+    if not output.is_finite():
+        raise NonFiniteOutputError(NON_FINITE_OUTPUTS)
+    return output
