@@ -583,6 +583,18 @@ def test_a_recorded_class_count_that_disagrees_with_the_classifier_gives_way(tmp
     assert read_checkpoint(record).num_classes == 5  # no classifier: the record stands
 
 
+def test_a_file_is_read_by_what_it_holds_not_by_its_name(tmp_path):
+    """A .pth renamed .safetensors was said to be a safetensors file "cut short"; a safetensors
+    file renamed .pth was read already."""
+    from safetensors.torch import save_file
+
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    torch.save(weights, tmp_path / "torch.safetensors")
+    save_file(weights, tmp_path / "safetensors.pth")
+    for name in ("torch.safetensors", "safetensors.pth"):
+        torch.testing.assert_close(read_checkpoint(tmp_path / name).state_dict["w"], weights["w"])
+
+
 def test_a_torchscript_archive_is_named_as_one_and_not_run(tmp_path):
     import warnings
 

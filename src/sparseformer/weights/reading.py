@@ -56,7 +56,12 @@ def read_file(path: str | os.PathLike) -> Any:
         raise UnreadableCheckpoint(f"checkpoint {str(path)!r} does not exist or is not a file")
     if path.stat().st_size == 0:
         raise UnreadableCheckpoint(f"checkpoint {str(path)!r} is empty")
-    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+    with open(path, "rb") as f:
+        head = f.read(64)
+    torch_saved = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # zip, pickle 2+
+    if _looks_like_safetensors(head, path.stat().st_size) or (
+        path.suffix == ".safetensors" and not torch_saved
+    ):
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -76,14 +81,12 @@ def read_file(path: str | os.PathLike) -> Any:
             return tensors
         held = "model_ema" if info.pop("ema", False) is True else "model"  # convert --ema's
         return {**info, held: tensors}
-    with open(path, "rb") as f:
-        head = f.read(64)
     if head[:1] == b"\x08" and (path.suffix.lower() == ".onnx" or b"pytorch" in head[:16]):
         raise CheckpointError(  # ModelProto's ir_version first: `sparseformer export`'s output
             f"{str(path)!r} is an ONNX model (a graph with its weights), not a checkpoint; run "
             "it with onnxruntime, or give the checkpoint it was exported from"
         )
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip or pickle protocol 2+
+    if not torch_saved:  # a PyTorch file, whatever its name (a .pth renamed .safetensors)
         kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "binary data"
         raise UnreadableCheckpoint(
             f"{str(path)!r} is not a readable checkpoint: it holds {kind} "
@@ -99,7 +102,7 @@ def read_file(path: str | os.PathLike) -> Any:
     try:
         with warnings.catch_warnings():  # torch's note on a pickle protocol: the error says more
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return _torch_load(path)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise UnreadableCheckpoint(
             f"{str(path)!r} is not a readable PyTorch checkpoint ({_torch_reason(exc)}); "
@@ -120,6 +123,15 @@ def read_file(path: str | os.PathLike) -> Any:
             "and plain data are read (weights_only=True), and no code the file names runs; "
             "where you trust it, save the weights alone: torch.save(model.state_dict(), path)"
         ) from exc
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a PyTorch file, whatever its name: given a name
+    ending in ``.safetensors``, torch reads the file as safetensors, so it gets the file."""
+    if path.suffix != ".safetensors":
+        return torch.load(path, map_location="cpu", weights_only=True)
+    with open(path, "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -203,7 +215,7 @@ def _load_with_stand_ins(path: Path) -> Any | None:
     stand_ins.append((NotLoaded, f"{NotLoaded.__module__}.{NotLoaded.__qualname__}"))
     try:
         with torch.serialization.safe_globals(stand_ins):
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = _torch_load(path)
     except Exception:  # noqa: BLE001 - a structure the stand-ins cannot take (the caller says so)
         return None
     try:  # only for a state dict beside other things, not for a pickled model object
@@ -232,14 +244,13 @@ def _folder_given(folder: Path) -> str:
     return f"checkpoint {str(folder)!r} is a folder; give a checkpoint file in it: {shown}"
 
 
-def _looks_like_safetensors(path: Path) -> bool:
-    """A safetensors file starts with an 8-byte header length followed by JSON ``{``."""
-    with open(path, "rb") as f:
-        header = f.read(9)
-    if len(header) < 9:
+def _looks_like_safetensors(head: bytes, file_size: int) -> bool:
+    """Whether a file's first bytes are a safetensors file's: an 8-byte header length followed
+    by JSON ``{``."""
+    if len(head) < 9:
         return False
-    size = int.from_bytes(header[:8], "little")
-    return header[8:9] == b"{" and 0 < size < path.stat().st_size
+    size = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 0 < size < file_size
 
 
 def keep_usable_preprocessing(pre: dict[str, Any]) -> None:
