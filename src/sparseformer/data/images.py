@@ -100,9 +100,13 @@ def open_rgb(path: str | Path, max_side: int | None = None) -> Image.Image:
 
 
 def _too_large() -> str:
+    """What PIL's refusal means: over twice ``MAX_IMAGE_PIXELS`` (between one and two times it
+    an image is read, with a warning)."""
+    refused = 2 * (Image.MAX_IMAGE_PIXELS or 0)
     return (
-        f"larger than PIL's limit against decompression bombs ({Image.MAX_IMAGE_PIXELS:,} "
-        "pixels): downsize it, or raise PIL.Image.MAX_IMAGE_PIXELS when calling from Python"
+        f"larger than PIL's limit against decompression bombs ({refused:,} pixels, twice "
+        "PIL.Image.MAX_IMAGE_PIXELS): downsize it, or raise PIL.Image.MAX_IMAGE_PIXELS when "
+        "calling from Python"
     )
 
 
