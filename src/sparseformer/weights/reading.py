@@ -62,25 +62,7 @@ def read_file(path: str | os.PathLike) -> Any:
     if _looks_like_safetensors(head, path.stat().st_size) or (
         path.suffix == ".safetensors" and not torch_saved
     ):
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), "pt") as f:  # the tensors and the metadata in one read
-                metadata = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UnreadableCheckpoint(
-                f"{str(path)!r} is not a readable safetensors file ({exc}); "
-                "was the download or copy cut short?"
-            ) from exc
-        try:  # a converted training checkpoint: its classes, preprocessing, ... (convert)
-            info = json.loads(metadata.get(RUN_INFO_KEY, "{}"))
-        except (ValueError, RecursionError):  # not ours, or nested past Python's limit
-            info = {}
-        if not isinstance(info, dict) or not info:
-            return tensors
-        held = "model_ema" if info.pop("ema", False) is True else "model"  # convert --ema's
-        return {**info, held: tensors}
+        return _read_safetensors(path)
     if head[:1] == b"\x08" and (path.suffix.lower() == ".onnx" or b"pytorch" in head[:16]):
         raise CheckpointError(  # ModelProto's ir_version first: `sparseformer export`'s output
             f"{str(path)!r} is an ONNX model (a graph with its weights), not a checkpoint; run "
@@ -123,6 +105,34 @@ def read_file(path: str | os.PathLike) -> Any:
             "and plain data are read (weights_only=True), and no code the file names runs; "
             "where you trust it, save the weights alone: torch.save(model.state_dict(), path)"
         ) from exc
+
+
+def _read_safetensors(path: Path) -> Any:
+    """A safetensors file's tensors; a training checkpoint's shape (``{"model": tensors,
+    ...}``) for one ``sparseformer convert`` wrote from a training checkpoint.
+
+    Raises:
+        UnreadableCheckpoint: the file cannot be parsed (cut short, or not safetensors).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:  # the tensors and the metadata in one read
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UnreadableCheckpoint(
+            f"{str(path)!r} is not a readable safetensors file ({exc}); "
+            "was the download or copy cut short?"
+        ) from exc
+    try:  # a converted training checkpoint: its classes, preprocessing, ... (convert)
+        info = json.loads(metadata.get(RUN_INFO_KEY, "{}"))
+    except (ValueError, RecursionError):  # not ours, or nested past Python's limit
+        info = {}
+    if not isinstance(info, dict) or not info:
+        return tensors
+    held = "model_ema" if info.pop("ema", False) is True else "model"  # convert --ema's
+    return {**info, held: tensors}
 
 
 def _torch_load(path: Path) -> Any:
