@@ -822,3 +822,26 @@ def test_a_run_without_a_progress_bar_logs_its_progress(tmp_path, folder, monkey
         assert main(tiny_train(folder, tmp_path / "run", "--epochs", "1")) == 0  # --quiet
     lines = [r.getMessage() for r in caplog.records if "min left in the epoch" in r.getMessage()]
     assert lines and lines[0].startswith("epoch 1, step 1 of 3: train loss ")
+
+
+def test_a_run_folder_inside_the_datas_splits_is_refused(tmp_path, folder, capsys):
+    """A run in DIR/train trained once, then its own files made a class 'run' of the data: it
+    could not be resumed, and every later run on the data had one class more."""
+    from sparseformer.data import DataSource
+
+    source = DataSource(data_dir=folder)
+    assert source.split_holding(folder / "train" / "run") == folder / "train"
+    assert source.split_holding(folder / "val") == folder / "val"
+    assert source.split_holding(folder / "runs" / "a") is None  # beside the splits: fine
+    assert source.split_holding(tmp_path / "trainer") is None
+    inside = folder / "train" / "run"
+    argv = ["--data-dir", str(folder), "--img-size", "32", "--epochs", "1"]
+    commands = (
+        ["train", "--model", "sparseformer_v1_nano"],
+        ["bootstrap", "--teacher", "deit_tiny_patch16_224", "--random-teacher"],
+    )
+    for command in commands:
+        assert main([*command, *argv, "--output", str(inside)]) == 1
+        err = capsys.readouterr().err
+        assert f"is inside the data's {str(folder / 'train')!r} folder" in err, err
+        assert not inside.exists()

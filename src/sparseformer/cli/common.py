@@ -32,6 +32,7 @@ __all__ = [
     "model_and_read_checkpoint",
     "wrong_kind",
     "skip_file",
+    "refuse_output_in_data",
 ]
 
 
@@ -366,3 +367,22 @@ def for_terminal(text: str) -> str:
         else c
         for c in text
     )
+
+
+def refuse_output_in_data(output: Path, source) -> None:
+    """A run's ``--output`` inside the data's ``train/`` or ``val/`` folder, refused: its files
+    would be read as images of a class named after it, by this run on resuming and by every
+    later run on the data.
+
+    Raises:
+        CliError: where the folder lies, and what to give instead.
+    """
+    from sparseformer.cli import CliError
+
+    split = source.split_holding(output)
+    if split is not None:
+        raise CliError(
+            f"--output {str(output)!r} is inside the data's {str(split)!r} folder, where its "
+            "files would be read as a class of images; give a folder outside it, e.g. "
+            f"runs/{Path(output).name}"
+        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,18 @@ class DataSource:
 
     def describe(self) -> str:
         return str(self.data_dir) if self.data_dir is not None else str(self.dataset)
+
+    def split_holding(self, path: str | os.PathLike) -> Path | None:
+        """The split folder (``DIR/train``, ``DIR/val``) that ``path`` is or lies inside, else
+        ``None``: a run folder there would have its own files read as a class of images."""
+        if self.data_dir is None:
+            return None
+        where = Path(os.path.realpath(path))
+        for split in ("train", "val"):
+            folder = Path(os.path.realpath(Path(self.data_dir) / split))
+            if where == folder or folder in where.parents:
+                return Path(self.data_dir) / split
+        return None
 
 
 @dataclass
