@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,10 @@ def test_recipes_from_flags_and_for_clips():
     assert recipe.name == "fashion-mnist-cpu" and recipe.lr == 0.5 and recipe.mixup == 0
     with pytest.raises(RecipeError, match="--set expects KEY=VALUE"):
         recipe_from_flags(RecipeFlags(settings=("mixup",)))
+    for value in ("5", "[1]", "null"):  # not dataclasses' words; null was passed over
+        said = f"augmentation must be an object .* got {re.escape(value)}$"
+        with pytest.raises(RecipeError, match=said):
+            recipe_from_flags(RecipeFlags(settings=(f"augmentation={value}",)))
     # a field set twice, by its flag and by --set: one was taken in silence
     with pytest.raises(RecipeError, match="--set img_size=32 and the flag of img_size 48 ask"):
         recipe_from_flags(RecipeFlags(fields={"img_size": 48}, settings=("img_size=32",)))

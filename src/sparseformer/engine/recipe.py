@@ -131,11 +131,9 @@ class Recipe:
         """A copy with fields changed. ``augmentation`` may be a dict of some of its fields
         (the others keep this recipe's values)."""
         data = self.to_dict()
-        aug = changes.pop("augmentation", None)
-        if isinstance(aug, dict):
-            data["augmentation"] = {**data["augmentation"], **aug}
-        elif aug is not None:
-            data["augmentation"] = aug
+        if "augmentation" in changes:  # null too: refused by _from_dict, not passed over
+            aug = changes.pop("augmentation")
+            data["augmentation"] = {**data["augmentation"], **aug} if isinstance(aug, dict) else aug
         return _from_dict({**data, **changes}, self.name)
 
 
@@ -169,6 +167,11 @@ def _from_dict(data: dict[str, Any], origin: str) -> Recipe:
             if key in aug:
                 aug[key] = _pair(aug[key], key, origin)
         data["augmentation"] = Augmentation(**aug)
+    elif not isinstance(aug, Augmentation):
+        raise RecipeError(
+            f"{origin}: augmentation must be an object of its fields, e.g. "
+            f'{{"hflip": 0.5, "scale": [0.08, 1.0]}}, got {json.dumps(aug, default=str)}'
+        )
     if "betas" in data:
         data["betas"] = _pair(data["betas"], "betas", origin)
     try:
