@@ -243,3 +243,16 @@ def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
     assert plt.get_fignums() == figures  # none left open in pyplot either
     for name in ("metrics.png", "per_class/confusion.png", "bench.png", "sweep.png", "top1.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_info_of_a_run_folder_names_the_checkpoints_in_it(tmp_path, capsys, monkeypatch):
+    """As predict, export and convert say it; info said "unknown model 'run1'"."""
+    run = tmp_path / "run1"
+    run.mkdir()
+    torch.save(create_model(NANO).state_dict(), run / "best.pt")
+    assert main(["info", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert f"is a folder; give a checkpoint file in it: {run / 'best.pt'}" in err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / NANO).mkdir()  # a folder named as a model: the model is meant
+    assert main(["info", NANO]) == 0

@@ -63,11 +63,16 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.weights.build import embedding_width, naming_their_model, require_sparseformer
     from sparseformer.weights.checkpoint import check_model, read_checkpoint
     from sparseformer.weights.reading import CHECKPOINT_SUFFIXES
+    from sparseformer.weights.registry import MODELS, split_tag
 
     if args.name is not None and args.checkpoint is None and Path(args.name).is_file():
         args.name, args.checkpoint = None, args.name  # `info FILE`: the model the file names
     elif args.name is not None and Path(args.name).suffix.lower() in CHECKPOINT_SUFFIXES:
         raise CliError(f"{args.name!r}: no such file (info takes a model name or a checkpoint)")
+    elif (
+        args.name is not None and Path(args.name).is_dir() and split_tag(args.name)[0] not in MODELS
+    ):
+        read_checkpoint(args.name)  # a run folder: says which of its files to give
     if args.name is not None and args.model is not None and args.name != args.model:
         raise CliError(f"two models given: {args.name} and --model {args.model}; give one")
     args.model = args.model or args.name
