@@ -691,3 +691,15 @@ def test_convert_names_a_timm_models_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "looks like a ViT/DeiT" in err
     assert "(the checkpoint is a deit_tiny_patch16_224 run)" in err
+
+
+def test_a_classifier_of_other_classes_is_named_as_such_when_strict():
+    """It said "Is it a checkpoint of another model size? Pass the matching --model / name":
+    neither the problem (the number of classes) nor words for the Python API."""
+    from sparseformer import create_model, load_checkpoint
+
+    ten = create_model("sparseformer_v1_nano", num_classes=10).state_dict()
+    model = create_model("sparseformer_v1_nano")
+    said = "has a classifier of 10 classes where the model has 1000: build the model with "
+    with pytest.raises(CheckpointError, match=said + "num_classes=10"):
+        load_checkpoint(model, ten, allow_classifier_mismatch=False)

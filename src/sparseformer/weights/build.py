@@ -22,6 +22,7 @@ from sparseformer.weights.checkpoint import Checkpoint, check_model, read_checkp
 from sparseformer.weights.convert import CheckpointError
 from sparseformer.weights.factory import UnknownModelError, create_model, list_models
 from sparseformer.weights.loading import load_weights
+from sparseformer.weights.mismatch import OTHER_SIZE
 from sparseformer.weights.registry import MODELS, split_tag
 
 __all__ = [
@@ -365,6 +366,5 @@ def _whose(state: Mapping[str, Any], asked: str, error: str) -> str:
     video = f"video_{found[0]}"
     takes = asked.startswith("video_") and video in list_models()
     video = f" (or {video}, which takes them)" if takes else ""
-    generic = ". Is it a checkpoint of another model size? Pass the matching --model / name."
-    return (f"{error.replace(generic, '')}; its weights are those of {' or '.join(found)}: pass "
+    return (f"{error.replace(OTHER_SIZE, '')}; its weights are those of {' or '.join(found)}: pass "
             f"--model {found[0]}{video}")  # fmt: skip

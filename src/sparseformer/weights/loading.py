@@ -32,6 +32,7 @@ from sparseformer.weights.convert_btsp import (
     warn_on_variant_mismatch,
 )
 from sparseformer.weights.inflate import inflate_image_state_dict, is_image_state_dict
+from sparseformer.weights.mismatch import check_keys
 from sparseformer.weights.registry import classes_of_outputs
 
 __all__ = [
@@ -99,7 +100,7 @@ def load_checkpoint(
     if allow_classifier_mismatch:
         _fit_classifier(converted, own, report, getattr(model, "num_classes", -1))
     try:
-        _check_keys(own, converted, report)
+        check_keys(own, converted, report)
     except CheckpointError as exc:
         if ckpt.model_name is not None:  # a training checkpoint names its model
             raise CheckpointError(f"{exc} (the checkpoint is a {ckpt.model_name} run)") from None
@@ -358,38 +359,3 @@ def check_all_keys_mapped(report: ConversionReport) -> None:
             f"and no conversion maps: {shown}{more}; is it a checkpoint of another "
             "architecture or a modified model?"
         )
-
-
-def _check_keys(own: dict[str, Tensor], new: dict[str, Tensor], report: ConversionReport) -> None:
-    missing = sorted(set(own) - set(new))
-    unexpected = sorted(set(new) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(new[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(new))
-        if new[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-
-        def show(items: list[str]) -> str:
-            return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
-
-        parts = []
-        if shapes:
-            parts.append(f"shape mismatches: {show(shapes)}")
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        raise CheckpointError(
-            f"checkpoint ({report.source_format} format) does not fit this model: "
-            + "; ".join(parts)
-            + (_HEAD_BIAS if set(missing + unexpected) == {"head.bias"} and not shapes else
-               ". Is it a checkpoint of another model size? Pass the matching --model / name.")
-        )  # fmt: skip
-
-
-_HEAD_BIAS = (
-    ". The classifier's bias is the only difference: a bootstrapped CLIP tower's projection has "
-    "none (sparseformer_btsp_openai_clip_*), an AugReg or v1 classifier has one; build the "
-    "model the file is of, or pass head_bias= to match the file"
-)
