@@ -169,7 +169,8 @@ def _torch_reason(exc: Exception) -> str:
         if "GLOBAL" in line
     ]
     said = [line for line in lines if not line.startswith(_TORCH_ADVICE)]  # the reason alone
-    return f"{exc.__class__.__name__}: {' '.join(named or said or lines)}"
+    reason = " ".join(named or said or lines).split(" This is an internal miniz error.")[0]
+    return f"{exc.__class__.__name__}: {reason}"  # (miniz's guesses: the message has ours)
 
 
 # torch.save's files before its zip format open with a pickled magic number
