@@ -303,3 +303,16 @@ def test_resume_messages_write_values_as_a_person_does():
     from sparseformer.engine.resume import _shown
 
     assert _shown(0.1 + 0.05) == "0.15" and _shown(1.0) == "1.0" and _shown(1e-12) == "1e-12"
+
+
+def test_a_resumed_run_given_no_data_is_told_the_data_it_trained_on():
+    from sparseformer.cli import build_parser
+    from sparseformer.cli.common import data_source
+
+    args = build_parser().parse_args(["train", "--output", "runs/a", "--resume", "auto"])
+    with pytest.raises(DataError, match=r"trained on data/pets \(--data-dir data/pets\)"):
+        data_source(args, views=False, trained_on="data/pets")
+    with pytest.raises(DataError, match=r"\(--dataset fashion-mnist\)"):
+        data_source(args, views=False, trained_on="fashion-mnist")
+    with pytest.raises(DataError, match="give exactly one of --data-dir DIR and --dataset NAME"):
+        data_source(args, views=False)  # a new run: nothing to name

@@ -180,7 +180,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
                 print(nothing_to_do(int(saved.get("epoch", 0)), resume))
             return None
     args.seed = resumed_seed(saved, args.seed)  # a resumed run keeps its own, like its recipe
-    source = data_source(args, views=False)
+    source = data_source(args, views=False, trained_on=saved.get("data"))
     warn_of_other_data(saved.get("data"), source.describe(), resume)  # nothing saved: no run
     check_output(args.output, "--output", folder=True)
     refuse_output_in_data(args.output, source)

@@ -179,11 +179,23 @@ def clip_flags(args: argparse.Namespace) -> dict:
     return {"num_frames": args.frames, "stride": args.frame_stride, "sampling": args.sampling}
 
 
-def data_source(args: argparse.Namespace, views: bool = True, saved: dict | None = None):
+def data_source(
+    args: argparse.Namespace,
+    views: bool = True,
+    saved: dict | None = None,
+    trained_on: str | None = None,
+):
     """The data the flags name; ``saved``: a checkpoint's ``video`` record (clip defaults).
-    ``views=False`` keeps one test view (training)."""
-    from sparseformer.data import DataSource
+    ``views=False`` keeps one test view (training). ``trained_on``: the data a resumed run
+    trained on (its checkpoint's ``data``), named where no data is given."""
+    from sparseformer.data import BUILTIN_DATASETS, DataError, DataSource
     from sparseformer.engine.video import choose_clip_spec
+
+    if args.data_dir is None and args.dataset is None and trained_on:
+        flag = "--dataset" if trained_on in BUILTIN_DATASETS else "--data-dir"
+        raise DataError(
+            f"give the data to train on: the run trained on {trained_on} ({flag} {trained_on})"
+        )
 
     clips, crops = (args.clips, args.crops) if views else (1, 1)
     model = getattr(args, "model", None)

@@ -228,7 +228,7 @@ def _plan(args: argparse.Namespace, read=None) -> _Plan | None:
         check_model(start, args.model)  # another model's run (an image model's: inflated)
         clips = start.video if video else None
     # per-epoch validation: one view per video
-    source = data_source(args, views=False, saved=clips)
+    source = data_source(args, views=False, saved=clips, trained_on=saved.get("data"))
     warn_of_other_data(saved.get("data"), source.describe(), resume)  # nothing saved: no run
     _check_output(args.output, resume, args.overwrite)
     refuse_output_in_data(args.output, source)
