@@ -447,3 +447,15 @@ def test_a_value_ending_in_an_equals_sign_is_not_an_empty_one():
     train = build_parser().parse_known_args(["models"])[0].commands["train"]
     assert _empty_argument(["train", "--output=run="], train) is None  # a folder "run="
     assert _empty_argument(["train", "--output="], train) == "--output is given an empty value"
+
+
+def test_models_lists_the_tags_and_takes_a_tagged_name(capsys):
+    """The docs write names with their weights' tag; `models` matched none of them and had no
+    way to show the tags."""
+    from sparseformer.cli import main
+
+    assert main(["models", "sparseformer_v1_tiny.in1k_v2"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith("sparseformer_v1_tiny ") and line.endswith("[weights: in1k, in1k_v2]")
+    assert main(["models", "sparseformer_v1_tiny.in22k"]) == 1
+    assert "no weights tagged 'in22k'; its tags: in1k, in1k_v2" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""``sparseformer models``: list the registered models."""
+"""``sparseformer models``: list the registered models, with the tags of their released weights
+(``NAME.TAG`` picks one, in every command and in ``create_model``; the first is the default)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pattern",
         nargs="?",
         default="*",
-        help="shell-style filter, or a part of the name (default: all)",
+        help="shell-style filter, a part of the name, or a name with its weights' tag "
+        "(sparseformer_v1_tiny.in1k) (default: all)",
     )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from sparseformer.weights.factory import get_model_spec, list_models
-    from sparseformer.weights.registry import MODELS, image_model_of
+    from sparseformer.weights.registry import MODELS, image_model_of, split_tag
 
     pattern = args.pattern
-    if pattern not in MODELS and not glob.has_magic(pattern):
+    base, tag = split_tag(pattern)
+    if base in MODELS and tag is not None:  # a name with its weights' tag, as create_model's
+        if tag not in MODELS[base].tags:
+            tags = ", ".join(MODELS[base].tags) or "none: it has no released weights"
+            print(f"{base} has no weights tagged {tag!r}; its tags: {tags}", file=sys.stderr)
+            return 1
+        pattern = base
+    elif pattern not in MODELS and not glob.has_magic(pattern):
         pattern = f"*{pattern}*"  # a word: the names that hold it ("micro")
     names = list_models(pattern)
     if not names:
@@ -35,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(name) for name in names)
     for name in names:
         spec = get_model_spec(name)
-        weights = "weights released" if spec.weights else "no released weights"
+        weights = f"weights: {', '.join(spec.tags)}" if spec.weights else "no released weights"
         image = image_model_of(name)
         if not spec.weights and image is not None and MODELS[image].weights:  # inflated
             weights = f"no video release; pretrained=True inflates {image}'s"
