@@ -140,6 +140,15 @@ def test_truncated_safetensors(tmp_path):
     path.write_bytes(path.read_bytes()[:3000])
     with pytest.raises(CheckpointError, match="safetensors"):
         create_model("sparseformer_v1_nano", checkpoint_path=path)
+    # a header of 128 bytes: its length's first byte is a pickle's (0x80), not a pickle for that
+    for pad in range(256):
+        save_file({"w": torch.zeros(8)}, str(path), metadata={"x": "y" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    path.write_bytes(path.read_bytes()[:64])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        read_checkpoint(path)
 
 
 def test_checkpoint_of_another_size_lists_shapes(tmp_path, caplog):

@@ -58,7 +58,8 @@ def read_file(path: str | os.PathLike) -> Any:
         raise UnreadableCheckpoint(f"checkpoint {str(path)!r} is empty")
     with open(path, "rb") as f:
         head = f.read(64)
-    torch_saved = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # zip, pickle 2+
+    # zip, or pickle protocol 2+ (not a safetensors header's length whose low byte is 0x80)
+    torch_saved = head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[8:9] != b"{")
     if _looks_like_safetensors(head, path.stat().st_size) or (
         path.suffix == ".safetensors" and not torch_saved
     ):
