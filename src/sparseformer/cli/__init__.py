@@ -136,16 +136,24 @@ def _one_line(exc: BaseException) -> str:
     """``exc``'s message; for an error raised in a data-loading worker, which PyTorch raises
     again with the worker's whole traceback in the message, its own last line; for a path
     too long, what to do ("[Errno 36] File name too long" does not say)."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG and exc.filename:
-        return (
-            f"{str(exc.filename)!r}: a name too long for the file system (most allow 255 "
-            "bytes for each file or folder name, 4096 for the whole path); shorten it"
-        )
+    for cause in (exc, exc.__cause__):  # a command's CliError may carry the OSError
+        if isinstance(cause, OSError) and cause.errno == errno.ENAMETOOLONG and cause.filename:
+            return _too_long(str(cause.filename))
     text = str(exc)
     if "Original Traceback (most recent call last)" not in text:
         return text
     last = text.strip().splitlines()[-1]  # "module.ErrorType: message"
     return last.partition(": ")[2] or last
+
+
+def _too_long(path: str) -> str:
+    """What to say of a path the file system refused as too long (ENAMETOOLONG)."""
+    longest = max((len(part.encode()) for part in Path(path).parts), default=0)
+    if longest > 255:  # most file systems' NAME_MAX
+        why = f"a file or folder name in it is {longest} bytes, over most file systems' 255"
+    else:
+        why = f"it is {len(path.encode())} bytes, over what the system allows for a whole path"
+    return f"{path!r}: {why}; shorten it"
 
 
 def _end_data_workers() -> None:
