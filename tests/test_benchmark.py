@@ -86,6 +86,12 @@ def test_cli_writes_json_csv_and_plot(tmp_path, capsys):
     alias.symlink_to(paths["json"])
     twice = [*argv[: argv.index("--json")], "--json", str(paths["json"]), "--csv", str(alias)]
     assert main(twice) == 1 and "is given for two outputs" in capsys.readouterr().err
+    weights = tmp_path / "best.pt"  # a link named .json to a checkpoint: not replaced
+    weights.write_bytes(b"a run's weights")
+    (tmp_path / "to_weights.json").symlink_to(weights)
+    linked = [*argv[: argv.index("--json")], "--json", str(tmp_path / "to_weights.json")]
+    assert main(linked) == 1 and "a file of another kind" in capsys.readouterr().err
+    assert weights.read_bytes() == b"a run's weights"
 
 
 def test_cli_rejects_unknown_model_in_one_line(capsys):

@@ -394,7 +394,7 @@ def test_convert_writes_safetensors_only_to_a_safetensors_file_and_into_a_device
     checkpoint.write_bytes(b"a run's weights")  # a link named .safetensors to a checkpoint
     wrong.symlink_to(checkpoint)
     assert main(["convert", str(src), str(wrong), "--overwrite"]) == 1
-    assert f"is a link to {str(checkpoint)!r}" in capsys.readouterr().err
+    assert f"is a link to {str(checkpoint)!r}, a file of another kind" in capsys.readouterr().err
     assert checkpoint.read_bytes() == b"a run's weights"
 
 

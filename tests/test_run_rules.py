@@ -15,6 +15,7 @@ from sparseformer.data import DataError
 from sparseformer.data.media import expand_media_paths
 from sparseformer.data.relabel import RelabelledDataset, checkpoint_label_map
 from sparseformer.engine.inputs import class_names
+from sparseformer.engine.output_paths import check_output_path
 from sparseformer.engine.recipe import (
     RecipeError,
     RecipeFlags,
@@ -33,7 +34,6 @@ from sparseformer.engine.resume import (
 )
 from sparseformer.engine.run_folder import (
     RUN_FILES,
-    check_output_path,
     clear_old_run,
     prepare_output,
     summary_epochs,

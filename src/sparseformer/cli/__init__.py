@@ -33,16 +33,22 @@ class CliError(Exception):
     """An error to show the user as one line (no traceback)."""
 
 
-def check_output(path: str | os.PathLike, flag: str, *, folder: bool = False) -> None:
-    """:func:`sparseformer.engine.run_folder.check_output_path`, before any work.
+def check_output(
+    path: str | os.PathLike,
+    flag: str,
+    *,
+    folder: bool = False,
+    kinds: tuple[str, ...] | None = None,
+) -> None:
+    """:func:`sparseformer.engine.output_paths.check_output_path`, before any work.
 
     Raises:
         CliError: naming ``flag``, the path and the problem.
     """
-    from sparseformer.engine.run_folder import check_output_path
+    from sparseformer.engine.output_paths import check_output_path
 
     try:
-        check_output_path(path, flag, folder=folder)
+        check_output_path(path, flag, folder=folder, kinds=kinds)
     except ValueError as exc:
         raise CliError(str(exc)) from None
 

@@ -186,16 +186,17 @@ def _check_flags(args: argparse.Namespace) -> dict[str, str]:
         prefix = args.sweep
         sweep = {"json": f"{prefix}.json", "csv": f"{prefix}.csv"}
         sweep |= {"throughput": f"{prefix}-throughput.png", "top1": f"{prefix}-top1.png"}
-    for flag, option in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
-        if option:
-            check_output(option, flag)
-    for option in sweep.values():
-        check_output(option, "--sweep")
-    given = [o for o in (args.json, args.csv, args.plot, *sweep.values()) if o]
-    files = [str(output_target(o).absolute()) for o in given if not is_stream(o)]
-    same = sorted({o for o, f in zip(given, files) if files.count(f) > 1})
+    given = [o for o in (args.json, args.csv, args.plot, *sweep.values()) if o and not is_stream(o)]
+    files = [str(output_target(o).absolute()) for o in given]  # streams are written into
+    same = sorted({o for o, f in zip(given, files, strict=True) if files.count(f) > 1})
     if same:  # one would overwrite the other
         raise CliError(f"{', '.join(same)} is given for two outputs; give each its own file")
+    kinds = {"--json": (".json",), "--csv": (".csv",), "--plot": _PLOT_SUFFIXES}
+    for flag, option in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        if option:
+            check_output(option, flag, kinds=kinds[flag])  # not a link to a checkpoint
+    for option in sweep.values():
+        check_output(option, "--sweep", kinds=(Path(option).suffix,))
     if args.plot and Path(args.plot).suffix.lower() not in _PLOT_SUFFIXES:
         raise CliError(f"--plot {args.plot!r}: give a .png, .pdf, .svg or .jpg file")
     if args.num_frames is not None and not any(is_video_model(m) for m in args.models):

@@ -130,7 +130,7 @@ def _output(given: Path, source: Path, overwrite: bool) -> Path:
     Raises:
         CliError: what to give instead.
     """
-    from sparseformer.cli import CliError
+    from sparseformer.cli import CliError, check_output
     from sparseformer.engine.atomic import output_target
 
     out = output_target(given)  # a symlink is written through: the link stays
@@ -145,12 +145,7 @@ def _output(given: Path, source: Path, overwrite: bool) -> Path:
             f"OUT {str(given)!r}: convert writes safetensors; give a name ending in "
             f".safetensors, e.g. {given.with_suffix('.safetensors')}"
         )
-    if out.suffix not in ("", ".safetensors"):  # a cache's blob (no suffix) is written through
-        raise CliError(
-            f"OUT {str(given)!r} is a link to {str(out)!r}, which convert would fill with "
-            "safetensors; give a name ending in .safetensors that is not a link to another "
-            "kind of file"
-        )
+    check_output(given, "OUT", kinds=(".safetensors",))  # not a link to a checkpoint .pth
     if out.exists() and not overwrite:
         raise CliError(
             f"OUT {str(given)!r} already exists; replace it with --overwrite, or give another path"

@@ -154,22 +154,16 @@ def _check_out(out: str) -> None:
     """``--out``: a file onnxruntime can then run, named ``.onnx`` (an existing one is
     replaced, so a checkpoint given there by mistake is refused)."""
     from sparseformer.cli import CliError, check_output
-    from sparseformer.engine.atomic import is_stream, output_target
+    from sparseformer.engine.atomic import is_stream
 
     if out != "-":  # "-" is no file either: said below, not as a name to end in .onnx
-        check_output(out, "--out")
+        check_output(out, "--out", kinds=(".onnx",))  # nor a link to a checkpoint
     if out == "-" or is_stream(out):  # the file is run by onnxruntime after it is written
         raise CliError(f"--out {out!r}: give a file, which is then checked by running it")
     if Path(out).suffix.lower() != ".onnx":
         raise CliError(
             f"--out {out!r}: export writes ONNX and replaces an existing file; give a name "
             f"ending in .onnx, e.g. {Path(out).with_suffix('.onnx')}"
-        )
-    target = output_target(out)  # a symbolic link is written through: the file it names
-    if target.suffix.lower() not in ("", ".onnx"):  # a blob of a cache (no suffix) is fine
-        raise CliError(
-            f"--out {out!r} is a link to {str(target)!r}, which export would replace with ONNX; "
-            "give a name ending in .onnx that is not a link to another kind of file"
         )
 
 

@@ -23,14 +23,12 @@ import os
 import re
 import socket
 import stat
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from sparseformer.engine.atomic import (
     TEMPORARY_PATTERN,
-    is_stream,
     write_atomic,
     write_text_atomic,
 )
@@ -52,7 +50,6 @@ __all__ = [
     "find_resume_checkpoint",
     "earlier_folder",
     "carry_best",
-    "check_output_path",
     "refuse_overwriting_a_run",
 ]
 
@@ -306,53 +303,6 @@ def carry_best(resume: str | os.PathLike, out: Path, best_epoch: int | None) -> 
         return None
     link_atomic(best, out / BEST)
     return best
-
-
-# suffixes of files a folder is never named with: a folder flag given one was meant as a file
-_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".pdf", ".svg", ".json", ".csv", ".pt")
-
-
-def check_output_path(path: str | os.PathLike, flag: str, *, folder: bool = False) -> None:
-    """Refuse, before any work, an output path that could not be written at the end: a
-    file where a folder is wanted (or the other way round), a parent that is a file, or a
-    folder this process may not write in.
-
-    Raises:
-        ValueError: naming ``flag``, the path and the problem.
-    """
-    path = Path(path)
-    if folder and path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} is a file; give a folder")
-    if folder and not path.exists() and path.suffix.lower() in _FILE_SUFFIXES:
-        bare = str(path.with_suffix(""))
-        raise ValueError(f"{flag} {str(path)!r} names a file, but {flag} is the folder the "
-                         f"files go in: give a folder, e.g. {bare!r}")  # fmt: skip
-    if not folder and path.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} is a folder; give a file path")
-    if not folder and is_stream(path):  # /dev/stdout, /dev/null, a pipe: written into
-        if not os.access(path, os.W_OK):
-            raise ValueError(f"{flag} {str(path)!r}: no permission to write to it")
-        return
-    for parent in (path, *path.parents) if folder else path.parents:
-        if parent.exists():  # the nearest existing folder: the rest will be created in it
-            if not parent.is_dir():
-                raise ValueError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a folder")
-            why = _cannot_write_in(parent)
-            if why is not None:
-                raise ValueError(f"{flag} {str(path)!r}: cannot write in {str(parent)!r} ({why})")
-            return
-
-
-def _cannot_write_in(folder: Path) -> str | None:
-    """Why no file can be made in ``folder`` (None: one can), found by making and removing
-    one: permissions alone do not tell for root, a read-only mount or /proc and /sys."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".sparseformer-probe-", dir=folder)
-    except OSError as exc:
-        return exc.strerror or type(exc).__name__
-    os.close(fd)
-    os.unlink(probe)
-    return None
 
 
 def refuse_overwriting_a_run(
