@@ -845,3 +845,12 @@ def test_a_run_folder_inside_the_datas_splits_is_refused(tmp_path, folder, capsy
         err = capsys.readouterr().err
         assert f"is inside the data's {str(folder / 'train')!r} folder" in err, err
         assert not inside.exists()
+
+
+def test_resuming_without_data_names_the_runs_data(tmp_path, folder, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--model", "sparseformer_v1_nano", "--img-size", "32", "--output", str(run)]
+    assert main([*argv, "--data-dir", str(folder), "--epochs", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--output", str(run), "--resume", "auto", "--epochs", "2"]) == 1
+    assert f"the run trained on {folder} (--data-dir {folder})" in capsys.readouterr().err

@@ -396,5 +396,5 @@ def refuse_output_in_data(output: Path, source) -> None:
         raise CliError(
             f"--output {str(output)!r} is inside the data's {str(split)!r} folder, where its "
             "files would be read as a class of images; give a folder outside it, e.g. "
-            f"runs/{Path(output).name}"
+            f"runs/{Path(output).resolve().name}"
         )

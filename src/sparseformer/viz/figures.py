@@ -223,6 +223,9 @@ def visualize(
         class_names: names for the predicted label (default: the ``pretrained_cfg``'s
             ``label_names``, else indices).
         **plot_kwargs: passed to :func:`plot_rois` (``stages``, ``highlight``, ...).
+
+    Raises:
+        NonFiniteOutputError: the model's outputs are NaN or infinite (its weights are).
     """
     if getattr(model, "roi_dims", 2) == 3:
         raise ValueError(
@@ -290,10 +293,10 @@ def write_pictures(
         NonFiniteOutputError: the model's outputs are NaN or infinite (nothing is written).
     """
     info = info or ModelInfo()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     x = preprocess(image, info.input_size, info.mean, info.std, info.interpolation)
     output = run_details(model, x)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     shown = display_image(image)
     kwargs = {"stages": stages, "highlight": highlight, "class_names": info.class_names}
     result = Pictures(prediction_text(output.logits[0], info.class_names), roi_statistics(output))
@@ -331,8 +334,6 @@ def write_video_pictures(
     import torch.nn.functional as F
 
     info = info or ModelInfo()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     clip = frames.permute(0, 3, 1, 2).float() / 255  # (T, H, W, 3) -> (T, 3, H, W)
     size = (info.input_size, info.input_size)
     x = F.interpolate(clip, size=size, mode="bilinear", antialias=True, align_corners=False)
@@ -340,6 +341,8 @@ def write_video_pictures(
     std = torch.tensor(info.std).view(1, 3, 1, 1)
     x = ((x - mean) / std).permute(1, 0, 2, 3).unsqueeze(0)  # (T, 3, S, S) -> (1, 3, T, S, S)
     output = run_details(model, x)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     H, W = clip.shape[-2:]
     scale = min(1.0, 320 / max(H, W))
     shown = F.interpolate(
