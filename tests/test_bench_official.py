@@ -120,6 +120,11 @@ def test_only_v1_image_sparseformers_have_an_authors_counterpart():
     names = ("sparseformer_v1_tiny", "sparseformer_v1_base", "deit_small_patch16_224")
     names += ("video_sparseformer_v1_tiny", "sparseformer_btsp_augreg_base")
     assert official_counterparts(names) == ["sparseformer_v1_tiny", "sparseformer_v1_base"]
+    # a released model's tag names the same architecture (the sweep's subject too)
+    assert official_counterparts(("sparseformer_v1_tiny.in1k",)) == ["sparseformer_v1_tiny.in1k"]
+    from sparseformer.bench.sweep import subject_model
+
+    assert subject_model(["resnet18", "sparseformer_v1_tiny.in1k"]) == "sparseformer_v1_tiny.in1k"
 
 
 def test_bench_times_ours_against_the_authors_round_by_round(authors, capsys):

@@ -26,7 +26,7 @@ from torch import nn
 
 from sparseformer.bench.results import BenchError
 from sparseformer.config import SparseFormerConfig, VideoSparseFormerConfig
-from sparseformer.weights.registry import MODELS
+from sparseformer.weights.registry import MODELS, split_tag
 
 __all__ = [
     "PREFIX",
@@ -78,7 +78,7 @@ def official_counterparts(models: tuple[str, ...]) -> list[str]:
 
 def official_kwargs_or_none(name: str, num_classes: int = 1000) -> dict | None:
     """:func:`official_kwargs` of a registered v1 image SparseFormer, else ``None``."""
-    spec = MODELS.get(name)
+    spec = MODELS.get(split_tag(name)[0])  # a released model's tag: the same architecture
     if spec is None or isinstance(spec.config, VideoSparseFormerConfig):
         return None
     if not _is_v1(spec.config):  # bootstrapped models: not the v1 code's architecture

@@ -17,7 +17,7 @@ from pathlib import Path
 from sparseformer.bench.published import published_top1
 from sparseformer.bench.report import draw_tradeoff
 from sparseformer.bench.results import BenchResult
-from sparseformer.weights.registry import MODELS
+from sparseformer.weights.registry import MODELS, split_tag
 
 __all__ = [
     "SWEEP_SIZES",
@@ -35,7 +35,7 @@ SWEEP_SIZES = (224, 448, 768, 1024)
 
 def subject_model(models: tuple[str, ...] | list[str]) -> str:
     """The model the sweep is about: the first SparseFormer among ``models``, else the first."""
-    return next((name for name in models if name in MODELS), models[0])
+    return next((name for name in models if split_tag(name)[0] in MODELS), models[0])
 
 
 def speedups(
