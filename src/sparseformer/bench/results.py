@@ -116,7 +116,10 @@ class BenchSettings:
         if not (math.isfinite(self.min_time) and self.min_time >= 0):
             raise BenchError(f"--min-time {self.min_time}: give a number of seconds, 0 or more")
         if self.baseline is not None and self.baseline not in self.models:
-            raise BenchError(f"baseline {self.baseline!r} is not among the models {self.models}")
+            raise BenchError(
+                f"baseline {self.baseline!r} is not among the models ({', '.join(self.models)}); "
+                "add it to --models or give one of them"
+            )
 
     @property
     def dtype(self) -> torch.dtype:

@@ -29,7 +29,6 @@ from sparseformer.cli.common import (
     nothing_to_do,
     positive_int,
     recipe_flags,
-    refuse_output_in_data,
 )
 
 __all__ = ["register", "run"]
@@ -183,7 +182,7 @@ def _plan(args: argparse.Namespace) -> _Plan | None:
     source = data_source(args, views=False, trained_on=saved.get("data"))
     warn_of_other_data(saved.get("data"), source.describe(), resume)  # nothing saved: no run
     check_output(args.output, "--output", folder=True)
-    refuse_output_in_data(args.output, source)
+    source.check_output_outside(args.output)  # not among the images
     refuse_overwriting_a_run(args.output, resume=resume, overwrite=args.overwrite)
     check_precision(args.precision or recipe.precision, device)  # fp16 on a CPU
     # its record only: restore_run reads the weights and optimizer state again (record_of)

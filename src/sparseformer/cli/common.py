@@ -32,7 +32,6 @@ __all__ = [
     "model_and_read_checkpoint",
     "wrong_kind",
     "skip_file",
-    "refuse_output_in_data",
 ]
 
 
@@ -85,9 +84,17 @@ def add_saving_arguments(g) -> None:
     )  # fmt: skip
 
 
+def _whole_number(text: str) -> int:
+    """``int(text)``, or argparse's error in words (not "invalid positive_int value")."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a whole number, got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
-    value = int(text)
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -99,7 +106,7 @@ def image_size(text: str) -> int:
     export)."""
     from sparseformer.config import IMG_SIZES
 
-    value, (low, high) = int(text), IMG_SIZES
+    value, (low, high) = _whole_number(text), IMG_SIZES
     if not low <= value <= high:
         raise argparse.ArgumentTypeError(f"give {low} to {high} pixels, got {value}")
     return value
@@ -107,7 +114,7 @@ def image_size(text: str) -> int:
 
 def count(text: str) -> int:
     """An argparse type: an integer >= 0."""
-    value = int(text)
+    value = _whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
@@ -379,22 +386,3 @@ def for_terminal(text: str) -> str:
         else c
         for c in text
     )
-
-
-def refuse_output_in_data(output: Path, source) -> None:
-    """A run's ``--output`` inside the data's ``train/`` or ``val/`` folder, refused: its files
-    would be read as images of a class named after it, by this run on resuming and by every
-    later run on the data.
-
-    Raises:
-        CliError: where the folder lies, and what to give instead.
-    """
-    from sparseformer.cli import CliError
-
-    split = source.split_holding(output)
-    if split is not None:
-        raise CliError(
-            f"--output {str(output)!r} is inside the data's {str(split)!r} folder, where its "
-            "files would be read as a class of images; give a folder outside it, e.g. "
-            f"runs/{Path(output).resolve().name}"
-        )

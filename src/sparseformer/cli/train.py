@@ -24,7 +24,6 @@ from sparseformer.cli.common import (
     nothing_to_do,
     positive_int,
     recipe_flags,
-    refuse_output_in_data,
     refuse_video_flags_on_images,
 )
 
@@ -231,7 +230,7 @@ def _plan(args: argparse.Namespace, read=None) -> _Plan | None:
     source = data_source(args, views=False, saved=clips, trained_on=saved.get("data"))
     warn_of_other_data(saved.get("data"), source.describe(), resume)  # nothing saved: no run
     _check_output(args.output, resume, args.overwrite)
-    refuse_output_in_data(args.output, source)
+    source.check_output_outside(args.output)  # not among the images
     check_precision(args.precision or recipe.precision, device)  # fp16 on a CPU
     return _Plan(args, device, video, recipe, source, resume, record_of(saved), start)
 

@@ -64,6 +64,22 @@ class DataSource:
     def describe(self) -> str:
         return str(self.data_dir) if self.data_dir is not None else str(self.dataset)
 
+    def check_output_outside(self, output: str | os.PathLike, flag: str = "--output") -> None:
+        """Refuse a run folder inside the data's ``train/`` or ``val/`` folder: its files would
+        be read as images of a class named after it, by the run on resuming and by every later
+        run on the data.
+
+        Raises:
+            DataError: where the folder lies, and what to give instead.
+        """
+        split = self.split_holding(output)
+        if split is not None:
+            raise DataError(
+                f"{flag} {str(output)!r} is inside the data's {str(split)!r} folder, where its "
+                "files would be read as a class of images; give a folder outside it, e.g. "
+                f"runs/{Path(output).resolve().name}"
+            )
+
     def split_holding(self, path: str | os.PathLike) -> Path | None:
         """The split folder (``DIR/train``, ``DIR/val``) that ``path`` is or lies inside, else
         ``None``: a run folder there would have its own files read as a class of images."""
