@@ -459,3 +459,14 @@ def test_models_lists_the_tags_and_takes_a_tagged_name(capsys):
     assert line.startswith("sparseformer_v1_tiny ") and line.endswith("[weights: in1k, in1k_v2]")
     assert main(["models", "sparseformer_v1_tiny.in22k"]) == 1
     assert "no weights tagged 'in22k'; its tags: in1k, in1k_v2" in capsys.readouterr().err
+
+
+def test_a_number_flag_given_words_says_to_give_a_whole_number(capsys):
+    from sparseformer.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--img-size", "abc"])
+    assert "argument --img-size: give a whole number, got 'abc'" in capsys.readouterr().err
+    argv = ["bench", "--models", "sparseformer_v1_nano", "--baseline", "resnet18", "--no-train"]
+    assert main(argv) == 1
+    assert "not among the models (sparseformer_v1_nano); add it" in capsys.readouterr().err
