@@ -406,3 +406,11 @@ def test_a_run_starved_of_its_cores_says_so():
     (line,) = _cpu_share_lines({"cpu_share": 0.5, "threads": 4, "cores": 2})
     assert "4 threads on 2 cores wait for each other" in line and "--threads 2 or fewer" in line
     assert "other work" in _cpu_share_lines({"cpu_share": 0.5, "threads": 2, "cores": 2})[0]
+
+
+def test_a_sweep_prefix_that_is_a_folder_is_refused(tmp_path, capsys):
+    """'--sweep out/' wrote out/.json, out/.csv and out/-throughput.png, hidden files."""
+    for prefix in (str(tmp_path), str(tmp_path / "new") + "/"):
+        assert main(["bench", "--models", "sparseformer_v1_nano", "--sweep", prefix]) == 1
+        assert "is a folder; give a prefix for the files, e.g." in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == []

@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.cli import CliError
 
     sweep = _check_flags(args)
-    sizes = args.img_size or (list(sweeping.SWEEP_SIZES) if args.sweep else [224])
+    sizes = list(dict.fromkeys(args.img_size or ()))  # each size once, in the order given
+    sizes = sizes or (list(sweeping.SWEEP_SIZES) if args.sweep else [224])
     try:
         settings = BenchSettings(
             models=tuple(dict.fromkeys(args.models)),  # each once, in the order given
@@ -175,6 +176,7 @@ _PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 def _check_flags(args: argparse.Namespace) -> dict[str, str]:
     """Flags that cannot work together or outputs that cannot be written, before any timing;
     the sweep's files (``{}`` without ``--sweep``)."""
+    import os
     from pathlib import Path
 
     from sparseformer.cli import CliError, check_output
@@ -184,6 +186,10 @@ def _check_flags(args: argparse.Namespace) -> dict[str, str]:
     sweep = {}
     if args.sweep:  # the sweep's files, beside any asked for one by one
         prefix = args.sweep
+        if prefix.endswith(("/", os.sep)) or Path(prefix).is_dir():  # ".json" in it, hidden
+            example = os.path.join(prefix, "sweep")
+            raise CliError(f"--sweep {prefix!r} is a folder; give a prefix for the files, e.g. "
+                           f"{example} (writes {example}.json, .csv and two plots)")  # fmt: skip
         sweep = {"json": f"{prefix}.json", "csv": f"{prefix}.csv"}
         sweep |= {"throughput": f"{prefix}-throughput.png", "top1": f"{prefix}-top1.png"}
     given = [o for o in (args.json, args.csv, args.plot, *sweep.values()) if o and not is_stream(o)]
