@@ -164,6 +164,9 @@ def test_bad_official_paths_fail_in_one_line(authors, tmp_path, capsys):
     broken = tmp_path / "broken.py"
     broken.write_text("class SparseFormer(nn.Module:\n    pass\n")
     cases[str(broken)] = "broken.py does not parse (line 1: "
+    binary = tmp_path / "weights.py"  # not source at all: Python gives no line
+    binary.write_bytes(b"\x00\x01binary")
+    cases[str(binary)] = "weights.py does not parse (source code string cannot contain null "
     for path, message in cases.items():
         assert main([*argv, path]) == 1
         err = capsys.readouterr().err.strip()

@@ -196,7 +196,8 @@ def _v1_classes(file: Path, broken: list[str]) -> list[str]:
     try:
         tree = ast.parse(file.read_text(encoding="utf-8", errors="replace"))
     except SyntaxError as exc:
-        broken.append(f"{file} does not parse (line {exc.lineno}: {exc.msg})")
+        where = f"line {exc.lineno}: " if exc.lineno is not None else ""  # none: binary data
+        broken.append(f"{file} does not parse ({where}{exc.msg}); is it Python source?")
         return []
     except (ValueError, OSError) as exc:
         broken.append(f"{file} cannot be read ({exc})")
