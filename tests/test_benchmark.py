@@ -414,3 +414,20 @@ def test_a_sweep_prefix_that_is_a_folder_is_refused(tmp_path, capsys):
         assert main(["bench", "--models", "sparseformer_v1_nano", "--sweep", prefix]) == 1
         assert "is a folder; give a prefix for the files, e.g." in capsys.readouterr().err
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_size_a_model_cannot_run_is_said_in_the_models_words(monkeypatch):
+    """count_flops' advice to give the full shape, batch first, is for its caller, not for a
+    bench user: the reason is the model's own error."""
+    from sparseformer.bench import throughput as benchmark
+
+    def fails(model, shape):
+        try:
+            raise RuntimeError("shape '[1, 1, 1, 128]' is invalid for input of size 512")
+        except RuntimeError as exc:
+            raise ValueError("cannot run on the input ...; give the full shape") from exc
+
+    monkeypatch.setattr(benchmark, "count_flops", fails)
+    settings = small_settings(models=(SMALL[0],), img_sizes=(32,), repeats=1, train=False)
+    with pytest.raises(BenchError, match=r"\(RuntimeError: shape '\[1, 1, 1, 128\]' is inv"):
+        run_benchmark(settings)

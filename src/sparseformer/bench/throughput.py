@@ -201,7 +201,8 @@ def _prepare(settings: BenchSettings, img_size: int, skipped: list[dict]) -> tup
         except BenchError:
             raise
         except Exception as exc:  # any model, any failure: the size is what it cannot take
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            root = exc.__cause__ or exc  # the model's own error, not count_flops' advice
+            reason = f"{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}"
             if not s.skip_unsupported:
                 raise BenchError(
                     f"{name} cannot take {img_size} px inputs ({reason}); drop that model or size"
