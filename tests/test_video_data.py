@@ -573,8 +573,12 @@ def test_video_folder_errors_are_one_line_and_helpful(tmp_path):
         VideoFolder(tmp_path / "empty", ClipSpec(), train=True)
     (tmp_path / "bad" / "a").mkdir(parents=True)
     (tmp_path / "bad" / "a" / "x.mp4").write_text("junk")
-    with pytest.raises(VideoDataError, match="no usable videos"):
+    with pytest.raises(VideoDataError, match="no usable videos .*1 skipped, first: .*x.mp4: "):
         VideoFolder(tmp_path / "bad", ClipSpec(), train=True)
+    write_clip(tmp_path / "bad" / "a" / "y.mp4", moving_square(10))  # usable, after x.mp4
+    with pytest.raises(VideoDataError, match="the limit chose these before they were checked"):
+        VideoFolder(tmp_path / "bad", ClipSpec(), train=True, limit=1)  # x.mp4 alone
+    (tmp_path / "bad" / "a" / "y.mp4").unlink()
     write_clip(tmp_path / "bad" / "a" / "short.mp4", moving_square(3))
     with pytest.raises(VideoDataError, match="lower --frames or --frame-stride"):
         VideoFolder(tmp_path / "bad", ClipSpec(num_frames=4, stride=2), train=True)

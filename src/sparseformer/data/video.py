@@ -158,6 +158,7 @@ class VideoFolder(Dataset):
         ]
         warn_other_extensions(ignored, "video", VIDEO_EXTENSIONS)
         present = {label for _, label in listed}  # classes with any video file at all
+        present_files = listed
         listed = [listed[i] for i in spread_indices(len(listed), limit)]
         chosen = {label for _, label in listed}
         warn_limit_cut(
@@ -168,7 +169,7 @@ class VideoFolder(Dataset):
             [p for p, _, _ in kept], label=[y for _, y, _ in kept], frames=[n for _, _, n in kept]
         )
         if not kept:
-            raise VideoDataError(self._none_usable())
+            raise VideoDataError(self._none_usable(cut_by_limit=len(listed) < len(present_files)))
         # a class without files, or whose chosen files are all unusable (a limit may choose none)
         tried, used = {label for _, label in listed}, {label for _, label, _ in kept}
         empty = [
@@ -217,8 +218,9 @@ class VideoFolder(Dataset):
                 )
         return kept
 
-    def _none_usable(self) -> str:
-        """Why a folder whose videos were all skipped cannot be used."""
+    def _none_usable(self, cut_by_limit: bool = False) -> str:
+        """Why a folder whose videos were all skipped cannot be used (``cut_by_limit``: a
+        ``--limit-*`` chose the skipped ones among more, before they were checked)."""
         spec = self.spec
         short = sum(r.startswith("too short") for _, r in self.skipped)
         hint = (
@@ -228,10 +230,16 @@ class VideoFolder(Dataset):
             if short
             else ""
         )
+        first = f", first: {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
+        limit = (
+            "; the limit chose these before they were checked: give a larger one"
+            if cut_by_limit
+            else ""
+        )
         return (
-            f"no usable videos under {str(self.root)!r} ({len(self.skipped)} skipped; "
+            f"no usable videos under {str(self.root)!r} ({len(self.skipped)} skipped{first}; "
             f"extensions {', '.join(VIDEO_EXTENSIONS)}; at least {spec.min_frames} frames"
-            f"{hint})"
+            f"{hint}{limit})"
         )
 
     @property
