@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
+from alternated import alternate, summary, training_step
 
 import sparseformer.layers.drop as drop_module
 from sparseformer import create_model
-from sparseformer.engine.optim import build_optimizer
 
 
 def main() -> None:
@@ -38,41 +35,19 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     extra = {} if args.drop_path is None else {"drop_path_rate": args.drop_path}
-    model = create_model(args.model, **extra).train()
-    optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.05)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    y = torch.randint(0, model.num_classes, (args.batch_size,))
+    model = create_model(args.model, **extra)
+    step = training_step(model, args.batch_size, args.img_size)
     print(
         f"{args.model}, batch {args.batch_size}, {args.img_size} px, drop-path rate "
         f"{model.config.drop_path_rate}, threads: {args.threads}, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()})"
     )
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
+    def plain(forced: bool):  # the plain path, forced: the function's own fallback, as tracing
+        return lambda: mock.patch.object(drop_module, "is_tracing", lambda: forced)
 
-    # the plain path, forced: the function's own fallback, as under tracing
-    paths = {"every sample": True, "kept samples": False}
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    for plain in list(paths.values()) * 2:  # the process's first steps are slow for both
-        with mock.patch.object(drop_module, "is_tracing", lambda plain=plain: plain):
-            step()
-    for r in range(args.rounds):
-        for name, plain in paths.items():
-            with mock.patch.object(drop_module, "is_tracing", lambda plain=plain: plain):
-                step()  # warm-up of this path
-                start = time.perf_counter()
-                step()
-                times[name].append((time.perf_counter() - start) * 1e3)
-        print(f"  round {r}: " + ", ".join(f"{n} {t[-1]:.0f} ms" for n, t in times.items()))
-    every, kept = (statistics.median(times[n]) for n in paths)
-    ratios = [a / b for a, b in zip(times["every sample"], times["kept samples"], strict=True)]
-    print(
-        f"training step median: every sample {every:.0f} ms, kept samples {kept:.0f} ms "
-        f"({min(ratios):.2f}-{max(ratios):.2f}x per round)"
-    )
+    ways = {"every sample": plain(True), "kept samples": plain(False)}
+    print(summary(alternate(ways, step, args.rounds)))
 
 
 if __name__ == "__main__":

@@ -15,16 +15,14 @@ per way and round).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from unittest import mock
 
 import torch
-import torch.nn.functional as F
+from alternated import alternate, summary, training_step
 from torch.autograd.function import once_differentiable
 
 import sparseformer.layers.mixing_fused as fused
 from sparseformer import create_model
-from sparseformer.engine.optim import build_optimizer
 
 
 class _KeptMix(torch.autograd.Function):
@@ -82,35 +80,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model = create_model(args.model).train()
-    optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.05)
-    x = torch.randn(args.batch_size, 3, 224, 224)
-    y = torch.randint(0, model.num_classes, (args.batch_size,))
+    model = create_model(args.model)
+    step = training_step(model, args.batch_size)
     print(f"{args.model}, batch {args.batch_size}, threads {args.threads}, torch "
           f"{torch.__version__} ({torch.backends.cpu.get_cpu_capability()})")  # fmt: skip
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-    ways = {"made again": fused._FusedMix, "kept": _KeptMix}
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    for function in list(ways.values()) * 2:  # the process's first steps are slow for both
-        fused._FusedMix = function
-        step()
-    for r in range(args.rounds):
-        for name, function in ways.items():
-            fused._FusedMix = function
-            step()  # warm-up of this way
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
-        print(f"  round {r}: " + ", ".join(f"{n} {t[-1]:.0f} ms" for n, t in times.items()))
-    again, kept = (statistics.median(times[n]) for n in ways)
-    ratios = [a / b for a, b in zip(times["made again"], times["kept"], strict=True)]
-    print(f"training step median: made again {again:.0f} ms, kept {kept:.0f} ms "
-          f"({min(ratios):.2f}-{max(ratios):.2f}x per round)")  # fmt: skip
+    ways = {
+        name: lambda function=function: mock.patch.object(fused, "_FusedMix", function)
+        for name, function in (("made again", fused._FusedMix), ("kept", _KeptMix))
+    }
+    print(summary(alternate(ways, step, args.rounds)))
 
 
 if __name__ == "__main__":
