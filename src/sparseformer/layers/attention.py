@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import sparseformer.layers.linear as linear_module
-from sparseformer.layers.linear import faster, is_tracing, linear
+from sparseformer.layers.linear import faster, is_tracing, linear, measured_once
 
 __all__ = ["Attention", "Mlp", "attention"]
 
@@ -94,13 +94,9 @@ def _products_win(q: Tensor, k: Tensor, v: Tensor) -> bool:
     A shape first seen with :data:`_MAX_CHOSEN` measured takes the build's rule, unmeasured."""
     B, h, N, d = q.shape
     key = ((B * h).bit_length(), N, d, q.dtype, torch.get_num_threads())
-    wins = _CHOSEN.get(key)
-    if wins is None:
-        if len(_CHOSEN) >= _MAX_CHOSEN:  # a process feeding endless shapes
-            return _narrow_pays()
-        fused = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
-        wins = _CHOSEN[key] = faster(fused, lambda: _products(q, k, v)) == 1
-    return wins
+    fused = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    race = lambda: faster(fused, lambda: _products(q, k, v)) == 1  # noqa: E731
+    return measured_once(_CHOSEN, key, _MAX_CHOSEN, race, unmeasured=_narrow_pays)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -45,6 +45,7 @@ __all__ = [
     "FUSED_LINEAR",
     "kernel_setting",
     "one_linear_kernel",
+    "measured_once",
 ]
 
 FUSED_LINEAR = "auto"
@@ -139,12 +140,22 @@ def _fused_wins(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> b
         return setting == "always"
     rows = (x.numel() // max(x.shape[-1], 1)).bit_length()  # 49 rows and 63 alike, not 64
     key = (rows, *weight.shape, int(gelu), int(bias is not None), torch.get_num_threads())
-    wins = _CHOSEN.get(key)
+    args = (x, weight, bias, gelu)
+    race = lambda: faster(lambda: _fused(*args), lambda: _plain(*args)) == 0  # noqa: E731
+    return measured_once(_CHOSEN, key, _MAX_CHOSEN, race, unmeasured=lambda: True)
+
+
+def measured_once(
+    chosen: dict, key: tuple, most: int, race: Callable[[], bool], unmeasured: Callable[[], bool]
+) -> bool:
+    """``race()``'s answer for ``key``, raced on the key's first call and kept in ``chosen``;
+    a key first seen with ``most`` keys kept gets ``unmeasured()`` (a process feeding endless
+    shapes), while the keys kept keep their answer."""
+    wins = chosen.get(key)
     if wins is None:
-        if len(_CHOSEN) >= _MAX_CHOSEN:
-            return True
-        args = (x, weight, bias, gelu)
-        wins = _CHOSEN[key] = faster(lambda: _fused(*args), lambda: _plain(*args)) == 0
+        if len(chosen) >= most:
+            return unmeasured()
+        wins = chosen[key] = race()
     return wins
 
 
