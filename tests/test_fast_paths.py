@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -13,21 +14,22 @@ from torch.utils.flop_counter import FlopCounterMode
 from sparseformer import SparseFormer, count_flops, create_model, load_checkpoint
 from sparseformer.layers import AdaptiveMixing, EarlyConvolution, channel_normalize, mixing_fused
 from sparseformer.layers import linear as linear_module
-from sparseformer.layers.linear import faster, fused_linear_available, linear
+from sparseformer.layers.linear import faster, fused_linear_available, linear, packed_weights
 
 from .test_conformance import fixture, fixture_config, layout  # noqa: F401  (fixture)
 
 
-@pytest.mark.parametrize("kernel", ["always", "never"])
+@pytest.mark.parametrize("kernel", ["always", "never", "packed"])
 @pytest.mark.parametrize("batch", ["a", "b"])
 def test_inference_mode_matches_official_outputs(fixture, batch, kernel, monkeypatch):  # noqa: F811
-    """Inference takes the fast paths; with either linear kernel, logits and RoIs still match
-    the authors' code."""
-    monkeypatch.setattr(linear_module, "FUSED_LINEAR", kernel)
+    """Inference takes the fast paths; with either linear kernel, and with the fused one's
+    weights packed, logits and RoIs still match the authors' code."""
+    monkeypatch.setattr(linear_module, "FUSED_LINEAR", "always" if kernel == "packed" else kernel)
     model = SparseFormer(fixture_config()).eval()
     load_checkpoint(model, {"model": layout(fixture, "imagenet")})
     x = fixture[f"input_{batch}"]
-    with torch.inference_mode():
+    packing = packed_weights() if kernel == "packed" else contextlib.nullcontext()
+    with torch.inference_mode(), packing:
         assert fused_linear_available(x, model.head.weight) or not torch.backends.mkldnn.enabled
         out = model.forward_with_details(x)
     torch.testing.assert_close(out.logits, fixture[f"logits_{batch}"], rtol=0, atol=1e-5)
@@ -69,9 +71,12 @@ def test_each_shape_takes_the_linear_kernel_measured_faster_once(monkeypatch):
         linear(x[:1], layer, gelu=True)  # other rows: raced, the fused kernel won
         linear(x[:1], layer, gelu=True)
         assert (len(races), len(fused_calls)) == (2, 2)
+        with packed_weights():  # a packed weight may win where a plain one lost: raced again
+            linear(x[:1], layer, gelu=True)
+        assert len(races) == 3
         monkeypatch.setattr(linear_module, "FUSED_LINEAR", "never")
         linear(torch.randn(5, 48), layer)
-    assert len(races) == 2 and len(fused_calls) == 2
+    assert len(races) == 3 and len(fused_calls) == 3
 
 
 def test_one_linear_kernel_holds_in_its_own_thread_only():
@@ -96,6 +101,65 @@ def test_one_linear_kernel_holds_in_its_own_thread_only():
     thread.join()
     assert seen == {"own": "always", "other": "auto"}
     assert linear_module.kernel_setting() == "auto"
+
+
+needs_packing = pytest.mark.skipif(
+    not linear_module._CAN_PACK, reason="this torch has no oneDNN weight reorder"
+)
+
+
+def _packs() -> dict:
+    """The packed copies held now: weight key -> the copy."""
+    return {key: held[2] for key, held in (linear_module._PACKS.get() or {}).items()}
+
+
+@needs_packing
+def test_packed_weights_are_made_once_per_weight_and_dropped_with_the_block(monkeypatch):
+    monkeypatch.setattr(linear_module, "FUSED_LINEAR", "always")
+    model = create_model("sparseformer_v1_nano").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        plain = model(x)
+        with packed_weights():
+            first = model(x)
+            packs = _packs()
+            second = model(x)
+            assert _packs().keys() == packs.keys()
+            assert all(_packs()[key] is copy for key, copy in packs.items())  # not made again
+        assert not _packs()
+    packed_ids = [key[0] for key in packs]
+    assert len(packs) > 2
+    mixing = next(m for m in model.modules() if isinstance(m, AdaptiveMixing))
+    assert packed_ids.count(id(mixing.generator.weight)) == 2  # linear_split's two parts
+    torch.testing.assert_close(first, plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(second, plain, rtol=0, atol=1e-6)
+
+
+@needs_packing
+def test_a_weight_changed_inside_the_block_is_packed_again(monkeypatch):
+    monkeypatch.setattr(linear_module, "FUSED_LINEAR", "always")
+    layer = nn.Linear(48, 80)
+    x = torch.randn(14, 48)
+    with torch.no_grad(), packed_weights():
+        linear(x, layer)
+        layer.weight.mul_(2)  # as an optimizer's step does: the weight's version moves
+        doubled = linear(x, layer)
+        expected = F.linear(x, layer.weight, layer.bias)
+        layer.load_state_dict({"weight": torch.ones(80, 48), "bias": torch.zeros(80)})
+        loaded = linear(x, layer)
+    torch.testing.assert_close(doubled, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loaded, x.sum(-1, keepdim=True).expand(14, 80), rtol=0, atol=1e-5)
+
+
+@needs_packing
+def test_weights_made_in_inference_mode_are_not_packed(monkeypatch):
+    """They keep no version, so a change to them could not be seen."""
+    monkeypatch.setattr(linear_module, "FUSED_LINEAR", "always")
+    with torch.inference_mode():
+        layer = nn.Linear(48, 80)
+        with packed_weights():
+            linear(torch.randn(14, 48), layer)
+            assert not _packs()
 
 
 def test_the_race_between_kernels_leaves_out_the_warm_up_call():

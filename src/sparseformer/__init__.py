@@ -27,6 +27,7 @@ from sparseformer.weights import timm_hook as _timm_hook
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
     from sparseformer.bench.counting import FlopCount, count_flops, count_params
     from sparseformer.config import SparseFormerConfig, StageConfig, VideoSparseFormerConfig
+    from sparseformer.layers.linear import packed_weights
     from sparseformer.models import SparseFormer, SparseFormerOutput, VideoSparseFormer
     from sparseformer.weights.convert import CheckpointError, NotASparseFormerCheckpoint
     from sparseformer.weights.factory import (
@@ -61,6 +62,7 @@ _LAZY = {
     ),
     "inflate_image_state_dict": "sparseformer.weights.inflate",
     "load_checkpoint": "sparseformer.weights.loading",
+    "packed_weights": "sparseformer.layers.linear",
 }
 
 __all__ = [  # the names of _LAZY, and the version
@@ -82,6 +84,7 @@ __all__ = [  # the names of _LAZY, and the version
     "inflate_image_state_dict",
     "list_models",
     "load_checkpoint",
+    "packed_weights",
 ]
 
 

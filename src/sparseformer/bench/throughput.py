@@ -46,6 +46,7 @@ from sparseformer.config import VideoSparseFormerConfig
 from sparseformer.data.scan import counted
 from sparseformer.engine.device import available_cores, warn_oversubscribed
 from sparseformer.engine.optim import build_optimizer
+from sparseformer.layers.linear import packed_weights
 from sparseformer.weights.registry import MODELS
 
 __all__ = [
@@ -239,7 +240,7 @@ def _run_size(
     memory: dict[str, float | None] = {}
     steps = len(models) * (s.warmup + s.repeats) + s.repeats
     with tqdm(total=steps, desc=f"inference {img_size}px", disable=None) as bar:
-        with torch.inference_mode(), _autocast(s):
+        with torch.inference_mode(), _autocast(s), packed_weights():
             for name, model in models.items():
                 x = inputs[name]
                 for _ in range(s.warmup):

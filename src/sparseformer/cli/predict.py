@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.engine.inputs import checkpoint_preprocessing, class_names
     from sparseformer.engine.loop import BatchPrep
     from sparseformer.engine.video import is_video_model, prediction_clip_spec
+    from sparseformer.layers.linear import packed_weights
     from sparseformer.models.outputs import NON_FINITE_OUTPUTS
     from sparseformer.weights.build import (
         check_model_name,
@@ -104,16 +105,17 @@ def run(args: argparse.Namespace) -> int:
     if video_model:
         video = prediction_clip_spec(model, info, pre, clip_flags(args), args.clips, args.crops)
     failed = 0
-    for path in args.images:
-        why = wrong_kind(path, args.model, video_model)
-        if why is None:
-            probs, why = _probabilities(model, path, video, transform, prep, device)
-        if why is None and not bool(probs.isfinite().all()):  # a diverged run's weights
-            why = NON_FINITE_OUTPUTS
-        if why is not None:
-            failed += skip_file(path, why, args.json)
-            continue
-        _print_top(path, probs, names, min(args.topk, len(names)), args.json)
+    with packed_weights():  # each weight laid out for the kernel once, not once per image
+        for path in args.images:
+            why = wrong_kind(path, args.model, video_model)
+            if why is None:
+                probs, why = _probabilities(model, path, video, transform, prep, device)
+            if why is None and not bool(probs.isfinite().all()):  # a diverged run's weights
+                why = NON_FINITE_OUTPUTS
+            if why is not None:
+                failed += skip_file(path, why, args.json)
+                continue
+            _print_top(path, probs, names, min(args.topk, len(names)), args.json)
     return 1 if failed else 0  # the others are classified all the same
 
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from sparseformer.engine.distributed import DistInfo, all_reduce_sum
 from sparseformer.engine.metrics import TOP5_MIN_CLASSES, top5_or_none
 from sparseformer.engine.optim import set_lr
+from sparseformer.layers.linear import packed_weights
 from sparseformer.weights.loading import is_sparseformer, non_finite, some
 
 __all__ = [
@@ -270,6 +271,7 @@ def _like(t: Tensor) -> dict:
     return {"device": t.device, "dtype": t.dtype}
 
 
+@packed_weights()  # the weights do not change during an evaluation
 @torch.no_grad()
 def evaluate(
     model: nn.Module,

@@ -20,6 +20,7 @@ from sparseformer.config import VideoSparseFormerConfig
 from sparseformer.data.folder import DataError
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.data.video import ClipSpec, sample_media, video_file_views
+from sparseformer.layers.linear import packed_weights
 from sparseformer.weights.registry import MODELS
 
 __all__ = [
@@ -146,6 +147,7 @@ def view_scores(model: nn.Module, clips: Tensor) -> Tensor:
     return probs / clips.shape[1]
 
 
+@packed_weights()  # the weights do not change during an evaluation
 @torch.no_grad()
 def evaluate_views(
     model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu"

@@ -20,12 +20,14 @@ run, whose resumption must compute as the run it continues, takes one kernel (it
 generator by itself, its validation inside :func:`one_linear_kernel`).
 
 :func:`linear_split` makes the blocks of a layer's output by one product each, so that every
-block is contiguous (adaptive mixing's generated matrices).
+block is contiguous (adaptive mixing's generated matrices). Inside :func:`packed_weights` the
+fused kernel reads each weight from a copy laid out for it once, not on every call.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -46,6 +48,7 @@ __all__ = [
     "kernel_setting",
     "one_linear_kernel",
     "measured_once",
+    "packed_weights",
 ]
 
 FUSED_LINEAR = "auto"
@@ -61,6 +64,11 @@ _MAX_CHOSEN = 1024  # beyond: the fused kernel unmeasured (a process feeding end
 _HAS_KERNEL = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_linear_pointwise"
 )
+_CAN_PACK = _HAS_KERNEL and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+# inside packed_weights(): (id of the weight's base, offset, shape) -> (a weak reference to the
+# base, the weight's version and address when packed, its packed copy)
+_PACKS: ContextVar[dict | None] = ContextVar("sparseformer_packed_weights", default=None)
 
 
 def is_tracing() -> bool:
@@ -124,7 +132,43 @@ def linear_weights(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = 
 
 def _fused(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
     post = ("gelu", [], "none") if gelu else ("none", [], "")
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, *post)
+    return torch.ops.mkldnn._linear_pointwise(x, _packed(weight), bias, *post)
+
+
+@contextmanager
+def packed_weights() -> Iterator[None]:
+    """Inside the block, CPU inference's fused kernel reads each weight from a copy in
+    oneDNN's blocked layout, made on the weight's first use and dropped when the block ends,
+    where it otherwise lays the weight out again on every call: SparseFormer-T at batch 1
+    about 10% faster (2-core AMD EPYC: 50.4 -> 45.3 ms), at batch 32 about 3%. The copies take
+    as much memory as the weights. The results are the kernel's own, unchanged.
+
+    The weights must not change inside the block except as autograd sees them (an optimizer's
+    step, ``load_state_dict``, ``copy_`` under ``no_grad``: a copy is made again after such a
+    change); a change through ``.data`` is not seen, and the stale copy would be used. The
+    CLI's evaluation, prediction and benchmark run inside it; it holds in the calling thread."""
+    token = _PACKS.set({} if _PACKS.get() is None else _PACKS.get())
+    try:
+        yield
+    finally:
+        _PACKS.reset(token)
+
+
+def _packed(weight: Tensor) -> Tensor:
+    """``weight``'s blocked copy inside :func:`packed_weights`, or ``weight`` itself: outside,
+    without the reorder kernel, and for weights made in inference mode (they keep no version,
+    so a change to them could not be seen)."""
+    packs = _PACKS.get()
+    if packs is None or not _CAN_PACK or weight.is_inference() or not weight.is_contiguous():
+        return weight
+    base = weight if weight._base is None else weight._base  # linear_split's parts are views
+    key = (id(base), weight.storage_offset(), *weight.shape)
+    stamp = (weight._version, weight.data_ptr())
+    held = packs.get(key)
+    if held is None or held[0]() is not base or held[1] != stamp:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        held = packs[key] = (weakref.ref(base), stamp, packed)
+    return held[2]
 
 
 def _plain(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
@@ -139,7 +183,8 @@ def _fused_wins(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> b
     if setting != "auto":
         return setting == "always"
     rows = (x.numel() // max(x.shape[-1], 1)).bit_length()  # 49 rows and 63 alike, not 64
-    key = (rows, *weight.shape, int(gelu), int(bias is not None), torch.get_num_threads())
+    packing = _PACKS.get() is not None  # a packed weight may win where a plain one lost
+    key = (rows, *weight.shape, int(gelu), int(bias is not None), torch.get_num_threads(), packing)
     args = (x, weight, bias, gelu)
     race = lambda: faster(lambda: _fused(*args), lambda: _plain(*args)) == 0  # noqa: E731
     return measured_once(_CHOSEN, key, _MAX_CHOSEN, race, unmeasured=lambda: True)
