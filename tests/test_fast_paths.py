@@ -152,6 +152,29 @@ def test_a_weight_changed_inside_the_block_is_packed_again(monkeypatch):
 
 
 @needs_packing
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_each_block_packs_its_own_copies_and_drops_them(monkeypatch):
+    """A nested block (an evaluation inside a caller's block) reads the weights as they are
+    now; a freed weight's copy goes with it; the block's copies go when it ends."""
+    monkeypatch.setattr(linear_module, "FUSED_LINEAR", "always")
+    layer = nn.Linear(48, 80)
+    x = torch.randn(14, 48)
+    with torch.no_grad(), packed_weights():
+        linear(x, layer)
+        outer = linear_module._PACKS.get()
+        layer.weight.data.mul_(2)  # not seen through .data: the outer block's copy is stale
+        with packed_weights():
+            torch.testing.assert_close(linear(x, layer), layer(x), rtol=0, atol=1e-5)
+        other = nn.Linear(48, 80)
+        linear(x, other)
+        assert len(outer) == 2
+        del other
+        assert len(outer) == 1
+        torch.testing.assert_close(linear(x, nn.Linear(48, 0)), x.new_empty(14, 0))
+    assert not outer
+
+
+@needs_packing
 def test_weights_made_in_inference_mode_are_not_packed(monkeypatch):
     """They keep no version, so a change to them could not be seen."""
     monkeypatch.setattr(linear_module, "FUSED_LINEAR", "always")

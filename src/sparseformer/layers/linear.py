@@ -138,28 +138,35 @@ def _fused(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor
 @contextmanager
 def packed_weights() -> Iterator[None]:
     """Inside the block, CPU inference's fused kernel reads each weight from a copy in
-    oneDNN's blocked layout, made on the weight's first use and dropped when the block ends,
-    where it otherwise lays the weight out again on every call: SparseFormer-T at batch 1
-    about 10% faster (2-core AMD EPYC: 50.4 -> 45.3 ms), at batch 32 about 3%. The copies take
-    as much memory as the weights. The results are the kernel's own, unchanged.
+    oneDNN's blocked layout, made on the weight's first use and dropped when the block ends
+    (or the weight is freed), where it otherwise lays the weight out again on every call:
+    SparseFormer-T at batch 1 about 10% faster (2-core AMD EPYC: 50.4 -> 45.3 ms), at batch 32
+    about 3%. The copies take as much memory as the weights, per block. The outputs are the
+    kernel's own up to float32 rounding (SparseFormer-T's logits at batch 1 and 32: the same).
 
-    The weights must not change inside the block except as autograd sees them (an optimizer's
-    step, ``load_state_dict``, ``copy_`` under ``no_grad``: a copy is made again after such a
-    change); a change through ``.data`` is not seen, and the stale copy would be used. The
+    The weights must not change inside the block: leave it to change them, and enter a new
+    one (each block, nested ones too, makes copies of its own). A change inside is seen only
+    where it moves the weight's version counter (``copy_`` under ``no_grad``,
+    ``load_state_dict``); fused optimizers (the trainer's AdamW), ``Module.to()``,
+    ``.half()`` and changes through ``.data`` do not, and the stale copy would be used. The
     CLI's evaluation, prediction and benchmark run inside it; it holds in the calling thread."""
-    token = _PACKS.set({} if _PACKS.get() is None else _PACKS.get())
+    packs: dict = {}
+    token = _PACKS.set(packs)
     try:
         yield
     finally:
         _PACKS.reset(token)
+        packs.clear()
 
 
 def _packed(weight: Tensor) -> Tensor:
     """``weight``'s blocked copy inside :func:`packed_weights`, or ``weight`` itself: outside,
-    without the reorder kernel, and for weights made in inference mode (they keep no version,
-    so a change to them could not be seen)."""
+    without the reorder kernel, for empty or strided weights, and for weights made in inference
+    mode (they keep no version counter)."""
     packs = _PACKS.get()
     if packs is None or not _CAN_PACK or weight.is_inference() or not weight.is_contiguous():
+        return weight
+    if weight.numel() == 0:  # oneDNN makes no kernel for an empty weight
         return weight
     base = weight if weight._base is None else weight._base  # linear_split's parts are views
     key = (id(base), weight.storage_offset(), *weight.shape)
@@ -167,7 +174,8 @@ def _packed(weight: Tensor) -> Tensor:
     held = packs.get(key)
     if held is None or held[0]() is not base or held[1] != stamp:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-        held = packs[key] = (weakref.ref(base), stamp, packed)
+        dropped = lambda _, key=key: packs.pop(key, None)  # noqa: E731  (the base freed)
+        held = packs[key] = (weakref.ref(base, dropped), stamp, packed)
     return held[2]
 
 
