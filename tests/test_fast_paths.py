@@ -196,6 +196,19 @@ def test_the_race_between_kernels_leaves_out_the_warm_up_call():
     assert faster(call("a"), call("b"), clock=lambda: now[0]) == 0
 
 
+def test_the_race_times_short_calls_until_each_had_its_time():
+    """Two turns let one interruption choose between calls of a tenth of a millisecond: the
+    race goes on until each call has taken its share (5 ms), here the most turns (10)."""
+    now = [0.0]
+    costs = {"a": [1e-4, 6e-4, 6e-4] + [1e-4] * 8, "b": [1e-4] + [2e-4] * 10}
+
+    def call(name):
+        return lambda: now.__setitem__(0, now[0] + costs[name].pop(0))
+
+    assert faster(call("a"), call("b"), clock=lambda: now[0]) == 0  # a's 0.1 against b's 0.2
+    assert costs == {"a": [], "b": []}  # warm-up and 10 turns each
+
+
 def test_flop_counter_sees_the_linear_without_grad():
     """The fused kernel must not hide matrix products from the FLOP counter."""
     layer = nn.Linear(48, 80)

@@ -14,7 +14,7 @@ differ from ``F.linear`` by float32 rounding only (a different summation order, 
 Neither kernel wins everywhere: on the 2-core AMD EPYC the fused one took 19-24 ms where
 ``F.linear`` and ``gelu`` took 31-39, and on a later day 31-32 ms where they took 20-22. So
 the first call of each shape (rows within a power of two, weight shape, GELU, bias, threads)
-times both, twice each, and that shape keeps the faster from then on (:data:`FUSED_LINEAR`).
+times both (:func:`faster`) and that shape keeps the faster from then on (:data:`FUSED_LINEAR`).
 Two processes may choose differently, so their outputs may differ by that rounding: a training
 run, whose resumption must compute as the run it continues, takes one kernel (its mixing's
 generator by itself, its validation inside :func:`one_linear_kernel`).
@@ -60,6 +60,7 @@ _ONE_KERNEL: ContextVar[bool] = ContextVar("sparseformer_one_linear_kernel", def
 
 _CHOSEN: dict[tuple[int, ...], bool] = {}  # shape -> whether the fused kernel was faster
 _MAX_CHOSEN = 1024  # beyond: the fused kernel unmeasured (a process feeding endless shapes)
+_RACE_SECONDS, _RACE_TURNS = 0.005, 10  # how long each kernel of a race is timed, at most
 
 _HAS_KERNEL = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_linear_pointwise"
@@ -235,15 +236,20 @@ def one_linear_kernel() -> Iterator[None]:
 
 def faster(*calls: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> int:
     """The index of the fastest of ``calls``: each called once to warm up (oneDNN builds its
-    kernel on first use), then twice in turns, the best of the two times taken."""
+    kernel on first use), then in turns, twice and on until each has taken ``_RACE_SECONDS``
+    in all (at most ``_RACE_TURNS`` turns), the best of its times taken: a call of a tenth of
+    a millisecond is timed 10 times, where two times let one interruption choose."""
     for call in calls:
         call()
-    best = [float("inf")] * len(calls)
-    for _ in range(2):
+    best, spent = [float("inf")] * len(calls), [0.0] * len(calls)
+    for turn in range(_RACE_TURNS):
         for i, call in enumerate(calls):
             start = clock()
             call()
-            best[i] = min(best[i], clock() - start)
+            took = clock() - start
+            best[i], spent[i] = min(best[i], took), spent[i] + took
+        if turn >= 1 and min(spent) >= _RACE_SECONDS:
+            break
     return best.index(min(best))
 
 
