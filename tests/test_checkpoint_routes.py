@@ -364,6 +364,16 @@ def test_a_run_on_imagenet_folders_predicts_imagenet_names():
     assert class_names({"class_names": ["n0", "cat"]}, 2) == ["n0", "cat"]  # not synset ids
 
 
+def test_a_missing_file_named_as_a_release_says_where_to_download_it(tmp_path):
+    """The README's commands name sparseformer_t_imagenet1k.pth; without it the error said
+    only that the file does not exist."""
+    with pytest.raises(CheckpointError, match=r"sparseformer_v1_tiny.in1k's released weights: "
+                       r"download https://\S+/sparseformer_t_imagenet1k.pth$"):  # fmt: skip
+        read_checkpoint(tmp_path / "sparseformer_t_imagenet1k.pth")
+    with pytest.raises(CheckpointError, match=r"does not exist or is not a file$"):
+        read_checkpoint(tmp_path / "mine.pth")
+
+
 def test_a_run_folder_given_as_the_checkpoint_names_the_files_in_it(tmp_path):
     """It said the folder "does not exist or is not a file"."""
     run = tmp_path / "run"

@@ -53,7 +53,9 @@ def read_file(path: str | os.PathLike) -> Any:
     if path.is_dir():
         raise UnreadableCheckpoint(_folder_given(path))
     if not path.is_file():
-        raise UnreadableCheckpoint(f"checkpoint {str(path)!r} does not exist or is not a file")
+        raise UnreadableCheckpoint(
+            f"checkpoint {str(path)!r} does not exist or is not a file{_release_hint(path)}"
+        )
     if path.stat().st_size == 0:
         raise UnreadableCheckpoint(f"checkpoint {str(path)!r} is empty")
     with open(path, "rb") as f:
@@ -242,6 +244,17 @@ def _load_with_stand_ins(path: Path) -> Any | None:
         ", ".join(sorted(names)[:6]) + (", ..." if len(names) > 6 else ""),
     )
     return loaded
+
+
+def _release_hint(path: Path) -> str:
+    """Where a missing file named as a release comes from."""
+    from sparseformer.weights.registry import release_named
+
+    release = release_named(path.name)
+    if release is None:
+        return ""
+    name, weights = release
+    return f"; that is the name of {name}'s released weights: download {weights.url}"
 
 
 def _folder_given(folder: Path) -> str:

@@ -14,6 +14,7 @@ from sparseformer.config import SparseFormerConfig, StageConfig, VideoSparseForm
 from sparseformer.weights.convert_btsp import btsp_config
 
 __all__ = [
+    "release_named",
     "BTSP_NANO_ARGS",
     "WeightsSpec",
     "ModelSpec",
@@ -369,3 +370,14 @@ def image_model_of(name: str) -> str | None:
     (``video_sparseformer_v1_tiny`` -> ``sparseformer_v1_tiny``); ``None`` for other names."""
     image = name.removeprefix("video_")
     return image if image != name and image in MODELS else None
+
+
+def release_named(file_name: str) -> tuple[str, WeightsSpec] | None:
+    """The registered release whose file is called ``file_name`` (``"sparseformer_t_imagenet1k.
+    pth"``), as ``("sparseformer_v1_tiny.in1k", its weights)``, or ``None``."""
+    for name, spec in MODELS.items():
+        released = (spec.weights, *spec.other_weights) if spec.weights is not None else ()
+        for weights in released:
+            if weights.url.rsplit("/", 1)[-1] == file_name:
+                return f"{name}.{weights.tag}", weights
+    return None
