@@ -138,6 +138,18 @@ def test_bad_options_give_one_line_errors(tmp_path, capsys):
     assert "tench.png" in capsys.readouterr().out
 
 
+def test_threads_are_taken_as_the_other_commands_take_them(tmp_path):
+    """It was refused ("unrecognized arguments") where train, eval, predict and export take it."""
+    before = torch.get_num_threads()
+    try:
+        argv = ["viz", "--model", "sparseformer_v1_nano", str(TENCH), "--out", str(tmp_path)]
+        assert main([*argv, "--no-gif", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert list(tmp_path.glob("*.png"))
+
+
 def test_checkpoint_labels_and_preprocessing_are_used(tmp_path, capsys):
     model = create_model("sparseformer_v1_nano", num_classes=3).eval()
     with torch.no_grad():

@@ -14,7 +14,7 @@ import argparse
 import os
 from pathlib import Path
 
-from sparseformer.cli.common import add_clip_arguments, image_size
+from sparseformer.cli.common import add_clip_arguments, image_size, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-gif", action="store_true", help="write only the PNG")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: the free cores)")
     add_clip_arguments(p, prefix="video models: ")
     p.set_defaults(func=run, clips=1, crops=1)  # one clip, drawn: the centre one
 
@@ -88,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparseformer.cli.common import refuse_video_flags_on_images
-    from sparseformer.engine.device import pick_device
+    from sparseformer.engine.device import pick_device, set_threads
+    from sparseformer.engine.distributed import DistInfo
     from sparseformer.viz.figures import name_ends
     from sparseformer.viz.inputs import load_model_for_viz
     from sparseformer.weights.build import require_sparseformer
@@ -97,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device(pick_device(args.device, allow_mps=True))
     except ValueError as exc:
         raise CliError(str(exc)) from exc
+    set_threads(args.threads, DistInfo())
     if args.model is None and args.checkpoint is None:
         raise CliError("pass --model NAME (and --checkpoint PATH for trained weights)")
     if args.model is not None:  # a timm model has no RoIs to draw: said as such
