@@ -194,13 +194,17 @@ def _v1_classes(file: Path, broken: list[str]) -> list[str]:
     """Top-level classes of ``file`` whose ``__init__`` names every v1 argument; a file that
     cannot be read or parsed is appended to ``broken``, with why."""
     try:
-        tree = ast.parse(file.read_text(encoding="utf-8", errors="replace"))
-    except SyntaxError as exc:
-        where = f"line {exc.lineno}: " if exc.lineno is not None else ""  # none: binary data
-        broken.append(f"{file} does not parse ({where}{exc.msg}); is it Python source?")
-        return []
-    except (ValueError, OSError) as exc:
+        source = file.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
         broken.append(f"{file} cannot be read ({exc})")
+        return []
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError) as exc:  # null bytes: ValueError before Python 3.11.4
+        line = getattr(exc, "lineno", None)
+        where = f"line {line}: " if line is not None else ""  # none: binary data
+        broken.append(f"{file} does not parse ({where}{getattr(exc, 'msg', exc)}); is it Python "
+                      "source?")  # fmt: skip
         return []
     found = []
     for node in tree.body:
