@@ -167,6 +167,9 @@ def test_bad_official_paths_fail_in_one_line(authors, tmp_path, capsys):
     binary = tmp_path / "weights.py"  # not source at all: Python gives no line
     binary.write_bytes(b"\x00\x01binary")
     cases[str(binary)] = "weights.py does not parse (source code string cannot contain null "
+    deep = tmp_path / "deep.py"  # the parser's stack overflows: it raised MemoryError
+    deep.write_text("x = " + "-" * 200_000 + "1\n")
+    cases[str(deep)] = "deep.py does not parse (nested too deeply for Python's parser)"
     for path, message in cases.items():
         assert main([*argv, path]) == 1
         err = capsys.readouterr().err.strip()

@@ -206,6 +206,9 @@ def _v1_classes(file: Path, broken: list[str]) -> list[str]:
         broken.append(f"{file} does not parse ({where}{getattr(exc, 'msg', exc)}); is it Python "
                       "source?")  # fmt: skip
         return []
+    except (MemoryError, RecursionError):  # the parser's stack: nesting too deep
+        broken.append(f"{file} does not parse (nested too deeply for Python's parser)")
+        return []
     found = []
     for node in tree.body:
         if not isinstance(node, ast.ClassDef):
