@@ -1,6 +1,6 @@
 """The A/B scripts' shared timing: a model's whole training step (forward, cross-entropy,
-backward, the trainer's AdamW), timed two or more ways alternated in one process, so that the
-machine's drift within the run hits every way alike.
+backward, the trainer's AdamW) or any other call, timed two or more ways alternated in one
+process, so that the machine's drift within the run hits every way alike.
 """
 
 from __future__ import annotations
@@ -33,11 +33,15 @@ def training_step(model: nn.Module, batch_size: int, img_size: int = 224) -> Cal
 
 
 def alternate(
-    ways: dict[str, Callable[[], AbstractContextManager]], step: Callable[[], None], rounds: int
+    ways: dict[str, Callable[[], AbstractContextManager]],
+    step: Callable[[], None],
+    rounds: int,
+    calls: int = 1,
 ) -> dict[str, list[float]]:
     """Milliseconds of ``step`` under each way's context, per round: two warm-up steps each
-    first (the process's first steps are slow for every way), then per round and way one more
-    warm-up step and one timed step. Each round's times are printed."""
+    first (the process's first steps are slow for every way), then per round and way, inside
+    the way's context, one more warm-up step and the median of ``calls`` timed steps. Each
+    round's times are printed."""
     times: dict[str, list[float]] = {name: [] for name in ways}
     for way in list(ways.values()) * 2:
         with way():
@@ -46,18 +50,21 @@ def alternate(
         for name, way in ways.items():
             with way():
                 step()
-                start = time.perf_counter()
-                step()
-                times[name].append((time.perf_counter() - start) * 1e3)
-        print(f"  round {r}: " + ", ".join(f"{n} {t[-1]:.0f} ms" for n, t in times.items()))
+                taken = []
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    step()
+                    taken.append((time.perf_counter() - start) * 1e3)
+                times[name].append(statistics.median(taken))
+        print(f"  round {r}: " + ", ".join(f"{n} {t[-1]:.1f} ms" for n, t in times.items()))
     return times
 
 
-def summary(times: dict[str, list[float]]) -> str:
+def summary(times: dict[str, list[float]], what: str = "training step") -> str:
     """The first two ways' medians and the range of their per-round ratios."""
     (a, first), (b, second) = list(times.items())[:2]
     ratios = [x / y for x, y in zip(first, second, strict=True)]
     return (
-        f"training step median: {a} {statistics.median(first):.0f} ms, {b} "
-        f"{statistics.median(second):.0f} ms ({min(ratios):.2f}-{max(ratios):.2f}x per round)"
+        f"{what} median: {a} {statistics.median(first):.1f} ms, {b} "
+        f"{statistics.median(second):.1f} ms ({min(ratios):.2f}-{max(ratios):.2f}x per round)"
     )

@@ -6,47 +6,36 @@
 ``sparseformer.layers.linear`` takes oneDNN's ``_linear_pointwise`` (bias and GELU in the
 product's epilogue) or ``F.linear`` and ``gelu``, whichever its first call of a shape measured
 faster (``FUSED_LINEAR = "auto"``); ``"always"`` is the fused kernel on every shape, as before
-the race. This times the model both ways, alternated in one process (a warm-up call, then the
-median of a few calls per way and round), and prints the kernel each shape took.
+the race. This times the model both ways, alternated in one process (``alternated.alternate``:
+a warm-up call, then the median of a few calls per way and round), and prints the kernel each
+shape took.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
-import statistics
-import time
+from collections.abc import Iterator
 
 import torch
+from alternated import alternate, summary
 
 import sparseformer.layers.linear as linear_module
 from sparseformer import create_model
 
-WAYS = ("always", "auto")
+
+@contextlib.contextmanager
+def kernels(setting: str) -> Iterator[None]:
+    """``FUSED_LINEAR`` set to ``setting`` inside the block."""
+    before, linear_module.FUSED_LINEAR = linear_module.FUSED_LINEAR, setting
+    try:
+        yield
+    finally:
+        linear_module.FUSED_LINEAR = before
 
 
-def timed(call, calls: int) -> float:
-    call()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def compare(name: str, call, calls: int, rounds: int) -> None:
-    ms: dict[str, list[float]] = {way: [] for way in WAYS}
-    for _ in range(rounds):
-        for way in WAYS:
-            linear_module.FUSED_LINEAR = way
-            ms[way].append(timed(call, calls))
-    ratios = [a / b for a, b in zip(ms["always"], ms["auto"], strict=True)]
-    print(
-        f"{name}: fused always {statistics.median(ms['always']):.1f} ms, faster per shape "
-        f"{statistics.median(ms['auto']):.1f} ms (median of {rounds} rounds; "
-        f"{min(ratios):.2f}-{max(ratios):.2f}x per round)"
-    )
+WAYS = {"fused always": lambda: kernels("always"), "faster per shape": lambda: kernels("auto")}
 
 
 def main() -> None:
@@ -65,7 +54,8 @@ def main() -> None:
     for batch, calls in ((32, 1), (1, 15)):
         x = torch.randn(batch, 3, args.img_size, args.img_size)
         with torch.inference_mode():
-            compare(f"inference, batch {batch}", lambda x=x: model(x), calls, args.rounds)
+            times = alternate(WAYS, lambda x=x: model(x), args.rounds, calls)
+            print(summary(times, f"inference, batch {batch}"))
     for key, fused in sorted(linear_module._CHOSEN.items()):
         bits, out, inp, gelu = key[:4]
         rows = f"{2 ** (bits - 1)}-{2**bits - 1}"

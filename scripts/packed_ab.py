@@ -6,8 +6,8 @@
 ``sparseformer.layers.linear``'s fused kernel (oneDNN's ``_linear_pointwise``) reorders a
 plain weight into its blocked layout on every call; inside ``packed_weights()`` it reads a
 copy made on the weight's first call. This times the model both ways, alternated in one
-process (per way and round: the block entered, a warm-up call that packs, then the median of a
-few calls), and checks that the outputs are the same.
+process (``alternated.alternate``: per way and round, the block entered, a warm-up call that
+packs, then the median of a few calls), and checks that the outputs are the same.
 """
 
 from __future__ import annotations
@@ -15,39 +15,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
-import statistics
-import time
 
 import torch
+from alternated import alternate, summary
 
 from sparseformer import create_model
 from sparseformer.layers.linear import packed_weights
 
-WAYS = {"per call": contextlib.nullcontext, "packed": packed_weights}
-
-
-def timed(call, calls: int) -> float:
-    call()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def compare(name: str, call, calls: int, rounds: int) -> None:
-    ms: dict[str, list[float]] = {way: [] for way in WAYS}
-    for _ in range(rounds):
-        for way, block in WAYS.items():
-            with block():
-                ms[way].append(timed(call, calls))
-    ratios = [a / b for a, b in zip(ms["per call"], ms["packed"], strict=True)]
-    print(
-        f"{name}: weights laid out per call {statistics.median(ms['per call']):.1f} ms, "
-        f"packed once {statistics.median(ms['packed']):.1f} ms (median of {rounds} rounds; "
-        f"{min(ratios):.2f}-{max(ratios):.2f}x per round)"
-    )
+WAYS = {"laid out per call": contextlib.nullcontext, "packed once": packed_weights}
 
 
 def main() -> None:
@@ -70,7 +45,8 @@ def main() -> None:
             with packed_weights():
                 packed = model(x)
             print(f"batch {batch}: largest difference {(plain - packed).abs().max().item():.1e}")
-            compare(f"inference, batch {batch}", lambda x=x: model(x), calls, args.rounds)
+            times = alternate(WAYS, lambda x=x: model(x), args.rounds, calls)
+            print(summary(times, f"inference, batch {batch}"))
 
 
 if __name__ == "__main__":
