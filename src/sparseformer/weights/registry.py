@@ -118,10 +118,14 @@ class ModelSpec:
     paper: str = "arXiv:2304.03768"
 
     @property
+    def released(self) -> tuple[WeightsSpec, ...]:
+        """Every release, the default first; empty without released weights."""
+        return (self.weights, *self.other_weights) if self.weights is not None else ()
+
+    @property
     def tags(self) -> tuple[str, ...]:
         """The pretrained tags, the default first; empty without released weights."""
-        released = (self.weights, *self.other_weights) if self.weights is not None else ()
-        return tuple(w.tag for w in released)
+        return tuple(w.tag for w in self.released)
 
     def weights_for(self, tag: str | None = None) -> WeightsSpec | None:
         """The released weights of ``tag`` (``None``: the default).
@@ -131,8 +135,8 @@ class ModelSpec:
         """
         if tag is None:
             return self.weights
-        for weights in (self.weights, *self.other_weights):
-            if weights is not None and weights.tag == tag:
+        for weights in self.released:
+            if weights.tag == tag:
                 return weights
         known = ", ".join(self.tags) or "none: this model has no released weights"
         raise ValueError(f"no pretrained tag {tag!r}; tags: {known}")
@@ -376,8 +380,7 @@ def release_named(file_name: str) -> tuple[str, WeightsSpec] | None:
     """The registered release whose file is called ``file_name`` (``"sparseformer_t_imagenet1k.
     pth"``), as ``("sparseformer_v1_tiny.in1k", its weights)``, or ``None``."""
     for name, spec in MODELS.items():
-        released = (spec.weights, *spec.other_weights) if spec.weights is not None else ()
-        for weights in released:
+        for weights in spec.released:
             if weights.url.rsplit("/", 1)[-1] == file_name:
                 return f"{name}.{weights.tag}", weights
     return None
