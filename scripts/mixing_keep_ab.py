@@ -32,8 +32,9 @@ class _KeptMix(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, sampled, bc, bp, dims, activation, inner, chunk):  # type: ignore[override]
         C, P, Q = dims
         out, kept = sampled.new_empty(hidden.shape[0], Q, C), []
+        packed = fused.pack_weight(weight)
         for s in range(0, hidden.shape[0], chunk):
-            mc, mp = fused._generate(hidden[s : s + chunk], weight, bias, C, P, Q)
+            mc, mp = fused._generate(hidden[s : s + chunk], weight, packed, bias, C, P, Q)
             x1, a1, x2 = fused._mix(sampled[s : s + chunk], mc, mp, bc, bp, activation, inner)
             out[s : s + chunk] = fused._act(x2, activation)
             kept.append((mc, mp, x1, a1, x2))

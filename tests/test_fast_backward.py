@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from sparseformer.layers import AdaptiveMixing
+from sparseformer.layers import AdaptiveMixing, mixing_fused
+from sparseformer.layers.linear import pack_weight
 from sparseformer.layers.mixing_fused import fused_mix
 from sparseformer.layers.sampling import (
     sample_features,
@@ -104,6 +105,33 @@ def test_fused_decode_float32_matches_reference():
     expected = torch.autograd.grad(mixing._decode(tokens, sampled).square().sum(), inputs)
     with mock.patch("sparseformer.layers.mixing_fused._FUSED_MIN_FLOATS", 0):
         grads = torch.autograd.grad(mixing(tokens, sampled).square().sum(), inputs)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(pack_weight(torch.ones(2, 2)) is None, reason="no oneDNN reorder kernel")
+def test_fused_decode_float32_generates_from_one_packed_weight():
+    """In float32 the generator's weight is laid out for oneDNN once per layer call, and every
+    chunk's matrices, in forward and again in backward, are made from that copy."""
+    mixing = AdaptiveMixing(dim=32, in_channels=8, num_points=4)
+    nn.init.normal_(mixing.generator.weight, std=0.1)
+    tokens = torch.randn(3, 16, 32, requires_grad=True)
+    sampled = torch.randn(3, 16, 4, 8, requires_grad=True)
+    inputs = (tokens, sampled, *mixing.parameters())
+    expected = torch.autograd.grad(mixing._decode(tokens, sampled).square().sum(), inputs)
+    copies = []
+    pack = lambda weight: copies.append(pack_weight(weight)) or copies[-1]  # noqa: E731
+    with (
+        mock.patch("sparseformer.layers.mixing_fused._FUSED_MIN_FLOATS", 0),
+        mock.patch.object(mixing_fused, "_CHUNK_FLOATS", 10 * (8 * 8 + 4 * 4)),  # 10 tokens
+        mock.patch.object(mixing_fused, "pack_weight", side_effect=pack),
+        mock.patch.object(mixing_fused, "packed_linear", wraps=mixing_fused.packed_linear) as calls,
+    ):
+        out = mixing(tokens, sampled)
+        grads = torch.autograd.grad(out.square().sum(), inputs)
+    assert len(copies) == 1 and calls.call_count == 2 * 5  # 48 tokens: 5 chunks, twice
+    assert all(call.args[1] is copies[0] for call in calls.call_args_list)
+    torch.testing.assert_close(out, mixing._decode(tokens, sampled), rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

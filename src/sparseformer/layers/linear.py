@@ -49,6 +49,8 @@ __all__ = [
     "one_linear_kernel",
     "measured_once",
     "packed_weights",
+    "pack_weight",
+    "packed_linear",
 ]
 
 FUSED_LINEAR = "auto"
@@ -178,6 +180,26 @@ def _packed(weight: Tensor) -> Tensor:
         dropped = lambda _, key=key: packs.pop(key, None)  # noqa: E731  (the base freed)
         held = packs[key] = (weakref.ref(base, dropped), stamp, packed)
     return held[2]
+
+
+def pack_weight(weight: Tensor) -> Tensor | None:
+    """oneDNN's blocked copy of a float32 CPU ``weight`` ``(out, in)``, for
+    :func:`packed_linear` to read many times over (a training step's chunks of rows, within
+    which the weight does not change); ``None`` where the fused kernel cannot take it (another
+    dtype or device, no reorder kernel, an empty or strided weight). A copy made from the
+    weight as it is now: made again after the weight changes."""
+    usable = weight.device.type == "cpu" and weight.dtype == torch.float32
+    if not (_CAN_PACK and usable and weight.is_contiguous() and weight.numel() > 0):
+        return None
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` by oneDNN's fused kernel from :func:`pack_weight`'s copy
+    of the weight, no gradient. The kernel's own result: it may differ from ``F.linear``'s by
+    float32 rounding (a different summation order)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def _plain(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:

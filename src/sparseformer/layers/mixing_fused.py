@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from sparseformer.layers.linear import is_tracing
+from sparseformer.layers.linear import is_tracing, pack_weight, packed_linear
 
 __all__ = ["fused_mix", "fused_mix_applies", "tokens_per_chunk"]
 
@@ -82,13 +82,15 @@ class _FusedMix(torch.autograd.Function):
         C, P, Q = dims
         M = hidden.shape[0]
         out = sampled.new_empty(M, Q, C)
+        packed = pack_weight(weight)  # once per call: the weight is read once per chunk
         for s in range(0, M, chunk):
             e = min(s + chunk, M)
-            mc, mp = _generate(hidden[s:e], weight, bias, C, P, Q)
+            mc, mp = _generate(hidden[s:e], weight, packed, bias, C, P, Q)
             *_, x2 = _mix(sampled[s:e], mc, mp, bc, bp, activation, inner)
             out[s:e] = _act(x2, activation)
         ctx.save_for_backward(hidden, weight, bias, sampled, bc, bp)
         ctx.config = (dims, activation, inner, chunk)
+        ctx.packed = packed  # backward generates the same matrices again, by the same kernel
         return out
 
     @staticmethod
@@ -108,7 +110,7 @@ class _FusedMix(torch.autograd.Function):
             e = min(s + chunk, M)
             h = hidden[s:e]
             x = sampled[s:e]
-            mc, mp = _generate(h, weight, bias, C, P, Q)
+            mc, mp = _generate(h, weight, ctx.packed, bias, C, P, Q)
             x1, a1, x2 = _mix(x, mc, mp, bc, bp, activation, inner)
             g2 = _act_grad(grad_out[s:e], x2, activation)  # (m, Q, C)
             grad_mp = torch.bmm(g2, a1.transpose(1, 2))  # (m, Q, C) x (m, C, P) -> (m, Q, P)
@@ -136,14 +138,19 @@ class _FusedMix(torch.autograd.Function):
         )
 
 
-def _generate(h: Tensor, weight: Tensor, bias: Tensor, C: int, P: int, Q: int):
-    """The chunk's matrices: ``(m, h) -> Mc (m, C_in, C_out), Mp (m, Q_out, P_in)``."""
+def _generate(h: Tensor, weight: Tensor, packed: Tensor | None, bias: Tensor, C, P, Q):
+    """The chunk's matrices: ``(m, h) -> Mc (m, C_in, C_out), Mp (m, Q_out, P_in)``, from
+    the weight's packed copy (:func:`pack_weight`) where there is one."""
     m = h.shape[0]
-    # one kernel, not the faster per shape as in inference (linear_weights): a resumed run
-    # must take the kernel the run took, for the same weights as the run uninterrupted. Not
-    # oneDNN's fused one: at these shapes it ran at 76-84 GFLOP/s where addmm runs at 110-130
-    # (SparseFormer-T's (98, 64) x (64, 10512) on the 2-core AMD EPYC: 1.48 against 1.17 ms).
-    params = torch.addmm(bias, h, weight.t())  # (m, h) -> (m, C*C + Q*P)
+    # One kernel by a fixed rule (float32 packed, else addmm), not the faster per shape as in
+    # inference: a resumed run must compute as the run it continues. oneDNN's fused kernel
+    # from the packed weight, laid out once per call of the mixing, not per chunk: on the
+    # 2-core AMD EPYC (AVX-512), SparseFormer-T's (98, 64) x (64, 10512), 0.82 ms against
+    # addmm's 1.44 (unpacked, oneDNN lays the weight out per chunk: 1.20 ms).
+    if packed is not None:
+        params = packed_linear(h, packed, bias)  # (m, h) -> (m, C*C + Q*P)
+    else:
+        params = torch.addmm(bias, h, weight.t())
     mc, mp = params.split([C * C, Q * P], dim=1)
     return mc.reshape(m, C, C), mp.reshape(m, Q, P)  # rows of params -> per-token matrices
 
