@@ -185,6 +185,22 @@ def test_weights_made_in_inference_mode_are_not_packed(monkeypatch):
             assert not _packs()
 
 
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("packing", [False, True])
+def test_fused_kernel_takes_a_strided_bias(gelu, packing):
+    """oneDNN reads the bias as contiguous: a strided one (a view, or a Parameter put in by
+    ``load_state_dict(assign=True)``) is made contiguous first, not read past its values."""
+    if linear_module.pack_weight(torch.ones(2, 2)) is None:
+        pytest.skip("this torch has no oneDNN fused linear")
+    x, weight = torch.randn(6, 16), torch.randn(24, 16)
+    for bias in (torch.randn(48)[::2], torch.randn(1).expand(24)):
+        packed = linear_module.pack_weight(weight) if packing else weight
+        expected = F.linear(x, weight, bias)
+        expected = F.gelu(expected) if gelu else expected
+        out = linear_module.packed_linear(x, packed, bias, gelu)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_the_race_between_kernels_leaves_out_the_warm_up_call():
     now, costs = [0.0], {"a": [50.0, 3.0, 3.0], "b": [2.0, 2.5, 2.0]}
 

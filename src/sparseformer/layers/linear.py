@@ -3,13 +3,15 @@
 PyTorch's eager CPU ``addmm`` first copies the broadcast bias into the whole output and then
 accumulates the product onto it, and ``gelu`` reads and writes the output once more. oneDNN's
 ``_linear_pointwise`` (the kernel ``torch.compile`` emits for CPU) does the bias and the
-activation in the matrix product's epilogue: on a 2-core AVX2 CPU a ``(1568, 512) x (512, 2048)``
-linear with GELU takes ~20 ms instead of ~32. It has no autograd formula, so it is used only
-when no gradient is wanted, and never under tracing, export, a dispatch mode (FLOP counting),
-autocast, or for non-float32 tensors; everywhere else this is ``F.linear`` with the layer's
-weight and bias. A layer that is not a plain ``nn.Linear`` (forward hooks, or a subclass with
-its own ``forward``: quantisation-aware training, LoRA) is always called itself. The results
-differ from ``F.linear`` by float32 rounding only (a different summation order, ~1e-6).
+activation in the matrix product's epilogue: on a 2-core AVX2 CPU a
+``(1568, 512) x (512, 2048)`` linear with GELU takes ~20 ms instead of ~32. It has no
+autograd formula, so :func:`linear` uses it only when no gradient is wanted (CPU training's
+fused adaptive mixing calls it through :func:`packed_linear`, inside a backward of its own),
+and never under tracing, export, a dispatch mode (FLOP counting), autocast, or for
+non-float32 tensors; everywhere else this is ``F.linear`` with the layer's weight and bias. A
+layer that is not a plain ``nn.Linear`` (forward hooks, or a subclass with its own
+``forward``: quantisation-aware training, LoRA) is always called itself. The results differ
+from ``F.linear`` by float32 rounding only (a different summation order, ~1e-6).
 
 Neither kernel wins everywhere: on the 2-core AMD EPYC the fused one took 19-24 ms where
 ``F.linear`` and ``gelu`` took 31-39, and on a later day 31-32 ms where they took 20-22. So
@@ -134,8 +136,7 @@ def linear_weights(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = 
 
 
 def _fused(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
-    post = ("gelu", [], "none") if gelu else ("none", [], "")
-    return torch.ops.mkldnn._linear_pointwise(x, _packed(weight), bias, *post)
+    return packed_linear(x, _packed(weight), bias, gelu)
 
 
 @contextmanager
@@ -164,19 +165,19 @@ def packed_weights() -> Iterator[None]:
 
 def _packed(weight: Tensor) -> Tensor:
     """``weight``'s blocked copy inside :func:`packed_weights`, or ``weight`` itself: outside,
-    without the reorder kernel, for empty or strided weights, and for weights made in inference
-    mode (they keep no version counter)."""
+    where :func:`pack_weight` makes none, for strided weights (the key knows no strides), and
+    for weights made in inference mode (they keep no version counter)."""
     packs = _PACKS.get()
-    if packs is None or not _CAN_PACK or weight.is_inference() or not weight.is_contiguous():
-        return weight
-    if weight.numel() == 0:  # oneDNN makes no kernel for an empty weight
+    if packs is None or weight.is_inference() or not weight.is_contiguous():
         return weight
     base = weight if weight._base is None else weight._base  # linear_split's parts are views
     key = (id(base), weight.storage_offset(), *weight.shape)
     stamp = (weight._version, weight.data_ptr())
     held = packs.get(key)
     if held is None or held[0]() is not base or held[1] != stamp:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        packed = pack_weight(weight)
+        if packed is None:
+            return weight
         dropped = lambda _, key=key: packs.pop(key, None)  # noqa: E731  (the base freed)
         held = packs[key] = (weakref.ref(base, dropped), stamp, packed)
     return held[2]
@@ -186,20 +187,21 @@ def pack_weight(weight: Tensor) -> Tensor | None:
     """oneDNN's blocked copy of a float32 CPU ``weight`` ``(out, in)``, for
     :func:`packed_linear` to read many times over (a training step's chunks of rows, within
     which the weight does not change); ``None`` where the fused kernel cannot take it (another
-    dtype or device, no reorder kernel, an empty or strided weight). A copy made from the
-    weight as it is now: made again after the weight changes."""
+    dtype or device, no reorder kernel, an empty weight). The copy is of the weight as it is
+    now: call again after the weight changes."""
     usable = weight.device.type == "cpu" and weight.dtype == torch.float32
-    if not (_CAN_PACK and usable and weight.is_contiguous() and weight.numel() > 0):
+    if not (_CAN_PACK and usable and weight.numel() > 0):  # no kernel for an empty weight
         return None
-    with torch.no_grad():
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
 
-def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear(x, weight, bias)`` by oneDNN's fused kernel from :func:`pack_weight`'s copy
-    of the weight, no gradient. The kernel's own result: it may differ from ``F.linear``'s by
-    float32 rounding (a different summation order)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
+    """``F.linear(x, weight, bias)``, then GELU if ``gelu``, by oneDNN's fused kernel from
+    :func:`pack_weight`'s copy of the weight (or the weight itself); no gradient. The kernel's
+    own result: it may differ from ``F.linear``'s by float32 rounding (another summation order)."""
+    post = ("gelu", [], "none") if gelu else ("none", [], "")
+    bias = None if bias is None else bias.contiguous()  # oneDNN reads it as contiguous
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, *post)
 
 
 def _plain(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:

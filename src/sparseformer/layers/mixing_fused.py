@@ -8,7 +8,10 @@ two matrix products. Here the matrices are generated per chunk of tokens, used a
 cache, and generated again in backward, where their gradient is made, used (for the generator's
 input and weight gradients) and dropped chunk by chunk: nothing of size ``tokens x (C*C + Q*P)``
 is ever stored. The slow, obviously correct reference is ``AdaptiveMixing._decode`` under
-autograd; ``tests/test_fast_backward.py`` compares the two in float64 with ``gradcheck``.
+autograd; ``tests/test_fast_backward.py`` compares the two in float64 with ``gradcheck`` and
+value for value, and in float32, where the generator's products take oneDNN's fused kernel from
+a weight laid out once per call (:func:`~sparseformer.layers.linear.pack_weight`; float64 takes
+``addmm``).
 """
 
 from __future__ import annotations
