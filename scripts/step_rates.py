@@ -1,6 +1,6 @@
 """Where a training step's matrix products lose time: each product's shape, its rate inside
-one profiled step (``torch.profiler``) and its rate alone, called again and again on operands
-that stay in cache.
+one profiled step (``torch.profiler``) and the rate of a plain ``mm`` or ``bmm`` of that shape
+alone, called again and again on contiguous operands that stay in cache.
 
     python scripts/step_rates.py [--model sparseformer_v1_tiny] [--top 15] [--threads 2]
 
@@ -11,6 +11,7 @@ operands come from memory there); the product's own kernel is the ceiling of the
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -20,14 +21,25 @@ from torch.profiler import profile
 
 from sparseformer import create_model
 
-# operator -> (which inputs are the two factors, whether they are batched)
+# operator -> which of its inputs are the two factors (oneDNN's fused linear: the input and
+# the weight, (out, in), timed alone as its transpose)
 _PRODUCTS = {
     "aten::mm": (0, 1),
     "aten::addmm": (1, 2),
     "aten::addmm_": (1, 2),
     "aten::bmm": (0, 1),
     "aten::baddbmm": (1, 2),
+    "mkldnn::_linear_pointwise": (0, 1),
 }
+
+
+def _factors(key: str, shapes: list) -> tuple[list[int], list[int]]:
+    """The product's two factors as ``a @ b`` shapes, ``(m, k) x (k, n)`` or batched."""
+    i, j = _PRODUCTS[key]
+    a, b = list(shapes[i]), list(shapes[j])
+    if key == "mkldnn::_linear_pointwise":  # (..., in) x (out, in)
+        return [math.prod(a[:-1]), a[-1]], b[::-1]
+    return a, b
 
 
 def _flops(a: list[int], b: list[int]) -> int:
@@ -67,8 +79,7 @@ def main() -> None:
     for event in prof.key_averages(group_by_input_shape=True):
         step_ms += event.self_cpu_time_total / 1e3
         if event.key in _PRODUCTS:
-            i, j = _PRODUCTS[event.key]
-            a, b = event.input_shapes[i], event.input_shapes[j]
+            a, b = _factors(event.key, event.input_shapes)
             ms = event.self_cpu_time_total / 1e3
             rows.append((ms, event.key, a, b, event.count, _flops(a, b)))
     rows.sort(key=lambda row: -row[0])
