@@ -468,6 +468,53 @@ def test_a_run_saved_before_data_order_keeps_its_old_order_in_every_resume(tmp_p
     assert ckpt_io.read_training_checkpoint(last)["data_order"] is None  # still the old order
 
 
+def test_threads_count_the_work_running_now_not_the_lagging_load_average(monkeypatch):
+    """The 1-minute load average still counts a command that ended seconds ago (``train``
+    then ``eval``): what runs now, less this process's own threads, decides."""
+    import os
+
+    from sparseformer.engine import device
+    from sparseformer.engine.distributed import DistInfo
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc: the load average is all there is")
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 1.0, 0.5))  # a run that just ended
+    monkeypatch.setattr(device.time, "sleep", lambda seconds: None)
+    runnable = iter([1, 1, 4, 1, 1])  # this thread; one sample catches a burst
+    monkeypatch.setattr(device, "_runnable", lambda: next(runnable))
+    monkeypatch.setattr(device, "_own_running", lambda: 1)  # this thread
+    try:
+        assert device.load_elsewhere() == 0.0  # the median, less this thread
+        runnable = iter([5] * 5)  # four other tasks on the machine's two cores
+        assert device.load_elsewhere() == 4.0
+        runnable = iter([1] * 5)
+        assert device.set_threads(None, DistInfo()) == 2  # free now: both cores
+        runnable = iter([5] * 5)
+        assert device.set_threads(None, DistInfo()) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_load_elsewhere_reads_proc_and_falls_back_to_the_load_average(monkeypatch):
+    import os
+
+    from sparseformer.engine import device
+
+    if not os.path.exists("/proc/self/task"):
+        pytest.skip("no /proc")
+    assert device._own_running() >= 1 and device._runnable() >= 1  # the caller itself runs
+
+    def no_proc():
+        raise OSError("no /proc/stat")
+
+    monkeypatch.setattr(device, "_runnable", no_proc)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 0.0, 0.0))
+    assert device.load_elsewhere() == 3.5
+
+
 def test_fp16_on_cpu_is_refused(tmp_path):
     """Asked by a recipe (a resumed run's), not only by --precision: no flag is blamed."""
     with pytest.raises(TrainingError, match="^fp16 needs a CUDA GPU; use bf16 or fp32 on CPU"):
@@ -477,6 +524,7 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 def test_default_threads_leave_busy_cores_alone(monkeypatch):
     import os
 
+    from sparseformer.engine import device
     from sparseformer.engine.device import set_threads
     from sparseformer.engine.distributed import DistInfo
 
@@ -484,20 +532,20 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
-        monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+        monkeypatch.setattr(device, "load_elsewhere", lambda: 0.1)
         assert set_threads(None, DistInfo()) == 4 == torch.get_num_threads()
         assert set_threads(None, DistInfo(0, 2, 0, 2)) == 2  # two local ranks share the cores
-        monkeypatch.setattr(os, "getloadavg", lambda: (3.9, 0.0, 0.0))
+        monkeypatch.setattr(device, "load_elsewhere", lambda: 3.9)
         assert set_threads(None, DistInfo()) == 4  # busy, but not over-subscribed yet
-        monkeypatch.setattr(os, "getloadavg", lambda: (4.6, 0.0, 0.0))
+        monkeypatch.setattr(device, "load_elsewhere", lambda: 4.6)
         assert set_threads(None, DistInfo()) == 3
-        monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+        monkeypatch.setattr(device, "load_elsewhere", lambda: 9.0)
         assert set_threads(None, DistInfo()) == 1
         assert set_threads(3, DistInfo()) == 3  # --threads wins
         monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's: bootstrap took 4 (or 1)
         assert set_threads(None, DistInfo()) == 3 == torch.get_num_threads()
         assert set_threads(2, DistInfo()) == 2  # --threads still wins
-        monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+        monkeypatch.setattr(device, "load_elsewhere", lambda: 0.1)
         assert set_threads(None, DistInfo(0, 2, 0, 2)) == 3  # the user's 3, under torchrun too
         monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's own, for 2 local processes
         assert set_threads(None, DistInfo(0, 2, 0, 2)) == 2  # the free cores, shared out

@@ -5,12 +5,20 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
+import time
 
 import torch
 
 from sparseformer.engine.distributed import DistInfo
 
-__all__ = ["pick_device", "available_cores", "set_threads", "warn_oversubscribed"]
+__all__ = [
+    "pick_device",
+    "available_cores",
+    "load_elsewhere",
+    "set_threads",
+    "warn_oversubscribed",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +74,9 @@ def set_threads(requested: int | None, dist: DistInfo) -> int:
 
     Busy-waiting OpenMP threads on cores that other jobs hold are ruinous: on a 2-core machine
     with a load average near 4 we measured 73 images/s with 2 threads against 505 with 1, while
-    at a load of 1.5 two threads still ran at 730. So when the 1-minute load average already
-    exceeds the cores, the default gives up one thread per extra unit of load (at least 1);
-    ``--threads`` sets the number, and so does ``OMP_NUM_THREADS`` where the user set it
+    at a load of 1.5 two threads still ran at 730. So when other work (:func:`load_elsewhere`)
+    already exceeds the cores, the default gives up one thread per extra unit of load (at least
+    1); ``--threads`` sets the number, and so does ``OMP_NUM_THREADS`` where the user set it
     (but 1 with several processes on the machine, which torchrun sets of its own accord).
     """
     if requested is None and (from_env := _omp_num_threads(dist)) is not None:
@@ -76,7 +84,7 @@ def set_threads(requested: int | None, dist: DistInfo) -> int:
         requested = from_env
     if requested is None:
         cores = available_cores()
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        load = load_elsewhere()
         usable = cores if load <= cores else max(1, cores - math.ceil(load - cores))
         requested = max(1, usable // max(dist.local_world_size, 1))
         if usable < cores:
@@ -86,6 +94,46 @@ def set_threads(requested: int | None, dist: DistInfo) -> int:
         warn_oversubscribed(requested, dist.local_world_size)
     torch.set_num_threads(requested)
     return requested
+
+
+def load_elsewhere(samples: int = 5, interval: float = 0.01) -> float:
+    """How many tasks outside this process want a core now. On Linux the median of a few
+    samples, ``interval`` seconds apart, of the runnable tasks (``procs_running`` in
+    ``/proc/stat``) less this process's own running threads; elsewhere the 1-minute load
+    average. Not the load average on Linux: it lags by a minute, so a command started right
+    after another (``train`` then ``eval``, or the next step of a script in one process) counted
+    the finished one's threads and ran on fewer cores than were free."""
+    try:
+        counts = []
+        for i in range(samples):
+            if i:
+                time.sleep(interval)
+            counts.append(_runnable() - _own_running())
+        return float(max(0, statistics.median(counts)))
+    except (OSError, ValueError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def _runnable() -> int:
+    """The machine's runnable tasks (threads) now, this one included (Linux)."""
+    with open("/proc/stat") as stat:
+        for line in stat:
+            if line.startswith("procs_running "):
+                return int(line.split()[1])
+    raise ValueError("/proc/stat gives no procs_running")
+
+
+def _own_running() -> int:
+    """This process's threads that are running or runnable now, the calling one included."""
+    running = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]  # after the command's name
+        except (OSError, IndexError):
+            continue  # a thread that ended meanwhile
+        running += state == "R"
+    return running
 
 
 def _omp_num_threads(dist: DistInfo) -> int | None:
