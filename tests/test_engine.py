@@ -468,51 +468,85 @@ def test_a_run_saved_before_data_order_keeps_its_old_order_in_every_resume(tmp_p
     assert ckpt_io.read_training_checkpoint(last)["data_order"] is None  # still the old order
 
 
+def _running_now(monkeypatch, counts):
+    """``device._runnable`` gives ``counts`` in turn (this thread included), this process runs
+    one thread, and the looks take no time."""
+    from sparseformer.engine import device
+
+    counts = iter(counts)
+    monkeypatch.setattr(device, "_runnable", lambda: next(counts))
+    monkeypatch.setattr(device, "_own_running", lambda: 1)
+    monkeypatch.setattr(device, "_BRIEF", (5, 0.0))
+    monkeypatch.setattr(device, "_LONG", (25, 0.0))
+    return counts
+
+
 def test_threads_count_the_work_running_now_not_the_lagging_load_average(monkeypatch):
     """The 1-minute load average still counts a command that ended seconds ago (``train``
-    then ``eval``): what runs now, less this process's own threads, decides."""
+    then ``eval``): what runs now, less this process's own threads, decides; where the two
+    disagree, a longer look (work that comes and goes)."""
     import os
 
     from sparseformer.engine import device
     from sparseformer.engine.distributed import DistInfo
 
-    if not os.path.exists("/proc/stat"):
-        pytest.skip("no /proc: the load average is all there is")
     before = torch.get_num_threads()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 1.0, 0.5))  # a run that just ended
-    monkeypatch.setattr(device.time, "sleep", lambda seconds: None)
-    runnable = iter([1, 1, 4, 1, 1])  # this thread; one sample catches a burst
-    monkeypatch.setattr(device, "_runnable", lambda: next(runnable))
-    monkeypatch.setattr(device, "_own_running", lambda: 1)  # this thread
     try:
+        _running_now(monkeypatch, [1, 1, 4, 1, 1])  # one look catches a burst
         assert device.load_elsewhere() == 0.0  # the median, less this thread
-        runnable = iter([5] * 5)  # four other tasks on the machine's two cores
-        assert device.load_elsewhere() == 4.0
-        runnable = iter([1] * 5)
-        assert device.set_threads(None, DistInfo()) == 2  # free now: both cores
-        runnable = iter([5] * 5)
+        _running_now(monkeypatch, [5] * 5)
+        assert device.load_elsewhere() == 4.0  # four others
+        monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 1.0, 0.5))  # a run that just ended
+        _running_now(monkeypatch, [1] * 30)  # free now, and over the longer look
+        assert device.set_threads(None, DistInfo()) == 2
+        _running_now(monkeypatch, [1] * 5 + [5] * 25)  # free a moment, busy over half a second
         assert device.set_threads(None, DistInfo()) == 1
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 1.0, 0.5))
+        _running_now(monkeypatch, [5] * 5)  # four others now: the average has not caught up
+        assert device.set_threads(None, DistInfo()) == 1
+        _running_now(monkeypatch, [5] * 5)  # torchrun's ranks all read the average instead
+        assert device.set_threads(None, DistInfo(0, 2, 0, 2)) == 1  # 2 cores, 2 ranks
+        monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 1.0, 0.5))
+        assert device.set_threads(None, DistInfo(0, 2, 0, 2)) == 1
     finally:
         torch.set_num_threads(before)
 
 
 def test_load_elsewhere_reads_proc_and_falls_back_to_the_load_average(monkeypatch):
     import os
+    import threading
 
     from sparseformer.engine import device
+    from sparseformer.engine.distributed import DistInfo
 
     if not os.path.exists("/proc/self/task"):
         pytest.skip("no /proc")
-    assert device._own_running() >= 1 and device._runnable() >= 1  # the caller itself runs
+    comm = f"/proc/self/task/{threading.get_native_id()}/comm"
+    name = open(comm).read()
+    try:
+        with open(comm, "w") as f:
+            f.write("a) S (b")  # a thread's name may hold what its state is parsed after
+        assert device._own_running() >= 1 and device._runnable() >= 1  # the caller runs
+    finally:
+        with open(comm, "w") as f:
+            f.write(name.strip())
 
     def no_proc():
-        raise OSError("no /proc/stat")
+        raise OSError("no /proc/loadavg")
 
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(device, "_runnable", no_proc)
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 0.0, 0.0))
-    assert device.load_elsewhere() == 3.5
+    try:
+        monkeypatch.setattr(os, "getloadavg", lambda: (5.5, 0.0, 0.0))
+        assert device.set_threads(None, DistInfo()) == 2
+        monkeypatch.setattr(os, "getloadavg", no_proc)  # no load average either: all cores
+        assert device.set_threads(None, DistInfo()) == 4
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_fp16_on_cpu_is_refused(tmp_path):
@@ -532,20 +566,20 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
-        monkeypatch.setattr(device, "load_elsewhere", lambda: 0.1)
+        monkeypatch.setattr(device, "_load", lambda cores, dist: 0.1)
         assert set_threads(None, DistInfo()) == 4 == torch.get_num_threads()
         assert set_threads(None, DistInfo(0, 2, 0, 2)) == 2  # two local ranks share the cores
-        monkeypatch.setattr(device, "load_elsewhere", lambda: 3.9)
+        monkeypatch.setattr(device, "_load", lambda cores, dist: 3.9)
         assert set_threads(None, DistInfo()) == 4  # busy, but not over-subscribed yet
-        monkeypatch.setattr(device, "load_elsewhere", lambda: 4.6)
+        monkeypatch.setattr(device, "_load", lambda cores, dist: 4.6)
         assert set_threads(None, DistInfo()) == 3
-        monkeypatch.setattr(device, "load_elsewhere", lambda: 9.0)
+        monkeypatch.setattr(device, "_load", lambda cores, dist: 9.0)
         assert set_threads(None, DistInfo()) == 1
         assert set_threads(3, DistInfo()) == 3  # --threads wins
         monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's: bootstrap took 4 (or 1)
         assert set_threads(None, DistInfo()) == 3 == torch.get_num_threads()
         assert set_threads(2, DistInfo()) == 2  # --threads still wins
-        monkeypatch.setattr(device, "load_elsewhere", lambda: 0.1)
+        monkeypatch.setattr(device, "_load", lambda cores, dist: 0.1)
         assert set_threads(None, DistInfo(0, 2, 0, 2)) == 3  # the user's 3, under torchrun too
         monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's own, for 2 local processes
         assert set_threads(None, DistInfo(0, 2, 0, 2)) == 2  # the free cores, shared out

@@ -7,6 +7,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -15,6 +16,7 @@ from sparseformer.engine.distributed import DistInfo
 __all__ = [
     "pick_device",
     "available_cores",
+    "load_average",
     "load_elsewhere",
     "set_threads",
     "warn_oversubscribed",
@@ -74,17 +76,17 @@ def set_threads(requested: int | None, dist: DistInfo) -> int:
 
     Busy-waiting OpenMP threads on cores that other jobs hold are ruinous: on a 2-core machine
     with a load average near 4 we measured 73 images/s with 2 threads against 505 with 1, while
-    at a load of 1.5 two threads still ran at 730. So when other work (:func:`load_elsewhere`)
-    already exceeds the cores, the default gives up one thread per extra unit of load (at least
-    1); ``--threads`` sets the number, and so does ``OMP_NUM_THREADS`` where the user set it
-    (but 1 with several processes on the machine, which torchrun sets of its own accord).
+    at a load of 1.5 two threads still ran at 730. So when other work (:func:`_load`) already
+    exceeds the cores, the default gives up one thread per extra unit of load (at least 1);
+    ``--threads`` sets the number, and so does ``OMP_NUM_THREADS`` where the user set it (but
+    1 with several processes on the machine, which torchrun sets of its own accord).
     """
     if requested is None and (from_env := _omp_num_threads(dist)) is not None:
         logger.info("CPU threads: %d, as OMP_NUM_THREADS asks", from_env)
         requested = from_env
     if requested is None:
         cores = available_cores()
-        load = load_elsewhere()
+        load = _load(cores, dist)
         usable = cores if load <= cores else max(1, cores - math.ceil(load - cores))
         requested = max(1, usable // max(dist.local_world_size, 1))
         if usable < cores:
@@ -96,31 +98,65 @@ def set_threads(requested: int | None, dist: DistInfo) -> int:
     return requested
 
 
-def load_elsewhere(samples: int = 5, interval: float = 0.01) -> float:
-    """How many tasks outside this process want a core now. On Linux the median of a few
-    samples, ``interval`` seconds apart, of the runnable tasks (``procs_running`` in
-    ``/proc/stat``) less this process's own running threads; elsewhere the 1-minute load
-    average. Not the load average on Linux: it lags by a minute, so a command started right
-    after another (``train`` then ``eval``, or the next step of a script in one process) counted
-    the finished one's threads and ran on fewer cores than were free."""
+# how the work running now is sampled: (samples, seconds apart), briefly, and longer where the
+# 1-minute load average says the cores are taken and the brief look says they are free
+_BRIEF, _LONG = (5, 0.01), (25, 0.02)
+
+
+def _load(cores: int, dist: DistInfo) -> float:
+    """The other work the default thread count gives way to. On Linux, for one process, the
+    tasks running now (:func:`load_elsewhere`), looked at for half a second where the load
+    average disagrees (work that comes and goes); elsewhere, and for several local ranks, the
+    1-minute load average: the same number for every rank (each one's look would count the
+    siblings started a moment before it, and ranks could take different counts)."""
+    if cores == 1:
+        return 0.0  # one thread whatever the load
+    average = load_average()
+    if dist.local_world_size > 1:
+        return average
     try:
-        counts = []
-        for i in range(samples):
-            if i:
-                time.sleep(interval)
-            counts.append(_runnable() - _own_running())
-        return float(max(0, statistics.median(counts)))
+        now = load_elsewhere(*_BRIEF)
+        if now <= cores < average:
+            now = load_elsewhere(*_LONG, combine=statistics.fmean)
+        return now
     except (OSError, ValueError):
-        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        return average
+
+
+def load_average() -> float:
+    """The 1-minute load average, 0 where the OS keeps none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows; a Linux without /proc/loadavg
+        return 0.0
+
+
+def load_elsewhere(
+    samples: int = 5, interval: float = 0.01, combine: Callable = statistics.median
+) -> float:
+    """How many threads outside this process are running or want to run (Linux): ``samples``
+    looks, ``interval`` seconds apart, at the runnable tasks (``/proc/loadavg``) less this
+    process's own, combined (by default their median). Unlike the load average, which lags by
+    a minute, it does not count a command that ended seconds ago (``train`` then ``eval``).
+
+    Raises:
+        OSError, ValueError: no such count here (not Linux, or a sandbox's stand-in ``/proc``).
+    """
+    counts = []
+    for i in range(samples):
+        if i:
+            time.sleep(interval)
+        counts.append(_runnable() - _own_running())
+    return float(max(0, combine(counts)))
 
 
 def _runnable() -> int:
-    """The machine's runnable tasks (threads) now, this one included (Linux)."""
-    with open("/proc/stat") as stat:
-        for line in stat:
-            if line.startswith("procs_running "):
-                return int(line.split()[1])
-    raise ValueError("/proc/stat gives no procs_running")
+    """The machine's runnable tasks (threads) now, the calling one included (Linux)."""
+    with open("/proc/loadavg") as loadavg:
+        running = int(loadavg.read().split()[3].split("/")[0])  # "0.52 0.58 0.59 3/120 4242"
+    if running < 1:  # the caller itself runs: a stand-in /proc (a sandbox) that counts nothing
+        raise ValueError("/proc/loadavg counts no running task")
+    return running
 
 
 def _own_running() -> int:
@@ -129,7 +165,7 @@ def _own_running() -> int:
     for task in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{task}/stat") as stat:
-                state = stat.read().rsplit(")", 1)[1].split()[0]  # after the command's name
+                state = stat.read().rsplit(")", 1)[1].split()[0]  # after the thread's name
         except (OSError, IndexError):
             continue  # a thread that ended meanwhile
         running += state == "R"
