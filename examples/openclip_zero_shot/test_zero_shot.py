@@ -1,4 +1,4 @@
-"""The OpenCLIP zero-shot example and the README's, offline: OpenCLIP architectures built
+"""The OpenCLIP zero-shot example and docs/bootstrapped.md's, offline: OpenCLIP architectures built
 without weights (``open_clip_torch`` comes with the ``openclip`` and ``dev`` extras)."""
 
 from __future__ import annotations
@@ -24,15 +24,18 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def readme_zero_shot() -> str:
-    """The README's zero-shot example, as written."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+DOC = ROOT / "docs" / "bootstrapped.md"
+
+
+def docs_zero_shot() -> str:
+    """docs/bootstrapped.md's zero-shot example, as written."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
     (code,) = [b for b in blocks if "encode_image" in b]
     return code
 
 
-def test_the_readmes_zero_shot_example_runs_as_written(capsys):
-    code = readme_zero_shot()
+def test_the_docs_zero_shot_example_runs_as_written(capsys):
+    code = docs_zero_shot()
     # only what reads weights or a photo of one's own changes: weightless towers, a real photo
     for old, new in (
         ('pretrained="openai"', "pretrained=None"),
@@ -42,7 +45,7 @@ def test_the_readmes_zero_shot_example_runs_as_written(capsys):
         assert code.count(old) == 1, old
         code = code.replace(old, new)
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, str(DOC), "exec"), scope)
     probs = scope["probs"]
     assert probs.shape == (1, 3) and scope["image_features"].shape == (1, 512)
     torch.testing.assert_close(probs.sum(-1), torch.ones(1))
