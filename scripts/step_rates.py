@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 
 import torch
 from alternated import training_step
 from torch.profiler import profile
 
 from sparseformer import create_model
+from sparseformer.bench.timing import timed
 
 # operator -> which of its inputs are the two factors (oneDNN's fused linear: the input and
 # the weight, (out, in), timed alone as its transpose)
@@ -47,18 +47,13 @@ def _flops(a: list[int], b: list[int]) -> int:
     return 2 * batch * a[-2] * a[-1] * b[-1]
 
 
-def _alone_ms(a: list[int], b: list[int], calls: int = 10) -> float:
-    """Milliseconds of one ``a @ b`` product, the median of five rounds of ``calls``."""
+def _alone_ms(a: list[int], b: list[int]) -> float:
+    """Milliseconds of one ``a @ b`` product alone: after a warm-up call, the median of its
+    calls over a tenth of a second (``bench.timing.timed``)."""
     x, y = torch.randn(a), torch.randn(b)
     product = torch.bmm if len(a) == 3 else torch.mm
     product(x, y)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            product(x, y)
-        times.append((time.perf_counter() - start) / calls * 1e3)
-    return statistics.median(times)
+    return statistics.median(timed(lambda: product(x, y), "cpu", 0.1)) * 1e3
 
 
 def main() -> None:

@@ -96,13 +96,19 @@ def test_fused_decode_matches_reference(bias, inner, activation, out_points):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_fused_decode_float32_matches_reference():
+def _float32_case(batch: int):
+    """A float32 mixing of 16 tokens per image, its inputs and the plain-autograd gradients."""
     mixing = AdaptiveMixing(dim=32, in_channels=8, num_points=4)
     nn.init.normal_(mixing.generator.weight, std=0.1)
-    tokens = torch.randn(9, 16, 32, requires_grad=True)
-    sampled = torch.randn(9, 16, 4, 8, requires_grad=True)
+    tokens = torch.randn(batch, 16, 32, requires_grad=True)
+    sampled = torch.randn(batch, 16, 4, 8, requires_grad=True)
     inputs = (tokens, sampled, *mixing.parameters())
     expected = torch.autograd.grad(mixing._decode(tokens, sampled).square().sum(), inputs)
+    return mixing, tokens, sampled, inputs, expected
+
+
+def test_fused_decode_float32_matches_reference():
+    mixing, tokens, sampled, inputs, expected = _float32_case(9)
     with mock.patch("sparseformer.layers.mixing_fused._FUSED_MIN_FLOATS", 0):
         grads = torch.autograd.grad(mixing(tokens, sampled).square().sum(), inputs)
     for a, b in zip(grads, expected):
@@ -113,12 +119,7 @@ def test_fused_decode_float32_matches_reference():
 def test_fused_decode_float32_generates_from_one_packed_weight():
     """In float32 the generator's weight is laid out for oneDNN once per layer call, and every
     chunk's matrices, in forward and again in backward, are made from that copy."""
-    mixing = AdaptiveMixing(dim=32, in_channels=8, num_points=4)
-    nn.init.normal_(mixing.generator.weight, std=0.1)
-    tokens = torch.randn(3, 16, 32, requires_grad=True)
-    sampled = torch.randn(3, 16, 4, 8, requires_grad=True)
-    inputs = (tokens, sampled, *mixing.parameters())
-    expected = torch.autograd.grad(mixing._decode(tokens, sampled).square().sum(), inputs)
+    mixing, tokens, sampled, inputs, expected = _float32_case(3)
     copies = []
     pack = lambda weight: copies.append(pack_weight(weight)) or copies[-1]  # noqa: E731
     with (
