@@ -97,13 +97,15 @@ class AdaptiveMixing(nn.Module):
         """Decode.
 
         Args:
-            tokens: ``(B, N, D)``.
+            tokens: ``(B, N, D)``, or ``(1, N, D)`` tokens that every image shares.
             sampled: ``(B, N, P, C)`` features at each token's sampling points.
 
         Returns:
             ``(B, N, D)`` the update for each token.
         """
         B, N, _ = tokens.shape
+        if B == 1 != sampled.shape[0]:  # tokens that every image shares
+            return self._decode_shared(tokens, sampled)
         # a layer that is not a plain nn.Linear (hooks, adapters, quantised) is called itself,
         # on the whole batch
         plain = is_plain(self.generator)
@@ -150,19 +152,50 @@ class AdaptiveMixing(nn.Module):
         B, N, _ = hidden.shape
         C, P, Q = self.in_channels, self.num_points, self.out_points
         channel_mix, point_mix = linear_split(hidden, self.generator, [C * C, Q * P])
-        channel_mix = channel_mix.reshape(B * N, C, C)  # (B, N, C*C) -> (B*N, C_in, C_out)
-        point_mix = point_mix.reshape(B * N, Q, P)  # (B, N, Q*P) -> (B*N, Q_out, P_in)
         x = sampled.to(channel_mix.dtype).reshape(B * N, P, C)  # (B, N, P, C) -> (B*N, P, C)
+        x = self._mix_with(x, channel_mix.reshape(B * N, C, C), point_mix.reshape(B * N, Q, P))
+        return x.reshape(B, N, Q * C)  # (B*N, Q, C) -> (B, N, Q*C)
+
+    def _mix_with(self, x: Tensor, channel_mix: Tensor, point_mix: Tensor) -> Tensor:
+        """Mix ``k`` sets of points per matrix pair: ``act(Mp @ act(x @ Mc + bc) + bp)``.
+
+        Args:
+            x: ``(n, P*k, C)``, rows point-major (point ``p`` of set ``j`` at row ``p*k + j``).
+            channel_mix: ``(n, C_in, C_out)``.
+            point_mix: ``(n, Q_out, P_in)``.
+
+        Returns:
+            ``(n, Q, k*C)``: output point ``q`` of set ``j`` at ``[:, q, j*C:(j+1)*C]``.
+        """
+        n, rows, C = x.shape
+        P = point_mix.shape[-1]
         if self.channel_bias is None:
             x = torch.bmm(x, channel_mix)
-            x = self._act(x) if self.inner_activation else x
-            x = self._act(torch.bmm(point_mix, x))  # (B*N, Q, C)
         else:
             x = torch.baddbmm(self.channel_bias.to(x.dtype), x, channel_mix)
-            x = self._act(x) if self.inner_activation else x
-            point_bias = self.point_bias.to(x.dtype).unsqueeze(-1)  # (Q,) -> (Q, 1), per out point
-            x = self._act(torch.baddbmm(point_bias, point_mix, x))  # (B*N, Q, C)
-        return x.reshape(B, N, Q * C)  # (B*N, Q, C) -> (B, N, Q*C)
+        x = self._act(x) if self.inner_activation else x
+        x = x.reshape(n, P, rows // P * C)  # (n, P*k, C) -> (n, P, k*C)
+        if self.point_bias is None:
+            return self._act(torch.bmm(point_mix, x))
+        point_bias = self.point_bias.to(x.dtype).unsqueeze(-1)  # (Q,) -> (Q, 1), per out point
+        return self._act(torch.baddbmm(point_bias, point_mix, x))  # (n, Q, k*C)
+
+    def _decode_shared(self, tokens: Tensor, sampled: Tensor) -> Tensor:
+        """:meth:`_decode` of tokens that every image shares, ``(1, N, D), (B, N, P, C) ->
+        (B, N, D)``: each token's matrices are generated once, not once per image, and mix
+        the points of all B images in one product each (``(B*P, C) x (C, C)`` and ``(Q, P) x
+        (P, B*C)``), where one per image would be small. The model's initial tokens are such
+        until an op reads the image (:class:`~sparseformer.models.SparseFormer`)."""
+        B, N, P, C = sampled.shape
+        Q = self.out_points
+        hidden = linear(self.norm(tokens), self.reduce)  # (1, N, h)
+        channel_mix, point_mix = linear_split(hidden, self.generator, [C * C, Q * P])
+        # (B, N, P, C) -> (N, P, B, C) -> (N, P*B, C): each token's points of every image
+        x = sampled.to(channel_mix.dtype).permute(1, 2, 0, 3).reshape(N, P * B, C)
+        x = self._mix_with(x, channel_mix.reshape(N, C, C), point_mix.reshape(N, Q, P))
+        # (N, Q, B*C) -> (N, Q, B, C) -> (B, N, Q, C) -> (B, N, Q*C)
+        x = x.reshape(N, Q, B, C).permute(2, 0, 1, 3).reshape(B, N, Q * C)
+        return linear(x, self.out_proj)
 
     def _decode_fused(self, tokens: Tensor, sampled: Tensor) -> Tensor:
         """:meth:`_decode` for CPU training, with the generated matrices and their gradients

@@ -42,6 +42,7 @@ __all__ = [
     "SampleMixOp",
     "Unit",
     "Transition",
+    "per_image",
 ]
 
 
@@ -255,6 +256,8 @@ class SampleMixOp(nn.Module):
             offsets = offsets.reshape(B, N, self.num_points, self.roi_dims)  # -> (B, N, P, D)
             offsets = standardize_offsets(offsets, self.offset_eps)
             points = sampling_points(at_least_fp32(rois), offsets)
+            # shared tokens' points, per image: each image's gradient is clamped on its own
+            points = per_image(points, feats.shape[0])
             if ctx.points_out is not None:
                 ctx.points_out.append(points)
             if ctx.coord_grad_bound is not None:
@@ -275,8 +278,19 @@ _TRACED_TRAINING = (
 )
 
 
+def per_image(x: Tensor, batch: int) -> Tensor:
+    """``x`` with one row per image: ``(1, ...)`` rows that every image shares expanded to
+    ``(batch, ...)`` (a view), others as they are."""
+    return x.expand(batch, *x.shape[1:]) if x.shape[0] != batch else x
+
+
 class Unit(nn.ModuleDict):
-    """Ops keyed by name, applied in ``op_order``; each op appears at most once."""
+    """Ops keyed by name, applied in ``op_order``; each op appears at most once.
+
+    Tokens and RoIs may be shared by every image, ``(1, N, ...)`` (the model's initial ones),
+    until an op makes them differ: sampling reads each image, and stochastic depth in
+    training draws per image (they are expanded to the batch before such a unit).
+    """
 
     def __init__(self, ops: dict[str, nn.Module], op_order: tuple[str, ...]) -> None:
         super().__init__(ops)
@@ -285,6 +299,8 @@ class Unit(nn.ModuleDict):
         self.op_order = op_order
 
     def forward(self, tokens: Tensor, rois: Tensor, feats: Tensor, ctx: OpContext):
+        if self.training and ctx.drop_rate > 0:  # stochastic depth draws per image
+            tokens, rois = per_image(tokens, feats.shape[0]), per_image(rois, feats.shape[0])
         for name in self.op_order:
             tokens, rois = self[name](tokens, rois, feats, ctx)
         return tokens, rois

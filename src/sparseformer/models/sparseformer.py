@@ -28,7 +28,7 @@ from sparseformer.layers import (
     grid_and_whole_rois,
     grid_rois,
 )
-from sparseformer.models.blocks import OpContext, RoiAdjustOp, SampleMixOp
+from sparseformer.models.blocks import OpContext, RoiAdjustOp, SampleMixOp, per_image
 from sparseformer.models.loading import accept_official_layouts, shorter_load_error
 from sparseformer.models.outputs import SparseFormerOutput
 from sparseformer.models.stage import Stage, build_unit
@@ -267,17 +267,19 @@ class SparseFormer(nn.Module):
             )
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Stem features and the initial tokens and RoIs expanded over the batch."""
+        """Stem features and the initial tokens and RoIs, ``(1, N, D)`` and ``(1, N, 2D)``:
+        the same for every image, they are computed once for the batch until an op makes
+        them differ (see :class:`~sparseformer.models.blocks.Unit`). SparseFormer v1's first
+        unit (no stochastic depth at its rate of 0) then runs attention, RoI adjustment,
+        sampling offsets and the mixing's generated matrices once per batch, not per image."""
         self._check_input(x)
         # every sampling reads the map in float32: raised once here, not once per unit
         feats = at_least_fp32(self.stem(x))
-        B = x.shape[0]
         N = self.initial_rois.shape[0]
-        # (N, D), or one shared (1, D), -> (B, N, D)
-        tokens = self.initial_tokens.unsqueeze(0).expand(B, N, -1)
-        rois = (
-            at_least_fp32(self.initial_rois).unsqueeze(0).expand(B, -1, -1)
-        )  # (N, 2D) -> (B, N, 2D)
+        tokens = self.initial_tokens.unsqueeze(0).expand(
+            1, N, -1
+        )  # (N, D), or (1, D), -> (1, N, D)
+        rois = at_least_fp32(self.initial_rois).unsqueeze(0)  # (N, 2D) -> (1, N, 2D)
         return feats, tokens, rois
 
     def _run(
@@ -294,6 +296,7 @@ class SparseFormer(nn.Module):
                 f"{coord_grad_scale!r}: the RoI coordinates' gradients are clamped to it"
             )
         feats, tokens, rois = self._embed(x)
+        B = feats.shape[0]
         # The clamp bound is one feature cell (1/H), times the fp16 loss scale if any.
         bound = coord_grad_scale / feats.shape[-2] if self.config.coord_grad_clamp else None
         rates = iter(self.drop_path_rates)
@@ -311,8 +314,8 @@ class SparseFormer(nn.Module):
                 else:
                     tokens, rois = unit(tokens, rois, feats, ctx)
                 if rois_out is not None:
-                    rois_out.append(rois)
-        return tokens, rois
+                    rois_out.append(per_image(rois, B))
+        return per_image(tokens, B), per_image(rois, B)
 
     def _prepend_cls_token(self, tokens: Tensor) -> Tensor:
         """``(B, N, D) -> (B, 1 + N, D)``: the CLS token first, as in ViTs. It has no RoI: the
