@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sparseformer import create_model
-from sparseformer.layers import AdaptiveMixing
+from sparseformer.layers import AdaptiveMixing, Attention
 from sparseformer.models.sparseformer import SparseFormer
 
 _shared_embed = SparseFormer._embed
@@ -46,7 +46,7 @@ def _same_as_per_image(model, x, seed=0):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     for a, b in zip(shared.rois, per_image.rois, strict=True):
-        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert shared_grads.keys() == per_image_grads.keys()
     for name, grad in shared_grads.items():
         torch.testing.assert_close(grad, per_image_grads[name], rtol=1e-9, atol=1e-9, msg=name)
@@ -61,6 +61,13 @@ def test_training_matches_tokens_per_image(name):
     model = create_model(name).double().train()
     x = torch.randn(3, *((3, 2, 32, 32) if "video" in name else (3, 32, 32))).double()
     _same_as_per_image(model, x)
+
+
+def test_training_matches_tokens_per_image_on_the_fast_paths():
+    """SparseFormer-T's width at 128 px: CPU training's gathered sampling and fused mixing."""
+    torch.manual_seed(0)
+    model = create_model("sparseformer_v1_tiny", num_classes=10).double().train()
+    _same_as_per_image(model, torch.randn(2, 3, 128, 128).double())
 
 
 def test_coordinate_clamp_bounds_each_image():
@@ -117,12 +124,77 @@ def test_mixing_shared_tokens(options):
         torch.testing.assert_close(mixing(tokens, sampled), per_image, rtol=1e-12, atol=1e-12)
 
 
-def test_shared_work_runs_once_per_batch():
-    """The first unit's attention runs on one set of tokens whatever the batch."""
-    model = create_model("sparseformer_v1_nano").eval()
-    attn = model.stages[0].units[0]["attn"]
+def _first_attention_batches(model, x):
+    """The batch of the tokens each attention application of the first unit takes."""
     seen = []
-    attn.register_forward_hook(lambda m, args, out: seen.append(out[0].shape[0]))
-    with torch.inference_mode():
-        model(torch.randn(5, 3, 32, 32))
-    assert seen == [1, 5]  # its first application shared, its second per image
+
+    def spy(self, tokens):
+        seen.append(tokens.shape[0])
+        return _attention_forward(self, tokens)
+
+    with torch.inference_mode(), mock.patch.object(Attention, "forward", spy):
+        model(x)
+    return seen[: model.config.stages[0].repeats]
+
+
+_attention_forward = Attention.forward
+
+
+def test_shared_work_runs_once_per_batch():
+    """The first unit's attention runs on one set of tokens whatever the batch; a hook, or a
+    user's layer in the unit, has it run per image."""
+    model = create_model("sparseformer_v1_nano").eval()
+    x = torch.randn(5, 3, 32, 32)
+    assert _first_attention_batches(model, x) == [1, 5]  # the first application shared
+    handle = model.stages[0].units[0].mlp.fc1.register_forward_hook(lambda *args: None)
+    assert _first_attention_batches(model, x) == [5, 5]
+    handle.remove()
+    assert _first_attention_batches(model, x) == [1, 5]
+
+
+class _DropoutAdapter(torch.nn.Linear):
+    """A LoRA-like layer: a low-rank branch on dropped-out input, a mask per call."""
+
+    def __init__(self, base: torch.nn.Linear) -> None:
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.load_state_dict(base.state_dict())
+        self.down = torch.nn.Linear(base.in_features, 2, bias=False)
+        self.up = torch.nn.Linear(2, base.out_features, bias=False)
+        torch.nn.init.normal_(self.up.weight)
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        return super().forward(x) + self.up(self.down(self.dropout(x)))
+
+
+def test_a_users_layer_runs_per_image():
+    """A user's layer in the first unit (here one that draws dropout) sees every image, as
+    when the tokens are per image: each image draws its own mask."""
+    torch.manual_seed(0)
+    model = create_model("sparseformer_v1_nano").double().train()
+    op = model.stages[0].units[0].sample_mix
+    op.offset_proj = _DropoutAdapter(op.offset_proj).double()
+    x = torch.randn(4, 3, 32, 32).double()
+    out = _same_as_per_image(model, x)
+    points = out.sampling_points[0]
+    assert not torch.allclose(points[0], points[1])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_a_batch_1_trace_runs_other_batches():
+    """torch.jit.trace of a batch-1 example records the tokens per image, so the graph
+    takes any batch."""
+    model = create_model("sparseformer_v1_nano").eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(1, 3, 32, 32))
+        x = torch.randn(3, 3, 32, 32)
+        torch.testing.assert_close(traced(x), model(x))
+
+
+def test_details_are_per_image_and_writable():
+    model = create_model("sparseformer_v1_nano").eval()
+    with torch.no_grad():
+        out = model.forward_with_details(torch.randn(3, 3, 32, 32))
+    for t in [*out.rois, *out.sampling_points]:
+        assert t.shape[0] == 3
+        t.clamp_(0, 1)  # not a view shared by the images

@@ -144,9 +144,7 @@ def test_a_mixing_layers_hook_sees_the_whole_batch_in_inference(monkeypatch, lay
     getattr(mixing, layer).register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
     with torch.inference_mode(), mock.patch.object(mixing, "_mix", wraps=mixing._mix) as spy:
         model(torch.randn(4, 3, 32, 32))
-    # once per application of the unit, the whole batch; the first application's tokens are
-    # the initial ones, the same for every image, and run once (the out projection per image)
-    assert seen == [4 if layer == "out_proj" else 1, 4]
+    assert seen and set(seen) == {4}  # once per application of the unit, the whole batch
     assert {call.args[0].shape[0] for call in spy.call_args_list} == {4}
     getattr(mixing, layer)._forward_hooks.clear()
     with torch.inference_mode(), mock.patch.object(mixing, "_mix", wraps=mixing._mix) as spy:

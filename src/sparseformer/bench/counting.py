@@ -108,10 +108,7 @@ def count_flops(
         batch_size: used when ``input_size`` has no batch dimension.
 
     Returns:
-        :class:`FlopCount` for the whole batch. SparseFormer's work on its initial tokens
-        before an op reads the image (v1: the first unit's attention, RoI adjustment,
-        sampling offsets and generated matrices) is the same for every image and runs once
-        per batch, so a batch of B counts less than B single images.
+        :class:`FlopCount` for the whole batch.
 
     Raises:
         ValueError: a shape of other than 3 to 5 numbers, or one the model cannot run on.

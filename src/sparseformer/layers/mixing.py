@@ -104,7 +104,7 @@ class AdaptiveMixing(nn.Module):
             ``(B, N, D)`` the update for each token.
         """
         B, N, _ = tokens.shape
-        if B == 1 != sampled.shape[0]:  # tokens that every image shares
+        if not torch.jit.is_tracing() and B == 1 != sampled.shape[0]:  # shared by every image
             return self._decode_shared(tokens, sampled)
         # a layer that is not a plain nn.Linear (hooks, adapters, quantised) is called itself,
         # on the whole batch

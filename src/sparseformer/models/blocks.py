@@ -32,6 +32,7 @@ from sparseformer.layers import (
     sampling_points,
     standardize_offsets,
 )
+from sparseformer.layers.linear import is_plain
 
 __all__ = [
     "OpContext",
@@ -259,7 +260,7 @@ class SampleMixOp(nn.Module):
             # shared tokens' points, per image: each image's gradient is clamped on its own
             points = per_image(points, feats.shape[0])
             if ctx.points_out is not None:
-                ctx.points_out.append(points)
+                ctx.points_out.append(points.contiguous())  # one row per image, writable
             if ctx.coord_grad_bound is not None:
                 if self.training and torch.jit.is_tracing():
                     warnings.warn(_TRACED_TRAINING, stacklevel=2)
@@ -288,8 +289,10 @@ class Unit(nn.ModuleDict):
     """Ops keyed by name, applied in ``op_order``; each op appears at most once.
 
     Tokens and RoIs may be shared by every image, ``(1, N, ...)`` (the model's initial ones),
-    until an op makes them differ: sampling reads each image, and stochastic depth in
-    training draws per image (they are expanded to the batch before such a unit).
+    until an op makes them differ: sampling reads each image. They are expanded to the batch
+    before a unit that would otherwise run them once where it must run per image: stochastic
+    depth in training draws per image, a user's layer (an adapter, which may draw dropout)
+    is not known to compute every image alike, and hooks are promised the whole batch.
     """
 
     def __init__(self, ops: dict[str, nn.Module], op_order: tuple[str, ...]) -> None:
@@ -299,11 +302,33 @@ class Unit(nn.ModuleDict):
         self.op_order = op_order
 
     def forward(self, tokens: Tensor, rois: Tensor, feats: Tensor, ctx: OpContext):
-        if self.training and ctx.drop_rate > 0:  # stochastic depth draws per image
-            tokens, rois = per_image(tokens, feats.shape[0]), per_image(rois, feats.shape[0])
+        B = feats.shape[0]
+        if tokens.shape[0] != B and not self._runs_shared(ctx):
+            tokens, rois = per_image(tokens, B), per_image(rois, B)
         for name in self.op_order:
             tokens, rois = self[name](tokens, rois, feats, ctx)
         return tokens, rois
+
+    def _runs_shared(self, ctx: OpContext) -> bool:
+        """Whether shared tokens may run through this unit once for the batch: no stochastic
+        depth in training, and only this package's ops and plain layers, without hooks."""
+        if self.training and ctx.drop_rate > 0:
+            return False
+        return all(type(m) in _SHARED_OK and is_plain(m, type(m)) for m in self.modules())
+
+
+# modules that compute every image alike (a user's subclass or wrapper is not among them)
+_SHARED_OK = {
+    Unit,
+    AttnOp,
+    MlpOp,
+    RoiAdjustOp,
+    PosEmbedOp,
+    SampleMixOp,
+    AdaptiveMixing,
+    nn.Linear,
+    nn.LayerNorm,
+}
 
 
 class Transition(nn.Module):

@@ -271,15 +271,17 @@ class SparseFormer(nn.Module):
         the same for every image, they are computed once for the batch until an op makes
         them differ (see :class:`~sparseformer.models.blocks.Unit`). SparseFormer v1's first
         unit (no stochastic depth at its rate of 0) then runs attention, RoI adjustment,
-        sampling offsets and the mixing's generated matrices once per batch, not per image."""
+        sampling offsets and the mixing's generated matrices once per batch, not per image.
+        Under ``torch.jit.trace`` they are ``(B, N, ...)``, as the traced graph needs."""
         self._check_input(x)
         # every sampling reads the map in float32: raised once here, not once per unit
         feats = at_least_fp32(self.stem(x))
+        # torch.jit.trace takes them per image: its graph would keep the example's batch of 1
+        B = x.shape[0] if torch.jit.is_tracing() else 1
         N = self.initial_rois.shape[0]
-        tokens = self.initial_tokens.unsqueeze(0).expand(
-            1, N, -1
-        )  # (N, D), or (1, D), -> (1, N, D)
-        rois = at_least_fp32(self.initial_rois).unsqueeze(0)  # (N, 2D) -> (1, N, 2D)
+        # (N, D), or one (1, D), -> (B, N, D); (N, 2D) -> (B, N, 2D)
+        tokens = self.initial_tokens.unsqueeze(0).expand(B, N, -1)
+        rois = at_least_fp32(self.initial_rois).unsqueeze(0).expand(B, -1, -1)
         return feats, tokens, rois
 
     def _run(
@@ -314,7 +316,7 @@ class SparseFormer(nn.Module):
                 else:
                     tokens, rois = unit(tokens, rois, feats, ctx)
                 if rois_out is not None:
-                    rois_out.append(per_image(rois, B))
+                    rois_out.append(per_image(rois, B).contiguous())  # one row per image
         return per_image(tokens, B), per_image(rois, B)
 
     def _prepend_cls_token(self, tokens: Tensor) -> Tensor:
