@@ -5,6 +5,7 @@ process, so that the machine's drift within the run hits every way alike.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -15,6 +16,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseformer.engine.optim import build_optimizer
+
+
+def step_arguments(doc: str, rounds: int = 8) -> argparse.ArgumentParser:
+    """The flags of a script that alternates whole steps: ``--model``, ``--batch-size``,
+    ``--rounds``, ``--calls`` (timed steps per round) and ``--threads``; add its own, then
+    :func:`start`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--model", default="sparseformer_v1_tiny")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--calls", type=int, default=3, help="timed steps per round (median)")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def start(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed flags, with torch's threads set and its generator seeded (0)."""
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return args
 
 
 def training_step(model: nn.Module, batch_size: int, img_size: int = 224) -> Callable[[], None]:

@@ -10,27 +10,17 @@ that way and with ``addmm`` for every chunk, alternated in one process.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from unittest import mock
 
-import torch
-from alternated import alternate, summary, training_step
+from alternated import alternate, start, step_arguments, summary, training_step
 
 import sparseformer.layers.mixing_fused as fused
 from sparseformer import create_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="sparseformer_v1_tiny")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--calls", type=int, default=3, help="timed steps per round (median)")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = start(step_arguments(__doc__))
     step = training_step(create_model(args.model), args.batch_size)
     ways = {
         "addmm": lambda: mock.patch.object(fused, "pack_weight", lambda weight: None),

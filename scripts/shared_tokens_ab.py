@@ -12,12 +12,11 @@ as they were, alternated in one process.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from unittest import mock
 
 import torch
-from alternated import alternate, summary, training_step
+from alternated import alternate, start, step_arguments, summary, training_step
 
 from sparseformer import create_model, packed_weights
 from sparseformer.models.sparseformer import SparseFormer
@@ -44,16 +43,9 @@ def _inference(model: torch.nn.Module, batch_size: int, img_size: int = 224):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="sparseformer_v1_tiny")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser = step_arguments(__doc__)
     parser.add_argument("--inference", action="store_true", help="time batch inference")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--calls", type=int, default=3, help="timed steps per round (median)")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = start(parser)
     model = create_model(args.model)
     make = _inference if args.inference else training_step
     step = make(model, args.batch_size)
