@@ -49,6 +49,40 @@ def test_linear_matches_module_with_and_without_grad(gelu):
     assert layer.weight.grad is not None
 
 
+@pytest.mark.parametrize("kernel", ["always", "auto"])
+def test_a_trainable_bias_alone_gets_its_gradient(kernel, monkeypatch):
+    """Bias-only fine-tuning: the weight frozen, the input wanting no gradient. The fused
+    kernel has no derivative, so the bias's gradient would be lost (or, with the layer applied
+    twice, wrong); the plain path runs."""
+    monkeypatch.setattr(linear_module, "FUSED_LINEAR", kernel)
+    layer = nn.Linear(48, 80)
+    layer.weight.requires_grad_(False)
+    x = torch.randn(2, 7, 48)
+    linear(F.gelu(linear(x, layer)[..., :48]), layer, gelu=True).sum().backward()
+    got, layer.bias.grad = layer.bias.grad, None
+    F.gelu(layer(F.gelu(layer(x)[..., :48]))).sum().backward()
+    assert got is not None
+    torch.testing.assert_close(got, layer.bias.grad)
+    assert not fused_linear_available(x, layer.weight, layer.bias)
+
+
+def test_forward_mode_tangents_pass_through_linear(monkeypatch):
+    """``torch.autograd.forward_ad``: dual tensors require no grad, but the fused kernel would
+    drop their tangents; the plain path carries them."""
+    import torch.autograd.forward_ad as fwAD
+
+    monkeypatch.setattr(linear_module, "FUSED_LINEAR", "always")
+    layer = nn.Linear(48, 80).eval()
+    x, v = torch.randn(2, 7, 48), torch.randn(2, 7, 48)
+    with torch.no_grad(), fwAD.dual_level():
+        tangent = fwAD.unpack_dual(linear(fwAD.make_dual(x, v), layer, gelu=True)).tangent
+    expected = torch.func.jvp(lambda x: F.gelu(layer(x)), (x,), (v,))[1]
+    assert tangent is not None
+    torch.testing.assert_close(tangent, expected)
+    with torch.no_grad():  # outside the dual level, the fused kernel again
+        assert fused_linear_available(x, layer.weight, layer.bias) or not linear_module._HAS_KERNEL
+
+
 def test_each_shape_takes_the_linear_kernel_measured_faster_once(monkeypatch):
     """Neither kernel wins on every machine: each shape races them once and keeps the faster."""
     if not linear_module._HAS_KERNEL:

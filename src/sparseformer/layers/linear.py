@@ -5,7 +5,8 @@ accumulates the product onto it, and ``gelu`` reads and writes the output once m
 ``_linear_pointwise`` (the kernel ``torch.compile`` emits for CPU) does the bias and the
 activation in the matrix product's epilogue: on a 2-core AVX2 CPU a
 ``(1568, 512) x (512, 2048)`` linear with GELU takes ~20 ms instead of ~32. It has no
-autograd formula, so :func:`linear` uses it only when no gradient is wanted (CPU training's
+autograd formula, so :func:`linear` uses it only when no gradient is wanted, of the input,
+the weight or the bias, in reverse or forward mode (CPU training's
 fused adaptive mixing calls it through :func:`packed_linear`, inside a backward of its own),
 and never under tracing, export, a dispatch mode (FLOP counting), autocast, or for
 non-float32 tensors; everywhere else this is ``F.linear`` with the layer's weight and bias. A
@@ -37,6 +38,7 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = [
@@ -94,18 +96,27 @@ def in_functorch() -> bool:
     return bool(active and active())
 
 
-def fused_linear_available(x: Tensor, weight: Tensor) -> bool:
+def fused_linear_available(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
     """Whether :func:`linear` takes the fused kernel for these tensors, here and now."""
     return (
         _HAS_KERNEL
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not _differentiated(x, weight, bias)
         and not torch.is_autocast_enabled("cpu")
         and not is_tracing()
         and _get_current_dispatch_mode() is None
     )
+
+
+def _differentiated(*tensors: Tensor | None) -> bool:
+    """Whether autograd differentiates an op on these tensors: reverse mode records it (one of
+    them requires grad, a bias alone too: bias-only fine-tuning) or forward mode is on
+    (``torch.autograd.forward_ad.dual_level``, where dual tensors require no grad)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return getattr(forward_ad, "_current_level", -1) >= 0  # torch's private: -1 outside a level
 
 
 def linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
@@ -130,7 +141,7 @@ def linear_split(x: Tensor, layer: nn.Linear, sizes: list[int]) -> tuple[Tensor,
 def linear_weights(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
     """``F.linear(x, weight, bias)``, then GELU if ``gelu``: by the fused kernel where it may
     be used and is the faster for this shape (:data:`FUSED_LINEAR`)."""
-    if fused_linear_available(x, weight) and _fused_wins(x, weight, bias, gelu):
+    if fused_linear_available(x, weight, bias) and _fused_wins(x, weight, bias, gelu):
         return _fused(x, weight, bias, gelu)
     return _plain(x, weight, bias, gelu)
 
