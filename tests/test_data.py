@@ -656,6 +656,21 @@ def test_workers_start_with_stop_signals_held_then_ignore_them_and_outlive_an_ep
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # and given back
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_validation_leaves_the_processs_generator_alone(workers):
+    """Training draws stochastic depth from the process's generator. A validation loader that
+    drew its workers' seed from it too moved training by one draw per iterator: per pass with
+    no workers, once a process with persistent ones, so that a resumed run (a new process)
+    left the trajectory of the run it continued, and the number of workers changed it."""
+    from sparseformer.data.loader import build_eval_loader
+
+    loader = build_eval_loader(_WorkerState(), 2, workers, pin_memory=False)
+    state = torch.get_rng_state()
+    for _ in range(2):
+        list(loader)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_a_spawned_worker_logs_as_the_main_process(monkeypatch):
     """Spawned workers (macOS, Windows) do not inherit the CLI's logging set-up: their
     warnings came out bare, without time, level or logger."""

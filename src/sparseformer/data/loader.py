@@ -365,4 +365,8 @@ def build_eval_loader(
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         worker_init_fn=_WorkerStart(),
         persistent_workers=num_workers > 0,  # started once a run, not per epoch (spawn: seconds)
+        # Each iterator draws its workers' base seed from this generator. From the process's,
+        # persistent workers (one iterator a process) moved training's stochastic depth by a
+        # draw that a resumed process takes at another point than the run it continues.
+        generator=torch.Generator(),
     )
