@@ -38,7 +38,9 @@ def fixture_model(**kw):
     return SparseFormer(dataclasses.replace(fixture_config(), **kw))
 
 
-@pytest.mark.parametrize("wrapper", [None, "model", "state_dict", "model_ema", "state_dict_ema"])
+@pytest.mark.parametrize(
+    "wrapper", [None, "model", "state_dict", "model_ema", "state_dict_ema", "model_state_dict"]
+)
 @pytest.mark.parametrize("fmt", ["imagenet", "v2"])
 def test_official_layouts_load_from_pth_in_any_wrapper(tmp_path, fmt, wrapper):
     state = official(fmt)
@@ -50,6 +52,18 @@ def test_official_layouts_load_from_pth_in_any_wrapper(tmp_path, fmt, wrapper):
     assert report.wrapper == wrapper
     key = "token_roi.weight" if fmt == "imagenet" else "initial_roi.weight"
     torch.testing.assert_close(model.initial_rois.detach(), state[key])
+
+
+def test_weights_under_a_key_of_ones_own_are_named_with_what_to_do(tmp_path):
+    """``{"net": state}`` was refused as holding no tensors; the error names the key that
+    holds them and how to make a file that loads."""
+    path = tmp_path / "ckpt.pth"
+    torch.save({"epoch": 3, "net": official("imagenet"), "optimizer": {"lr": 1.0}}, path)
+    with pytest.raises(CheckpointError, match=r"tensors under 'net'.*checkpoint\['net'\]"):
+        load_checkpoint(fixture_model(), path)
+    torch.save({"epoch": 3, "note": "no weights"}, path)
+    with pytest.raises(CheckpointError, match=r"no tensors \(its keys: 'epoch', 'note'\)"):
+        load_checkpoint(fixture_model(), path)
 
 
 def test_convert_then_load_roundtrip(tmp_path):

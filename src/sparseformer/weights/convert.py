@@ -113,7 +113,9 @@ _FOREIGN_HINTS = {
     "layers.0.blocks.0.attn.relative_position_bias_table": "a Swin checkpoint",
 }
 # timm's train.py writes "state_dict" and "state_dict_ema"; DeiT/Swin write "model" (+ "model_ema")
-_WRAPPERS = ("model_ema", "state_dict_ema", "model", "state_dict", "module")
+# where checkpoints keep their state dict: ours and timm's, torchvision's EMA, DDP's module,
+# and PyTorch's tutorials' model_state_dict
+_WRAPPERS = ("model_ema", "state_dict_ema", "model", "state_dict", "model_state_dict", "module")
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
@@ -156,7 +158,7 @@ def unwrap_checkpoint(
     obj: object, prefer_ema: bool = False
 ) -> tuple[dict[str, Tensor], str | None]:
     """Find the state dict in a checkpoint: bare, or under ``model``/``state_dict``/``model_ema``
-    (or timm's ``state_dict_ema``).
+    (or timm's ``state_dict_ema``, or ``model_state_dict`` as PyTorch's tutorials save it).
 
     Args:
         obj: what ``torch.load`` or safetensors returned.
@@ -172,7 +174,7 @@ def unwrap_checkpoint(
     order = (
         _WRAPPERS
         if prefer_ema
-        else ("model", "state_dict", "model_ema", "state_dict_ema", "module")
+        else ("model", "state_dict", "model_state_dict", "model_ema", "state_dict_ema", "module")
     )
     wrapper = None
     for key in order:  # the first wrapper that holds tensors (a "model" may be a name record)
@@ -182,7 +184,7 @@ def unwrap_checkpoint(
             break
     state = {k: v for k, v in obj.items() if hasattr(v, "shape")}
     if not state:
-        raise NotASparseFormerCheckpoint("the checkpoint holds no tensors")
+        raise NotASparseFormerCheckpoint(_no_tensors(obj))
     if "n_averaged" in state and all(k.startswith("module.") for k in state if k != "n_averaged"):
         del state["n_averaged"]  # torch's AveragedModel (EMA): its count beside module.*
     # DDP's "module." and torch.compile's "_orig_mod." wrappers, in either order
@@ -190,6 +192,26 @@ def unwrap_checkpoint(
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
     return state, wrapper
+
+
+def _no_tensors(obj: Mapping) -> str:
+    """Why a checkpoint without tensors where they are looked for cannot load, and the key
+    that holds them instead, if one does."""
+    nested = {
+        k: sum(hasattr(v, "shape") for v in held.values())
+        for k, held in obj.items()
+        if isinstance(held, Mapping)
+    }
+    held = {k: n for k, n in nested.items() if n}
+    if not held:
+        keys = ", ".join(repr(k) for k in list(obj)[:6]) or "none"
+        return f"the checkpoint holds no tensors (its keys: {keys})"
+    key, n = max(held.items(), key=lambda kv: kv[1])
+    return (
+        f"the checkpoint keeps its {n} tensors under {key!r}, where weights are looked for "
+        f"at the top level or under {', '.join(map(repr, _WRAPPERS))}; save that mapping "
+        f"alone (torch.save(checkpoint[{key!r}], path)) and load the new file"
+    )
 
 
 def detect_format(keys: list[str] | set[str]) -> str:
