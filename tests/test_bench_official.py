@@ -116,6 +116,44 @@ def test_the_authors_model_is_found_and_built_with_the_same_architecture(
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)  # the logits of its tuple
 
 
+def test_relative_imports_work_in_a_folder_without_init(tmp_path, forget_imports):
+    """A namespace package (no ``__init__.py``): its file was imported as a top-level module,
+    where ``from .helpers import`` cannot resolve, though the docs promise relative imports."""
+    repo = tmp_path / "authors_code"
+    write_checkout(repo, "authors_ns")
+    (repo / "authors_ns" / "__init__.py").unlink()
+    model = build_official(repo, "sparseformer_v1_tiny", num_classes=10)
+    assert type(model.model).__module__ == "authors_ns.sparseformer"
+
+
+def test_grad_checkpointing_reaches_the_authors_model_or_names_official(authors):
+    """The authors' row is --official's, not --models': it checkpoints where their model can,
+    and where it cannot, the error says to drop --official, not "that model"."""
+    import torch
+    from torch import nn
+
+    from sparseformer.bench.official import _LogitsOnly
+    from sparseformer.bench.throughput import _check_grad_checkpointing
+
+    class Checkpointing(nn.Module):
+        enabled = None
+
+        def set_grad_checkpointing(self, enable=True):
+            self.enabled = enable
+
+        def forward(self, x):
+            return x
+
+    inner = Checkpointing()
+    _LogitsOnly(inner).set_grad_checkpointing(True)
+    assert inner.enabled is True
+    _check_grad_checkpointing("authors:sparseformer_v1_tiny", _LogitsOnly(inner))
+    plain = _LogitsOnly(nn.Identity())
+    with pytest.raises(BenchError, match="drop --grad-checkpointing or --official"):
+        _check_grad_checkpointing("authors:sparseformer_v1_tiny", plain)
+    assert torch.equal(plain(torch.ones(1)), torch.ones(1))
+
+
 def test_only_v1_image_sparseformers_have_an_authors_counterpart():
     names = ("sparseformer_v1_tiny", "sparseformer_v1_base", "deit_small_patch16_224")
     names += ("video_sparseformer_v1_tiny", "sparseformer_btsp_augreg_base")
@@ -161,6 +199,9 @@ def test_bad_official_paths_fail_in_one_line(authors, tmp_path, capsys):
         str(authors / "authors_models" / "a_video.py"): "needs 'no_such_dependency_xyz', which "
         "is not installed",
     }
+    sibling = authors / "authors_models" / "needs_sibling.py"  # their own module, missing
+    sibling.write_text(STAND_IN.replace(".helpers", ".not_in_this_checkout"))
+    cases[str(sibling)] = "needs 'authors_models.not_in_this_checkout', a module of the authors'"
     broken = tmp_path / "broken.py"
     broken.write_text("class SparseFormer(nn.Module:\n    pass\n")
     cases[str(broken)] = "broken.py does not parse (line 1: "

@@ -431,3 +431,26 @@ def test_a_size_a_model_cannot_run_is_said_in_the_models_words(monkeypatch):
     settings = small_settings(models=(SMALL[0],), img_sizes=(32,), repeats=1, train=False)
     with pytest.raises(BenchError, match=r"\(RuntimeError: shape '\[1, 1, 1, 128\]' is inv"):
         run_benchmark(settings)
+
+
+def test_without_warm_up_peak_memory_is_measured_after_the_weights_are_packed(monkeypatch):
+    """``--warmup 0``: the first call packs the weights (copies as large as the weights), and
+    it was the one peak memory measured: 10x SparseFormer-T's at 64 px."""
+    from sparseformer.bench import throughput
+    from sparseformer.layers import linear
+
+    packs_seen = []
+    measure = throughput.peak_memory_mb
+
+    def noting(call, device):
+        packs_seen.append(len(linear._PACKS.get() or {}))
+        return measure(call, device)
+
+    monkeypatch.setattr(throughput, "peak_memory_mb", noting)
+    monkeypatch.setattr(linear, "FUSED_LINEAR", "always")  # packed, whatever a race chose
+    run_benchmark(
+        small_settings(
+            models=("sparseformer_v1_nano",), img_sizes=(32,), warmup=0, repeats=1, train=False
+        )
+    )
+    assert packs_seen and all(packs_seen) or not linear._CAN_PACK

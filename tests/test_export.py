@@ -385,3 +385,19 @@ def test_a_full_disk_is_said_with_the_file_and_what_to_do(tmp_path, monkeypatch)
     with pytest.raises(OSError, match=re.escape(said)):
         export_onnx(create_model("sparseformer_v1_nano"), target, img_size=32)
     assert list(tmp_path.iterdir()) == []  # no temporary left behind
+
+
+def test_a_graph_of_features_names_no_classes():
+    """A model whose classifier was removed (``reset_classifier(0)``) outputs features; its
+    run's class names were still written as the graph's."""
+    from sparseformer.export import _preprocessing_metadata
+
+    model = create_model("sparseformer_v1_nano", num_classes=2)
+    model.pretrained_cfg["label_names"] = ("cat", "dog")
+    example = torch.randn(1, 3, 32, 32)
+    assert json.loads(_preprocessing_metadata(model, example, True)["class_names"]) == [
+        "cat",
+        "dog",
+    ]
+    model.reset_classifier(0)
+    assert "class_names" not in _preprocessing_metadata(model, example, True)

@@ -611,3 +611,16 @@ def test_reset_classifier_takes_a_numpy_count():
     assert model.num_classes == 5 and type(model.num_classes) is int
     assert model.head.out_features == 5
     assert model.config.num_classes == 5  # what a bootstrapping run records, among others
+
+
+def test_create_model_takes_a_numpy_count_as_reset_classifier_and_timm_do():
+    """create_model(num_classes=labels.max() + 1) was refused, where timm's models and
+    reset_classifier take it."""
+    import timm
+
+    for model in (
+        create_model("sparseformer_v1_nano", num_classes=np.int64(7)),
+        timm.create_model("sparseformer_v1_nano", num_classes=np.int64(7)),
+    ):
+        assert model.head.out_features == 7 and type(model.config.num_classes) is int
+        assert type(model.num_classes) is int

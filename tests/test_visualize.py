@@ -326,6 +326,10 @@ def test_video_frames_come_in_every_usual_layout():
         np.testing.assert_array_equal(_as_video(layout), clip.numpy())
     with pytest.raises(ValueError, match=r"expected video frames \(T, H, W, 3\) \(or a tensor"):
         _as_video(torch.rand(5, 4, 8, 12))
+    three = torch.rand(3, 8, 12, 3)  # three frames: (3, T, ..) and (T, 3, ..) look alike
+    np.testing.assert_array_equal(_as_video(three), three.numpy())
+    with pytest.raises(ValueError, match=r"may be \(3, T, H, W\) or \(T, 3, H, W\) with T = 3"):
+        _as_video(three.permute(0, 3, 1, 2))  # read as (3, T, H, W), it mixed the frames
 
 
 def test_class_names_the_fonts_lack_are_said_once_per_picture_set(tmp_path, caplog, recwarn):

@@ -12,6 +12,7 @@ This module imports no torch, so configs can be built, validated and printed che
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -94,9 +95,12 @@ class StageConfig:
 
 
 def _check_int(config: object, name: str, least: int) -> None:
+    """``name`` a whole number ``>= least``, kept as a Python int (a NumPy integer, such as
+    ``labels.max() + 1``, is one too, as timm's models take it)."""
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    object.__setattr__(config, name, int(value))
 
 
 def _stage(stage: StageConfig | tuple | list | dict) -> StageConfig:

@@ -122,7 +122,7 @@ def _preprocessing_metadata(model: nn.Module, example: Tensor, dynamic_size: boo
         from sparseformer.weights.registry import imagenet_class_names
 
         names = imagenet_class_names()
-    if names and len(names) == (outputs or len(names)):
+    if names and (outputs is None or len(names) == outputs):  # 0 outputs: features, unnamed
         meta["class_names"] = json.dumps(list(names))
     if example.dim() == 5:  # a clip: the frames the graph takes, whatever a run trained with
         meta["clip"] = json.dumps({**(cfg.get("clip") or {}), "num_frames": example.shape[2]})

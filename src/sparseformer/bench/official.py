@@ -149,6 +149,10 @@ class _LogitsOnly(nn.Module):
         super().__init__()
         self.model = model
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """The authors' model's own switch (``--grad-checkpointing``), where it has one."""
+        self.model.set_grad_checkpointing(enable)
+
     def forward(self, x):
         out = self.model(x)
         if isinstance(out, dict):
@@ -227,7 +231,8 @@ def _import(file: Path):
     alias when that name is taken by another module (their folder called ``sparseformer``)."""
     file = file.resolve()
     root, parts = file.parent, [file.stem]
-    while (root / "__init__.py").exists():
+    depth = _relative_depth(file)  # folders its relative imports climb: packages, if namespace
+    while (root / "__init__.py").exists() or len(parts) <= depth:
         parts.insert(0, root.name)
         root = root.parent
     if str(root) not in sys.path:
@@ -240,6 +245,11 @@ def _import(file: Path):
         return importlib.import_module(".".join(parts))
     except ModuleNotFoundError as exc:
         top = (exc.name or "?").split(".")[0]
+        if top == parts[0]:  # a module of their own code, not a package to install
+            raise BenchError(
+                f"--official: importing {file} needs {exc.name!r}, a module of the authors' "
+                f"code that is not under {root}; give their whole checkout"
+            ) from None
         raise BenchError(
             f"--official: importing {file} needs {exc.name!r}, which is not installed; "
             f"install what the authors' code needs (pip install {top})"
@@ -248,6 +258,16 @@ def _import(file: Path):
         raise BenchError(
             f"--official: importing {file} failed: {type(exc).__name__}: {exc}"
         ) from None
+
+
+def _relative_depth(file: Path) -> int:
+    """The most folders a relative import of ``file`` climbs (``from ..x import y``: 2)."""
+    try:
+        tree = ast.parse(file.read_text(encoding="utf-8", errors="replace"))
+    except (SyntaxError, ValueError):
+        return 0
+    levels = [n.level for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    return max(levels, default=0)
 
 
 def _load_aliased(path: Path, alias: str) -> str:

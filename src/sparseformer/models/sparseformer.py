@@ -193,10 +193,10 @@ class SparseFormer(nn.Module):
         model's device and in its dtype. ``global_pool``: ``"avg"`` (average the tokens),
         ``"token"`` (the CLS token, for models with one) or ``""`` (no pooling:
         ``forward_head`` normalises and classifies every token)."""
-        if isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool):
-            num_classes = int(num_classes)  # a NumPy integer (labels.max() + 1)
-        # the config's own check (a whole number >= 0), before anything of the model changes
+        # the config's own check (a whole number >= 0, a NumPy integer made an int), before
+        # anything of the model changes
         config = dataclasses.replace(self.config, num_classes=num_classes)
+        num_classes = config.num_classes
         if global_pool is not None:
             allowed = ("avg", "", "token") if self.cls_token is not None else ("avg", "")
             if global_pool not in allowed:

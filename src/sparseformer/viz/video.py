@@ -158,6 +158,12 @@ def _as_video(frames) -> np.ndarray:
     ``(T, H, W, 3)`` or an array."""
     if torch.is_tensor(frames):
         frames = frames.detach().cpu()
+        if frames.dim() == 4 and frames.shape[:2] == (3, 3) and frames.shape[-1] != 3:
+            raise ValueError(
+                f"video frames of shape {tuple(frames.shape)} may be (3, T, H, W) or (T, 3, H, W) "
+                "with T = 3; give them as (T, H, W, 3) (frames.permute(0, 2, 3, 1) for "
+                "torchvision's (T, 3, H, W))"
+            )
         if frames.dim() == 4 and frames.shape[0] == 3 and frames.shape[-1] != 3:
             frames = frames.permute(1, 2, 3, 0)  # (3, T, H, W) -> (T, H, W, 3)
         elif frames.dim() == 4 and frames.shape[1] == 3 and frames.shape[-1] != 3:
