@@ -121,6 +121,23 @@ def test_a_student_prepares_images_as_its_teacher():
     assert student.pretrained_cfg["url"] == "" and student.pretrained_cfg["num_classes"] == 2
 
 
+def test_a_student_prepares_images_as_its_teachers_run_did():
+    """A teacher from a run's checkpoint: its run's preprocessing (crop 1.0 here), not the
+    timm name's registered one (0.9), is the student's."""
+    import dataclasses
+
+    from sparseformer.bootstrap.facts import teacher_preprocessing
+    from sparseformer.bootstrap.run import BootstrapSettings, make_student
+    from sparseformer.bootstrap.teacher import Teacher
+
+    model = _teacher()
+    pre = dataclasses.replace(teacher_preprocessing(model), crop_pct=1.0, interpolation="bilinear")
+    assert teacher_preprocessing(model).crop_pct != 1.0
+    student = make_student(Teacher(model, "test_vit", pre), BootstrapSettings(tokens=4, points=4))
+    assert student.pretrained_cfg["crop_pct"] == 1.0
+    assert student.pretrained_cfg["interpolation"] == "bilinear"
+
+
 def test_a_one_block_teacher_gives_its_block():
     """Two thirds of one block rounded to none: "--inherit 0", which nobody had given."""
     from timm.models.vision_transformer import VisionTransformer

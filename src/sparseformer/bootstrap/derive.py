@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from sparseformer.bootstrap.facts import (
     BootstrapError,
+    Preprocessing,
     TeacherFacts,
     describe_teacher,
     teacher_name,
@@ -179,10 +180,15 @@ def inherited_tensors(teacher: nn.Module, config: SparseFormerConfig) -> dict[st
     return out
 
 
-def build_student(teacher: nn.Module, config: SparseFormerConfig | None = None) -> SparseFormer:
+def build_student(
+    teacher: nn.Module,
+    config: SparseFormerConfig | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> SparseFormer:
     """A SparseFormer of ``config`` (default: :func:`bootstrap_config` of ``teacher``) whose
     inherited tensors are copies of the teacher's, bit for bit; the rest keeps its own init.
-    Its ``pretrained_cfg`` is its template's with the teacher's preprocessing and no released
+    Its ``pretrained_cfg`` is its template's with the teacher's preprocessing (``preprocessing``,
+    as a teacher's run recorded it; default: the teacher's ``pretrained_cfg``) and no released
     weights, so that timm's ``resolve_data_config`` prepares images as for the teacher.
 
     Raises:
@@ -199,7 +205,7 @@ def build_student(teacher: nn.Module, config: SparseFormerConfig | None = None) 
                     f"teacher's {tuple(value.shape)}; derive the student from this teacher"
                 )
             own[key].copy_(value)
-    pre = teacher_preprocessing(teacher)
+    pre = preprocessing or teacher_preprocessing(teacher)
     student.pretrained_cfg = student.default_cfg = {
         **pretrained_cfg(student_name(config)),
         "url": "",  # not the template's released weights

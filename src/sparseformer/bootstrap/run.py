@@ -117,7 +117,8 @@ def student_config(teacher: Teacher, settings: BootstrapSettings) -> SparseForme
 def make_student(teacher: Teacher, settings: BootstrapSettings) -> torch.nn.Module:
     """The student of ``teacher``: derived, inherited tensors copied, frozen but for the new
     parts and the first ``settings.finetune`` inherited blocks."""
-    student = build_student(teacher.model, student_config(teacher, settings))
+    config = student_config(teacher, settings)
+    student = build_student(teacher.model, config, teacher.preprocessing)  # as its run had it
     freeze_for_bootstrap(student, settings.finetune)
     return student
 
