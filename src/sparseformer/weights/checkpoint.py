@@ -23,6 +23,7 @@ from typing import Any
 from torch import Tensor
 
 from sparseformer.weights.convert import (
+    EMA_WRAPPERS,
     CheckpointError,
     ConversionReport,
     NotASparseFormerCheckpoint,
@@ -53,7 +54,6 @@ RUN_FIELDS = (
     "model_name", "num_classes", "class_names", "preprocessing", "video", "architecture",
 )  # fmt: skip
 PREPROCESSING_FIELDS = ("img_size", "mean", "std", "crop_pct", "interpolation")
-_EMA_WRAPPERS = ("model_ema", "state_dict_ema")
 # where checkpoints of other code keep their metadata, after the top level
 _META_CONTAINERS = (
     "preprocessing",  # sparseformer train's checkpoints
@@ -201,14 +201,14 @@ def read_checkpoint(
     if not isinstance(raw, Mapping):
         unwrap_checkpoint(raw)  # raises, naming what it got instead
     meta = checkpoint_metadata(raw)
-    has_ema = any(raw.get(k) is not None for k in _EMA_WRAPPERS)
+    has_ema = any(raw.get(k) is not None for k in EMA_WRAPPERS)
     if prefer_ema and not has_ema:
         logger.warning("the checkpoint has no EMA weights; using the model weights")
     try:
         state, wrapper = unwrap_checkpoint(raw, prefer_ema=prefer_ema and has_ema)
     except NotASparseFormerCheckpoint:
         record = meta["model_name"] is not None or any(
-            isinstance(raw.get(k), Mapping) for k in ("model", "state_dict", *_EMA_WRAPPERS)
+            isinstance(raw.get(k), Mapping) for k in ("model", "state_dict", *EMA_WRAPPERS)
         )
         if not record:
             raise
@@ -222,7 +222,7 @@ def read_checkpoint(
         converted,
         report,
         path=path,
-        ema=wrapper in _EMA_WRAPPERS,
+        ema=wrapper in EMA_WRAPPERS,
         has_ema=has_ema,
         num_classes=_num_classes(meta.pop("num_classes"), _head_rows(converted), path),
         extras={} if all(hasattr(v, "shape") for v in raw.values()) else raw,

@@ -31,6 +31,8 @@ __all__ = [
     "CheckpointError",
     "ConversionReport",
     "NotASparseFormerCheckpoint",
+    "MODEL_WRAPPERS",
+    "EMA_WRAPPERS",
     "detect_format",
     "convert_state_dict",
     "unwrap_checkpoint",
@@ -113,9 +115,11 @@ _FOREIGN_HINTS = {
     "layers.0.blocks.0.attn.relative_position_bias_table": "a Swin checkpoint",
 }
 # timm's train.py writes "state_dict" and "state_dict_ema"; DeiT/Swin write "model" (+ "model_ema")
-# where checkpoints keep their state dict: ours and timm's, torchvision's EMA, DDP's module,
-# and PyTorch's tutorials' model_state_dict
-_WRAPPERS = ("model_ema", "state_dict_ema", "model", "state_dict", "model_state_dict", "module")
+# where checkpoints keep their state dict: ours and timm's, PyTorch's tutorials'
+# model_state_dict, the EMA weights of ours and timm's, DDP's module
+MODEL_WRAPPERS = ("model", "state_dict", "model_state_dict")
+EMA_WRAPPERS = ("model_ema", "state_dict_ema")
+_WRAPPERS = (*MODEL_WRAPPERS, *EMA_WRAPPERS, "module")
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
@@ -171,11 +175,7 @@ def unwrap_checkpoint(
         raise NotASparseFormerCheckpoint(
             f"expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
         )
-    order = (
-        _WRAPPERS
-        if prefer_ema
-        else ("model", "state_dict", "model_state_dict", "model_ema", "state_dict_ema", "module")
-    )
+    order = (*EMA_WRAPPERS, *MODEL_WRAPPERS, "module") if prefer_ema else _WRAPPERS
     wrapper = None
     for key in order:  # the first wrapper that holds tensors (a "model" may be a name record)
         held = obj.get(key)
@@ -197,12 +197,11 @@ def unwrap_checkpoint(
 def _no_tensors(obj: Mapping) -> str:
     """Why a checkpoint without tensors where they are looked for cannot load, and the key
     that holds them instead, if one does."""
-    nested = {
-        k: sum(hasattr(v, "shape") for v in held.values())
-        for k, held in obj.items()
-        if isinstance(held, Mapping)
+    held = {  # key -> tensors under it, where some are
+        k: n
+        for k, v in obj.items()
+        if isinstance(v, Mapping) and (n := sum(hasattr(t, "shape") for t in v.values()))
     }
-    held = {k: n for k, n in nested.items() if n}
     if not held:
         keys = ", ".join(repr(k) for k in list(obj)[:6]) or "none"
         return f"the checkpoint holds no tensors (its keys: {keys})"
