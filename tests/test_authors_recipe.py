@@ -84,6 +84,18 @@ def test_the_v1_recipe_asks_for_the_authors_offset_init_and_the_cpu_recipe_does_
         v1.replace(offset_proj_init="xavier")
 
 
+def test_a_recipe_file_takes_imagenet1k_for_every_field_it_leaves_out(tmp_path):
+    """As the docs and the warning say; the offset init took the model's zeros."""
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"name": "mine", "epochs": 30}))
+    mine, v1 = load_recipe(path).to_dict(), load_recipe("imagenet1k").to_dict()
+    differ = {k for k in v1 if mine.get(k) != v1[k]}
+    assert differ <= {"name", "description", "epochs"} and mine["epochs"] == 30
+    old = dict(v1)
+    del old["offset_proj_init"]  # a checkpoint written before the field existed
+    assert saved_recipe(old).offset_proj_init is None  # the model's own init, as that run took
+
+
 def authors_rates(peak, warmup_lr, min_lr, warmup_steps, total_steps) -> list[float]:
     """The rate of every step of the authors' loop: timm's scheduler over one parameter group,
     ``step_update(k)`` after step ``k`` (Swin's ``train_one_epoch``)."""

@@ -166,6 +166,22 @@ def test_training_files_are_counted_as_the_scan_takes_them(tmp_path):
     assert count_training_files(folder, stop_at=7) == 7  # a huge folder: the first names
     assert count_training_files(folder, video=True) == 0
     assert count_training_files(tmp_path / "missing") == 0  # the scan says what is missing
+    for i in range(40):  # files in no class folder: the scan leaves them out, and so does this
+        (folder / "train" / f"loose{i}.png").write_bytes(b"")
+    assert count_training_files(folder) == 10
+
+
+@pytest.mark.parametrize("asked", [["--epochs", 10], ["--set", "epochs=10"]])
+def test_the_warm_up_follows_the_epochs_asked_by_flag_or_by_set(tmp_path, asked):
+    folder = make_folder(tmp_path / "d", classes=("cat", "dog"), per_class=5)
+    flag, value = asked
+    flags = (
+        RecipeFlags(fields={"epochs": value})
+        if flag == "--epochs"
+        else RecipeFlags(settings=(value,))
+    )
+    recipe = recipe_from_flags(flags, default=recipe_for_folder(flags, folder))
+    assert recipe.epochs == 10 and recipe.warmup_epochs == pytest.approx(WARMUP_FRACTION * 10)
 
 
 def test_a_one_epoch_run_on_a_small_folder_records_the_own_folder_recipe(tmp_path, capsys):

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 from sparseformer.data.images import IMAGE_EXTENSIONS
-from sparseformer.data.scan import walk_files
+from sparseformer.data.scan import is_hidden, walk_files
 from sparseformer.data.transforms import Augmentation
 from sparseformer.data.video_decode import VIDEO_EXTENSIONS
 from sparseformer.engine.device import available_cores
 from sparseformer.engine.distributed import launched_rank
-from sparseformer.engine.recipe import Recipe, RecipeFlags
+from sparseformer.engine.recipe import Recipe, RecipeFlags, asked_value
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -186,10 +186,11 @@ def count_training_files(
     if not train.is_dir():
         return 0
     n = 0
-    for _ in walk_files(train, extensions):
-        n += 1
-        if n >= stop_at:
-            break
+    for folder in sorted(p for p in train.iterdir() if p.is_dir() and not is_hidden(p.name)):
+        for _ in walk_files(folder, extensions):  # class folders only: loose files are left out
+            n += 1
+            if n >= stop_at:
+                return n
     return n
 
 
@@ -204,6 +205,7 @@ def recipe_for_folder(
         return None
     images = count_training_files(data_dir, video=video, limit=limit)
     processes = launched_rank()[1]  # under torchrun: each process reads a share
-    return own_folder_recipe(
-        images, epochs=flags.fields.get("epochs"), device=device, processes=processes
-    )
+    epochs = asked_value(flags, "epochs")  # --epochs or --set epochs=: the warm-up's 5%
+    if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0):
+        epochs = None  # a bad value: the recipe's check names it, with the default's warm-up
+    return own_folder_recipe(images, epochs=epochs, device=device, processes=processes)

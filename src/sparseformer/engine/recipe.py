@@ -103,7 +103,7 @@ class Recipe:
     repeated_aug: int = 3
     ema_decay: float | None = 0.9999
     ema_warmup: bool = False
-    offset_proj_init: str | None = None
+    offset_proj_init: str | None = "trunc_normal"
     drop_path: float | None = None
     crop_pct: float | None = 224 / 256
     interpolation: str = "bicubic"
@@ -138,7 +138,7 @@ class Recipe:
 
 
 # what a run saved before a field existed used: its checkpoint's recipe lacks the field
-_BEFORE_FIELD = {"schedule": "cosine_after_warmup"}
+_BEFORE_FIELD = {"schedule": "cosine_after_warmup", "offset_proj_init": None}
 
 
 def _pair(value: Any, name: str, origin: str) -> tuple:
@@ -289,13 +289,7 @@ def recipe_from_flags(
     augmentation: dict = {}
     aug_fields = {f.name for f in dataclasses.fields(Augmentation)}
     for item in flags.settings:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RecipeError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value  # a bare string such as rand-m9-mstd0.5
+        key, parsed = _setting(item)
         # augmentation fields by name (hflip=0) or dotted (augmentation.hflip=0)
         name = key.removeprefix("augmentation.")
         if name in aug_fields and (name != key or not hasattr(recipe, key)):
@@ -311,6 +305,26 @@ def recipe_from_flags(
         for name in ("warmup_lr", "min_lr"):  # of the peak, the asked one too
             changes.setdefault(name, getattr(recipe, name) * scale)
     return recipe.replace(**changes) if changes else recipe
+
+
+def _setting(item: str) -> tuple[str, Any]:
+    """A ``--set`` item's key and its value, read as JSON (else as the bare string)."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise RecipeError(f"--set expects KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare string such as rand-m9-mstd0.5
+
+
+def asked_value(flags: RecipeFlags, key: str) -> Any:
+    """The value ``flags`` give the recipe field ``key``, by its own flag or ``--set`` (the
+    last one), else ``None``."""
+    if key in flags.fields:
+        return flags.fields[key]
+    values = [value for name, value in map(_setting, flags.settings) if name == key]
+    return values[-1] if values else None
 
 
 def _check_one_value(key: str, value: Any, flags: RecipeFlags) -> None:
