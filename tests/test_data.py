@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from unittest import mock
 
 import numpy as np
@@ -42,6 +43,34 @@ def test_every_image_mode_becomes_8bit_rgb():
     assert to_rgb(palette).mode == "RGB"
     la = Image.new("LA", (8, 8), (50, 255))
     assert to_rgb(la).getpixel((0, 0)) == (50, 50, 50)
+
+
+@pytest.mark.parametrize("mode, colour", [("P", 0), ("L", 0), ("RGB", (0, 0, 0))])
+def test_a_transparent_colour_is_white_whatever_the_mode(tmp_path, mode, colour):
+    """PNG's tRNS names one colour transparent in palette, grayscale and RGB images: each
+    shows white, as an alpha channel's transparent pixels do; other colours stay."""
+    image = Image.new(mode, (4, 4), colour)
+    image.putpixel((1, 1), 1 if mode != "RGB" else (1, 1, 1))
+    image.save(tmp_path / "t.png", transparency=colour)
+    rgb = open_rgb(tmp_path / "t.png")
+    assert rgb.getpixel((0, 0)) == (255, 255, 255)
+    assert rgb.getpixel((1, 1)) != (255, 255, 255)
+
+
+def test_a_decoders_runtime_error_is_a_read_error(tmp_path, monkeypatch):
+    """PIL's AVIF decoder raises RuntimeError on corrupt files, which escaped every reader."""
+    _write(tmp_path / "a.png")
+
+    def fails(self):
+        raise RuntimeError("Failed to decode frame 0: Decoding of color planes failed")
+
+    from PIL import ImageFile, PngImagePlugin
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "verify", fails)
+    assert "RuntimeError: Failed to decode" in check_image_header(tmp_path / "a.png")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", fails)
+    with pytest.raises(OSError, match="a.png: Failed to decode frame 0"):
+        open_rgb(tmp_path / "a.png")
 
 
 def _write(path, mode="RGB", size=(20, 16), fmt=None):
@@ -179,7 +208,13 @@ def test_val_may_hold_some_of_the_training_classes(tmp_path, caplog):
             r"has no val/ folder; .* to validate on validation/, link it as val/: "
             r"ln -s validation .*data/val",
         ),
+        (
+            "validation_in_eval",  # eval's train/ is a split too, not a class folder
+            r"has no val/ folder; expected DIR/train/CLASS/\*.jpg .* to validate on validation/",
+        ),
         ("flat", r"has no train/ or val/ .*its folders \('cat', 'dog'\) go under train/ and val/"),
+        ("flat_in_eval", r"has no val/ .*its folders \('cat', 'dog'\) go under train/ and val/"),
+        ("dangling_class", r"cat' is a symbolic link to nothing \('/gone/cat'\), where a class"),
         ("split_folder", "is a split folder; give the folder that holds train/ and val/"),
         ("no_classes", "has no class folders"),
         ("empty_class", "have no images"),
@@ -198,9 +233,9 @@ def test_bad_data_dirs_say_what_to_do(tmp_path, case, expected):
         root.mkdir()
     elif case == "no_val":
         make_folder(root, splits=("train",))
-    elif case == "validation":  # the held-out split under another name
+    elif case in ("validation", "validation_in_eval"):  # the held-out split under another name
         make_folder(root, splits=("train", "validation"))
-    elif case == "flat":  # class folders with no split above them
+    elif case in ("flat", "flat_in_eval"):  # class folders with no split above them
         make_folder(root, splits=("train",))
         for name in ("cat", "dog"):
             (root / "train" / name).rename(root / name)
@@ -223,8 +258,13 @@ def test_bad_data_dirs_say_what_to_do(tmp_path, case, expected):
         make_folder(root, classes=("Cat", "dog "), splits=("val",))
     elif case == "is_file":
         root.write_text("x")
+    elif case == "dangling_class":  # a class on a drive not mounted
+        make_folder(root)
+        shutil.rmtree(root / "train" / "cat")
+        (root / "train" / "cat").symlink_to("/gone/cat", target_is_directory=True)
+    need_train = not case.endswith("_in_eval")
     with pytest.raises(DataError, match=expected) as info:
-        build_datasets(DataSource(data_dir=root), Preprocessing(img_size=16), None)
+        build_datasets(DataSource(data_dir=root), Preprocessing(img_size=16), None, need_train)
     assert "\n" not in str(info.value)
     if case == "empty_class":
         assert "bird" in str(info.value)
@@ -459,6 +499,21 @@ def test_a_quoted_pattern_expands_and_double_star_reaches_any_depth(tmp_path):
     assert expand_patterns([tmp_path / "x" / "*.png"]) == [tmp_path / "x" / "b.png"]
     with pytest.raises(DataError, match="matches no file"):
         expand_patterns([tmp_path / "*.jpg"])
+
+
+def test_a_quoted_pattern_of_files_and_folders_takes_both_as_a_shell_does(tmp_path):
+    """``'train/*'`` over a loose file and class folders (no shell expands it on Windows): the
+    file and every folder's images, where the folders were dropped."""
+    from sparseformer.data.media import expand_media_paths
+
+    for name in ("train/loose.png", "train/cat/a.png", "train/dog/b.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = expand_media_paths([tmp_path / "train" / "*"], video=False)
+    assert [p.relative_to(tmp_path / "train").as_posix() for p in found] == [
+        "cat/a.png", "dog/b.png", "loose.png"]  # fmt: skip
+    with pytest.raises(DataError, match="matches no file or folder"):
+        expand_media_paths([tmp_path / "*.jpg"], video=False)
 
 
 def test_an_image_over_pils_pixel_limit_is_skipped_with_what_to_do(tmp_path, monkeypatch):

@@ -92,6 +92,28 @@ def test_huge_and_tiny_images(tmp_path, capsys):
         assert stats["roi/area_final"] == pytest.approx(0.25)
 
 
+def test_a_quoted_folder_pattern_draws_the_folders_images(tmp_path, capsys):
+    """As predict takes it, and as the shell would have given it."""
+    for name in ("val/cat/a.png", "val/dog/b.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / name)
+    out = tmp_path / "out"
+    assert main(["viz", "--model", "sparseformer_v1_nano", str(tmp_path / "val" / "*"), "--out",
+                 str(out), "--img-size", "32", "--no-gif"]) == 0  # fmt: skip
+    assert {p.name for p in out.glob("*_rois.png")} == {"a_rois.png", "b_rois.png"}
+
+
+def test_a_file_name_with_control_characters_is_printed_escaped(tmp_path, capsys):
+    """As predict prints names: a name cannot clear the screen or print a line of its own."""
+    path = tmp_path / "\x1b[2Jcat\nx.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(path)
+    out = tmp_path / "out"
+    assert main(["viz", "--model", "sparseformer_v1_nano", str(path), "--out", str(out),
+                 "--img-size", "32", "--no-gif"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "\x1b" not in printed and "\\x1b[2Jcat\\nx" in printed
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

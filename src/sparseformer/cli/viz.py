@@ -14,7 +14,7 @@ import argparse
 import os
 from pathlib import Path
 
-from sparseformer.cli.common import add_clip_arguments, image_size, positive_int
+from sparseformer.cli.common import add_clip_arguments, for_terminal, image_size, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.data.media import expand_media_paths, expand_patterns
 
     try:  # patterns no shell expanded (quoted, or on Windows)
-        paths = expand_patterns([Path(p) for p in args.images])
+        paths = expand_patterns([Path(p) for p in args.images], folders=True)
     except DataError as exc:
         raise CliError(str(exc)) from None
     missing = [str(p) for p in paths if not p.exists()]
@@ -150,9 +150,9 @@ def _draw(path: Path, model, info, video: bool, args: argparse.Namespace, stems)
         return False
     except (ValueError, OSError) as exc:  # a stage the model lacks, an unwritable --out
         raise CliError(str(exc)) from exc
-    print(f"{path}: {result.label}")
+    print(for_terminal(f"{path}: {result.label}"))  # a file name cannot clear the screen
     for file in result.files:
-        print(f"  wrote {file}")
+        print(for_terminal(f"  wrote {file}"))
     print("  " + format_statistics(result.stats).replace("\n", "\n  "))
     return True
 

@@ -154,13 +154,14 @@ def _check_data_dir(data_dir: Path, need_train: bool, files: str = "*.jpg") -> N
     if missing:
         others = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not is_hidden(p.name))
         others = [name for name in others if name not in ("train", "val")]
-        flat = (
+        no_split = not any((data_dir / s).is_dir() for s in ("train", "val"))  # eval: train/
+        flat = (  # class folders without splits (eval's train/ and validation/ are splits)
             f"; its folders ({first_names(others, 3)}) go under train/ and val/, each with the "
             "same class folders"
-            if others and len(missing) == len(splits)
+            if others and no_split
             else ""
         )
-        if len(missing) == len(splits):  # no split to tell images from videos by
+        if no_split:  # no split to tell images from videos by
             files = "<images or videos>"
         raise DataError(
             f"data directory {str(data_dir)!r} has no {' or '.join(m + '/' for m in missing)} "

@@ -28,12 +28,14 @@ IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif",
     ".jfif", ".avif",
 )  # fmt: skip
-# What PIL raises for files that are not images, are cut short or are malformed.
+# What PIL raises for files that are not images, are cut short or are malformed (its AVIF
+# decoder raises RuntimeError: "Failed to decode image")
 READ_ERRORS = (
     OSError,
     UnidentifiedImageError,
     SyntaxError,
     ValueError,
+    RuntimeError,
     Image.DecompressionBombError,
 )
 
@@ -54,10 +56,13 @@ _WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL image as 8-bit RGB.
 
-    Grayscale is replicated to three channels, CMYK and palette images are converted, alpha is
+    Grayscale is replicated to three channels, CMYK and palette images are converted, alpha
+    and a transparent colour (PNG's tRNS, of palette, grayscale or RGB images) are
     composited onto white (what a viewer shows), and 16/32-bit images are rescaled by their
     bit depth (not clipped).
     """
+    if img.mode in ("RGB", "L", "P") and "transparency" in img.info:
+        img = img.convert("RGBA")  # a transparent colour (PNG's tRNS): composited below
     if img.mode == "RGB":
         return img
     if img.mode in _WIDE_INT_MODES or img.mode == "F":
@@ -68,8 +73,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
             top = 65535.0 if img.mode.startswith("I;16") or arr.max() <= 65535 else arr.max()
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr).convert("RGB")  # uint8 (H, W) -> mode L -> RGB
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -79,9 +82,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def open_rgb(path: str | Path, max_side: int | None = None) -> Image.Image:
     """Open and fully decode an image file as 8-bit RGB, turned upright as its EXIF
-    orientation says (raises one of ``READ_ERRORS``). With ``max_side``, a JPEG is decoded at
+    orientation says (raises one of ``READ_ERRORS``; a decoder's ``RuntimeError`` as an
+    ``OSError``, which callers take for corrupt data). With ``max_side``, a JPEG is decoded at
     1/2, 1/4 or 1/8 scale where neither side falls much under it (to draw a huge photo
     without decoding it whole); other formats decode whole."""
+    try:
+        return _open_rgb(path, max_side)
+    except RuntimeError as exc:  # PIL's AVIF decoder: "Failed to decode frame 0: ..."
+        raise OSError(f"{path}: {exc}") from None
+
+
+def _open_rgb(path: str | Path, max_side: int | None) -> Image.Image:
     try:
         img = Image.open(path)
     except Image.DecompressionBombError:

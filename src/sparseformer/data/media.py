@@ -16,8 +16,8 @@ __all__ = ["expand_media_paths", "expand_patterns"]
 
 def expand_media_paths(paths: list[Path], video: bool) -> list[Path]:
     """Files as given, folders as the video files (``video``) or image files under them
-    (sorted), and patterns no shell expanded (``'imgs/*.jpg'``) as the files they match (a
-    pattern that matches folders only, ``'data/val/*'``, as those folders).
+    (sorted), and patterns no shell expanded (``'imgs/*.jpg'``, ``'data/val/*'``) as the files
+    and folders they match, as a shell gives them.
 
     Raises:
         DataError: a path that does not exist, or a folder without files of the kind.
@@ -43,10 +43,8 @@ def expand_media_paths(paths: list[Path], video: bool) -> list[Path]:
             files += found
         elif path.exists():
             files.append(path)
-        elif glob.has_magic(str(path)) and _matches_folders_only(path):  # as a shell gives
-            files += expand_media_paths(sorted(map(Path, glob.glob(str(path)))), video)
-        elif glob.has_magic(str(path)):
-            files += expand_patterns([path])
+        elif glob.has_magic(str(path)):  # its files, and its folders walked
+            files += expand_media_paths(expand_patterns([path], folders=True), video)
         elif str(path) == "-":  # the Unix convention for standard input
             raise DataError("'-': inputs are read from files, not from standard input; save "
                             "it to a file and give its path")  # fmt: skip
@@ -57,28 +55,26 @@ def expand_media_paths(paths: list[Path], video: bool) -> list[Path]:
     return files
 
 
-def _matches_folders_only(pattern: Path) -> bool:
-    """Whether ``pattern`` matches folders and no file (``'data/val/*'``): the folders are
-    walked, as when a shell expands it."""
-    matches = [Path(m) for m in glob.glob(str(pattern), recursive=True)]
-    return bool(matches) and all(m.is_dir() for m in matches)
-
-
-def expand_patterns(paths: list[Path]) -> list[Path]:
+def expand_patterns(paths: list[Path], folders: bool = False) -> list[Path]:
     """``paths`` with each pattern no shell expanded (quoted, or on Windows: ``'imgs/*.jpg'``)
     replaced by the files it matches, sorted (``**`` matches folders at any depth, as in
-    bash's globstar; a file a symlink loop repeats, once, under its shortest name); a path
-    that exists stays as it is.
+    bash's globstar; a file a symlink loop repeats, once, under its shortest name), and with
+    ``folders`` the folders it matches too (``'data/val/*'``; not those of ``**``, whose files
+    it matches already); a path that exists stays as it is.
 
     Raises:
-        DataError: a pattern that matches no file.
+        DataError: a pattern that matches nothing.
     """
     out: list[Path] = []
     for path in paths:
         if path.exists() or not glob.has_magic(str(path)):
             out.append(path)
             continue
-        matched = [Path(m) for m in glob.glob(str(path), recursive=True) if Path(m).is_file()]
+        walked = folders and "**" not in str(path)
+        matched = [
+            Path(m) for m in glob.glob(str(path), recursive=True)
+            if Path(m).is_file() or (walked and Path(m).is_dir())
+        ]  # fmt: skip
         if "**" in str(path):  # it follows a symlink loop deeper and deeper: each file once
             named: dict[tuple[str, str], Path] = {}  # by its folder's real path and its name
             for match in sorted(matched, key=lambda p: (len(p.parts), str(p))):  # shortest first
@@ -86,6 +82,7 @@ def expand_patterns(paths: list[Path]) -> list[Path]:
             matched = list(named.values())
         matched = sorted(matched)
         if not matched:
-            raise DataError(f"the pattern {str(path)!r} matches no file")
+            what = "file or folder" if walked else "file"
+            raise DataError(f"the pattern {str(path)!r} matches no {what}")
         out += matched
     return out

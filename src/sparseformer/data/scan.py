@@ -156,7 +156,8 @@ def class_folders(
     ``extensions`` directly in ``root``, in no class folder, are counted in a warning.
 
     Raises:
-        error: ``root`` is missing or holds no class folders; the message shows the layout.
+        error: ``root`` is missing or holds no class folders (the message shows the layout),
+            or a symbolic link to nothing where a class folder would be.
     """
     layout, example, ext = _EXAMPLES[media]
     if not root.is_dir():
@@ -164,7 +165,19 @@ def class_folders(
             f"{str(root)!r} does not exist; a data folder has the {layout} layout "
             f"DIR/train/CLASS/*.{ext} and DIR/val/CLASS/*.{ext}"
         )
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))
+    entries = [p for p in root.iterdir() if not is_hidden(p.name)]
+    broken = sorted(  # where a class folder would be (a loose file's link is left out anyway)
+        p for p in entries
+        if p.is_symlink() and not p.exists() and p.suffix.lower() not in extensions
+    )  # fmt: skip
+    if broken:  # a class on a drive not mounted: left out without a word, it would be
+        others = f" (and {counted(len(broken) - 1, 'other')})" if len(broken) > 1 else ""
+        raise error(
+            f"{str(broken[0])!r}{others} is a symbolic link to nothing "
+            f"({os.readlink(broken[0])!r}), where a class folder would be: mount or fix what "
+            "it points to, or remove the link"
+        )
+    found = sorted(p.name for p in entries if p.is_dir())
     if not found:
         raise error(
             f"{str(root)!r} has no class folders; put each class's {media} in its own "
