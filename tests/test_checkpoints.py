@@ -729,3 +729,25 @@ def test_a_classifier_of_other_classes_is_named_as_such_when_strict():
     said = "has a classifier of 10 classes where the model has 1000: build the model with "
     with pytest.raises(CheckpointError, match=said + "num_classes=10"):
         load_checkpoint(model, ten, allow_classifier_mismatch=False)
+
+
+def test_convert_to_a_video_model_writes_the_weights_it_names(tmp_path):
+    """Image weights converted ``--model video_...`` are written inflated, as that model
+    holds them, where the file named the video model over the image model's tensors."""
+    from sparseformer import create_model
+    from sparseformer.cli import main
+
+    torch.manual_seed(0)
+    image = create_model("sparseformer_v1_micro", num_classes=5)
+    torch.save({"model": image.state_dict()}, tmp_path / "image.pth")
+    out = tmp_path / "video.safetensors"
+    assert main(["convert", str(tmp_path / "image.pth"), str(out),
+                 "--model", "video_sparseformer_v1_micro"]) == 0  # fmt: skip
+    expected = create_model("video_sparseformer_v1_micro", num_classes=5,
+                            checkpoint_path=str(tmp_path / "image.pth"))  # fmt: skip
+    written = load_file(str(out))
+    assert written.keys() == expected.state_dict().keys()
+    for key, value in expected.state_dict().items():
+        assert torch.equal(written[key], value), key
+    video = create_model("video_sparseformer_v1_micro", num_classes=5, checkpoint_path=str(out))
+    torch.testing.assert_close(video.state_dict(), expected.state_dict(), rtol=0, atol=0)

@@ -158,3 +158,22 @@ def test_missing_stage_embedding_is_zero_by_every_route(fixture, tmp_path):
         "sparseformer_btsp_nano", checkpoint_path=str(tmp_path / "released.pth")
     )
     torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+
+
+def test_a_release_without_stage_embeddings_converts_to_a_file_that_loads(fixture, tmp_path):
+    """``convert --model`` checks the weights by loading them; the file it wrote lacked the
+    stage embedding that loading had filled, and no strict load took it."""
+    from sparseformer.cli import main
+
+    state = weights(fixture, "augreg")
+    del state["layers.0.stage_embedding.weight"]
+    torch.save({"model": state}, tmp_path / "released.pth")
+    out = tmp_path / "ours.safetensors"
+    assert main(["convert", str(tmp_path / "released.pth"), str(out),
+                 "--model", "sparseformer_btsp_nano"]) == 0  # fmt: skip
+    assert torch.equal(load_file(str(out))["stages.0.stage_embedding"], torch.zeros(3, 64))
+    converted = timm.create_model("sparseformer_btsp_nano", checkpoint_path=str(out))
+    released = timm.create_model(
+        "sparseformer_btsp_nano", checkpoint_path=str(tmp_path / "released.pth")
+    )
+    torch.testing.assert_close(converted.state_dict(), released.state_dict(), rtol=0, atol=0)

@@ -50,17 +50,16 @@ def run(args: argparse.Namespace) -> int:
     check_output(out, "OUT")  # a parent that is a file, a folder we may not write in
     ckpt = read_checkpoint(args.input, prefer_ema=args.ema)
     report = require_sparseformer_layout(ckpt)  # nothing of the authors' weights left behind
+    tensors = {k: v.contiguous() for k, v in ckpt.state_dict.items()}
     if args.model:
         check_model(ckpt, args.model)  # a video model takes its image model's, inflated
+        model = create_model(args.model, **{**ckpt.architecture, "num_classes": ckpt.num_classes})
         with naming_their_model(ckpt, args.model):  # another size's weights: whose they are
-            load_checkpoint(
-                create_model(args.model, **{**ckpt.architecture, "num_classes": ckpt.num_classes}),
-                ckpt,
-                allow_classifier_mismatch=False,
-            )  # (which warns when the EMA weights scored best and these are the model's)
+            load_checkpoint(model, ckpt, allow_classifier_mismatch=False)
+        # (which warns when the EMA weights scored best and these are the model's)
+        tensors = _as_loaded(model, tensors)
     else:
         warn_about_weights(ckpt)
-    tensors = {k: v.contiguous() for k, v in ckpt.state_dict.items()}
     metadata = {
         "source_format": report.source_format,
         "renamed": json.dumps(report.renamed),
@@ -86,6 +85,18 @@ def run(args: argparse.Namespace) -> int:
     for key in report.dropped:
         print(f"  dropped {key}", file=say)
     return 0
+
+
+def _as_loaded(model, given: dict) -> dict:
+    """The weights ``model`` holds after loading ``given``, each in the dtype ``given`` had
+    it: what a strict load of the file written must give ``--model``. They are ``given``'s,
+    but for the stage embeddings a bootstrapped release lacks (filled with zeros) and image
+    weights taken by a video model (inflated), which the file would otherwise not hold."""
+    first = next(iter(given.values())).dtype
+    return {
+        key: value.detach().to(given[key].dtype if key in given else first).contiguous()
+        for key, value in model.state_dict().items()
+    }
 
 
 def _default_permissions(path, replaces) -> None:
