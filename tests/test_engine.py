@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -320,7 +322,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp
     last = tmp_path / "run" / "last.pt"  # a resumed run keeps its schedule: a new one from it
     assert f"a new run, --checkpoint {last} --lr ... --output NEW)" in str(e.value)
     kept = ckpt_io.read_training_checkpoint(tmp_path / "run" / "last.pt")
-    assert kept["epoch"] == 1
+    assert kept["epoch"] == 1 and kept["steps_per_epoch"] == 4  # what a resume checks
     assert all(torch.isfinite(v).all() for v in kept["model"].values())
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1]
@@ -466,6 +468,31 @@ def test_a_run_saved_before_data_order_keeps_its_old_order_in_every_resume(tmp_p
                          precision="fp32", progress=False, resume=last)  # fmt: skip
     fit(BreaksLater(10**9), bundle, recipe, pre, options)
     assert ckpt_io.read_training_checkpoint(last)["data_order"] is None  # still the old order
+
+
+def test_a_resume_on_too_little_data_for_its_batch_says_what_may_change(tmp_path):
+    """A resume keeps the run's batch size, so "give a smaller --batch-size" (which it
+    ignores) is not the way out: fewer processes, or a new run from the weights."""
+    from sparseformer.data.loader import FewerThanABatch
+
+    tiny_run(tmp_path, BreaksLater(10**9))
+    last = tmp_path / "run" / "last.pt"
+    recipe = load_recipe("fashion-mnist-cpu").replace(epochs=4, batch_size=16, warmup_epochs=0)
+    bundle = DatasetBundle(Pixels(8, 0), Pixels(32, 1), ["a", "b", "c", "d"])
+    pre = Preprocessing(16, (0.5,) * 3, (0.25,) * 3, 1.0, "bilinear")
+    options = RunOptions(output=tmp_path / "run", model_name="test", device="cpu",
+                         precision="fp32", progress=False, resume=last)  # fmt: skip
+    said = r"8 training samples .* batch of 16, the resumed run's .* fewer processes, or start"
+    with pytest.raises(FewerThanABatch, match=said + f".*--checkpoint {re.escape(str(last))}"):
+        fit(BreaksLater(10**9), bundle, recipe, pre, options)
+    with pytest.raises(FewerThanABatch, match="give a smaller --batch-size"):  # a new run
+        fit(
+            BreaksLater(10**9),
+            bundle,
+            recipe,
+            pre,
+            replace(options, resume=None, output=tmp_path / "new"),
+        )
 
 
 def _running_now(monkeypatch, counts):

@@ -55,6 +55,15 @@ def test_one_epoch_reaches_the_peak_and_ends_at_the_floor():
     assert max(lr_by_step(imagenet, 300)) < 0.05 * imagenet.scaled_lr(imagenet.batch_size)[0]
 
 
+def test_a_ten_step_run_warms_up_over_its_first_step():
+    """5% of 10 steps is half a step, which rounded to none: the first step ran at the peak."""
+    recipe = own_folder_recipe(160, epochs=1)  # a small folder: 16 a batch, 10 steps
+    assert recipe.batch_size == 16
+    peak, start, _ = recipe.scaled_lr(recipe.batch_size)
+    lrs = lr_by_step(recipe, 160)
+    assert len(lrs) == 10 and lrs[0] == pytest.approx(start) and lrs[1] == pytest.approx(peak)
+
+
 @pytest.mark.parametrize("epochs", [1, 3, 100, 300])
 def test_the_warm_up_is_a_fraction_of_the_run(epochs):
     recipe = own_folder_recipe(50_000, epochs=epochs)

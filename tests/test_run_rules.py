@@ -248,6 +248,18 @@ def test_a_part_way_epoch_resumed_on_new_steps_says_what_it_trains_again(caplog)
     assert "the 20 steps it had trained of epoch 2 are trained again" in said
 
 
+def test_a_first_epoch_checkpoint_resumed_on_other_data_is_told_by_its_steps_per_epoch():
+    """In the first epoch the step count agrees with any steps per epoch (step = steps done):
+    a run saved at step 6 of 30 and resumed over 75 went on part-way into a new shuffle,
+    unsaid. The saved count tells it; a run saved before it was kept, from epoch 2 on."""
+    from sparseformer.engine.resume import _on_new_steps
+
+    first = {"epoch": 0, "step": 6, "epoch_step": 6, "steps_per_epoch": 30}
+    assert _on_new_steps(first, 75) and not _on_new_steps(first, 30)
+    older = {"epoch": 1, "step": 36, "epoch_step": 6}  # no count: told by the step
+    assert _on_new_steps(older, 75) and not _on_new_steps(older, 30)
+
+
 def test_a_run_whose_last_checkpoint_links_to_a_backup_resumes_in_place(tmp_path):
     from sparseformer.engine.run_folder import refuse_overwriting_a_run
 

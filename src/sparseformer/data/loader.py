@@ -45,6 +45,7 @@ __all__ = [
     "SharedOnce",
     "collate",
     "build_train_loader",
+    "FewerThanABatch",
     "build_eval_loader",
     "failed_loads",
     "DecodeFailures",
@@ -303,6 +304,14 @@ def end_workers(*loaders: object) -> None:
             loader._iterator = None  # type: ignore[attr-defined]
 
 
+class FewerThanABatch(ValueError):
+    """A process's share of the training data is smaller than one batch."""
+
+    def __init__(self, message: str, samples: int = 0, batch_size: int = 0) -> None:
+        super().__init__(message)
+        self.samples, self.batch_size = samples, batch_size
+
+
 def build_train_loader(
     dataset: Dataset,
     batch_size: int,
@@ -328,9 +337,11 @@ def build_train_loader(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
         )
     if len(sampler) < batch_size:
-        raise ValueError(
+        raise FewerThanABatch(
             f"{len(sampler)} training samples (images or videos) per process is fewer than "
-            f"one batch of {batch_size} (the run's batch size); give a smaller --batch-size"
+            f"one batch of {batch_size} (the run's batch size); give a smaller --batch-size",
+            len(sampler),
+            batch_size,
         )
     return _Loader(
         SeededSamples(dataset),

@@ -271,6 +271,7 @@ def _save_checkpoints(
         "scaler": tools.scaler.state_dict() if tools.scaler is not None else None,
         "epoch": epoch + 1,
         "step": state.step,
+        "steps_per_epoch": loop.parts.steps_per_epoch,  # a first epoch's resume checks it
         "best_acc1": state.best,
         "best_epoch": state.best_epoch,
         "best_source": state.best_source,

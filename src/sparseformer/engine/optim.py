@@ -90,11 +90,12 @@ def build_schedule(
     """The learning rate by step for a recipe's ``schedule`` (``"timm_cosine"`` or
     ``"cosine_after_warmup"``), ``lrs`` = (peak, warm-up start, floor), already scaled to the
     total batch. Warm-up steps are ``int(warmup_epochs * steps_per_epoch)`` for timm's shape,
-    as the authors' code truncates, and rounded for the other."""
+    as the authors' code truncates, and rounded half up for the other (a one-epoch run of 10
+    steps warms up over 5% of them, its first step, where Python's ``round`` gives none)."""
     total = epochs * steps_per_epoch
     if shape == "timm_cosine":
         return TimmCosineSchedule(*lrs, int(warmup_epochs * steps_per_epoch), max(total, 1))
-    return LRSchedule(*lrs, round(warmup_epochs * steps_per_epoch), total)
+    return LRSchedule(*lrs, math.floor(warmup_epochs * steps_per_epoch + 0.5), total)
 
 
 def build_optimizer(

@@ -297,12 +297,24 @@ def _shown(value: Any) -> str:
     return repr(float(f"{value:.10g}")) if isinstance(value, float) else repr(value)
 
 
+def _on_new_steps(state: dict, steps_per_epoch: int) -> bool:
+    """Whether a run saved in ``state`` resumes over other steps per epoch (other data, another
+    batch per process). Its saved count says so; a run saved before the count was kept is
+    told by its step count, which a first-epoch checkpoint agrees with whatever the steps."""
+    saved = int(state.get("steps_per_epoch") or 0)
+    if saved:
+        return saved != steps_per_epoch
+    epoch, within = int(state["epoch"]), int(state.get("epoch_step", 0))
+    return int(state["step"]) != epoch * steps_per_epoch + within
+
+
 def _warn_new_schedule(state: dict, saved_world: int, world: int, parts) -> None:
     """Say that a run resumed on other data or another process count goes on over new steps
     per epoch: its schedule, its peak learning rate, and a part-way epoch trained again."""
     epoch, step = int(state["epoch"]), int(state["step"])
     within = int(state.get("epoch_step", 0))
-    saved = f" and {(step - within) // epoch} steps per epoch" if epoch else ""
+    steps = state.get("steps_per_epoch") or ((step - within) // epoch if epoch else None)
+    saved = f" and {steps} steps per epoch" if steps else ""
     again = (
         f"; the {counted(within, 'step')} it had trained of epoch {epoch + 1} "
         "are trained again from that "
@@ -358,7 +370,7 @@ def restore_run(
     saved_world = int(state.get("world_size", dist.world_size))
     steps_per_epoch = parts.steps_per_epoch
     within = int(state.get("epoch_step", 0))  # batches of epoch start_epoch + 1 done
-    if step != start_epoch * steps_per_epoch + within or saved_world != dist.world_size:
+    if _on_new_steps(state, steps_per_epoch) or saved_world != dist.world_size:
         # other processes or other data: the schedule goes on from the same epoch, over
         # this run's steps per epoch (and learning rate scaled to its total batch)
         if dist.is_main:

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sparseformer import __version__
 from sparseformer.data.datasets import DatasetBundle
-from sparseformer.data.loader import end_workers, failed_loads
+from sparseformer.data.loader import FewerThanABatch, end_workers, failed_loads
 from sparseformer.data.transforms import Preprocessing
 from sparseformer.engine import checkpoint as ckpt_io
 from sparseformer.engine.collaborators import TrainingParts, build_training_parts
@@ -187,7 +187,17 @@ def _fit_in(
         prepare_output(out)
     model.to(device)
     seed = options.seed
-    parts = build_training_parts(model, data, recipe, preprocessing, seed, dist, device, amp)
+    try:
+        parts = build_training_parts(model, data, recipe, preprocessing, seed, dist, device, amp)
+    except FewerThanABatch as exc:  # a resumed run keeps its batch size: what may change
+        if options.resume is None:
+            raise
+        raise FewerThanABatch(
+            f"{exc.samples} training samples per process is fewer than one batch of "
+            f"{exc.batch_size}, the resumed run's batch size, which a resume keeps: resume "
+            f"with fewer processes, or start a new run from its weights (--checkpoint "
+            f"{options.resume} --batch-size N --output NEW)"
+        ) from None
     parts.tools.objective = options.objective
     state = RunState()
     if options.resume is not None:
