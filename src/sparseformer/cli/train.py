@@ -129,7 +129,11 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.cli import CliError
     from sparseformer.cli.common import model_and_read_checkpoint
     from sparseformer.data import DataError
-    from sparseformer.engine.distributed import cleanup_distributed, setup_distributed
+    from sparseformer.engine.distributed import (
+        cleanup_distributed,
+        launched_rank,
+        setup_distributed,
+    )
     from sparseformer.engine.metrics import require_tensorboard
     from sparseformer.engine.recipe import RecipeError
     from sparseformer.weights.build import check_model_name
@@ -139,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)  # before any data is read
     if args.tensorboard:  # as the extras it needs
         require_tensorboard()
+    if launched_rank()[0] != 0:  # the plan's warnings (recipe, resume) are every rank's: one says
+        logging.getLogger().setLevel(logging.ERROR)  # them (_train lets the ranks' own through)
     try:
         plan = _plan(args, read)
     except (DataError, RecipeError, ValueError) as exc:

@@ -195,7 +195,11 @@ def warn_oversubscribed(threads: int, processes: int = 1) -> None:
     bound = cores < (os.cpu_count() or cores)
     sharing = 1 if bound else max(processes, 1)
     if threads * sharing > cores:
+        fewer = (
+            f"give at most {cores // sharing}" if cores >= sharing
+            else f"run at most {cores} processes on this machine (torchrun --nproc_per_node)"
+        )  # fmt: skip
         logger.warning(
             "%d CPU threads on %d cores: threads beyond the cores wait for each other and slow "
-            "every step; give at most %d", threads * sharing, cores, max(1, cores // sharing),
+            "every step; %s", threads * sharing, cores, fewer,
         )  # fmt: skip
