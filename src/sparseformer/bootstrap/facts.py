@@ -58,6 +58,8 @@ class TeacherFacts:
 
 
 def teacher_name(teacher: nn.Module) -> str:
+    """The teacher's timm architecture name (``pretrained_cfg["architecture"]``), else its
+    class name, as bootstrapping records it."""
     cfg = getattr(teacher, "pretrained_cfg", None) or {}
     return str(cfg.get("architecture") or type(teacher).__name__)
 

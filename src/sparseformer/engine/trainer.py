@@ -113,6 +113,7 @@ class RunOptions:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators with ``seed`` (NumPy's modulo 2^32)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

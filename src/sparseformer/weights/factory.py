@@ -168,8 +168,9 @@ def create_model(
             crop, interpolation, mean, std) and ``label_names`` to the run's.
         num_classes: classifier size; ``None``: the checkpoint's (so a trained 10-class run
             loads as it was trained; 0, no classifier, for a checkpoint saved without one),
-            else the config's 1000. When it differs from the weights' the classifier is
-            re-initialised (logged), for fine-tuning.
+            else the model's registered count (1000 for the ImageNet classifiers; a CLIP
+            image tower's output is its embedding, 512 or 768 wide). When it differs from the
+            weights' the classifier is re-initialised (logged), for fine-tuning.
         prefer_ema: load a checkpoint's EMA weights (``model_ema``, timm's
             ``state_dict_ema``) where it holds them; warned and the model's taken where not.
         **overrides: fields of the model's config (e.g. ``drop_path_rate=0.1``), and timm's
