@@ -152,7 +152,11 @@ def add_data_arguments(
         "--data-dir", type=Path, help="ImageFolder root: DIR/train/CLASS/*, DIR/val/CLASS/*"
     )
     g.add_argument("--dataset", help="built-in data set: fashion-mnist")
-    g.add_argument("--data-root", type=Path, help="cache folder for built-in data sets")
+    g.add_argument(
+        "--data-root", type=Path,
+        help="cache folder for built-in data sets (default: $XDG_CACHE_HOME/sparseformer/datasets, "
+        "else ~/.cache/sparseformer/datasets)",
+    )  # fmt: skip
     if train:
         g.add_argument(
             "--limit-train",
