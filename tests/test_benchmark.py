@@ -108,6 +108,9 @@ def test_cli_rejects_unknown_model_in_one_line(capsys):
     assert capsys.readouterr().out.count("micro ") == 2  # the image and the video model
     assert main(["models", "sparseformer_v1_tiny"]) == 0  # a whole name: that model alone
     assert len(capsys.readouterr().out.splitlines()) == 1
+    assert main(["models", "sparseformer_v1_tiny.*"]) == 0  # its tags, as timm lists them
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == ["sparseformer_v1_tiny.in1k", "sparseformer_v1_tiny.in1k_v2"]
 
 
 def test_settings_validate_baseline_and_precision(capsys):
@@ -258,6 +261,39 @@ def test_sweep_scales_the_batch_and_skips_sizes_a_model_cannot_take(monkeypatch)
     assert len(result.rows[2].throughput.runs) == 1
 
 
+def test_a_size_a_model_cannot_take_fails_before_the_sizes_before_it_are_timed(monkeypatch):
+    """The 32 px timing ran, then 64 px failed and the run's results were lost; and a sweep
+    in which nothing could run said 'no median for empty data'."""
+    from sparseformer.bench import throughput as benchmark
+
+    build, timed = benchmark.build_model, []
+
+    def picky(name, img_size, *args, **kwargs):
+        if img_size == 64:
+            raise RuntimeError("position table fixed at 32 px")
+        return build(name, img_size, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "build_model", picky)
+    monkeypatch.setattr(benchmark, "matmul_peak", lambda *a, **k: timed.append(1) or 1.0)
+    settings = small_settings(models=(SMALL[0],), img_sizes=(32, 64), repeats=1, train=False)
+    with pytest.raises(BenchError, match="cannot take 64 px inputs"):
+        run_benchmark(settings)
+    assert not timed  # nothing timed before the refusal
+    only_64 = dataclasses.replace(settings, img_sizes=(64,), skip_unsupported=True)
+    with pytest.raises(BenchError, match="no model could run at any of the sizes 64 .* why"):
+        run_benchmark(only_64)
+
+
+def test_count_flops_says_a_size_a_timm_model_asserts_against_as_a_value_error():
+    import timm
+
+    from sparseformer import count_flops
+
+    vit = timm.create_model("vit_tiny_patch16_224", depth=1)
+    with pytest.raises(ValueError, match="cannot run on the input it was counted with"):
+        count_flops(vit, (3, 256, 256))  # timm asserts the input size
+
+
 def test_default_peers_have_published_top1_and_a_source():
     from sparseformer.bench.published import published_top1
     from sparseformer.bench.results import DEFAULT_MODELS
@@ -290,6 +326,9 @@ def test_a_tagged_deit_small_is_the_default_baseline_and_bad_tags_are_named(
     err = capsys.readouterr().err.strip()
     assert "resnet18 has no pretrained tag 'no_such_tag' (timm's tags: a1_in1k" in err, err
     assert "cannot take" not in err and len(err.splitlines()) == 1
+    assert main(["bench", "--models", "sparseformer_v1_nano.badtag", "--no-train"]) == 1
+    err = capsys.readouterr().err.strip()  # its own tags, not "timm's tags: none"
+    assert "sparseformer_v1_nano has no weights tagged 'badtag'; its tags: none" in err, err
     from sparseformer.engine.device import available_cores, warn_oversubscribed
 
     caplog.clear()

@@ -146,7 +146,8 @@ def count_flops(
     try:
         with torch.inference_mode(False), torch.enable_grad(), counter:
             model(torch.zeros(shape, device=device, dtype=dtype))
-    except (RuntimeError, IndexError, ValueError, TypeError) as exc:  # the shape, most often
+    except (RuntimeError, IndexError, ValueError, TypeError, AssertionError) as exc:  # the shape
+        # most often (timm's models assert their input size)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(
             f"{type(model).__name__} cannot run on the input it was counted with, shape "

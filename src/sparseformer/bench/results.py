@@ -171,8 +171,9 @@ class BenchRow:
         train_peak_memory_mb: extra memory of one training step at ``train_batch_size``:
             activations, gradients and AdamW's temporaries of its update (the weights and
             AdamW's state are held before it), measured as ``peak_memory_mb``.
-        ratios: per-round ratios against the baseline, medians: ``throughput`` and ``train``
-            (higher is faster), ``latency`` (baseline latency / this latency).
+        ratios: against the baseline: ``throughput`` and ``train``, medians of per-round
+            ratios (higher is faster); ``latency``, the baseline's median batch-1 latency over
+            this one's (of every pass of every round).
         num_frames: clip length T of a video model, whose "images" are clips of T frames
             (FLOPs per clip, clips per second); ``None`` for image models.
     """

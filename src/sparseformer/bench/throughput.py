@@ -78,6 +78,10 @@ def build_model(
     from sparseformer.weights.build import timm_model, unknown_tag_problem
     from sparseformer.weights.factory import create_model
 
+    base, _, tag = name.partition(".")
+    if base in MODELS and tag and tag not in MODELS[base].tags:  # timm would say "timm's tags"
+        tags = ", ".join(MODELS[base].tags) or "none: it has no released weights"
+        raise BenchError(f"{base} has no weights tagged {tag!r}; its tags: {tags}")
     if name in MODELS:
         video = isinstance(MODELS[name].config, VideoSparseFormerConfig)
         extra = {"num_frames": num_frames} if video and num_frames is not None else {}
@@ -161,8 +165,16 @@ def run_benchmark(settings: BenchSettings) -> BenchResult:
     rows: list[BenchRow] = []
     skipped: list[dict] = []
     share = CpuShare()  # what the timed calls got of the cores they asked for
+    if not settings.skip_unsupported:  # a size a model cannot take: said before any timing,
+        for img_size in settings.img_sizes[1:]:  # not after the sizes before it (the first is
+            _prepare(settings, img_size, [])  # prepared at once, as it is timed)
     for img_size in settings.img_sizes:
         rows += _run_size(settings, img_size, peaks, skipped, share)
+    if not peaks:  # --sweep: every model skipped at every size
+        raise BenchError(
+            f"no model could run at any of the sizes {', '.join(map(str, settings.img_sizes))} "
+            "(the warnings above say why); give other sizes or models"
+        )
     environment["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if settings.device == "cpu":
         environment["cpu_share"] = share.of(environment["threads"])

@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
 
     pattern = args.pattern
     base, tag = split_tag(pattern)
-    if base in MODELS and tag is not None:  # a name with its weights' tag, as create_model's
+    tagged = tag is not None and glob.has_magic(tag)  # 'NAME.*': the names with their tags
+    if base in MODELS and tag is not None and not tagged:  # a name with its weights' tag
         if tag not in MODELS[base].tags:
             tags = ", ".join(MODELS[base].tags) or "none: it has no released weights"
             print(f"{base} has no weights tagged {tag!r}; its tags: {tags}", file=sys.stderr)
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         pattern = base
     elif pattern not in MODELS and not glob.has_magic(pattern):
         pattern = f"*{pattern}*"  # a word: the names that hold it ("micro")
-    names = list_models(pattern)
+    names = list_models(pattern, pretrained=tagged)  # tagged: name.tag, as timm lists them
     if not names:
         print(
             f"no registered model matches {args.pattern!r} (try `sparseformer models`)",
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     width = max(len(name) for name in names)
     for name in names:
-        spec = get_model_spec(name)
+        spec = get_model_spec(split_tag(name)[0])
         weights = f"weights: {', '.join(spec.tags)}" if spec.weights else "no released weights"
         image = image_model_of(name)
         if not spec.weights and image is not None and MODELS[image].weights:  # inflated
