@@ -328,7 +328,7 @@ def test_a_tagged_deit_small_is_the_default_baseline_and_bad_tags_are_named(
     assert "cannot take" not in err and len(err.splitlines()) == 1
     assert main(["bench", "--models", "sparseformer_v1_nano.badtag", "--no-train"]) == 1
     err = capsys.readouterr().err.strip()  # its own tags, not "timm's tags: none"
-    assert "sparseformer_v1_nano has no weights tagged 'badtag'; its tags: none" in err, err
+    assert "sparseformer_v1_nano has no pretrained tag 'badtag' (it has no released" in err, err
     from sparseformer.engine.device import available_cores, warn_oversubscribed
 
     caplog.clear()

@@ -458,7 +458,7 @@ def test_models_lists_the_tags_and_takes_a_tagged_name(capsys):
     (line,) = capsys.readouterr().out.strip().splitlines()
     assert line.startswith("sparseformer_v1_tiny ") and line.endswith("[weights: in1k, in1k_v2]")
     assert main(["models", "sparseformer_v1_tiny.in22k"]) == 1
-    assert "no weights tagged 'in22k'; its tags: in1k, in1k_v2" in capsys.readouterr().err
+    assert "no pretrained tag 'in22k' (its tags: in1k, in1k_v2)" in capsys.readouterr().err
 
 
 def test_a_number_flag_given_words_says_to_give_a_whole_number(capsys):

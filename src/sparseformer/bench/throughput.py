@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import statistics
-import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 
@@ -36,15 +34,10 @@ from sparseformer.bench.results import (
     BenchSettings,
     Spread,
 )
-from sparseformer.bench.timing import (
-    CpuShare,
-    matmul_peak,
-    peak_memory_mb,
-    timed,
-)
+from sparseformer.bench.timing import CpuShare, machine_record, matmul_peak, peak_memory_mb, timed
 from sparseformer.config import VideoSparseFormerConfig
 from sparseformer.data.scan import counted
-from sparseformer.engine.device import available_cores, warn_oversubscribed
+from sparseformer.engine.device import warn_oversubscribed
 from sparseformer.engine.optim import build_optimizer
 from sparseformer.layers.linear import packed_weights
 from sparseformer.weights.registry import MODELS
@@ -76,12 +69,10 @@ def build_model(
     import timm
 
     from sparseformer.weights.build import timm_model, unknown_tag_problem
-    from sparseformer.weights.factory import create_model
+    from sparseformer.weights.factory import create_model, tag_problem
 
-    base, _, tag = name.partition(".")
-    if base in MODELS and tag and tag not in MODELS[base].tags:  # timm would say "timm's tags"
-        tags = ", ".join(MODELS[base].tags) or "none: it has no released weights"
-        raise BenchError(f"{base} has no weights tagged {tag!r}; its tags: {tags}")
+    if tag_problem(name) is not None:  # ours: not timm's tags
+        raise BenchError(tag_problem(name))
     if name in MODELS:
         video = isinstance(MODELS[name].config, VideoSparseFormerConfig)
         extra = {"num_frames": num_frames} if video and num_frames is not None else {}
@@ -115,36 +106,6 @@ def _autocast(settings: BenchSettings) -> AbstractContextManager:
     return torch.autocast(settings.device, dtype=settings.dtype)
 
 
-def _environment(settings: BenchSettings) -> dict:
-    if settings.device == "cuda":
-        device_name = torch.cuda.get_device_name()
-    else:
-        device_name = _cpu_name()
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": settings.device,
-        "device_name": device_name,
-        "dtype": settings.precision,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cores": available_cores(),  # those this process may run on
-        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ----------------------------------------------------------------------------- the run
 def run_benchmark(settings: BenchSettings) -> BenchResult:
     """Measure every model at every size, interleaved; see the module docstring."""
@@ -152,7 +113,7 @@ def run_benchmark(settings: BenchSettings) -> BenchResult:
     if settings.threads is not None:
         warn_oversubscribed(settings.threads)
         torch.set_num_threads(settings.threads)
-    environment = _environment(settings)
+    environment = machine_record(settings.device, settings.precision)
     log.info(
         "benchmarking %d model(s) on %s (%s, %s, torch %s)",
         len(settings.models),

@@ -1,4 +1,5 @@
-"""Timing and memory primitives of :mod:`sparseformer.bench.throughput`.
+"""Timing and memory primitives of :mod:`sparseformer.bench.throughput`, and the record of the
+machine they ran on.
 
 Clocks are read after CUDA work has finished (``synchronize``); CPU memory is the process's
 resident set, polled while the measured call runs, since PyTorch's CPU allocator keeps no
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["sync", "CpuShare", "timed", "matmul_peak", "peak_memory_mb"]
+from sparseformer.engine.device import available_cores
+
+__all__ = ["sync", "CpuShare", "timed", "matmul_peak", "peak_memory_mb", "machine_record"]
 
 
 def sync(device: str) -> None:
@@ -115,3 +119,31 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
         done.set()
         thread.join()
     return max(peak - base, 0) / 2**20
+
+
+def machine_record(device: str, precision: str) -> dict:
+    """What a run's figures depend on: torch and Python, the device and its name, the dtype,
+    threads, cores this process may run on, the load average at the start, the time."""
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
+        "dtype": precision,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cores": available_cores(),  # those this process may run on
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -21,16 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparseformer.weights.factory import get_model_spec, list_models
+    from sparseformer.weights.factory import get_model_spec, list_models, tag_problem
     from sparseformer.weights.registry import MODELS, image_model_of, split_tag
 
     pattern = args.pattern
     base, tag = split_tag(pattern)
     tagged = tag is not None and glob.has_magic(tag)  # 'NAME.*': the names with their tags
     if base in MODELS and tag is not None and not tagged:  # a name with its weights' tag
-        if tag not in MODELS[base].tags:
-            tags = ", ".join(MODELS[base].tags) or "none: it has no released weights"
-            print(f"{base} has no weights tagged {tag!r}; its tags: {tags}", file=sys.stderr)
+        if tag_problem(pattern) is not None:
+            print(tag_problem(pattern), file=sys.stderr)
             return 1
         pattern = base
     elif pattern not in MODELS and not glob.has_magic(pattern):

@@ -129,11 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.cli import CliError
     from sparseformer.cli.common import model_and_read_checkpoint
     from sparseformer.data import DataError
-    from sparseformer.engine.distributed import (
-        cleanup_distributed,
-        launched_rank,
-        setup_distributed,
-    )
+    from sparseformer.engine import distributed
     from sparseformer.engine.metrics import require_tensorboard
     from sparseformer.engine.recipe import RecipeError
     from sparseformer.weights.build import check_model_name
@@ -143,19 +139,19 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)  # before any data is read
     if args.tensorboard:  # as the extras it needs
         require_tensorboard()
-    if launched_rank()[0] != 0:  # the plan's warnings (recipe, resume) are every rank's: one says
-        logging.getLogger().setLevel(logging.ERROR)  # them (_train lets the ranks' own through)
+    if distributed.launched_rank()[0] != 0:  # the plan's warnings (recipe, resume) are every
+        logging.getLogger().setLevel(logging.ERROR)  # rank's: one says them (_train: their own)
     try:
         plan = _plan(args, read)
     except (DataError, RecipeError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     if plan is None:  # the run is finished: nothing touched, not the data, not the folder
         return 0
-    dist = setup_distributed(plan.device)
+    dist = distributed.setup_distributed(plan.device)
     try:
         _train(plan, dist)  # signals: cli.main's setup_signals, then the run's StopSignals
     finally:
-        cleanup_distributed()
+        distributed.cleanup_distributed()
     return 0
 
 

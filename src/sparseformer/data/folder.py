@@ -20,11 +20,10 @@ from torch.utils.data import Dataset
 
 from sparseformer.data.images import IMAGE_EXTENSIONS, READ_ERRORS, check_image_header, open_rgb
 from sparseformer.data.loader import DecodeFailures
+from sparseformer.data.samples import RowView, SampleTable
 from sparseformer.data.scan import (
     DifferentItemsError,
     ExtraClassesError,
-    RowView,
-    SampleTable,
     check_over_ranks,
     class_folders,
     counted,

@@ -35,11 +35,10 @@ from sparseformer.data.clips import (
 )
 from sparseformer.data.folder import warn_limit_cut
 from sparseformer.data.loader import DecodeFailures, SharedOnce
+from sparseformer.data.samples import RowView, SampleTable
 from sparseformer.data.scan import (
     DifferentItemsError,
     ExtraClassesError,
-    RowView,
-    SampleTable,
     check_over_ranks,
     class_folders,
     is_first_rank,

@@ -36,6 +36,7 @@ __all__ = [
     "create_model",
     "pretrained_cfg",
     "pretrained_tags",
+    "tag_problem",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,17 @@ def pretrained_tags(name: str) -> tuple[str, ...]:
     return tags or (MODELS[image].tags if image is not None else ())
 
 
+def tag_problem(name: str) -> str | None:
+    """Why a registered model's ``name.tag`` names no weights of it, with the tags it has;
+    ``None`` for a name without a tag, with a tag it has, or not registered."""
+    base, tag = split_tag(name)
+    if base not in MODELS or tag is None or tag in pretrained_tags(base):
+        return None
+    tags = pretrained_tags(base)
+    hint = f"its tags: {', '.join(tags)}" if tags else "it has no released weights"
+    return f"{base} has no pretrained tag {tag!r} ({hint})"
+
+
 def released_weights(name: str, tag: str | None = None) -> WeightsSpec | None:
     """The released weights ``pretrained=True`` loads for ``name`` and ``tag`` (``None``:
     the default; a ``name.tag`` also picks it): the model's own, else (a video model without
@@ -107,9 +119,9 @@ def released_weights(name: str, tag: str | None = None) -> WeightsSpec | None:
     try:
         return source.weights_for(tag)
     except ValueError:
-        tags = pretrained_tags(name)
-        hint = f"its tags: {', '.join(tags)}" if tags else "it has no released weights"
-        raise ValueError(f"{name} has no pretrained tag {tag!r} ({hint})") from None
+        if tag is None:
+            raise ValueError(f"{name} has no released weights") from None
+        raise ValueError(tag_problem(f"{name}.{tag}")) from None
 
 
 def pretrained_cfg(name: str, tag: str | None = None) -> dict[str, Any]:
