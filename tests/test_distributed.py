@@ -258,13 +258,16 @@ def signal_handler_restored_after_joining() -> bool:
     return subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
+@pytest.mark.parametrize("command", ["train", "bootstrap"])
 @pytest.mark.parametrize("rank, said", [(0, True), (1, False)])
-def test_the_plans_warnings_are_said_by_the_first_rank_only(monkeypatch, caplog, rank, said):
+def test_the_plans_warnings_are_said_by_the_first_rank_only(
+    monkeypatch, caplog, command, rank, said
+):
     """Every rank plans the run (recipe, resume) and met the same warnings: with 4 processes
     each was printed 4 times."""
+    import importlib
     import logging
 
-    import sparseformer.cli.train as train_cli
     import sparseformer.engine.distributed as distributed
     from sparseformer.cli import build_parser
 
@@ -272,13 +275,13 @@ def test_the_plans_warnings_are_said_by_the_first_rank_only(monkeypatch, caplog,
         logging.getLogger("sparseformer.engine.recipe").warning("a recipe field left out")
         return None  # the run is finished: nothing more to do
 
+    cli = importlib.import_module(f"sparseformer.cli.{command}")
     root = logging.getLogger()
     monkeypatch.setattr(root, "level", root.level)  # restored after the test
     monkeypatch.setattr(distributed, "launched_rank", lambda: (rank, 2))
-    monkeypatch.setattr(train_cli, "_plan", plan)
-    args = build_parser().parse_args(
-        ["train", "--model", "sparseformer_v1_nano", "--output", "unused"]
-    )
+    monkeypatch.setattr(cli, "_plan", plan)
+    argv = {"train": ["--model", "sparseformer_v1_nano"], "bootstrap": ["--teacher", "t"]}
+    args = build_parser().parse_args([command, *argv[command], "--output", "unused"])
     with caplog.at_level(logging.NOTSET, logger="sparseformer.engine.recipe"):
-        assert train_cli.run(args) == 0
+        assert cli.run(args) == 0
     assert ("a recipe field left out" in caplog.text) is said

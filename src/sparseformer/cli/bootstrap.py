@@ -104,20 +104,21 @@ class _Plan:
 def run(args: argparse.Namespace) -> int:
     from sparseformer.cli import CliError
     from sparseformer.data import DataError
-    from sparseformer.engine.distributed import cleanup_distributed, setup_distributed
+    from sparseformer.engine import distributed
     from sparseformer.engine.recipe import RecipeError
 
+    distributed.quiet_other_ranks()  # the plan's warnings are every rank's: the first says them
     try:
         plan = _plan(args)
     except (DataError, RecipeError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     if plan is None:
         return 0
-    dist = setup_distributed(plan.device)
+    dist = distributed.setup_distributed(plan.device)
     try:
         _bootstrap(plan, dist)
     finally:
-        cleanup_distributed()
+        distributed.cleanup_distributed()
     return 0
 
 

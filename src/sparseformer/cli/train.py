@@ -139,8 +139,7 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args.model)  # before any data is read
     if args.tensorboard:  # as the extras it needs
         require_tensorboard()
-    if distributed.launched_rank()[0] != 0:  # the plan's warnings (recipe, resume) are every
-        logging.getLogger().setLevel(logging.ERROR)  # rank's: one says them (_train: their own)
+    distributed.quiet_other_ranks()  # the plan's warnings are every rank's: the first says them
     try:
         plan = _plan(args, read)
     except (DataError, RecipeError, ValueError) as exc:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "DistInfo",
+    "quiet_other_ranks",
     "setup_distributed",
     "cleanup_distributed",
     "all_reduce_sum",
@@ -63,6 +64,14 @@ def launched_rank() -> tuple[int, int]:
         return int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         return 0, 1
+
+
+def quiet_other_ranks() -> None:
+    """Under torchrun, let the processes other than the first log errors only: what every
+    process meets alike (a run's plan: its recipe, its resume) is said once, by the first.
+    Training lowers them to warnings again, for what each meets on its own."""
+    if launched_rank()[0] != 0:
+        logging.getLogger().setLevel(logging.ERROR)
 
 
 def setup_distributed(device: str) -> DistInfo:
