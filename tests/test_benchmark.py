@@ -111,6 +111,10 @@ def test_cli_rejects_unknown_model_in_one_line(capsys):
     assert main(["models", "sparseformer_v1_tiny.*"]) == 0  # its tags, as timm lists them
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert listed == ["sparseformer_v1_tiny.in1k", "sparseformer_v1_tiny.in1k_v2"]
+    assert main(["models", "*.in1k"]) == 0  # a pattern over the names, a tag given
+    assert "sparseformer_v1_small.in1k " in capsys.readouterr().out
+    assert main(["models", "sparseformer_v1_nano.*"]) == 1
+    assert "no registered model with released weights matches" in capsys.readouterr().err
 
 
 def test_settings_validate_baseline_and_precision(capsys):
@@ -282,6 +286,15 @@ def test_a_size_a_model_cannot_take_fails_before_the_sizes_before_it_are_timed(m
     only_64 = dataclasses.replace(settings, img_sizes=(64,), skip_unsupported=True)
     with pytest.raises(BenchError, match="no model could run at any of the sizes 64 .* why"):
         run_benchmark(only_64)
+
+
+def test_a_tagged_video_sparseformer_is_built_as_one():
+    """A video model takes its image model's tags; tagged, it went to timm, which knows none
+    and would not take the clip length."""
+    from sparseformer.bench.throughput import build_model
+
+    model = build_model("video_sparseformer_v1_tiny.in1k", 32, 10, num_frames=4)
+    assert model.config.num_frames == 4
 
 
 def test_count_flops_says_a_size_a_timm_model_asserts_against_as_a_value_error():

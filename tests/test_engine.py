@@ -482,9 +482,9 @@ def test_a_resume_on_too_little_data_for_its_batch_says_what_may_change(tmp_path
     pre = Preprocessing(16, (0.5,) * 3, (0.25,) * 3, 1.0, "bilinear")
     options = RunOptions(output=tmp_path / "run", model_name="test", device="cpu",
                          precision="fp32", progress=False, resume=last)  # fmt: skip
-    said = r"8 training samples .* batch of 16, the resumed run's .* fewer processes, or start"
+    said = r"8 training samples .* batch of 16, the resumed run's .* keeps: start a new run"
     with pytest.raises(FewerThanABatch, match=said + f".*--checkpoint {re.escape(str(last))}"):
-        fit(BreaksLater(10**9), bundle, recipe, pre, options)
+        fit(BreaksLater(10**9), bundle, recipe, pre, options)  # one process: none fewer
     with pytest.raises(FewerThanABatch, match="give a smaller --batch-size"):  # a new run
         fit(
             BreaksLater(10**9),

@@ -73,8 +73,8 @@ def build_model(
 
     if tag_problem(name) is not None:  # ours: not timm's tags
         raise BenchError(tag_problem(name))
-    if name in MODELS:
-        video = isinstance(MODELS[name].config, VideoSparseFormerConfig)
+    if name.partition(".")[0] in MODELS:  # a tag names weights, which a bench does not load
+        video = isinstance(MODELS[name.partition(".")[0]].config, VideoSparseFormerConfig)
         extra = {"num_frames": num_frames} if video and num_frames is not None else {}
         return create_model(name, num_classes=num_classes, **extra)
     if not timm.is_model(name):

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     pattern = args.pattern
     base, tag = split_tag(pattern)
-    tagged = tag is not None and glob.has_magic(tag)  # 'NAME.*': the names with their tags
+    tagged = tag is not None and glob.has_magic(pattern)  # 'NAME.*', '*.in1k': name.tag
     if base in MODELS and tag is not None and not tagged:  # a name with its weights' tag
         if tag_problem(pattern) is not None:
             print(tag_problem(pattern), file=sys.stderr)
@@ -36,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
         pattern = f"*{pattern}*"  # a word: the names that hold it ("micro")
     names = list_models(pattern, pretrained=tagged)  # tagged: name.tag, as timm lists them
     if not names:
+        released = " with released weights" if tagged else ""
         print(
-            f"no registered model matches {args.pattern!r} (try `sparseformer models`)",
+            f"no registered model{released} matches {args.pattern!r} (try `sparseformer models`)",
             file=sys.stderr,
         )
         return 1

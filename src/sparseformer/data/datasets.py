@@ -155,10 +155,10 @@ def _check_data_dir(data_dir: Path, need_train: bool, files: str = "*.jpg") -> N
         others = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not is_hidden(p.name))
         others = [name for name in others if name not in ("train", "val")]
         no_split = not any((data_dir / s).is_dir() for s in ("train", "val"))  # eval: train/
-        flat = (  # class folders without splits (eval's train/ and validation/ are splits)
+        flat = (  # class folders without splits (train/ and validation/ are splits)
             f"; its folders ({first_names(others, 3)}) go under train/ and val/, each with the "
             "same class folders"
-            if others and no_split
+            if others and no_split and not set(others) & set(_VAL_NAMES)
             else ""
         )
         if no_split:  # no split to tell images from videos by

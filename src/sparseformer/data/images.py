@@ -57,12 +57,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL image as 8-bit RGB.
 
     Grayscale is replicated to three channels, CMYK and palette images are converted, alpha
-    and a transparent colour (PNG's tRNS, of palette, grayscale or RGB images) are
-    composited onto white (what a viewer shows), and 16/32-bit images are rescaled by their
-    bit depth (not clipped).
+    and a palette's transparent colour are composited onto white (what a viewer shows), and
+    16/32-bit images are rescaled by their bit depth (not clipped). (A grayscale or RGB PNG's
+    transparent colour is not: PIL has reduced a 16-bit or 1-4-bit image's pixels to 8 bits
+    by then, and its transparent value, kept at the file's depth, would whiten other pixels.)
     """
-    if img.mode in ("RGB", "L", "P") and "transparency" in img.info:
-        img = img.convert("RGBA")  # a transparent colour (PNG's tRNS): composited below
     if img.mode == "RGB":
         return img
     if img.mode in _WIDE_INT_MODES or img.mode == "F":
@@ -73,6 +72,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
             top = 65535.0 if img.mode.startswith("I;16") or arr.max() <= 65535 else arr.max()
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr).convert("RGB")  # uint8 (H, W) -> mode L -> RGB
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from sparseformer.data.scan import walk_files, warn_other_extensions
 from sparseformer.data.video_decode import VIDEO_EXTENSIONS
 
 __all__ = ["expand_media_paths", "expand_patterns"]
+
+logger = logging.getLogger(__name__)
 
 
 def expand_media_paths(paths: list[Path], video: bool) -> list[Path]:
@@ -44,7 +47,7 @@ def expand_media_paths(paths: list[Path], video: bool) -> list[Path]:
         elif path.exists():
             files.append(path)
         elif glob.has_magic(str(path)):  # its files, and its folders walked
-            files += expand_media_paths(expand_patterns([path], folders=True), video)
+            files += _pattern_media(path, video)
         elif str(path) == "-":  # the Unix convention for standard input
             raise DataError("'-': inputs are read from files, not from standard input; save "
                             "it to a file and give its path")  # fmt: skip
@@ -55,12 +58,32 @@ def expand_media_paths(paths: list[Path], video: bool) -> list[Path]:
     return files
 
 
+def _pattern_media(pattern: Path, video: bool) -> list[Path]:
+    """The files ``pattern`` matches and those under the folders it matches, each once; a
+    matched folder without media files is passed over with a warning, as a shell's expansion
+    would have it refused, where the others are taken."""
+    found: list[Path] = []
+    for match in expand_patterns([pattern], folders=True):
+        try:
+            found += expand_media_paths([match], video)
+        except DataError as exc:
+            if not match.is_dir():
+                raise
+            logger.warning("%s (matched by %s); passed over", exc, pattern)
+    if not found:
+        raise DataError(
+            f"the pattern {str(pattern)!r} matches no {'video' if video else 'image'} file"
+        )
+    return list(dict.fromkeys(found))  # 'data/**/' walks nested folders more than once
+
+
 def expand_patterns(paths: list[Path], folders: bool = False) -> list[Path]:
     """``paths`` with each pattern no shell expanded (quoted, or on Windows: ``'imgs/*.jpg'``)
     replaced by the files it matches, sorted (``**`` matches folders at any depth, as in
     bash's globstar; a file a symlink loop repeats, once, under its shortest name), and with
-    ``folders`` the folders it matches too (``'data/val/*'``; not those of ``**``, whose files
-    it matches already); a path that exists stays as it is.
+    ``folders`` the folders it matches too (``'data/val/*'``, ``'data/**/val'``; not those of
+    a pattern ending in ``**``, whose files it matches already); a path that exists stays as
+    it is.
 
     Raises:
         DataError: a pattern that matches nothing.
@@ -70,7 +93,7 @@ def expand_patterns(paths: list[Path], folders: bool = False) -> list[Path]:
         if path.exists() or not glob.has_magic(str(path)):
             out.append(path)
             continue
-        walked = folders and "**" not in str(path)
+        walked = folders and path.name != "**"
         matched = [
             Path(m) for m in glob.glob(str(path), recursive=True)
             if Path(m).is_file() or (walked and Path(m).is_dir())

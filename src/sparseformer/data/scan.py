@@ -152,8 +152,7 @@ def class_folders(
     ``extensions`` directly in ``root``, in no class folder, are counted in a warning.
 
     Raises:
-        error: ``root`` is missing or holds no class folders (the message shows the layout),
-            or a symbolic link to nothing where a class folder would be.
+        error: ``root`` is missing or holds no class folders; the message shows the layout.
     """
     layout, example, ext = _EXAMPLES[media]
     if not root.is_dir():
@@ -162,17 +161,13 @@ def class_folders(
             f"DIR/train/CLASS/*.{ext} and DIR/val/CLASS/*.{ext}"
         )
     entries = [p for p in root.iterdir() if not is_hidden(p.name)]
-    broken = sorted(  # where a class folder would be (a loose file's link is left out anyway)
-        p for p in entries
-        if p.is_symlink() and not p.exists() and p.suffix.lower() not in extensions
-    )  # fmt: skip
-    if broken:  # a class on a drive not mounted: left out without a word, it would be
-        others = f" (and {counted(len(broken) - 1, 'other')})" if len(broken) > 1 else ""
-        raise error(
-            f"{str(broken[0])!r}{others} is a symbolic link to nothing "
-            f"({os.readlink(broken[0])!r}), where a class folder would be: mount or fix what "
-            "it points to, or remove the link"
-        )
+    broken = sorted(p.name for p in entries if p.is_symlink() and not p.exists())
+    if broken and is_first_rank():  # a class on a drive not mounted: not left out unsaid
+        logger.warning(
+            "%s in %s %s a symbolic link to nothing, left out; if it is a class folder, mount "
+            "or fix what it points to", first_names(broken, 3), root,
+            "is" if len(broken) == 1 else "are",
+        )  # fmt: skip
     found = sorted(p.name for p in entries if p.is_dir())
     if not found:
         raise error(

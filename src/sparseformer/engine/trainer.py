@@ -193,11 +193,12 @@ def _fit_in(
     except FewerThanABatch as exc:  # a resumed run keeps its batch size: what may change
         if options.resume is None:
             raise
+        fewer = "resume with fewer processes, or " if dist.world_size > 1 else ""
         raise FewerThanABatch(
             f"{exc.samples} training samples per process is fewer than one batch of "
-            f"{exc.batch_size}, the resumed run's batch size, which a resume keeps: resume "
-            f"with fewer processes, or start a new run from its weights (--checkpoint "
-            f"{options.resume} --batch-size N --output NEW)"
+            f"{exc.batch_size}, the resumed run's batch size, which a resume keeps: {fewer}"
+            f"start a new run from its weights (--checkpoint {options.resume} --batch-size N "
+            "--output NEW)"
         ) from None
     parts.tools.objective = options.objective
     state = RunState()
