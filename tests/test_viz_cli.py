@@ -97,6 +97,7 @@ def test_a_quoted_folder_pattern_draws_the_folders_images(tmp_path, capsys):
     for name in ("val/cat/a.png", "val/dog/b.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / name)
+    (tmp_path / "val" / "empty").mkdir()  # matched, no images: passed over, as predict does
     out = tmp_path / "out"
     assert main(["viz", "--model", "sparseformer_v1_nano", str(tmp_path / "val" / "*"), "--out",
                  str(out), "--img-size", "32", "--no-gif"]) == 0  # fmt: skip

@@ -40,7 +40,7 @@ from sparseformer.data.scan import counted
 from sparseformer.engine.device import warn_oversubscribed
 from sparseformer.engine.optim import build_optimizer
 from sparseformer.layers.linear import packed_weights
-from sparseformer.weights.registry import MODELS
+from sparseformer.weights.registry import MODELS, split_tag
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -71,10 +71,11 @@ def build_model(
     from sparseformer.weights.build import timm_model, unknown_tag_problem
     from sparseformer.weights.factory import create_model, tag_problem
 
-    if tag_problem(name) is not None:  # ours: not timm's tags
-        raise BenchError(tag_problem(name))
-    if name.partition(".")[0] in MODELS:  # a tag names weights, which a bench does not load
-        video = isinstance(MODELS[name.partition(".")[0]].config, VideoSparseFormerConfig)
+    problem, base = tag_problem(name), split_tag(name)[0]
+    if problem is not None:  # ours: not timm's tags
+        raise BenchError(problem)
+    if base in MODELS:  # a tag names weights, which a bench does not load
+        video = isinstance(MODELS[base].config, VideoSparseFormerConfig)
         extra = {"num_frames": num_frames} if video and num_frames is not None else {}
         return create_model(name, num_classes=num_classes, **extra)
     if not timm.is_model(name):

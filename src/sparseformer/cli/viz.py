@@ -71,11 +71,12 @@ def run(args: argparse.Namespace) -> int:
     from sparseformer.data.folder import DataError
     from sparseformer.data.media import expand_media_paths, expand_patterns
 
-    try:  # patterns no shell expanded (quoted, or on Windows)
-        paths = expand_patterns([Path(p) for p in args.images], folders=True)
-    except DataError as exc:
+    paths = [Path(p) for p in args.images]
+    try:  # a pattern no shell expanded (quoted, or on Windows) that matches nothing: said now,
+        found = expand_patterns(paths, folders=True)  # before the model; taken as predict does
+    except DataError as exc:  # below, once the model says which files are its inputs
         raise CliError(str(exc)) from None
-    missing = [str(p) for p in paths if not p.exists()]
+    missing = [str(p) for p in found if not p.exists()]
     if missing:
         raise CliError(f"file(s) not found: {', '.join(missing)}")
     check_output(args.out, "--out", folder=True)

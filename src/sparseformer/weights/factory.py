@@ -97,9 +97,9 @@ def tag_problem(name: str) -> str | None:
     """Why a registered model's ``name.tag`` names no weights of it, with the tags it has;
     ``None`` for a name without a tag, with a tag it has, or not registered."""
     base, tag = split_tag(name)
-    if base not in MODELS or tag is None or tag in pretrained_tags(base):
+    tags = pretrained_tags(base) if base in MODELS else ()
+    if base not in MODELS or tag is None or tag in tags:
         return None
-    tags = pretrained_tags(base)
     hint = f"its tags: {', '.join(tags)}" if tags else "it has no released weights"
     return f"{base} has no pretrained tag {tag!r} ({hint})"
 
